@@ -1,0 +1,34 @@
+# Two entry points for a fresh machine: `make run` (set up, prepare the built-in dataset,
+# train on it) and `make test` (set up, run the whole test suite on the CPU).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# On the CPU machines this resolves to a local wheel; elsewhere pip fetches that release.
+TORCH_SPEC ?= torch==2.13.0
+DATA ?= data/synthetic
+OUT ?= out/synthetic
+BUDGET_S ?= 60
+
+.PHONY: setup run test lint clean
+
+$(VENV)/.installed: setup.py constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(PY) -m eclip.prepare --dataset synthetic --out $(DATA)
+
+test: setup
+	@$(PY) -m pytest -q; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5): failing" >&2; fi; exit $$rc
+
+lint: setup
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

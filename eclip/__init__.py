@@ -1,0 +1,3 @@
+"""eCLIP training core: data preparation, tokenizer, model, trainer and retrieval evaluation."""
+
+__version__ = "0.1.0"

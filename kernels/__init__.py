@@ -1,0 +1,1 @@
+"""Triton kernels for eCLIP training, each with a plain PyTorch reference."""
