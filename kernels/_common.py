@@ -1,0 +1,71 @@
+"""Shared helpers of the kernel modules: backend dispatch and input checks.
+
+Dispatch rule (the same for every public op):
+  * an explicit ``backend="triton"`` / ``backend="torch"`` wins;
+  * otherwise CUDA tensors go through the Triton kernels, CPU tensors through the plain
+    PyTorch reference, except under ``TRITON_INTERPRET=1`` where CPU tensors also go through
+    the Triton kernels (run by the Triton interpreter), so the interpreter tests exercise
+    the kernels through the public functions.
+
+Triton reads ``TRITON_INTERPRET`` when a kernel is decorated, so the variable must be set
+before ``kernels`` is imported; changing it later has no effect on the kernels.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # Triton ships Linux x86_64 wheels only; elsewhere the reference path still works.
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - exercised only on machines without Triton
+    HAVE_TRITON = False
+
+# Read once, like Triton itself: kernels decorated in this process use this mode.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def resolve_backend(backend: str | None, x: torch.Tensor, op: str) -> str:
+    """Return "triton" or "torch" for an op on tensor ``x`` (see the module docstring)."""
+    if backend not in (None, "triton", "torch"):
+        raise ValueError(f"{op}: backend must be None, 'triton' or 'torch', got {backend!r}")
+    if backend is None:
+        backend = "triton" if (x.is_cuda or INTERPRET) else "torch"
+    if backend == "triton":
+        if not HAVE_TRITON:
+            raise RuntimeError(f"{op}: backend='triton' needs the triton package")
+        if not x.is_cuda and not INTERPRET:
+            raise ValueError(
+                f"{op}: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU "
+                f"tensors), got a tensor on {x.device}"
+            )
+    return backend
+
+
+def check_matrix(op: str, name: str, x: torch.Tensor, max_dim: int | None = None) -> None:
+    """Raise a one-line ValueError unless ``x`` is a 2-d float16/bfloat16/float32 tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{op}: {name} must be 2-d [N, D], got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{op}: {name} must be float32, float16 or bfloat16, got {x.dtype}"
+        )
+    if x.shape[1] < 1:
+        raise ValueError(f"{op}: {name} must have D >= 1, got shape {tuple(x.shape)}")
+    if max_dim is not None and x.shape[1] > max_dim:
+        raise ValueError(
+            f"{op}: {name} has D = {x.shape[1]}, more than the supported {max_dim}"
+        )
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (>= 1)."""
+    return 1 << max(0, (int(n) - 1).bit_length())
