@@ -31,6 +31,33 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _fix_interpreter_scalar_index() -> None:
+    """Make Triton 3.6's interpreter work with numpy >= 2.4 (interpreter mode only).
+
+    The interpreter keeps scalars as 1-element arrays and turns them into loop bounds with
+    ``int(array)``, which numpy 2.4 rejects for arrays with ndim > 0 ("only 0-dimensional
+    arrays can be converted to Python scalars"), so any ``range(runtime_value)`` in a kernel
+    fails. Upstream fixed it after 3.6 (triton-lang/triton#9171) by converting through a
+    squeeze; this applies the same conversion on top of the interpreter's own patching.
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_eclip_scalar_index_fix", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patch_lang_tensor._eclip_scalar_index_fix = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if INTERPRET and HAVE_TRITON:
+    _fix_interpreter_scalar_index()
+
+
 def resolve_backend(backend: str | None, x: torch.Tensor, op: str) -> str:
     """Return "triton" or "torch" for an op on tensor ``x`` (see the module docstring)."""
     if backend not in (None, "triton", "torch"):

@@ -35,7 +35,11 @@ from typing import NamedTuple
 
 import torch
 
-from ._common import check_matrix, resolve_backend
+from ._common import HAVE_TRITON, INTERPRET, check_matrix, next_pow2, resolve_backend
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
 
 _OP = "retrieval_ranks"
 
@@ -47,6 +51,182 @@ class Ranks(NamedTuple):
     t2i: torch.Tensor  # [Nt] rank of each text's image among all images
     i2t_topk: torch.Tensor | None  # [Ni, k] text indices of the k best scores, or None
     t2i_topk: torch.Tensor | None  # [Nt, k] image indices of the k best scores, or None
+
+
+# ---------------------------------------------------------------------------------------
+# Triton kernel
+# ---------------------------------------------------------------------------------------
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _rank_rows_kernel(
+        q_ptr,  # [n_q, dim] queries
+        k_ptr,  # [n_k, dim] keys, sorted so that each query's own keys are contiguous
+        own_lo_ptr,  # int64 [n_q]: first own key of each query
+        own_hi_ptr,  # int64 [n_q]: one past the last own key of each query
+        rank_ptr,  # int64 [n_q] output
+        n_q,
+        n_k,
+        dim,
+        stride_qm,
+        stride_qd,
+        stride_kn,
+        stride_kd,
+        n_bucket,  # autotune key only (power-of-two bucket of n_q * n_k)
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr,  # load bf16 as fp32 (the interpreter's bf16 dot is wrong)
+        PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 inputs
+    ):
+        """One program ranks BLOCK_M queries by streaming over all key tiles.
+
+        Phase 1 visits only the key tiles that hold the block's own keys and takes the best
+        own score (the positive); phase 2 visits every key tile and counts the non-own keys
+        scoring >= the positive. Both phases compute score tiles with the one tl.dot below,
+        so a positive is bitwise the value its competitors are compared in.
+        """
+        pid = tl.program_id(0).to(tl.int64)
+        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < n_q
+        own_lo = tl.load(own_lo_ptr + offs_m, mask=mask_m, other=n_k)  # [BLOCK_M]
+        own_hi = tl.load(own_hi_ptr + offs_m, mask=mask_m, other=0)  # [BLOCK_M]
+        tile_lo = tl.min(own_lo, axis=0) // BLOCK_N
+        tile_hi = (tl.max(own_hi, axis=0) + BLOCK_N - 1) // BLOCK_N
+        n_own_tiles = (tile_hi - tile_lo).to(tl.int32)
+        n_tiles = tl.cdiv(n_k, BLOCK_N)
+
+        pos = tl.full([BLOCK_M], float("-inf"), tl.float32)  # best own score
+        pos_nan = tl.zeros([BLOCK_M], tl.int32)  # 1 where an own score is NaN
+        count = tl.zeros([BLOCK_M], tl.int32)
+        for t in range(0, n_own_tiles + n_tiles):
+            own_phase = t < n_own_tiles
+            tile = tl.where(own_phase, tile_lo + t, t - n_own_tiles)
+            offs_n = tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < n_k
+            s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # fp32 scores of this tile
+            for d0 in range(0, dim, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                mask_d = offs_d < dim
+                a = tl.load(
+                    q_ptr + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=mask_m[:, None] & mask_d[None, :],
+                    other=0.0,
+                )  # [BLOCK_M, BLOCK_D]
+                b = tl.load(
+                    k_ptr + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
+                    mask=mask_d[:, None] & mask_n[None, :],
+                    other=0.0,
+                )  # [BLOCK_D, BLOCK_N]
+                if UPCAST:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                s = tl.dot(a, b, s, input_precision=PRECISION)
+            own = (offs_n[None, :] >= own_lo[:, None]) & (offs_n[None, :] < own_hi[:, None])
+            if own_phase:
+                pos = tl.maximum(pos, tl.max(tl.where(own, s, float("-inf")), axis=1))
+                is_nan = tl.where(own & (s != s), 1, 0)
+                pos_nan = tl.maximum(pos_nan, tl.max(is_nan, axis=1))
+            else:
+                beat = (s >= pos[:, None]) | (s != s) | (pos_nan[:, None] > 0)
+                beat = beat & (~own) & mask_n[None, :]
+                count += tl.sum(beat.to(tl.int32), axis=1)
+        tl.store(rank_ptr + offs_m, count.to(tl.int64), mask=mask_m)
+
+    def _prune_rank_configs(configs, named_args, **kwargs):
+        # A K-step wider than the (padded) embedding only wastes loads.
+        d_max = max(16, next_pow2(named_args["dim"]))
+        kept = [c for c in configs if c.kwargs["BLOCK_D"] <= d_max]
+        return kept or configs[:1]
+
+    _RANK_CONFIGS = [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 32}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 64}, num_warps=4, num_stages=3),
+    ]
+    # Tuned per (dtype, D, size bucket); under the interpreter autotuning cannot run.
+    _rank_rows_tuned = (
+        None
+        if INTERPRET
+        else triton.autotune(
+            configs=_RANK_CONFIGS,
+            key=["dim", "n_bucket"],
+            prune_configs_by={"early_config_prune": _prune_rank_configs},
+        )(_rank_rows_kernel)
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------
+
+# Below this many scores per direction a fixed small config beats autotuning (launch-bound).
+_TINY_SCORES = 1 << 22
+
+
+def _rank_rows_triton(
+    q: torch.Tensor, k: torch.Tensor, own_lo: torch.Tensor, own_hi: torch.Tensor
+) -> torch.Tensor:
+    """Launch the rank kernel: ranks int64 [n_q] of q [n_q, D] against keys k [n_k, D]."""
+    n_q, dim = q.shape
+    n_k = k.shape[0]
+    rank = torch.empty(n_q, dtype=torch.int64, device=q.device)
+    upcast = INTERPRET and (q.dtype == torch.bfloat16 or k.dtype == torch.bfloat16)
+    if q.dtype != k.dtype:  # mixed inputs: compute both in fp32
+        q, k = q.float(), k.float()
+    # fp32 inputs: 3xTF32 keeps fp32-level accuracy on the tensor cores.
+    precision = "tf32x3" if q.dtype == torch.float32 and q.is_cuda else "ieee"
+    args = (q, k, own_lo, own_hi, rank, n_q, n_k, dim, q.stride(0), q.stride(1))
+    args += (k.stride(0), k.stride(1), next_pow2(n_q * n_k).bit_length())
+    if INTERPRET or n_q * n_k <= _TINY_SCORES:
+        block = 32 if INTERPRET else 64
+        block_d = min(64, max(16, next_pow2(dim)))
+        grid = (triton.cdiv(n_q, block),)
+        _rank_rows_kernel[grid](
+            *args, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, UPCAST=upcast,
+            PRECISION=precision, num_warps=4,
+        )
+    else:
+        grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]),)
+        _rank_rows_tuned[grid](*args, UPCAST=upcast, PRECISION=precision)
+    return rank
+
+
+def _topk_chunked(q: torch.Tensor, k: torch.Tensor, topk: int) -> torch.Tensor:
+    """Indices int64 [n_q, topk] of the top-k fp32 scores, chunk rows at a time."""
+    chunk = max(1, (1 << 24) // k.shape[0])
+    kf = k.float()
+    return torch.cat(
+        [(q[i : i + chunk].float() @ kf.T).topk(topk, dim=1).indices for i in range(0, q.shape[0], chunk)]
+    )
+
+
+def _ranks_triton(
+    img: torch.Tensor, txt: torch.Tensor, txt_image: torch.Tensor, topk: int
+) -> Ranks:
+    """Both directions through the kernel. Texts are sorted by image first (if they are
+    not already) so that every query's own keys are one contiguous range of key rows."""
+    n_img = img.shape[0]
+    perm = None
+    if txt_image.shape[0] > 1 and not bool((txt_image[1:] >= txt_image[:-1]).all()):
+        perm = torch.argsort(txt_image, stable=True)
+        txt, txt_image = txt[perm], txt_image[perm]
+    counts = torch.bincount(txt_image, minlength=n_img)  # captions per image
+    first = torch.cumsum(counts, 0) - counts  # first caption row of each image
+    i2t = _rank_rows_triton(img, txt, first, first + counts)
+    t2i = _rank_rows_triton(txt, img, txt_image, txt_image + 1)
+    i2t_top = t2i_top = None
+    if topk:
+        i2t_top = _topk_chunked(img, txt, topk)
+        t2i_top = _topk_chunked(txt, img, topk)
+    if perm is not None:  # back to the caller's text order
+        t2i = torch.empty_like(t2i).index_copy_(0, perm, t2i)
+        if topk:
+            i2t_top = perm[i2t_top]
+            t2i_top = torch.empty_like(t2i_top).index_copy_(0, perm, t2i_top)
+    return Ranks(i2t, t2i, i2t_top, t2i_top)
 
 
 # ---------------------------------------------------------------------------------------
@@ -126,8 +306,8 @@ def retrieval_ranks(
     Returns ``Ranks(i2t [Ni], t2i [Nt], i2t_topk, t2i_topk)``, int64.
     """
     txt_image = _check_inputs(img, txt, txt_image, topk)
-    resolve_backend(backend, img, _OP)
-    # The Triton path follows in the next step; every backend uses the reference for now.
+    if resolve_backend(backend, img, _OP) == "triton":
+        return _ranks_triton(img, txt, txt_image, topk)
     return _ranks_ref_checked(img, txt, txt_image, topk, chunk=None)
 
 
