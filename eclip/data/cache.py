@@ -1,0 +1,193 @@
+"""The prepared dataset cache: what ``eclip.prepare`` writes and training loads in seconds.
+
+Layout of a cache directory (format version ``FORMAT_VERSION``)::
+
+    images.safetensors       images          uint8   [N, 3, R, R]  RGB, one row per image
+    annotations.safetensors  tokens          int32   [C, L]   caption token ids, 0 = padding
+                             lengths         int32   [C]      tokens used per caption
+                             caption_image   int64   [C]      image row of each caption
+                             region_boxes    float32 [G, 4]   (x1, y1, x2, y2) in [0, 1]
+                             region_image    int64   [G]      image row of each region
+                             region_tokens   int32   [G, Lp]  phrase token ids
+                             region_lengths  int32   [G]
+                             split           int8    [N]      0 train, 1 val, 2 test
+                             fold            int8    [N]      k-fold id over train+val, -1 for test
+    tokenizer.json           the byte-level BPE used for tokens and region_tokens
+    records.jsonl            per image: source key, captions, region phrases (for people)
+    skipped.jsonl            rows dropped by --skip-bad, with reasons (only when any)
+    manifest.json            written last: options, source hashes, counts, fingerprint
+
+Captions and regions are grouped by image, and splits are per image, so no picture appears
+in two splits. A directory without a readable ``manifest.json`` of the current format
+version is not a cache; the writer builds in a temporary sibling directory and renames it
+into place, so an interrupted build never leaves one that looks valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+from safetensors.torch import load_file
+
+from eclip.errors import EclipError
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+ANNOTATION_KEYS = ("tokens", "lengths", "caption_image", "region_boxes", "region_image",
+                   "region_tokens", "region_lengths", "split", "fold")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(obj) -> str:
+    """A stable hash of a JSON-able description of the inputs and options."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def read_manifest(cache_dir: str | Path) -> dict | None:
+    """The manifest of a complete cache, or None when ``cache_dir`` holds none."""
+    path = Path(cache_dir) / "manifest.json"
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def is_current(cache_dir: str | Path, fp: str) -> bool:
+    """True when ``cache_dir`` is a complete cache built from the inputs hashed as ``fp``."""
+    m = read_manifest(cache_dir)
+    if not m or m.get("format_version") != FORMAT_VERSION or m.get("fingerprint") != fp:
+        return False
+    return all((Path(cache_dir) / f).is_file() for f in m.get("files", []))
+
+
+class CacheWriter:
+    """Builds a cache in a temporary sibling of ``out`` and renames it into place on commit.
+
+    Use as a context manager: leaving the block with an exception (or a Ctrl-C) removes the
+    temporary directory and leaves any previous cache at ``out`` untouched.
+    """
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        self.files: list[str] = []
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> CacheWriter:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.tmp is not None and self.tmp.exists():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def path(self, name: str) -> Path:
+        assert self.tmp is not None
+        self.files.append(name)
+        return self.tmp / name
+
+    def save_arrays(self, name: str, arrays: dict[str, np.ndarray]) -> None:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(self.path(name)))
+
+    def write_jsonl(self, name: str, rows) -> None:
+        with open(self.path(name), "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def commit(self, manifest: dict) -> None:
+        """Write the manifest last, then swap the directory into place."""
+        assert self.tmp is not None
+        manifest = dict(manifest, format_version=FORMAT_VERSION, files=sorted(self.files))
+        with open(self.tmp / "manifest.json", "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; a cache is not
+        old = None
+        if self.out.exists() or self.out.is_symlink():
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            os.replace(self.out, old)
+        os.replace(self.tmp, self.out)
+        self.tmp = None
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class Cache:
+    """A loaded cache: CPU tensors plus the manifest. ``.to(device)`` moves the tensors."""
+
+    path: Path
+    manifest: dict
+    images: torch.Tensor  # uint8 [N, 3, R, R]
+    tokens: torch.Tensor  # int32 [C, L]
+    lengths: torch.Tensor  # int32 [C]
+    caption_image: torch.Tensor  # int64 [C]
+    region_boxes: torch.Tensor  # float32 [G, 4]
+    region_image: torch.Tensor  # int64 [G]
+    region_tokens: torch.Tensor  # int32 [G, Lp]
+    region_lengths: torch.Tensor  # int32 [G]
+    split: torch.Tensor  # int8 [N]
+    fold: torch.Tensor  # int8 [N]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / "tokenizer.json"
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
+    @property
+    def context_length(self) -> int:
+        return int(self.tokens.shape[1])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["tokenizer"]["vocab_size"])
+
+    def split_images(self, name: str) -> torch.Tensor:
+        """Image rows of a split ("train", "val" or "test"), int64 [n]."""
+        return torch.nonzero(self.split == SPLITS.index(name)).flatten()
+
+
+def load_cache(path: str | Path) -> Cache:
+    """Load a complete cache written by ``eclip.prepare``; one-line errors otherwise."""
+    path = Path(path)
+    hint = f"run: python -m eclip.prepare --out {path} ..."
+    if not path.is_dir():
+        raise EclipError(f"{path}: no such cache directory ({hint})")
+    m = read_manifest(path)
+    if m is None:
+        raise EclipError(f"{path}: not a prepared cache, manifest.json missing or unreadable ({hint})")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise EclipError(f"{path}/manifest.json: cache format version {m.get('format_version')}, "
+                         f"this code reads version {FORMAT_VERSION}; rebuild it ({hint})")
+    for name in m.get("files", []):
+        if not (path / name).is_file():
+            raise EclipError(f"{path}/{name}: missing from the cache; rebuild it ({hint})")
+    images = load_file(str(path / "images.safetensors"))["images"]
+    ann = load_file(str(path / "annotations.safetensors"))
+    missing = [k for k in ANNOTATION_KEYS if k not in ann]
+    if missing:
+        raise EclipError(f"{path}/annotations.safetensors: missing tensors {', '.join(missing)}")
+    return Cache(path=path, manifest=m, images=images, **{k: ann[k] for k in ANNOTATION_KEYS})

@@ -1,0 +1,89 @@
+"""Image decoding for the cache: file or synthetic scene → uint8 [3, R, R] plus boxes in [0, 1].
+
+Runs in worker processes (``decode_job`` is a top-level function so it pickles). Errors come
+back as values, not exceptions, so one bad image cannot take a pool down and the parent
+reports it at the row that named the image.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from eclip.data import synthetic
+
+RESIZE_POLICIES = ("squash", "center-crop")
+BOX_TOLERANCE_PX = 1.0  # annotation tools round; a box this far past the border is clipped
+
+
+@dataclass
+class Job:
+    path: str | None  # image file to decode, or None for a synthetic scene
+    scene: synthetic.Scene | None  # the scene to draw when path is None
+    boxes: list[list[float]]  # pixel boxes of the record (ignored for scenes: they draw their own)
+    size: int  # output resolution R
+    policy: str  # "squash" or "center-crop"
+
+
+@dataclass
+class Decoded:
+    image: np.ndarray | None  # uint8 [3, R, R], None on error
+    boxes: list[list[float] | None]  # normalised (x1, y1, x2, y2) per input box; None = cropped away
+    error: str | None = None  # one-line problem when decoding or a box check failed
+
+
+def _crop_box(policy: str, w: int, h: int) -> tuple[float, float, float, float]:
+    """The visible window in source pixels: left, top, width, height."""
+    if policy == "squash":
+        return 0.0, 0.0, float(w), float(h)
+    m = float(min(w, h))
+    return (w - m) / 2, (h - m) / 2, m, m
+
+
+def normalise_boxes(boxes: list[list[float]], w: int, h: int, policy: str) -> tuple[list, str | None]:
+    """Pixel boxes → [0, 1] boxes in the resized image's frame, after checking they lie in the
+    source image. A box that ends up entirely outside a centre crop becomes None."""
+    x0, y0, sx, sy = _crop_box(policy, w, h)
+    out = []
+    for k, (x1, y1, x2, y2) in enumerate(boxes):
+        if x2 > w + BOX_TOLERANCE_PX or y2 > h + BOX_TOLERANCE_PX:
+            shown = ", ".join(f"{v:g}" for v in (x1, y1, x2, y2))
+            return [], f"region {k}: bbox [{shown}] lies outside the {w}x{h} image"
+        nx1, nx2 = (np.clip([x1, x2], 0, w) - x0) / sx
+        ny1, ny2 = (np.clip([y1, y2], 0, h) - y0) / sy
+        nb = [float(np.clip(v, 0.0, 1.0)) for v in (nx1, ny1, nx2, ny2)]
+        out.append(nb if nb[2] > nb[0] and nb[3] > nb[1] else None)
+    return out, None
+
+
+def _load(path: str, size: int, policy: str) -> tuple[np.ndarray, int, int]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            im.load()  # forces a full decode: truncated files fail here, not later
+            w, h = im.size
+            im = im.convert("RGB")
+            x0, y0, sx, sy = _crop_box(policy, w, h)
+            if policy == "center-crop":
+                im = im.crop((round(x0), round(y0), round(x0 + sx), round(y0 + sy)))
+            im = im.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy(), w, h
+
+
+def decode_job(job: Job) -> Decoded:
+    if job.scene is not None:
+        img, px_boxes = synthetic.render_scene(job.scene, job.size)
+        boxes = [[v / job.size for v in b] for b in px_boxes]
+        return Decoded(image=img.transpose(2, 0, 1).copy(), boxes=boxes)
+    try:
+        img, w, h = _load(job.path, job.size, job.policy)
+    except Exception as e:  # PIL raises many types: OSError, SyntaxError, ValueError, …
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return Decoded(image=None, boxes=[], error=f"unreadable or truncated image {job.path} ({msg})")
+    boxes, err = normalise_boxes(job.boxes, w, h, job.policy)
+    if err:
+        return Decoded(image=None, boxes=[], error=err)
+    return Decoded(image=img, boxes=boxes)

@@ -1,0 +1,242 @@
+"""Readers for real datasets: Ukiyo-eVG's ODVG JSONL and plain CSV/TSV/JSONL manifests.
+
+Each reader turns its files into :class:`Record` s, one per image, with every caption and
+region of that image, and the place (``FILE:LINE``) where it was defined, so that a problem
+found later (a truncated image, a box outside the picture) can still be reported there.
+
+Problems are raised as :class:`DataError`; with ``skip_bad`` they go to a list instead and
+the offending row (or image) is dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from eclip.errors import DataError
+
+IMAGE_COLUMNS = ("image", "filepath", "file_name", "filename", "path", "image_path")
+CAPTION_COLUMNS = ("caption", "text", "title")
+REGION_COLUMNS = ("regions",)
+SPLIT_COLUMNS = ("split",)
+
+
+@dataclass
+class Record:
+    image: str  # image path as written in the source (relative to the images directory)
+    captions: list[str]  # one or more captions of this image
+    regions: list[tuple[list[float], str]] = field(default_factory=list)  # pixel box, phrase
+    split: str | None = None  # "train" / "val" / "test" when the source decides
+    where: str = ""  # "FILE:LINE" of the row that introduced the image
+    scene: object = None  # a synthetic.Scene to draw instead of decoding a file
+
+
+class Problems:
+    """Collects errors: raises the first one, or records it when skipping bad rows."""
+
+    def __init__(self, skip_bad: bool):
+        self.skip_bad = skip_bad
+        self.skipped: list[dict] = []
+
+    def report(self, err: DataError) -> None:
+        if not self.skip_bad:
+            raise err
+        self.skipped.append(err.to_json())
+
+
+def _check_caption(where: str, caption) -> str:
+    if not isinstance(caption, str) or not caption.strip():
+        raise DataError(where, "empty caption")
+    return caption.strip()
+
+
+def parse_regions(where: str, regions) -> list[tuple[list[float], str]]:
+    """Validate a list of ``{"bbox": [x1, y1, x2, y2], "phrase": str}`` in pixels."""
+    if regions is None:
+        return []
+    if not isinstance(regions, list):
+        raise DataError(where, "regions must be a list of {bbox, phrase}")
+    out = []
+    for k, reg in enumerate(regions):
+        if not isinstance(reg, dict):
+            raise DataError(where, f"region {k}: must be an object with bbox and phrase")
+        box, phrase = reg.get("bbox"), reg.get("phrase")
+        if (not isinstance(box, list) or len(box) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
+            raise DataError(where, f"region {k}: bbox must be four finite numbers [x1, y1, x2, y2], got {box!r}")
+        x1, y1, x2, y2 = (float(v) for v in box)
+        if x2 <= x1 or y2 <= y1:
+            raise DataError(where, f"region {k}: bbox {box} has x2<=x1 or y2<=y1")
+        if x1 < 0 or y1 < 0:
+            raise DataError(where, f"region {k}: bbox {box} lies outside the image (negative coordinate)")
+        if not isinstance(phrase, str) or not phrase.strip():
+            raise DataError(where, f"region {k}: empty phrase")
+        out.append(([x1, y1, x2, y2], phrase.strip()))
+    return out
+
+
+def check_image_path(where: str, images_dir: Path, name: str) -> Path:
+    path = Path(name) if Path(name).is_absolute() else images_dir / name
+    if not path.is_file():
+        raise DataError(where, f"image not found: {path}")
+    return path
+
+
+def read_odvg(path: Path, split: str, images_dir: Path, problems: Problems,
+              seen: dict[str, str]) -> list[Record]:
+    """Ukiyo-eVG's ODVG JSONL: one image per line with ``filename``, ``grounding.caption`` and
+    ``grounding.regions[].{bbox, phrase}``. ``seen`` maps filenames to where they first
+    appeared, across all split files, to refuse duplicates."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(where, f"malformed JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(row, dict):
+                    raise DataError(where, "expected a JSON object")
+                name = row.get("filename")
+                if not isinstance(name, str) or not name:
+                    raise DataError(where, "missing field 'filename'")
+                grounding = row.get("grounding")
+                if not isinstance(grounding, dict):
+                    raise DataError(where, "missing field 'grounding'")
+                caption = _check_caption(where, grounding.get("caption"))
+                regions = parse_regions(where, grounding.get("regions"))
+                if name in seen:
+                    raise DataError(where, f"duplicate id {name!r} (first at {seen[name]})")
+                check_image_path(where, images_dir, name)
+            except DataError as e:
+                problems.report(e)
+                continue
+            seen[name] = where
+            records.append(Record(image=name, captions=[caption], regions=regions, split=split, where=where))
+    return records
+
+
+def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], what: str,
+          where: str, required: bool) -> str | None:
+    if wanted is not None:
+        if wanted not in columns:
+            raise DataError(where, f"no {what} column {wanted!r} (columns: {', '.join(columns)})")
+        return wanted
+    lowered = {c.lower(): c for c in columns}
+    for cand in candidates:
+        if cand in lowered:
+            return lowered[cand]
+    if required:
+        raise DataError(where, f"no {what} column found among {', '.join(columns)} "
+                        f"(looked for {', '.join(candidates)}; name one with --{what}-column)")
+    return None
+
+
+def _manifest_rows(path: Path):
+    """Yield ``(line, dict)`` for each row of a CSV, TSV or JSONL manifest, plus the columns."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield lineno, DataError(f"{path}:{lineno}", f"malformed JSON ({e.msg} at column {e.colno})")
+                    continue
+                if not isinstance(row, dict):
+                    yield lineno, DataError(f"{path}:{lineno}", "expected a JSON object")
+                    continue
+                yield lineno, row
+        return
+    if suffix not in (".csv", ".tsv", ".txt"):
+        raise DataError(str(path), f"unknown manifest format {suffix!r} (use .csv, .tsv or .jsonl)")
+    delimiter = "\t" if suffix == ".tsv" else ","
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter, strict=True)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise DataError(str(path), "empty manifest") from None
+        except csv.Error as e:
+            raise DataError(f"{path}:1", f"malformed header ({e})") from None
+        while True:
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                yield reader.line_num, DataError(f"{path}:{reader.line_num}", f"malformed CSV row ({e})")
+                continue
+            if not values:
+                continue
+            if len(values) != len(header):
+                yield reader.line_num, DataError(
+                    f"{path}:{reader.line_num}",
+                    f"malformed row: expected {len(header)} fields, found {len(values)}")
+                continue
+            yield reader.line_num, dict(zip(header, values, strict=True))
+
+
+def read_manifest_file(path: Path, images_dir: Path, problems: Problems,
+                       image_column: str | None = None, caption_column: str | None = None,
+                       regions_column: str | None = None) -> tuple[list[Record], dict]:
+    """An OpenCLIP-style manifest: one row per (image, caption). Rows of one image (COCO and
+    Flickr list several captions each) are grouped into one record. Returns the records and
+    the columns used."""
+    by_image: dict[str, Record] = {}
+    cols: dict | None = None
+    for lineno, row in _manifest_rows(path):
+        where = f"{path}:{lineno}"
+        try:
+            if isinstance(row, DataError):
+                raise row
+            if cols is None:
+                names = list(row.keys())
+                cols = {
+                    "image": _pick(names, image_column, IMAGE_COLUMNS, "image", where, True),
+                    "caption": _pick(names, caption_column, CAPTION_COLUMNS, "caption", where, True),
+                    "regions": _pick(names, regions_column, REGION_COLUMNS, "regions", where, False),
+                    "split": _pick(names, None, SPLIT_COLUMNS, "split", where, False),
+                }
+            name = row.get(cols["image"])
+            if not isinstance(name, str) or not name.strip():
+                raise DataError(where, f"empty image path in column {cols['image']!r}")
+            name = name.strip()
+            caption = _check_caption(where, row.get(cols["caption"]))
+            regions = []
+            if cols["regions"] and row.get(cols["regions"]) not in (None, ""):
+                raw = row[cols["regions"]]
+                if isinstance(raw, str):
+                    try:
+                        raw = json.loads(raw)
+                    except json.JSONDecodeError as e:
+                        raise DataError(where, f"regions column is not valid JSON ({e.msg})") from None
+                regions = parse_regions(where, raw)
+            split = None
+            if cols["split"]:
+                split = str(row.get(cols["split"], "")).strip().lower() or None
+                if split not in (None, "train", "val", "test"):
+                    raise DataError(where, f"unknown split {split!r} (use train, val or test)")
+            rec = by_image.get(name)
+            if rec is None:
+                check_image_path(where, images_dir, name)
+                by_image[name] = Record(image=name, captions=[caption], regions=regions, split=split, where=where)
+            else:
+                if split is not None and rec.split is not None and split != rec.split:
+                    raise DataError(where, f"image {name!r} is in split {rec.split!r} at {rec.where}, "
+                                    f"here in {split!r}")
+                rec.captions.append(caption)
+                rec.regions.extend(r for r in regions if r not in rec.regions)
+        except DataError as e:
+            problems.report(e)
+    if cols is None:
+        raise DataError(str(path), "manifest has no rows")
+    return list(by_image.values()), cols

@@ -1,0 +1,22 @@
+"""Errors that the command-line tools turn into one line and exit code 2."""
+
+from __future__ import annotations
+
+
+class EclipError(Exception):
+    """A user-facing error: printed as one line, exit code 2, no traceback."""
+
+
+class DataError(EclipError):
+    """Bad input data, located by file and (when known) line or row.
+
+    ``where`` is ``"FILE"`` or ``"FILE:LINE"``; ``problem`` says what is wrong in a few words.
+    """
+
+    def __init__(self, where: str, problem: str):
+        self.where = where
+        self.problem = problem
+        super().__init__(f"{where}: {problem}")
+
+    def to_json(self) -> dict:
+        return {"where": self.where, "problem": self.problem}

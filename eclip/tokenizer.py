@@ -1,0 +1,80 @@
+"""Byte-level BPE tokenizer: trained on the training captions at prepare time, or user-given.
+
+Byte-level means every string has an encoding (Japanese, emoji, anything) and decoding gives
+the exact text back; no normaliser runs, so nothing is folded or lost. Ids 0–3 are the
+special tokens below; 0 is padding, so a zero-filled row is an empty sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from eclip.errors import EclipError
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+SPECIALS = (PAD, BOS, EOS, UNK)
+PAD_ID = 0
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE on ``texts``; the 256 byte symbols are always in the vocabulary."""
+    if vocab_size < 256 + len(SPECIALS):
+        raise EclipError(f"--vocab-size {vocab_size}: must be at least {256 + len(SPECIALS)} "
+                         "(256 byte symbols plus the special tokens)")
+    tok = Tokenizer(models.BPE(unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIALS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer.json; it must define the padding token as id 0."""
+    path = Path(path)
+    if not path.is_file():
+        raise EclipError(f"{path}: tokenizer file not found")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # the library raises a bare Exception on malformed JSON
+        raise EclipError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+    if tok.token_to_id(PAD) != PAD_ID:
+        raise EclipError(f"{path}: tokenizer must map {PAD} to id {PAD_ID} (padding is id 0)")
+    return tok
+
+
+def encode_batch(tok: Tokenizer, texts: list[str], context_length: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Encode to a fixed context: ``<bos> ids… <eos>`` then zero padding.
+
+    Returns ``(ids int32 [N, L], lengths int32 [N], truncated)``; a caption too long keeps its
+    first L−2 tokens and still ends in ``<eos>``, and counts as truncated.
+    """
+    if context_length < 3:
+        raise EclipError(f"context length {context_length}: must be at least 3")
+    bos, eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
+    ids = np.zeros((len(texts), context_length), dtype=np.int32)
+    lengths = np.zeros(len(texts), dtype=np.int32)
+    truncated = 0
+    for i, enc in enumerate(tok.encode_batch(texts, add_special_tokens=False)):
+        body = enc.ids
+        if len(body) > context_length - 2:
+            body = body[: context_length - 2]
+            truncated += 1
+        seq = ([bos] if bos is not None else []) + body + ([eos] if eos is not None else [])
+        ids[i, : len(seq)] = seq
+        lengths[i] = len(seq)
+    return ids, lengths, truncated
+
+
+def decode(tok: Tokenizer, ids: Iterable[int]) -> str:
+    """Inverse of :func:`encode_batch` for one row (specials and padding dropped)."""
+    return tok.decode([int(i) for i in ids], skip_special_tokens=True)
