@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from eclip.evaluate import fold_split, format_metrics, kfold_assign, metrics_from_ranks, retrieval_metrics
+from eclip.evaluate import (
+    fold_split,
+    format_metrics,
+    kfold_assign,
+    metrics_from_ranks,
+    retrieval_metrics,
+)
 
 
 def brute_ranks(img: np.ndarray, txt: np.ndarray, txt_image: np.ndarray) -> tuple[list[int], list[int]]:
