@@ -193,7 +193,7 @@ def tiny_cfg(**overrides):
 def clip_loss64(img, txt, scale):
     """Symmetric InfoNCE in float64 (the test's plain reference for loss_fn)."""
     logits = scale.double() * img.double() @ txt.double().T
-    y = torch.arange(img.shape[0])
+    y = torch.arange(img.shape[0], device=img.device)
     return (F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y)) / 2
 
 
