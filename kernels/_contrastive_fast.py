@@ -1,0 +1,218 @@
+"""Fast mode of the fused contrastive loss: S stored once, 2 bytes a logit.
+
+Notation as in ``_contrastive_lean``: x = I·Tᵀ (fp32 accumulation), z = s·log2(e)·x.
+
+Forward (``_fast_fwd_kernel``, one matmul): every program computes one BLOCK×BLOCK tile of
+z and, in its epilogue,
+  * the tile's row max a_i and column max b_j (fp32, [n_tiles, B] each), kept for the
+    backward as reference points (fp32, so that each maximum is stored as y = 0 exactly:
+    a bf16-rounded reference would leave |y| up to |z|·2⁻⁹ even there);
+  * the tile's partial row and column log2-sum-exp2 (fp32, [n_tiles, B] each, freed after
+    the forward once merged into the row / column LSE);
+  * y_ij = z_ij − min(a_i, b_j), stored in bf16.
+Storing y instead of z keeps the logits that matter accurate: an entry with a
+non-negligible row (column) softmax weight lies within a few units of its row (column)
+max, hence of a_i (b_j), and |y| is small, so its bf16 rounding error is small too; a raw
+bf16 z would carry an absolute error of |z|·2⁻⁹, up to 0.4 at s = 100.
+
+Backward (``_fast_bwd_kernel``, elementwise, in place): z = y + min(a_i, b_j),
+Ĝ = 2^(z − rowlse2_i) + 2^(z − collse2_j) − 2·Id overwrites y in the same buffer
+(as fp16 for fp16 inputs, bf16 otherwise: |Ĝ| ≤ 2), with a per-tile partial Σ Ĝ∘z for
+the scale gradient. Then the two gradient products go to the matrix units through
+torch.matmul: dI = s·g/(2B)·Ĝ·T and dT = s·g/(2B)·Ĝᵀ·I (Ĝᵀ is a transposed view, no copy).
+Three matmuls in all. Extra memory: 2·B² bytes for S plus 8·B²/BLOCK for the references
+(plus 8·B²/BLOCK of partial sums during the forward only): 2.0625·B² bytes through the
+backward and 2.125·B² at the forward's peak with BLOCK = 128.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import HAVE_TRITON, INTERPRET, next_pow2
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from ._contrastive_lean import _score_tile
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _fast_fwd_kernel(
+        q_ptr, k_ptr, scale_ptr,
+        y_ptr,  # bf16 [B, B] out: z - min(a_i, b_j)
+        rref_ptr, cref_ptr,  # fp32 [n_tiles, B] out: tile row max a / tile column max b
+        rpart_ptr, cpart_ptr,  # fp32 [n_tiles, B] out: tile row / column log2-sum-exp2
+        diag_ptr,  # fp32 [B] out: S_ii
+        n, dim,
+        stride_qm, stride_qd, stride_kn, stride_kd, stride_ym,
+        n_bucket,  # autotune key only
+        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # Grouped tile order: GROUP_M row tiles share the column tiles in L2.
+        pid = tl.program_id(0)
+        n_t = tl.cdiv(n, BLOCK)
+        group = GROUP_M * n_t
+        first_m = (pid // group) * GROUP_M
+        group_m = tl.minimum(n_t - first_m, GROUP_M)
+        rt = first_m + (pid % group) % group_m
+        ct = (pid % group) // group_m
+        offs_m = rt.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        offs_n = ct.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask_m = offs_m < n
+        mask_n = offs_n < n
+        c = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
+        x = _score_tile(
+            q_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n, dim,
+            stride_qm, stride_qd, stride_kn, stride_kd,
+            BLOCK, BLOCK, BLOCK_D, UPCAST, PRECISION,
+        )
+        mask = mask_m[:, None] & mask_n[None, :]
+        z = tl.where(mask, x * c, float("-inf"))
+        a = tl.max(z, axis=1)  # [BLOCK] tile row max
+        b = tl.max(z, axis=0)  # [BLOCK] tile column max
+        rpart = a + tl.log2(tl.sum(tl.exp2(z - a[:, None]), axis=1))
+        cpart = b + tl.log2(tl.sum(tl.exp2(z - b[None, :]), axis=0))
+        ref = tl.minimum(a[:, None], b[None, :])  # exact for the maxima: their y is 0
+        tl.store(
+            y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :],
+            (z - ref).to(y_ptr.dtype.element_ty), mask=mask,
+        )
+        tl.store(rref_ptr + ct.to(tl.int64) * n + offs_m, a, mask=mask_m)
+        tl.store(rpart_ptr + ct.to(tl.int64) * n + offs_m, rpart, mask=mask_m)
+        tl.store(cref_ptr + rt.to(tl.int64) * n + offs_n, b, mask=mask_n)
+        tl.store(cpart_ptr + rt.to(tl.int64) * n + offs_n, cpart, mask=mask_n)
+        if rt == ct:
+            d = tl.sum(tl.where(offs_m[:, None] == offs_n[None, :], z, 0.0), axis=1)
+            tl.store(diag_ptr + offs_m, d * 0.6931471805599453, mask=mask_m)
+
+    @triton.jit
+    def _fast_bwd_kernel(
+        y_ptr,  # bf16 [B, B] in: z - min(a_i, b_j)
+        g_ptr,  # [B, B] out, the same memory as y (bf16 or fp16 view): Ĝ
+        rref_ptr, cref_ptr,  # fp32 [n_tiles, B]
+        row_lse_ptr, col_lse_ptr,  # fp32 [B] natural-log LSE
+        part_ptr,  # fp32 [n_tiles²] out: Σ Ĝ∘z over the tile
+        n, stride_ym,
+        BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        n_t = tl.cdiv(n, BLOCK)
+        rt = pid // n_t
+        ct = pid % n_t
+        offs_m = rt.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        offs_n = ct.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask_m = offs_m < n
+        mask_n = offs_n < n
+        mask = mask_m[:, None] & mask_n[None, :]
+        ptrs = offs_m[:, None] * stride_ym + offs_n[None, :]
+        y = tl.load(y_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(rref_ptr + ct.to(tl.int64) * n + offs_m, mask=mask_m, other=0.0)
+        b = tl.load(cref_ptr + rt.to(tl.int64) * n + offs_n, mask=mask_n, other=0.0)
+        z = y + tl.minimum(a[:, None], b[None, :])
+        rl = tl.load(row_lse_ptr + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+        cl = tl.load(col_lse_ptr + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
+        g = tl.exp2(z - rl[:, None]) + tl.exp2(z - cl[None, :])
+        g = tl.where(offs_m[:, None] == offs_n[None, :], g - 2.0, g)
+        g = tl.where(mask, g, 0.0)
+        tl.store(g_ptr + ptrs, g.to(g_ptr.dtype.element_ty), mask=mask)
+        tl.store(part_ptr + pid, tl.sum(tl.sum(g * z, axis=1), axis=0))
+
+    def _prune(configs, named_args, **kwargs):
+        d_max = max(16, next_pow2(named_args["dim"]))
+        return [cf for cf in configs if cf.kwargs["BLOCK_D"] <= d_max] or configs[-1:]
+
+    _FWD_CONFIGS = [
+        triton.Config({"BLOCK_D": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_D": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_D": 32, "GROUP_M": 8}, num_warps=8, num_stages=5),
+        triton.Config({"BLOCK_D": 64, "GROUP_M": 16}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_D": 16, "GROUP_M": 8}, num_warps=4, num_stages=3),
+    ]
+    if not INTERPRET:
+        _fast_fwd_tuned = triton.autotune(
+            configs=_FWD_CONFIGS, key=["dim", "n_bucket"], prune_configs_by={"early_config_prune": _prune}
+        )(_fast_fwd_kernel)
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------
+
+TINY_B = 1024  # up to here: fixed config, no tuning (launch-bound)
+HUGE_B = 1 << 17  # from here: fixed config (a tuning run alone would take seconds)
+
+
+def fast_block(n: int) -> int:
+    """Tile edge of the fast mode; fixes the shapes of the saved references."""
+    return 64 if (INTERPRET or n <= TINY_B) else 128
+
+
+def fast_buffers_shape(n: int) -> tuple[int, int]:
+    """Shape of each saved reference tensor ([n_tiles, B])."""
+    return (-(-n // fast_block(n)), n)
+
+
+def _lse2_merge(part: torch.Tensor) -> torch.Tensor:
+    """log2-sum-exp2 over dim 0 of [n_tiles, B] partials, in a fixed order."""
+    big = part.max(dim=0).values
+    return big + torch.log2(torch.exp2(part - big).sum(dim=0))
+
+
+def fast_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor):
+    """Returns (loss, row_lse, col_lse, y [B, B] bf16, rref, cref [n_tiles, B] fp32)."""
+    n, dim = img.shape
+    dev = img.device
+    block = fast_block(n)
+    n_t = triton.cdiv(n, block)
+    upcast = INTERPRET and img.dtype == torch.bfloat16
+    precision = "tf32x3" if (img.dtype == torch.float32 and img.is_cuda) else "ieee"
+    y = torch.empty((n, n), dtype=torch.bfloat16, device=dev)
+    rref = torch.empty((n_t, n), dtype=torch.float32, device=dev)
+    cref = torch.empty((n_t, n), dtype=torch.float32, device=dev)
+    rpart = torch.empty((n_t, n), dtype=torch.float32, device=dev)
+    cpart = torch.empty((n_t, n), dtype=torch.float32, device=dev)
+    diag = torch.empty(n, dtype=torch.float32, device=dev)
+    args = (img, txt, scale, y, rref, cref, rpart, cpart, diag, n, dim,
+            img.stride(0), img.stride(1), txt.stride(0), txt.stride(1), y.stride(0),
+            min(n, HUGE_B).bit_length())
+    grid = (n_t * n_t,)
+    if INTERPRET or n <= TINY_B or n >= HUGE_B:
+        block_d = min(128 if INTERPRET else 64, max(16, next_pow2(dim)))
+        _fast_fwd_kernel[grid](
+            *args, BLOCK=block, BLOCK_D=block_d, GROUP_M=8, UPCAST=upcast, PRECISION=precision,
+            num_warps=8 if block == 128 else 4, num_stages=3,
+        )
+    else:
+        _fast_fwd_tuned[grid](*args, BLOCK=block, UPCAST=upcast, PRECISION=precision)
+    row_lse = _lse2_merge(rpart) * LN2
+    col_lse = _lse2_merge(cpart) * LN2
+    del rpart, cpart
+    loss = (row_lse.sum() + col_lse.sum() - 2.0 * diag.sum()) / (2.0 * n)
+    return loss, row_lse, col_lse, y, rref, cref
+
+
+def fast_backward(y, rref, cref, img, txt, scale, grad, row_lse, col_lse):
+    """Turns y into Ĝ in place, then dI, dT by two matmuls. Returns (dI, dT, ds)."""
+    n = img.shape[0]
+    block = fast_block(n)
+    n_t = triton.cdiv(n, block)
+    g_dtype = torch.float16 if img.dtype == torch.float16 else torch.bfloat16
+    g = y if g_dtype == torch.bfloat16 else y.view(torch.float16)
+    part = torch.empty(n_t * n_t, dtype=torch.float32, device=y.device)
+    _fast_bwd_kernel[(n_t * n_t,)](
+        y, g, rref, cref, row_lse, col_lse, part, n, y.stride(0),
+        BLOCK=block, num_warps=8 if block == 128 else 4,
+    )
+    coef = scale.float() * grad.float() / (2.0 * n)
+    d_img = (g @ txt.to(g_dtype)).float().mul_(coef).to(img.dtype)
+    d_txt = (g.T @ img.to(g_dtype)).float().mul_(coef).to(txt.dtype)
+    # Σ Ĝ∘x = Σ Ĝ∘z / c with c = s·log2(e).
+    d_scale = part.sum() / (scale.float() * LOG2E) * grad.float() / (2.0 * n)
+    return d_img, d_txt, d_scale.to(scale.dtype)

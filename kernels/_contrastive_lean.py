@@ -1,0 +1,308 @@
+"""Lean mode of the fused contrastive loss: S = s·I·Tᵀ is never stored (memory O(B·D)).
+
+Notation: q, k are the two [B, D] embedding matrices (img, txt or txt, img), x = q·kᵀ the raw
+dot products (fp32 accumulation), c = s·log2(e), z = c·x = S·log2(e) (log2 units, so every
+exponential is one exp2).
+
+Forward (one pass over the S tiles, ``_lean_fwd_kernel``): a grid of P persistent programs;
+program p owns row blocks p, p+P, ... and streams over all column tiles of each, keeping
+  * the row statistics of its current row block (online max / sum) → row LSE, and the
+    diagonal S_ii taken from the tile that holds it;
+  * partial column statistics over the rows it has seen, in its own slice of a [P, B]
+    scratch (read-modify-write per tile; no other program touches that slice).
+The P partial column statistics are merged afterwards in a fixed order. No atomics, so
+the result is bitwise reproducible; extra memory is 8·P·B bytes.
+
+Backward (``_lean_bwd_kernel``, launched once per direction): with
+Ĝ = P + Q − 2·Id (P row softmax, Q column softmax), G = Ĝ·g/(2B),
+    dq = s·G·k        (one program per block of q rows and per D-chunk of dq; recomputes S)
+and, for the ds term, Σ_ij Ĝ_ij x_ij = Σ_i <(Ĝ·k)_i, q_i>, accumulated per row from the
+fp32 accumulator. Launched with (q, k) = (img, txt) it yields dI and ds, with
+(q, k) = (txt, img) it yields dT (Ĝ is symmetric in the roles of rows and columns).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import HAVE_TRITON, INTERPRET, next_pow2
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _score_tile(
+        q_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n, dim,
+        stride_qm, stride_qd, stride_kn, stride_kd,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """x = q[offs_m] · k[offs_n]ᵀ, fp32 [BLOCK_M, BLOCK_N] (padding rows/cols are 0)."""
+        x = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for d0 in range(0, dim, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < dim
+            a = tl.load(
+                q_ptr + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0,
+            )  # [BLOCK_M, BLOCK_D]
+            b = tl.load(
+                k_ptr + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
+                mask=mask_d[:, None] & mask_n[None, :], other=0.0,
+            )  # [BLOCK_D, BLOCK_N]
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            x = tl.dot(a, b, x, input_precision=PRECISION)
+        return x
+
+    @triton.jit
+    def _lean_fwd_kernel(
+        q_ptr, k_ptr, scale_ptr,
+        row_lse_ptr,  # fp32 [B] out: natural-log LSE of each row of S
+        diag_ptr,  # fp32 [B] out: S_ii
+        col_m_ptr, col_l_ptr,  # fp32 [P, B] out: per-program column max / sum (log2 units)
+        n, dim,
+        stride_qm, stride_qd, stride_kn, stride_kd,
+        n_bucket,  # autotune key only
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        n_prog = tl.num_programs(0)
+        c = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
+        n_row_blocks = tl.cdiv(n, BLOCK_M)
+        n_col_tiles = tl.cdiv(n, BLOCK_N)
+        stat_base = pid.to(tl.int64) * n
+        for rb in range(pid, n_row_blocks, n_prog):
+            offs_m = (rb * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+            mask_m = offs_m < n
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max
+            l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(z - m_i)
+            d_i = tl.zeros([BLOCK_M], tl.float32)  # z_ii
+            seen = rb != pid  # this program's scratch holds earlier partials
+            for ct in range(0, n_col_tiles):
+                offs_n = (ct * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+                mask_n = offs_n < n
+                x = _score_tile(
+                    q_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n, dim,
+                    stride_qm, stride_qd, stride_kn, stride_kd,
+                    BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION,
+                )
+                z = tl.where(mask_m[:, None] & mask_n[None, :], x * c, float("-inf"))
+                # Row statistics, online over column tiles.
+                m_new = tl.maximum(m_i, tl.max(z, axis=1))
+                l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(z - m_new[:, None]), axis=1)
+                m_i = m_new
+                # Column statistics of this program, merged into its scratch slice.
+                cm = tl.load(col_m_ptr + stat_base + offs_n, mask=mask_n & seen, other=float("-inf"))
+                cl = tl.load(col_l_ptr + stat_base + offs_n, mask=mask_n & seen, other=0.0)
+                cm_new = tl.maximum(cm, tl.max(z, axis=0))
+                cl = cl * tl.exp2(cm - cm_new) + tl.sum(tl.exp2(z - cm_new[None, :]), axis=0)
+                tl.store(col_m_ptr + stat_base + offs_n, cm_new, mask=mask_n)
+                tl.store(col_l_ptr + stat_base + offs_n, cl, mask=mask_n)
+                if (ct * BLOCK_N < (rb + 1) * BLOCK_M) & ((ct + 1) * BLOCK_N > rb * BLOCK_M):
+                    on_diag = offs_m[:, None] == offs_n[None, :]
+                    d_i += tl.sum(tl.where(on_diag, z, 0.0), axis=1)
+            tl.store(row_lse_ptr + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=mask_m)
+            tl.store(diag_ptr + offs_m, d_i * 0.6931471805599453, mask=mask_m)
+
+    @triton.jit
+    def _lean_bwd_kernel(
+        q_ptr, k_ptr, scale_ptr, grad_ptr,
+        lse_q_ptr,  # fp32 [B]: LSE of each q row over the k's (natural log)
+        lse_k_ptr,  # fp32 [B]: LSE of each k row over the q's
+        dq_ptr,  # [B, D] out, dtype of q
+        qdot_ptr,  # fp32 [n_chunks, B] out: <(Ĝ·k)_i, q_i> over this program's D-chunk
+        n, dim,
+        stride_qm, stride_qd, stride_kn, stride_kd, stride_gm, stride_gd,
+        n_bucket,  # autotune key only
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_V: tl.constexpr,  # width of the dq chunk of one program
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
+        WRITE_QDOT: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0).to(tl.int64)
+        pid_v = tl.program_id(1)
+        scale = tl.load(scale_ptr).to(tl.float32)
+        c = scale * 1.4426950408889634
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < n
+        lse_q = tl.load(lse_q_ptr + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+        offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < dim
+        acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)  # Ĝ·k for this D-chunk
+        for kt in range(0, tl.cdiv(n, BLOCK_N)):
+            offs_n = (kt * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+            mask_n = offs_n < n
+            x = _score_tile(
+                q_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n, dim,
+                stride_qm, stride_qd, stride_kn, stride_kd,
+                BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION,
+            )
+            z = x * c
+            lse_k = tl.load(lse_k_ptr + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
+            g = tl.exp2(z - lse_q[:, None]) + tl.exp2(z - lse_k[None, :])
+            g = tl.where(offs_m[:, None] == offs_n[None, :], g - 2.0, g)
+            g = tl.where(mask_m[:, None] & mask_n[None, :], g, 0.0)
+            kv = tl.load(
+                k_ptr + offs_n[:, None] * stride_kn + offs_v[None, :] * stride_kd,
+                mask=mask_n[:, None] & mask_v[None, :], other=0.0,
+            )  # [BLOCK_N, BLOCK_V]
+            if UPCAST:
+                kv = kv.to(tl.float32)
+            acc = tl.dot(g.to(kv.dtype), kv, acc, input_precision=GRAD_PRECISION)
+        coef = scale * tl.load(grad_ptr).to(tl.float32) / (2.0 * n)
+        tl.store(
+            dq_ptr + offs_m[:, None] * stride_gm + offs_v[None, :] * stride_gd,
+            (acc * coef).to(dq_ptr.dtype.element_ty),
+            mask=mask_m[:, None] & mask_v[None, :],
+        )
+        if WRITE_QDOT:
+            qv = tl.load(
+                q_ptr + offs_m[:, None] * stride_qm + offs_v[None, :] * stride_qd,
+                mask=mask_m[:, None] & mask_v[None, :], other=0.0,
+            ).to(tl.float32)
+            tl.store(qdot_ptr + pid_v * n + offs_m, tl.sum(acc * qv, axis=1), mask=mask_m)
+
+    def _prune(configs, named_args, **kwargs):
+        d_max = max(16, next_pow2(named_args["dim"]))
+        kept = [
+            cf for cf in configs
+            if cf.kwargs["BLOCK_D"] <= d_max and cf.kwargs.get("BLOCK_V", 16) <= d_max
+        ]
+        return kept or configs[-1:]
+
+    _FWD_CONFIGS = [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 32}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
+    ]
+    _BWD_CONFIGS = [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_V": 512}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_V": 256}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_V": 256}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_V": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "BLOCK_V": 128}, num_warps=4, num_stages=2),
+    ]
+    if not INTERPRET:
+        _lean_fwd_tuned = triton.autotune(
+            configs=_FWD_CONFIGS, key=["dim", "n_bucket"], prune_configs_by={"early_config_prune": _prune}
+        )(_lean_fwd_kernel)
+        # The kernel overwrites its outputs, so rerunning it while tuning is harmless.
+        _lean_bwd_tuned = triton.autotune(
+            configs=_BWD_CONFIGS, key=["dim", "n_bucket"], prune_configs_by={"early_config_prune": _prune}
+        )(_lean_bwd_kernel)
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------
+
+# Up to this B a fixed small config is used: launch overhead dominates, tuning buys nothing.
+TINY_B = 1024
+# From this B on a fixed config is used: a single tuning run would take seconds.
+HUGE_B = 1 << 17
+
+
+def _precisions(dtype: torch.dtype, is_cuda: bool) -> tuple[str, str]:
+    """(score dot, gradient dot) input precision: 3xTF32 keeps fp32 scores accurate."""
+    if dtype == torch.float32 and is_cuda:
+        return "tf32x3", "tf32"
+    return "ieee", "ieee"
+
+
+def _fixed_fwd(n: int, dim: int) -> dict:
+    if INTERPRET:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=min(128, max(16, next_pow2(dim))), num_warps=4)
+    if n <= TINY_B:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=min(64, max(16, next_pow2(dim))), num_warps=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=min(64, max(16, next_pow2(dim))), num_warps=8, num_stages=3)
+
+
+def _fixed_bwd(n: int, dim: int) -> dict:
+    cfg = _fixed_fwd(n, dim)
+    if INTERPRET:
+        cfg.update(BLOCK_V=min(128, max(16, next_pow2(dim))))
+    elif n <= TINY_B:
+        cfg.update(BLOCK_V=min(256, max(16, next_pow2(dim))))
+    else:
+        cfg.update(BLOCK_M=64, BLOCK_N=64, BLOCK_V=min(256, max(16, next_pow2(dim))), num_warps=4, num_stages=2)
+    return cfg
+
+
+def _num_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a few programs, so the scratch merge is exercised
+
+
+def lean_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor):
+    """Returns (loss 0-d fp32, row_lse fp32 [B], col_lse fp32 [B])."""
+    n, dim = img.shape
+    upcast = INTERPRET and img.dtype == torch.bfloat16
+    precision, _ = _precisions(img.dtype, img.is_cuda)
+    dev = img.device
+    n_bucket = min(n, HUGE_B).bit_length()
+    tuned = not (INTERPRET or n <= TINY_B or n >= HUGE_B)
+    cfg = None if tuned else _fixed_fwd(n, dim)
+    # Every program must own at least one row block (its scratch slice is then written).
+    max_block = max(c.kwargs["BLOCK_M"] for c in _FWD_CONFIGS) if tuned else cfg["BLOCK_M"]
+    n_prog = max(1, min(_num_programs(dev), triton.cdiv(n, max_block)))
+    row_lse = torch.empty(n, dtype=torch.float32, device=dev)
+    diag = torch.empty(n, dtype=torch.float32, device=dev)
+    col_m = torch.empty((n_prog, n), dtype=torch.float32, device=dev)
+    col_l = torch.empty((n_prog, n), dtype=torch.float32, device=dev)
+    args = (img, txt, scale, row_lse, diag, col_m, col_l, n, dim,
+            img.stride(0), img.stride(1), txt.stride(0), txt.stride(1), n_bucket)
+    if tuned:
+        _lean_fwd_tuned[(n_prog,)](*args, UPCAST=upcast, PRECISION=precision)
+    else:
+        _lean_fwd_kernel[(n_prog,)](*args, UPCAST=upcast, PRECISION=precision, **cfg)
+    # Merge the per-program column partials in a fixed order (deterministic).
+    big = col_m.max(dim=0).values
+    col_lse = (big + torch.log2((col_l * torch.exp2(col_m - big)).sum(dim=0))) * LN2
+    loss = (row_lse.sum() + col_lse.sum() - 2.0 * diag.sum()) / (2.0 * n)
+    return loss, row_lse, col_lse
+
+
+def _lean_grad(q, k, scale, grad, lse_q, lse_k, write_qdot: bool):
+    n, dim = q.shape
+    upcast = INTERPRET and q.dtype == torch.bfloat16
+    precision, grad_precision = _precisions(q.dtype, q.is_cuda)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    n_bucket = min(n, HUGE_B).bit_length()
+    tuned = not (INTERPRET or n <= TINY_B or n >= HUGE_B)
+    # qdot has one row per D-chunk; sized for the smallest chunk any config may use.
+    max_chunks = triton.cdiv(dim, 16)
+    qdot = torch.zeros((max_chunks if write_qdot else 1, n), dtype=torch.float32, device=q.device)
+    args = (q, k, scale, grad, lse_q, lse_k, dq, qdot, n, dim,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), dq.stride(0), dq.stride(1), n_bucket)
+    consts = dict(UPCAST=upcast, PRECISION=precision, GRAD_PRECISION=grad_precision, WRITE_QDOT=write_qdot)
+    if tuned:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(dim, meta["BLOCK_V"]))
+        _lean_bwd_tuned[grid](*args, **consts)
+        block_v = _lean_bwd_tuned.best_config.kwargs["BLOCK_V"]
+    else:
+        cfg = _fixed_bwd(n, dim)
+        grid = (triton.cdiv(n, cfg["BLOCK_M"]), triton.cdiv(dim, cfg["BLOCK_V"]))
+        _lean_bwd_kernel[grid](*args, **consts, **cfg)
+        block_v = cfg["BLOCK_V"]
+    # Only the rows of the config that ran last are valid (tuning runs wrote others).
+    return dq, qdot[: triton.cdiv(dim, block_v)]
+
+
+def lean_backward(img, txt, scale, grad, row_lse, col_lse):
+    """Returns (dI, dT, ds) for the upstream gradient ``grad`` (0-d)."""
+    n = img.shape[0]
+    d_img, qdot = _lean_grad(img, txt, scale, grad, row_lse, col_lse, write_qdot=True)
+    d_txt, _ = _lean_grad(txt, img, scale, grad, col_lse, row_lse, write_qdot=False)
+    d_scale = qdot.sum() * grad.float() / (2.0 * n)
+    return d_img, d_txt, d_scale.to(scale.dtype)

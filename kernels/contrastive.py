@@ -1,0 +1,264 @@
+"""Fused symmetric contrastive (CLIP / InfoNCE) loss with its gradients.
+
+Math: with S = s·I·Tᵀ (I = img, T = txt: [B, D]; s = ``scale``, the exponentiated logit
+scale, a 0-d tensor that receives a gradient),
+    L = ½·[mean_i(LSE_j S_ij − S_ii) + mean_j(LSE_i S_ij − S_jj)]
+    G = ∂L/∂S = (P + Q − 2·Id)/(2B),  P = softmax over each row, Q = softmax over each column
+    ∂L/∂I = s·G·T,  ∂L/∂T = s·Gᵀ·I,  ∂L/∂s = Σ_ij G_ij·(I·Tᵀ)_ij
+
+Modes (Triton backend; chosen from the free device memory with ``mode="auto"``):
+  * ``lean`` never stores S: memory O(B·D); 5 passes of B²·D matmul work (forward 1,
+    backward 2 recomputes + 2 gradient products). See ``_contrastive_lean``.
+  * ``fast`` stores S once, 2 bytes a logit (half the 4 bytes/logit of the compiled plain
+    loss), and needs 3 matmuls. See ``_contrastive_fast``.
+Both take bf16 / fp16 / fp32 inputs (fp32 accumulation; fp32 inputs use 3xTF32 for the
+scores), any B ≥ 1, D ≤ 1024, non-contiguous inputs, and are deterministic (no atomics).
+The loss is returned in fp32; gradients come back in the inputs' dtypes.
+
+Contract: ``contrastive_loss(img, txt, scale, *, mode="auto", backend=None)`` → 0-d fp32.
+It is a ``torch.library`` custom op pair (forward, backward) with fake implementations and
+autograd registered, so ``torch.compile(fullgraph=True)`` traces it without a graph break
+and CUDA graphs can capture it (no host synchronisation inside). Dispatch: CUDA tensors →
+Triton, CPU tensors → the chunked PyTorch reference, ``TRITON_INTERPRET=1`` → CPU tensors
+through Triton; ``backend=`` overrides. The fast mode's backward overwrites its saved S
+buffer, so a second backward through the same graph (``retain_graph=True``) raises.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ._common import HAVE_TRITON, check_matrix, resolve_backend
+
+if HAVE_TRITON:
+    from ._contrastive_fast import fast_backward, fast_buffers_shape, fast_forward
+    from ._contrastive_lean import lean_backward, lean_forward
+
+_OP = "contrastive_loss"
+MAX_DIM = 1024  # the kernels' limit on D (register and shared-memory budget per tile)
+_MODES = ("auto", "lean", "fast")
+
+# ---------------------------------------------------------------------------------------
+# Plain PyTorch reference, chunked: memory O(chunk·B). Used for CPU tensors and
+# backend="torch"; also the body of contrastive_loss_ref.
+# ---------------------------------------------------------------------------------------
+
+
+def _default_chunk(n: int) -> int:
+    return max(1, (1 << 22) // n)  # about 16 MiB of fp32 logits per chunk
+
+
+def _ref_forward(img, txt, scale, chunk: int):
+    """Returns (loss 0-d fp32, row_lse [B] fp32, col_lse [B] fp32), all in fp32."""
+    n = img.shape[0]
+    chunk = chunk or _default_chunk(n)
+    a, b, s = img.float(), txt.float(), scale.float()
+    row_lse = torch.empty(n, dtype=torch.float32, device=img.device)
+    diag = torch.empty(n, dtype=torch.float32, device=img.device)
+    col_m = torch.full((n,), float("-inf"), dtype=torch.float32, device=img.device)
+    col_l = torch.zeros(n, dtype=torch.float32, device=img.device)
+    for st in range(0, n, chunk):
+        logits = s * (a[st : st + chunk] @ b.T)  # [c, B]
+        row_lse[st : st + chunk] = torch.logsumexp(logits, dim=1)
+        diag[st : st + chunk] = torch.diagonal(logits, offset=st)
+        m_new = torch.maximum(col_m, logits.max(dim=0).values)
+        col_l = col_l * torch.exp(col_m - m_new) + torch.exp(logits - m_new).sum(dim=0)
+        col_m = m_new
+    col_lse = col_m + torch.log(col_l)
+    loss = (row_lse.sum() + col_lse.sum() - 2.0 * diag.sum()) / (2.0 * n)
+    return loss, row_lse, col_lse
+
+
+def _ref_backward(grad, img, txt, scale, row_lse, col_lse, chunk: int):
+    """Returns (dI, dT, ds) by recomputing the logits chunk by chunk."""
+    n = img.shape[0]
+    chunk = chunk or _default_chunk(n)
+    a, b, s = img.float(), txt.float(), scale.float()
+    d_a = torch.empty_like(a)
+    d_b = torch.zeros_like(b)
+    gx = torch.zeros((), dtype=torch.float32, device=img.device)  # Σ Ĝ∘(I·Tᵀ)
+    for st in range(0, n, chunk):
+        x = a[st : st + chunk] @ b.T  # [c, B]
+        logits = s * x
+        g = torch.exp(logits - row_lse[st : st + chunk, None]) + torch.exp(logits - col_lse[None, :])
+        torch.diagonal(g, offset=st).sub_(2.0)  # Ĝ = P + Q − 2·Id
+        d_a[st : st + chunk] = g @ b
+        d_b += g.T @ a[st : st + chunk]
+        gx += (g * x).sum()
+    coef = s * grad.float() / (2.0 * n)
+    d_scale = gx * grad.float() / (2.0 * n)
+    return (d_a * coef).to(img.dtype), (d_b * coef).to(txt.dtype), d_scale.to(scale.dtype)
+
+
+# ---------------------------------------------------------------------------------------
+# Custom ops (forward, backward) and their autograd wiring
+# ---------------------------------------------------------------------------------------
+
+
+def _no_buffers(img: torch.Tensor):
+    n = img.shape[0]
+    return (
+        img.new_empty((0, 0), dtype=torch.bfloat16),
+        img.new_empty((0, n), dtype=torch.float32),
+        img.new_empty((0, n), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("eclip::contrastive_loss_fwd", mutates_args=())
+def _loss_fwd(
+    img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, variant: str, impl: str, chunk: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, row_lse, col_lse, y, rref, cref); the last three are the fast mode's saved
+    S buffer and references, empty otherwise. variant: "lean" | "fast"; impl: "triton" |
+    "torch" (the reference); chunk: rows per reference chunk (0: default)."""
+    if impl == "torch":
+        return (*_ref_forward(img, txt, scale, chunk), *_no_buffers(img))
+    if variant == "fast":
+        return fast_forward(img, txt, scale)
+    return (*lean_forward(img, txt, scale), *_no_buffers(img))
+
+
+@_loss_fwd.register_fake
+def _loss_fwd_fake(img, txt, scale, variant, impl, chunk):
+    n = img.shape[0]
+    f32 = dict(dtype=torch.float32)
+    if impl == "triton" and variant == "fast":
+        refs = fast_buffers_shape(n)
+        bufs = (
+            img.new_empty((n, n), dtype=torch.bfloat16),
+            img.new_empty(refs, dtype=torch.float32),
+            img.new_empty(refs, dtype=torch.float32),
+        )
+    else:
+        bufs = _no_buffers(img)
+    return (img.new_empty((), **f32), img.new_empty((n,), **f32), img.new_empty((n,), **f32), *bufs)
+
+
+@torch.library.custom_op("eclip::contrastive_loss_bwd", mutates_args=("y",))
+def _loss_bwd(
+    grad: torch.Tensor,
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    scale: torch.Tensor,
+    row_lse: torch.Tensor,
+    col_lse: torch.Tensor,
+    y: torch.Tensor,
+    rref: torch.Tensor,
+    cref: torch.Tensor,
+    variant: str,
+    impl: str,
+    chunk: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dI, dT, ds). In the fast mode y (the saved S buffer) is overwritten by Ĝ."""
+    if impl == "torch":
+        return _ref_backward(grad, img, txt, scale, row_lse, col_lse, chunk)
+    if variant == "fast":
+        return fast_backward(y, rref, cref, img, txt, scale, grad, row_lse, col_lse)
+    return lean_backward(img, txt, scale, grad, row_lse, col_lse)
+
+
+@_loss_bwd.register_fake
+def _loss_bwd_fake(grad, img, txt, scale, row_lse, col_lse, y, rref, cref, variant, impl, chunk):
+    return (
+        img.new_empty(img.shape),
+        txt.new_empty(txt.shape),
+        scale.new_empty(()),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    img, txt, scale, variant, impl, chunk = inputs
+    _, row_lse, col_lse, y, rref, cref = output
+    ctx.save_for_backward(img, txt, scale, row_lse, col_lse, y, rref, cref)
+    ctx.mark_non_differentiable(row_lse, col_lse, y, rref, cref)
+    ctx.config = (variant, impl, chunk)
+
+
+def _backward(ctx, grad, *_):
+    img, txt, scale, row_lse, col_lse, y, rref, cref = ctx.saved_tensors
+    d_img, d_txt, d_scale = _loss_bwd(grad, img, txt, scale, row_lse, col_lse, y, rref, cref, *ctx.config)
+    return d_img, d_txt, d_scale, None, None, None
+
+
+torch.library.register_autograd("eclip::contrastive_loss_fwd", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------
+
+
+def _check_inputs(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, op: str) -> None:
+    check_matrix(op, "img", img, MAX_DIM)
+    check_matrix(op, "txt", txt, MAX_DIM)
+    if img.shape != txt.shape:
+        raise ValueError(
+            f"{op}: img and txt must have the same shape [B, D], got {tuple(img.shape)} and {tuple(txt.shape)}"
+        )
+    if img.dtype != txt.dtype:
+        raise ValueError(f"{op}: img and txt must have the same dtype, got {img.dtype} and {txt.dtype}")
+    if img.shape[0] < 1:
+        raise ValueError(f"{op}: img and txt need B >= 1 rows, got {tuple(img.shape)}")
+    if img.device != txt.device:
+        raise ValueError(f"{op}: img is on {img.device} but txt is on {txt.device}")
+    if not isinstance(scale, torch.Tensor) or scale.dim() != 0 or not scale.is_floating_point():
+        got = tuple(scale.shape) if isinstance(scale, torch.Tensor) else type(scale).__name__
+        raise ValueError(f"{op}: scale must be a 0-d floating-point tensor (exp of the logit scale), got {got}")
+    if scale.device != img.device:
+        raise ValueError(f"{op}: scale is on {scale.device} but img is on {img.device}")
+
+
+@functools.lru_cache(maxsize=64)
+def _auto_mode_cached(n: int, device: str) -> str:
+    if not device.startswith("cuda"):
+        return "lean"
+    dev = torch.device(device)
+    free, _ = torch.cuda.mem_get_info(dev)
+    free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+    fast_bytes = 2.2 * n * n  # S in bf16 + references + partial sums during the forward
+    return "fast" if fast_bytes <= 0.5 * free else "lean"
+
+
+@torch.compiler.assume_constant_result
+def _auto_mode(n: int, device: str) -> str:
+    """Fast mode when its B² buffer fits comfortably in the free device memory. Decided
+    once per (B, device) so that every step of a run uses the same mode; a constant for
+    torch.compile."""
+    return _auto_mode_cached(n, device)
+
+
+def contrastive_loss(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    mode: str = "auto",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE loss (math, modes and contract: module docstring).
+
+    img, txt: [B, D] float32/float16/bfloat16 (D ≤ 1024); scale: 0-d tensor = exp(logit
+    scale). Returns a 0-d fp32 tensor; differentiable in img, txt and scale.
+    """
+    _check_inputs(img, txt, scale, _OP)
+    if mode not in _MODES:
+        raise ValueError(f"{_OP}: mode must be one of {_MODES}, got {mode!r}")
+    backend = resolve_backend(backend, img, _OP)
+    if backend == "torch":
+        mode = "lean"  # the reference has one implementation
+    elif mode == "auto":
+        mode = _auto_mode(img.shape[0], str(img.device))
+    return _loss_fwd(img, txt, scale, mode, backend, 0)[0]
+
+
+def contrastive_loss_ref(
+    img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, *, chunk: int | None = None
+) -> torch.Tensor:
+    """Plain PyTorch contrastive loss, ``chunk`` rows of logits at a time (memory
+    O(chunk·B) in the forward and the backward, which recomputes the logits)."""
+    _check_inputs(img, txt, scale, "contrastive_loss_ref")
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"contrastive_loss_ref: chunk must be an int >= 1, got {chunk!r}")
+    return _loss_fwd(img, txt, scale, "lean", "torch", chunk or 0)[0]

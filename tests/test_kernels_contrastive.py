@@ -1,0 +1,223 @@
+"""contrastive_loss (both modes) against a float64 brute force: loss and all three gradients.
+
+In the normal run CPU tensors take the chunked PyTorch reference; tests/interpret/ reruns
+this module with TRITON_INTERPRET=1, where CPU tensors go through the Triton kernels; on a
+CUDA machine the "cuda" cases run the kernels on the GPU.
+
+Errors are measured as ‖got − want‖ ≤ atol + rtol·‖want‖ (norm-wise, as the targets are
+stated). Tolerances, as (dtype, mode) → (loss rtol, gradient rtol), with their reason:
+  * (float32, lean): loss 1e-5, grads 2e-3 — fp32 accumulation; on the GPU the gradient
+    products run in TF32 (10-bit mantissa for Ĝ and the embeddings);
+  * (float32, fast): loss 1e-5, grads 1e-2 — Ĝ is stored in bf16 (8-bit mantissa);
+  * (float16, lean): loss 1e-4, grads 2e-3 — Ĝ and the gradients are rounded to fp16;
+  * (float16, fast): loss 1e-4, grads 1e-2 — Ĝ in fp16 from a bf16-stored S;
+  * (bfloat16, any): loss 1e-4, grads 1e-2 — Ĝ and the gradients are rounded to bf16.
+atol (1e-4) only matters for B = 1, where the loss and the gradients are exactly 0 and the
+kernels leave rounding residue (the fast mode stores Ĝ = P + Q − 2 ≈ 0 in bf16).
+The reference is computed from the same (rounded) inputs, upcast to float64.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import contrastive_loss, contrastive_loss_ref
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+MODES = ["lean", "fast"]
+ATOL = 1e-4
+
+
+def tolerances(dtype: torch.dtype, mode: str) -> tuple[float, float]:
+    if dtype == torch.float32:
+        return (1e-5, 2e-3) if mode == "lean" else (1e-5, 1e-2)
+    if dtype == torch.float16 and mode == "lean":
+        return 1e-4, 2e-3
+    return 1e-4, 1e-2
+
+
+# Pairwise cover of B ∈ {1, 3, 100, 257, 1000} × D ∈ {16, 100, 384} × scale ∈ {1, 14.3, 100}:
+# scale index (i + j) % 3 makes every (B, scale) and (D, scale) pair appear; B = 1000 (the
+# slow one under the interpreter) appears in one configuration only.
+_BS, _DS, _SCALES = [1, 3, 100, 257], [16, 100, 384], [1.0, 14.3, 100.0]
+PAIRWISE = [(b, d, _SCALES[(i + j) % 3]) for i, b in enumerate(_BS) for j, d in enumerate(_DS)]
+PAIRWISE.append((1000, 100, 14.3))
+
+
+def make_inputs(b, d, dtype, device, seed=0, normalise=True):
+    g = torch.Generator().manual_seed(seed)
+    img, txt = torch.randn(b, d, generator=g), torch.randn(b, d, generator=g)
+    if normalise:
+        img, txt = F.normalize(img, dim=1), F.normalize(txt, dim=1)
+    return img.to(device=device, dtype=dtype), txt.to(device=device, dtype=dtype)
+
+
+def reference(img, txt, scale, upstream=1.0):
+    """Float64 textbook loss and its autograd gradients."""
+    a = img.detach().double().cpu().requires_grad_()
+    b = txt.detach().double().cpu().requires_grad_()
+    s = torch.tensor(float(scale), dtype=torch.float64, requires_grad=True)
+    logits = s * a @ b.T
+    y = torch.arange(a.shape[0])
+    loss = (F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y)) / 2
+    (loss * upstream).backward()
+    return loss.detach(), a.grad, b.grad, s.grad
+
+
+def run(img, txt, scale, upstream=1.0, **kwargs):
+    a = img.detach().clone().requires_grad_()
+    b = txt.detach().clone().requires_grad_()
+    s = torch.tensor(float(scale), device=img.device, requires_grad=True)
+    loss = contrastive_loss(a, b, s, **kwargs)
+    (loss * upstream).backward()
+    return loss.detach(), a.grad, b.grad, s.grad
+
+
+def assert_close(got, want, rtol, what):
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    err, ref = (got - want).norm().item(), want.norm().item()
+    assert err <= ATOL + rtol * ref, f"{what}: error {err:.3g} vs norm {ref:.3g} (rtol {rtol})"
+
+
+def check_against_reference(img, txt, scale, mode, upstream=1.0):
+    loss_tol, grad_tol = tolerances(img.dtype, mode)
+    got = run(img, txt, scale, upstream, mode=mode)
+    want = reference(img, txt, scale, upstream)
+    assert got[0].dtype == torch.float32 and got[0].dim() == 0
+    assert got[1].dtype == img.dtype and got[2].dtype == txt.dtype
+    assert_close(got[0], want[0], loss_tol, "loss")
+    for name, g, w in zip(("d_img", "d_txt", "d_scale"), got[1:], want[1:], strict=True):
+        assert_close(g, w, grad_tol, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("b,d,scale", PAIRWISE)
+def test_fp32_pairwise_against_float64(b, d, scale, mode, device):
+    img, txt = make_inputs(b, d, torch.float32, device, seed=b + d)
+    check_against_reference(img, txt, scale, mode)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "dtype,b,d,scale",
+    [(torch.float16, 257, 100, 100.0), (torch.float16, 3, 384, 1.0), (torch.bfloat16, 100, 384, 14.3),
+     (torch.bfloat16, 257, 16, 100.0)],
+)
+def test_half_precision_inputs(dtype, b, d, scale, mode, device):
+    img, txt = make_inputs(b, d, dtype, device, seed=7)
+    check_against_reference(img, txt, scale, mode)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_upstream_gradient_and_unnormalised_inputs(mode, device):
+    img, txt = make_inputs(70, 24, torch.float32, device, seed=3, normalise=False)
+    check_against_reference(img * 0.3, txt * 0.3, 5.0, mode, upstream=-0.7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_duplicate_rows_at_scale_100_stay_finite(mode, device):
+    img, txt = make_inputs(65, 32, torch.float32, device, seed=4)
+    img[1] = img[0]  # exact duplicate image
+    txt[5] = txt[4]  # exact duplicate text
+    img[9] = img[8] + 1e-4 * img[7]  # near duplicate
+    img[20:30] = img[20]  # a block of identical rows
+    txt[20:30] = img[20]  # ... matching identical texts: ten equal logits of value s
+    check_against_reference(img, txt, 100.0, mode)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_non_contiguous_inputs(mode, device):
+    base_i, base_t = make_inputs(90, 64, torch.float32, device, seed=5)
+    img = base_i[::2, ::2]  # [45, 32], strides (128, 2)
+    txt = base_t.T.contiguous().T[:45, :32]  # column-major view
+    assert not img.is_contiguous() and not txt.is_contiguous()
+    check_against_reference(img, txt, 14.3, mode)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_bitwise_deterministic(mode, device):
+    img, txt = make_inputs(133, 48, torch.float32, device, seed=6)
+    first = run(img, txt, 14.3, mode=mode)
+    second = run(img, txt, 14.3, mode=mode)
+    for x, y in zip(first, second, strict=True):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_custom_op_under_torch_compile(mode, device):
+    # A small training step: projection → normalise → fused loss with a learnable scale.
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(24, 16).to(device)
+    log_scale = torch.nn.Parameter(torch.tensor(2.0, device=device))
+    x = torch.randn(37, 24, device=device)
+    t = F.normalize(torch.randn(37, 16, device=device), dim=1)
+
+    def step(x, t):
+        img = F.normalize(proj(x), dim=1)
+        return contrastive_loss(img, t, log_scale.exp(), mode=mode)
+
+    def grads(fn):
+        proj.zero_grad()
+        log_scale.grad = None
+        loss = fn(x, t)
+        loss.backward()
+        return loss.detach(), proj.weight.grad.clone(), log_scale.grad.clone()
+
+    eager = grads(step)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for _ in range(2):  # the second call reuses the compiled graph
+        got = grads(compiled)
+        for e, g in zip(eager, got, strict=True):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_chunking_does_not_change_the_result():
+    # (float32, atol 1e-6, rtol 1e-5): only the summation order changes with the chunk.
+    img, txt = make_inputs(101, 20, torch.float32, "cpu", seed=8)
+    s = torch.tensor(14.3)
+    full = contrastive_loss_ref(img, txt, s)
+    for chunk in (1, 7, 100):
+        torch.testing.assert_close(contrastive_loss_ref(img, txt, s, chunk=chunk), full, rtol=1e-5, atol=1e-6)
+    want = reference(img, txt, 14.3)[0].float()
+    torch.testing.assert_close(full, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "img,txt,scale,kwargs,match",
+    [
+        (torch.zeros(4, 3), torch.zeros(5, 3), torch.tensor(1.0), {}, "same shape"),
+        (torch.zeros(4, 1025), torch.zeros(4, 1025), torch.tensor(1.0), {}, "D = 1025"),
+        (torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, 3, dtype=torch.float64), torch.tensor(1.0), {}, "img must be float32"),
+        (torch.zeros(4, 3), torch.zeros(4, 3, dtype=torch.int64), torch.tensor(1.0), {}, "txt must be float32"),
+        (torch.zeros(4, 3), torch.zeros(4, 3, dtype=torch.float16), torch.tensor(1.0), {}, "same dtype"),
+        (torch.zeros(4), torch.zeros(4), torch.tensor(1.0), {}, "img must be 2-d"),
+        (torch.zeros(4, 3), torch.zeros(4, 3), torch.tensor([1.0]), {}, "scale must be a 0-d"),
+        (torch.zeros(4, 3), torch.zeros(4, 3), 1.0, {}, "scale must be a 0-d"),
+        (torch.zeros(4, 3), torch.zeros(4, 3), torch.tensor(1.0), {"mode": "quick"}, "mode must be"),
+        (torch.zeros(4, 3), torch.zeros(4, 3), torch.tensor(1.0), {"backend": "cuda"}, "backend must be"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(img, txt, scale, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        contrastive_loss(img, txt, scale, **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_tuned_sizes_against_float64(mode, dtype):
+    # B above the fixed small-B config, ragged against every tile size: the autotuned path.
+    img, txt = make_inputs(4099, 512, dtype, "cuda", seed=9)
+    check_against_reference(img, txt, 14.3, mode)
+    img, txt = make_inputs(3000, 768, dtype, "cuda", seed=10)
+    check_against_reference(img, txt, 100.0, mode)
