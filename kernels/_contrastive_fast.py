@@ -172,7 +172,7 @@ def fast_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor):
     block = fast_block(n)
     n_t = triton.cdiv(n, block)
     upcast = INTERPRET and img.dtype == torch.bfloat16
-    precision = "tf32x3" if (img.dtype == torch.float32 and img.is_cuda) else "ieee"
+    precision = "tf32x3" if (img.dtype == torch.float32 and img.is_cuda) else "tf32"
     y = torch.empty((n, n), dtype=torch.bfloat16, device=dev)
     rref = torch.empty((n_t, n), dtype=torch.float32, device=dev)
     cref = torch.empty((n_t, n), dtype=torch.float32, device=dev)

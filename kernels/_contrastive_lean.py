@@ -213,10 +213,12 @@ HUGE_B = 1 << 17
 
 
 def _precisions(dtype: torch.dtype, is_cuda: bool) -> tuple[str, str]:
-    """(score dot, gradient dot) input precision: 3xTF32 keeps fp32 scores accurate."""
+    """(score dot, gradient dot) input precision. It only matters for fp32 operands: 3xTF32
+    keeps fp32 scores accurate (plain TF32 would put 1e-3 relative errors into logits of up
+    to 100); TF32 suffices for the gradient products. Other dtypes keep Triton's default."""
     if dtype == torch.float32 and is_cuda:
         return "tf32x3", "tf32"
-    return "ieee", "ieee"
+    return "tf32", "tf32"
 
 
 def _fixed_fwd(n: int, dim: int) -> dict:
@@ -239,8 +241,10 @@ def _fixed_bwd(n: int, dim: int) -> dict:
 
 
 def _num_programs(device: torch.device) -> int:
+    """Persistent programs of the forward: one per SM keeps the [P, B] column scratch small
+    (8·P·B bytes: 35 MB at B = 32k on 132 SMs)."""
     if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # interpreter: a few programs, so the scratch merge is exercised
 
 

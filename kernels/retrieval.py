@@ -177,7 +177,7 @@ def _rank_rows_triton(
     if q.dtype != k.dtype:  # mixed inputs: compute both in fp32
         q, k = q.float(), k.float()
     # fp32 inputs: 3xTF32 keeps fp32-level accuracy on the tensor cores.
-    precision = "tf32x3" if q.dtype == torch.float32 and q.is_cuda else "ieee"
+    precision = "tf32x3" if q.dtype == torch.float32 and q.is_cuda else "tf32"
     args = (q, k, own_lo, own_hi, rank, n_q, n_k, dim, q.stride(0), q.stride(1))
     args += (k.stride(0), k.stride(1), next_pow2(n_q * n_k).bit_length())
     if INTERPRET or n_q * n_k <= _TINY_SCORES:

@@ -1,0 +1,288 @@
+"""GPU checks and comparison table of the kernels (run by bench/gpu_check.sh).
+
+Sections, in priority order so that a cut-off run still tells the most:
+  1. a torch.compile(fullgraph=True, mode="reduce-overhead") training step through the
+     fused loss (both modes): finite, matches eager, captured by CUDA graphs;
+  2. accuracy against float64 at B = 4,096 and the lean mode's extra memory at B = 16,384;
+  3. the table: median fwd+bwd time (CUDA events), peak extra memory, TFLOP/s counted as
+     6·B²·D for every implementation, for lean, fast, plain eager, plain + torch.compile;
+     then retrieval ranks at N = 100,000;
+  4. B = 1,048,576 in lean mode (fixed config, no autotuning).
+Needs only torch, triton and numpy; random data; prints the device first and a short
+table last, and writes the table to ``--out`` when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import kernels  # noqa: E402
+
+MIB = 1 << 20
+LINES: list[str] = []  # the short table printed last
+
+
+def say(line: str = "") -> None:
+    print(line, flush=True)
+
+
+def record(line: str) -> None:
+    LINES.append(line)
+    say(line)
+
+
+def plain_loss(img, txt, scale):
+    """The textbook loss (logits materialised), as timed by the reference figures."""
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = scale * img @ txt.T
+        y = torch.arange(img.shape[0], device=img.device)
+        return (F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y)) / 2
+
+
+PLAIN_COMPILED = torch.compile(plain_loss)
+
+
+def inputs(b, d, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    img = F.normalize(torch.randn(b, d, device="cuda", generator=g), dim=1).to(dtype).requires_grad_()
+    txt = F.normalize(torch.randn(b, d, device="cuda", generator=g), dim=1).to(dtype).requires_grad_()
+    scale = torch.tensor(14.3, device="cuda", requires_grad=True)
+    return img, txt, scale
+
+
+def step(fn, img, txt, scale):
+    img.grad = txt.grad = scale.grad = None
+    loss = fn(img, txt, scale)
+    loss.backward()
+    return loss
+
+
+def measure(fn, img, txt, scale, reps):
+    """(median ms, peak extra MiB beyond the inputs, gradients included)."""
+    step(fn, img, txt, scale)  # warm-up: compilation, autotuning
+    step(fn, img, txt, scale)
+    img.grad = txt.grad = scale.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step(fn, img, txt, scale)
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / MIB
+    times = []
+    for _ in range(reps):
+        img.grad = txt.grad = scale.grad = None
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step(fn, img, txt, scale)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), peak
+
+
+def impls():
+    return {
+        "lean": lambda i, t, s: kernels.contrastive_loss(i, t, s, mode="lean"),
+        "fast": lambda i, t, s: kernels.contrastive_loss(i, t, s, mode="fast"),
+        "plain eager": plain_loss,
+        "plain + compile": PLAIN_COMPILED,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def check_compiled_step() -> bool:
+    ok = True
+    for mode in ("lean", "fast"):
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        model = torch.nn.Linear(256, 128, device="cuda")
+        log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07), device="cuda"))
+        opt = torch.optim.AdamW([*model.parameters(), log_scale], lr=1e-3)
+        x = torch.randn(2048, 256, device="cuda")
+        t = F.normalize(torch.randn(2048, 128, device="cuda"), dim=1).bfloat16()
+
+        def fwd(x, t, mode=mode, model=model, log_scale=log_scale):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                img = F.normalize(model(x).float(), dim=1).bfloat16()
+            return kernels.contrastive_loss(img, t, log_scale.exp(), mode=mode)
+
+        eager_loss = float(fwd(x, t))
+        compiled = torch.compile(fwd, fullgraph=True, mode="reduce-overhead")
+        from torch._dynamo.utils import counters
+
+        counters.clear()
+        losses = []
+        for _ in range(6):
+            loss = compiled(x, t)
+            loss.backward()
+            losses.append(float(loss))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        skips = sum(counters["inductor"].get(k, 0) for k in ("cudagraph_skips",))
+        good = all(math.isfinite(v) for v in losses) and abs(losses[0] - eager_loss) <= 1e-3 * abs(eager_loss)
+        good = good and losses[-1] < losses[0]
+        ok &= good and skips == 0
+        record(
+            f"compiled step ({mode}): {'ok' if good else 'FAIL'}; losses {losses[0]:.4f} → {losses[-1]:.4f} "
+            f"(eager {eager_loss:.4f}); cudagraph skips {skips}"
+        )
+    return ok
+
+
+def check_accuracy(b=4096, d=512) -> None:
+    for mode in ("lean", "fast"):
+        img, txt, scale = inputs(b, d, seed=1)
+        loss = step(lambda i, t, s, m=mode: kernels.contrastive_loss(i, t, s, mode=m), img, txt, scale)
+        got = [loss.detach(), img.grad, txt.grad, scale.grad]
+        a = img.detach().double().requires_grad_()
+        c = txt.detach().double().requires_grad_()
+        s = scale.detach().double().requires_grad_()
+        logits = s * a @ c.T
+        y = torch.arange(b, device="cuda")
+        ref = (F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y)) / 2
+        ref.backward()
+        want = [ref.detach(), a.grad, c.grad, s.grad]
+        errs = [((g.double() - w).norm() / w.norm()).item() for g, w in zip(got, want, strict=True)]
+        good = errs[0] <= 1e-3 and max(errs[1:]) <= 1e-2
+        record(
+            f"accuracy B={b} D={d} bf16 {mode}: loss {errs[0]:.1e}, dI {errs[1]:.1e}, dT {errs[2]:.1e}, "
+            f"ds {errs[3]:.1e} ({'ok' if good else 'FAIL'}: targets 1e-3 / 1e-2)"
+        )
+
+
+def check_lean_memory(b=16384, d=512) -> None:
+    img, txt, scale = inputs(b, d)
+    _, peak = measure(lambda i, t, s: kernels.contrastive_loss(i, t, s, mode="lean"), img, txt, scale, 1)
+    grads = 2 * b * d * img.element_size() / MIB
+    extra = peak - grads
+    limit = b * b * 2 / MIB
+    record(
+        f"lean memory B={b}: {extra:.1f} MiB beyond the input gradients "
+        f"({'ok' if extra < limit / 16 else 'FAIL'}: B²·2 bytes = {limit:.0f} MiB)"
+    )
+
+
+def table(sizes) -> None:
+    header = f"{'B':>8} {'D':>4} | " + " | ".join(f"{n:^26}" for n in impls())
+    record("loss fwd+bwd, bf16: median ms / peak extra MiB / TFLOP/s (6·B²·D)")
+    record(header)
+    for b, d in sizes:
+        cells = []
+        reps = 20 if b <= 16384 else (10 if b <= 32768 else 5)
+        for name, fn in impls().items():
+            torch.cuda.empty_cache()
+            try:
+                img, txt, scale = inputs(b, d)
+                ms, peak = measure(fn, img, txt, scale, reps)
+                tflops = 6 * b * b * d / (ms * 1e-3) / 1e12
+                cells.append(f"{ms:8.2f} {peak:8.0f} {tflops:6.0f}")
+            except torch.cuda.OutOfMemoryError:
+                cells.append(f"{'OOM':^26}")
+            except Exception as e:  # keep the table going; the error is printed
+                say(f"  {name} at B={b}: {type(e).__name__}: {e}")
+                cells.append(f"{'error':^26}")
+            finally:
+                img = txt = scale = None
+        record(f"{b:>8} {d:>4} | " + " | ".join(cells))
+
+
+def ranks(n=100_000, d=512) -> None:
+    g = torch.Generator(device="cuda").manual_seed(2)
+    img = F.normalize(torch.randn(n, d, device="cuda", generator=g), dim=1).bfloat16()
+    txt = F.normalize(img.float() + 0.5 * torch.randn(n, d, device="cuda", generator=g), dim=1).bfloat16()
+    kernels.retrieval_ranks(img, txt)  # warm-up, autotuning
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        got = kernels.retrieval_ranks(img, txt)
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    peak = (torch.cuda.max_memory_allocated() - base) / MIB
+    ref = kernels.retrieval_ranks_ref(img, txt)
+    diff = (got.i2t != ref.i2t).sum().item() + (got.t2i != ref.t2i).sum().item()
+    const = torch.full((n, d), 0.03, device="cuda", dtype=torch.bfloat16)
+    flat = kernels.retrieval_ranks(const, const)
+    collapsed = bool((flat.i2t == n - 1).all() and (flat.t2i == n - 1).all())
+    ms = statistics.median(times)
+    record(
+        f"ranks N={n} D={d} bf16: {ms:.1f} ms ({'ok' if ms < 100 else 'MISS'}: target < 100 ms), "
+        f"peak extra {peak:.0f} MiB, mean rank i2t {got.i2t.float().mean():.1f}; ranks differing from "
+        f"the fp32 reference: {diff}; collapsed model ranks N-1: {'ok' if collapsed else 'FAIL'}"
+    )
+
+
+def huge(b=1 << 20, d=512) -> None:
+    img, txt, scale = inputs(b, d, seed=3)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    loss = step(lambda i, t, s: kernels.contrastive_loss(i, t, s, mode="lean"), img, txt, scale)
+    torch.cuda.synchronize()
+    sec = time.perf_counter() - t0
+    peak = (torch.cuda.max_memory_allocated() - base) / MIB
+    finite = bool(torch.isfinite(loss) and torch.isfinite(img.grad).all() and torch.isfinite(txt.grad).all())
+    record(
+        f"lean B={b} D={d} bf16: {sec:.1f} s fwd+bwd (first call, compilation included), peak extra "
+        f"{peak / 1024:.2f} GiB, loss {float(loss):.4f}, finite: {'ok' if finite else 'FAIL'}"
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=None, help="write the short table here")
+    ap.add_argument("--quick", action="store_true", help="smaller table (B up to 16k)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        say("no CUDA device: nothing to check")
+        return 1
+    record(f"device: {torch.cuda.get_device_name()} (torch {torch.__version__})")
+    ok = True
+    sections = [
+        ("compiled training step", check_compiled_step),
+        ("accuracy", check_accuracy),
+        ("lean memory", check_lean_memory),
+        ("table", lambda: table(
+            [(4096, 512), (16384, 512)] if args.quick
+            else [(4096, 512), (16384, 512), (32768, 512), (65536, 512), (32768, 256), (32768, 768)]
+        )),
+        ("ranks", ranks),
+        ("B = 1M", huge),
+    ]
+    for name, fn in sections:
+        say(f"== {name}")
+        t0 = time.perf_counter()
+        try:
+            res = fn()
+            ok &= res is not False
+        except Exception as e:
+            ok = False
+            record(f"{name}: FAILED with {type(e).__name__}: {e}")
+        say(f"   ({time.perf_counter() - t0:.0f} s)")
+        torch.cuda.empty_cache()
+    say("\n==== summary")
+    for line in LINES:
+        say(line)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(LINES) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
