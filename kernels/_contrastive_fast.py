@@ -98,15 +98,17 @@ if HAVE_TRITON:
         g_ptr,  # [B, B] out, the same memory as y (bf16 or fp16 view): Ĝ
         rref_ptr, cref_ptr,  # fp32 [n_tiles, B]
         row_lse_ptr, col_lse_ptr,  # fp32 [B] natural-log LSE
-        part_ptr,  # fp32 [n_tiles²] out: Σ Ĝ∘z over the tile
+        part_ptr,  # fp32 [n_programs] out: Σ Ĝ∘z over the program's block
         n, stride_ym,
-        BLOCK: tl.constexpr,
+        BLOCK: tl.constexpr,  # tile edge of the forward (granularity of the references)
+        SUB_M: tl.constexpr,  # rows per program (divides BLOCK; keeps registers in check)
     ):
         pid = tl.program_id(0)
         n_t = tl.cdiv(n, BLOCK)
-        rt = pid // n_t
+        rb = pid // n_t  # block of SUB_M rows
         ct = pid % n_t
-        offs_m = rt.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        rt = (rb * SUB_M) // BLOCK
+        offs_m = rb.to(tl.int64) * SUB_M + tl.arange(0, SUB_M)
         offs_n = ct.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask_m = offs_m < n
         mask_n = offs_n < n
@@ -203,12 +205,13 @@ def fast_backward(y, rref, cref, img, txt, scale, grad, row_lse, col_lse):
     n = img.shape[0]
     block = fast_block(n)
     n_t = triton.cdiv(n, block)
+    sub_m = 32
     g_dtype = torch.float16 if img.dtype == torch.float16 else torch.bfloat16
     g = y if g_dtype == torch.bfloat16 else y.view(torch.float16)
-    part = torch.empty(n_t * n_t, dtype=torch.float32, device=y.device)
-    _fast_bwd_kernel[(n_t * n_t,)](
-        y, g, rref, cref, row_lse, col_lse, part, n, y.stride(0),
-        BLOCK=block, num_warps=8 if block == 128 else 4,
+    n_prog = triton.cdiv(n, sub_m) * n_t
+    part = torch.empty(n_prog, dtype=torch.float32, device=y.device)
+    _fast_bwd_kernel[(n_prog,)](
+        y, g, rref, cref, row_lse, col_lse, part, n, y.stride(0), BLOCK=block, SUB_M=sub_m, num_warps=4,
     )
     coef = scale.float() * grad.float() / (2.0 * n)
     d_img = (g @ txt.to(g_dtype)).float().mul_(coef).to(img.dtype)

@@ -185,11 +185,14 @@ if HAVE_TRITON:
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 32}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
     ]
+    # Register budget (sm_90 builds, 255 registers a thread): the [BLOCK_M, BLOCK_V] fp32
+    # accumulator lives in registers next to an S tile, so wide D-chunks spill; narrow
+    # ones recompute S once per chunk. Tuning picks the balance per (D, B bucket).
     _BWD_CONFIGS = [
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_V": 512}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_V": 256}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_V": 256}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_V": 128}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 64, "BLOCK_V": 256}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_V": 256}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_V": 128}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "BLOCK_V": 512}, num_warps=8, num_stages=1),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "BLOCK_V": 128}, num_warps=4, num_stages=2),
     ]
     if not INTERPRET:
@@ -235,8 +238,8 @@ def _fixed_bwd(n: int, dim: int) -> dict:
         cfg.update(BLOCK_V=min(128, max(16, next_pow2(dim))))
     elif n <= TINY_B:
         cfg.update(BLOCK_V=min(256, max(16, next_pow2(dim))))
-    else:
-        cfg.update(BLOCK_M=64, BLOCK_N=64, BLOCK_V=min(256, max(16, next_pow2(dim))), num_warps=4, num_stages=2)
+    else:  # B >= HUGE_B: a config that builds for sm_90 without register spills
+        cfg.update(BLOCK_M=64, BLOCK_N=32, BLOCK_V=min(256, max(16, next_pow2(dim))), num_warps=8, num_stages=2)
     return cfg
 
 

@@ -1,0 +1,94 @@
+"""Every Triton kernel builds for an H100 (sm_90) — checked on a machine without a GPU.
+
+Triton compiles ahead of time for an explicit target with the ptxas it ships, so this
+catches what the interpreter cannot: code-generation errors, configs that exceed the
+227 KiB of shared memory a block may use, and a dot that does not reach the Hopper tensor
+cores (wgmma). Each fixed launch config must fit (bf16 and fp32 inputs); of the autotuned
+ones (built for bf16) at least one per kernel must fit (the autotuner skips the others).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError:  # pragma: no cover - a Triton without the ahead-of-time API
+    pytest.skip("this Triton has no ahead-of-time compile API", allow_module_level=True)
+
+from kernels import _contrastive_fast as fast  # noqa: E402
+from kernels import _contrastive_lean as lean  # noqa: E402
+from kernels import retrieval  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+H100 = GPUTarget("cuda", 90, 32)
+SMEM_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90
+
+
+def build(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: int):
+    """Compile ``fn`` for sm_90: pointer args typed by ``pointers``, other ints as i32."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + pointers.get(name, "fp32")
+        else:
+            sig[name] = "i32"
+    try:
+        return triton.compile(
+            ASTSource(fn, sig, constexprs), target=H100,
+            options={"num_warps": num_warps, "num_stages": num_stages},
+        )
+    except FileNotFoundError as e:  # pragma: no cover - no ptxas in this Triton install
+        pytest.skip(f"no CUDA toolchain in this Triton install: {e}")
+
+
+def check(kernel, dtype: str, fixed: dict, configs, extra: dict) -> None:
+    pointers = {"q_ptr": dtype, "k_ptr": dtype, "dq_ptr": dtype, "y_ptr": "bf16", "g_ptr": "bf16"}
+    pointers.update({n: "i64" for n in ("own_lo_ptr", "own_hi_ptr", "rank_ptr")})
+    fixed = dict(fixed)
+    warps, stages = fixed.pop("num_warps"), fixed.pop("num_stages", 2)
+    k = build(kernel, pointers, {**fixed, **extra}, warps, stages)
+    assert k.metadata.shared <= SMEM_LIMIT, f"fixed config needs {k.metadata.shared} B of shared memory"
+    assert "wgmma.mma_async" in k.asm["ptx"], "the score dot does not use the Hopper tensor cores"
+    if dtype != "bf16":  # the tuned configs are built once, for the training dtype
+        return
+    fits = 0
+    for cf in configs:
+        k = build(kernel, pointers, {**cf.kwargs, **extra}, cf.num_warps, cf.num_stages)
+        fits += k.metadata.shared <= SMEM_LIMIT
+    assert fits, "no autotune config fits in shared memory"
+
+
+@pytest.mark.parametrize("dtype,precision", [("bf16", "tf32"), ("fp32", "tf32x3")])
+def test_rank_kernel_builds(dtype, precision):
+    fixed = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, num_warps=4)
+    check(retrieval._rank_rows_kernel, dtype, fixed, retrieval._RANK_CONFIGS,
+          dict(UPCAST=False, PRECISION=precision))
+
+
+@pytest.mark.parametrize("dtype,precision", [("bf16", "tf32"), ("fp32", "tf32x3")])
+def test_lean_kernels_build(dtype, precision):
+    n, dim = 1 << 20, 512  # the fixed configs of the largest sizes
+    check(lean._lean_fwd_kernel, dtype, lean._fixed_fwd(n, dim), lean._FWD_CONFIGS,
+          dict(UPCAST=False, PRECISION=precision))
+    check(lean._lean_bwd_kernel, dtype, lean._fixed_bwd(n, dim), lean._BWD_CONFIGS,
+          dict(UPCAST=False, PRECISION=precision, GRAD_PRECISION="tf32", WRITE_QDOT=True))
+
+
+@pytest.mark.parametrize("dtype,precision", [("bf16", "tf32"), ("fp32", "tf32x3")])
+def test_fast_kernels_build(dtype, precision):
+    fixed = dict(BLOCK=128, BLOCK_D=64, GROUP_M=8, num_warps=8, num_stages=3)
+    check(fast._fast_fwd_kernel, dtype, fixed, [_with_block(c) for c in fast._FWD_CONFIGS],
+          dict(UPCAST=False, PRECISION=precision))
+    k = build(fast._fast_bwd_kernel, {"y_ptr": "bf16", "g_ptr": "bf16"}, dict(BLOCK=128, SUB_M=32), 4, 1)
+    assert k.metadata.shared <= SMEM_LIMIT
+
+
+def _with_block(cf):
+    return triton.Config({**cf.kwargs, "BLOCK": 128}, num_warps=cf.num_warps, num_stages=cf.num_stages)
