@@ -42,6 +42,7 @@ NUM_OBJECTS_P = (0.2, 0.4, 0.4)  # probability of 1, 2, 3 objects in a scene
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 EVAL_GROUP = 100  # evaluation scenes sharing one colour multiset (2–3 objects)
 EVAL_GROUP_SINGLE = 40  # the same for one-object scenes (48 distinct layouts per colour)
+MIN_GROUPS = 10  # an evaluation split has at least this many colour groups
 SUPERSAMPLE = 2  # shapes are drawn at 2x and box-filtered down, for clean edges
 
 
@@ -102,7 +103,8 @@ def sample_scene(seed: int, split: str, index: int, attempt: int = 0,
 
 def _eval_groups(seed: int, split: str, count: int) -> list[tuple[str, ...]]:
     """Colour multisets for an evaluation split, one per scene, in groups of EVAL_GROUP
-    (fewer for one-object scenes, which have only 48 distinct layouts per colour)."""
+    (fewer for one-object scenes, which have only 48 distinct layouts per colour, and for
+    small splits, which keep at least MIN_GROUPS groups)."""
     rng = np.random.default_rng([seed, SPLIT_IDS[split], 2**20])
     out, used = [], set()
     while len(out) < count:
@@ -111,7 +113,8 @@ def _eval_groups(seed: int, split: str, count: int) -> list[tuple[str, ...]]:
         if bag in used:  # one group per multiset, so groups never blur into each other
             continue
         used.add(bag)
-        size = EVAL_GROUP if n > 1 else EVAL_GROUP_SINGLE
+        # At least MIN_GROUPS groups, so a small split is not one big group of look-alikes.
+        size = max(1, min(EVAL_GROUP if n > 1 else EVAL_GROUP_SINGLE, count // MIN_GROUPS))
         out += [bag] * min(size, count - len(out))
     return out
 

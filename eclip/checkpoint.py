@@ -1,0 +1,94 @@
+"""Checkpoints: tensors in safetensors, everything else in a JSON beside them.
+
+``checkpoint.safetensors`` holds ``model.<name>`` (the state dict), ``optim.<i>.<key>`` (the
+optimizer's per-parameter state, i = parameter position in its param groups) and
+``state.<name>`` (generator states and other loop tensors). ``checkpoint.json`` holds the
+step, elapsed training time, hyperparameters, the model config, the optimizer's group
+settings and the fingerprint of the cache it was trained on. Both are written to temporary
+files and renamed, JSON last, so a crash mid-save leaves the previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from eclip.errors import EclipError
+
+TENSORS, META = "checkpoint.safetensors", "checkpoint.json"
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def save_checkpoint(out: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict[str, torch.Tensor], meta: dict) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    scalars = {}
+    for pid, st in opt["state"].items():
+        for key, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim.{pid}.{key}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{key}"] = v
+    for k, v in state.items():
+        tensors[f"state.{k}"] = v.detach().cpu().contiguous()
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in opt["param_groups"]]
+    meta = dict(meta, optimizer={"param_groups": groups, "scalars": scalars})
+    _atomic_write(out / TENSORS, lambda p: save_file(tensors, str(p)))
+    _atomic_write(out / META, lambda p: p.write_text(json.dumps(meta, indent=2, default=list) + "\n"))
+    return out / META
+
+
+def read_meta(ckpt_dir: str | Path) -> dict:
+    path = Path(ckpt_dir) / META
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EclipError(f"{path}: no checkpoint here") from None
+    except json.JSONDecodeError as e:
+        raise EclipError(f"{path}: unreadable checkpoint metadata ({e.msg})") from None
+
+
+def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restore model (and optimizer) in place; returns (meta, loop state tensors)."""
+    ckpt_dir = Path(ckpt_dir)
+    meta = read_meta(ckpt_dir)
+    tensors = load_file(str(ckpt_dir / TENSORS))
+    weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise EclipError(f"{ckpt_dir / TENSORS}: checkpoint does not fit this model ({first})") from None
+    if optimizer is not None:
+        saved = meta["optimizer"]
+        state: dict = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, pid, key = k.split(".", 2)
+                state.setdefault(int(pid), {})[key] = v  # load_state_dict moves it where it belongs
+        for k, v in saved["scalars"].items():
+            pid, key = k.split(".", 1)
+            state.setdefault(int(pid), {})[key] = v
+        # JSON turned tuples (AdamW's betas) into lists; the optimizer wants them back.
+        groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
+                  for g in saved["param_groups"]]
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    loop_state = {k[6:]: v for k, v in tensors.items() if k.startswith("state.")}
+    return meta, loop_state

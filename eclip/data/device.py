@@ -1,0 +1,169 @@
+"""Training data resident on the device: index sampling, caption choice and augmentation there.
+
+A split of the cache (11k images at 224 px are 1.6 GB of uint8) is copied to the device once;
+each step then costs a few gathers and one ``grid_sample`` on the device, no DataLoader, no
+host round trip. When the images do not fit (more than ``max_fraction`` of the free device
+memory) they stay in pinned host memory and each batch is gathered there and copied
+asynchronously, one batch ahead.
+
+Sampling is epoch-based (a fresh permutation each pass, no image twice in an epoch) from a
+``torch.Generator`` on the device, so a run is reproducible from its seed and resumable from
+the generator's state. An image with several captions contributes one, drawn per step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from eclip.batch import Batch
+from eclip.data.cache import Cache
+
+MAX_REGIONS = 16  # boxes kept per image for heatmaps (the first ones, in source order)
+
+
+def _csr(owner: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group the entries whose ``owner`` is in ``rows`` by owner position in ``rows``.
+
+    Returns (entry ids sorted by owner [E], start offset per row [n], count per row [n])."""
+    pos = torch.full((int(owner.max()) + 1 if owner.numel() else 1,), -1, dtype=torch.int64)
+    pos[rows] = torch.arange(rows.numel())
+    local = pos[owner] if owner.numel() else owner
+    keep = torch.nonzero(local >= 0).flatten()
+    order = keep[torch.argsort(local[keep], stable=True)]
+    counts = torch.bincount(local[keep], minlength=rows.numel())
+    starts = torch.cumsum(counts, 0) - counts
+    return order, starts, counts
+
+
+class DeviceData:
+    """The images, captions and regions of ``rows`` of a cache, ready to sample batches from.
+
+    images uint8 [n, 3, R, R] · caption tokens [C, L] with a CSR index per image · region boxes
+    padded to [n, K, 4] with a mask · phrase tokens [G, Lp] with a CSR index per image.
+    """
+
+    def __init__(self, cache: Cache, rows: torch.Tensor, device: torch.device, seed: int,
+                 crop_scale: float = 1.0, flip: bool = False, max_fraction: float = 0.6):
+        if not 0 < crop_scale <= 1:
+            raise ValueError(f"crop_scale: must be in (0, 1], got {crop_scale}")
+        self.device, self.crop_scale, self.flip = device, float(crop_scale), bool(flip)
+        self.n = int(rows.numel())
+        if self.n == 0:
+            raise ValueError("no images to train on in the selected split")
+        images = cache.images.index_select(0, rows)
+        self.on_device = device.type == "cpu" or images.numel() <= max_fraction * torch.cuda.mem_get_info(device)[0]
+        self.images = images.to(device) if self.on_device else images.pin_memory()
+        cap, self.cap_start, self.cap_count = _csr(cache.caption_image, rows)
+        # Trim the padding no caption of this split uses: [C, L'] with L' = longest caption.
+        longest = max(1, int(cache.lengths[cap].max())) if cap.numel() else 1
+        self.tokens = cache.tokens[cap, :longest].to(device, torch.int64)
+        reg, reg_start, reg_count = _csr(cache.region_image, rows)
+        k = max(1, min(MAX_REGIONS, int(reg_count.max()) if reg_count.numel() else 1))
+        slot = torch.arange(reg.numel()) - torch.repeat_interleave(reg_start, reg_count)
+        owner = torch.repeat_interleave(torch.arange(self.n), reg_count)
+        keep = slot < k
+        boxes = torch.zeros(self.n, k, 4)
+        box_mask = torch.zeros(self.n, k, dtype=torch.bool)
+        boxes[owner[keep], slot[keep]] = cache.region_boxes[reg[keep]]
+        box_mask[owner[keep], slot[keep]] = True
+        self.boxes, self.box_mask = boxes.to(device), box_mask.to(device)
+        longest = max(1, int(cache.region_lengths[reg].max())) if reg.numel() else 1
+        self.phrase_tokens = cache.region_tokens[reg, :longest].to(device, torch.int64)  # [G, Lp']
+        self.reg_start, self.reg_count = reg_start.to(device), reg_count.to(device)
+        self.cap_start, self.cap_count = self.cap_start.to(device), self.cap_count.to(device)
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        self.perm = torch.empty(0, dtype=torch.int64, device=device)
+        self.cursor = 0
+        self.epoch = 0
+
+    # -- state, for checkpoints ------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "perm": self.perm.cpu(),
+                "cursor": self.cursor, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.perm = state["perm"].to(self.device)
+        self.cursor, self.epoch = int(state["cursor"]), int(state["epoch"])
+
+    def snapshot(self) -> tuple:
+        """Cheap copy of the sampling position (no device sync): see ``restore``."""
+        return self.generator.get_state(), self.perm, self.cursor, self.epoch
+
+    def restore(self, snap: tuple) -> None:
+        gen, self.perm, self.cursor, self.epoch = snap
+        self.generator.set_state(gen)
+
+    # -- sampling --------------------------------------------------------------------------
+
+    def _indices(self, b: int) -> torch.Tensor:
+        parts, need = [], b
+        while need > 0:
+            if self.cursor >= self.perm.numel():
+                self.perm = torch.randperm(self.n, generator=self.generator, device=self.device)
+                self.cursor, self.epoch = 0, self.epoch + 1
+            take = min(need, self.perm.numel() - self.cursor)
+            parts.append(self.perm[self.cursor: self.cursor + take])
+            self.cursor += take
+            need -= take
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _pick(self, start: torch.Tensor, count: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """One entry per sampled image, uniformly among its entries (0 when it has none)."""
+        u = torch.rand(idx.numel(), generator=self.generator, device=self.device)
+        c = count[idx]
+        return start[idx] + torch.minimum((u * c).long(), (c - 1).clamp(min=0))
+
+    def sample(self, batch_size: int) -> Batch:
+        idx = self._indices(batch_size)  # [B] image rows
+        cap = self._pick(self.cap_start, self.cap_count, idx)
+        tokens = self.tokens[cap]
+        has_region = self.reg_count[idx] > 0
+        phrase = self._pick(self.reg_start, self.reg_count, idx).clamp(max=max(self.phrase_tokens.shape[0] - 1, 0))
+        if self.phrase_tokens.shape[0]:
+            phrase_tokens = self.phrase_tokens[phrase]
+            phrase_mask = (phrase_tokens != 0) & has_region[:, None]
+        else:
+            phrase_tokens = torch.zeros(idx.numel(), 1, dtype=torch.int64, device=self.device)
+            phrase_mask = torch.zeros_like(phrase_tokens, dtype=torch.bool)
+        images = self.images[idx] if self.on_device else self.images[idx.cpu()].pin_memory().to(self.device, non_blocking=True)
+        boxes, box_mask = self.boxes[idx], self.box_mask[idx]
+        if self.crop_scale < 1 or self.flip:
+            images, boxes, box_mask = self._augment(images, boxes, box_mask)
+        has_region = has_region & box_mask.any(dim=1)
+        return Batch(images=images, tokens=tokens, mask=tokens != 0, boxes=boxes, box_mask=box_mask,
+                     phrase_tokens=phrase_tokens, phrase_mask=phrase_mask, has_region=has_region)
+
+    def _augment(self, images: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor):
+        """Random resized crop (area in [crop_scale, 1], aspect in [3/4, 4/3]) and optional
+        horizontal flip, applied to images (→ float in [0, 1]) and boxes alike."""
+        b, g = images.shape[0], self.generator
+        area = self.crop_scale + (1 - self.crop_scale) * torch.rand(b, generator=g, device=self.device)
+        log_r = math.log(3 / 4) + math.log(16 / 9) * torch.rand(b, generator=g, device=self.device)
+        w = torch.sqrt(area * torch.exp(log_r)).clamp(max=1.0)  # crop size, fraction of the side
+        h = torch.sqrt(area / torch.exp(log_r)).clamp(max=1.0)
+        x0 = (1 - w) * torch.rand(b, generator=g, device=self.device)
+        y0 = (1 - h) * torch.rand(b, generator=g, device=self.device)
+        flip = (torch.rand(b, generator=g, device=self.device) < 0.5) if self.flip else torch.zeros(b, dtype=torch.bool, device=self.device)
+        sx = torch.where(flip, -w, w)
+        # affine_grid maps output coords in [-1, 1] to input coords: x_in = sx·x_out + tx
+        theta = torch.zeros(b, 2, 3, device=self.device)
+        theta[:, 0, 0], theta[:, 0, 2] = sx, 2 * x0 + w - 1
+        theta[:, 1, 1], theta[:, 1, 2] = h, 2 * y0 + h - 1
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+        out = F.grid_sample(images.float() / 255.0, grid, mode="bilinear", padding_mode="border",
+                            align_corners=False)
+        x1 = ((boxes[..., 0] - x0[:, None]) / w[:, None]).clamp(0, 1)
+        x2 = ((boxes[..., 2] - x0[:, None]) / w[:, None]).clamp(0, 1)
+        y1 = ((boxes[..., 1] - y0[:, None]) / h[:, None]).clamp(0, 1)
+        y2 = ((boxes[..., 3] - y0[:, None]) / h[:, None]).clamp(0, 1)
+        fx1 = torch.where(flip[:, None], 1 - x2, x1)
+        fx2 = torch.where(flip[:, None], 1 - x1, x2)
+        boxes = torch.stack([fx1, y1, fx2, y2], dim=-1) * box_mask[..., None]
+        box_mask = box_mask & (fx2 - fx1 > 1e-3) & (y2 - y1 > 1e-3)  # boxes cropped away vanish
+        return out, boxes, box_mask

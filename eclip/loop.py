@@ -1,0 +1,306 @@
+"""The one training loop: it drives a recipe file and owns everything that decides the score.
+
+``eclip.train`` (by hand) and the research harness (by the agent) both run this loop; only
+the recipe differs. The loop owns: the data (the training split resident on the device,
+batches sampled and augmented there), seeding, the clock, fast-fail on NaN/Inf or
+divergence, checkpoints, and the evaluation (from embeddings of a split it loads only after
+training, images and texts encoded in separate passes in independently shuffled orders).
+
+The clock: the budget is wall-clock from the first training step, compilation included
+(an exempt warm-up would be a place to hide training); the first step's time is reported
+apart as ``warmup_s`` but counts against the budget.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from eclip.checkpoint import load_checkpoint
+from eclip.data.cache import Cache
+from eclip.data.device import DeviceData
+from eclip.errors import EclipError
+from eclip.evaluate import retrieval_metrics
+
+LOOP_KEYS = ("batch_size", "crop_scale", "flip")  # HPARAMS entries the loop itself reads
+
+
+@dataclass
+class ModelSpec:
+    """What the data dictates about the model; handed to ``recipe.build_model``."""
+
+    vocab_size: int  # tokenizer vocabulary size
+    context_length: int  # caption tokens, <bos>/<eos> included
+    phrase_length: int  # region phrase tokens
+    image_size: int  # square image side in pixels
+    device: torch.device  # where the model must live
+
+
+@dataclass
+class LoopConfig:
+    budget_s: float | None = None  # wall-clock training budget from the first step (or use steps)
+    steps: int | None = None  # fixed number of optimizer steps (progress = step / steps)
+    seed: int = 42  # seeds torch, the batch sampler and the evaluation shuffles
+    device: str = "auto"  # "auto" (cuda when available), "cuda", "cpu", "cuda:1", …
+    log_every: int = 10  # steps between reading metrics back from the device
+    diverge_loss: float = 1e4  # a loss above this counts as divergence
+    eval_batch: int = 512  # images/texts per encoding pass in evaluation
+    checkpoint: bool = True  # write a checkpoint at the end (and on Ctrl-C)
+    progress_bar: bool = True  # tqdm bar on stderr (hidden when stderr is not a terminal)
+    overrides: dict = field(default_factory=dict)  # HPARAMS overrides (already typed)
+
+
+class Diverged(Exception):
+    """The loss became NaN/Inf or exceeded the divergence bound."""
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EclipError(f"--device {name}: CUDA is not available on this machine")
+    return dev
+
+
+def load_recipe(path: str | Path):
+    """Import a recipe file by path as a fresh module (so two recipes never share state)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EclipError(f"{path}: recipe file not found")
+    name = f"eclip_recipe_{abs(hash(str(path.resolve())))}_{time.monotonic_ns()}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise EclipError(f"{path}:{e.lineno}: syntax error in recipe ({e.msg})") from None
+    for attr in ("HPARAMS", "build_model", "build_optimizer", "train_step"):
+        if not hasattr(module, attr):
+            raise EclipError(f"{path}: recipe must define {attr}")
+    if not isinstance(module.HPARAMS, dict) or "batch_size" not in module.HPARAMS:
+        raise EclipError(f"{path}: HPARAMS must be a dict with at least 'batch_size'")
+    return module
+
+
+def _coerce(key: str, default, value):
+    """Parse a command-line string like the default value of its option."""
+    if not isinstance(value, str):
+        return value
+    low = value.lower()
+    if isinstance(default, bool) or (default == "auto" and low in ("true", "false")):
+        if low not in ("true", "false", "1", "0"):
+            raise EclipError(f"--{key}={value}: expected true or false")
+        return low in ("true", "1")
+    try:
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+    except ValueError:
+        raise EclipError(f"--{key}={value}: expected {type(default).__name__}") from None
+    return value
+
+
+def apply_overrides(hparams: dict, overrides: dict[str, str]) -> dict:
+    """Apply ``--key=value`` options to a recipe's HPARAMS in place, typed like the defaults.
+    ``model.<field>`` keys go to ``HPARAMS["model"]`` (checked when the model is built)."""
+    for key, value in overrides.items():
+        if key.startswith("model."):
+            hparams.setdefault("model", {})[key[6:]] = value
+        elif key in hparams:
+            hparams[key] = _coerce(key, hparams[key], value)
+        else:
+            raise EclipError(f"--{key}: unknown training option (known: {', '.join(sorted(hparams))}, model.<field>)")
+    return hparams
+
+
+def _install_sigint() -> dict:
+    """First Ctrl-C: finish the current step, then stop cleanly (checkpoint, result).
+    Second Ctrl-C: stop at once. Returns the flag and a function restoring the old handler."""
+    state = {"requested": False, "restore": lambda: None}
+    if threading.current_thread() is not threading.main_thread():
+        return state
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        if state["requested"]:
+            raise KeyboardInterrupt
+        state["requested"] = True
+        print("\ntrain: stopping after this step (Ctrl-C again to stop now)", file=sys.stderr)
+
+    signal.signal(signal.SIGINT, handler)
+    state["restore"] = lambda: signal.signal(signal.SIGINT, previous)
+    return state
+
+
+def _read(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}
+
+
+@torch.no_grad()
+def evaluate_split(model, cache: Cache, rows: torch.Tensor, device: torch.device, seed: int,
+                   batch: int = 512, bf16: bool = False) -> dict:
+    """Rank the captions and images of ``rows`` (image rows of the cache) with the model.
+
+    Images and texts are encoded in separate passes, each in its own random order, and put
+    back in place afterwards: a model cannot tell which pairs it sees together."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed + 7919)
+    pos = torch.full((cache.images.shape[0],), -1, dtype=torch.int64)
+    pos[rows] = torch.arange(rows.numel())
+    cap = torch.nonzero(pos[cache.caption_image] >= 0).flatten()
+    txt_image = pos[cache.caption_image[cap]]
+    amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def encode(n, fn):
+        order = torch.randperm(n, generator=g)
+        out = []
+        for s in range(0, n, batch):
+            with amp:
+                out.append(fn(order[s: s + batch]).float())
+        emb = torch.cat(out)
+        res = torch.empty_like(emb)
+        res[order.to(emb.device)] = emb
+        return res
+
+    img = encode(rows.numel(), lambda i: model.encode_image(cache.images[rows[i]].to(device)))
+    longest = max(1, int(cache.lengths[cap].max()))
+    tokens = cache.tokens[cap, :longest].long()  # [C, L'] without padding no caption uses
+
+    def enc_text(i):
+        t = tokens[i].to(device)
+        return model.encode_text(t, t != 0)
+
+    txt = encode(cap.numel(), enc_text)
+    model.train(was_training)
+    return retrieval_metrics(img, txt, txt_image.to(img.device))
+
+
+def peak_memory_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+    except Exception:  # pragma: no cover - not on Linux
+        return None
+
+
+def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
+             resume_dir: Path | None = None, on_log=None) -> dict:
+    """Train ``recipe`` on ``train_rows`` of ``cache`` until the budget or step count is spent.
+
+    Returns a dict with status (ok, diverged, oom, interrupted), steps, samples, timing, the
+    last logged metrics and the trained ``model`` (plus ``optimizer`` and ``data`` for
+    checkpointing). ``resume_dir`` holds a checkpoint to continue from."""
+    if (cfg.budget_s is None) == (cfg.steps is None):
+        raise EclipError("give exactly one of a time budget (--budget-s) or a step count (--steps)")
+    device = pick_device(cfg.device)
+    hp = recipe.HPARAMS
+    torch.manual_seed(cfg.seed)
+    data = DeviceData(cache, train_rows, device, seed=cfg.seed, crop_scale=float(hp.get("crop_scale", 1.0)),
+                      flip=bool(hp.get("flip", False)))
+    spec = ModelSpec(vocab_size=cache.vocab_size, context_length=cache.context_length,
+                     phrase_length=int(cache.region_tokens.shape[1]), image_size=cache.image_size, device=device)
+    try:
+        model = recipe.build_model(spec)
+    except ValueError as e:  # a bad model field from an override or the recipe
+        raise EclipError(f"model config: {e}") from None
+    optimizer = recipe.build_optimizer(model)
+    step, trained_s, samples = 0, 0.0, 0
+    if resume_dir is not None:
+        meta, tensors = load_checkpoint(resume_dir, model, optimizer)
+        step, trained_s, samples = int(meta["step"]), float(meta["trained_s"]), int(meta["samples"])
+        data.load_state_dict({"generator": tensors["data_generator"], "perm": tensors["data_perm"],
+                              "cursor": meta["data_cursor"], "epoch": meta["data_epoch"]})
+        if hasattr(recipe, "load_recipe_state"):
+            recipe.load_recipe_state({k[7:]: v for k, v in tensors.items() if k.startswith("recipe.")})
+    bs = int(hp["batch_size"])
+    total = cfg.steps if cfg.steps is not None else None
+    bar = tqdm(total=total if total else round(cfg.budget_s), initial=step if total else 0,
+               unit="step" if total else "s", file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
+               disable=None if cfg.progress_bar else True, desc="train")
+    status, last, warmup_s, history = "ok", {}, None, []
+    stop = _install_sigint()
+    t0 = time.perf_counter()
+    start_trained = trained_s
+    pending = []
+    try:
+        while True:
+            elapsed = start_trained + (time.perf_counter() - t0)
+            progress = step / cfg.steps if cfg.steps is not None else elapsed / cfg.budget_s
+            if progress >= 1.0:
+                break
+            if stop["requested"]:
+                raise KeyboardInterrupt
+            before = data.snapshot()  # a step cut short by an exception gives its batch back
+            batch = data.sample(bs)
+            try:
+                metrics = recipe.train_step(model, optimizer, batch, min(progress, 1.0))
+            except KeyboardInterrupt:
+                data.restore(before)
+                raise
+            step += 1
+            samples += bs
+            if warmup_s is None:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                warmup_s = time.perf_counter() - t0
+            pending.append(metrics)
+            if step % cfg.log_every == 0 or step == 1:
+                last = _read(pending[-1])
+                for m in pending:  # every step's loss is checked, read back in one go
+                    loss = float(m["loss"])
+                    if not math.isfinite(loss) or loss > cfg.diverge_loss:
+                        raise Diverged(f"loss {loss} at step {step}")
+                pending.clear()
+                elapsed = start_trained + (time.perf_counter() - t0)
+                row = {"step": step, "elapsed_s": round(elapsed, 3), "samples": samples, **last}
+                history.append(row)
+                if on_log is not None:
+                    on_log(row)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", scale=f"{last.get('logit_scale', float('nan')):.1f}",
+                                sps=f"{samples / max(elapsed, 1e-9):.0f}")
+                bar.n = step if total else min(round(elapsed), bar.total)
+                bar.refresh()
+        for m in pending:
+            loss = float(m["loss"])
+            if not math.isfinite(loss) or loss > cfg.diverge_loss:
+                raise Diverged(f"loss {loss} at step {step}")
+        if pending:
+            last = _read(pending[-1])
+    except Diverged as e:
+        status, last = "diverged", dict(last, reason=str(e))
+    except KeyboardInterrupt:
+        status = "interrupted"
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        status, last = "oom", dict(last, reason=str(e).splitlines()[0][:200])
+    finally:
+        bar.close()
+        stop["restore"]()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    trained_s = start_trained + (time.perf_counter() - t0)
+    return {"status": status, "steps": step, "samples": samples, "train_s": trained_s,
+            "warmup_s": warmup_s, "last": last, "history": history, "model": model,
+            "optimizer": optimizer, "data": data, "device": device, "spec": spec}
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Write JSON atomically (temp file, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)

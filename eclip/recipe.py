@@ -1,0 +1,147 @@
+"""The training recipe template: the choices a researcher (or the research loop) tunes.
+
+The training loop in ``eclip.loop`` (the referee) imports a recipe file by path and uses
+exactly this contract:
+
+- ``HPARAMS``: one literal dict. The loop reads ``batch_size`` (it samples batches of that
+  size on the device), ``crop_scale`` and ``flip`` (its augmentation); everything else is
+  the recipe's own. ``--key=value`` options of ``eclip.train`` override entries before
+  anything is built.
+- ``build_model(spec) -> nn.Module`` with ``encode_image(images)`` and
+  ``encode_text(tokens, mask)`` returning embeddings the loop ranks; ``spec`` carries what
+  the data dictates (``vocab_size``, ``context_length``, ``image_size``, ``phrase_length``)
+  and the ``device``.
+- ``build_optimizer(model) -> torch.optim.Optimizer``.
+- ``train_step(model, optimizer, batch, progress) -> dict``: one full step (forward, loss,
+  backward, optimizer step, schedule as a function of ``progress`` ∈ [0, 1]); returns 0-d
+  tensors to log (at least ``loss``), which the loop reads only every few steps so the
+  device is never made to wait.
+
+Each research workspace copies this file once and edits only its copy. It is a strong
+baseline, not a toy: bf16 autocast, ``torch.compile`` and fused AdamW on CUDA, the fused
+contrastive loss; fp32 without compilation on CPU.
+"""
+
+import math
+
+import torch
+
+import kernels
+from eclip import expert as expert_mod
+from eclip.model import build_model as _build_model
+from eclip.model import model_config
+
+HPARAMS = {
+    "preset": "tiny",  # model size (eclip.model.PRESETS): tiny, vit-s16, vit-b16
+    "model": {},  # overrides of model config fields, e.g. {"vision.depth": 6}
+    "batch_size": 256,  # samples per step (read by the loop)
+    "lr": 2e-3,  # peak AdamW learning rate
+    "min_lr_ratio": 0.05,  # final LR as a fraction of the peak (cosine decay)
+    "warmup": 0.05,  # fraction of training spent on the linear LR warm-up
+    "weight_decay": 0.1,  # AdamW decay on matrices only (not norms, biases, logit scale)
+    "beta1": 0.9,  # AdamW first-moment decay
+    "beta2": 0.98,  # AdamW second-moment decay (CLIP's; 0.999 is slower to adapt)
+    "eps": 1e-6,  # AdamW epsilon
+    "grad_clip": 1.0,  # max global gradient norm (0 = off)
+    "crop_scale": 0.8,  # random resized crop: min area kept (1.0 = off; read by the loop)
+    "flip": False,  # horizontal flips; off since captions name left and right (read by the loop)
+    "expert": True,  # train the eCLIP expert term (region heatmaps); False = plain CLIP
+    "expert_weight": 0.5,  # weight of the expert term at full schedule
+    "expert_probability": 0.5,  # chance per step that the expert term is computed
+    "expert_cold_start": 0.1,  # fraction of training before the expert term starts
+    "expert_ramp": 0.1,  # fraction over which its weight rises to expert_weight
+    "precision": "auto",  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16", "fp32"
+    "compile": "auto",  # "auto" (on for CUDA, off for CPU), True, False
+    "loss_mode": "auto",  # fused loss mode: "auto", "lean" (O(B·D) memory) or "fast"
+    "seed": 0,  # seed of the expert-term draws and mixup (the loop seeds the rest)
+}
+
+_STATE = {}  # per-process state that is not a tensor of the model (compiled fns, generator)
+
+
+def _on_cuda(model) -> bool:
+    return next(model.parameters()).is_cuda
+
+
+def _use_bf16(model) -> bool:
+    p = HPARAMS["precision"]
+    return p == "bf16" or (p == "auto" and _on_cuda(model))
+
+
+def build_model(spec):
+    overrides = dict(HPARAMS["model"])
+    overrides["expert.enabled"] = bool(HPARAMS["expert"])
+    overrides["expert.weight"] = float(HPARAMS["expert_weight"])
+    overrides["expert.probability"] = float(HPARAMS["expert_probability"])
+    overrides["expert.cold_start"] = float(HPARAMS["expert_cold_start"])
+    overrides["expert.ramp"] = float(HPARAMS["expert_ramp"])
+    cfg = model_config(HPARAMS["preset"], image_size=spec.image_size, vocab_size=spec.vocab_size,
+                       context_length=spec.context_length, **overrides)
+    model = _build_model(cfg).to(spec.device)
+    gen = torch.Generator()
+    gen.manual_seed(int(HPARAMS["seed"]))
+    _STATE.clear()
+    _STATE["generator"] = gen
+    compile_on = HPARAMS["compile"]
+    if compile_on == "auto":
+        compile_on = spec.device.type == "cuda"
+    _STATE["clip_loss"] = torch.compile(_clip_loss) if compile_on else _clip_loss
+    return model
+
+
+def build_optimizer(model):
+    opt = torch.optim.AdamW(
+        model.param_groups(HPARAMS["weight_decay"]),
+        lr=HPARAMS["lr"], betas=(HPARAMS["beta1"], HPARAMS["beta2"]), eps=HPARAMS["eps"],
+        fused=_on_cuda(model),  # one kernel for all parameters on CUDA
+    )
+    for group in opt.param_groups:
+        group["initial_lr"] = HPARAMS["lr"]
+    return opt
+
+
+def lr_at(progress: float) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio × lr, as a function of progress."""
+    lr, warm, floor = HPARAMS["lr"], HPARAMS["warmup"], HPARAMS["min_lr_ratio"]
+    if warm > 0 and progress < warm:
+        return lr * (progress + 1e-3) / warm
+    t = min(1.0, (progress - warm) / max(1e-9, 1 - warm))
+    return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def _clip_loss(model, images, tokens, mask):
+    """Both towers and the symmetric InfoNCE: (loss, image emb [B, E], text emb [B, E])."""
+    img, txt, scale = model(images, tokens, mask)
+    return kernels.contrastive_loss(img, txt, scale, mode=HPARAMS["loss_mode"]), img, txt
+
+
+def train_step(model, optimizer, batch, progress):
+    lr = lr_at(progress)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(device_type=batch.images.device.type, dtype=torch.bfloat16, enabled=_use_bf16(model)):
+        loss, img, txt = _STATE["clip_loss"](model, batch.images, batch.tokens, batch.mask)
+        total = loss
+        weight = expert_mod.expert_weight(progress, model.cfg.expert, _STATE["generator"])
+        if weight > 0:
+            term = expert_mod.expert_loss(model, batch, img, txt, kernels.contrastive_loss,
+                                          model.cfg.expert, _STATE["generator"])
+            total = loss + weight * term
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), HPARAMS["grad_clip"])
+                 if HPARAMS["grad_clip"] > 0 else torch.zeros(()))
+    optimizer.step()
+    model.clamp_logit_scale_()  # in place, after the step: never a clamp in the forward pass
+    return {"loss": loss.detach(), "total_loss": total.detach(), "grad_norm": grad_norm.detach(),
+            "logit_scale": model.logit_scale.detach().exp(), "lr": torch.tensor(lr)}
+
+
+def recipe_state():
+    """Tensors the recipe needs to resume exactly (saved in the loop's checkpoint)."""
+    return {"generator": _STATE["generator"].get_state()}
+
+
+def load_recipe_state(state):
+    if "generator" in state:
+        _STATE["generator"].set_state(state["generator"])

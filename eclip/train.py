@@ -1,0 +1,209 @@
+"""``python -m eclip.train``: train eCLIP on a prepared cache within a time budget or step count.
+
+The training loop (``eclip.loop``) runs a recipe file (default: the template
+``eclip/recipe.py``); ``--key=value`` overrides any of the recipe's HPARAMS, and
+``--model.<field>=value`` any model config field (``--model.vision.depth=6``). Modes:
+
+- default: train on the ``train`` split, evaluate on ``val``;
+- ``--final``: train on train+val, evaluate on the held-out ``test`` split;
+- ``--folds K``: K-fold cross-validation over train+val (the cache's fold ids), reporting
+  mean ± std of the validation mean rank (each fold gets the full budget).
+
+Writes to ``--out``: ``result.json``, ``metrics.jsonl`` (one row per log step), the checkpoint
+(``checkpoint.safetensors`` + ``checkpoint.json``) and prints a ``key: value`` summary block.
+Exit codes: 0 ok, 1 diverged or out of memory, 2 bad input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from eclip import checkpoint as ckpt
+from eclip.data.cache import load_cache
+from eclip.errors import EclipError
+from eclip.evaluate import fold_split, format_metrics
+from eclip.hardware import device_name, peak_bf16_flops
+from eclip.loop import (
+    LoopConfig,
+    apply_overrides,
+    evaluate_split,
+    load_recipe,
+    peak_memory_bytes,
+    run_loop,
+    write_json,
+)
+
+TEMPLATE = Path(__file__).with_name("recipe.py")
+EXIT = {"ok": 0, "diverged": 1, "oom": 1, "interrupted": 130}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eclip.train", description=__doc__.split("\n\n")[0],
+                                epilog="Any other --key=value overrides a recipe HPARAMS entry.")
+    p.add_argument("--data", type=Path, required=True, help="cache directory from eclip.prepare")
+    p.add_argument("--out", type=Path, required=True, help="run directory (results, checkpoint, logs)")
+    p.add_argument("--recipe", type=Path, default=TEMPLATE, help="recipe file (default: the template)")
+    p.add_argument("--budget-s", type=float, help="wall-clock training budget from the first step")
+    p.add_argument("--steps", type=int, help="train for exactly this many steps instead")
+    p.add_argument("--preset", help="model preset (tiny, vit-s16, vit-b16); same as --preset=... override")
+    p.add_argument("--seed", type=int, default=42, help="seed of the sampler and evaluation")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--final", action="store_true", help="train on train+val, evaluate on test")
+    p.add_argument("--folds", type=int, help="K-fold cross-validation over train+val")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--log-every", type=int, default=10, help="steps between metric read-backs")
+    p.add_argument("--compile-cache", type=Path,
+                   help="persistent torch.compile cache (default: ~/.cache/eclip/inductor)")
+    return p
+
+
+def parse_overrides(extra: list[str]) -> dict[str, str]:
+    out = {}
+    for item in extra:
+        if not item.startswith("--") or "=" not in item:
+            raise EclipError(f"unrecognised argument {item!r} (overrides are written --key=value)")
+        key, value = item[2:].split("=", 1)
+        out[key.replace("-", "_") if not key.startswith("model.") else key] = value
+    return out
+
+
+def _summary(result: dict) -> list[str]:
+    keys = ("status", "val_mean_rank", "eval_split", "steps", "samples", "samples_per_s", "train_s",
+            "warmup_s", "mfu", "peak_memory_gb", "logit_scale", "loss", "params", "device")
+    lines = ["---"]
+    for k in keys:
+        v = result.get(k)
+        lines.append(f"{k + ':':<16}{v:.4g}" if isinstance(v, float) else f"{k + ':':<16}{v}")
+    if result.get("metrics"):
+        lines += format_metrics(result["metrics"])[1:]
+    if result.get("folds"):
+        lines.append(f"folds_mean_rank: {result['val_mean_rank']:.2f} ± {result['val_mean_rank_std']:.2f}")
+    return lines
+
+
+def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: str, out: Path) -> dict:
+    recipe = load_recipe(args.recipe)
+    apply_overrides(recipe.HPARAMS, overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    resume_dir = None
+    if args.resume:
+        meta = ckpt.read_meta(out)
+        if meta.get("cache_fingerprint") != cache.manifest.get("fingerprint"):
+            raise EclipError(f"{out / ckpt.META}: checkpoint was trained on another cache "
+                             "(fingerprint differs); resume with the same --data")
+        if meta.get("hparams", {}).get("preset") != recipe.HPARAMS.get("preset"):
+            raise EclipError(f"{out / ckpt.META}: checkpoint is preset {meta['hparams'].get('preset')!r}, "
+                             f"this run {recipe.HPARAMS.get('preset')!r}")
+        resume_dir = out
+    cfg = LoopConfig(budget_s=args.budget_s, steps=args.steps, seed=args.seed, device=args.device,
+                     log_every=args.log_every)
+    log_path = out / "metrics.jsonl"
+    log = open(log_path, "a" if args.resume else "w", encoding="utf-8")
+
+    def on_log(row):
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+
+    try:
+        run = run_loop(recipe, cache, train_rows, cfg, resume_dir=resume_dir, on_log=on_log)
+    finally:
+        log.close()
+    model, device, hp = run["model"], run["device"], recipe.HPARAMS
+    meta = {"step": run["steps"], "samples": run["samples"], "trained_s": run["train_s"],
+            "data_cursor": run["data"].cursor, "data_epoch": run["data"].epoch,
+            "hparams": hp, "model_config": model.cfg.to_dict(), "seed": args.seed,
+            "cache_fingerprint": cache.manifest.get("fingerprint"), "status": run["status"]}
+    state = {"data_generator": run["data"].generator.get_state(), "data_perm": run["data"].perm}
+    if hasattr(recipe, "recipe_state"):
+        state |= {f"recipe.{k}": v for k, v in recipe.recipe_state().items()}
+    if run["status"] in ("ok", "interrupted"):
+        ckpt.save_checkpoint(out, model, run["optimizer"], state, meta)
+    metrics = None
+    if run["status"] == "ok":
+        bf16 = device.type == "cuda" and hp.get("precision", "auto") in ("auto", "bf16")
+        metrics = evaluate_split(model, cache, eval_rows, device, args.seed, bf16=bf16)
+    sps = run["samples"] / max(run["train_s"], 1e-9)
+    peak = peak_bf16_flops(device)
+    flops = 3 * model.flops_per_sample() if hasattr(model, "flops_per_sample") else None
+    mem = peak_memory_bytes(device)
+    return {
+        "status": run["status"], "eval_split": eval_split,
+        "val_mean_rank": metrics["mean_rank"] if metrics else None,
+        "metrics": metrics, "steps": run["steps"], "samples": run["samples"],
+        "samples_per_s": sps, "train_s": run["train_s"], "warmup_s": run["warmup_s"],
+        "mfu": (flops * sps / peak) if (peak and flops) else None,
+        "peak_memory_bytes": mem, "peak_memory_gb": mem / 2**30 if mem else None,
+        "logit_scale": run["last"].get("logit_scale"), "loss": run["last"].get("loss"),
+        "reason": run["last"].get("reason"), "params": sum(p.numel() for p in model.parameters()),
+        "device": device_name(device), "budget_s": args.budget_s, "steps_requested": args.steps,
+        "seed": args.seed, "hparams": hp, "torch": torch.__version__,
+    }
+
+
+def run(args, overrides: dict) -> dict:
+    if (args.budget_s is None) == (args.steps is None):
+        raise EclipError("give exactly one of --budget-s or --steps")
+    if args.budget_s is not None and args.budget_s <= 0 or args.steps is not None and args.steps <= 0:
+        raise EclipError("--budget-s and --steps must be positive")
+    if args.preset:
+        overrides = dict(overrides, preset=args.preset)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(args.compile_cache or Path.home() / ".cache/eclip/inductor"))
+    cache = load_cache(args.data)
+    t0 = time.time()
+    if args.folds:
+        if args.final or args.resume:
+            raise EclipError("--folds cannot be combined with --final or --resume")
+        k_max = int(cache.fold.max()) + 1
+        if not 2 <= args.folds <= k_max:
+            raise EclipError(f"--folds {args.folds}: the cache has {k_max} folds (prepare --folds sets them)")
+        folds = []
+        for k in range(args.folds):
+            tr, ev = fold_split(cache.fold, k)
+            r = train_once(args, overrides, cache, tr, ev, f"fold{k}", args.out / f"fold{k}")
+            write_json(args.out / f"fold{k}" / "result.json", r)
+            folds.append(r)
+            if r["status"] != "ok":
+                break
+        ranks = [r["val_mean_rank"] for r in folds if r["val_mean_rank"] is not None]
+        result = dict(folds[-1], folds=[{k: r[k] for k in ("status", "val_mean_rank", "steps")} for r in folds],
+                      status="ok" if all(r["status"] == "ok" for r in folds) else folds[-1]["status"],
+                      eval_split="folds", metrics=None,
+                      val_mean_rank=statistics.mean(ranks) if ranks else None,
+                      val_mean_rank_std=statistics.pstdev(ranks) if ranks else None)
+    else:
+        if args.final:
+            tr = torch.nonzero(cache.split <= 1).flatten()
+            ev, split = cache.split_images("test"), "test"
+        else:
+            tr, ev, split = cache.split_images("train"), cache.split_images("val"), "val"
+        if ev.numel() == 0:
+            raise EclipError(f"{args.data}: the {split} split is empty")
+        result = train_once(args, overrides, cache, tr, ev, split, args.out)
+        if split == "test":
+            result["test_mean_rank"] = result["val_mean_rank"]
+    result["wall_s"] = time.time() - t0
+    write_json(args.out / "result.json", result)
+    print("\n".join(_summary(result)))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = build_parser().parse_known_args(argv)
+    try:
+        result = run(args, parse_overrides(extra))
+    except EclipError as e:
+        print(f"train: error: {e}", file=sys.stderr)
+        return 2
+    return EXIT.get(result["status"], 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""``python -m eclip.train`` and the one training loop, on a small built-in dataset, on the CPU."""
+
+import json
+
+import pytest
+import torch
+
+from eclip import prepare, train
+from eclip.checkpoint import load_checkpoint, save_checkpoint
+from eclip.loop import load_recipe
+
+# A model small enough that a test run takes seconds on 2 cores.
+SMALL = ["--model.vision.patch_size=16", "--model.vision.width=64", "--model.vision.depth=2",
+         "--model.text.width=64", "--model.text.depth=1", "--model.embed_dim=64",
+         "--model.expert.width=32", "--model.vision.pool=cls", "--model.text.pool=cls",
+         "--batch_size=64", "--log-every=2"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "syn"
+    rc = prepare.main(["--dataset", "synthetic", "--num-train", "2000", "--num-val", "100", "--num-test", "60",
+                       "--out", str(out), "--workers", "1"])
+    assert rc == 0
+    return out
+
+
+def recipe_with(tmp_path, extra: str):
+    """The template recipe plus ``extra`` code appended (to wrap train_step)."""
+    path = tmp_path / "recipe.py"
+    path.write_text(train.TEMPLATE.read_text() + "\n\n" + extra)
+    return path
+
+
+def run(argv, capsys):
+    rc = train.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_short_run_learns(cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, stdout, err = run(["--data", cache, "--out", out, "--steps", 200, "--lr=3e-3", "--crop_scale=1.0", *SMALL], capsys)
+    assert rc == 0, err
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "ok" and result["steps"] == 200 and result["eval_split"] == "val"
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < first - 0.5, (first, last)
+    random = (100 - 1) / 2
+    assert result["val_mean_rank"] < random / 3, result["val_mean_rank"]
+    assert result["warmup_s"] > 0 and result["samples_per_s"] > 0 and result["mfu"] is None  # CPU: no peak known
+    assert 1 <= result["logit_scale"] <= 100
+    for line in ("status:         ok", "val_mean_rank:", "steps:          200", "i2t_R@5:"):
+        assert line in stdout
+    assert (out / "checkpoint.safetensors").is_file() and (out / "checkpoint.json").is_file()
+
+
+def test_resume_matches_an_uninterrupted_run(cache, tmp_path, capsys):
+    base = ["--data", cache, "--steps", 8, *SMALL, "--expert_probability=1.0", "--expert_cold_start=0.0",
+            "--expert_ramp=0.0"]
+    rc, _, err = run([*base, "--out", tmp_path / "straight"], capsys)
+    assert rc == 0, err
+    stopper = recipe_with(tmp_path, (
+        "_base_train_step = train_step\n_calls = [0]\n\n"
+        "def train_step(model, optimizer, batch, progress):\n"
+        "    _calls[0] += 1\n"
+        "    if _calls[0] == 5:\n"
+        "        raise KeyboardInterrupt\n"
+        "    return _base_train_step(model, optimizer, batch, progress)\n"))
+    out = tmp_path / "resumed"
+    rc, stdout, _ = run([*base, "--out", out, "--recipe", stopper], capsys)
+    assert rc == 130 and "status:         interrupted" in stdout
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 4
+    rc, _, err = run([*base, "--out", out, "--resume"], capsys)
+    assert rc == 0, err
+    a = json.loads((tmp_path / "straight" / "result.json").read_text())
+    b = json.loads((out / "result.json").read_text())
+    assert b["steps"] == 8
+    assert a["val_mean_rank"] == b["val_mean_rank"] and a["metrics"] == b["metrics"]
+    from safetensors.torch import load_file
+    wa = load_file(str(tmp_path / "straight" / "checkpoint.safetensors"))
+    wb = load_file(str(out / "checkpoint.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_nan_loss_is_reported_as_diverged(cache, tmp_path, capsys):
+    nan = recipe_with(tmp_path, (
+        "_base_train_step = train_step\n_calls = [0]\n\n"
+        "def train_step(model, optimizer, batch, progress):\n"
+        "    _calls[0] += 1\n"
+        "    out = _base_train_step(model, optimizer, batch, progress)\n"
+        "    if _calls[0] == 3:\n"
+        "        out['loss'] = out['loss'] * float('nan')\n"
+        "    return out\n"))
+    out = tmp_path / "run"
+    rc, stdout, _ = run(["--data", cache, "--out", out, "--steps", 20, "--recipe", nan, *SMALL], capsys)
+    assert rc == 1 and "status:         diverged" in stdout
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "diverged" and result["val_mean_rank"] is None
+    assert "loss nan at step" in result["reason"] and result["steps"] <= 4
+
+
+def test_checkpoint_round_trip(cache, tmp_path):
+    recipe = load_recipe(train.TEMPLATE)
+    recipe.HPARAMS["model"] = {"vision.patch_size": 16, "vision.width": 64, "vision.depth": 1,
+                               "text.width": 64, "text.depth": 1, "expert.width": 32}
+    from eclip.loop import ModelSpec
+    spec = ModelSpec(vocab_size=300, context_length=48, phrase_length=16, image_size=64, device=torch.device("cpu"))
+    model = recipe.build_model(spec)
+    opt = recipe.build_optimizer(model)
+    model(torch.zeros(2, 3, 64, 64, dtype=torch.uint8), torch.ones(2, 5, dtype=torch.long),
+          torch.ones(2, 5, dtype=torch.bool))[0].sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path, model, opt, {"x": torch.arange(3)}, {"step": 1})
+    model2, opt2 = recipe.build_model(spec), None
+    opt2 = recipe.build_optimizer(model2)
+    meta, state = load_checkpoint(tmp_path, model2, opt2)
+    assert meta["step"] == 1 and torch.equal(state["x"], torch.arange(3))
+    for (k, v), v2 in zip(model.state_dict().items(), model2.state_dict().values(), strict=True):
+        assert torch.equal(v, v2), k
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"]
+    for pid, st in s1["state"].items():
+        for key, v in st.items():
+            assert torch.equal(v, s2["state"][pid][key]), (pid, key)
+    other = load_recipe(train.TEMPLATE)  # a checkpoint from another config is refused
+    other.HPARAMS["model"] = dict(recipe.HPARAMS["model"], **{"vision.width": 32})
+    from eclip.errors import EclipError
+    with pytest.raises(EclipError, match="checkpoint does not fit this model"):
+        load_checkpoint(tmp_path, other.build_model(spec), None)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--steps", "5", "--bogus=1"], "--bogus: unknown training option"),
+    (["--steps", "5", "--lr=fast"], "--lr=fast: expected float"),
+    (["--steps", "5", "--preset", "huge"], "preset: unknown preset 'huge'"),
+    (["--steps", "5", "--model.vision.nope=3"], "vision.nope: unknown model config field"),
+    (["--steps", "5", "--budget-s", "3"], "exactly one of --budget-s or --steps"),
+    (["--steps", "5", "stray"], "unrecognised argument 'stray'"),
+    (["--steps", "5", "--resume"], "no checkpoint here"),
+])
+def test_bad_options_exit_2_with_one_line(cache, tmp_path, capsys, argv, message):
+    rc, _, err = run(["--data", cache, "--out", tmp_path / "o", *argv], capsys)
+    assert rc == 2 and err.startswith("train: error: ") and message in err, err
+    assert err.strip().count("\n") == 0
+
+
+def test_missing_or_stale_cache(tmp_path, capsys, cache):
+    rc, _, err = run(["--data", tmp_path / "none", "--out", tmp_path / "o", "--steps", 1], capsys)
+    assert rc == 2 and "no such cache directory" in err
+    out = tmp_path / "run"
+    assert run(["--data", cache, "--out", out, "--steps", 2, *SMALL], capsys)[0] == 0
+    meta = json.loads((out / "checkpoint.json").read_text())
+    (out / "checkpoint.json").write_text(json.dumps(dict(meta, cache_fingerprint="other")))
+    rc, _, err = run(["--data", cache, "--out", out, "--steps", 4, "--resume", *SMALL], capsys)
+    assert rc == 2 and "trained on another cache" in err
+
+
+def test_folds_and_final(cache, tmp_path, capsys):
+    rc, stdout, err = run(["--data", cache, "--out", tmp_path / "cv", "--steps", 3, "--folds", 2, *SMALL], capsys)
+    assert rc == 0, err
+    r = json.loads((tmp_path / "cv" / "result.json").read_text())
+    assert [f["status"] for f in r["folds"]] == ["ok", "ok"]
+    ranks = [f["val_mean_rank"] for f in r["folds"]]
+    assert r["val_mean_rank"] == pytest.approx(sum(ranks) / 2) and "folds_mean_rank:" in stdout
+    assert (tmp_path / "cv" / "fold1" / "result.json").is_file()
+    rc, _, err = run(["--data", cache, "--out", tmp_path / "fin", "--steps", 3, "--final", *SMALL], capsys)
+    assert rc == 0, err
+    r = json.loads((tmp_path / "fin" / "result.json").read_text())
+    assert r["eval_split"] == "test" and r["metrics"]["n_images"] == 60 and r["test_mean_rank"] == r["val_mean_rank"]
