@@ -22,6 +22,7 @@ setup: $(VENV)/.installed
 
 run: setup
 	$(PY) -m eclip.prepare --dataset synthetic --out $(DATA)
+	$(PY) -m eclip.train --data $(DATA) --out $(OUT) --budget-s $(BUDGET_S)
 
 test: setup
 	@$(PY) -m pytest -q; rc=$$?; \

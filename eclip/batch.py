@@ -13,7 +13,7 @@ import torch
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # uint8 [B, 3, H, W], RGB, already augmented
+    images: torch.Tensor  # uint8 [B, 3, H, W] RGB, or float in [0, 1] after augmentation
     tokens: torch.Tensor  # int64 [B, L] caption token ids, padded with 0
     mask: torch.Tensor  # bool [B, L], True at real tokens
     boxes: torch.Tensor  # float32 [B, K, 4] region boxes (x1, y1, x2, y2) in [0, 1]; 0 where absent

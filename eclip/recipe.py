@@ -109,9 +109,12 @@ def lr_at(progress: float) -> float:
     return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def _clip_loss(model, images, tokens, mask):
-    """Both towers and the symmetric InfoNCE: (loss, image emb [B, E], text emb [B, E])."""
+def _clip_loss(model, images, tokens, mask, dtype):
+    """Both towers and the symmetric InfoNCE: (loss, image emb [B, E], text emb [B, E]).
+    The embeddings enter the loss in ``dtype`` (bf16 under autocast: custom ops are not
+    autocast, and the fused kernel is fastest on half-precision inputs)."""
     img, txt, scale = model(images, tokens, mask)
+    img, txt = img.to(dtype), txt.to(dtype)
     return kernels.contrastive_loss(img, txt, scale, mode=HPARAMS["loss_mode"]), img, txt
 
 
@@ -119,8 +122,10 @@ def train_step(model, optimizer, batch, progress):
     lr = lr_at(progress)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with torch.autocast(device_type=batch.images.device.type, dtype=torch.bfloat16, enabled=_use_bf16(model)):
-        loss, img, txt = _STATE["clip_loss"](model, batch.images, batch.tokens, batch.mask)
+    bf16 = _use_bf16(model)
+    with torch.autocast(device_type=batch.images.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss, img, txt = _STATE["clip_loss"](model, batch.images, batch.tokens, batch.mask,
+                                             torch.bfloat16 if bf16 else torch.float32)
         total = loss
         weight = expert_mod.expert_weight(progress, model.cfg.expert, _STATE["generator"])
         if weight > 0:
