@@ -9,7 +9,7 @@ DATA ?= data/synthetic
 OUT ?= out/synthetic
 BUDGET_S ?= 60
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test lint clean gpudeps
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,8 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Pure-Python extras for a GPU machine that has only torch, triton and numpy: carry .gpudeps.
+gpudeps: setup
+	$(PY) -m pip install --quiet --target .gpudeps --no-deps --only-binary=:all: --python-version 3.12 \
+	    --implementation cp --platform manylinux2014_x86_64 safetensors tqdm pytest pluggy iniconfig packaging pygments

@@ -30,7 +30,7 @@ from eclip.evaluate import kfold_assign
 from eclip.tokenizer import encode_batch, load_tokenizer, train_bpe
 
 SPLIT_IDS = {name: i for i, name in enumerate(cache_mod.SPLITS)}
-SYNTHETIC_VERSION = 1  # bump when the generator's output changes, so caches rebuild
+SYNTHETIC_VERSION = 2  # bump when the generator's output changes, so caches rebuild
 DEFAULTS = {  # (real data, synthetic)
     "image_size": (224, 64),
     "vocab_size": (8192, 1024),

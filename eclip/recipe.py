@@ -85,7 +85,8 @@ def build_model(spec):
     compile_on = HPARAMS["compile"]
     if compile_on == "auto":
         compile_on = spec.device.type == "cuda"
-    _STATE["clip_loss"] = torch.compile(_clip_loss) if compile_on else _clip_loss
+    # dynamic=False: the batch size is fixed, and the loss picks its mode from a concrete B
+    _STATE["clip_loss"] = torch.compile(_clip_loss, dynamic=False) if compile_on else _clip_loss
     return model
 
 
@@ -129,8 +130,13 @@ def train_step(model, optimizer, batch, progress):
         total = loss
         weight = expert_mod.expert_weight(progress, model.cfg.expert, _STATE["generator"])
         if weight > 0:
-            term = expert_mod.expert_loss(model, batch, img, txt, kernels.contrastive_loss,
-                                          model.cfg.expert, _STATE["generator"])
+            dt = img.dtype  # the phrase/expert embeddings leave autocast in fp32: match them
+
+            def loss_fn(a, b, s):
+                return kernels.contrastive_loss(a.to(dt), b.to(dt), s, mode=HPARAMS["loss_mode"])
+
+            term = expert_mod.expert_loss(model, batch, img, txt, loss_fn, model.cfg.expert,
+                                          _STATE["generator"])
             total = loss + weight * term
     optimizer.zero_grad(set_to_none=True)
     total.backward()

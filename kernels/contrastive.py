@@ -241,6 +241,8 @@ def contrastive_loss(
 
     img, txt: [B, D] float32/float16/bfloat16 (D ≤ 1024); scale: 0-d tensor = exp(logit
     scale). Returns a 0-d fp32 tensor; differentiable in img, txt and scale.
+    Under torch.compile, ``mode="auto"`` needs a static B (compile with ``dynamic=False``):
+    the mode is decided from a concrete batch size; with a dynamic B name the mode.
     """
     _check_inputs(img, txt, scale, _OP)
     if mode not in _MODES:

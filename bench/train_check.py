@@ -1,0 +1,106 @@
+"""The training loop on the GPU with random data: a smoke run of the whole path, then speed.
+
+1. ``smoke``: the template recipe, preset ``tiny`` (64 px), a few dozen steps, then the
+   loop's own evaluation — compile, bf16 autocast, fused AdamW, the fused loss and the
+   Triton rank kernel all in one run; fails on a non-ok status or a non-finite loss.
+2. ``speed``: preset ``vit-s16`` (224 px, 77 tokens), batch 64, random data, expert path
+   off: fp32 eager with TF32 off (PyTorch defaults) against the template's fast path
+   (bf16 autocast + torch.compile + fused AdamW + fused loss). Steady-state samples/s (after
+   the first logged step) and the first step's time (``warmup_s``, compilation included).
+
+Needs torch, triton, numpy, safetensors and tqdm. Prints one ``key: value`` line per figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from eclip.data.cache import Cache
+from eclip.loop import LoopConfig, apply_overrides, evaluate_split, load_recipe, run_loop
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "eclip" / "recipe.py"
+
+
+def random_cache(n: int, size: int, context: int, vocab: int, seed: int = 0) -> Cache:
+    """An in-memory cache of random images, captions and one region per image."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(5, context + 1, (n,), generator=g, dtype=torch.int32)
+    tokens = torch.randint(4, vocab, (n, context), generator=g, dtype=torch.int32)
+    tokens[torch.arange(context)[None, :] >= lengths[:, None]] = 0
+    xy = torch.rand(n, 2, generator=g) * 0.5
+    boxes = torch.cat([xy, xy + 0.25 + torch.rand(n, 2, generator=g) * 0.25], dim=1)
+    phrase = torch.randint(4, vocab, (n, 8), generator=g, dtype=torch.int32)
+    split = torch.zeros(n, dtype=torch.int8)
+    split[-n // 8:] = 1
+    return Cache(path=Path("random"), manifest={"tokenizer": {"vocab_size": vocab}, "fingerprint": "random"},
+                 images=torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8),
+                 tokens=tokens, lengths=lengths, caption_image=torch.arange(n),
+                 region_boxes=boxes, region_image=torch.arange(n), region_tokens=phrase,
+                 region_lengths=torch.full((n,), 8, dtype=torch.int32), split=split,
+                 fold=torch.zeros(n, dtype=torch.int8))
+
+
+DEVICE = "cuda"
+
+
+def train(cache: Cache, steps: int, overrides: dict, log_every: int = 10) -> dict:
+    recipe = load_recipe(TEMPLATE)
+    apply_overrides(recipe.HPARAMS, overrides)
+    cfg = LoopConfig(steps=steps, device=DEVICE, log_every=log_every, progress_bar=False)
+    run = run_loop(recipe, cache, cache.split_images("train"), cfg)
+    h = run["history"]
+    first, last = h[0], h[-1]
+    steady = (last["samples"] - first["samples"]) / max(last["elapsed_s"] - first["elapsed_s"], 1e-9)
+    return dict(run, steady_sps=steady)
+
+
+def smoke() -> bool:
+    cache = random_cache(2048, 64, 32, 512)
+    t0 = time.perf_counter()
+    run = train(cache, 60, {"preset": "tiny", "batch_size": "128", "expert_cold_start": "0.0"})
+    m = evaluate_split(run["model"], cache, cache.split_images("val"), run["device"], 0,
+                       bf16=run["device"].type == "cuda")
+    ok = run["status"] == "ok" and math.isfinite(run["last"]["loss"]) and math.isfinite(m["mean_rank"])
+    print(f"smoke_status: {run['status']}  loss: {run['last']['loss']:.3f}  val_mean_rank: {m['mean_rank']:.1f} "
+          f"(random {(m['n_images'] - 1) / 2:.0f})  warmup_s: {run['warmup_s']:.1f}  "
+          f"total_s: {time.perf_counter() - t0:.1f}  {'OK' if ok else 'FAILED'}", flush=True)
+    return ok
+
+
+def speed(steps: int) -> None:
+    cache = random_cache(4096, 224, 77, 8192)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    rows = [("fp32 eager, TF32 off", {"precision": "fp32", "compile": "false"}),
+            ("bf16 + compile + fused (template)", {})]
+    for name, extra in rows:
+        torch.cuda.reset_peak_memory_stats()
+        run = train(cache, steps, {"preset": "vit-s16", "batch_size": "64", "expert": "false", **extra})
+        mem = torch.cuda.max_memory_allocated() / 2**30
+        print(f"speed: {name}: {run['steady_sps']:.0f} samples/s, warmup_s {run['warmup_s']:.1f}, "
+              f"peak {mem:.1f} GiB, status {run['status']}", flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=60, help="steps per speed configuration")
+    ap.add_argument("--skip-speed", action="store_true", help="smoke run only")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to check")
+        return 1
+    print(f"device: {torch.cuda.get_device_name()} (torch {torch.__version__})", flush=True)
+    ok = smoke()
+    if not args.skip_speed:
+        speed(args.steps)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
