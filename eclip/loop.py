@@ -144,6 +144,15 @@ def _install_sigint() -> dict:
     return state
 
 
+def _check_losses(pending: list[tuple[int, dict]], limit: float) -> None:
+    """Every step's loss since the last read-back, fetched in one go: NaN/Inf or above
+    ``limit`` is divergence, reported at the step where it happened."""
+    for step, m in pending:
+        loss = float(m["loss"])
+        if not math.isfinite(loss) or loss > limit:
+            raise Diverged(f"loss {loss} at step {step}")
+
+
 def _read(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
@@ -259,13 +268,10 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 warmup_s = time.perf_counter() - t0
-            pending.append(metrics)
+            pending.append((step, metrics))
             if step % cfg.log_every == 0 or step == 1:
-                last = _read(pending[-1])
-                for m in pending:  # every step's loss is checked, read back in one go
-                    loss = float(m["loss"])
-                    if not math.isfinite(loss) or loss > cfg.diverge_loss:
-                        raise Diverged(f"loss {loss} at step {step}")
+                last = _read(pending[-1][1])
+                _check_losses(pending, cfg.diverge_loss)
                 pending.clear()
                 elapsed = start_trained + (time.perf_counter() - t0)
                 row = {"step": step, "elapsed_s": round(elapsed, 3), "samples": samples, **last}
@@ -276,12 +282,9 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
                                 sps=f"{samples / max(elapsed, 1e-9):.0f}")
                 bar.n = step if total else min(round(elapsed), bar.total)
                 bar.refresh()
-        for m in pending:
-            loss = float(m["loss"])
-            if not math.isfinite(loss) or loss > cfg.diverge_loss:
-                raise Diverged(f"loss {loss} at step {step}")
+        _check_losses(pending, cfg.diverge_loss)
         if pending:
-            last = _read(pending[-1])
+            last = _read(pending[-1][1])
     except Diverged as e:
         status, last = "diverged", dict(last, reason=str(e))
     except KeyboardInterrupt:

@@ -183,7 +183,8 @@ def test_seeded_draw_frequency_and_stream_alignment():
 
 
 def tiny_cfg(**overrides):
-    base = {"vision.width": 24, "vision.depth": 1, "vision.heads": 3, "text.width": 16,
+    base = {"vision.patch_size": 8, "vision.pool": "mean", "text.pool": "mean",
+            "vision.width": 24, "vision.depth": 1, "vision.heads": 3, "text.width": 16,
             "text.depth": 1, "text.heads": 2, "embed_dim": 12, "expert.width": 16,
             "expert.heads": 2}
     base.update(overrides)

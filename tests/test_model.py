@@ -26,7 +26,8 @@ ATOL = 2e-5  # fp32 model vs float64 reference on unit vectors (see module docst
 def micro(**overrides) -> ModelConfig:
     """A very small config (fast on CPU) with a ragged shape: 24 px, patch 8 (9 patches),
     odd-sized text, widths not powers of two."""
-    base = {"vision.width": 24, "vision.depth": 2, "vision.heads": 3, "text.width": 20,
+    base = {"vision.patch_size": 8, "vision.pool": "mean", "text.pool": "mean",
+            "vision.width": 24, "vision.depth": 2, "vision.heads": 3, "text.width": 20,
             "text.depth": 2, "text.heads": 2, "embed_dim": 12, "expert.width": 16,
             "expert.heads": 2}
     base.update(overrides)
@@ -330,7 +331,7 @@ def test_large_presets_build_on_meta(name, width, depth):
 def test_tiny_preset_size_and_data_fields():
     cfg = model_config("tiny", image_size=64, vocab_size=1500, context_length=32)
     assert (cfg.vision.image_size, cfg.text.vocab_size, cfg.text.context_length) == (64, 1500, 32)
-    assert cfg.vision.patch_size == 8
+    assert cfg.vision.patch_size == 16 and cfg.vision.pool == "cls"
     model = build_model(cfg)
     assert 1_000_000 <= model.num_params() <= 3_000_000
     assert PRESETS["tiny"].text.vocab_size == 2048  # the preset itself is not mutated

@@ -40,7 +40,7 @@ def run(argv, capsys):
 
 def test_short_run_learns(cache, tmp_path, capsys):
     out = tmp_path / "run"
-    rc, stdout, err = run(["--data", cache, "--out", out, "--steps", 200, "--lr=3e-3", "--crop_scale=1.0", *SMALL], capsys)
+    rc, stdout, err = run(["--data", cache, "--out", out, "--steps", 200, *SMALL], capsys)
     assert rc == 0, err
     result = json.loads((out / "result.json").read_text())
     assert result["status"] == "ok" and result["steps"] == 200 and result["eval_split"] == "val"
@@ -100,7 +100,7 @@ def test_nan_loss_is_reported_as_diverged(cache, tmp_path, capsys):
     assert rc == 1 and "status:         diverged" in stdout
     result = json.loads((out / "result.json").read_text())
     assert result["status"] == "diverged" and result["val_mean_rank"] is None
-    assert "loss nan at step" in result["reason"] and result["steps"] <= 4
+    assert "loss nan at step 3" in result["reason"] and result["steps"] <= 4
 
 
 def test_checkpoint_round_trip(cache, tmp_path):
@@ -171,3 +171,13 @@ def test_folds_and_final(cache, tmp_path, capsys):
     assert rc == 0, err
     r = json.loads((tmp_path / "fin" / "result.json").read_text())
     assert r["eval_split"] == "test" and r["metrics"]["n_images"] == 60 and r["test_mean_rank"] == r["val_mean_rank"]
+
+
+def test_bf16_autocast_step_with_the_expert_term(cache, tmp_path, capsys):
+    # Under autocast the CLIP embeddings enter the loss in bf16 while the expert and phrase
+    # embeddings leave autocast in fp32: the recipe must match them (caught on a GPU first).
+    rc, _, err = run(["--data", cache, "--out", tmp_path / "bf16", "--steps", 3, "--precision=bf16",
+                      "--expert_probability=1.0", "--expert_cold_start=0.0", "--expert_ramp=0.0", *SMALL], capsys)
+    assert rc == 0, err
+    result = json.loads((tmp_path / "bf16" / "result.json").read_text())
+    assert result["status"] == "ok" and result["steps"] == 3
