@@ -135,6 +135,7 @@ def _install_sigint() -> dict:
 
     def handler(signum, frame):
         if state["requested"]:
+            state["hard"] = True  # mid-step: the state may be half-updated, no checkpoint
             raise KeyboardInterrupt
         state["requested"] = True
         print("\ntrain: stopping after this step (Ctrl-C again to stop now)", file=sys.stderr)
@@ -212,7 +213,7 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
              resume_dir: Path | None = None, on_log=None) -> dict:
     """Train ``recipe`` on ``train_rows`` of ``cache`` until the budget or step count is spent.
 
-    Returns a dict with status (ok, diverged, oom, interrupted), steps, samples, timing, the
+    Returns a dict with status (ok, diverged, oom, interrupted, aborted), steps, samples, timing, the
     last logged metrics and the trained ``model`` (plus ``optimizer`` and ``data`` for
     checkpointing). ``resume_dir`` holds a checkpoint to continue from."""
     if (cfg.budget_s is None) == (cfg.steps is None):
@@ -288,7 +289,11 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
     except Diverged as e:
         status, last = "diverged", dict(last, reason=str(e))
     except KeyboardInterrupt:
-        status = "interrupted"
+        status = "aborted" if stop.get("hard") else "interrupted"
+        try:  # the losses not yet read back still decide whether the run diverged
+            _check_losses(pending, cfg.diverge_loss)
+        except Diverged as e:
+            status, last = "diverged", dict(last, reason=str(e))
     except (torch.OutOfMemoryError, MemoryError) as e:
         status, last = "oom", dict(last, reason=str(e).splitlines()[0][:200])
     finally:

@@ -242,6 +242,7 @@ def run(args) -> dict:
         print(f"prepare: reusing cache {args.out} (inputs and options unchanged; --force rebuilds)", file=sys.stderr)
         print("\n".join(summary_lines(dict(manifest, out=str(args.out)), "reused", time.perf_counter() - t0)))
         return manifest
+    cache_mod.ensure_replaceable(args.out)  # before minutes of decoding, not after
     if not recs:
         raise EclipError("no usable images in the source")
     images, boxes, keep = decode_all(recs, args, problems)

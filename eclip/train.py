@@ -42,7 +42,7 @@ from eclip.loop import (
 )
 
 TEMPLATE = Path(__file__).with_name("recipe.py")
-EXIT = {"ok": 0, "diverged": 1, "oom": 1, "interrupted": 130}
+EXIT = {"ok": 0, "diverged": 1, "oom": 1, "interrupted": 130, "aborted": 130}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +99,10 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
         if meta.get("cache_fingerprint") != cache.manifest.get("fingerprint"):
             raise EclipError(f"{out / ckpt.META}: checkpoint was trained on another cache "
                              "(fingerprint differs); resume with the same --data")
+        if meta.get("eval_split") != eval_split or meta.get("train_rows") != int(train_rows.numel()):
+            raise EclipError(f"{out / ckpt.META}: checkpoint trained on {meta.get('train_rows')} images for "
+                             f"{meta.get('eval_split')!r}; this run has {int(train_rows.numel())} for {eval_split!r} "
+                             "(resume with the same --final/--folds)")
         if meta.get("hparams", {}).get("preset") != recipe.HPARAMS.get("preset"):
             raise EclipError(f"{out / ckpt.META}: checkpoint is preset {meta['hparams'].get('preset')!r}, "
                              f"this run {recipe.HPARAMS.get('preset')!r}")
@@ -120,7 +124,8 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
     meta = {"step": run["steps"], "samples": run["samples"], "trained_s": run["train_s"],
             "data_cursor": run["data"].cursor, "data_epoch": run["data"].epoch,
             "hparams": hp, "model_config": model.cfg.to_dict(), "seed": args.seed,
-            "cache_fingerprint": cache.manifest.get("fingerprint"), "status": run["status"]}
+            "cache_fingerprint": cache.manifest.get("fingerprint"), "status": run["status"],
+            "eval_split": eval_split, "train_rows": int(train_rows.numel())}
     state = {"data_generator": run["data"].generator.get_state(), "data_perm": run["data"].perm}
     if hasattr(recipe, "recipe_state"):
         state |= {f"recipe.{k}": v for k, v in recipe.recipe_state().items()}
@@ -153,6 +158,8 @@ def run(args, overrides: dict) -> dict:
         raise EclipError("give exactly one of --budget-s or --steps")
     if args.budget_s is not None and args.budget_s <= 0 or args.steps is not None and args.steps <= 0:
         raise EclipError("--budget-s and --steps must be positive")
+    if args.log_every < 1:
+        raise EclipError(f"--log-every {args.log_every}: must be at least 1")
     if args.preset:
         overrides = dict(overrides, preset=args.preset)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(args.compile_cache or Path.home() / ".cache/eclip/inductor"))

@@ -314,3 +314,28 @@ def test_synthetic_small_in_parallel_is_deterministic(tmp_path, capsys):
     assert (a.region_boxes >= 0).all() and (a.region_boxes <= 1).all()
     assert a.region_tokens.shape[1] == 16 and a.tokens.shape[1] == 48
     assert "truncated_captions: 0" in stdout
+
+
+def test_refuses_to_replace_a_folder_that_is_not_a_cache(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    rc, _, err = run(["--dataset", "synthetic", "--num-train", 10, "--num-val", 10, "--num-test", 10,
+                      "--out", out, "--workers", 1], capsys)
+    assert rc == 2 and "exists and is not a cache; refusing to replace it" in err
+    assert (out / "notes.txt").read_text() == "precious"
+
+
+def test_manifest_with_bom_and_a_split_on_a_later_row(tmp_path, capsys):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(4):
+        write_image(images / f"{i}.png", 10, 10, i)
+    path = tmp_path / "m.csv"
+    path.write_bytes("\ufeffimage,caption,split\n0.png,first,\n0.png,second,test\n1.png,a,train\n"
+                     "2.png,b,train\n3.png,c,val\n".encode("utf-8"))
+    rc, _, err = run(["--format", "manifest", "--images", images, "--manifest", path, "--out", tmp_path / "c",
+                      "--workers", 1, "--vocab-size", 300, "--folds", 1], capsys)
+    assert rc == 0, err
+    recs = [json.loads(x) for x in (tmp_path / "c" / "records.jsonl").read_text().splitlines()]
+    assert recs[0]["image"] == "0.png" and recs[0]["split"] == "test" and recs[0]["captions"] == ["first", "second"]

@@ -181,3 +181,53 @@ def test_bf16_autocast_step_with_the_expert_term(cache, tmp_path, capsys):
     assert rc == 0, err
     result = json.loads((tmp_path / "bf16" / "result.json").read_text())
     assert result["status"] == "ok" and result["steps"] == 3
+
+
+def test_cache_without_regions_trains(tmp_path, capsys):
+    # A plain caption manifest (no regions column) is the common OpenCLIP case.
+    import numpy as np
+    from PIL import Image
+    images = tmp_path / "im"
+    images.mkdir()
+    rows = ["filepath,caption"]
+    for i in range(12):
+        Image.fromarray(np.full((20, 20, 3), i * 20, dtype=np.uint8)).save(images / f"{i}.png")
+        rows.append(f"{i}.png,picture number {i}")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    assert prepare.main(["--format", "manifest", "--images", str(images), "--manifest", str(tmp_path / "m.csv"),
+                         "--out", str(tmp_path / "c"), "--image-size", "16", "--workers", "1",
+                         "--vocab-size", "300", "--folds", "2", "--val-frac", "0.3", "--test-frac", "0"]) == 0
+    rc, _, err = run(["--data", tmp_path / "c", "--out", tmp_path / "o", "--steps", 2, "--batch_size=4",
+                      "--expert=true", "--expert_cold_start=0.0", "--expert_ramp=0.0", "--expert_probability=1.0",
+                      "--model.vision.patch_size=8", "--model.vision.width=32", "--model.text.width=32",
+                      "--model.expert.width=16"], capsys)
+    assert rc == 0, err
+
+
+def test_resume_refuses_another_mode(cache, tmp_path, capsys):
+    out = tmp_path / "fin"
+    assert run(["--data", cache, "--out", out, "--steps", 2, "--final", *SMALL], capsys)[0] == 0
+    rc, _, err = run(["--data", cache, "--out", out, "--steps", 4, "--resume", *SMALL], capsys)
+    assert rc == 2 and "checkpoint trained on 2100 images for 'test'; this run has 2000 for 'val'" in err, err
+    rc, _, err = run(["--data", cache, "--out", out, "--steps", 2, "--log-every", 0], capsys)
+    assert rc == 2 and "--log-every 0: must be at least 1" in err
+
+
+def test_flip_only_mirrors_without_cropping(cache):
+    from eclip.data.cache import load_cache
+    from eclip.data.device import DeviceData
+    c = load_cache(cache)
+    rows = c.split_images("train")[:32]
+    data = DeviceData(c, rows, torch.device("cpu"), seed=0, crop_scale=1.0, flip=True)
+    plain = DeviceData(c, rows, torch.device("cpu"), seed=0)
+    idx = data._indices(32)
+    data.cursor = 0  # sample the same rows again, now through the augmentation
+    batch = data.sample(32)
+    originals = plain.images[idx].float() / 255
+    same = (batch.images - originals).abs().amax(dim=(1, 2, 3)) < 1e-5
+    mirrored = (batch.images - originals.flip(-1)).abs().amax(dim=(1, 2, 3)) < 1e-5
+    assert bool((same | mirrored).all()) and bool(same.any()) and bool(mirrored.any())
+    boxes = plain.boxes[idx]
+    flipped = torch.stack([1 - boxes[..., 2], boxes[..., 1], 1 - boxes[..., 0], boxes[..., 3]], -1) * plain.box_mask[idx][..., None]
+    want = torch.where(mirrored[:, None, None], flipped, boxes)
+    torch.testing.assert_close(batch.boxes, want, atol=1e-5, rtol=0)

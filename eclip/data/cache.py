@@ -78,6 +78,13 @@ def is_current(cache_dir: str | Path, fp: str) -> bool:
     return all((Path(cache_dir) / f).is_file() for f in m.get("files", []))
 
 
+def ensure_replaceable(out: Path) -> None:
+    """A build replaces ``out`` whole: only a missing or empty directory, or a cache, may go."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and read_manifest(out) is None:
+        raise EclipError(f"{out}: exists and is not a cache; refusing to replace it (choose another --out)")
+
+
 class CacheWriter:
     """Builds a cache in a temporary sibling of ``out`` and renames it into place on commit.
 
@@ -91,6 +98,7 @@ class CacheWriter:
         self.tmp: Path | None = None
 
     def __enter__(self) -> CacheWriter:
+        ensure_replaceable(self.out)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
         return self

@@ -28,7 +28,8 @@ def _csr(owner: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.T
     """Group the entries whose ``owner`` is in ``rows`` by owner position in ``rows``.
 
     Returns (entry ids sorted by owner [E], start offset per row [n], count per row [n])."""
-    pos = torch.full((int(owner.max()) + 1 if owner.numel() else 1,), -1, dtype=torch.int64)
+    size = max(int(owner.max()) + 1 if owner.numel() else 0, int(rows.max()) + 1 if rows.numel() else 0)
+    pos = torch.full((max(size, 1),), -1, dtype=torch.int64)
     pos[rows] = torch.arange(rows.numel())
     local = pos[owner] if owner.numel() else owner
     keep = torch.nonzero(local >= 0).flatten()
@@ -145,6 +146,8 @@ class DeviceData:
         b, g = images.shape[0], self.generator
         area = self.crop_scale + (1 - self.crop_scale) * torch.rand(b, generator=g, device=self.device)
         log_r = math.log(3 / 4) + math.log(16 / 9) * torch.rand(b, generator=g, device=self.device)
+        if self.crop_scale == 1:  # flips only: keep the whole image, undistorted
+            log_r = torch.zeros_like(log_r)
         w = torch.sqrt(area * torch.exp(log_r)).clamp(max=1.0)  # crop size, fraction of the side
         h = torch.sqrt(area / torch.exp(log_r)).clamp(max=1.0)
         x0 = (1 - w) * torch.rand(b, generator=g, device=self.device)

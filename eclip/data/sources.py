@@ -142,7 +142,7 @@ def _manifest_rows(path: Path):
     """Yield ``(line, dict)`` for each row of a CSV, TSV or JSONL manifest, plus the columns."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: spreadsheet exports start with a BOM
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -159,7 +159,7 @@ def _manifest_rows(path: Path):
     if suffix not in (".csv", ".tsv", ".txt"):
         raise DataError(str(path), f"unknown manifest format {suffix!r} (use .csv, .tsv or .jsonl)")
     delimiter = "\t" if suffix == ".tsv" else ","
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter=delimiter, strict=True)
         try:
             header = next(reader)
@@ -233,6 +233,8 @@ def read_manifest_file(path: Path, images_dir: Path, problems: Problems,
                 if split is not None and rec.split is not None and split != rec.split:
                     raise DataError(where, f"image {name!r} is in split {rec.split!r} at {rec.where}, "
                                     f"here in {split!r}")
+                if rec.split is None:
+                    rec.split = split
                 rec.captions.append(caption)
                 rec.regions.extend(r for r in regions if r not in rec.regions)
         except DataError as e:
