@@ -7,7 +7,10 @@
 #      vit-s16 batch 64 fp32 eager vs the template's fast path);
 #   3. bench/kernel_table.py: compiled training step (fullgraph, reduce-overhead), accuracy
 #      against float64, lean memory at B = 16,384, the comparison table, ranks at
-#      N = 100,000, and B = 1,048,576 in lean mode.
+#      N = 100,000, and B = 1,048,576 in lean mode;
+#   4. the pytest-benchmark suites and the guard against bench/baselines/<device>.json (when
+#      there is none, the run is saved to $OUT as the baseline to commit);
+#   then the short tables again, last.
 # In priority order, each under its own time limit, so a cut-off run still reports the most.
 # Prints the device first and a short table last; with $OUT set, writes logs and the table
 # there. Usage: bash bench/gpu_check.sh [--quick]
@@ -36,7 +39,21 @@ echo "== 2. training loop on CUDA"
 timeout "${T2:-150}" "$PY" bench/train_check.py --steps "${SPEED_STEPS:-60}" 2>&1 | grep -v Warning | log train.log || status=1
 
 echo "== 3. kernel table"
-args=($QUICK)
-[ -n "$OUT_DIR" ] && args+=(--out "$OUT_DIR/kernel_table.md")
+TABLE="${OUT_DIR:-${TMPDIR:-/tmp}}/kernel_table.md"
+args=($QUICK --out "$TABLE")
 timeout "${T3:-300}" "$PY" bench/kernel_table.py "${args[@]}" 2>&1 | log kernels.log || status=1
+
+echo "== 4. benchmark suites and the guard"
+SLUG=$("$PY" -c "from bench.guard import slug, current_device; print(slug(current_device()))")
+if [ -f "bench/baselines/$SLUG.json" ]; then
+    timeout "${T4:-240}" "$PY" -m bench.guard check 2>&1 | grep -v -i warn | tail -30 | log guard.log || status=1
+else
+    echo "no baseline for this device yet: saving this run as bench/baselines/$SLUG.json (commit it from \$OUT)"
+    timeout "${T4:-240}" "$PY" -m bench.guard save --baseline "${OUT_DIR:-bench/baselines}/$SLUG.json" 2>&1 \
+        | grep -v -i warn | tail -5 | log guard.log || status=1
+fi
+
+echo "==== summary"
+[ -f "$TABLE" ] && cat "$TABLE"
+[ -n "$OUT_DIR" ] && grep -h -E "^(smoke_status|speed)" "$OUT_DIR/train.log" 2>/dev/null
 exit $status

@@ -1,0 +1,96 @@
+"""Shared pieces of the benchmark suites (``bench/bench_*.py``).
+
+Every benchmark sets ``extra_info``: ``suite``, ``impl``, ``plain`` (True for the
+plain-PyTorch counterpart of its group), the shape, the device and a derived figure.
+``ratio_to_plain`` is the figure the guard compares: measured by ``paired_ratio`` (the
+implementation and its counterpart timed alternately, in the same benchmark) where a
+suite does that, else filled in after the run from the two medians of the group by
+``pytest_benchmark_update_json``. Ratios survive a noisy machine better than raw times.
+
+The default test run passes ``--benchmark-disable`` (pyproject.toml): each benchmark then
+runs once as a smoke test. ``python -m bench.guard`` runs them for real.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eclip.hardware import device_name
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn):
+    """``fn`` followed by a device sync, so CUDA timings cover the work, not the launch."""
+    def run():
+        out = fn()
+        sync()
+        return out
+    return run
+
+
+def peak_extra_bytes(fn) -> int | None:
+    """Peak memory allocated by one call beyond what was allocated before (CUDA only)."""
+    if DEVICE.type != "cuda":
+        return None
+    sync()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    sync()
+    return int(torch.cuda.max_memory_allocated() - base)
+
+
+def paired_ratio(benchmark, fn, plain_fn, pairs: int = 21) -> None:
+    """Time ``fn`` and its plain counterpart alternately and store the median of the
+    per-pair time ratios as ``ratio_to_plain``: drift of a shared machine (clock changes,
+    neighbours) hits both sides of a pair alike, which back-to-back benchmarks do not get.
+    Skipped in smoke runs (``--benchmark-disable``)."""
+    if benchmark.disabled:
+        return
+    import statistics
+    import time
+
+    fn, plain_fn = timed(fn), timed(plain_fn)
+    ratios = []
+    for _ in range(pairs):
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        plain_fn()
+        t2 = time.perf_counter()
+        ratios.append((t1 - t0) / max(t2 - t1, 1e-9))
+    benchmark.extra_info["ratio_to_plain"] = statistics.median(ratios)
+
+
+def describe(benchmark, suite: str, impl: str, plain: bool, **info) -> None:
+    benchmark.group = f"{suite} " + " ".join(f"{k}={v}" for k, v in info.items() if k in ("B", "D", "N", "dtype", "preset", "batch"))
+    benchmark.extra_info.update(suite=suite, impl=impl, plain=plain, device=device_name(DEVICE), **info)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    groups: dict[str, float] = {}
+    for b in output_json["benchmarks"]:
+        if b["extra_info"].get("plain") and b.get("stats"):
+            groups[b["group"]] = b["stats"]["median"]
+    for b in output_json["benchmarks"]:
+        base = groups.get(b["group"])
+        if base and b.get("stats") and "ratio_to_plain" not in b["extra_info"]:
+            b["extra_info"]["ratio_to_plain"] = b["stats"]["median"] / base
+        if b.get("stats"):
+            if b["extra_info"].get("flop"):
+                b["extra_info"]["tflops"] = b["extra_info"]["flop"] / b["stats"]["median"] / 1e12
+            if b["extra_info"].get("samples_per_step"):
+                b["extra_info"]["samples_per_s"] = b["extra_info"]["samples_per_step"] / b["stats"]["median"]
+    output_json["device"] = device_name(DEVICE)

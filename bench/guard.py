@@ -1,0 +1,131 @@
+"""``python -m bench.guard``: save a benchmark baseline per device, or check a run against it.
+
+    python -m bench.guard save               # run the suites, store bench/baselines/<device>.json
+    python -m bench.guard check              # run the suites, compare with that baseline
+    python -m bench.guard check --run R.json # compare an existing run instead of running
+
+What is guarded: for every benchmark with a plain-PyTorch counterpart in its group, the
+ratio of its median time to the counterpart's (both measured in the same run), which
+survives a busy or throttled machine far better than raw times; the counterparts themselves
+are not guarded. A figure regresses when it exceeds the baseline's by more than
+``--tolerance``: by default 0.35 on a CPU (paired ratios on the 2-core CI machines moved by
+up to ±26% between identical runs) and 0.15 on a GPU. Exit codes: 0 no regression,
+1 regression, 2 no baseline or an unreadable file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+BASELINES = Path(__file__).parent / "baselines"
+TIMING = ["--benchmark-enable", "--benchmark-min-rounds=15", "--benchmark-max-time=1.0",
+          "--benchmark-warmup=on", "-q", "-p", "no:cacheprovider"]
+
+
+def slug(name: str) -> str:
+    """A file name for a device: 'NVIDIA H100 80GB HBM3' → 'nvidia-h100-80gb-hbm3',
+    'cpu (x86_64, 2 threads)' → 'cpu-x86-64-2-threads'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def current_device() -> str:
+    import torch
+
+    from eclip.hardware import device_name
+
+    return device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def run_suites(out: Path, extra: list[str]) -> int:
+    cmd = [sys.executable, "-m", "pytest", "bench", *TIMING, f"--benchmark-json={out}", *extra]
+    print("running:", " ".join(cmd), file=sys.stderr)
+    return subprocess.call(cmd, cwd=Path(__file__).resolve().parents[1])
+
+
+def load_run(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SystemExit(_fail(f"{path}: no such benchmark file")) from None
+    except json.JSONDecodeError as e:
+        raise SystemExit(_fail(f"{path}: not a benchmark JSON ({e.msg} at line {e.lineno})")) from None
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+        raise SystemExit(_fail(f"{path}: not a pytest-benchmark JSON (no 'benchmarks' list)"))
+    return data
+
+
+def _fail(msg: str) -> int:
+    print(f"guard: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def guarded(run: dict) -> dict[str, float]:
+    """name → ratio_to_plain for every non-plain benchmark that has one."""
+    out = {}
+    for b in run["benchmarks"]:
+        info = b.get("extra_info", {})
+        if not info.get("plain") and info.get("ratio_to_plain") is not None:
+            out[b["fullname"]] = float(info["ratio_to_plain"])
+    return out
+
+
+def compare(base: dict, new: dict, tolerance: float) -> tuple[list[str], list[str]]:
+    """(table lines, regression lines) for the figures both runs have."""
+    a, b = guarded(base), guarded(new)
+    lines, bad = [], []
+    for name in sorted(set(a) & set(b)):
+        change = b[name] / a[name] - 1
+        flag = "REGRESSION" if change > tolerance else "ok"
+        line = f"{flag:<10} {name}: ratio to plain {a[name]:.3f} → {b[name]:.3f} ({change:+.0%})"
+        lines.append(line)
+        if flag != "ok":
+            bad.append(line)
+    for name in sorted(set(a) - set(b)):
+        lines.append(f"{'missing':<10} {name}: in the baseline, not in this run")
+    return lines, bad
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.guard", description=__doc__.split("\n\n")[0])
+    ap.add_argument("action", choices=["save", "check"], help="save a baseline or check against it")
+    ap.add_argument("--run", type=Path, help="an existing benchmark JSON instead of running the suites")
+    ap.add_argument("--baseline", type=Path, help="baseline file (default: bench/baselines/<device>.json)")
+    ap.add_argument("--tolerance", type=float, help="allowed relative growth of a ratio (default 0.35 CPU, 0.15 GPU)")
+    ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments after --, e.g. -- -k loss")
+    args = ap.parse_args(argv)
+    device = None
+    if args.run is not None:
+        run_path = args.run
+        device = load_run(run_path).get("device")
+    else:
+        run_path = Path(tempfile.mkdtemp()) / "run.json"
+        rc = run_suites(run_path, args.pytest_args)
+        if rc not in (0, 5) or not run_path.exists():
+            return _fail(f"the benchmark run failed (pytest exit {rc})")
+    run = load_run(run_path)
+    device = device or run.get("device") or current_device()
+    baseline = args.baseline or BASELINES / f"{slug(device)}.json"
+    if args.action == "save":
+        baseline.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run_path, baseline)
+        print(f"guard: saved {len(guarded(run))} guarded figures as the baseline for {device}: {baseline}")
+        return 0
+    if not baseline.exists():
+        return _fail(f"no baseline for {device} at {baseline}; make one with: python -m bench.guard save")
+    tolerance = args.tolerance if args.tolerance is not None else (0.35 if device.startswith("cpu") else 0.15)
+    lines, bad = compare(load_run(baseline), run, tolerance)
+    print("\n".join(lines))
+    print(f"guard: {len(lines)} figures compared with {baseline.name}, {len(bad)} regressed "
+          f"beyond {tolerance:.0%}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

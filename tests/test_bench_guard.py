@@ -1,0 +1,96 @@
+"""The benchmark guard and plot, on benchmark JSON fixtures written by the tests."""
+
+import json
+
+import pytest
+
+from bench import guard, plot
+from bench.conftest import pytest_benchmark_update_json
+
+
+def bench(name, group, impl, median, plain=False, ratio=None, b=1024, mem=None):
+    info = {"suite": group.split()[0], "impl": impl, "plain": plain, "B": b, "peak_extra_bytes": mem}
+    if ratio is not None:
+        info["ratio_to_plain"] = ratio
+    return {"fullname": name, "group": group, "stats": {"median": median}, "extra_info": info}
+
+
+def run_file(tmp_path, name, fused_ratio, device="cpu (x86_64, 2 threads)"):
+    data = {"device": device, "benchmarks": [
+        bench("loss[plain]", "loss-fwd+bwd B=1024", "plain-eager", 0.010, plain=True),
+        bench("loss[fused]", "loss-fwd+bwd B=1024", "fused", 0.010 * fused_ratio, ratio=fused_ratio),
+        bench("step[eager]", "step preset=tiny", "fp32-eager", 0.1, plain=True),
+        bench("step[template]", "step preset=tiny", "template", 0.09, ratio=0.9),
+    ]}
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_a_run_regressed_on_purpose_fails(tmp_path, capsys):
+    base = run_file(tmp_path, "base.json", 1.5)
+    slow = run_file(tmp_path, "slow.json", 3.0)  # the fused loss twice as slow relative to plain
+    assert guard.main(["check", "--run", str(slow), "--baseline", str(base)]) == 1
+    out = capsys.readouterr().out
+    assert "REGRESSION loss[fused]: ratio to plain 1.500 → 3.000 (+100%)" in out
+    assert "ok         step[template]" in out
+    assert "2 figures compared with base.json, 1 regressed beyond 35%" in out
+
+
+def test_a_run_within_tolerance_passes(tmp_path, capsys):
+    base = run_file(tmp_path, "base.json", 1.5)
+    same = run_file(tmp_path, "same.json", 1.8)  # +20%: inside the CPU tolerance of 35%
+    assert guard.main(["check", "--run", str(same), "--baseline", str(base)]) == 0
+    assert guard.main(["check", "--run", str(same), "--baseline", str(base), "--tolerance", "0.1"]) == 1
+    gpu = run_file(tmp_path, "gpu.json", 1.8, device="NVIDIA H100 80GB HBM3")
+    gpu_base = run_file(tmp_path, "gpu_base.json", 1.5, device="NVIDIA H100 80GB HBM3")
+    assert guard.main(["check", "--run", str(gpu), "--baseline", str(gpu_base)]) == 1  # GPU: 15%
+    capsys.readouterr()
+
+
+def test_missing_baseline_and_bad_files(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(guard, "BASELINES", tmp_path / "baselines")
+    run = run_file(tmp_path, "run.json", 1.5, device="Some GPU 9000")
+    assert guard.main(["check", "--run", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "no baseline for Some GPU 9000" in err and "some-gpu-9000.json" in err
+    assert "python -m bench.guard save" in err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    with pytest.raises(SystemExit) as e:
+        guard.main(["check", "--run", str(bad)])
+    assert e.value.code == 2 and "bad.json: not a benchmark JSON" in capsys.readouterr().err
+    assert guard.main(["save", "--run", str(run)]) == 0  # save, then the check finds it
+    assert (tmp_path / "baselines" / "some-gpu-9000.json").is_file()
+    assert guard.main(["check", "--run", str(run)]) == 0
+
+
+def test_device_slugs():
+    assert guard.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert guard.slug("cpu (x86_64, 2 threads)") == "cpu-x86-64-2-threads"
+
+
+def test_ratios_filled_from_group_medians():
+    out = {"benchmarks": [
+        bench("a", "g", "plain-eager", 0.002, plain=True),
+        bench("b", "g", "fused", 0.003),
+        bench("c", "g", "paired", 0.004, ratio=1.7),  # a paired measurement is kept
+        {**bench("d", "g", "step", 0.5), "extra_info": {"samples_per_step": 64, "flop": 1e9}},
+    ]}
+    pytest_benchmark_update_json(None, None, out)
+    infos = [b["extra_info"] for b in out["benchmarks"]]
+    assert infos[0]["ratio_to_plain"] == 1.0 and infos[1]["ratio_to_plain"] == pytest.approx(1.5)
+    assert infos[2]["ratio_to_plain"] == 1.7
+    assert infos[3]["samples_per_s"] == pytest.approx(128) and infos[3]["tflops"] == pytest.approx(0.002)
+    assert "device" in out
+
+
+def test_plot_writes_a_png(tmp_path):
+    data = {"device": "test", "benchmarks": [
+        bench(f"{impl}-{b}", f"loss-fwd+bwd B={b}", impl, 1e-3 * b / 256, plain=impl == "plain-eager", b=b, mem=b * 1024)
+        for impl in ("fused", "plain-eager") for b in (256, 1024, 4096)]}
+    path = plot.plot(data, tmp_path / "loss.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot.loss_series(data, "loss-fwd+bwd")["fused"][0] == (256, 1.0, 0.25)
+    with pytest.raises(SystemExit, match="no 'loss-fwd' benchmarks"):
+        plot.plot(data, tmp_path / "x.png", suite="loss-fwd")
