@@ -39,13 +39,8 @@ def make(b, d, grad):
     return img, txt, scale
 
 
-@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("b,d", SHAPES)
-@pytest.mark.parametrize("impl", list(IMPLS))
-def bench_contrastive_loss(benchmark, impl, b, d, pass_):
-    if impl == "plain-compile" and not CUDA:
-        pytest.skip("compiling on CPU costs more than the loss at these sizes")
-    fn, plain = IMPLS[impl]
+def make_step(fn, b, d, pass_):
+    """One forward (no grad) or forward + backward of ``fn`` on fresh inputs [B, D]."""
     img, txt, scale = make(b, d, pass_ != "fwd")
 
     def step():
@@ -58,19 +53,21 @@ def bench_contrastive_loss(benchmark, impl, b, d, pass_):
         return loss
 
     step()  # warm-up: autotuning and compilation stay out of the timing
+    return step
+
+
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("b,d", SHAPES)
+@pytest.mark.parametrize("impl", list(IMPLS))
+def bench_contrastive_loss(benchmark, impl, b, d, pass_):
+    if impl == "plain-compile" and not CUDA:
+        pytest.skip("compiling on CPU costs more than the loss at these sizes")
+    fn, plain = IMPLS[impl]
+    step = make_step(fn, b, d, pass_)
     flop = (6 if pass_ != "fwd" else 2) * b * b * d
     describe(benchmark, f"loss-{pass_}", impl, plain, B=b, D=d, dtype=str(DTYPE).removeprefix("torch."),
              flop=flop, peak_extra_bytes=peak_extra_bytes(step))
     loss = benchmark(timed(step))
     assert torch.isfinite(loss)
     if not plain:
-        pimg, ptxt, pscale = make(b, d, pass_ != "fwd")
-
-        def plain_step():
-            if pass_ == "fwd":
-                with torch.no_grad():
-                    return plain_loss(pimg, ptxt, pscale)
-            pimg.grad = ptxt.grad = pscale.grad = None
-            plain_loss(pimg, ptxt, pscale).backward()
-
-        paired_ratio(benchmark, step, plain_step)
+        paired_ratio(benchmark, step, make_step(plain_loss, b, d, pass_))
