@@ -145,6 +145,15 @@ def _install_sigint() -> dict:
     return state
 
 
+def is_oom(e: BaseException) -> bool:
+    """Out of memory, on any device: CUDA raises OutOfMemoryError, the CPU allocator a
+    RuntimeError (or MemoryError from Python objects) once the address space is capped."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    msg = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in msg or "out of memory" in msg)
+
+
 def _check_losses(pending: list[tuple[int, dict]], limit: float) -> None:
     """Every step's loss since the last read-back, fetched in one go: NaN/Inf or above
     ``limit`` is divergence, reported at the step where it happened."""
@@ -294,7 +303,9 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
             _check_losses(pending, cfg.diverge_loss)
         except Diverged as e:
             status, last = "diverged", dict(last, reason=str(e))
-    except (torch.OutOfMemoryError, MemoryError) as e:
+    except Exception as e:
+        if not is_oom(e):
+            raise
         status, last = "oom", dict(last, reason=str(e).splitlines()[0][:200])
     finally:
         bar.close()

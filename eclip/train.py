@@ -35,6 +35,7 @@ from eclip.loop import (
     LoopConfig,
     apply_overrides,
     evaluate_split,
+    is_oom,
     load_recipe,
     peak_memory_bytes,
     run_loop,
@@ -209,6 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     except EclipError as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # out of memory before the loop (data on the device, the model)
+        if not is_oom(e):
+            raise
+        reason = str(e).splitlines()[0][:200]
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json(args.out / "result.json", {"status": "oom", "val_mean_rank": None, "reason": reason})
+        print(f"---\nstatus:         oom\nreason:         {reason}")
+        return EXIT["oom"]
     return EXIT.get(result["status"], 1)
 
 
