@@ -1,0 +1,173 @@
+"""The offline search proposer: edits only HPARAMS values, deterministically, never repeats."""
+
+import ast
+import math
+from pathlib import Path
+
+import pytest
+
+from agent.search import FROZEN, Proposal, SearchProposer, format_value, read_hparams, write_hparams
+from eclip import policy
+
+TEMPLATE = (Path(__file__).resolve().parents[1] / "eclip" / "recipe.py").read_text()
+
+SMALL = '''"""A toy recipe."""
+import math  # kept
+
+HPARAMS = {
+    "preset": "tiny",  # size
+    "model": {},  # overrides
+    "batch_size": 64,  # samples
+    "lr": 1e-3,  # peak → rate
+    "warmup": 0.05,  # fraction
+    "beta2": 0.98,  # decay
+    "flip": False,  # augmentation
+    "precision": "auto",  # mode
+    "seed": 0,  # seed
+}
+X = math.pi  # untouched
+'''
+
+
+def _entry(hp, rank, kept=True, status="keep"):
+    return {"hparams": hp, "val_mean_rank": rank, "status": status, "kept": kept}
+
+
+def _proposals(source, n, seed=0):
+    """n successive proposals, each fed the history of the previous ones (none kept)."""
+    prop, history, out = SearchProposer(seed=seed), [], []
+    for _ in range(n):
+        p = prop.propose(source, history)
+        out.append(p)
+        history.append(_entry(read_hparams(p.source), 10.0, kept=False, status="discard"))
+    return out
+
+
+def test_deterministic_for_a_seed():
+    a = [p.source for p in _proposals(TEMPLATE, 5, seed=3)]
+    b = [p.source for p in _proposals(TEMPLATE, 5, seed=3)]
+    c = [p.source for p in _proposals(TEMPLATE, 5, seed=4)]
+    assert a == b
+    assert a != c
+
+
+def test_only_hparams_values_change_and_comments_survive():
+    tree = ast.parse(TEMPLATE)
+    node = next(n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "HPARAMS")
+    lines = TEMPLATE.splitlines()
+    for p in _proposals(TEMPLATE, 20):
+        new = p.source.splitlines()
+        assert len(new) == len(lines)
+        for i, (old_line, new_line) in enumerate(zip(lines, new, strict=True), start=1):
+            if not node.lineno < i < node.end_lineno:
+                assert old_line == new_line  # outside the literal: byte for byte
+            elif old_line != new_line:
+                key = old_line.split(":")[0].strip().strip('"')
+                assert key in p.changes
+                assert old_line.partition("#")[1:] == new_line.partition("#")[1:]  # the comment
+                assert new_line.split(":")[0] == old_line.split(":")[0]
+
+
+def test_changed_keys_are_allowed_and_match_the_source():
+    for p in _proposals(TEMPLATE, 30):
+        assert isinstance(p, Proposal)
+        assert 1 <= len(p.changes) <= 2
+        assert not FROZEN & set(p.changes)
+        new = read_hparams(p.source)
+        old = read_hparams(TEMPLATE)
+        assert {k for k in old if old[k] != new[k]} == set(p.changes)
+        for key, (before, after) in p.changes.items():
+            assert old[key] == before and new[key] == after
+            assert type(after) is type(before)
+        assert p.description and p.hypothesis.endswith(".")
+        # expert is off in the template: its sub-weights would change nothing
+        assert not any(k.startswith("expert_") for k in p.changes if not new["expert"])
+
+
+def test_value_ranges_over_many_steps():
+    for p in _proposals(SMALL, 40) + _proposals(TEMPLATE, 40, seed=1):
+        hp = read_hparams(p.source)
+        assert hp["lr"] > 0
+        assert 0 <= hp["warmup"] <= 1
+        assert 0 < hp["beta2"] < 1
+        b = hp["batch_size"]
+        assert 8 <= b <= 4096 and b & (b - 1) == 0 and isinstance(b, int)
+        for key in ("min_lr_ratio", "crop_scale", "expert_probability"):
+            if key in hp:
+                assert 0 <= hp[key] <= 1
+
+
+def test_starts_from_best_kept_entry():
+    hp = read_hparams(SMALL)
+    good = {**hp, "lr": 3e-4, "batch_size": 256}
+    worse = {**hp, "lr": 5e-3}
+    history = [_entry(hp, 30.0, status="baseline"), _entry(worse, 40.0),
+               _entry(good, 12.0), _entry({**hp, "lr": 1e-2}, 1.0, kept=False, status="discard")]
+    p = SearchProposer(seed=0).propose(SMALL, history)
+    new = read_hparams(p.source)
+    mutated = [k for k in new if new[k] != good[k]]
+    assert 1 <= len(mutated) <= 2
+    assert all(k not in FROZEN for k in mutated)
+
+
+def test_never_repeats_a_config_in_history():
+    prop = SearchProposer(seed=0)
+    first = prop.propose(SMALL, [])
+    history = [_entry(read_hparams(first.source), 20.0, kept=False, status="discard")]
+    second = prop.propose(SMALL, history)
+    assert read_hparams(second.source) != read_hparams(first.source)
+    seen = set()
+    for p in _proposals(SMALL, 60):
+        cfg = repr(sorted(read_hparams(p.source).items()))
+        assert cfg not in seen
+        seen.add(cfg)
+
+
+def test_widens_when_the_neighbourhood_is_exhausted():
+    # only a bool to mutate: one unseen neighbour, then none
+    src = 'HPARAMS = {"flip": False, "seed": 0}\n'
+    prop = SearchProposer(seed=0)
+    p = prop.propose(src, [])
+    assert read_hparams(p.source) == {"flip": True, "seed": 0}
+    with pytest.raises(RuntimeError, match="no unseen configuration"):
+        prop.propose(src, [_entry(read_hparams(p.source), 1.0, kept=False, status="discard")])
+
+
+def test_read_write_round_trip():
+    hp = read_hparams(TEMPLATE)
+    assert hp["lr"] == 1e-3 and hp["preset"] == "tiny" and hp["model"] == {}
+    assert write_hparams(TEMPLATE, {}) == TEMPLATE
+    assert write_hparams(TEMPLATE, {k: hp[k] for k in ("lr", "eps", "flip")}) == TEMPLATE.replace(
+        '"lr": 1e-3', '"lr": 0.001')
+    updates = {"lr": 6.2e-4, "batch_size": 128, "flip": True, "beta2": 0.99875}
+    assert read_hparams(write_hparams(TEMPLATE, updates)) == {**hp, **updates}
+
+
+def test_float_format_round_trips():
+    for x in (1e-3, 6.2e-4, 1.0, 0.99875, 1e-6, 2e3, 0.1 + 0.2, 123456.0):
+        text = format_value(x)
+        assert isinstance(ast.literal_eval(text), float) and float(text) == x
+    assert format_value(1e-6) == "1e-6" and format_value(1.0) == "1.0"
+    assert format_value(True) == "True" and format_value(64) == "64"
+
+
+def test_template_proposal_passes_policy():
+    for p in _proposals(TEMPLATE, 10):
+        ast.parse(p.source)
+        assert policy.check_source(p.source) == []
+    assert policy.check_source(TEMPLATE) == []
+
+
+def test_history_entries_without_rank_or_hparams():
+    history = [_entry(None, None, kept=True, status="crash"), {"status": "rejected", "kept": False,
+               "val_mean_rank": None, "hparams": {}}]
+    p = SearchProposer(seed=0).propose(SMALL, history)
+    assert not math.isnan(read_hparams(p.source)["lr"])
+
+
+@pytest.mark.parametrize("source", ["x = 1\n", "HPARAMS = dict(lr=1)\n",
+                                    "def f():\n    HPARAMS = {'lr': 1.0}\n", "HPARAMS = {"])
+def test_source_without_literal_hparams(source):
+    with pytest.raises(ValueError, match="HPARAMS|parse") as info:
+        SearchProposer().propose(source, [])
+    assert "\n" not in str(info.value)
