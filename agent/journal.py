@@ -1,0 +1,79 @@
+"""The append-only journal (``journal.jsonl``) and the results table (``results.tsv``).
+
+One JSON object per line, flushed and fsynced per event, so a kill at any moment loses at
+most the line being written; a torn last line is skipped on reading (and reported), never
+rewritten. Events: ``start`` (an experiment is committed and about to run) and ``end`` (its
+outcome); an experiment with a start and no end was in flight when the loop died.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+COLUMNS = ("commit", "val_mean_rank", "memory_gb", "samples_per_s", "status", "description")
+
+
+def _ends_torn(path: Path) -> bool:
+    """True when the file's last line lacks its newline (a kill during a write)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except (FileNotFoundError, OSError):  # missing or empty
+        return False
+
+
+def append(path: Path, event: dict) -> None:
+    torn = _ends_torn(path)
+    with open(path, "a", encoding="utf-8") as f:
+        # A torn last line keeps its own line (and is skipped on reading) instead of
+        # swallowing this event.
+        f.write(("\n" if torn else "") + json.dumps(event, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    events = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            print(f"journal: {path}:{lineno}: torn line skipped (the loop was killed mid-write)", file=sys.stderr)
+    return events
+
+
+def experiments(events: list[dict]) -> list[dict]:
+    """One dict per experiment number: its start merged with its end (if any)."""
+    by_n: dict[int, dict] = {}
+    for e in events:
+        n = e.get("n")
+        if n is None:
+            continue
+        rec = by_n.setdefault(n, {"n": n})
+        if e["event"] == "start":
+            rec.update(e, ended=rec.get("ended", False))
+        elif e["event"] == "end":
+            rec.update({k: v for k, v in e.items() if k not in ("event", "time")}, ended=True)
+    return [by_n[n] for n in sorted(by_n)]
+
+
+def add_result_row(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", encoding="utf-8") as f:
+        if new:
+            f.write("\t".join(COLUMNS) + "\n")
+        vals = []
+        for c in COLUMNS:
+            v = row.get(c)
+            vals.append("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v).replace("\t", " "))
+        f.write("\t".join(vals) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,90 @@
+"""``python -m agent.report runs/<tag>``: the results table and ``progress.png``.
+
+The plot shows every experiment's validation mean rank (lower is better): discards grey,
+keeps green with their descriptions, baselines blue, and the running best as a step line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from agent import journal
+from agent.workspace import Workspace
+
+
+def summary(exps: list[dict]) -> dict:
+    scored = [e for e in exps if e.get("val_mean_rank") is not None]
+    base = [e["val_mean_rank"] for e in exps if e.get("status") == "baseline"]
+    counts: dict[str, int] = {}
+    for e in exps:
+        counts[e.get("status", "running")] = counts.get(e.get("status", "running"), 0) + 1
+    times = [e["time"] for e in exps if "time" in e]
+    hours = (max(times) - min(times)) / 3600 if len(times) > 1 else 0
+    return {"experiments": len(exps), "counts": counts,
+            "best": min((e["val_mean_rank"] for e in scored if e.get("status") in ("baseline", "keep")), default=None),
+            "baseline_mean": sum(base) / len(base) if base else None,
+            "per_hour": len(exps) / hours if hours else None}
+
+
+def plot_progress(ws: Workspace) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    exps = journal.experiments(journal.read(ws.journal_path))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    best, xs, ys = None, [], []
+    for e in exps:
+        r, st = e.get("val_mean_rank"), e.get("status")
+        if r is None:
+            continue
+        colour = {"keep": "tab:green", "baseline": "tab:blue"}.get(st, "lightgrey")
+        ax.scatter(e["n"], r, color=colour, zorder=3, s=25)
+        if st == "keep":
+            ax.annotate(e.get("description", "")[:40], (e["n"], r), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")
+        if st in ("keep", "baseline"):
+            best = r if best is None or st == "keep" or r < best else best
+        if best is not None:
+            xs.append(e["n"])
+            ys.append(best)
+    if xs:
+        ax.step(xs, ys, where="post", color="tab:green", label="best so far")
+        ax.legend()
+    ax.set_xlabel("experiment")
+    ax.set_ylabel("validation mean rank (lower is better)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = ws.root / "progress.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m agent.report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("workspace", type=Path, help="runs/<tag>")
+    args = ap.parse_args(argv)
+    ws = Workspace(args.workspace)
+    if not ws.journal_path.exists():
+        print(f"report: error: {ws.journal_path}: no journal here", file=sys.stderr)
+        return 2
+    exps = journal.experiments(journal.read(ws.journal_path))
+    s = summary(exps)
+    print(f"{'n':>4}  {'status':<11}{'val_mean_rank':>14}  description")
+    for e in exps:
+        r = e.get("val_mean_rank")
+        print(f"{e['n']:>4}  {e.get('status', 'running'):<11}{'' if r is None else f'{r:.2f}':>14}  {e.get('description', '')}")
+    print("---")
+    print(f"best_mean_rank: {s['best']}\nbaseline_mean:  {s['baseline_mean']}")
+    print("counts:         " + ", ".join(f"{k} {v}" for k, v in sorted(s["counts"].items())))
+    print(f"per_hour:       {s['per_hour'] and round(s['per_hour'], 1)}")
+    print(f"plot:           {plot_progress(ws)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Run one experiment through the harness, in its own process group, under a hard limit.
+
+The loop never imports the training code: it starts ``python -m eclip.harness run`` and
+reads the ``result.json`` the harness writes. The child gets an environment without
+secrets, its own session (so the whole group can be killed at once), and on Linux a
+parent-death signal, so it dies with the loop even when the loop is killed with -9.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SECRET = re.compile(r"(API_KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL)", re.IGNORECASE)
+EVAL_CAP_S = 120.0  # evaluation and start-up allowance on top of the training budget
+MARGIN = 0.5  # plus this fraction of the budget before the run is killed as a timeout
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def clean_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not SECRET.search(k)}
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""
+
+
+def run_experiment(recipe: Path, data: Path, budget_s: float, out: Path, *, compile_cache: Path | None = None,
+                   device: str = "auto", timeout_s: float | None = None, seed: int = 42) -> dict:
+    """Run the harness on ``recipe``; returns its result.json (plus ``duration_s``), or a
+    result with status ``timeout`` / ``crash`` and the log tail when there is none."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").unlink(missing_ok=True)
+    limit = timeout_s if timeout_s is not None else budget_s * (1 + MARGIN) + EVAL_CAP_S
+    cmd = [sys.executable, "-m", "eclip.harness", "run", "--recipe", str(recipe), "--data", str(data),
+           "--budget-s", str(budget_s), "--out", str(out), "--device", device, "--seed", str(seed)]
+    if compile_cache is not None:
+        cmd += ["--compile-cache", str(compile_cache)]
+    t0 = time.perf_counter()
+    with open(out / "run.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=clean_env(),
+                                start_new_session=True, preexec_fn=_die_with_parent,
+                                cwd=Path(__file__).resolve().parents[1])
+        try:
+            rc = proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the whole group: compile workers included
+            proc.wait()
+            return {"status": "timeout", "val_mean_rank": None, "duration_s": time.perf_counter() - t0,
+                    "reason": f"killed after {limit:.0f} s", "log_tail": log_tail(out / "run.log")}
+        except BaseException:  # Ctrl-C or a kill of the loop: never leave the run behind
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+    duration = time.perf_counter() - t0
+    try:
+        result = json.loads((out / "result.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {"status": "crash", "val_mean_rank": None, "duration_s": duration, "returncode": rc,
+                "log_tail": log_tail(out / "run.log")}
+    result["duration_s"] = duration
+    if result.get("status") != "ok":
+        result["log_tail"] = log_tail(out / "run.log")
+    return result

@@ -1,0 +1,71 @@
+"""A research workspace ``runs/<tag>/``: its own git repository plus untracked records.
+
+Tracked: ``recipe.py`` (the one file a proposer edits) and ``program.md`` (the brief a
+person writes for the proposer). Ignored and never cleaned: ``journal.jsonl``,
+``results.tsv``, ``experiments/<n>/`` and ``progress.png``. Keeping a change is a commit;
+discarding one is a hard reset to the best commit, which touches tracked files only.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+IGNORED = ("journal.jsonl", "results.tsv", "experiments/", "progress.png", ".compile_cache/")
+PROGRAM = """# Research brief
+
+Goal: the lowest validation mean rank (`val_mean_rank` in the harness's result.json;
+image→text and text→image averaged, 0 is perfect) after a fixed wall-clock training budget.
+
+Rules:
+- Edit only `recipe.py`. The harness owns the data, the clock and the evaluation; a recipe
+  that reaches for files, processes, the network or the interpreter is rejected unrun.
+- A change is kept only if it beats the best so far by more than the noise floor.
+- Prefer simple changes: a small gain that adds complexity is not worth keeping.
+- A crash, divergence or timeout counts as a failed experiment; fix the cause or move on.
+"""
+
+
+class Workspace:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.recipe = self.root / "recipe.py"
+        self.journal_path = self.root / "journal.jsonl"
+        self.results_path = self.root / "results.tsv"
+        self.experiments = self.root / "experiments"
+
+    def git(self, *args: str) -> str:
+        cmd = ["git", "-C", str(self.root), "-c", "user.name=eclip research loop",
+               "-c", "user.email=loop@localhost", "-c", "commit.gpgsign=false", *args]
+        return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+
+    @classmethod
+    def open_or_create(cls, root: Path, template: Path) -> Workspace:
+        ws = cls(root)
+        if (ws.root / ".git").is_dir():
+            return ws
+        ws.root.mkdir(parents=True, exist_ok=True)
+        ws.git("init", "-q")
+        (ws.root / ".gitignore").write_text("\n".join(IGNORED) + "\n")
+        shutil.copyfile(template, ws.recipe)
+        (ws.root / "program.md").write_text(PROGRAM)
+        ws.git("add", ".gitignore", "recipe.py", "program.md")
+        ws.git("commit", "-q", "-m", "baseline: the template recipe")
+        ws.experiments.mkdir(exist_ok=True)
+        return ws
+
+    def head(self) -> str:
+        return self.git("rev-parse", "HEAD")
+
+    def commit(self, message: str) -> str:
+        self.git("add", "recipe.py", "program.md")
+        self.git("commit", "-q", "--allow-empty", "-m", message)
+        return self.head()
+
+    def reset(self, commit: str) -> None:
+        """Tracked files back to ``commit``; ignored records stay (never ``git clean``)."""
+        self.git("reset", "-q", "--hard", commit)
+
+    def diff(self, base: str) -> str:
+        return self.git("diff", base, "--", "recipe.py")

@@ -1,0 +1,105 @@
+"""The research loop: keep/discard against the noise floor (scripted runner), resume,
+timeouts with no surviving process, and one whole loop with real harness runs."""
+
+import json
+import os
+import time
+
+import pytest
+
+from agent import journal, loop
+from agent.runner import run_experiment
+from agent.workspace import Workspace
+from eclip import prepare
+from eclip.train import TEMPLATE
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "syn"
+    assert prepare.main(["--dataset", "synthetic", "--num-train", "200", "--num-val", "40", "--num-test", "20",
+                         "--out", str(out), "--workers", "1"]) == 0
+    return out
+
+
+def scripted(ranks):
+    """A fake runner returning the given mean ranks in order (None: a crash)."""
+    calls = iter(ranks)
+
+    def fake(recipe, data, budget_s, out, **kw):
+        r = next(calls)
+        return {"status": "ok", "val_mean_rank": r, "duration_s": 0.1} if r is not None else \
+            {"status": "crash", "val_mean_rank": None, "log_tail": "Traceback: boom"}
+    return fake
+
+
+def test_keep_and_discard_against_the_noise_floor(cache, tmp_path, monkeypatch, capsys):
+    # baselines 100, 102, 98 → best 100, σ = 2, threshold 4: 97 is noise, 90 a real gain.
+    monkeypatch.setattr(loop, "run_experiment", scripted([100, 102, 98, 97, 90, None, 89]))
+    rc = loop.main(["--tag", "t", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1",
+                    "--max-experiments", "4"])
+    assert rc == 0
+    ws = Workspace(tmp_path / "t")
+    exps = journal.experiments(journal.read(ws.journal_path))
+    assert [e["status"] for e in exps] == ["baseline"] * 3 + ["discard", "keep", "crash", "discard"]
+    kept = exps[4]
+    assert ws.head() == kept["commit"]  # the tree sits at the best commit
+    assert ws.git("status", "--porcelain") == ""
+    rows = ws.results_path.read_text().splitlines()
+    assert rows[0].split("\t") == list(journal.COLUMNS) and len(rows) == 8
+    assert rows[5].split("\t")[4] == "keep"
+    for e in exps[3:]:
+        assert (ws.experiments / str(e["n"]) / "diff.patch").read_text()  # kept and discarded alike
+    assert (ws.root / "progress.png").read_bytes()[:4] == b"\x89PNG"
+    assert "best_mean_rank: 90" in capsys.readouterr().out
+
+
+def test_resume_records_the_run_in_flight_and_continues(cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "run_experiment", scripted([100, 100]))
+    assert loop.main(["--tag", "r", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1",
+                      "--noise-runs", "2", "--max-experiments", "0"]) == 0
+    ws = Workspace(tmp_path / "r")
+    # the loop dies (kill -9) after committing and journaling the start of experiment 3
+    ws.recipe.write_text(ws.recipe.read_text().replace('"lr": 1e-3', '"lr": 5e-4'))
+    commit = ws.commit("experiment 3: lr")
+    journal.append(ws.journal_path, {"event": "start", "n": 3, "kind": "experiment", "commit": commit,
+                                     "description": "lr 1e-3 -> 5e-4", "hparams": {}, "time": time.time()})
+    with open(ws.journal_path, "a") as f:
+        f.write('{"event": "end", "n": 3, "sta')  # torn mid-write
+    monkeypatch.setattr(loop, "run_experiment", scripted([80]))
+    assert loop.main(["--tag", "r", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1",
+                      "--noise-runs", "2", "--max-experiments", "2"]) == 0
+    exps = journal.experiments(journal.read(ws.journal_path))
+    assert [(e["n"], e["status"]) for e in exps] == [(1, "baseline"), (2, "baseline"), (3, "interrupted"), (4, "keep")]
+    assert ws.head() == exps[3]["commit"] and "lr 1e-3 -> 5e-4" not in ws.git("log", "-1", "--format=%s")
+
+
+def test_a_recipe_that_never_returns_is_killed_as_timeout(cache, tmp_path):
+    text = TEMPLATE.read_text() + "\n\ndef train_step(model, optimizer, batch, progress):\n    while True:\n        pass\n"
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(text)
+    out = tmp_path / "run"
+    r = run_experiment(recipe, cache, 1.0, out, device="cpu", timeout_s=12)
+    assert r["status"] == "timeout" and r["val_mean_rank"] is None
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    for pid in pids:  # nothing of that run survives
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        assert str(out).encode() not in cmdline, pid
+
+
+def test_a_whole_loop_with_real_runs(cache, tmp_path, capsys):
+    rc = loop.main(["--tag", "real", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1.5",
+                    "--noise-runs", "2", "--max-experiments", "1", "--device", "cpu"])
+    assert rc == 0
+    ws = Workspace(tmp_path / "real")
+    exps = journal.experiments(journal.read(ws.journal_path))
+    assert [e["status"] for e in exps[:2]] == ["baseline", "baseline"]
+    assert exps[2]["status"] in ("keep", "discard", "diverged", "no-op")
+    for e in exps:
+        if e["status"] in ("baseline", "keep", "discard"):
+            result = json.loads((ws.experiments / str(e["n"]) / "result.json").read_text())
+            assert result["status"] == "ok" and result["val_mean_rank"] == e["val_mean_rank"]
+    assert ws.git("status", "--porcelain") == ""
