@@ -14,16 +14,20 @@ from agent import journal
 from agent.workspace import Workspace
 
 
-def summary(exps: list[dict]) -> dict:
-    scored = [e for e in exps if e.get("val_mean_rank") is not None]
+def summary(events: list[dict]) -> dict:
+    """Counts, the best score by the loop's own rule (the baseline mean, then each keep),
+    and experiments per hour from the first start to the last end."""
+    exps = journal.experiments(events)
     base = [e["val_mean_rank"] for e in exps if e.get("status") == "baseline"]
+    best = sum(base) / len(base) if base else None
     counts: dict[str, int] = {}
     for e in exps:
         counts[e.get("status", "running")] = counts.get(e.get("status", "running"), 0) + 1
-    times = [e["time"] for e in exps if "time" in e]
+        if e.get("kept"):
+            best = e["val_mean_rank"]
+    times = [e["time"] for e in events if "time" in e]
     hours = (max(times) - min(times)) / 3600 if len(times) > 1 else 0
-    return {"experiments": len(exps), "counts": counts,
-            "best": min((e["val_mean_rank"] for e in scored if e.get("status") in ("baseline", "keep")), default=None),
+    return {"experiments": len(exps), "counts": counts, "best": best,
             "baseline_mean": sum(base) / len(base) if base else None,
             "per_hour": len(exps) / hours if hours else None}
 
@@ -72,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     if not ws.journal_path.exists():
         print(f"report: error: {ws.journal_path}: no journal here", file=sys.stderr)
         return 2
-    exps = journal.experiments(journal.read(ws.journal_path))
-    s = summary(exps)
+    events = journal.read(ws.journal_path)
+    exps = journal.experiments(events)
+    s = summary(events)
     print(f"{'n':>4}  {'status':<11}{'val_mean_rank':>14}  description")
     for e in exps:
         r = e.get("val_mean_rank")

@@ -103,3 +103,25 @@ def test_a_whole_loop_with_real_runs(cache, tmp_path, capsys):
             result = json.loads((ws.experiments / str(e["n"]) / "result.json").read_text())
             assert result["status"] == "ok" and result["val_mean_rank"] == e["val_mean_rank"]
     assert ws.git("status", "--porcelain") == ""
+
+
+def test_report_on_a_journal_fixture(tmp_path, capsys):
+    from agent import report
+    ws = tmp_path / "w"
+    ws.mkdir()
+    rows = [(1, "baseline", 100.0, False), (2, "baseline", 90.0, False), (3, "discard", 93.0, False),
+            (4, "keep", 70.0, True), (5, "crash", None, False)]
+    for i, (n, status, rank, kept) in enumerate(rows):
+        journal.append(ws / "journal.jsonl", {"event": "start", "n": n, "time": 1000.0 + 100 * i,
+                                              "kind": "baseline" if status == "baseline" else "experiment",
+                                              "commit": f"c{n}", "description": f"change {n}"})
+        journal.append(ws / "journal.jsonl", {"event": "end", "n": n, "time": 1090.0 + 100 * i,
+                                              "status": status, "val_mean_rank": rank, "kept": kept})
+    assert report.main([str(ws)]) == 0
+    out = capsys.readouterr().out
+    assert ["4", "keep", "70.00", "change", "4"] in [line.split() for line in out.splitlines()]
+    assert "best_mean_rank: 70.0" in out and "baseline_mean:  95.0" in out
+    assert "counts:         baseline 2, crash 1, discard 1, keep 1" in out
+    assert "per_hour:       36.7" in out  # 5 experiments from the first start to the last end: 490 s
+    assert (ws / "progress.png").read_bytes()[:4] == b"\x89PNG"
+    assert report.main([str(tmp_path / "none")]) == 2
