@@ -36,7 +36,14 @@ def save_checkpoint(out: str | Path, model: torch.nn.Module, optimizer: torch.op
                     state: dict[str, torch.Tensor], meta: dict) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors, aliases, seen = {}, {}, {}
+    for k, v in model.state_dict().items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype) if v.numel() else None
+        if key is not None and key in seen:  # tied weights: stored once, the alias noted
+            aliases[k] = seen[key]
+            continue
+        seen[key] = k
+        tensors[f"model.{k}"] = v.detach().cpu().contiguous()
     opt = optimizer.state_dict()
     scalars = {}
     for pid, st in opt["state"].items():
@@ -48,7 +55,7 @@ def save_checkpoint(out: str | Path, model: torch.nn.Module, optimizer: torch.op
     for k, v in state.items():
         tensors[f"state.{k}"] = v.detach().cpu().contiguous()
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in opt["param_groups"]]
-    meta = dict(meta, optimizer={"param_groups": groups, "scalars": scalars})
+    meta = dict(meta, optimizer={"param_groups": groups, "scalars": scalars}, aliases=aliases)
     _atomic_write(out / TENSORS, lambda p: save_file(tensors, str(p)))
     _atomic_write(out / META, lambda p: p.write_text(json.dumps(meta, indent=2, default=list) + "\n"))
     return out / META
@@ -71,6 +78,8 @@ def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module,
     meta = read_meta(ckpt_dir)
     tensors = load_file(str(ckpt_dir / TENSORS))
     weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+    for alias, name in meta.get("aliases", {}).items():
+        weights[alias] = weights[name]
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:

@@ -10,7 +10,9 @@ game, so before it runs, its syntax tree is checked:
   (``FORBIDDEN_NAMES``: ``open``, ``exec``, ``eval``, the builtin ``compile`` — attribute
   ``torch.compile`` is fine —, ``__import__``, ``getattr``/``setattr``, ``globals``, …);
 - no dunder names or attributes (``x.__class__``, ``__builtins__``: the usual ways out);
-- no ``FORBIDDEN_ATTRIBUTES`` such as ``torch.load``, ``torch.save``, ``torch.hub``.
+- no ``FORBIDDEN_ATTRIBUTES`` such as ``torch.load``, ``torch.save``, ``torch.hub``;
+- no assignment into an imported module or class (``torch.Tensor.sum = …``,
+  ``kernels.retrieval_ranks = …``): the evaluation runs on those libraries.
 
 It is a guard against accidents and casual gaming, checked on the source; the harness
 also strips secrets from the environment and runs the recipe in a separate process.
@@ -34,6 +36,7 @@ FORBIDDEN_ATTRIBUTES = frozenset({
     "load", "save", "hub", "package", "cpp_extension", "load_library", "classes",
     "multiprocessing", "distributed", "from_file", "system", "popen",
 })
+SETTINGS = ("torch.backends.", "torch._inductor.config.", "torch._dynamo.config.")  # knobs, not code
 WHY = "recipes may not reach files, processes, the network or the interpreter's machinery"
 
 
@@ -47,6 +50,38 @@ def _allowed_module(name: str) -> bool:
     return any(name == a or name.startswith(a + ".") for a in ALLOWED_IMPORTS)
 
 
+def _imported_names(tree: ast.AST) -> set[str]:
+    """Names bound by imports anywhere in the file (``import torch.nn as nn`` binds nn)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.asname or a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names |= {a.asname or a.name for a in node.names}
+    return names
+
+
+def _root_name(node: ast.AST) -> str | None:
+    """The variable at the root of ``a.b[c].d``; None for other expressions."""
+    while isinstance(node, (ast.Attribute, ast.Subscript)):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def _dotted(node: ast.AST) -> str:
+    """``torch.backends.cuda.matmul.allow_tf32`` for an attribute chain ('?' for the rest)."""
+    parts = []
+    while isinstance(node, (ast.Attribute, ast.Subscript)):
+        parts.append(node.attr if isinstance(node, ast.Attribute) else "[]")
+        node = node.value
+    parts.append(node.id if isinstance(node, ast.Name) else "?")
+    return ".".join(reversed(parts))
+
+
+def _is_super_call(node: ast.AST) -> bool:
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super"
+
+
 def check_source(source: str, filename: str = "recipe.py") -> list[Violation]:
     """All violations in ``source`` (empty when it passes), in line order."""
     try:
@@ -54,6 +89,7 @@ def check_source(source: str, filename: str = "recipe.py") -> list[Violation]:
     except SyntaxError as e:
         return [Violation(e.lineno or 0, f"syntax error: {e.msg}")]
     found: list[Violation] = []
+    imported = _imported_names(tree)
     for node in ast.walk(tree):
         line = getattr(node, "lineno", 0)
         if isinstance(node, ast.Import):
@@ -79,7 +115,16 @@ def check_source(source: str, filename: str = "recipe.py") -> list[Violation]:
                 found.append(Violation(line, f"use of '{node.id}' is not allowed ({WHY})"))
             elif node.id.startswith("__") and node.id.endswith("__") and node.id != "__name__":
                 found.append(Violation(line, f"dunder name '{node.id}' is not allowed ({WHY})"))
-        elif isinstance(node, ast.Attribute):
+        elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
+            targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+            for t in targets:
+                root = _root_name(t)
+                if root in imported and not isinstance(t, ast.Name) and not _dotted(t).startswith(SETTINGS):
+                    found.append(Violation(line, f"assigning into '{_dotted(t)}' is not allowed (it patches "
+                                           f"the imported '{root}', which the harness relies on)"))
+        if isinstance(node, ast.Attribute):
+            if node.attr == "__init__" and _is_super_call(node.value):
+                continue  # super().__init__() in a Module subclass
             if node.attr.startswith("__") and node.attr.endswith("__"):
                 found.append(Violation(line, f"dunder attribute '.{node.attr}' is not allowed ({WHY})"))
             elif node.attr in FORBIDDEN_ATTRIBUTES:

@@ -231,3 +231,20 @@ def test_flip_only_mirrors_without_cropping(cache):
     flipped = torch.stack([1 - boxes[..., 2], boxes[..., 1], 1 - boxes[..., 0], boxes[..., 3]], -1) * plain.box_mask[idx][..., None]
     want = torch.where(mirrored[:, None, None], flipped, boxes)
     torch.testing.assert_close(batch.boxes, want, atol=1e-5, rtol=0)
+
+
+def test_checkpoint_with_tied_weights(tmp_path):
+    # Two names for one tensor (tied weights) are stored once and restored as one.
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(3, 3, bias=False)
+            self.b = torch.nn.Linear(3, 3, bias=False)
+            self.b.weight = self.a.weight
+
+    model = Tied()
+    opt = torch.optim.AdamW(model.parameters())
+    save_checkpoint(tmp_path, model, opt, {}, {"step": 0})
+    other = Tied()
+    load_checkpoint(tmp_path, other, None)
+    assert torch.equal(other.a.weight, model.a.weight) and other.a.weight is other.b.weight

@@ -1,0 +1,131 @@
+"""Recipes that try to game the score: each must be rejected before it runs, or score no
+better than chance (random ≈ (N−1)/2), far from what honest training reaches.
+
+The harness evaluates from embeddings it computes itself: images and texts in separate
+passes, each in its own shuffled order, so a model that counts its calls or remembers the
+image pass cannot line the two up."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eclip import prepare
+from eclip.policy import check_source
+from eclip.train import TEMPLATE
+
+ROOT = Path(__file__).resolve().parents[1]
+N_VAL = 60
+RANDOM = (N_VAL - 1) / 2
+
+# A model that wraps the real one for training but answers evaluation with a trick.
+WRAPPER = '''
+
+_real_build_model = build_model
+
+
+class _Trick(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.cfg = inner.cfg
+        self.logit_scale = inner.logit_scale
+
+    def forward(self, images, tokens, mask):
+        return self.inner(images, tokens, mask)
+
+    def clamp_logit_scale_(self):
+        self.inner.clamp_logit_scale_()
+
+    def param_groups(self, wd):
+        return self.inner.param_groups(wd)
+
+    def flops_per_sample(self):
+        return self.inner.flops_per_sample()
+
+{methods}
+
+def build_model(spec):
+    return _Trick(_real_build_model(spec))
+'''
+
+TRICKS = {
+    "constant embedding": '''
+    def encode_image(self, images):
+        return torch.ones(images.shape[0], 8, device=images.device)
+
+    def encode_text(self, tokens, mask):
+        return torch.ones(tokens.shape[0], 8, device=tokens.device)
+''',
+    "counts its calls": '''
+    def encode_image(self, images):
+        return self._kth(images.shape[0], images.device, "img")
+
+    def encode_text(self, tokens, mask):
+        return self._kth(tokens.shape[0], tokens.device, "txt")
+
+    def _kth(self, b, device, which):
+        start = _COUNTS.get(which, 0)
+        _COUNTS[which] = start + b
+        return torch.nn.functional.one_hot(torch.arange(start, start + b, device=device), 4096).float()
+''',
+    "remembers the image pass": '''
+    def encode_image(self, images):
+        emb = self.inner.encode_image(images)
+        _MEMORY.append(emb.detach())
+        return emb
+
+    def encode_text(self, tokens, mask):
+        seen = torch.cat(_MEMORY)
+        start = _COUNTS.get("txt", 0)
+        _COUNTS["txt"] = start + tokens.shape[0]
+        return seen[start:start + tokens.shape[0]]
+''',
+}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "syn"
+    assert prepare.main(["--dataset", "synthetic", "--num-train", "200", "--num-val", str(N_VAL),
+                         "--num-test", "20", "--out", str(out), "--workers", "1"]) == 0
+    return out
+
+
+def harness(recipe: Path, cache: Path, out: Path) -> dict:
+    p = subprocess.run([sys.executable, "-m", "eclip.harness", "run", "--recipe", str(recipe), "--data", str(cache),
+                        "--budget-s", "1", "--out", str(out), "--device", "cpu"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    return json.loads((out / "result.json").read_text()) | {"returncode": p.returncode, "stderr": p.stderr}
+
+
+@pytest.mark.parametrize("trick", list(TRICKS))
+def test_tricks_at_evaluation_score_no_better_than_chance(cache, tmp_path, trick):
+    source = TEMPLATE.read_text() + "\n_COUNTS = {}\n_MEMORY = []\n" + WRAPPER.format(methods=TRICKS[trick])
+    assert check_source(source) == []  # nothing forbidden: the evaluation itself must resist
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(source)
+    r = harness(recipe, cache, tmp_path / "run")
+    assert r["status"] == "ok", r["stderr"][-2000:]
+    if trick == "constant embedding":
+        assert r["val_mean_rank"] == N_VAL - 1  # ties count against the model
+    else:
+        assert r["val_mean_rank"] > RANDOM * 0.6, r["val_mean_rank"]  # chance, not a match
+
+
+@pytest.mark.parametrize("code,message", [
+    ("kernels.retrieval_ranks = lambda *a, **k: None", "assigning into 'kernels.retrieval_ranks'"),
+    ("torch.Tensor.sum = lambda *a, **k: torch.zeros(())", "assigning into 'torch.Tensor.sum'"),
+    ("_open = getattr(__builtins__, 'op' + 'en')", "use of 'getattr' is not allowed"),
+    ("torch.save({}, 'leak.pt')", "attribute '.save' is not allowed"),
+    ("_w = torch.load('answers.pt')", "attribute '.load' is not allowed"),
+    ("import eclip.evaluate", "import of 'eclip.evaluate' is not allowed"),
+])
+def test_reaching_for_the_referee_is_rejected_unrun(cache, tmp_path, code, message):
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(TEMPLATE.read_text() + "\n" + code + "\n")
+    r = harness(recipe, cache, tmp_path / "run")
+    assert r["returncode"] == 2 and r["status"] == "rejected"
+    assert any(message in v for v in r["violations"]), r["violations"]
