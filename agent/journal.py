@@ -65,6 +65,26 @@ def experiments(events: list[dict]) -> list[dict]:
     return [by_n[n] for n in sorted(by_n)]
 
 
+def result_row(exp: dict) -> dict:
+    """The results.tsv row of one ended experiment (as merged by ``experiments``)."""
+    r = exp.get("result") or {}
+    return {"commit": (exp.get("commit") or "-")[:7], "val_mean_rank": exp.get("val_mean_rank"),
+            "memory_gb": r.get("peak_memory_gb"), "samples_per_s": r.get("samples_per_s"),
+            "status": exp.get("status"), "description": exp.get("description", "")}
+
+
+def rebuild_results(path: Path, events: list[dict]) -> None:
+    """Rewrite results.tsv from the journal (the record of truth), atomically: a kill
+    between the journal line and the table row can neither lose nor duplicate a row."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    for exp in experiments(events):
+        if exp.get("ended"):
+            add_result_row(tmp, result_row(exp))
+    if tmp.exists():
+        os.replace(tmp, path)
+
+
 def add_result_row(path: Path, row: dict) -> None:
     new = not path.exists()
     with open(path, "a", encoding="utf-8") as f:

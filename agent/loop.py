@@ -70,10 +70,9 @@ def record_end(ws: Workspace, n: int, status: str, result: dict, kept: bool, com
     journal.append(ws.journal_path, {"event": "end", "n": n, "time": time.time(), "status": status,
                                      "val_mean_rank": result.get("val_mean_rank"), "kept": kept,
                                      "result": {k: v for k, v in result.items() if k != "hparams"}})
-    journal.add_result_row(ws.results_path, {
-        "commit": (commit or "-")[:7], "val_mean_rank": result.get("val_mean_rank"),
-        "memory_gb": result.get("peak_memory_gb"), "samples_per_s": result.get("samples_per_s"),
-        "status": status, "description": description})
+    journal.add_result_row(ws.results_path, journal.result_row(
+        {"commit": commit, "val_mean_rank": result.get("val_mean_rank"), "result": result,
+         "status": status, "description": description}))
 
 
 def reconcile(ws: Workspace) -> None:
@@ -84,6 +83,7 @@ def reconcile(ws: Workspace) -> None:
                        False, e.get("commit"), e.get("description", ""))
             print(f"loop: experiment {e['n']} was in flight when the loop stopped: recorded as interrupted",
                   file=sys.stderr)
+    journal.rebuild_results(ws.results_path, journal.read(ws.journal_path))
 
 
 def run_one(ws: Workspace, args, n: int, kind: str, commit: str, description: str, extra: dict) -> dict:

@@ -125,3 +125,16 @@ def test_report_on_a_journal_fixture(tmp_path, capsys):
     assert "per_hour:       36.7" in out  # 5 experiments from the first start to the last end: 490 s
     assert (ws / "progress.png").read_bytes()[:4] == b"\x89PNG"
     assert report.main([str(tmp_path / "none")]) == 2
+
+
+def test_results_table_is_rebuilt_from_the_journal(cache, tmp_path, monkeypatch):
+    # A kill between the journal line and the table row: the row comes back, never twice.
+    monkeypatch.setattr(loop, "run_experiment", scripted([100, 100, 80]))
+    args = ["--tag", "x", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1",
+            "--noise-runs", "2", "--max-experiments", "1"]
+    assert loop.main(args) == 0
+    ws = Workspace(tmp_path / "x")
+    full = ws.results_path.read_text()
+    ws.results_path.write_text("".join(full.splitlines(keepends=True)[:-1]))  # the last row lost
+    assert loop.main(args) == 0  # nothing left to run; the restart reconciles
+    assert ws.results_path.read_text() == full
