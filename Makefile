@@ -1,5 +1,6 @@
-# Two entry points for a fresh machine: `make run` (set up, prepare the built-in dataset,
-# train on it) and `make test` (set up, run the whole test suite on the CPU).
+# Two entry points for a fresh machine: `make run` (set up, then the research loop on the
+# built-in dataset, which it prepares) and `make test` (set up, run the test suite on the CPU).
+# `make train` is the single 60 s training run.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ DATA ?= data/synthetic
 OUT ?= out/synthetic
 BUDGET_S ?= 60
 
-.PHONY: setup run test lint clean gpudeps
+.PHONY: setup run train test lint clean gpudeps
 
 $(VENV)/.installed: setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,9 @@ $(VENV)/.installed: setup.py constraints.txt
 setup: $(VENV)/.installed
 
 run: setup
+	$(PY) -m agent.loop
+
+train: setup
 	$(PY) -m eclip.prepare --dataset synthetic --out $(DATA)
 	$(PY) -m eclip.train --data $(DATA) --out $(OUT) --budget-s $(BUDGET_S)
 

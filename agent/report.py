@@ -40,24 +40,29 @@ def plot_progress(ws: Workspace) -> Path:
 
     exps = journal.experiments(journal.read(ws.journal_path))
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    best, xs, ys = None, [], []
+    best, base, xs, ys = None, [], [], []
+    labels = {"keep": ("tab:green", "keep"), "baseline": ("tab:blue", "baseline")}
     for e in exps:
         r, st = e.get("val_mean_rank"), e.get("status")
         if r is None:
             continue
-        colour = {"keep": "tab:green", "baseline": "tab:blue"}.get(st, "lightgrey")
-        ax.scatter(e["n"], r, color=colour, zorder=3, s=25)
+        colour, label = labels.get(st, ("lightgrey", "discard"))
+        ax.scatter(e["n"], r, color=colour, zorder=3, s=25, label=label)
         if st == "keep":
             ax.annotate(e.get("description", "")[:40], (e["n"], r), fontsize=7, xytext=(4, 4),
                         textcoords="offset points")
-        if st in ("keep", "baseline"):
-            best = r if best is None or st == "keep" or r < best else best
+            best = r
+        elif st == "baseline":  # the loop's rule: the baselines' mean is the first best
+            base.append(r)
+            best = sum(base) / len(base)
         if best is not None:
             xs.append(e["n"])
             ys.append(best)
     if xs:
         ax.step(xs, ys, where="post", color="tab:green", label="best so far")
-        ax.legend()
+        handles, names = ax.get_legend_handles_labels()
+        unique = dict(zip(names, handles, strict=True))
+        ax.legend(unique.values(), unique.keys())
     ax.set_xlabel("experiment")
     ax.set_ylabel("validation mean rank (lower is better)")
     ax.grid(alpha=0.3)
