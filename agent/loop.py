@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # a plot must never cost the journal
             print(f"loop: progress plot not drawn ({e})", file=sys.stderr)
     print(f"---\nworkspace:      {ws.root}\nbest_commit:    {st['best_commit'][:7]}\n"
-          f"best_mean_rank: {st['best']}\nnoise_floor:    {st['threshold']:.3f}\n"
+          f"best_mean_rank: {'none' if st['best'] is None else round(st['best'], 2)}\nnoise_floor:    {st['threshold']:.3f}\n"
           f"experiments:    {st['experiments']}\nresults:        {ws.results_path}")
     return code
 
