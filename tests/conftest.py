@@ -8,3 +8,18 @@ run skips collecting them and a test launches them in their own pytest process.
 import os
 
 collect_ignore_glob = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["interpret/*"]
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def small_cache(tmp_path_factory):
+    """A small built-in dataset cache (300 train, 60 val, 20 test scenes at 64 px), shared by
+    the tests that run the harness or the research loop."""
+    from eclip import prepare
+
+    out = tmp_path_factory.mktemp("data") / "small"
+    assert prepare.main(["--dataset", "synthetic", "--num-train", "300", "--num-val", "60", "--num-test", "20",
+                         "--out", str(out), "--workers", "1"]) == 0
+    return out

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from eclip import prepare
 from eclip.policy import check_source
 from eclip.train import TEMPLATE
 
@@ -86,12 +85,9 @@ TRICKS = {
 }
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "syn"
-    assert prepare.main(["--dataset", "synthetic", "--num-train", "200", "--num-val", str(N_VAL),
-                         "--num-test", "20", "--out", str(out), "--workers", "1"]) == 0
-    return out
+@pytest.fixture
+def cache(small_cache):
+    return small_cache
 
 
 def harness(recipe: Path, cache: Path, out: Path) -> dict:

@@ -10,16 +10,12 @@ import pytest
 from agent import journal, loop
 from agent.runner import run_experiment
 from agent.workspace import Workspace
-from eclip import prepare
 from eclip.train import TEMPLATE
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    out = tmp_path_factory.mktemp("data") / "syn"
-    assert prepare.main(["--dataset", "synthetic", "--num-train", "200", "--num-val", "40", "--num-test", "20",
-                         "--out", str(out), "--workers", "1"]) == 0
-    return out
+@pytest.fixture
+def cache(small_cache):
+    return small_cache
 
 
 def scripted(ranks):
