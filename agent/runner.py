@@ -11,14 +11,14 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-SECRET = re.compile(r"(API_KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL)", re.IGNORECASE)
+from eclip.policy import scrub_environment
+
 EVAL_CAP_S = 120.0  # evaluation and start-up allowance on top of the training budget
 MARGIN = 0.5  # plus this fraction of the budget before the run is killed as a timeout
 
@@ -31,7 +31,9 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 
 
 def clean_env() -> dict:
-    return {k: v for k, v in os.environ.items() if not SECRET.search(k)}
+    env = dict(os.environ)
+    scrub_environment(env)
+    return env
 
 
 def log_tail(path: Path, lines: int = 30) -> str:

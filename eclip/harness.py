@@ -18,23 +18,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from pathlib import Path
 
 from eclip.loop import write_json
-from eclip.policy import check_file
-
-SECRET = re.compile(r"(API_KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL)", re.IGNORECASE)
-
-
-def scrub_environment(env: dict | None = None) -> list[str]:
-    """Remove variables that look like secrets (in place); returns their names."""
-    env = os.environ if env is None else env
-    gone = [k for k in env if SECRET.search(k)]
-    for k in gone:
-        del env[k]
-    return gone
+from eclip.policy import check_file, scrub_environment
 
 
 def limit_address_space(gigabytes: float) -> None:

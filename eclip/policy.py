@@ -21,6 +21,8 @@ also strips secrets from the environment and runs the recipe in a separate proce
 from __future__ import annotations
 
 import ast
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,19 @@ WHY = "recipes may not reach files, processes, the network or the interpreter's 
 class Violation:
     line: int  # 1-based line of the offending node
     message: str  # what is not allowed, in a few words
+
+
+SECRET = re.compile(r"(API_KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL)", re.IGNORECASE)
+
+
+def scrub_environment(env: dict | None = None) -> list[str]:
+    """Remove variables that look like secrets from ``env`` (default: os.environ), in
+    place; returns their names. A recipe has no reason to see an API key."""
+    env = os.environ if env is None else env
+    gone = [k for k in env if SECRET.search(k)]
+    for k in gone:
+        del env[k]
+    return gone
 
 
 def _allowed_module(name: str) -> bool:

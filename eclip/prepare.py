@@ -24,7 +24,7 @@ from tqdm import tqdm
 from eclip.data import cache as cache_mod
 from eclip.data import synthetic
 from eclip.data.images import RESIZE_POLICIES, Job, decode_job
-from eclip.data.sources import Problems, Record, read_manifest_file, read_odvg
+from eclip.data.sources import Problems, Record, read_manifest_file, read_odvg, resolve_image
 from eclip.errors import DataError, EclipError
 from eclip.evaluate import kfold_assign
 from eclip.tokenizer import encode_batch, load_tokenizer, train_bpe
@@ -88,10 +88,6 @@ def _resolve_defaults(args) -> None:
         raise EclipError("--val-frac and --test-frac must lie in [0, 1) and sum below 1")
 
 
-def _image_path(images_dir: Path, name: str) -> Path:
-    return Path(name) if Path(name).is_absolute() else images_dir / name
-
-
 def _stat_digest(paths: list[Path]) -> str:
     """Hash of (name, size, mtime) of every image: catches replaced files without reading
     gigabytes of pixels on every run."""
@@ -145,7 +141,7 @@ def gather_records(args, problems: Problems) -> tuple[list[Record], list[dict], 
             for r, x in zip(recs, u, strict=True):
                 if r.split is None:
                     r.split = "test" if x < args.test_frac else "val" if x < args.test_frac + args.val_frac else "train"
-    paths = [_image_path(args.images, r.image) for r in recs]
+    paths = [resolve_image(args.images, r.image) for r in recs]
     sources.append({"kind": "images", "path": str(args.images), "count": len(paths), "stat_sha256": _stat_digest(paths)})
     return recs, sources, extra
 
@@ -153,7 +149,7 @@ def gather_records(args, problems: Problems) -> tuple[list[Record], list[dict], 
 def decode_all(recs: list[Record], args, problems: Problems) -> tuple[np.ndarray, list[list], list[int]]:
     """Decode every record's image in parallel. Returns images [n, 3, R, R] for the records
     kept, their normalised boxes, and the indices of the records kept."""
-    jobs = [Job(path=None if r.scene else str(_image_path(args.images, r.image)), scene=r.scene,
+    jobs = [Job(path=None if r.scene else str(resolve_image(args.images, r.image)), scene=r.scene,
                 boxes=[b for b, _ in r.regions], size=args.image_size, policy=args.resize)
             for r in recs]
     images = np.empty((len(jobs), 3, args.image_size, args.image_size), dtype=np.uint8)

@@ -78,8 +78,13 @@ def parse_regions(where: str, regions) -> list[tuple[list[float], str]]:
     return out
 
 
+def resolve_image(images_dir: Path, name: str) -> Path:
+    """An image path as written in a source: absolute, or relative to the images directory."""
+    return Path(name) if Path(name).is_absolute() else images_dir / name
+
+
 def check_image_path(where: str, images_dir: Path, name: str) -> Path:
-    path = Path(name) if Path(name).is_absolute() else images_dir / name
+    path = resolve_image(images_dir, name)
     if not path.is_file():
         raise DataError(where, f"image not found: {path}")
     return path
