@@ -65,6 +65,22 @@ def experiments(events: list[dict]) -> list[dict]:
     return [by_n[n] for n in sorted(by_n)]
 
 
+def running_best(exps: list[dict]) -> list[tuple[int, float]]:
+    """(n, best score so far) from the first scored baseline on, by the loop's rule: the mean
+    of the baseline runs is the first best, then each kept experiment replaces it."""
+    base: list[float] = []
+    best, out = None, []
+    for e in exps:
+        if e.get("status") == "baseline" and e.get("val_mean_rank") is not None:
+            base.append(e["val_mean_rank"])
+            best = sum(base) / len(base)
+        elif e.get("kept"):
+            best = e["val_mean_rank"]
+        if best is not None:
+            out.append((e["n"], best))
+    return out
+
+
 def result_row(exp: dict) -> dict:
     """The results.tsv row of one ended experiment (as merged by ``experiments``)."""
     r = exp.get("result") or {}

@@ -55,10 +55,9 @@ def state(exps: list[dict], root_commit: str, min_delta: float) -> dict:
     """Best commit and score, noise floor and counts, from the journal alone."""
     base = [e["val_mean_rank"] for e in exps if e.get("kind") == "baseline" and e.get("status") == "baseline"]
     sigma = statistics.stdev(base) if len(base) >= 2 else 0.0
-    best_commit, best = root_commit, (statistics.mean(base) if base else None)
-    for e in exps:
-        if e.get("kept"):
-            best_commit, best = e["commit"], e["val_mean_rank"]
+    kept = [e["commit"] for e in exps if e.get("kept")]
+    trail = journal.running_best(exps)
+    best_commit, best = (kept[-1] if kept else root_commit), (trail[-1][1] if trail else None)
     return {"baselines": len(base), "baseline_attempts": sum(e.get("kind") == "baseline" for e in exps),
             "experiments": sum(e.get("kind") == "experiment" for e in exps), "sigma": sigma,
             "threshold": max(min_delta, 2 * sigma), "best_commit": best_commit, "best": best,
@@ -122,17 +121,12 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
         print(f"loop: stopping: {e}", file=sys.stderr)
         return False
     info = {"hypothesis": prop.hypothesis, "changes": {k: list(v) for k, v in prop.changes.items()}}
-    if prop.source == source:
-        journal.append(ws.journal_path, {"event": "start", "n": n, "time": time.time(), "kind": "experiment",
-                                         "commit": None, "description": prop.description, **info})
-        record_end(ws, n, "no-op", {"val_mean_rank": None}, False, None, prop.description)
-        return True
     violations = check_source(prop.source)
-    if violations:
+    if prop.source == source or violations:  # recorded, never committed or run
         journal.append(ws.journal_path, {"event": "start", "n": n, "time": time.time(), "kind": "experiment",
                                          "commit": None, "description": prop.description, **info})
-        record_end(ws, n, "rejected", {"val_mean_rank": None, "reason": [f"recipe.py:{v.line}: {v.message}"
-                                                                        for v in violations]},
+        reason = [f"recipe.py:{v.line}: {v.message}" for v in violations]
+        record_end(ws, n, "rejected" if violations else "no-op", {"val_mean_rank": None, "reason": reason},
                    False, None, prop.description)
         return True
     ws.recipe.write_text(prop.source)

@@ -19,12 +19,11 @@ def summary(events: list[dict]) -> dict:
     and experiments per hour from the first start to the last end."""
     exps = journal.experiments(events)
     base = [e["val_mean_rank"] for e in exps if e.get("status") == "baseline"]
-    best = sum(base) / len(base) if base else None
+    trail = journal.running_best(exps)
+    best = trail[-1][1] if trail else None
     counts: dict[str, int] = {}
     for e in exps:
         counts[e.get("status", "running")] = counts.get(e.get("status", "running"), 0) + 1
-        if e.get("kept"):
-            best = e["val_mean_rank"]
     times = [e["time"] for e in events if "time" in e]
     hours = (max(times) - min(times)) / 3600 if len(times) > 1 else 0
     return {"experiments": len(exps), "counts": counts, "best": best,
@@ -40,7 +39,6 @@ def plot_progress(ws: Workspace) -> Path:
 
     exps = journal.experiments(journal.read(ws.journal_path))
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    best, base, xs, ys = None, [], [], []
     labels = {"keep": ("tab:green", "keep"), "baseline": ("tab:blue", "baseline")}
     for e in exps:
         r, st = e.get("val_mean_rank"), e.get("status")
@@ -51,15 +49,9 @@ def plot_progress(ws: Workspace) -> Path:
         if st == "keep":
             ax.annotate(e.get("description", "")[:40], (e["n"], r), fontsize=7, xytext=(4, 4),
                         textcoords="offset points")
-            best = r
-        elif st == "baseline":  # the loop's rule: the baselines' mean is the first best
-            base.append(r)
-            best = sum(base) / len(base)
-        if best is not None:
-            xs.append(e["n"])
-            ys.append(best)
-    if xs:
-        ax.step(xs, ys, where="post", color="tab:green", label="best so far")
+    trail = journal.running_best(exps)
+    if trail:
+        ax.step(*zip(*trail, strict=True), where="post", color="tab:green", label="best so far")
         handles, names = ax.get_legend_handles_labels()
         unique = dict(zip(names, handles, strict=True))
         ax.legend(unique.values(), unique.keys())
