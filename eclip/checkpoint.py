@@ -22,7 +22,9 @@ from eclip.errors import EclipError
 TENSORS, META = "checkpoint.safetensors", "checkpoint.json"
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary sibling, then rename it over ``path``: readers see the
+    old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
@@ -56,8 +58,8 @@ def save_checkpoint(out: str | Path, model: torch.nn.Module, optimizer: torch.op
         tensors[f"state.{k}"] = v.detach().cpu().contiguous()
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in opt["param_groups"]]
     meta = dict(meta, optimizer={"param_groups": groups, "scalars": scalars}, aliases=aliases)
-    _atomic_write(out / TENSORS, lambda p: save_file(tensors, str(p)))
-    _atomic_write(out / META, lambda p: p.write_text(json.dumps(meta, indent=2, default=list) + "\n"))
+    atomic_write(out / TENSORS, lambda p: save_file(tensors, str(p)))
+    atomic_write(out / META, lambda p: p.write_text(json.dumps(meta, indent=2, default=list) + "\n"))
     return out / META
 
 

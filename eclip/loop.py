@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from eclip.checkpoint import load_checkpoint
+from eclip.checkpoint import atomic_write, load_checkpoint
 from eclip.data.cache import Cache
 from eclip.data.device import DeviceData
 from eclip.errors import EclipError
@@ -320,6 +320,4 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
 
 def write_json(path: Path, obj: dict) -> None:
     """Write JSON atomically (temp file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
