@@ -17,6 +17,7 @@ best by more than ``max(--min-delta, 2σ)``.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -74,14 +75,48 @@ def record_end(ws: Workspace, n: int, status: str, result: dict, kept: bool, com
          "status": status, "description": description}))
 
 
-def reconcile(ws: Workspace) -> None:
-    """An experiment that started and never ended was cut off: record it ``interrupted``."""
-    for e in journal.experiments(journal.read(ws.journal_path)):
-        if not e.get("ended"):
-            record_end(ws, e["n"], "interrupted", {"val_mean_rank": None, "reason": "the loop stopped during the run"},
-                       False, e.get("commit"), e.get("description", ""))
-            print(f"loop: experiment {e['n']} was in flight when the loop stopped: recorded as interrupted",
+def outcome(kind: str, result: dict, st: dict) -> tuple[str, bool]:
+    """(status, kept) of a finished run: a scored baseline is ``baseline``; a scored
+    experiment is ``keep`` only if it beats the best by more than the noise floor."""
+    status = result.get("status", "crash")
+    if status != "ok":
+        return status, False
+    if kind == "baseline":
+        return "baseline", False
+    kept = result["val_mean_rank"] < st["best"] - st["threshold"]
+    return ("keep" if kept else "discard"), kept
+
+
+def recovered_result(ws: Workspace, exp: dict) -> dict | None:
+    """The result.json of a run that finished after its start was journaled (the runner
+    deletes any older one before starting), or None."""
+    path = ws.experiments / str(exp["n"]) / "result.json"
+    try:
+        if exp.get("commit") is None or path.stat().st_mtime < exp.get("time", 0):
+            return None
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def reconcile(ws: Workspace, root_commit: str, min_delta: float) -> None:
+    """An experiment that started and never ended: if its run had finished (the loop died
+    before journaling it), record its real outcome; otherwise record it ``interrupted``."""
+    exps = journal.experiments(journal.read(ws.journal_path))
+    for i, e in enumerate(exps):
+        if e.get("ended"):
+            continue
+        r = recovered_result(ws, e)
+        if r is not None:
+            status, kept = outcome(e.get("kind", "experiment"), r, state(exps[:i], root_commit, min_delta))
+            record_end(ws, e["n"], status, dict(r, recovered=True), kept, e.get("commit"), e.get("description", ""))
+            print(f"loop: experiment {e['n']} had finished when the loop stopped: recorded as {status}",
                   file=sys.stderr)
+            continue
+        record_end(ws, e["n"], "interrupted", {"val_mean_rank": None, "reason": "the loop stopped during the run"},
+                   False, e.get("commit"), e.get("description", ""))
+        print(f"loop: experiment {e['n']} was in flight when the loop stopped: recorded as interrupted",
+              file=sys.stderr)
     journal.rebuild_results(ws.results_path, journal.read(ws.journal_path))
 
 
@@ -106,8 +141,7 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
             raise SystemExit("loop: error: the baseline recipe keeps failing; see experiments/*/run.log")
         ws.reset(root_commit)
         r = run_one(ws, args, n, "baseline", root_commit, "baseline", {})
-        status = "baseline" if r.get("status") == "ok" else r.get("status", "crash")
-        record_end(ws, n, status, r, False, root_commit, "baseline")
+        record_end(ws, n, outcome("baseline", r, st)[0], r, False, root_commit, "baseline")
         return True
     if st["experiments"] >= args.max_experiments:
         return False
@@ -120,7 +154,8 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
     except RuntimeError as e:  # the search space is exhausted: nothing new to try
         print(f"loop: stopping: {e}", file=sys.stderr)
         return False
-    info = {"hypothesis": prop.hypothesis, "changes": {k: list(v) for k, v in prop.changes.items()}}
+    info = {"hypothesis": prop.hypothesis, "changes": {k: list(v) for k, v in prop.changes.items()},
+            "search_step": prop.step}
     violations = check_source(prop.source)
     if prop.source == source or violations:  # recorded, never committed or run
         journal.append(ws.journal_path, {"event": "start", "n": n, "time": time.time(), "kind": "experiment",
@@ -133,10 +168,7 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
     commit = ws.commit(f"experiment {n}: {prop.description}")
     info["diff"] = ws.diff(st["best_commit"])
     r = run_one(ws, args, n, "experiment", commit, prop.description, info)
-    status, kept = r.get("status", "crash"), False
-    if status == "ok":
-        kept = r["val_mean_rank"] < st["best"] - st["threshold"]
-        status = "keep" if kept else "discard"
+    status, kept = outcome("experiment", r, st)
     record_end(ws, n, status, r, kept, commit, prop.description)
     if not kept:
         ws.reset(st["best_commit"])
@@ -158,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
                        check=True)
     ws = Workspace.open_or_create(args.workspace_root / args.tag, TEMPLATE)
     root_commit = ws.git("rev-list", "--max-parents=0", "HEAD").splitlines()[0]
-    reconcile(ws)
+    reconcile(ws, root_commit, args.min_delta)
+    # what this session runs with: `agent.report --final` retrains the best on the same data
+    journal.append(ws.journal_path, {"event": "session", "time": time.time(), "proposer": args.proposer,
+                                     "data": str(args.data.resolve()), "budget_s": args.budget_s,
+                                     "device": args.device, "seed": args.seed})
     exps = journal.experiments(journal.read(ws.journal_path))
     proposer = SearchProposer(seed=args.seed + len(exps))
     t0 = time.time()
@@ -169,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
     except KeyboardInterrupt:
         print("loop: interrupted; recording and returning to the best commit", file=sys.stderr)
-        reconcile(ws)
+        reconcile(ws, root_commit, args.min_delta)
         code = 130
     finally:
         st = state(journal.experiments(journal.read(ws.journal_path)), root_commit, args.min_delta)

@@ -24,7 +24,7 @@ def summary(events: list[dict]) -> dict:
     counts: dict[str, int] = {}
     for e in exps:
         counts[e.get("status", "running")] = counts.get(e.get("status", "running"), 0) + 1
-    times = [e["time"] for e in events if "time" in e]
+    times = [e["time"] for e in events if e.get("event") in ("start", "end") and "time" in e]
     hours = (max(times) - min(times)) / 3600 if len(times) > 1 else 0
     return {"experiments": len(exps), "counts": counts, "best": best,
             "baseline_mean": sum(base) / len(base) if base else None,

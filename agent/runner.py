@@ -44,9 +44,11 @@ def log_tail(path: Path, lines: int = 30) -> str:
 
 
 def run_experiment(recipe: Path, data: Path, budget_s: float, out: Path, *, compile_cache: Path | None = None,
-                   device: str = "auto", timeout_s: float | None = None, seed: int = 42) -> dict:
+                   device: str = "auto", timeout_s: float | None = None, seed: int = 42,
+                   final: bool = False) -> dict:
     """Run the harness on ``recipe``; returns its result.json (plus ``duration_s``), or a
-    result with status ``timeout`` / ``crash`` and the log tail when there is none."""
+    result with status ``timeout`` / ``crash`` and the log tail when there is none.
+    ``final``: train on train+val and score the held-out test split."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").unlink(missing_ok=True)
     limit = timeout_s if timeout_s is not None else budget_s * (1 + MARGIN) + EVAL_CAP_S
@@ -54,6 +56,8 @@ def run_experiment(recipe: Path, data: Path, budget_s: float, out: Path, *, comp
            "--budget-s", str(budget_s), "--out", str(out), "--device", device, "--seed", str(seed)]
     if compile_cache is not None:
         cmd += ["--compile-cache", str(compile_cache)]
+    if final:
+        cmd.append("--final")
     t0 = time.perf_counter()
     with open(out / "run.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=clean_env(),

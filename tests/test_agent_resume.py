@@ -1,0 +1,195 @@
+"""Resume after ``kill -9`` at every phase of an experiment.
+
+A driver process runs the real loop with a scripted runner and SIGKILLs itself at one
+phase of the first experiment after the baselines; a restart (in-process, scripted) must
+reconcile git, journal and experiment folders and continue: nothing recorded lost or
+duplicated, the tree at the best commit, numbering continued. The journal is checked line
+by line. A last test kills a loop whose harness run is real and checks the run dies with it.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent import journal, loop
+from agent.workspace import Workspace
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The driver: the loop with a scripted runner that writes result.json like the harness,
+# and a SIGKILL of its own process at the named phase of experiment 3.
+DRIVER = r'''
+import json, os, signal, sys
+from agent import journal, loop
+from agent.workspace import Workspace
+
+phase, ranks, argv = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3:]
+calls = iter(ranks)
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+
+def fake_runner(recipe, data, budget_s, out, **kw):
+    rank = next(calls)
+    if phase == "during-run" and rank == "KILL":
+        die()
+    result = {"status": "ok", "val_mean_rank": rank}
+    (out / "result.json").write_text(json.dumps(result))
+    return dict(result, duration_s=0.01)
+
+loop.run_experiment = fake_runner
+real_commit, real_append = Workspace.commit, journal.append
+
+def commit(self, message):
+    if phase == "before-commit" and message.startswith("experiment"):
+        die()
+    sha = real_commit(self, message)
+    if phase == "after-commit":
+        die()
+    return sha
+
+def append(path, event):
+    if event.get("event") == "end" and event.get("n") == 3:
+        if phase == "before-end":
+            die()
+        if phase == "during-end":
+            with open(path, "a") as f:  # half of the line reaches the disk, then the kill
+                f.write(json.dumps(event)[:25])
+                f.flush()
+                os.fsync(f.fileno())
+            die()
+    real_append(path, event)
+
+Workspace.commit, journal.append = commit, append
+sys.exit(loop.main(argv))
+'''
+
+
+def _args(root, cache, max_experiments):
+    return ["--tag", "k", "--workspace-root", str(root), "--data", str(cache), "--budget-s", "1",
+            "--noise-runs", "2", "--max-experiments", str(max_experiments)]
+
+
+def _scripted(ranks):
+    calls = iter(ranks)
+
+    def fake(recipe, data, budget_s, out, **kw):
+        result = {"status": "ok", "val_mean_rank": next(calls)}
+        (out / "result.json").write_text(json.dumps(result))
+        return dict(result, duration_s=0.01)
+    return fake
+
+
+def _lines(ws):
+    """The journal's raw lines: (event, n, status) per parsed line, 'TORN' for a torn one."""
+    out = []
+    for line in ws.journal_path.read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            out.append("TORN")
+            continue
+        out.append((e["event"], e.get("n"), e.get("status")))
+    return out
+
+
+BASE = [("session", None, None), ("start", 1, None), ("end", 1, "baseline"), ("start", 2, None),
+        ("end", 2, "baseline")]
+S = ("session", None, None)
+START3, START4 = ("start", 3, None), ("start", 4, None)
+
+
+@pytest.mark.parametrize("phase, first_run, pre, post", [
+    # killed with the new recipe written but not committed: nothing of experiment 3 was
+    # recorded, so the restart proposes it again (same seed, same history) under number 3
+    ("before-commit", [], [], [S, START3, ("end", 3, "keep"), START4, ("end", 4, "discard")]),
+    # committed, not journaled: the commit is left dangling, the proposal repeated
+    ("after-commit", [], [], [S, START3, ("end", 3, "keep"), START4, ("end", 4, "discard")]),
+    # the run in flight: recorded interrupted at restart, the next number continues
+    ("during-run", ["KILL"], [START3], [("end", 3, "interrupted"), S, START4, ("end", 4, "keep")]),
+    # the run finished and wrote result.json, the end line never came: its real outcome is recovered
+    ("before-end", [80], [START3], [("end", 3, "keep"), S, START4, ("end", 4, "discard")]),
+    # half of the end line written: skipped on reading, the outcome recovered from result.json
+    ("during-end", [80], [START3, "TORN"], [("end", 3, "keep"), S, START4, ("end", 4, "discard")]),
+])
+def test_kill_at_each_phase_then_resume(small_cache, tmp_path, phase, first_run, pre, post):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", DRIVER, phase, json.dumps([100, 100, *first_run]),
+                           *_args(tmp_path, small_cache, 2)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    ws = Workspace(tmp_path / "k")
+    before = ws.journal_path.read_text()
+    assert _lines(ws) == BASE + pre
+    # the restart; an interrupted experiment still counts towards --max-experiments
+    mp = pytest.MonkeyPatch()
+    mp.setattr(loop, "run_experiment", _scripted({"during-run": [80], "before-end": [95],
+                                                  "during-end": [95]}.get(phase, [80, 95])))
+    try:
+        assert loop.main(_args(tmp_path, small_cache, 2)) == 0
+    finally:
+        mp.undo()
+    assert ws.journal_path.read_text().startswith(before)  # append-only: no old byte changed
+    assert _lines(ws) == BASE + pre + post
+    exps = journal.experiments(journal.read(ws.journal_path))
+    assert [e["n"] for e in exps] == [1, 2, 3, 4]  # nothing lost, nothing twice
+    best = loop.state(exps, ws.git("rev-list", "--max-parents=0", "HEAD"), 0.0)
+    assert ws.head() == best["best_commit"] == next(e["commit"] for e in exps if e.get("kept"))
+    assert ws.git("status", "--porcelain") == ""
+    rows = ws.results_path.read_text().splitlines()[1:]
+    assert [r.split("\t")[4] for r in rows] == [e["status"] for e in exps]
+    if phase in ("before-end", "during-end"):
+        assert exps[2]["result"]["recovered"] is True and exps[2]["val_mean_rank"] == 80
+
+
+def _procs_mentioning(text: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if text.encode() in cmdline:
+            found.append(int(pid))
+    return found
+
+
+def test_a_real_run_dies_with_the_loop(small_cache, tmp_path):
+    """kill -9 of the loop while a real harness run trains: the run notices and exits."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "agent.loop", "--tag", "orphan", "--workspace-root", str(tmp_path),
+           "--data", str(small_cache), "--budget-s", "600", "--noise-runs", "1", "--device", "cpu"]
+    loop_proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ws = Workspace(tmp_path / "orphan")
+    marker = str(ws.experiments / "1")
+    try:
+        deadline = time.time() + 60
+        while not _procs_mentioning(marker) and time.time() < deadline:
+            time.sleep(0.2)
+        assert _procs_mentioning(marker), "the harness run never started"
+        time.sleep(1.0)
+    finally:
+        loop_proc.kill()
+        loop_proc.wait()
+    deadline = time.time() + 15
+    while _procs_mentioning(marker) and time.time() < deadline:
+        time.sleep(0.2)
+    survivors = _procs_mentioning(marker)
+    for pid in survivors:  # never leave a 600 s run behind, even when the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert survivors == []
+    mp = pytest.MonkeyPatch()
+    mp.setattr(loop, "run_experiment", _scripted([100]))
+    try:
+        assert loop.main(["--tag", "orphan", "--workspace-root", str(tmp_path), "--data", str(small_cache),
+                          "--budget-s", "1", "--noise-runs", "1", "--max-experiments", "0"]) == 0
+    finally:
+        mp.undo()
+    exps = journal.experiments(journal.read(ws.journal_path))
+    assert [(e["n"], e["status"]) for e in exps] == [(1, "interrupted"), (2, "baseline")]
