@@ -16,6 +16,10 @@ Mutations, by kind of entry:
 - strings, dicts, ``preset``, ``model`` and ``seed`` are never touched: a string is a
   mode switch whose choices a search cannot know, and the others change what is compared.
 
+The step σ adapts to success (the one-fifth rule of evolution strategies): it grows after a
+keep and shrinks after a discard or a failed run, so a search that keeps finding gains
+takes bolder steps and one that keeps missing refines around the best.
+
 A proposal is a pure function of ``seed``, the source and the history, so a restarted loop
 proposes what the killed one would have.
 """
@@ -53,7 +57,12 @@ ONE_MINUS = {"beta1": (1e-3, 0.5), "beta2": (1e-4, 0.5)}
 REQUIRES = {k: "expert" for k in ("expert_weight", "expert_probability",
                                   "expert_cold_start", "expert_ramp")}
 INT_BOUNDS = {"batch_size": (8, 4096)}
-SIGMA = 0.5  # log-scale step: ×0.6 … ×1.65 at one σ
+SIGMA = 0.5  # initial log-scale step: ×0.6 … ×1.65 at one σ
+# Step-size control by the one-fifth success rule: a keep widens the step by GROW, any other
+# finished experiment narrows it by GROW**-0.25, so the step holds still at one keep in five
+# (more keeps: the neighbourhood is easy, look further; fewer: look closer).
+GROW = 1.5
+SIGMA_RANGE = (0.05, 2.0)
 RETRIES_PER_WIDTH = 20  # attempts before the step (σ and number of keys) is widened
 MAX_ATTEMPTS = 200
 
@@ -64,6 +73,7 @@ class Proposal:
     description: str  # short, e.g. "lr 1e-3 -> 6.2e-4"
     hypothesis: str  # one sentence
     changes: dict = field(default_factory=dict)  # key -> (old, new), relative to the source
+    step: float | None = None  # the log-scale σ it was drawn with (journaled as search_step)
 
 
 def _find_hparams(source: str) -> ast.Dict:
@@ -169,6 +179,18 @@ def _canonical(hp: dict) -> str:
     return json.dumps(hp, sort_keys=True, default=repr)
 
 
+def adapted_sigma(history: list[dict]) -> float:
+    """The step σ after the experiments in ``history`` (baselines and unrun edits do not count)."""
+    sigma = SIGMA
+    for h in history:
+        status = h.get("status")
+        if status in (None, "baseline", "no-op", "rejected", "interrupted"):
+            continue
+        sigma *= GROW if h.get("kept") else GROW ** -0.25
+        sigma = min(SIGMA_RANGE[1], max(SIGMA_RANGE[0], sigma))
+    return sigma
+
+
 def best_kept(history: list[dict]) -> dict | None:
     """The kept experiment with the lowest ``val_mean_rank`` (None when there is none)."""
     kept = [h for h in history if h.get("kept") and h.get("val_mean_rank") is not None
@@ -204,15 +226,18 @@ class SearchProposer:
         if not keys:
             raise ValueError("HPARAMS has no entry the search may mutate")
         rng = self._rng(recipe_source, history)
+        step = adapted_sigma(history)
         for attempt in range(MAX_ATTEMPTS):
             widen = attempt // RETRIES_PER_WIDTH  # stuck among seen configs: bigger steps
-            sigma = SIGMA * (1 + widen)
+            sigma = step * (1 + widen)
             count = min(len(keys), rng.choice((1, 2)) + widen)
             candidate = dict(base)
             for key in rng.sample(keys, count):
                 candidate[key] = _mutate(key, base[key], rng, sigma)
             if _canonical(candidate) not in seen:
-                return self._proposal(recipe_source, current, base, candidate, best)
+                prop = self._proposal(recipe_source, current, base, candidate, best)
+                prop.step = sigma
+                return prop
         raise RuntimeError(f"search found no unseen configuration in {MAX_ATTEMPTS} attempts")
 
     @staticmethod

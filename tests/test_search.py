@@ -171,3 +171,45 @@ def test_source_without_literal_hparams(source):
     with pytest.raises(ValueError, match="HPARAMS|parse") as info:
         SearchProposer().propose(source, [])
     assert "\n" not in str(info.value)
+
+
+def test_step_adapts_to_success():
+    from agent.search import GROW, SIGMA, SIGMA_RANGE, adapted_sigma
+
+    hp = read_hparams(SMALL)
+    misses = [_entry(hp, 10.0, kept=False, status="discard")] * 8
+    hits = [_entry(hp, 5.0, kept=True, status="keep")] * 2
+    # baselines, unrun edits and interrupted runs say nothing about the step size
+    neutral = [_entry(hp, 10.0, kept=False, status=s) for s in ("baseline", "no-op", "rejected", "interrupted")]
+    assert adapted_sigma(neutral) == SIGMA
+    assert adapted_sigma(misses) == pytest.approx(SIGMA * GROW ** -2)  # 8 misses: two quarter-steps ×4
+    assert adapted_sigma(hits) == pytest.approx(SIGMA * GROW ** 2)
+    # one keep in five holds the step still (the one-fifth rule)
+    assert adapted_sigma((misses[:4] + hits[:1]) * 3) == pytest.approx(SIGMA)
+    crashes = [_entry(hp, None, kept=False, status="crash")] * 200
+    assert adapted_sigma(crashes) == SIGMA_RANGE[0]  # bounded below: never a frozen search
+    assert adapted_sigma(hits * 100) == SIGMA_RANGE[1]
+
+
+def test_proposals_shrink_after_misses_and_grow_after_keeps():
+    """The drawn lr step follows the adapted σ: median |log(new/old)| over many seeds."""
+    source = SMALL.replace('"batch_size": 64', '"batch_size": -1').replace('"flip": False', '"flip": "x"')
+    keys_hp = read_hparams(source)
+
+    def median_log_step(history):
+        steps = []
+        for seed in range(150):
+            p = SearchProposer(seed=seed).propose(source, history)
+            assert p.step is not None
+            if "lr" in p.changes:
+                steps.append(abs(math.log(p.changes["lr"][1] / keys_hp["lr"])))
+        steps.sort()
+        return steps[len(steps) // 2]
+
+    far = dict(keys_hp, lr=0.5, warmup=0.4, beta2=0.5)  # seen configs far away: no widening
+    misses = [_entry(far, 10.0, kept=False, status="discard")] * 12
+    small, medium = median_log_step(misses), median_log_step([])
+    assert small < 0.6 * medium
+    # keeps of a configuration equal to the source's own values: the base stays, σ grows
+    hits = [_entry(dict(keys_hp), 5.0, kept=True, status="keep")] * 3
+    assert median_log_step(hits) > 1.5 * medium
