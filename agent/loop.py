@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     # what this session runs with: `agent.report --final` retrains the best on the same data
     journal.append(ws.journal_path, {"event": "session", "time": time.time(), "proposer": args.proposer,
                                      "data": str(args.data.resolve()), "budget_s": args.budget_s,
-                                     "device": args.device, "seed": args.seed})
+                                     "device": args.device, "seed": args.seed, "min_delta": args.min_delta})
     exps = journal.experiments(journal.read(ws.journal_path))
     proposer = SearchProposer(seed=args.seed + len(exps))
     t0 = time.time()

@@ -7,6 +7,7 @@ keeps green with their descriptions, baselines blue, and the running best as a s
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -26,7 +27,10 @@ def summary(events: list[dict]) -> dict:
         counts[e.get("status", "running")] = counts.get(e.get("status", "running"), 0) + 1
     times = [e["time"] for e in events if e.get("event") in ("start", "end") and "time" in e]
     hours = (max(times) - min(times)) / 3600 if len(times) > 1 else 0
+    sigma = statistics.stdev(base) if len(base) >= 2 else 0.0
+    min_delta = next((e.get("min_delta", 0.0) for e in reversed(events) if e.get("event") == "session"), 0.0)
     return {"experiments": len(exps), "counts": counts, "best": best,
+            "noise_floor": max(min_delta or 0.0, 2 * sigma),
             "baseline_mean": sum(base) / len(base) if base else None,
             "per_hour": len(exps) / hours if hours else None}
 
@@ -68,6 +72,11 @@ def plot_progress(ws: Workspace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m agent.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("workspace", type=Path, help="runs/<tag>")
+    ap.add_argument("--final", action="store_true",
+                    help="retrain the best commit on train+val and score the held-out test split (once)")
+    ap.add_argument("--data", type=Path, help="--final: prepared cache (default: the loop session's)")
+    ap.add_argument("--budget-s", type=float, help="--final: training budget (default: the loop session's)")
+    ap.add_argument("--device", help="--final: device (default: the loop session's)")
     args = ap.parse_args(argv)
     ws = Workspace(args.workspace)
     if not ws.journal_path.exists():
@@ -84,8 +93,22 @@ def main(argv: list[str] | None = None) -> int:
     fmt = lambda v: "none" if v is None else round(v, 2)
     print(f"best_mean_rank: {fmt(s['best'])}\nbaseline_mean:  {fmt(s['baseline_mean'])}")
     print("counts:         " + ", ".join(f"{k} {v}" for k, v in sorted(s["counts"].items())))
+    print(f"noise_floor:    {s['noise_floor']:.2f}")
     print(f"per_hour:       {s['per_hour'] and round(s['per_hour'], 1)}")
+    for e in events:
+        if e.get("event") == "final":
+            print(f"final:          commit {e['commit'][:7]} test_mean_rank {fmt(e.get('test_mean_rank'))} ({e['status']})")
     print(f"plot:           {plot_progress(ws)}")
+    if args.final:
+        from agent.final import final_evaluation, summary_lines
+
+        try:
+            event, ran = final_evaluation(ws, data=args.data, budget_s=args.budget_s, device=args.device)
+        except ValueError as e:
+            print(f"report: error: {e}", file=sys.stderr)
+            return 2
+        print("\n".join(summary_lines(event, ran)))
+        return 0 if event["status"] == "ok" else 1
     return 0
 
 

@@ -1,0 +1,85 @@
+"""The final evaluation of a research workspace: ``python -m agent.report runs/T --final``.
+
+The loop chooses by the validation split, so its best score is optimistic: selected among
+many noisy runs. The held-out test split answers the question once. The best commit's
+recipe is retrained through the harness on train+val (``--final``) for the session's
+budget and scored on the test split; the result is journaled as a ``final`` event. A
+second call for the same best commit prints the recorded figures and trains nothing —
+the test split is looked at once per best commit, never tuned against.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from agent import journal
+from agent.runner import run_experiment
+from agent.workspace import Workspace
+
+
+def recorded_final(events: list[dict], commit: str) -> dict | None:
+    return next((e for e in reversed(events) if e.get("event") == "final" and e.get("commit") == commit), None)
+
+
+def last_session(events: list[dict]) -> dict:
+    return next((e for e in reversed(events) if e.get("event") == "session"), {})
+
+
+def best_of(ws: Workspace, events: list[dict]) -> tuple[str, dict | None]:
+    """The best commit by the loop's rule and its experiment (None for the baseline)."""
+    from agent.loop import state  # the loop's own keeping rule, not a copy
+
+    exps = journal.experiments(events)
+    root = ws.git("rev-list", "--max-parents=0", "HEAD").splitlines()[0]
+    commit = state(exps, root, 0.0)["best_commit"]
+    return commit, next((e for e in reversed(exps) if e.get("kept") and e.get("commit") == commit), None)
+
+
+def final_evaluation(ws: Workspace, *, data: Path | None = None, budget_s: float | None = None,
+                     device: str | None = None, timeout_s: float | None = None) -> tuple[dict, bool]:
+    """(the final event, whether it was run now). Raises ValueError on a workspace that has
+    nothing to evaluate or no data to train on."""
+    events = journal.read(ws.journal_path)
+    if not any(e.get("status") == "baseline" for e in journal.experiments(events)):
+        raise ValueError(f"{ws.journal_path}: no scored baseline yet; nothing to evaluate")
+    commit, exp = best_of(ws, events)
+    done = recorded_final(events, commit)
+    if done is not None:
+        return done, False
+    session = last_session(events)
+    data = data or (Path(session["data"]) if session.get("data") else None)
+    budget_s = budget_s or session.get("budget_s")
+    if data is None or not (data / "manifest.json").exists():
+        raise ValueError(f"{data}: no prepared cache (give --data)" if data else
+                         f"{ws.journal_path}: no session records the data; give --data")
+    if not budget_s:
+        raise ValueError(f"{ws.journal_path}: no session records the budget; give --budget-s")
+    out = ws.experiments / f"final-{commit[:7]}"
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = out / "recipe.py"
+    recipe.write_text(ws.git("show", f"{commit}:recipe.py") + "\n")
+    r = run_experiment(recipe, data.resolve(), float(budget_s), out, device=device or session.get("device", "auto"),
+                       compile_cache=ws.root / ".compile_cache", timeout_s=timeout_s, final=True)
+    event = {"event": "final", "time": time.time(), "commit": commit, "status": r.get("status", "crash"),
+             "description": exp["description"] if exp else "baseline", "n": None,
+             "val_mean_rank": exp["val_mean_rank"] if exp else None, "test_mean_rank": r.get("val_mean_rank"),
+             "data": str(data), "budget_s": float(budget_s), "out": str(out),
+             "result": {k: v for k, v in r.items() if k != "hparams"}}
+    journal.append(ws.journal_path, event)
+    return event, True
+
+
+def summary_lines(event: dict, ran: bool) -> list[str]:
+    fmt = lambda v: "none" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = ["---", f"final_commit:   {event['commit'][:7]}", f"description:    {event['description']}",
+             f"status:         {event['status']}", f"val_mean_rank:  {fmt(event['val_mean_rank'])}",
+             f"test_mean_rank: {fmt(event['test_mean_rank'])}", "trained_on:     train+val",
+             f"budget_s:       {event['budget_s']:g}",
+             f"evaluated:      {'now' if ran else 'earlier (recorded; the test split is scored once)'}"]
+    metrics = (event.get("result") or {}).get("metrics") or {}
+    for d in ("i2t", "t2i"):  # the harness's metric keys: {d}_mean_rank, {d}_r{k} as fractions
+        for k in (1, 5, 10):
+            if f"{d}_r{k}" in metrics:
+                lines.append(f"{f'test_{d}_R@{k}:':<16}{100 * metrics[f'{d}_r{k}']:.1f}%")
+    return lines

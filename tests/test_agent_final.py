@@ -1,0 +1,71 @@
+"""``agent.report --final``: the best commit retrained on train+val and scored on test, once."""
+
+import json
+
+import pytest
+
+from agent import final, journal, loop, report
+from agent.workspace import Workspace
+
+
+def _scripted(ranks):
+    calls = iter(ranks)
+
+    def fake(recipe, data, budget_s, out, **kw):
+        return {"status": "ok", "val_mean_rank": next(calls), "duration_s": 0.01}
+    return fake
+
+
+@pytest.fixture
+def workspace(small_cache, tmp_path, monkeypatch):
+    """A loop history: baselines 100 and 100 (σ = 0, so any gain keeps), a keep at 90, then a
+    discard at 95."""
+    monkeypatch.setattr(loop, "run_experiment", _scripted([100, 100, 90, 95]))
+    assert loop.main(["--tag", "f", "--workspace-root", str(tmp_path), "--data", str(small_cache),
+                      "--budget-s", "1.5", "--noise-runs", "2", "--max-experiments", "2", "--device", "cpu"]) == 0
+    return Workspace(tmp_path / "f")
+
+
+def test_final_retrains_the_best_commit_and_scores_test_once(workspace, monkeypatch, capsys):
+    ws = workspace
+    exps = journal.experiments(journal.read(ws.journal_path))
+    best = next(e for e in exps if e.get("kept"))
+    assert [e["status"] for e in exps] == ["baseline", "baseline", "keep", "discard"]
+    capsys.readouterr()
+    assert report.main([str(ws.root), "--final"]) == 0  # a real harness run, 1.5 s, on the session's data
+    out = capsys.readouterr().out
+    finals = [e for e in journal.read(ws.journal_path) if e.get("event") == "final"]
+    assert len(finals) == 1
+    ev = finals[0]
+    assert ev["commit"] == best["commit"] and ev["status"] == "ok" and ev["val_mean_rank"] == 90
+    run_dir = ws.experiments / f"final-{best['commit'][:7]}"
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["eval_split"] == "test" and result["test_mean_rank"] == ev["test_mean_rank"]
+    rt = lambda d: json.loads(json.dumps(d))  # noqa: E731
+    assert rt(result["hparams"]) == rt(best["hparams"]) != rt(exps[0]["hparams"])  # the kept recipe ran
+    assert (run_dir / "recipe.py").read_text().strip() == ws.git("show", f"{best['commit']}:recipe.py").strip()
+    assert f"test_mean_rank: {ev['test_mean_rank']:.2f}" in out and "evaluated:      now" in out
+    assert "test_i2t_R@1:" in out
+    # once: a second call prints the recorded figures and trains nothing
+    monkeypatch.setattr(final, "run_experiment", lambda *a, **k: pytest.fail("retrained"))
+    assert report.main([str(ws.root), "--final"]) == 0
+    out = capsys.readouterr().out
+    assert f"test_mean_rank: {ev['test_mean_rank']:.2f}" in out and "evaluated:      earlier" in out
+    assert f"final:          commit {best['commit'][:7]}" in out  # the table shows it too
+    assert sum(e.get("event") == "final" for e in journal.read(ws.journal_path)) == 1
+    # the final event is not an experiment: the loop's numbering and table are unaffected
+    assert [e["n"] for e in journal.experiments(journal.read(ws.journal_path))] == [1, 2, 3, 4]
+
+
+def test_final_needs_a_baseline_and_data(tmp_path, small_cache, capsys):
+    ws = Workspace.open_or_create(tmp_path / "empty", loop.TEMPLATE)
+    journal.append(ws.journal_path, {"event": "session", "time": 0.0, "data": str(small_cache), "budget_s": 1.0})
+    assert report.main([str(ws.root), "--final"]) == 2
+    assert "no scored baseline yet" in capsys.readouterr().err
+    journal.append(ws.journal_path, {"event": "start", "n": 1, "time": 1.0, "kind": "baseline", "commit": ws.head(),
+                                     "description": "baseline"})
+    journal.append(ws.journal_path, {"event": "end", "n": 1, "time": 2.0, "status": "baseline",
+                                     "val_mean_rank": 50.0, "kept": False})
+    assert report.main([str(ws.root), "--final", "--data", str(tmp_path / "nowhere")]) == 2
+    assert f"{tmp_path / 'nowhere'}: no prepared cache" in capsys.readouterr().err
+    assert not any(e.get("event") == "final" for e in journal.read(ws.journal_path))
