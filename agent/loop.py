@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 from agent import journal
+from agent.claude import DEFAULT_MODEL, ClaudeConfig, ClaudeProposer, ProposerStop
 from agent.runner import run_experiment
 from agent.search import SearchProposer, read_hparams
 from agent.workspace import Workspace
@@ -38,7 +40,9 @@ DEFAULT_DATA = Path("data/synthetic")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m agent.loop", description=__doc__.split("\n\n")[0])
     p.add_argument("--tag", default="default", help="workspace name: runs/<tag>/")
-    p.add_argument("--proposer", choices=["search"], default="search", help="who proposes edits")
+    p.add_argument("--proposer", choices=["search", "claude"], default="search",
+                   help="who proposes edits: the offline search, or Claude (needs ANTHROPIC_API_KEY; never chosen "
+                        "by the key alone)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="prepared cache (built-in data is prepared if missing)")
     p.add_argument("--budget-s", type=float, default=45.0, help="training budget per experiment")
     p.add_argument("--max-experiments", type=int, default=5, help="experiments after the baselines")
@@ -49,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="device for the runs")
     p.add_argument("--seed", type=int, default=0, help="proposer seed")
     p.add_argument("--timeout-s", type=float, help="hard limit per run (default: budget × 1.5 + 120 s)")
+    c = p.add_argument_group("claude proposer")
+    c.add_argument("--model", default=DEFAULT_MODEL, help="Messages API model id")
+    c.add_argument("--max-turns", type=int, default=12, help="model replies per proposal")
+    c.add_argument("--max-tokens", type=int, default=4096, help="output tokens per reply")
+    c.add_argument("--max-cost-usd", type=float, default=5.0,
+                   help="stop cleanly once the workspace's API spending (all sessions) reaches this")
+    c.add_argument("--fix-attempts", type=int, default=2,
+                   help="consecutive proposals that may repair a crashed experiment instead of the best recipe")
+    c.add_argument("--api-pause-s", type=float, default=30.0,
+                   help="pause before retrying after the SDK's own retries gave up (doubles each time)")
     return p
 
 
@@ -120,10 +134,47 @@ def reconcile(ws: Workspace, root_commit: str, min_delta: float) -> None:
     journal.rebuild_results(ws.results_path, journal.read(ws.journal_path))
 
 
+def record_unrun(ws: Workspace, n: int, description: str, info: dict, status: str, reason: list) -> None:
+    """A proposal that is recorded but never committed or run (no-op, rejected)."""
+    journal.append(ws.journal_path, {"event": "start", "n": n, "time": time.time(), "kind": "experiment",
+                                     "commit": None, "description": description, **info})
+    record_end(ws, n, status, {"val_mean_rank": None, "reason": reason}, False, None, description)
+
+
+def spent_usd(exps: list[dict]) -> float:
+    """API spending recorded in the journal, all sessions of the workspace."""
+    return sum(e.get("cost_usd") or 0.0 for e in exps)
+
+
+FIXABLE = ("crash", "diverged")
+
+
+def fix_target(exps: list[dict], attempts: int) -> dict | None:
+    """The last experiment, if it failed in a way a code change can repair and the chain of
+    fix attempts leading to it is shorter than ``attempts``."""
+    done = [e for e in exps if e.get("kind") == "experiment" and e.get("ended")]
+    if not done or done[-1].get("status") not in FIXABLE or done[-1].get("commit") is None:
+        return None
+    chain, by_n = 0, {e["n"]: e for e in exps}
+    e = done[-1]
+    while e is not None and e.get("fix_of") is not None:
+        chain += 1
+        e = by_n.get(e["fix_of"])
+    return done[-1] if chain < attempts else None
+
+
+def hparams_or_none(source: str) -> dict | None:
+    """The recipe's HPARAMS, or None when an edit made it non-literal (the run still goes ahead)."""
+    try:
+        return read_hparams(source)
+    except ValueError:
+        return None
+
+
 def run_one(ws: Workspace, args, n: int, kind: str, commit: str, description: str, extra: dict) -> dict:
     journal.append(ws.journal_path, {"event": "start", "n": n, "time": time.time(), "kind": kind,
                                      "commit": commit, "description": description,
-                                     "hparams": read_hparams(ws.recipe.read_text()), **extra})
+                                     "hparams": hparams_or_none(ws.recipe.read_text()), **extra})
     out = ws.experiments / str(n)
     out.mkdir(parents=True, exist_ok=True)
     (out / "diff.patch").write_text(extra.get("diff", ""))
@@ -145,24 +196,45 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
         return True
     if st["experiments"] >= args.max_experiments:
         return False
+    spent = spent_usd(exps)
+    if args.proposer == "claude" and spent >= args.max_cost_usd:
+        print(f"loop: stopping: API spending ${spent:.2f} reached --max-cost-usd {args.max_cost_usd:g}", file=sys.stderr)
+        return False
     ws.reset(st["best_commit"])
+    fix = fix_target(exps, args.fix_attempts) if args.proposer == "claude" else None
+    if fix is not None:  # repair the failed version instead of proposing from the best
+        ws.recipe.write_text(ws.git("show", f"{fix['commit']}:recipe.py") + "\n")
     source = ws.recipe.read_text()
     history = [{"hparams": e.get("hparams") or {}, "val_mean_rank": e.get("val_mean_rank"),
                 "status": e.get("status"), "kept": bool(e.get("kept"))} for e in exps if e.get("hparams")]
+    context = {"workspace": ws.root, "program": (ws.root / "program.md").read_text(), "experiments": exps,
+               "state": st, "session": {"budget_s": args.budget_s, "device": args.device},
+               "budget_usd": args.max_cost_usd - spent, "fix": fix}
     try:
-        prop = proposer.propose(source, history)
+        prop = proposer.propose(source, history, context=context)
     except RuntimeError as e:  # the search space is exhausted: nothing new to try
         print(f"loop: stopping: {e}", file=sys.stderr)
         return False
+    except (ProposerStop, KeyboardInterrupt) as e:  # journal what the cut-off proposal cost, then stop
+        usage = getattr(proposer, "pending_usage", None)
+        if usage is not None and usage.calls:
+            why = str(e) if isinstance(e, ProposerStop) else "interrupted during the proposal"
+            extra = {"usage": usage.to_dict(), "cost_usd": usage.cost_usd(args.model), "model": args.model}
+            record_unrun(ws, n, f"no-op: {why}", extra, "no-op", [why])
+        raise
     info = {"hypothesis": prop.hypothesis, "changes": {k: list(v) for k, v in prop.changes.items()},
-            "search_step": prop.step}
+            "search_step": prop.step, **prop.extra}
+    if fix is not None:
+        info["fix_of"] = fix["n"]
+    if prop.transcript is not None:
+        out = ws.experiments / str(n)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "transcript.json").write_text(json.dumps(prop.transcript, indent=1, default=str))
     violations = check_source(prop.source)
     if prop.source == source or violations:  # recorded, never committed or run
-        journal.append(ws.journal_path, {"event": "start", "n": n, "time": time.time(), "kind": "experiment",
-                                         "commit": None, "description": prop.description, **info})
-        reason = [f"recipe.py:{v.line}: {v.message}" for v in violations]
-        record_end(ws, n, "rejected" if violations else "no-op", {"val_mean_rank": None, "reason": reason},
-                   False, None, prop.description)
+        reason = [f"recipe.py:{v.line}: {v.message}" for v in violations] or [prop.extra.get("reason") or "no edit"]
+        record_unrun(ws, n, prop.description, info, "rejected" if violations else "no-op", reason)
+        ws.reset(st["best_commit"])
         return True
     ws.recipe.write_text(prop.source)
     commit = ws.commit(f"experiment {n}: {prop.description}")
@@ -172,7 +244,8 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
     record_end(ws, n, status, r, kept, commit, prop.description)
     if not kept:
         ws.reset(st["best_commit"])
-    print(f"loop: #{n} {status:<9} val_mean_rank {r.get('val_mean_rank')} (best {st['best']:.2f}, "
+    rank = r.get("val_mean_rank")
+    print(f"loop: #{n} {status:<9} val_mean_rank {'none' if rank is None else f'{rank:.2f}'} (best {st['best']:.2f}, "
           f"noise floor {st['threshold']:.2f})  {prop.description}", flush=True)
     return True
 
@@ -181,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.noise_runs < 1:
         print("loop: error: --noise-runs must be at least 1 (the baseline defines the first best)", file=sys.stderr)
+        return 2
+    if args.proposer == "claude" and not os.environ.get("ANTHROPIC_API_KEY"):
+        print("loop: error: --proposer claude needs ANTHROPIC_API_KEY in the environment", file=sys.stderr)
         return 2
     if not (args.data / "manifest.json").exists():
         if args.data != DEFAULT_DATA:
@@ -196,7 +272,16 @@ def main(argv: list[str] | None = None) -> int:
                                      "data": str(args.data.resolve()), "budget_s": args.budget_s,
                                      "device": args.device, "seed": args.seed, "min_delta": args.min_delta})
     exps = journal.experiments(journal.read(ws.journal_path))
-    proposer = SearchProposer(seed=args.seed + len(exps))
+    if args.proposer == "claude":
+        proposer = ClaudeProposer(ClaudeConfig(model=args.model, max_turns=args.max_turns, max_tokens=args.max_tokens,
+                                               api_pause_s=args.api_pause_s))
+        if not proposer.price_known:
+            print(f"loop: warning: no price known for {args.model}; costs use the dearest rates in agent/pricing.py",
+                  file=sys.stderr)
+        print(f"loop: claude proposer {args.model}; spent so far ${spent_usd(exps):.4f} of "
+              f"${args.max_cost_usd:g}", file=sys.stderr)
+    else:
+        proposer = SearchProposer(seed=args.seed + len(exps))
     t0 = time.time()
     code = 0
     try:
@@ -207,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         print("loop: interrupted; recording and returning to the best commit", file=sys.stderr)
         reconcile(ws, root_commit, args.min_delta)
         code = 130
+    except ProposerStop as e:
+        print(f"loop: stopping: {e}", file=sys.stderr)
+        code = 1
     finally:
         st = state(journal.experiments(journal.read(ws.journal_path)), root_commit, args.min_delta)
         ws.reset(st["best_commit"])

@@ -85,15 +85,31 @@ def main(argv: list[str] | None = None) -> int:
     events = journal.read(ws.journal_path)
     exps = journal.experiments(events)
     s = summary(events)
-    print(f"{'n':>4}  {'status':<11}{'val_mean_rank':>14}  description")
+    priced = any(e.get("usage") for e in exps)  # an LLM proposer: tokens and cost per experiment
+    head = f"{'n':>4}  {'status':<11}{'val_mean_rank':>14}"
+    if priced:
+        head += f"  {'tokens in/out/cache w/r':>26}  {'cost $':>7}"
+    print(head + "  description")
     for e in exps:
         r = e.get("val_mean_rank")
-        print(f"{e['n']:>4}  {e.get('status', 'running'):<11}{'' if r is None else f'{r:.2f}':>14}  {e.get('description', '')}")
+        line = f"{e['n']:>4}  {e.get('status', 'running'):<11}{'' if r is None else f'{r:.2f}':>14}"
+        if priced:
+            u = e.get("usage") or {}
+            tok = "/".join(str(u.get(k, 0)) for k in ("input_tokens", "output_tokens", "cache_write_tokens",
+                                                       "cache_read_tokens")) if u else ""
+            cost = e.get("cost_usd")
+            line += f"  {tok:>26}  {'' if cost is None else f'{cost:.4f}':>7}"
+        print(f"{line}  {e.get('description', '')}")
     print("---")
     fmt = lambda v: "none" if v is None else round(v, 2)
     print(f"best_mean_rank: {fmt(s['best'])}\nbaseline_mean:  {fmt(s['baseline_mean'])}")
     print("counts:         " + ", ".join(f"{k} {v}" for k, v in sorted(s["counts"].items())))
     print(f"noise_floor:    {s['noise_floor']:.2f}")
+    if priced:
+        totals = {k: sum((e.get("usage") or {}).get(k, 0) for e in exps) for k in
+                  ("calls", "input_tokens", "output_tokens", "cache_write_tokens", "cache_read_tokens")}
+        print("api_tokens:     " + ", ".join(f"{k} {v}" for k, v in totals.items()))
+        print(f"api_cost_usd:   {sum(e.get('cost_usd') or 0.0 for e in exps):.4f}")
     print(f"per_hour:       {s['per_hour'] and round(s['per_hour'], 1)}")
     for e in events:
         if e.get("event") == "final":

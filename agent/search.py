@@ -74,6 +74,8 @@ class Proposal:
     hypothesis: str  # one sentence
     changes: dict = field(default_factory=dict)  # key -> (old, new), relative to the source
     step: float | None = None  # the log-scale σ it was drawn with (journaled as search_step)
+    extra: dict = field(default_factory=dict)  # proposer-specific facts for the journal (usage, cost, …)
+    transcript: list | None = None  # the conversation that produced it (LLM proposers)
 
 
 def _find_hparams(source: str) -> ast.Dict:
@@ -209,7 +211,8 @@ class SearchProposer:
         blob = _canonical({"seed": self.seed, "source": source, "history": history})
         return random.Random(int.from_bytes(hashlib.sha256(blob.encode()).digest()[:8], "big"))
 
-    def propose(self, recipe_source: str, history: list[dict]) -> Proposal:
+    def propose(self, recipe_source: str, history: list[dict], context: dict | None = None) -> Proposal:
+        """A new configuration near the best (``context``, the loop's extra facts, is unused)."""
         current = read_hparams(recipe_source)
         base = dict(current)
         best = best_kept(history)

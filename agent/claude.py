@@ -1,0 +1,157 @@
+"""The Claude proposer: one proposal = one fresh, bounded Messages API conversation with tool use.
+
+The model reads the recipe and the history, edits its working copy of ``recipe.py`` through
+the tools of ``agent.tools`` and submits; the loop stays in charge of everything else.
+
+Control and failures:
+
+- at most ``max_turns`` model replies per proposal and ``max_tokens`` output tokens per reply;
+  a malformed or refused tool call gets an ``is_error`` result back and the conversation goes
+  on; a reply without tool use, or running out of turns, ends the proposal without a
+  submission (the loop records a ``no-op``);
+- rate limits (429), overload (529), server errors and dropped connections are retried by the
+  SDK (``sdk_retries``, exponential backoff honouring ``retry-after``), then by this module
+  after a pause (``api_attempts`` × ``api_pause_s``, doubling); still failing, the proposal
+  raises ``ProposerUnavailable``; authentication, permission and request errors raise
+  ``ProposerStop`` at once: retrying cannot fix them;
+- every reply's usage (input, output, cache write, cache read tokens) is summed per proposal
+  and priced (``agent.pricing``); the proposal stops early when ``budget_usd`` (what is left
+  under the loop's cap) is spent.
+
+The API key is read by the SDK from ``ANTHROPIC_API_KEY``; this module never stores it, and
+the loop strips it from the training subprocess's environment.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent import prompt
+from agent.pricing import Usage, rates
+from agent.search import Proposal
+from agent.tools import TOOLS, ToolBox
+
+DEFAULT_MODEL = "claude-sonnet-5-5"
+
+
+class ProposerStop(Exception):
+    """The loop must stop: an error no retry can fix (bad key, no permission, bad request)."""
+
+
+class ProposerUnavailable(ProposerStop):
+    """The API kept failing (rate limits, overload, server or connection errors) after retries."""
+
+
+@dataclass
+class ClaudeConfig:
+    model: str = DEFAULT_MODEL  # Messages API model id
+    max_turns: int = 12  # model replies per proposal (each reply may call several tools)
+    max_tokens: int = 4096  # output tokens per reply
+    sdk_retries: int = 4  # the SDK's own retries (exponential backoff, honours retry-after)
+    api_attempts: int = 3  # further attempts after the SDK gives up, each after a pause
+    api_pause_s: float = 30.0  # first pause between those attempts; doubles each time
+    timeout_s: float = 300.0  # per HTTP request
+    extra: dict = field(default_factory=dict)  # extra arguments for messages.create (e.g. thinking)
+
+
+def _block_dict(block) -> dict:
+    """A response content block as the plain dict the next request sends back."""
+    if isinstance(block, dict):
+        return block
+    return block.model_dump(mode="json", exclude_none=True, warnings=False)  # malformed input stays as sent
+
+
+class ClaudeProposer:
+    def __init__(self, config: ClaudeConfig | None = None, client=None):
+        import anthropic  # imported here: the search proposer needs no SDK
+
+        self.anthropic = anthropic
+        self.cfg = config or ClaudeConfig()
+        # the key passed explicitly: the SDK then consults no profile or federation settings
+        self.client = client or anthropic.Anthropic(api_key=os.environ.get("ANTHROPIC_API_KEY"),
+                                                    max_retries=self.cfg.sdk_retries, timeout=self.cfg.timeout_s)
+        _, known = rates(self.cfg.model)
+        self.price_known = known
+        # usage of the proposal under way, readable when it ends in an exception (the loop
+        # journals what a cut-off proposal cost); None between proposals
+        self.pending_usage: Usage | None = None
+
+    # -- one API call, with the loop-level retry ---------------------------------------------
+    def _create(self, messages: list[dict]):
+        a = self.anthropic
+        pause = self.cfg.api_pause_s
+        for attempt in range(self.cfg.api_attempts + 1):
+            try:
+                return self.client.messages.create(
+                    model=self.cfg.model, max_tokens=self.cfg.max_tokens, system=prompt.system_blocks(),
+                    tools=TOOLS, messages=messages, **self.cfg.extra)
+            except a.AuthenticationError as e:
+                raise ProposerStop(f"authentication failed ({e.status_code}): check ANTHROPIC_API_KEY") from None
+            except a.PermissionDeniedError as e:
+                raise ProposerStop(f"permission denied ({e.status_code}) for model {self.cfg.model}") from None
+            except (a.RateLimitError, a.InternalServerError, a.APIConnectionError) as e:
+                if attempt == self.cfg.api_attempts:
+                    what = getattr(e, "status_code", None) or type(e).__name__
+                    raise ProposerUnavailable(f"the API kept failing ({what}) after "
+                                              f"{self.cfg.api_attempts + 1} attempts with retries") from None
+                time.sleep(pause)
+                pause *= 2
+            except a.APIStatusError as e:  # 400, 404, 413, …: the request itself is wrong
+                message = " ".join(str(getattr(e, "message", e)).split())[:200]
+                raise ProposerStop(f"the API refused the request ({e.status_code}): {message}") from None
+        raise AssertionError("unreachable")
+
+    # -- one proposal ----------------------------------------------------------------------
+    def propose(self, source: str, history: list[dict], context: dict | None = None) -> Proposal:
+        """``context``: ``workspace`` (Path), ``program`` (text), ``experiments`` (the journal's
+        merged experiments), ``state`` (the loop's), ``session``, ``budget_usd`` and optionally
+        ``fix`` (the failed experiment being repaired)."""
+        ctx = context or {}
+        exps = ctx.get("experiments", [])
+        tails = {e["n"]: (e.get("result") or {}).get("log_tail", "") for e in exps
+                 if e.get("status") in ("crash", "diverged", "oom", "timeout") and (e.get("result") or {}).get("log_tail")}
+        summary = prompt.journal_summary(exps, ctx["state"], ctx.get("session", {}), tails)
+        program = ctx.get("program", "")
+        box = ToolBox(Path(ctx["workspace"]), source, program)
+        messages = [{"role": "user", "content": prompt.proposal_message(program, source, summary, ctx.get("fix"))}]
+        usage, reason = Usage(), None
+        self.pending_usage = usage
+        budget = ctx.get("budget_usd")
+        t0 = time.time()
+        for _turn in range(self.cfg.max_turns):
+            reply = self._create(messages)
+            usage.add_reply(reply.usage)
+            content = [_block_dict(b) for b in reply.content]
+            messages.append({"role": "assistant", "content": content})
+            uses = [b for b in content if b.get("type") == "tool_use"]
+            if not uses:
+                reason = f"the model replied without using a tool (stop_reason {reply.stop_reason})"
+                break
+            results = []
+            for u in uses:
+                text, is_error = box.run(u.get("name"), u.get("input"))
+                results.append({"type": "tool_result", "tool_use_id": u.get("id"), "content": text,
+                                **({"is_error": True} if is_error else {})})
+            messages.append({"role": "user", "content": results})
+            if box.submission is not None:
+                break
+            if budget is not None and usage.cost_usd(self.cfg.model) >= budget:
+                reason = "the cost cap was reached during the proposal"
+                break
+        else:
+            reason = f"no submission within {self.cfg.max_turns} turns"
+        self.pending_usage = None
+        sub = box.submission
+        return Proposal(
+            source=box.source if sub else source,
+            description=sub["description"] if sub else f"no-op: {reason}",
+            hypothesis=sub["hypothesis"] if sub else "",
+            changes={},
+            extra={"usage": usage.to_dict(), "cost_usd": usage.cost_usd(self.cfg.model), "model": self.cfg.model,
+                   "turns": sum(m["role"] == "assistant" for m in messages), "tool_calls": box.calls,
+                   "expected_effect": sub.get("expected_effect", "") if sub else "", "reason": reason,
+                   "edits": box.edits, "proposal_s": time.time() - t0},
+            transcript=messages)

@@ -1,0 +1,330 @@
+"""The Claude proposer through the real ``anthropic`` client, pointed at a fake Messages API
+on 127.0.0.1 (``tests/fake_messages.py``): tools, confinement, retries, stops, cost, secrets."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from agent import journal, loop, report
+from agent.claude import ClaudeConfig, ClaudeProposer, ProposerUnavailable
+from agent.pricing import PRICES, Usage
+from agent.tools import TOOLS, ToolBox
+from agent.workspace import Workspace
+from tests.fake_messages import Error, FakeMessagesAPI, Reply, text, tool
+
+KEY = "sk-ant-test-DO-NOT-LEAK-4f2a9c"
+LR_OLD, LR_NEW = '"lr": 1e-3,', '"lr": 2e-3,'
+
+
+@pytest.fixture
+def api(monkeypatch, tmp_path):
+    with FakeMessagesAPI() as fake:
+        monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.url)
+        monkeypatch.setenv("ANTHROPIC_CONFIG_DIR", str(tmp_path / "no-config"))  # no profile on disk
+        monkeypatch.delenv("ANTHROPIC_AUTH_TOKEN", raising=False)
+        yield fake
+
+
+def scripted(ranks, calls=None):
+    seq = iter(ranks)
+
+    def fake(recipe, data, budget_s, out, **kw):
+        if calls is not None:
+            calls.append(recipe.read_text())
+        r = next(seq)
+        if r is None:
+            return {"status": "crash", "val_mean_rank": None, "log_tail": "Traceback\nNameError: name 'lr2' is not defined"}
+        return {"status": "ok", "val_mean_rank": r, "duration_s": 0.01}
+    return fake
+
+
+@pytest.fixture
+def ws(small_cache, tmp_path, monkeypatch):
+    """A workspace past its two baselines (100 and 100: noise floor 0)."""
+    monkeypatch.setattr(loop, "run_experiment", scripted([100, 100]))
+    assert loop.main(_args(tmp_path, small_cache, 0, proposer="search")) == 0
+    return Workspace(tmp_path / "c")
+
+
+def _args(root, cache, max_experiments, proposer="claude", *extra):
+    return ["--tag", "c", "--workspace-root", str(root), "--data", str(cache), "--budget-s", "1",
+            "--noise-runs", "2", "--max-experiments", str(max_experiments), "--proposer", proposer,
+            "--api-pause-s", "0.01", "--device", "cpu", *extra]
+
+
+def _exps(ws):
+    return journal.experiments(journal.read(ws.journal_path))
+
+
+def _tool_results(request):
+    """tool_result blocks of the last user message of a recorded request."""
+    return [b for b in request["body"]["messages"][-1]["content"] if b.get("type") == "tool_result"]
+
+
+def _edit(old=LR_OLD, new=LR_NEW, path="recipe.py"):
+    return tool("edit", {"command": "str_replace", "path": path, "old_str": old, "new_str": new})
+
+
+SUBMIT = tool("submit", {"hypothesis": "A higher peak rate converges faster in a short budget.",
+                         "description": "lr 1e-3 -> 2e-3", "expected_effect": "mean rank -3"})
+
+
+def test_view_edit_submit_runs_the_experiment(api, ws, small_cache, tmp_path, monkeypatch):
+    envs = []
+    real_popen = subprocess.Popen
+
+    def spy(cmd, *a, **k):  # what the training subprocess is given
+        if "eclip.harness" in cmd:
+            envs.append(k.get("env"))
+        return real_popen(cmd, *a, **k)
+
+    import agent.runner
+    monkeypatch.setattr(agent.runner.subprocess, "Popen", spy)
+    monkeypatch.setattr(loop, "run_experiment", agent.runner.run_experiment)  # the real harness
+    api.script = [Reply([text("Let me look."), tool("view", {"path": "recipe.py", "view_range": [30, 40]})]),
+                  Reply([_edit()]), Reply([SUBMIT])]
+    assert loop.main(_args(tmp_path, small_cache, 1)) == 0  # a real harness run of 1 s
+    e = _exps(ws)[2]
+    assert e["status"] in ("keep", "discard") and e["description"] == "lr 1e-3 -> 2e-3"
+    assert e["hypothesis"].startswith("A higher peak rate") and e["expected_effect"] == "mean rank -3"
+    assert LR_NEW in ws.git("show", f"{e['commit']}:recipe.py")
+    result = json.loads((ws.experiments / "3" / "result.json").read_text())
+    assert result["status"] == "ok" and result["hparams"]["lr"] == 2e-3
+    # the tool results the model saw
+    view = _tool_results(api.requests[1])[0]
+    assert "is_error" not in view and "recipe.py (lines 30-40 of" in view["content"]
+    assert "passes the policy check" in _tool_results(api.requests[2])[0]["content"]
+    # usage: three replies of 1000 in, 200 out, 5000 cache reads; priced at the default model's rates
+    p_in, p_out, _, p_cr = PRICES["claude-sonnet-5-5"]
+    assert e["usage"] == {"calls": 3, "input_tokens": 3000, "output_tokens": 600, "cache_write_tokens": 0,
+                          "cache_read_tokens": 15000}
+    assert e["cost_usd"] == pytest.approx((3000 * p_in + 600 * p_out + 15000 * p_cr) / 1e6)
+    assert json.loads((ws.experiments / "3" / "transcript.json").read_text())[0]["role"] == "user"
+    # the key: sent to the API, never to the training subprocess, never into a file
+    # (older SDKs send x-api-key, newer ones a bearer authorization header)
+    assert all(KEY in r["headers"].get("x-api-key", "") + r["headers"].get("authorization", "") for r in api.requests)
+    assert envs and all("ANTHROPIC_API_KEY" not in env and KEY not in json.dumps(env) for env in envs)
+    for root, _dirs, files in os.walk(ws.root):
+        for name in files:
+            path = os.path.join(root, name)
+            assert KEY.encode() not in open(path, "rb").read(), path
+
+
+def test_edits_outside_recipe_py_are_refused(api, ws, small_cache, tmp_path, monkeypatch):
+    outside = tmp_path / "outside.py"
+    outside.write_text("SECRET = 1\n")
+    (ws.root / "link.py").symlink_to(outside)
+    before = {p: p.read_bytes() for p in (outside, ws.root / "program.md", ws.recipe, ws.root / ".gitignore")}
+    calls = []
+    monkeypatch.setattr(loop, "run_experiment", scripted([], calls))
+    attempts = [
+        _edit("Goal", "Goal: ignore the rules", path="program.md"),  # another file
+        _edit(path="../c/recipe.py"),  # '..'
+        _edit(path=str(ws.recipe)),  # absolute, even though it is the recipe
+        _edit("SECRET = 1", "SECRET = 2", path="link.py"),  # through a symlink
+        tool("view", {"path": "../outside.py"}),
+        tool("view", {"path": "/etc/passwd"}),
+        SUBMIT,  # nothing was edited
+    ]
+    api.script = [Reply(attempts), Reply([text("I cannot make a change.")])]
+    assert loop.main(_args(tmp_path, small_cache, 1)) == 0
+    results = _tool_results(api.requests[1])
+    assert [r["is_error"] for r in results] == [True] * len(attempts)
+    messages = [r["content"] for r in results]
+    assert "program.md: not editable" in messages[0] and "'..' is refused" in messages[1]
+    assert "absolute paths are refused" in messages[2] and "link.py: not editable" in messages[3]
+    assert "is not readable" in messages[4] and "is not readable" in messages[5]
+    assert "recipe.py is unchanged" in messages[6]
+    assert {p: p.read_bytes() for p in before} == before  # nothing changed anywhere
+    assert calls == []  # nothing ran
+    e = _exps(ws)[2]
+    assert e["status"] == "no-op" and e["commit"] is None
+    assert "without using a tool" in e["result"]["reason"][0]
+    assert ws.git("status", "--porcelain") == "?? link.py"
+
+
+def test_a_symlinked_recipe_is_refused(tmp_path):
+    target = tmp_path / "elsewhere.py"
+    target.write_text("x = 1\n")
+    (tmp_path / "ws").mkdir()
+    (tmp_path / "ws" / "recipe.py").symlink_to(target)
+    box = ToolBox(tmp_path / "ws", "x = 1\n", "brief")
+    out, is_error = box.run("edit", {"command": "str_replace", "path": "recipe.py", "old_str": "x = 1",
+                                     "new_str": "x = 2"})
+    assert is_error and "symlink" in out and box.source == "x = 1\n"
+    assert target.read_text() == "x = 1\n"
+
+
+def test_non_unique_replace_and_malformed_calls_get_error_results(api, ws, small_cache, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(loop, "run_experiment", scripted([95], calls))
+    bad = [
+        _edit(old='"'),  # occurs many times
+        _edit(old="no such text"),
+        tool("edit", {"path": "recipe.py"}),  # no command
+        tool("edit", {"command": "insert", "path": "recipe.py", "insert_line": 10 ** 6, "new_str": "x = 1"}),
+        tool("edit", "not an object"),
+        tool("shell", {"cmd": "rm -rf /"}),
+        tool("view", {"path": "recipe.py", "view_range": "1-5"}),
+    ]
+    api.script = [Reply(bad), Reply([_edit(), SUBMIT])]
+    assert loop.main(_args(tmp_path, small_cache, 1)) == 0
+    results = _tool_results(api.requests[1])
+    assert all(r.get("is_error") for r in results) and len(results) == len(bad)
+    messages = [r["content"] for r in results]
+    assert "occurs" in messages[0] and "exactly once" in messages[0]
+    assert "does not occur" in messages[1] and "unknown edit command None" in messages[2]
+    assert "insert_line must be an integer in 0.." in messages[3] and "must be a JSON object" in messages[4]
+    assert "unknown tool 'shell'" in messages[5] and "view_range must be two integers" in messages[6]
+    assert len(calls) == 1 and LR_NEW in calls[0]  # the good edit after the bad ones ran
+    assert _exps(ws)[2]["status"] == "keep"
+
+
+def test_rate_limit_and_overload_are_retried(api, ws, small_cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "run_experiment", scripted([99]))
+    api.script = [Error(429), Error(529), Reply([_edit(), SUBMIT])]
+    assert loop.main(_args(tmp_path, small_cache, 1)) == 0
+    assert len(api.requests) == 3  # the SDK's retries, honouring retry-after-ms
+    assert _exps(ws)[2]["status"] == "keep" and _exps(ws)[2]["usage"]["calls"] == 1
+
+
+def test_loop_level_pause_after_the_sdk_gives_up(api, tmp_path):
+    cfg = ClaudeConfig(sdk_retries=0, api_attempts=2, api_pause_s=0.01)
+    state = {"best": 100.0, "threshold": 0.0, "experiments": 0, "baselines": 2}
+    ctx = {"workspace": tmp_path, "program": "brief", "experiments": [], "state": state}
+    source = 'HPARAMS = {"lr": 1e-3,}\n'
+    api.script = [Error(529), Error(500), Reply([_edit(LR_OLD, LR_NEW), SUBMIT])]
+    prop = ClaudeProposer(cfg).propose(source, [], context=ctx)
+    assert prop.source == source.replace(LR_OLD, LR_NEW) and len(api.requests) == 3
+    api.script = [Error(529)] * 3
+    proposer = ClaudeProposer(cfg)
+    with pytest.raises(ProposerUnavailable, match=r"kept failing \(529\) after 3 attempts"):
+        proposer.propose(source, [], context=ctx)
+
+
+def test_persistent_overload_stops_the_loop_cleanly(api, ws, small_cache, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(loop, "run_experiment", scripted([]))
+    api.script = [Error(529)] * 40
+    head = ws.head()
+    assert loop.main(_args(tmp_path, small_cache, 3)) == 1
+    assert "loop: stopping: the API kept failing (529)" in capsys.readouterr().err
+    assert [e["n"] for e in _exps(ws)] == [1, 2] and ws.head() == head and ws.git("status", "--porcelain") == ""
+
+
+def test_authentication_error_stops_with_one_line(api, ws, small_cache, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(loop, "run_experiment", scripted([]))
+    api.script = [Error(401, "invalid x-api-key")]
+    journal_before = ws.journal_path.read_text()
+    assert loop.main(_args(tmp_path, small_cache, 3)) == 1
+    err = capsys.readouterr().err
+    assert "loop: stopping: authentication failed (401): check ANTHROPIC_API_KEY" in err
+    assert "Traceback" not in err and KEY not in err
+    assert len(api.requests) == 1  # not retried
+    new = ws.journal_path.read_text()[len(journal_before):].splitlines()
+    assert [json.loads(line)["event"] for line in new] == ["session"]  # nothing but the session line
+    assert ws.git("status", "--porcelain") == ""
+
+
+def test_a_reply_without_tool_use_is_a_no_op(api, ws, small_cache, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(loop, "run_experiment", scripted([], calls))
+    api.script = [Reply([text("Everything looks optimal already.")],
+                        usage={"input_tokens": 7000, "output_tokens": 50, "cache_creation_input_tokens": 6000,
+                               "cache_read_input_tokens": 0})]
+    assert loop.main(_args(tmp_path, small_cache, 1)) == 0
+    e = _exps(ws)[2]
+    assert e["status"] == "no-op" and calls == [] and e["commit"] is None
+    p_in, p_out, p_cw, _ = PRICES["claude-sonnet-5-5"]
+    assert e["cost_usd"] == pytest.approx((7000 * p_in + 50 * p_out + 6000 * p_cw) / 1e6)
+
+
+def test_cost_is_summed_and_the_cap_stops_the_loop(api, ws, small_cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(loop, "run_experiment", scripted([99, 98, 97]))
+    big = {"input_tokens": 100_000, "output_tokens": 10_000, "cache_creation_input_tokens": 0,
+           "cache_read_input_tokens": 0}  # $0.30 per reply at $2/$10
+    api.script = [Reply([_edit()], usage=big), Reply([SUBMIT], usage=big),
+                  Reply([_edit(LR_NEW, '"lr": 3e-3,')], usage=big), Reply([SUBMIT], usage=big)]
+    assert loop.main(_args(tmp_path, small_cache, 10, "claude", "--max-cost-usd", "1.0")) == 0
+    exps = _exps(ws)
+    assert [e.get("cost_usd") for e in exps[2:]] == [pytest.approx(0.6), pytest.approx(0.6)]
+    assert len(exps) == 4  # $1.20 spent ≥ $1.00: no third proposal
+    assert "reached --max-cost-usd 1" in capsys.readouterr().err
+    # a restart with the same cap does not spend more
+    assert loop.main(_args(tmp_path, small_cache, 10, "claude", "--max-cost-usd", "1.0")) == 0
+    assert len(api.requests) == 4
+    assert report.main([str(ws.root)]) == 0
+    out = capsys.readouterr().out
+    assert "200000/20000/0/0" in out and "api_cost_usd:   1.2000" in out
+    assert "api_tokens:     calls 4, input_tokens 400000, output_tokens 40000" in out
+
+
+def test_the_request_caches_the_system_prompt_and_offers_the_three_tools(api, ws, small_cache, tmp_path,
+                                                                          monkeypatch):
+    monkeypatch.setattr(loop, "run_experiment", scripted([]))
+    api.script = [Reply([text("no change")])]
+    assert loop.main(_args(tmp_path, small_cache, 1, "claude", "--model", "claude-haiku-5-5",
+                           "--max-tokens", "2048")) == 0
+    body = api.requests[0]["body"]
+    assert body["model"] == "claude-haiku-5-5" and body["max_tokens"] == 2048
+    assert [t["name"] for t in body["tools"]] == ["view", "edit", "submit"] == [t["name"] for t in TOOLS]
+    assert body["tools"][1]["input_schema"]["properties"]["command"]["enum"] == ["view", "str_replace", "insert"]
+    system = body["system"]
+    assert system[-1]["cache_control"] == {"type": "ephemeral"}
+    assert all("cache_control" not in b for b in system[:-1])
+    # long enough to be cached by every model (4,096 tokens at most): ≥ 4 characters per token
+    prefix = json.dumps(body["tools"]) + "".join(b["text"] for b in system)
+    assert len(prefix) >= 4 * 4096
+    assert "The recipe contract" in system[0]["text"] and "class VisionConfig" in system[1]["text"]
+    # the per-proposal context: the brief, the history, the current recipe
+    first = body["messages"][0]["content"]
+    assert "# Research brief" in first and "Best val_mean_rank so far: 100.00" in first
+    assert "#2 baseline: 100.00" in first and LR_OLD in first
+    assert len(body["messages"]) == 1 and "tool_choice" not in body
+
+
+def test_a_crash_gets_bounded_fix_attempts(api, ws, small_cache, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(loop, "run_experiment", scripted([None, None, 97], calls))
+    api.script = [Reply([_edit(LR_OLD, '"lr": lr2,'), SUBMIT]),  # a change that crashes
+                  Reply([_edit('"lr": lr2,', '"lr": 2e-3 * lr2,'), SUBMIT]),  # a fix that crashes too
+                  Reply([_edit(), SUBMIT])]  # no attempts left: from the best recipe again
+    assert loop.main(_args(tmp_path, small_cache, 3, "claude", "--fix-attempts", "1")) == 0
+    exps = _exps(ws)
+    assert [e["status"] for e in exps[2:]] == ["crash", "crash", "keep"]
+    assert exps[3]["fix_of"] == 3 and "fix_of" not in exps[4]
+    second, third = (r["body"]["messages"][0]["content"] for r in api.requests[1:3])
+    assert "# Fix attempt" in second and '"lr": lr2,' in second and "NameError: name 'lr2'" in second
+    assert "# Fix attempt" not in third and LR_OLD in third
+    assert '"lr": 2e-3 * lr2,' in calls[1] and LR_NEW in calls[2]
+
+
+def test_usage_cost_from_a_reply_dict():
+    u = Usage()
+    u.add_reply({"input_tokens": 10, "output_tokens": 5})  # cache fields absent: zero
+    u.add_reply({"input_tokens": 1, "output_tokens": 1, "cache_creation_input_tokens": 100,
+                 "cache_read_input_tokens": 1000})
+    assert u.to_dict() == {"calls": 2, "input_tokens": 11, "output_tokens": 6, "cache_write_tokens": 100,
+                           "cache_read_tokens": 1000}
+    assert u.cost_usd("claude-opus-4-8") == pytest.approx((11 * 5 + 6 * 25 + 100 * 6.25 + 1000 * 0.5) / 1e6)
+    # an unknown model is priced at the dearest rates, so the cap errs on the safe side
+    assert u.cost_usd("claude-future-9") >= max(u.cost_usd(m) for m in PRICES)
+
+
+def test_claude_needs_a_key_and_a_key_alone_never_selects_it(small_cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    assert loop.main(_args(tmp_path, small_cache, 1)) == 2
+    assert "--proposer claude needs ANTHROPIC_API_KEY" in capsys.readouterr().err
+    assert loop.build_parser().parse_args([]).proposer == "search"
+
+
+def test_turns_are_bounded(api, ws, small_cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "run_experiment", scripted([]))
+    api.script = [Reply([tool("view", {"path": "program.md"})]), Reply([_edit()]), Reply([SUBMIT])]
+    assert loop.main(_args(tmp_path, small_cache, 1, "claude", "--max-turns", "2")) == 0
+    e = _exps(ws)[2]
+    assert e["status"] == "no-op" and e["result"]["reason"] == ["no submission within 2 turns"]
+    assert len(api.requests) == 2 and e["usage"]["calls"] == 2 and e["edits"] == 1
+    assert ws.git("status", "--porcelain") == "" and LR_OLD in ws.recipe.read_text()  # the edit never landed
