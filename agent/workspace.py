@@ -16,14 +16,24 @@ IGNORED = ("journal.jsonl", "results.tsv", "experiments/", "progress.png", ".com
 PROGRAM = """# Research brief
 
 Goal: the lowest validation mean rank (`val_mean_rank` in the harness's result.json;
-image→text and text→image averaged, 0 is perfect) after a fixed wall-clock training budget.
+image→text and text→image averaged, 0 is perfect, about (N-1)/2 is chance) after a fixed
+wall-clock training budget. The budget starts at the first step and includes compilation,
+so a slower step has to pay for itself in a better model.
 
 Rules:
 - Edit only `recipe.py`. The harness owns the data, the clock and the evaluation; a recipe
   that reaches for files, processes, the network or the interpreter is rejected unrun.
-- A change is kept only if it beats the best so far by more than the noise floor.
-- Prefer simple changes: a small gain that adds complexity is not worth keeping.
-- A crash, divergence or timeout counts as a failed experiment; fix the cause or move on.
+- A change is kept only if it beats the best so far by more than the noise floor (twice the
+  spread of the baseline's repeated runs); otherwise the recipe goes back to the best.
+- Simplicity: at equal score the simpler recipe wins. A small gain that adds a lot of code
+  is not worth keeping; deleting code at equal score is a result.
+- A crash, divergence, out-of-memory or timeout is a failed experiment: it teaches what not
+  to do. If your change caused it, fix the cause or move on; do not retry it unchanged.
+- The held-out test split is scored once, at the end (`agent.report --final`); it plays no
+  part in these decisions.
+
+Edit this brief to steer the study (ideas to try, areas to avoid); it is committed with the
+recipe and shown to the proposer every time.
 """
 
 
