@@ -27,6 +27,10 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5"],
-        "pretrained": ["timm>=1.0", "transformers>=4.40"],
+        # pretrained towers (eclip.pretrained): "hf" installs anywhere; timm needs torchvision,
+        # which has no build matching the CPU-only PyTorch wheel, so CI installs "hf" only
+        "hf": ["transformers>=4.40"],
+        "timm": ["timm>=1.0"],
+        "pretrained": ["transformers>=4.40", "timm>=1.0"],
     },
 )

@@ -224,12 +224,17 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
 
     Returns a dict with status (ok, diverged, oom, interrupted, aborted), steps, samples, timing, the
     last logged metrics and the trained ``model`` (plus ``optimizer`` and ``data`` for
-    checkpointing). ``resume_dir`` holds a checkpoint to continue from."""
+    checkpointing, and ``cache`` as trained on: re-tokenized for a pretrained text tower, so
+    evaluate with it). ``resume_dir`` holds a checkpoint to continue from."""
     if (cfg.budget_s is None) == (cfg.steps is None):
         raise EclipError("give exactly one of a time budget (--budget-s) or a step count (--steps)")
     device = pick_device(cfg.device)
     hp = recipe.HPARAMS
     torch.manual_seed(cfg.seed)
+    if hp.get("text_tower"):  # a pretrained text tower reads its own tokenizer's ids (harness-side)
+        from eclip.pretrained import retokenize
+
+        cache = retokenize(cache, hp["text_tower"])
     data = DeviceData(cache, train_rows, device, seed=cfg.seed, crop_scale=float(hp.get("crop_scale", 1.0)),
                       flip=bool(hp.get("flip", False)))
     spec = ModelSpec(vocab_size=cache.vocab_size, context_length=cache.context_length,
@@ -315,7 +320,7 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
     trained_s = start_trained + (time.perf_counter() - t0)
     return {"status": status, "steps": step, "samples": samples, "train_s": trained_s,
             "warmup_s": warmup_s, "last": last, "history": history, "model": model,
-            "optimizer": optimizer, "data": data, "device": device, "spec": spec}
+            "optimizer": optimizer, "data": data, "device": device, "spec": spec, "cache": cache}
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -61,6 +61,9 @@ class VisionConfig:
     ln_eps: float = 1e-6  # LayerNorm epsilon
     mean: tuple[float, float, float] = CLIP_MEAN  # RGB mean subtracted after scaling to [0, 1]
     std: tuple[float, float, float] = CLIP_STD  # RGB std divided by after the mean
+    # "timm:NAME[@FILE|@random]": a timm backbone replaces the ViT above (eclip.pretrained);
+    # its feature width and mean/std then apply, and width/depth/heads/patch are unused
+    pretrained: str = ""
 
     def __post_init__(self) -> None:
         _check(self.patch_size > 0, "vision.patch_size", f"must be positive, got {self.patch_size}")
@@ -88,6 +91,9 @@ class TextConfig:
     mlp_ratio: float = 4.0  # MLP hidden width as a multiple of width
     pool: str = "cls"  # "cls": a prepended class token; "mean": mean over real (unpadded) tokens
     ln_eps: float = 1e-6  # LayerNorm epsilon
+    # "hf:NAME_OR_DIR": a Hugging Face encoder replaces the transformer above (eclip.pretrained);
+    # the training loop then re-tokenizes captions with its tokenizer; pool still applies
+    pretrained: str = ""
 
     def __post_init__(self) -> None:
         _check(self.vocab_size > 1, "text.vocab_size", f"must be at least 2, got {self.vocab_size}")
@@ -284,17 +290,29 @@ class EclipModel(nn.Module):
         for sub in (cfg.vision, cfg.text, cfg.expert, cfg):
             sub.__post_init__()
         self.cfg = cfg
-        self.vision = VisionTower(cfg.vision)
-        self.text = TextTower(cfg.text)
-        self.image_proj = nn.Linear(cfg.vision.width, cfg.embed_dim, bias=False)
-        self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim, bias=False)
-        nn.init.normal_(self.image_proj.weight, std=cfg.vision.width**-0.5)
-        nn.init.normal_(self.text_proj.weight, std=cfg.text.width**-0.5)
+        mean, std = cfg.vision.mean, cfg.vision.std
+        if cfg.vision.pretrained:
+            from eclip.pretrained import TimmImageTower
+
+            self.vision = TimmImageTower(cfg.vision.pretrained, cfg.vision.image_size)
+            mean, std = self.vision.mean, self.vision.std
+        else:
+            self.vision = VisionTower(cfg.vision)
+        if cfg.text.pretrained:
+            from eclip.pretrained import HFTextTower
+
+            self.text = HFTextTower(cfg.text.pretrained, cfg.text.pool)
+        else:
+            self.text = TextTower(cfg.text)
+        self.vision_width = self.vision.width if cfg.vision.pretrained else cfg.vision.width
+        self.text_width = self.text.width if cfg.text.pretrained else cfg.text.width
+        self.image_proj = nn.Linear(self.vision_width, cfg.embed_dim, bias=False)
+        self.text_proj = nn.Linear(self.text_width, cfg.embed_dim, bias=False)
+        nn.init.normal_(self.image_proj.weight, std=self.vision_width**-0.5)
+        nn.init.normal_(self.text_proj.weight, std=self.text_width**-0.5)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
-        self.register_buffer("pixel_mean", torch.tensor(cfg.vision.mean).view(1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(cfg.vision.std).view(1, 3, 1, 1),
-                             persistent=False)
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.expert = (
             HeatmapProcessor(cfg.vision.image_size, cfg.vision.patch_size, cfg.expert.width,
                              cfg.expert.heads, cfg.expert.ln_eps)
@@ -364,8 +382,8 @@ class EclipModel(nn.Module):
         (captions padded to ``text_length``, default the context length). The expert path is
         extra: see ``expert_flops_per_sample``. Training ≈ 3× (forward + 2× backward)."""
         c = self.cfg
-        proj = 2 * c.vision.width * c.embed_dim + 2 * c.text.width * c.embed_dim
-        return self.vision.flops() + self.text.flops(text_length) + proj
+        proj = 2 * self.vision_width * c.embed_dim + 2 * self.text_width * c.embed_dim
+        return self.vision.flops() + self.text.flops(text_length or c.text.context_length) + proj
 
     def expert_flops_per_sample(self, phrase_length: int | None = None) -> int:
         """Forward FLOPs the expert term adds per sample with a region: the heatmap processor,
@@ -373,7 +391,7 @@ class EclipModel(nn.Module):
         if self.expert is None:
             return 0
         c = self.cfg
-        proj = 2 * c.vision.width * c.embed_dim + 2 * c.text.width * c.embed_dim
+        proj = 2 * self.vision_width * c.embed_dim + 2 * self.text_width * c.embed_dim
         return self.expert.flops() + self.vision.flops() + self.text.flops(phrase_length) + proj
 
     def num_params(self) -> int:

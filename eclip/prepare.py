@@ -269,8 +269,13 @@ def run(args) -> dict:
         w.save_arrays("images.safetensors", {"images": images})
         w.save_arrays("annotations.safetensors", arrays)
         tok.save(str(w.path("tokenizer.json")))
+        # "phrases": the regions kept, in the cache's row order (a pretrained text tower
+        # re-tokenizes them from here); "cropped_phrases": those center-crop removed
         w.write_jsonl("records.jsonl", ({"image": r.image, "split": r.split, "captions": r.captions,
-                                         "phrases": [p for _, p in r.regions]} for r in recs))
+                                         "phrases": [p for (_, p), b in zip(r.regions, bx, strict=True) if b is not None],
+                                         "cropped_phrases": [p for (_, p), b in zip(r.regions, bx, strict=True)
+                                                             if b is None]}
+                                        for r, bx in zip(recs, boxes, strict=True)))
         if problems.skipped:
             w.write_jsonl("skipped.jsonl", problems.skipped)
         w.commit(manifest)

@@ -34,6 +34,8 @@ from eclip.model import model_config
 HPARAMS = {
     "preset": "tiny",  # model size (eclip.model.PRESETS): tiny, vit-s16, vit-b16
     "model": {},  # overrides of model config fields, e.g. {"vision.depth": 6}
+    "image_tower": "",  # "" (the preset's ViT) or "timm:NAME[@FILE|@random]" (eclip.pretrained)
+    "text_tower": "",  # "" (the preset's transformer) or "hf:NAME_OR_DIR"; the loop re-tokenizes for it
     "batch_size": 64,  # samples per step (read by the loop); more steps beat bigger batches on CPU
     "lr": 1e-3,  # peak AdamW learning rate (60 s CPU runs: 1e-3 → mean rank 21, 2e-3 → 71, 5e-3 → 269)
     "min_lr_ratio": 0.05,  # final LR as a fraction of the peak (cosine decay)
@@ -73,6 +75,8 @@ def _use_bf16(model) -> bool:
 
 def build_model(spec):
     overrides = dict(HPARAMS["model"])
+    overrides["vision.pretrained"] = HPARAMS.get("image_tower", "")
+    overrides["text.pretrained"] = HPARAMS.get("text_tower", "")
     overrides["expert.enabled"] = bool(HPARAMS["expert"])
     overrides["expert.weight"] = float(HPARAMS["expert_weight"])
     overrides["expert.probability"] = float(HPARAMS["expert_probability"])

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, help="wall-clock training budget from the first step")
     p.add_argument("--steps", type=int, help="train for exactly this many steps instead")
     p.add_argument("--preset", help="model preset (tiny, vit-s16, vit-b16); same as --preset=... override")
+    p.add_argument("--image-tower", help="pretrained image tower timm:NAME[@FILE|@random] (extra [pretrained])")
+    p.add_argument("--text-tower", help="pretrained text tower hf:NAME_OR_DIR (extra [pretrained]); its "
+                                        "tokenizer re-tokenizes the captions")
     p.add_argument("--seed", type=int, default=42, help="seed of the sampler and evaluation")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--final", action="store_true", help="train on train+val, evaluate on test")
@@ -135,7 +138,7 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
     metrics = None
     if run["status"] == "ok":
         bf16 = device.type == "cuda" and hp.get("precision", "auto") in ("auto", "bf16")
-        metrics = evaluate_split(model, cache, eval_rows, device, args.seed, bf16=bf16)
+        metrics = evaluate_split(model, run["cache"], eval_rows, device, args.seed, bf16=bf16)
     sps = run["samples"] / max(run["train_s"], 1e-9)
     peak = peak_bf16_flops(device)
     flops = 3 * model.flops_per_sample() if hasattr(model, "flops_per_sample") else None
@@ -163,6 +166,9 @@ def run(args, overrides: dict) -> dict:
         raise EclipError(f"--log-every {args.log_every}: must be at least 1")
     if args.preset:
         overrides = dict(overrides, preset=args.preset)
+    for key in ("image_tower", "text_tower"):
+        if getattr(args, key):
+            overrides = dict(overrides, **{key: getattr(args, key)})
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(args.compile_cache or Path.home() / ".cache/eclip/inductor"))
     cache = load_cache(args.data)
     t0 = time.time()

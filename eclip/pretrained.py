@@ -1,0 +1,169 @@
+"""Pretrained towers (extra ``[pretrained]``): a timm image tower and a Hugging Face text tower.
+
+Selected by two recipe entries (``HPARAMS["image_tower"]``, ``HPARAMS["text_tower"]``; on the
+command line ``--image-tower`` / ``--text-tower``), which the template passes on as the model
+config fields ``vision.pretrained`` and ``text.pretrained``:
+
+- ``timm:NAME`` — timm model NAME with its pretrained weights from the hub (online only);
+  ``timm:NAME@FILE`` — weights from a local file (safetensors or a PyTorch state dict);
+  ``timm:NAME@random`` — random init. The classifier is dropped (``num_classes=0``), so the
+  tower returns pooled features [B, num_features]; models that accept ``img_size`` are built
+  for the cache's image size (position embeddings resampled). Its mean/std replace CLIP's.
+- ``hf:NAME`` — a Hugging Face encoder (``AutoModel``) and its tokenizer, from a local
+  directory or the hub when online; the tower returns the first token's hidden state
+  (``text.pool = "cls"``) or the mask-weighted mean (``"mean"``), [B, hidden_size].
+
+With an HF text tower the captions and region phrases are re-tokenized at load time by the
+training loop (never by the recipe) with that model's tokenizer, from the cache's
+``records.jsonl``; ids are stored shifted by one so that 0 stays the padding id the rest of
+the code relies on, and the tower shifts them back.
+
+Limits: timm needs torchvision, which does not install beside the CPU-only PyTorch wheel of
+the CI machines, so the timm path is tested only where timm imports. FLOPs (and so MFU) are
+estimated from parameter counts for these towers (2 × parameters × tokens), not counted.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from eclip.errors import EclipError
+
+
+def parse_spec(spec: str, kind: str) -> tuple[str, str | None]:
+    """"timm:NAME[@FILE]" / "hf:NAME" → (NAME, FILE or None); one-line errors otherwise."""
+    prefix = f"{kind}:"
+    if not isinstance(spec, str) or not spec.startswith(prefix) or len(spec) == len(prefix):
+        want = "timm:NAME[@FILE|@random]" if kind == "timm" else "hf:NAME_OR_DIRECTORY"
+        raise EclipError(f"{'image_tower' if kind == 'timm' else 'text_tower'}: expected {want}, got {spec!r}")
+    rest = spec[len(prefix):]
+    if kind == "timm" and "@" in rest:
+        name, weights = rest.split("@", 1)
+        return name, weights
+    return rest, None
+
+
+def _require(module: str):
+    try:
+        return __import__(module)
+    except Exception as e:  # ImportError, or timm failing on a missing/broken torchvision
+        raise EclipError(f"pretrained towers need the [pretrained] extra: import {module} failed "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+
+
+class TimmImageTower(nn.Module):
+    """A timm backbone as the image tower: normalised images [B, 3, H, W] → [B, width]."""
+
+    def __init__(self, spec: str, image_size: int):
+        super().__init__()
+        timm = _require("timm")
+        name, weights = parse_spec(spec, "timm")
+        kwargs = {"num_classes": 0}
+        if weights not in (None, "random"):
+            if not Path(weights).is_file():
+                raise EclipError(f"image_tower: {weights}: weights file not found")
+            kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
+        try:
+            try:
+                self.model = timm.create_model(name, pretrained=weights != "random", img_size=image_size, **kwargs)
+            except TypeError:  # a model without an img_size argument
+                self.model = timm.create_model(name, pretrained=weights != "random", **kwargs)
+        except EclipError:
+            raise
+        except Exception as e:
+            raise EclipError(f"image_tower: timm could not build {name!r} "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        self.width = int(self.model.num_features)
+        cfg = getattr(self.model, "pretrained_cfg", {}) or {}
+        self.mean, self.std = tuple(cfg.get("mean", (0.5,) * 3)), tuple(cfg.get("std", (0.5,) * 3))
+        self.tokens = (image_size // 16) ** 2 + 1  # a ViT-like token count for the FLOP estimate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def flops(self) -> int:
+        return 2 * sum(p.numel() for p in self.model.parameters()) * self.tokens
+
+
+class HFTextTower(nn.Module):
+    """A Hugging Face encoder as the text tower: shifted ids [B, L] (0 = padding) → [B, width]."""
+
+    def __init__(self, spec: str, pool: str):
+        super().__init__()
+        _require("transformers")
+        from transformers import AutoModel
+
+        name, _ = parse_spec(spec, "hf")
+        try:
+            self.model = AutoModel.from_pretrained(name)
+        except Exception as e:
+            raise EclipError(f"text_tower: could not load {name!r} (a local directory, or a hub id when online): "
+                             f"{type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
+        self.width = int(self.model.config.hidden_size)
+        self.pool = pool
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ids = (tokens.long() - 1).clamp_min(0)  # the loop stores HF ids + 1 (0 = padding)
+        hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # [B, L, W]
+        if self.pool == "cls":
+            return hidden[:, 0]
+        w = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+    def flops(self, length: int | None = None) -> int:
+        return 2 * sum(p.numel() for p in self.model.parameters()) * int(length or 1)
+
+
+def load_tokenizer(spec: str):
+    _require("transformers")
+    from transformers import AutoTokenizer
+
+    name, _ = parse_spec(spec, "hf")
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        raise EclipError(f"text_tower: could not load the tokenizer of {name!r}: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
+
+
+def _encode(tok, texts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shifted ids int32 [n, length] (0 = padding) and lengths int32 [n]."""
+    out = torch.zeros(len(texts), length, dtype=torch.int32)
+    lengths = torch.zeros(len(texts), dtype=torch.int32)
+    if texts:
+        ids = tok(texts, truncation=True, max_length=length, padding=False)["input_ids"]
+        for i, row in enumerate(ids):
+            out[i, :len(row)] = torch.tensor(row, dtype=torch.int32) + 1
+            lengths[i] = len(row)
+    return out, lengths
+
+
+def retokenize(cache, spec: str):
+    """A copy of ``cache`` whose captions and phrases are the HF tokenizer's (shifted) ids,
+    read from its ``records.jsonl`` in the order the cache stores them."""
+    tok = load_tokenizer(spec)
+    path = cache.path / "records.jsonl"
+    try:
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as e:
+        raise EclipError(f"{path}: unreadable ({e}); rebuild the cache with python -m eclip.prepare") from None
+    captions = [c for r in records for c in r["captions"]]
+    phrases = [p for r in records for p in r.get("phrases", [])]
+    if len(records) != cache.images.shape[0] or len(captions) != cache.tokens.shape[0] \
+            or len(phrases) != cache.region_tokens.shape[0]:
+        raise EclipError(f"{path}: {len(records)} images, {len(captions)} captions, {len(phrases)} phrases do not "
+                         f"match the cache's {cache.images.shape[0]}, {cache.tokens.shape[0]}, "
+                         f"{cache.region_tokens.shape[0]}; rebuild the cache with python -m eclip.prepare")
+    limit = getattr(tok, "model_max_length", None) or 512
+    length = min(int(cache.tokens.shape[1]), int(limit))
+    tokens, lengths = _encode(tok, captions, length)
+    rtokens, rlengths = _encode(tok, phrases, min(int(cache.region_tokens.shape[1]), int(limit)))
+    manifest = dict(cache.manifest, tokenizer=dict(cache.manifest.get("tokenizer", {}), vocab_size=len(tok) + 1,
+                                                   source=spec))
+    return replace(cache, manifest=manifest, tokens=tokens, lengths=lengths, region_tokens=rtokens,
+                   region_lengths=rlengths)

@@ -1,0 +1,134 @@
+"""Pretrained towers: a tiny random-init Hugging Face encoder saved to a local directory (no
+network, no downloaded weights) used as the text tower end to end; timm where it imports."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from eclip import train
+from eclip.data.cache import load_cache
+from eclip.errors import EclipError
+from eclip.model import build_model, model_config
+from eclip.pretrained import HFTextTower, parse_spec, retokenize
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory, small_cache):
+    """A 1-layer, 32-wide BERT and a WordPiece tokenizer trained on the cache's captions."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    records = [json.loads(line) for line in (small_cache / "records.jsonl").read_text().splitlines()]
+    texts = [c for r in records for c in r["captions"]]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(
+        vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]"]))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                                cls_token="[CLS]", sep_token="[SEP]", model_max_length=64)
+    out = tmp_path_factory.mktemp("hf") / "tiny-bert"
+    fast.save_pretrained(out)
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(fast), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64)
+    transformers.BertModel(cfg).save_pretrained(out)
+    return out
+
+
+def test_retokenize_uses_the_models_tokenizer(small_cache, hf_dir):
+    cache = load_cache(small_cache)
+    rc = retokenize(cache, f"hf:{hf_dir}")
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    records = [json.loads(line) for line in (small_cache / "records.jsonl").read_text().splitlines()]
+    captions = [c for r in records for c in r["captions"]]
+    phrases = [p for r in records for p in r["phrases"]]
+    for i in (0, 7, len(captions) - 1):
+        ids = tok(captions[i])["input_ids"]
+        n = int(rc.lengths[i])
+        assert (rc.tokens[i, :n] - 1).tolist() == ids and n == len(ids)
+        assert not rc.tokens[i, n:].any()  # 0 pads, as everywhere else
+    for i in (0, len(phrases) - 1):
+        n = int(rc.region_lengths[i])
+        assert (rc.region_tokens[i, :n] - 1).tolist() == tok(phrases[i])["input_ids"]
+    assert rc.vocab_size == len(tok) + 1 and rc.tokens.shape == cache.tokens.shape
+    assert torch.equal(rc.caption_image, cache.caption_image) and rc.images is cache.images
+    assert cache.tokens.max() < cache.vocab_size  # the original is untouched
+
+
+def test_hf_tower_loads_the_saved_weights_and_honours_the_mask(hf_dir):
+    cfg = model_config("tiny", image_size=64, vocab_size=300, context_length=16, **{"text.pretrained": f"hf:{hf_dir}",
+                                                                                    "expert.enabled": False})
+    model = build_model(cfg)
+    saved = transformers.BertModel.from_pretrained(hf_dir)
+    assert isinstance(model.text, HFTextTower) and model.text_proj.in_features == 32
+    assert torch.equal(model.text.model.embeddings.word_embeddings.weight, saved.embeddings.word_embeddings.weight)
+    model.eval()
+    tokens = torch.tensor([[3, 10, 11, 4, 0, 0], [3, 12, 4, 0, 0, 0]])
+    mask = tokens != 0
+    emb = model.encode_text(tokens, mask)
+    assert emb.shape == (2, 128) and torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)
+    # the tower sees HF ids (shifted back by one), and padding does not leak into the result
+    ref = saved(input_ids=(tokens - 1).clamp_min(0), attention_mask=mask.long()).last_hidden_state[:, 0]
+    assert torch.allclose(model.text(tokens, mask), ref, atol=1e-6)
+    noisy = tokens.clone()
+    noisy[0, 5] = 0
+    noisy[1, 4:] = 0
+    assert torch.allclose(model.encode_text(noisy, mask), emb, atol=1e-6)
+
+
+def test_train_end_to_end_with_an_hf_text_tower(small_cache, hf_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(["--data", str(small_cache), "--out", str(out), "--steps", "4", "--device", "cpu",
+                       "--text-tower", f"hf:{hf_dir}", "--batch_size=16"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "ok" and result["val_mean_rank"] is not None
+    assert result["hparams"]["text_tower"] == f"hf:{hf_dir}"
+    from safetensors.torch import load_file
+
+    keys = load_file(str(out / "checkpoint.safetensors"))
+    assert any(k.startswith("model.text.model.embeddings.") for k in keys)
+    # resume rebuilds the same tower and continues
+    assert train.main(["--data", str(small_cache), "--out", str(out), "--steps", "6", "--device", "cpu",
+                       "--text-tower", f"hf:{hf_dir}", "--batch_size=16", "--resume"]) == 0
+    assert json.loads((out / "result.json").read_text())["steps"] == 6
+
+
+def test_bad_tower_specs_are_one_line_errors(small_cache, tmp_path, capsys):
+    with pytest.raises(EclipError, match=r"image_tower: expected timm:NAME"):
+        parse_spec("resnet50", "timm")
+    with pytest.raises(EclipError, match=r"text_tower: expected hf:NAME"):
+        parse_spec("hf:", "hf")
+    assert parse_spec("timm:vit_small_patch16_224@w.safetensors", "timm") == ("vit_small_patch16_224", "w.safetensors")
+    missing = tmp_path / "no-such-model"
+    assert train.main(["--data", str(small_cache), "--out", str(tmp_path / "r"), "--steps", "1", "--device", "cpu",
+                       "--text-tower", f"hf:{missing}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train: error: text_tower: could not load the tokenizer of")
+
+
+def test_records_that_do_not_match_the_cache_are_refused(small_cache, hf_dir, tmp_path):
+    copy = tmp_path / "cache"
+    shutil.copytree(small_cache, copy)
+    lines = (copy / "records.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    first["phrases"] = first["phrases"][1:]  # as an older cache whose center-crop dropped a box
+    (copy / "records.jsonl").write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n")
+    with pytest.raises(EclipError, match=r"records.jsonl: .* do not match the cache's .* rebuild the cache"):
+        retokenize(load_cache(copy), f"hf:{hf_dir}")
+
+
+def test_timm_image_tower_random_init():
+    try:
+        import timm  # noqa: F401
+    except Exception:  # not installed, or without a working torchvision (the CI machines)
+        pytest.skip("timm does not import here (it needs torchvision)")
+    cfg = model_config("tiny", image_size=64, vocab_size=300, context_length=16,
+                       **{"vision.pretrained": "timm:vit_tiny_patch16_224@random", "expert.enabled": False})
+    model = build_model(cfg)
+    emb = model.encode_image(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))
+    assert emb.shape == (2, 128) and model.image_proj.in_features == model.vision.width
