@@ -14,9 +14,12 @@ Control and failures:
   after a pause (``api_attempts`` × ``api_pause_s``, doubling); still failing, the proposal
   raises ``ProposerUnavailable``; authentication, permission and request errors raise
   ``ProposerStop`` at once: retrying cannot fix them;
-- every reply's usage (input, output, cache write, cache read tokens) is summed per proposal
-  and priced (``agent.pricing``); the proposal stops early when ``budget_usd`` (what is left
-  under the loop's cap) is spent.
+- every reply's usage (input, output, cache write, cache read tokens) is priced
+  (``agent.pricing``), reported through ``on_usage`` as it arrives and summed per proposal;
+  the proposal stops after the reply that spends ``budget_usd`` (what is left under the
+  loop's cap), so the cap can be exceeded by at most one reply;
+- the system prompt and tools carry one cache breakpoint, the conversation's last block a
+  second, moving one: every turn after the first reads the earlier turns from the cache.
 
 The API key is read by the SDK from ``ANTHROPIC_API_KEY``; this module never stores it, and
 the loop strips it from the training subprocess's environment.
@@ -57,6 +60,22 @@ class ClaudeConfig:
     extra: dict = field(default_factory=dict)  # extra arguments for messages.create (e.g. thinking)
 
 
+def _with_breakpoint(messages: list[dict]) -> list[dict]:
+    """The messages with one cache breakpoint, on the last block of the last message: each
+    turn then reads the conversation so far from the cache instead of paying for it again
+    (the system prompt's breakpoint is the other one of the API's four)."""
+    out = []
+    for i, m in enumerate(messages):
+        content = m["content"]
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        content = [{k: v for k, v in b.items() if k != "cache_control"} for b in content]
+        if i == len(messages) - 1 and content:
+            content[-1] = dict(content[-1], cache_control={"type": "ephemeral"})
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
 def _block_dict(block) -> dict:
     """A response content block as the plain dict the next request sends back."""
     if isinstance(block, dict):
@@ -87,7 +106,7 @@ class ClaudeProposer:
             try:
                 return self.client.messages.create(
                     model=self.cfg.model, max_tokens=self.cfg.max_tokens, system=prompt.system_blocks(),
-                    tools=TOOLS, messages=messages, **self.cfg.extra)
+                    tools=TOOLS, messages=_with_breakpoint(messages), **self.cfg.extra)
             except a.AuthenticationError as e:
                 raise ProposerStop(f"authentication failed ({e.status_code}): check ANTHROPIC_API_KEY") from None
             except a.PermissionDeniedError as e:
@@ -102,13 +121,17 @@ class ClaudeProposer:
             except a.APIStatusError as e:  # 400, 404, 413, …: the request itself is wrong
                 message = " ".join(str(getattr(e, "message", e)).split())[:200]
                 raise ProposerStop(f"the API refused the request ({e.status_code}): {message}") from None
+            except a.APIError as e:  # e.g. a reply that does not parse: nothing a retry would fix
+                raise ProposerStop(f"unusable API reply ({type(e).__name__}): "
+                                   f"{' '.join(str(e).split())[:200]}") from None
         raise AssertionError("unreachable")
 
     # -- one proposal ----------------------------------------------------------------------
     def propose(self, source: str, history: list[dict], context: dict | None = None) -> Proposal:
         """``context``: ``workspace`` (Path), ``program`` (text), ``experiments`` (the journal's
-        merged experiments), ``state`` (the loop's), ``session``, ``budget_usd`` and optionally
-        ``fix`` (the failed experiment being repaired)."""
+        merged experiments), ``state`` (the loop's), ``session``, ``budget_usd``, optionally
+        ``fix`` (the failed experiment being repaired) and ``on_usage(usage, cost)``, called
+        after every reply."""
         ctx = context or {}
         exps = ctx.get("experiments", [])
         tails = {e["n"]: (e.get("result") or {}).get("log_tail", "") for e in exps
@@ -119,11 +142,15 @@ class ClaudeProposer:
         messages = [{"role": "user", "content": prompt.proposal_message(program, source, summary, ctx.get("fix"))}]
         usage, reason = Usage(), None
         self.pending_usage = usage
-        budget = ctx.get("budget_usd")
+        budget, on_usage = ctx.get("budget_usd"), ctx.get("on_usage")
         t0 = time.time()
         for _turn in range(self.cfg.max_turns):
             reply = self._create(messages)
             usage.add_reply(reply.usage)
+            if on_usage is not None:  # journaled per call, so a kill mid-proposal loses no spending
+                one = Usage()
+                one.add_reply(reply.usage)
+                on_usage(one.to_dict(), one.cost_usd(self.cfg.model))
             content = [_block_dict(b) for b in reply.content]
             messages.append({"role": "assistant", "content": content})
             uses = [b for b in content if b.get("type") == "tool_use"]

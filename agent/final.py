@@ -4,12 +4,15 @@ The loop chooses by the validation split, so its best score is optimistic: selec
 many noisy runs. The held-out test split answers the question once. The best commit's
 recipe is retrained through the harness on train+val (``--final``) for the session's
 budget and scored on the test split; the result is journaled as a ``final`` event. A
-second call for the same best commit prints the recorded figures and trains nothing —
-the test split is looked at once per best commit, never tuned against.
+second call for the same best commit prints the recorded figures and trains nothing;
+a call after the loop found a new best refuses without ``--force`` (each look at the test
+split makes it less held-out). A final run that failed (crash, timeout) scored nothing
+and may be retried; one killed after it finished is recovered from its ``result.json``.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -18,8 +21,10 @@ from agent.runner import run_experiment
 from agent.workspace import Workspace
 
 
-def recorded_final(events: list[dict], commit: str) -> dict | None:
-    return next((e for e in reversed(events) if e.get("event") == "final" and e.get("commit") == commit), None)
+def recorded_final(events: list[dict], commit: str | None = None) -> dict | None:
+    """The last successful final evaluation (of ``commit``, when given)."""
+    return next((e for e in reversed(events) if e.get("event") == "final" and e.get("status") == "ok"
+                 and (commit is None or e.get("commit") == commit)), None)
 
 
 def last_session(events: list[dict]) -> dict:
@@ -37,9 +42,11 @@ def best_of(ws: Workspace, events: list[dict]) -> tuple[str, dict | None]:
 
 
 def final_evaluation(ws: Workspace, *, data: Path | None = None, budget_s: float | None = None,
-                     device: str | None = None, timeout_s: float | None = None) -> tuple[dict, bool]:
+                     device: str | None = None, timeout_s: float | None = None,
+                     force: bool = False) -> tuple[dict, bool]:
     """(the final event, whether it was run now). Raises ValueError on a workspace that has
-    nothing to evaluate or no data to train on."""
+    nothing to evaluate, no data to train on, or (without ``force``) a test score already
+    recorded for another commit."""
     events = journal.read(ws.journal_path)
     if not any(e.get("status") == "baseline" for e in journal.experiments(events)):
         raise ValueError(f"{ws.journal_path}: no scored baseline yet; nothing to evaluate")
@@ -47,27 +54,53 @@ def final_evaluation(ws: Workspace, *, data: Path | None = None, budget_s: float
     done = recorded_final(events, commit)
     if done is not None:
         return done, False
-    session = last_session(events)
-    data = data or (Path(session["data"]) if session.get("data") else None)
-    budget_s = budget_s or session.get("budget_s")
-    if data is None or not (data / "manifest.json").exists():
-        raise ValueError(f"{data}: no prepared cache (give --data)" if data else
-                         f"{ws.journal_path}: no session records the data; give --data")
-    if not budget_s:
-        raise ValueError(f"{ws.journal_path}: no session records the budget; give --budget-s")
+    earlier = recorded_final(events)
+    if earlier is not None and not force:
+        raise ValueError(f"the test split was already scored for commit {earlier['commit'][:7]} (test_mean_rank "
+                         f"{earlier['test_mean_rank']:.2f}); scoring it again for {commit[:7]} needs --force "
+                         "(every look at the test split makes it less held-out)")
     out = ws.experiments / f"final-{commit[:7]}"
-    out.mkdir(parents=True, exist_ok=True)
-    recipe = out / "recipe.py"
-    recipe.write_text(ws.git("show", f"{commit}:recipe.py") + "\n")
-    r = run_experiment(recipe, data.resolve(), float(budget_s), out, device=device or session.get("device", "auto"),
-                       compile_cache=ws.root / ".compile_cache", timeout_s=timeout_s, final=True)
+    started = next((e for e in reversed(events) if e.get("event") == "final-start" and e.get("commit") == commit),
+                   None)
+    r = _recovered(out, started)
+    if r is None:
+        session = last_session(events)
+        data = data or (Path(session["data"]) if session.get("data") else None)
+        budget_s = budget_s or session.get("budget_s")
+        if data is None or not (data / "manifest.json").exists():
+            raise ValueError(f"{data}: no prepared cache (give --data)" if data else
+                             f"{ws.journal_path}: no session records the data; give --data")
+        if not budget_s:
+            raise ValueError(f"{ws.journal_path}: no session records the budget; give --budget-s")
+        out.mkdir(parents=True, exist_ok=True)
+        recipe = out / "recipe.py"
+        recipe.write_text(ws.git("show", f"{commit}:recipe.py") + "\n")
+        started = {"event": "final-start", "time": time.time(), "commit": commit, "data": str(data),
+                   "budget_s": float(budget_s), "out": str(out)}
+        journal.append(ws.journal_path, started)  # a kill from here on is recovered from result.json
+        r = run_experiment(recipe, data.resolve(), float(budget_s), out,
+                           device=device or session.get("device", "auto"),
+                           compile_cache=ws.root / ".compile_cache", timeout_s=timeout_s, final=True)
     event = {"event": "final", "time": time.time(), "commit": commit, "status": r.get("status", "crash"),
              "description": exp["description"] if exp else "baseline", "n": None,
              "val_mean_rank": exp["val_mean_rank"] if exp else None, "test_mean_rank": r.get("val_mean_rank"),
-             "data": str(data), "budget_s": float(budget_s), "out": str(out),
+             "data": started["data"], "budget_s": started["budget_s"], "out": str(out),
              "result": {k: v for k, v in r.items() if k != "hparams"}}
     journal.append(ws.journal_path, event)
     return event, True
+
+
+def _recovered(out: Path, started: dict | None) -> dict | None:
+    """The test result of a final run that finished before its event was journaled."""
+    path = out / "result.json"
+    try:
+        if started is None or path.stat().st_mtime < started["time"]:
+            return None
+        r = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    # only a scored run counts: a failed one scored nothing and is simply run again
+    return dict(r, recovered=True) if r.get("eval_split") == "test" and r.get("status") == "ok" else None
 
 
 def summary_lines(event: dict, ran: bool) -> list[str]:

@@ -2,8 +2,11 @@
 
 One JSON object per line, flushed and fsynced per event, so a kill at any moment loses at
 most the line being written; a torn last line is skipped on reading (and reported), never
-rewritten. Events: ``start`` (an experiment is committed and about to run) and ``end`` (its
-outcome); an experiment with a start and no end was in flight when the loop died.
+rewritten. Events: ``session`` (a start of the loop and its settings), ``usage`` (one API reply
+of a proposal under way: tokens and cost), ``start`` (an experiment is committed and about to
+run, or an unrun proposal is recorded), ``end`` (its outcome) and ``final`` (the held-out
+evaluation); an experiment with a start and no end was in flight when the loop died, and
+usage with no start is a proposal the loop died in.
 """
 
 from __future__ import annotations
@@ -62,7 +65,15 @@ def experiments(events: list[dict]) -> list[dict]:
             rec.update(e, ended=rec.get("ended", False))
         elif e["event"] == "end":
             rec.update({k: v for k, v in e.items() if k not in ("event", "time")}, ended=True)
+        elif e["event"] == "usage":  # one API reply of the proposal (the record of spending)
+            rec["api_calls"] = rec.get("api_calls", 0) + 1
+            rec["api_cost_usd"] = rec.get("api_cost_usd", 0.0) + float(e.get("cost_usd") or 0.0)
     return [by_n[n] for n in sorted(by_n)]
+
+
+def spent_usd(events: list[dict]) -> float:
+    """API spending: the sum over ``usage`` events (one per reply, journaled as it arrives)."""
+    return sum(float(e.get("cost_usd") or 0.0) for e in events if e.get("event") == "usage")
 
 
 def running_best(exps: list[dict]) -> list[tuple[int, float]]:

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from agent import journal
 from agent.claude import DEFAULT_MODEL, ClaudeConfig, ClaudeProposer, ProposerStop
-from agent.runner import run_experiment
-from agent.search import SearchProposer, read_hparams
+from agent.runner import clean_env, log_tail, protect_secrets, run_experiment
+from agent.search import SearchExhausted, SearchProposer, read_hparams
 from agent.workspace import Workspace
 from eclip.policy import check_source
 
@@ -108,9 +108,12 @@ def recovered_result(ws: Workspace, exp: dict) -> dict | None:
     try:
         if exp.get("commit") is None or path.stat().st_mtime < exp.get("time", 0):
             return None
-        return json.loads(path.read_text())
+        result = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+    if result.get("status") != "ok":  # the tail a fix attempt needs, as the runner would add it
+        result["log_tail"] = log_tail(path.with_name("run.log"))
+    return result
 
 
 def reconcile(ws: Workspace, root_commit: str, min_delta: float) -> None:
@@ -119,6 +122,12 @@ def reconcile(ws: Workspace, root_commit: str, min_delta: float) -> None:
     exps = journal.experiments(journal.read(ws.journal_path))
     for i, e in enumerate(exps):
         if e.get("ended"):
+            continue
+        if "kind" not in e:  # API replies journaled, then the loop died before the proposal was recorded
+            why = "the loop stopped during the proposal"
+            record_unrun(ws, e["n"], f"no-op: {why}", {}, "interrupted", [why])
+            print(f"loop: proposal {e['n']} was under way when the loop stopped: recorded as interrupted",
+                  file=sys.stderr)
             continue
         r = recovered_result(ws, e)
         if r is not None:
@@ -139,11 +148,6 @@ def record_unrun(ws: Workspace, n: int, description: str, info: dict, status: st
     journal.append(ws.journal_path, {"event": "start", "n": n, "time": time.time(), "kind": "experiment",
                                      "commit": None, "description": description, **info})
     record_end(ws, n, status, {"val_mean_rank": None, "reason": reason}, False, None, description)
-
-
-def spent_usd(exps: list[dict]) -> float:
-    """API spending recorded in the journal, all sessions of the workspace."""
-    return sum(e.get("cost_usd") or 0.0 for e in exps)
 
 
 FIXABLE = ("crash", "diverged")
@@ -196,7 +200,7 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
         return True
     if st["experiments"] >= args.max_experiments:
         return False
-    spent = spent_usd(exps)
+    spent = journal.spent_usd(journal.read(ws.journal_path))
     if args.proposer == "claude" and spent >= args.max_cost_usd:
         print(f"loop: stopping: API spending ${spent:.2f} reached --max-cost-usd {args.max_cost_usd:g}", file=sys.stderr)
         return False
@@ -209,19 +213,24 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
                 "status": e.get("status"), "kept": bool(e.get("kept"))} for e in exps if e.get("hparams")]
     context = {"workspace": ws.root, "program": (ws.root / "program.md").read_text(), "experiments": exps,
                "state": st, "session": {"budget_s": args.budget_s, "device": args.device},
-               "budget_usd": args.max_cost_usd - spent, "fix": fix}
+               "budget_usd": args.max_cost_usd - spent, "fix": fix,
+               "on_usage": lambda usage, cost: journal.append(ws.journal_path, {
+                   "event": "usage", "n": n, "time": time.time(), "usage": usage, "cost_usd": cost})}
     try:
         prop = proposer.propose(source, history, context=context)
-    except RuntimeError as e:  # the search space is exhausted: nothing new to try
+    except SearchExhausted as e:  # nothing new to try
         print(f"loop: stopping: {e}", file=sys.stderr)
         return False
-    except (ProposerStop, KeyboardInterrupt) as e:  # journal what the cut-off proposal cost, then stop
+    except (Exception, KeyboardInterrupt) as e:  # record the cut-off proposal (its spending is journaled), stop
         usage = getattr(proposer, "pending_usage", None)
+        why = (str(e) if isinstance(e, ProposerStop) else "interrupted during the proposal"
+               if isinstance(e, KeyboardInterrupt) else f"the proposer failed: {type(e).__name__}: {str(e)[:200]}")
         if usage is not None and usage.calls:
-            why = str(e) if isinstance(e, ProposerStop) else "interrupted during the proposal"
             extra = {"usage": usage.to_dict(), "cost_usd": usage.cost_usd(args.model), "model": args.model}
             record_unrun(ws, n, f"no-op: {why}", extra, "no-op", [why])
-        raise
+        if isinstance(e, (ProposerStop, KeyboardInterrupt)):
+            raise
+        raise ProposerStop(why) from e
     info = {"hypothesis": prop.hypothesis, "changes": {k: list(v) for k, v in prop.changes.items()},
             "search_step": prop.step, **prop.extra}
     if fix is not None:
@@ -263,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"loop: error: {args.data}: no prepared cache (run python -m eclip.prepare)", file=sys.stderr)
             return 2
         subprocess.run([sys.executable, "-m", "eclip.prepare", "--dataset", "synthetic", "--out", str(args.data)],
-                       check=True)
+                       check=True, env=clean_env())
     ws = Workspace.open_or_create(args.workspace_root / args.tag, TEMPLATE)
     root_commit = ws.git("rev-list", "--max-parents=0", "HEAD").splitlines()[0]
     reconcile(ws, root_commit, args.min_delta)
@@ -273,12 +282,13 @@ def main(argv: list[str] | None = None) -> int:
                                      "device": args.device, "seed": args.seed, "min_delta": args.min_delta})
     exps = journal.experiments(journal.read(ws.journal_path))
     if args.proposer == "claude":
+        protect_secrets()
         proposer = ClaudeProposer(ClaudeConfig(model=args.model, max_turns=args.max_turns, max_tokens=args.max_tokens,
                                                api_pause_s=args.api_pause_s))
         if not proposer.price_known:
             print(f"loop: warning: no price known for {args.model}; costs use the dearest rates in agent/pricing.py",
                   file=sys.stderr)
-        print(f"loop: claude proposer {args.model}; spent so far ${spent_usd(exps):.4f} of "
+        print(f"loop: claude proposer {args.model}; spent so far ${journal.spent_usd(journal.read(ws.journal_path)):.4f} of "
               f"${args.max_cost_usd:g}", file=sys.stderr)
     else:
         proposer = SearchProposer(seed=args.seed + len(exps))

@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, help="--final: prepared cache (default: the loop session's)")
     ap.add_argument("--budget-s", type=float, help="--final: training budget (default: the loop session's)")
     ap.add_argument("--device", help="--final: device (default: the loop session's)")
+    ap.add_argument("--force", action="store_true",
+                    help="--final: score the test split again although another commit was already scored")
     args = ap.parse_args(argv)
     ws = Workspace(args.workspace)
     if not ws.journal_path.exists():
@@ -119,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         from agent.final import final_evaluation, summary_lines
 
         try:
-            event, ran = final_evaluation(ws, data=args.data, budget_s=args.budget_s, device=args.device)
+            event, ran = final_evaluation(ws, data=args.data, budget_s=args.budget_s, device=args.device,
+                                          force=args.force)
         except ValueError as e:
             print(f"report: error: {e}", file=sys.stderr)
             return 2

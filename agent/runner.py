@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from eclip.policy import scrub_environment
+from eclip.policy import SECRET, scrub_environment
 
 EVAL_CAP_S = 120.0  # evaluation and start-up allowance on top of the training budget
 MARGIN = 0.5  # plus this fraction of the budget before the run is killed as a timeout
@@ -36,9 +36,43 @@ def clean_env() -> dict:
     return env
 
 
+def protect_secrets() -> None:
+    """Make this process non-dumpable (Linux): other processes of the same user — a training
+    run included — can then neither read its /proc/<pid>/environ, which still holds the API
+    key, nor attach to it. Root is not stopped by this."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+    except OSError:
+        pass
+
+
+def secret_values() -> list[str]:
+    """Values of this process's secret-looking environment variables (8 characters or more)."""
+    return [v for k, v in os.environ.items() if SECRET.search(k) and len(v) >= 8]
+
+
+def redact(text: str) -> str:
+    for value in secret_values():
+        text = text.replace(value, "[redacted]")
+    return text
+
+
+def redact_file(path: Path) -> None:
+    """Rewrite ``path`` without secret values, if it holds any (a run printed one)."""
+    try:
+        data = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return
+    clean = redact(data)
+    if clean != data:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(clean)
+        os.replace(tmp, path)
+
+
 def log_tail(path: Path, lines: int = 30) -> str:
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+        return redact("\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
     except FileNotFoundError:
         return ""
 
@@ -68,6 +102,7 @@ def run_experiment(recipe: Path, data: Path, budget_s: float, out: Path, *, comp
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # the whole group: compile workers included
             proc.wait()
+            redact_file(out / "run.log")
             return {"status": "timeout", "val_mean_rank": None, "duration_s": time.perf_counter() - t0,
                     "reason": f"killed after {limit:.0f} s", "log_tail": log_tail(out / "run.log")}
         except BaseException:  # Ctrl-C or a kill of the loop: never leave the run behind
@@ -75,6 +110,7 @@ def run_experiment(recipe: Path, data: Path, budget_s: float, out: Path, *, comp
             proc.wait()
             raise
     duration = time.perf_counter() - t0
+    redact_file(out / "run.log")  # a run cannot see the key, but whatever it printed stays clean
     try:
         result = json.loads((out / "result.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):

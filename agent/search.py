@@ -67,6 +67,10 @@ RETRIES_PER_WIDTH = 20  # attempts before the step (σ and number of keys) is wi
 MAX_ATTEMPTS = 200
 
 
+class SearchExhausted(RuntimeError):
+    """No configuration near the best is left untried."""
+
+
 @dataclass
 class Proposal:
     source: str  # the whole new recipe text
@@ -241,7 +245,7 @@ class SearchProposer:
                 prop = self._proposal(recipe_source, current, base, candidate, best)
                 prop.step = sigma
                 return prop
-        raise RuntimeError(f"search found no unseen configuration in {MAX_ATTEMPTS} attempts")
+        raise SearchExhausted(f"search found no unseen configuration in {MAX_ATTEMPTS} attempts")
 
     @staticmethod
     def _proposal(source, current, base, candidate, best) -> Proposal:

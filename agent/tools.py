@@ -144,14 +144,18 @@ class ToolBox:
     def _checks(self, source: str) -> list[str]:
         try:
             ast.parse(source)
+            return [f"recipe.py:{v.line}: {v.message}" for v in check_source(source)]
         except SyntaxError as e:
             return [f"recipe.py:{e.lineno}: syntax error: {e.msg}"]
-        return [f"recipe.py:{v.line}: {v.message}" for v in check_source(source)]
+        except (RecursionError, MemoryError, ValueError) as e:  # absurdly nested or huge source
+            return [f"recipe.py: cannot be parsed ({type(e).__name__})"]
 
     # -- dispatch --------------------------------------------------------------------------
     def run(self, name: str, args) -> tuple[str, bool]:
         """Execute one tool call: (result text, is_error)."""
         try:
+            if self.submission is not None:  # the submitted text is final: nothing after it applies
+                raise ToolError("already submitted; calls after submit are not carried out")
             if not isinstance(args, dict):
                 raise ToolError(f"input must be a JSON object, got {type(args).__name__}")
             handler = {"view": self._view, "edit": self._edit, "submit": self._submit}.get(name)
@@ -160,6 +164,8 @@ class ToolBox:
             out, ok = handler(args), True
         except ToolError as e:
             out, ok = f"error: {e}", False
+        except Exception as e:  # whatever a tool input provokes, the model gets an error result
+            out, ok = f"error: the tool failed ({type(e).__name__}: {str(e)[:200]})", False
         self.calls.append({"tool": name, "ok": ok})
         return out, not ok
 

@@ -74,8 +74,14 @@ class Workspace:
         return self.head()
 
     def reset(self, commit: str) -> None:
-        """Tracked files back to ``commit``; ignored records stay (never ``git clean``)."""
+        """Tracked files back to ``commit``; ignored records stay (never ``git clean``).
+        ``program.md`` is the person's: an edit of it survives the reset (uncommitted) and is
+        committed with the next experiment."""
+        program = self.root / "program.md"
+        brief = program.read_text() if program.exists() else None
         self.git("reset", "-q", "--hard", commit)
+        if brief is not None and program.read_text() != brief:
+            program.write_text(brief)
 
     def diff(self, base: str) -> str:
         return self.git("diff", base, "--", "recipe.py")

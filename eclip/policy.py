@@ -37,6 +37,8 @@ FORBIDDEN_NAMES = frozenset({
 FORBIDDEN_ATTRIBUTES = frozenset({
     "load", "save", "hub", "package", "cpp_extension", "load_library", "classes",
     "multiprocessing", "distributed", "from_file", "system", "popen",
+    # data loading is the harness's: datapipes open files and URLs, DataLoader starts processes
+    "datapipes", "DataLoader", "FileOpener", "FileLister", "IoPathFileOpener", "IoPathFileLister",
 })
 SETTINGS = ("torch.backends.", "torch._inductor.config.", "torch._dynamo.config.")  # knobs, not code
 WHY = "recipes may not reach files, processes, the network or the interpreter's machinery"

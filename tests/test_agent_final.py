@@ -69,3 +69,54 @@ def test_final_needs_a_baseline_and_data(tmp_path, small_cache, capsys):
     assert report.main([str(ws.root), "--final", "--data", str(tmp_path / "nowhere")]) == 2
     assert f"{tmp_path / 'nowhere'}: no prepared cache" in capsys.readouterr().err
     assert not any(e.get("event") == "final" for e in journal.read(ws.journal_path))
+
+
+def _fake_final(status="ok", rank=42.0, calls=None):
+    def fake(recipe, data, budget_s, out, **kw):
+        if calls is not None:
+            calls.append(kw)
+        r = {"status": status, "val_mean_rank": rank if status == "ok" else None, "eval_split": "test"}
+        (out / "result.json").write_text(json.dumps(r))
+        return r
+    return fake
+
+
+def test_a_failed_final_may_be_retried_and_a_new_best_needs_force(workspace, monkeypatch, capsys):
+    ws = workspace
+    calls = []
+    monkeypatch.setattr(final, "run_experiment", _fake_final("crash", calls=calls))
+    assert report.main([str(ws.root), "--final"]) == 1  # scored nothing: not "done"
+    monkeypatch.setattr(final, "run_experiment", _fake_final("ok", 42.0, calls))
+    assert report.main([str(ws.root), "--final"]) == 0
+    assert len(calls) == 2 and calls[-1]["final"] is True
+    # the loop goes on and keeps a new best: the test split was already looked at
+    monkeypatch.setattr(loop, "run_experiment", _scripted([50]))
+    session = final.last_session(journal.read(ws.journal_path))
+    assert loop.main(["--tag", "f", "--workspace-root", str(ws.root.parent), "--data", session["data"],
+                      "--budget-s", "1.5", "--noise-runs", "2", "--max-experiments", "3", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert report.main([str(ws.root), "--final"]) == 2
+    assert "already scored for commit" in capsys.readouterr().err and len(calls) == 2
+    assert report.main([str(ws.root), "--final", "--force"]) == 0 and len(calls) == 3
+    finals = [e for e in journal.read(ws.journal_path) if e.get("event") == "final"]
+    assert [e["status"] for e in finals] == ["crash", "ok", "ok"] and finals[1]["commit"] != finals[2]["commit"]
+
+
+def test_a_final_killed_after_its_run_is_recovered(workspace, monkeypatch):
+    ws = workspace
+    # the run finished and wrote result.json; the loop died before journaling the event
+    monkeypatch.setattr(final, "run_experiment", _fake_final("ok", 37.5))
+    real_append = journal.append
+
+    def die_on_final(path, event):
+        if event.get("event") == "final":
+            raise KeyboardInterrupt  # stands in for the kill
+        real_append(path, event)
+
+    monkeypatch.setattr(journal, "append", die_on_final)
+    with pytest.raises(KeyboardInterrupt):
+        final.final_evaluation(ws)
+    monkeypatch.setattr(journal, "append", real_append)
+    monkeypatch.setattr(final, "run_experiment", lambda *a, **k: pytest.fail("the test split scored twice"))
+    event, ran = final.final_evaluation(ws)
+    assert ran and event["test_mean_rank"] == 37.5 and event["result"]["recovered"] is True

@@ -134,3 +134,41 @@ def test_results_table_is_rebuilt_from_the_journal(cache, tmp_path, monkeypatch)
     ws.results_path.write_text("".join(full.splitlines(keepends=True)[:-1]))  # the last row lost
     assert loop.main(args) == 0  # nothing left to run; the restart reconciles
     assert ws.results_path.read_text() == full
+
+
+def test_a_brief_edited_by_hand_survives_discards_and_lands_with_the_next_commit(cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "run_experiment", scripted([100, 100]))
+    args = ["--tag", "b", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1",
+            "--noise-runs", "2", "--max-experiments", "0"]
+    assert loop.main(args) == 0
+    ws = Workspace(tmp_path / "b")
+    brief = ws.root / "program.md"
+    brief.write_text(brief.read_text() + "\nIdea: try a smaller learning rate.\n")
+    monkeypatch.setattr(loop, "run_experiment", scripted([120, 90]))  # a discard, then a keep
+    assert loop.main(args[:-1] + ["2"]) == 0
+    exps = journal.experiments(journal.read(ws.journal_path))
+    assert [e["status"] for e in exps[2:]] == ["discard", "keep"]
+    assert "Idea: try a smaller learning rate." in ws.git("show", f"{exps[3]['commit']}:program.md")
+    assert ws.git("status", "--porcelain") == ""
+
+
+def test_secrets_are_redacted_from_run_logs(tmp_path, monkeypatch):
+    from agent import runner
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-zzz-123456789")
+    monkeypatch.setenv("SHORT_TOKEN", "abc")  # too short to redact safely
+    log = tmp_path / "run.log"
+    log.write_text("step 1\nkey sk-ant-zzz-123456789 printed\nabc\n")
+    assert runner.log_tail(log) == "step 1\nkey [redacted] printed\nabc"
+    runner.redact_file(log)
+    assert log.read_text() == "step 1\nkey [redacted] printed\nabc\n"
+
+
+def test_protect_secrets_makes_the_loop_process_non_dumpable():
+    import subprocess
+    import sys
+
+    code = ("import ctypes; from agent.runner import protect_secrets; libc = ctypes.CDLL('libc.so.6'); "
+            "before = libc.prctl(3, 0, 0, 0, 0); protect_secrets(); print(before, libc.prctl(3, 0, 0, 0, 0))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["1", "0"]  # PR_GET_DUMPABLE before and after

@@ -274,12 +274,15 @@ def test_the_request_caches_the_system_prompt_and_offers_the_three_tools(api, ws
     system = body["system"]
     assert system[-1]["cache_control"] == {"type": "ephemeral"}
     assert all("cache_control" not in b for b in system[:-1])
-    # long enough to be cached by every model (4,096 tokens at most): ≥ 4 characters per token
+    # long enough to be cached by every model (minimum 4,096 tokens at most), counting at most
+    # 4 characters per token (code and prose tokenize at about 3 to 4)
     prefix = json.dumps(body["tools"]) + "".join(b["text"] for b in system)
     assert len(prefix) >= 4 * 4096
     assert "The recipe contract" in system[0]["text"] and "class VisionConfig" in system[1]["text"]
     # the per-proposal context: the brief, the history, the current recipe
-    first = body["messages"][0]["content"]
+    (opening,) = body["messages"][0]["content"]  # one text block, carrying the moving breakpoint
+    assert opening["cache_control"] == {"type": "ephemeral"}
+    first = opening["text"]
     assert "# Research brief" in first and "Best val_mean_rank so far: 100.00" in first
     assert "#2 baseline: 100.00" in first and LR_OLD in first
     assert len(body["messages"]) == 1 and "tool_choice" not in body
@@ -295,7 +298,7 @@ def test_a_crash_gets_bounded_fix_attempts(api, ws, small_cache, tmp_path, monke
     exps = _exps(ws)
     assert [e["status"] for e in exps[2:]] == ["crash", "crash", "keep"]
     assert exps[3]["fix_of"] == 3 and "fix_of" not in exps[4]
-    second, third = (r["body"]["messages"][0]["content"] for r in api.requests[1:3])
+    second, third = (r["body"]["messages"][0]["content"][0]["text"] for r in api.requests[1:3])
     assert "# Fix attempt" in second and '"lr": lr2,' in second and "NameError: name 'lr2'" in second
     assert "# Fix attempt" not in third and LR_OLD in third
     assert '"lr": 2e-3 * lr2,' in calls[1] and LR_NEW in calls[2]
@@ -328,3 +331,61 @@ def test_turns_are_bounded(api, ws, small_cache, tmp_path, monkeypatch):
     assert e["status"] == "no-op" and e["result"]["reason"] == ["no submission within 2 turns"]
     assert len(api.requests) == 2 and e["usage"]["calls"] == 2 and e["edits"] == 1
     assert ws.git("status", "--porcelain") == "" and LR_OLD in ws.recipe.read_text()  # the edit never landed
+
+
+def test_each_turn_moves_the_conversation_breakpoint(api, ws, small_cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "run_experiment", scripted([99]))
+    api.script = [Reply([tool("view", {"path": "program.md"})]), Reply([_edit(), SUBMIT])]
+    assert loop.main(_args(tmp_path, small_cache, 1)) == 0
+    second = api.requests[1]["body"]["messages"]
+    marks = [(i, j) for i, m in enumerate(second) for j, b in enumerate(m["content"]) if "cache_control" in b]
+    assert marks == [(len(second) - 1, len(second[-1]["content"]) - 1)]  # one, on the newest block
+    assert second[-1]["content"][-1]["type"] == "tool_result"
+
+
+def test_spending_is_journaled_per_call_and_survives_a_stop_mid_proposal(api, ws, small_cache, tmp_path,
+                                                                          monkeypatch, capsys):
+    monkeypatch.setattr(loop, "run_experiment", scripted([]))
+    api.script = [Reply([tool("view", {"path": "recipe.py"})]), Reply([tool("view", {"path": "program.md"})]),
+                  Error(401)]
+    assert loop.main(_args(tmp_path, small_cache, 3)) == 1
+    events = journal.read(ws.journal_path)
+    usage = [e for e in events if e["event"] == "usage"]
+    p_in, p_out, _, p_cr = PRICES["claude-sonnet-5-5"]
+    one = (1000 * p_in + 200 * p_out + 5000 * p_cr) / 1e6
+    assert [e["n"] for e in usage] == [3, 3] and all(e["cost_usd"] == pytest.approx(one) for e in usage)
+    assert usage[0]["usage"] == {"calls": 1, "input_tokens": 1000, "output_tokens": 200, "cache_write_tokens": 0,
+                                 "cache_read_tokens": 5000}
+    e = _exps(ws)[2]
+    assert e["status"] == "no-op" and "authentication failed" in e["description"]
+    assert e["cost_usd"] == pytest.approx(2 * one) and journal.spent_usd(events) == pytest.approx(2 * one)
+
+
+def test_a_kill_mid_proposal_keeps_its_spending(api, ws, small_cache, tmp_path, monkeypatch):
+    # what the journal holds after a kill -9 between two replies: usage lines, no start
+    journal.append(ws.journal_path, {"event": "usage", "n": 3, "time": 1.0, "usage": {"calls": 1}, "cost_usd": 0.25})
+    monkeypatch.setattr(loop, "run_experiment", scripted([99]))
+    api.script = [Reply([_edit(), SUBMIT])]
+    assert loop.main(_args(tmp_path, small_cache, 5, "claude", "--max-cost-usd", "0.252")) == 0
+    exps = _exps(ws)
+    assert [(e["n"], e["status"]) for e in exps[2:]] == [(3, "interrupted"), (4, "keep")]
+    assert exps[2]["api_cost_usd"] == 0.25
+    spent = journal.spent_usd(journal.read(ws.journal_path))
+    assert spent == pytest.approx(0.25 + exps[3]["cost_usd"]) and spent > 0.252
+    assert len(api.requests) == 1  # $0.25 already spent: one more proposal, then the cap
+
+
+def test_pathological_edits_and_calls_after_submit(api, ws, small_cache, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(loop, "run_experiment", scripted([99], calls))
+    nested = "x = " + "a." * 50000 + "b\n"  # parses only with a very deep recursion
+    api.script = [Reply([tool("edit", {"command": "insert", "path": "recipe.py", "insert_line": 0, "new_str": nested})]),
+                  Reply([tool("edit", {"command": "str_replace", "path": "recipe.py", "old_str": nested,
+                                       "new_str": ""}),
+                         _edit(), SUBMIT, _edit(LR_NEW, '"lr": 9.0,')])]
+    assert loop.main(_args(tmp_path, small_cache, 1)) == 0
+    (nested_result,) = _tool_results(api.requests[1])
+    assert "would be rejected" in nested_result["content"] and "cannot be parsed" in nested_result["content"]
+    assert len(calls) == 1 and LR_NEW in calls[0] and '"lr": 9.0' not in calls[0]  # the submitted text ran
+    e = _exps(ws)[2]
+    assert [c["ok"] for c in e["tool_calls"]] == [True, True, True, True, False]  # the call after submit refused

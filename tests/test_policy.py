@@ -29,6 +29,7 @@ def test_the_template_passes():
     ("b = __builtins__", "use of '__builtins__' is not allowed"),
     ("k = ().__class__.__base__", "dunder attribute"),
     ("w = torch.load('weights.pt')", "attribute '.load' is not allowed"),
+    ("f = torch.utils.data.datapipes.iter.FileOpener(['/proc/1/environ'])", "attribute '.datapipes' is not allowed"),
     ("torch.save({}, 'x.pt')", "attribute '.save' is not allowed"),
     ("m = torch.hub.load('a', 'b')", "attribute '.hub' is not allowed"),
     ("def f(:", "syntax error"),
