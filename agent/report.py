@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     events = journal.read(ws.journal_path)
     exps = journal.experiments(events)
     s = summary(events)
-    priced = any(e.get("usage") for e in exps)  # an LLM proposer: tokens and cost per experiment
+    priced = any(e.get("event") == "usage" for e in events)  # an LLM proposer: tokens and cost per experiment
     head = f"{'n':>4}  {'status':<11}{'val_mean_rank':>14}"
     if priced:
         head += f"  {'tokens in/out/cache w/r':>26}  {'cost $':>7}"
@@ -108,10 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     print("counts:         " + ", ".join(f"{k} {v}" for k, v in sorted(s["counts"].items())))
     print(f"noise_floor:    {s['noise_floor']:.2f}")
     if priced:
-        totals = {k: sum((e.get("usage") or {}).get(k, 0) for e in exps) for k in
+        calls = [e for e in events if e.get("event") == "usage"]  # one per reply: the record of spending
+        totals = {k: sum((e.get("usage") or {}).get(k, 0) for e in calls) for k in
                   ("calls", "input_tokens", "output_tokens", "cache_write_tokens", "cache_read_tokens")}
         print("api_tokens:     " + ", ".join(f"{k} {v}" for k, v in totals.items()))
-        print(f"api_cost_usd:   {sum(e.get('cost_usd') or 0.0 for e in exps):.4f}")
+        print(f"api_cost_usd:   {journal.spent_usd(events):.4f}")
     print(f"per_hour:       {s['per_hour'] and round(s['per_hour'], 1)}")
     for e in events:
         if e.get("event") == "final":
