@@ -52,7 +52,7 @@ class ProposerUnavailable(ProposerStop):
 class ClaudeConfig:
     model: str = DEFAULT_MODEL  # Messages API model id
     max_turns: int = 12  # model replies per proposal (each reply may call several tools)
-    max_tokens: int = 4096  # output tokens per reply
+    max_tokens: int = 8192  # output tokens per reply (adaptive thinking counts against it)
     sdk_retries: int = 4  # the SDK's own retries (exponential backoff, honours retry-after)
     api_attempts: int = 3  # further attempts after the SDK gives up, each after a pause
     api_pause_s: float = 30.0  # first pause between those attempts; doubles each time
