@@ -158,7 +158,14 @@ class ClaudeProposer:
                 reason = f"the model replied without using a tool (stop_reason {reply.stop_reason})"
                 break
             results = []
-            for u in uses:
+            for k, u in enumerate(uses):
+                if reply.stop_reason == "max_tokens" and k == len(uses) - 1:
+                    # its input may be cut off mid-string: never apply a truncated edit
+                    results.append({"type": "tool_result", "tool_use_id": u.get("id"), "is_error": True,
+                                    "content": "error: the reply hit max_tokens, so this call may be truncated and "
+                                               "was not carried out; send it again, shorter"})
+                    box.calls.append({"tool": u.get("name"), "ok": False})
+                    continue
                 text, is_error = box.run(u.get("name"), u.get("input"))
                 results.append({"type": "tool_result", "tool_use_id": u.get("id"), "content": text,
                                 **({"is_error": True} if is_error else {})})

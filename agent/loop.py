@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--model", default=DEFAULT_MODEL, help="Messages API model id")
     c.add_argument("--max-turns", type=int, default=12, help="model replies per proposal")
     c.add_argument("--max-tokens", type=int, default=8192,
-                   help="output tokens per reply (thinking included); a reply cut short gets an error result")
+                   help="output tokens per reply (thinking included); a tool call cut off by it is not carried out")
     c.add_argument("--max-cost-usd", type=float, default=5.0,
                    help="stop cleanly once the workspace's API spending (all sessions) reaches this")
     c.add_argument("--fix-attempts", type=int, default=2,

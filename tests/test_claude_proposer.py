@@ -389,3 +389,14 @@ def test_pathological_edits_and_calls_after_submit(api, ws, small_cache, tmp_pat
     assert len(calls) == 1 and LR_NEW in calls[0] and '"lr": 9.0' not in calls[0]  # the submitted text ran
     e = _exps(ws)[2]
     assert [c["ok"] for c in e["tool_calls"]] == [True, True, True, True, False]  # the call after submit refused
+
+
+def test_a_tool_call_cut_off_by_max_tokens_is_not_carried_out(api, ws, small_cache, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(loop, "run_experiment", scripted([99], calls))
+    truncated = _edit(LR_OLD, '"lr": 2e')  # what a reply stopped at max_tokens may hold
+    api.script = [Reply([truncated], stop_reason="max_tokens"), Reply([_edit(), SUBMIT])]
+    assert loop.main(_args(tmp_path, small_cache, 1)) == 0
+    (result,) = _tool_results(api.requests[1])
+    assert result["is_error"] and "hit max_tokens" in result["content"]
+    assert len(calls) == 1 and LR_NEW in calls[0] and '"lr": 2e\n' not in calls[0]
