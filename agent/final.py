@@ -31,14 +31,16 @@ def last_session(events: list[dict]) -> dict:
     return next((e for e in reversed(events) if e.get("event") == "session"), {})
 
 
-def best_of(ws: Workspace, events: list[dict]) -> tuple[str, dict | None]:
-    """The best commit by the loop's rule and its experiment (None for the baseline)."""
+def best_of(ws: Workspace, events: list[dict]) -> tuple[str, dict | None, float | None]:
+    """The best commit by the loop's rule, its experiment (None for the baseline) and its
+    validation score (for the baseline: the mean of its runs)."""
     from agent.loop import state  # the loop's own keeping rule, not a copy
 
     exps = journal.experiments(events)
     root = ws.git("rev-list", "--max-parents=0", "HEAD").splitlines()[0]
-    commit = state(exps, root, 0.0)["best_commit"]
-    return commit, next((e for e in reversed(exps) if e.get("kept") and e.get("commit") == commit), None)
+    st = state(exps, root, 0.0)
+    exp = next((e for e in reversed(exps) if e.get("kept") and e.get("commit") == st["best_commit"]), None)
+    return st["best_commit"], exp, st["best"]
 
 
 def final_evaluation(ws: Workspace, *, data: Path | None = None, budget_s: float | None = None,
@@ -50,7 +52,7 @@ def final_evaluation(ws: Workspace, *, data: Path | None = None, budget_s: float
     events = journal.read(ws.journal_path)
     if not any(e.get("status") == "baseline" for e in journal.experiments(events)):
         raise ValueError(f"{ws.journal_path}: no scored baseline yet; nothing to evaluate")
-    commit, exp = best_of(ws, events)
+    commit, exp, best = best_of(ws, events)
     done = recorded_final(events, commit)
     if done is not None:
         return done, False
@@ -83,7 +85,7 @@ def final_evaluation(ws: Workspace, *, data: Path | None = None, budget_s: float
                            compile_cache=ws.root / ".compile_cache", timeout_s=timeout_s, final=True)
     event = {"event": "final", "time": time.time(), "commit": commit, "status": r.get("status", "crash"),
              "description": exp["description"] if exp else "baseline", "n": None,
-             "val_mean_rank": exp["val_mean_rank"] if exp else None, "test_mean_rank": r.get("val_mean_rank"),
+             "val_mean_rank": best, "test_mean_rank": r.get("val_mean_rank"),
              "data": started["data"], "budget_s": started["budget_s"], "out": str(out),
              "result": {k: v for k, v in r.items() if k != "hparams"}}
     journal.append(ws.journal_path, event)

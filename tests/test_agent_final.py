@@ -66,6 +66,8 @@ def test_final_needs_a_baseline_and_data(tmp_path, small_cache, capsys):
                                      "description": "baseline"})
     journal.append(ws.journal_path, {"event": "end", "n": 1, "time": 2.0, "status": "baseline",
                                      "val_mean_rank": 50.0, "kept": False})
+    # the baseline is the best: its validation figure is the mean of its runs
+    assert final.best_of(ws, journal.read(ws.journal_path))[1:] == (None, 50.0)
     assert report.main([str(ws.root), "--final", "--data", str(tmp_path / "nowhere")]) == 2
     assert f"{tmp_path / 'nowhere'}: no prepared cache" in capsys.readouterr().err
     assert not any(e.get("event") == "final" for e in journal.read(ws.journal_path))
