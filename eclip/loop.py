@@ -244,10 +244,11 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
     except ValueError as e:  # a bad model field from an override or the recipe
         raise EclipError(f"model config: {e}") from None
     optimizer = recipe.build_optimizer(model)
-    step, trained_s, samples = 0, 0.0, 0
+    step, trained_s, samples, resumed_expert = 0, 0.0, 0, 0
     if resume_dir is not None:
         meta, tensors = load_checkpoint(resume_dir, model, optimizer)
         step, trained_s, samples = int(meta["step"]), float(meta["trained_s"]), int(meta["samples"])
+        resumed_expert = int(meta.get("expert_samples", 0))
         data.load_state_dict({"generator": tensors["data_generator"], "perm": tensors["data_perm"],
                               "cursor": meta["data_cursor"], "epoch": meta["data_epoch"]})
         if hasattr(recipe, "load_recipe_state"):
@@ -258,6 +259,7 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
                unit="step" if total else "s", file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
                disable=None if cfg.progress_bar else True, desc="train")
     status, last, warmup_s, history = "ok", {}, None, []
+    expert_samples = resumed_expert  # becomes a device tensor once the recipe reports it
     stop = _install_sigint()
     t0 = time.perf_counter()
     start_trained = trained_s
@@ -279,6 +281,8 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
                 raise
             step += 1
             samples += bs
+            if "expert_samples" in metrics:  # summed on the device: no sync per step
+                expert_samples = expert_samples + metrics["expert_samples"]
             if warmup_s is None:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -319,6 +323,7 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
         torch.cuda.synchronize(device)
     trained_s = start_trained + (time.perf_counter() - t0)
     return {"status": status, "steps": step, "samples": samples, "train_s": trained_s,
+            "expert_samples": int(expert_samples),
             "warmup_s": warmup_s, "last": last, "history": history, "model": model,
             "optimizer": optimizer, "data": data, "device": device, "spec": spec, "cache": cache}
 

@@ -126,6 +126,7 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
         log.close()
     model, device, hp = run["model"], run["device"], recipe.HPARAMS
     meta = {"step": run["steps"], "samples": run["samples"], "trained_s": run["train_s"],
+            "expert_samples": run["expert_samples"],
             "data_cursor": run["data"].cursor, "data_epoch": run["data"].epoch,
             "hparams": hp, "model_config": model.cfg.to_dict(), "seed": args.seed,
             "cache_fingerprint": cache.manifest.get("fingerprint"), "status": run["status"],
@@ -141,10 +142,16 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
         metrics = evaluate_split(model, run["cache"], eval_rows, device, args.seed, bf16=bf16)
     sps = run["samples"] / max(run["train_s"], 1e-9)
     peak = peak_bf16_flops(device)
-    flops = 3 * model.flops_per_sample() if hasattr(model, "flops_per_sample") else None
+    # training FLOPs ≈ 3 × forward: both towers for every sample, plus the expert path (a
+    # second image pass, the heatmap processor, the phrase) for the samples that took it
+    flops = None
+    if hasattr(model, "flops_per_sample") and run["samples"]:
+        expert = (model.expert_flops_per_sample(run["spec"].phrase_length)
+                  if hasattr(model, "expert_flops_per_sample") else 0)
+        flops = 3 * (model.flops_per_sample() * run["samples"] + expert * run["expert_samples"]) / run["samples"]
     mem = peak_memory_bytes(device)
     return {
-        "status": run["status"], "eval_split": eval_split,
+        "status": run["status"], "eval_split": eval_split, "expert_samples": run["expert_samples"],
         "val_mean_rank": metrics["mean_rank"] if metrics else None,
         "metrics": metrics, "steps": run["steps"], "samples": run["samples"],
         "samples_per_s": sps, "train_s": run["train_s"], "warmup_s": run["warmup_s"],

@@ -176,11 +176,35 @@ def test_folds_and_final(cache, tmp_path, capsys):
 def test_bf16_autocast_step_with_the_expert_term(cache, tmp_path, capsys):
     # Under autocast the CLIP embeddings enter the loss in bf16 while the expert and phrase
     # embeddings leave autocast in fp32: the recipe must match them (caught on a GPU first).
-    rc, _, err = run(["--data", cache, "--out", tmp_path / "bf16", "--steps", 3, "--precision=bf16",
+    rc, _, err = run(["--data", cache, "--out", tmp_path / "bf16", "--steps", 3, "--precision=bf16", "--expert=true",
                       "--expert_probability=1.0", "--expert_cold_start=0.0", "--expert_ramp=0.0", *SMALL], capsys)
     assert rc == 0, err
     result = json.loads((tmp_path / "bf16" / "result.json").read_text())
     assert result["status"] == "ok" and result["steps"] == 3
+    assert 0 < result["expert_samples"] <= result["samples"]  # the expert term did run
+
+
+def test_mfu_counts_the_expert_path(cache, tmp_path, capsys, monkeypatch):
+    from eclip.data.cache import load_cache
+    from eclip.model import build_model, model_config
+
+    monkeypatch.setattr(train, "peak_bf16_flops", lambda device: 1e12)  # a CPU has no table entry
+    argv = ["--data", cache, "--steps", 4, "--expert_probability=1.0", "--expert_cold_start=0.0",
+            "--expert_ramp=0.0", *SMALL]
+    results = {}
+    for name, on in (("off", "false"), ("on", "true")):
+        rc, _, err = run([*argv, "--out", tmp_path / name, f"--expert={on}"], capsys)
+        assert rc == 0, err
+        results[name] = json.loads((tmp_path / name / "result.json").read_text())
+    off, on = results["off"], results["on"]
+    assert off["expert_samples"] == 0 and on["expert_samples"] > 0
+    data = load_cache(cache)
+    model = build_model(model_config("tiny", image_size=data.image_size, vocab_size=data.vocab_size,
+                                     context_length=data.context_length, **off["hparams"]["model"]))
+    # without the expert path: 3 × the towers' forward FLOPs per sample
+    assert off["mfu"] == pytest.approx(3 * model.flops_per_sample() * off["samples_per_s"] / 1e12, rel=1e-6)
+    # with the expert path the same samples/s is worth more FLOPs
+    assert on["mfu"] / on["samples_per_s"] > 1.2 * off["mfu"] / off["samples_per_s"]
 
 
 def test_cache_without_regions_trains(tmp_path, capsys):

@@ -3,8 +3,9 @@
 A split of the cache (11k images at 224 px are 1.6 GB of uint8) is copied to the device once;
 each step then costs a few gathers and one ``grid_sample`` on the device, no DataLoader, no
 host round trip. When the images do not fit (more than ``max_fraction`` of the free device
-memory) they stay in pinned host memory and each batch is gathered there and copied
-asynchronously, one batch ahead.
+memory) they stay in pinned host memory and each batch is gathered there and copied with
+``non_blocking``; there is no prefetch thread yet, so that path waits for the gather on
+every step (it is meant for caches larger than the device, not for speed).
 
 Sampling is epoch-based (a fresh permutation each pass, no image twice in an epoch) from a
 ``torch.Generator`` on the device, so a run is reproducible from its seed and resumable from
