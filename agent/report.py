@@ -56,6 +56,12 @@ def plot_progress(ws: Workspace) -> Path:
     trail = journal.running_best(exps)
     if trail:
         ax.step(*zip(*trail, strict=True), where="post", color="tab:green", label="best so far")
+        floor = summary(journal.read(ws.journal_path))["noise_floor"]
+        last_base = max((e["n"] for e in exps if e.get("status") == "baseline"), default=0)
+        after = [(n, b) for n, b in trail if n >= last_base]  # the floor exists once the baselines ran
+        if floor > 0 and after:  # a change is kept only below this line: why a grey point under the best lost
+            ax.step([n for n, _ in after], [b - floor for _, b in after], where="post", color="tab:green",
+                    linestyle="--", linewidth=0.8, label="keep below (best − noise floor)")
         handles, names = ax.get_legend_handles_labels()
         unique = dict(zip(names, handles, strict=True))
         ax.legend(unique.values(), unique.keys())
