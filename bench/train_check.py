@@ -73,12 +73,14 @@ def smoke() -> bool:
     return ok
 
 
-def speed(steps: int) -> None:
+def speed(steps: int, only: str | None = None) -> None:
     cache = random_cache(4096, 224, 77, 8192)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     rows = [("fp32 eager, TF32 off", {"precision": "fp32", "compile": "false"}),
             ("bf16 + compile + fused (template)", {})]
+    if only == "template":  # e.g. a second process on a warm TORCHINDUCTOR_CACHE_DIR
+        rows = rows[1:]
     for name, extra in rows:
         torch.cuda.reset_peak_memory_stats()
         run = train(cache, steps, {"preset": "vit-s16", "batch_size": "64", "expert": "false", **extra})
@@ -91,14 +93,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60, help="steps per speed configuration")
     ap.add_argument("--skip-speed", action="store_true", help="smoke run only")
+    ap.add_argument("--skip-smoke", action="store_true", help="speed runs only")
+    ap.add_argument("--only", choices=["template"], help="speed: the template's fast path only")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 1
     print(f"device: {torch.cuda.get_device_name()} (torch {torch.__version__})", flush=True)
-    ok = smoke()
+    ok = True if args.skip_smoke else smoke()
     if not args.skip_speed:
-        speed(args.steps)
+        speed(args.steps, args.only)
     return 0 if ok else 1
 
 
