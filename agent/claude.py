@@ -154,12 +154,16 @@ class ClaudeProposer:
             content = [_block_dict(b) for b in reply.content]
             messages.append({"role": "assistant", "content": content})
             uses = [b for b in content if b.get("type") == "tool_use"]
+            if not uses and reply.stop_reason == "max_tokens":  # cut off while thinking: one nudge
+                messages.append({"role": "user", "content": "Your reply reached max_tokens before any tool "
+                                 "call. Be brief: make one edit and submit."})
+                continue
             if not uses:
                 reason = f"the model replied without using a tool (stop_reason {reply.stop_reason})"
                 break
             results = []
-            for k, u in enumerate(uses):
-                if reply.stop_reason == "max_tokens" and k == len(uses) - 1:
+            for u in uses:
+                if reply.stop_reason == "max_tokens" and content[-1] is u:  # the block the cut fell in
                     # its input may be cut off mid-string: never apply a truncated edit
                     results.append({"type": "tool_result", "tool_use_id": u.get("id"), "is_error": True,
                                     "content": "error: the reply hit max_tokens, so this call may be truncated and "

@@ -89,7 +89,9 @@ embeddings, state kept between the image and the text pass) score at chance or w
   {"vision.depth": 6, "text.width": 256}), pooling and patch size, the logit-scale
   initialisation, the expert term's weight, probability and schedule, augmentation, and the
   loss (kernels.contrastive_loss is the fused symmetric loss). Throughput matters: the
-  budget is fixed, so samples per second turn into steps.
+  budget is fixed, so samples per second turn into steps. HPARAMS["text_tower"] and
+  ["image_tower"] select pretrained towers (eclip/pretrained.py), but runs are offline:
+  only models the brief names as available locally can load.
 - The device and budget are given below. On a CPU, small models and modest batches win;
   on a GPU, bf16 autocast, torch.compile and larger batches pay.
 

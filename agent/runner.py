@@ -31,8 +31,11 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 
 
 def clean_env() -> dict:
+    """The loop's environment without secrets, and offline for model hubs: a recipe naming a
+    pretrained tower cannot make a run download anything."""
     env = dict(os.environ)
     scrub_environment(env)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return env
 
 

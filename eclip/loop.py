@@ -243,6 +243,10 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
         model = recipe.build_model(spec)
     except ValueError as e:  # a bad model field from an override or the recipe
         raise EclipError(f"model config: {e}") from None
+    built = getattr(getattr(getattr(model, "cfg", None), "text", None), "pretrained", "")
+    if (built or "") != (hp.get("text_tower") or ""):  # the ids fed must be the tower's own
+        raise EclipError(f"recipe: HPARAMS['text_tower'] is {hp.get('text_tower') or ''!r} but the model's text "
+                         f"tower is {built or ''!r}; the loop tokenizes by HPARAMS, so set the tower there")
     optimizer = recipe.build_optimizer(model)
     step, trained_s, samples, resumed_expert = 0, 0.0, 0, 0
     if resume_dir is not None:

@@ -18,9 +18,15 @@ training loop (never by the recipe) with that model's tokenizer, from the cache'
 ``records.jsonl``; ids are stored shifted by one so that 0 stays the padding id the rest of
 the code relies on, and the tower shifts them back.
 
+Safety: weights load from safetensors only (no pickles) and no code from a checkpoint runs;
+the research loop's runs are offline (``HF_HUB_OFFLINE``), so a recipe cannot make the
+harness download anything. FLOPs (for MFU) are counted once per shape with PyTorch's
+``FlopCounterMode`` on a dummy input.
+
 Limits: timm needs torchvision, which does not install beside the CPU-only PyTorch wheel of
-the CI machines, so the timm path is tested only where timm imports. FLOPs (and so MFU) are
-estimated from parameter counts for these towers (2 × parameters × tokens), not counted.
+the CI machines, so the timm path is tested only where timm imports. ``pool = "cls"`` takes
+the first token's state, which means something only for tokenizers that prepend a CLS/BOS
+token (BERT-like); use ``text.pool = "mean"`` for others.
 """
 
 from __future__ import annotations
@@ -50,10 +56,16 @@ def parse_spec(spec: str, kind: str) -> tuple[str, str | None]:
 
 def _require(module: str):
     try:
-        return __import__(module)
+        mod = __import__(module)
     except Exception as e:  # ImportError, or timm failing on a missing/broken torchvision
         raise EclipError(f"pretrained towers need the [pretrained] extra: import {module} failed "
                          f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if module == "transformers":  # no progress bars or notices in the run's log and summary
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    return mod
 
 
 class TimmImageTower(nn.Module):
@@ -61,13 +73,15 @@ class TimmImageTower(nn.Module):
 
     def __init__(self, spec: str, image_size: int):
         super().__init__()
-        timm = _require("timm")
         name, weights = parse_spec(spec, "timm")
         kwargs = {"num_classes": 0}
         if weights not in (None, "random"):
+            if not weights.endswith(".safetensors"):  # a pickle could run code when loaded
+                raise EclipError(f"image_tower: {weights}: weights must be a .safetensors file")
             if not Path(weights).is_file():
                 raise EclipError(f"image_tower: {weights}: weights file not found")
             kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
+        timm = _require("timm")
         try:
             try:
                 self.model = timm.create_model(name, pretrained=weights != "random", img_size=image_size, **kwargs)
@@ -81,13 +95,19 @@ class TimmImageTower(nn.Module):
         self.width = int(self.model.num_features)
         cfg = getattr(self.model, "pretrained_cfg", {}) or {}
         self.mean, self.std = tuple(cfg.get("mean", (0.5,) * 3)), tuple(cfg.get("std", (0.5,) * 3))
-        self.tokens = (image_size // 16) ** 2 + 1  # a ViT-like token count for the FLOP estimate
+        self.image_size = image_size
+        self._flops: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
     def flops(self) -> int:
-        return 2 * sum(p.numel() for p in self.model.parameters()) * self.tokens
+        """Forward FLOPs per image, counted once on a dummy input (any architecture)."""
+        if self._flops is None:
+            p = next(self.model.parameters())
+            self._flops = count_flops(self.model, torch.zeros(1, 3, self.image_size, self.image_size,
+                                                              device=p.device, dtype=p.dtype))
+        return self._flops
 
 
 class HFTextTower(nn.Module):
@@ -99,13 +119,20 @@ class HFTextTower(nn.Module):
         from transformers import AutoModel
 
         name, _ = parse_spec(spec, "hf")
-        try:
-            self.model = AutoModel.from_pretrained(name)
+        try:  # safetensors only and no code from the checkpoint: loading runs nothing
+            model = AutoModel.from_pretrained(name, use_safetensors=True, trust_remote_code=False)
         except Exception as e:
-            raise EclipError(f"text_tower: could not load {name!r} (a local directory, or a hub id when online): "
-                             f"{type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
-        self.width = int(self.model.config.hidden_size)
+            raise EclipError(f"text_tower: could not load {name!r} (a local directory, or a hub id when online; "
+                             f"safetensors weights): {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
+        if hasattr(model, "text_model"):  # a dual-encoder checkpoint (CLIP, SigLIP): its text half
+            model = model.text_model
+        elif getattr(model.config, "is_encoder_decoder", False):  # T5-like: the encoder only
+            model = model.get_encoder()
+        self.model = model
+        cfg = model.config
+        self.width = int(getattr(cfg, "hidden_size", None) or cfg.d_model)
         self.pool = pool
+        self._flops: dict[int, int] = {}
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         ids = (tokens.long() - 1).clamp_min(0)  # the loop stores HF ids + 1 (0 = padding)
@@ -116,7 +143,44 @@ class HFTextTower(nn.Module):
         return (hidden * w).sum(1) / w.sum(1).clamp_min(1.0)
 
     def flops(self, length: int | None = None) -> int:
-        return 2 * sum(p.numel() for p in self.model.parameters()) * int(length or 1)
+        """Forward FLOPs per text of ``length`` tokens, counted once per length on a dummy input."""
+        n = int(length or 1)
+        if n not in self._flops:
+            p = next(self.model.parameters())
+            ids = torch.ones(1, n, dtype=torch.long, device=p.device)
+            self._flops[n] = count_flops(lambda t: self.forward(t, t != 0), ids)
+        return self._flops[n]
+
+
+def count_flops(fn, *inputs) -> int:
+    """FLOPs of one forward call, counted by PyTorch's FlopCounterMode (matmuls, convolutions,
+    attention): what MFU needs for towers whose shapes this project does not know."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        fn(*inputs)
+    return int(counter.get_total_flops())
+
+
+def max_text_length(spec: str) -> int | None:
+    """The longest input the HF model's position table takes (None when it has no table)."""
+    _require("transformers")
+    from transformers import AutoConfig
+
+    name, _ = parse_spec(spec, "hf")
+    try:
+        cfg = AutoConfig.from_pretrained(name)
+    except Exception:
+        return None  # the model load reports the problem
+    cfg = getattr(cfg, "text_config", None) or cfg
+    n = getattr(cfg, "max_position_embeddings", None)
+    if n is None:
+        return None
+    # RoBERTa-style models number positions from pad_token_id + 1
+    offset = int(cfg.pad_token_id) + 1 if getattr(cfg, "model_type", "") in (
+        "roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text") and cfg.pad_token_id is not None else 0
+    return int(n) - offset
 
 
 def load_tokenizer(spec: str):
@@ -158,9 +222,12 @@ def retokenize(cache, spec: str):
             or len(phrases) != cache.region_tokens.shape[0]:
         raise EclipError(f"{path}: {len(records)} images, {len(captions)} captions, {len(phrases)} phrases do not "
                          f"match the cache's {cache.images.shape[0]}, {cache.tokens.shape[0]}, "
-                         f"{cache.region_tokens.shape[0]}; rebuild the cache with python -m eclip.prepare")
-    limit = getattr(tok, "model_max_length", None) or 512
-    length = min(int(cache.tokens.shape[1]), int(limit))
+                         f"{cache.region_tokens.shape[0]} (a cache written before records listed only the regions "
+                         f"kept); rebuild it with python -m eclip.prepare --force")
+    limit = min(int(getattr(tok, "model_max_length", None) or 512), max_text_length(spec) or 10**9)
+    if limit < 4:
+        raise EclipError(f"text_tower: {spec} takes at most {limit} tokens; too short for captions")
+    length = min(int(cache.tokens.shape[1]), limit)
     tokens, lengths = _encode(tok, captions, length)
     rtokens, rlengths = _encode(tok, phrases, min(int(cache.region_tokens.shape[1]), int(limit)))
     manifest = dict(cache.manifest, tokenizer=dict(cache.manifest.get("tokenizer", {}), vocab_size=len(tok) + 1,

@@ -107,9 +107,10 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
             raise EclipError(f"{out / ckpt.META}: checkpoint trained on {meta.get('train_rows')} images for "
                              f"{meta.get('eval_split')!r}; this run has {int(train_rows.numel())} for {eval_split!r} "
                              "(resume with the same --final/--folds)")
-        if meta.get("hparams", {}).get("preset") != recipe.HPARAMS.get("preset"):
-            raise EclipError(f"{out / ckpt.META}: checkpoint is preset {meta['hparams'].get('preset')!r}, "
-                             f"this run {recipe.HPARAMS.get('preset')!r}")
+        for key in ("preset", "image_tower", "text_tower"):  # the weights and the token ids must match
+            if (meta.get("hparams", {}).get(key) or "") != (recipe.HPARAMS.get(key) or ""):
+                raise EclipError(f"{out / ckpt.META}: checkpoint has {key} {meta['hparams'].get(key) or ''!r}, "
+                                 f"this run {recipe.HPARAMS.get(key) or ''!r}")
         resume_dir = out
     cfg = LoopConfig(budget_s=args.budget_s, steps=args.steps, seed=args.seed, device=args.device,
                      log_every=args.log_every)

@@ -162,6 +162,8 @@ def test_secrets_are_redacted_from_run_logs(tmp_path, monkeypatch):
     assert runner.log_tail(log) == "step 1\nkey [redacted] printed\nabc"
     runner.redact_file(log)
     assert log.read_text() == "step 1\nkey [redacted] printed\nabc\n"
+    env = runner.clean_env()  # and what a run gets: no secrets, no hub downloads
+    assert "ANTHROPIC_API_KEY" not in env and env["HF_HUB_OFFLINE"] == "1"
 
 
 def test_protect_secrets_makes_the_loop_process_non_dumpable():

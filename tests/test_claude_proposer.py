@@ -400,3 +400,13 @@ def test_a_tool_call_cut_off_by_max_tokens_is_not_carried_out(api, ws, small_cac
     (result,) = _tool_results(api.requests[1])
     assert result["is_error"] and "hit max_tokens" in result["content"]
     assert len(calls) == 1 and LR_NEW in calls[0] and '"lr": 2e\n' not in calls[0]
+
+
+def test_a_reply_cut_off_while_thinking_gets_one_nudge(api, ws, small_cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "run_experiment", scripted([99]))
+    api.script = [Reply([text("Let me think about the schedule in great detail")], stop_reason="max_tokens"),
+                  Reply([_edit(), SUBMIT])]
+    assert loop.main(_args(tmp_path, small_cache, 1)) == 0
+    nudge = api.requests[1]["body"]["messages"][-1]["content"][-1]
+    assert "reached max_tokens before any tool call" in nudge["text"]
+    assert _exps(ws)[2]["status"] == "keep"

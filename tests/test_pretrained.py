@@ -11,7 +11,7 @@ from eclip import train
 from eclip.data.cache import load_cache
 from eclip.errors import EclipError
 from eclip.model import build_model, model_config
-from eclip.pretrained import HFTextTower, parse_spec, retokenize
+from eclip.pretrained import HFTextTower, TimmImageTower, count_flops, parse_spec, retokenize
 
 transformers = pytest.importorskip("transformers")
 
@@ -118,7 +118,7 @@ def test_records_that_do_not_match_the_cache_are_refused(small_cache, hf_dir, tm
     first = json.loads(lines[0])
     first["phrases"] = first["phrases"][1:]  # as an older cache whose center-crop dropped a box
     (copy / "records.jsonl").write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n")
-    with pytest.raises(EclipError, match=r"records.jsonl: .* do not match the cache's .* rebuild the cache"):
+    with pytest.raises(EclipError, match=r"records.jsonl: .* do not match the cache's .*eclip.prepare --force"):
         retokenize(load_cache(copy), f"hf:{hf_dir}")
 
 
@@ -132,3 +132,57 @@ def test_timm_image_tower_random_init():
     model = build_model(cfg)
     emb = model.encode_image(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8))
     assert emb.shape == (2, 128) and model.image_proj.in_features == model.vision.width
+
+
+def test_a_short_position_table_caps_the_caption_length(small_cache, hf_dir, tmp_path):
+    short = tmp_path / "short-bert"
+    src = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    src.save_pretrained(short)
+    cfg = transformers.BertConfig(vocab_size=len(src), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=16)
+    transformers.BertModel(cfg).save_pretrained(short)
+    cache = load_cache(small_cache)
+    assert cache.context_length > 16
+    rc = retokenize(cache, f"hf:{short}")
+    assert rc.tokens.shape[1] == 16 and int(rc.lengths.max()) <= 16
+    out = tmp_path / "run"
+    assert train.main(["--data", str(small_cache), "--out", str(out), "--steps", "2", "--device", "cpu",
+                       "--text-tower", f"hf:{short}", "--batch_size=16"]) == 0
+
+
+def test_the_loop_refuses_a_tower_hparams_do_not_name(small_cache, hf_dir, tmp_path, capsys):
+    # the loop tokenizes by HPARAMS["text_tower"]; a tower the recipe sets another way would get
+    # the cache's own ids
+    line = 'overrides["text.pretrained"] = HPARAMS.get("text_tower", "")'
+    template = train.TEMPLATE.read_text()
+    assert line in template
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(template.replace(line, f'overrides["text.pretrained"] = "hf:{hf_dir}"'))
+    assert train.main(["--data", str(small_cache), "--out", str(tmp_path / "r"), "--steps", "1", "--device", "cpu",
+                       "--recipe", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "HPARAMS['text_tower'] is '' but the model's text tower is 'hf:" in err[0]
+
+
+def test_resume_refuses_another_tower(small_cache, hf_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(["--data", str(small_cache), "--out", str(out), "--steps", "2", "--device", "cpu",
+                       "--batch_size=16"]) == 0
+    capsys.readouterr()
+    assert train.main(["--data", str(small_cache), "--out", str(out), "--steps", "4", "--device", "cpu",
+                       "--batch_size=16", "--text-tower", f"hf:{hf_dir}", "--resume"]) == 2
+    assert "checkpoint has text_tower '', this run 'hf:" in capsys.readouterr().err
+
+
+def test_timm_weights_must_be_safetensors(tmp_path):
+    with pytest.raises(EclipError, match=r"weights.pt: weights must be a .safetensors file"):
+        TimmImageTower(f"timm:resnet18@{tmp_path / 'weights.pt'}", 64)
+
+
+def test_flops_of_a_pretrained_tower_are_counted(hf_dir):
+    tower = HFTextTower(f"hf:{hf_dir}", "cls")
+    ids = torch.ones(1, 12, dtype=torch.long)
+    assert tower.flops(12) == count_flops(lambda t: tower(t, t != 0), ids) > 0
+    # 2 FLOPs per multiply-add: at least the attention and MLP matmuls of one 32-wide layer
+    assert tower.flops(12) >= 2 * 12 * (4 * 32 * 32 + 2 * 32 * 64)
+    assert tower.flops(24) > tower.flops(12)
