@@ -15,8 +15,8 @@ exactly this contract:
 - ``train_step(model, optimizer, batch, progress) -> dict``: one full step (forward, loss,
   backward, optimizer step, schedule as a function of ``progress`` ∈ [0, 1]); returns 0-d
   tensors to log (at least ``loss``), which the loop reads only every few steps so the
-  device is never made to wait; ``expert_samples`` (samples the expert path encoded this
-  step), if returned, is summed over the run for the MFU.
+  device is never made to wait; ``expert_samples`` (samples the expert path encoded), returned
+  on the steps that ran it, is summed over the run for the MFU.
 
 Each research workspace copies this file once and edits only its copy. It is a strong
 baseline, not a toy: bf16 autocast, ``torch.compile`` and fused AdamW on CUDA, the fused
@@ -136,7 +136,7 @@ def train_step(model, optimizer, batch, progress):
         loss, img, txt = _STATE["clip_loss"](model, batch.images, batch.tokens, batch.mask,
                                              torch.bfloat16 if bf16 else torch.float32)
         total = loss
-        expert_samples = torch.zeros((), dtype=torch.int64, device=loss.device)
+        extra = {}
         weight = expert_mod.expert_weight(progress, model.cfg.expert, _STATE["generator"])
         if weight > 0:
             dt = img.dtype  # the phrase/expert embeddings leave autocast in fp32: match them
@@ -147,7 +147,7 @@ def train_step(model, optimizer, batch, progress):
             term = expert_mod.expert_loss(model, batch, img, txt, loss_fn, model.cfg.expert,
                                           _STATE["generator"])
             total = loss + weight * term
-            expert_samples = batch.has_region.sum()  # those the expert path encoded (for MFU)
+            extra["expert_samples"] = batch.has_region.sum()  # those the expert path encoded (for MFU)
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), HPARAMS["grad_clip"])
@@ -155,8 +155,7 @@ def train_step(model, optimizer, batch, progress):
     optimizer.step()
     model.clamp_logit_scale_()  # in place, after the step: never a clamp in the forward pass
     return {"loss": loss.detach(), "total_loss": total.detach(), "grad_norm": grad_norm.detach(),
-            "logit_scale": model.logit_scale.detach().exp(), "lr": torch.tensor(lr),
-            "expert_samples": expert_samples}
+            "logit_scale": model.logit_scale.detach().exp(), "lr": torch.tensor(lr), **extra}
 
 
 def recipe_state():
