@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from eclip.fileio import atomic_write
+
 COLUMNS = ("commit", "val_mean_rank", "memory_gb", "samples_per_s", "status", "description")
 
 
@@ -103,13 +105,9 @@ def result_row(exp: dict) -> dict:
 def rebuild_results(path: Path, events: list[dict]) -> None:
     """Rewrite results.tsv from the journal (the record of truth), atomically: a kill
     between the journal line and the table row can neither lose nor duplicate a row."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    for exp in experiments(events):
-        if exp.get("ended"):
-            add_result_row(tmp, result_row(exp))
-    if tmp.exists():
-        os.replace(tmp, path)
+    rows = [result_row(exp) for exp in experiments(events) if exp.get("ended")]
+    if rows:
+        atomic_write(path, lambda tmp: [add_result_row(tmp, row) for row in rows])
 
 
 def add_result_row(path: Path, row: dict) -> None:

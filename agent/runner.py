@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from eclip.fileio import atomic_write
 from eclip.policy import SECRET, scrub_environment
 
 EVAL_CAP_S = 120.0  # evaluation and start-up allowance on top of the training budget
@@ -68,9 +69,7 @@ def redact_file(path: Path) -> None:
         return
     clean = redact(data)
     if clean != data:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(clean)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: tmp.write_text(clean))
 
 
 def log_tail(path: Path, lines: int = 30) -> str:

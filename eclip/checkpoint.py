@@ -11,27 +11,15 @@ files and renamed, JSON last, so a crash mid-save leaves the previous checkpoint
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from eclip.errors import EclipError
+from eclip.fileio import atomic_write
 
 TENSORS, META = "checkpoint.safetensors", "checkpoint.json"
-
-
-def atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` to a temporary sibling, then rename it over ``path``: readers see the
-    old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_checkpoint(out: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from eclip.checkpoint import atomic_write, load_checkpoint
+from eclip.checkpoint import load_checkpoint
 from eclip.data.cache import Cache
 from eclip.data.device import DeviceData
 from eclip.errors import EclipError
 from eclip.evaluate import retrieval_metrics
+from eclip.fileio import atomic_write
 
 LOOP_KEYS = ("batch_size", "crop_scale", "flip")  # HPARAMS entries the loop itself reads
 
