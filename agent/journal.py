@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -92,6 +93,14 @@ def running_best(exps: list[dict]) -> list[tuple[int, float]]:
         if best is not None:
             out.append((e["n"], best))
     return out
+
+
+def noise_floor(exps: list[dict], min_delta: float = 0.0) -> tuple[float, float]:
+    """(σ of the scored baseline runs, the keep threshold ``max(min_delta, 2σ)``): a change
+    is kept only if it beats the best by more than the threshold."""
+    base = [e["val_mean_rank"] for e in exps if e.get("status") == "baseline" and e.get("val_mean_rank") is not None]
+    sigma = statistics.stdev(base) if len(base) >= 2 else 0.0
+    return sigma, max(min_delta or 0.0, 2 * sigma)
 
 
 def result_row(exp: dict) -> dict:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -69,14 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def state(exps: list[dict], root_commit: str, min_delta: float) -> dict:
     """Best commit and score, noise floor and counts, from the journal alone."""
-    base = [e["val_mean_rank"] for e in exps if e.get("kind") == "baseline" and e.get("status") == "baseline"]
-    sigma = statistics.stdev(base) if len(base) >= 2 else 0.0
+    base = [e for e in exps if e.get("kind") == "baseline" and e.get("status") == "baseline"]
+    sigma, threshold = journal.noise_floor(base, min_delta)
     kept = [e["commit"] for e in exps if e.get("kept")]
     trail = journal.running_best(exps)
     best_commit, best = (kept[-1] if kept else root_commit), (trail[-1][1] if trail else None)
     return {"baselines": len(base), "baseline_attempts": sum(e.get("kind") == "baseline" for e in exps),
             "experiments": sum(e.get("kind") == "experiment" for e in exps), "sigma": sigma,
-            "threshold": max(min_delta, 2 * sigma), "best_commit": best_commit, "best": best,
+            "threshold": threshold, "best_commit": best_commit, "best": best,
             "next_n": max((e["n"] for e in exps), default=0) + 1}
 
 

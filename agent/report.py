@@ -7,7 +7,6 @@ keeps green with their descriptions, baselines blue, and the running best as a s
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -27,10 +26,9 @@ def summary(events: list[dict]) -> dict:
         counts[e.get("status", "running")] = counts.get(e.get("status", "running"), 0) + 1
     times = [e["time"] for e in events if e.get("event") in ("start", "end") and "time" in e]
     hours = (max(times) - min(times)) / 3600 if len(times) > 1 else 0
-    sigma = statistics.stdev(base) if len(base) >= 2 else 0.0
     min_delta = next((e.get("min_delta", 0.0) for e in reversed(events) if e.get("event") == "session"), 0.0)
     return {"experiments": len(exps), "counts": counts, "best": best,
-            "noise_floor": max(min_delta or 0.0, 2 * sigma),
+            "noise_floor": journal.noise_floor(exps, min_delta)[1],
             "baseline_mean": sum(base) / len(base) if base else None,
             "per_hour": len(exps) / hours if hours else None}
 
@@ -41,7 +39,8 @@ def plot_progress(ws: Workspace) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    exps = journal.experiments(journal.read(ws.journal_path))
+    events = journal.read(ws.journal_path)
+    exps = journal.experiments(events)
     fig, ax = plt.subplots(figsize=(9, 4.5))
     labels = {"keep": ("tab:green", "keep"), "baseline": ("tab:blue", "baseline")}
     for e in exps:
@@ -56,7 +55,7 @@ def plot_progress(ws: Workspace) -> Path:
     trail = journal.running_best(exps)
     if trail:
         ax.step(*zip(*trail, strict=True), where="post", color="tab:green", label="best so far")
-        floor = summary(journal.read(ws.journal_path))["noise_floor"]
+        floor = summary(events)["noise_floor"]
         last_base = max((e["n"] for e in exps if e.get("status") == "baseline"), default=0)
         after = [(n, b) for n, b in trail if n >= last_base]  # the floor exists once the baselines ran
         if floor > 0 and after:  # a change is kept only below this line: why a grey point under the best lost
