@@ -12,12 +12,11 @@ and may be retried; one killed after it finished is recovered from its ``result.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from agent import journal
-from agent.runner import run_experiment
+from agent.runner import finished_result, run_experiment
 from agent.workspace import Workspace
 
 
@@ -93,16 +92,10 @@ def final_evaluation(ws: Workspace, *, data: Path | None = None, budget_s: float
 
 
 def _recovered(out: Path, started: dict | None) -> dict | None:
-    """The test result of a final run that finished before its event was journaled."""
-    path = out / "result.json"
-    try:
-        if started is None or path.stat().st_mtime < started["time"]:
-            return None
-        r = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    # only a scored run counts: a failed one scored nothing and is simply run again
-    return dict(r, recovered=True) if r.get("eval_split") == "test" and r.get("status") == "ok" else None
+    """The test result of a final run that finished before its event was journaled; only
+    a scored run counts (a failed one scored nothing and is simply run again)."""
+    r = finished_result(out, started["time"]) if started is not None else None
+    return dict(r, recovered=True) if r and r.get("eval_split") == "test" and r.get("status") == "ok" else None
 
 
 def summary_lines(event: dict, ran: bool) -> list[str]:

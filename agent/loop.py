@@ -26,7 +26,7 @@ from pathlib import Path
 
 from agent import journal
 from agent.claude import DEFAULT_MODEL, ClaudeConfig, ClaudeProposer, ProposerStop
-from agent.runner import clean_env, log_tail, protect_secrets, run_experiment
+from agent.runner import clean_env, finished_result, log_tail, protect_secrets, run_experiment
 from agent.search import SearchExhausted, SearchProposer, read_hparams
 from agent.workspace import Workspace
 from eclip.policy import check_source
@@ -104,15 +104,10 @@ def outcome(kind: str, result: dict, st: dict) -> tuple[str, bool]:
 def recovered_result(ws: Workspace, exp: dict) -> dict | None:
     """The result.json of a run that finished after its start was journaled (the runner
     deletes any older one before starting), or None."""
-    path = ws.experiments / str(exp["n"]) / "result.json"
-    try:
-        if exp.get("commit") is None or path.stat().st_mtime < exp.get("time", 0):
-            return None
-        result = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if result.get("status") != "ok":  # the tail a fix attempt needs, as the runner would add it
-        result["log_tail"] = log_tail(path.with_name("run.log"))
+    out = ws.experiments / str(exp["n"])
+    result = finished_result(out, exp.get("time", 0)) if exp.get("commit") is not None else None
+    if result is not None and result.get("status") != "ok":  # the tail a fix needs, as the runner adds it
+        result["log_tail"] = log_tail(out / "run.log")
     return result
 
 
@@ -188,7 +183,8 @@ def run_one(ws: Workspace, args, n: int, kind: str, commit: str, description: st
 
 def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> bool:
     """One baseline run or one experiment. Returns False when there is nothing left to do."""
-    exps = journal.experiments(journal.read(ws.journal_path))
+    events = journal.read(ws.journal_path)
+    exps = journal.experiments(events)
     st = state(exps, root_commit, args.min_delta)
     n = st["next_n"]
     if st["baselines"] < args.noise_runs:
@@ -200,7 +196,7 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
         return True
     if st["experiments"] >= args.max_experiments:
         return False
-    spent = journal.spent_usd(journal.read(ws.journal_path))
+    spent = journal.spent_usd(events)
     if args.proposer == "claude" and spent >= args.max_cost_usd:
         print(f"loop: stopping: API spending ${spent:.2f} reached --max-cost-usd {args.max_cost_usd:g}", file=sys.stderr)
         return False

@@ -79,6 +79,19 @@ def log_tail(path: Path, lines: int = 30) -> str:
         return ""
 
 
+def finished_result(out: Path, since: float) -> dict | None:
+    """``out/result.json`` if a run wrote it at or after ``since`` (a Unix time), else None:
+    the outcome of a run that finished while its caller was gone (run_experiment deletes
+    any older file before it starts a run)."""
+    path = out / "result.json"
+    try:
+        if path.stat().st_mtime < since:
+            return None
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def run_experiment(recipe: Path, data: Path, budget_s: float, out: Path, *, compile_cache: Path | None = None,
                    device: str = "auto", timeout_s: float | None = None, seed: int = 42,
                    final: bool = False) -> dict:
