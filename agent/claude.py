@@ -92,6 +92,7 @@ class ClaudeProposer:
         # the key passed explicitly: the SDK then consults no profile or federation settings
         self.client = client or anthropic.Anthropic(api_key=os.environ.get("ANTHROPIC_API_KEY"),
                                                     max_retries=self.cfg.sdk_retries, timeout=self.cfg.timeout_s)
+        self.system = prompt.system_blocks()  # the same for every call: built once, cached by the API
         _, known = rates(self.cfg.model)
         self.price_known = known
         # usage of the proposal under way, readable when it ends in an exception (the loop
@@ -105,7 +106,7 @@ class ClaudeProposer:
         for attempt in range(self.cfg.api_attempts + 1):
             try:
                 return self.client.messages.create(
-                    model=self.cfg.model, max_tokens=self.cfg.max_tokens, system=prompt.system_blocks(),
+                    model=self.cfg.model, max_tokens=self.cfg.max_tokens, system=self.system,
                     tools=TOOLS, messages=_with_breakpoint(messages), **self.cfg.extra)
             except a.AuthenticationError as e:
                 raise ProposerStop(f"authentication failed ({e.status_code}): check ANTHROPIC_API_KEY") from None

@@ -172,9 +172,7 @@ def run(args, overrides: dict) -> dict:
         raise EclipError("--budget-s and --steps must be positive")
     if args.log_every < 1:
         raise EclipError(f"--log-every {args.log_every}: must be at least 1")
-    if args.preset:
-        overrides = dict(overrides, preset=args.preset)
-    for key in ("image_tower", "text_tower"):
+    for key in ("preset", "image_tower", "text_tower"):  # options that are HPARAMS entries
         if getattr(args, key):
             overrides = dict(overrides, **{key: getattr(args, key)})
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(args.compile_cache or Path.home() / ".cache/eclip/inductor"))
