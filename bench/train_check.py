@@ -5,8 +5,10 @@
    Triton rank kernel all in one run; fails on a non-ok status or a non-finite loss.
 2. ``speed``: preset ``vit-s16`` (224 px, 77 tokens), batch 64, random data, expert path
    off: fp32 eager with TF32 off (PyTorch defaults) against the template's fast path
-   (bf16 autocast + torch.compile + fused AdamW + fused loss). Steady-state samples/s (after
-   the first logged step) and the first step's time (``warmup_s``, compilation included).
+   (bf16 autocast + torch.compile + fused AdamW + fused loss), then the fast path again with
+   the images in pinned host memory (the prefetch thread's path). Steady-state samples/s
+   (after the first logged step) and the first step's time (``warmup_s``, compilation
+   included).
 
 Needs torch, triton, numpy, safetensors and tqdm. Prints one ``key: value`` line per figure.
 """
@@ -49,10 +51,11 @@ def random_cache(n: int, size: int, context: int, vocab: int, seed: int = 0) -> 
 DEVICE = "cuda"
 
 
-def train(cache: Cache, steps: int, overrides: dict, log_every: int = 10) -> dict:
+def train(cache: Cache, steps: int, overrides: dict, log_every: int = 10, placement: str = "auto") -> dict:
     recipe = load_recipe(TEMPLATE)
     apply_overrides(recipe.HPARAMS, overrides)
-    cfg = LoopConfig(steps=steps, device=DEVICE, log_every=log_every, progress_bar=False)
+    cfg = LoopConfig(steps=steps, device=DEVICE, log_every=log_every, progress_bar=False,
+                     data_placement=placement)
     run = run_loop(recipe, cache, cache.split_images("train"), cfg)
     h = run["history"]
     first, last = h[0], h[-1]
@@ -77,13 +80,15 @@ def speed(steps: int, only: str | None = None) -> None:
     cache = random_cache(4096, 224, 77, 8192)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    rows = [("fp32 eager, TF32 off", {"precision": "fp32", "compile": "false"}),
-            ("bf16 + compile + fused (template)", {})]
+    rows = [("fp32 eager, TF32 off", {"precision": "fp32", "compile": "false"}, "auto"),
+            ("bf16 + compile + fused (template)", {}, "auto"),
+            ("template, images in host memory (prefetch thread)", {}, "host")]
     if only == "template":  # e.g. a second process on a warm TORCHINDUCTOR_CACHE_DIR
-        rows = rows[1:]
-    for name, extra in rows:
+        rows = rows[1:2]
+    for name, extra, placement in rows:
         torch.cuda.reset_peak_memory_stats()
-        run = train(cache, steps, {"preset": "vit-s16", "batch_size": "64", "expert": "false", **extra})
+        run = train(cache, steps, {"preset": "vit-s16", "batch_size": "64", "expert": "false", **extra},
+                    placement=placement)
         mem = torch.cuda.max_memory_allocated() / 2**30
         print(f"speed: {name}: {run['steady_sps']:.0f} samples/s, warmup_s {run['warmup_s']:.1f}, "
               f"peak {mem:.1f} GiB, status {run['status']}", flush=True)

@@ -2,8 +2,9 @@
 
 ``eclip.train`` (by hand) and the research harness (by the agent) both run this loop; only
 the recipe differs. The loop owns: the data (the training split resident on the device,
-batches sampled and augmented there), seeding, the clock, fast-fail on NaN/Inf or
-divergence, checkpoints, and the evaluation (from embeddings of a split it loads only after
+batches sampled and augmented there; or streamed from host memory with prefetch when it
+does not fit), seeding, the clock, fast-fail on NaN/Inf or divergence, checkpoints, and the
+evaluation (from embeddings of a split it loads only after
 training, images and texts encoded in separate passes in independently shuffled orders).
 
 The clock: the budget is wall-clock from the first training step, compilation included
@@ -58,6 +59,7 @@ class LoopConfig:
     eval_batch: int = 512  # images/texts per encoding pass in evaluation
     checkpoint: bool = True  # write a checkpoint at the end (and on Ctrl-C)
     progress_bar: bool = True  # tqdm bar on stderr (hidden when stderr is not a terminal)
+    data_placement: str = "auto"  # training images on the "device", in "host" memory with prefetch, or "auto"
     overrides: dict = field(default_factory=dict)  # HPARAMS overrides (already typed)
 
 
@@ -237,7 +239,7 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
 
         cache = retokenize(cache, hp["text_tower"])
     data = DeviceData(cache, train_rows, device, seed=cfg.seed, crop_scale=float(hp.get("crop_scale", 1.0)),
-                      flip=bool(hp.get("flip", False)))
+                      flip=bool(hp.get("flip", False)), placement=cfg.data_placement)
     spec = ModelSpec(vocab_size=cache.vocab_size, context_length=cache.context_length,
                      phrase_length=int(cache.region_tokens.shape[1]), image_size=cache.image_size, device=device)
     try:
@@ -254,8 +256,11 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
         meta, tensors = load_checkpoint(resume_dir, model, optimizer)
         step, trained_s, samples = int(meta["step"]), float(meta["trained_s"]), int(meta["samples"])
         resumed_expert = int(meta.get("expert_samples", 0))
-        data.load_state_dict({"generator": tensors["data_generator"], "perm": tensors["data_perm"],
-                              "cursor": meta["data_cursor"], "epoch": meta["data_epoch"]})
+        state = {"generator": tensors["data_generator"], "perm": tensors["data_perm"],
+                 "cursor": meta["data_cursor"], "epoch": meta["data_epoch"]}
+        if "data_index_generator" in tensors:  # host placement: the image order's own generator
+            state["index_generator"] = tensors["data_index_generator"]
+        data.load_state_dict(state)
         if hasattr(recipe, "load_recipe_state"):
             recipe.load_recipe_state({k[7:]: v for k, v in tensors.items() if k.startswith("recipe.")})
     bs = int(hp["batch_size"])
@@ -324,6 +329,7 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
     finally:
         bar.close()
         stop["restore"]()
+        data.close()  # the batches prefetched beyond the last step are not part of the state
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     trained_s = start_trained + (time.perf_counter() - t0)

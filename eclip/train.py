@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, help="K-fold cross-validation over train+val")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--log-every", type=int, default=10, help="steps between metric read-backs")
+    p.add_argument("--data-placement", choices=["auto", "device", "host"], default="auto",
+                   help="training images resident on the device, or in host memory with a prefetch "
+                        "thread (auto: on the device when they fit)")
     p.add_argument("--compile-cache", type=Path,
                    help="persistent torch.compile cache (default: ~/.cache/eclip/inductor)")
     return p
@@ -113,7 +116,7 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
                                  f"this run {recipe.HPARAMS.get(key) or ''!r}")
         resume_dir = out
     cfg = LoopConfig(budget_s=args.budget_s, steps=args.steps, seed=args.seed, device=args.device,
-                     log_every=args.log_every)
+                     log_every=args.log_every, data_placement=args.data_placement)
     log_path = out / "metrics.jsonl"
     log = open(log_path, "a" if args.resume else "w", encoding="utf-8")
 
@@ -126,13 +129,16 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
     finally:
         log.close()
     model, device, hp = run["model"], run["device"], recipe.HPARAMS
+    data = run["data"].state_dict()
     meta = {"step": run["steps"], "samples": run["samples"], "trained_s": run["train_s"],
-            "expert_samples": run["expert_samples"],
-            "data_cursor": run["data"].cursor, "data_epoch": run["data"].epoch,
+            "expert_samples": run["expert_samples"], "data_placement": run["data"].placement,
+            "data_cursor": data["cursor"], "data_epoch": data["epoch"],
             "hparams": hp, "model_config": model.cfg.to_dict(), "seed": args.seed,
             "cache_fingerprint": cache.manifest.get("fingerprint"), "status": run["status"],
             "eval_split": eval_split, "train_rows": int(train_rows.numel())}
-    state = {"data_generator": run["data"].generator.get_state(), "data_perm": run["data"].perm}
+    state = {"data_generator": data["generator"], "data_perm": data["perm"]}
+    if "index_generator" in data:
+        state["data_index_generator"] = data["index_generator"]
     if hasattr(recipe, "recipe_state"):
         state |= {f"recipe.{k}": v for k, v in recipe.recipe_state().items()}
     if run["status"] in ("ok", "interrupted"):
@@ -160,7 +166,8 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
         "peak_memory_bytes": mem, "peak_memory_gb": mem / 2**30 if mem else None,
         "logit_scale": run["last"].get("logit_scale"), "loss": run["last"].get("loss"),
         "reason": run["last"].get("reason"), "params": sum(p.numel() for p in model.parameters()),
-        "device": device_name(device), "budget_s": args.budget_s, "steps_requested": args.steps,
+        "device": device_name(device), "data_placement": run["data"].placement,
+        "budget_s": args.budget_s, "steps_requested": args.steps,
         "seed": args.seed, "hparams": hp, "torch": torch.__version__,
     }
 

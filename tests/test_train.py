@@ -56,9 +56,12 @@ def test_short_run_learns(cache, tmp_path, capsys):
     assert (out / "checkpoint.safetensors").is_file() and (out / "checkpoint.json").is_file()
 
 
-def test_resume_matches_an_uninterrupted_run(cache, tmp_path, capsys):
+@pytest.mark.parametrize("placement", ["device", "host"])
+def test_resume_matches_an_uninterrupted_run(cache, tmp_path, capsys, placement):
+    # host: images stay in host memory and a thread gathers batches ahead; the batches drawn
+    # ahead at the interruption must not leak into the checkpoint's sampler state
     base = ["--data", cache, "--steps", 8, *SMALL, "--expert_probability=1.0", "--expert_cold_start=0.0",
-            "--expert_ramp=0.0"]
+            "--expert_ramp=0.0", "--data-placement", placement]
     rc, _, err = run([*base, "--out", tmp_path / "straight"], capsys)
     assert rc == 0, err
     stopper = recipe_with(tmp_path, (
@@ -76,7 +79,7 @@ def test_resume_matches_an_uninterrupted_run(cache, tmp_path, capsys):
     assert rc == 0, err
     a = json.loads((tmp_path / "straight" / "result.json").read_text())
     b = json.loads((out / "result.json").read_text())
-    assert b["steps"] == 8
+    assert b["steps"] == 8 and a["data_placement"] == b["data_placement"] == placement
     assert a["val_mean_rank"] == b["val_mean_rank"] and a["metrics"] == b["metrics"]
     from safetensors.torch import load_file
     wa = load_file(str(tmp_path / "straight" / "checkpoint.safetensors"))

@@ -3,24 +3,28 @@
 A split of the cache (11k images at 224 px are 1.6 GB of uint8) is copied to the device once;
 each step then costs a few gathers and one ``grid_sample`` on the device, no DataLoader, no
 host round trip. When the images do not fit (more than ``max_fraction`` of the free device
-memory) they stay in pinned host memory and each batch is gathered there and copied with
-``non_blocking``; there is no prefetch thread yet, so that path waits for the gather on
-every step (it is meant for caches larger than the device, not for speed).
+memory; or ``placement="host"``) they stay in pinned host memory: the image order is then
+drawn on the host, a few batches ahead, and a background thread gathers those rows and
+copies them to the device on a side stream while the current step runs
+(``eclip.data.prefetch``). Captions, boxes and phrases are small and stay on the device.
 
-Sampling is epoch-based (a fresh permutation each pass, no image twice in an epoch) from a
-``torch.Generator`` on the device, so a run is reproducible from its seed and resumable from
-the generator's state. An image with several captions contributes one, drawn per step.
+Sampling is epoch-based (a fresh permutation each pass, no image twice in an epoch) from
+seeded ``torch.Generator``s, so a run is reproducible from its seed and resumable from the
+generators' states (the batches drawn ahead but not yet taken are not part of the state).
+An image with several captions contributes one, drawn per step.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import torch
 import torch.nn.functional as F
 
 from eclip.batch import Batch
 from eclip.data.cache import Cache
+from eclip.data.prefetch import HostPrefetcher
 
 MAX_REGIONS = 16  # boxes kept per image for heatmaps (the first ones, in source order)
 
@@ -48,16 +52,25 @@ class DeviceData:
     """
 
     def __init__(self, cache: Cache, rows: torch.Tensor, device: torch.device, seed: int,
-                 crop_scale: float = 1.0, flip: bool = False, max_fraction: float = 0.6):
+                 crop_scale: float = 1.0, flip: bool = False, max_fraction: float = 0.6,
+                 placement: str = "auto", lookahead: int = 2):
         if not 0 < crop_scale <= 1:
             raise ValueError(f"crop_scale: must be in (0, 1], got {crop_scale}")
+        if placement not in ("auto", "device", "host"):
+            raise ValueError(f"data placement: expected auto, device or host, got {placement!r}")
+        if lookahead < 1:
+            raise ValueError(f"lookahead: must be at least 1, got {lookahead}")
         self.device, self.crop_scale, self.flip = device, float(crop_scale), bool(flip)
         self.n = int(rows.numel())
         if self.n == 0:
             raise ValueError("no images to train on in the selected split")
         images = cache.images.index_select(0, rows)
-        self.on_device = device.type == "cpu" or images.numel() <= max_fraction * torch.cuda.mem_get_info(device)[0]
-        self.images = images.to(device) if self.on_device else images.pin_memory()
+        if placement == "auto":
+            placement = ("device" if device.type == "cpu"
+                         or images.numel() <= max_fraction * torch.cuda.mem_get_info(device)[0] else "host")
+        self.placement, self.on_device = placement, placement == "device"
+        self.images = images.to(device) if self.on_device else None
+        self.prefetch = None if self.on_device else HostPrefetcher(images, device)
         cap, self.cap_start, self.cap_count = _csr(cache.caption_image, rows)
         # Trim the padding no caption of this split uses: [C, L'] with L' = longest caption.
         longest = max(1, int(cache.lengths[cap].max())) if cap.numel() else 1
@@ -76,30 +89,69 @@ class DeviceData:
         self.phrase_tokens = cache.region_tokens[reg, :longest].to(device, torch.int64)  # [G, Lp']
         self.reg_start, self.reg_count = reg_start.to(device), reg_count.to(device)
         self.cap_start, self.cap_count = self.cap_start.to(device), self.cap_count.to(device)
-        self.generator = torch.Generator(device=device)
+        self.generator = torch.Generator(device=device)  # caption/phrase choice, augmentation
         self.generator.manual_seed(seed)
-        self.perm = torch.empty(0, dtype=torch.int64, device=device)
+        # The image order is drawn where the images are: on the host path its rows must be
+        # known a few steps ahead without waiting for the device.
+        if self.on_device:
+            self.index_generator = self.generator
+        else:
+            self.index_generator = torch.Generator()
+            self.index_generator.manual_seed(seed)
+        self.perm = torch.empty(0, dtype=torch.int64, device=device if self.on_device else "cpu")
         self.cursor = 0
         self.epoch = 0
+        self.lookahead = int(lookahead)  # host path: batches gathered ahead of the one taken
+        self._ahead: deque = deque()  # host path: (sampler position before the draw, rows [B]) per queued batch
 
     # -- state, for checkpoints ------------------------------------------------------------
 
+    def _live_position(self) -> tuple:
+        gen = None if self.index_generator is self.generator else self.index_generator.get_state()
+        return gen, self.perm, self.cursor, self.epoch
+
+    def _position(self) -> tuple:
+        """The image order's state before the next batch not yet taken (batches drawn ahead
+        for the prefetcher do not count)."""
+        return self._ahead[0][0] if self._ahead else self._live_position()
+
+    def _set_position(self, pos: tuple) -> None:
+        gen, self.perm, self.cursor, self.epoch = pos
+        if gen is not None:
+            self.index_generator.set_state(gen)
+        self._ahead.clear()
+        if self.prefetch is not None:
+            self.prefetch.clear()
+
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "perm": self.perm.cpu(),
-                "cursor": self.cursor, "epoch": self.epoch}
+        gen, perm, cursor, epoch = self._position()
+        state = {"generator": self.generator.get_state(), "perm": perm.cpu(), "cursor": cursor, "epoch": epoch}
+        if gen is not None:
+            state["index_generator"] = gen
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state_dict()``. A state saved on the other placement resumes
+        validly but not bitwise: the host path keeps the image order on its own generator."""
         self.generator.set_state(state["generator"])
-        self.perm = state["perm"].to(self.device)
-        self.cursor, self.epoch = int(state["cursor"]), int(state["epoch"])
+        gen = state.get("index_generator") if self.index_generator is not self.generator else None
+        self._set_position((gen, state["perm"].to(self.perm.device), int(state["cursor"]), int(state["epoch"])))
 
     def snapshot(self) -> tuple:
         """Cheap copy of the sampling position (no device sync): see ``restore``."""
-        return self.generator.get_state(), self.perm, self.cursor, self.epoch
+        return self.generator.get_state(), self._position()
 
     def restore(self, snap: tuple) -> None:
-        gen, self.perm, self.cursor, self.epoch = snap
+        gen, pos = snap
         self.generator.set_state(gen)
+        self._set_position(pos)
+
+    def close(self) -> None:
+        """Drop the batches drawn ahead (the position stays that of the last batch taken)
+        and stop the prefetch thread."""
+        self._set_position(self._position())
+        if self.prefetch is not None:
+            self.prefetch.close()
 
     # -- sampling --------------------------------------------------------------------------
 
@@ -107,7 +159,7 @@ class DeviceData:
         parts, need = [], b
         while need > 0:
             if self.cursor >= self.perm.numel():
-                self.perm = torch.randperm(self.n, generator=self.generator, device=self.device)
+                self.perm = torch.randperm(self.n, generator=self.index_generator, device=self.perm.device)
                 self.cursor, self.epoch = 0, self.epoch + 1
             take = min(need, self.perm.numel() - self.cursor)
             parts.append(self.perm[self.cursor: self.cursor + take])
@@ -121,8 +173,24 @@ class DeviceData:
         c = count[idx]
         return start[idx] + torch.minimum((u * c).long(), (c - 1).clamp(min=0))
 
+    def _host_batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [B] (on the device) and their images, gathered ahead by the prefetcher."""
+        if self._ahead and self._ahead[0][1].numel() != b:  # another batch size: draw again from there
+            self._set_position(self._ahead[0][0])
+        while len(self._ahead) <= self.lookahead:
+            pos = self._live_position()
+            idx = self._indices(b)
+            self._ahead.append((pos, idx))
+            self.prefetch.submit(idx)
+        _, idx = self._ahead.popleft()
+        return idx.to(self.device, non_blocking=True), self.prefetch.take()
+
     def sample(self, batch_size: int) -> Batch:
-        idx = self._indices(batch_size)  # [B] image rows
+        if self.on_device:
+            idx = self._indices(batch_size)  # [B] image rows
+            images = self.images[idx]
+        else:
+            idx, images = self._host_batch(batch_size)
         cap = self._pick(self.cap_start, self.cap_count, idx)
         tokens = self.tokens[cap]
         has_region = self.reg_count[idx] > 0
@@ -133,7 +201,6 @@ class DeviceData:
         else:
             phrase_tokens = torch.zeros(idx.numel(), 1, dtype=torch.int64, device=self.device)
             phrase_mask = torch.zeros_like(phrase_tokens, dtype=torch.bool)
-        images = self.images[idx] if self.on_device else self.images[idx.cpu()].pin_memory().to(self.device, non_blocking=True)
         boxes, box_mask = self.boxes[idx], self.box_mask[idx]
         if self.crop_scale < 1 or self.flip:
             images, boxes, box_mask = self._augment(images, boxes, box_mask)

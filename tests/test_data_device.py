@@ -1,0 +1,131 @@
+"""Batches from ``eclip.data.device``: the device-resident path and the host path with prefetch.
+
+On a CPU both paths run (``placement="host"`` forces the second one); what is checked is the
+contract: each image once per epoch, captions belonging to their image, the prefetcher
+handing back exactly the rows asked for, in order, and a sampler position that
+``snapshot``/``restore`` and ``state_dict``/``load_state_dict`` reproduce bitwise even
+though the host path has drawn batches ahead."""
+
+import pytest
+import torch
+
+from eclip.data.cache import load_cache
+from eclip.data.device import DeviceData
+from eclip.data.prefetch import HostPrefetcher
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def cache(small_cache):
+    return load_cache(small_cache)
+
+
+def fingerprints(images: torch.Tensor) -> torch.Tensor:
+    """One int64 per image, equal for identical pixels (an exact integer projection of the
+    bytes: a float one would depend on the summation order, which depends on the batch)."""
+    w = torch.randint(1, 2**20, (images[0].numel(),), generator=torch.Generator().manual_seed(3))
+    return (images.flatten(1).long() * w).sum(1)
+
+
+def rows_of(batch_images: torch.Tensor, cache, rows: torch.Tensor) -> torch.Tensor:
+    """The cache row of each image in a batch (uint8 [B, 3, R, R]), found by its pixels."""
+    ref = fingerprints(cache.images[rows])
+    got = fingerprints(batch_images)
+    match = (got[:, None] == ref[None, :])
+    assert bool((match.sum(1) == 1).all()), "a batch image matches no training image, or several"
+    return rows[match.float().argmax(1)]
+
+
+def batches(data, n, b):
+    return [data.sample(b) for _ in range(n)]
+
+
+def same(a, b) -> bool:
+    return all(torch.equal(getattr(a, k), getattr(b, k)) for k in
+               ("images", "tokens", "mask", "boxes", "box_mask", "phrase_tokens", "phrase_mask", "has_region"))
+
+
+def test_prefetcher_returns_the_rows_asked_for_in_order():
+    images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
+    pre = HostPrefetcher(images, CPU)
+    asks = [torch.randperm(40)[:7], torch.tensor([3, 3, 0]), torch.arange(39, -1, -1)]
+    for idx in asks:
+        pre.submit(idx)
+    assert len(pre) == 3
+    for idx in asks:
+        assert torch.equal(pre.take(), images[idx])
+    with pytest.raises(RuntimeError, match="no batch was submitted"):
+        pre.take()
+    pre.submit(torch.tensor([1]))
+    pre.clear()
+    assert len(pre) == 0
+    pre.close()
+    with pytest.raises(ValueError, match="must be in host memory"):
+        HostPrefetcher(images.to("meta"), CPU)
+
+
+@pytest.mark.parametrize("placement", ["device", "host"])
+def test_each_image_once_per_epoch_with_its_own_captions(cache, placement):
+    rows = cache.split_images("train")  # 300 images
+    data = DeviceData(cache, rows, CPU, seed=1, placement=placement)
+    assert data.placement == placement and data.on_device == (placement == "device")
+    seen = []
+    for batch in batches(data, 6, 50):  # 6 × 50 = one epoch
+        got = rows_of(batch.images, cache, rows)
+        seen.append(got)
+        for r, toks in zip(got.tolist(), batch.tokens, strict=True):
+            caps = torch.nonzero(cache.caption_image == r).flatten()
+            n = toks.numel()
+            assert any(torch.equal(toks, cache.tokens[c, :n].long()) for c in caps), r
+        assert torch.equal(batch.has_region, cache.region_image.bincount(minlength=cache.images.shape[0])[got] > 0)
+    assert torch.equal(torch.cat(seen).sort().values, rows.sort().values)
+    data.close()
+
+
+def test_host_path_draws_ahead_but_its_state_is_that_of_the_batches_taken(cache):
+    rows = cache.split_images("train")
+    a = DeviceData(cache, rows, CPU, seed=5, placement="host", lookahead=3)
+    batches(a, 4, 64)  # crosses an epoch boundary (300 images): perm and epoch change
+    assert len(a._ahead) == 3 and len(a.prefetch) == 3  # drawn and gathered ahead
+    state = a.state_dict()
+    assert state["epoch"] == 1 and state["cursor"] == 4 * 64 and "index_generator" in state
+    snap = a.snapshot()
+    after = batches(a, 5, 64)
+    a.restore(snap)  # e.g. a step cut short by Ctrl-C gives its batch back
+    assert all(same(x, y) for x, y in zip(after, batches(a, 5, 64), strict=True))
+    b = DeviceData(cache, rows, CPU, seed=99, placement="host")  # another seed: the state decides
+    b.load_state_dict(state)
+    assert all(same(x, y) for x, y in zip(after, batches(b, 5, 64), strict=True))
+    a.close()
+    assert len(a._ahead) == 0 and a.state_dict()["cursor"] == (9 * 64) % 300
+    b.close()
+
+
+def test_host_path_follows_a_change_of_batch_size(cache):
+    rows = cache.split_images("train")
+    data = DeviceData(cache, rows, CPU, seed=2, placement="host")
+    twin = DeviceData(cache, rows, CPU, seed=2, placement="host", lookahead=1)
+    got = [data.sample(b) for b in (32, 32, 7, 100)]
+    want = [twin.sample(b) for b in (32, 32, 7, 100)]
+    assert [g.images.shape[0] for g in got] == [32, 32, 7, 100]
+    assert all(same(x, y) for x, y in zip(got, want, strict=True))  # the lookahead depth changes nothing drawn
+    data.close()
+    twin.close()
+
+
+def test_device_path_state_round_trip_and_bad_options(cache):
+    rows = cache.split_images("train")
+    a = DeviceData(cache, rows, CPU, seed=3)  # auto on a CPU: resident
+    assert a.placement == "device"
+    batches(a, 3, 64)
+    state = a.state_dict()
+    assert "index_generator" not in state
+    after = batches(a, 4, 64)
+    b = DeviceData(cache, rows, CPU, seed=0)
+    b.load_state_dict(state)
+    assert all(same(x, y) for x, y in zip(after, batches(b, 4, 64), strict=True))
+    with pytest.raises(ValueError, match="data placement: expected auto, device or host, got 'gpu'"):
+        DeviceData(cache, rows, CPU, seed=0, placement="gpu")
+    with pytest.raises(ValueError, match="lookahead: must be at least 1, got 0"):
+        DeviceData(cache, rows, CPU, seed=0, placement="host", lookahead=0)
