@@ -47,7 +47,8 @@ EXIT = {"ok": 0, "diverged": 1, "oom": 1, "interrupted": 130, "aborted": 130}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eclip.train", description=__doc__.split("\n\n")[0],
+    # allow_abbrev=False: an override such as --compile=true must not be read as --compile-cache
+    p = argparse.ArgumentParser(prog="python -m eclip.train", description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 epilog="Any other --key=value overrides a recipe HPARAMS entry.")
     p.add_argument("--data", type=Path, required=True, help="cache directory from eclip.prepare")
     p.add_argument("--out", type=Path, required=True, help="run directory (results, checkpoint, logs)")

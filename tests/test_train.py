@@ -151,6 +151,17 @@ def test_bad_options_exit_2_with_one_line(cache, tmp_path, capsys, argv, message
     assert err.strip().count("\n") == 0
 
 
+def test_overrides_that_prefix_an_option_are_overrides(cache, tmp_path, capsys):
+    # --compile is a prefix of --compile-cache: argparse's abbreviations once swallowed it
+    out = tmp_path / "run"
+    rc, _, err = run(["--data", cache, "--out", out, "--steps", 1, *SMALL, "--compile=false", "--seed", 3], capsys)
+    assert rc == 0, err
+    result = json.loads((out / "result.json").read_text())
+    assert result["hparams"]["compile"] is False and result["seed"] == 3
+    rc, _, err = run(["--data", cache, "--out", out, "--steps", 1, "--see=3"], capsys)
+    assert rc == 2 and "--see: unknown training option" in err, err
+
+
 def test_missing_or_stale_cache(tmp_path, capsys, cache):
     rc, _, err = run(["--data", tmp_path / "none", "--out", tmp_path / "o", "--steps", 1], capsys)
     assert rc == 2 and "no such cache directory" in err
