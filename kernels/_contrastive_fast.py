@@ -200,6 +200,12 @@ def fast_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor):
     return loss, row_lse, col_lse, y, rref, cref
 
 
+def _scaled(prod: torch.Tensor, coef: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """coef·prod in ``dtype``. When the product already has that dtype, in place (computed
+    in fp32 and rounded once, as an fp32 temporary would be, without its 4·B·D bytes)."""
+    return prod.mul_(coef) if prod.dtype == dtype else prod.float().mul_(coef).to(dtype)
+
+
 def fast_backward(y, rref, cref, img, txt, scale, grad, row_lse, col_lse):
     """Turns y into Ĝ in place, then dI, dT by two matmuls. Returns (dI, dT, ds)."""
     n = img.shape[0]
@@ -214,8 +220,8 @@ def fast_backward(y, rref, cref, img, txt, scale, grad, row_lse, col_lse):
         y, g, rref, cref, row_lse, col_lse, part, n, y.stride(0), BLOCK=block, SUB_M=sub_m, num_warps=4,
     )
     coef = scale.float() * grad.float() / (2.0 * n)
-    d_img = (g @ txt.to(g_dtype)).float().mul_(coef).to(img.dtype)
-    d_txt = (g.T @ img.to(g_dtype)).float().mul_(coef).to(txt.dtype)
+    d_img = _scaled(g @ txt.to(g_dtype), coef, img.dtype)
+    d_txt = _scaled(g.T @ img.to(g_dtype), coef, txt.dtype)
     # Σ Ĝ∘x = Σ Ĝ∘z / c with c = s·log2(e).
     d_scale = part.sum() / (scale.float() * LOG2E) * grad.float() / (2.0 * n)
     return d_img, d_txt, d_scale.to(scale.dtype)

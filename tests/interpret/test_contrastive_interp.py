@@ -37,3 +37,20 @@ def test_kernels_match_the_reference_path(mode):
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
     for g, w in zip(got[1:], want[1:], strict=True):
         assert (g - w).norm() <= 1e-2 * w.norm()
+
+
+@pytest.mark.parametrize("mode,buffers", [("lean", 0), ("fast", 1)])
+def test_no_hidden_b_by_b_allocations(mode, buffers):
+    # fwd + bwd allocate B×B tensors only where the mode says: the fast mode's saved S, once;
+    # lean none. (Autograd once materialised a zero gradient for S, a second B² buffer.)
+    from torch.profiler import ProfilerActivity, profile
+
+    b = 512
+    img, txt = (x.requires_grad_() for x in make_inputs(b, 64, torch.float16, "cpu", seed=2))
+    scale = torch.tensor(14.3, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        kernels.contrastive_loss(img, txt, scale, mode=mode).backward()
+    big = [e for e in prof.events()
+           if e.name in ("aten::empty", "aten::empty_strided") and e.cpu_memory_usage >= b * b * 2]
+    assert len(big) == buffers, [(e.name, e.cpu_memory_usage) for e in big]
+    assert img.grad is not None and txt.grad is not None and scale.grad is not None
