@@ -4,7 +4,7 @@
 # machine lacks them (make it with `make gpudeps` and carry it). Random data only.
 #   1. the kernel test modules on CUDA (bf16 included);
 #   2. bench/train_check.py: the training loop on CUDA (smoke run with evaluation, then
-#      vit-s16 batch 64 fp32 eager vs the template's fast path);
+#      vit-s16 batch 64: fp32 eager, the fast path, with CUDA graphs, from host memory);
 #   3. bench/kernel_table.py: compiled training step (fullgraph, reduce-overhead), accuracy
 #      against float64, lean memory at B = 16,384, the comparison table, ranks at
 #      N = 100,000, and B = 1,048,576 in lean mode;
@@ -36,7 +36,7 @@ else
 fi
 
 echo "== 2. training loop on CUDA"
-timeout "${T2:-150}" "$PY" bench/train_check.py --steps "${SPEED_STEPS:-60}" 2>&1 | grep -v Warning | log train.log || status=1
+timeout "${T2:-240}" "$PY" bench/train_check.py --steps "${SPEED_STEPS:-60}" 2>&1 | grep -v Warning | log train.log || status=1
 
 echo "== 3. kernel table"
 TABLE="${OUT_DIR:-${TMPDIR:-/tmp}}/kernel_table.md"

@@ -5,8 +5,9 @@
    Triton rank kernel all in one run; fails on a non-ok status or a non-finite loss.
 2. ``speed``: preset ``vit-s16`` (224 px, 77 tokens), batch 64, random data, expert path
    off: fp32 eager with TF32 off (PyTorch defaults) against the template's fast path
-   (bf16 autocast + torch.compile + fused AdamW + fused loss), then the fast path again with
-   the images in pinned host memory (the prefetch thread's path). Steady-state samples/s
+   (bf16 autocast + torch.compile + fused AdamW + fused loss), the fast path with CUDA graphs
+   (``compile_mode=reduce-overhead``), and the fast path with the images in pinned host
+   memory (the prefetch thread's path). Steady-state samples/s
    (after the first logged step) and the first step's time (``warmup_s``, compilation
    included).
 
@@ -76,22 +77,27 @@ def smoke() -> bool:
     return ok
 
 
-def speed(steps: int, only: str | None = None) -> None:
+SPEED_ROWS = {  # name: (what it is, HPARAMS overrides, data placement)
+    "fp32": ("fp32 eager, TF32 off", {"precision": "fp32", "compile": "false"}, "auto"),
+    "template": ("bf16 + compile + fused (template)", {}, "auto"),
+    "graphs": ("template + CUDA graphs (compile_mode=reduce-overhead)", {"compile_mode": "reduce-overhead"}, "auto"),
+    "host": ("template, images in host memory (prefetch thread)", {}, "host"),
+}
+
+
+def speed(steps: int, only: list[str]) -> None:
     cache = random_cache(4096, 224, 77, 8192)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    rows = [("fp32 eager, TF32 off", {"precision": "fp32", "compile": "false"}, "auto"),
-            ("bf16 + compile + fused (template)", {}, "auto"),
-            ("template, images in host memory (prefetch thread)", {}, "host")]
-    if only == "template":  # e.g. a second process on a warm TORCHINDUCTOR_CACHE_DIR
-        rows = rows[1:2]
-    for name, extra, placement in rows:
+    for key in only:
+        name, extra, placement = SPEED_ROWS[key]
         torch.cuda.reset_peak_memory_stats()
         run = train(cache, steps, {"preset": "vit-s16", "batch_size": "64", "expert": "false", **extra},
                     placement=placement)
         mem = torch.cuda.max_memory_allocated() / 2**30
         print(f"speed: {name}: {run['steady_sps']:.0f} samples/s, warmup_s {run['warmup_s']:.1f}, "
-              f"peak {mem:.1f} GiB, status {run['status']}", flush=True)
+              f"peak {mem:.1f} GiB, status {run['status']}, loss {run['last'].get('loss', float('nan')):.3f}",
+              flush=True)
 
 
 def main(argv=None) -> int:
@@ -99,15 +105,19 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=60, help="steps per speed configuration")
     ap.add_argument("--skip-speed", action="store_true", help="smoke run only")
     ap.add_argument("--skip-smoke", action="store_true", help="speed runs only")
-    ap.add_argument("--only", choices=["template"], help="speed: the template's fast path only")
+    ap.add_argument("--only", default=",".join(SPEED_ROWS),
+                    help=f"speed: comma-separated rows to run, of {', '.join(SPEED_ROWS)} (default: all)")
     args = ap.parse_args(argv)
+    only = [k for k in args.only.split(",") if k]
+    if unknown := [k for k in only if k not in SPEED_ROWS]:
+        ap.error(f"--only: unknown rows {', '.join(unknown)} (known: {', '.join(SPEED_ROWS)})")
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 1
     print(f"device: {torch.cuda.get_device_name()} (torch {torch.__version__})", flush=True)
     ok = True if args.skip_smoke else smoke()
     if not args.skip_speed:
-        speed(args.steps, args.only)
+        speed(args.steps, only)
     return 0 if ok else 1
 
 

@@ -58,10 +58,15 @@ HPARAMS = {
     "expert_ramp": 0.1,  # fraction over which its weight rises to expert_weight
     "precision": "auto",  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "bf16", "fp32"
     "compile": "auto",  # "auto" (on for CUDA, off for CPU), True, False
+    # torch.compile mode: "default"; "reduce-overhead" replays the step's forward and backward
+    # as CUDA graphs (one launch each instead of hundreds: for small batches that are
+    # launch-bound); "max-autotune" adds GEMM autotuning to that; "max-autotune-no-cudagraphs"
+    "compile_mode": "default",
     "loss_mode": "auto",  # fused loss mode: "auto", "lean" (O(B·D) memory) or "fast"
     "seed": 0,  # seed of the expert-term draws and mixup (the loop seeds the rest)
 }
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 _STATE = {}  # per-process state that is not a tensor of the model (compiled fns, generator)
 
 
@@ -93,8 +98,14 @@ def build_model(spec):
     compile_on = HPARAMS["compile"]
     if compile_on == "auto":
         compile_on = spec.device.type == "cuda"
+    mode = HPARAMS["compile_mode"]
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode: expected one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     # dynamic=False: the batch size is fixed, and the loss picks its mode from a concrete B
-    _STATE["clip_loss"] = torch.compile(_clip_loss, dynamic=False) if compile_on else _clip_loss
+    _STATE["clip_loss"] = (torch.compile(_clip_loss, dynamic=False, mode=None if mode == "default" else mode)
+                           if compile_on else _clip_loss)
+    # CUDA graphs own their outputs: a later replay overwrites them (see train_step)
+    _STATE["graphs"] = bool(compile_on) and spec.device.type == "cuda" and mode in ("reduce-overhead", "max-autotune")
     return model
 
 
@@ -132,9 +143,14 @@ def train_step(model, optimizer, batch, progress):
     for group in optimizer.param_groups:
         group["lr"] = lr
     bf16 = _use_bf16(model)
+    graphs = _STATE["graphs"]
+    if graphs:  # a new iteration: the graphs may reuse the memory of the last one's outputs
+        torch.compiler.cudagraph_mark_step_begin()
     with torch.autocast(device_type=batch.images.device.type, dtype=torch.bfloat16, enabled=bf16):
         loss, img, txt = _STATE["clip_loss"](model, batch.images, batch.tokens, batch.mask,
                                              torch.bfloat16 if bf16 else torch.float32)
+        if graphs:  # the loop reads the logged loss steps later, after replays overwrote the graph's copy
+            loss = loss.clone()
         total = loss
         extra = {}
         weight = expert_mod.expert_weight(progress, model.cfg.expert, _STATE["generator"])

@@ -144,6 +144,7 @@ def test_checkpoint_round_trip(cache, tmp_path):
     (["--steps", "5", "--budget-s", "3"], "exactly one of --budget-s or --steps"),
     (["--steps", "5", "stray"], "unrecognised argument 'stray'"),
     (["--steps", "5", "--resume"], "no checkpoint here"),
+    (["--steps", "5", "--compile_mode=fastest"], "compile_mode: expected one of default, reduce-overhead,"),
 ])
 def test_bad_options_exit_2_with_one_line(cache, tmp_path, capsys, argv, message):
     rc, _, err = run(["--data", cache, "--out", tmp_path / "o", *argv], capsys)
