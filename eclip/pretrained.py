@@ -24,7 +24,8 @@ harness download anything. FLOPs (for MFU) are counted once per shape with PyTor
 ``FlopCounterMode`` on a dummy input.
 
 Limits: timm needs torchvision, which does not install beside the CPU-only PyTorch wheel of
-the CI machines, so the timm path is tested only where timm imports. ``pool = "cls"`` takes
+the CI machines: there the adapter and its wiring (weights file, normalisation, FLOPs, train,
+resume) are tested against a stand-in module, and timm itself only where it imports. ``pool = "cls"`` takes
 the first token's state, which means something only for tokenizers that prepend a CLS/BOS
 token (BERT-like); use ``text.pool = "mean"`` for others.
 """

@@ -3,6 +3,7 @@ network, no downloaded weights) used as the text tower end to end; timm where it
 
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -172,6 +173,89 @@ def test_resume_refuses_another_tower(small_cache, hf_dir, tmp_path, capsys):
     assert train.main(["--data", str(small_cache), "--out", str(out), "--steps", "4", "--device", "cpu",
                        "--batch_size=16", "--text-tower", f"hf:{hf_dir}", "--resume"]) == 2
     assert "checkpoint has text_tower '', this run 'hf:" in capsys.readouterr().err
+
+
+class FakeTimm:
+    """A stand-in for the ``timm`` module where the real one cannot import (CI: no
+    torchvision beside the CPU wheel). It builds a small conv backbone with timm's surface
+    (``num_features``, ``pretrained_cfg``, ``num_classes=0``) and, like timm, loads a
+    ``pretrained_cfg_overlay`` file when ``pretrained=True``: what is under test is our
+    adapter and the wiring through model, loop, checkpoint and MFU, not timm."""
+
+    def __init__(self):
+        self.calls = []
+
+    def create_model(self, name, pretrained=False, num_classes=None, pretrained_cfg_overlay=None, **kwargs):
+        self.calls.append(dict(name=name, pretrained=pretrained, num_classes=num_classes,
+                               overlay=pretrained_cfg_overlay, **kwargs))
+        if name == "needs_no_img_size" and "img_size" in kwargs:
+            raise TypeError("__init__() got an unexpected keyword argument 'img_size'")
+        if name == "broken":
+            raise RuntimeError("Unknown model (broken)\nsecond line")
+        assert num_classes == 0
+        torch.manual_seed(1)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 24, 8, stride=8), torch.nn.GELU(),
+                                  torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+        net.num_features = 24
+        net.pretrained_cfg = {"mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6)}
+        if pretrained:
+            from safetensors.torch import load_file
+
+            net.load_state_dict(load_file(pretrained_cfg_overlay["file"]))
+        return net
+
+
+@pytest.fixture
+def fake_timm(monkeypatch):
+    fake = FakeTimm()
+    monkeypatch.setitem(sys.modules, "timm", fake)
+    return fake
+
+
+def test_timm_adapter_loads_local_weights_and_uses_their_normalisation(fake_timm, tmp_path):
+    from safetensors.torch import save_file
+
+    weights = {k: torch.full_like(v, 0.01 * (i + 1)) for i, (k, v) in
+               enumerate(fake_timm.create_model("x", num_classes=0).state_dict().items())}
+    path = tmp_path / "w.safetensors"
+    save_file(weights, str(path))
+    cfg = model_config("tiny", image_size=32, vocab_size=300, context_length=16,
+                       **{"vision.pretrained": f"timm:fake_vit@{path}", "expert.enabled": False})
+    model = build_model(cfg)
+    call = fake_timm.calls[-1]
+    assert call["pretrained"] is True and call["overlay"] == {"file": str(path)} and call["img_size"] == 32
+    for k, v in model.vision.model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    assert model.vision.width == 24 and model.image_proj.in_features == 24
+    x = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    want = model.vision.model((x.float() / 255 - torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1))
+                              / torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1))
+    torch.testing.assert_close(model.vision(model.normalize_images(x)), want, atol=1e-6, rtol=1e-6)
+    # conv 8×8 stride 8 on 32 px: 16 positions × 24 × (3·64) MACs → 2·73,728 FLOPs
+    assert model.vision.flops() == 2 * 16 * 24 * 3 * 64
+    fake_timm.calls.clear()
+    TimmImageTower("timm:needs_no_img_size@random", 32)
+    assert [c.get("img_size") for c in fake_timm.calls] == [32, None]  # retried without img_size
+    assert fake_timm.calls[-1]["pretrained"] is False
+    with pytest.raises(EclipError, match=r"^image_tower: timm could not build 'broken' \(RuntimeError: Unknown model "
+                                         r"\(broken\)\)$"):
+        TimmImageTower("timm:broken@random", 32)
+
+
+def test_train_end_to_end_with_a_timm_image_tower(fake_timm, small_cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--data", str(small_cache), "--out", str(out), "--log-every", "2", "--model.text.width=32",
+            "--model.text.depth=1", "--model.embed_dim=32", "--batch_size=32"]
+    tower = ["--image-tower", "timm:fake_vit@random"]
+    assert train.main([*base, *tower, "--steps", "4"]) == 0, capsys.readouterr().err
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "ok" and result["hparams"]["image_tower"] == "timm:fake_vit@random"
+    assert result["params"] < 100_000  # the fake backbone replaced the preset's ViT
+    assert train.main([*base, *tower, "--steps", "6", "--resume"]) == 0
+    assert json.loads((out / "result.json").read_text())["steps"] == 6
+    rc = train.main([*base, "--steps", "8", "--resume"])  # resumed without the tower: refused
+    err = capsys.readouterr().err
+    assert rc == 2 and "checkpoint has image_tower 'timm:fake_vit@random', this run ''" in err, err
 
 
 def test_timm_weights_must_be_safetensors(tmp_path):
