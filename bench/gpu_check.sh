@@ -5,6 +5,8 @@
 #   1. the kernel test modules on CUDA (bf16 included);
 #   2. bench/train_check.py: the training loop on CUDA (smoke run with evaluation, then
 #      vit-s16 batch 64: fp32 eager, the fast path, with CUDA graphs, from host memory);
+#   2b. bench/profile_step.py: the template's step under the profiler, without and with
+#      CUDA graphs (wall vs kernel-busy time per step, launches, top kernels);
 #   3. bench/kernel_table.py: compiled training step (fullgraph, reduce-overhead), accuracy
 #      against float64, lean memory at B = 16,384, the comparison table, ranks at
 #      N = 100,000, and B = 1,048,576 in lean mode;
@@ -13,7 +15,8 @@
 #   then the short tables again, last.
 # In priority order, each under its own time limit, so a cut-off run still reports the most.
 # Prints the device first and a short table last; with $OUT set, writes logs and the table
-# there. Usage: bash bench/gpu_check.sh [--quick]
+# there. Usage: [STEPS="1 2 2b 3 4"] [T1=… T2=…] bash bench/gpu_check.sh [--quick]
+# All steps at their default limits can exceed 10 minutes: pick STEPS to fit a session.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -23,37 +26,56 @@ QUICK=""
 [ "${1:-}" = "--quick" ] && QUICK="--quick"
 status=0
 log() { if [ -n "$OUT_DIR" ]; then tee -a "$OUT_DIR/$1"; else cat; fi; }
+STEPS=" ${STEPS:-1 2 2b 3 4} "
+want() { [[ "$STEPS" == *" $1 "* ]]; }
+TABLE="${OUT_DIR:-${TMPDIR:-/tmp}}/kernel_table.md"
 [ -n "$OUT_DIR" ] && mkdir -p "$OUT_DIR"
 
 "$PY" -c "import torch, triton; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none', '| torch', torch.__version__, '| triton', triton.__version__)"
 
-echo "== 1. kernel tests on CUDA"
-if "$PY" -c "import pytest" 2>/dev/null; then
-    timeout "${T1:-150}" "$PY" -m pytest tests/test_kernels_contrastive.py tests/test_kernels_retrieval.py \
-        -q -p no:cacheprovider -o addopts="" -k "cuda" 2>&1 | tail -15 | log tests.log || status=1
-else
-    echo "pytest is not available: step 1 skipped (step 3 still checks accuracy)"
+if want 1; then
+    echo "== 1. kernel tests on CUDA"
+    if "$PY" -c "import pytest" 2>/dev/null; then
+        timeout "${T1:-150}" "$PY" -m pytest tests/test_kernels_contrastive.py tests/test_kernels_retrieval.py \
+            -q -p no:cacheprovider -o addopts="" -k "cuda" 2>&1 | tail -15 | log tests.log || status=1
+    else
+        echo "pytest is not available: step 1 skipped (step 3 still checks accuracy)"
+fi
 fi
 
-echo "== 2. training loop on CUDA"
-timeout "${T2:-240}" "$PY" bench/train_check.py --steps "${SPEED_STEPS:-60}" 2>&1 | grep -v Warning | log train.log || status=1
+if want 2; then
+    echo "== 2. training loop on CUDA"
+    timeout "${T2:-240}" "$PY" bench/train_check.py --steps "${SPEED_STEPS:-60}" 2>&1 | grep -v Warning | log train.log || status=1
+fi
 
-echo "== 3. kernel table"
-TABLE="${OUT_DIR:-${TMPDIR:-/tmp}}/kernel_table.md"
-args=($QUICK --out "$TABLE")
-timeout "${T3:-300}" "$PY" bench/kernel_table.py "${args[@]}" 2>&1 | log kernels.log || status=1
+if want 2b; then
+    echo "== 2b. where the training step's time goes (profiler: busy fraction, top kernels)"
+    for mode in default reduce-overhead; do
+        timeout "${T2B:-90}" "$PY" bench/profile_step.py --compile-mode "$mode" 2>&1 | grep -v -E "Warning|USDT" \
+            | log profile.log || status=1
+    done
+fi
 
-echo "== 4. benchmark suites and the guard"
-SLUG=$("$PY" -c "from bench.guard import slug, current_device; print(slug(current_device()))")
-if [ -f "bench/baselines/$SLUG.json" ]; then
-    timeout "${T4:-240}" "$PY" -m bench.guard check 2>&1 | grep -v -i warn | tail -30 | log guard.log || status=1
-else
-    echo "no baseline for this device yet: saving this run as bench/baselines/$SLUG.json (commit it from \$OUT)"
-    timeout "${T4:-240}" "$PY" -m bench.guard save --baseline "${OUT_DIR:-bench/baselines}/$SLUG.json" 2>&1 \
-        | grep -v -i warn | tail -5 | log guard.log || status=1
+if want 3; then
+    echo "== 3. kernel table"
+    args=($QUICK --out "$TABLE")
+    timeout "${T3:-300}" "$PY" bench/kernel_table.py "${args[@]}" 2>&1 | log kernels.log || status=1
+fi
+
+if want 4; then
+    echo "== 4. benchmark suites and the guard"
+    SLUG=$("$PY" -c "from bench.guard import slug, current_device; print(slug(current_device()))")
+    if [ -f "bench/baselines/$SLUG.json" ]; then
+        timeout "${T4:-240}" "$PY" -m bench.guard check 2>&1 | grep -v -i warn | tail -30 | log guard.log || status=1
+    else
+        echo "no baseline for this device yet: saving this run as bench/baselines/$SLUG.json (commit it from \$OUT)"
+        timeout "${T4:-240}" "$PY" -m bench.guard save --baseline "${OUT_DIR:-bench/baselines}/$SLUG.json" 2>&1 \
+            | grep -v -i warn | tail -5 | log guard.log || status=1
+fi
 fi
 
 echo "==== summary"
 [ -f "$TABLE" ] && cat "$TABLE"
 [ -n "$OUT_DIR" ] && grep -h -E "^(smoke_status|speed)" "$OUT_DIR/train.log" 2>/dev/null
+[ -n "$OUT_DIR" ] && grep -h -E "^(per step|device: .*overrides)" "$OUT_DIR/profile.log" 2>/dev/null
 exit $status

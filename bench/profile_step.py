@@ -1,0 +1,90 @@
+"""Where a training step's time goes: the template's step under ``torch.profiler``.
+
+Runs the template recipe through the real loop on random data (``train_check.random_cache``),
+skips the compile steps, profiles a few steady steps and prints, per step: the wall time,
+the time the device was busy running kernels and the number of kernel launches — a busy
+fraction far below 1 means the step is bound by launching (CUDA graphs help), near 1 means
+by the kernels (then the top-kernel table says which). Metrics are read back every step
+here, so the step cannot overlap the next one's launches: the wall time is an upper bound.
+
+    python bench/profile_step.py --preset vit-s16 --batch 64 [--compile-mode reduce-overhead]
+
+Needs torch, numpy, safetensors and tqdm; on a CPU it profiles CPU operators instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, schedule
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.train_check import TEMPLATE, random_cache  # noqa: E402
+from eclip.loop import LoopConfig, apply_overrides, load_recipe, run_loop  # noqa: E402
+
+
+def profile_step(preset: str, batch: int, image_size: int, context: int, skip: int, active: int,
+                 device: str, overrides: dict | None = None, top: int = 12) -> dict:
+    """Profile ``active`` steps after ``skip`` (compilation, CUDA-graph recording); prints the
+    report and returns its figures."""
+    cuda = device.startswith("cuda")
+    cache = random_cache(max(4 * batch, 256), image_size, context, 8192)
+    recipe = load_recipe(TEMPLATE)
+    apply_overrides(recipe.HPARAMS, {"preset": preset, "batch_size": str(batch), "expert": "false",
+                                     **(overrides or {})})
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    marks: list[float] = []
+    with profile(activities=acts, schedule=schedule(wait=skip, warmup=1, active=active)) as prof:
+        def on_log(row):
+            marks.append(time.perf_counter())
+            prof.step()
+
+        cfg = LoopConfig(steps=skip + 1 + active + 1, device=device, log_every=1, progress_bar=False)
+        run = run_loop(recipe, cache, cache.split_images("train"), cfg, on_log=on_log)
+    if run["status"] != "ok":
+        raise SystemExit(f"profile: the run ended {run['status']}: {run['last'].get('reason')}")
+    # marks[k] is taken after step k+1; the active steps are skip+2 … skip+1+active
+    wall_ms = (marks[skip + active] - marks[skip]) / active * 1e3
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0] if cuda else []
+    busy_ms = sum(e.self_device_time_total for e in events) / active / 1e3
+    launches = sum(e.count for e in events) / active
+    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}  preset {preset}, batch {batch}, "
+          f"{image_size} px, overrides {overrides or {}}")
+    if cuda:
+        print(f"per step: wall {wall_ms:.2f} ms, kernels busy {busy_ms:.2f} ms "
+              f"({busy_ms / wall_ms:.0%} of wall), {launches:.0f} kernel launches")
+    else:
+        print(f"per step: wall {wall_ms:.2f} ms")
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, sort), reverse=True)[:top]
+    print(f"{'ms/step':>8} {'share':>6} {'calls':>6}  {'kernel' if cuda else 'operator'}")
+    total = sum(getattr(e, sort) for e in prof.key_averages()) or 1
+    for e in rows:
+        t = getattr(e, sort)
+        print(f"{t / active / 1e3:8.3f} {t / total:6.1%} {e.count / active:6.0f}  {e.key[:90]}")
+    return {"wall_ms": wall_ms, "busy_ms": busy_ms, "launches": launches, "rows": len(rows)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="vit-s16", help="model preset")
+    ap.add_argument("--batch", type=int, default=64, help="samples per step")
+    ap.add_argument("--image-size", type=int, default=224, help="image side in pixels")
+    ap.add_argument("--context", type=int, default=77, help="caption tokens")
+    ap.add_argument("--skip", type=int, default=6, help="steps before profiling (compilation, graph recording)")
+    ap.add_argument("--active", type=int, default=5, help="steps profiled")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    ap.add_argument("--compile-mode", default="default", help="the recipe's compile_mode")
+    args = ap.parse_args(argv)
+    profile_step(args.preset, args.batch, args.image_size, args.context, args.skip, args.active, args.device,
+                 {"compile_mode": args.compile_mode})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
