@@ -85,7 +85,7 @@ def parse_overrides(extra: list[str]) -> dict[str, str]:
 
 def _summary(result: dict) -> list[str]:
     keys = ("status", "val_mean_rank", "eval_split", "steps", "samples", "samples_per_s", "train_s",
-            "warmup_s", "mfu", "peak_memory_gb", "logit_scale", "loss", "params", "device")
+            "warmup_s", "mfu", "peak_memory_gb", "logit_scale", "loss", "params", "device", "data_placement")
     lines = ["---"]
     for k in keys:
         v = result.get(k)
