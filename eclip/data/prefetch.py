@@ -36,7 +36,10 @@ class HostPrefetcher:
         self.images = images.pin_memory() if self.cuda else images
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.pending: deque[Future] = deque()
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eclip-prefetch")
+        # One intra-op thread for the gathers: a second OpenMP team would spin on the cores
+        # the training step computes on (measured on 2 CPU cores: 25% fewer samples/s).
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eclip-prefetch",
+                                       initializer=torch.set_num_threads, initargs=(1,))
 
     def __len__(self) -> int:
         return len(self.pending)
