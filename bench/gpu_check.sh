@@ -2,7 +2,7 @@
 # The whole GPU verification in one call (about 5 minutes on an H100). Installs nothing:
 # needs torch, triton and numpy; safetensors, tqdm and pytest come from ./.gpudeps when the
 # machine lacks them (make it with `make gpudeps` and carry it). Random data only.
-#   1. the kernel test modules on CUDA (bf16 included);
+#   1. the CUDA tests: the host data path (pinned memory, side stream), the kernels (bf16 included);
 #   2. bench/train_check.py: the training loop on CUDA (smoke run with evaluation, then
 #      vit-s16 batch 64: fp32 eager, the fast path, with CUDA graphs, from host memory);
 #   2b. bench/profile_step.py: the template's step under the profiler, without and with
@@ -36,7 +36,7 @@ TABLE="${OUT_DIR:-${TMPDIR:-/tmp}}/kernel_table.md"
 if want 1; then
     echo "== 1. kernel tests on CUDA"
     if "$PY" -c "import pytest" 2>/dev/null; then
-        timeout "${T1:-150}" "$PY" -m pytest tests/test_kernels_contrastive.py tests/test_kernels_retrieval.py \
+        timeout "${T1:-150}" "$PY" -m pytest tests/test_data_device.py tests/test_kernels_contrastive.py tests/test_kernels_retrieval.py \
             -q -p no:cacheprovider -o addopts="" -k "cuda" 2>&1 | tail -15 | log tests.log || status=1
     else
         echo "pytest is not available: step 1 skipped (step 3 still checks accuracy)"
@@ -75,7 +75,7 @@ fi
 fi
 
 echo "==== summary"
-[ -f "$TABLE" ] && cat "$TABLE"
+want 3 && [ -f "$TABLE" ] && cat "$TABLE"
 [ -n "$OUT_DIR" ] && grep -h -E "^(smoke_status|speed)" "$OUT_DIR/train.log" 2>/dev/null
 [ -n "$OUT_DIR" ] && grep -h -E "^(per step|device: .*overrides)" "$OUT_DIR/profile.log" 2>/dev/null
 exit $status

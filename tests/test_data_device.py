@@ -6,19 +6,45 @@ handing back exactly the rows asked for, in order, and a sampler position that
 ``snapshot``/``restore`` and ``state_dict``/``load_state_dict`` reproduce bitwise even
 though the host path has drawn batches ahead."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from eclip.data.cache import load_cache
+from eclip.data.cache import Cache
 from eclip.data.device import DeviceData
 from eclip.data.prefetch import HostPrefetcher
 
 CPU = torch.device("cpu")
+# On a GPU the host path runs for real: pinned memory, side-stream copies, stream waits.
+DEVICES = [CPU] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(scope="module")
-def cache(small_cache):
-    return load_cache(small_cache)
+def cache():
+    """380 random images (300 train) with 1–3 captions and 0–3 regions each (ragged, some
+    without any region), built in memory: no dataset preparation, so the CUDA variants run
+    on a GPU machine that has only torch, numpy and safetensors."""
+    g = torch.Generator().manual_seed(0)
+    n, ctx, vocab = 380, 12, 500
+    n_cap = torch.randint(1, 4, (n,), generator=g)
+    n_reg = torch.randint(0, 4, (n,), generator=g)
+    caption_image = torch.repeat_interleave(torch.arange(n), n_cap)
+    region_image = torch.repeat_interleave(torch.arange(n), n_reg)
+    c, r = caption_image.numel(), region_image.numel()
+    lengths = torch.randint(3, ctx + 1, (c,), generator=g, dtype=torch.int32)
+    tokens = torch.randint(1, vocab, (c, ctx), generator=g, dtype=torch.int32)
+    tokens[torch.arange(ctx)[None, :] >= lengths[:, None]] = 0
+    xy = torch.rand(r, 2, generator=g) * 0.5
+    boxes = torch.cat([xy, xy + 0.1 + torch.rand(r, 2, generator=g) * 0.4], dim=1)
+    split = torch.zeros(n, dtype=torch.int8)
+    split[300:] = 1
+    return Cache(path=Path("random"), manifest={"fingerprint": "random"},
+                 images=torch.randint(0, 256, (n, 3, 16, 16), generator=g, dtype=torch.uint8),
+                 tokens=tokens, lengths=lengths, caption_image=caption_image, region_boxes=boxes,
+                 region_image=region_image, region_tokens=torch.randint(1, vocab, (r, 4), generator=g, dtype=torch.int32),
+                 region_lengths=torch.full((r,), 4, dtype=torch.int32), split=split,
+                 fold=torch.zeros(n, dtype=torch.int8))
 
 
 def fingerprints(images: torch.Tensor) -> torch.Tensor:
@@ -31,7 +57,7 @@ def fingerprints(images: torch.Tensor) -> torch.Tensor:
 def rows_of(batch_images: torch.Tensor, cache, rows: torch.Tensor) -> torch.Tensor:
     """The cache row of each image in a batch (uint8 [B, 3, R, R]), found by its pixels."""
     ref = fingerprints(cache.images[rows])
-    got = fingerprints(batch_images)
+    got = fingerprints(batch_images.cpu())
     match = (got[:, None] == ref[None, :])
     assert bool((match.sum(1) == 1).all()), "a batch image matches no training image, or several"
     return rows[match.float().argmax(1)]
@@ -60,32 +86,53 @@ def test_prefetcher_returns_the_rows_asked_for_in_order():
     pre.submit(torch.tensor([1]))
     pre.clear()
     assert len(pre) == 0
-    pre.close()
+    pre.submit(torch.tensor([40]))  # out of range: the gather fails in the thread …
+    with pytest.raises(IndexError):
+        pre.take()  # … and the batch's taker sees it
+    pre.submit(torch.tensor([41]))
+    pre.close()  # a failed batch nobody takes does not break the clean-up
+    assert pre.pool._shutdown and pre.images is None
     with pytest.raises(ValueError, match="must be in host memory"):
         HostPrefetcher(images.to("meta"), CPU)
 
 
+def test_the_gather_thread_computes_alone_and_changes_no_other_thread():
+    import threading
+
+    before = torch.get_num_threads()
+    pre = HostPrefetcher(torch.zeros(4, 3, 2, 2, dtype=torch.uint8), CPU)
+    assert pre.pool.submit(torch.get_num_threads).result() == 1
+    later = []
+    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert torch.get_num_threads() == before and later == [before]
+    pre.close()
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("placement", ["device", "host"])
-def test_each_image_once_per_epoch_with_its_own_captions(cache, placement):
+def test_each_image_once_per_epoch_with_its_own_captions(cache, placement, device):
     rows = cache.split_images("train")  # 300 images
-    data = DeviceData(cache, rows, CPU, seed=1, placement=placement)
+    data = DeviceData(cache, rows, device, seed=1, placement=placement)
     assert data.placement == placement and data.on_device == (placement == "device")
     seen = []
     for batch in batches(data, 6, 50):  # 6 × 50 = one epoch
         got = rows_of(batch.images, cache, rows)
         seen.append(got)
-        for r, toks in zip(got.tolist(), batch.tokens, strict=True):
+        for r, toks in zip(got.tolist(), batch.tokens.cpu(), strict=True):
             caps = torch.nonzero(cache.caption_image == r).flatten()
             n = toks.numel()
             assert any(torch.equal(toks, cache.tokens[c, :n].long()) for c in caps), r
-        assert torch.equal(batch.has_region, cache.region_image.bincount(minlength=cache.images.shape[0])[got] > 0)
+        assert torch.equal(batch.has_region.cpu(), cache.region_image.bincount(minlength=cache.images.shape[0])[got] > 0)
     assert torch.equal(torch.cat(seen).sort().values, rows.sort().values)
     data.close()
 
 
-def test_host_path_draws_ahead_but_its_state_is_that_of_the_batches_taken(cache):
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_host_path_draws_ahead_but_its_state_is_that_of_the_batches_taken(cache, device):
     rows = cache.split_images("train")
-    a = DeviceData(cache, rows, CPU, seed=5, placement="host", lookahead=3)
+    a = DeviceData(cache, rows, device, seed=5, placement="host", lookahead=3)
     batches(a, 4, 64)  # crosses an epoch boundary (300 images): perm and epoch change
     assert len(a._ahead) == 3 and len(a.prefetch) == 3  # drawn and gathered ahead
     state = a.state_dict()
@@ -94,7 +141,7 @@ def test_host_path_draws_ahead_but_its_state_is_that_of_the_batches_taken(cache)
     after = batches(a, 5, 64)
     a.restore(snap)  # e.g. a step cut short by Ctrl-C gives its batch back
     assert all(same(x, y) for x, y in zip(after, batches(a, 5, 64), strict=True))
-    b = DeviceData(cache, rows, CPU, seed=99, placement="host")  # another seed: the state decides
+    b = DeviceData(cache, rows, device, seed=99, placement="host")  # another seed: the state decides
     b.load_state_dict(state)
     assert all(same(x, y) for x, y in zip(after, batches(b, 5, 64), strict=True))
     a.close()

@@ -21,6 +21,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 
+def _one_thread() -> None:
+    torch.get_num_threads()  # settles this thread's own setting from the current default …
+    torch.set_num_threads(1)  # … which is then 1 for this thread only once the caller restores it
+
+
 class HostPrefetcher:
     """Gather ``images[idx]`` (uint8 [n, 3, R, R] in host memory) for queued index vectors.
 
@@ -38,8 +43,13 @@ class HostPrefetcher:
         self.pending: deque[Future] = deque()
         # One intra-op thread for the gathers: a second OpenMP team would spin on the cores
         # the training step computes on (measured on 2 CPU cores: 25% fewer samples/s).
+        # torch.set_num_threads also sets the default of threads started later, so the
+        # caller's value is put back once the worker has taken its own.
+        threads = torch.get_num_threads()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eclip-prefetch",
-                                       initializer=torch.set_num_threads, initargs=(1,))
+                                       initializer=_one_thread)
+        self.pool.submit(int).result()  # start the worker now
+        torch.set_num_threads(threads)
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -70,14 +80,22 @@ class HostPrefetcher:
         return out
 
     def clear(self) -> None:
-        """Drop every queued batch (after the sampler was rewound)."""
+        """Drop every queued batch (after the sampler was rewound). A gather that failed is
+        dropped with it: its error belongs to a batch nobody will take."""
         for fut in self.pending:
             fut.cancel()
         for fut in self.pending:
             if not fut.cancelled():
-                fut.result()  # let a running gather finish before its buffers are forgotten
+                try:
+                    fut.result()  # let a running gather finish before its buffers are forgotten
+                except Exception:
+                    pass
         self.pending.clear()
 
     def close(self) -> None:
-        self.clear()
-        self.pool.shutdown(wait=True)
+        """Drop the queue, stop the thread and let go of the pinned copy of the split."""
+        try:
+            self.clear()
+        finally:
+            self.pool.shutdown(wait=True)
+            self.images = None
