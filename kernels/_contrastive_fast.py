@@ -16,10 +16,11 @@ max, hence of a_i (b_j), and |y| is small, so its bf16 rounding error is small t
 bf16 z would carry an absolute error of |z|·2⁻⁹, up to 0.4 at s = 100.
 
 Backward (``_fast_bwd_kernel``, elementwise, in place): z = y + min(a_i, b_j),
-Ĝ = 2^(z − rowlse2_i) + 2^(z − collse2_j) − 2·Id overwrites y in the same buffer
-(as fp16 for fp16 inputs, bf16 otherwise: |Ĝ| ≤ 2), with a per-tile partial Σ Ĝ∘z for
-the scale gradient. Then the two gradient products go to the matrix units through
-torch.matmul: dI = s·g/(2B)·Ĝ·T and dT = s·g/(2B)·Ĝᵀ·I (Ĝᵀ is a transposed view, no copy).
+Ĝ = 2^(z − rowlse2_i) + 2^(z − collse2_j) − 2·Id, with a per-tile partial Σ Ĝ∘z for the
+scale gradient; G = s·g/(2B)·Ĝ overwrites y in the same buffer as bf16 (for fp16 inputs
+Ĝ itself, as fp16: the factor would push small entries under fp16's range). Then the two
+gradient products go to the matrix units through torch.matmul: dI = G·T and dT = Gᵀ·I
+(Gᵀ is a transposed view, no copy; the fp16 path scales the products in fp32).
 Three matmuls in all. Extra memory: 2·B² bytes for S plus 8·B²/BLOCK for the references
 (plus 8·B²/BLOCK of partial sums during the forward only): 2.0625·B² bytes through the
 backward and 2.125·B² at the forward's peak with BLOCK = 128.
@@ -99,9 +100,11 @@ if HAVE_TRITON:
         rref_ptr, cref_ptr,  # fp32 [n_tiles, B]
         row_lse_ptr, col_lse_ptr,  # fp32 [B] natural-log LSE
         part_ptr,  # fp32 [n_programs] out: Σ Ĝ∘z over the program's block
+        scale_ptr, grad_ptr,  # 0-d: the logit scale s and the loss's upstream gradient
         n, stride_ym,
         BLOCK: tl.constexpr,  # tile edge of the forward (granularity of the references)
         SUB_M: tl.constexpr,  # rows per program (divides BLOCK; keeps registers in check)
+        SCALE_G: tl.constexpr,  # store s·g/(2B)·Ĝ instead of Ĝ (bf16: same relative precision)
     ):
         pid = tl.program_id(0)
         n_t = tl.cdiv(n, BLOCK)
@@ -123,8 +126,10 @@ if HAVE_TRITON:
         g = tl.exp2(z - rl[:, None]) + tl.exp2(z - cl[None, :])
         g = tl.where(offs_m[:, None] == offs_n[None, :], g - 2.0, g)
         g = tl.where(mask, g, 0.0)
-        tl.store(g_ptr + ptrs, g.to(g_ptr.dtype.element_ty), mask=mask)
         tl.store(part_ptr + pid, tl.sum(tl.sum(g * z, axis=1), axis=0))
+        if SCALE_G:  # the products below then come out scaled: no pass over dI, dT afterwards
+            g = g * (tl.load(scale_ptr).to(tl.float32) * tl.load(grad_ptr).to(tl.float32) / (2.0 * n))
+        tl.store(g_ptr + ptrs, g.to(g_ptr.dtype.element_ty), mask=mask)
 
     def _prune(configs, named_args, **kwargs):
         d_max = max(16, next_pow2(named_args["dim"]))
@@ -200,12 +205,6 @@ def fast_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor):
     return loss, row_lse, col_lse, y, rref, cref
 
 
-def _scaled(prod: torch.Tensor, coef: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """coef·prod in ``dtype``. When the product already has that dtype, in place (computed
-    in fp32 and rounded once, as an fp32 temporary would be, without its 4·B·D bytes)."""
-    return prod.mul_(coef) if prod.dtype == dtype else prod.float().mul_(coef).to(dtype)
-
-
 def fast_backward(y, rref, cref, img, txt, scale, grad, row_lse, col_lse):
     """Turns y into Ĝ in place, then dI, dT by two matmuls. Returns (dI, dT, ds)."""
     n = img.shape[0]
@@ -216,12 +215,21 @@ def fast_backward(y, rref, cref, img, txt, scale, grad, row_lse, col_lse):
     g = y if g_dtype == torch.bfloat16 else y.view(torch.float16)
     n_prog = triton.cdiv(n, sub_m) * n_t
     part = torch.empty(n_prog, dtype=torch.float32, device=y.device)
+    # bf16 has fp32's exponent range, so G = s·g/(2B)·Ĝ is stored as precisely as Ĝ and the
+    # products need no scaling pass (nor a 4·B·D-byte fp32 temporary). An fp16 Ĝ keeps its
+    # scale: the factor (≈ 1e-3 and below) would push small entries under fp16's range.
+    scale_g = g_dtype == torch.bfloat16
     _fast_bwd_kernel[(n_prog,)](
-        y, g, rref, cref, row_lse, col_lse, part, n, y.stride(0), BLOCK=block, SUB_M=sub_m, num_warps=4,
+        y, g, rref, cref, row_lse, col_lse, part, scale, grad, n, y.stride(0),
+        BLOCK=block, SUB_M=sub_m, SCALE_G=scale_g, num_warps=4,
     )
-    coef = scale.float() * grad.float() / (2.0 * n)
-    d_img = _scaled(g @ txt.to(g_dtype), coef, img.dtype)
-    d_txt = _scaled(g.T @ img.to(g_dtype), coef, txt.dtype)
+    if scale_g:
+        d_img = (g @ txt.to(g_dtype)).to(img.dtype)
+        d_txt = (g.T @ img.to(g_dtype)).to(txt.dtype)
+    else:
+        coef = scale.float() * grad.float() / (2.0 * n)
+        d_img = (g @ txt).float().mul_(coef).to(img.dtype)
+        d_txt = (g.T @ img).float().mul_(coef).to(txt.dtype)
     # Σ Ĝ∘x = Σ Ĝ∘z / c with c = s·log2(e).
     d_scale = part.sum() / (scale.float() * LOG2E) * grad.float() / (2.0 * n)
     return d_img, d_txt, d_scale.to(scale.dtype)
