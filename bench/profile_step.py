@@ -15,17 +15,21 @@ Needs torch, numpy, safetensors and tqdm; on a CPU it profiles CPU operators ins
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.train_check import TEMPLATE, random_cache  # noqa: E402
 from eclip.loop import LoopConfig, apply_overrides, load_recipe, run_loop  # noqa: E402
+
+LAUNCH = re.compile(r"^cu(da)?(Graph)?Launch")  # cudaLaunchKernel(ExC), cuLaunchKernel(Ex), cudaGraphLaunch
 
 
 def profile_step(preset: str, batch: int, image_size: int, context: int, skip: int, active: int,
@@ -39,7 +43,8 @@ def profile_step(preset: str, batch: int, image_size: int, context: int, skip: i
                                      **(overrides or {})})
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     marks: list[float] = []
-    with profile(activities=acts, schedule=schedule(wait=skip, warmup=1, active=active)) as prof:
+    # repeat=1: one cycle, so the steps after it cannot start a second trace that replaces it
+    with profile(activities=acts, schedule=schedule(wait=skip, warmup=1, active=active, repeat=1)) as prof:
         def on_log(row):
             marks.append(time.perf_counter())
             prof.step()
@@ -50,24 +55,32 @@ def profile_step(preset: str, batch: int, image_size: int, context: int, skip: i
         raise SystemExit(f"profile: the run ended {run['status']}: {run['last'].get('reason')}")
     # marks[k] is taken after step k+1; the active steps are skip+2 … skip+1+active
     wall_ms = (marks[skip + active] - marks[skip]) / active * 1e3
-    events = [e for e in prof.key_averages() if e.self_device_time_total > 0] if cuda else []
-    busy_ms = sum(e.self_device_time_total for e in events) / active / 1e3
-    launches = sum(e.count for e in events) / active
+    averages = prof.key_averages()
+    # Device-side events only: the CPU operator that launched a kernel carries its time too.
+    kernels = [e for e in averages if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
+    busy_ms = sum(e.self_device_time_total for e in kernels) / active / 1e3
+    # Launches are counted on the host side: a replayed CUDA graph is one launch of many kernels.
+    launch_calls = [e for e in averages if LAUNCH.match(e.key)]
+    launches = sum(e.count for e in launch_calls if "Graph" not in e.key) / active
+    graph_launches = sum(e.count for e in launch_calls if "Graph" in e.key) / active
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}  preset {preset}, batch {batch}, "
           f"{image_size} px, overrides {overrides or {}}")
     if cuda:
         print(f"per step: wall {wall_ms:.2f} ms, kernels busy {busy_ms:.2f} ms "
-              f"({busy_ms / wall_ms:.0%} of wall), {launches:.0f} kernel launches")
+              f"({busy_ms / wall_ms:.0%} of wall), {launches:.0f} kernel launches, "
+              f"{graph_launches:.0f} CUDA-graph launches, {len(kernels)} distinct kernels")
     else:
         print(f"per step: wall {wall_ms:.2f} ms")
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
-    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, sort), reverse=True)[:top]
+    pool = kernels if cuda else list(averages)
+    rows = sorted(pool, key=lambda e: getattr(e, sort), reverse=True)[:top]
     print(f"{'ms/step':>8} {'share':>6} {'calls':>6}  {'kernel' if cuda else 'operator'}")
-    total = sum(getattr(e, sort) for e in prof.key_averages()) or 1
+    total = sum(getattr(e, sort) for e in pool) or 1
     for e in rows:
         t = getattr(e, sort)
         print(f"{t / active / 1e3:8.3f} {t / total:6.1%} {e.count / active:6.0f}  {e.key[:90]}")
-    return {"wall_ms": wall_ms, "busy_ms": busy_ms, "launches": launches, "rows": len(rows)}
+    return {"wall_ms": wall_ms, "busy_ms": busy_ms, "launches": launches, "graph_launches": graph_launches,
+            "rows": len(rows)}
 
 
 def main(argv=None) -> int:
