@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=10, help="steps between metric read-backs")
     p.add_argument("--data-placement", choices=["auto", "device", "host"], default="auto",
                    help="training images resident on the device, or in host memory with a prefetch "
-                        "thread (auto: on the device when they fit)")
+                        "thread (auto: on the device when they fit; with --resume, as the checkpoint)")
     p.add_argument("--compile-cache", type=Path,
                    help="persistent torch.compile cache (default: ~/.cache/eclip/inductor)")
     return p
@@ -101,9 +101,11 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
     recipe = load_recipe(args.recipe)
     apply_overrides(recipe.HPARAMS, overrides)
     out.mkdir(parents=True, exist_ok=True)
-    resume_dir = None
+    resume_dir, placement = None, args.data_placement
     if args.resume:
         meta = ckpt.read_meta(out)
+        if placement == "auto":  # the free device memory may have changed: sample as before
+            placement = meta.get("data_placement", "auto")
         if meta.get("cache_fingerprint") != cache.manifest.get("fingerprint"):
             raise EclipError(f"{out / ckpt.META}: checkpoint was trained on another cache "
                              "(fingerprint differs); resume with the same --data")
@@ -117,7 +119,7 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
                                  f"this run {recipe.HPARAMS.get(key) or ''!r}")
         resume_dir = out
     cfg = LoopConfig(budget_s=args.budget_s, steps=args.steps, seed=args.seed, device=args.device,
-                     log_every=args.log_every, data_placement=args.data_placement)
+                     log_every=args.log_every, data_placement=placement)
     log_path = out / "metrics.jsonl"
     log = open(log_path, "a" if args.resume else "w", encoding="utf-8")
 

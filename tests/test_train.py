@@ -75,7 +75,8 @@ def test_resume_matches_an_uninterrupted_run(cache, tmp_path, capsys, placement)
     rc, stdout, _ = run([*base, "--out", out, "--recipe", stopper], capsys)
     assert rc == 130 and "status:         interrupted" in stdout
     assert json.loads((out / "checkpoint.json").read_text())["step"] == 4
-    rc, _, err = run([*base, "--out", out, "--resume"], capsys)
+    resume = [a for a in base if a != placement] + ["auto"]  # auto on resume: the checkpoint's placement
+    rc, _, err = run([*resume, "--out", out, "--resume"], capsys)
     assert rc == 0, err
     a = json.loads((tmp_path / "straight" / "result.json").read_text())
     b = json.loads((out / "result.json").read_text())
