@@ -4,8 +4,8 @@
 the recipe differs. The loop owns: the data (the training split resident on the device,
 batches sampled and augmented there; or streamed from host memory with prefetch when it
 does not fit), seeding, the clock, fast-fail on NaN/Inf or divergence, checkpoints, and the
-evaluation (from embeddings of a split it loads only after
-training, images and texts encoded in separate passes in independently shuffled orders).
+evaluation (from embeddings of a split it loads only after training, images and texts
+encoded in separate passes in independently shuffled orders).
 
 The clock: the budget is wall-clock from the first training step, compilation included
 (an exempt warm-up would be a place to hide training); the first step's time is reported
@@ -256,11 +256,8 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
         meta, tensors = load_checkpoint(resume_dir, model, optimizer)
         step, trained_s, samples = int(meta["step"]), float(meta["trained_s"]), int(meta["samples"])
         resumed_expert = int(meta.get("expert_samples", 0))
-        state = {"generator": tensors["data_generator"], "perm": tensors["data_perm"],
-                 "cursor": meta["data_cursor"], "epoch": meta["data_epoch"]}
-        if "data_index_generator" in tensors:  # host placement: the image order's own generator
-            state["index_generator"] = tensors["data_index_generator"]
-        data.load_state_dict(state)
+        data.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("data_")}
+                             | {"cursor": meta["data_cursor"], "epoch": meta["data_epoch"]})
         if hasattr(recipe, "load_recipe_state"):
             recipe.load_recipe_state({k[7:]: v for k, v in tensors.items() if k.startswith("recipe.")})
     bs = int(hp["batch_size"])

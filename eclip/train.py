@@ -139,9 +139,7 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
             "hparams": hp, "model_config": model.cfg.to_dict(), "seed": args.seed,
             "cache_fingerprint": cache.manifest.get("fingerprint"), "status": run["status"],
             "eval_split": eval_split, "train_rows": int(train_rows.numel())}
-    state = {"data_generator": data["generator"], "data_perm": data["perm"]}
-    if "index_generator" in data:
-        state["data_index_generator"] = data["index_generator"]
+    state = {f"data_{k}": v for k, v in data.items() if isinstance(v, torch.Tensor)}  # generator(s), perm
     if hasattr(recipe, "recipe_state"):
         state |= {f"recipe.{k}": v for k, v in recipe.recipe_state().items()}
     if run["status"] in ("ok", "interrupted"):

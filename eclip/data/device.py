@@ -68,7 +68,7 @@ class DeviceData:
         if placement == "auto":
             placement = ("device" if device.type == "cpu"
                          or images.numel() <= max_fraction * torch.cuda.mem_get_info(device)[0] else "host")
-        self.placement, self.on_device = placement, placement == "device"
+        self.placement = placement
         self.images = images.to(device) if self.on_device else None
         self.prefetch = None if self.on_device else HostPrefetcher(images, device)
         cap, self.cap_start, self.cap_count = _csr(cache.caption_image, rows)
@@ -103,6 +103,10 @@ class DeviceData:
         self.epoch = 0
         self.lookahead = int(lookahead)  # host path: batches gathered ahead of the one taken
         self._ahead: deque = deque()  # host path: (sampler position before the draw, rows [B]) per queued batch
+
+    @property
+    def on_device(self) -> bool:
+        return self.placement == "device"
 
     # -- state, for checkpoints ------------------------------------------------------------
 
