@@ -26,8 +26,7 @@ from torch.profiler import ProfilerActivity, profile, schedule
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.train_check import TEMPLATE, random_cache  # noqa: E402
-from eclip.loop import LoopConfig, apply_overrides, load_recipe, run_loop  # noqa: E402
+from bench.train_check import random_cache, train  # noqa: E402
 
 LAUNCH = re.compile(r"^cu(da)?(Graph)?Launch")  # cudaLaunchKernel(ExC), cuLaunchKernel(Ex), cudaGraphLaunch
 
@@ -38,9 +37,6 @@ def profile_step(preset: str, batch: int, image_size: int, context: int, skip: i
     report and returns its figures."""
     cuda = device.startswith("cuda")
     cache = random_cache(max(4 * batch, 256), image_size, context, 8192)
-    recipe = load_recipe(TEMPLATE)
-    apply_overrides(recipe.HPARAMS, {"preset": preset, "batch_size": str(batch), "expert": "false",
-                                     **(overrides or {})})
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     marks: list[float] = []
     # repeat=1: one cycle, so the steps after it cannot start a second trace that replaces it
@@ -49,8 +45,8 @@ def profile_step(preset: str, batch: int, image_size: int, context: int, skip: i
             marks.append(time.perf_counter())
             prof.step()
 
-        cfg = LoopConfig(steps=skip + 1 + active + 1, device=device, log_every=1, progress_bar=False)
-        run = run_loop(recipe, cache, cache.split_images("train"), cfg, on_log=on_log)
+        run = train(cache, skip + 1 + active + 1, {"preset": preset, "batch_size": str(batch), "expert": "false",
+                                                   **(overrides or {})}, log_every=1, device=device, on_log=on_log)
     if run["status"] != "ok":
         raise SystemExit(f"profile: the run ended {run['status']}: {run['last'].get('reason')}")
     # marks[k] is taken after step k+1; the active steps are skip+2 … skip+1+active

@@ -52,12 +52,13 @@ def random_cache(n: int, size: int, context: int, vocab: int, seed: int = 0) -> 
 DEVICE = "cuda"
 
 
-def train(cache: Cache, steps: int, overrides: dict, log_every: int = 10, placement: str = "auto") -> dict:
+def train(cache: Cache, steps: int, overrides: dict, log_every: int = 10, placement: str = "auto",
+          device: str | None = None, on_log=None) -> dict:
     recipe = load_recipe(TEMPLATE)
     apply_overrides(recipe.HPARAMS, overrides)
-    cfg = LoopConfig(steps=steps, device=DEVICE, log_every=log_every, progress_bar=False,
+    cfg = LoopConfig(steps=steps, device=device or DEVICE, log_every=log_every, progress_bar=False,
                      data_placement=placement)
-    run = run_loop(recipe, cache, cache.split_images("train"), cfg)
+    run = run_loop(recipe, cache, cache.split_images("train"), cfg, on_log=on_log)
     h = run["history"]
     first, last = h[0], h[-1]
     steady = (last["samples"] - first["samples"]) / max(last["elapsed_s"] - first["elapsed_s"], 1e-9)
