@@ -34,7 +34,7 @@ TABLE="${OUT_DIR:-${TMPDIR:-/tmp}}/kernel_table.md"
 "$PY" -c "import torch, triton; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none', '| torch', torch.__version__, '| triton', triton.__version__)"
 
 if want 1; then
-    echo "== 1. kernel tests on CUDA"
+    echo "== 1. CUDA tests: host data path and kernels"
     if "$PY" -c "import pytest" 2>/dev/null; then
         timeout "${T1:-150}" "$PY" -m pytest tests/test_data_device.py tests/test_kernels_contrastive.py tests/test_kernels_retrieval.py \
             -q -p no:cacheprovider -o addopts="" -k "cuda" 2>&1 | tail -15 | log tests.log || status=1
