@@ -8,7 +8,8 @@
 #   2b. bench/profile_step.py: the template's step under the profiler, without and with
 #      CUDA graphs (wall vs kernel-busy time per step, launches, top kernels);
 #   3. bench/kernel_table.py: compiled training step (fullgraph, reduce-overhead), accuracy
-#      against float64, lean memory at B = 16,384, the comparison table, ranks at
+#      against float64, lean memory at B = 16,384 and 32,768 (both lean backwards), the
+#      comparison table (lean:fused, lean:panel, fast, plain, plain + compile), ranks at
 #      N = 100,000, and B = 1,048,576 in lean mode;
 #   4. the pytest-benchmark suites and the guard against bench/baselines/<device>.json (when
 #      there is none, the run is saved to $OUT as the baseline to commit);

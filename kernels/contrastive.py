@@ -7,8 +7,15 @@ scale, a 0-d tensor that receives a gradient),
     ∂L/∂I = s·G·T,  ∂L/∂T = s·Gᵀ·I,  ∂L/∂s = Σ_ij G_ij·(I·Tᵀ)_ij
 
 Modes (Triton backend; chosen from the free device memory with ``mode="auto"``):
-  * ``lean`` never stores S: memory O(B·D); 5 passes of B²·D matmul work (forward 1,
-    backward 2 recomputes + 2 gradient products). See ``_contrastive_lean``.
+  * ``lean`` never stores S. The forward streams over S tiles (``_contrastive_lean``); the
+    backward comes in two implementations, both 5 passes of B²·D matmul work or more:
+      - ``lean:fused``: two Triton kernels recompute S and accumulate Ĝ·k in registers;
+        memory O(B·D), but a wide D is split into chunks that each recompute S;
+      - ``lean:panel``: Ĝ built a row panel (32 MiB) at a time by a Triton kernel, the
+        products by cuBLAS (``_contrastive_panel``); memory O(B·D) plus the panel.
+    ``lean`` picks the panel for D > PANEL_MIN_DIM, where the fused kernels recompute S per
+    chunk, and the fused kernels below it, where writing the panel would cost more than
+    its product (a roofline choice, to be confirmed by bench/kernel_table.py).
   * ``fast`` stores S once, 2 bytes a logit (half the 4 bytes/logit of the compiled plain
     loss), and needs 3 matmuls. See ``_contrastive_fast``.
 Both take bf16 / fp16 / fp32 inputs (fp32 accumulation; fp32 inputs use 3xTF32 for the
@@ -35,10 +42,12 @@ from ._common import HAVE_TRITON, check_matrix, resolve_backend
 if HAVE_TRITON:
     from ._contrastive_fast import fast_backward, fast_buffers_shape, fast_forward
     from ._contrastive_lean import lean_backward, lean_forward
+    from ._contrastive_panel import panel_backward
 
 _OP = "contrastive_loss"
 MAX_DIM = 1024  # the kernels' limit on D (register and shared-memory budget per tile)
-_MODES = ("auto", "lean", "fast")
+_MODES = ("auto", "lean", "lean:fused", "lean:panel", "fast")
+PANEL_MIN_DIM = 256  # "lean" uses the panel backward above this D
 
 # ---------------------------------------------------------------------------------------
 # Plain PyTorch reference, chunked: memory O(chunk·B). Used for CPU tensors and
@@ -111,7 +120,8 @@ def _loss_fwd(
     img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, variant: str, impl: str, chunk: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, row_lse, col_lse, y, rref, cref); the last three are the fast mode's saved
-    S buffer and references, empty otherwise. variant: "lean" | "fast"; impl: "triton" |
+    S buffer and references, empty otherwise. variant: "lean:fused" | "lean:panel" | "fast"
+    (the lean variants share the forward); impl: "triton" |
     "torch" (the reference); chunk: rows per reference chunk (0: default)."""
     if impl == "torch":
         return (*_ref_forward(img, txt, scale, chunk), *_no_buffers(img))
@@ -156,6 +166,8 @@ def _loss_bwd(
         return _ref_backward(grad, img, txt, scale, row_lse, col_lse, chunk)
     if variant == "fast":
         return fast_backward(y, rref, cref, img, txt, scale, grad, row_lse, col_lse)
+    if variant == "lean:panel":
+        return panel_backward(img, txt, scale, grad, row_lse, col_lse)
     return lean_backward(img, txt, scale, grad, row_lse, col_lse)
 
 
@@ -257,6 +269,8 @@ def contrastive_loss(
         mode = "lean"  # the reference has one implementation
     elif mode == "auto":
         mode = _auto_mode(img.shape[0], str(img.device))
+    if mode == "lean":
+        mode = "lean:panel" if img.shape[1] > PANEL_MIN_DIM else "lean:fused"
     return _loss_fwd(img, txt, scale, mode, backend, 0)[0]
 
 

@@ -9,6 +9,10 @@ ones (built for bf16) at least one per kernel must fit (the autotuner skips the 
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+
 import pytest
 
 triton = pytest.importorskip("triton")
@@ -21,6 +25,7 @@ except ImportError:  # pragma: no cover - a Triton without the ahead-of-time API
 
 from kernels import _contrastive_fast as fast  # noqa: E402
 from kernels import _contrastive_lean as lean  # noqa: E402
+from kernels import _contrastive_panel as panel  # noqa: E402
 from kernels import retrieval  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -48,8 +53,18 @@ def build(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: int)
         pytest.skip(f"no CUDA toolchain in this Triton install: {e}")
 
 
-def check(kernel, dtype: str, fixed: dict, configs, extra: dict) -> None:
-    pointers = {"q_ptr": dtype, "k_ptr": dtype, "dq_ptr": dtype, "y_ptr": "bf16", "g_ptr": "bf16"}
+def spill_bytes(kernel) -> int:
+    """Bytes of register spill stores in the sm_90a build of ``kernel``, from ``ptxas -v``."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):  # pragma: no cover - a Triton install without its ptxas
+        pytest.skip("no ptxas in this Triton install")
+    proc = subprocess.run([ptxas, "-arch=sm_90a", "-v", "-", "-o", os.devnull],
+                          input=kernel.asm["ptx"], capture_output=True, text=True, check=True)
+    return sum(int(b) for b in re.findall(r"(\d+) bytes spill stores", proc.stderr))
+
+
+def check(kernel, dtype: str, fixed: dict, configs, extra: dict, g_dtype: str = "bf16") -> None:
+    pointers = {"q_ptr": dtype, "k_ptr": dtype, "dq_ptr": dtype, "y_ptr": "bf16", "g_ptr": g_dtype}
     pointers.update({n: "i64" for n in ("own_lo_ptr", "own_hi_ptr", "rank_ptr")})
     fixed = dict(fixed)
     warps, stages = fixed.pop("num_warps"), fixed.pop("num_stages", 2)
@@ -79,6 +94,17 @@ def test_lean_kernels_build(dtype, precision):
           dict(UPCAST=False, PRECISION=precision))
     check(lean._lean_bwd_kernel, dtype, lean._fixed_bwd(n, dim), lean._BWD_CONFIGS,
           dict(UPCAST=False, PRECISION=precision, GRAD_PRECISION="tf32", WRITE_QDOT=True))
+
+
+@pytest.mark.parametrize("dtype,precision", [("bf16", "tf32"), ("fp32", "tf32x3")])
+def test_panel_kernel_builds(dtype, precision):
+    consts = dict(UPCAST=False, PRECISION=precision, SCALE_G=True, WRITE_PART=True)
+    check(panel._grad_panel_kernel, dtype, panel._fixed_config(1 << 20, 512), panel._CONFIGS, consts, g_dtype=dtype)
+    # Its epilogue (two exp2 per logit) fits in registers in every tuned config.
+    pointers = {"q_ptr": dtype, "k_ptr": dtype, "g_ptr": dtype}
+    for cf in panel._CONFIGS if dtype == "bf16" else []:
+        k = build(panel._grad_panel_kernel, pointers, {**cf.kwargs, **consts}, cf.num_warps, cf.num_stages)
+        assert spill_bytes(k) == 0, f"{cf} spills registers"
 
 
 @pytest.mark.parametrize("dtype,precision", [("bf16", "tf32"), ("fp32", "tf32x3")])

@@ -18,7 +18,15 @@ from test_kernels_contrastive import *  # noqa: E402,F401,F403
 from test_kernels_contrastive import make_inputs, run  # noqa: E402
 
 import kernels  # noqa: E402
+from kernels import _contrastive_panel  # noqa: E402
 from kernels._common import resolve_backend  # noqa: E402
+
+# Panels of 80 rows in this process (32 MiB would hold every B tested here in one): the
+# panel backward then runs several panels with a ragged last one, a diagonal that starts
+# inside a row tile (80 is not a multiple of the interpreter's 32-row tiles), and B = 1
+# still in one.
+_contrastive_panel.PANEL_BYTES = 0
+_contrastive_panel.MIN_PANEL_ROWS = 80
 
 
 def test_cpu_tensors_take_the_triton_path():
@@ -26,7 +34,7 @@ def test_cpu_tensors_take_the_triton_path():
     assert resolve_backend(None, torch.zeros(2, 2), "contrastive_loss") == "triton"
 
 
-@pytest.mark.parametrize("mode", ["lean", "fast"])
+@pytest.mark.parametrize("mode", ["lean:fused", "lean:panel", "fast"])
 def test_kernels_match_the_reference_path(mode):
     # The Triton path and the PyTorch reference agree (float32, rtol 1e-5 on the loss and
     # 1e-2 on the gradients, the fast mode's bf16 Ĝ), also for a B spread over several
@@ -39,10 +47,11 @@ def test_kernels_match_the_reference_path(mode):
         assert (g - w).norm() <= 1e-2 * w.norm()
 
 
-@pytest.mark.parametrize("mode,buffers", [("lean", 0), ("fast", 1)])
+@pytest.mark.parametrize("mode,buffers", [("lean:fused", 0), ("lean:panel", 0), ("fast", 1)])
 def test_no_hidden_b_by_b_allocations(mode, buffers):
     # fwd + bwd allocate B×B tensors only where the mode says: the fast mode's saved S, once;
-    # lean none. (Autograd once materialised a zero gradient for S, a second B² buffer.)
+    # lean none (the panel backward's buffer is 80 rows here). (Autograd once materialised
+    # a zero gradient for S, a second B² buffer.)
     from torch.profiler import ProfilerActivity, profile
 
     b = 512
@@ -54,3 +63,28 @@ def test_no_hidden_b_by_b_allocations(mode, buffers):
            if e.name in ("aten::empty", "aten::empty_strided") and e.cpu_memory_usage >= b * b * 2]
     assert len(big) == buffers, [(e.name, e.cpu_memory_usage) for e in big]
     assert img.grad is not None and txt.grad is not None and scale.grad is not None
+
+
+@pytest.mark.parametrize("d,variant", [(256, "lean:fused"), (257, "lean:panel"), (384, "lean:panel")])
+def test_lean_picks_its_backward_by_width(d, variant, monkeypatch):
+    calls = []
+    for name in ("lean_backward", "panel_backward"):
+        real = getattr(kernels.contrastive, name)
+        monkeypatch.setattr(kernels.contrastive, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    img, txt = make_inputs(40, d, torch.float32, "cpu", seed=3)
+    run(img, txt, 14.3, mode="lean")
+    assert calls == ["panel_backward" if variant == "lean:panel" else "lean_backward"]
+
+
+def test_panel_rows():
+    # 32 MiB of logits a panel, in multiples of 128 rows, at least MIN_PANEL_ROWS, at most B.
+    p = _contrastive_panel
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(p, "PANEL_BYTES", 32 << 20)
+        mp.setattr(p, "MIN_PANEL_ROWS", 256)
+        assert p.panel_rows(32768, 2) == 512
+        assert p.panel_rows(16384, 2) == 1024
+        assert p.panel_rows(32768, 4) == 256
+        assert p.panel_rows(1 << 20, 2) == 256  # 512 MiB: the floor wins at huge B
+        assert p.panel_rows(3000, 2) == 3000  # small B: one panel
+        assert p.panel_rows(100_000, 2) == 256  # 167 rows, rounded down, then the floor

@@ -1,0 +1,187 @@
+"""Lean mode, panel backward: Ĝ built a row panel at a time, the products on the matrix units.
+
+Notation as in ``_contrastive_lean`` (x = q·kᵀ, c = s·log2(e), z = c·x). The forward is the
+lean forward (row and column LSE, nothing of S kept). The backward runs once per direction,
+(q, k) = (img, txt) for dI and (txt, img) for dT, over panels of R consecutive q rows:
+
+  1. ``_grad_panel_kernel`` (one matmul with an epilogue) recomputes the panel's scores and
+     writes Ĝ_ij = 2^(z_ij − rowlse2_i) + 2^(z_ij − collse2_j) − 2·[i = j] into an [R, B]
+     buffer — scaled by s·g/(2B) for bf16 and fp32 (bf16 has fp32's exponent range), plain
+     for fp16 (the factor would push small entries under fp16's range);
+  2. dq[panel] = G_panel · k through torch.mm (cuBLAS), straight into the rows of dq.
+
+Every output row is written once, so there is nothing to accumulate between panels and no
+atomics; Σ Ĝ∘z for the scale gradient comes from per-tile partials of the first direction,
+summed panel by panel in a fixed order (deterministic).
+
+Work: 2·B²·D per direction for the scores and 2·B²·D for the product: with the forward, the
+10·B²·D floor of a lean loss. The fused backward (``_contrastive_lean``) keeps a [BLOCK_M,
+D] accumulator in registers and must recompute the scores once per D-chunk when D is wide;
+here the product leaves the registers, at the price of writing and reading the panel
+(4 bytes a logit per direction, mostly in L2 for a panel of 32 MiB).
+
+Memory: the panel, PANEL_BYTES (32 MiB) or MIN_PANEL_ROWS rows of B, whichever is larger
+(B ≤ 64k in bf16: 32 MiB; B = 1M: 256 rows, 512 MiB), plus B·D for the output gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import HAVE_TRITON, INTERPRET, next_pow2
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from ._contrastive_lean import _score_tile
+
+LOG2E = 1.4426950408889634
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _grad_panel_kernel(
+        q_ptr,  # [rows, D]: the panel's q rows (a view starting at row p0)
+        k_ptr,  # [B, D]
+        scale_ptr, grad_ptr,  # 0-d: the logit scale s and the loss's upstream gradient
+        lse_q_ptr,  # fp32 [rows]: natural-log LSE of each panel row over the k's
+        lse_k_ptr,  # fp32 [B]: natural-log LSE of each k row over the q's
+        g_ptr,  # [rows, B] out: Ĝ (times s·g/(2B) when SCALE_G)
+        part_ptr,  # fp32 [n_programs] out: Σ Ĝ∘z over each tile (when WRITE_PART)
+        rows, n, dim,
+        p0,  # index of the panel's first row in q: the diagonal is at column p0 + row
+        stride_qm, stride_qd, stride_kn, stride_kd, stride_gm,
+        n_bucket,  # autotune key only
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        SCALE_G: tl.constexpr, WRITE_PART: tl.constexpr,
+    ):
+        # Row tiles vary fastest: the programs in flight share a few k tiles in L2.
+        pid = tl.program_id(0)
+        n_rt = tl.cdiv(rows, BLOCK_M)
+        rt = pid % n_rt
+        ct = pid // n_rt
+        offs_m = rt.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = ct.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < rows
+        mask_n = offs_n < n
+        scale = tl.load(scale_ptr).to(tl.float32)
+        x = _score_tile(
+            q_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n, dim,
+            stride_qm, stride_qd, stride_kn, stride_kd,
+            BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION,
+        )  # [BLOCK_M, BLOCK_N] fp32
+        z = x * (scale * 1.4426950408889634)
+        lq = tl.load(lse_q_ptr + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+        lk = tl.load(lse_k_ptr + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
+        g = tl.exp2(z - lq[:, None]) + tl.exp2(z - lk[None, :])
+        g = tl.where((offs_m[:, None] + p0) == offs_n[None, :], g - 2.0, g)
+        mask = mask_m[:, None] & mask_n[None, :]
+        g = tl.where(mask, g, 0.0)
+        if WRITE_PART:
+            tl.store(part_ptr + pid, tl.sum(tl.sum(g * z, axis=1), axis=0))
+        if SCALE_G:
+            g = g * (scale * tl.load(grad_ptr).to(tl.float32) / (2.0 * n))
+        tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
+
+    def _prune(configs, named_args, **kwargs):
+        d_max = max(16, next_pow2(named_args["dim"]))
+        return [cf for cf in configs if cf.kwargs["BLOCK_D"] <= d_max] or configs[-1:]
+
+    # 128-row tiles (the panel height is a multiple of 128) at 8 warps: the sm_90 builds of
+    # these use no local memory (ptxas -v); 4-warp and 128×256 variants spill the epilogue.
+    _CONFIGS = [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 32}, num_warps=8, num_stages=5),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=8, num_stages=4),
+    ]
+    if not INTERPRET:
+        # The kernel overwrites its outputs, so rerunning it while tuning is harmless.
+        _grad_panel_tuned = triton.autotune(
+            configs=_CONFIGS, key=["dim", "n_bucket"], prune_configs_by={"early_config_prune": _prune}
+        )(_grad_panel_kernel)
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------
+
+PANEL_BYTES = 32 << 20  # target size of the Ĝ panel (fits H100's 50 MB L2 with k beside it)
+MIN_PANEL_ROWS = 256  # below this the [R, D] output of each product is too small to fill the GPU
+ROW_ALIGN = 128  # panel heights are multiples of the largest BLOCK_M (full row tiles)
+TINY_B = 1024  # up to here: fixed config, no tuning (launch-bound)
+HUGE_B = 1 << 17  # from here: fixed config (a tuning run alone would take seconds)
+
+
+def panel_rows(n: int, elt: int) -> int:
+    """Rows R of one panel for B = n and elt bytes a logit (at most n)."""
+    rows = PANEL_BYTES // (n * elt) // ROW_ALIGN * ROW_ALIGN
+    return min(n, max(rows, MIN_PANEL_ROWS))
+
+
+def _fixed_config(n: int, dim: int) -> dict:
+    if INTERPRET:  # small tiles keep the interpreter quick; several tiles per panel
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_D=min(128, max(16, next_pow2(dim))), num_warps=4)
+    if n <= TINY_B:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=min(64, max(16, next_pow2(dim))), num_warps=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=min(64, max(16, next_pow2(dim))), num_warps=8, num_stages=3)
+
+
+def _panel_grad(q, k, scale, grad, lse_q, lse_k, write_part: bool):
+    """dq = s·g/(2B)·Ĝ·k panel by panel; with write_part also Σ Ĝ∘z (0-d fp32)."""
+    n, dim = q.shape
+    upcast = INTERPRET and q.dtype == torch.bfloat16
+    precision = "tf32x3" if (q.dtype == torch.float32 and q.is_cuda) else "tf32"
+    scale_g = q.dtype != torch.float16
+    rows_per = panel_rows(n, q.element_size())
+    buf = torch.empty((rows_per, n), dtype=q.dtype, device=q.device)  # Ĝ of one panel
+    dq = torch.empty((n, dim), dtype=q.dtype, device=q.device)
+    tuned = not (INTERPRET or n <= TINY_B or n >= HUGE_B)
+    cfg = None if tuned else _fixed_config(n, dim)
+    # One partial per program of the largest grid any config launches (smallest tiles).
+    min_tile = (min(c.kwargs["BLOCK_M"] for c in _CONFIGS), min(c.kwargs["BLOCK_N"] for c in _CONFIGS))
+    if not tuned:
+        min_tile = (cfg["BLOCK_M"], cfg["BLOCK_N"])
+    part = torch.empty(
+        triton.cdiv(rows_per, min_tile[0]) * triton.cdiv(n, min_tile[1]) if write_part else 1,
+        dtype=torch.float32, device=q.device,
+    )
+    gz = torch.zeros((), dtype=torch.float32, device=q.device)
+    # cuBLAS takes row- or column-major k as it is; any other layout would be copied by
+    # every product, so it is copied once here (the kernel itself reads any strides).
+    k_mm = k if 1 in k.stride() else k.contiguous()
+    coef = None if scale_g else scale.float() * grad.float() / (2.0 * n)
+    n_bucket = min(n, HUGE_B).bit_length()
+    consts = dict(UPCAST=upcast, PRECISION=precision, SCALE_G=scale_g, WRITE_PART=write_part)
+    for p0 in range(0, n, rows_per):
+        rows = min(rows_per, n - p0)
+        g = buf[:rows]
+        q_panel = q[p0 : p0 + rows]
+        args = (q_panel, k, scale, grad, lse_q[p0 : p0 + rows], lse_k, g, part, rows, n, dim, p0,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), g.stride(0), n_bucket)
+        if tuned:
+            grid = lambda meta, rows=rows: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+            _grad_panel_tuned[grid](*args, **consts)
+            tile = (_grad_panel_tuned.best_config.kwargs["BLOCK_M"], _grad_panel_tuned.best_config.kwargs["BLOCK_N"])
+        else:
+            tile = (cfg["BLOCK_M"], cfg["BLOCK_N"])
+            _grad_panel_kernel[(triton.cdiv(rows, tile[0]) * triton.cdiv(n, tile[1]),)](*args, **consts, **cfg)
+        if write_part:  # only the programs of the config that ran last wrote valid partials
+            gz += part[: triton.cdiv(rows, tile[0]) * triton.cdiv(n, tile[1])].sum()
+        if scale_g:
+            torch.mm(g, k_mm, out=dq[p0 : p0 + rows])
+        else:  # fp16: the product of the unscaled Ĝ, scaled in fp32
+            dq[p0 : p0 + rows] = (torch.mm(g, k_mm).float() * coef).to(q.dtype)
+    return dq, gz
+
+
+def panel_backward(img, txt, scale, grad, row_lse, col_lse):
+    """Returns (dI, dT, ds) for the upstream gradient ``grad`` (0-d)."""
+    n = img.shape[0]
+    d_img, gz = _panel_grad(img, txt, scale, grad, row_lse, col_lse, write_part=True)
+    d_txt, _ = _panel_grad(txt, img, scale, grad, col_lse, row_lse, write_part=False)
+    # Σ Ĝ∘x = Σ Ĝ∘z / c with c = s·log2(e).
+    d_scale = gz / (scale.float() * LOG2E) * grad.float() / (2.0 * n)
+    return d_img, d_txt, d_scale.to(scale.dtype)
