@@ -2,8 +2,8 @@
 
 Triton compiles ahead of time for an explicit target with the ptxas it ships, so this
 catches what the interpreter cannot: code-generation errors, configs that exceed the
-227 KiB of shared memory a block may use, and a dot that does not reach the Hopper tensor
-cores (wgmma). Each fixed launch config must fit (bf16 and fp32 inputs); of the autotuned
+227 KiB of shared memory a block may use, a dot that does not reach the Hopper tensor
+cores (wgmma), and (``ptxas -v``) register spills in the GEMM-shaped kernels. Each fixed launch config must fit (bf16 and fp32 inputs); of the autotuned
 ones (built for bf16) at least one per kernel must fit (the autotuner skips the others).
 """
 
@@ -63,7 +63,10 @@ def spill_bytes(kernel) -> int:
     return sum(int(b) for b in re.findall(r"(\d+) bytes spill stores", proc.stderr))
 
 
-def check(kernel, dtype: str, fixed: dict, configs, extra: dict, g_dtype: str = "bf16") -> None:
+def check(kernel, dtype: str, fixed: dict, configs, extra: dict, g_dtype: str = "bf16",
+          no_spills: bool = False) -> None:
+    """The fixed config builds within shared memory on wgmma; so does at least one tuned
+    config (bf16). With no_spills, every one of them (bf16) keeps its values in registers."""
     pointers = {"q_ptr": dtype, "k_ptr": dtype, "dq_ptr": dtype, "y_ptr": "bf16", "g_ptr": g_dtype}
     pointers.update({n: "i64" for n in ("own_lo_ptr", "own_hi_ptr", "rank_ptr")})
     fixed = dict(fixed)
@@ -73,10 +76,14 @@ def check(kernel, dtype: str, fixed: dict, configs, extra: dict, g_dtype: str = 
     assert "wgmma.mma_async" in k.asm["ptx"], "the score dot does not use the Hopper tensor cores"
     if dtype != "bf16":  # the tuned configs are built once, for the training dtype
         return
+    if no_spills:
+        assert spill_bytes(k) == 0, f"the fixed config {fixed} spills registers"
     fits = 0
     for cf in configs:
         k = build(kernel, pointers, {**cf.kwargs, **extra}, cf.num_warps, cf.num_stages)
         fits += k.metadata.shared <= SMEM_LIMIT
+        if no_spills:
+            assert spill_bytes(k) == 0, f"{cf} spills registers"
     assert fits, "no autotune config fits in shared memory"
 
 
@@ -91,7 +98,7 @@ def test_rank_kernel_builds(dtype, precision):
 def test_lean_kernels_build(dtype, precision):
     n, dim = 1 << 20, 512  # the fixed configs of the largest sizes
     check(lean._lean_fwd_kernel, dtype, lean._fixed_fwd(n, dim), lean._FWD_CONFIGS,
-          dict(UPCAST=False, PRECISION=precision))
+          dict(UPCAST=False, PRECISION=precision), no_spills=True)
     check(lean._lean_bwd_kernel, dtype, lean._fixed_bwd(n, dim), lean._BWD_CONFIGS,
           dict(UPCAST=False, PRECISION=precision, GRAD_PRECISION="tf32", WRITE_QDOT=True))
 
@@ -99,19 +106,15 @@ def test_lean_kernels_build(dtype, precision):
 @pytest.mark.parametrize("dtype,precision", [("bf16", "tf32"), ("fp32", "tf32x3")])
 def test_panel_kernel_builds(dtype, precision):
     consts = dict(UPCAST=False, PRECISION=precision, SCALE_G=True, WRITE_PART=True)
-    check(panel._grad_panel_kernel, dtype, panel._fixed_config(1 << 20, 512), panel._CONFIGS, consts, g_dtype=dtype)
-    # Its epilogue (two exp2 per logit) fits in registers in every tuned config.
-    pointers = {"q_ptr": dtype, "k_ptr": dtype, "g_ptr": dtype}
-    for cf in panel._CONFIGS if dtype == "bf16" else []:
-        k = build(panel._grad_panel_kernel, pointers, {**cf.kwargs, **consts}, cf.num_warps, cf.num_stages)
-        assert spill_bytes(k) == 0, f"{cf} spills registers"
+    check(panel._grad_panel_kernel, dtype, panel._fixed_config(1 << 20, 512), panel._CONFIGS, consts,
+          g_dtype=dtype, no_spills=True)
 
 
 @pytest.mark.parametrize("dtype,precision", [("bf16", "tf32"), ("fp32", "tf32x3")])
 def test_fast_kernels_build(dtype, precision):
     fixed = dict(BLOCK=128, BLOCK_D=64, GROUP_M=8, num_warps=8, num_stages=3)
     check(fast._fast_fwd_kernel, dtype, fixed, [_with_block(c) for c in fast._FWD_CONFIGS],
-          dict(UPCAST=False, PRECISION=precision))
+          dict(UPCAST=False, PRECISION=precision), no_spills=True)
     k = build(fast._fast_bwd_kernel, {"y_ptr": "bf16", "g_ptr": "bf16"}, dict(BLOCK=128, SUB_M=32), 4, 1)
     assert k.metadata.shared <= SMEM_LIMIT
 
