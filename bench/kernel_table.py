@@ -7,7 +7,7 @@ Sections, in priority order so that a cut-off run still tells the most:
   2. accuracy against float64 at B = 4,096 and the lean extra memory at B = 16,384, 32,768;
   3. the table: median fwd+bwd time (CUDA events), peak extra memory, TFLOP/s counted as
      6·B²·D for every implementation, for lean:fused, lean:panel, fast, plain eager,
-     plain + torch.compile;
+     plain + torch.compile; the device time per kernel of each fused mode at B = 16,384;
      then retrieval ranks at N = 100,000;
   4. B = 1,048,576 in lean mode (its default backward at D = 512, the panel; fixed
      configs, no autotuning).
@@ -204,6 +204,28 @@ def table(sizes) -> None:
         record(f"{b:>8} {d:>4} | " + " | ".join(cells))
 
 
+def breakdown(b=16384, d=512, top=6) -> None:
+    """Device time per kernel of one fwd+bwd of each fused mode (torch.profiler): which
+    kernel to work on next. Kernel names are cut to 40 characters."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    for mode in FUSED_MODES:
+        img, txt, scale = inputs(b, d)
+        fn = lambda i, t, s, m=mode: kernels.contrastive_loss(i, t, s, mode=m)  # noqa: E731
+        step(fn, img, txt, scale)  # autotuning stays out of the trace
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step(fn, img, txt, scale)
+            torch.cuda.synchronize()
+        events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+        events.sort(key=lambda e: -e.self_device_time_total)
+        total = sum(e.self_device_time_total for e in events) / 1e3
+        parts = ", ".join(f"{e.key[:40]} ×{e.count} {e.self_device_time_total / 1e3:.2f}" for e in events[:top])
+        record(f"breakdown {mode} B={b} D={d}: {total:.2f} ms of kernels: {parts}")
+        img = txt = scale = None
+
+
 def ranks(n=100_000, d=512) -> None:
     g = torch.Generator(device="cuda").manual_seed(2)
     img = F.normalize(torch.randn(n, d, device="cuda", generator=g), dim=1).bfloat16()
@@ -267,6 +289,7 @@ def main() -> int:
             [(4096, 512), (16384, 512)] if args.quick
             else [(4096, 512), (16384, 512), (32768, 512), (65536, 512), (32768, 256), (32768, 768)]
         )),
+        ("kernel breakdown", breakdown),
         ("ranks", ranks),
         ("B = 1M", huge),
     ]
