@@ -49,7 +49,9 @@ def profile_step(preset: str, batch: int, image_size: int, context: int, skip: i
                                                    **(overrides or {})}, log_every=1, device=device, on_log=on_log)
     if run["status"] != "ok":
         raise SystemExit(f"profile: the run ended {run['status']}: {run['last'].get('reason')}")
-    # marks[k] is taken after step k+1; the active steps are skip+2 … skip+1+active
+    # Rows arrive one log point late (eclip.readback): marks[k] is taken once step k+2 is
+    # launched, and the profiler steps at the same points; the active steps are
+    # skip+3 … skip+2+active, one window of ``active`` steps either way.
     wall_ms = (marks[skip + active] - marks[skip]) / active * 1e3
     averages = prof.key_averages()
     # Device-side events only: the CPU operator that launched a kernel carries its time too.

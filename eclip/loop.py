@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import signal
 import sys
 import threading
@@ -33,6 +32,7 @@ from eclip.data.device import DeviceData
 from eclip.errors import EclipError
 from eclip.evaluate import retrieval_metrics
 from eclip.fileio import atomic_write
+from eclip.readback import Diverged, Readback, check_losses
 
 LOOP_KEYS = ("batch_size", "crop_scale", "flip")  # HPARAMS entries the loop itself reads
 
@@ -61,10 +61,6 @@ class LoopConfig:
     progress_bar: bool = True  # tqdm bar on stderr (hidden when stderr is not a terminal)
     data_placement: str = "auto"  # training images on the "device", in "host" memory with prefetch, or "auto"
     overrides: dict = field(default_factory=dict)  # HPARAMS overrides (already typed)
-
-
-class Diverged(Exception):
-    """The loss became NaN/Inf or exceeded the divergence bound."""
 
 
 def pick_device(name: str) -> torch.device:
@@ -158,12 +154,8 @@ def is_oom(e: BaseException) -> bool:
 
 
 def _check_losses(pending: list[tuple[int, dict]], limit: float) -> None:
-    """Every step's loss since the last read-back, fetched in one go: NaN/Inf or above
-    ``limit`` is divergence, reported at the step where it happened."""
-    for step, m in pending:
-        loss = float(m["loss"])
-        if not math.isfinite(loss) or loss > limit:
-            raise Diverged(f"loss {loss} at step {step}")
+    """Every step's loss since the last read-back (a blocking read: at the end of a run)."""
+    check_losses([(step, float(m["loss"])) for step, m in pending], limit)
 
 
 def _read(metrics: dict) -> dict[str, float]:
@@ -270,7 +262,22 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
     stop = _install_sigint()
     t0 = time.perf_counter()
     start_trained = trained_s
-    pending = []
+    pending = []  # (step, metrics as device tensors) since the last log point
+    readback = Readback(cfg.diverge_loss)  # no sync at log points: rows arrive one interval late
+
+    def log(row: dict | None) -> None:
+        nonlocal last
+        if row is None:
+            return
+        last = {k: v for k, v in row.items() if k not in ("step", "elapsed_s", "samples")}
+        history.append(row)
+        if on_log is not None:
+            on_log(row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", scale=f"{row.get('logit_scale', float('nan')):.1f}",
+                        sps=f"{row['samples'] / max(row['elapsed_s'], 1e-9):.0f}")
+        bar.n = row["step"] if total else min(round(row["elapsed_s"]), bar.total)
+        bar.refresh()
+
     try:
         while True:
             elapsed = start_trained + (time.perf_counter() - t0)
@@ -296,18 +303,10 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
                 warmup_s = time.perf_counter() - t0
             pending.append((step, metrics))
             if step % cfg.log_every == 0 or step == 1:
-                last = _read(pending[-1][1])
-                _check_losses(pending, cfg.diverge_loss)
-                pending.clear()
                 elapsed = start_trained + (time.perf_counter() - t0)
-                row = {"step": step, "elapsed_s": round(elapsed, 3), "samples": samples, **last}
-                history.append(row)
-                if on_log is not None:
-                    on_log(row)
-                bar.set_postfix(loss=f"{last['loss']:.3f}", scale=f"{last.get('logit_scale', float('nan')):.1f}",
-                                sps=f"{samples / max(elapsed, 1e-9):.0f}")
-                bar.n = step if total else min(round(elapsed), bar.total)
-                bar.refresh()
+                log(readback.push(pending, {"step": step, "elapsed_s": round(elapsed, 3), "samples": samples}))
+                pending = []
+        log(readback.flush())
         _check_losses(pending, cfg.diverge_loss)
         if pending:
             last = _read(pending[-1][1])
@@ -316,6 +315,7 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
     except KeyboardInterrupt:
         status = "aborted" if stop.get("hard") else "interrupted"
         try:  # the losses not yet read back still decide whether the run diverged
+            log(readback.flush())
             _check_losses(pending, cfg.diverge_loss)
         except Diverged as e:
             status, last = "diverged", dict(last, reason=str(e))

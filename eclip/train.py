@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--final", action="store_true", help="train on train+val, evaluate on test")
     p.add_argument("--folds", type=int, help="K-fold cross-validation over train+val")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    p.add_argument("--log-every", type=int, default=10, help="steps between metric read-backs")
+    p.add_argument("--log-every", type=int, default=10,
+                   help="steps between metric read-backs (each read arrives one interval later, without a sync)")
     p.add_argument("--data-placement", choices=["auto", "device", "host"], default="auto",
                    help="training images resident on the device, or in host memory with a prefetch "
                         "thread (auto: on the device when they fit; with --resume, as the checkpoint)")

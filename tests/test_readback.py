@@ -1,0 +1,59 @@
+"""eclip.readback: metrics read one log interval late, every loss checked at its own step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eclip.readback import Diverged, Readback
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def steps(first: int, losses: list[float], device: str, **extra) -> list[tuple[int, dict]]:
+    """(step, metrics) as a recipe returns them: 0-d tensors on the device, plus extras."""
+    return [(first + i, {"loss": torch.tensor(v, device=device), "lr": torch.tensor(0.5), **extra})
+            for i, v in enumerate(losses)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_arrive_one_push_late_with_the_last_steps_metrics(device):
+    rb = Readback(limit=100.0)
+    count = torch.tensor(7, device=device)  # an integer metric, e.g. expert samples
+    assert rb.push(steps(1, [3.0], device, n=count), {"step": 1}) is None
+    row = rb.push(steps(2, [2.5, 2.25], device, n=count, note=4), {"step": 3})
+    assert row == {"step": 1, "loss": 3.0, "lr": 0.5, "n": 7.0}
+    assert rb.flush() == {"step": 3, "loss": 2.25, "lr": 0.5, "n": 7.0, "note": 4.0}
+    assert rb.flush() is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e5])
+def test_a_diverged_loss_is_reported_at_its_own_step(device, bad):
+    rb = Readback(limit=1e4)
+    rb.push(steps(1, [1.0, bad, 1.0], device), {"step": 3})  # in the middle: not the row's loss
+    with pytest.raises(Diverged, match=f"loss {bad} at step 2"):
+        rb.push(steps(4, [1.0], device), {"step": 4})
+
+
+def test_flush_checks_the_copy_in_flight():
+    rb = Readback(limit=10.0)
+    rb.push(steps(5, [11.0], "cpu"), {"step": 5})
+    with pytest.raises(Diverged, match="loss 11.0 at step 5"):
+        rb.flush()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_push_does_not_synchronise_the_device():
+    rb = Readback(limit=100.0)
+    x = torch.randn(2048, 2048, device="cuda")
+    rb.push(steps(1, [1.0], "cuda"), {"step": 1})
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any blocking device-to-host read raises
+    try:
+        pending = [(2, {"loss": (x @ x).mean(), "lr": torch.tensor(0.5)})]
+        row = rb.push(pending, {"step": 2})  # completes step 1: its copy arrived long ago
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert row["step"] == 1 and row["loss"] == 1.0
+    torch.testing.assert_close(rb.flush()["loss"], float((x @ x).mean()), rtol=1e-4, atol=1e-6)
