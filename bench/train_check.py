@@ -2,7 +2,8 @@
 
 1. ``smoke``: the template recipe, preset ``tiny`` (64 px), a few dozen steps, then the
    loop's own evaluation — compile, bf16 autocast, fused AdamW, the fused loss and the
-   Triton rank kernel all in one run; fails on a non-ok status or a non-finite loss.
+   Triton rank kernel all in one run; fails on a non-ok status or a non-finite loss;
+   then ``sync_check``: the host syncs of the template's steady steps, by call site.
 2. ``speed``: preset ``vit-s16`` (224 px, 77 tokens), batch 64, random data, expert path
    off: fp32 eager with TF32 off (PyTorch defaults) against the template's fast path
    (bf16 autocast + torch.compile + fused AdamW + fused loss), the fast path with CUDA graphs
@@ -20,6 +21,8 @@ import argparse
 import math
 import sys
 import time
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -79,6 +82,33 @@ def smoke() -> bool:
     return ok
 
 
+def sync_check(steps: int = 30) -> int:
+    """Host syncs in the template's steady steps (preset tiny, expert off): the loop is meant
+    to make none until the end of the run. CUDA's sync debug mode is switched on when the
+    first metrics row arrives (at step 10) and every synchronising call is listed by its
+    Python call site; the end of the run (flush, final synchronize) accounts for two."""
+    cache = random_cache(2048, 64, 32, 512)
+    armed = []
+
+    def on_log(row):
+        if not armed:
+            armed.append(row["step"])
+            torch.cuda.set_sync_debug_mode("warn")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            run = train(cache, steps, {"preset": "tiny", "batch_size": "128", "expert": "false"}, on_log=on_log)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught
+                    if "synchronizing" in str(w.message))
+    listed = ", ".join(f"{site} ×{n}" for site, n in sites.most_common()) or "none"
+    print(f"sync_check: {sum(sites.values())} host syncs after the first row, {steps} steps, "
+          f"status {run['status']}: {listed}", flush=True)
+    return sum(sites.values())
+
+
 SPEED_ROWS = {  # name: (what it is, HPARAMS overrides, data placement)
     "fp32": ("fp32 eager, TF32 off", {"precision": "fp32", "compile": "false"}, "auto"),
     "template": ("bf16 + compile + fused (template)", {}, "auto"),
@@ -118,6 +148,8 @@ def main(argv=None) -> int:
         return 1
     print(f"device: {torch.cuda.get_device_name()} (torch {torch.__version__})", flush=True)
     ok = True if args.skip_smoke else smoke()
+    if not args.skip_smoke:
+        sync_check()
     if not args.skip_speed:
         speed(args.steps, only)
     return 0 if ok else 1
