@@ -13,6 +13,7 @@ before ``kernels`` is imported; changing it later has no effect on the kernels.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -91,6 +92,21 @@ def check_matrix(op: str, name: str, x: torch.Tensor, max_dim: int | None = None
         raise ValueError(
             f"{op}: {name} has D = {x.shape[1]}, more than the supported {max_dim}"
         )
+
+
+@contextlib.contextmanager
+def full_precision_reduction():
+    """cuBLAS half-precision products with fp32 split-K reductions. PyTorch lets cuBLAS
+    reduce split-K partials in bf16/fp16 by default; the gradient products Ĝ·k have a long
+    K (= B) and heavy cancellation (Ĝ's rows sum to about 0), where that rounding would
+    show. The flags are host-side and read at each call, so a CUDA-graph capture keeps them."""
+    m = torch.backends.cuda.matmul
+    saved = m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction
+    m.allow_bf16_reduced_precision_reduction = m.allow_fp16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction = saved
 
 
 def next_pow2(n: int) -> int:

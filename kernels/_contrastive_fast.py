@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAVE_TRITON, INTERPRET, next_pow2
+from ._common import HAVE_TRITON, INTERPRET, full_precision_reduction, next_pow2
 
 if HAVE_TRITON:
     import triton
@@ -135,7 +135,8 @@ if HAVE_TRITON:
         d_max = max(16, next_pow2(named_args["dim"]))
         return [cf for cf in configs if cf.kwargs["BLOCK_D"] <= d_max] or configs[-1:]
 
-    # 8 warps throughout: at 4 warps the 128×128 epilogue spills registers (sm_90 builds).
+    # 8 warps throughout: at 4 warps the 128×128 epilogue spills registers in the sm_90
+    # builds (20–24 bytes for B a multiple of 16, about 1 KB for a ragged B).
     _FWD_CONFIGS = [
         triton.Config({"BLOCK_D": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_D": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
@@ -224,13 +225,14 @@ def fast_backward(y, rref, cref, img, txt, scale, grad, row_lse, col_lse):
         y, g, rref, cref, row_lse, col_lse, part, scale, grad, n, y.stride(0),
         BLOCK=block, SUB_M=sub_m, SCALE_G=scale_g, num_warps=4,
     )
-    if scale_g:
-        d_img = (g @ txt.to(g_dtype)).to(img.dtype)
-        d_txt = (g.T @ img.to(g_dtype)).to(txt.dtype)
-    else:
-        coef = scale.float() * grad.float() / (2.0 * n)
-        d_img = (g @ txt).float().mul_(coef).to(img.dtype)
-        d_txt = (g.T @ img).float().mul_(coef).to(txt.dtype)
+    with full_precision_reduction():  # K = B: no half-precision split-K partial sums
+        if scale_g:
+            d_img = (g @ txt.to(g_dtype)).to(img.dtype)
+            d_txt = (g.T @ img.to(g_dtype)).to(txt.dtype)
+        else:
+            coef = scale.float() * grad.float() / (2.0 * n)
+            d_img = (g @ txt).float().mul_(coef).to(img.dtype)
+            d_txt = (g.T @ img).float().mul_(coef).to(txt.dtype)
     # Σ Ĝ∘x = Σ Ĝ∘z / c with c = s·log2(e).
     d_scale = part.sum() / (scale.float() * LOG2E) * grad.float() / (2.0 * n)
     return d_img, d_txt, d_scale.to(scale.dtype)

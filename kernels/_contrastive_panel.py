@@ -11,8 +11,9 @@ lean forward (row and column LSE, nothing of S kept). The backward runs once per
   2. dq[panel] = G_panel · k through torch.mm (cuBLAS), straight into the rows of dq.
 
 Every output row is written once, so there is nothing to accumulate between panels and no
-atomics; Σ Ĝ∘z for the scale gradient comes from per-tile partials of the first direction,
-summed panel by panel in a fixed order (deterministic).
+atomics; Σ Ĝ∘x for the scale gradient comes from per-tile partials of the first direction,
+summed panel by panel in a fixed order (deterministic). The products run with fp32 split-K
+reductions (``full_precision_reduction``): K = B is long and Ĝ's rows cancel.
 
 Work: 2·B²·D per direction for the scores and 2·B²·D for the product: with the forward, the
 10·B²·D floor of a lean loss. The fused backward (``_contrastive_lean``) keeps a [BLOCK_M,
@@ -21,14 +22,15 @@ here the product leaves the registers, at the price of writing and reading the p
 (4 bytes a logit per direction, mostly in L2 for a panel of 32 MiB).
 
 Memory: the panel, PANEL_BYTES (32 MiB) or MIN_PANEL_ROWS rows of B, whichever is larger
-(B ≤ 64k in bf16: 32 MiB; B = 1M: 256 rows, 512 MiB), plus B·D for the output gradient.
+(B ≤ 64k in bf16: 32 MiB; B = 1M: 256 rows, 512 MiB), plus B·D for the output gradient,
+plus a contiguous copy of k when its layout is neither row- nor column-major.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._common import HAVE_TRITON, INTERPRET, next_pow2
+from ._common import HAVE_TRITON, INTERPRET, full_precision_reduction, next_pow2
 
 if HAVE_TRITON:
     import triton
@@ -36,7 +38,6 @@ if HAVE_TRITON:
 
     from ._contrastive_lean import _score_tile
 
-LOG2E = 1.4426950408889634
 
 if HAVE_TRITON:
 
@@ -48,7 +49,7 @@ if HAVE_TRITON:
         lse_q_ptr,  # fp32 [rows]: natural-log LSE of each panel row over the k's
         lse_k_ptr,  # fp32 [B]: natural-log LSE of each k row over the q's
         g_ptr,  # [rows, B] out: Ĝ (times s·g/(2B) when SCALE_G)
-        part_ptr,  # fp32 [n_programs] out: Σ Ĝ∘z over each tile (when WRITE_PART)
+        part_ptr,  # fp32 [n_programs] out: Σ Ĝ∘x over each tile (when WRITE_PART)
         rows, n, dim,
         p0,  # index of the panel's first row in q: the diagonal is at column p0 + row
         stride_qm, stride_qd, stride_kn, stride_kd, stride_gm,
@@ -80,7 +81,7 @@ if HAVE_TRITON:
         mask = mask_m[:, None] & mask_n[None, :]
         g = tl.where(mask, g, 0.0)
         if WRITE_PART:
-            tl.store(part_ptr + pid, tl.sum(tl.sum(g * z, axis=1), axis=0))
+            tl.store(part_ptr + pid, tl.sum(tl.sum(g * x, axis=1), axis=0))
         if SCALE_G:
             g = g * (scale * tl.load(grad_ptr).to(tl.float32) / (2.0 * n))
         tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
@@ -89,8 +90,9 @@ if HAVE_TRITON:
         d_max = max(16, next_pow2(named_args["dim"]))
         return [cf for cf in configs if cf.kwargs["BLOCK_D"] <= d_max] or configs[-1:]
 
-    # 128-row tiles (the panel height is a multiple of 128) at 8 warps: the sm_90 builds of
-    # these use no local memory (ptxas -v); 4-warp and 128×256 variants spill the epilogue.
+    # 128-row tiles (the panel height is a multiple of 128), 8 warps. sm_90 builds (ptxas
+    # -v, tests/test_kernels_sm90_build.py): no register spills for B a multiple of 16;
+    # with a ragged B the 128×128 tiles can spill a little (mask arithmetic), 128×64 never.
     _CONFIGS = [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
@@ -108,7 +110,8 @@ if HAVE_TRITON:
 # Launchers
 # ---------------------------------------------------------------------------------------
 
-PANEL_BYTES = 32 << 20  # target size of the Ĝ panel (fits H100's 50 MB L2 with k beside it)
+PANEL_BYTES = 32 << 20  # target size of the Ĝ panel (its size against L2 and against the
+# products' width is a trade-off that bench/kernel_table.py sweeps)
 MIN_PANEL_ROWS = 256  # below this the [R, D] output of each product is too small to fill the GPU
 ROW_ALIGN = 128  # panel heights are multiples of the largest BLOCK_M (full row tiles)
 TINY_B = 1024  # up to here: fixed config, no tuning (launch-bound)
@@ -130,7 +133,7 @@ def _fixed_config(n: int, dim: int) -> dict:
 
 
 def _panel_grad(q, k, scale, grad, lse_q, lse_k, write_part: bool):
-    """dq = s·g/(2B)·Ĝ·k panel by panel; with write_part also Σ Ĝ∘z (0-d fp32)."""
+    """dq = s·g/(2B)·Ĝ·k panel by panel; with write_part also Σ Ĝ∘x (0-d fp32)."""
     n, dim = q.shape
     upcast = INTERPRET and q.dtype == torch.bfloat16
     precision = "tf32x3" if (q.dtype == torch.float32 and q.is_cuda) else "tf32"
@@ -148,7 +151,7 @@ def _panel_grad(q, k, scale, grad, lse_q, lse_k, write_part: bool):
         triton.cdiv(rows_per, min_tile[0]) * triton.cdiv(n, min_tile[1]) if write_part else 1,
         dtype=torch.float32, device=q.device,
     )
-    gz = torch.zeros((), dtype=torch.float32, device=q.device)
+    gx = torch.zeros((), dtype=torch.float32, device=q.device)
     # cuBLAS takes row- or column-major k as it is; any other layout would be copied by
     # every product, so it is copied once here (the kernel itself reads any strides).
     k_mm = k if 1 in k.stride() else k.contiguous()
@@ -169,19 +172,19 @@ def _panel_grad(q, k, scale, grad, lse_q, lse_k, write_part: bool):
             tile = (cfg["BLOCK_M"], cfg["BLOCK_N"])
             _grad_panel_kernel[(triton.cdiv(rows, tile[0]) * triton.cdiv(n, tile[1]),)](*args, **consts, **cfg)
         if write_part:  # only the programs of the config that ran last wrote valid partials
-            gz += part[: triton.cdiv(rows, tile[0]) * triton.cdiv(n, tile[1])].sum()
-        if scale_g:
-            torch.mm(g, k_mm, out=dq[p0 : p0 + rows])
-        else:  # fp16: the product of the unscaled Ĝ, scaled in fp32
-            dq[p0 : p0 + rows] = (torch.mm(g, k_mm).float() * coef).to(q.dtype)
-    return dq, gz
+            gx += part[: triton.cdiv(rows, tile[0]) * triton.cdiv(n, tile[1])].sum()
+        with full_precision_reduction():
+            if scale_g:
+                torch.mm(g, k_mm, out=dq[p0 : p0 + rows])
+            else:  # fp16: the product of the unscaled Ĝ, scaled in fp32
+                dq[p0 : p0 + rows] = (torch.mm(g, k_mm).float() * coef).to(q.dtype)
+    return dq, gx
 
 
 def panel_backward(img, txt, scale, grad, row_lse, col_lse):
     """Returns (dI, dT, ds) for the upstream gradient ``grad`` (0-d)."""
     n = img.shape[0]
-    d_img, gz = _panel_grad(img, txt, scale, grad, row_lse, col_lse, write_part=True)
+    d_img, gx = _panel_grad(img, txt, scale, grad, row_lse, col_lse, write_part=True)
     d_txt, _ = _panel_grad(txt, img, scale, grad, col_lse, row_lse, write_part=False)
-    # Σ Ĝ∘x = Σ Ĝ∘z / c with c = s·log2(e).
-    d_scale = gz / (scale.float() * LOG2E) * grad.float() / (2.0 * n)
+    d_scale = gx * grad.float() / (2.0 * n)  # ∂L/∂s = Σ Ĝ∘x / (2B), x = I·Tᵀ
     return d_img, d_txt, d_scale.to(scale.dtype)

@@ -13,9 +13,11 @@ Modes (Triton backend; chosen from the free device memory with ``mode="auto"``):
         memory O(B·D), but a wide D is split into chunks that each recompute S;
       - ``lean:panel``: Ĝ built a row panel (32 MiB) at a time by a Triton kernel, the
         products by cuBLAS (``_contrastive_panel``); memory O(B·D) plus the panel.
-    ``lean`` picks the panel for D > PANEL_MIN_DIM, where the fused kernels recompute S per
-    chunk, and the fused kernels below it, where writing the panel would cost more than
-    its product (a roofline choice, to be confirmed by bench/kernel_table.py).
+    ``lean`` picks the panel for bf16/fp16 inputs with D > PANEL_MIN_DIM, where the fused
+    kernels recompute S per chunk, and the fused kernels otherwise: below it writing the
+    panel would cost more than its product (a roofline choice, to be confirmed by
+    bench/kernel_table.py), and for fp32 the panel's cuBLAS products would run in full fp32
+    (or TF32, by the global setting) where the fused kernels use TF32 by design.
   * ``fast`` stores S once, 2 bytes a logit (half the 4 bytes/logit of the compiled plain
     loss), and needs 3 matmuls. See ``_contrastive_fast``.
 Both take bf16 / fp16 / fp32 inputs (fp32 accumulation; fp32 inputs use 3xTF32 for the
@@ -47,7 +49,7 @@ if HAVE_TRITON:
 _OP = "contrastive_loss"
 MAX_DIM = 1024  # the kernels' limit on D (register and shared-memory budget per tile)
 _MODES = ("auto", "lean", "lean:fused", "lean:panel", "fast")
-PANEL_MIN_DIM = 256  # "lean" uses the panel backward above this D
+PANEL_MIN_DIM = 256  # "lean" uses the panel backward above this D (half-precision inputs)
 
 # ---------------------------------------------------------------------------------------
 # Plain PyTorch reference, chunked: memory O(chunk·B). Used for CPU tensors and
@@ -270,7 +272,8 @@ def contrastive_loss(
     elif mode == "auto":
         mode = _auto_mode(img.shape[0], str(img.device))
     if mode == "lean":
-        mode = "lean:panel" if img.shape[1] > PANEL_MIN_DIM else "lean:fused"
+        half = img.dtype in (torch.bfloat16, torch.float16)
+        mode = "lean:panel" if half and img.shape[1] > PANEL_MIN_DIM else "lean:fused"
     return _loss_fwd(img, txt, scale, mode, backend, 0)[0]
 
 

@@ -223,3 +223,14 @@ def test_cuda_tuned_sizes_against_float64(mode, dtype):
     check_against_reference(img, txt, 14.3, mode)
     img, txt = make_inputs(3000, 768, dtype, "cuda", seed=10)
     check_against_reference(img, txt, 100.0, mode)
+
+
+def test_full_precision_reduction_restores_the_flags():
+    from kernels._common import full_precision_reduction
+
+    m = torch.backends.cuda.matmul
+    before = (m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction)
+    with pytest.raises(RuntimeError, match="inside"), full_precision_reduction():
+        assert not m.allow_bf16_reduced_precision_reduction and not m.allow_fp16_reduced_precision_reduction
+        raise RuntimeError("inside")
+    assert (m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction) == before

@@ -21,12 +21,15 @@ import kernels  # noqa: E402
 from kernels import _contrastive_panel  # noqa: E402
 from kernels._common import resolve_backend  # noqa: E402
 
-# Panels of 80 rows in this process (32 MiB would hold every B tested here in one): the
-# panel backward then runs several panels with a ragged last one, a diagonal that starts
-# inside a row tile (80 is not a multiple of the interpreter's 32-row tiles), and B = 1
-# still in one.
-_contrastive_panel.PANEL_BYTES = 0
-_contrastive_panel.MIN_PANEL_ROWS = 80
+
+@pytest.fixture(autouse=True)
+def small_panels(monkeypatch):
+    """Panels of 80 rows in these tests (32 MiB would hold every B tested here in one): the
+    panel backward then runs several panels with a ragged last one, a diagonal that starts
+    inside a row tile (80 is not a multiple of the interpreter's 32-row tiles), and B = 1
+    still in one."""
+    monkeypatch.setattr(_contrastive_panel, "PANEL_BYTES", 0)
+    monkeypatch.setattr(_contrastive_panel, "MIN_PANEL_ROWS", 80)
 
 
 def test_cpu_tensors_take_the_triton_path():
@@ -65,13 +68,16 @@ def test_no_hidden_b_by_b_allocations(mode, buffers):
     assert img.grad is not None and txt.grad is not None and scale.grad is not None
 
 
-@pytest.mark.parametrize("d,variant", [(256, "lean:fused"), (257, "lean:panel"), (384, "lean:panel")])
-def test_lean_picks_its_backward_by_width(d, variant, monkeypatch):
+@pytest.mark.parametrize("d,dtype,variant", [
+    (256, torch.float16, "lean:fused"), (257, torch.float16, "lean:panel"),
+    (384, torch.bfloat16, "lean:panel"), (384, torch.float32, "lean:fused"),
+])
+def test_lean_picks_its_backward_by_width_and_dtype(d, dtype, variant, monkeypatch):
     calls = []
     for name in ("lean_backward", "panel_backward"):
         real = getattr(kernels.contrastive, name)
         monkeypatch.setattr(kernels.contrastive, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
-    img, txt = make_inputs(40, d, torch.float32, "cpu", seed=3)
+    img, txt = make_inputs(40, d, dtype, "cpu", seed=3)
     run(img, txt, 14.3, mode="lean")
     assert calls == ["panel_backward" if variant == "lean:panel" else "lean_backward"]
 
