@@ -5,7 +5,8 @@ skips the compile steps, profiles a few steady steps and prints, per step: the w
 the time the device was busy running kernels and the number of kernel launches — a busy
 fraction far below 1 means the step is bound by launching (CUDA graphs help), near 1 means
 by the kernels (then the top-kernel table says which). Metrics are read back every step
-here, so the step cannot overlap the next one's launches: the wall time is an upper bound.
+here (log_every=1), so the host never runs more than about one step ahead of the device:
+the wall time is an upper bound.
 
     python bench/profile_step.py --preset vit-s16 --batch 64 [--compile-mode reduce-overhead]
 

@@ -86,7 +86,8 @@ def sync_check(steps: int = 30) -> int:
     """Host syncs in the template's steady steps (preset tiny, expert off): the loop is meant
     to make none until the end of the run. CUDA's sync debug mode is switched on when the
     first metrics row arrives (at step 10) and every synchronising call is listed by its
-    Python call site; the end of the run (flush, final synchronize) accounts for two."""
+    Python call site; the end of the run's synchronize accounts for one. (Waits on a CUDA
+    event, as for a metrics copy that has not arrived, are invisible to the debug mode.)"""
     cache = random_cache(2048, 64, 32, 512)
     armed = []
 

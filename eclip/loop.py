@@ -224,6 +224,8 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
     if (cfg.budget_s is None) == (cfg.steps is None):
         raise EclipError("give exactly one of a time budget (--budget-s) or a step count (--steps)")
     device = pick_device(cfg.device)
+    if device.type == "cuda":  # kernels launched without a device (Triton's, events) go there too
+        torch.cuda.set_device(device)
     hp = recipe.HPARAMS
     torch.manual_seed(cfg.seed)
     if hp.get("text_tower"):  # a pretrained text tower reads its own tokenizer's ids (harness-side)
@@ -322,7 +324,11 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
     except Exception as e:
         if not is_oom(e):
             raise
-        status, last = "oom", dict(last, reason=str(e).splitlines()[0][:200])
+        try:  # the row in flight is logged, and a loss that diverged before the OOM says so
+            log(readback.flush())
+            status, last = "oom", dict(last, reason=str(e).splitlines()[0][:200])
+        except Diverged as d:
+            status, last = "diverged", dict(last, reason=str(d))
     finally:
         bar.close()
         stop["restore"]()

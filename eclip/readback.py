@@ -53,9 +53,9 @@ class Readback:
             stacked = torch.stack([v.detach().reshape(()).to(torch.float64) for v in dev])  # [n]
             host = torch.empty(stacked.shape, dtype=torch.float64, pin_memory=stacked.is_cuda)
             host.copy_(stacked, non_blocking=True)
-            if stacked.is_cuda:
+            if stacked.is_cuda:  # behind the copy, on the stream of the copy's device
                 event = torch.cuda.Event()
-                event.record()
+                event.record(torch.cuda.current_stream(stacked.device))
         values = [None if _on_device(v) else float(v) for v in values]  # host values now
         previous, self._flight = self._flight, (row, steps, keys, values, host, event)
         return self._complete(previous)

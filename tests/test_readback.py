@@ -44,16 +44,24 @@ def test_flush_checks_the_copy_in_flight():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_push_does_not_synchronise_the_device():
+def test_push_does_not_synchronise_the_device(monkeypatch):
+    # Blocking reads raise in CUDA's sync debug mode; waiting on an event is invisible to
+    # it, so Event.synchronize is made to raise too: the copy of step 1 arrived long ago,
+    # completing it must not wait.
+    def no_wait(self):
+        raise AssertionError("push waited on the event of a copy that had arrived")
+
     rb = Readback(limit=100.0)
     x = torch.randn(2048, 2048, device="cuda")
     rb.push(steps(1, [1.0], "cuda"), {"step": 1})
     torch.cuda.synchronize()
+    monkeypatch.setattr(torch.cuda.Event, "synchronize", no_wait)
     torch.cuda.set_sync_debug_mode("error")  # any blocking device-to-host read raises
     try:
         pending = [(2, {"loss": (x @ x).mean(), "lr": torch.tensor(0.5)})]
-        row = rb.push(pending, {"step": 2})  # completes step 1: its copy arrived long ago
+        row = rb.push(pending, {"step": 2})
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    monkeypatch.undo()
     assert row["step"] == 1 and row["loss"] == 1.0
     torch.testing.assert_close(rb.flush()["loss"], float((x @ x).mean()), rtol=1e-4, atol=1e-6)

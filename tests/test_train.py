@@ -109,6 +109,32 @@ def test_nan_loss_is_reported_as_diverged(cache, tmp_path, capsys):
     assert "loss nan at step 3" in result["reason"] and result["steps"] == 6
 
 
+@pytest.mark.parametrize("nan_first", [False, True])
+def test_out_of_memory_mid_run_keeps_the_row_in_flight(cache, tmp_path, capsys, nan_first):
+    # An OOM at step 5 (--log-every=2): the row pushed at step 4 is still logged, and a NaN
+    # at step 3, not yet read back, makes the run "diverged" rather than "oom".
+    hog = recipe_with(tmp_path, (
+        "_base_train_step = train_step\n_calls = [0]\n\n"
+        "def train_step(model, optimizer, batch, progress):\n"
+        "    _calls[0] += 1\n"
+        "    if _calls[0] == 5:\n"
+        "        raise torch.OutOfMemoryError('CUDA out of memory (simulated)')\n"
+        "    out = _base_train_step(model, optimizer, batch, progress)\n"
+        f"    if _calls[0] == 3 and {nan_first}:\n"
+        "        out['loss'] = out['loss'] * float('nan')\n"
+        "    return out\n"))
+    out = tmp_path / "run"
+    rc, _, _ = run(["--data", cache, "--out", out, "--steps", 20, "--recipe", hog, *SMALL], capsys)
+    result = json.loads((out / "result.json").read_text())
+    assert rc == 1 and result["steps"] == 4
+    if nan_first:
+        assert result["status"] == "diverged" and "loss nan at step 3" in result["reason"]
+    else:
+        assert result["status"] == "oom" and "out of memory (simulated)" in result["reason"]
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if "loss" in r] == [1, 2, 4]
+
+
 def test_checkpoint_round_trip(cache, tmp_path):
     recipe = load_recipe(train.TEMPLATE)
     recipe.HPARAMS["model"] = {"vision.patch_size": 16, "vision.width": 64, "vision.depth": 1,
