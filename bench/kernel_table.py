@@ -4,11 +4,13 @@ Sections, in priority order so that a cut-off run still tells the most:
   1. a torch.compile(fullgraph=True, mode="reduce-overhead") training step through the
      fused loss (lean with either backward, fast): finite, matches eager, captured by CUDA
      graphs;
-  2. accuracy against float64 at B = 4,096 and the lean extra memory at B = 16,384, 32,768;
+  2. accuracy against float64 at B = 4,096 and 16,384, and the lean extra memory at
+     B = 16,384 and 32,768;
   3. the table: median fwd+bwd time (CUDA events), peak extra memory, TFLOP/s counted as
      6·B²·D for every implementation, for lean:fused, lean:panel, fast, plain eager,
      plain + torch.compile; the device time per kernel of each fused mode at B = 16,384;
-     then retrieval ranks at N = 100,000;
+     lean:panel against the size of its Ĝ panel at B = 32,768; then retrieval ranks at
+     N = 100,000;
   4. B = 1,048,576 in lean mode (its default backward at D = 512, the panel; fixed
      configs, no autotuning).
 Needs only torch, triton and numpy; random data; prints the device first and a short
@@ -144,11 +146,11 @@ def check_compiled_step() -> bool:
     return ok
 
 
-def check_accuracy(b=4096, d=512) -> None:
-    for mode in FUSED_MODES:
+def check_accuracy(sizes=(4096, 16384), d=512) -> None:
+    """Loss and gradients of every fused mode against float64 autograd (the long-K gradient
+    products at 16k are where half-precision reductions would show)."""
+    for b in sizes:
         img, txt, scale = inputs(b, d, seed=1)
-        loss = step(lambda i, t, s, m=mode: kernels.contrastive_loss(i, t, s, mode=m), img, txt, scale)
-        got = [loss.detach(), img.grad, txt.grad, scale.grad]
         a = img.detach().double().requires_grad_()
         c = txt.detach().double().requires_grad_()
         s = scale.detach().double().requires_grad_()
@@ -157,12 +159,18 @@ def check_accuracy(b=4096, d=512) -> None:
         ref = (F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y)) / 2
         ref.backward()
         want = [ref.detach(), a.grad, c.grad, s.grad]
-        errs = [((g.double() - w).norm() / w.norm()).item() for g, w in zip(got, want, strict=True)]
-        good = errs[0] <= 1e-3 and max(errs[1:]) <= 1e-2
-        record(
-            f"accuracy B={b} D={d} bf16 {mode}: loss {errs[0]:.1e}, dI {errs[1]:.1e}, dT {errs[2]:.1e}, "
-            f"ds {errs[3]:.1e} ({'ok' if good else 'FAIL'}: targets 1e-3 / 1e-2)"
-        )
+        del logits, a, c, s
+        for mode in FUSED_MODES:
+            loss = step(lambda i, t, s, m=mode: kernels.contrastive_loss(i, t, s, mode=m), img, txt, scale)
+            got = [loss.detach(), img.grad, txt.grad, scale.grad]
+            errs = [((g.double() - w).norm() / w.norm()).item() for g, w in zip(got, want, strict=True)]
+            good = errs[0] <= 1e-3 and max(errs[1:]) <= 1e-2
+            record(
+                f"accuracy B={b} D={d} bf16 {mode}: loss {errs[0]:.1e}, dI {errs[1]:.1e}, dT {errs[2]:.1e}, "
+                f"ds {errs[3]:.1e} ({'ok' if good else 'FAIL'}: targets 1e-3 / 1e-2)"
+            )
+        img = txt = scale = want = None
+        torch.cuda.empty_cache()
 
 
 def check_lean_memory(d=512, limit=64) -> None:
@@ -202,6 +210,27 @@ def table(sizes) -> None:
             finally:
                 img = txt = scale = None
         record(f"{b:>8} {d:>4} | " + " | ".join(cells))
+
+
+def panel_sweep(b=32768, d=512, sizes_mib=(8, 16, 32, 64)) -> None:
+    """lean:panel fwd+bwd against the size of its Ĝ panel (L2 residency against the width
+    of the cuBLAS products); the default is kernels._contrastive_panel.PANEL_BYTES."""
+    from kernels import _contrastive_panel as panel
+
+    default, floor = panel.PANEL_BYTES, panel.MIN_PANEL_ROWS
+    cells = []
+    try:
+        panel.MIN_PANEL_ROWS = 128  # let 8 MiB mean 128 rows at 32k
+        for mib in sizes_mib:
+            panel.PANEL_BYTES = mib << 20
+            img, txt, scale = inputs(b, d)
+            ms, peak = measure(lambda i, t, s: kernels.contrastive_loss(i, t, s, mode="lean:panel"), img, txt, scale, 5)
+            rows = panel.panel_rows(b, img.element_size())
+            cells.append(f"{mib} MiB ({rows} rows): {ms:.2f} ms, {peak:.0f} MiB")
+            img = txt = scale = None
+    finally:
+        panel.PANEL_BYTES, panel.MIN_PANEL_ROWS = default, floor
+    record(f"panel sweep B={b} D={d} bf16 (default {default >> 20} MiB): " + "; ".join(cells))
 
 
 def breakdown(b=16384, d=512, top=6) -> None:
@@ -290,6 +319,7 @@ def main() -> int:
             else [(4096, 512), (16384, 512), (32768, 512), (65536, 512), (32768, 256), (32768, 768)]
         )),
         ("kernel breakdown", breakdown),
+        ("panel sweep", panel_sweep),
         ("ranks", ranks),
         ("B = 1M", huge),
     ]
