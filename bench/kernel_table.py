@@ -36,6 +36,58 @@ import kernels  # noqa: E402
 MIB = 1 << 20
 FUSED_MODES = ("lean:fused", "lean:panel", "fast")  # the two lean backwards side by side
 LINES: list[str] = []  # the short table printed last
+DEV = "cuda"  # "cpu" for --dry-run: every section on tiny sizes through the references
+
+# Sizes of each section: the GPU check, --quick, and --dry-run (CPU, seconds in all).
+SIZES = {
+    "full": dict(accuracy=(4096, 16384), memory=(16384, 32768), d=512, breakdown=16384, sweep=32768,
+                 sweep_mib=(8, 16, 32, 64), ranks=100_000, huge=1 << 20,
+                 table=[(4096, 512), (16384, 512), (32768, 512), (65536, 512), (32768, 256), (32768, 768)]),
+    "dry": dict(accuracy=(96,), memory=(64, 128), d=48, breakdown=64, sweep=256, sweep_mib=(1, 2),
+                ranks=300, huge=512, table=[(64, 48), (100, 40)]),
+}
+SIZES["quick"] = dict(SIZES["full"], table=[(4096, 512), (16384, 512)])
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak() -> int:
+    """Start a peak-memory window; returns the bytes allocated now (0 on the CPU)."""
+    if DEV != "cuda":
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def peak_since(base: int) -> float:
+    """MiB allocated at the peak of the window beyond ``base`` (0 on the CPU)."""
+    if DEV != "cuda":
+        return 0.0
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / MIB
+
+
+def empty_cache() -> None:
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+
+
+def timed_ms(fn) -> float:
+    """Milliseconds of ``fn()``: CUDA events on the GPU, the wall clock on the CPU."""
+    if DEV != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
 
 
 def say(line: str = "") -> None:
@@ -49,20 +101,28 @@ def record(line: str) -> None:
 
 def plain_loss(img, txt, scale):
     """The textbook loss (logits materialised), as timed by the reference figures."""
-    with torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.autocast(img.device.type, dtype=torch.bfloat16):
         logits = scale * img @ txt.T
         y = torch.arange(img.shape[0], device=img.device)
         return (F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y)) / 2
 
 
-PLAIN_COMPILED = torch.compile(plain_loss)
+_COMPILED = {}
+
+
+def plain_compiled(img, txt, scale):
+    """plain_loss through torch.compile (Inductor on the GPU; on the CPU dry run the eager
+    backend, which exercises the same path without minutes of C++ compilation)."""
+    if DEV not in _COMPILED:
+        _COMPILED[DEV] = torch.compile(plain_loss, backend="inductor" if DEV == "cuda" else "eager")
+    return _COMPILED[DEV](img, txt, scale)
 
 
 def inputs(b, d, dtype=torch.bfloat16, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    img = F.normalize(torch.randn(b, d, device="cuda", generator=g), dim=1).to(dtype).requires_grad_()
-    txt = F.normalize(torch.randn(b, d, device="cuda", generator=g), dim=1).to(dtype).requires_grad_()
-    scale = torch.tensor(14.3, device="cuda", requires_grad=True)
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    img = F.normalize(torch.randn(b, d, device=DEV, generator=g), dim=1).to(dtype).requires_grad_()
+    txt = F.normalize(torch.randn(b, d, device=DEV, generator=g), dim=1).to(dtype).requires_grad_()
+    scale = torch.tensor(14.3, device=DEV, requires_grad=True)
     return img, txt, scale
 
 
@@ -78,21 +138,13 @@ def measure(fn, img, txt, scale, reps):
     step(fn, img, txt, scale)  # warm-up: compilation, autotuning
     step(fn, img, txt, scale)
     img.grad = txt.grad = scale.grad = None
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+    base = reset_peak()
     step(fn, img, txt, scale)
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / MIB
+    peak = peak_since(base)
     times = []
     for _ in range(reps):
         img.grad = txt.grad = scale.grad = None
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step(fn, img, txt, scale)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(timed_ms(lambda: step(fn, img, txt, scale)))
     return statistics.median(times), peak
 
 
@@ -100,7 +152,7 @@ def impls():
     return {
         **{m: (lambda i, t, s, m=m: kernels.contrastive_loss(i, t, s, mode=m)) for m in FUSED_MODES},
         "plain eager": plain_loss,
-        "plain + compile": PLAIN_COMPILED,
+        "plain + compile": plain_compiled,
     }
 
 
@@ -112,19 +164,21 @@ def check_compiled_step() -> bool:
     for mode in FUSED_MODES:
         torch.manual_seed(0)
         torch._dynamo.reset()
-        model = torch.nn.Linear(256, 128, device="cuda")
-        log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07), device="cuda"))
+        model = torch.nn.Linear(256, 128, device=DEV)
+        log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07), device=DEV))
         opt = torch.optim.AdamW([*model.parameters(), log_scale], lr=1e-3)
-        x = torch.randn(2048, 256, device="cuda")
-        t = F.normalize(torch.randn(2048, 128, device="cuda"), dim=1).bfloat16()
+        b = 2048 if DEV == "cuda" else 64
+        x = torch.randn(b, 256, device=DEV)
+        t = F.normalize(torch.randn(b, 128, device=DEV), dim=1).bfloat16()
 
         def fwd(x, t, mode=mode, model=model, log_scale=log_scale):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(DEV, dtype=torch.bfloat16):
                 img = F.normalize(model(x).float(), dim=1).bfloat16()
             return kernels.contrastive_loss(img, t, log_scale.exp(), mode=mode)
 
         eager_loss = float(fwd(x, t))
-        compiled = torch.compile(fwd, fullgraph=True, mode="reduce-overhead")
+        how = dict(mode="reduce-overhead") if DEV == "cuda" else dict(backend="aot_eager")
+        compiled = torch.compile(fwd, fullgraph=True, **how)
         from torch._dynamo.utils import counters
 
         counters.clear()
@@ -146,7 +200,7 @@ def check_compiled_step() -> bool:
     return ok
 
 
-def check_accuracy(sizes=(4096, 16384), d=512) -> None:
+def check_accuracy(sizes, d) -> None:
     """Loss and gradients of every fused mode against float64 autograd (the long-K gradient
     products at 16k are where half-precision reductions would show)."""
     for b in sizes:
@@ -155,7 +209,7 @@ def check_accuracy(sizes=(4096, 16384), d=512) -> None:
         c = txt.detach().double().requires_grad_()
         s = scale.detach().double().requires_grad_()
         logits = s * a @ c.T
-        y = torch.arange(b, device="cuda")
+        y = torch.arange(b, device=DEV)
         ref = (F.cross_entropy(logits, y) + F.cross_entropy(logits.T, y)) / 2
         ref.backward()
         want = [ref.detach(), a.grad, c.grad, s.grad]
@@ -170,13 +224,13 @@ def check_accuracy(sizes=(4096, 16384), d=512) -> None:
                 f"ds {errs[3]:.1e} ({'ok' if good else 'FAIL'}: targets 1e-3 / 1e-2)"
             )
         img = txt = scale = want = None
-        torch.cuda.empty_cache()
+        empty_cache()
 
 
-def check_lean_memory(d=512, limit=64) -> None:
+def check_lean_memory(sizes, d, limit=64) -> None:
     """Extra memory of both lean backwards beyond the input gradients (target: ≤ 64 MiB at
     B = 32k; B²·2 bytes, a bf16 S, would be 512 MiB at 16k and 2 GiB at 32k)."""
-    for b in (16384, 32768):
+    for b in sizes:
         for mode in FUSED_MODES[:2]:
             img, txt, scale = inputs(b, d)
             _, peak = measure(lambda i, t, s, m=mode: kernels.contrastive_loss(i, t, s, mode=m), img, txt, scale, 1)
@@ -196,7 +250,7 @@ def table(sizes) -> None:
         cells = []
         reps = 20 if b <= 16384 else (10 if b <= 32768 else 5)
         for name, fn in impls().items():
-            torch.cuda.empty_cache()
+            empty_cache()
             try:
                 img, txt, scale = inputs(b, d)
                 ms, peak = measure(fn, img, txt, scale, reps)
@@ -212,7 +266,7 @@ def table(sizes) -> None:
         record(f"{b:>8} {d:>4} | " + " | ".join(cells))
 
 
-def panel_sweep(b=32768, d=512, sizes_mib=(8, 16, 32, 64)) -> None:
+def panel_sweep(b, d, sizes_mib) -> None:
     """lean:panel fwd+bwd against the size of its Ĝ panel (L2 residency against the width
     of the cuBLAS products); the default is kernels._contrastive_panel.PANEL_BYTES."""
     from kernels import _contrastive_panel as panel
@@ -233,7 +287,7 @@ def panel_sweep(b=32768, d=512, sizes_mib=(8, 16, 32, 64)) -> None:
     record(f"panel sweep B={b} D={d} bf16 (default {default >> 20} MiB): " + "; ".join(cells))
 
 
-def breakdown(b=16384, d=512, top=6) -> None:
+def breakdown(b, d, top=6) -> None:
     """Device time per kernel of one fwd+bwd of each fused mode (torch.profiler): which
     kernel to work on next. Kernel names are cut to 40 characters."""
     from torch.autograd import DeviceType
@@ -243,36 +297,39 @@ def breakdown(b=16384, d=512, top=6) -> None:
         img, txt, scale = inputs(b, d)
         fn = lambda i, t, s, m=mode: kernels.contrastive_loss(i, t, s, mode=m)  # noqa: E731
         step(fn, img, txt, scale)  # autotuning stays out of the trace
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        sync()
+        cuda = DEV == "cuda"  # on the CPU dry run: CPU operators
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
             step(fn, img, txt, scale)
-            torch.cuda.synchronize()
-        events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
-        events.sort(key=lambda e: -e.self_device_time_total)
-        total = sum(e.self_device_time_total for e in events) / 1e3
-        parts = ", ".join(f"{e.key[:40]} ×{e.count} {e.self_device_time_total / 1e3:.2f}" for e in events[:top])
+            sync()
+        events = [e for e in prof.key_averages() if e.device_type == (DeviceType.CUDA if cuda else DeviceType.CPU)]
+
+        def us(e, cuda=cuda):
+            return e.self_device_time_total if cuda else e.self_cpu_time_total
+
+        events.sort(key=lambda e: -us(e))
+        total = sum(us(e) for e in events) / 1e3
+        parts = ", ".join(f"{e.key[:40]} ×{e.count} {us(e) / 1e3:.2f}" for e in events[:top])
         record(f"breakdown {mode} B={b} D={d}: {total:.2f} ms of kernels: {parts}")
         img = txt = scale = None
 
 
-def ranks(n=100_000, d=512) -> None:
-    g = torch.Generator(device="cuda").manual_seed(2)
-    img = F.normalize(torch.randn(n, d, device="cuda", generator=g), dim=1).bfloat16()
-    txt = F.normalize(img.float() + 0.5 * torch.randn(n, d, device="cuda", generator=g), dim=1).bfloat16()
+def ranks(n, d) -> None:
+    g = torch.Generator(device=DEV).manual_seed(2)
+    img = F.normalize(torch.randn(n, d, device=DEV, generator=g), dim=1).bfloat16()
+    txt = F.normalize(img.float() + 0.5 * torch.randn(n, d, device=DEV, generator=g), dim=1).bfloat16()
     kernels.retrieval_ranks(img, txt)  # warm-up, autotuning
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+    base = reset_peak()
     times = []
     for _ in range(5):
         t0 = time.perf_counter()
         got = kernels.retrieval_ranks(img, txt)
-        torch.cuda.synchronize()
+        sync()
         times.append((time.perf_counter() - t0) * 1e3)
-    peak = (torch.cuda.max_memory_allocated() - base) / MIB
+    peak = peak_since(base)
     ref = kernels.retrieval_ranks_ref(img, txt)
     diff = (got.i2t != ref.i2t).sum().item() + (got.t2i != ref.t2i).sum().item()
-    const = torch.full((n, d), 0.03, device="cuda", dtype=torch.bfloat16)
+    const = torch.full((n, d), 0.03, device=DEV, dtype=torch.bfloat16)
     flat = kernels.retrieval_ranks(const, const)
     collapsed = bool((flat.i2t == n - 1).all() and (flat.t2i == n - 1).all())
     ms = statistics.median(times)
@@ -283,16 +340,14 @@ def ranks(n=100_000, d=512) -> None:
     )
 
 
-def huge(b=1 << 20, d=512) -> None:
+def huge(b, d) -> None:
     img, txt, scale = inputs(b, d, seed=3)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+    base = reset_peak()
     t0 = time.perf_counter()
     loss = step(lambda i, t, s: kernels.contrastive_loss(i, t, s, mode="lean"), img, txt, scale)
-    torch.cuda.synchronize()
+    sync()
     sec = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated() - base) / MIB
+    peak = peak_since(base)
     finite = bool(torch.isfinite(loss) and torch.isfinite(img.grad).all() and torch.isfinite(txt.grad).all())
     record(
         f"lean B={b} D={d} bf16: {sec:.1f} s fwd+bwd (first call, compilation included), peak extra "
@@ -300,28 +355,34 @@ def huge(b=1 << 20, d=512) -> None:
     )
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    global DEV
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=None, help="write the short table here")
     ap.add_argument("--quick", action="store_true", help="smaller table (B up to 16k)")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
+    ap.add_argument("--dry-run", action="store_true",
+                    help="every section on the CPU with tiny sizes through the PyTorch references: "
+                         "checks this script, measures nothing")
+    args = ap.parse_args(argv)
+    LINES.clear()
+    DEV = "cpu" if args.dry_run else "cuda"
+    if not args.dry_run and not torch.cuda.is_available():
         say("no CUDA device: nothing to check")
         return 1
-    record(f"device: {torch.cuda.get_device_name()} (torch {torch.__version__})")
+    z = SIZES["dry" if args.dry_run else "quick" if args.quick else "full"]
+    name = "CPU dry run (nothing measured)" if args.dry_run else torch.cuda.get_device_name()
+    record(f"device: {name} (torch {torch.__version__})")
     ok = True
+    d = z["d"]
     sections = [
         ("compiled training step", check_compiled_step),
-        ("accuracy", check_accuracy),
-        ("lean memory", check_lean_memory),
-        ("table", lambda: table(
-            [(4096, 512), (16384, 512)] if args.quick
-            else [(4096, 512), (16384, 512), (32768, 512), (65536, 512), (32768, 256), (32768, 768)]
-        )),
-        ("kernel breakdown", breakdown),
-        ("panel sweep", panel_sweep),
-        ("ranks", ranks),
-        ("B = 1M", huge),
+        ("accuracy", lambda: check_accuracy(z["accuracy"], d)),
+        ("lean memory", lambda: check_lean_memory(z["memory"], d)),
+        ("table", lambda: table(z["table"])),
+        ("kernel breakdown", lambda: breakdown(z["breakdown"], d)),
+        ("panel sweep", lambda: panel_sweep(z["sweep"], d, z["sweep_mib"])),
+        ("ranks", lambda: ranks(z["ranks"], d)),
+        ("B = 1M", lambda: huge(z["huge"], d)),
     ]
     for name, fn in sections:
         say(f"== {name}")
@@ -333,7 +394,7 @@ def main() -> int:
             ok = False
             record(f"{name}: FAILED with {type(e).__name__}: {e}")
         say(f"   ({time.perf_counter() - t0:.0f} s)")
-        torch.cuda.empty_cache()
+        empty_cache()
     say("\n==== summary")
     for line in LINES:
         say(line)

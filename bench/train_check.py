@@ -69,10 +69,10 @@ def train(cache: Cache, steps: int, overrides: dict, log_every: int = 10, placem
     return dict(run, steady_sps=steady)
 
 
-def smoke() -> bool:
+def smoke(steps: int = 60, batch: int = 128) -> bool:
     cache = random_cache(2048, 64, 32, 512)
     t0 = time.perf_counter()
-    run = train(cache, 60, {"preset": "tiny", "batch_size": "128", "expert_cold_start": "0.0"})
+    run = train(cache, steps, {"preset": "tiny", "batch_size": str(batch), "expert_cold_start": "0.0"})
     m = evaluate_split(run["model"], cache, cache.split_images("val"), run["device"], 0,
                        bf16=run["device"].type == "cuda")
     ok = run["status"] == "ok" and math.isfinite(run["last"]["loss"]) and math.isfinite(m["mean_rank"])
@@ -88,6 +88,9 @@ def sync_check(steps: int = 30) -> int:
     first metrics row arrives (at step 10) and every synchronising call is listed by its
     Python call site; the end of the run's synchronize accounts for one. (Waits on a CUDA
     event, as for a metrics copy that has not arrived, are invisible to the debug mode.)"""
+    if DEVICE != "cuda":
+        print("sync_check: skipped (CUDA's sync debug mode needs a GPU)", flush=True)
+        return 0
     cache = random_cache(2048, 64, 32, 512)
     armed = []
 
@@ -118,16 +121,19 @@ SPEED_ROWS = {  # name: (what it is, HPARAMS overrides, data placement)
 }
 
 
-def speed(steps: int, only: list[str]) -> None:
-    cache = random_cache(4096, 224, 77, 8192)
+def speed(steps: int, only: list[str], dry: bool = False) -> None:
+    """The speed rows; ``dry``: preset tiny at 64 px on the CPU (checks the rows run)."""
+    cuda = DEVICE == "cuda"
+    cache = random_cache(256, 64, 32, 512) if dry else random_cache(4096, 224, 77, 8192)
+    model = {"preset": "tiny", "batch_size": "16"} if dry else {"preset": "vit-s16", "batch_size": "64"}
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     for key in only:
         name, extra, placement = SPEED_ROWS[key]
-        torch.cuda.reset_peak_memory_stats()
-        run = train(cache, steps, {"preset": "vit-s16", "batch_size": "64", "expert": "false", **extra},
-                    placement=placement)
-        mem = torch.cuda.max_memory_allocated() / 2**30
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        run = train(cache, steps, {**model, "expert": "false", **extra}, placement=placement)
+        mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
         print(f"speed: {name}: {run['steady_sps']:.0f} samples/s, warmup_s {run['warmup_s']:.1f}, "
               f"peak {mem:.1f} GiB, status {run['status']}, loss {run['last'].get('loss', float('nan')):.3f}",
               flush=True)
@@ -140,19 +146,25 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-smoke", action="store_true", help="speed runs only")
     ap.add_argument("--only", default=",".join(SPEED_ROWS),
                     help=f"speed: comma-separated rows to run, of {', '.join(SPEED_ROWS)} (default: all)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="on the CPU, preset tiny, a few steps: checks this script, measures nothing")
     args = ap.parse_args(argv)
     only = [k for k in args.only.split(",") if k]
     if unknown := [k for k in only if k not in SPEED_ROWS]:
         ap.error(f"--only: unknown rows {', '.join(unknown)} (known: {', '.join(SPEED_ROWS)})")
-    if not torch.cuda.is_available():
+    global DEVICE
+    DEVICE = "cpu" if args.dry_run else "cuda"
+    if not args.dry_run and not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 1
-    print(f"device: {torch.cuda.get_device_name()} (torch {torch.__version__})", flush=True)
-    ok = True if args.skip_smoke else smoke()
+    name = "CPU dry run (nothing measured)" if args.dry_run else torch.cuda.get_device_name()
+    print(f"device: {name} (torch {torch.__version__})", flush=True)
+    ok = True
     if not args.skip_smoke:
+        ok = smoke(6, 32) if args.dry_run else smoke()
         sync_check()
     if not args.skip_speed:
-        speed(args.steps, only)
+        speed(3 if args.dry_run else args.steps, only, dry=args.dry_run)
     return 0 if ok else 1
 
 

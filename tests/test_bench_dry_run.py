@@ -1,0 +1,56 @@
+"""The GPU-check scripts run end to end on the CPU (--dry-run): a script error shows here,
+not after minutes of a lent GPU. Nothing is measured; the figures they print are not checked
+beyond being there and finite where they are values of the model."""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import kernel_table, profile_step, train_check  # noqa: E402
+
+
+def test_kernel_table_dry_run(tmp_path, capsys):
+    out = tmp_path / "table.md"
+    assert kernel_table.main(["--dry-run", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "FAIL" not in text and "error" not in text
+    for mode in ("lean:fused", "lean:panel", "fast"):
+        assert f"compiled step ({mode}): ok" in text
+        assert re.search(rf"accuracy B=96 D=48 bf16 {re.escape(mode)}: .*\(ok", text)
+        assert f"breakdown {mode} B=64" in text
+    # the table: a header with every implementation and one row per size, five cells each
+    assert "plain + compile" in text
+    rows = [line for line in text.splitlines() if re.match(r"\s+(64|100)\s+(48|40) \|", line)]
+    assert len(rows) == 2 and all(line.count("|") == 5 for line in rows)
+    assert "panel sweep B=256" in text and "finite: ok" in text and "collapsed model ranks N-1: ok" in text
+
+
+def test_train_check_dry_run(capsys):
+    assert train_check.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "smoke_status: ok" in out and "OK" in out
+    speeds = re.findall(r"^speed: (.+?): ([\d.]+) samples/s.*status (\w+), loss ([\d.naif]+)", out, re.M)
+    assert [s[0] for s in speeds] == [v[0] for v in train_check.SPEED_ROWS.values()]
+    assert all(status == "ok" and math.isfinite(float(loss)) for _, _, status, loss in speeds)
+
+
+def test_profile_step_on_the_cpu(capsys):
+    rc = profile_step.main(["--device", "cpu", "--preset", "tiny", "--batch", "16", "--image-size", "64",
+                            "--skip", "1", "--active", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0 and re.search(r"per step: wall [\d.]+ ms", out) and "aten::" in out
+
+
+@pytest.mark.parametrize("script", [kernel_table, train_check])
+def test_without_a_gpu_and_without_dry_run_the_scripts_say_so(script, capsys):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert script.main([]) == 1
+    assert "no CUDA device" in capsys.readouterr().out
