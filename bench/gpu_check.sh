@@ -16,8 +16,10 @@
 #   then the short tables again, last.
 # In priority order, each under its own time limit, so a cut-off run still reports the most.
 # Prints the device first and a short table last; with $OUT set, writes logs and the table
-# there. Usage: [STEPS="1 2 2b 3 4"] [T1=… T2=…] bash bench/gpu_check.sh [--quick]
+# there. Usage: [STEPS="1 2 2b 3 4"] [T1=… T2=…] [DRY=1] bash bench/gpu_check.sh [--quick]
 # All steps at their default limits can exceed 10 minutes: pick STEPS to fit a session.
+# DRY=1 runs steps 2, 2b and 3 on the CPU at tiny sizes (--dry-run: this script's plumbing,
+# nothing measured) and skips steps 1 and 4, which need a GPU to mean anything.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -25,6 +27,7 @@ export PYTHONPATH="$PWD:$PWD/.gpudeps${PYTHONPATH:+:$PYTHONPATH}"
 OUT_DIR="${OUT:-}"
 QUICK=""
 [ "${1:-}" = "--quick" ] && QUICK="--quick"
+DRY="${DRY:-}"
 status=0
 log() { if [ -n "$OUT_DIR" ]; then tee -a "$OUT_DIR/$1"; else cat; fi; }
 STEPS=" ${STEPS:-1 2 2b 3 4} "
@@ -34,10 +37,11 @@ TABLE="${OUT_DIR:-${TMPDIR:-/tmp}}/kernel_table.md"
 
 "$PY" -c "import torch, triton; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none', '| torch', torch.__version__, '| triton', triton.__version__)"
 
-if want 1; then
-    echo "== 1. CUDA tests: host data path and kernels"
+if want 1 && [ -z "$DRY" ]; then
+    echo "== 1. CUDA tests: host data path, metrics read-back and kernels"
     if "$PY" -c "import pytest" 2>/dev/null; then
-        timeout "${T1:-150}" "$PY" -m pytest tests/test_data_device.py tests/test_kernels_contrastive.py tests/test_kernels_retrieval.py \
+        timeout "${T1:-150}" "$PY" -m pytest tests/test_data_device.py tests/test_readback.py \
+            tests/test_kernels_contrastive.py tests/test_kernels_retrieval.py \
             -q -p no:cacheprovider -o addopts="" -k "cuda" 2>&1 | tail -15 | log tests.log || status=1
     else
         echo "pytest is not available: step 1 skipped (step 3 still checks accuracy)"
@@ -46,24 +50,27 @@ fi
 
 if want 2; then
     echo "== 2. training loop on CUDA"
-    timeout "${T2:-240}" "$PY" bench/train_check.py --steps "${SPEED_STEPS:-60}" 2>&1 | grep -v Warning | log train.log || status=1
+    timeout "${T2:-240}" "$PY" bench/train_check.py --steps "${SPEED_STEPS:-60}" ${DRY:+--dry-run} 2>&1 \
+        | grep -v Warning | log train.log || status=1
 fi
 
 if want 2b; then
     echo "== 2b. where the training step's time goes (profiler: busy fraction, top kernels)"
+    small=()
+    [ -n "$DRY" ] && small=(--device cpu --preset tiny --batch 16 --image-size 64 --skip 1 --active 2)
     for mode in default reduce-overhead; do
-        timeout "${T2B:-90}" "$PY" bench/profile_step.py --compile-mode "$mode" 2>&1 | grep -v -E "Warning|USDT" \
-            | log profile.log || status=1
+        timeout "${T2B:-90}" "$PY" bench/profile_step.py --compile-mode "$mode" "${small[@]}" 2>&1 \
+            | grep -v -E "Warning|USDT" | log profile.log || status=1
     done
 fi
 
 if want 3; then
     echo "== 3. kernel table"
-    args=($QUICK --out "$TABLE")
+    args=($QUICK ${DRY:+--dry-run} --out "$TABLE")
     timeout "${T3:-300}" "$PY" bench/kernel_table.py "${args[@]}" 2>&1 | log kernels.log || status=1
 fi
 
-if want 4; then
+if want 4 && [ -z "$DRY" ]; then
     echo "== 4. benchmark suites and the guard"
     SLUG=$("$PY" -c "from bench.guard import slug, current_device; print(slug(current_device()))")
     if [ -f "bench/baselines/$SLUG.json" ]; then

@@ -54,3 +54,23 @@ def test_without_a_gpu_and_without_dry_run_the_scripts_say_so(script, capsys):
         pytest.skip("this machine has a GPU")
     assert script.main([]) == 1
     assert "no CUDA device" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_gpu_check_script_dry_run(tmp_path):
+    # The shell plumbing: steps 2, 2b and 3 with DRY=1 (CPU, tiny), logs in $OUT, the
+    # summary at the end; steps 1 and 4 are skipped without a GPU.
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, DRY="1", OUT=str(tmp_path), PYTHON=sys.executable, STEPS="1 2 2b 3 4")
+    proc = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    out = proc.stdout
+    assert proc.returncode == 0, out[-3000:] + proc.stderr[-2000:]
+    assert "== 1." not in out and "== 4." not in out
+    summary = out[out.index("==== summary"):]
+    assert "compiled step (lean:panel): ok" in summary and "smoke_status: ok" in summary
+    assert summary.count("per step: wall") == 2 and summary.count("speed: ") == len(train_check.SPEED_ROWS)
+    assert {p.name for p in tmp_path.iterdir()} >= {"train.log", "profile.log", "kernels.log", "kernel_table.md"}
