@@ -8,7 +8,8 @@
    off: fp32 eager with TF32 off (PyTorch defaults) against the template's fast path
    (bf16 autocast + torch.compile + fused AdamW + fused loss), the fast path with CUDA graphs
    (``compile_mode=reduce-overhead``), and the fast path with the images in pinned host
-   memory (the prefetch thread's path). Steady-state samples/s
+   memory (the prefetch thread's path), and with each transformer block compiled on its own
+   (``compile_scope=blocks``: a shorter first step). Steady-state samples/s
    (after the first logged step) and the first step's time (``warmup_s``, compilation
    included).
 
@@ -118,6 +119,8 @@ SPEED_ROWS = {  # name: (what it is, HPARAMS overrides, data placement)
     "template": ("bf16 + compile + fused (template)", {}, "auto"),
     "graphs": ("template + CUDA graphs (compile_mode=reduce-overhead)", {"compile_mode": "reduce-overhead"}, "auto"),
     "host": ("template, images in host memory (prefetch thread)", {}, "host"),
+    "blocks": ("template, each transformer block compiled alone (compile_scope=blocks)",
+               {"compile_scope": "blocks"}, "auto"),
 }
 
 

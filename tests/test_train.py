@@ -174,11 +174,47 @@ def test_checkpoint_round_trip(cache, tmp_path):
     (["--steps", "5", "stray"], "unrecognised argument 'stray'"),
     (["--steps", "5", "--resume"], "no checkpoint here"),
     (["--steps", "5", "--compile_mode=fastest"], "compile_mode: expected one of default, reduce-overhead,"),
+    (["--steps", "5", "--compile_scope=all"], "compile_scope: expected one of step, blocks, got 'all'"),
+    (["--steps", "5", "--compile_scope=blocks", "--compile_mode=reduce-overhead"],
+     "compile_scope: 'blocks' runs eager code between the blocks"),
 ])
 def test_bad_options_exit_2_with_one_line(cache, tmp_path, capsys, argv, message):
     rc, _, err = run(["--data", cache, "--out", tmp_path / "o", *argv], capsys)
     assert rc == 2 and err.startswith("train: error: ") and message in err, err
     assert err.strip().count("\n") == 0
+
+
+@pytest.mark.slow
+def test_block_compilation_trains_and_checkpoints_like_eager(cache, tmp_path, capsys):
+    # compile_scope=blocks compiles each transformer block in place: the same losses as an
+    # eager run up to compiled-kernel rounding, and checkpoints with the eager names.
+    runs = {}
+    for name, extra in (("eager", ["--compile=false"]), ("blocks", ["--compile=true", "--compile_scope=blocks"])):
+        out = tmp_path / name
+        rc, _, err = run(["--data", cache, "--out", out, "--steps", 3, *SMALL, *extra,
+                          "--compile-cache", tmp_path / "cc"], capsys)
+        assert rc == 0, err
+        runs[name] = out
+    from safetensors.torch import load_file
+    ea, bl = (load_file(str(runs[k] / "checkpoint.safetensors")) for k in ("eager", "blocks"))
+    assert ea.keys() == bl.keys() and not any("_orig_mod" in k for k in bl)
+    la, lb = (json.loads((runs[k] / "result.json").read_text())["loss"] for k in ("eager", "blocks"))
+    assert la == pytest.approx(lb, rel=1e-3)
+
+
+def test_block_compilation_compiles_each_block_in_place():
+    import torch
+
+    from eclip.loop import ModelSpec, load_recipe
+    from eclip.towers import Block
+
+    r = load_recipe(train.TEMPLATE)
+    r.HPARAMS.update(compile=True, compile_scope="blocks")
+    model = r.build_model(ModelSpec(vocab_size=64, context_length=8, phrase_length=4, image_size=32,
+                                    device=torch.device("cpu")))
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+    assert r._STATE["clip_loss"] is r._clip_loss and r._STATE["graphs"] is False
 
 
 def test_overrides_that_prefix_an_option_are_overrides(cache, tmp_path, capsys):
