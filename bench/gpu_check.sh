@@ -16,7 +16,8 @@
 #   then the short tables again, last.
 # In priority order, each under its own time limit, so a cut-off run still reports the most.
 # Prints the device first and a short table last; with $OUT set, writes logs and the table
-# there. Usage: [STEPS="1 2 2b 3 4"] [T1=… T2=…] [DRY=1] bash bench/gpu_check.sh [--quick]
+# there. Usage: [STEPS="1 2 2b 3 4"] [T1=… T2=…] [ONLY=template,graphs] [DRY=1] bash bench/gpu_check.sh [--quick]
+# (ONLY: the speed rows of step 2, as train_check.py --only; default all.)
 # All steps at their default limits can exceed 10 minutes: pick STEPS to fit a session.
 # DRY=1 runs steps 2, 2b and 3 on the CPU at tiny sizes (--dry-run: this script's plumbing,
 # nothing measured) and skips steps 1 and 4, which need a GPU to mean anything.
@@ -50,7 +51,7 @@ fi
 
 if want 2; then
     echo "== 2. training loop on CUDA"
-    timeout "${T2:-240}" "$PY" bench/train_check.py --steps "${SPEED_STEPS:-60}" ${DRY:+--dry-run} 2>&1 \
+    timeout "${T2:-240}" "$PY" bench/train_check.py --steps "${SPEED_STEPS:-60}" ${ONLY:+--only "$ONLY"} ${DRY:+--dry-run} 2>&1 \
         | grep -v Warning | log train.log || status=1
 fi
 
