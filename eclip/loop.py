@@ -72,6 +72,13 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
+def use_device(device: torch.device) -> None:
+    """Make ``cuda:N`` the current device, so that what launches without naming a device
+    (Triton kernels, CUDA events) runs there too. A bare ``cuda`` already is."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device.index)
+
+
 def load_recipe(path: str | Path):
     """Import a recipe file by path as a fresh module (so two recipes never share state)."""
     path = Path(path)
@@ -224,8 +231,7 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
     if (cfg.budget_s is None) == (cfg.steps is None):
         raise EclipError("give exactly one of a time budget (--budget-s) or a step count (--steps)")
     device = pick_device(cfg.device)
-    if device.type == "cuda":  # kernels launched without a device (Triton's, events) go there too
-        torch.cuda.set_device(device)
+    use_device(device)
     hp = recipe.HPARAMS
     torch.manual_seed(cfg.seed)
     if hp.get("text_tower"):  # a pretrained text tower reads its own tokenizer's ids (harness-side)
@@ -326,6 +332,7 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
             raise
         try:  # the row in flight is logged, and a loss that diverged before the OOM says so
             log(readback.flush())
+            _check_losses(pending, cfg.diverge_loss)
             status, last = "oom", dict(last, reason=str(e).splitlines()[0][:200])
         except Diverged as d:
             status, last = "diverged", dict(last, reason=str(d))

@@ -109,30 +109,43 @@ def test_nan_loss_is_reported_as_diverged(cache, tmp_path, capsys):
     assert "loss nan at step 3" in result["reason"] and result["steps"] == 6
 
 
-@pytest.mark.parametrize("nan_first", [False, True])
-def test_out_of_memory_mid_run_keeps_the_row_in_flight(cache, tmp_path, capsys, nan_first):
-    # An OOM at step 5 (--log-every=2): the row pushed at step 4 is still logged, and a NaN
-    # at step 3, not yet read back, makes the run "diverged" rather than "oom".
+@pytest.mark.parametrize("nan_step", [None, 3, 5])
+def test_out_of_memory_mid_run_keeps_the_row_in_flight(cache, tmp_path, capsys, nan_step):
+    # An OOM at step 6 (--log-every=2: rows pushed at steps 1, 2, 4): the row of step 4, still
+    # in flight, is logged, and a NaN not yet read back — in that row (step 3) or after it
+    # (step 5) — makes the run "diverged" rather than "oom".
     hog = recipe_with(tmp_path, (
         "_base_train_step = train_step\n_calls = [0]\n\n"
         "def train_step(model, optimizer, batch, progress):\n"
         "    _calls[0] += 1\n"
-        "    if _calls[0] == 5:\n"
+        "    if _calls[0] == 6:\n"
         "        raise torch.OutOfMemoryError('CUDA out of memory (simulated)')\n"
         "    out = _base_train_step(model, optimizer, batch, progress)\n"
-        f"    if _calls[0] == 3 and {nan_first}:\n"
+        f"    if _calls[0] == {nan_step}:\n"
         "        out['loss'] = out['loss'] * float('nan')\n"
         "    return out\n"))
     out = tmp_path / "run"
     rc, _, _ = run(["--data", cache, "--out", out, "--steps", 20, "--recipe", hog, *SMALL], capsys)
     result = json.loads((out / "result.json").read_text())
-    assert rc == 1 and result["steps"] == 4
-    if nan_first:
-        assert result["status"] == "diverged" and "loss nan at step 3" in result["reason"]
+    assert rc == 1 and result["steps"] == 5
+    if nan_step:
+        assert result["status"] == "diverged" and f"loss nan at step {nan_step}" in result["reason"]
     else:
         assert result["status"] == "oom" and "out of memory (simulated)" in result["reason"]
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows if "loss" in r] == [1, 2, 4]
+
+
+def test_a_cuda_device_with_an_index_becomes_current(monkeypatch):
+    # Triton kernels and CUDA events go to the current device: cuda:N must be made current
+    # (a bare "cuda" is; torch.cuda.set_device refuses a device without an index).
+    from eclip.loop import use_device
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    for name in ("cpu", "cuda", "cuda:1"):
+        use_device(torch.device(name))
+    assert calls == [1]
 
 
 def test_checkpoint_round_trip(cache, tmp_path):
