@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# The whole GPU verification in one call (about 5 minutes on an H100). Installs nothing:
-# needs torch, triton and numpy; safetensors, tqdm and pytest come from ./.gpudeps when the
-# machine lacks them (make it with `make gpudeps` and carry it). Random data only.
-#   1. the CUDA tests: the host data path (pinned memory, side stream), the kernels (bf16 included);
-#   2. bench/train_check.py: the training loop on CUDA (smoke run with evaluation, then
-#      vit-s16 batch 64: fp32 eager, the fast path, with CUDA graphs, from host memory);
+# The whole GPU verification, step by step (all steps at their default limits take more than
+# 10 minutes on an H100: pick STEPS). Installs nothing: needs torch, triton and numpy;
+# safetensors, tqdm and pytest come from ./.gpudeps when the machine lacks them (make it with
+# `make gpudeps` and carry it). Random data only.
+#   1. the CUDA tests: the host data path (pinned memory, side stream), the metrics
+#      read-back, the kernels (bf16 included);
+#   2. bench/train_check.py: the training loop on CUDA (smoke run with evaluation, the host
+#      syncs of the steady steps, then vit-s16 batch 64: fp32 eager, the fast path, with CUDA
+#      graphs, from host memory, with per-block compilation);
 #   2b. bench/profile_step.py: the template's step under the profiler, without and with
 #      CUDA graphs (wall vs kernel-busy time per step, launches, top kernels);
 #   3. bench/kernel_table.py: compiled training step (fullgraph, reduce-overhead), accuracy
-#      against float64, lean memory at B = 16,384 and 32,768 (both lean backwards), the
-#      comparison table (lean:fused, lean:panel, fast, plain, plain + compile), ranks at
-#      N = 100,000, and B = 1,048,576 in lean mode;
+#      against float64 at B = 4,096 and 16,384, lean memory at 16,384 and 32,768 (both lean
+#      backwards), the comparison table (lean:fused, lean:panel, fast, plain, plain +
+#      compile), the device time per kernel, the panel-size sweep, ranks at N = 100,000,
+#      and B = 1,048,576 in lean mode;
 #   4. the pytest-benchmark suites and the guard against bench/baselines/<device>.json (when
 #      there is none, the run is saved to $OUT as the baseline to commit);
 #   then the short tables again, last.
@@ -18,7 +22,6 @@
 # Prints the device first and a short table last; with $OUT set, writes logs and the table
 # there. Usage: [STEPS="1 2 2b 3 4"] [T1=… T2=…] [ONLY=template,graphs] [DRY=1] bash bench/gpu_check.sh [--quick]
 # (ONLY: the speed rows of step 2, as train_check.py --only; default all.)
-# All steps at their default limits can exceed 10 minutes: pick STEPS to fit a session.
 # DRY=1 runs steps 2, 2b and 3 on the CPU at tiny sizes (--dry-run: this script's plumbing,
 # nothing measured) and skips steps 1 and 4, which need a GPU to mean anything.
 set -uo pipefail
@@ -28,7 +31,8 @@ export PYTHONPATH="$PWD:$PWD/.gpudeps${PYTHONPATH:+:$PYTHONPATH}"
 OUT_DIR="${OUT:-}"
 QUICK=""
 [ "${1:-}" = "--quick" ] && QUICK="--quick"
-DRY="${DRY:-}"
+[ "${DRY:-0}" = 1 ] && DRY=1 || DRY=""  # DRY=1 only (DRY=0 is a real run)
+[ -n "$DRY" ] && echo "dry run: steps 1 and 4 skipped (they need a GPU), the rest on the CPU at tiny sizes"
 status=0
 log() { if [ -n "$OUT_DIR" ]; then tee -a "$OUT_DIR/$1"; else cat; fi; }
 STEPS=" ${STEPS:-1 2 2b 3 4} "
@@ -51,7 +55,7 @@ fi
 
 if want 2; then
     echo "== 2. training loop on CUDA"
-    timeout "${T2:-240}" "$PY" bench/train_check.py --steps "${SPEED_STEPS:-60}" ${ONLY:+--only "$ONLY"} ${DRY:+--dry-run} 2>&1 \
+    timeout "${T2:-360}" "$PY" bench/train_check.py --steps "${SPEED_STEPS:-60}" ${ONLY:+--only "$ONLY"} ${DRY:+--dry-run} 2>&1 \
         | grep -v Warning | log train.log || status=1
 fi
 
@@ -68,7 +72,7 @@ fi
 if want 3; then
     echo "== 3. kernel table"
     args=($QUICK ${DRY:+--dry-run} --out "$TABLE")
-    timeout "${T3:-300}" "$PY" bench/kernel_table.py "${args[@]}" 2>&1 | log kernels.log || status=1
+    timeout "${T3:-480}" "$PY" bench/kernel_table.py "${args[@]}" 2>&1 | log kernels.log || status=1
 fi
 
 if want 4 && [ -z "$DRY" ]; then

@@ -268,7 +268,9 @@ def table(sizes) -> None:
 
 def panel_sweep(b, d, sizes_mib) -> None:
     """lean:panel fwd+bwd against the size of its Ĝ panel (L2 residency against the width
-    of the cuBLAS products); the default is kernels._contrastive_panel.PANEL_BYTES."""
+    of the cuBLAS products); the default is kernels._contrastive_panel.PANEL_BYTES. The
+    panel kernel's tuned config is keyed on (D, B bucket), not the panel height: every
+    height here runs the config tuned for the default one (at 32k, by the sections before)."""
     from kernels import _contrastive_panel as panel
 
     default, floor = panel.PANEL_BYTES, panel.MIN_PANEL_ROWS

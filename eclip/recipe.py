@@ -117,9 +117,16 @@ def build_model(spec):
                          "would make a CUDA graph per block (use 'default' or 'max-autotune-no-cudagraphs')")
     opts = dict(dynamic=False, mode=None if mode == "default" else mode)
     if compile_on and scope == "blocks":
-        for blk in model.modules():
-            if isinstance(blk, Block):
-                blk.compile(**opts)  # in place: parameter names (and checkpoints) unchanged
+        blocks = [m for m in model.modules() if isinstance(m, Block)]
+        if not blocks:
+            raise ValueError("compile_scope: 'blocks' found no transformer block of the preset towers "
+                             "(pretrained towers have their own): use 'step'")
+        for blk in blocks:
+            # In place: parameter names (and checkpoints) stay. All blocks share one code
+            # object, hence one cache of graphs (vision, text, phrases, evaluation, expert
+            # subsets of varying size): dynamic=None turns a dimension symbolic once it has
+            # changed, instead of recompiling into dynamo's limit of 8 graphs.
+            blk.compile(**dict(opts, dynamic=None))
     # dynamic=False: the batch size is fixed, and the loss picks its mode from a concrete B
     _STATE["clip_loss"] = (torch.compile(_clip_loss, **opts) if compile_on and scope == "step" else _clip_loss)
     # CUDA graphs own their outputs: a later replay overwrites them (see train_step)

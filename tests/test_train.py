@@ -201,6 +201,9 @@ def test_bad_options_exit_2_with_one_line(cache, tmp_path, capsys, argv, message
 def test_block_compilation_trains_and_checkpoints_like_eager(cache, tmp_path, capsys):
     # compile_scope=blocks compiles each transformer block in place: the same losses as an
     # eager run up to compiled-kernel rounding, and checkpoints with the eager names.
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     runs = {}
     for name, extra in (("eager", ["--compile=false"]), ("blocks", ["--compile=true", "--compile_scope=blocks"])):
         out = tmp_path / name
@@ -213,6 +216,31 @@ def test_block_compilation_trains_and_checkpoints_like_eager(cache, tmp_path, ca
     assert ea.keys() == bl.keys() and not any("_orig_mod" in k for k in bl)
     la, lb = (json.loads((runs[k] / "result.json").read_text())["loss"] for k in ("eager", "blocks"))
     assert la == pytest.approx(lb, rel=1e-3)
+    assert counters["stats"]["unique_graphs"] >= 2  # a vision and a text block graph at least
+
+
+@pytest.mark.slow
+def test_block_compilation_with_the_expert_path_stays_under_the_recompile_limit(cache, tmp_path, capsys):
+    # Expert subsets of varying size, phrases, random crops and evaluation all go through the
+    # same compiled Block code: with static shapes they hit dynamo's limit of 8 graphs.
+    import logging
+
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("torch._dynamo").addHandler(handler)
+    try:
+        rc, _, err = run(["--data", cache, "--out", tmp_path / "run", "--steps", 20, *SMALL, "--compile=true",
+                          "--compile_scope=blocks", "--expert=true", "--expert_cold_start=0.0",
+                          "--expert_probability=1.0", "--crop_scale=0.1", "--compile-cache", tmp_path / "cc"], capsys)
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(handler)
+    assert rc == 0, err
+    assert not [r for r in records if "recompile_limit" in r.getMessage()]
+    assert 2 <= counters["stats"]["unique_graphs"] <= 8
 
 
 def test_block_compilation_compiles_each_block_in_place():
@@ -228,6 +256,10 @@ def test_block_compilation_compiles_each_block_in_place():
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     assert blocks and all(b._compiled_call_impl is not None for b in blocks)
     assert r._STATE["clip_loss"] is r._clip_loss and r._STATE["graphs"] is False
+    r.Block = type("NotABlock", (), {})  # as with pretrained towers: nothing to compile is an error
+    with pytest.raises(ValueError, match="'blocks' found no transformer block"):
+        r.build_model(ModelSpec(vocab_size=64, context_length=8, phrase_length=4, image_size=32,
+                                device=torch.device("cpu")))
 
 
 def test_overrides_that_prefix_an_option_are_overrides(cache, tmp_path, capsys):
