@@ -109,6 +109,38 @@ def full_precision_reduction():
         m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction = saved
 
 
+# Launch policy shared by the contrastive kernels (lean forward and backwards, fast forward).
+TINY_B = 1024  # up to here a fixed small config: launch overhead dominates, tuning buys nothing
+HUGE_B = 1 << 17  # from here a fixed config: a single tuning run would take seconds
+
+
+def tuned(n: int) -> bool:
+    """Whether B = n takes the autotuned configs (never under the interpreter)."""
+    return not (INTERPRET or n <= TINY_B or n >= HUGE_B)
+
+
+def n_bucket(n: int) -> int:
+    """Autotune key for B: its bit length, capped at HUGE_B's."""
+    return min(n, HUGE_B).bit_length()
+
+
+def prune_by_dim(configs, named_args, **kwargs):
+    """Autotune pruning: drop configs whose D-blocks (BLOCK_D, and BLOCK_V where present)
+    exceed D rounded up to a power of two; keep the last config if none is left."""
+    d_max = max(16, next_pow2(named_args["dim"]))
+    kept = [cf for cf in configs if cf.kwargs["BLOCK_D"] <= d_max and cf.kwargs.get("BLOCK_V", 16) <= d_max]
+    return kept or configs[-1:]
+
+
+def dot_precisions(dtype: torch.dtype, is_cuda: bool) -> tuple[str, str]:
+    """(score dot, gradient dot) input precision. It only matters for fp32 operands: 3xTF32
+    keeps fp32 scores accurate (plain TF32 would put 1e-3 relative errors into logits of up
+    to 100); TF32 suffices for the gradient products. Other dtypes keep Triton's default."""
+    if dtype == torch.float32 and is_cuda:
+        return "tf32x3", "tf32"
+    return "tf32", "tf32"
+
+
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (>= 1)."""
     return 1 << max(0, (int(n) - 1).bit_length())

@@ -30,7 +30,17 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAVE_TRITON, INTERPRET, full_precision_reduction, next_pow2
+from ._common import (
+    HAVE_TRITON,
+    INTERPRET,
+    TINY_B,
+    dot_precisions,
+    full_precision_reduction,
+    n_bucket,
+    next_pow2,
+    prune_by_dim,
+    tuned,
+)
 
 if HAVE_TRITON:
     import triton
@@ -131,10 +141,6 @@ if HAVE_TRITON:
             g = g * (tl.load(scale_ptr).to(tl.float32) * tl.load(grad_ptr).to(tl.float32) / (2.0 * n))
         tl.store(g_ptr + ptrs, g.to(g_ptr.dtype.element_ty), mask=mask)
 
-    def _prune(configs, named_args, **kwargs):
-        d_max = max(16, next_pow2(named_args["dim"]))
-        return [cf for cf in configs if cf.kwargs["BLOCK_D"] <= d_max] or configs[-1:]
-
     # 8 warps throughout: at 4 warps the 128×128 epilogue spills registers in the sm_90
     # builds (20–24 bytes for B a multiple of 16, about 1 KB for a ragged B).
     _FWD_CONFIGS = [
@@ -146,17 +152,13 @@ if HAVE_TRITON:
     ]
     if not INTERPRET:
         _fast_fwd_tuned = triton.autotune(
-            configs=_FWD_CONFIGS, key=["dim", "n_bucket"], prune_configs_by={"early_config_prune": _prune}
+            configs=_FWD_CONFIGS, key=["dim", "n_bucket"], prune_configs_by={"early_config_prune": prune_by_dim}
         )(_fast_fwd_kernel)
 
 
 # ---------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------
-
-TINY_B = 1024  # up to here: fixed config, no tuning (launch-bound)
-HUGE_B = 1 << 17  # from here: fixed config (a tuning run alone would take seconds)
-
 
 def fast_block(n: int) -> int:
     """Tile edge of the fast mode; fixes the shapes of the saved references."""
@@ -181,7 +183,7 @@ def fast_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor):
     block = fast_block(n)
     n_t = triton.cdiv(n, block)
     upcast = INTERPRET and img.dtype == torch.bfloat16
-    precision = "tf32x3" if (img.dtype == torch.float32 and img.is_cuda) else "tf32"
+    precision, _ = dot_precisions(img.dtype, img.is_cuda)
     y = torch.empty((n, n), dtype=torch.bfloat16, device=dev)
     rref = torch.empty((n_t, n), dtype=torch.float32, device=dev)
     cref = torch.empty((n_t, n), dtype=torch.float32, device=dev)
@@ -190,9 +192,9 @@ def fast_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor):
     diag = torch.empty(n, dtype=torch.float32, device=dev)
     args = (img, txt, scale, y, rref, cref, rpart, cpart, diag, n, dim,
             img.stride(0), img.stride(1), txt.stride(0), txt.stride(1), y.stride(0),
-            min(n, HUGE_B).bit_length())
+            n_bucket(n))
     grid = (n_t * n_t,)
-    if INTERPRET or n <= TINY_B or n >= HUGE_B:
+    if not tuned(n):
         block_d = min(128 if INTERPRET else 64, max(16, next_pow2(dim)))
         _fast_fwd_kernel[grid](
             *args, BLOCK=block, BLOCK_D=block_d, GROUP_M=8, UPCAST=upcast, PRECISION=precision,

@@ -25,7 +25,16 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAVE_TRITON, INTERPRET, next_pow2
+from ._common import (
+    HAVE_TRITON,
+    INTERPRET,
+    TINY_B,
+    dot_precisions,
+    n_bucket,
+    next_pow2,
+    prune_by_dim,
+    tuned,
+)
 
 if HAVE_TRITON:
     import triton
@@ -171,14 +180,6 @@ if HAVE_TRITON:
             ).to(tl.float32)
             tl.store(qdot_ptr + pid_v * n + offs_m, tl.sum(acc * qv, axis=1), mask=mask_m)
 
-    def _prune(configs, named_args, **kwargs):
-        d_max = max(16, next_pow2(named_args["dim"]))
-        kept = [
-            cf for cf in configs
-            if cf.kwargs["BLOCK_D"] <= d_max and cf.kwargs.get("BLOCK_V", 16) <= d_max
-        ]
-        return kept or configs[-1:]
-
     _FWD_CONFIGS = [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),
@@ -197,32 +198,17 @@ if HAVE_TRITON:
     ]
     if not INTERPRET:
         _lean_fwd_tuned = triton.autotune(
-            configs=_FWD_CONFIGS, key=["dim", "n_bucket"], prune_configs_by={"early_config_prune": _prune}
+            configs=_FWD_CONFIGS, key=["dim", "n_bucket"], prune_configs_by={"early_config_prune": prune_by_dim}
         )(_lean_fwd_kernel)
         # The kernel overwrites its outputs, so rerunning it while tuning is harmless.
         _lean_bwd_tuned = triton.autotune(
-            configs=_BWD_CONFIGS, key=["dim", "n_bucket"], prune_configs_by={"early_config_prune": _prune}
+            configs=_BWD_CONFIGS, key=["dim", "n_bucket"], prune_configs_by={"early_config_prune": prune_by_dim}
         )(_lean_bwd_kernel)
 
 
 # ---------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------
-
-# Up to this B a fixed small config is used: launch overhead dominates, tuning buys nothing.
-TINY_B = 1024
-# From this B on a fixed config is used: a single tuning run would take seconds.
-HUGE_B = 1 << 17
-
-
-def _precisions(dtype: torch.dtype, is_cuda: bool) -> tuple[str, str]:
-    """(score dot, gradient dot) input precision. It only matters for fp32 operands: 3xTF32
-    keeps fp32 scores accurate (plain TF32 would put 1e-3 relative errors into logits of up
-    to 100); TF32 suffices for the gradient products. Other dtypes keep Triton's default."""
-    if dtype == torch.float32 and is_cuda:
-        return "tf32x3", "tf32"
-    return "tf32", "tf32"
-
 
 def _fixed_fwd(n: int, dim: int) -> dict:
     if INTERPRET:
@@ -238,7 +224,7 @@ def _fixed_bwd(n: int, dim: int) -> dict:
         cfg.update(BLOCK_V=min(128, max(16, next_pow2(dim))))
     elif n <= TINY_B:
         cfg.update(BLOCK_V=min(256, max(16, next_pow2(dim))))
-    else:  # B >= HUGE_B: a config that builds for sm_90 without register spills
+    else:  # B >= HUGE_B (common.py): a config that builds for sm_90 without register spills
         cfg.update(BLOCK_M=64, BLOCK_N=32, BLOCK_V=min(256, max(16, next_pow2(dim))), num_warps=8, num_stages=2)
     return cfg
 
@@ -255,21 +241,19 @@ def lean_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor):
     """Returns (loss 0-d fp32, row_lse fp32 [B], col_lse fp32 [B])."""
     n, dim = img.shape
     upcast = INTERPRET and img.dtype == torch.bfloat16
-    precision, _ = _precisions(img.dtype, img.is_cuda)
+    precision, _ = dot_precisions(img.dtype, img.is_cuda)
     dev = img.device
-    n_bucket = min(n, HUGE_B).bit_length()
-    tuned = not (INTERPRET or n <= TINY_B or n >= HUGE_B)
-    cfg = None if tuned else _fixed_fwd(n, dim)
+    cfg = None if tuned(n) else _fixed_fwd(n, dim)
     # Every program must own at least one row block (its scratch slice is then written).
-    max_block = max(c.kwargs["BLOCK_M"] for c in _FWD_CONFIGS) if tuned else cfg["BLOCK_M"]
+    max_block = max(c.kwargs["BLOCK_M"] for c in _FWD_CONFIGS) if cfg is None else cfg["BLOCK_M"]
     n_prog = max(1, min(_num_programs(dev), triton.cdiv(n, max_block)))
     row_lse = torch.empty(n, dtype=torch.float32, device=dev)
     diag = torch.empty(n, dtype=torch.float32, device=dev)
     col_m = torch.empty((n_prog, n), dtype=torch.float32, device=dev)
     col_l = torch.empty((n_prog, n), dtype=torch.float32, device=dev)
     args = (img, txt, scale, row_lse, diag, col_m, col_l, n, dim,
-            img.stride(0), img.stride(1), txt.stride(0), txt.stride(1), n_bucket)
-    if tuned:
+            img.stride(0), img.stride(1), txt.stride(0), txt.stride(1), n_bucket(n))
+    if cfg is None:
         _lean_fwd_tuned[(n_prog,)](*args, UPCAST=upcast, PRECISION=precision)
     else:
         _lean_fwd_kernel[(n_prog,)](*args, UPCAST=upcast, PRECISION=precision, **cfg)
@@ -283,17 +267,15 @@ def lean_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor):
 def _lean_grad(q, k, scale, grad, lse_q, lse_k, write_qdot: bool):
     n, dim = q.shape
     upcast = INTERPRET and q.dtype == torch.bfloat16
-    precision, grad_precision = _precisions(q.dtype, q.is_cuda)
+    precision, grad_precision = dot_precisions(q.dtype, q.is_cuda)
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    n_bucket = min(n, HUGE_B).bit_length()
-    tuned = not (INTERPRET or n <= TINY_B or n >= HUGE_B)
     # qdot has one row per D-chunk; sized for the smallest chunk any config may use.
     max_chunks = triton.cdiv(dim, 16)
     qdot = torch.zeros((max_chunks if write_qdot else 1, n), dtype=torch.float32, device=q.device)
     args = (q, k, scale, grad, lse_q, lse_k, dq, qdot, n, dim,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), dq.stride(0), dq.stride(1), n_bucket)
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), dq.stride(0), dq.stride(1), n_bucket(n))
     consts = dict(UPCAST=upcast, PRECISION=precision, GRAD_PRECISION=grad_precision, WRITE_QDOT=write_qdot)
-    if tuned:
+    if tuned(n):
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(dim, meta["BLOCK_V"]))
         _lean_bwd_tuned[grid](*args, **consts)
         block_v = _lean_bwd_tuned.best_config.kwargs["BLOCK_V"]

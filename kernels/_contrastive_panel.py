@@ -30,13 +30,21 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAVE_TRITON, INTERPRET, full_precision_reduction, next_pow2
+from ._common import (
+    HAVE_TRITON,
+    INTERPRET,
+    dot_precisions,
+    full_precision_reduction,
+    n_bucket,
+    prune_by_dim,
+    tuned,
+)
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from ._contrastive_lean import _score_tile
+    from ._contrastive_lean import _fixed_fwd, _score_tile
 
 
 if HAVE_TRITON:
@@ -86,10 +94,6 @@ if HAVE_TRITON:
             g = g * (scale * tl.load(grad_ptr).to(tl.float32) / (2.0 * n))
         tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
 
-    def _prune(configs, named_args, **kwargs):
-        d_max = max(16, next_pow2(named_args["dim"]))
-        return [cf for cf in configs if cf.kwargs["BLOCK_D"] <= d_max] or configs[-1:]
-
     # 128-row tiles (the panel height is a multiple of 128), 8 warps. sm_90 builds (ptxas
     # -v, tests/test_kernels_sm90_build.py): no register spills for B a multiple of 16;
     # with a ragged B the 128×128 tiles can spill a little (mask arithmetic), 128×64 never.
@@ -102,7 +106,7 @@ if HAVE_TRITON:
     if not INTERPRET:
         # The kernel overwrites its outputs, so rerunning it while tuning is harmless.
         _grad_panel_tuned = triton.autotune(
-            configs=_CONFIGS, key=["dim", "n_bucket"], prune_configs_by={"early_config_prune": _prune}
+            configs=_CONFIGS, key=["dim", "n_bucket"], prune_configs_by={"early_config_prune": prune_by_dim}
         )(_grad_panel_kernel)
 
 
@@ -114,8 +118,6 @@ PANEL_BYTES = 32 << 20  # target size of the Ĝ panel (its size against L2 and a
 # products' width is a trade-off that bench/kernel_table.py sweeps)
 MIN_PANEL_ROWS = 256  # below this the [R, D] output of each product is too small to fill the GPU
 ROW_ALIGN = 128  # panel heights are multiples of the largest BLOCK_M (full row tiles)
-TINY_B = 1024  # up to here: fixed config, no tuning (launch-bound)
-HUGE_B = 1 << 17  # from here: fixed config (a tuning run alone would take seconds)
 
 
 def panel_rows(n: int, elt: int) -> int:
@@ -124,56 +126,47 @@ def panel_rows(n: int, elt: int) -> int:
     return min(n, max(rows, MIN_PANEL_ROWS))
 
 
-def _fixed_config(n: int, dim: int) -> dict:
-    if INTERPRET:  # small tiles keep the interpreter quick; several tiles per panel
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_D=min(128, max(16, next_pow2(dim))), num_warps=4)
-    if n <= TINY_B:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=min(64, max(16, next_pow2(dim))), num_warps=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=min(64, max(16, next_pow2(dim))), num_warps=8, num_stages=3)
-
-
 def _panel_grad(q, k, scale, grad, lse_q, lse_k, write_part: bool):
     """dq = s·g/(2B)·Ĝ·k panel by panel; with write_part also Σ Ĝ∘x (0-d fp32)."""
     n, dim = q.shape
     upcast = INTERPRET and q.dtype == torch.bfloat16
-    precision = "tf32x3" if (q.dtype == torch.float32 and q.is_cuda) else "tf32"
+    precision, _ = dot_precisions(q.dtype, q.is_cuda)
     scale_g = q.dtype != torch.float16
     rows_per = panel_rows(n, q.element_size())
     buf = torch.empty((rows_per, n), dtype=q.dtype, device=q.device)  # Ĝ of one panel
     dq = torch.empty((n, dim), dtype=q.dtype, device=q.device)
-    tuned = not (INTERPRET or n <= TINY_B or n >= HUGE_B)
-    cfg = None if tuned else _fixed_config(n, dim)
-    # One partial per program of the largest grid any config launches (smallest tiles).
-    min_tile = (min(c.kwargs["BLOCK_M"] for c in _CONFIGS), min(c.kwargs["BLOCK_N"] for c in _CONFIGS))
-    if not tuned:
-        min_tile = (cfg["BLOCK_M"], cfg["BLOCK_N"])
-    part = torch.empty(
-        triton.cdiv(rows_per, min_tile[0]) * triton.cdiv(n, min_tile[1]) if write_part else 1,
-        dtype=torch.float32, device=q.device,
-    )
+    # The panel's scores are tiled as the lean forward's are (its fixed configs, same sizes).
+    cfg = None if tuned(n) else _fixed_fwd(n, dim)
+    tiles = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _CONFIGS] if cfg is None else [
+        (cfg["BLOCK_M"], cfg["BLOCK_N"])]
+
+    def n_tiles(rows, tile):
+        return triton.cdiv(rows, tile[0]) * triton.cdiv(n, tile[1])
+
+    # One partial per program of the largest grid any config launches.
+    part = torch.empty(max(n_tiles(rows_per, t) for t in tiles) if write_part else 1,
+                       dtype=torch.float32, device=q.device)
     gx = torch.zeros((), dtype=torch.float32, device=q.device)
     # cuBLAS takes row- or column-major k as it is; any other layout would be copied by
     # every product, so it is copied once here (the kernel itself reads any strides).
     k_mm = k if 1 in k.stride() else k.contiguous()
     coef = None if scale_g else scale.float() * grad.float() / (2.0 * n)
-    n_bucket = min(n, HUGE_B).bit_length()
     consts = dict(UPCAST=upcast, PRECISION=precision, SCALE_G=scale_g, WRITE_PART=write_part)
-    for p0 in range(0, n, rows_per):
-        rows = min(rows_per, n - p0)
-        g = buf[:rows]
-        q_panel = q[p0 : p0 + rows]
-        args = (q_panel, k, scale, grad, lse_q[p0 : p0 + rows], lse_k, g, part, rows, n, dim, p0,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), g.stride(0), n_bucket)
-        if tuned:
-            grid = lambda meta, rows=rows: (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-            _grad_panel_tuned[grid](*args, **consts)
-            tile = (_grad_panel_tuned.best_config.kwargs["BLOCK_M"], _grad_panel_tuned.best_config.kwargs["BLOCK_N"])
-        else:
-            tile = (cfg["BLOCK_M"], cfg["BLOCK_N"])
-            _grad_panel_kernel[(triton.cdiv(rows, tile[0]) * triton.cdiv(n, tile[1]),)](*args, **consts, **cfg)
-        if write_part:  # only the programs of the config that ran last wrote valid partials
-            gx += part[: triton.cdiv(rows, tile[0]) * triton.cdiv(n, tile[1])].sum()
-        with full_precision_reduction():
+    with full_precision_reduction():
+        for p0 in range(0, n, rows_per):
+            rows = min(rows_per, n - p0)
+            g = buf[:rows]
+            args = (q[p0 : p0 + rows], k, scale, grad, lse_q[p0 : p0 + rows], lse_k, g, part, rows, n, dim, p0,
+                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), g.stride(0), n_bucket(n))
+            if cfg is None:
+                _grad_panel_tuned[lambda meta, rows=rows: (n_tiles(rows, (meta["BLOCK_M"], meta["BLOCK_N"])),)](
+                    *args, **consts)
+                tile = (_grad_panel_tuned.best_config.kwargs["BLOCK_M"], _grad_panel_tuned.best_config.kwargs["BLOCK_N"])
+            else:
+                tile = tiles[0]
+                _grad_panel_kernel[(n_tiles(rows, tile),)](*args, **consts, **cfg)
+            if write_part:  # only the programs of the config that ran last wrote valid partials
+                gx += part[: n_tiles(rows, tile)].sum()
             if scale_g:
                 torch.mm(g, k_mm, out=dq[p0 : p0 + rows])
             else:  # fp16: the product of the unscaled Ĝ, scaled in fp32

@@ -123,7 +123,7 @@ def test_lean_kernels_build(dtype, precision):
 @pytest.mark.parametrize("dtype,precision", [("bf16", "tf32"), ("fp32", "tf32x3")])
 def test_panel_kernel_builds(dtype, precision):
     consts = dict(UPCAST=False, PRECISION=precision, SCALE_G=True, WRITE_PART=True)
-    check(panel._grad_panel_kernel, dtype, panel._fixed_config(1 << 20, 512), panel._CONFIGS, consts,
+    check(panel._grad_panel_kernel, dtype, lean._fixed_fwd(1 << 20, 512), panel._CONFIGS, consts,
           g_dtype=dtype, no_spills=True)
 
 

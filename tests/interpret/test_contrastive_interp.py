@@ -26,7 +26,7 @@ from kernels._common import resolve_backend  # noqa: E402
 def small_panels(monkeypatch):
     """Panels of 80 rows in these tests (32 MiB would hold every B tested here in one): the
     panel backward then runs several panels with a ragged last one, a diagonal that starts
-    inside a row tile (80 is not a multiple of the interpreter's 32-row tiles), and B = 1
+    inside a row tile (80 is not a multiple of the interpreter's 64-row tiles), and B = 1
     still in one."""
     monkeypatch.setattr(_contrastive_panel, "PANEL_BYTES", 0)
     monkeypatch.setattr(_contrastive_panel, "MIN_PANEL_ROWS", 80)
