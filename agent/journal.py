@@ -116,7 +116,16 @@ def rebuild_results(path: Path, events: list[dict]) -> None:
     between the journal line and the table row can neither lose nor duplicate a row."""
     rows = [result_row(exp) for exp in experiments(events) if exp.get("ended")]
     if rows:
-        atomic_write(path, lambda tmp: [add_result_row(tmp, row) for row in rows])
+        table = "\t".join(COLUMNS) + "\n" + "".join(_tsv_line(row) for row in rows)
+        atomic_write(path, lambda tmp: tmp.write_text(table, encoding="utf-8"))
+
+
+def _tsv_line(row: dict) -> str:
+    vals = []
+    for c in COLUMNS:
+        v = row.get(c)
+        vals.append("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v).replace("\t", " "))
+    return "\t".join(vals) + "\n"
 
 
 def add_result_row(path: Path, row: dict) -> None:
@@ -124,10 +133,6 @@ def add_result_row(path: Path, row: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         if new:
             f.write("\t".join(COLUMNS) + "\n")
-        vals = []
-        for c in COLUMNS:
-            v = row.get(c)
-            vals.append("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v).replace("\t", " "))
-        f.write("\t".join(vals) + "\n")
+        f.write(_tsv_line(row))
         f.flush()
         os.fsync(f.fileno())

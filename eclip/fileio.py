@@ -13,6 +13,7 @@ def atomic_write(path: Path, write) -> None:
     """``write(tmp)`` to a temporary sibling, then rename it over ``path``: readers see the
     old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)  # a leftover of a killed process with the same pid: start clean
     try:
         write(tmp)
         os.replace(tmp, path)
