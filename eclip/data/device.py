@@ -3,9 +3,9 @@
 A split of the cache (11k images at 224 px are 1.6 GB of uint8) is copied to the device once;
 each step then costs a few gathers and one ``grid_sample`` on the device, no DataLoader, no
 host round trip. When the images do not fit (more than ``max_fraction`` of the free device
-memory; or ``placement="host"``) they stay in pinned host memory: the image order is then
-drawn on the host, a few batches ahead, and a background thread gathers those rows and
-copies them to the device on a side stream while the current step runs
+memory; or ``placement="host"``) they stay in host memory: the image order is then drawn
+on the host, a few batches ahead, and a background thread gathers those rows into pinned
+buffers and copies them to the device on a side stream while the current step runs
 (``eclip.data.prefetch``). Captions, boxes and phrases are small and stay on the device.
 
 Sampling is epoch-based (a fresh permutation each pass, no image twice in an epoch) from

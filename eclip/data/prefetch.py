@@ -37,8 +37,8 @@ class HostPrefetcher:
             raise ValueError(f"HostPrefetcher: images must be in host memory, got {images.device}")
         self.device = device
         self.cuda = device.type == "cuda"
-        # pinned once, so every gather reads page-locked memory and copies can be asynchronous
-        self.images = images.pin_memory() if self.cuda else images
+        # Not pinned: the gather is a host read; the buffer it fills (and copies from) is.
+        self.images = images
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.pending: deque[Future] = deque()
         # One intra-op thread for the gathers: a second OpenMP team would spin on the cores
@@ -93,7 +93,7 @@ class HostPrefetcher:
         self.pending.clear()
 
     def close(self) -> None:
-        """Drop the queue, stop the thread and let go of the pinned copy of the split."""
+        """Drop the queue, stop the thread and let go of the split."""
         try:
             self.clear()
         finally:
