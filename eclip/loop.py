@@ -32,7 +32,7 @@ from eclip.data.device import DeviceData
 from eclip.errors import EclipError
 from eclip.evaluate import retrieval_metrics
 from eclip.fileio import atomic_write
-from eclip.readback import Diverged, Readback, check_losses
+from eclip.readback import Diverged, Readback
 
 LOOP_KEYS = ("batch_size", "crop_scale", "flip")  # HPARAMS entries the loop itself reads
 
@@ -160,15 +160,6 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("can't allocate memory" in msg or "out of memory" in msg)
 
 
-def _check_losses(pending: list[tuple[int, dict]], limit: float) -> None:
-    """Every step's loss since the last read-back (a blocking read: at the end of a run)."""
-    check_losses([(step, float(m["loss"])) for step, m in pending], limit)
-
-
-def _read(metrics: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items()}
-
-
 @torch.no_grad()
 def evaluate_split(model, cache: Cache, rows: torch.Tensor, device: torch.device, seed: int,
                    batch: int = 512, bf16: bool = False) -> dict:
@@ -251,11 +242,12 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
         raise EclipError(f"recipe: HPARAMS['text_tower'] is {hp.get('text_tower') or ''!r} but the model's text "
                          f"tower is {built or ''!r}; the loop tokenizes by HPARAMS, so set the tower there")
     optimizer = recipe.build_optimizer(model)
-    step, trained_s, samples, resumed_expert = 0, 0.0, 0, 0
+    step, trained_s, samples = 0, 0.0, 0
+    expert_samples = 0  # becomes a device tensor once the recipe reports it
     if resume_dir is not None:
         meta, tensors = load_checkpoint(resume_dir, model, optimizer)
         step, trained_s, samples = int(meta["step"]), float(meta["trained_s"]), int(meta["samples"])
-        resumed_expert = int(meta.get("expert_samples", 0))
+        expert_samples = int(meta.get("expert_samples", 0))
         data.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("data_")}
                              | {"cursor": meta["data_cursor"], "epoch": meta["data_epoch"]})
         if hasattr(recipe, "load_recipe_state"):
@@ -266,7 +258,6 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
                unit="step" if total else "s", file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
                disable=None if cfg.progress_bar else True, desc="train")
     status, last, warmup_s, history = "ok", {}, None, []
-    expert_samples = resumed_expert  # becomes a device tensor once the recipe reports it
     stop = _install_sigint()
     t0 = time.perf_counter()
     start_trained = trained_s
@@ -285,6 +276,15 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
                         sps=f"{row['samples'] / max(row['elapsed_s'], 1e-9):.0f}")
         bar.n = row["step"] if total else min(round(row["elapsed_s"]), bar.total)
         bar.refresh()
+
+    def drain() -> dict | None:
+        """At the end of the run: log the row in flight, then check every step not yet
+        pushed (raises Diverged); returns the last such step's metrics (None if none)."""
+        log(readback.flush())
+        if not pending:
+            return None
+        readback.push(pending, {})  # nothing in flight any more: returns None
+        return readback.flush()
 
     try:
         while True:
@@ -314,25 +314,20 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
                 elapsed = start_trained + (time.perf_counter() - t0)
                 log(readback.push(pending, {"step": step, "elapsed_s": round(elapsed, 3), "samples": samples}))
                 pending = []
-        log(readback.flush())
-        _check_losses(pending, cfg.diverge_loss)
-        if pending:
-            last = _read(pending[-1][1])
+        last = drain() or last
     except Diverged as e:
         status, last = "diverged", dict(last, reason=str(e))
     except KeyboardInterrupt:
         status = "aborted" if stop.get("hard") else "interrupted"
         try:  # the losses not yet read back still decide whether the run diverged
-            log(readback.flush())
-            _check_losses(pending, cfg.diverge_loss)
+            drain()
         except Diverged as e:
             status, last = "diverged", dict(last, reason=str(e))
     except Exception as e:
         if not is_oom(e):
             raise
         try:  # the row in flight is logged, and a loss that diverged before the OOM says so
-            log(readback.flush())
-            _check_losses(pending, cfg.diverge_loss)
+            drain()
             status, last = "oom", dict(last, reason=str(e).splitlines()[0][:200])
         except Diverged as d:
             status, last = "diverged", dict(last, reason=str(d))
