@@ -83,7 +83,7 @@ def smoke(steps: int = 60, batch: int = 128) -> bool:
     return ok
 
 
-def sync_check(steps: int = 30) -> int:
+def sync_check(steps: int = 30) -> None:
     """Host syncs in the template's steady steps (preset tiny, expert off): the loop is meant
     to make none until the end of the run. CUDA's sync debug mode is switched on when the
     first metrics row arrives (at step 10) and every synchronising call is listed by its
@@ -91,7 +91,7 @@ def sync_check(steps: int = 30) -> int:
     event, as for a metrics copy that has not arrived, are invisible to the debug mode.)"""
     if DEVICE != "cuda":
         print("sync_check: skipped (CUDA's sync debug mode needs a GPU)", flush=True)
-        return 0
+        return
     cache = random_cache(2048, 64, 32, 512)
     armed = []
 
@@ -111,7 +111,6 @@ def sync_check(steps: int = 30) -> int:
     listed = ", ".join(f"{site} ×{n}" for site, n in sites.most_common()) or "none"
     print(f"sync_check: {sum(sites.values())} host syncs after the first row, {steps} steps, "
           f"status {run['status']}: {listed}", flush=True)
-    return sum(sites.values())
 
 
 SPEED_ROWS = {  # name: (what it is, HPARAMS overrides, data placement)

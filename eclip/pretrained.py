@@ -88,8 +88,6 @@ class TimmImageTower(nn.Module):
                 self.model = timm.create_model(name, pretrained=weights != "random", img_size=image_size, **kwargs)
             except TypeError:  # a model without an img_size argument
                 self.model = timm.create_model(name, pretrained=weights != "random", **kwargs)
-        except EclipError:
-            raise
         except Exception as e:
             raise EclipError(f"image_tower: timm could not build {name!r} "
                              f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None

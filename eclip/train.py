@@ -44,6 +44,7 @@ from eclip.loop import (
 
 TEMPLATE = Path(__file__).with_name("recipe.py")
 EXIT = {"ok": 0, "diverged": 1, "oom": 1, "interrupted": 130, "aborted": 130}
+MODEL_KEYS = ("preset", "image_tower", "text_tower")  # HPARAMS that are options too, and fix the weights
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,7 +115,7 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
             raise EclipError(f"{out / ckpt.META}: checkpoint trained on {meta.get('train_rows')} images for "
                              f"{meta.get('eval_split')!r}; this run has {int(train_rows.numel())} for {eval_split!r} "
                              "(resume with the same --final/--folds)")
-        for key in ("preset", "image_tower", "text_tower"):  # the weights and the token ids must match
+        for key in MODEL_KEYS:  # the weights and the token ids must match
             if (meta.get("hparams", {}).get(key) or "") != (recipe.HPARAMS.get(key) or ""):
                 raise EclipError(f"{out / ckpt.META}: checkpoint has {key} {meta['hparams'].get(key) or ''!r}, "
                                  f"this run {recipe.HPARAMS.get(key) or ''!r}")
@@ -181,7 +182,7 @@ def run(args, overrides: dict) -> dict:
         raise EclipError("--budget-s and --steps must be positive")
     if args.log_every < 1:
         raise EclipError(f"--log-every {args.log_every}: must be at least 1")
-    for key in ("preset", "image_tower", "text_tower"):  # options that are HPARAMS entries
+    for key in MODEL_KEYS:  # options that are HPARAMS entries
         if getattr(args, key):
             overrides = dict(overrides, **{key: getattr(args, key)})
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(args.compile_cache or Path.home() / ".cache/eclip/inductor"))

@@ -111,7 +111,7 @@ class DeviceData:
     # -- state, for checkpoints ------------------------------------------------------------
 
     def _live_position(self) -> tuple:
-        gen = None if self.index_generator is self.generator else self.index_generator.get_state()
+        gen = None if self.on_device else self.index_generator.get_state()
         return gen, self.perm, self.cursor, self.epoch
 
     def _position(self) -> tuple:
@@ -138,7 +138,7 @@ class DeviceData:
         """Continue from ``state_dict()``. A state saved on the other placement resumes
         validly but not bitwise: the host path keeps the image order on its own generator."""
         self.generator.set_state(state["generator"])
-        gen = state.get("index_generator") if self.index_generator is not self.generator else None
+        gen = None if self.on_device else state.get("index_generator")
         self._set_position((gen, state["perm"].to(self.perm.device), int(state["cursor"]), int(state["epoch"])))
 
     def snapshot(self) -> tuple:
