@@ -69,7 +69,7 @@ def _with_breakpoint(messages: list[dict]) -> list[dict]:
         content = m["content"]
         if isinstance(content, str):
             content = [{"type": "text", "text": content}]
-        content = [{k: v for k, v in b.items() if k != "cache_control"} for b in content]
+        content = list(content)  # the stored messages never carry a breakpoint: only this copy does
         if i == len(messages) - 1 and content:
             content[-1] = dict(content[-1], cache_control={"type": "ephemeral"})
         out.append({"role": m["role"], "content": content})

@@ -26,17 +26,13 @@ def recorded_final(events: list[dict], commit: str | None = None) -> dict | None
                  and (commit is None or e.get("commit") == commit)), None)
 
 
-def last_session(events: list[dict]) -> dict:
-    return next((e for e in reversed(events) if e.get("event") == "session"), {})
-
-
 def best_of(ws: Workspace, events: list[dict]) -> tuple[str, dict | None, float | None]:
     """The best commit by the loop's rule, its experiment (None for the baseline) and its
     validation score (for the baseline: the mean of its runs)."""
     from agent.loop import state  # the loop's own keeping rule, not a copy
 
     exps = journal.experiments(events)
-    root = ws.git("rev-list", "--max-parents=0", "HEAD").splitlines()[0]
+    root = ws.root_commit()
     st = state(exps, root, 0.0)
     exp = next((e for e in reversed(exps) if e.get("kept") and e.get("commit") == st["best_commit"]), None)
     return st["best_commit"], exp, st["best"]
@@ -65,7 +61,7 @@ def final_evaluation(ws: Workspace, *, data: Path | None = None, budget_s: float
                    None)
     r = _recovered(out, started)
     if r is None:
-        session = last_session(events)
+        session = journal.last_session(events)
         data = data or (Path(session["data"]) if session.get("data") else None)
         budget_s = budget_s or session.get("budget_s")
         if data is None or not (data / "manifest.json").exists():
@@ -75,7 +71,7 @@ def final_evaluation(ws: Workspace, *, data: Path | None = None, budget_s: float
             raise ValueError(f"{ws.journal_path}: no session records the budget; give --budget-s")
         out.mkdir(parents=True, exist_ok=True)
         recipe = out / "recipe.py"
-        recipe.write_text(ws.git("show", f"{commit}:recipe.py") + "\n")
+        recipe.write_text(ws.show(commit))
         started = {"event": "final-start", "time": time.time(), "commit": commit, "data": str(data),
                    "budget_s": float(budget_s), "out": str(out)}
         journal.append(ws.journal_path, started)  # a kill from here on is recovered from result.json

@@ -69,7 +69,6 @@ def experiments(events: list[dict]) -> list[dict]:
         elif e["event"] == "end":
             rec.update({k: v for k, v in e.items() if k not in ("event", "time")}, ended=True)
         elif e["event"] == "usage":  # one API reply of the proposal (the record of spending)
-            rec["api_calls"] = rec.get("api_calls", 0) + 1
             rec["api_cost_usd"] = rec.get("api_cost_usd", 0.0) + float(e.get("cost_usd") or 0.0)
     return [by_n[n] for n in sorted(by_n)]
 
@@ -109,6 +108,11 @@ def result_row(exp: dict) -> dict:
     return {"commit": (exp.get("commit") or "-")[:7], "val_mean_rank": exp.get("val_mean_rank"),
             "memory_gb": r.get("peak_memory_gb"), "samples_per_s": r.get("samples_per_s"),
             "status": exp.get("status"), "description": exp.get("description", "")}
+
+
+def last_session(events: list[dict]) -> dict:
+    """The newest ``session`` event (its settings), or {} before the first session."""
+    return next((e for e in reversed(events) if e.get("event") == "session"), {})
 
 
 def rebuild_results(path: Path, events: list[dict]) -> None:

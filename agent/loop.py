@@ -203,7 +203,7 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
     ws.reset(st["best_commit"])
     fix = fix_target(exps, args.fix_attempts) if args.proposer == "claude" else None
     if fix is not None:  # repair the failed version instead of proposing from the best
-        ws.recipe.write_text(ws.git("show", f"{fix['commit']}:recipe.py") + "\n")
+        ws.recipe.write_text(ws.show(fix["commit"]))
     source = ws.recipe.read_text()
     history = [{"hparams": e.get("hparams") or {}, "val_mean_rank": e.get("val_mean_rank"),
                 "status": e.get("status"), "kept": bool(e.get("kept"))} for e in exps if e.get("hparams")]
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([sys.executable, "-m", "eclip.prepare", "--dataset", "synthetic", "--out", str(args.data)],
                        check=True, env=clean_env())
     ws = Workspace.open_or_create(args.workspace_root / args.tag, TEMPLATE)
-    root_commit = ws.git("rev-list", "--max-parents=0", "HEAD").splitlines()[0]
+    root_commit = ws.root_commit()
     reconcile(ws, root_commit, args.min_delta)
     # what this session runs with: `agent.report --final` retrains the best on the same data
     journal.append(ws.journal_path, {"event": "session", "time": time.time(), "proposer": args.proposer,

@@ -15,11 +15,8 @@ recent failures.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from agent.tools import REFERENCE_FILES
 
-ROOT = Path(__file__).resolve().parents[1]
 LAST_K = 12  # experiments listed in the per-proposal summary
 FAILURES_SHOWN = 2  # recent failed runs whose log tail is included
 TAIL_LINES = 25  # lines of each log tail
@@ -106,10 +103,9 @@ of tool turns, and a proposal without a submitted edit is recorded as a no-op.
 """
 
 
-def _reference(name: str, first: int | None = None, last: int | None = None) -> str:
-    lines = REFERENCE_FILES[name].read_text(encoding="utf-8").splitlines()
-    chunk = lines[(first or 1) - 1:last]
-    return f"<file name=\"{name}\">\n" + "\n".join(chunk) + "\n</file>"
+def _reference(name: str) -> str:
+    text = REFERENCE_FILES[name].read_text(encoding="utf-8")
+    return f"<file name=\"{name}\">\n" + "\n".join(text.splitlines()) + "\n</file>"
 
 
 def _config_section() -> str:

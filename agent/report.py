@@ -26,7 +26,7 @@ def summary(events: list[dict]) -> dict:
         counts[e.get("status", "running")] = counts.get(e.get("status", "running"), 0) + 1
     times = [e["time"] for e in events if e.get("event") in ("start", "end") and "time" in e]
     hours = (max(times) - min(times)) / 3600 if len(times) > 1 else 0
-    min_delta = next((e.get("min_delta", 0.0) for e in reversed(events) if e.get("event") == "session"), 0.0)
+    min_delta = journal.last_session(events).get("min_delta", 0.0)
     return {"experiments": len(exps), "counts": counts, "best": best,
             "noise_floor": journal.noise_floor(exps, min_delta)[1],
             "baseline_mean": sum(base) / len(base) if base else None,

@@ -50,6 +50,14 @@ class Workspace:
                "-c", "user.email=loop@localhost", "-c", "commit.gpgsign=false", *args]
         return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
 
+    def show(self, commit: str, path: str = "recipe.py") -> str:
+        """The text of ``path`` at ``commit`` (with its final newline, which git() strips)."""
+        return self.git("show", f"{commit}:{path}") + "\n"
+
+    def root_commit(self) -> str:
+        """The workspace's first commit: the recipe as copied from the template."""
+        return self.git("rev-list", "--max-parents=0", "HEAD").splitlines()[0]
+
     @classmethod
     def open_or_create(cls, root: Path, template: Path) -> Workspace:
         ws = cls(root)

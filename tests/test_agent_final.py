@@ -93,7 +93,7 @@ def test_a_failed_final_may_be_retried_and_a_new_best_needs_force(workspace, mon
     assert len(calls) == 2 and calls[-1]["final"] is True
     # the loop goes on and keeps a new best: the test split was already looked at
     monkeypatch.setattr(loop, "run_experiment", _scripted([50]))
-    session = final.last_session(journal.read(ws.journal_path))
+    session = journal.last_session(journal.read(ws.journal_path))
     assert loop.main(["--tag", "f", "--workspace-root", str(ws.root.parent), "--data", session["data"],
                       "--budget-s", "1.5", "--noise-runs", "2", "--max-experiments", "3", "--device", "cpu"]) == 0
     capsys.readouterr()
