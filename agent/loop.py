@@ -26,7 +26,7 @@ from pathlib import Path
 
 from agent import journal
 from agent.claude import DEFAULT_MODEL, ClaudeConfig, ClaudeProposer, ProposerStop
-from agent.runner import clean_env, finished_result, log_tail, protect_secrets, run_experiment
+from agent.runner import clean_env, finished_result, protect_secrets, run_experiment
 from agent.search import SearchExhausted, SearchProposer, read_hparams
 from agent.workspace import Workspace
 from eclip.policy import check_source
@@ -104,11 +104,9 @@ def outcome(kind: str, result: dict, st: dict) -> tuple[str, bool]:
 def recovered_result(ws: Workspace, exp: dict) -> dict | None:
     """The result.json of a run that finished after its start was journaled (the runner
     deletes any older one before starting), or None."""
-    out = ws.experiments / str(exp["n"])
-    result = finished_result(out, exp.get("time", 0)) if exp.get("commit") is not None else None
-    if result is not None and result.get("status") != "ok":  # the tail a fix needs, as the runner adds it
-        result["log_tail"] = log_tail(out / "run.log")
-    return result
+    if exp.get("commit") is None:
+        return None
+    return finished_result(ws.experiments / str(exp["n"]), exp.get("time", 0))
 
 
 def reconcile(ws: Workspace, root_commit: str, min_delta: float) -> None:
@@ -237,7 +235,7 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
         (out / "transcript.json").write_text(json.dumps(prop.transcript, indent=1, default=str))
     violations = check_source(prop.source)
     if prop.source == source or violations:  # recorded, never committed or run
-        reason = [f"recipe.py:{v.line}: {v.message}" for v in violations] or [prop.extra.get("reason") or "no edit"]
+        reason = [v.format("recipe.py") for v in violations] or [prop.extra.get("reason") or "no edit"]
         record_unrun(ws, n, prop.description, info, "rejected" if violations else "no-op", reason)
         ws.reset(st["best_commit"])
         return True

@@ -24,11 +24,16 @@ EVAL_CAP_S = 120.0  # evaluation and start-up allowance on top of the training b
 MARGIN = 0.5  # plus this fraction of the budget before the run is killed as a timeout
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+def _prctl(*args: int) -> None:
+    """prctl(2) where libc has it (Linux); elsewhere nothing."""
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(*args)
     except OSError:
         pass
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def clean_env() -> dict:
@@ -44,10 +49,7 @@ def protect_secrets() -> None:
     """Make this process non-dumpable (Linux): other processes of the same user — a training
     run included — can then neither read its /proc/<pid>/environ, which still holds the API
     key, nor attach to it. Root is not stopped by this."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
-    except OSError:
-        pass
+    _prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
 
 
 def secret_values() -> list[str]:
@@ -79,17 +81,20 @@ def log_tail(path: Path, lines: int = 30) -> str:
         return ""
 
 
-def finished_result(out: Path, since: float) -> dict | None:
-    """``out/result.json`` if a run wrote it at or after ``since`` (a Unix time), else None:
-    the outcome of a run that finished while its caller was gone (run_experiment deletes
-    any older file before it starts a run)."""
+def finished_result(out: Path, since: float = 0.0) -> dict | None:
+    """``out/result.json`` if a run wrote it at or after ``since`` (a Unix time), else None
+    (run_experiment deletes any older file before it starts a run, so a caller that was gone
+    meanwhile still finds the outcome). A result that is not ``ok`` carries the log tail."""
     path = out / "result.json"
     try:
         if path.stat().st_mtime < since:
             return None
-        return json.loads(path.read_text())
+        result = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+    if result.get("status") != "ok":
+        result["log_tail"] = log_tail(out / "run.log")
+    return result
 
 
 def run_experiment(recipe: Path, data: Path, budget_s: float, out: Path, *, compile_cache: Path | None = None,
@@ -126,12 +131,8 @@ def run_experiment(recipe: Path, data: Path, budget_s: float, out: Path, *, comp
             raise
     duration = time.perf_counter() - t0
     redact_file(out / "run.log")  # a run cannot see the key, but whatever it printed stays clean
-    try:
-        result = json.loads((out / "result.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    result = finished_result(out)
+    if result is None:
         return {"status": "crash", "val_mean_rank": None, "duration_s": duration, "returncode": rc,
                 "log_tail": log_tail(out / "run.log")}
-    result["duration_s"] = duration
-    if result.get("status") != "ok":
-        result["log_tail"] = log_tail(out / "run.log")
-    return result
+    return dict(result, duration_s=duration)

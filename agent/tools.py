@@ -144,7 +144,7 @@ class ToolBox:
     def _checks(self, source: str) -> list[str]:
         try:
             ast.parse(source)
-            return [f"recipe.py:{v.line}: {v.message}" for v in check_source(source)]
+            return [v.format("recipe.py") for v in check_source(source)]
         except SyntaxError as e:
             return [f"recipe.py:{e.lineno}: syntax error: {e.msg}"]
         except (RecursionError, MemoryError, ValueError) as e:  # absurdly nested or huge source

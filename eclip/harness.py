@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     violations = check_file(args.recipe)
     if violations:
-        lines = [f"{args.recipe}:{v.line}: {v.message}" for v in violations]
+        lines = [v.format(str(args.recipe)) for v in violations]
         write_json(args.out / "result.json", {"status": "rejected", "val_mean_rank": None, "violations": lines})
         print(f"harness: error: {lines[0]}" + (f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""),
               file=sys.stderr)

@@ -49,6 +49,10 @@ class Violation:
     line: int  # 1-based line of the offending node
     message: str  # what is not allowed, in a few words
 
+    def format(self, filename: str) -> str:
+        """``file:line: message``, as every report of a violation prints it."""
+        return f"{filename}:{self.line}: {self.message}"
+
 
 SECRET = re.compile(r"(API_KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL)", re.IGNORECASE)
 
