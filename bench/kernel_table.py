@@ -20,6 +20,7 @@ table last, and writes the table to ``--out`` when given.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import statistics
 import sys
@@ -148,9 +149,14 @@ def measure(fn, img, txt, scale, reps):
     return statistics.median(times), peak
 
 
+def fused(mode: str):
+    """Our loss in one mode, as (img, txt, scale) -> loss."""
+    return functools.partial(kernels.contrastive_loss, mode=mode)
+
+
 def impls():
     return {
-        **{m: (lambda i, t, s, m=m: kernels.contrastive_loss(i, t, s, mode=m)) for m in FUSED_MODES},
+        **{m: fused(m) for m in FUSED_MODES},
         "plain eager": plain_loss,
         "plain + compile": plain_compiled,
     }
@@ -215,7 +221,7 @@ def check_accuracy(sizes, d) -> None:
         want = [ref.detach(), a.grad, c.grad, s.grad]
         del logits, a, c, s
         for mode in FUSED_MODES:
-            loss = step(lambda i, t, s, m=mode: kernels.contrastive_loss(i, t, s, mode=m), img, txt, scale)
+            loss = step(fused(mode), img, txt, scale)
             got = [loss.detach(), img.grad, txt.grad, scale.grad]
             errs = [((g.double() - w).norm() / w.norm()).item() for g, w in zip(got, want, strict=True)]
             good = errs[0] <= 1e-3 and max(errs[1:]) <= 1e-2
@@ -233,7 +239,7 @@ def check_lean_memory(sizes, d, limit=64) -> None:
     for b in sizes:
         for mode in FUSED_MODES[:2]:
             img, txt, scale = inputs(b, d)
-            _, peak = measure(lambda i, t, s, m=mode: kernels.contrastive_loss(i, t, s, mode=m), img, txt, scale, 1)
+            _, peak = measure(fused(mode), img, txt, scale, 1)
             extra = peak - 2 * b * d * img.element_size() / MIB
             record(
                 f"{mode} memory B={b}: {extra:.1f} MiB beyond the input gradients "
@@ -280,7 +286,7 @@ def panel_sweep(b, d, sizes_mib) -> None:
         for mib in sizes_mib:
             panel.PANEL_BYTES = mib << 20
             img, txt, scale = inputs(b, d)
-            ms, peak = measure(lambda i, t, s: kernels.contrastive_loss(i, t, s, mode="lean:panel"), img, txt, scale, 5)
+            ms, peak = measure(fused("lean:panel"), img, txt, scale, 5)
             rows = panel.panel_rows(b, img.element_size())
             cells.append(f"{mib} MiB ({rows} rows): {ms:.2f} ms, {peak:.0f} MiB")
             img = txt = scale = None
@@ -297,7 +303,7 @@ def breakdown(b, d, top=6) -> None:
 
     for mode in FUSED_MODES:
         img, txt, scale = inputs(b, d)
-        fn = lambda i, t, s, m=mode: kernels.contrastive_loss(i, t, s, mode=m)  # noqa: E731
+        fn = fused(mode)
         step(fn, img, txt, scale)  # autotuning stays out of the trace
         sync()
         cuda = DEV == "cuda"  # on the CPU dry run: CPU operators
@@ -346,7 +352,7 @@ def huge(b, d) -> None:
     img, txt, scale = inputs(b, d, seed=3)
     base = reset_peak()
     t0 = time.perf_counter()
-    loss = step(lambda i, t, s: kernels.contrastive_loss(i, t, s, mode="lean"), img, txt, scale)
+    loss = step(fused("lean"), img, txt, scale)
     sync()
     sec = time.perf_counter() - t0
     peak = peak_since(base)
