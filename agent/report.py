@@ -55,7 +55,7 @@ def plot_progress(ws: Workspace) -> Path:
     trail = journal.running_best(exps)
     if trail:
         ax.step(*zip(*trail, strict=True), where="post", color="tab:green", label="best so far")
-        floor = summary(events)["noise_floor"]
+        floor = journal.noise_floor(exps, journal.last_session(events).get("min_delta", 0.0))[1]
         last_base = max((e["n"] for e in exps if e.get("status") == "baseline"), default=0)
         after = [(n, b) for n, b in trail if n >= last_base]  # the floor exists once the baselines ran
         if floor > 0 and after:  # a change is kept only below this line: why a grey point under the best lost
