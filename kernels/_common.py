@@ -94,19 +94,37 @@ def check_matrix(op: str, name: str, x: torch.Tensor, max_dim: int | None = None
         )
 
 
+_REDUCTION_FLAGS = ("allow_bf16_reduced_precision_reduction", "allow_fp16_reduced_precision_reduction")
+
+
+def _reduction_setting(name: str):
+    """A cuBLAS reduction flag as it can be set back: (reduced precision, split-K) where
+    PyTorch has the pair (2.10 and later; assigning a bool there resets split-K to True),
+    else the bool."""
+    m = torch.backends.cuda.matmul
+    try:
+        return getattr(m, name), getattr(m, name + "_split_k")
+    except AttributeError:
+        return getattr(m, name)
+
+
 @contextlib.contextmanager
 def full_precision_reduction():
     """cuBLAS half-precision products with fp32 split-K reductions. PyTorch lets cuBLAS
     reduce split-K partials in bf16/fp16 by default; the gradient products Ĝ·k have a long
     K (= B) and heavy cancellation (Ĝ's rows sum to about 0), where that rounding would
-    show. The flags are host-side and read at each call, so a CUDA-graph capture keeps them."""
+    show. Only the reduced-precision part changes (the split-K part is kept), and both are
+    restored on exit, exceptions included. The flags are host-side and read at each call,
+    so a CUDA-graph capture keeps them."""
     m = torch.backends.cuda.matmul
-    saved = m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction
-    m.allow_bf16_reduced_precision_reduction = m.allow_fp16_reduced_precision_reduction = False
+    saved = {name: _reduction_setting(name) for name in _REDUCTION_FLAGS}
     try:
+        for name, value in saved.items():
+            setattr(m, name, (False, value[1]) if isinstance(value, tuple) else False)
         yield
     finally:
-        m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction = saved
+        for name, value in saved.items():
+            setattr(m, name, value)
 
 
 # Launch policy shared by the contrastive kernels (lean forward and backwards, fast forward).

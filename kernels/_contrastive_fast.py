@@ -2,28 +2,33 @@
 
 Notation as in ``_contrastive_lean``: x = I·Tᵀ (fp32 accumulation), z = s·log2(e)·x.
 
-Forward (``_fast_fwd_kernel``, one matmul): every program computes one BLOCK×BLOCK tile of
-z and, in its epilogue,
-  * the tile's row max a_i and column max b_j (fp32, [n_tiles, B] each), kept for the
-    backward as reference points (fp32, so that each maximum is stored as y = 0 exactly:
-    a bf16-rounded reference would leave |y| up to |z|·2⁻⁹ even there);
-  * the tile's partial row and column log2-sum-exp2 (fp32, [n_tiles, B] each, freed after
-    the forward once merged into the row / column LSE);
+Forward, part 1 (``_fast_fwd_kernel``, the one matmul of the forward): every program
+computes one BLOCK×BLOCK tile of z and, in its epilogue,
+  * the tile's row max a_i and column max b_j (fp32, [n_tiles, B] each), reference points
+    kept until part 2 (fp32, so that each maximum is stored as y = 0 exactly);
+  * the tile's partial row and column log2-sum-exp2 (fp32, [n_tiles, B] each), merged into
+    the row / column LSE right after the kernel and freed;
   * y_ij = z_ij − min(a_i, b_j), stored in bf16.
 Storing y instead of z keeps the logits that matter accurate: an entry with a
 non-negligible row (column) softmax weight lies within a few units of its row (column)
 max, hence of a_i (b_j), and |y| is small, so its bf16 rounding error is small too; a raw
 bf16 z would carry an absolute error of |z|·2⁻⁹, up to 0.4 at s = 100.
 
-Backward (``_fast_bwd_kernel``, elementwise, in place): z = y + min(a_i, b_j),
-Ĝ = 2^(z − rowlse2_i) + 2^(z − collse2_j) − 2·Id, with a per-tile partial Σ Ĝ∘z for the
-scale gradient; G = s·g/(2B)·Ĝ overwrites y in the same buffer as bf16 (for fp16 inputs
-Ĝ itself, as fp16: the factor would push small entries under fp16's range). Then the two
-gradient products go to the matrix units through torch.matmul: dI = G·T and dT = Gᵀ·I
-(Gᵀ is a transposed view, no copy; the fp16 path scales the products in fp32).
-Three matmuls in all. Extra memory: 2·B² bytes for S plus 8·B²/BLOCK for the references
-(plus 8·B²/BLOCK of partial sums during the forward only): 2.0625·B² bytes through the
-backward and 2.125·B² at the forward's peak with BLOCK = 128.
+Forward, part 2 (``_fast_grad_kernel``, elementwise, in place; only when a gradient is
+needed): z = y + min(a_i, b_j), Ĝ = 2^(z − rowlse2_i) + 2^(z − collse2_j) − 2·Id
+overwrites y (bf16; an fp16 view for fp16 inputs), with per-block partials of Σ Ĝ∘z for
+the scale gradient. Ĝ does not depend on the upstream gradient, so it is computed here,
+inside the forward op's own buffer: the backward only reads what the forward saved, which
+lets torch.compile keep the buffer in place (a backward that overwrote a saved tensor would
+make Inductor copy it first: 2·B² more bytes and a pass over them) and allows a second
+backward (``retain_graph=True``).
+
+Backward (``fast_backward``): dI = c·(Ĝ·T), dT = c·(Ĝᵀ·I) with c = s·g/(2B), two products
+on the matrix units through torch.matmul (Ĝᵀ is a transposed view, no copy), each scaled
+in place; ds = c/s·Σ Ĝ∘x from the saved partial sum. Three matmuls in all.
+
+Memory: 2·B² bytes for S / Ĝ, plus 16·B²/BLOCK bytes of references and partial sums during
+the forward only: 2.125·B² at the forward's peak, 2·B² saved for the backward (BLOCK = 128).
 """
 
 from __future__ import annotations
@@ -104,17 +109,15 @@ if HAVE_TRITON:
             tl.store(diag_ptr + offs_m, d * 0.6931471805599453, mask=mask_m)
 
     @triton.jit
-    def _fast_bwd_kernel(
+    def _fast_grad_kernel(
         y_ptr,  # bf16 [B, B] in: z - min(a_i, b_j)
         g_ptr,  # [B, B] out, the same memory as y (bf16 or fp16 view): Ĝ
         rref_ptr, cref_ptr,  # fp32 [n_tiles, B]
         row_lse_ptr, col_lse_ptr,  # fp32 [B] natural-log LSE
         part_ptr,  # fp32 [n_programs] out: Σ Ĝ∘z over the program's block
-        scale_ptr, grad_ptr,  # 0-d: the logit scale s and the loss's upstream gradient
         n, stride_ym,
         BLOCK: tl.constexpr,  # tile edge of the forward (granularity of the references)
         SUB_M: tl.constexpr,  # rows per program (divides BLOCK; keeps registers in check)
-        SCALE_G: tl.constexpr,  # store s·g/(2B)·Ĝ instead of Ĝ (bf16: same relative precision)
     ):
         pid = tl.program_id(0)
         n_t = tl.cdiv(n, BLOCK)
@@ -137,8 +140,6 @@ if HAVE_TRITON:
         g = tl.where(offs_m[:, None] == offs_n[None, :], g - 2.0, g)
         g = tl.where(mask, g, 0.0)
         tl.store(part_ptr + pid, tl.sum(tl.sum(g * z, axis=1), axis=0))
-        if SCALE_G:  # the products below then come out scaled: no pass over dI, dT afterwards
-            g = g * (tl.load(scale_ptr).to(tl.float32) * tl.load(grad_ptr).to(tl.float32) / (2.0 * n))
         tl.store(g_ptr + ptrs, g.to(g_ptr.dtype.element_ty), mask=mask)
 
     # 8 warps throughout: at 4 warps the 128×128 epilogue spills registers in the sm_90
@@ -165,9 +166,9 @@ def fast_block(n: int) -> int:
     return 64 if (INTERPRET or n <= TINY_B) else 128
 
 
-def fast_buffers_shape(n: int) -> tuple[int, int]:
-    """Shape of each saved reference tensor ([n_tiles, B])."""
-    return (-(-n // fast_block(n)), n)
+def grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the saved Ĝ: fp16 for fp16 inputs (the products' operand type), else bf16."""
+    return torch.float16 if dtype == torch.float16 else torch.bfloat16
 
 
 def _lse2_merge(part: torch.Tensor) -> torch.Tensor:
@@ -176,8 +177,9 @@ def _lse2_merge(part: torch.Tensor) -> torch.Tensor:
     return big + torch.log2(torch.exp2(part - big).sum(dim=0))
 
 
-def fast_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor):
-    """Returns (loss, row_lse, col_lse, y [B, B] bf16, rref, cref [n_tiles, B] fp32)."""
+def fast_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, need_grad: bool):
+    """Returns (loss, row_lse, col_lse, g, gz): g = Ĝ [B, B] (``grad_dtype``) and gz = Σ Ĝ∘z
+    (0-d fp32) when ``need_grad``, else empty tensors (S is then freed on return)."""
     n, dim = img.shape
     dev = img.device
     block = fast_block(n)
@@ -206,35 +208,31 @@ def fast_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor):
     col_lse = _lse2_merge(cpart) * LN2
     del rpart, cpart
     loss = (row_lse.sum() + col_lse.sum() - 2.0 * diag.sum()) / (2.0 * n)
-    return loss, row_lse, col_lse, y, rref, cref
-
-
-def fast_backward(y, rref, cref, img, txt, scale, grad, row_lse, col_lse):
-    """Turns y into Ĝ in place, then dI, dT by two matmuls. Returns (dI, dT, ds)."""
-    n = img.shape[0]
-    block = fast_block(n)
-    n_t = triton.cdiv(n, block)
+    if not need_grad:
+        return loss, row_lse, col_lse, y.new_empty((0, 0)), diag.new_zeros(())
     sub_m = 32
-    g_dtype = torch.float16 if img.dtype == torch.float16 else torch.bfloat16
-    g = y if g_dtype == torch.bfloat16 else y.view(torch.float16)
+    g = y if grad_dtype(img.dtype) == torch.bfloat16 else y.view(torch.float16)
     n_prog = triton.cdiv(n, sub_m) * n_t
-    part = torch.empty(n_prog, dtype=torch.float32, device=y.device)
-    # bf16 has fp32's exponent range, so G = s·g/(2B)·Ĝ is stored as precisely as Ĝ and the
-    # products need no scaling pass (nor a 4·B·D-byte fp32 temporary). An fp16 Ĝ keeps its
-    # scale: the factor (≈ 1e-3 and below) would push small entries under fp16's range.
-    scale_g = g_dtype == torch.bfloat16
-    _fast_bwd_kernel[(n_prog,)](
-        y, g, rref, cref, row_lse, col_lse, part, scale, grad, n, y.stride(0),
-        BLOCK=block, SUB_M=sub_m, SCALE_G=scale_g, num_warps=4,
+    part = torch.empty(n_prog, dtype=torch.float32, device=dev)
+    _fast_grad_kernel[(n_prog,)](
+        y, g, rref, cref, row_lse, col_lse, part, n, y.stride(0), BLOCK=block, SUB_M=sub_m, num_warps=4,
     )
+    return loss, row_lse, col_lse, g, part.sum()  # fixed-order sum: deterministic
+
+
+def _scaled_product(a: torch.Tensor, b: torch.Tensor, coef: torch.Tensor, out_dtype: torch.dtype):
+    """coef·(a @ b) in ``out_dtype``; the scaling runs in fp32 (opmath) and rounds once."""
+    prod = a @ b.to(a.dtype)
+    return prod.mul_(coef) if out_dtype == prod.dtype else prod.to(out_dtype).mul_(coef)
+
+
+def fast_backward(g, gz, img, txt, scale, grad):
+    """dI, dT by two matmuls over the saved Ĝ (read only), ds from Σ Ĝ∘z. Returns (dI, dT, ds)."""
+    n = img.shape[0]
+    coef = scale.float() * grad.float() / (2.0 * n)  # 0-d, on the device: no host sync
     with full_precision_reduction():  # K = B: no half-precision split-K partial sums
-        if scale_g:
-            d_img = (g @ txt.to(g_dtype)).to(img.dtype)
-            d_txt = (g.T @ img.to(g_dtype)).to(txt.dtype)
-        else:
-            coef = scale.float() * grad.float() / (2.0 * n)
-            d_img = (g @ txt).float().mul_(coef).to(img.dtype)
-            d_txt = (g.T @ img).float().mul_(coef).to(txt.dtype)
+        d_img = _scaled_product(g, txt, coef, img.dtype)
+        d_txt = _scaled_product(g.T, img, coef, txt.dtype)
     # Σ Ĝ∘x = Σ Ĝ∘z / c with c = s·log2(e).
-    d_scale = part.sum() / (scale.float() * LOG2E) * grad.float() / (2.0 * n)
+    d_scale = gz / (scale.float() * LOG2E) * grad.float() / (2.0 * n)
     return d_img, d_txt, d_scale.to(scale.dtype)

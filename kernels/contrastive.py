@@ -29,12 +29,14 @@ It is a ``torch.library`` custom op pair (forward, backward) with fake implement
 autograd registered, so ``torch.compile(fullgraph=True)`` traces it without a graph break
 and CUDA graphs can capture it (no host synchronisation inside). Dispatch: CUDA tensors →
 Triton, CPU tensors → the chunked PyTorch reference, ``TRITON_INTERPRET=1`` → CPU tensors
-through Triton; ``backend=`` overrides. The fast mode's backward overwrites its saved S
-buffer, so a second backward through the same graph (``retain_graph=True``) raises.
+through Triton; ``backend=`` overrides. The backward op only reads what the forward saved,
+so Inductor keeps the fast mode's B² buffer in place and ``retain_graph=True`` works.
+Triton launches follow the inputs' device, not the current one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -42,7 +44,7 @@ import torch
 from ._common import HAVE_TRITON, check_matrix, resolve_backend
 
 if HAVE_TRITON:
-    from ._contrastive_fast import fast_backward, fast_buffers_shape, fast_forward
+    from ._contrastive_fast import fast_backward, fast_forward, grad_dtype
     from ._contrastive_lean import lean_backward, lean_forward
     from ._contrastive_panel import panel_backward
 
@@ -87,8 +89,9 @@ def _ref_backward(grad, img, txt, scale, row_lse, col_lse, chunk: int):
     n = img.shape[0]
     chunk = chunk or _default_chunk(n)
     a, b, s = img.float(), txt.float(), scale.float()
-    d_a = torch.empty_like(a)
-    d_b = torch.zeros_like(b)
+    # Contiguous whatever the inputs' layout: the fake backward promises contiguous gradients.
+    d_a = torch.empty(a.shape, dtype=torch.float32, device=a.device)
+    d_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device)
     gx = torch.zeros((), dtype=torch.float32, device=img.device)  # Σ Ĝ∘(I·Tᵀ)
     for st in range(0, n, chunk):
         x = a[st : st + chunk] @ b.T  # [c, B]
@@ -109,46 +112,42 @@ def _ref_backward(grad, img, txt, scale, row_lse, col_lse, chunk: int):
 
 
 def _no_buffers(img: torch.Tensor):
-    n = img.shape[0]
-    return (
-        img.new_empty((0, 0), dtype=torch.bfloat16),
-        img.new_empty((0, n), dtype=torch.float32),
-        img.new_empty((0, n), dtype=torch.float32),
-    )
+    return img.new_empty((0, 0), dtype=torch.bfloat16), img.new_zeros((), dtype=torch.float32)
+
+
+def _saves_g(variant: str, impl: str, need_grad: bool) -> bool:
+    return impl == "triton" and variant == "fast" and need_grad
 
 
 @torch.library.custom_op("eclip::contrastive_loss_fwd", mutates_args=())
 def _loss_fwd(
-    img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, variant: str, impl: str, chunk: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, row_lse, col_lse, y, rref, cref); the last three are the fast mode's saved
-    S buffer and references, empty otherwise. variant: "lean:fused" | "lean:panel" | "fast"
-    (the lean variants share the forward); impl: "triton" |
-    "torch" (the reference); chunk: rows per reference chunk (0: default)."""
+    img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, variant: str, impl: str, chunk: int,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, row_lse, col_lse, g, gz); g = Ĝ [B, B] and gz = Σ Ĝ∘z are what the fast mode
+    saves for its backward (when ``need_grad``), empty otherwise. variant: "lean:fused" |
+    "lean:panel" | "fast" (the lean variants share the forward); impl: "triton" | "torch"
+    (the reference); chunk: rows per reference chunk (0: default)."""
     if impl == "torch":
         return (*_ref_forward(img, txt, scale, chunk), *_no_buffers(img))
-    if variant == "fast":
-        return fast_forward(img, txt, scale)
-    return (*lean_forward(img, txt, scale), *_no_buffers(img))
+    with torch.cuda.device(img.device) if img.is_cuda else contextlib.nullcontext():
+        if variant == "fast":
+            return fast_forward(img, txt, scale, need_grad)
+        return (*lean_forward(img, txt, scale), *_no_buffers(img))
 
 
 @_loss_fwd.register_fake
-def _loss_fwd_fake(img, txt, scale, variant, impl, chunk):
+def _loss_fwd_fake(img, txt, scale, variant, impl, chunk, need_grad):
     n = img.shape[0]
     f32 = dict(dtype=torch.float32)
-    if impl == "triton" and variant == "fast":
-        refs = fast_buffers_shape(n)
-        bufs = (
-            img.new_empty((n, n), dtype=torch.bfloat16),
-            img.new_empty(refs, dtype=torch.float32),
-            img.new_empty(refs, dtype=torch.float32),
-        )
+    if _saves_g(variant, impl, need_grad):
+        bufs = (img.new_empty((n, n), dtype=grad_dtype(img.dtype)), img.new_empty((), **f32))
     else:
         bufs = _no_buffers(img)
     return (img.new_empty((), **f32), img.new_empty((n,), **f32), img.new_empty((n,), **f32), *bufs)
 
 
-@torch.library.custom_op("eclip::contrastive_loss_bwd", mutates_args=("y",))
+@torch.library.custom_op("eclip::contrastive_loss_bwd", mutates_args=())
 def _loss_bwd(
     grad: torch.Tensor,
     img: torch.Tensor,
@@ -156,25 +155,25 @@ def _loss_bwd(
     scale: torch.Tensor,
     row_lse: torch.Tensor,
     col_lse: torch.Tensor,
-    y: torch.Tensor,
-    rref: torch.Tensor,
-    cref: torch.Tensor,
+    g: torch.Tensor,
+    gz: torch.Tensor,
     variant: str,
     impl: str,
     chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dI, dT, ds). In the fast mode y (the saved S buffer) is overwritten by Ĝ."""
+    """(dI, dT, ds), reading the saved tensors only."""
     if impl == "torch":
         return _ref_backward(grad, img, txt, scale, row_lse, col_lse, chunk)
-    if variant == "fast":
-        return fast_backward(y, rref, cref, img, txt, scale, grad, row_lse, col_lse)
-    if variant == "lean:panel":
-        return panel_backward(img, txt, scale, grad, row_lse, col_lse)
-    return lean_backward(img, txt, scale, grad, row_lse, col_lse)
+    with torch.cuda.device(img.device) if img.is_cuda else contextlib.nullcontext():
+        if variant == "fast":
+            return fast_backward(g, gz, img, txt, scale, grad)
+        if variant == "lean:panel":
+            return panel_backward(img, txt, scale, grad, row_lse, col_lse)
+        return lean_backward(img, txt, scale, grad, row_lse, col_lse)
 
 
 @_loss_bwd.register_fake
-def _loss_bwd_fake(grad, img, txt, scale, row_lse, col_lse, y, rref, cref, variant, impl, chunk):
+def _loss_bwd_fake(grad, img, txt, scale, row_lse, col_lse, g, gz, variant, impl, chunk):
     return (
         img.new_empty(img.shape),
         txt.new_empty(txt.shape),
@@ -183,22 +182,24 @@ def _loss_bwd_fake(grad, img, txt, scale, row_lse, col_lse, y, rref, cref, varia
 
 
 def _setup_context(ctx, inputs, output):
-    img, txt, scale, variant, impl, chunk = inputs
-    _, row_lse, col_lse, y, rref, cref = output
-    ctx.save_for_backward(img, txt, scale, row_lse, col_lse, y, rref, cref)
-    ctx.mark_non_differentiable(row_lse, col_lse, y, rref, cref)
+    img, txt, scale, variant, impl, chunk, need_grad = inputs
+    _, row_lse, col_lse, g, gz = output
+    ctx.save_for_backward(img, txt, scale, row_lse, col_lse, g, gz)
+    ctx.mark_non_differentiable(row_lse, col_lse, g, gz)
     # Without this, autograd hands the backward a zero gradient for every output, the
-    # non-differentiable ones included: a B×B zero tensor for y (512 MiB at B = 16,384).
+    # non-differentiable ones included: a B×B zero tensor for g (512 MiB at B = 16,384).
     ctx.set_materialize_grads(False)
     ctx.config = (variant, impl, chunk)
+    if _saves_g(variant, impl, True) and not need_grad:
+        raise RuntimeError(f"{_OP}: the fast mode's forward ran without need_grad but a gradient is required")
 
 
 def _backward(ctx, grad, *_):
     if grad is None:  # the loss itself did not reach the objective
-        return None, None, None, None, None, None
-    img, txt, scale, row_lse, col_lse, y, rref, cref = ctx.saved_tensors
-    d_img, d_txt, d_scale = _loss_bwd(grad, img, txt, scale, row_lse, col_lse, y, rref, cref, *ctx.config)
-    return d_img, d_txt, d_scale, None, None, None
+        return None, None, None, None, None, None, None
+    img, txt, scale, row_lse, col_lse, g, gz = ctx.saved_tensors
+    d_img, d_txt, d_scale = _loss_bwd(grad, img, txt, scale, row_lse, col_lse, g, gz, *ctx.config)
+    return d_img, d_txt, d_scale, None, None, None, None
 
 
 torch.library.register_autograd("eclip::contrastive_loss_fwd", _backward, setup_context=_setup_context)
@@ -274,7 +275,8 @@ def contrastive_loss(
     if mode == "lean":
         half = img.dtype in (torch.bfloat16, torch.float16)
         mode = "lean:panel" if half and img.shape[1] > PANEL_MIN_DIM else "lean:fused"
-    return _loss_fwd(img, txt, scale, mode, backend, 0)[0]
+    need_grad = torch.is_grad_enabled() and (img.requires_grad or txt.requires_grad or scale.requires_grad)
+    return _loss_fwd(img, txt, scale, mode, backend, 0, need_grad)[0]
 
 
 def contrastive_loss_ref(
@@ -285,4 +287,4 @@ def contrastive_loss_ref(
     _check_inputs(img, txt, scale, "contrastive_loss_ref")
     if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"contrastive_loss_ref: chunk must be an int >= 1, got {chunk!r}")
-    return _loss_fwd(img, txt, scale, "lean", "torch", chunk or 0)[0]
+    return _loss_fwd(img, txt, scale, "lean", "torch", chunk or 0, False)[0]

@@ -225,12 +225,47 @@ def test_cuda_tuned_sizes_against_float64(mode, dtype):
     check_against_reference(img, txt, 100.0, mode)
 
 
-def test_full_precision_reduction_restores_the_flags():
-    from kernels._common import full_precision_reduction
+@pytest.mark.parametrize("user", [False, True])
+def test_full_precision_reduction_restores_the_flags(user):
+    from kernels._common import _REDUCTION_FLAGS, _reduction_setting, full_precision_reduction
 
     m = torch.backends.cuda.matmul
-    before = (m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction)
-    with pytest.raises(RuntimeError, match="inside"), full_precision_reduction():
-        assert not m.allow_bf16_reduced_precision_reduction and not m.allow_fp16_reduced_precision_reduction
-        raise RuntimeError("inside")
-    assert (m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction) == before
+    original = {name: _reduction_setting(name) for name in _REDUCTION_FLAGS}
+    paired = isinstance(original[_REDUCTION_FLAGS[0]], tuple)  # PyTorch >= 2.10
+    try:
+        if user:  # a user's own choice, split-K off where PyTorch has that part: must survive
+            for name in _REDUCTION_FLAGS:
+                setattr(m, name, (False, False) if paired else False)
+        before = {name: _reduction_setting(name) for name in _REDUCTION_FLAGS}
+        with pytest.raises(RuntimeError, match="inside"), full_precision_reduction():
+            for name in _REDUCTION_FLAGS:
+                inside = _reduction_setting(name)
+                # reduced precision off; the split-K part untouched
+                assert inside == ((False, before[name][1]) if paired else False), name
+            raise RuntimeError("inside")
+        assert {name: _reduction_setting(name) for name in _REDUCTION_FLAGS} == before
+    finally:
+        for name, value in original.items():
+            setattr(m, name, value)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_custom_ops_pass_opcheck_with_non_contiguous_inputs(mode):
+    # torch.library.opcheck runs each op against its fake implementation (shapes, dtypes,
+    # strides), its schema (no undeclared mutation or aliasing) and its autograd
+    # registration. Transposed inputs: the outputs must be contiguous however the inputs
+    # are laid out, as the fakes promise (a reference backward once returned column-major
+    # gradients, which Inductor's stride asserts reject).
+    from kernels._common import resolve_backend
+
+    base_i, base_t = make_inputs(40, 19, torch.float32, "cpu", seed=12)
+    img, txt = base_i.T.contiguous().T, base_t.T.contiguous().T  # [19, 40]ᵀ views: strides (1, 19)
+    assert not img.is_contiguous()
+    img.requires_grad_()
+    impl = resolve_backend(None, img, "contrastive_loss")
+    scale = torch.tensor(14.3, requires_grad=True)
+    fwd = torch.ops.eclip.contrastive_loss_fwd.default
+    torch.library.opcheck(fwd, (img, txt, scale, mode, impl, 0, True))
+    out = fwd(img, txt, scale, mode, impl, 0, True)
+    args = (torch.tensor(1.0), img.detach(), txt, scale.detach(), out[1], out[2], out[3], out[4], mode, impl, 0)
+    torch.library.opcheck(torch.ops.eclip.contrastive_loss_bwd.default, args)

@@ -132,7 +132,7 @@ def test_fast_kernels_build(dtype, precision):
     fixed = dict(BLOCK=128, BLOCK_D=64, GROUP_M=8, num_warps=8, num_stages=3)
     check(fast._fast_fwd_kernel, dtype, fixed, [_with_block(c) for c in fast._FWD_CONFIGS],
           dict(UPCAST=False, PRECISION=precision), no_spills=True)
-    k = build(fast._fast_bwd_kernel, {"y_ptr": "bf16", "g_ptr": "bf16"}, dict(BLOCK=128, SUB_M=32), 4, 1)
+    k = build(fast._fast_grad_kernel, {"y_ptr": "bf16", "g_ptr": "bf16"}, dict(BLOCK=128, SUB_M=32), 4, 1)
     assert k.metadata.shared <= SMEM_LIMIT
 
 

@@ -94,3 +94,63 @@ def test_panel_rows():
         assert p.panel_rows(1 << 20, 2) == 256  # 512 MiB: the floor wins at huge B
         assert p.panel_rows(3000, 2) == 3000  # small B: one panel
         assert p.panel_rows(100_000, 2) == 256  # 167 rows, rounded down, then the floor
+
+
+def test_fast_mode_allows_a_second_backward():
+    # The backward only reads what the forward saved (Ĝ), so retain_graph=True works and a
+    # second backward accumulates exactly the same gradients again.
+    img, txt = (x.requires_grad_() for x in make_inputs(70, 24, torch.float32, "cpu", seed=4))
+    scale = torch.tensor(14.3, requires_grad=True)
+    loss = kernels.contrastive_loss(img, txt, scale, mode="fast")
+    loss.backward(retain_graph=True)
+    once = [p.grad.clone() for p in (img, txt, scale)]
+    loss.backward()
+    for p, g in zip((img, txt, scale), once, strict=True):
+        torch.testing.assert_close(p.grad, 2 * g, rtol=0, atol=0)
+
+
+def test_fast_mode_skips_the_gradient_pass_without_grad():
+    # No gradient needed (no_grad, or inputs that do not require one): Ĝ is neither computed
+    # nor kept, and the loss is the same.
+    img, txt = make_inputs(70, 24, torch.float32, "cpu", seed=5)
+    scale = torch.tensor(14.3)
+    op = torch.ops.eclip.contrastive_loss_fwd.default
+    loss, _, _, g, _ = op(img, txt, scale, "fast", "triton", 0, False)
+    assert g.numel() == 0
+    loss_g, _, _, g, gz = op(img, txt, scale, "fast", "triton", 0, True)
+    assert g.shape == (70, 70) and g.dtype == torch.bfloat16 and gz.dim() == 0
+    assert torch.equal(loss, loss_g)
+    with torch.no_grad():
+        assert torch.equal(kernels.contrastive_loss(img, txt, scale, mode="fast"), loss)
+
+
+def test_fast_mode_backward_under_inductor_keeps_the_saved_buffer_in_place():
+    # A backward op that overwrote a saved tensor made Inductor copy that B×B buffer before
+    # every backward (a clone kernel in the backward's code); the read-only backward needs none.
+    import torch.nn.functional as F
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(32, 64)
+    x, t = torch.randn(256, 32), F.normalize(torch.randn(256, 64), dim=1)
+    scale = torch.tensor(14.3, requires_grad=True)
+
+    def step(x, t):
+        return kernels.contrastive_loss(F.normalize(proj(x), dim=1), t, scale, mode="fast")
+
+    eager = step(x, t)
+    eager.backward()
+    want = proj.weight.grad.clone()
+    proj.weight.grad = None
+    compiled = torch.compile(step, fullgraph=True)
+
+    def fwd_bwd():
+        loss = compiled(x, t)
+        loss.backward()
+        return loss.detach()
+
+    loss, codes = run_and_get_code(fwd_bwd)
+    backward = [c for c in codes if "contrastive_loss_bwd" in c]
+    assert backward and all("clone" not in c for c in backward)
+    torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
+    assert (proj.weight.grad - want).norm() <= 1e-4 * want.norm()
