@@ -107,7 +107,7 @@ if HAVE_TRITON:
             mask_n = offs_n < n_k
             s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # fp32 scores of this tile
             for d0 in range(0, dim, BLOCK_D):
-                offs_d = d0 + tl.arange(0, BLOCK_D)
+                offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)  # × a column stride: can pass 2³¹
                 mask_d = offs_d < dim
                 a = tl.load(
                     q_ptr + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
@@ -268,7 +268,8 @@ def _check_inputs(
             raise ValueError(
                 f"{_OP}: txt_image must have shape [Nt] = [{n_txt}], got {tuple(txt_image.shape)}"
             )
-        txt_image = txt_image.to(device=img.device, dtype=torch.int64)
+        # contiguous: the kernels index it (and the own-range tables built from it) by row
+        txt_image = txt_image.to(device=img.device, dtype=torch.int64).contiguous()
         lo, hi = int(txt_image.min()), int(txt_image.max())
         if lo < 0 or hi >= n_img:
             raise ValueError(

@@ -72,6 +72,22 @@ def test_ranks_several_captions_per_image(n_img, per, d, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_ranks_with_a_strided_caption_table(device):
+    # txt_image taken as a column of a [Nt, 2] table (stride 2), already sorted so no
+    # reordering copy is made: it must reach the kernels contiguous.
+    n_img, per, d = 40, 3, 8
+    table = torch.stack([torch.arange(n_img * per) // per, torch.zeros(n_img * per, dtype=torch.int64)], 1)
+    txt_image = table.to(device)[:, 0]
+    assert txt_image.stride() == (2,)
+    img = int_embeddings(n_img, d, 7, torch.float32, device)
+    txt = int_embeddings(n_img * per, d, 8, torch.float32, device)
+    want_i2t, want_t2i = brute_ranks(img, txt, table[:, 0].numpy())
+    got = retrieval_ranks(img, txt, txt_image)
+    np.testing.assert_array_equal(got.i2t.cpu().numpy(), want_i2t)
+    np.testing.assert_array_equal(got.t2i.cpu().numpy(), want_t2i)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_collapsed_model_gets_worst_rank(dtype, device):
     # All scores equal: every query must rank N-1 (ties against the model), never 0. The
