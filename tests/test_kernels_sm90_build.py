@@ -84,7 +84,7 @@ def check(kernel, dtype: str, fixed: dict, configs, extra: dict, g_dtype: str = 
     pointers = {"q_ptr": dtype, "k_ptr": dtype, "dq_ptr": dtype, "y_ptr": "bf16", "g_ptr": g_dtype}
     pointers.update({n: "i64" for n in ("own_lo_ptr", "own_hi_ptr", "rank_ptr")})
     fixed = dict(fixed)
-    warps, stages = fixed.pop("num_warps"), fixed.pop("num_stages", 2)
+    warps, stages = fixed.pop("num_warps"), fixed.pop("num_stages", 3)  # 3: Triton's default
     k = build(kernel, pointers, {**fixed, **extra}, warps, stages)
     assert k.metadata.shared <= SMEM_LIMIT, f"fixed config needs {k.metadata.shared} B of shared memory"
     assert "wgmma.mma_async" in k.asm["ptx"], "the score dot does not use the Hopper tensor cores"
@@ -118,6 +118,24 @@ def test_lean_kernels_build(dtype, precision):
           dict(UPCAST=False, PRECISION=precision), no_spills=True)
     check(lean._lean_bwd_kernel, dtype, lean._fixed_bwd(n, dim), lean._BWD_CONFIGS,
           dict(UPCAST=False, PRECISION=precision, GRAD_PRECISION="tf32", WRITE_QDOT=True))
+
+
+@pytest.mark.parametrize("dtype,precision", [("bf16", "tf32"), ("fp32", "tf32x3")])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_lean_small_batch_configs_do_not_spill(dtype, precision, ragged):
+    # B <= TINY_B runs one fixed config per kernel, untuned, in every dtype: it must not spill.
+    n, dim = 1000, 512
+    pointers = {"q_ptr": dtype, "k_ptr": dtype, "dq_ptr": dtype}
+    for kernel, cfg, extra in [
+        (lean._lean_fwd_kernel, lean._fixed_fwd(n, dim), {}),
+        (lean._lean_bwd_kernel, lean._fixed_bwd(n, dim), dict(GRAD_PRECISION="tf32", WRITE_QDOT=True)),
+    ]:
+        cfg = dict(cfg)
+        warps, stages = cfg.pop("num_warps"), cfg.pop("num_stages", 3)
+        k = build(kernel, pointers, {**cfg, **extra, "UPCAST": False, "PRECISION": precision}, warps, stages,
+                  ragged=ragged)
+        assert k.metadata.shared <= SMEM_LIMIT
+        assert spill_bytes(k) == 0, f"{kernel.__name__} {cfg} spills registers"
 
 
 @pytest.mark.parametrize("dtype,precision", [("bf16", "tf32"), ("fp32", "tf32x3")])
