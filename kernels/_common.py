@@ -133,8 +133,11 @@ HUGE_B = 1 << 17  # from here a fixed config: a single tuning run would take sec
 
 
 def tuned(n: int) -> bool:
-    """Whether B = n takes the autotuned configs (never under the interpreter)."""
-    return not (INTERPRET or n <= TINY_B or n >= HUGE_B)
+    """Whether B = n takes the autotuned configs: never under the interpreter, nor with
+    ``torch.use_deterministic_algorithms(True)``: the autotuner picks by timing, so two
+    processes may run different configs, which sum in different orders; the fixed configs
+    make the results bitwise repeatable across processes too."""
+    return not (INTERPRET or n <= TINY_B or n >= HUGE_B or torch.are_deterministic_algorithms_enabled())
 
 
 def n_bucket(n: int) -> int:

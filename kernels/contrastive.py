@@ -21,7 +21,9 @@ Modes (Triton backend; chosen from the free device memory with ``mode="auto"``):
   * ``fast`` stores S once, 2 bytes a logit (half the 4 bytes/logit of the compiled plain
     loss), and needs 3 matmuls. See ``_contrastive_fast``.
 Both take bf16 / fp16 / fp32 inputs (fp32 accumulation; fp32 inputs use 3xTF32 for the
-scores), any B ≥ 1, D ≤ 1024, non-contiguous inputs, and are deterministic (no atomics).
+scores), any B ≥ 1, D ≤ 1024, non-contiguous inputs, and are deterministic (no atomics):
+bitwise the same outputs for the same inputs within a process, and across processes under
+``torch.use_deterministic_algorithms(True)``, which pins the fixed launch configs.
 The loss is returned in fp32; gradients come back in the inputs' dtypes.
 
 Contract: ``contrastive_loss(img, txt, scale, *, mode="auto", backend=None)`` → 0-d fp32.

@@ -269,3 +269,20 @@ def test_custom_ops_pass_opcheck_with_non_contiguous_inputs(mode):
     out = fwd(img, txt, scale, mode, impl, 0, True)
     args = (torch.tensor(1.0), img.detach(), txt, scale.detach(), out[1], out[2], out[3], out[4], mode, impl, 0)
     torch.library.opcheck(torch.ops.eclip.contrastive_loss_bwd.default, args)
+
+
+def test_deterministic_algorithms_pin_the_fixed_configs():
+    # Autotuning picks configs by timing, so it could differ between processes; with
+    # deterministic algorithms requested, mid-sized B takes the fixed configs instead.
+    from kernels import _common
+
+    if _common.INTERPRET:
+        pytest.skip("the interpreter never autotunes")
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        assert _common.tuned(16384) and not _common.tuned(1000) and not _common.tuned(1 << 20)
+        torch.use_deterministic_algorithms(True)
+        assert not _common.tuned(16384)
+    finally:
+        torch.use_deterministic_algorithms(before)
