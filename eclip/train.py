@@ -17,6 +17,7 @@ Exit codes: 0 ok, 1 diverged or out of memory, 2 bad input, 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
@@ -99,6 +100,15 @@ def _summary(result: dict) -> list[str]:
     return lines
 
 
+def _flops_at(count, length: int) -> int:
+    """A model's FLOP count at a token length; a recipe's own model may take no length."""
+    try:
+        inspect.signature(count).bind(length)
+    except TypeError:
+        return count()
+    return count(length)
+
+
 def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: str, out: Path) -> dict:
     recipe = load_recipe(args.recipe)
     apply_overrides(recipe.HPARAMS, overrides)
@@ -155,10 +165,14 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
     # training FLOPs ≈ 3 × forward: both towers for every sample, plus the expert path (a
     # second image pass, the heatmap processor, the phrase) for the samples that took it
     flops = None
+    # at the token lengths the towers ran: the split's captions and phrases trimmed to its
+    # longest (eclip.data.device), not the cache's padded context
     if hasattr(model, "flops_per_sample") and run["samples"]:
-        expert = (model.expert_flops_per_sample(run["spec"].phrase_length)
+        text_len, phrase_len = run["data"].tokens.shape[1], run["data"].phrase_tokens.shape[1]
+        expert = (_flops_at(model.expert_flops_per_sample, phrase_len)
                   if hasattr(model, "expert_flops_per_sample") else 0)
-        flops = 3 * (model.flops_per_sample() * run["samples"] + expert * run["expert_samples"]) / run["samples"]
+        per_sample = _flops_at(model.flops_per_sample, text_len)
+        flops = 3 * (per_sample * run["samples"] + expert * run["expert_samples"]) / run["samples"]
     mem = peak_memory_bytes(device)
     return {
         "status": run["status"], "eval_split": eval_split, "expert_samples": run["expert_samples"],
