@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import torch
 
-# (substring of torch.cuda.get_device_name, dense bf16 FLOP/s); first match wins
+# (substring of torch.cuda.get_device_name, dense bf16 FLOP/s); the first match wins, so a
+# name that contains another comes first ("H100 NVL" before "H100", "L40" before "L4")
 BF16_PEAKS = (
-    ("H200", 989e12),
+    ("H200 NVL", 835e12),
+    ("H100 NVL", 835e12),
+    ("GH200", 989e12),
+    ("H200", 989e12),  # SXM
     ("H100 PCIe", 756e12),
     ("H100", 989e12),  # SXM / HBM3
-    ("GH200", 989e12),
     ("B200", 2250e12),
     ("A100", 312e12),
     ("A10G", 70e12),
     ("A10", 125e12),
     ("L40S", 362e12),
+    ("L40", 181e12),
     ("L4", 121e12),
     ("RTX 4090", 165e12),
     ("RTX 3090", 71e12),
