@@ -4,7 +4,8 @@
 # safetensors, tqdm and pytest come from ./.gpudeps when the machine lacks them (make it with
 # `make gpudeps` and carry it). Random data only.
 #   1. the CUDA tests: the host data path (pinned memory, side stream), the metrics
-#      read-back, the kernels (bf16 included);
+#      read-back, the expert path (compiled bf16, mixup without a sync), the kernels (bf16
+#      included);
 #   2. bench/train_check.py: the training loop on CUDA (smoke run with evaluation, the host
 #      syncs of the steady steps, then vit-s16 batch 64: fp32 eager, the fast path, with CUDA
 #      graphs, from host memory, with per-block compilation);
@@ -45,7 +46,7 @@ TABLE="${OUT_DIR:-${TMPDIR:-/tmp}}/kernel_table.md"
 if want 1 && [ -z "$DRY" ]; then
     echo "== 1. CUDA tests: host data path, metrics read-back and kernels"
     if "$PY" -c "import pytest" 2>/dev/null; then
-        timeout "${T1:-150}" "$PY" -m pytest tests/test_data_device.py tests/test_readback.py \
+        timeout "${T1:-150}" "$PY" -m pytest tests/test_data_device.py tests/test_readback.py tests/test_expert.py \
             tests/test_kernels_contrastive.py tests/test_kernels_retrieval.py \
             -q -p no:cacheprovider -o addopts="" -k "cuda" 2>&1 | tail -15 | log tests.log || status=1
     else

@@ -144,7 +144,9 @@ def mixup(a: torch.Tensor, b: torch.Tensor, alpha: float,
     # torch has no seeded Beta sampler: seed NumPy's from the torch generator's stream.
     seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
     lam_np = np.random.default_rng(seed).beta(alpha, alpha, size=a.shape[0])
-    lam = torch.from_numpy(lam_np).to(device=a.device, dtype=torch.float32)
+    lam = torch.from_numpy(lam_np).float()
+    # A plain host→device copy waits for the whole queue; from pinned memory it does not.
+    lam = lam.pin_memory().to(a.device, non_blocking=True) if a.is_cuda else lam.to(a.device)
     mixed = lam[:, None] * a.float() + (1 - lam[:, None]) * b.float()
     return F.normalize(mixed, dim=-1).to(a.dtype), lam.to(a.dtype)
 

@@ -290,3 +290,22 @@ def test_expert_path_cuda_compile_bf16():
                            torch.Generator().manual_seed(0))
     term.backward()
     assert torch.isfinite(term) and model.expert.q.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mixup_on_cuda_does_not_synchronise():
+    # λ is drawn on the host; its copy to the device must not wait for the queued work
+    # (the sync debug mode turns any synchronising call into an error).
+    g = torch.Generator().manual_seed(3)
+    a = F.normalize(torch.randn(64, 32, device="cuda"), dim=-1)
+    b = F.normalize(torch.randn(64, 32, device="cuda"), dim=-1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mixed, lam = mixup(a, b, 0.4, g)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    want, want_lam = mixup(a.cpu(), b.cpu(), 0.4, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(lam.cpu(), want_lam)
+    torch.testing.assert_close(mixed.cpu(), want, atol=1e-6, rtol=1e-5)
