@@ -201,6 +201,8 @@ def evaluate_split(model, cache: Cache, rows: torch.Tensor, device: torch.device
 
 
 def peak_memory_bytes(device: torch.device) -> int | None:
+    """CUDA: the peak allocated since ``run_loop`` began; CPU: the process's peak resident
+    set, which cannot be reset (with --folds, the largest so far)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     try:
@@ -223,6 +225,8 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
         raise EclipError("give exactly one of a time budget (--budget-s) or a step count (--steps)")
     device = pick_device(cfg.device)
     use_device(device)
+    if device.type == "cuda":  # this run's peak, not an earlier fold's
+        torch.cuda.reset_peak_memory_stats(device)
     hp = recipe.HPARAMS
     torch.manual_seed(cfg.seed)
     if hp.get("text_tower"):  # a pretrained text tower reads its own tokenizer's ids (harness-side)
