@@ -83,34 +83,50 @@ def smoke(steps: int = 60, batch: int = 128) -> bool:
     return ok
 
 
-def sync_check(steps: int = 30) -> None:
-    """Host syncs in the template's steady steps (preset tiny, expert off): the loop is meant
-    to make none until the end of the run. CUDA's sync debug mode is switched on when the
-    first metrics row arrives (at step 10) and every synchronising call is listed by its
-    Python call site; the end of the run's synchronize accounts for one. (Waits on a CUDA
-    event, as for a metrics copy that has not arrived, are invisible to the debug mode.)"""
-    if DEVICE != "cuda":
-        print("sync_check: skipped (CUDA's sync debug mode needs a GPU)", flush=True)
-        return
+SYNC_CASES = {  # name: (HPARAMS overrides beyond preset tiny, batch 128; data placement)
+    "device": ({"expert": "false"}, "auto"),
+    "host": ({"expert": "false"}, "host"),  # images from pinned host memory, prefetched
+    "expert": ({"expert": "true", "expert_cold_start": "0.0", "expert_probability": "1.0"}, "auto"),
+}
+
+
+def sync_check(steps: int = 30, batch: int = 128) -> None:
+    """Host syncs in the template's steady steps (preset tiny), per case of SYNC_CASES: the
+    loop is meant to make none until the end of the run, except the expert term's one
+    (selecting the samples with regions reads their count). CUDA's sync debug mode is
+    switched on when the first metrics row arrives (compilation behind) and every synchronising
+    call is listed by its Python call site; the end of the run's synchronize accounts for
+    one. (Waits on a CUDA event, as for a metrics copy that has not arrived, are invisible
+    to the debug mode.)"""
+    cuda = DEVICE == "cuda"
+    if not cuda:  # the dry run: the cases' plumbing only, nothing to count
+        steps, batch = 11, 16
     cache = random_cache(2048, 64, 32, 512)
-    armed = []
+    for case, (overrides, placement) in SYNC_CASES.items():
+        armed = []
 
-    def on_log(row):
-        if not armed:
-            armed.append(row["step"])
-            torch.cuda.set_sync_debug_mode("warn")
+        def on_log(row, armed=armed):
+            if not armed:
+                armed.append(row["step"])
+                if cuda:
+                    torch.cuda.set_sync_debug_mode("warn")
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            run = train(cache, steps, {"preset": "tiny", "batch_size": "128", "expert": "false"}, on_log=on_log)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    sites = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught
-                    if "synchronizing" in str(w.message))
-    listed = ", ".join(f"{site} ×{n}" for site, n in sites.most_common()) or "none"
-    print(f"sync_check: {sum(sites.values())} host syncs after the first row, {steps} steps, "
-          f"status {run['status']}: {listed}", flush=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                run = train(cache, steps, {"preset": "tiny", "batch_size": str(batch), **overrides},
+                            placement=placement, on_log=on_log)
+            finally:
+                if cuda:
+                    torch.cuda.set_sync_debug_mode("default")
+        if not cuda:
+            print(f"sync_check {case}: dry run, status {run['status']}, first row at step {armed[0]}", flush=True)
+            continue
+        sites = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught
+                        if "synchronizing" in str(w.message))
+        listed = ", ".join(f"{site} ×{n}" for site, n in sites.most_common()) or "none"
+        print(f"sync_check {case}: {sum(sites.values())} host syncs after the first row, {steps} steps, "
+              f"status {run['status']}: {listed}", flush=True)
 
 
 SPEED_ROWS = {  # name: (what it is, HPARAMS overrides, data placement)

@@ -36,6 +36,8 @@ def test_train_check_dry_run(capsys):
     assert train_check.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "smoke_status: ok" in out and "OK" in out
+    cases = re.findall(r"^sync_check (\w+): dry run, status (\w+)", out, re.M)
+    assert cases == [(case, "ok") for case in train_check.SYNC_CASES]
     speeds = re.findall(r"^speed: (.+?): ([\d.]+) samples/s.*status (\w+), loss ([\d.naif]+)", out, re.M)
     assert [s[0] for s in speeds] == [v[0] for v in train_check.SPEED_ROWS.values()]
     assert all(status == "ok" and math.isfinite(float(loss)) for _, _, status, loss in speeds)

@@ -187,6 +187,8 @@ class DeviceData:
             self._ahead.append((pos, idx))
             self.prefetch.submit(idx)
         _, idx = self._ahead.popleft()
+        if self.device.type == "cuda":  # from pageable memory the driver may wait for the stream
+            idx = idx.pin_memory()
         return idx.to(self.device, non_blocking=True), self.prefetch.take()
 
     def sample(self, batch_size: int) -> Batch:
