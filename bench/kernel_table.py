@@ -182,7 +182,7 @@ def check_compiled_step() -> bool:
                 img = F.normalize(model(x).float(), dim=1).bfloat16()
             return kernels.contrastive_loss(img, t, log_scale.exp(), mode=mode)
 
-        eager_loss = float(fwd(x, t))
+        eager_loss = fwd(x, t).detach().item()
         how = dict(mode="reduce-overhead") if DEV == "cuda" else dict(backend="aot_eager")
         compiled = torch.compile(fwd, fullgraph=True, **how)
         from torch._dynamo.utils import counters
@@ -192,7 +192,7 @@ def check_compiled_step() -> bool:
         for _ in range(6):
             loss = compiled(x, t)
             loss.backward()
-            losses.append(float(loss))
+            losses.append(loss.detach().item())
             opt.step()
             opt.zero_grad(set_to_none=True)
         skips = sum(counters["inductor"].get(k, 0) for k in ("cudagraph_skips",))
@@ -359,7 +359,7 @@ def huge(b, d) -> None:
     finite = bool(torch.isfinite(loss) and torch.isfinite(img.grad).all() and torch.isfinite(txt.grad).all())
     record(
         f"lean B={b} D={d} bf16: {sec:.1f} s fwd+bwd (first call, compilation included), peak extra "
-        f"{peak / 1024:.2f} GiB, loss {float(loss):.4f}, finite: {'ok' if finite else 'FAIL'}"
+        f"{peak / 1024:.2f} GiB, loss {loss.detach().item():.4f}, finite: {'ok' if finite else 'FAIL'}"
     )
 
 
