@@ -221,9 +221,11 @@ def fast_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, need
 
 
 def _scaled_product(a: torch.Tensor, b: torch.Tensor, coef: torch.Tensor, out_dtype: torch.dtype):
-    """coef·(a @ b) in ``out_dtype``; the scaling runs in fp32 (opmath) and rounds once."""
-    prod = a @ b.to(a.dtype)
-    return prod.mul_(coef) if out_dtype == prod.dtype else prod.to(out_dtype).mul_(coef)
+    """coef·(a @ b) in ``out_dtype``, scaled in fp32. Not ``prod.mul_(coef)`` on the half-precision
+    product: on CUDA a 0-d device tensor is read in the other operand's dtype, so coef would be
+    rounded to bf16 first (a bias of up to 2⁻⁹ on every gradient entry) or, in fp16, overflow
+    under a loss scaler. The fp32 temporary is 4·B·D bytes."""
+    return (a @ b.to(a.dtype)).float().mul_(coef).to(out_dtype)
 
 
 def fast_backward(g, gz, img, txt, scale, grad):

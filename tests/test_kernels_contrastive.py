@@ -286,3 +286,25 @@ def test_deterministic_algorithms_pin_the_fixed_configs():
         assert not _common.tuned(16384)
     finally:
         torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype,coef", [
+    (torch.bfloat16, 2.0**-9 * (1 + 2.0**-8)),  # halfway between two bf16 neighbours
+    (torch.float16, 2.0**-9 * (1 + 2.0**-11)),  # halfway between two fp16 neighbours
+    (torch.float32, 2.0**-9 * (1 + 2.0**-8)),
+])
+def test_fast_mode_scales_its_products_in_fp32(dtype, coef, device):
+    # The fast backward scales Ĝ·T by s·g/(2B), a 0-d fp32 tensor on the inputs' device. On
+    # CUDA a 0-d device tensor multiplied into a half-precision tensor is read in that dtype:
+    # this coef would lose 2⁻⁹ (bf16) or 2⁻¹² (fp16) of its value, the same on every entry.
+    # Exact equality with one fp32 scaling of the same product (the Python-float path).
+    pytest.importorskip("triton")
+    from kernels._contrastive_fast import _scaled_product
+
+    g = torch.Generator().manual_seed(14)
+    a = torch.randn(96, 80, generator=g).to(device=device, dtype=torch.float16 if dtype == torch.float16 else torch.bfloat16)
+    b = torch.randn(80, 24, generator=g).to(device=device, dtype=dtype)
+    got = _scaled_product(a, b, torch.tensor(coef, device=device), dtype)
+    want = (a @ b.to(a.dtype)).float().mul(coef).to(dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
