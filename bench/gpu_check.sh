@@ -19,9 +19,12 @@
 #   4. the pytest-benchmark suites and the guard against bench/baselines/<device>.json (when
 #      there is none, the run is saved to $OUT as the baseline to commit);
 #   then the short tables again, last.
-# In priority order, each under its own time limit, so a cut-off run still reports the most.
+# In priority order, each under its own time limit and all under DEADLINE (seconds, default
+# 570: one device command may run 600), so a cut-off run still reports the most and the
+# summary always prints.
 # Prints the device first and a short table last; with $OUT set, writes logs and the table
-# there. Usage: [STEPS="1 2 2b 3 4"] [T1=… T2=…] [ONLY=template,graphs] [DRY=1] bash bench/gpu_check.sh [--quick]
+# there. Usage: [STEPS="1 2 2b 3 4"] [T1=… T2=…] [DEADLINE=570] [ONLY=template,graphs] [DRY=1]
+#   bash bench/gpu_check.sh [--quick]
 # (ONLY: the speed rows of step 2, as train_check.py --only; default all.)
 # DRY=1 runs steps 2, 2b and 3 on the CPU at tiny sizes (--dry-run: this script's plumbing,
 # nothing measured) and skips steps 1 and 4, which need a GPU to mean anything.
@@ -40,15 +43,26 @@ STEPS=" ${STEPS:-1 2 2b 3 4} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 TABLE="${OUT_DIR:-${TMPDIR:-/tmp}}/kernel_table.md"
 [ -n "$OUT_DIR" ] && mkdir -p "$OUT_DIR"
+rm -f "$TABLE"  # the summary shows this run's table only
+START=$SECONDS
+DEADLINE="${DEADLINE:-570}"
+# limit T: a step's time limit, cut to what is left of DEADLINE (0: no time left)
+limit() { local left=$(( DEADLINE - (SECONDS - START) )); (( left < 0 )) && left=0; echo $(( $1 < left ? $1 : left )); }
+# run_for T CMD...: CMD under timeout, or a note when the deadline has passed
+run_for() {
+    local t; t=$(limit "$1"); shift
+    if (( t < 5 )); then echo "skipped: DEADLINE ($DEADLINE s) reached"; return 1; fi
+    timeout "$t" "$@"
+}
 
 "$PY" -c "import torch, triton; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none', '| torch', torch.__version__, '| triton', triton.__version__)"
 
 if want 1 && [ -z "$DRY" ]; then
     echo "== 1. CUDA tests: host data path, metrics read-back and kernels"
     if "$PY" -c "import pytest" 2>/dev/null; then
-        timeout "${T1:-150}" "$PY" -m pytest tests/test_data_device.py tests/test_readback.py tests/test_expert.py \
+        run_for "${T1:-240}" "$PY" -m pytest tests/test_data_device.py tests/test_readback.py tests/test_expert.py \
             tests/test_kernels_contrastive.py tests/test_kernels_retrieval.py \
-            -q -p no:cacheprovider -o addopts="" -k "cuda" 2>&1 | tail -15 | log tests.log || status=1
+            -q -p no:cacheprovider -o addopts="" -k "cuda or gpu" 2>&1 | tail -15 | log tests.log || status=1
     else
         echo "pytest is not available: step 1 skipped (step 3 still checks accuracy)"
 fi
@@ -56,7 +70,7 @@ fi
 
 if want 2; then
     echo "== 2. training loop on CUDA"
-    timeout "${T2:-360}" "$PY" bench/train_check.py --steps "${SPEED_STEPS:-60}" ${ONLY:+--only "$ONLY"} ${DRY:+--dry-run} 2>&1 \
+    run_for "${T2:-360}" "$PY" bench/train_check.py --steps "${SPEED_STEPS:-60}" ${ONLY:+--only "$ONLY"} ${DRY:+--dry-run} 2>&1 \
         | grep -v Warning | log train.log || status=1
 fi
 
@@ -65,7 +79,7 @@ if want 2b; then
     small=()
     [ -n "$DRY" ] && small=(--device cpu --preset tiny --batch 16 --image-size 64 --skip 1 --active 2)
     for mode in default reduce-overhead; do
-        timeout "${T2B:-90}" "$PY" bench/profile_step.py --compile-mode "$mode" "${small[@]}" 2>&1 \
+        run_for "${T2B:-150}" "$PY" bench/profile_step.py --compile-mode "$mode" "${small[@]}" 2>&1 \
             | grep -v -E "Warning|USDT" | log profile.log || status=1
     done
 fi
@@ -73,17 +87,17 @@ fi
 if want 3; then
     echo "== 3. kernel table"
     args=($QUICK ${DRY:+--dry-run} --out "$TABLE")
-    timeout "${T3:-480}" "$PY" bench/kernel_table.py "${args[@]}" 2>&1 | log kernels.log || status=1
+    run_for "${T3:-480}" "$PY" bench/kernel_table.py "${args[@]}" 2>&1 | log kernels.log || status=1
 fi
 
 if want 4 && [ -z "$DRY" ]; then
     echo "== 4. benchmark suites and the guard"
     SLUG=$("$PY" -c "from bench.guard import slug, current_device; print(slug(current_device()))")
     if [ -f "bench/baselines/$SLUG.json" ]; then
-        timeout "${T4:-240}" "$PY" -m bench.guard check 2>&1 | grep -v -i warn | tail -30 | log guard.log || status=1
+        run_for "${T4:-240}" "$PY" -m bench.guard check 2>&1 | grep -v -i warn | tail -30 | log guard.log || status=1
     else
         echo "no baseline for this device yet: saving this run as bench/baselines/$SLUG.json (commit it from \$OUT)"
-        timeout "${T4:-240}" "$PY" -m bench.guard save --baseline "${OUT_DIR:-bench/baselines}/$SLUG.json" 2>&1 \
+        run_for "${T4:-240}" "$PY" -m bench.guard save --baseline "${OUT_DIR:-bench/baselines}/$SLUG.json" 2>&1 \
             | grep -v -i warn | tail -5 | log guard.log || status=1
 fi
 fi

@@ -95,9 +95,16 @@ def say(line: str = "") -> None:
     print(line, flush=True)
 
 
+OUT: Path | None = None  # --out: each recorded line is appended at once (a run cut off
+                         # by a time limit still leaves what it measured)
+
+
 def record(line: str) -> None:
     LINES.append(line)
     say(line)
+    if OUT is not None:
+        with OUT.open("a") as f:
+            f.write(line + "\n")
 
 
 def plain_loss(img, txt, scale):
@@ -307,7 +314,9 @@ def breakdown(b, d, top=6) -> None:
         step(fn, img, txt, scale)  # autotuning stays out of the trace
         sync()
         cuda = DEV == "cuda"  # on the CPU dry run: CPU operators
-        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        # CPU activity too on CUDA: some setups record no kernels with CUDA activity alone
+        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+        with profile(activities=activities) as prof:
             step(fn, img, txt, scale)
             sync()
         events = [e for e in prof.key_averages() if e.device_type == (DeviceType.CUDA if cuda else DeviceType.CPU)]
@@ -318,6 +327,7 @@ def breakdown(b, d, top=6) -> None:
         events.sort(key=lambda e: -us(e))
         total = sum(us(e) for e in events) / 1e3
         parts = ", ".join(f"{e.key[:40]} ×{e.count} {us(e) / 1e3:.2f}" for e in events[:top])
+        parts = parts or "none recorded (profiler)"
         record(f"breakdown {mode} B={b} D={d}: {total:.2f} ms of kernels: {parts}")
         img = txt = scale = None
 
@@ -364,15 +374,20 @@ def huge(b, d) -> None:
 
 
 def main(argv=None) -> int:
-    global DEV
+    global DEV, OUT
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=None, help="write the short table here")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="write the short table here, line by line as it is measured")
     ap.add_argument("--quick", action="store_true", help="smaller table (B = 16k and 32k, D = 512)")
     ap.add_argument("--dry-run", action="store_true",
                     help="every section on the CPU with tiny sizes through the PyTorch references: "
                          "checks this script, measures nothing")
     args = ap.parse_args(argv)
     LINES.clear()
+    OUT = args.out
+    if OUT is not None:
+        OUT.parent.mkdir(parents=True, exist_ok=True)
+        OUT.write_text("")  # this run's lines only
     DEV = "cpu" if args.dry_run else "cuda"
     if not args.dry_run and not torch.cuda.is_available():
         say("no CUDA device: nothing to check")
@@ -406,9 +421,6 @@ def main(argv=None) -> int:
     say("\n==== summary")
     for line in LINES:
         say(line)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(LINES) + "\n")
     return 0 if ok else 1
 
 

@@ -39,6 +39,13 @@ def profile_step(preset: str, batch: int, image_size: int, context: int, skip: i
     cuda = device.startswith("cuda")
     cache = random_cache(max(4 * batch, 256), image_size, context, 8192)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:  # CUPTI set up before any CUDA graph is captured (PyTorch's cudagraphs + profiler workaround)
+        try:
+            from torch.profiler._utils import _init_for_cuda_graphs
+        except ImportError:  # pragma: no cover - a PyTorch without the private helper
+            pass
+        else:
+            _init_for_cuda_graphs()
     marks: list[float] = []
     # repeat=1: one cycle, so the steps after it cannot start a second trace that replaces it
     with profile(activities=acts, schedule=schedule(wait=skip, warmup=1, active=active, repeat=1)) as prof:

@@ -77,3 +77,19 @@ def test_gpu_check_script_dry_run(tmp_path):
     assert "compiled step (lean:panel): ok" in summary and "smoke_status: ok" in summary
     assert summary.count("per step: wall") == 2 and summary.count("speed: ") == 2  # ONLY's two rows
     assert {p.name for p in tmp_path.iterdir()} >= {"train.log", "profile.log", "kernels.log", "kernel_table.md"}
+
+
+def test_gpu_check_script_stops_at_its_deadline(tmp_path):
+    # DEADLINE caps the whole run (one device command may take 600 s): with none left,
+    # every step says it was skipped, the summary still prints and the exit status is 1.
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, DRY="1", OUT=str(tmp_path), PYTHON=sys.executable, DEADLINE="0")
+    proc = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    out = proc.stdout
+    assert proc.returncode == 1, out
+    assert out.count("skipped: DEADLINE (0 s) reached") == 4  # steps 2, 2b (two modes) and 3
+    assert "==== summary" in out and "smoke_status" not in out

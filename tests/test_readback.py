@@ -43,6 +43,7 @@ def test_flush_checks_the_copy_in_flight():
         rb.flush()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_push_does_not_synchronise_the_device(monkeypatch):
     # Blocking reads raise in CUDA's sync debug mode; waiting on an event is invisible to
