@@ -19,7 +19,8 @@ Modes (Triton backend; chosen from the free device memory with ``mode="auto"``):
     bench/kernel_table.py), and for fp32 the panel's cuBLAS products would run in full fp32
     (or TF32, by the global setting) where the fused kernels use TF32 by design.
   * ``fast`` stores S once, 2 bytes a logit (half the 4 bytes/logit of the compiled plain
-    loss), and needs 3 matmuls. See ``_contrastive_fast``.
+    loss), and needs 3 matmuls; when a gradient is needed its forward turns S into Ĝ in
+    the same buffer, which the backward's two products read. See ``_contrastive_fast``.
 Both take bf16 / fp16 / fp32 inputs (fp32 accumulation; fp32 inputs use 3xTF32 for the
 scores), any B ≥ 1, D ≤ 1024, non-contiguous inputs, and are deterministic (no atomics):
 bitwise the same outputs for the same inputs within a process, and across processes under
