@@ -14,10 +14,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from eclip.errors import EclipError
-from eclip.fileio import atomic_write
+from eclip.fileio import atomic_write, read_tensors
 
 TENSORS, META = "checkpoint.safetensors", "checkpoint.json"
 
@@ -66,7 +66,7 @@ def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module,
     """Restore model (and optimizer) in place; returns (meta, loop state tensors)."""
     ckpt_dir = Path(ckpt_dir)
     meta = read_meta(ckpt_dir)
-    tensors = load_file(str(ckpt_dir / TENSORS))
+    tensors = read_tensors(ckpt_dir / TENSORS)
     weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     for alias, name in meta.get("aliases", {}).items():
         weights[alias] = weights[name]

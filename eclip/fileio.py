@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from eclip.errors import EclipError
+
 
 def atomic_write(path: Path, write) -> None:
     """``write(tmp)`` to a temporary sibling, then rename it over ``path``: readers see the
@@ -20,3 +22,16 @@ def atomic_write(path: Path, write) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def read_tensors(path: Path, hint: str = "") -> dict:
+    """A safetensors file as torch tensors, or a one-line EclipError naming it (cut short,
+    corrupted, missing)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise EclipError(f"{path}: unreadable ({reason}){'; ' + hint if hint else ''}") from None

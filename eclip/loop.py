@@ -66,7 +66,12 @@ class LoopConfig:
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise EclipError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise EclipError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise EclipError(f"--device {name}: CUDA is not available on this machine")
     return dev
@@ -213,6 +218,19 @@ def peak_memory_bytes(device: torch.device) -> int | None:
         return None
 
 
+def check_loop_hparams(hp: dict) -> None:
+    """The HPARAMS entries the loop itself reads (batch size, augmentation), checked before
+    anything is built; the recipe checks its own."""
+    bs = hp.get("batch_size")
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+        raise EclipError(f"recipe: batch_size: expected an int >= 1, got {bs!r}")
+    crop = hp.get("crop_scale", 1.0)
+    if isinstance(crop, bool) or not isinstance(crop, (int, float)) or not 0 < crop <= 1:
+        raise EclipError(f"recipe: crop_scale: expected a number in (0, 1], got {crop!r}")
+    if not isinstance(hp.get("flip", False), bool):
+        raise EclipError(f"recipe: flip: expected true or false, got {hp.get('flip')!r}")
+
+
 def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
              resume_dir: Path | None = None, on_log=None) -> dict:
     """Train ``recipe`` on ``train_rows`` of ``cache`` until the budget or step count is spent.
@@ -228,6 +246,7 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
     if device.type == "cuda":  # this run's peak, not an earlier fold's
         torch.cuda.reset_peak_memory_stats(device)
     hp = recipe.HPARAMS
+    check_loop_hparams(hp)
     torch.manual_seed(cfg.seed)
     if hp.get("text_tower"):  # a pretrained text tower reads its own tokenizer's ids (harness-side)
         from eclip.pretrained import retokenize
@@ -239,8 +258,8 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
                      phrase_length=int(cache.region_tokens.shape[1]), image_size=cache.image_size, device=device)
     try:
         model = recipe.build_model(spec)
-    except ValueError as e:  # a bad model field from an override or the recipe
-        raise EclipError(f"model config: {e}") from None
+    except ValueError as e:  # a bad HPARAMS entry or model field, from an override or the recipe
+        raise EclipError(f"recipe: {e}") from None
     built = getattr(getattr(getattr(model, "cfg", None), "text", None), "pretrained", "")
     if (built or "") != (hp.get("text_tower") or ""):  # the ids fed must be the tower's own
         raise EclipError(f"recipe: HPARAMS['text_tower'] is {hp.get('text_tower') or ''!r} but the model's text "

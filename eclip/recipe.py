@@ -86,7 +86,33 @@ def _use_bf16(model) -> bool:
     return p == "bf16" or (p == "auto" and _on_cuda(model))
 
 
+def _check_hparams():
+    """One-line errors naming the entry, before anything is built (the loop reports a
+    ValueError from build_model as a bad recipe, exit 2)."""
+    def number(key, lo, hi, lo_open=False, hi_open=False):
+        v = HPARAMS[key]
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ok = ok and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+        if not ok:
+            span = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+            raise ValueError(f"{key}: expected a finite number in {span}, got {v!r}")
+
+    number("lr", 0, math.inf, lo_open=True, hi_open=True)
+    number("min_lr_ratio", 0, 1)
+    number("warmup", 0, 1, hi_open=True)
+    number("weight_decay", 0, math.inf, hi_open=True)
+    number("beta1", 0, 1, hi_open=True)
+    number("beta2", 0, 1, hi_open=True)
+    number("eps", 0, math.inf, lo_open=True, hi_open=True)
+    number("grad_clip", 0, math.inf, hi_open=True)
+    for key, allowed in (("precision", ("auto", "bf16", "fp32")), ("compile", ("auto", True, False)),
+                         ("loss_mode", ("auto", "lean", "lean:fused", "lean:panel", "fast"))):
+        if HPARAMS[key] not in allowed:
+            raise ValueError(f"{key}: expected one of {', '.join(map(str, allowed))}, got {HPARAMS[key]!r}")
+
+
 def build_model(spec):
+    _check_hparams()
     overrides = dict(HPARAMS["model"])
     overrides["vision.pretrained"] = HPARAMS.get("image_tower", "")
     overrides["text.pretrained"] = HPARAMS.get("text_tower", "")

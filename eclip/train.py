@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import os
 import statistics
 import sys
@@ -133,16 +134,19 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
     cfg = LoopConfig(budget_s=args.budget_s, steps=args.steps, seed=args.seed, device=args.device,
                      log_every=args.log_every, data_placement=placement)
     log_path = out / "metrics.jsonl"
-    log = open(log_path, "a" if args.resume else "w", encoding="utf-8")
+    logs = []  # opened at the first row: a run that fails while setting up keeps the last run's log
 
     def on_log(row):
-        log.write(json.dumps(row) + "\n")
-        log.flush()
+        if not logs:
+            logs.append(open(log_path, "a" if args.resume else "w", encoding="utf-8"))
+        logs[0].write(json.dumps(row) + "\n")
+        logs[0].flush()
 
     try:
         run = run_loop(recipe, cache, train_rows, cfg, resume_dir=resume_dir, on_log=on_log)
     finally:
-        log.close()
+        for f in logs:
+            f.close()
     model, device, hp = run["model"], run["device"], recipe.HPARAMS
     data = run["data"].state_dict()
     meta = {"step": run["steps"], "samples": run["samples"], "trained_s": run["train_s"],
@@ -192,8 +196,8 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
 def run(args, overrides: dict) -> dict:
     if (args.budget_s is None) == (args.steps is None):
         raise EclipError("give exactly one of --budget-s or --steps")
-    if args.budget_s is not None and args.budget_s <= 0 or args.steps is not None and args.steps <= 0:
-        raise EclipError("--budget-s and --steps must be positive")
+    if args.budget_s is not None and not (0 < args.budget_s < math.inf) or args.steps is not None and args.steps <= 0:
+        raise EclipError("--budget-s and --steps must be positive (and the budget finite)")
     if args.log_every < 1:
         raise EclipError(f"--log-every {args.log_every}: must be at least 1")
     for key in MODEL_KEYS:  # options that are HPARAMS entries
@@ -245,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         result = run(args, parse_overrides(extra))
     except EclipError as e:
         print(f"train: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # --out a file, a read-only or full disk: the path and the reason
+        print(f"train: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
     except Exception as e:  # out of memory before the loop (data on the device, the model)
         if not is_oom(e):

@@ -190,9 +190,44 @@ def test_checkpoint_round_trip(cache, tmp_path):
     (["--steps", "5", "--compile_scope=all"], "compile_scope: expected one of step, blocks, got 'all'"),
     (["--steps", "5", "--compile_scope=blocks", "--compile_mode=reduce-overhead"],
      "compile_scope: 'blocks' runs eager code between the blocks"),
+    (["--steps", "5", "--batch_size=0"], "recipe: batch_size: expected an int >= 1, got 0"),
+    (["--steps", "5", "--crop_scale=0"], "recipe: crop_scale: expected a number in (0, 1], got 0.0"),
+    (["--steps", "5", "--lr=-1"], "recipe: lr: expected a finite number in (0, inf), got -1.0"),
+    (["--steps", "5", "--lr=nan"], "recipe: lr: expected a finite number"),
+    (["--steps", "5", "--beta1=1.5"], "recipe: beta1: expected a finite number in [0, 1), got 1.5"),
+    (["--steps", "5", "--eps=0"], "recipe: eps: expected a finite number in (0, inf)"),
+    (["--steps", "5", "--warmup=2"], "recipe: warmup: expected a finite number in [0, 1)"),
+    (["--steps", "5", "--precision=fp16"], "recipe: precision: expected one of auto, bf16, fp32, got 'fp16'"),
+    (["--steps", "5", "--compile=maybe"], "recipe: compile: expected one of auto, True, False, got 'maybe'"),
+    (["--steps", "5", "--loss_mode=slow"], "recipe: loss_mode: expected one of auto, lean"),
+    (["--budget-s", "nan"], "--budget-s and --steps must be positive (and the budget finite)"),
+    (["--budget-s", "inf"], "--budget-s and --steps must be positive (and the budget finite)"),
+    (["--steps", "5", "--device", "tpu"], "--device tpu: expected auto, cpu, cuda or cuda:N"),
 ])
 def test_bad_options_exit_2_with_one_line(cache, tmp_path, capsys, argv, message):
-    rc, _, err = run(["--data", cache, "--out", tmp_path / "o", *argv], capsys)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("kept\n")  # a previous run's log
+    rc, _, err = run(["--data", cache, "--out", out, *argv], capsys)
+    assert rc == 2 and err.startswith("train: error: ") and message in err, err
+    assert err.strip().count("\n") == 0
+    assert (out / "metrics.jsonl").read_text() == "kept\n"  # nothing of it lost
+
+
+@pytest.mark.parametrize("make", ["file", "corrupt_checkpoint"])
+def test_unusable_out_or_checkpoint_is_one_line(cache, tmp_path, capsys, make):
+    if make == "file":  # --out names a file
+        out = tmp_path / "afile"
+        out.write_text("x")
+        argv, message = ["--steps", "2"], "afile"
+    else:  # a checkpoint whose weights file is cut short
+        out = tmp_path / "run"
+        rc, _, err = run(["--data", cache, "--out", out, "--steps", "2", *SMALL], capsys)
+        assert rc == 0, err
+        weights = out / "checkpoint.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+        argv, message = ["--steps", "4", "--resume"], "checkpoint.safetensors: unreadable"
+    rc, _, err = run(["--data", cache, "--out", out, *argv, *SMALL], capsys)
     assert rc == 2 and err.startswith("train: error: ") and message in err, err
     assert err.strip().count("\n") == 0
 
@@ -282,6 +317,31 @@ def test_missing_or_stale_cache(tmp_path, capsys, cache):
     (out / "checkpoint.json").write_text(json.dumps(dict(meta, cache_fingerprint="other")))
     rc, _, err = run(["--data", cache, "--out", out, "--steps", 4, "--resume", *SMALL], capsys)
     assert rc == 2 and "trained on another cache" in err
+
+
+@pytest.mark.parametrize("sizes_recorded", [True, False])
+def test_damaged_cache_file_is_one_line(tmp_path, capsys, cache, sizes_recorded):
+    # A cache file cut short: caught by its recorded size, or (a cache from before sizes were
+    # recorded) when safetensors cannot read it; one line naming the file either way.
+    import shutil
+
+    damaged = tmp_path / "cache"
+    shutil.copytree(cache, damaged)
+    ann = damaged / "annotations.safetensors"
+    ann.write_bytes(ann.read_bytes()[:500])
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    assert "annotations.safetensors" in manifest["sizes"]
+    if not sizes_recorded:
+        del manifest["sizes"]
+        (damaged / "manifest.json").write_text(json.dumps(manifest))
+    rc, _, err = run(["--data", damaged, "--out", tmp_path / "o", "--steps", 1], capsys)
+    message = "has another size than when it was built" if sizes_recorded else "unreadable"
+    assert rc == 2 and "annotations.safetensors" in err and message in err, err
+    assert err.strip().count("\n") == 0
+    if sizes_recorded:  # and prepare rebuilds it instead of reusing it
+        from eclip.data.cache import is_current
+
+        assert not is_current(damaged, manifest["fingerprint"])
 
 
 def test_folds_and_final(cache, tmp_path, capsys):

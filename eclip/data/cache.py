@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.numpy import save_file
-from safetensors.torch import load_file
 
 from eclip.errors import EclipError
+from eclip.fileio import read_tensors
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -75,7 +75,19 @@ def is_current(cache_dir: str | Path, fp: str) -> bool:
     m = read_manifest(cache_dir)
     if not m or m.get("format_version") != FORMAT_VERSION or m.get("fingerprint") != fp:
         return False
-    return all((Path(cache_dir) / f).is_file() for f in m.get("files", []))
+    return not damaged_files(cache_dir, m)
+
+
+def damaged_files(cache_dir: str | Path, manifest: dict) -> list[str]:
+    """The manifest's files that are missing, or whose size differs from the one recorded at
+    build time (a copy cut short, a file overwritten); sizes are checked where recorded."""
+    sizes = manifest.get("sizes", {})
+    bad = []
+    for name in manifest.get("files", []):
+        f = Path(cache_dir) / name
+        if not f.is_file() or (name in sizes and f.stat().st_size != sizes[name]):
+            bad.append(name)
+    return bad
 
 
 def ensure_replaceable(out: Path) -> None:
@@ -123,7 +135,8 @@ class CacheWriter:
     def commit(self, manifest: dict) -> None:
         """Write the manifest last, then swap the directory into place."""
         assert self.tmp is not None
-        manifest = dict(manifest, format_version=FORMAT_VERSION, files=sorted(self.files))
+        manifest = dict(manifest, format_version=FORMAT_VERSION, files=sorted(self.files),
+                        sizes={name: (self.tmp / name).stat().st_size for name in sorted(self.files)})
         with open(self.tmp / "manifest.json", "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, ensure_ascii=False)
             f.write("\n")
@@ -190,11 +203,11 @@ def load_cache(path: str | Path) -> Cache:
     if m.get("format_version") != FORMAT_VERSION:
         raise EclipError(f"{path}/manifest.json: cache format version {m.get('format_version')}, "
                          f"this code reads version {FORMAT_VERSION}; rebuild it ({hint})")
-    for name in m.get("files", []):
-        if not (path / name).is_file():
-            raise EclipError(f"{path}/{name}: missing from the cache; rebuild it ({hint})")
-    images = load_file(str(path / "images.safetensors"))["images"]
-    ann = load_file(str(path / "annotations.safetensors"))
+    for name in damaged_files(path, m):
+        what = "has another size than when it was built" if (path / name).is_file() else "missing from the cache"
+        raise EclipError(f"{path}/{name}: {what}; rebuild it ({hint})")
+    images = read_tensors(path / "images.safetensors", f"rebuild the cache ({hint})")["images"]
+    ann = read_tensors(path / "annotations.safetensors", f"rebuild the cache ({hint})")
     missing = [k for k in ANNOTATION_KEYS if k not in ann]
     if missing:
         raise EclipError(f"{path}/annotations.safetensors: missing tensors {', '.join(missing)}")
