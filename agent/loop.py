@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -29,6 +31,7 @@ from agent.claude import DEFAULT_MODEL, ClaudeConfig, ClaudeProposer, ProposerSt
 from agent.runner import clean_env, finished_result, protect_secrets, run_experiment
 from agent.search import SearchExhausted, SearchProposer, read_hparams
 from agent.workspace import Workspace
+from eclip.errors import OneLineParser
 from eclip.policy import check_source
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +40,7 @@ DEFAULT_DATA = Path("data/synthetic")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m agent.loop", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m agent.loop", description=__doc__.split("\n\n")[0])
     p.add_argument("--tag", default="default", help="workspace name: runs/<tag>/")
     p.add_argument("--proposer", choices=["search", "claude"], default="search",
                    help="who proposes edits: the offline search, or Claude (needs ANTHROPIC_API_KEY; never chosen "
@@ -253,10 +256,30 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
     return True
 
 
+def check_args(args) -> str | None:
+    """The first bad option, as its error message (None when all are usable). Checked before a
+    workspace is touched: a bad budget would otherwise fail every baseline and the workspace
+    would count those failures for good."""
+    finite = math.isfinite
+    checks = [
+        (args.noise_runs >= 1, "--noise-runs must be at least 1 (the baseline defines the first best)"),
+        (finite(args.budget_s) and args.budget_s > 0, f"--budget-s {args.budget_s}: must be a positive number of seconds"),
+        (args.timeout_s is None or (finite(args.timeout_s) and args.timeout_s > 0),
+         f"--timeout-s {args.timeout_s}: must be a positive number of seconds"),
+        (args.max_experiments >= 0, f"--max-experiments {args.max_experiments}: must be 0 or more"),
+        (args.max_hours is None or (finite(args.max_hours) and args.max_hours > 0),
+         f"--max-hours {args.max_hours}: must be a positive number of hours"),
+        (finite(args.min_delta) and args.min_delta >= 0, f"--min-delta {args.min_delta}: must be 0 or more"),
+        (args.device == "auto" or args.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", args.device),
+         f"--device {args.device}: expected auto, cpu, cuda or cuda:N"),
+    ]
+    return next((message for ok, message in checks if not ok), None)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.noise_runs < 1:
-        print("loop: error: --noise-runs must be at least 1 (the baseline defines the first best)", file=sys.stderr)
+    if message := check_args(args):
+        print(f"loop: error: {message}", file=sys.stderr)
         return 2
     if args.proposer == "claude" and not os.environ.get("ANTHROPIC_API_KEY"):
         print("loop: error: --proposer claude needs ANTHROPIC_API_KEY in the environment", file=sys.stderr)

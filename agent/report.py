@@ -6,12 +6,12 @@ keeps green with their descriptions, baselines blue, and the running best as a s
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from agent import journal
 from agent.workspace import Workspace
+from eclip.errors import OneLineParser
 
 
 def summary(events: list[dict]) -> dict:
@@ -75,7 +75,7 @@ def plot_progress(ws: Workspace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m agent.report", description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(prog="python -m agent.report", description=__doc__.split("\n\n")[0])
     ap.add_argument("workspace", type=Path, help="runs/<tag>")
     ap.add_argument("--final", action="store_true",
                     help="retrain the best commit on train+val and score the held-out test split (once)")

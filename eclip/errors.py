@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 
 class EclipError(Exception):
     """A user-facing error: printed as one line, exit code 2, no traceback."""
@@ -20,3 +22,11 @@ class DataError(EclipError):
 
     def to_json(self) -> dict:
         return {"where": self.where, "problem": self.problem}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (``prog: error: message``), exit code 2, like
+    every other bad input of the command-line tools; ``--help`` still prints the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help for usage)\n")

@@ -21,6 +21,7 @@ import os
 import sys
 from pathlib import Path
 
+from eclip.errors import OneLineParser
 from eclip.loop import write_json
 from eclip.policy import check_file, scrub_environment
 
@@ -38,7 +39,7 @@ def default_memory_limit_gb() -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eclip.harness", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m eclip.harness", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="check, train and score one recipe file")
     r.add_argument("--recipe", type=Path, required=True, help="the recipe file to run")

@@ -25,7 +25,7 @@ from eclip.data import cache as cache_mod
 from eclip.data import synthetic
 from eclip.data.images import RESIZE_POLICIES, Job, decode_job
 from eclip.data.sources import Problems, Record, read_manifest_file, read_odvg, resolve_image
-from eclip.errors import DataError, EclipError
+from eclip.errors import DataError, EclipError, OneLineParser
 from eclip.evaluate import kfold_assign
 from eclip.tokenizer import encode_batch, load_tokenizer, train_bpe
 
@@ -40,7 +40,7 @@ DEFAULTS = {  # (real data, synthetic)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eclip.prepare", description=__doc__.split("\n\n")[0],
+    p = OneLineParser(prog="python -m eclip.prepare", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     src = p.add_argument_group("source (one of)")
     src.add_argument("--dataset", choices=["synthetic"], help="the built-in dataset")
@@ -288,10 +288,16 @@ def run(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.seed < 0:
+        print(f"prepare: error: --seed {args.seed}: must be 0 or more", file=sys.stderr)
+        return 2
     try:
         run(args)
     except EclipError as e:
         print(f"prepare: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an --out that cannot be written (read-only, not a directory, full)
+        print(f"prepare: error: {args.out}: cannot write the cache ({e.strerror or e})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prepare: interrupted; nothing was written", file=sys.stderr)

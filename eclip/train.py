@@ -30,7 +30,7 @@ import torch
 
 from eclip import checkpoint as ckpt
 from eclip.data.cache import load_cache
-from eclip.errors import EclipError
+from eclip.errors import EclipError, OneLineParser
 from eclip.evaluate import fold_split, format_metrics
 from eclip.hardware import device_name, peak_bf16_flops
 from eclip.loop import (
@@ -51,7 +51,7 @@ MODEL_KEYS = ("preset", "image_tower", "text_tower")  # HPARAMS that are options
 
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: an override such as --compile=true must not be read as --compile-cache
-    p = argparse.ArgumentParser(prog="python -m eclip.train", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+    p = OneLineParser(prog="python -m eclip.train", description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                 epilog="Any other --key=value overrides a recipe HPARAMS entry.")
     p.add_argument("--data", type=Path, required=True, help="cache directory from eclip.prepare")
     p.add_argument("--out", type=Path, required=True, help="run directory (results, checkpoint, logs)")

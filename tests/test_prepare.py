@@ -160,6 +160,10 @@ def test_manifest_column_options_and_errors(tmp_path, capsys):
     assert rc == 0, err
     rc, _, err = run(base + ["--image-column", "nope"], capsys)
     assert rc == 2 and "no image column 'nope'" in err
+    path.write_bytes("picture,words\na.png,hello\na.png,caf\u00e9 au lait\n".encode("latin-1"))  # not UTF-8
+    rc, _, err = run(base + ["--image-column", "picture", "--caption-column", "words"], capsys)
+    assert rc == 2 and "m.csv:3: not UTF-8 text (byte 0xe9 at column 10)" in err, err
+    assert err.strip().count("\n") == 0
 
 
 def _corrupt(fx, case):

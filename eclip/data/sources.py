@@ -96,6 +96,7 @@ def read_odvg(path: Path, split: str, images_dir: Path, problems: Problems,
     ``grounding.regions[].{bbox, phrase}``. ``seen`` maps filenames to where they first
     appeared, across all split files, to refuse duplicates."""
     records = []
+    _check_utf8(path)
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -143,8 +144,24 @@ def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], w
     return None
 
 
+def _check_utf8(path: Path) -> None:
+    """A text input that is not UTF-8 (a Latin-1 export, say) is named by file and line."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(str(path), f"unreadable ({e.strerror or e})") from None
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}:{line}", f"not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}); "
+                                          "save the file as UTF-8") from None
+
+
 def _manifest_rows(path: Path):
     """Yield ``(line, dict)`` for each row of a CSV, TSV or JSONL manifest, plus the columns."""
+    _check_utf8(path)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
         with open(path, encoding="utf-8-sig") as f:  # -sig: spreadsheet exports start with a BOM

@@ -1,0 +1,51 @@
+"""Usage errors of every command-line tool: one line naming the option, exit code 2."""
+
+import importlib
+
+import pytest
+
+
+@pytest.mark.parametrize("module,argv,message", [
+    ("eclip.train", ["--data", "d", "--out", "o", "--seed=abc"], "argument --seed: invalid int value: 'abc'"),
+    ("eclip.prepare", ["--dataset", "coco"], "argument --dataset: invalid choice: 'coco'"),
+    ("eclip.harness", [], "the following arguments are required"),
+    ("agent.loop", ["--budget-s", "abc"], "argument --budget-s: invalid float value: 'abc'"),
+    ("agent.report", [], "the following arguments are required"),
+])
+def test_usage_errors_are_one_line(module, argv, message, capsys):
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.count("\n") == 1 and message in err and err.startswith(f"python -m {module}: error: "), err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--budget-s", "0"], "--budget-s 0.0: must be a positive number of seconds"),
+    (["--budget-s", "nan"], "--budget-s nan: must be a positive number of seconds"),
+    (["--budget-s", "inf"], "--budget-s inf: must be a positive number of seconds"),
+    (["--timeout-s", "-1"], "--timeout-s -1.0: must be a positive number of seconds"),
+    (["--max-experiments", "-1"], "--max-experiments -1: must be 0 or more"),
+    (["--max-hours", "-1"], "--max-hours -1.0: must be a positive number of hours"),
+    (["--min-delta", "nan"], "--min-delta nan: must be 0 or more"),
+    (["--device", "tpu"], "--device tpu: expected auto, cpu, cuda or cuda:N"),
+])
+def test_loop_refuses_bad_options_before_touching_a_workspace(argv, message, tmp_path, capsys):
+    from agent import loop
+
+    rc = loop.main(["--workspace-root", str(tmp_path / "ws"), "--data", str(tmp_path / "none"), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"loop: error: {message}\n", err
+    assert not (tmp_path / "ws").exists()  # nothing created
+
+
+def test_prepare_into_an_unwritable_place_is_one_line(tmp_path, capsys):
+    from eclip import prepare
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")  # --out inside a file: its directory cannot be made
+    rc = prepare.main(["--dataset", "synthetic", "--num-train", "10", "--out", str(blocker / "cache")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"prepare: error: {blocker / 'cache'}: cannot write the cache (") and err.count("\n") == 1, err
+    assert blocker.read_text() == "x"
