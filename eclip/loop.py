@@ -108,6 +108,8 @@ def _coerce(key: str, default, value):
     """Parse a command-line string like the default value of its option."""
     if not isinstance(value, str):
         return value
+    if isinstance(default, dict):
+        raise EclipError(f"--{key}={value}: {key} is a group of settings; set one with --{key}.<field>=value")
     low = value.lower()
     if isinstance(default, bool) or (default == "auto" and low in ("true", "false")):
         if low not in ("true", "false", "1", "0"):

@@ -206,12 +206,15 @@ def run(args, overrides: dict) -> dict:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(args.compile_cache or Path.home() / ".cache/eclip/inductor"))
     cache = load_cache(args.data)
     t0 = time.time()
-    if args.folds:
+    if args.folds is not None:
         if args.final or args.resume:
             raise EclipError("--folds cannot be combined with --final or --resume")
         k_max = int(cache.fold.max()) + 1
         if not 2 <= args.folds <= k_max:
-            raise EclipError(f"--folds {args.folds}: the cache has {k_max} folds (prepare --folds sets them)")
+            raise EclipError(f"--folds {args.folds}: expected 2 to {k_max}, the folds this cache has "
+                             "(prepare --folds sets them)" if k_max >= 2 else
+                             f"--folds {args.folds}: this cache has no folds to cross-validate over "
+                             "(prepare it with --folds 2 or more)")
         folds = []
         for k in range(args.folds):
             tr, ev = fold_split(cache.fold, k)

@@ -203,6 +203,8 @@ def test_checkpoint_round_trip(cache, tmp_path):
     (["--budget-s", "nan"], "--budget-s and --steps must be positive (and the budget finite)"),
     (["--budget-s", "inf"], "--budget-s and --steps must be positive (and the budget finite)"),
     (["--steps", "5", "--device", "tpu"], "--device tpu: expected auto, cpu, cuda or cuda:N"),
+    (["--steps", "5", "--model=abc"], "--model=abc: model is a group of settings; set one with --model.<field>=value"),
+    (["--steps", "5", "--folds", "0"], "--folds 0: expected 2 to 3, the folds this cache has"),
 ])
 def test_bad_options_exit_2_with_one_line(cache, tmp_path, capsys, argv, message):
     out = tmp_path / "o"
