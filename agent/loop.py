@@ -30,7 +30,7 @@ from agent import journal
 from agent.claude import DEFAULT_MODEL, ClaudeConfig, ClaudeProposer, ProposerStop
 from agent.runner import clean_env, finished_result, protect_secrets, run_experiment
 from agent.search import SearchExhausted, SearchProposer, read_hparams
-from agent.workspace import Workspace
+from agent.workspace import Workspace, WorkspaceError
 from eclip.errors import OneLineParser
 from eclip.policy import check_source
 
@@ -290,7 +290,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         subprocess.run([sys.executable, "-m", "eclip.prepare", "--dataset", "synthetic", "--out", str(args.data)],
                        check=True, env=clean_env())
-    ws = Workspace.open_or_create(args.workspace_root / args.tag, TEMPLATE)
+    try:
+        ws = Workspace.open_or_create(args.workspace_root / args.tag, TEMPLATE)
+    except WorkspaceError as e:
+        print(f"loop: error: {e}", file=sys.stderr)
+        return 2
     root_commit = ws.root_commit()
     reconcile(ws, root_commit, args.min_delta)
     # what this session runs with: `agent.report --final` retrains the best on the same data

@@ -37,6 +37,10 @@ recipe and shown to the proposer every time.
 """
 
 
+class WorkspaceError(Exception):
+    """A workspace that cannot be opened as it is (one line for the command line)."""
+
+
 class Workspace:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -60,9 +64,20 @@ class Workspace:
 
     @classmethod
     def open_or_create(cls, root: Path, template: Path) -> Workspace:
+        """Open the workspace at ``root``, or create it there. A workspace whose records
+        disagree (runs but no journal, or a journal but no git history) is refused with
+        WorkspaceError rather than started over: that would overwrite the runs."""
         ws = cls(root)
+        runs = sum(1 for p in ws.experiments.iterdir() if p.is_dir()) if ws.experiments.is_dir() else 0
+        journal_size = ws.journal_path.stat().st_size if ws.journal_path.is_file() else 0
         if (ws.root / ".git").is_dir():
+            if runs and not journal_size:
+                raise WorkspaceError(f"{ws.journal_path}: missing or empty, but {ws.experiments} holds {runs} runs; "
+                                     "restore the journal, or use another --tag")
             return ws
+        if runs or journal_size:
+            raise WorkspaceError(f"{ws.root / '.git'}: missing, but the workspace has a journal or runs whose "
+                                 "commits it records; restore it, or use another --tag")
         ws.root.mkdir(parents=True, exist_ok=True)
         ws.git("init", "-q")
         (ws.root / ".gitignore").write_text("\n".join(IGNORED) + "\n")

@@ -49,3 +49,31 @@ def test_prepare_into_an_unwritable_place_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith(f"prepare: error: {blocker / 'cache'}: cannot write the cache (") and err.count("\n") == 1, err
     assert blocker.read_text() == "x"
+
+
+@pytest.mark.parametrize("damage", ["journal emptied", "git history deleted"])
+def test_loop_refuses_a_workspace_whose_records_disagree(damage, tmp_path, capsys):
+    # Starting over would number new runs from 1 and overwrite experiments/1, /2, ...
+    import shutil
+
+    from agent import loop
+    from agent.workspace import Workspace
+
+    ws = Workspace.open_or_create(tmp_path / "ws" / "t", loop.TEMPLATE)
+    run1 = ws.experiments / "1"
+    run1.mkdir()
+    (run1 / "result.json").write_text('{"status": "ok"}')
+    ws.journal_path.write_text('{"event": "experiment", "n": 1}\n')
+    if damage == "journal emptied":
+        ws.journal_path.write_text("")
+        message = "journal.jsonl: missing or empty, but"
+    else:
+        shutil.rmtree(ws.root / ".git")
+        message = ".git: missing, but the workspace has a journal or runs"
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text("{}")
+    rc = loop.main(["--workspace-root", str(tmp_path / "ws"), "--tag", "t", "--data", str(data)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("loop: error: ") and message in err and err.count("\n") == 1, err
+    assert (run1 / "result.json").read_text() == '{"status": "ok"}'
