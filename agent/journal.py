@@ -42,17 +42,44 @@ def append(path: Path, event: dict) -> None:
         os.fsync(f.fileno())
 
 
+_WARNED: set[tuple[str, int]] = set()  # (path, line) already reported: read() runs many times a session
+
+
+def _problem(event) -> str | None:
+    """Why a decoded line is not a usable event (None when it is)."""
+    if not isinstance(event, dict) or not isinstance(event.get("event"), str):
+        return "not an event object"
+    n = event.get("n")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
+        return f"n is {n!r}, not an experiment number"
+    score = event.get("val_mean_rank")
+    if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
+        return f"val_mean_rank is {score!r}, not a number"
+    return None
+
+
 def read(path: Path) -> list[dict]:
+    """The journal's events in order. A line that cannot be used is skipped with one warning
+    naming it: the last line torn by a kill mid-write, or damage anywhere else."""
     if not path.exists():
         return []
     events = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    lines = path.read_text(encoding="utf-8").splitlines()
+    last = max((i for i, line in enumerate(lines, 1) if line.strip()), default=0)
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            events.append(json.loads(line))
+            event = json.loads(line)
+            problem = _problem(event)
         except json.JSONDecodeError:
-            print(f"journal: {path}:{lineno}: torn line skipped (the loop was killed mid-write)", file=sys.stderr)
+            event, problem = None, ("torn line (the loop was killed mid-write)" if lineno == last
+                                    else "not JSON")
+        if problem is None:
+            events.append(event)
+        elif (str(path), lineno) not in _WARNED:
+            _WARNED.add((str(path), lineno))
+            print(f"journal: {path}:{lineno}: {problem}; line skipped", file=sys.stderr)
     return events
 
 

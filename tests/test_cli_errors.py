@@ -77,3 +77,28 @@ def test_loop_refuses_a_workspace_whose_records_disagree(damage, tmp_path, capsy
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("loop: error: ") and message in err and err.count("\n") == 1, err
     assert (run1 / "result.json").read_text() == '{"status": "ok"}'
+
+
+def test_journal_skips_damaged_lines_once_each(tmp_path, capsys):
+    # A torn last line (a kill mid-write) and damage elsewhere are told apart, a wrongly typed
+    # field is skipped rather than crashing the comparisons, and each line is reported once.
+    from agent import journal
+
+    path = tmp_path / "journal.jsonl"
+    path.write_text('{"event": "start", "n": 1}\n'
+                    'garbage\n'
+                    '{"event": "end", "n": "two", "val_mean_rank": 3.0}\n'
+                    '{"event": "end", "n": 1, "val_mean_rank": "abc"}\n'
+                    '{"event": "end", "n": 1, "val_mean_rank": 12.5}\n'
+                    '{"event": "end", "n": 2, "sta')
+    for _ in range(3):
+        events = journal.read(path)
+    assert [(e["event"], e["n"]) for e in events] == [("start", 1), ("end", 1)]
+    assert journal.experiments(events)[0]["val_mean_rank"] == 12.5
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"journal: {path}:2: not JSON; line skipped",
+        f"journal: {path}:3: n is 'two', not an experiment number; line skipped",
+        f"journal: {path}:4: val_mean_rank is 'abc', not a number; line skipped",
+        f"journal: {path}:6: torn line (the loop was killed mid-write); line skipped",
+    ]
