@@ -6,6 +6,9 @@ keeps green with their descriptions, baselines blue, and the running best as a s
 
 from __future__ import annotations
 
+import math
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -69,8 +72,13 @@ def plot_progress(ws: Workspace) -> Path:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = ws.root / "progress.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:  # written whole or not at all
+        fig.savefig(tmp, dpi=110, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        plt.close(fig)
     return path
 
 
@@ -85,6 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true",
                     help="--final: score the test split again although another commit was already scored")
     args = ap.parse_args(argv)
+    if args.budget_s is not None and not (0 < args.budget_s < math.inf):
+        print(f"report: error: --budget-s {args.budget_s}: must be a positive number of seconds", file=sys.stderr)
+        return 2
+    if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        print(f"report: error: --device {args.device}: expected cpu, cuda or cuda:N", file=sys.stderr)
+        return 2
     ws = Workspace(args.workspace)
     if not ws.journal_path.exists():
         print(f"report: error: {ws.journal_path}: no journal here", file=sys.stderr)
@@ -122,7 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     for e in events:
         if e.get("event") == "final":
             print(f"final:          commit {e['commit'][:7]} test_mean_rank {fmt(e.get('test_mean_rank'))} ({e['status']})")
-    print(f"plot:           {plot_progress(ws)}")
+    if not exps:  # an earlier plot stays as it is rather than becoming an empty one
+        print("plot:           not written (no experiments recorded)")
+    else:
+        try:
+            print(f"plot:           {plot_progress(ws)}")
+        except OSError as e:  # a read-only workspace: the table above is still the report
+            print(f"plot:           not written ({e.strerror or e})")
     if args.final:
         from agent.final import final_evaluation, summary_lines
 

@@ -102,3 +102,20 @@ def test_journal_skips_damaged_lines_once_each(tmp_path, capsys):
         f"journal: {path}:4: val_mean_rank is 'abc', not a number; line skipped",
         f"journal: {path}:6: torn line (the loop was killed mid-write); line skipped",
     ]
+
+
+def test_report_keeps_a_plot_and_refuses_bad_final_options(tmp_path, capsys):
+    from agent import loop, report
+    from agent.workspace import Workspace
+
+    ws = Workspace.open_or_create(tmp_path / "ws", loop.TEMPLATE)
+    ws.journal_path.write_text("")
+    plot = ws.root / "progress.png"
+    plot.write_bytes(b"an earlier plot")
+    assert report.main([str(ws.root)]) == 0  # no experiments (yet, or the journal was emptied)
+    assert "plot:           not written (no experiments recorded)" in capsys.readouterr().out
+    assert plot.read_bytes() == b"an earlier plot"
+    for argv, message in ((["--budget-s", "-1"], "--budget-s -1.0: must be a positive number of seconds"),
+                          (["--device", "tpu"], "--device tpu: expected cpu, cuda or cuda:N")):
+        assert report.main([str(ws.root), "--final", *argv]) == 2
+        assert capsys.readouterr().err == f"report: error: {message}\n"
