@@ -126,7 +126,9 @@ def gather_records(args, problems: Problems) -> tuple[list[Record], list[dict], 
             sources.append({"kind": f"odvg:{split}", "path": str(f), "sha256": cache_mod.sha256_file(f)})
             recs += read_odvg(f, split, args.images, problems, seen)
     else:
-        if args.manifest is None or not args.manifest.is_file():
+        if args.manifest is None:
+            raise EclipError("--format manifest needs --manifest FILE (a CSV, TSV or JSONL of image, caption)")
+        if not args.manifest.is_file():
             raise EclipError(f"--manifest {args.manifest}: file not found")
         sources.append({"kind": "manifest", "path": str(args.manifest), "sha256": cache_mod.sha256_file(args.manifest)})
         recs, cols = read_manifest_file(args.manifest, args.images, problems, args.image_column,

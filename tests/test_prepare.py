@@ -343,3 +343,17 @@ def test_manifest_with_bom_and_a_split_on_a_later_row(tmp_path, capsys):
     assert rc == 0, err
     recs = [json.loads(x) for x in (tmp_path / "c" / "records.jsonl").read_text().splitlines()]
     assert recs[0]["image"] == "0.png" and recs[0]["split"] == "test" and recs[0]["captions"] == ["first", "second"]
+
+
+def test_manifest_option_and_caption_type_messages(tmp_path, capsys):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    write_image(images / "a.png", 10, 10, 0)
+    base = ["--format", "manifest", "--images", images, "--out", tmp_path / "c", "--workers", 1,
+            "--vocab-size", 300, "--val-frac", "0", "--test-frac", "0", "--folds", 1]
+    rc, _, err = run(base, capsys)  # --manifest forgotten
+    assert rc == 2 and "--format manifest needs --manifest FILE" in err, err
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"image": "a.png", "caption": "a red square"}\n{"image": "a.png", "caption": 5}\n')
+    rc, _, err = run(base + ["--manifest", path], capsys)
+    assert rc == 2 and "m.jsonl:2: caption is int 5, not text" in err, err

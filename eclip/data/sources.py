@@ -48,7 +48,9 @@ class Problems:
 
 
 def _check_caption(where: str, caption) -> str:
-    if not isinstance(caption, str) or not caption.strip():
+    if not isinstance(caption, str):
+        raise DataError(where, f"caption is {type(caption).__name__} {caption!r}, not text")
+    if not caption.strip():
         raise DataError(where, "empty caption")
     return caption.strip()
 
