@@ -113,7 +113,6 @@ def _flops_at(count, length: int) -> int:
 def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: str, out: Path) -> dict:
     recipe = load_recipe(args.recipe)
     apply_overrides(recipe.HPARAMS, overrides)
-    out.mkdir(parents=True, exist_ok=True)
     resume_dir, placement = None, args.data_placement
     if args.resume:
         meta = ckpt.read_meta(out)
@@ -130,7 +129,11 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
             if (meta.get("hparams", {}).get(key) or "") != (recipe.HPARAMS.get(key) or ""):
                 raise EclipError(f"{out / ckpt.META}: checkpoint has {key} {meta['hparams'].get(key) or ''!r}, "
                                  f"this run {recipe.HPARAMS.get(key) or ''!r}")
+        if args.steps is not None and int(meta.get("step", 0)) >= args.steps:
+            raise EclipError(f"--steps {args.steps}: the checkpoint in {out} has trained {meta.get('step')} steps "
+                             "already; ask for more to continue")
         resume_dir = out
+    out.mkdir(parents=True, exist_ok=True)  # after the checks: a refused --resume creates nothing
     cfg = LoopConfig(budget_s=args.budget_s, steps=args.steps, seed=args.seed, device=args.device,
                      log_every=args.log_every, data_placement=placement)
     log_path = out / "metrics.jsonl"

@@ -216,12 +216,17 @@ def test_bad_options_exit_2_with_one_line(cache, tmp_path, capsys, argv, message
     assert (out / "metrics.jsonl").read_text() == "kept\n"  # nothing of it lost
 
 
-@pytest.mark.parametrize("make", ["file", "corrupt_checkpoint"])
+@pytest.mark.parametrize("make", ["file", "corrupt_checkpoint", "steps_done"])
 def test_unusable_out_or_checkpoint_is_one_line(cache, tmp_path, capsys, make):
     if make == "file":  # --out names a file
         out = tmp_path / "afile"
         out.write_text("x")
         argv, message = ["--steps", "2"], "afile"
+    elif make == "steps_done":  # resuming a 2-step checkpoint "up to" step 2
+        out = tmp_path / "run"
+        rc, _, err = run(["--data", cache, "--out", out, "--steps", "2", *SMALL], capsys)
+        assert rc == 0, err
+        argv, message = ["--steps", "2", "--resume"], "--steps 2: the checkpoint in"
     else:  # a checkpoint whose weights file is cut short
         out = tmp_path / "run"
         rc, _, err = run(["--data", cache, "--out", out, "--steps", "2", *SMALL], capsys)
@@ -463,3 +468,10 @@ def test_checkpoint_with_tied_weights(tmp_path):
     other = Tied()
     load_checkpoint(tmp_path, other, None)
     assert torch.equal(other.a.weight, model.a.weight) and other.a.weight is other.b.weight
+
+
+def test_refused_resume_creates_nothing(cache, tmp_path, capsys):
+    out = tmp_path / "never-trained"
+    rc, _, err = run(["--data", cache, "--out", out, "--steps", 2, "--resume"], capsys)
+    assert rc == 2 and "no checkpoint here" in err, err
+    assert not out.exists()
