@@ -119,6 +119,9 @@ def test_records_that_do_not_match_the_cache_are_refused(small_cache, hf_dir, tm
     first = json.loads(lines[0])
     first["phrases"] = first["phrases"][1:]  # as an older cache whose center-crop dropped a box
     (copy / "records.jsonl").write_text("\n".join([json.dumps(first)] + lines[1:]) + "\n")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["sizes"]  # an older cache recorded no file sizes (which would catch this edit first)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(EclipError, match=r"records.jsonl: .* do not match the cache's .*eclip.prepare --force"):
         retokenize(load_cache(copy), f"hf:{hf_dir}")
 
