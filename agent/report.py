@@ -7,7 +7,6 @@ keeps green with their descriptions, baselines blue, and the running best as a s
 from __future__ import annotations
 
 import math
-import os
 import re
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 from agent import journal
 from agent.workspace import Workspace
 from eclip.errors import OneLineParser
+from eclip.fileio import atomic_write
 
 
 def summary(events: list[dict]) -> dict:
@@ -72,12 +72,9 @@ def plot_progress(ws: Workspace) -> Path:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = ws.root / "progress.png"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:  # written whole or not at all
-        fig.savefig(tmp, dpi=110, format="png")
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(fig)
     return path
 
