@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import time
@@ -28,7 +27,14 @@ from pathlib import Path
 
 from agent import journal
 from agent.claude import DEFAULT_MODEL, ClaudeConfig, ClaudeProposer, ProposerStop
-from agent.runner import clean_env, finished_result, protect_secrets, run_experiment
+from agent.runner import (
+    clean_env,
+    device_error,
+    finished_result,
+    protect_secrets,
+    run_experiment,
+    seconds_error,
+)
 from agent.search import SearchExhausted, SearchProposer, read_hparams
 from agent.workspace import Workspace, WorkspaceError
 from eclip.errors import OneLineParser
@@ -262,18 +268,16 @@ def check_args(args) -> str | None:
     would count those failures for good."""
     finite = math.isfinite
     checks = [
-        (args.noise_runs >= 1, "--noise-runs must be at least 1 (the baseline defines the first best)"),
-        (finite(args.budget_s) and args.budget_s > 0, f"--budget-s {args.budget_s}: must be a positive number of seconds"),
-        (args.timeout_s is None or (finite(args.timeout_s) and args.timeout_s > 0),
-         f"--timeout-s {args.timeout_s}: must be a positive number of seconds"),
-        (args.max_experiments >= 0, f"--max-experiments {args.max_experiments}: must be 0 or more"),
-        (args.max_hours is None or (finite(args.max_hours) and args.max_hours > 0),
-         f"--max-hours {args.max_hours}: must be a positive number of hours"),
-        (finite(args.min_delta) and args.min_delta >= 0, f"--min-delta {args.min_delta}: must be 0 or more"),
-        (args.device == "auto" or args.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", args.device),
-         f"--device {args.device}: expected auto, cpu, cuda or cuda:N"),
+        None if args.noise_runs >= 1 else "--noise-runs must be at least 1 (the baseline defines the first best)",
+        seconds_error("--budget-s", args.budget_s),
+        seconds_error("--timeout-s", args.timeout_s),
+        None if args.max_experiments >= 0 else f"--max-experiments {args.max_experiments}: must be 0 or more",
+        None if args.max_hours is None or (finite(args.max_hours) and args.max_hours > 0)
+        else f"--max-hours {args.max_hours}: must be a positive number of hours",
+        None if finite(args.min_delta) and args.min_delta >= 0 else f"--min-delta {args.min_delta}: must be 0 or more",
+        device_error(args.device, auto=True),
     ]
-    return next((message for ok, message in checks if not ok), None)
+    return next((message for message in checks if message), None)
 
 
 def main(argv: list[str] | None = None) -> int:

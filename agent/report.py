@@ -6,12 +6,11 @@ keeps green with their descriptions, baselines blue, and the running best as a s
 
 from __future__ import annotations
 
-import math
-import re
 import sys
 from pathlib import Path
 
 from agent import journal
+from agent.runner import device_error, seconds_error
 from agent.workspace import Workspace
 from eclip.errors import OneLineParser
 from eclip.fileio import atomic_write
@@ -90,11 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true",
                     help="--final: score the test split again although another commit was already scored")
     args = ap.parse_args(argv)
-    if args.budget_s is not None and not (0 < args.budget_s < math.inf):
-        print(f"report: error: --budget-s {args.budget_s}: must be a positive number of seconds", file=sys.stderr)
-        return 2
-    if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
-        print(f"report: error: --device {args.device}: expected cpu, cuda or cuda:N", file=sys.stderr)
+    if message := seconds_error("--budget-s", args.budget_s) or (args.device is not None and device_error(args.device)):
+        print(f"report: error: {message}", file=sys.stderr)
         return 2
     ws = Workspace(args.workspace)
     if not ws.journal_path.exists():

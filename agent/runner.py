@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +24,21 @@ from eclip.policy import SECRET, scrub_environment
 
 EVAL_CAP_S = 120.0  # evaluation and start-up allowance on top of the training budget
 MARGIN = 0.5  # plus this fraction of the budget before the run is killed as a timeout
+DEVICE_NAME = re.compile(r"cpu|cuda(:\d+)?")  # what the harness's --device takes besides auto
+
+
+def seconds_error(flag: str, value: float | None) -> str | None:
+    """The message for a run length that is not a positive, finite number of seconds."""
+    if value is None or (math.isfinite(value) and value > 0):
+        return None
+    return f"{flag} {value}: must be a positive number of seconds"
+
+
+def device_error(name: str, auto: bool = False) -> str | None:
+    """The message for a --device the harness would refuse (``auto`` allowed where it is)."""
+    if (auto and name == "auto") or DEVICE_NAME.fullmatch(name):
+        return None
+    return f"--device {name}: expected {'auto, ' if auto else ''}cpu, cuda or cuda:N"
 
 
 def _prctl(*args: int) -> None:
