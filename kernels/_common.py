@@ -127,6 +127,14 @@ def full_precision_reduction():
             setattr(m, name, value)
 
 
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, coef: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """coef·(a @ b) in ``out_dtype``, scaled in fp32. Not ``prod.mul_(coef)`` on the half-precision
+    product: on CUDA a 0-d device tensor is read in the other operand's dtype, so coef would be
+    rounded to bf16 first (a bias of up to 2⁻⁹ on every gradient entry) or, in fp16, overflow
+    under a loss scaler. The fp32 temporary is 4 bytes an output element."""
+    return (a @ b.to(a.dtype)).float().mul_(coef).to(out_dtype)
+
+
 # Launch policy shared by the contrastive kernels (lean forward and backwards, fast forward).
 TINY_B = 1024  # up to here a fixed small config: launch overhead dominates, tuning buys nothing
 HUGE_B = 1 << 17  # from here a fixed config: a single tuning run would take seconds

@@ -44,6 +44,7 @@ from ._common import (
     n_bucket,
     next_pow2,
     prune_by_dim,
+    scaled_mm,
     tuned,
 )
 
@@ -220,21 +221,13 @@ def fast_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, need
     return loss, row_lse, col_lse, g, part.sum()  # fixed-order sum: deterministic
 
 
-def _scaled_product(a: torch.Tensor, b: torch.Tensor, coef: torch.Tensor, out_dtype: torch.dtype):
-    """coef·(a @ b) in ``out_dtype``, scaled in fp32. Not ``prod.mul_(coef)`` on the half-precision
-    product: on CUDA a 0-d device tensor is read in the other operand's dtype, so coef would be
-    rounded to bf16 first (a bias of up to 2⁻⁹ on every gradient entry) or, in fp16, overflow
-    under a loss scaler. The fp32 temporary is 4·B·D bytes."""
-    return (a @ b.to(a.dtype)).float().mul_(coef).to(out_dtype)
-
-
 def fast_backward(g, gz, img, txt, scale, grad):
     """dI, dT by two matmuls over the saved Ĝ (read only), ds from Σ Ĝ∘z. Returns (dI, dT, ds)."""
     n = img.shape[0]
     coef = scale.float() * grad.float() / (2.0 * n)  # 0-d, on the device: no host sync
     with full_precision_reduction():  # K = B: no half-precision split-K partial sums
-        d_img = _scaled_product(g, txt, coef, img.dtype)
-        d_txt = _scaled_product(g.T, img, coef, txt.dtype)
+        d_img = scaled_mm(g, txt, coef, img.dtype)
+        d_txt = scaled_mm(g.T, img, coef, txt.dtype)
     # Σ Ĝ∘x = Σ Ĝ∘z / c with c = s·log2(e).
     d_scale = gz / (scale.float() * LOG2E) * grad.float() / (2.0 * n)
     return d_img, d_txt, d_scale.to(scale.dtype)

@@ -37,6 +37,7 @@ from ._common import (
     full_precision_reduction,
     n_bucket,
     prune_by_dim,
+    scaled_mm,
     tuned,
 )
 
@@ -170,7 +171,7 @@ def _panel_grad(q, k, scale, grad, lse_q, lse_k, write_part: bool):
             if scale_g:
                 torch.mm(g, k_mm, out=dq[p0 : p0 + rows])
             else:  # fp16: the product of the unscaled Ĝ, scaled in fp32
-                dq[p0 : p0 + rows] = (torch.mm(g, k_mm).float() * coef).to(q.dtype)
+                dq[p0 : p0 + rows] = scaled_mm(g, k_mm, coef, q.dtype)
     return dq, gx
 
 

@@ -299,12 +299,11 @@ def test_fast_mode_scales_its_products_in_fp32(dtype, coef, device):
     # CUDA a 0-d device tensor multiplied into a half-precision tensor is read in that dtype:
     # this coef would lose 2⁻⁹ (bf16) or 2⁻¹² (fp16) of its value, the same on every entry.
     # Exact equality with one fp32 scaling of the same product (the Python-float path).
-    pytest.importorskip("triton")
-    from kernels._contrastive_fast import _scaled_product
+    from kernels._common import scaled_mm
 
     g = torch.Generator().manual_seed(14)
     a = torch.randn(96, 80, generator=g).to(device=device, dtype=torch.float16 if dtype == torch.float16 else torch.bfloat16)
     b = torch.randn(80, 24, generator=g).to(device=device, dtype=dtype)
-    got = _scaled_product(a, b, torch.tensor(coef, device=device), dtype)
+    got = scaled_mm(a, b, torch.tensor(coef, device=device), dtype)
     want = (a @ b.to(a.dtype)).float().mul(coef).to(dtype)
     assert got.dtype == dtype and torch.equal(got, want)
