@@ -106,7 +106,7 @@ def _check_hparams():
     number("eps", 0, math.inf, lo_open=True, hi_open=True)
     number("grad_clip", 0, math.inf, hi_open=True)
     for key, allowed in (("precision", ("auto", "bf16", "fp32")), ("compile", ("auto", True, False)),
-                         ("loss_mode", ("auto", "lean", "lean:fused", "lean:panel", "fast"))):
+                         ("loss_mode", kernels.contrastive.MODES)):
         if HPARAMS[key] not in allowed:
             raise ValueError(f"{key}: expected one of {', '.join(map(str, allowed))}, got {HPARAMS[key]!r}")
 

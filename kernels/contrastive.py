@@ -53,7 +53,7 @@ if HAVE_TRITON:
 
 _OP = "contrastive_loss"
 MAX_DIM = 1024  # the kernels' limit on D (register and shared-memory budget per tile)
-_MODES = ("auto", "lean", "lean:fused", "lean:panel", "fast")
+MODES = ("auto", "lean", "lean:fused", "lean:panel", "fast")  # the values of contrastive_loss(mode=...)
 PANEL_MIN_DIM = 256  # "lean" uses the panel backward above this D (half-precision inputs)
 
 # ---------------------------------------------------------------------------------------
@@ -268,8 +268,8 @@ def contrastive_loss(
     the mode is decided from a concrete batch size; with a dynamic B name the mode.
     """
     _check_inputs(img, txt, scale, _OP)
-    if mode not in _MODES:
-        raise ValueError(f"{_OP}: mode must be one of {_MODES}, got {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"{_OP}: mode must be one of {MODES}, got {mode!r}")
     backend = resolve_backend(backend, img, _OP)
     if backend == "torch":
         mode = "lean"  # the reference has one implementation
