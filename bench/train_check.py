@@ -148,10 +148,8 @@ def speed(steps: int, only: list[str], dry: bool = False) -> None:
     torch.backends.cudnn.allow_tf32 = False
     for key in only:
         name, extra, placement = SPEED_ROWS[key]
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
         run = train(cache, steps, {**model, "expert": "false", **extra}, placement=placement)
-        mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+        mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0  # since run_loop reset it
         print(f"speed: {name}: {run['steady_sps']:.0f} samples/s, warmup_s {run['warmup_s']:.1f}, "
               f"peak {mem:.1f} GiB, status {run['status']}, loss {run['last'].get('loss', float('nan')):.3f}",
               flush=True)
