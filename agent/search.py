@@ -13,7 +13,7 @@ Mutations, by kind of entry:
 - Adam betas: ``1 - β`` on the log scale (0.98 → 0.99 is as big a step as 0.9 → 0.95);
 - ints (batch_size): doubled or halved, within [8, 4096];
 - bools: flipped;
-- strings, dicts, ``preset``, ``model`` and ``seed`` are never touched: a string is a
+- strings, dicts, ``preset``, ``model`` and the seeds are never touched: a string is a
   mode switch whose choices a search cannot know, and the others change what is compared.
 
 The step σ adapts to success (the one-fifth rule of evolution strategies): it grows after a
@@ -34,7 +34,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
-FROZEN = frozenset({"preset", "model", "seed", "precision", "compile", "loss_mode"})
+FROZEN = frozenset({"preset", "model", "seed", "expert_seed", "precision", "compile", "loss_mode"})
 
 # (low, high) for log-scale floats; values outside come from the recipe's author and are
 # kept only until the key is next mutated

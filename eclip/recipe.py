@@ -69,7 +69,7 @@ HPARAMS = {
     # a CPU: 13 s instead of 41 s — and a change of depth hits the cache; the rest runs eager)
     "compile_scope": "step",
     "loss_mode": "auto",  # fused loss mode: "auto", "lean" (O(B·D) memory) or "fast"
-    "seed": 0,  # seed of the expert-term draws and mixup (the loop seeds the rest)
+    "expert_seed": 0,  # seed of the expert-term draws and mixup (the loop seeds the rest: --seed)
 }
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -111,9 +111,20 @@ def _check_hparams():
             raise ValueError(f"{key}: expected one of {', '.join(map(str, allowed))}, got {HPARAMS[key]!r}")
 
 
+# Model config fields set from HPARAMS entries of their own; naming one under "model" too
+# would be overwritten without a word, so that is refused.
+OWNED_FIELDS = {"vision.pretrained": "image_tower", "text.pretrained": "text_tower",
+                "expert.enabled": "expert", "expert.weight": "expert_weight",
+                "expert.probability": "expert_probability", "expert.cold_start": "expert_cold_start",
+                "expert.ramp": "expert_ramp"}
+
+
 def build_model(spec):
     _check_hparams()
     overrides = dict(HPARAMS["model"])
+    for field, entry in OWNED_FIELDS.items():
+        if field in overrides:
+            raise ValueError(f"model.{field}: set by the recipe entry {entry!r} (use --{entry}=...)")
     overrides["vision.pretrained"] = HPARAMS.get("image_tower", "")
     overrides["text.pretrained"] = HPARAMS.get("text_tower", "")
     overrides["expert.enabled"] = bool(HPARAMS["expert"])
@@ -125,7 +136,7 @@ def build_model(spec):
                        context_length=spec.context_length, **overrides)
     model = _build_model(cfg).to(spec.device)
     gen = torch.Generator()
-    gen.manual_seed(int(HPARAMS["seed"]))
+    gen.manual_seed(int(HPARAMS["expert_seed"]))
     _STATE.clear()
     _STATE["generator"] = gen
     compile_on = HPARAMS["compile"]
