@@ -61,11 +61,38 @@ def read_meta(ckpt_dir: str | Path) -> dict:
         raise EclipError(f"{path}: unreadable checkpoint metadata ({e.msg})") from None
 
 
+def _first_difference(saved, current, prefix: str = "") -> tuple[str, object, object] | None:
+    """The first dotted field where two config dicts differ: (field, saved, current)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for key in sorted(set(saved) | set(current)):
+            diff = _first_difference(saved.get(key), current.get(key), f"{prefix}{key}.")
+            if diff is not None:
+                return diff
+        return None
+    return None if saved == current else (prefix[:-1], saved, current)
+
+
+def check_model_config(ckpt_dir: str | Path, meta: dict, model: torch.nn.Module) -> None:
+    """Refuse a checkpoint whose model config differs from ``model``'s in any field: weights
+    of matching shapes can still belong to another model (heads, norms, scale bounds)."""
+    saved, cfg = meta.get("model_config"), getattr(model, "cfg", None)
+    if saved is None or not hasattr(cfg, "to_dict"):
+        return
+    current = json.loads(json.dumps(cfg.to_dict(), default=list))  # tuples as JSON lists, like saved
+    diff = _first_difference(saved, current)
+    if diff is not None:
+        field, old, new = diff
+        raise EclipError(f"{Path(ckpt_dir) / META}: checkpoint has model {field} = {old!r}, this run {new!r} "
+                         "(resume with the same model settings)")
+
+
 def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Restore model (and optimizer) in place; returns (meta, loop state tensors)."""
+    """Restore model (and optimizer) in place; returns (meta, loop state tensors). A
+    checkpoint of another model config is refused (``EclipError`` naming the field)."""
     ckpt_dir = Path(ckpt_dir)
     meta = read_meta(ckpt_dir)
+    check_model_config(ckpt_dir, meta, model)
     tensors = read_tensors(ckpt_dir / TENSORS)
     weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     for alias, name in meta.get("aliases", {}).items():

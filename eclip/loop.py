@@ -20,7 +20,8 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,11 +57,8 @@ class LoopConfig:
     device: str = "auto"  # "auto" (cuda when available), "cuda", "cpu", "cuda:1", …
     log_every: int = 10  # steps between reading metrics back from the device
     diverge_loss: float = 1e4  # a loss above this counts as divergence
-    eval_batch: int = 512  # images/texts per encoding pass in evaluation
-    checkpoint: bool = True  # write a checkpoint at the end (and on Ctrl-C)
     progress_bar: bool = True  # tqdm bar on stderr (hidden when stderr is not a terminal)
     data_placement: str = "auto"  # training images on the "device", in "host" memory with prefetch, or "auto"
-    overrides: dict = field(default_factory=dict)  # HPARAMS overrides (already typed)
 
 
 def pick_device(name: str) -> torch.device:
@@ -74,6 +72,10 @@ def pick_device(name: str) -> torch.device:
         raise EclipError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise EclipError(f"--device {name}: CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise EclipError(f"--device {name}: this machine has {n} CUDA device{'s' if n != 1 else ''} "
+                         f"(cuda:0 to cuda:{n - 1})")
     return dev
 
 
@@ -96,6 +98,10 @@ def load_recipe(path: str | Path):
         spec.loader.exec_module(module)
     except SyntaxError as e:
         raise EclipError(f"{path}:{e.lineno}: syntax error in recipe ({e.msg})") from None
+    except Exception as e:  # a NameError, an import that fails, …: the recipe's line that raised
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == path.resolve()]
+        where = f"{path}:{frames[-1].lineno}" if frames else str(path)
+        raise EclipError(f"{where}: recipe failed to import ({type(e).__name__}: {e})") from None
     for attr in ("HPARAMS", "build_model", "build_optimizer", "train_step"):
         if not hasattr(module, attr):
             raise EclipError(f"{path}: recipe must define {attr}")

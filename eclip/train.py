@@ -6,8 +6,9 @@ The training loop (``eclip.loop``) runs a recipe file (default: the template
 
 - default: train on the ``train`` split, evaluate on ``val``;
 - ``--final``: train on train+val, evaluate on the held-out ``test`` split;
-- ``--folds K``: K-fold cross-validation over train+val (the cache's fold ids), reporting
-  mean ± std of the validation mean rank (each fold gets the full budget).
+- ``--folds K``: K-fold cross-validation over train+val (the cache's fold ids; K must be the
+  cache's fold count, ``prepare --folds``), reporting mean ± std of the validation mean rank
+  (each fold gets the full budget).
 
 Writes to ``--out``: ``result.json``, ``metrics.jsonl`` (one row per log step), the checkpoint
 (``checkpoint.safetensors`` + ``checkpoint.json``) and prints a ``key: value`` summary block.
@@ -73,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training images resident on the device, or in host memory with a prefetch "
                         "thread (auto: on the device when they fit; with --resume, as the checkpoint)")
     p.add_argument("--compile-cache", type=Path,
-                   help="persistent torch.compile cache (default: ~/.cache/eclip/inductor)")
+                   help="persistent torch.compile cache (default: $TORCHINDUCTOR_CACHE_DIR when set, "
+                        "else ~/.cache/eclip/inductor)")
     return p
 
 
@@ -163,10 +165,15 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
         state |= {f"recipe.{k}": v for k, v in recipe.recipe_state().items()}
     if run["status"] in ("ok", "interrupted"):
         ckpt.save_checkpoint(out, model, run["optimizer"], state, meta)
-    metrics = None
-    if run["status"] == "ok":
+    metrics, status = None, run["status"]
+    if status == "ok":
         bf16 = device.type == "cuda" and hp.get("precision", "auto") in ("auto", "bf16")
-        metrics = evaluate_split(model, run["cache"], eval_rows, device, args.seed, bf16=bf16)
+        try:
+            metrics = evaluate_split(model, run["cache"], eval_rows, device, args.seed, bf16=bf16)
+        except KeyboardInterrupt:  # training is done and checkpointed: the result says what is missing
+            status = "interrupted"
+            print("\ntrain: interrupted during the evaluation (the checkpoint is saved; "
+                  "no metrics)", file=sys.stderr)
     sps = run["samples"] / max(run["train_s"], 1e-9)
     peak = peak_bf16_flops(device)
     # training FLOPs ≈ 3 × forward: both towers for every sample, plus the expert path (a
@@ -182,7 +189,7 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
         flops = 3 * (per_sample * run["samples"] + expert * run["expert_samples"]) / run["samples"]
     mem = peak_memory_bytes(device)
     return {
-        "status": run["status"], "eval_split": eval_split, "expert_samples": run["expert_samples"],
+        "status": status, "eval_split": eval_split, "expert_samples": run["expert_samples"],
         "val_mean_rank": metrics["mean_rank"] if metrics else None,
         "metrics": metrics, "steps": run["steps"], "samples": run["samples"],
         "samples_per_s": sps, "train_s": run["train_s"], "warmup_s": run["warmup_s"],
@@ -206,18 +213,24 @@ def run(args, overrides: dict) -> dict:
     for key in MODEL_KEYS:  # options that are HPARAMS entries
         if getattr(args, key):
             overrides = dict(overrides, **{key: getattr(args, key)})
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(args.compile_cache or Path.home() / ".cache/eclip/inductor"))
+    if args.compile_cache is not None:  # the option beats an inherited TORCHINDUCTOR_CACHE_DIR
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(args.compile_cache.resolve())
+    else:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache/eclip/inductor"))
     cache = load_cache(args.data)
     t0 = time.time()
     if args.folds is not None:
         if args.final or args.resume:
             raise EclipError("--folds cannot be combined with --final or --resume")
-        k_max = int(cache.fold.max()) + 1
-        if not 2 <= args.folds <= k_max:
-            raise EclipError(f"--folds {args.folds}: expected 2 to {k_max}, the folds this cache has "
-                             "(prepare --folds sets them)" if k_max >= 2 else
-                             f"--folds {args.folds}: this cache has no folds to cross-validate over "
+        # K-fold means each fold is validated once and trained on all the others: only the
+        # cache's own fold count does that (K smaller would train on a fold never validated)
+        k_cache = int(cache.fold.max()) + 1
+        if k_cache < 2:
+            raise EclipError(f"--folds {args.folds}: this cache has no folds to cross-validate over "
                              "(prepare it with --folds 2 or more)")
+        if args.folds != k_cache:
+            raise EclipError(f"--folds {args.folds}: this cache has {k_cache} folds, so expected --folds {k_cache} "
+                             f"(prepare --folds {args.folds} makes a cache with {args.folds})")
         folds = []
         for k in range(args.folds):
             tr, ev = fold_split(cache.fold, k)

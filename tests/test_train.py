@@ -60,8 +60,9 @@ def test_short_run_learns(cache, tmp_path, capsys):
 def test_resume_matches_an_uninterrupted_run(cache, tmp_path, capsys, placement):
     # host: images stay in host memory and a thread gathers batches ahead; the batches drawn
     # ahead at the interruption must not leak into the checkpoint's sampler state
-    base = ["--data", cache, "--steps", 8, *SMALL, "--expert_probability=1.0", "--expert_cold_start=0.0",
-            "--expert_ramp=0.0", "--data-placement", placement]
+    # the expert path on: its generator (draws, mixup) must resume exactly too
+    base = ["--data", cache, "--steps", 8, *SMALL, "--expert=true", "--expert_probability=0.7",
+            "--expert_cold_start=0.0", "--expert_ramp=0.0", "--data-placement", placement]
     rc, _, err = run([*base, "--out", tmp_path / "straight"], capsys)
     assert rc == 0, err
     stopper = recipe_with(tmp_path, (
@@ -81,6 +82,7 @@ def test_resume_matches_an_uninterrupted_run(cache, tmp_path, capsys, placement)
     a = json.loads((tmp_path / "straight" / "result.json").read_text())
     b = json.loads((out / "result.json").read_text())
     assert b["steps"] == 8 and a["data_placement"] == b["data_placement"] == placement
+    assert 0 < a["expert_samples"] == b["expert_samples"] < a["samples"]  # some steps drew it, others not
     assert a["val_mean_rank"] == b["val_mean_rank"] and a["metrics"] == b["metrics"]
     from safetensors.torch import load_file
     wa = load_file(str(tmp_path / "straight" / "checkpoint.safetensors"))
@@ -204,7 +206,13 @@ def test_checkpoint_round_trip(cache, tmp_path):
     (["--budget-s", "inf"], "--budget-s and --steps must be positive (and the budget finite)"),
     (["--steps", "5", "--device", "tpu"], "--device tpu: expected auto, cpu, cuda or cuda:N"),
     (["--steps", "5", "--model=abc"], "--model=abc: model is a group of settings; set one with --model.<field>=value"),
-    (["--steps", "5", "--folds", "0"], "--folds 0: expected 2 to 3, the folds this cache has"),
+    # a field the recipe sets from its own entry would be overwritten without a word
+    (["--steps", "5", "--model.expert.enabled=true"],
+     "recipe: model.expert.enabled: set by the recipe entry 'expert' (use --expert=...)"),
+    (["--steps", "5", "--folds", "0"], "--folds 0: this cache has 3 folds, so expected --folds 3"),
+    # two of three folds would train on a fold that is never validated: not cross-validation
+    (["--steps", "5", "--folds", "2"], "--folds 2: this cache has 3 folds, so expected --folds 3 "
+                                       "(prepare --folds 2 makes a cache with 2)"),
 ])
 def test_bad_options_exit_2_with_one_line(cache, tmp_path, capsys, argv, message):
     out = tmp_path / "o"
@@ -352,13 +360,20 @@ def test_damaged_cache_file_is_one_line(tmp_path, capsys, cache, sizes_recorded)
 
 
 def test_folds_and_final(cache, tmp_path, capsys):
-    rc, stdout, err = run(["--data", cache, "--out", tmp_path / "cv", "--steps", 3, "--folds", 2, *SMALL], capsys)
+    rc, stdout, err = run(["--data", cache, "--out", tmp_path / "cv", "--steps", 3, "--folds", 3, *SMALL], capsys)
     assert rc == 0, err
     r = json.loads((tmp_path / "cv" / "result.json").read_text())
-    assert [f["status"] for f in r["folds"]] == ["ok", "ok"]
+    assert [f["status"] for f in r["folds"]] == ["ok", "ok", "ok"]
     ranks = [f["val_mean_rank"] for f in r["folds"]]
-    assert r["val_mean_rank"] == pytest.approx(sum(ranks) / 2) and "folds_mean_rank:" in stdout
-    assert (tmp_path / "cv" / "fold1" / "result.json").is_file()
+    assert r["val_mean_rank"] == pytest.approx(sum(ranks) / 3) and "folds_mean_rank:" in stdout
+    # each train+val image is validated exactly once over the folds, and never trained on then
+    from eclip.data.cache import load_cache
+    n_trainval = int((load_cache(cache).split <= 1).sum())
+    folds = [json.loads((tmp_path / "cv" / f"fold{k}" / "result.json").read_text()) for k in range(3)]
+    assert sum(f["metrics"]["n_images"] for f in folds) == n_trainval
+    for f in folds:
+        meta = json.loads((tmp_path / "cv" / f["eval_split"] / "checkpoint.json").read_text())
+        assert meta["train_rows"] + f["metrics"]["n_images"] == n_trainval
     rc, _, err = run(["--data", cache, "--out", tmp_path / "fin", "--steps", 3, "--final", *SMALL], capsys)
     assert rc == 0, err
     r = json.loads((tmp_path / "fin" / "result.json").read_text())
@@ -429,6 +444,12 @@ def test_resume_refuses_another_mode(cache, tmp_path, capsys):
     assert run(["--data", cache, "--out", out, "--steps", 2, "--final", *SMALL], capsys)[0] == 0
     rc, _, err = run(["--data", cache, "--out", out, "--steps", 4, "--resume", *SMALL], capsys)
     assert rc == 2 and "checkpoint trained on 2100 images for 'test'; this run has 2000 for 'val'" in err, err
+    # weights of the same shapes from another model config (4 heads, not 8) are refused too
+    rc, _, err = run(["--data", cache, "--out", out, "--steps", 4, "--final", "--resume", *SMALL,
+                      "--model.vision.heads=8"], capsys)
+    assert rc == 2 and "checkpoint has model vision.heads = 4, this run 8" in err, err
+    assert err.strip().count("\n") == 0
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 2  # untouched
     rc, _, err = run(["--data", cache, "--out", out, "--steps", 2, "--log-every", 0], capsys)
     assert rc == 2 and "--log-every 0: must be at least 1" in err
 
@@ -475,3 +496,94 @@ def test_refused_resume_creates_nothing(cache, tmp_path, capsys):
     rc, _, err = run(["--data", cache, "--out", out, "--steps", 2, "--resume"], capsys)
     assert rc == 2 and "no checkpoint here" in err, err
     assert not out.exists()
+
+
+def test_train_step_clamps_the_logit_scale_after_the_optimizer_step(cache):
+    # A gradient that always asks for a larger scale: Adam then raises the log-scale by the
+    # learning rate each step, so only the clamp in train_step keeps it at ln 100.
+    from eclip.data.cache import load_cache
+    from eclip.data.device import DeviceData
+    from eclip.loop import ModelSpec
+    recipe = load_recipe(train.TEMPLATE)
+    recipe.HPARAMS["model"] = {"vision.width": 64, "vision.depth": 1, "text.width": 64, "text.depth": 1}
+    c = load_cache(cache)
+    spec = ModelSpec(vocab_size=c.vocab_size, context_length=c.context_length,
+                     phrase_length=int(c.region_tokens.shape[1]), image_size=c.image_size, device=torch.device("cpu"))
+    model = recipe.build_model(spec)
+    opt = recipe.build_optimizer(model)
+    model.logit_scale.register_hook(lambda g: torch.full_like(g, -1.0))
+    hi = torch.tensor(model.cfg.logit_scale_max, dtype=torch.float32)
+    with torch.no_grad():
+        model.logit_scale.fill_(float(hi) - 0.0015)
+    data = DeviceData(c, c.split_images("train"), torch.device("cpu"), seed=0)
+    values = []
+    for _ in range(5):
+        metrics = recipe.train_step(model, opt, data.sample(8), 0.5)
+        values.append(model.logit_scale.detach().clone())
+    assert values[1] > values[0] > float(hi) - 0.0015  # below the bound it moves: the gradient arrives
+    assert torch.equal(values[-1], hi)  # and is clamped in place, never beyond
+    assert float(metrics["logit_scale"]) == pytest.approx(100.0, rel=1e-6)
+
+
+def test_first_ctrl_c_finishes_the_step_and_saves(cache, tmp_path, capsys):
+    # A real SIGINT in the middle of step 5: the handler lets the step finish, then the loop
+    # stops with a checkpoint of 5 steps and a result with status interrupted.
+    stopper = recipe_with(tmp_path, (
+        "import os as _os, signal as _signal\n"
+        "_base_train_step = train_step\n_calls = [0]\n\n"
+        "def train_step(model, optimizer, batch, progress):\n"
+        "    _calls[0] += 1\n"
+        "    if _calls[0] == 5:\n"
+        "        _os.kill(_os.getpid(), _signal.SIGINT)\n"
+        "    return _base_train_step(model, optimizer, batch, progress)\n"))
+    out = tmp_path / "run"
+    rc, stdout, err = run(["--data", cache, "--out", out, "--steps", 20, "--recipe", stopper, *SMALL], capsys)
+    assert rc == 130 and "status:         interrupted" in stdout, err
+    assert "stopping after this step" in err
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 5
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "interrupted" and result["steps"] == 5 and result["val_mean_rank"] is None
+
+
+def test_ctrl_c_during_the_evaluation_keeps_the_checkpoint_and_writes_a_result(cache, tmp_path, capsys,
+                                                                              monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "evaluate_split", interrupted)
+    out = tmp_path / "run"
+    rc, stdout, err = run(["--data", cache, "--out", out, "--steps", 3, *SMALL], capsys)
+    assert rc == 130 and "status:         interrupted" in stdout and "during the evaluation" in err
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 3
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "interrupted" and result["steps"] == 3 and result["metrics"] is None
+
+
+def test_a_recipe_that_fails_to_import_names_its_line(cache, tmp_path, capsys):
+    bad = recipe_with(tmp_path, "x = undefined_name\n")
+    line = bad.read_text().splitlines().index("x = undefined_name") + 1
+    rc, _, err = run(["--data", cache, "--out", tmp_path / "o", "--steps", 1, "--recipe", bad], capsys)
+    assert rc == 2 and err.strip().count("\n") == 0, err
+    assert f"recipe.py:{line}: recipe failed to import (NameError: name 'undefined_name' is not defined)" in err
+
+
+def test_a_cuda_index_beyond_the_devices_is_one_line(monkeypatch):
+    from eclip.errors import EclipError
+    from eclip.loop import pick_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(EclipError, match=r"--device cuda:7: this machine has 1 CUDA device \(cuda:0 to cuda:0\)"):
+        pick_device("cuda:7")
+
+
+def test_compile_cache_option_beats_an_inherited_variable(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inherited"))
+    rc, _, err = run(["--data", tmp_path / "none", "--out", tmp_path / "o", "--steps", 1,
+                      "--compile-cache", tmp_path / "mine"], capsys)
+    assert rc == 2 and "no such cache directory" in err  # stops at the data, after the cache is set
+    import os
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "mine").resolve())
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inherited"))
+    run(["--data", tmp_path / "none", "--out", tmp_path / "o", "--steps", 1], capsys)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inherited")  # no option: kept
