@@ -164,7 +164,7 @@ def build_model(spec):
             # subsets of varying size): dynamic=None turns a dimension symbolic once it has
             # changed, instead of recompiling into dynamo's limit of 8 graphs.
             blk.compile(**dict(opts, dynamic=None))
-    # dynamic=False: the batch size is fixed, and the loss picks its mode from a concrete B
+    # dynamic=False: the batch size is fixed (one graph, no shape guards)
     _STATE["clip_loss"] = (torch.compile(_clip_loss, **opts) if compile_on and scope == "step" else _clip_loss)
     # CUDA graphs own their outputs: a later replay overwrites them (see train_step)
     _STATE["graphs"] = bool(compile_on) and spec.device.type == "cuda" and graphs

@@ -228,6 +228,14 @@ def fast_backward(g, gz, img, txt, scale, grad):
     with full_precision_reduction():  # K = B: no half-precision split-K partial sums
         d_img = scaled_mm(g, txt, coef, img.dtype)
         d_txt = scaled_mm(g.T, img, coef, txt.dtype)
-    # Σ Ĝ∘x = Σ Ĝ∘z / c with c = s·log2(e).
-    d_scale = gz / (scale.float() * LOG2E) * grad.float() / (2.0 * n)
+    # Σ Ĝ∘x = Σ Ĝ∘z / c with c = s·log2(e), except at s = 0, where z = 0 carries nothing
+    # of x; there P = Q = 1/B, so Σ Ĝ∘x = (2/B)·(Σ_i I_i)·(Σ_j T_j) − 2·Σ_i <I_i, T_i>: O(B·D).
+    c = scale.float() * LOG2E
+    # (sums accumulate in fp32 and the B dot products are [1, D]·[D, 1] products: no fp32
+    # copy of the inputs, whose B×D bytes would add to the mode's peak)
+    total = torch.dot(img.sum(0, dtype=torch.float32), txt.sum(0, dtype=torch.float32))
+    trace = torch.bmm(img.unsqueeze(1), txt.unsqueeze(2)).sum(dtype=torch.float32)
+    at_zero = (2.0 / n) * total - 2.0 * trace
+    gx = torch.where(c == 0, at_zero, gz / torch.where(c == 0, torch.ones_like(c), c))
+    d_scale = gx * grad.float() / (2.0 * n)
     return d_img, d_txt, d_scale.to(scale.dtype)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 import torch
 
@@ -233,23 +234,34 @@ def _check_inputs(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, op:
         raise ValueError(f"{op}: scale is on {scale.device} but img is on {img.device}")
 
 
-@functools.lru_cache(maxsize=64)
-def _auto_mode_cached(n: int, device: str) -> str:
+def _int32_columns(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself, or a contiguous copy when its last column lies 2³¹ elements or more
+    from its first (a column-major view of a buffer of over 2·10⁹/D rows): the kernels
+    step along D with int32 offsets times the column stride (rows use int64), which would
+    overflow there. Every ordinary layout, non-contiguous ones included, passes as it is."""
+    if x.stride(1) * (x.shape[1] - 1) >= 2**31:
+        return x.contiguous()
+    return x
+
+
+@functools.lru_cache(maxsize=16)
+def _fast_max_b_cached(device: str) -> int:
     if not device.startswith("cuda"):
-        return "lean"
+        return 0
     dev = torch.device(device)
     free, _ = torch.cuda.mem_get_info(dev)
     free += torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
-    fast_bytes = 2.2 * n * n  # S in bf16 + references + partial sums during the forward
-    return "fast" if fast_bytes <= 0.5 * free else "lean"
+    # fast when its 2.2·B² bytes (S in bf16 + references + partial sums during the forward)
+    # take at most half the free memory
+    return math.isqrt(int(0.5 * free / 2.2))
 
 
 @torch.compiler.assume_constant_result
-def _auto_mode(n: int, device: str) -> str:
-    """Fast mode when its B² buffer fits comfortably in the free device memory. Decided
-    once per (B, device) so that every step of a run uses the same mode; a constant for
-    torch.compile."""
-    return _auto_mode_cached(n, device)
+def _fast_max_b(device: str) -> int:
+    """The largest B for which ``mode="auto"`` takes the fast mode on ``device`` (0 off
+    CUDA), fixed at the first call, so every step of a run uses the same mode; a constant for
+    torch.compile, against which a dynamic B is compared (a guard, not a specialisation)."""
+    return _fast_max_b_cached(device)
 
 
 def contrastive_loss(
@@ -264,8 +276,8 @@ def contrastive_loss(
 
     img, txt: [B, D] float32/float16/bfloat16 (D ≤ 1024); scale: 0-d tensor = exp(logit
     scale). Returns a 0-d fp32 tensor; differentiable in img, txt and scale.
-    Under torch.compile, ``mode="auto"`` needs a static B (compile with ``dynamic=False``):
-    the mode is decided from a concrete batch size; with a dynamic B name the mode.
+    ``mode="auto"`` compares B with a bound fixed per device at the first call, so under
+    torch.compile a dynamic B costs a guard on its side of the bound, not a recompilation.
     """
     _check_inputs(img, txt, scale, _OP)
     if mode not in MODES:
@@ -273,8 +285,10 @@ def contrastive_loss(
     backend = resolve_backend(backend, img, _OP)
     if backend == "torch":
         mode = "lean"  # the reference has one implementation
-    elif mode == "auto":
-        mode = _auto_mode(img.shape[0], str(img.device))
+    else:
+        img, txt = _int32_columns(img), _int32_columns(txt)
+        if mode == "auto":
+            mode = "fast" if img.shape[0] <= _fast_max_b(str(img.device)) else "lean"
     if mode == "lean":
         half = img.dtype in (torch.bfloat16, torch.float16)
         mode = "lean:panel" if half and img.shape[1] > PANEL_MIN_DIM else "lean:fused"

@@ -136,6 +136,28 @@ def test_duplicate_rows_at_scale_100_stay_finite(mode, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES)
+def test_zero_scale(mode, device):
+    # s = 0: every logit is 0 and P = Q = 1/B, but ds = Σ G∘(I·Tᵀ) is not 0 (the fast mode
+    # once divided its Σ Ĝ∘z by c = s·log2 e and returned NaN). Ragged B, 2 tiles.
+    img, txt = make_inputs(71, 24, torch.float32, device, seed=12)
+    check_against_reference(img, txt, 0.0, mode)
+
+
+def test_a_column_stride_past_int32_gets_a_contiguous_copy():
+    # The kernels' D offsets are int32 × the column stride: a column-major view of a buffer
+    # of 2^30 rows would overflow them. Meta tensors: the layout without the memory.
+    from kernels.contrastive import _int32_columns
+    huge = torch.empty_strided((64, 3), (1, 2**30), device="meta")
+    fixed = _int32_columns(huge)
+    assert fixed.is_contiguous() and fixed.shape == huge.shape
+    edge = torch.empty_strided((64, 3), (1, 2**30 - 1), device="meta")  # last column at 2^31 − 2
+    assert _int32_columns(edge) is edge
+    strided = torch.empty((90, 64))[::2, ::2]  # an ordinary non-contiguous view passes as it is
+    assert _int32_columns(strided) is strided
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
 def test_non_contiguous_inputs(mode, device):
     base_i, base_t = make_inputs(90, 64, torch.float32, device, seed=5)
     img = base_i[::2, ::2]  # [45, 32], strides (128, 2)

@@ -154,3 +154,20 @@ def test_fast_mode_backward_under_inductor_keeps_the_saved_buffer_in_place():
     assert backward and all("clone" not in c for c in backward)
     torch.testing.assert_close(loss, eager, rtol=1e-5, atol=1e-6)
     assert (proj.weight.grad - want).norm() <= 1e-4 * want.norm()
+
+
+def test_auto_mode_with_a_dynamic_batch():
+    # torch.compile with dynamic shapes hands a symbolic B, which the free-memory decision
+    # once took as an argument and failed the trace; B is now compared with a per-device
+    # bound (0 off CUDA: lean).
+    import torch.nn.functional as F
+
+    def step(a, b, s):
+        return kernels.contrastive_loss(F.normalize(a, dim=1), b, s)
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
+    for n in (20, 24):  # one graph for both sizes
+        a, b = make_inputs(n, 16, torch.float32, "cpu", seed=n)
+        got = compiled(a, b, torch.tensor(10.0))
+        want = kernels.contrastive_loss(F.normalize(a, dim=1), b, torch.tensor(10.0), mode="lean")
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
