@@ -17,10 +17,12 @@ class Batch:
     tokens: torch.Tensor  # int64 [B, L] caption token ids, padded with 0
     mask: torch.Tensor  # bool [B, L], True at real tokens
     boxes: torch.Tensor  # float32 [B, K, 4] region boxes (x1, y1, x2, y2) in [0, 1]; 0 where absent
-    box_mask: torch.Tensor  # bool [B, K], True where a box exists
+    # bool [B, K]: True at the boxes of the sampled phrase (its region, and any other box of
+    # the image with the same phrase) that survived augmentation: what the heatmap shows
+    box_mask: torch.Tensor
     phrase_tokens: torch.Tensor  # int64 [B, Lp] tokens of one region phrase per sample
     phrase_mask: torch.Tensor  # bool [B, Lp], True at real tokens (all False without regions)
-    has_region: torch.Tensor  # bool [B], True when the sample has at least one region
+    has_region: torch.Tensor  # bool [B], True when the sample's phrase has a box (box_mask.any(1))
 
     @property
     def size(self) -> int:

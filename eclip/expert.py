@@ -17,7 +17,7 @@ Pieces, in the order a training step uses them:
   function of training progress and the seeded per-step Bernoulli draw;
 - ``mixup``: Beta(α, α) mixing of image and expert embeddings, renormalised;
 - ``expert_loss``: (mixed ↔ region phrase) and (expert ↔ caption) contrastive terms over
-  the samples that have a region.
+  the samples that have a region; the heatmap shows the boxes of that sample's phrase.
 """
 
 from __future__ import annotations
@@ -195,7 +195,8 @@ def expert_loss(model: EclipModel, batch: Batch, img_emb: torch.Tensor, txt_emb:
                 cfg: ExpertConfig, generator: torch.Generator) -> torch.Tensor:
     """The eCLIP expert contrastive term (unweighted), a 0-d tensor.
 
-    Over the samples with ``batch.has_region`` only: heatmaps from their boxes, expert
+    Over the samples with ``batch.has_region`` only: heatmaps from the boxes of their
+    sampled phrase (``batch.box_mask``), expert
     embeddings ``model.encode_expert``, region phrase embeddings ``model.encode_text``,
     mixed = mixup(img_emb, expert); returns
     ½·(loss_fn(mixed, phrase, s) + loss_fn(expert, caption, s)) with s = exp(logit_scale).

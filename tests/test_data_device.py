@@ -176,3 +176,43 @@ def test_device_path_state_round_trip_and_bad_options(cache):
         DeviceData(cache, rows, CPU, seed=0, placement="gpu")
     with pytest.raises(ValueError, match="lookahead: must be at least 1, got 0"):
         DeviceData(cache, rows, CPU, seed=0, placement="host", lookahead=0)
+
+
+def phrase_boxes_hold(cache, data, rows, n_batches=4):
+    """Each sample's box_mask marks exactly the kept boxes of its image whose phrase is the
+    sampled phrase; returns how many samples had more than one such box."""
+    several = 0
+    for batch in batches(data, n_batches, 50):
+        got = rows_of(batch.images, cache, rows)
+        for i, r in enumerate(got.tolist()):
+            regions = torch.nonzero(cache.region_image == r).flatten()[: batch.box_mask.shape[1]]
+            mask = batch.box_mask[i].cpu()
+            assert bool(batch.has_region[i]) == (regions.numel() > 0)
+            if regions.numel() == 0:
+                assert not mask.any()
+                continue
+            phrase = batch.phrase_tokens[i].cpu()
+            toks = cache.region_tokens[regions, : phrase.numel()].long()
+            want = (toks == phrase).all(dim=1)  # [R] the image's boxes with the sampled phrase
+            assert want.any(), "the phrase is none of the image's kept regions"
+            assert torch.equal(mask[: regions.numel()], want) and not mask[regions.numel():].any()
+            several += int(want.sum() > 1)
+    return several
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_box_mask_marks_the_boxes_of_the_sampled_phrase(cache, device):
+    # The heatmap shows what the phrase names: the drawn region's box, not every box.
+    import dataclasses
+    rows = cache.split_images("train")
+    assert phrase_boxes_hold(cache, DeviceData(cache, rows, device, seed=2), rows) == 0
+    # every region of an even image row gets one phrase ("two women": a box per woman)
+    tokens = cache.region_tokens.clone()
+    first = torch.zeros_like(cache.region_image)
+    for j in range(1, tokens.shape[0]):
+        same = cache.region_image[j] == cache.region_image[j - 1]
+        first[j] = first[j - 1] if same else j
+    even = cache.region_image % 2 == 0
+    tokens[even] = tokens[first[even]]
+    dup = dataclasses.replace(cache, region_tokens=tokens)
+    assert phrase_boxes_hold(dup, DeviceData(dup, rows, device, seed=2), rows) > 10

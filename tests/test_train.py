@@ -470,7 +470,8 @@ def test_flip_only_mirrors_without_cropping(cache):
     assert bool((same | mirrored).all()) and bool(same.any()) and bool(mirrored.any())
     boxes = plain.boxes[idx]
     flipped = torch.stack([1 - boxes[..., 2], boxes[..., 1], 1 - boxes[..., 0], boxes[..., 3]], -1) * plain.box_mask[idx][..., None]
-    want = torch.where(mirrored[:, None, None], flipped, boxes)
+    want = torch.where(mirrored[:, None, None], flipped, boxes) * batch.box_mask[..., None]  # the phrase's boxes
+    assert batch.box_mask.any()
     torch.testing.assert_close(batch.boxes, want, atol=1e-5, rtol=0)
 
 

@@ -86,8 +86,19 @@ class DeviceData:
         box_mask[owner[keep], slot[keep]] = True
         self.boxes, self.box_mask = boxes.to(device), box_mask.to(device)
         longest = max(1, int(cache.region_lengths[reg].max())) if reg.numel() else 1
-        self.phrase_tokens = cache.region_tokens[reg, :longest].to(device, torch.int64)  # [G, Lp']
+        phrase_tokens = cache.region_tokens[reg, :longest].to(torch.int64)  # [G, Lp']
+        self.phrase_tokens = phrase_tokens.to(device)
+        # The expert term pairs the heatmap with the sampled phrase, so a batch's box_mask
+        # marks that phrase's boxes only: the region drawn and any other box of the image
+        # with the same phrase ("two women": one region per woman). Phrase ids: [G], and
+        # per box slot [N, K] (-1 where no box).
+        phrase_id = (torch.unique(phrase_tokens, dim=0, return_inverse=True)[1] if reg.numel()
+                     else torch.zeros(0, dtype=torch.int64))
+        slot_phrase = torch.full((self.n, k), -1, dtype=torch.int64)
+        slot_phrase[owner[keep], slot[keep]] = phrase_id[keep]
+        self.phrase_id, self.slot_phrase = phrase_id.to(device), slot_phrase.to(device)
         self.reg_start, self.reg_count = reg_start.to(device), reg_count.to(device)
+        self.reg_pick = reg_count.clamp(max=k).to(device)  # a phrase is drawn among the boxes kept
         self.cap_start, self.cap_count = self.cap_start.to(device), self.cap_count.to(device)
         self.generator = torch.Generator(device=device)  # caption/phrase choice, augmentation
         self.generator.manual_seed(seed)
@@ -200,14 +211,15 @@ class DeviceData:
         cap = self._pick(self.cap_start, self.cap_count, idx)
         tokens = self.tokens[cap]
         has_region = self.reg_count[idx] > 0
-        phrase = self._pick(self.reg_start, self.reg_count, idx).clamp(max=max(self.phrase_tokens.shape[0] - 1, 0))
+        phrase = self._pick(self.reg_start, self.reg_pick, idx).clamp(max=max(self.phrase_tokens.shape[0] - 1, 0))
+        boxes, box_mask = self.boxes[idx], self.box_mask[idx]
         if self.phrase_tokens.shape[0]:
             phrase_tokens = self.phrase_tokens[phrase]
             phrase_mask = (phrase_tokens != 0) & has_region[:, None]
+            box_mask = box_mask & (self.slot_phrase[idx] == self.phrase_id[phrase][:, None])  # [B, K]
         else:
             phrase_tokens = torch.zeros(idx.numel(), 1, dtype=torch.int64, device=self.device)
             phrase_mask = torch.zeros_like(phrase_tokens, dtype=torch.bool)
-        boxes, box_mask = self.boxes[idx], self.box_mask[idx]
         if self.crop_scale < 1 or self.flip:
             images, boxes, box_mask = self._augment(images, boxes, box_mask)
         has_region = has_region & box_mask.any(dim=1)
