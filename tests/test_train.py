@@ -32,6 +32,23 @@ def recipe_with(tmp_path, extra: str):
     return path
 
 
+def recipe_at_call(tmp_path, before: str = "", after: str = "", prelude: str = ""):
+    """The template recipe whose train_step counts its calls in ``_calls[0]`` and runs the
+    code ``before`` ahead of the real step and ``after`` behind it (the step's metrics are
+    ``out``), both written as at the function's top level, e.g.
+    ``"if _calls[0] == 5:\\n    raise KeyboardInterrupt"``; ``prelude`` goes at module level."""
+    def indent(code):
+        return "".join(f"    {line}\n" for line in code.splitlines())
+    return recipe_with(tmp_path, (
+        f"{prelude}_base_train_step = train_step\n_calls = [0]\n\n"
+        "def train_step(model, optimizer, batch, progress):\n"
+        "    _calls[0] += 1\n"
+        f"{indent(before)}"
+        "    out = _base_train_step(model, optimizer, batch, progress)\n"
+        f"{indent(after)}"
+        "    return out\n"))
+
+
 def run(argv, capsys):
     rc = train.main([str(a) for a in argv])
     out, err = capsys.readouterr()
@@ -65,13 +82,7 @@ def test_resume_matches_an_uninterrupted_run(cache, tmp_path, capsys, placement)
             "--expert_cold_start=0.0", "--expert_ramp=0.0", "--data-placement", placement]
     rc, _, err = run([*base, "--out", tmp_path / "straight"], capsys)
     assert rc == 0, err
-    stopper = recipe_with(tmp_path, (
-        "_base_train_step = train_step\n_calls = [0]\n\n"
-        "def train_step(model, optimizer, batch, progress):\n"
-        "    _calls[0] += 1\n"
-        "    if _calls[0] == 5:\n"
-        "        raise KeyboardInterrupt\n"
-        "    return _base_train_step(model, optimizer, batch, progress)\n"))
+    stopper = recipe_at_call(tmp_path, before="if _calls[0] == 5:\n    raise KeyboardInterrupt")
     out = tmp_path / "resumed"
     rc, stdout, _ = run([*base, "--out", out, "--recipe", stopper], capsys)
     assert rc == 130 and "status:         interrupted" in stdout
@@ -93,14 +104,7 @@ def test_resume_matches_an_uninterrupted_run(cache, tmp_path, capsys, placement)
 
 
 def test_nan_loss_is_reported_as_diverged(cache, tmp_path, capsys):
-    nan = recipe_with(tmp_path, (
-        "_base_train_step = train_step\n_calls = [0]\n\n"
-        "def train_step(model, optimizer, batch, progress):\n"
-        "    _calls[0] += 1\n"
-        "    out = _base_train_step(model, optimizer, batch, progress)\n"
-        "    if _calls[0] == 3:\n"
-        "        out['loss'] = out['loss'] * float('nan')\n"
-        "    return out\n"))
+    nan = recipe_at_call(tmp_path, after="if _calls[0] == 3:\n    out['loss'] = out['loss'] * float('nan')")
     out = tmp_path / "run"
     rc, stdout, _ = run(["--data", cache, "--out", out, "--steps", 20, "--recipe", nan, *SMALL], capsys)
     assert rc == 1 and "status:         diverged" in stdout
@@ -116,16 +120,8 @@ def test_out_of_memory_mid_run_keeps_the_row_in_flight(cache, tmp_path, capsys, 
     # An OOM at step 6 (--log-every=2: rows pushed at steps 1, 2, 4): the row of step 4, still
     # in flight, is logged, and a NaN not yet read back — in that row (step 3) or after it
     # (step 5) — makes the run "diverged" rather than "oom".
-    hog = recipe_with(tmp_path, (
-        "_base_train_step = train_step\n_calls = [0]\n\n"
-        "def train_step(model, optimizer, batch, progress):\n"
-        "    _calls[0] += 1\n"
-        "    if _calls[0] == 6:\n"
-        "        raise torch.OutOfMemoryError('CUDA out of memory (simulated)')\n"
-        "    out = _base_train_step(model, optimizer, batch, progress)\n"
-        f"    if _calls[0] == {nan_step}:\n"
-        "        out['loss'] = out['loss'] * float('nan')\n"
-        "    return out\n"))
+    hog = recipe_at_call(tmp_path, before="if _calls[0] == 6:\n    raise torch.OutOfMemoryError('CUDA out of memory (simulated)')",
+                         after=f"if _calls[0] == {nan_step}:\n    out['loss'] = out['loss'] * float('nan')")
     out = tmp_path / "run"
     rc, _, _ = run(["--data", cache, "--out", out, "--steps", 20, "--recipe", hog, *SMALL], capsys)
     result = json.loads((out / "result.json").read_text())
@@ -529,14 +525,8 @@ def test_train_step_clamps_the_logit_scale_after_the_optimizer_step(cache):
 def test_first_ctrl_c_finishes_the_step_and_saves(cache, tmp_path, capsys):
     # A real SIGINT in the middle of step 5: the handler lets the step finish, then the loop
     # stops with a checkpoint of 5 steps and a result with status interrupted.
-    stopper = recipe_with(tmp_path, (
-        "import os as _os, signal as _signal\n"
-        "_base_train_step = train_step\n_calls = [0]\n\n"
-        "def train_step(model, optimizer, batch, progress):\n"
-        "    _calls[0] += 1\n"
-        "    if _calls[0] == 5:\n"
-        "        _os.kill(_os.getpid(), _signal.SIGINT)\n"
-        "    return _base_train_step(model, optimizer, batch, progress)\n"))
+    stopper = recipe_at_call(tmp_path, prelude="import os as _os, signal as _signal\n",
+                             before="if _calls[0] == 5:\n    _os.kill(_os.getpid(), _signal.SIGINT)")
     out = tmp_path / "run"
     rc, stdout, err = run(["--data", cache, "--out", out, "--steps", 20, "--recipe", stopper, *SMALL], capsys)
     assert rc == 130 and "status:         interrupted" in stdout, err
