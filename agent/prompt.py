@@ -122,7 +122,8 @@ def system_blocks() -> list[dict]:
     """The system prompt as content blocks; the last carries the cache breakpoint, which
     caches the tool definitions and the whole system prompt as one prefix."""
     reference = ("# Reference material (read-only)\n"
-                 "The model configuration options (HPARAMS['model'] overrides use 'section.field' keys):\n\n"
+                 "The model configuration options (HPARAMS['model'] overrides use 'section.field' keys; "
+                 "the template refuses there the fields it sets from entries of its own, OWNED_FIELDS):\n\n"
                  + _config_section()
                  + "\n\nThe template recipe every workspace started from (your recipe.py may differ since):\n\n"
                  + _reference("eclip/recipe.py"))

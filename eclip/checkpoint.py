@@ -61,11 +61,22 @@ def read_meta(ckpt_dir: str | Path) -> dict:
         raise EclipError(f"{path}: unreadable checkpoint metadata ({e.msg})") from None
 
 
+# Model config fields that shape no weight and no forward pass: the expert term's schedule
+# and heatmap settings, and the logit scale's initial value. A resume may change them, as it
+# may change the learning rate.
+SCHEDULE_FIELDS = frozenset({"expert.weight", "expert.probability", "expert.cold_start", "expert.ramp",
+                             "expert.cool_down", "expert.mixup_alpha", "expert.min_sigma", "expert.sigma_scale",
+                             "logit_scale_init"})
+
+
 def _first_difference(saved, current, prefix: str = "") -> tuple[str, object, object] | None:
-    """The first dotted field where two config dicts differ: (field, saved, current)."""
+    """The first dotted field of ``saved`` whose value ``current`` does not share, skipping
+    SCHEDULE_FIELDS (fields a checkpoint predates are not compared): (field, saved, current)."""
     if isinstance(saved, dict) and isinstance(current, dict):
-        for key in sorted(set(saved) | set(current)):
-            diff = _first_difference(saved.get(key), current.get(key), f"{prefix}{key}.")
+        for key in sorted(saved):
+            if f"{prefix}{key}" in SCHEDULE_FIELDS:
+                continue
+            diff = _first_difference(saved[key], current.get(key), f"{prefix}{key}.")
             if diff is not None:
                 return diff
         return None
@@ -73,8 +84,9 @@ def _first_difference(saved, current, prefix: str = "") -> tuple[str, object, ob
 
 
 def check_model_config(ckpt_dir: str | Path, meta: dict, model: torch.nn.Module) -> None:
-    """Refuse a checkpoint whose model config differs from ``model``'s in any field: weights
-    of matching shapes can still belong to another model (heads, norms, scale bounds)."""
+    """Refuse a checkpoint whose model config differs from ``model``'s in a field that
+    shapes the model: weights of matching shapes can still belong to another model (heads,
+    norms, pooling, scale bounds)."""
     saved, cfg = meta.get("model_config"), getattr(model, "cfg", None)
     if saved is None or not hasattr(cfg, "to_dict"):
         return

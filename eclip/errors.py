@@ -9,6 +9,13 @@ class EclipError(Exception):
     """A user-facing error: printed as one line, exit code 2, no traceback."""
 
 
+def first_line(e: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (at most ``limit`` characters), or the name
+    of its type when the message is empty (``MemoryError()``), for one-line reports."""
+    lines = str(e).splitlines()
+    return (lines[0] if lines and lines[0] else type(e).__name__)[:limit]
+
+
 class DataError(EclipError):
     """Bad input data, located by file and (when known) line or row.
 

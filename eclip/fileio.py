@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from eclip.errors import EclipError
+from eclip.errors import EclipError, first_line
 
 
 def atomic_write(path: Path, write) -> None:
@@ -33,5 +33,5 @@ def read_tensors(path: Path, hint: str = "") -> dict:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = first_line(e)
         raise EclipError(f"{path}: unreadable ({reason}){'; ' + hint if hint else ''}") from None

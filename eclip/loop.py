@@ -30,7 +30,7 @@ from tqdm import tqdm
 from eclip.checkpoint import load_checkpoint
 from eclip.data.cache import Cache
 from eclip.data.device import DeviceData
-from eclip.errors import EclipError
+from eclip.errors import EclipError, first_line
 from eclip.evaluate import retrieval_metrics
 from eclip.fileio import atomic_write
 from eclip.readback import Diverged, Readback
@@ -99,9 +99,11 @@ def load_recipe(path: str | Path):
     except SyntaxError as e:
         raise EclipError(f"{path}:{e.lineno}: syntax error in recipe ({e.msg})") from None
     except Exception as e:  # a NameError, an import that fails, …: the recipe's line that raised
+        if is_oom(e):  # memory exhausted at import: reported as oom like any other run
+            raise
         frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == path.resolve()]
         where = f"{path}:{frames[-1].lineno}" if frames else str(path)
-        raise EclipError(f"{where}: recipe failed to import ({type(e).__name__}: {e})") from None
+        raise EclipError(f"{where}: recipe failed to import ({type(e).__name__}: {first_line(e)})") from None
     for attr in ("HPARAMS", "build_model", "build_optimizer", "train_step"):
         if not hasattr(module, attr):
             raise EclipError(f"{path}: recipe must define {attr}")
@@ -359,7 +361,7 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
             raise
         try:  # the row in flight is logged, and a loss that diverged before the OOM says so
             drain()
-            status, last = "oom", dict(last, reason=str(e).splitlines()[0][:200])
+            status, last = "oom", dict(last, reason=first_line(e, 200))
         except Diverged as d:
             status, last = "diverged", dict(last, reason=str(d))
     finally:

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from eclip.errors import EclipError
+from eclip.errors import EclipError, first_line
 
 
 def parse_spec(spec: str, kind: str) -> tuple[str, str | None]:
@@ -60,7 +60,7 @@ def _require(module: str):
         mod = __import__(module)
     except Exception as e:  # ImportError, or timm failing on a missing/broken torchvision
         raise EclipError(f"pretrained towers need the [pretrained] extra: import {module} failed "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+                         f"({type(e).__name__}: {first_line(e, 120)})") from None
     if module == "transformers":  # no progress bars or notices in the run's log and summary
         from transformers.utils import logging as hf_logging
 
@@ -90,7 +90,7 @@ class TimmImageTower(nn.Module):
                 self.model = timm.create_model(name, pretrained=weights != "random", **kwargs)
         except Exception as e:
             raise EclipError(f"image_tower: timm could not build {name!r} "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+                             f"({type(e).__name__}: {first_line(e, 160)})") from None
         self.width = int(self.model.num_features)
         cfg = getattr(self.model, "pretrained_cfg", {}) or {}
         self.mean, self.std = tuple(cfg.get("mean", (0.5,) * 3)), tuple(cfg.get("std", (0.5,) * 3))
@@ -122,7 +122,7 @@ class HFTextTower(nn.Module):
             model = AutoModel.from_pretrained(name, use_safetensors=True, trust_remote_code=False)
         except Exception as e:
             raise EclipError(f"text_tower: could not load {name!r} (a local directory, or a hub id when online; "
-                             f"safetensors weights): {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
+                             f"safetensors weights): {type(e).__name__}: {first_line(e, 160)}") from None
         if hasattr(model, "text_model"):  # a dual-encoder checkpoint (CLIP, SigLIP): its text half
             model = model.text_model
         elif getattr(model.config, "is_encoder_decoder", False):  # T5-like: the encoder only
@@ -191,7 +191,7 @@ def load_tokenizer(spec: str):
         return AutoTokenizer.from_pretrained(name)
     except Exception as e:
         raise EclipError(f"text_tower: could not load the tokenizer of {name!r}: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
+                         f"{type(e).__name__}: {first_line(e, 160)}") from None
 
 
 def _encode(tok, texts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:

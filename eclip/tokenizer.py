@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from eclip.errors import EclipError
+from eclip.errors import EclipError, first_line
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
@@ -46,7 +46,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # the library raises a bare Exception on malformed JSON
-        raise EclipError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+        raise EclipError(f"{path}: not a valid tokenizer.json ({first_line(e)})") from None
     if tok.token_to_id(PAD) != PAD_ID:
         raise EclipError(f"{path}: tokenizer must map {PAD} to id {PAD_ID} (padding is id 0)")
     return tok

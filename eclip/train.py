@@ -31,7 +31,7 @@ import torch
 
 from eclip import checkpoint as ckpt
 from eclip.data.cache import load_cache
-from eclip.errors import EclipError, OneLineParser
+from eclip.errors import EclipError, OneLineParser, first_line
 from eclip.evaluate import fold_split, format_metrics
 from eclip.hardware import device_name, peak_bf16_flops
 from eclip.loop import (
@@ -229,8 +229,8 @@ def run(args, overrides: dict) -> dict:
             raise EclipError(f"--folds {args.folds}: this cache has no folds to cross-validate over "
                              "(prepare it with --folds 2 or more)")
         if args.folds != k_cache:
-            raise EclipError(f"--folds {args.folds}: this cache has {k_cache} folds, so expected --folds {k_cache} "
-                             f"(prepare --folds {args.folds} makes a cache with {args.folds})")
+            hint = f" (prepare --folds {args.folds} makes a cache with {args.folds})" if args.folds >= 2 else ""
+            raise EclipError(f"--folds {args.folds}: this cache has {k_cache} folds, so expected --folds {k_cache}{hint}")
         folds = []
         for k in range(args.folds):
             tr, ev = fold_split(cache.fold, k)
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # out of memory before the loop (data on the device, the model)
         if not is_oom(e):
             raise
-        reason = str(e).splitlines()[0][:200]
+        reason = first_line(e, 200)
         args.out.mkdir(parents=True, exist_ok=True)
         write_json(args.out / "result.json", {"status": "oom", "val_mean_rank": None, "reason": reason})
         print(f"---\nstatus:         oom\nreason:         {reason}")

@@ -446,6 +446,10 @@ def test_resume_refuses_another_mode(cache, tmp_path, capsys):
     assert rc == 2 and "checkpoint has model vision.heads = 4, this run 8" in err, err
     assert err.strip().count("\n") == 0
     assert json.loads((out / "checkpoint.json").read_text())["step"] == 2  # untouched
+    # the expert term's schedule shapes no weight: a resume may change it, as it may the lr
+    rc, _, err = run(["--data", cache, "--out", out, "--steps", 3, "--final", "--resume", *SMALL,
+                      "--expert_probability=0.3", "--lr=5e-4"], capsys)
+    assert rc == 0, err
     rc, _, err = run(["--data", cache, "--out", out, "--steps", 2, "--log-every", 0], capsys)
     assert rc == 2 and "--log-every 0: must be at least 1" in err
 
@@ -556,6 +560,13 @@ def test_a_recipe_that_fails_to_import_names_its_line(cache, tmp_path, capsys):
     rc, _, err = run(["--data", cache, "--out", tmp_path / "o", "--steps", 1, "--recipe", bad], capsys)
     assert rc == 2 and err.strip().count("\n") == 0, err
     assert f"recipe.py:{line}: recipe failed to import (NameError: name 'undefined_name' is not defined)" in err
+    bad = recipe_with(tmp_path, "raise ValueError('first line\\nsecond line')\n")
+    rc, _, err = run(["--data", cache, "--out", tmp_path / "o", "--steps", 1, "--recipe", bad], capsys)
+    assert rc == 2 and err.strip().count("\n") == 0 and "(ValueError: first line)" in err, err
+    # memory exhausted while importing is an out-of-memory run (status oom, exit 1), not bad input
+    bad = recipe_with(tmp_path, "raise MemoryError\n")
+    rc, _, err = run(["--data", cache, "--out", tmp_path / "o", "--steps", 1, "--recipe", bad], capsys)
+    assert rc == 1 and json.loads((tmp_path / "o" / "result.json").read_text())["status"] == "oom", err
 
 
 def test_a_cuda_index_beyond_the_devices_is_one_line(monkeypatch):

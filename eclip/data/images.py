@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from eclip.data import synthetic
+from eclip.errors import first_line
 
 RESIZE_POLICIES = ("squash", "center-crop")
 BOX_TOLERANCE_PX = 1.0  # annotation tools round; a box this far past the border is clipped
@@ -81,8 +82,7 @@ def decode_job(job: Job) -> Decoded:
     try:
         img, w, h = _load(job.path, job.size, job.policy)
     except Exception as e:  # PIL raises many types: OSError, SyntaxError, ValueError, …
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return Decoded(image=None, boxes=[], error=f"unreadable or truncated image {job.path} ({msg})")
+        return Decoded(image=None, boxes=[], error=f"unreadable or truncated image {job.path} ({first_line(e)})")
     boxes, err = normalise_boxes(job.boxes, w, h, job.policy)
     if err:
         return Decoded(image=None, boxes=[], error=err)

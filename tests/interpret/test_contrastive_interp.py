@@ -165,9 +165,12 @@ def test_auto_mode_with_a_dynamic_batch():
     def step(a, b, s):
         return kernels.contrastive_loss(F.normalize(a, dim=1), b, s)
 
-    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend="aot_eager")
-    for n in (20, 24):  # one graph for both sizes
+    from torch._dynamo.testing import CompileCounterWithBackend
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend=counter)
+    for n in (20, 24):
         a, b = make_inputs(n, 16, torch.float32, "cpu", seed=n)
         got = compiled(a, b, torch.tensor(10.0))
         want = kernels.contrastive_loss(F.normalize(a, dim=1), b, torch.tensor(10.0), mode="lean")
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert counter.frame_count == 1  # one graph for both sizes
