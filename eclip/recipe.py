@@ -111,27 +111,22 @@ def _check_hparams():
             raise ValueError(f"{key}: expected one of {', '.join(map(str, allowed))}, got {HPARAMS[key]!r}")
 
 
-# Model config fields set from HPARAMS entries of their own; naming one under "model" too
-# would be overwritten without a word, so that is refused.
-OWNED_FIELDS = {"vision.pretrained": "image_tower", "text.pretrained": "text_tower",
-                "expert.enabled": "expert", "expert.weight": "expert_weight",
-                "expert.probability": "expert_probability", "expert.cold_start": "expert_cold_start",
-                "expert.ramp": "expert_ramp"}
+# Model config fields set from HPARAMS entries of their own, as (entry, type; None: as
+# given, "" when absent); naming one under "model" too would be overwritten without a word,
+# so that is refused.
+OWNED_FIELDS = {"vision.pretrained": ("image_tower", None), "text.pretrained": ("text_tower", None),
+                "expert.enabled": ("expert", bool), "expert.weight": ("expert_weight", float),
+                "expert.probability": ("expert_probability", float),
+                "expert.cold_start": ("expert_cold_start", float), "expert.ramp": ("expert_ramp", float)}
 
 
 def build_model(spec):
     _check_hparams()
     overrides = dict(HPARAMS["model"])
-    for field, entry in OWNED_FIELDS.items():
+    for field, (entry, cast) in OWNED_FIELDS.items():
         if field in overrides:
             raise ValueError(f"model.{field}: set by the recipe entry {entry!r} (use --{entry}=...)")
-    overrides["vision.pretrained"] = HPARAMS.get("image_tower", "")
-    overrides["text.pretrained"] = HPARAMS.get("text_tower", "")
-    overrides["expert.enabled"] = bool(HPARAMS["expert"])
-    overrides["expert.weight"] = float(HPARAMS["expert_weight"])
-    overrides["expert.probability"] = float(HPARAMS["expert_probability"])
-    overrides["expert.cold_start"] = float(HPARAMS["expert_cold_start"])
-    overrides["expert.ramp"] = float(HPARAMS["expert_ramp"])
+        overrides[field] = HPARAMS.get(entry, "") if cast is None else cast(HPARAMS[entry])
     cfg = model_config(HPARAMS["preset"], image_size=spec.image_size, vocab_size=spec.vocab_size,
                        context_length=spec.context_length, **overrides)
     model = _build_model(cfg).to(spec.device)

@@ -157,11 +157,11 @@ def test_a_short_position_table_caps_the_caption_length(small_cache, hf_dir, tmp
 def test_the_loop_refuses_a_tower_hparams_do_not_name(small_cache, hf_dir, tmp_path, capsys):
     # the loop tokenizes by HPARAMS["text_tower"]; a tower the recipe sets another way would get
     # the cache's own ids
-    line = 'overrides["text.pretrained"] = HPARAMS.get("text_tower", "")'
+    line = '    cfg = model_config(HPARAMS["preset"]'  # build_model, once its overrides are set
     template = train.TEMPLATE.read_text()
     assert line in template
     recipe = tmp_path / "recipe.py"
-    recipe.write_text(template.replace(line, f'overrides["text.pretrained"] = "hf:{hf_dir}"'))
+    recipe.write_text(template.replace(line, f'    overrides["text.pretrained"] = "hf:{hf_dir}"\n{line}'))
     assert train.main(["--data", str(small_cache), "--out", str(tmp_path / "r"), "--steps", "1", "--device", "cpu",
                        "--recipe", str(recipe)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
