@@ -23,3 +23,15 @@ def small_cache(tmp_path_factory):
     assert prepare.main(["--dataset", "synthetic", "--num-train", "300", "--num-val", "60", "--num-test", "20",
                          "--out", str(out), "--workers", "1"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def train_cache(tmp_path_factory):
+    """A built-in dataset cache of 2,000 train, 100 val and 60 test scenes at 64 px: enough
+    for a short run of the training loop to learn."""
+    from eclip import prepare
+
+    out = tmp_path_factory.mktemp("data") / "syn"
+    assert prepare.main(["--dataset", "synthetic", "--num-train", "2000", "--num-val", "100", "--num-test", "60",
+                         "--out", str(out), "--workers", "1"]) == 0
+    return out

@@ -1,0 +1,192 @@
+"""Bad input to ``python -m eclip.train`` and the training loop: unknown or ill-typed
+options, unusable output folders, missing, stale or damaged caches, checkpoints that do not
+fit, recipes that fail to import. Each ends in one line naming what is wrong, exit code 2,
+and nothing of an earlier run lost."""
+
+import json
+
+import pytest
+import torch
+from train_support import SMALL, recipe_with, run
+
+
+@pytest.fixture
+def cache(train_cache):
+    return train_cache
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--steps", "5", "--bogus=1"], "--bogus: unknown training option"),
+    (["--steps", "5", "--lr=fast"], "--lr=fast: expected float"),
+    (["--steps", "5", "--preset", "huge"], "preset: unknown preset 'huge'"),
+    (["--steps", "5", "--model.vision.nope=3"], "vision.nope: unknown model config field"),
+    (["--steps", "5", "--budget-s", "3"], "exactly one of --budget-s or --steps"),
+    (["--steps", "5", "stray"], "unrecognised argument 'stray'"),
+    (["--steps", "5", "--resume"], "no checkpoint here"),
+    (["--steps", "5", "--compile_mode=fastest"], "compile_mode: expected one of default, reduce-overhead,"),
+    (["--steps", "5", "--compile_scope=all"], "compile_scope: expected one of step, blocks, got 'all'"),
+    (["--steps", "5", "--compile_scope=blocks", "--compile_mode=reduce-overhead"],
+     "compile_scope: 'blocks' runs eager code between the blocks"),
+    (["--steps", "5", "--batch_size=0"], "recipe: batch_size: expected an int >= 1, got 0"),
+    (["--steps", "5", "--crop_scale=0"], "recipe: crop_scale: expected a number in (0, 1], got 0.0"),
+    (["--steps", "5", "--lr=-1"], "recipe: lr: expected a finite number in (0, inf), got -1.0"),
+    (["--steps", "5", "--lr=nan"], "recipe: lr: expected a finite number"),
+    (["--steps", "5", "--beta1=1.5"], "recipe: beta1: expected a finite number in [0, 1), got 1.5"),
+    (["--steps", "5", "--eps=0"], "recipe: eps: expected a finite number in (0, inf)"),
+    (["--steps", "5", "--warmup=2"], "recipe: warmup: expected a finite number in [0, 1)"),
+    (["--steps", "5", "--precision=fp16"], "recipe: precision: expected one of auto, bf16, fp32, got 'fp16'"),
+    (["--steps", "5", "--compile=maybe"], "recipe: compile: expected one of auto, True, False, got 'maybe'"),
+    (["--steps", "5", "--loss_mode=slow"], "recipe: loss_mode: expected one of auto, lean"),
+    (["--budget-s", "nan"], "--budget-s and --steps must be positive (and the budget finite)"),
+    (["--budget-s", "inf"], "--budget-s and --steps must be positive (and the budget finite)"),
+    (["--steps", "5", "--device", "tpu"], "--device tpu: expected auto, cpu, cuda or cuda:N"),
+    (["--steps", "5", "--model=abc"], "--model=abc: model is a group of settings; set one with --model.<field>=value"),
+    # a field the recipe sets from its own entry would be overwritten without a word
+    (["--steps", "5", "--model.expert.enabled=true"],
+     "recipe: model.expert.enabled: set by the recipe entry 'expert' (use --expert=...)"),
+    (["--steps", "5", "--folds", "0"], "--folds 0: this cache has 3 folds, so expected --folds 3"),
+    # two of three folds would train on a fold that is never validated: not cross-validation
+    (["--steps", "5", "--folds", "2"], "--folds 2: this cache has 3 folds, so expected --folds 3 "
+                                       "(prepare --folds 2 makes a cache with 2)"),
+])
+def test_bad_options_exit_2_with_one_line(cache, tmp_path, capsys, argv, message):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("kept\n")  # a previous run's log
+    rc, _, err = run(["--data", cache, "--out", out, *argv], capsys)
+    assert rc == 2 and err.startswith("train: error: ") and message in err, err
+    assert err.strip().count("\n") == 0
+    assert (out / "metrics.jsonl").read_text() == "kept\n"  # nothing of it lost
+
+
+@pytest.mark.parametrize("make", ["file", "corrupt_checkpoint", "steps_done"])
+def test_unusable_out_or_checkpoint_is_one_line(cache, tmp_path, capsys, make):
+    if make == "file":  # --out names a file
+        out = tmp_path / "afile"
+        out.write_text("x")
+        argv, message = ["--steps", "2"], "afile"
+    elif make == "steps_done":  # resuming a 2-step checkpoint "up to" step 2
+        out = tmp_path / "run"
+        rc, _, err = run(["--data", cache, "--out", out, "--steps", "2", *SMALL], capsys)
+        assert rc == 0, err
+        argv, message = ["--steps", "2", "--resume"], "--steps 2: the checkpoint in"
+    else:  # a checkpoint whose weights file is cut short
+        out = tmp_path / "run"
+        rc, _, err = run(["--data", cache, "--out", out, "--steps", "2", *SMALL], capsys)
+        assert rc == 0, err
+        weights = out / "checkpoint.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+        argv, message = ["--steps", "4", "--resume"], "checkpoint.safetensors: unreadable"
+    rc, _, err = run(["--data", cache, "--out", out, *argv, *SMALL], capsys)
+    assert rc == 2 and err.startswith("train: error: ") and message in err, err
+    assert err.strip().count("\n") == 0
+
+
+def test_overrides_that_prefix_an_option_are_overrides(cache, tmp_path, capsys):
+    # --compile is a prefix of --compile-cache: argparse's abbreviations once swallowed it
+    out = tmp_path / "run"
+    rc, _, err = run(["--data", cache, "--out", out, "--steps", 1, *SMALL, "--compile=false", "--seed", 3], capsys)
+    assert rc == 0, err
+    result = json.loads((out / "result.json").read_text())
+    assert result["hparams"]["compile"] is False and result["seed"] == 3
+    rc, _, err = run(["--data", cache, "--out", out, "--steps", 1, "--see=3"], capsys)
+    assert rc == 2 and "--see: unknown training option" in err, err
+
+
+def test_missing_or_stale_cache(tmp_path, capsys, cache):
+    rc, _, err = run(["--data", tmp_path / "none", "--out", tmp_path / "o", "--steps", 1], capsys)
+    assert rc == 2 and "no such cache directory" in err
+    out = tmp_path / "run"
+    assert run(["--data", cache, "--out", out, "--steps", 2, *SMALL], capsys)[0] == 0
+    meta = json.loads((out / "checkpoint.json").read_text())
+    (out / "checkpoint.json").write_text(json.dumps(dict(meta, cache_fingerprint="other")))
+    rc, _, err = run(["--data", cache, "--out", out, "--steps", 4, "--resume", *SMALL], capsys)
+    assert rc == 2 and "trained on another cache" in err
+
+
+@pytest.mark.parametrize("sizes_recorded", [True, False])
+def test_damaged_cache_file_is_one_line(tmp_path, capsys, cache, sizes_recorded):
+    # A cache file cut short: caught by its recorded size, or (a cache from before sizes were
+    # recorded) when safetensors cannot read it; one line naming the file either way.
+    import shutil
+
+    damaged = tmp_path / "cache"
+    shutil.copytree(cache, damaged)
+    ann = damaged / "annotations.safetensors"
+    ann.write_bytes(ann.read_bytes()[:500])
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    assert "annotations.safetensors" in manifest["sizes"]
+    if not sizes_recorded:
+        del manifest["sizes"]
+        (damaged / "manifest.json").write_text(json.dumps(manifest))
+    rc, _, err = run(["--data", damaged, "--out", tmp_path / "o", "--steps", 1], capsys)
+    message = "has another size than when it was built" if sizes_recorded else "unreadable"
+    assert rc == 2 and "annotations.safetensors" in err and message in err, err
+    assert err.strip().count("\n") == 0
+    if sizes_recorded:  # and prepare rebuilds it instead of reusing it
+        from eclip.data.cache import is_current
+
+        assert not is_current(damaged, manifest["fingerprint"])
+
+
+def test_resume_refuses_another_mode(cache, tmp_path, capsys):
+    out = tmp_path / "fin"
+    assert run(["--data", cache, "--out", out, "--steps", 2, "--final", *SMALL], capsys)[0] == 0
+    rc, _, err = run(["--data", cache, "--out", out, "--steps", 4, "--resume", *SMALL], capsys)
+    assert rc == 2 and "checkpoint trained on 2100 images for 'test'; this run has 2000 for 'val'" in err, err
+    # weights of the same shapes from another model config (4 heads, not 8) are refused too
+    rc, _, err = run(["--data", cache, "--out", out, "--steps", 4, "--final", "--resume", *SMALL,
+                      "--model.vision.heads=8"], capsys)
+    assert rc == 2 and "checkpoint has model vision.heads = 4, this run 8" in err, err
+    assert err.strip().count("\n") == 0
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 2  # untouched
+    # the expert term's schedule shapes no weight: a resume may change it, as it may the lr
+    rc, _, err = run(["--data", cache, "--out", out, "--steps", 3, "--final", "--resume", *SMALL,
+                      "--expert_probability=0.3", "--lr=5e-4"], capsys)
+    assert rc == 0, err
+    rc, _, err = run(["--data", cache, "--out", out, "--steps", 2, "--log-every", 0], capsys)
+    assert rc == 2 and "--log-every 0: must be at least 1" in err
+
+
+def test_refused_resume_creates_nothing(cache, tmp_path, capsys):
+    out = tmp_path / "never-trained"
+    rc, _, err = run(["--data", cache, "--out", out, "--steps", 2, "--resume"], capsys)
+    assert rc == 2 and "no checkpoint here" in err, err
+    assert not out.exists()
+
+
+def test_a_recipe_that_fails_to_import_names_its_line(cache, tmp_path, capsys):
+    bad = recipe_with(tmp_path, "x = undefined_name\n")
+    line = bad.read_text().splitlines().index("x = undefined_name") + 1
+    rc, _, err = run(["--data", cache, "--out", tmp_path / "o", "--steps", 1, "--recipe", bad], capsys)
+    assert rc == 2 and err.strip().count("\n") == 0, err
+    assert f"recipe.py:{line}: recipe failed to import (NameError: name 'undefined_name' is not defined)" in err
+    bad = recipe_with(tmp_path, "raise ValueError('first line\\nsecond line')\n")
+    rc, _, err = run(["--data", cache, "--out", tmp_path / "o", "--steps", 1, "--recipe", bad], capsys)
+    assert rc == 2 and err.strip().count("\n") == 0 and "(ValueError: first line)" in err, err
+    # memory exhausted while importing is an out-of-memory run (status oom, exit 1), not bad input
+    bad = recipe_with(tmp_path, "raise MemoryError\n")
+    rc, _, err = run(["--data", cache, "--out", tmp_path / "o", "--steps", 1, "--recipe", bad], capsys)
+    assert rc == 1 and json.loads((tmp_path / "o" / "result.json").read_text())["status"] == "oom", err
+
+
+def test_a_cuda_index_beyond_the_devices_is_one_line(monkeypatch):
+    from eclip.errors import EclipError
+    from eclip.loop import pick_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(EclipError, match=r"--device cuda:7: this machine has 1 CUDA device \(cuda:0 to cuda:0\)"):
+        pick_device("cuda:7")
+
+
+def test_compile_cache_option_beats_an_inherited_variable(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inherited"))
+    rc, _, err = run(["--data", tmp_path / "none", "--out", tmp_path / "o", "--steps", 1,
+                      "--compile-cache", tmp_path / "mine"], capsys)
+    assert rc == 2 and "no such cache directory" in err  # stops at the data, after the cache is set
+    import os
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "mine").resolve())
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inherited"))
+    run(["--data", tmp_path / "none", "--out", tmp_path / "o", "--steps", 1], capsys)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inherited")  # no option: kept
