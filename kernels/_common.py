@@ -30,6 +30,11 @@ except ImportError:  # pragma: no cover - exercised only on machines without Tri
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# exp(x) = exp2(x·log2 e) and ln(y) = log2(y)·ln 2: the kernels work in base 2 (exp2 is one
+# instruction) with the scale folded in. Inside @triton.jit code they appear as literals,
+# since a kernel may read only constexpr globals.
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 
 
 def _fix_interpreter_scalar_index() -> None:

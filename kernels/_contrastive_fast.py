@@ -38,6 +38,8 @@ import torch
 from ._common import (
     HAVE_TRITON,
     INTERPRET,
+    LN2,
+    LOG2E,
     TINY_B,
     dot_precisions,
     full_precision_reduction,
@@ -53,9 +55,6 @@ if HAVE_TRITON:
     import triton.language as tl
 
     from ._contrastive_lean import _score_tile
-
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 if HAVE_TRITON:
 

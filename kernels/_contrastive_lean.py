@@ -28,6 +28,7 @@ import torch
 from ._common import (
     HAVE_TRITON,
     INTERPRET,
+    LN2,
     TINY_B,
     dot_precisions,
     n_bucket,
@@ -39,9 +40,6 @@ from ._common import (
 if HAVE_TRITON:
     import triton
     import triton.language as tl
-
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 if HAVE_TRITON:
 
