@@ -20,7 +20,7 @@ exactly this contract:
 
 Each research workspace copies this file once and edits only its copy. It is a strong
 baseline, not a toy: bf16 autocast, ``torch.compile`` and fused AdamW on CUDA, the fused
-contrastive loss; fp32 without compilation on CPU.
+contrastive loss; fp32 and fused AdamW without compilation on CPU.
 """
 
 import math
@@ -170,7 +170,9 @@ def build_optimizer(model):
     opt = torch.optim.AdamW(
         model.param_groups(HPARAMS["weight_decay"]),
         lr=HPARAMS["lr"], betas=(HPARAMS["beta1"], HPARAMS["beta2"]), eps=HPARAMS["eps"],
-        fused=_on_cuda(model),  # one kernel for all parameters on CUDA
+        # one kernel for all parameters, on CUDA and on the CPU (tiny preset, 86 tensors: the
+        # per-parameter loop cost a CPU step several times what the fused step does)
+        fused=True,
     )
     for group in opt.param_groups:
         group["initial_lr"] = HPARAMS["lr"]
