@@ -21,8 +21,11 @@ also strips secrets from the environment and runs the recipe in a separate proce
 from __future__ import annotations
 
 import ast
+import importlib
+import inspect
 import os
 import re
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +42,44 @@ FORBIDDEN_ATTRIBUTES = frozenset({
     "multiprocessing", "distributed", "from_file", "system", "popen",
     # data loading is the harness's: datapipes open files and URLs, DataLoader starts processes
     "datapipes", "DataLoader", "FileOpener", "FileLister", "IoPathFileOpener", "IoPathFileLister",
+    # files by other names: numpy's, pathlib's, profiler traces, tensorboard and ONNX writers
+    "open", "numpy", "tofile", "fromfile", "memmap", "dump", "savetxt", "loadtxt", "genfromtxt",
+    "DataSource", "read_text", "read_bytes", "write_text", "write_bytes", "profiler",
+    "export_chrome_trace", "tensorboard", "onnx", "model_zoo", "collect_env",
+    # modules that other modules import and so expose as attributes (dataclasses.sys, …)
+    "builtins", "sys", "os", "subprocess", "importlib", "io", "inspect", "shutil", "socket",
+    "pathlib", "Path", "operator", "ctypes", "pickle", "marshal", "tempfile", "glob", "np",
+    "signal", "threading", "urllib", "runpy", "code", "codeop", "pty", "posix",
+    # frames and tracebacks: the evaluation's locals (the shuffled order, the true pairs)
+    "f_locals", "f_globals", "f_builtins", "f_back", "f_code", "gi_frame", "cr_frame",
+    "ag_frame", "tb_frame", "tb_next", "gi_yieldfrom",
+    # process-wide changes of what torch computes: operator overrides, function and dispatch
+    # modes, tensor subclasses, global module hooks, default dtypes
+    "library", "overrides", "as_subclass", "set_default_dtype", "set_default_device",
+    "set_default_tensor_type", "register_module_forward_hook", "register_module_forward_pre_hook",
+    "register_module_full_backward_hook", "register_module_full_backward_pre_hook",
+    "register_module_backward_hook", "register_module_buffer_registration_hook",
+    "register_module_module_registration_hook", "register_module_parameter_registration_hook",
+    # attribute writes by name (update_wrapper copies named attributes onto any object) and
+    # code run from strings (string annotations are evaluated by get_type_hints)
+    "update_wrapper", "wraps", "get_type_hints", "ForwardRef", "evaluate_forward_ref",
+    "make_dataclass", "import_module", "load_cache_artifacts",
 })
+# torch modules that run code from strings or pickles, write files, start processes or
+# change what every later torch call computes: refused however they are reached
+DENIED_MODULES = ("torch.utils.benchmark", "torch.utils.tensorboard", "torch.utils.collect_env",
+                  "torch.utils.model_dump", "torch.utils.show_pickle", "torch.utils.file_baton",
+                  "torch.utils.hipify", "torch.utils.cpp_extension", "torch.utils.model_zoo",
+                  "torch.utils.data.datapipes", "torch.testing", "torch.onnx", "torch.hub",
+                  "torch.package", "torch.distributed", "torch.multiprocessing", "torch.profiler",
+                  "torch.autograd.profiler", "torch.library", "torch.overrides", "torch.serialization",
+                  "torch.fx", "torch.export")
 SETTINGS = ("torch.backends.", "torch._inductor.config.", "torch._dynamo.config.")  # knobs, not code
+# Modules behind the settings: importable (to set a knob), never called (their patch() and
+# load_config() take strings and pickles, and some knobs name executables and folders).
+SETTINGS_MODULES = ("torch._inductor.config", "torch._dynamo.config")
+ALLOWED_DUNDER_DEFS = frozenset({"__init__", "__repr__", "__post_init__"})  # methods a recipe may define
+FORMAT_FIELD = re.compile(r"\{[^{}:!]*[.\[][^{}]*\}")  # str.format's {name.attr} and {name[key]}
 WHY = "recipes may not reach files, processes, the network or the interpreter's machinery"
 
 
@@ -71,6 +110,19 @@ def _allowed_module(name: str) -> bool:
     return any(name == a or name.startswith(a + ".") for a in ALLOWED_IMPORTS)
 
 
+def _denied(module: str) -> bool:
+    return any(module == d or module.startswith(d + ".") for d in DENIED_MODULES)
+
+
+def _is_dunder(name: str) -> bool:
+    return len(name) > 4 and name.startswith("__") and name.endswith("__")
+
+
+def _is_private(name: str) -> bool:
+    """``_x`` but not ``__x__``; ``torch._foreach_*`` ops are public in all but name."""
+    return name.startswith("_") and not _is_dunder(name) and not name.startswith("_foreach_")
+
+
 def _imported_names(tree: ast.AST) -> set[str]:
     """Names bound by imports anywhere in the file (``import torch.nn as nn`` binds nn)."""
     names = set()
@@ -99,8 +151,282 @@ def _dotted(node: ast.AST) -> str:
     return ".".join(reversed(parts))
 
 
+def _in_settings(dotted: str) -> bool:
+    """``dotted`` is a knob under SETTINGS or a step on the way to one (``torch._inductor``)."""
+    return dotted.startswith(SETTINGS) or any(m.startswith(dotted + ".") or m == dotted for m in SETTINGS_MODULES)
+
+
 def _is_super_call(node: ast.AST) -> bool:
     return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super"
+
+
+def _flat_targets(targets) -> list[ast.AST]:
+    """The names, attributes and subscripts a binding writes, through tuples, lists and stars."""
+    out, stack = [], [t for t in targets if t is not None]
+    while stack:
+        t = stack.pop()
+        if isinstance(t, (ast.Tuple, ast.List)):
+            stack.extend(t.elts)
+        elif isinstance(t, ast.Starred):
+            stack.append(t.value)
+        else:
+            out.append(t)
+    return out
+
+
+def _bindings(node: ast.AST) -> tuple[list[ast.AST], ast.AST | None]:
+    """(targets, value) of any construct that binds: assignments, ``del``, ``for`` and
+    comprehension targets, ``with … as``, ``:=``; ([], None) for anything else."""
+    if isinstance(node, ast.Assign):
+        return _flat_targets(node.targets), node.value
+    if isinstance(node, (ast.AugAssign, ast.AnnAssign, ast.NamedExpr)):
+        return _flat_targets([node.target]), node.value
+    if isinstance(node, ast.Delete):
+        return _flat_targets(node.targets), None
+    if isinstance(node, (ast.For, ast.AsyncFor, ast.comprehension)):
+        return _flat_targets([node.target]), node.iter
+    if isinstance(node, ast.withitem):
+        return _flat_targets([node.optional_vars]), node.context_expr
+    return [], None
+
+
+def _resolve(dotted: str, modules: dict):
+    """The object ``a.b.c`` names when ``a`` is an imported module (``modules`` maps the
+    recipe's import names to them), or None where it cannot be told without running code."""
+    root, *rest = dotted.split(".")
+    obj = modules.get(root)
+    for part in rest:
+        if obj is None or part == "[]":
+            return None
+        try:
+            obj = inspect.getattr_static(obj, part)
+        except AttributeError:
+            try:  # lazily imported submodules (torch's) are not static attributes
+                obj = importlib.import_module(f"{obj.__name__}.{part}") if isinstance(obj, types.ModuleType) else None
+            except Exception:
+                return None
+    return obj
+
+
+def _import_modules(tree: ast.AST) -> dict:
+    """Import name → module object for the recipe's allowed imports (importing them is
+    what the recipe itself will do; an import that fails is left unresolved)."""
+    out = {}
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.Import, ast.ImportFrom)) or getattr(node, "level", 0):
+            continue
+        for alias in node.names:
+            if isinstance(node, ast.Import):
+                full, name = (alias.name, alias.asname) if alias.asname else (alias.name.split(".")[0],) * 2
+            else:
+                full, name = f"{node.module}.{alias.name}", alias.asname or alias.name
+            if not _allowed_module(full) and not (isinstance(node, ast.ImportFrom) and _allowed_module(node.module or "")):
+                continue
+            try:
+                out[name] = importlib.import_module(full)
+            except Exception:  # ``from torch import nn`` is a module; ``from torch import zeros`` is not
+                try:
+                    out[name] = inspect.getattr_static(importlib.import_module(node.module), alias.name)
+                except Exception:
+                    pass
+    return out
+
+
+def _outside(obj) -> str | None:
+    """The module a resolved object belongs to when that is not one a recipe may import."""
+    if isinstance(obj, types.ModuleType):
+        name = obj.__name__
+    elif isinstance(obj, (type, types.FunctionType)):
+        name = getattr(obj, "__module__", None)
+    else:
+        return None
+    if not isinstance(name, str) or name == "builtins" and not isinstance(obj, types.ModuleType):
+        return None
+    if _denied(name):
+        return name
+    return None if _allowed_module(name) or name in SETTINGS_MODULES else name
+
+
+class _Checker:
+    """One pass over a parsed recipe, collecting violations."""
+
+    def __init__(self, tree: ast.AST):
+        self.tree = tree
+        self.found: list[Violation] = []
+        self.imported = _imported_names(tree)
+        self.modules = _import_modules(tree) if self.imported else {}
+        self.parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        self.aliases = self._aliases()
+
+    def add(self, node: ast.AST, message: str) -> None:
+        while not hasattr(node, "lineno") and node in self.parents:  # a comprehension's clause
+            node = self.parents[node]
+        self.found.append(Violation(getattr(node, "lineno", 0), message))
+
+    def _bare(self, node: ast.AST, roots: set[str]) -> bool:
+        """``node`` is a name or attribute chain rooted at ``roots`` used as a value: not
+        called, not the base of a longer chain."""
+        if not isinstance(node, (ast.Name, ast.Attribute)) or _root_name(node) not in roots:
+            return False
+        parent = self.parents.get(node)
+        return not (isinstance(parent, ast.Attribute) or isinstance(parent, ast.Call) and parent.func is node)
+
+    def _holds_import(self, node: ast.AST, roots: set[str]) -> bool:
+        """A bare chain that is (or may be) a module or class: writing into it patches it."""
+        if not self._bare(node, roots):
+            return False
+        if _root_name(node) not in self.imported:
+            return True
+        obj = _resolve(_dotted(node), self.modules)
+        return obj is None or isinstance(obj, (type, types.ModuleType))
+
+    def _aliases(self) -> set[str]:
+        """Names bound to a value that holds an imported module or class (``r = kernels.retrieval``,
+        ``T = [torch.Tensor]``, ``for m in (torch,)``): writing into them writes into the import."""
+        roots, changed = set(self.imported), True
+        while changed:
+            changed = False
+            for node in ast.walk(self.tree):
+                targets, value = _bindings(node)
+                if value is None or not any(self._holds_import(n, roots) for n in ast.walk(value)):
+                    continue
+                for t in targets:
+                    if isinstance(t, ast.Name) and t.id not in roots:
+                        roots.add(t.id)
+                        changed = True
+        return roots - self.imported
+
+    def run(self) -> list[Violation]:
+        for node in ast.walk(self.tree):
+            if isinstance(node, ast.Import):
+                self.check_import(node)
+            elif isinstance(node, ast.ImportFrom):
+                self.check_import_from(node)
+            elif isinstance(node, ast.Name):
+                self.check_name(node)
+            elif isinstance(node, ast.Attribute):
+                self.check_attribute(node)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                self.check_definition(node)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                self.check_string(node)
+            elif isinstance(node, ast.Call):
+                self.check_call(node)
+            self.check_bindings(node)
+        return sorted(self.found, key=lambda v: v.line)
+
+    def check_string(self, node: ast.Constant) -> None:
+        text = node.value
+        if re.search(r"__\w+__", text) and text != "__main__":
+            self.add(node, f"a string naming a dunder ({text[:40]!r}) is not allowed ({WHY})")
+        elif FORMAT_FIELD.search(text):  # "{0.gi_frame.f_locals}".format(g) reads attributes by name
+            self.add(node, f"a format field that reads an attribute or item ({text[:40]!r}) is not allowed ({WHY})")
+
+    def check_module_path(self, node: ast.AST, path: str) -> None:
+        if path in SETTINGS_MODULES:
+            return
+        for part in path.split("."):
+            if part in FORBIDDEN_ATTRIBUTES or _is_private(part):
+                self.add(node, f"import of '{path}' is not allowed ('{part}': {WHY})")
+                return
+        if _denied(path):
+            self.add(node, f"import of '{path}' is not allowed ({WHY})")
+
+    def check_import(self, node: ast.Import) -> None:
+        for alias in node.names:
+            if not _allowed_module(alias.name) and alias.name not in SETTINGS_MODULES:
+                self.add(node, f"import of '{alias.name}' is not allowed (allowed: {', '.join(ALLOWED_IMPORTS)})")
+            elif alias.name.startswith("eclip.") and not alias.asname:
+                self.add(node, f"'import {alias.name}' binds 'eclip', which reaches the harness: "
+                               f"use 'from eclip import {alias.name.split('.')[1]}'")
+            else:
+                self.check_module_path(node, alias.name)
+
+    def check_import_from(self, node: ast.ImportFrom) -> None:
+        mod = node.module or ""
+        if node.level:
+            self.add(node, "relative imports are not allowed")
+        elif any(a.name == "*" for a in node.names):
+            self.add(node, f"'from {mod} import *' is not allowed")
+        elif mod == "eclip":
+            for alias in node.names:
+                if alias.name not in ALLOWED_FROM_ECLIP:
+                    self.add(node, f"import of 'eclip.{alias.name}' is not allowed")
+        elif not _allowed_module(mod):
+            self.add(node, f"import from '{mod}' is not allowed (allowed: {', '.join(ALLOWED_IMPORTS)})")
+        else:
+            self.check_module_path(node, mod)
+            for alias in node.names:
+                if alias.name in FORBIDDEN_ATTRIBUTES or alias.name in FORBIDDEN_NAMES or _is_private(alias.name):
+                    self.add(node, f"import of '{mod}.{alias.name}' is not allowed ({WHY})")
+                elif (where := _outside(self.modules.get(alias.asname or alias.name))) is not None:
+                    self.add(node, f"'{mod}.{alias.name}' comes from '{where}', which recipes may not use")
+
+    def check_name(self, node: ast.Name) -> None:
+        if node.id in FORBIDDEN_NAMES:
+            self.add(node, f"use of '{node.id}' is not allowed ({WHY})")
+        elif _is_dunder(node.id) and node.id != "__name__":
+            self.add(node, f"dunder name '{node.id}' is not allowed ({WHY})")
+        elif node.id in self.imported and self._bare(node, self.imported) and _outside(self.modules.get(node.id)) is None \
+                and isinstance(self.modules.get(node.id), types.ModuleType):
+            self.add(node, f"the module '{node.id}' used as a value is not allowed (call or read its attributes)")
+
+    def check_attribute(self, node: ast.Attribute) -> None:
+        dotted = _dotted(node)
+        root = _root_name(node)
+        if node.attr == "__init__" and _is_super_call(node.value):
+            return  # super().__init__() in a Module subclass
+        if _is_dunder(node.attr):
+            self.add(node, f"dunder attribute '.{node.attr}' is not allowed ({WHY})")
+        elif node.attr in FORBIDDEN_ATTRIBUTES:
+            self.add(node, f"attribute '.{node.attr}' is not allowed ({WHY})")
+        elif _is_private(node.attr) and root not in ("self", "cls") and not _in_settings(dotted):
+            self.add(node, f"private attribute '.{node.attr}' is not allowed ({WHY})")
+        elif root in self.imported:
+            obj = _resolve(dotted, self.modules)
+            if (where := _outside(obj)) is not None:
+                self.add(node, f"'{dotted}' is '{where}', which recipes may not use")
+            elif isinstance(obj, types.ModuleType) and self._bare(node, self.imported):
+                self.add(node, f"the module '{dotted}' used as a value is not allowed (call or read its attributes)")
+
+    def check_definition(self, node) -> None:
+        if _is_dunder(node.name) and node.name not in ALLOWED_DUNDER_DEFS:
+            self.add(node, f"defining '{node.name}' is not allowed ({WHY})")
+        if isinstance(node, ast.ClassDef):
+            return
+        args = node.args
+        annotated = [a.annotation for a in (*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg)
+                     if a is not None and a.annotation is not None] + [node.returns]
+        for ann in annotated:
+            if ann is not None and any(isinstance(n, ast.Constant) and isinstance(n.value, str) for n in ast.walk(ann)):
+                self.add(ann, f"string annotations are not allowed (typing evaluates them as code; {WHY})")
+
+    def check_call(self, node: ast.Call) -> None:
+        if isinstance(node.func, ast.Name) and node.func.id == "type" and len(node.args) == 3:
+            self.add(node, f"making a class with type(name, bases, dict) is not allowed ({WHY})")
+        dotted = _dotted(node.func)
+        if dotted.startswith(SETTINGS[1:]):  # config.patch(), load_config(): strings, pickles
+            self.add(node, f"calling '{dotted}' is not allowed (set a knob to a number or a bool)")
+
+    def check_bindings(self, node: ast.AST) -> None:
+        targets, value = _bindings(node)
+        if isinstance(node, ast.AnnAssign) and any(
+                isinstance(n, ast.Constant) and isinstance(n.value, str) for n in ast.walk(node.annotation)):
+            self.add(node, f"string annotations are not allowed (typing evaluates them as code; {WHY})")
+        for t in targets:
+            if isinstance(t, ast.Name):
+                continue
+            dotted, root = _dotted(t), _root_name(t)
+            if dotted.startswith(SETTINGS):
+                constant = isinstance(value, ast.Constant) and not isinstance(value.value, (str, bytes)) or (
+                    isinstance(value, ast.UnaryOp) and isinstance(value.operand, ast.Constant))
+                if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and constant):
+                    self.add(node, f"'{dotted}' may only be set to a number, a bool or None, "
+                                   "in a plain assignment")
+            elif root in self.imported or root in self.aliases:
+                via = "" if root in self.imported else f", through '{root}', which holds an import"
+                self.add(node, f"assigning into '{dotted}' is not allowed (it patches an imported module "
+                               f"or class{via}, which the harness relies on)")
 
 
 def check_source(source: str, filename: str = "recipe.py") -> list[Violation]:
@@ -109,48 +435,7 @@ def check_source(source: str, filename: str = "recipe.py") -> list[Violation]:
         tree = ast.parse(source, filename=filename)
     except SyntaxError as e:
         return [Violation(e.lineno or 0, f"syntax error: {e.msg}")]
-    found: list[Violation] = []
-    imported = _imported_names(tree)
-    for node in ast.walk(tree):
-        line = getattr(node, "lineno", 0)
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                if not _allowed_module(alias.name):
-                    found.append(Violation(line, f"import of '{alias.name}' is not allowed "
-                                           f"(allowed: {', '.join(ALLOWED_IMPORTS)})"))
-        elif isinstance(node, ast.ImportFrom):
-            mod = node.module or ""
-            if node.level:
-                found.append(Violation(line, "relative imports are not allowed"))
-            elif any(a.name == "*" for a in node.names):
-                found.append(Violation(line, f"'from {mod} import *' is not allowed"))
-            elif mod == "eclip":
-                for alias in node.names:
-                    if alias.name not in ALLOWED_FROM_ECLIP:
-                        found.append(Violation(line, f"import of 'eclip.{alias.name}' is not allowed"))
-            elif not _allowed_module(mod):
-                found.append(Violation(line, f"import from '{mod}' is not allowed "
-                                       f"(allowed: {', '.join(ALLOWED_IMPORTS)})"))
-        elif isinstance(node, ast.Name):
-            if node.id in FORBIDDEN_NAMES:
-                found.append(Violation(line, f"use of '{node.id}' is not allowed ({WHY})"))
-            elif node.id.startswith("__") and node.id.endswith("__") and node.id != "__name__":
-                found.append(Violation(line, f"dunder name '{node.id}' is not allowed ({WHY})"))
-        elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
-            targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
-            for t in targets:
-                root = _root_name(t)
-                if root in imported and not isinstance(t, ast.Name) and not _dotted(t).startswith(SETTINGS):
-                    found.append(Violation(line, f"assigning into '{_dotted(t)}' is not allowed (it patches "
-                                           f"the imported '{root}', which the harness relies on)"))
-        if isinstance(node, ast.Attribute):
-            if node.attr == "__init__" and _is_super_call(node.value):
-                continue  # super().__init__() in a Module subclass
-            if node.attr.startswith("__") and node.attr.endswith("__"):
-                found.append(Violation(line, f"dunder attribute '.{node.attr}' is not allowed ({WHY})"))
-            elif node.attr in FORBIDDEN_ATTRIBUTES:
-                found.append(Violation(line, f"attribute '.{node.attr}' is not allowed ({WHY})"))
-    return sorted(found, key=lambda v: v.line)
+    return _Checker(tree).run()
 
 
 def check_file(path: str | Path) -> list[Violation]:

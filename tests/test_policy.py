@@ -33,12 +33,52 @@ def test_the_template_passes():
     ("torch.save({}, 'x.pt')", "attribute '.save' is not allowed"),
     ("m = torch.hub.load('a', 'b')", "attribute '.hub' is not allowed"),
     ("def f(:", "syntax error"),
+    # Found by trying to game the score or escape: each passed the check before.
+    # patching what the evaluation calls, through an alias, a tuple, a loop or a package name
+    ("_r = kernels.retrieval", "the module 'kernels.retrieval' used as a value"),
+    ("_T = torch.Tensor; _T.sum = len", "assigning into '_T.sum' is not allowed"),
+    ("(kernels.contrastive_loss,) = (len,)", "assigning into 'kernels.contrastive_loss'"),
+    ("for kernels.contrastive_loss in (len,): pass", "assigning into 'kernels.contrastive_loss'"),
+    ("_ = [0 for torch.cat in (len,)]", "assigning into 'torch.cat'"),
+    ("import eclip.model", "'import eclip.model' binds 'eclip', which reaches the harness"),
+    ("functools.update_wrapper(torch.nn, len, assigned=('x',), updated=())", "attribute '.update_wrapper'"),
+    # changing what torch computes for everyone
+    ("lib = torch.library.Library('aten', 'IMPL')", "attribute '.library' is not allowed"),
+    ("class M(torch.overrides.TorchFunctionMode): pass", "attribute '.overrides' is not allowed"),
+    ("class E(torch.Tensor):\n    def __torch_function__(cls, f, t, a=(), k=None): pass",
+     "defining '__torch_function__' is not allowed"),
+    ("from torch.utils._python_dispatch import TorchDispatchMode", "'_python_dispatch'"),
+    ("x = torch.zeros(2).as_subclass(torch.Tensor)", "attribute '.as_subclass' is not allowed"),
+    ("torch.set_default_dtype(torch.float64)", "attribute '.set_default_dtype'"),
+    ("h = torch.nn.modules.module.register_module_forward_hook(print)", "register_module_forward_hook"),
+    ("C = type('C', (), {})", "making a class with type(name, bases, dict)"),
+    ("C = dict(a='__torch_function__')", "a string naming a dunder"),
+    # the evaluation's locals through frames, or attributes read by a format string
+    ("f = dataclasses.sys._getframe(1)", "attribute '.sys' is not allowed"),
+    ("def g():\n    yield\nx = g().gi_frame", "attribute '.gi_frame' is not allowed"),
+    ("s = '{0.gi_frame}'.format(x)", "a format field that reads an attribute or item"),
+    # files, processes, code from strings, reached through modules that other modules import
+    ("f = dataclasses.builtins.open('x', 'w')", "attribute '.builtins' is not allowed"),
+    ("m = torch._ops.importlib", "private attribute '._ops' is not allowed"),
+    ("m = torch.ops.import_module('os')", "attribute '.import_module' is not allowed"),
+    ("fd = torch.serialization.os.open('x', 1)", "attribute '.os' is not allowed"),
+    ("torch.zeros(2).numpy().tofile('x')", "attribute '.numpy' is not allowed"),
+    ("from torch import load as tl", "import of 'torch.load' is not allowed"),
+    ("import torch.hub as h", "import of 'torch.hub' is not allowed"),
+    ("import torch.utils.benchmark as b", "import of 'torch.utils.benchmark' is not allowed"),
+    ("t = torch.utils.benchmark.Timer('print(1)')", "'torch.utils.benchmark' is 'torch.utils.benchmark'"),
+    ("def f(x: 'int'): pass", "string annotations are not allowed"),
+    ("h = typing.get_type_hints(len)", "attribute '.get_type_hints' is not allowed"),
+    ("torch._inductor.config.cpp.cxx = ('/bin/sh',)", "may only be set to a number, a bool or None"),
+    ("torch._inductor.config.patch({'x': 1})", "calling 'torch._inductor.config.patch' is not allowed"),
+    ("t = eclip_model.Path", "attribute '.Path' is not allowed"),
 ])
 def test_forbidden_constructs_are_named_with_their_line(line, message):
-    source = f"import torch\n\nHPARAMS = {{'batch_size': 8}}\n{line}\n"
+    source = f"import torch\nimport kernels, functools, dataclasses, typing\nfrom eclip import model as eclip_model\n{line}\n"
     found = check_source(source)
     assert found, line
-    assert all(v.line == 4 for v in found) and any(message in v.message for v in found), found
+    last = 4 + line.count("\n")  # the snippet's lines: nothing before it is blamed
+    assert all(4 <= v.line <= last for v in found) and any(message in v.message for v in found), found
 
 
 def test_allowed_constructs_pass():
@@ -47,5 +87,20 @@ def test_allowed_constructs_pass():
         "from dataclasses import dataclass\nfrom typing import Any\nimport kernels\n"
         "from eclip.model import model_config\nfrom eclip import expert\n"
         "step = torch.compile(lambda x: x)\nif __name__ == '__main__':\n    pass\n"
+        # what recipes do with torch and their own state: none of it reaches the referee
+        "torch.backends.cuda.matmul.allow_tf32 = True\ntorch.backends.cudnn.benchmark = True\n"
+        "torch._inductor.config.coordinate_descent_tuning = True\ntorch._dynamo.config.cache_size_limit = -1\n"
+        "import torch._inductor.config\n"
+        "dtype = torch.bfloat16 if step else torch.float32\nact = torch.nn.GELU\n"
+        "STATE = {'loss': kernels.contrastive_loss}\nSTATE['n'] = 1\n"
+        "norm = functools.partial(torch.nn.LayerNorm, eps=1e-6)\n"
+        "@dataclass\nclass Cfg:\n    width: int = 64\n    extra: Any = None\n"
+        "class Net(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self._scale = torch.nn.Parameter(torch.zeros(()))\n"
+        "    def forward(self, x):\n        return F.gelu(x) * self._scale\n"
+        "def step2(model, opt):\n    for group in opt.param_groups:\n        group['lr'] = 1e-3\n"
+        "    for p in model.parameters():\n        p.requires_grad = False\n"
+        "    torch._foreach_mul_(list(model.parameters()), 0.5)\n"
+        "    return '{:.3f} {}'.format(1.0, math.pi)\n"
     )
     assert check_source(source) == []
