@@ -191,18 +191,24 @@ def evaluate_split(model, cache: Cache, rows: torch.Tensor, device: torch.device
     txt_image = pos[cache.caption_image[cap]]
     amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
-    def encode(n, fn):
+    def encode(n, fn, name):
         order = torch.randperm(n, generator=g)
         out = []
         for s in range(0, n, batch):
             with amp:
-                out.append(fn(order[s: s + batch]).float())
+                emb = fn(order[s: s + batch])
+            # type(), not isinstance(): a subclass's __torch_function__ would run inside the
+            # ranking below and could rig its comparisons
+            if type(emb) is not torch.Tensor:
+                raise EclipError(f"model.{name} returned a {type(emb).__name__}, not a plain torch.Tensor "
+                                 "(the evaluation ranks plain tensors)")
+            out.append(emb.float())
         emb = torch.cat(out)
         res = torch.empty_like(emb)
         res[order.to(emb.device)] = emb
         return res
 
-    img = encode(rows.numel(), lambda i: model.encode_image(cache.images[rows[i]].to(device)))
+    img = encode(rows.numel(), lambda i: model.encode_image(cache.images[rows[i]].to(device)), "encode_image")
     longest = max(1, int(cache.lengths[cap].max()))
     tokens = cache.tokens[cap, :longest].long()  # [C, L'] without padding no caption uses
 
@@ -210,7 +216,7 @@ def evaluate_split(model, cache: Cache, rows: torch.Tensor, device: torch.device
         t = tokens[i].to(device)
         return model.encode_text(t, t != 0)
 
-    txt = encode(cap.numel(), enc_text)
+    txt = encode(cap.numel(), enc_text, "encode_text")
     model.train(was_training)
     return retrieval_metrics(img, txt, txt_image.to(img.device))
 

@@ -118,6 +118,10 @@ def test_tricks_at_evaluation_score_no_better_than_chance(cache, tmp_path, trick
     ("torch.save({}, 'leak.pt')", "attribute '.save' is not allowed"),
     ("_w = torch.load('answers.pt')", "attribute '.load' is not allowed"),
     ("import eclip.evaluate", "import of 'eclip.evaluate' is not allowed"),
+    # each of these once passed the check and scored 0 through the harness
+    ("_r = kernels.retrieval\n_r.retrieval_ranks = None", "the module 'kernels.retrieval' used as a value"),
+    ("_lib = torch.library.Library('aten', 'IMPL')", "attribute '.library' is not allowed"),
+    ("import dataclasses\n_f = dataclasses.sys._getframe(0)", "attribute '.sys' is not allowed"),
 ])
 def test_reaching_for_the_referee_is_rejected_unrun(cache, tmp_path, code, message):
     recipe = tmp_path / "recipe.py"
@@ -125,3 +129,30 @@ def test_reaching_for_the_referee_is_rejected_unrun(cache, tmp_path, code, messa
     r = harness(recipe, cache, tmp_path / "run")
     assert r["returncode"] == 2 and r["status"] == "rejected"
     assert any(message in v for v in r["violations"]), r["violations"]
+
+
+def test_embeddings_of_a_tensor_subclass_are_refused(cache):
+    # A subclass's __torch_function__ would run inside the ranking (its ">=" could answer
+    # False everywhere: rank 0 for every query), so the evaluation takes plain tensors only.
+    import torch
+
+    from eclip.data.cache import load_cache
+    from eclip.errors import EclipError
+    from eclip.loop import evaluate_split
+
+    class Sub(torch.Tensor):
+        pass
+
+    class Model(torch.nn.Module):
+        def encode_image(self, images):
+            return torch.ones(images.shape[0], 8).as_subclass(Sub)
+
+        def encode_text(self, tokens, mask):
+            return torch.ones(tokens.shape[0], 8)
+
+    c = load_cache(cache)
+    rows = c.split_images("val")
+    with pytest.raises(EclipError, match=r"model.encode_image returned a Sub, not a plain torch.Tensor"):
+        evaluate_split(Model(), c, rows, torch.device("cpu"), seed=0)
+    Model.encode_image = Model.encode_text = lambda self, x, *m: torch.ones(x.shape[0], 8)
+    assert evaluate_split(Model(), c, rows, torch.device("cpu"), seed=0)["mean_rank"] == N_VAL - 1
