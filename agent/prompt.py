@@ -64,10 +64,15 @@ embeddings, state kept between the image and the text pass) score at chance or w
 - Imports only from: torch, math, functools, dataclasses, typing, kernels, eclip.model,
   eclip.expert, eclip.towers, eclip.batch.
 - No open, exec, eval, the builtin compile (torch.compile is fine), __import__, getattr,
-  setattr, delattr, globals, locals, vars, input, breakpoint; no dunder names or attributes;
-  no torch.load, torch.save, torch.hub or other file, process or network access; no
-  assignment into an imported module or class (torch.backends and compiler config knobs
-  excepted).
+  setattr, delattr, globals, locals, vars, input, breakpoint; no dunder names, attributes
+  or method definitions (__init__ is fine), no private attributes (self._x and
+  torch._foreach_* are fine), no string annotations; no torch.load, torch.save, torch.hub,
+  torch.library, torch.overrides, frames or other file, process or network access; no
+  assignment into an imported module or class, through any alias, and no module used as a
+  value (write `import torch.nn.functional as F`, `from eclip import expert`); knobs under
+  torch.backends and the compiler configs may be set to numbers or bools.
+- The metrics are computed by the harness in another process from the embeddings your
+  model's encode_image and encode_text return (plain tensors).
 - A change that crashes, diverges (NaN or an exploding loss), runs out of memory or times
   out is a failed experiment. You will see the log tail of recent failures; if the last
   experiment crashed because of a bug in your change, fixing it is a good next proposal.

@@ -175,20 +175,29 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("can't allocate memory" in msg or "out of memory" in msg)
 
 
+def eval_pairs(caption_image: torch.Tensor, rows: torch.Tensor, n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(captions, txt_image) of an evaluation over image ``rows`` of a cache: the caption
+    rows whose image is among ``rows`` (int64 [C], cache order) and, for each, the position
+    of its image in ``rows`` (int64 [C]). The harness recomputes this from the annotations
+    alone to rank the embeddings a run wrote."""
+    pos = torch.full((n_images,), -1, dtype=torch.int64)
+    pos[rows] = torch.arange(rows.numel())
+    cap = torch.nonzero(pos[caption_image] >= 0).flatten()
+    return cap, pos[caption_image[cap]]
+
+
 @torch.no_grad()
-def evaluate_split(model, cache: Cache, rows: torch.Tensor, device: torch.device, seed: int,
-                   batch: int = 512, bf16: bool = False) -> dict:
-    """Rank the captions and images of ``rows`` (image rows of the cache) with the model.
+def encode_split(model, cache: Cache, rows: torch.Tensor, device: torch.device, seed: int,
+                 batch: int = 512, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Embeddings of the images of ``rows`` and of their captions: (img fp32 [N, E] in the
+    order of ``rows``, txt fp32 [C, E] in cache caption order, txt_image int64 [C]).
 
     Images and texts are encoded in separate passes, each in its own random order, and put
     back in place afterwards: a model cannot tell which pairs it sees together."""
     was_training = model.training
     model.eval()
     g = torch.Generator().manual_seed(seed + 7919)
-    pos = torch.full((cache.images.shape[0],), -1, dtype=torch.int64)
-    pos[rows] = torch.arange(rows.numel())
-    cap = torch.nonzero(pos[cache.caption_image] >= 0).flatten()
-    txt_image = pos[cache.caption_image[cap]]
+    cap, txt_image = eval_pairs(cache.caption_image, rows, cache.images.shape[0])
     amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def encode(n, fn, name):
@@ -198,7 +207,7 @@ def evaluate_split(model, cache: Cache, rows: torch.Tensor, device: torch.device
             with amp:
                 emb = fn(order[s: s + batch])
             # type(), not isinstance(): a subclass's __torch_function__ would run inside the
-            # ranking below and could rig its comparisons
+            # ranking and could rig its comparisons
             if type(emb) is not torch.Tensor:
                 raise EclipError(f"model.{name} returned a {type(emb).__name__}, not a plain torch.Tensor "
                                  "(the evaluation ranks plain tensors)")
@@ -218,6 +227,14 @@ def evaluate_split(model, cache: Cache, rows: torch.Tensor, device: torch.device
 
     txt = encode(cap.numel(), enc_text, "encode_text")
     model.train(was_training)
+    return img, txt, txt_image
+
+
+def evaluate_split(model, cache: Cache, rows: torch.Tensor, device: torch.device, seed: int,
+                   batch: int = 512, bf16: bool = False) -> dict:
+    """Rank the captions and images of ``rows`` (image rows of the cache) with the model
+    (``encode_split``, then ``eclip.evaluate.retrieval_metrics``)."""
+    img, txt, txt_image = encode_split(model, cache, rows, device, seed, batch, bf16)
     return retrieval_metrics(img, txt, txt_image.to(img.device))
 
 

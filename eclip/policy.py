@@ -5,17 +5,27 @@ owns the data, the clock and the score. Whatever the recipe can reach it may eve
 game, so before it runs, its syntax tree is checked:
 
 - imports only from ``ALLOWED_IMPORTS`` (torch and a few standard modules for maths and
-  types, and the project's model and kernel modules), never ``import *``;
+  types, and the project's model and kernel modules), never ``import *``, never a private
+  or forbidden part (``torch.utils._python_dispatch``, ``from torch import load``), never
+  ``import eclip.X`` without ``as`` (it binds ``eclip``, the harness's package);
 - no builtins that reach files, processes, the network or the interpreter's machinery
   (``FORBIDDEN_NAMES``: ``open``, ``exec``, ``eval``, the builtin ``compile`` — attribute
   ``torch.compile`` is fine —, ``__import__``, ``getattr``/``setattr``, ``globals``, …);
-- no dunder names or attributes (``x.__class__``, ``__builtins__``: the usual ways out);
-- no ``FORBIDDEN_ATTRIBUTES`` such as ``torch.load``, ``torch.save``, ``torch.hub``;
-- no assignment into an imported module or class (``torch.Tensor.sum = …``,
-  ``kernels.retrieval_ranks = …``): the evaluation runs on those libraries.
+- no dunder names, attributes or definitions (``__init__`` and a few harmless methods
+  excepted), no private ``_x`` attributes outside ``self``, no string naming a dunder and
+  no format field that reads attributes (``"{0.gi_frame}"``), no string annotations
+  (``typing.get_type_hints`` evaluates them);
+- no ``FORBIDDEN_ATTRIBUTES`` (``torch.load``, ``torch.library``, frames, module
+  re-exports such as ``dataclasses.sys``, …); attribute chains on imports are resolved, and
+  one that lands in a module outside the allowed ones or in ``DENIED_MODULES`` is refused;
+- no write into an imported module or class, through any binding (assignment, tuple,
+  ``for`` or comprehension target, ``with … as``, ``del``) and through any name that holds
+  one (``r = kernels.retrieval``); modules are not values at all. Settings under
+  ``SETTINGS`` may be set, to numbers, bools or None only.
 
-It is a guard against accidents and casual gaming, checked on the source; the harness
-also strips secrets from the environment and runs the recipe in a separate process.
+This is a list of what may not be done, and such lists leak; it is the first line of
+defence. The second is structural: the harness ranks the embeddings in a process that
+never imports the recipe (``eclip.harness``), so patching the ranking gains nothing.
 """
 
 from __future__ import annotations

@@ -33,10 +33,12 @@ from eclip import checkpoint as ckpt
 from eclip.data.cache import load_cache
 from eclip.errors import EclipError, OneLineParser, first_line
 from eclip.evaluate import fold_split, format_metrics
+from eclip.fileio import atomic_write
 from eclip.hardware import device_name, peak_bf16_flops
 from eclip.loop import (
     LoopConfig,
     apply_overrides,
+    encode_split,
     evaluate_split,
     is_oom,
     load_recipe,
@@ -76,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-cache", type=Path,
                    help="persistent torch.compile cache (default: $TORCHINDUCTOR_CACHE_DIR when set, "
                         "else ~/.cache/eclip/inductor)")
+    p.add_argument("--embeddings", type=Path,
+                   help="write the evaluation's embeddings (safetensors: img [N, E], txt [C, E]) here and "
+                        "leave the ranking to the caller: eclip.harness ranks them in a process that never "
+                        "ran the recipe (result.json then has no metrics, and no summary is printed)")
     return p
 
 
@@ -89,7 +95,8 @@ def parse_overrides(extra: list[str]) -> dict[str, str]:
     return out
 
 
-def _summary(result: dict) -> list[str]:
+def summary_lines(result: dict) -> list[str]:
+    """The greppable `key: value` block a run ends with (eclip.harness prints it too)."""
     keys = ("status", "val_mean_rank", "eval_split", "steps", "samples", "samples_per_s", "train_s",
             "warmup_s", "mfu", "peak_memory_gb", "logit_scale", "loss", "params", "device", "data_placement")
     lines = ["---"]
@@ -110,6 +117,14 @@ def _flops_at(count, length: int) -> int:
     except TypeError:
         return count()
     return count(length)
+
+
+def save_embeddings(path: Path, img: torch.Tensor, txt: torch.Tensor) -> None:
+    """img fp32 [N, E] (evaluation image order), txt fp32 [C, E] (caption order), atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {"img": img.detach().float().cpu().contiguous(), "txt": txt.detach().float().cpu().contiguous()}
+    atomic_write(path, lambda p: save_file(tensors, str(p)))
 
 
 def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: str, out: Path) -> dict:
@@ -169,7 +184,11 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
     if status == "ok":
         bf16 = device.type == "cuda" and hp.get("precision", "auto") in ("auto", "bf16")
         try:
-            metrics = evaluate_split(model, run["cache"], eval_rows, device, args.seed, bf16=bf16)
+            if args.embeddings is None:
+                metrics = evaluate_split(model, run["cache"], eval_rows, device, args.seed, bf16=bf16)
+            else:
+                img, txt, _ = encode_split(model, run["cache"], eval_rows, device, args.seed, bf16=bf16)
+                save_embeddings(args.embeddings, img, txt)
         except KeyboardInterrupt:  # training is done and checkpointed: the result says what is missing
             status = "interrupted"
             print("\ntrain: interrupted during the evaluation (the checkpoint is saved; "
@@ -220,6 +239,8 @@ def run(args, overrides: dict) -> dict:
     cache = load_cache(args.data)
     t0 = time.time()
     if args.folds is not None:
+        if args.embeddings is not None:
+            raise EclipError("--folds cannot be combined with --embeddings")
         if args.final or args.resume:
             raise EclipError("--folds cannot be combined with --final or --resume")
         # K-fold means each fold is validated once and trained on all the others: only the
@@ -257,8 +278,11 @@ def run(args, overrides: dict) -> dict:
         if split == "test":
             result["test_mean_rank"] = result["val_mean_rank"]
     result["wall_s"] = time.time() - t0
+    if args.embeddings is not None:
+        result["ranked_by"] = "caller"  # the metrics come from whoever reads the embeddings
     write_json(args.out / "result.json", result)
-    print("\n".join(_summary(result)))
+    if args.embeddings is None:
+        print("\n".join(summary_lines(result)))
     return result
 
 

@@ -1,6 +1,7 @@
 """``python -m eclip.harness run``: the policy gate, a scored run, secrets, out-of-memory."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -75,3 +76,69 @@ def test_secrets_are_scrubbed():
     gone = scrub_environment(env)
     assert sorted(gone) == ["ANTHROPIC_API_KEY", "HF_TOKEN", "MY_SECRET"]
     assert env == {"PATH": "/bin", "HOME": "/root"}
+
+
+# Rigs the ranking of whatever process imports the recipe: every true pair ranked first.
+# The policy refuses it (assignment into an import); the test switches the policy off to
+# show the second line of defence: the harness ranks in a process that never ran it.
+RIG = '''
+import eclip.model
+_real_ranks = eclip.evaluate.retrieval_ranks
+
+
+def _rigged(img, txt, txt_image=None, **kw):
+    r = _real_ranks(img, txt, txt_image, **kw)
+    return type(r)(*(torch.zeros_like(x) if isinstance(x, torch.Tensor) else x for x in r))
+
+
+eclip.evaluate.retrieval_ranks = _rigged
+'''
+
+
+def test_the_ranking_runs_outside_the_recipe_process(cache, tmp_path, monkeypatch, capsys):
+    from eclip import harness as h
+
+    rigged = recipe(tmp_path, extra=RIG)
+    assert h.check_file(rigged)  # the first line of defence
+    # where the recipe's process ranks (eclip.train by hand), the rig works:
+    mine = subprocess.run([sys.executable, "-m", "eclip.train", "--recipe", str(rigged), "--data", str(cache),
+                           "--out", str(tmp_path / "by-hand"), "--steps", "2", "--device", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert mine.returncode == 0, mine.stderr[-2000:]
+    assert json.loads((tmp_path / "by-hand" / "result.json").read_text())["val_mean_rank"] == 0
+    # through the harness, with the policy switched off, it does nothing
+    monkeypatch.setattr(h, "check_file", lambda path: [])
+    monkeypatch.setattr(h, "scrub_environment", lambda: [])
+    out = tmp_path / "run"
+    rc = h.main(["run", "--recipe", str(rigged), "--data", str(cache), "--budget-s", "1", "--out", str(out),
+                 "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    r = json.loads((out / "result.json").read_text())
+    assert r["status"] == "ok" and r["ranked_by"] == "harness" and r["val_mean_rank"] > 10, r["val_mean_rank"]
+    assert (out / "embeddings.safetensors").is_file()
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("missing", "the run left no readable embeddings"),
+    ("rows", "img: expected float [60, E], got torch.float32 [59, 8]"),
+    ("width", "img and txt widths differ (8 vs 4)"),
+])
+def test_embeddings_that_do_not_fit_the_split_are_an_error(cache, tmp_path, damage, message):
+    import torch
+    from safetensors.torch import save_file
+
+    from eclip.errors import EclipError
+    from eclip.harness import score
+
+    emb = tmp_path / "embeddings.safetensors"
+    if damage != "missing":
+        n_img = 59 if damage == "rows" else 60
+        save_file({"img": torch.randn(n_img, 8), "txt": torch.randn(60, 4 if damage == "width" else 8)}, str(emb))
+    with pytest.raises(EclipError, match=re.escape(message)):
+        score({"status": "ok", "eval_split": "val"}, emb, cache, "cpu")
+    # what fits is ranked against the cache's own pairs, whatever the run reported
+    save_file({"img": torch.eye(60), "txt": torch.eye(60)}, str(emb))
+    r = score({"status": "ok", "eval_split": "val", "val_mean_rank": 0.0}, emb, cache, "cpu")
+    assert r["val_mean_rank"] == 0 and r["ranked_by"] == "harness"
+    save_file({"img": torch.eye(60), "txt": torch.eye(60).roll(1, 0)}, str(emb))
+    assert score({"status": "ok", "eval_split": "val", "val_mean_rank": 0.0}, emb, cache, "cpu")["val_mean_rank"] > 0
