@@ -74,7 +74,7 @@ def smoke(steps: int = 60, batch: int = 128) -> bool:
     cache = random_cache(2048, 64, 32, 512)
     t0 = time.perf_counter()
     run = train(cache, steps, {"preset": "tiny", "batch_size": str(batch), "expert_cold_start": "0.0"})
-    m = evaluate_split(run["model"], cache, cache.split_images("val"), run["device"], 0,
+    m = evaluate_split(run["model"], cache, cache.split_images("val"), run["device"],
                        bf16=run["device"].type == "cuda")
     ok = run["status"] == "ok" and math.isfinite(run["last"]["loss"]) and math.isfinite(m["mean_rank"])
     print(f"smoke_status: {run['status']}  loss: {run['last']['loss']:.3f}  val_mean_rank: {m['mean_rank']:.1f} "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import secrets
 import signal
 import sys
 import threading
@@ -53,7 +54,7 @@ class ModelSpec:
 class LoopConfig:
     budget_s: float | None = None  # wall-clock training budget from the first step (or use steps)
     steps: int | None = None  # fixed number of optimizer steps (progress = step / steps)
-    seed: int = 42  # seeds torch, the batch sampler and the evaluation shuffles
+    seed: int = 42  # seeds torch and the batch sampler (never the evaluation's shuffles)
     device: str = "auto"  # "auto" (cuda when available), "cuda", "cpu", "cuda:1", …
     log_every: int = 10  # steps between reading metrics back from the device
     diverge_loss: float = 1e4  # a loss above this counts as divergence
@@ -187,16 +188,19 @@ def eval_pairs(caption_image: torch.Tensor, rows: torch.Tensor, n_images: int) -
 
 
 @torch.no_grad()
-def encode_split(model, cache: Cache, rows: torch.Tensor, device: torch.device, seed: int,
+def encode_split(model, cache: Cache, rows: torch.Tensor, device: torch.device,
                  batch: int = 512, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Embeddings of the images of ``rows`` and of their captions: (img fp32 [N, E] in the
     order of ``rows``, txt fp32 [C, E] in cache caption order, txt_image int64 [C]).
 
     Images and texts are encoded in separate passes, each in its own random order, and put
-    back in place afterwards: a model cannot tell which pairs it sees together."""
+    back in place afterwards: a model cannot tell which pairs it sees together. The orders
+    come from the operating system's entropy, not from the run's seed (a recipe knows that
+    seed and could draw the same permutations); the metrics do not depend on them, since
+    each sample is encoded on its own."""
     was_training = model.training
     model.eval()
-    g = torch.Generator().manual_seed(seed + 7919)
+    g = torch.Generator().manual_seed(secrets.randbits(63))
     cap, txt_image = eval_pairs(cache.caption_image, rows, cache.images.shape[0])
     amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
@@ -230,11 +234,11 @@ def encode_split(model, cache: Cache, rows: torch.Tensor, device: torch.device, 
     return img, txt, txt_image
 
 
-def evaluate_split(model, cache: Cache, rows: torch.Tensor, device: torch.device, seed: int,
+def evaluate_split(model, cache: Cache, rows: torch.Tensor, device: torch.device,
                    batch: int = 512, bf16: bool = False) -> dict:
     """Rank the captions and images of ``rows`` (image rows of the cache) with the model
     (``encode_split``, then ``eclip.evaluate.retrieval_metrics``)."""
-    img, txt, txt_image = encode_split(model, cache, rows, device, seed, batch, bf16)
+    img, txt, txt_image = encode_split(model, cache, rows, device, batch, bf16)
     return retrieval_metrics(img, txt, txt_image.to(img.device))
 
 

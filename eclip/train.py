@@ -185,9 +185,9 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
         bf16 = device.type == "cuda" and hp.get("precision", "auto") in ("auto", "bf16")
         try:
             if args.embeddings is None:
-                metrics = evaluate_split(model, run["cache"], eval_rows, device, args.seed, bf16=bf16)
+                metrics = evaluate_split(model, run["cache"], eval_rows, device, bf16=bf16)
             else:
-                img, txt, _ = encode_split(model, run["cache"], eval_rows, device, args.seed, bf16=bf16)
+                img, txt, _ = encode_split(model, run["cache"], eval_rows, device, bf16=bf16)
                 save_embeddings(args.embeddings, img, txt)
         except KeyboardInterrupt:  # training is done and checkpointed: the result says what is missing
             status = "interrupted"

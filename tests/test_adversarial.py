@@ -70,6 +70,26 @@ TRICKS = {
         _COUNTS[which] = start + b
         return torch.nn.functional.one_hot(torch.arange(start, start + b, device=device), 4096).float()
 ''',
+    # The shuffles once came from a generator seeded with the run's seed (42 + 7919 by
+    # default): a recipe could draw the same permutations and answer by position.
+    "replays the shuffle": '''
+    def encode_image(self, images):
+        return self._replay(images.shape[0], images.device)
+
+    def encode_text(self, tokens, mask):
+        return self._replay(tokens.shape[0], tokens.device)
+
+    def _replay(self, b, device):
+        if not _ORDERS:  # the evaluation's generator, as it was seeded: image pass, then text pass
+            g = torch.Generator().manual_seed(42 + 7919)
+            _ORDERS.append(torch.randperm(60, generator=g))
+            _ORDERS.append(torch.randperm(60, generator=g))
+        which = "img" if _COUNTS.get("img", 0) < 60 else "txt"
+        start = _COUNTS.get(which, 0)
+        _COUNTS[which] = start + b
+        order = _ORDERS[0 if which == "img" else 1]
+        return torch.nn.functional.one_hot(order[start:start + b].to(device), 4096).float()
+''',
     "remembers the image pass": '''
     def encode_image(self, images):
         emb = self.inner.encode_image(images)
@@ -99,7 +119,7 @@ def harness(recipe: Path, cache: Path, out: Path) -> dict:
 
 @pytest.mark.parametrize("trick", list(TRICKS))
 def test_tricks_at_evaluation_score_no_better_than_chance(cache, tmp_path, trick):
-    source = TEMPLATE.read_text() + "\n_COUNTS = {}\n_MEMORY = []\n" + WRAPPER.format(methods=TRICKS[trick])
+    source = TEMPLATE.read_text() + "\n_COUNTS = {}\n_MEMORY = []\n_ORDERS = []\n" + WRAPPER.format(methods=TRICKS[trick])
     assert check_source(source) == []  # nothing forbidden: the evaluation itself must resist
     recipe = tmp_path / "recipe.py"
     recipe.write_text(source)
@@ -153,6 +173,6 @@ def test_embeddings_of_a_tensor_subclass_are_refused(cache):
     c = load_cache(cache)
     rows = c.split_images("val")
     with pytest.raises(EclipError, match=r"model.encode_image returned a Sub, not a plain torch.Tensor"):
-        evaluate_split(Model(), c, rows, torch.device("cpu"), seed=0)
+        evaluate_split(Model(), c, rows, torch.device("cpu"))
     Model.encode_image = Model.encode_text = lambda self, x, *m: torch.ones(x.shape[0], 8)
-    assert evaluate_split(Model(), c, rows, torch.device("cpu"), seed=0)["mean_rank"] == N_VAL - 1
+    assert evaluate_split(Model(), c, rows, torch.device("cpu"))["mean_rank"] == N_VAL - 1
