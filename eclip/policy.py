@@ -73,7 +73,8 @@ FORBIDDEN_ATTRIBUTES = frozenset({
     # attribute writes by name (update_wrapper copies named attributes onto any object) and
     # code run from strings (string annotations are evaluated by get_type_hints)
     "update_wrapper", "wraps", "get_type_hints", "ForwardRef", "evaluate_forward_ref",
-    "make_dataclass", "import_module", "load_cache_artifacts",
+    "make_dataclass", "import_module", "load_cache_artifacts", "singledispatch", "singledispatchmethod",
+    "set_submodule", "load_object", "import_submodule",
 })
 # torch modules that run code from strings or pickles, write files, start processes or
 # change what every later torch call computes: refused however they are reached
@@ -88,6 +89,8 @@ SETTINGS = ("torch.backends.", "torch._inductor.config.", "torch._dynamo.config.
 # Modules behind the settings: importable (to set a knob), never called (their patch() and
 # load_config() take strings and pickles, and some knobs name executables and folders).
 SETTINGS_MODULES = ("torch._inductor.config", "torch._dynamo.config")
+ANNOTATION_BUILTINS = frozenset({"int", "float", "bool", "str", "bytes", "list", "dict", "tuple", "set",
+                                 "frozenset", "object", "type", "None", "complex", "slice"})
 ALLOWED_DUNDER_DEFS = frozenset({"__init__", "__repr__", "__post_init__"})  # methods a recipe may define
 FORMAT_FIELD = re.compile(r"\{[^{}:!]*[.\[][^{}]*\}")  # str.format's {name.attr} and {name[key]}
 WHY = "recipes may not reach files, processes, the network or the interpreter's machinery"
@@ -162,8 +165,8 @@ def _dotted(node: ast.AST) -> str:
 
 
 def _in_settings(dotted: str) -> bool:
-    """``dotted`` is a knob under SETTINGS or a step on the way to one (``torch._inductor``)."""
-    return dotted.startswith(SETTINGS) or any(m.startswith(dotted + ".") or m == dotted for m in SETTINGS_MODULES)
+    """``dotted`` (a whole attribute chain) is a knob under SETTINGS or a settings module."""
+    return dotted.startswith(SETTINGS) or dotted in SETTINGS_MODULES
 
 
 def _is_super_call(node: ast.AST) -> bool:
@@ -266,7 +269,14 @@ class _Checker:
         self.imported = _imported_names(tree)
         self.modules = _import_modules(tree) if self.imported else {}
         self.parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        self.classes = {n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
         self.aliases = self._aliases()
+
+    def _whole_chain(self, node: ast.AST) -> ast.AST:
+        """The longest attribute chain ``node`` begins (``torch._dynamo`` in ``torch._dynamo.x.y``)."""
+        while isinstance(self.parents.get(node), ast.Attribute):
+            node = self.parents[node]
+        return node
 
     def add(self, node: ast.AST, message: str) -> None:
         while not hasattr(node, "lineno") and node in self.parents:  # a comprehension's clause
@@ -290,19 +300,40 @@ class _Checker:
         obj = _resolve(_dotted(node), self.modules)
         return obj is None or isinstance(obj, (type, types.ModuleType))
 
+    def _parameters(self) -> dict[str, list[str]]:
+        """Function (and method) name → its parameter names, ``self``/``cls`` left out."""
+        out: dict[str, list[str]] = {}
+        for n in ast.walk(self.tree):
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = n.args
+                names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg) if x is not None]
+                out.setdefault(n.name, []).extend(x for x in names if x not in ("self", "cls"))
+        return out
+
     def _aliases(self) -> set[str]:
         """Names bound to a value that holds an imported module or class (``r = kernels.retrieval``,
-        ``T = [torch.Tensor]``, ``for m in (torch,)``): writing into them writes into the import."""
+        ``T = [torch.Tensor]``, ``for m in (torch,)``, and a parameter of the recipe's own
+        function or lambda called with one): writing into them writes into the import."""
         roots, changed = set(self.imported), True
+        params = self._parameters()
         while changed:
             changed = False
             for node in ast.walk(self.tree):
                 targets, value = _bindings(node)
-                if value is None or not any(self._holds_import(n, roots) for n in ast.walk(value)):
+                names = [t.id for t in targets if isinstance(t, ast.Name)]
+                if isinstance(node, ast.Call):  # f(torch.Tensor): every parameter of the recipe's f
+                    value = ast.Tuple(elts=[*node.args, *(k.value for k in node.keywords)], ctx=ast.Load())
+                    func = node.func
+                    if isinstance(func, ast.Lambda):
+                        a = func.args
+                        names = [x.arg for x in (*a.posonlyargs, *a.args, *a.kwonlyargs, a.vararg, a.kwarg) if x]
+                    else:
+                        names = params.get(func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", ""), [])
+                if value is None or not names or not any(self._holds_import(n, roots) for n in ast.walk(value)):
                     continue
-                for t in targets:
-                    if isinstance(t, ast.Name) and t.id not in roots:
-                        roots.add(t.id)
+                for name in names:
+                    if name not in roots:
+                        roots.add(name)
                         changed = True
         return roots - self.imported
 
@@ -346,6 +377,8 @@ class _Checker:
         for alias in node.names:
             if not _allowed_module(alias.name) and alias.name not in SETTINGS_MODULES:
                 self.add(node, f"import of '{alias.name}' is not allowed (allowed: {', '.join(ALLOWED_IMPORTS)})")
+            elif alias.name in SETTINGS_MODULES and alias.asname:
+                self.add(node, f"'import {alias.name} as {alias.asname}': set its knobs by their full name")
             elif alias.name.startswith("eclip.") and not alias.asname:
                 self.add(node, f"'import {alias.name}' binds 'eclip', which reaches the harness: "
                                f"use 'from eclip import {alias.name.split('.')[1]}'")
@@ -390,8 +423,14 @@ class _Checker:
             self.add(node, f"dunder attribute '.{node.attr}' is not allowed ({WHY})")
         elif node.attr in FORBIDDEN_ATTRIBUTES:
             self.add(node, f"attribute '.{node.attr}' is not allowed ({WHY})")
-        elif _is_private(node.attr) and root not in ("self", "cls") and not _in_settings(dotted):
+        elif _is_private(node.attr) and root not in ("self", "cls") and not _in_settings(_dotted(self._whole_chain(node))):
             self.add(node, f"private attribute '.{node.attr}' is not allowed ({WHY})")
+        elif node.attr in ("format", "format_map") and not isinstance(node.value, ast.Constant):
+            # a format string built at run time reads attributes by name ("{0.gi_" + "frame}")
+            self.add(node, f"'.{node.attr}' on anything but a string literal is not allowed ({WHY})")
+        elif dotted.startswith(SETTINGS[1:]) and not isinstance(node.ctx, ast.Store) and node is self._whole_chain(node):
+            # the compiler configs' functions take strings and pickles: their knobs are assigned, never read
+            self.add(node, f"'{dotted}' may only be assigned (a number or a bool), not read or called")
         elif root in self.imported:
             obj = _resolve(dotted, self.modules)
             if (where := _outside(obj)) is not None:
@@ -408,26 +447,41 @@ class _Checker:
         annotated = [a.annotation for a in (*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg)
                      if a is not None and a.annotation is not None] + [node.returns]
         for ann in annotated:
-            if ann is not None and any(isinstance(n, ast.Constant) and isinstance(n.value, str) for n in ast.walk(ann)):
+            if ann is not None:
+                self.check_annotation(ann)
+
+    def check_annotation(self, ann: ast.AST) -> None:
+        """Annotations name types: an import, a builtin type or a class of the recipe. A string,
+        or a variable holding one, is evaluated as code by typing (functools.singledispatch)."""
+        for n in ast.walk(ann):
+            if isinstance(n, ast.Constant) and isinstance(n.value, str):
                 self.add(ann, f"string annotations are not allowed (typing evaluates them as code; {WHY})")
+                return
+            if isinstance(n, ast.Name) and n.id not in self.imported and n.id not in self.classes \
+                    and n.id not in ANNOTATION_BUILTINS:
+                self.add(ann, f"annotation '{n.id}' is not a type the recipe imports or defines ({WHY})")
+                return
 
     def check_call(self, node: ast.Call) -> None:
-        if isinstance(node.func, ast.Name) and node.func.id == "type" and len(node.args) == 3:
-            self.add(node, f"making a class with type(name, bases, dict) is not allowed ({WHY})")
+        if isinstance(node.func, ast.Name) and node.func.id == "type" and (
+                len(node.args) != 1 or node.keywords or isinstance(node.args[0], ast.Starred)):
+            self.add(node, f"type() with other than one argument makes a class, which is not allowed ({WHY})")
         dotted = _dotted(node.func)
         if dotted.startswith(SETTINGS[1:]):  # config.patch(), load_config(): strings, pickles
             self.add(node, f"calling '{dotted}' is not allowed (set a knob to a number or a bool)")
 
     def check_bindings(self, node: ast.AST) -> None:
         targets, value = _bindings(node)
-        if isinstance(node, ast.AnnAssign) and any(
-                isinstance(n, ast.Constant) and isinstance(n.value, str) for n in ast.walk(node.annotation)):
-            self.add(node, f"string annotations are not allowed (typing evaluates them as code; {WHY})")
+        if isinstance(node, ast.AnnAssign):
+            self.check_annotation(node.annotation)
         for t in targets:
             if isinstance(t, ast.Name):
                 continue
             dotted, root = _dotted(t), _root_name(t)
-            if dotted.startswith(SETTINGS):
+            if root is None and isinstance(t, ast.Attribute):
+                self.add(node, f"assigning into an attribute of a computed value ('{dotted}') is not allowed "
+                               "(bind it to a name first)")
+            elif dotted.startswith(SETTINGS):
                 constant = isinstance(value, ast.Constant) and not isinstance(value.value, (str, bytes)) or (
                     isinstance(value, ast.UnaryOp) and isinstance(value.operand, ast.Constant))
                 if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and constant):

@@ -51,7 +51,7 @@ def test_the_template_passes():
     ("x = torch.zeros(2).as_subclass(torch.Tensor)", "attribute '.as_subclass' is not allowed"),
     ("torch.set_default_dtype(torch.float64)", "attribute '.set_default_dtype'"),
     ("h = torch.nn.modules.module.register_module_forward_hook(print)", "register_module_forward_hook"),
-    ("C = type('C', (), {})", "making a class with type(name, bases, dict)"),
+    ("C = type('C', (), {})", "type() with other than one argument makes a class"),
     ("C = dict(a='__torch_function__')", "a string naming a dunder"),
     # the evaluation's locals through frames, or attributes read by a format string
     ("f = dataclasses.sys._getframe(1)", "attribute '.sys' is not allowed"),
@@ -72,6 +72,18 @@ def test_the_template_passes():
     ("torch._inductor.config.cpp.cxx = ('/bin/sh',)", "may only be set to a number, a bool or None"),
     ("torch._inductor.config.patch({'x': 1})", "calling 'torch._inductor.config.patch' is not allowed"),
     ("t = eclip_model.Path", "attribute '.Path' is not allowed"),
+    # a second review, after the first round of fixes: each passed and scored 0 or ran code
+    ("f = torch._dynamo.trace_rules.load_object", "private attribute '._dynamo' is not allowed"),
+    ("f = torch._dynamo.config.load_config", "'torch._dynamo.config.load_config' may only be assigned"),
+    ("import torch._dynamo.config as cfg", "set its knobs by their full name"),
+    ("s = ('{0.gi' + '_frame}').format(x)", "'.format' on anything but a string literal is not allowed"),
+    ("s = str.format('{}', 1)", "'.format' on anything but a string literal is not allowed"),
+    ("CODE = 'int'\ndef f(x: CODE): pass", "annotation 'CODE' is not a type the recipe imports or defines"),
+    ("d = functools.singledispatch(len)", "attribute '.singledispatch' is not allowed"),
+    ("def put(T, f):\n    T.contiguous = f\nput(torch.Tensor, len)", "assigning into 'T.contiguous'"),
+    ("(lambda T: T)(torch.Tensor).sum = len", "assigning into an attribute of a computed value"),
+    ("C = type(*('C', (), {}))", "type() with other than one argument makes a class"),
+    ("torch.nn.Module.set_submodule(torch.Tensor, 'sum', None)", "attribute '.set_submodule' is not allowed"),
 ])
 def test_forbidden_constructs_are_named_with_their_line(line, message):
     source = f"import torch\nimport kernels, functools, dataclasses, typing\nfrom eclip import model as eclip_model\n{line}\n"
@@ -102,5 +114,7 @@ def test_allowed_constructs_pass():
         "    for p in model.parameters():\n        p.requires_grad = False\n"
         "    torch._foreach_mul_(list(model.parameters()), 0.5)\n"
         "    return '{:.3f} {}'.format(1.0, math.pi)\n"
+        "def tag(model, n: int, x: torch.Tensor = None) -> Cfg:\n    model.calls = n\n    return Cfg()\n"
+        "tag(Net(), 3)\nkind = type(step)\n"
     )
     assert check_source(source) == []
