@@ -13,25 +13,24 @@ collect_ignore_glob = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["int
 import pytest  # noqa: E402
 
 
+def _synthetic(tmp_path_factory, name: str, train: int, val: int, test: int):
+    from eclip import prepare
+
+    out = tmp_path_factory.mktemp("data") / name
+    assert prepare.main(["--dataset", "synthetic", "--num-train", str(train), "--num-val", str(val),
+                         "--num-test", str(test), "--out", str(out), "--workers", "1"]) == 0
+    return out
+
+
 @pytest.fixture(scope="session")
 def small_cache(tmp_path_factory):
     """A small built-in dataset cache (300 train, 60 val, 20 test scenes at 64 px), shared by
     the tests that run the harness or the research loop."""
-    from eclip import prepare
-
-    out = tmp_path_factory.mktemp("data") / "small"
-    assert prepare.main(["--dataset", "synthetic", "--num-train", "300", "--num-val", "60", "--num-test", "20",
-                         "--out", str(out), "--workers", "1"]) == 0
-    return out
+    return _synthetic(tmp_path_factory, "small", 300, 60, 20)
 
 
 @pytest.fixture(scope="session")
 def train_cache(tmp_path_factory):
     """A built-in dataset cache of 2,000 train, 100 val and 60 test scenes at 64 px: enough
     for a short run of the training loop to learn."""
-    from eclip import prepare
-
-    out = tmp_path_factory.mktemp("data") / "syn"
-    assert prepare.main(["--dataset", "synthetic", "--num-train", "2000", "--num-val", "100", "--num-test", "60",
-                         "--out", str(out), "--workers", "1"]) == 0
-    return out
+    return _synthetic(tmp_path_factory, "syn", 2000, 100, 60)
