@@ -70,7 +70,9 @@ embeddings, state kept between the image and the text pass) score at chance or w
   torch.library, torch.overrides, frames or other file, process or network access; no
   assignment into an imported module or class, through any alias, and no module used as a
   value (write `import torch.nn.functional as F`, `from eclip import expert`); knobs under
-  torch.backends and the compiler configs may be set to numbers or bools.
+  torch.backends and the compiler configs may be set to numbers or bools; torch.compile
+  takes backend only as one of "inductor", "eager", "aot_eager", "cudagraphs", and options
+  only as a dict literal of numbers and bools.
 - The metrics are computed by the harness in another process from the embeddings your
   model's encode_image and encode_text return (plain tensors).
 - A change that crashes, diverges (NaN or an exploding loss), runs out of memory or times

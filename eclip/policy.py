@@ -74,7 +74,7 @@ FORBIDDEN_ATTRIBUTES = frozenset({
     # code run from strings (string annotations are evaluated by get_type_hints)
     "update_wrapper", "wraps", "get_type_hints", "ForwardRef", "evaluate_forward_ref",
     "make_dataclass", "import_module", "load_cache_artifacts", "singledispatch", "singledispatchmethod",
-    "set_submodule", "load_object", "import_submodule",
+    "set_submodule", "load_object", "import_submodule", "getattr_from_fqn",
 })
 # torch modules that run code from strings or pickles, write files, start processes or
 # change what every later torch call computes: refused however they are reached
@@ -84,7 +84,12 @@ DENIED_MODULES = ("torch.utils.benchmark", "torch.utils.tensorboard", "torch.uti
                   "torch.utils.data.datapipes", "torch.testing", "torch.onnx", "torch.hub",
                   "torch.package", "torch.distributed", "torch.multiprocessing", "torch.profiler",
                   "torch.autograd.profiler", "torch.library", "torch.overrides", "torch.serialization",
-                  "torch.fx", "torch.export")
+                  "torch.fx", "torch.export", "torch.ao", "torch.quantization")
+# torch.compile(backend=f) hands f the traced graph (whose code generation can be injected)
+# and options= sets compiler knobs that name executables: only these, as literals
+COMPILE_BACKENDS = ("inductor", "eager", "aot_eager", "cudagraphs")
+COMPILE_KEYWORDS = ("fullgraph", "dynamic", "mode", "backend", "options", "disable")
+MAX_SOURCE_CHARS = 200_000  # a recipe is a page of code; far more is a way to exhaust the parser
 SETTINGS = ("torch.backends.", "torch._inductor.config.", "torch._dynamo.config.")  # knobs, not code
 # Modules behind the settings: importable (to set a knob), never called (their patch() and
 # load_config() take strings and pickles, and some knobs name executables and folders).
@@ -203,19 +208,35 @@ def _bindings(node: ast.AST) -> tuple[list[ast.AST], ast.AST | None]:
     return [], None
 
 
+@dataclass
+class _Unimported:
+    """A denied module a chain reaches, by name (the check never imports it)."""
+
+    name: str
+
+
 def _resolve(dotted: str, modules: dict):
     """The object ``a.b.c`` names when ``a`` is an imported module (``modules`` maps the
     recipe's import names to them), or None where it cannot be told without running code."""
     root, *rest = dotted.split(".")
     obj = modules.get(root)
     for part in rest:
+        if isinstance(obj, _Unimported):
+            return obj  # what lies beyond a denied module is denied with it
         if obj is None or part == "[]":
             return None
         try:
             obj = inspect.getattr_static(obj, part)
         except AttributeError:
+            if not isinstance(obj, types.ModuleType):
+                return None
+            name = f"{obj.__name__}.{part}"
+            if _denied(name):
+                return _Unimported(name)  # refused: named, never imported into the referee
+            if _is_private(part) or part in FORBIDDEN_ATTRIBUTES:
+                return None  # refused by name anyway
             try:  # lazily imported submodules (torch's) are not static attributes
-                obj = importlib.import_module(f"{obj.__name__}.{part}") if isinstance(obj, types.ModuleType) else None
+                obj = importlib.import_module(name)
             except Exception:
                 return None
     return obj
@@ -235,6 +256,10 @@ def _import_modules(tree: ast.AST) -> dict:
                 full, name = f"{node.module}.{alias.name}", alias.asname or alias.name
             if not _allowed_module(full) and not (isinstance(node, ast.ImportFrom) and _allowed_module(node.module or "")):
                 continue
+            parts = full.split(".")
+            if full not in SETTINGS_MODULES and (_denied(full) or any(
+                    x in FORBIDDEN_ATTRIBUTES or _is_private(x) for x in parts)):
+                continue  # refused anyway: never imported into the referee
             try:
                 out[name] = importlib.import_module(full)
             except Exception:  # ``from torch import nn`` is a module; ``from torch import zeros`` is not
@@ -247,6 +272,8 @@ def _import_modules(tree: ast.AST) -> dict:
 
 def _outside(obj) -> str | None:
     """The module a resolved object belongs to when that is not one a recipe may import."""
+    if isinstance(obj, _Unimported):
+        return obj.name
     if isinstance(obj, types.ModuleType):
         name = obj.__name__
     elif isinstance(obj, (type, types.FunctionType)):
@@ -408,6 +435,8 @@ class _Checker:
     def check_name(self, node: ast.Name) -> None:
         if node.id in FORBIDDEN_NAMES:
             self.add(node, f"use of '{node.id}' is not allowed ({WHY})")
+        elif node.id == "type" and not (isinstance(self.parents.get(node), ast.Call) and self.parents[node].func is node):
+            self.add(node, f"'type' may only be called with one argument, not passed on ({WHY})")
         elif _is_dunder(node.id) and node.id != "__name__":
             self.add(node, f"dunder name '{node.id}' is not allowed ({WHY})")
         elif node.id in self.imported and self._bare(node, self.imported) and _outside(self.modules.get(node.id)) is None \
@@ -425,6 +454,9 @@ class _Checker:
             self.add(node, f"attribute '.{node.attr}' is not allowed ({WHY})")
         elif _is_private(node.attr) and root not in ("self", "cls") and not _in_settings(_dotted(self._whole_chain(node))):
             self.add(node, f"private attribute '.{node.attr}' is not allowed ({WHY})")
+        elif node.attr == "compile" and not (isinstance(self.parents.get(node), ast.Call)
+                                             and self.parents[node].func is node):
+            self.add(node, f"'{dotted}' may only be called, not used as a value (its arguments are checked)")
         elif node.attr in ("format", "format_map") and not isinstance(node.value, ast.Constant):
             # a format string built at run time reads attributes by name ("{0.gi_" + "frame}")
             self.add(node, f"'.{node.attr}' on anything but a string literal is not allowed ({WHY})")
@@ -462,7 +494,50 @@ class _Checker:
                 self.add(ann, f"annotation '{n.id}' is not a type the recipe imports or defines ({WHY})")
                 return
 
+    def _plain_compile_kwargs(self, expr: ast.AST, seen: frozenset = frozenset()) -> bool:
+        """``expr`` (spread with ``**`` into compile()) is a ``dict(...)`` of fullgraph, dynamic,
+        mode and disable only, or a name bound only to such dicts and never changed after."""
+        if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name) and expr.func.id == "dict":
+            return all(k.arg in ("fullgraph", "dynamic", "mode", "disable") for k in expr.keywords) and all(
+                self._plain_compile_kwargs(a, seen) for a in expr.args)
+        if not isinstance(expr, ast.Name) or expr.id in seen:
+            return False
+        values = []
+        for n in ast.walk(self.tree):
+            targets, value = _bindings(n)
+            for t in targets:
+                if isinstance(t, ast.Name) and t.id == expr.id:
+                    values.append(value if isinstance(n, ast.Assign) else None)
+                elif _root_name(t) == expr.id:
+                    return False  # opts["backend"] = …
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == expr.id:
+                return False  # opts.update(backend=…)
+        return bool(values) and all(v is not None and self._plain_compile_kwargs(v, seen | {expr.id})
+                                    for v in values)
+
+    def check_compile(self, node: ast.Call) -> None:
+        """``torch.compile(fn, ...)`` / ``module.compile(...)``: literal backends and options only."""
+        if len(node.args) > 1 or any(isinstance(a, ast.Starred) for a in node.args) or any(
+                k.arg is None and not self._plain_compile_kwargs(k.value) for k in node.keywords):
+            self.add(node, "compile(): pass the function and keyword arguments by name (no *args; **kwargs only "
+                           "of a dict(...) of fullgraph, dynamic, mode, disable)")
+            return
+        for k in node.keywords:
+            v = k.value
+            if k.arg is None:
+                continue  # a plain dict, checked above
+            if k.arg not in COMPILE_KEYWORDS:
+                self.add(node, f"compile(): keyword '{k.arg}' is not allowed (allowed: {', '.join(COMPILE_KEYWORDS)})")
+            elif k.arg == "backend" and not (isinstance(v, ast.Constant) and v.value in COMPILE_BACKENDS):
+                self.add(node, f"compile(): backend must be one of {', '.join(COMPILE_BACKENDS)}, as a literal")
+            elif k.arg == "options" and not (isinstance(v, ast.Dict) and all(
+                    isinstance(key, ast.Constant) and isinstance(key.value, str) and isinstance(val, ast.Constant)
+                    and isinstance(val.value, (bool, int, float)) for key, val in zip(v.keys, v.values, strict=True))):
+                self.add(node, "compile(): options must be a dict literal of numbers and bools")
+
     def check_call(self, node: ast.Call) -> None:
+        if isinstance(node.func, ast.Attribute) and node.func.attr == "compile":
+            self.check_compile(node)
         if isinstance(node.func, ast.Name) and node.func.id == "type" and (
                 len(node.args) != 1 or node.keywords or isinstance(node.args[0], ast.Starred)):
             self.add(node, f"type() with other than one argument makes a class, which is not allowed ({WHY})")
@@ -495,11 +570,18 @@ class _Checker:
 
 def check_source(source: str, filename: str = "recipe.py") -> list[Violation]:
     """All violations in ``source`` (empty when it passes), in line order."""
+    if len(source) > MAX_SOURCE_CHARS:
+        return [Violation(0, f"the recipe has {len(source):,} characters; at most {MAX_SOURCE_CHARS:,} are checked")]
     try:
         tree = ast.parse(source, filename=filename)
     except SyntaxError as e:
         return [Violation(e.lineno or 0, f"syntax error: {e.msg}")]
-    return _Checker(tree).run()
+    except (RecursionError, MemoryError, ValueError) as e:  # nested past what the parser holds
+        return [Violation(0, f"the recipe cannot be checked ({type(e).__name__}: nested too deeply)")]
+    try:
+        return _Checker(tree).run()
+    except (RecursionError, MemoryError) as e:
+        return [Violation(0, f"the recipe cannot be checked ({type(e).__name__}: nested too deeply)")]
 
 
 def check_file(path: str | Path) -> list[Violation]:

@@ -147,7 +147,7 @@ def build_model(spec):
     if scope == "blocks" and graphs:
         raise ValueError(f"compile_scope: 'blocks' runs eager code between the blocks; compile_mode {mode!r} "
                          "would make a CUDA graph per block (use 'default' or 'max-autotune-no-cudagraphs')")
-    opts = dict(dynamic=False, mode=None if mode == "default" else mode)
+    compile_mode = None if mode == "default" else mode
     if compile_on and scope == "blocks":
         blocks = [m for m in model.modules() if isinstance(m, Block)]
         if not blocks:
@@ -158,9 +158,10 @@ def build_model(spec):
             # object, hence one cache of graphs (vision, text, phrases, evaluation, expert
             # subsets of varying size): dynamic=None turns a dimension symbolic once it has
             # changed, instead of recompiling into dynamo's limit of 8 graphs.
-            blk.compile(**dict(opts, dynamic=None))
+            blk.compile(dynamic=None, mode=compile_mode)
     # dynamic=False: the batch size is fixed (one graph, no shape guards)
-    _STATE["clip_loss"] = (torch.compile(_clip_loss, **opts) if compile_on and scope == "step" else _clip_loss)
+    _STATE["clip_loss"] = (torch.compile(_clip_loss, dynamic=False, mode=compile_mode)
+                           if compile_on and scope == "step" else _clip_loss)
     # CUDA graphs own their outputs: a later replay overwrites them (see train_step)
     _STATE["graphs"] = bool(compile_on) and spec.device.type == "cuda" and graphs
     return model

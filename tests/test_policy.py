@@ -84,6 +84,15 @@ def test_the_template_passes():
     ("(lambda T: T)(torch.Tensor).sum = len", "assigning into an attribute of a computed value"),
     ("C = type(*('C', (), {}))", "type() with other than one argument makes a class"),
     ("torch.nn.Module.set_submodule(torch.Tensor, 'sum', None)", "attribute '.set_submodule' is not allowed"),
+    # a third review: a getattr by string in torch.ao, and code generation through a backend
+    ("f = torch.ao.quantization.utils.getattr_from_fqn", "'torch.ao"),
+    ("f = torch.compile(len, backend=print)", "backend must be one of inductor, eager, aot_eager"),
+    ("f = torch.compile(len, options={'cpp.cxx': 'sh'})", "options must be a dict literal of numbers and bools"),
+    ("f = torch.compile(len, **{'backend': print})", "no *args; **kwargs only"),
+    ("o = dict(mode=None)\no['backend'] = print\nf = torch.compile(len, **o)", "no *args; **kwargs only"),
+    ("o = dict(backend=print)\nf = torch.compile(len, **dict(o, dynamic=None))", "no *args; **kwargs only"),
+    ("c = torch.compile", "'torch.compile' may only be called"),
+    ("k = functools.partial(type, 'K', (), {})", "'type' may only be called with one argument"),
 ])
 def test_forbidden_constructs_are_named_with_their_line(line, message):
     source = f"import torch\nimport kernels, functools, dataclasses, typing\nfrom eclip import model as eclip_model\n{line}\n"
@@ -91,6 +100,16 @@ def test_forbidden_constructs_are_named_with_their_line(line, message):
     assert found, line
     last = 4 + line.count("\n")  # the snippet's lines: nothing before it is blamed
     assert all(4 <= v.line <= last for v in found) and any(message in v.message for v in found), found
+
+
+@pytest.mark.parametrize("source", [
+    "x = " + "+".join(["1"] * 200_000),  # parsing it exhausts the recursion limit
+    "x = " + "lambda: " * 3000 + "1",  # or the parser's memory
+])
+def test_sources_that_exhaust_the_parser_are_violations_not_crashes(source):
+    found = check_source(source)
+    assert len(found) == 1 and found[0].line == 0
+    assert "characters; at most" in found[0].message or "cannot be checked" in found[0].message
 
 
 def test_allowed_constructs_pass():
@@ -116,5 +135,7 @@ def test_allowed_constructs_pass():
         "    return '{:.3f} {}'.format(1.0, math.pi)\n"
         "def tag(model, n: int, x: torch.Tensor = None) -> Cfg:\n    model.calls = n\n    return Cfg()\n"
         "tag(Net(), 3)\nkind = type(step)\n"
+        "g = torch.compile(step, backend='inductor', mode='max-autotune', options={'coordinate_descent_tuning': True})\n"
+        "Net().compile(dynamic=None, mode=None)\n"
     )
     assert check_source(source) == []
