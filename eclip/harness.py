@@ -123,9 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 def score(result: dict, emb_path: Path, data: Path, device: str) -> dict:
     """``result`` with the metrics of the embeddings in ``emb_path``, ranked here against
     the pairs the cache's annotations give (never anything the run reported)."""
-    import torch
-
-    from eclip.data.cache import SPLITS
+    from eclip.data.cache import split_rows
     from eclip.evaluate import retrieval_metrics
     from eclip.fileio import read_tensors
     from eclip.loop import eval_pairs, pick_device
@@ -134,9 +132,8 @@ def score(result: dict, emb_path: Path, data: Path, device: str) -> dict:
     if split not in ("val", "test"):
         raise EclipError(f"{emb_path.parent}/result.json: eval_split {split!r}, expected 'val' or 'test'")
     ann = read_tensors(Path(data) / "annotations.safetensors", "rebuild the cache")
-    split_ids = ann["split"]  # [images]: the cache's split of each image
-    rows = torch.nonzero(split_ids == SPLITS.index(split)).flatten()
-    _, txt_image = eval_pairs(ann["caption_image"], rows, split_ids.shape[0])
+    rows = split_rows(ann["split"], split)
+    _, txt_image = eval_pairs(ann["caption_image"], rows, ann["split"].shape[0])
     tensors = read_tensors(emb_path, "the run left no readable embeddings")
     img, txt = tensors.get("img"), tensors.get("txt")
     want = {"img": rows.numel(), "txt": txt_image.numel()}

@@ -123,7 +123,7 @@ def save_embeddings(path: Path, img: torch.Tensor, txt: torch.Tensor) -> None:
     """img fp32 [N, E] (evaluation image order), txt fp32 [C, E] (caption order), atomically."""
     from safetensors.torch import save_file
 
-    tensors = {"img": img.detach().float().cpu().contiguous(), "txt": txt.detach().float().cpu().contiguous()}
+    tensors = {"img": img.cpu().contiguous(), "txt": txt.cpu().contiguous()}  # encode_split's fp32, no graph
     atomic_write(path, lambda p: save_file(tensors, str(p)))
 
 

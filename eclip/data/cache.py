@@ -188,7 +188,12 @@ class Cache:
 
     def split_images(self, name: str) -> torch.Tensor:
         """Image rows of a split ("train", "val" or "test"), int64 [n]."""
-        return torch.nonzero(self.split == SPLITS.index(name)).flatten()
+        return split_rows(self.split, name)
+
+
+def split_rows(split: torch.Tensor, name: str) -> torch.Tensor:
+    """Rows whose split id (an annotations ``split`` tensor) is ``name``'s, int64 [n]."""
+    return torch.nonzero(split == SPLITS.index(name)).flatten()
 
 
 def load_cache(path: str | Path) -> Cache:

@@ -1,0 +1,252 @@
+"""What a recipe may import and reach: the lists behind ``eclip.policy`` and the helpers that
+read a recipe's syntax tree and resolve its attribute chains against the real modules
+(importing only what the recipe itself would import, never a refused module).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import re
+import types
+from dataclasses import dataclass
+
+ALLOWED_IMPORTS = ("torch", "math", "functools", "dataclasses", "typing", "kernels",
+                   "eclip.model", "eclip.expert", "eclip.towers", "eclip.batch")
+ALLOWED_FROM_ECLIP = ("model", "expert", "towers", "batch")  # ``from eclip import model``
+FORBIDDEN_NAMES = frozenset({
+    "open", "exec", "eval", "compile", "__import__", "getattr", "setattr", "delattr",
+    "globals", "locals", "vars", "input", "breakpoint", "exit", "quit", "help", "memoryview",
+    "__builtins__", "__loader__", "__spec__",
+})
+FORBIDDEN_ATTRIBUTES = frozenset({
+    "load", "save", "hub", "package", "cpp_extension", "load_library", "classes",
+    "multiprocessing", "distributed", "from_file", "system", "popen",
+    # data loading is the harness's: datapipes open files and URLs, DataLoader starts processes
+    "datapipes", "DataLoader", "FileOpener", "FileLister", "IoPathFileOpener", "IoPathFileLister",
+    # files by other names: numpy's, pathlib's, profiler traces, tensorboard and ONNX writers
+    "open", "numpy", "tofile", "fromfile", "memmap", "dump", "savetxt", "loadtxt", "genfromtxt",
+    "DataSource", "read_text", "read_bytes", "write_text", "write_bytes", "profiler",
+    "export_chrome_trace", "tensorboard", "onnx", "model_zoo", "collect_env",
+    # modules that other modules import and so expose as attributes (dataclasses.sys, …)
+    "builtins", "sys", "os", "subprocess", "importlib", "io", "inspect", "shutil", "socket",
+    "pathlib", "Path", "operator", "ctypes", "pickle", "marshal", "tempfile", "glob", "np",
+    "signal", "threading", "urllib", "runpy", "code", "codeop", "pty", "posix",
+    # frames and tracebacks: the evaluation's locals (the shuffled order, the true pairs)
+    "f_locals", "f_globals", "f_builtins", "f_back", "f_code", "gi_frame", "cr_frame",
+    "ag_frame", "tb_frame", "tb_next", "gi_yieldfrom",
+    # process-wide changes of what torch computes: operator overrides, function and dispatch
+    # modes, tensor subclasses, global module hooks, default dtypes
+    "library", "overrides", "as_subclass", "set_default_dtype", "set_default_device",
+    "set_default_tensor_type", "register_module_forward_hook", "register_module_forward_pre_hook",
+    "register_module_full_backward_hook", "register_module_full_backward_pre_hook",
+    "register_module_backward_hook", "register_module_buffer_registration_hook",
+    "register_module_module_registration_hook", "register_module_parameter_registration_hook",
+    # attribute writes by name (update_wrapper copies named attributes onto any object) and
+    # code run from strings (string annotations are evaluated by get_type_hints)
+    "update_wrapper", "wraps", "get_type_hints", "ForwardRef", "evaluate_forward_ref",
+    "make_dataclass", "import_module", "load_cache_artifacts", "singledispatch", "singledispatchmethod",
+    "set_submodule", "load_object", "import_submodule", "getattr_from_fqn",
+})
+# torch modules that run code from strings or pickles, write files, start processes or
+# change what every later torch call computes: refused however they are reached
+DENIED_MODULES = ("torch.utils.benchmark", "torch.utils.tensorboard", "torch.utils.collect_env",
+                  "torch.utils.model_dump", "torch.utils.show_pickle", "torch.utils.file_baton",
+                  "torch.utils.hipify", "torch.utils.cpp_extension", "torch.utils.model_zoo",
+                  "torch.utils.data.datapipes", "torch.testing", "torch.onnx", "torch.hub",
+                  "torch.package", "torch.distributed", "torch.multiprocessing", "torch.profiler",
+                  "torch.autograd.profiler", "torch.library", "torch.overrides", "torch.serialization",
+                  "torch.fx", "torch.export", "torch.ao", "torch.quantization")
+# torch.compile(backend=f) hands f the traced graph (whose code generation can be injected)
+# and options= sets compiler knobs that name executables: only these, as literals
+COMPILE_BACKENDS = ("inductor", "eager", "aot_eager", "cudagraphs")
+COMPILE_PLAIN_KEYWORDS = ("fullgraph", "dynamic", "mode", "disable")  # harmless whatever their value
+COMPILE_KEYWORDS = (*COMPILE_PLAIN_KEYWORDS, "backend", "options")
+MAX_SOURCE_CHARS = 200_000  # a recipe is a page of code; far more is a way to exhaust the parser
+SETTINGS = ("torch.backends.", "torch._inductor.config.", "torch._dynamo.config.")  # knobs, not code
+# Modules behind the settings: importable (to set a knob), never called (their patch() and
+# load_config() take strings and pickles, and some knobs name executables and folders).
+SETTINGS_MODULES = ("torch._inductor.config", "torch._dynamo.config")
+ANNOTATION_BUILTINS = frozenset({"int", "float", "bool", "str", "bytes", "list", "dict", "tuple", "set",
+                                 "frozenset", "object", "type", "None", "complex", "slice"})
+ALLOWED_DUNDER_DEFS = frozenset({"__init__", "__repr__", "__post_init__"})  # methods a recipe may define
+FORMAT_FIELD = re.compile(r"\{[^{}:!]*[.\[][^{}]*\}")  # str.format's {name.attr} and {name[key]}
+WHY = "recipes may not reach files, processes, the network or the interpreter's machinery"
+
+
+def allowed_module(name: str) -> bool:
+    return any(name == a or name.startswith(a + ".") for a in ALLOWED_IMPORTS)
+
+
+def denied(module: str) -> bool:
+    return any(module == d or module.startswith(d + ".") for d in DENIED_MODULES)
+
+
+def is_dunder(name: str) -> bool:
+    return len(name) > 4 and name.startswith("__") and name.endswith("__")
+
+
+def is_private(name: str) -> bool:
+    """``_x`` but not ``__x__``; ``torch._foreach_*`` ops are public in all but name."""
+    return name.startswith("_") and not is_dunder(name) and not name.startswith("_foreach_")
+
+
+def imported_names(tree: ast.AST) -> set[str]:
+    """Names bound by imports anywhere in the file (``import torch.nn as nn`` binds nn)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.asname or a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names |= {a.asname or a.name for a in node.names}
+    return names
+
+
+def root_name(node: ast.AST) -> str | None:
+    """The variable at the root of ``a.b[c].d``; None for other expressions."""
+    while isinstance(node, (ast.Attribute, ast.Subscript)):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def dotted_name(node: ast.AST) -> str:
+    """``torch.backends.cuda.matmul.allow_tf32`` for an attribute chain ('?' for the rest)."""
+    parts = []
+    while isinstance(node, (ast.Attribute, ast.Subscript)):
+        parts.append(node.attr if isinstance(node, ast.Attribute) else "[]")
+        node = node.value
+    parts.append(node.id if isinstance(node, ast.Name) else "?")
+    return ".".join(reversed(parts))
+
+
+def in_settings(dotted: str) -> bool:
+    """``dotted`` (a whole attribute chain) is a knob under SETTINGS or a settings module."""
+    return dotted.startswith(SETTINGS) or dotted in SETTINGS_MODULES
+
+
+def is_super_call(node: ast.AST) -> bool:
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super"
+
+
+def arg_nodes(args: ast.arguments) -> list[ast.arg]:
+    """Every parameter of a def or lambda, in order, ``*args`` and ``**kwargs`` included."""
+    return [a for a in (*args.posonlyargs, *args.args, *args.kwonlyargs, args.vararg, args.kwarg) if a is not None]
+
+
+def refused_path(path: str) -> str | None:
+    """Why importing the module ``path`` is refused by name (a forbidden or private part, a
+    denied module), or None; settings modules pass."""
+    if path in SETTINGS_MODULES:
+        return None
+    for part in path.split("."):
+        if part in FORBIDDEN_ATTRIBUTES or is_private(part):
+            return f"'{part}': {WHY}"
+    return WHY if denied(path) else None
+
+
+def flat_targets(targets) -> list[ast.AST]:
+    """The names, attributes and subscripts a binding writes, through tuples, lists and stars."""
+    out, stack = [], [t for t in targets if t is not None]
+    while stack:
+        t = stack.pop()
+        if isinstance(t, (ast.Tuple, ast.List)):
+            stack.extend(t.elts)
+        elif isinstance(t, ast.Starred):
+            stack.append(t.value)
+        else:
+            out.append(t)
+    return out
+
+
+def bindings(node: ast.AST) -> tuple[list[ast.AST], ast.AST | None]:
+    """(targets, value) of any construct that binds: assignments, ``del``, ``for`` and
+    comprehension targets, ``with … as``, ``:=``; ([], None) for anything else."""
+    if isinstance(node, ast.Assign):
+        return flat_targets(node.targets), node.value
+    if isinstance(node, (ast.AugAssign, ast.AnnAssign, ast.NamedExpr)):
+        return flat_targets([node.target]), node.value
+    if isinstance(node, ast.Delete):
+        return flat_targets(node.targets), None
+    if isinstance(node, (ast.For, ast.AsyncFor, ast.comprehension)):
+        return flat_targets([node.target]), node.iter
+    if isinstance(node, ast.withitem):
+        return flat_targets([node.optional_vars]), node.context_expr
+    return [], None
+
+
+@dataclass
+class Unimported:
+    """A denied module a chain reaches, by name (the check never imports it)."""
+
+    name: str
+
+
+def resolve(dotted: str, modules: dict):
+    """The object ``a.b.c`` names when ``a`` is an imported module (``modules`` maps the
+    recipe's import names to them), or None where it cannot be told without running code."""
+    root, *rest = dotted.split(".")
+    obj = modules.get(root)
+    for part in rest:
+        if isinstance(obj, Unimported):
+            return obj  # what lies beyond a denied module is denied with it
+        if obj is None or part == "[]":
+            return None
+        try:
+            obj = inspect.getattr_static(obj, part)
+        except AttributeError:
+            if not isinstance(obj, types.ModuleType):
+                return None
+            name = f"{obj.__name__}.{part}"
+            if denied(name):
+                return Unimported(name)  # refused: named, never imported into the referee
+            if is_private(part) or part in FORBIDDEN_ATTRIBUTES:
+                return None  # refused by name anyway
+            try:  # lazily imported submodules (torch's) are not static attributes
+                obj = importlib.import_module(name)
+            except Exception:
+                return None
+    return obj
+
+
+def import_modules(tree: ast.AST) -> dict:
+    """Import name → module object for the recipe's allowed imports (importing them is
+    what the recipe itself will do; an import that fails is left unresolved)."""
+    out = {}
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.Import, ast.ImportFrom)) or getattr(node, "level", 0):
+            continue
+        for alias in node.names:
+            if isinstance(node, ast.Import):
+                full, name = (alias.name, alias.asname) if alias.asname else (alias.name.split(".")[0],) * 2
+            else:
+                full, name = f"{node.module}.{alias.name}", alias.asname or alias.name
+            if not allowed_module(full) and not (isinstance(node, ast.ImportFrom) and allowed_module(node.module or "")):
+                continue
+            if refused_path(full):
+                continue  # refused anyway: never imported into the referee
+            try:
+                out[name] = importlib.import_module(full)
+            except Exception:  # ``from torch import nn`` is a module; ``from torch import zeros`` is not
+                try:
+                    out[name] = inspect.getattr_static(importlib.import_module(node.module), alias.name)
+                except Exception:
+                    pass
+    return out
+
+
+def outside(obj) -> str | None:
+    """The module a resolved object belongs to when that is not one a recipe may import."""
+    if isinstance(obj, Unimported):
+        return obj.name
+    if isinstance(obj, types.ModuleType):
+        name = obj.__name__
+    elif isinstance(obj, (type, types.FunctionType)):
+        name = getattr(obj, "__module__", None)
+    else:
+        return None
+    if not isinstance(name, str) or name == "builtins" and not isinstance(obj, types.ModuleType):
+        return None
+    if denied(name):
+        return name
+    return None if allowed_module(name) or name in SETTINGS_MODULES else name
