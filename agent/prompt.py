@@ -53,10 +53,14 @@ change that makes each step slower has to earn its cost in fewer steps.
   schedule as a function of progress in [0, 1] (the fraction of the budget used). batch has
   images (uint8 [B, 3, H, W]), tokens ([B, L] int), mask ([B, L] bool) and regions.
 - Optional recipe_state() / load_recipe_state(state) for tensors needed to resume exactly.
-The harness evaluates from embeddings it computes itself, after training, on a split the
-recipe never sees, with images and texts encoded in separate passes in independently
-shuffled orders. Tricks aimed at the evaluation (remembering inputs across calls, constant
-embeddings, state kept between the image and the text pass) score at chance or worse.
+The harness evaluates the saved checkpoint, after training, on a split the training process
+never holds: a fresh process calls build_model(spec) with the same HPARAMS, loads the
+model's state_dict (then load_recipe_state), and encodes images and texts in separate
+passes, each in an order only the harness knows. So whatever encode_image and encode_text
+depend on must be in the model's parameters or persistent buffers (an EMA must be copied
+into the model by the end of training). Tricks aimed at the evaluation (remembering inputs
+across calls, constant embeddings, state kept between the image and the text pass) score
+at chance or worse.
 
 # Rules (enforced in code; a violating edit is rejected before it runs)
 - Edit only recipe.py, through the edit tool. No other file can be read except the listed
@@ -73,8 +77,8 @@ embeddings, state kept between the image and the text pass) score at chance or w
   torch.backends and the compiler configs may be set to numbers or bools; torch.compile
   takes backend only as one of "inductor", "eager", "aot_eager", "cudagraphs", and options
   only as a dict literal of numbers and bools.
-- The metrics are computed by the harness in another process from the embeddings your
-  model's encode_image and encode_text return (plain tensors).
+- The metrics are computed by the harness, which never runs your code, from the embeddings
+  your model's encode_image and encode_text return (plain tensors).
 - A change that crashes, diverges (NaN or an exploding loss), runs out of memory or times
   out is a failed experiment. You will see the log tail of recent failures; if the last
   experiment crashed because of a bug in your change, fixing it is a good next proposal.

@@ -187,7 +187,44 @@ def eval_pairs(caption_image: torch.Tensor, rows: torch.Tensor, n_images: int) -
     return cap, pos[caption_image[cap]]
 
 
+def eval_bf16(hparams: dict, device: torch.device) -> bool:
+    """Whether the evaluation encodes under bf16 autocast: as the template trains (CUDA,
+    precision auto or bf16)."""
+    return device.type == "cuda" and hparams.get("precision", "auto") in ("auto", "bf16")
+
+
+def _plain(emb, name: str) -> torch.Tensor:
+    # type(), not isinstance(): a subclass's __torch_function__ would run inside the ranking
+    # and could rig its comparisons
+    if type(emb) is not torch.Tensor:
+        raise EclipError(f"model.{name} returned a {type(emb).__name__}, not a plain torch.Tensor "
+                         "(the evaluation ranks plain tensors)")
+    return emb.float()
+
+
 @torch.no_grad()
+def encode_in_order(model, images: torch.Tensor, tokens: torch.Tensor, device: torch.device,
+                    batch: int = 512, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings of ``images`` (uint8 [N, 3, R, R]) and of caption ``tokens`` (int [C, L],
+    0 = padding), in the order given: (img fp32 [N, E], txt fp32 [C, E]) on the device.
+    Images and texts go in separate passes; the caller decides the orders (``encode_split``
+    and the harness shuffle them, so a model cannot tell which pairs it sees)."""
+    was_training = model.training
+    model.eval()
+    amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+    img, txt = [], []
+    for s in range(0, images.shape[0], batch):
+        with amp:
+            img.append(_plain(model.encode_image(images[s: s + batch].to(device)), "encode_image"))
+    longest = max(1, int((tokens != 0).sum(1).max())) if tokens.numel() else 1
+    for s in range(0, tokens.shape[0], batch):
+        t = tokens[s: s + batch, :longest].to(device, torch.int64)  # no padding no caption uses
+        with amp:
+            txt.append(_plain(model.encode_text(t, t != 0), "encode_text"))
+    model.train(was_training)
+    return torch.cat(img), torch.cat(txt)
+
+
 def encode_split(model, cache: Cache, rows: torch.Tensor, device: torch.device,
                  batch: int = 512, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Embeddings of the images of ``rows`` and of their captions: (img fp32 [N, E] in the
@@ -198,40 +235,22 @@ def encode_split(model, cache: Cache, rows: torch.Tensor, device: torch.device,
     come from the operating system's entropy, not from the run's seed (a recipe knows that
     seed and could draw the same permutations); the metrics do not depend on them, since
     each sample is encoded on its own."""
-    was_training = model.training
-    model.eval()
-    g = torch.Generator().manual_seed(secrets.randbits(63))
     cap, txt_image = eval_pairs(cache.caption_image, rows, cache.images.shape[0])
-    amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+    order_i, order_t = secret_order(rows.numel()), secret_order(cap.numel())
+    img, txt = encode_in_order(model, cache.images[rows[order_i]], cache.tokens[cap[order_t]], device, batch, bf16)
+    return unshuffle(img, order_i), unshuffle(txt, order_t), txt_image
 
-    def encode(n, fn, name):
-        order = torch.randperm(n, generator=g)
-        out = []
-        for s in range(0, n, batch):
-            with amp:
-                emb = fn(order[s: s + batch])
-            # type(), not isinstance(): a subclass's __torch_function__ would run inside the
-            # ranking and could rig its comparisons
-            if type(emb) is not torch.Tensor:
-                raise EclipError(f"model.{name} returned a {type(emb).__name__}, not a plain torch.Tensor "
-                                 "(the evaluation ranks plain tensors)")
-            out.append(emb.float())
-        emb = torch.cat(out)
-        res = torch.empty_like(emb)
-        res[order.to(emb.device)] = emb
-        return res
 
-    img = encode(rows.numel(), lambda i: model.encode_image(cache.images[rows[i]].to(device)), "encode_image")
-    longest = max(1, int(cache.lengths[cap].max()))
-    tokens = cache.tokens[cap, :longest].long()  # [C, L'] without padding no caption uses
+def secret_order(n: int) -> torch.Tensor:
+    """A permutation of ``n`` (int64) drawn from the operating system's entropy."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(secrets.randbits(63)))
 
-    def enc_text(i):
-        t = tokens[i].to(device)
-        return model.encode_text(t, t != 0)
 
-    txt = encode(cap.numel(), enc_text, "encode_text")
-    model.train(was_training)
-    return img, txt, txt_image
+def unshuffle(emb: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Rows encoded in ``order`` (row k of ``emb`` is item ``order[k]``) put back in place."""
+    out = torch.empty_like(emb)
+    out[order.to(emb.device)] = emb
+    return out
 
 
 def evaluate_split(model, cache: Cache, rows: torch.Tensor, device: torch.device,

@@ -25,8 +25,9 @@ live in ``eclip.policy_reach``):
   ``SETTINGS`` may be set, to numbers, bools or None only.
 
 This is a list of what may not be done, and such lists leak; it is the first line of
-defence. The second is structural: the harness ranks the embeddings in a process that
-never imports the recipe (``eclip.harness``), so patching the ranking gains nothing.
+defence. The second is structural (``eclip.harness``): the recipe trains in a process that
+holds the training images only, is evaluated from its checkpoint in another that gets the
+scored split in secret orders, and the ranking runs in the harness, which never imports it.
 """
 
 from __future__ import annotations

@@ -215,6 +215,9 @@ def retokenize(cache, spec: str):
         records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, json.JSONDecodeError) as e:
         raise EclipError(f"{path}: unreadable ({e}); rebuild the cache with python -m eclip.prepare") from None
+    if cache.rows is not None:  # a subset (Cache.subset): the records of its images, in its order
+        rows = cache.rows.tolist()
+        records = [records[i] for i in rows] if max(rows, default=-1) < len(records) else []
     captions = [c for r in records for c in r["captions"]]
     phrases = [p for r in records for p in r.get("phrases", [])]
     if len(records) != cache.images.shape[0] or len(captions) != cache.tokens.shape[0] \

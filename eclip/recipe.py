@@ -10,7 +10,9 @@ exactly this contract:
 - ``build_model(spec) -> nn.Module`` with ``encode_image(images)`` and
   ``encode_text(tokens, mask)`` returning embeddings the loop ranks; ``spec`` carries what
   the data dictates (``vocab_size``, ``context_length``, ``image_size``, ``phrase_length``)
-  and the ``device``.
+  and the ``device``. Through the harness the embeddings come from the saved checkpoint:
+  another process calls ``build_model`` with the same HPARAMS and loads the model's
+  ``state_dict`` (then ``load_recipe_state``), so what the encoders depend on must live there.
 - ``build_optimizer(model) -> torch.optim.Optimizer``.
 - ``train_step(model, optimizer, batch, progress) -> dict``: one full step (forward, loss,
   backward, optimizer step, schedule as a function of ``progress`` ∈ [0, 1]); returns 0-d

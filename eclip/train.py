@@ -38,7 +38,7 @@ from eclip.hardware import device_name, peak_bf16_flops
 from eclip.loop import (
     LoopConfig,
     apply_overrides,
-    encode_split,
+    eval_bf16,
     evaluate_split,
     is_oom,
     load_recipe,
@@ -78,10 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-cache", type=Path,
                    help="persistent torch.compile cache (default: $TORCHINDUCTOR_CACHE_DIR when set, "
                         "else ~/.cache/eclip/inductor)")
-    p.add_argument("--embeddings", type=Path,
-                   help="write the evaluation's embeddings (safetensors: img [N, E], txt [C, E]) here and "
-                        "leave the ranking to the caller: eclip.harness ranks them in a process that never "
-                        "ran the recipe (result.json then has no metrics, and no summary is printed)")
+    p.add_argument("--train-only", action="store_true",
+                   help="keep only the training images in memory (the rest of the cache is dropped before the "
+                        "recipe is imported), train, save the checkpoint and stop: eclip.harness evaluates it in "
+                        "another process (result.json then has no metrics, and no summary is printed)")
     return p
 
 
@@ -117,14 +117,6 @@ def _flops_at(count, length: int) -> int:
     except TypeError:
         return count()
     return count(length)
-
-
-def save_embeddings(path: Path, img: torch.Tensor, txt: torch.Tensor) -> None:
-    """img fp32 [N, E] (evaluation image order), txt fp32 [C, E] (caption order), atomically."""
-    from safetensors.torch import save_file
-
-    tensors = {"img": img.cpu().contiguous(), "txt": txt.cpu().contiguous()}  # encode_split's fp32, no graph
-    atomic_write(path, lambda p: save_file(tensors, str(p)))
 
 
 def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: str, out: Path) -> dict:
@@ -181,14 +173,9 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
     if run["status"] in ("ok", "interrupted"):
         ckpt.save_checkpoint(out, model, run["optimizer"], state, meta)
     metrics, status = None, run["status"]
-    if status == "ok":
-        bf16 = device.type == "cuda" and hp.get("precision", "auto") in ("auto", "bf16")
+    if status == "ok" and not args.train_only:
         try:
-            if args.embeddings is None:
-                metrics = evaluate_split(model, run["cache"], eval_rows, device, bf16=bf16)
-            else:
-                img, txt, _ = encode_split(model, run["cache"], eval_rows, device, bf16=bf16)
-                save_embeddings(args.embeddings, img, txt)
+            metrics = evaluate_split(model, run["cache"], eval_rows, device, bf16=eval_bf16(hp, device))
         except KeyboardInterrupt:  # training is done and checkpointed: the result says what is missing
             status = "interrupted"
             print("\ntrain: interrupted during the evaluation (the checkpoint is saved; "
@@ -239,8 +226,8 @@ def run(args, overrides: dict) -> dict:
     cache = load_cache(args.data)
     t0 = time.time()
     if args.folds is not None:
-        if args.embeddings is not None:
-            raise EclipError("--folds cannot be combined with --embeddings")
+        if args.train_only:
+            raise EclipError("--folds cannot be combined with --train-only")
         if args.final or args.resume:
             raise EclipError("--folds cannot be combined with --final or --resume")
         # K-fold means each fold is validated once and trained on all the others: only the
@@ -274,14 +261,17 @@ def run(args, overrides: dict) -> dict:
             tr, ev, split = cache.split_images("train"), cache.split_images("val"), "val"
         if ev.numel() == 0:
             raise EclipError(f"{args.data}: the {split} split is empty")
+        if args.train_only:  # before the recipe is imported: the other images are gone from this process
+            cache, ev = cache.subset(tr), None
+            tr = torch.arange(cache.images.shape[0])
         result = train_once(args, overrides, cache, tr, ev, split, args.out)
         if split == "test":
             result["test_mean_rank"] = result["val_mean_rank"]
     result["wall_s"] = time.time() - t0
-    if args.embeddings is not None:
-        result["ranked_by"] = "caller"  # the metrics come from whoever reads the embeddings
+    if args.train_only:
+        result["ranked_by"] = "caller"  # the metrics come from whoever evaluates the checkpoint
     write_json(args.out / "result.json", result)
-    if args.embeddings is None:
+    if not args.train_only:
         print("\n".join(summary_lines(result)))
     return result
 

@@ -1,9 +1,10 @@
 """Recipes that try to game the score: each must be rejected before it runs, or score no
 better than chance (random ≈ (N−1)/2), far from what honest training reaches.
 
-The harness evaluates from embeddings it computes itself: images and texts in separate
-passes, each in its own shuffled order, so a model that counts its calls or remembers the
-image pass cannot line the two up."""
+The harness evaluates the checkpoint in a process of its own, handing it images and texts in
+separate passes, each in an order only the harness knows, so a model that counts its calls
+or remembers the image pass cannot line the two up; and the training process holds the
+training images only."""
 
 import json
 import subprocess
@@ -176,3 +177,52 @@ def test_embeddings_of_a_tensor_subclass_are_refused(cache):
         evaluate_split(Model(), c, rows, torch.device("cpu"))
     Model.encode_image = Model.encode_text = lambda self, x, *m: torch.ones(x.shape[0], 8)
     assert evaluate_split(Model(), c, rows, torch.device("cpu"))["mean_rank"] == N_VAL - 1
+
+
+# Whatever a recipe reaches in its own processes, there is no evaluation data to find: it
+# looks through every object the interpreter tracks for caches and image tensors, at import.
+# (Forbidden by the policy; the test switches the policy off to see what the processes hold.)
+PROBE = '''
+import gc as _gc
+import json as _json
+import os as _os
+from eclip.data.cache import Cache as _Cache
+
+_objs = _gc.get_objects()
+with open(_os.environ["ECLIP_TEST_PROBE"], "a") as _f:
+    _f.write(_json.dumps({
+        "caches": [[int(c.images.shape[0]), sorted(set(c.split.tolist()))] for c in _objs if isinstance(c, _Cache)],
+        "image_rows": sorted({int(t.shape[0]) for t in _objs
+                              if isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 4}),
+    }) + "\\n")
+'''
+
+
+def test_the_recipes_processes_hold_no_split_they_are_scored_on(cache, tmp_path, monkeypatch, capsys):
+    from eclip import harness as h
+
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(TEMPLATE.read_text() + PROBE)
+    probe = tmp_path / "probe.jsonl"
+    monkeypatch.setenv("ECLIP_TEST_PROBE", str(probe))
+    # the probe finds what is there: by hand, eclip.train holds the whole cache (380 images)
+    mine = subprocess.run([sys.executable, "-m", "eclip.train", "--recipe", str(recipe), "--data", str(cache),
+                           "--out", str(tmp_path / "by-hand"), "--steps", "1", "--device", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert mine.returncode == 0, mine.stderr[-2000:]
+    assert json.loads(probe.read_text()) == {"caches": [[380, [0, 1, 2]]], "image_rows": [380]}
+    probe.unlink()
+    monkeypatch.setattr(h, "check_file", lambda path: [])
+    monkeypatch.setattr(h, "scrub_environment", lambda: [])
+    for final, trained_on, scored in ((False, [0], 60), (True, [0, 1], 20)):
+        out = tmp_path / f"run-{final}"
+        rc = h.main(["run", "--recipe", str(recipe), "--data", str(cache), "--budget-s", "1", "--out", str(out),
+                     "--device", "cpu"] + (["--final"] if final else []))
+        assert rc == 0, capsys.readouterr().err[-2000:]
+        training, encoding = (json.loads(line) for line in probe.read_text().splitlines())
+        probe.unlink()
+        # training: the training images only; encoding: no cache at all, only the scored
+        # split's images, in an order the harness drew and kept
+        n = 300 + 60 * final
+        assert training == {"caches": [[n, trained_on]], "image_rows": [n]}
+        assert encoding == {"caches": [], "image_rows": [scored]}

@@ -9,6 +9,7 @@ import pytest
     ("eclip.train", ["--data", "d", "--out", "o", "--seed=abc"], "argument --seed: invalid int value: 'abc'"),
     ("eclip.prepare", ["--dataset", "coco"], "argument --dataset: invalid choice: 'coco'"),
     ("eclip.harness", [], "the following arguments are required"),
+    ("eclip.encode", ["--recipe", "r", "--checkpoint", "c", "--inputs", "i"], "the following arguments are required: --out"),
     ("agent.loop", ["--budget-s", "abc"], "argument --budget-s: invalid float value: 'abc'"),
     ("agent.report", [], "the following arguments are required"),
 ])

@@ -222,3 +222,27 @@ def test_box_mask_marks_the_boxes_of_the_sampled_phrase(cache, device, monkeypat
     tokens[even] = tokens[first[even]]
     dup = dataclasses.replace(cache, region_tokens=tokens)
     assert phrase_boxes_hold(dup, DeviceData(dup, rows, device, seed=2), rows) > 10
+
+
+def test_a_subset_keeps_its_images_captions_and_regions_and_samples_alike(cache):
+    # ragged: every fourth image plus the last, so captions (1-3) and regions (0-3) per image vary
+    rows = torch.cat([torch.arange(0, 379, 4), torch.tensor([379])])
+    sub = cache.subset(rows)
+    assert torch.equal(sub.images, cache.images[rows]) and torch.equal(sub.rows, rows)
+    assert torch.equal(sub.split, cache.split[rows]) and torch.equal(sub.fold, cache.fold[rows])
+    for k, r in enumerate(rows.tolist()):
+        cap, new_cap = cache.caption_image == r, sub.caption_image == k
+        assert torch.equal(sub.tokens[new_cap], cache.tokens[cap]) and torch.equal(sub.lengths[new_cap], cache.lengths[cap])
+        reg, new_reg = cache.region_image == r, sub.region_image == k
+        assert torch.equal(sub.region_boxes[new_reg], cache.region_boxes[reg])
+        assert torch.equal(sub.region_tokens[new_reg], cache.region_tokens[reg])
+    assert sub.tokens.shape[0] == int(torch.isin(cache.caption_image, rows).sum())
+    # a subset of a subset still names the original rows; the copies share no memory
+    assert torch.equal(sub.subset(torch.tensor([1, 2])).rows, rows[1:3])
+    assert sub.images.untyped_storage().data_ptr() != cache.images.untyped_storage().data_ptr()
+    # training on the subset is training on those rows of the whole cache: the same batches
+    a = DeviceData(cache, rows, CPU, seed=5)
+    b = DeviceData(sub, torch.arange(rows.numel()), CPU, seed=5)
+    assert all(same(x, y) for x, y in zip(batches(a, 3, 32), batches(b, 3, 32), strict=True))
+    with pytest.raises(ValueError, match="rows must be strictly ascending"):
+        cache.subset(torch.tensor([3, 1]))

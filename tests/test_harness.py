@@ -119,11 +119,11 @@ def test_the_ranking_runs_outside_the_recipe_process(cache, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("damage,message", [
-    ("missing", "the run left no readable embeddings"),
+    ("missing", "the evaluation left no readable embeddings"),
     ("rows", "img: expected float [60, E], got torch.float32 [59, 8]"),
     ("width", "img and txt widths differ (8 vs 4)"),
 ])
-def test_embeddings_that_do_not_fit_the_split_are_an_error(cache, tmp_path, damage, message):
+def test_embeddings_that_do_not_fit_the_split_are_an_error(tmp_path, damage, message):
     import torch
     from safetensors.torch import save_file
 
@@ -131,14 +131,53 @@ def test_embeddings_that_do_not_fit_the_split_are_an_error(cache, tmp_path, dama
     from eclip.harness import score
 
     emb = tmp_path / "embeddings.safetensors"
+    order_i, order_t, pairs = torch.randperm(60), torch.randperm(60), torch.arange(60)
     if damage != "missing":
         n_img = 59 if damage == "rows" else 60
         save_file({"img": torch.randn(n_img, 8), "txt": torch.randn(60, 4 if damage == "width" else 8)}, str(emb))
     with pytest.raises(EclipError, match=re.escape(message)):
-        score({"status": "ok", "eval_split": "val"}, emb, cache, "cpu")
-    # what fits is ranked against the cache's own pairs, whatever the run reported
-    save_file({"img": torch.eye(60), "txt": torch.eye(60)}, str(emb))
-    r = score({"status": "ok", "eval_split": "val", "val_mean_rank": 0.0}, emb, cache, "cpu")
-    assert r["val_mean_rank"] == 0 and r["ranked_by"] == "harness"
-    save_file({"img": torch.eye(60), "txt": torch.eye(60).roll(1, 0)}, str(emb))
-    assert score({"status": "ok", "eval_split": "val", "val_mean_rank": 0.0}, emb, cache, "cpu")["val_mean_rank"] > 0
+        score({"status": "ok"}, emb, order_i, order_t, pairs, "cpu", "val")
+    # rows encoded in the secret orders are put back in place, then ranked against the
+    # pairs given, whatever the run reported
+    eye = torch.eye(60)
+    save_file({"img": eye[order_i], "txt": eye[order_t]}, str(emb))
+    r = score({"status": "ok", "val_mean_rank": 99.0}, emb, order_i, order_t, pairs, "cpu", "test")
+    assert r["val_mean_rank"] == 0 and r["test_mean_rank"] == 0 and r["ranked_by"] == "harness"
+    assert r["eval_split"] == "test"
+    save_file({"img": eye[order_i], "txt": eye}, str(emb))  # captions left in the pairs' order
+    assert score({"status": "ok"}, emb, order_i, order_t, pairs, "cpu", "val")["val_mean_rank"] > 0
+
+
+# A model that trains normally but answers the evaluation with a tensor subclass (whose
+# operators would run inside the ranking); the encoding process refuses it.
+SUBCLASS_AT_EVAL = '''
+
+class _Sub(torch.Tensor):
+    pass
+
+
+_plain_build_model = build_model
+
+
+def build_model(spec):
+    model = _plain_build_model(spec)
+    encode = model.encode_image
+    model.encode_image = lambda images: encode(images) if model.training else encode(images).as_subclass(_Sub)
+    return model
+'''
+
+
+def test_a_failed_evaluation_is_an_error_with_its_reason(cache, tmp_path, monkeypatch, capsys):
+    from eclip import harness as h
+
+    monkeypatch.setattr(h, "check_file", lambda path: [])  # the policy refuses the class; the encoder must too
+    out = tmp_path / "run"
+    rc = h.main(["run", "--recipe", str(recipe(tmp_path, extra=SUBCLASS_AT_EVAL)), "--data", str(cache),
+                 "--budget-s", "1", "--out", str(out), "--device", "cpu"])
+    assert rc == 1
+    r = json.loads((out / "result.json").read_text())
+    assert r["status"] == "error" and r["val_mean_rank"] is None and r["steps"] > 0
+    assert r["reason"] == ("evaluation (eclip.encode) failed: model.encode_image returned a _Sub, not a plain "
+                           "torch.Tensor (the evaluation ranks plain tensors)")
+    assert (out / "checkpoint.json").is_file() and not (out / "embeddings.safetensors").exists()
+    assert "status:         error" in capsys.readouterr().out

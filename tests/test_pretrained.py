@@ -273,3 +273,13 @@ def test_flops_of_a_pretrained_tower_are_counted(hf_dir):
     # 2 FLOPs per multiply-add: at least the attention and MLP matmuls of one 32-wide layer
     assert tower.flops(12) >= 2 * 12 * (4 * 32 * 32 + 2 * 32 * 64)
     assert tower.flops(24) > tower.flops(12)
+
+
+def test_retokenize_a_subset_reads_the_records_of_its_images(small_cache, hf_dir):
+    cache = load_cache(small_cache)
+    rows = cache.split_images("val")  # not the first rows: the records must be picked, not taken in order
+    whole, sub = retokenize(cache, f"hf:{hf_dir}"), retokenize(cache.subset(rows), f"hf:{hf_dir}")
+    cap = torch.isin(cache.caption_image, rows)
+    reg = torch.isin(cache.region_image, rows)
+    assert torch.equal(sub.tokens, whole.tokens[cap]) and torch.equal(sub.lengths, whole.lengths[cap])
+    assert torch.equal(sub.region_tokens, whole.region_tokens[reg]) and sub.vocab_size == whole.vocab_size

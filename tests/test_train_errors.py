@@ -48,6 +48,7 @@ def cache(train_cache):
     # two of three folds would train on a fold that is never validated: not cross-validation
     (["--steps", "5", "--folds", "2"], "--folds 2: this cache has 3 folds, so expected --folds 3 "
                                        "(prepare --folds 2 makes a cache with 2)"),
+    (["--steps", "5", "--folds", "3", "--train-only"], "--folds cannot be combined with --train-only"),
 ])
 def test_bad_options_exit_2_with_one_line(cache, tmp_path, capsys, argv, message):
     out = tmp_path / "o"

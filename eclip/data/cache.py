@@ -169,6 +169,7 @@ class Cache:
     region_lengths: torch.Tensor  # int32 [G]
     split: torch.Tensor  # int8 [N]
     fold: torch.Tensor  # int8 [N]
+    rows: torch.Tensor | None = None  # int64 [N]: the file's image rows kept by subset(); None: all
 
     @property
     def tokenizer_path(self) -> Path:
@@ -189,6 +190,25 @@ class Cache:
     def split_images(self, name: str) -> torch.Tensor:
         """Image rows of a split ("train", "val" or "test"), int64 [n]."""
         return split_rows(self.split, name)
+
+    def subset(self, rows: torch.Tensor) -> Cache:
+        """A cache of image ``rows`` only (int64, ascending), with their captions and regions,
+        re-indexed from 0: what a process holds when it must not see the other images. Built
+        from copies, so the full tensors are freed once the caller drops them."""
+        rows = rows.to(torch.int64)
+        if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
+            raise ValueError("Cache.subset: rows must be strictly ascending")
+        new = torch.full((self.images.shape[0],), -1, dtype=torch.int64)
+        new[rows] = torch.arange(rows.numel())
+        cap = torch.nonzero(new[self.caption_image] >= 0).flatten()  # stays grouped by image
+        reg = torch.nonzero(new[self.region_image] >= 0).flatten()
+        kept = rows if self.rows is None else self.rows[rows]
+        return Cache(path=self.path, manifest=self.manifest, images=self.images[rows].clone(),
+                     tokens=self.tokens[cap].clone(), lengths=self.lengths[cap].clone(),
+                     caption_image=new[self.caption_image[cap]], region_boxes=self.region_boxes[reg].clone(),
+                     region_image=new[self.region_image[reg]], region_tokens=self.region_tokens[reg].clone(),
+                     region_lengths=self.region_lengths[reg].clone(), split=self.split[rows].clone(),
+                     fold=self.fold[rows].clone(), rows=kept)
 
 
 def split_rows(split: torch.Tensor, name: str) -> torch.Tensor:

@@ -1,0 +1,151 @@
+"""``python -m eclip.encode``: the embeddings of a trained checkpoint, computed in a process
+that holds the checkpoint and the inputs it is given, and nothing else.
+
+    python -m eclip.encode --recipe R --checkpoint RUN --inputs IN.safetensors --out EMB.safetensors
+
+The harness's second child, after ``eclip.train --train-only``. It imports the recipe, sets
+the hyperparameters the checkpoint was trained with, builds the model with the recipe's
+``build_model`` for the shapes the inputs name, loads the checkpoint's weights (a checkpoint
+of another model is refused) and encodes the inputs in the order given. The harness writes
+those inputs: the images and the captions of the split it scores, each in an order drawn
+from the operating system's entropy, with neither the pairs nor the cache's path. Nothing in
+this process says which caption belongs to which image, so whatever the recipe does here
+changes its own embeddings and nothing else; the harness puts them back in place and ranks
+them itself. The score is, by construction, the score of the saved checkpoint.
+
+Inputs (safetensors): ``images`` uint8 [N, 3, R, R], ``tokens`` integer [C, L] (0 =
+padding); metadata ``vocab_size``, ``context_length``, ``phrase_length`` (what the training
+run's data dictated). Output (safetensors, written atomically): ``img`` float32 [N, E],
+``txt`` float32 [C, E], rows in the inputs' order.
+Exit codes: 0 ok, 1 out of memory, 2 bad input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from eclip import checkpoint as ckpt
+from eclip.errors import EclipError, OneLineParser, first_line
+from eclip.fileio import atomic_write, read_tensors
+from eclip.loop import ModelSpec, encode_in_order, eval_bf16, is_oom, load_recipe, pick_device, use_device
+
+SPEC_KEYS = ("vocab_size", "context_length", "phrase_length")  # the inputs' metadata
+
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog="python -m eclip.encode", description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipe", type=Path, required=True, help="the recipe file the checkpoint was trained with")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="run directory holding checkpoint.safetensors and checkpoint.json")
+    p.add_argument("--inputs", type=Path, required=True, help="safetensors with images [N,3,R,R] and tokens [C,L]")
+    p.add_argument("--out", type=Path, required=True, help="where the embeddings go (safetensors: img, txt)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--batch", type=int, default=512, help="images or captions per forward pass")
+    return p
+
+
+def write_inputs(path: Path, images: torch.Tensor, tokens: torch.Tensor, spec: dict[str, int]) -> None:
+    """The inputs file ``main`` reads (the harness writes it), atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {"images": images.contiguous(), "tokens": tokens.contiguous()}
+    meta = {k: str(int(spec[k])) for k in SPEC_KEYS}
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+
+
+def read_inputs(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """(images uint8 [N,3,R,R], tokens [C,L], spec numbers), checked; one-line errors."""
+    from safetensors import safe_open
+
+    tensors = read_tensors(path)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    images, tokens = tensors.get("images"), tensors.get("tokens")
+    if images is None or images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3 \
+            or images.shape[2] != images.shape[3]:
+        got = "missing" if images is None else f"{images.dtype} {list(images.shape)}"
+        raise EclipError(f"{path}: images: expected uint8 [N, 3, R, R], got {got}")
+    if tokens is None or tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
+        got = "missing" if tokens is None else f"{tokens.dtype} {list(tokens.shape)}"
+        raise EclipError(f"{path}: tokens: expected int32 or int64 [C, L], got {got}")
+    spec = {}
+    for key in SPEC_KEYS:
+        try:
+            spec[key] = int(meta[key])
+        except (KeyError, ValueError):
+            raise EclipError(f"{path}: metadata {key}: expected an integer, got {meta.get(key)!r}") from None
+    return images, tokens, spec
+
+
+def hparams_of(recipe, meta: dict, path: Path) -> None:
+    """Set the recipe's HPARAMS to those the checkpoint was trained with (its ``--key=value``
+    overrides included), comparing through JSON since that is how they were saved."""
+    saved = meta.get("hparams")
+    if not isinstance(saved, dict):
+        raise EclipError(f"{path / ckpt.META}: no hparams recorded")
+    for key, value in saved.items():
+        if json.dumps(recipe.HPARAMS.get(key), default=list) != json.dumps(value):
+            recipe.HPARAMS[key] = value
+
+
+def encode_checkpoint(recipe_path: Path, run_dir: Path, inputs: Path, device_name: str = "auto",
+                      batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """(img fp32 [N, E], txt fp32 [C, E]) of the inputs under the checkpoint in ``run_dir``, on the CPU."""
+    if batch < 1:
+        raise EclipError(f"--batch {batch}: must be at least 1")
+    images, tokens, numbers = read_inputs(inputs)
+    meta = ckpt.read_meta(run_dir)
+    device = pick_device(device_name)
+    use_device(device)
+    recipe = load_recipe(recipe_path)
+    hparams_of(recipe, meta, run_dir)
+    spec = ModelSpec(vocab_size=numbers["vocab_size"], context_length=numbers["context_length"],
+                     phrase_length=numbers["phrase_length"], image_size=int(images.shape[-1]), device=device)
+    try:
+        model = recipe.build_model(spec)
+    except ValueError as e:
+        raise EclipError(f"recipe: {e}") from None
+    _, state = ckpt.load_checkpoint(run_dir, model, None)
+    if hasattr(recipe, "load_recipe_state"):  # as a resumed run would be
+        recipe.load_recipe_state({k[7:]: v for k, v in state.items() if k.startswith("recipe.")})
+    img, txt = encode_in_order(model, images, tokens, device, batch, eval_bf16(recipe.HPARAMS, device))
+    return img.cpu(), txt.cpu()
+
+
+def save_embeddings(path: Path, img: torch.Tensor, txt: torch.Tensor) -> None:
+    """img fp32 [N, E], txt fp32 [C, E] (``encode_in_order`` made them fp32), atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {"img": img.contiguous(), "txt": txt.contiguous()}
+    atomic_write(path, lambda p: save_file(tensors, str(p)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        img, txt = encode_checkpoint(args.recipe, args.checkpoint, args.inputs, args.device, args.batch)
+        save_embeddings(args.out, img, txt)
+    except EclipError as e:
+        print(f"encode: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"encode: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("encode: interrupted (no embeddings written)", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        print(f"encode: error: out of memory ({first_line(e, 200)})", file=sys.stderr)
+        return 1
+    print(f"encode: {img.shape[0]} images, {txt.shape[0]} captions -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

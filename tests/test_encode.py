@@ -1,0 +1,123 @@
+"""``python -m eclip.encode``: a checkpoint's embeddings in a process of their own, and the
+harness's evaluation through it (secretly ordered inputs, ranked by the harness)."""
+
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from eclip import encode, harness, train
+from eclip.data.cache import load_cache
+
+# A small model set by overrides only: the template recipe builds it again in the encoding
+# process just from the hyperparameters the checkpoint recorded.
+SMALL = ["--model.vision.width=64", "--model.vision.depth=1", "--model.text.width=64", "--model.text.depth=1",
+         "--model.embed_dim=32"]
+
+
+@pytest.fixture(scope="module")
+def run(small_cache, tmp_path_factory):
+    """A 3-step run on the small cache, evaluated in its own process (eclip.train by hand)."""
+    out = tmp_path_factory.mktemp("encode") / "run"
+    assert train.main(["--data", str(small_cache), "--out", str(out), "--steps", "3", "--device", "cpu", *SMALL]) == 0
+    return out
+
+
+def inputs_of(cache_dir: Path, path: Path, split: str = "val", **spec_changes) -> Path:
+    cache = load_cache(cache_dir)
+    cache = cache.subset(cache.split_images(split))
+    spec = {"vocab_size": cache.vocab_size, "context_length": cache.context_length,
+            "phrase_length": int(cache.region_tokens.shape[1])} | spec_changes
+    encode.write_inputs(path, cache.images, cache.tokens, spec)
+    return path
+
+
+def test_the_harness_scores_the_saved_checkpoint_as_the_run_itself_did(run, small_cache):
+    by_hand = json.loads((run / "result.json").read_text())
+    assert by_hand["metrics"] is not None and "ranked_by" not in by_hand
+    args = SimpleNamespace(out=run, data=small_cache, final=False, recipe=train.TEMPLATE, device="cpu")
+    scored = harness.evaluate({"status": "ok"}, args)
+    # the same weights, the same images and captions, encoded one by one in another order:
+    # fp32 on a CPU gives the same scores, so the same ranks
+    assert scored["ranked_by"] == "harness" and scored["eval_split"] == "val"
+    for key in ("mean_rank", "i2t_mean_rank", "t2i_mean_rank", "i2t_r5", "t2i_r10", "n_texts"):
+        assert scored["metrics"][key] == pytest.approx(by_hand["metrics"][key], abs=1e-9), key
+    assert not (run / harness.INPUTS).exists()  # the secretly ordered inputs do not outlive the run
+
+
+def test_encoding_follows_the_inputs_order_and_the_checkpoints_hparams(run, small_cache, tmp_path):
+    inputs = inputs_of(small_cache, tmp_path / "in.safetensors")
+    img, txt = encode.encode_checkpoint(train.TEMPLATE, run, inputs, "cpu")
+    assert img.shape == (60, 32) and txt.shape[1] == 32  # embed_dim from the checkpoint, not the template's
+    assert torch.allclose(img.norm(dim=1), torch.ones(60), atol=1e-5)
+    # reversed inputs give the reversed rows: each item is encoded on its own
+    tensors = encode.read_inputs(inputs)
+    encode.write_inputs(inputs, tensors[0].flip(0), tensors[1].flip(0), tensors[2])
+    img2, txt2 = encode.encode_checkpoint(train.TEMPLATE, run, inputs, "cpu", batch=7)
+    torch.testing.assert_close(img2, img.flip(0), atol=1e-5, rtol=1e-5)  # (fp32, 1e-5, 1e-5): batch of 7, not 60
+    torch.testing.assert_close(txt2, txt.flip(0), atol=1e-5, rtol=1e-5)
+
+
+def test_cli_writes_the_embeddings_file(run, small_cache, tmp_path, capsys):
+    inputs = inputs_of(small_cache, tmp_path / "in.safetensors", split="test")
+    out = tmp_path / "emb.safetensors"
+    assert encode.main(["--recipe", str(train.TEMPLATE), "--checkpoint", str(run), "--inputs", str(inputs),
+                        "--out", str(out), "--device", "cpu"]) == 0
+    from safetensors.torch import load_file
+
+    got = load_file(str(out))
+    assert got["img"].shape == (20, 32) and got["img"].dtype == torch.float32
+    assert "encode: 20 images" in capsys.readouterr().out
+
+
+def _no_tokens(path):
+    from safetensors.torch import save_file
+
+    save_file({"images": torch.zeros(2, 3, 64, 64, dtype=torch.uint8)}, str(path),
+              metadata={"vocab_size": "9", "context_length": "9", "phrase_length": "9"})
+
+
+def _no_metadata(path):
+    from safetensors.torch import save_file
+
+    save_file({"images": torch.zeros(2, 3, 64, 64, dtype=torch.uint8), "tokens": torch.ones(2, 9, dtype=torch.int32)},
+              str(path))
+
+
+@pytest.mark.parametrize("case,message", [
+    ("no tokens", "in.safetensors: tokens: expected int32 or int64 [C, L], got missing"),
+    ("float images", "in.safetensors: images: expected uint8 [N, 3, R, R], got torch.float32 [2, 3, 64, 64]"),
+    ("no metadata", "in.safetensors: metadata vocab_size: expected an integer, got None"),
+    ("another model", "checkpoint.json: checkpoint has model text.vocab_size"),
+    ("no checkpoint", "checkpoint.json: no checkpoint here"),
+    ("not a file", "in.safetensors: unreadable"),
+])
+def test_bad_input_is_one_line_and_exit_2(run, small_cache, tmp_path, capsys, case, message):
+    from safetensors.torch import save_file
+
+    inputs = tmp_path / "in.safetensors"
+    ckpt_dir = run
+    if case == "no tokens":
+        _no_tokens(inputs)
+    elif case == "float images":
+        save_file({"images": torch.zeros(2, 3, 64, 64), "tokens": torch.ones(2, 9, dtype=torch.int32)}, str(inputs))
+    elif case == "no metadata":
+        _no_metadata(inputs)
+    elif case == "another model":  # a vocabulary the checkpoint was not trained on
+        inputs_of(small_cache, inputs, vocab_size=load_cache(small_cache).vocab_size + 1)
+    elif case == "no checkpoint":
+        inputs_of(small_cache, inputs)
+        ckpt_dir = tmp_path / "empty"
+        ckpt_dir.mkdir()
+    else:
+        inputs.write_bytes(b"not safetensors")
+    out = tmp_path / "emb.safetensors"
+    rc = encode.main(["--recipe", str(train.TEMPLATE), "--checkpoint", str(ckpt_dir), "--inputs", str(inputs),
+                      "--out", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("encode: error: ") and err.count("\n") == 1, err
+    assert re.search(re.escape(message), err), err
+    assert not out.exists()  # nothing half-written
