@@ -101,7 +101,8 @@ def log_tail(path: Path, lines: int = 30) -> str:
 def finished_result(out: Path, since: float = 0.0) -> dict | None:
     """``out/result.json`` if a run wrote it at or after ``since`` (a Unix time), else None
     (run_experiment deletes any older file before it starts a run, so a caller that was gone
-    meanwhile still finds the outcome). A result that is not ``ok`` carries the log tail."""
+    meanwhile still finds the outcome). A result the harness had not scored yet is None too.
+    A result that is not ``ok`` carries the log tail."""
     path = out / "result.json"
     try:
         if path.stat().st_mtime < since:
@@ -109,6 +110,8 @@ def finished_result(out: Path, since: float = 0.0) -> dict | None:
         result = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+    if not isinstance(result, dict) or result.get("ranked_by") == "caller":
+        return None  # the training process's result, which the harness had not scored yet
     if result.get("status") != "ok":
         result["log_tail"] = log_tail(out / "run.log")
     return result

@@ -62,6 +62,10 @@ def test_resume_records_the_run_in_flight_and_continues(cache, tmp_path, monkeyp
                                      "description": "lr 1e-3 -> 5e-4", "hparams": {}, "time": time.time()})
     with open(ws.journal_path, "a") as f:
         f.write('{"event": "end", "n": 3, "sta')  # torn mid-write
+    # it died while the harness evaluated: the training process's result, not yet scored
+    run3 = ws.experiments / "3"
+    run3.mkdir(parents=True, exist_ok=True)
+    (run3 / "result.json").write_text(json.dumps({"status": "ok", "val_mean_rank": None, "ranked_by": "caller"}))
     monkeypatch.setattr(loop, "run_experiment", scripted([80]))
     assert loop.main(["--tag", "r", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1",
                       "--noise-runs", "2", "--max-experiments", "2"]) == 0

@@ -181,3 +181,20 @@ def test_a_failed_evaluation_is_an_error_with_its_reason(cache, tmp_path, monkey
                            "torch.Tensor (the evaluation ranks plain tensors)")
     assert (out / "checkpoint.json").is_file() and not (out / "embeddings.safetensors").exists()
     assert "status:         error" in capsys.readouterr().out
+
+
+def test_a_run_that_diverges_is_passed_on_as_the_harness_result(cache, tmp_path):
+    from agent.runner import finished_result
+
+    nan_loss = ("\n\n_plain_step = train_step\n\n\ndef train_step(model, optimizer, batch, progress):\n"
+                "    out = _plain_step(model, optimizer, batch, progress)\n"
+                "    return dict(out, loss=out['loss'] * float('nan'))\n")
+    out = tmp_path / "run"
+    p = harness("--recipe", recipe(tmp_path, extra=nan_loss), "--data", cache, "--budget-s", 2, "--out", out,
+                "--device", "cpu")
+    assert p.returncode == 1, p.stderr[-2000:]
+    r = json.loads((out / "result.json").read_text())
+    assert r["status"] == "diverged" and r["val_mean_rank"] is None and "ranked_by" not in r
+    assert not (out / "embeddings.safetensors").exists()  # nothing evaluated
+    assert finished_result(out)["status"] == "diverged"  # the research loop reads it as such
+    assert "status:         diverged" in p.stdout
