@@ -34,6 +34,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from eclip.errors import EclipError, OneLineParser
@@ -113,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         return rc  # written by the child before the run began (bad input, out of memory)
     # from here on the harness writes the result: "ranked_by: caller" never outlives it
     if result.get("status") == "ok":
+        t_eval = time.perf_counter()
         try:
-            result = evaluate(result, args, capped)
+            # eval_s: the second process and the ranking, start-up included (not in the budget)
+            result = dict(evaluate(result, args, capped), eval_s=time.perf_counter() - t_eval)
         except EclipError as e:
             status = "oom" if "failed: out of memory" in str(e) else "error"
             result = dict(result, status=status, val_mean_rank=None, metrics=None, reason=str(e))

@@ -98,7 +98,7 @@ def parse_overrides(extra: list[str]) -> dict[str, str]:
 def summary_lines(result: dict) -> list[str]:
     """The greppable `key: value` block a run ends with (eclip.harness prints it too)."""
     keys = ("status", "val_mean_rank", "eval_split", "steps", "samples", "samples_per_s", "train_s",
-            "warmup_s", "mfu", "peak_memory_gb", "logit_scale", "loss", "params", "device", "data_placement")
+            "warmup_s", "eval_s", "mfu", "peak_memory_gb", "logit_scale", "loss", "params", "device", "data_placement")
     lines = ["---"]
     for k in keys:
         v = result.get(k)
@@ -173,9 +173,12 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
     if run["status"] in ("ok", "interrupted"):
         ckpt.save_checkpoint(out, model, run["optimizer"], state, meta)
     metrics, status = None, run["status"]
+    eval_s = None
     if status == "ok" and not args.train_only:
+        t_eval = time.perf_counter()
         try:
             metrics = evaluate_split(model, run["cache"], eval_rows, device, bf16=eval_bf16(hp, device))
+            eval_s = time.perf_counter() - t_eval
         except KeyboardInterrupt:  # training is done and checkpointed: the result says what is missing
             status = "interrupted"
             print("\ntrain: interrupted during the evaluation (the checkpoint is saved; "
@@ -198,7 +201,7 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
         "status": status, "eval_split": eval_split, "expert_samples": run["expert_samples"],
         "val_mean_rank": metrics["mean_rank"] if metrics else None,
         "metrics": metrics, "steps": run["steps"], "samples": run["samples"],
-        "samples_per_s": sps, "train_s": run["train_s"], "warmup_s": run["warmup_s"],
+        "samples_per_s": sps, "train_s": run["train_s"], "warmup_s": run["warmup_s"], "eval_s": eval_s,
         "mfu": (flops * sps / peak) if (peak and flops) else None,
         "peak_memory_bytes": mem, "peak_memory_gb": mem / 2**30 if mem else None,
         "logit_scale": run["last"].get("logit_scale"), "loss": run["last"].get("loss"),

@@ -41,7 +41,7 @@ def test_a_recipe_is_trained_and_scored(cache, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     r = json.loads((out / "result.json").read_text())
     assert r["status"] == "ok" and 0 <= r["val_mean_rank"] <= 59 and r["steps"] > 0
-    assert r["train_s"] >= 3 and r["warmup_s"] > 0 and r["metrics"]["n_images"] == 60
+    assert r["train_s"] >= 3 and r["warmup_s"] > 0 and r["eval_s"] > 0 and r["metrics"]["n_images"] == 60
     assert "val_mean_rank:" in p.stdout
 
 
