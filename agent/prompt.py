@@ -54,13 +54,15 @@ change that makes each step slower has to earn its cost in fewer steps.
   images (uint8 [B, 3, H, W]), tokens ([B, L] int), mask ([B, L] bool) and regions.
 - Optional recipe_state() / load_recipe_state(state) for tensors needed to resume exactly.
 The harness evaluates the saved checkpoint, after training, on a split the training process
-never holds: a fresh process calls build_model(spec) with the same HPARAMS, loads the
-model's state_dict (then load_recipe_state), and encodes images and texts in separate
-passes, each in an order only the harness knows. So whatever encode_image and encode_text
-depend on must be in the model's parameters or persistent buffers (an EMA must be copied
-into the model by the end of training). Tricks aimed at the evaluation (remembering inputs
-across calls, constant embeddings, state kept between the image and the text pass) score
-at chance or worse.
+never holds: two fresh processes each call build_model(spec) with the same HPARAMS and load
+the model's state_dict; one encodes the images, the other the texts, each in an order only
+the harness knows. So whatever encode_image and encode_text depend on must be in the
+model's parameters or persistent buffers (an EMA must be copied into the model by the end
+of training). Tricks aimed at the evaluation (remembering inputs across calls, constant
+embeddings, state kept between the image and the text pass) score at chance or fail.
+All training happens in train_step, inside the budget: the recipe's code that runs after
+the last step (state_dict, recipe_state, FLOP counts) and the encoding are timed, and a
+run that takes more than a few seconds there is an error.
 
 # Rules (enforced in code; a violating edit is rejected before it runs)
 - Edit only recipe.py, through the edit tool. No other file can be read except the listed

@@ -3,20 +3,22 @@ that holds the checkpoint and the inputs it is given, and nothing else.
 
     python -m eclip.encode --recipe R --checkpoint RUN --inputs IN.safetensors --out EMB.safetensors
 
-The harness's second child, after ``eclip.train --train-only``. It imports the recipe, sets
-the hyperparameters the checkpoint was trained with, builds the model with the recipe's
-``build_model`` for the shapes the inputs name, loads the checkpoint's weights (a checkpoint
-of another model is refused) and encodes the inputs in the order given. The harness writes
-those inputs: the images and the captions of the split it scores, each in an order drawn
-from the operating system's entropy, with neither the pairs nor the cache's path. Nothing in
-this process says which caption belongs to which image, so whatever the recipe does here
-changes its own embeddings and nothing else; the harness puts them back in place and ranks
-them itself. The score is, by construction, the score of the saved checkpoint.
+The harness's second step, after ``eclip.train --train-only``. It imports the recipe, sets
+the hyperparameters the checkpoint was trained with, seeds torch with the run's seed,
+builds the model with the recipe's ``build_model`` for the shapes the inputs name and loads
+the checkpoint's weights (a checkpoint of another model is refused); nothing else of the
+checkpoint (no ``load_recipe_state``: embeddings need the weights only). It then encodes the
+inputs in the order given. The harness runs two of these at once, one for the scored
+split's images and one for its captions, each in an order drawn from the operating
+system's entropy, with neither the pairs nor the cache's path: no process of the recipe's
+holds both sides, so whatever it does here changes its own embeddings and nothing else.
+The harness puts them back in place and ranks them itself; the score is, by
+construction, the score of the saved checkpoint.
 
-Inputs (safetensors): ``images`` uint8 [N, 3, R, R], ``tokens`` integer [C, L] (0 =
-padding); metadata ``vocab_size``, ``context_length``, ``phrase_length`` (what the training
-run's data dictated). Output (safetensors, written atomically): ``img`` float32 [N, E],
-``txt`` float32 [C, E], rows in the inputs' order.
+Inputs (safetensors): ``images`` uint8 [N, 3, R, R] and/or ``tokens`` integer [C, L] (0 =
+padding); metadata ``vocab_size``, ``context_length``, ``phrase_length``, ``image_size``
+(what the training run's data dictated). Output (safetensors, written atomically): ``img``
+float32 [N, E] and/or ``txt`` float32 [C, E], rows in the inputs' order.
 Exit codes: 0 ok, 1 out of memory, 2 bad input, 130 interrupted.
 """
 
@@ -33,7 +35,7 @@ from eclip.errors import EclipError, OneLineParser, first_line
 from eclip.fileio import atomic_write, read_tensors
 from eclip.loop import ModelSpec, encode_in_order, eval_bf16, is_oom, load_recipe, pick_device, use_device
 
-SPEC_KEYS = ("vocab_size", "context_length", "phrase_length")  # the inputs' metadata
+SPEC_KEYS = ("vocab_size", "context_length", "phrase_length", "image_size")  # the inputs' metadata
 
 
 def build_parser() -> OneLineParser:
@@ -41,43 +43,43 @@ def build_parser() -> OneLineParser:
     p.add_argument("--recipe", type=Path, required=True, help="the recipe file the checkpoint was trained with")
     p.add_argument("--checkpoint", type=Path, required=True,
                    help="run directory holding checkpoint.safetensors and checkpoint.json")
-    p.add_argument("--inputs", type=Path, required=True, help="safetensors with images [N,3,R,R] and tokens [C,L]")
+    p.add_argument("--inputs", type=Path, required=True, help="safetensors with images [N,3,R,R] and/or tokens [C,L]")
     p.add_argument("--out", type=Path, required=True, help="where the embeddings go (safetensors: img, txt)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--batch", type=int, default=512, help="images or captions per forward pass")
     return p
 
 
-def write_inputs(path: Path, images: torch.Tensor, tokens: torch.Tensor, spec: dict[str, int]) -> None:
+def write_inputs(path: Path, images: torch.Tensor | None, tokens: torch.Tensor | None, spec: dict[str, int]) -> None:
     """The inputs file ``main`` reads (the harness writes it), atomically."""
     from safetensors.torch import save_file
 
-    tensors = {"images": images.contiguous(), "tokens": tokens.contiguous()}
+    tensors = {k: v.contiguous() for k, v in (("images", images), ("tokens", tokens)) if v is not None}
     meta = {k: str(int(spec[k])) for k in SPEC_KEYS}
     atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
 
 
-def read_inputs(path: Path) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
-    """(images uint8 [N,3,R,R], tokens [C,L], spec numbers), checked; one-line errors."""
+def read_inputs(path: Path) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, int]]:
+    """(images uint8 [N,3,R,R] or None, tokens [C,L] or None, spec numbers), checked; one-line errors."""
     from safetensors import safe_open
 
     tensors = read_tensors(path)
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
-    images, tokens = tensors.get("images"), tensors.get("tokens")
-    if images is None or images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3 \
-            or images.shape[2] != images.shape[3]:
-        got = "missing" if images is None else f"{images.dtype} {list(images.shape)}"
-        raise EclipError(f"{path}: images: expected uint8 [N, 3, R, R], got {got}")
-    if tokens is None or tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64):
-        got = "missing" if tokens is None else f"{tokens.dtype} {list(tokens.shape)}"
-        raise EclipError(f"{path}: tokens: expected int32 or int64 [C, L], got {got}")
     spec = {}
     for key in SPEC_KEYS:
         try:
             spec[key] = int(meta[key])
         except (KeyError, ValueError):
             raise EclipError(f"{path}: metadata {key}: expected an integer, got {meta.get(key)!r}") from None
+    images, tokens = tensors.get("images"), tensors.get("tokens")
+    if images is None and tokens is None:
+        raise EclipError(f"{path}: holds neither images nor tokens")
+    r = spec["image_size"]
+    if images is not None and (images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (3, r, r)):
+        raise EclipError(f"{path}: images: expected uint8 [N, 3, {r}, {r}], got {images.dtype} {list(images.shape)}")
+    if tokens is not None and (tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64)):
+        raise EclipError(f"{path}: tokens: expected int32 or int64 [C, L], got {tokens.dtype} {list(tokens.shape)}")
     return images, tokens, spec
 
 
@@ -93,8 +95,9 @@ def hparams_of(recipe, meta: dict, path: Path) -> None:
 
 
 def encode_checkpoint(recipe_path: Path, run_dir: Path, inputs: Path, device_name: str = "auto",
-                      batch: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """(img fp32 [N, E], txt fp32 [C, E]) of the inputs under the checkpoint in ``run_dir``, on the CPU."""
+                      batch: int = 512) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(img fp32 [N, E], txt fp32 [C, E]) of the inputs under the checkpoint in ``run_dir``,
+    on the CPU; None for a part the inputs do not hold."""
     if batch < 1:
         raise EclipError(f"--batch {batch}: must be at least 1")
     images, tokens, numbers = read_inputs(inputs)
@@ -103,24 +106,23 @@ def encode_checkpoint(recipe_path: Path, run_dir: Path, inputs: Path, device_nam
     use_device(device)
     recipe = load_recipe(recipe_path)
     hparams_of(recipe, meta, run_dir)
+    torch.manual_seed(int(meta.get("seed", 42)))  # as training seeded it before build_model
     spec = ModelSpec(vocab_size=numbers["vocab_size"], context_length=numbers["context_length"],
-                     phrase_length=numbers["phrase_length"], image_size=int(images.shape[-1]), device=device)
+                     phrase_length=numbers["phrase_length"], image_size=numbers["image_size"], device=device)
     try:
         model = recipe.build_model(spec)
     except ValueError as e:
         raise EclipError(f"recipe: {e}") from None
-    _, state = ckpt.load_checkpoint(run_dir, model, None)
-    if hasattr(recipe, "load_recipe_state"):  # as a resumed run would be
-        recipe.load_recipe_state({k[7:]: v for k, v in state.items() if k.startswith("recipe.")})
+    ckpt.load_checkpoint(run_dir, model, None)
     img, txt = encode_in_order(model, images, tokens, device, batch, eval_bf16(recipe.HPARAMS, device))
-    return img.cpu(), txt.cpu()
+    return (img.cpu() if img is not None else None), (txt.cpu() if txt is not None else None)
 
 
-def save_embeddings(path: Path, img: torch.Tensor, txt: torch.Tensor) -> None:
-    """img fp32 [N, E], txt fp32 [C, E] (``encode_in_order`` made them fp32), atomically."""
+def save_embeddings(path: Path, img: torch.Tensor | None, txt: torch.Tensor | None) -> None:
+    """img fp32 [N, E] and/or txt fp32 [C, E] (``encode_in_order`` made them fp32), atomically."""
     from safetensors.torch import save_file
 
-    tensors = {"img": img.contiguous(), "txt": txt.contiguous()}
+    tensors = {k: v.contiguous() for k, v in (("img", img), ("txt", txt)) if v is not None}
     atomic_write(path, lambda p: save_file(tensors, str(p)))
 
 
@@ -143,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"encode: error: out of memory ({first_line(e, 200)})", file=sys.stderr)
         return 1
-    print(f"encode: {img.shape[0]} images, {txt.shape[0]} captions -> {args.out}")
+    done = [f"{t.shape[0]} {what}" for t, what in ((img, "images"), (txt, "captions")) if t is not None]
+    print(f"encode: {', '.join(done)} -> {args.out}")
     return 0
 
 

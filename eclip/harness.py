@@ -9,21 +9,24 @@ The harness then removes secrets from its environment (a recipe has no reason to
 key), points ``TORCHINDUCTOR_CACHE_DIR`` at the given compile cache (shared by a
 workspace's runs, so a second run of the same model compiles in seconds), caps the address
 space on CPU so an allocation fails with ``oom`` instead of the kernel's OOM killer ending
-the run, and runs the recipe in two child processes, neither of which sees the pairs it is
+the run, and runs the recipe in child processes, none of which holds the pairs it is
 scored on:
 
 1. ``eclip.train --train-only`` (the one training loop, its clock, its ``result.json``)
    drops every image but the training split's from memory before it imports the recipe,
    trains, and saves the checkpoint.
-2. ``eclip.encode`` rebuilds the model from the checkpoint and encodes the scored split's
-   images and captions, which the harness hands it in orders only the harness knows, with
-   no pairs and no cache path.
+2. Two ``eclip.encode`` processes at once rebuild the model from the checkpoint; one
+   encodes the scored split's images, the other its captions, each handed over in an order
+   only the harness knows, with no pairs and no cache path. Neither sees the other side.
 
 The harness itself never imports the recipe: it puts the embeddings back in place, ranks
 them against the cache's own pairs and writes the metrics into ``result.json``
 (``ranked_by: harness``). Whatever a recipe changes in its own processes (an operator, a
 module, a class, a frame it walks), it finds no evaluation data in them to exploit, and the
-ranking does not run there.
+ranking does not run there. Training outside the clock is refused too: the recipe's code
+after the last step (``after_s``, timed by the loop) and each encoding process get a time
+limit, ``AFTER_GRACE_S`` and ``EVAL_GRACE_S`` plus allowances for the checkpoint's size
+and the number of items; a run over it ends with status ``error``.
 """
 
 from __future__ import annotations
@@ -41,8 +44,14 @@ from eclip.errors import EclipError, OneLineParser
 from eclip.loop import write_json
 from eclip.policy import check_file, scrub_environment
 
-INPUTS = "eval_inputs.safetensors"  # the scored split, secretly ordered, for eclip.encode
-EMBEDDINGS = "embeddings.safetensors"  # what eclip.encode leaves for the harness to rank
+PARTS = ("images", "texts")  # one eclip.encode process each: none sees both sides of a pair
+# Work the recipe may do outside its budget. Encoding is cheap next to training (one
+# forward, no backward, over a split far smaller than the training data), so a run whose
+# recipe code takes longer than this after the clock stopped, or to encode, is refused:
+# that time would be training nobody counted.
+AFTER_GRACE_S = 10.0  # after the last step: checkpoint and FLOP count (plus the write, below)
+EVAL_GRACE_S = 30.0  # per encoding process: start-up, CUDA, the model and its weights
+WRITE_BYTES_PER_S = 50e6  # slack per checkpoint byte, for a slow disk
 
 
 def limit_address_space(gigabytes: float) -> None:
@@ -95,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
     limit = default_memory_limit_gb() if args.memory_limit_gb is None else args.memory_limit_gb
     capped = (lambda: limit_address_space(limit)) if on_cpu and limit > 0 else None
-    for name in (INPUTS, EMBEDDINGS):
-        (args.out / name).unlink(missing_ok=True)  # only this run's files are read
+    for part in PARTS:  # only this run's files are read
+        for path in part_files(args.out, part):
+            path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "eclip.train", "--data", str(args.data), "--out", str(args.out),
            "--recipe", str(args.recipe), "--budget-s", str(args.budget_s), "--seed", str(args.seed),
            "--device", args.device, "--train-only"]
@@ -104,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--compile-cache", str(args.compile_cache)]
     if args.final:
         cmd.append("--final")
-    rc, _ = child(cmd, capped)
+    rc = child(cmd, capped)
     result_path = args.out / "result.json"
     try:
         result = json.loads(result_path.read_text())
@@ -116,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     if result.get("status") == "ok":
         t_eval = time.perf_counter()
         try:
-            # eval_s: the second process and the ranking, start-up included (not in the budget)
+            check_after(result, args.out)
+            # eval_s: the encoding processes and the ranking, start-up included (not in the budget)
             result = dict(evaluate(result, args, capped), eval_s=time.perf_counter() - t_eval)
         except EclipError as e:
             status = "oom" if "failed: out of memory" in str(e) else "error"
@@ -133,24 +144,92 @@ def main(argv: list[str] | None = None) -> int:
     return rc
 
 
-def child(cmd: list[str], preexec, keep_stderr: bool = False) -> tuple[int, str]:
-    """Run one child to its end: (exit code, its stderr when ``keep_stderr``, passed on as
-    well). Ctrl-C reaches it too (same process group): it finishes its step, saves and
-    writes an interrupted result; the harness waits for that instead of dying first."""
+def part_files(out: Path, part: str) -> tuple[Path, Path, Path]:
+    """(inputs, embeddings, log) of one encoding process in a run directory."""
+    return out / f"eval_{part}.safetensors", out / f"emb_{part}.safetensors", out / f"eval_{part}.log"
+
+
+def checkpoint_bytes(out: Path) -> int:
+    from eclip.checkpoint import TENSORS
+
+    try:
+        return (out / TENSORS).stat().st_size
+    except OSError:
+        return 0
+
+
+def check_after(result: dict, out: Path) -> None:
+    """Refuse a run whose recipe code kept running long after its budget (``after_s``, timed
+    by the training loop: a checkpoint's ``recipe_state`` or ``state_dict`` that trains)."""
+    after = result.get("after_s")
+    limit = AFTER_GRACE_S + checkpoint_bytes(out) / WRITE_BYTES_PER_S
+    if not isinstance(after, (int, float)) or after > limit:
+        shown = f"{after:.1f} s" if isinstance(after, (int, float)) else "an unknown time"
+        raise EclipError(f"the recipe's code ran {shown} after the budget ended (at most {limit:.0f} s: "
+                         "saving the checkpoint); work outside train_step is not training time")
+
+
+def child(cmd: list[str], preexec) -> int:
+    """Run one child to its end. Ctrl-C reaches it too (same process group): it finishes
+    its step, saves and writes an interrupted result; the harness waits for that instead
+    of dying first."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        p = subprocess.run(cmd, preexec_fn=preexec, stderr=subprocess.PIPE if keep_stderr else None, text=True)
+        return subprocess.call(cmd, preexec_fn=preexec)
     finally:
         signal.signal(signal.SIGINT, previous)
-    if keep_stderr:
-        sys.stderr.write(p.stderr)
-    return p.returncode, p.stderr or ""
+
+
+def encode_parts(cmds: dict[str, list[str]], logs: dict[str, Path], limit_s: float, preexec) -> dict[str, int]:
+    """Run the encoding processes at once, each to its end or until ``limit_s`` has passed
+    (then all are killed: EclipError). Returns each part's exit code; their stderr goes to
+    ``logs`` and is passed on."""
+    env = dict(os.environ, TORCH_COMPILE_DISABLE="1")  # eager: a fast start, nothing to compile
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    procs, files = {}, {}
+    try:
+        for part, cmd in cmds.items():
+            files[part] = open(logs[part], "w+", encoding="utf-8")
+            procs[part] = subprocess.Popen(cmd, preexec_fn=preexec, stderr=files[part], env=env)
+        deadline = time.monotonic() + limit_s
+        rcs = {}
+        for part, proc in procs.items():
+            try:
+                rcs[part] = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                raise EclipError(f"evaluation (eclip.encode, {part}) took longer than {limit_s:.0f} s (start-up, "
+                                 "the weights, and twice the training time per item encoded); work outside "
+                                 "train_step is not training time") from None
+        return rcs
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for f in files.values():
+            f.seek(0)
+            sys.stderr.write(f.read())
+            f.close()
+        signal.signal(signal.SIGINT, previous)
+
+
+def encode_error(part: str, rc: int, log: Path) -> str:
+    """One line for a failed encoding process: its own error, else the last line of a
+    traceback (the recipe's exception), else the exit code."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        lines = []
+    said = [line for line in lines if line.startswith("encode: error: ")]
+    why = said[-1][len("encode: error: "):] if said else lines[-1] if lines else f"exit code {rc}"
+    return f"evaluation (eclip.encode, {part}) failed: {why}"
 
 
 def evaluate(result: dict, args, preexec=None) -> dict:
     """``result`` with the metrics of the checkpoint in ``args.out`` on the val split (test
-    with ``--final``): the split's images and captions go to ``eclip.encode`` in secret
-    orders, and the embeddings that come back are ranked here against the cache's pairs."""
+    with ``--final``): the split's images and its captions go to two ``eclip.encode``
+    processes, each in a secret order, and the embeddings that come back are ranked here
+    against the cache's pairs."""
     from eclip.checkpoint import read_meta
     from eclip.data.cache import load_cache
     from eclip.encode import write_inputs
@@ -164,45 +243,58 @@ def evaluate(result: dict, args, preexec=None) -> dict:
         from eclip.pretrained import retokenize
 
         cache = retokenize(cache, tower)
-    order_i, order_t = secret_order(cache.images.shape[0]), secret_order(cache.tokens.shape[0])
-    inputs, emb = args.out / INPUTS, args.out / EMBEDDINGS
-    write_inputs(inputs, cache.images[order_i], cache.tokens[order_t],
-                 {"vocab_size": cache.vocab_size, "context_length": cache.context_length,
-                  "phrase_length": int(cache.region_tokens.shape[1])})
-    cmd = [sys.executable, "-m", "eclip.encode", "--recipe", str(args.recipe), "--checkpoint", str(args.out),
-           "--inputs", str(inputs), "--out", str(emb), "--device", args.device]
+    spec = {"vocab_size": cache.vocab_size, "context_length": cache.context_length,
+            "phrase_length": int(cache.region_tokens.shape[1]), "image_size": cache.image_size}
+    orders = {"images": secret_order(cache.images.shape[0]), "texts": secret_order(cache.tokens.shape[0])}
+    files = {part: part_files(args.out, part) for part in PARTS}
+    cmds, logs = {}, {}
     try:
-        rc, err = child(cmd, preexec, keep_stderr=True)
+        for part, (inputs, emb, log) in files.items():
+            if part == "images":
+                write_inputs(inputs, cache.images[orders[part]], None, spec)
+            else:
+                write_inputs(inputs, None, cache.tokens[orders[part]], spec)
+            cmds[part] = [sys.executable, "-m", "eclip.encode", "--recipe", str(args.recipe), "--checkpoint",
+                          str(args.out), "--inputs", str(inputs), "--out", str(emb), "--device", args.device]
+            logs[part] = log
+        sps = float(result.get("samples_per_s") or 0.0)
+        items = cache.images.shape[0] + cache.tokens.shape[0]
+        # start-up and weights, plus twice the time training took per sample for each item
+        limit = EVAL_GRACE_S + checkpoint_bytes(args.out) / WRITE_BYTES_PER_S + (2 * items / sps if sps > 0 else 0)
+        rcs = encode_parts(cmds, logs, limit, preexec)
+        for part, rc in rcs.items():
+            if rc in (130, -signal.SIGINT):
+                raise KeyboardInterrupt
+            if rc != 0:
+                raise EclipError(encode_error(part, rc, logs[part]))
+        return score(result, files["images"][1], files["texts"][1], orders["images"], orders["texts"],
+                     cache.caption_image, args.device, split)
     finally:
-        inputs.unlink(missing_ok=True)
-    if rc in (130, -signal.SIGINT):
-        raise KeyboardInterrupt
-    if rc != 0:
-        lines = [line.strip() for line in err.splitlines() if line.strip()]
-        said = [line for line in lines if line.startswith("encode: error: ")]
-        # its one-line error, else the last line of a traceback (the recipe's exception)
-        why = said[-1][len("encode: error: "):] if said else lines[-1] if lines else f"exit code {rc}"
-        raise EclipError(f"evaluation (eclip.encode) failed: {why}")
-    return score(result, emb, order_i, order_t, cache.caption_image, args.device, split)
+        for inputs, emb, log in files.values():  # secretly ordered, useless once ranked
+            for path in (inputs, emb, log):
+                path.unlink(missing_ok=True)
 
 
-def score(result: dict, emb_path: Path, order_i, order_t, txt_image, device: str, split: str) -> dict:
-    """``result`` with the metrics of the embeddings in ``emb_path``: rows encoded in the
-    secret orders ``order_i`` (images) and ``order_t`` (captions), ranked against
-    ``txt_image`` (int64 [C], each caption's image), never against anything a run reported."""
+def score(result: dict, img_path: Path, txt_path: Path, order_i, order_t, txt_image, device: str,
+          split: str) -> dict:
+    """``result`` with the metrics of the embeddings in ``img_path`` and ``txt_path``: rows
+    encoded in the secret orders ``order_i`` (images) and ``order_t`` (captions), ranked
+    against ``txt_image`` (int64 [C], each caption's image), never against anything a run
+    reported."""
     from eclip.evaluate import retrieval_metrics
     from eclip.fileio import read_tensors
     from eclip.loop import pick_device, unshuffle
 
-    tensors = read_tensors(emb_path, "the evaluation left no readable embeddings")
-    img, txt = tensors.get("img"), tensors.get("txt")
-    want = {"img": order_i.numel(), "txt": order_t.numel()}
-    for name, t in (("img", img), ("txt", txt)):
-        if t is None or t.dim() != 2 or t.shape[0] != want[name] or not t.is_floating_point():
-            got = "missing" if t is None else f"{t.dtype} {list(t.shape)}"
-            raise EclipError(f"{emb_path}: {name}: expected float [{want[name]}, E], got {got}")
+    got = {}
+    for name, path, want in (("img", img_path, order_i.numel()), ("txt", txt_path, order_t.numel())):
+        t = read_tensors(path, "the evaluation left no readable embeddings").get(name)
+        if t is None or t.dim() != 2 or t.shape[0] != want or not t.is_floating_point():
+            shown = "missing" if t is None else f"{t.dtype} {list(t.shape)}"
+            raise EclipError(f"{path}: {name}: expected float [{want}, E], got {shown}")
+        got[name] = t
+    img, txt = got["img"], got["txt"]
     if img.shape[1] != txt.shape[1]:
-        raise EclipError(f"{emb_path}: img and txt widths differ ({img.shape[1]} vs {txt.shape[1]})")
+        raise EclipError(f"{txt_path}: img and txt widths differ ({img.shape[1]} vs {txt.shape[1]})")
     dev = pick_device(device)
     img, txt = unshuffle(img.float(), order_i).to(dev), unshuffle(txt.float(), order_t).to(dev)
     metrics = retrieval_metrics(img, txt, txt_image.to(dev))

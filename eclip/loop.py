@@ -203,26 +203,33 @@ def _plain(emb, name: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_in_order(model, images: torch.Tensor, tokens: torch.Tensor, device: torch.device,
-                    batch: int = 512, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_in_order(model, images: torch.Tensor | None, tokens: torch.Tensor | None, device: torch.device,
+                    batch: int = 512, bf16: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Embeddings of ``images`` (uint8 [N, 3, R, R]) and of caption ``tokens`` (int [C, L],
-    0 = padding), in the order given: (img fp32 [N, E], txt fp32 [C, E]) on the device.
-    Images and texts go in separate passes; the caller decides the orders (``encode_split``
-    and the harness shuffle them, so a model cannot tell which pairs it sees)."""
+    0 = padding), in the order given: (img fp32 [N, E], txt fp32 [C, E]) on the device; None
+    for a part not given. Images and texts go in separate passes; the caller decides the
+    orders (``encode_split`` and the harness shuffle them, so a model cannot tell which
+    pairs it sees)."""
     was_training = model.training
     model.eval()
     amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
-    img, txt = [], []
-    for s in range(0, images.shape[0], batch):
-        with amp:
-            img.append(_plain(model.encode_image(images[s: s + batch].to(device)), "encode_image"))
-    longest = max(1, int((tokens != 0).sum(1).max())) if tokens.numel() else 1
-    for s in range(0, tokens.shape[0], batch):
-        t = tokens[s: s + batch, :longest].to(device, torch.int64)  # no padding no caption uses
-        with amp:
-            txt.append(_plain(model.encode_text(t, t != 0), "encode_text"))
+    img = txt = None
+    if images is not None:
+        img = []
+        for s in range(0, images.shape[0], batch):
+            with amp:
+                img.append(_plain(model.encode_image(images[s: s + batch].to(device)), "encode_image"))
+        img = torch.cat(img)
+    if tokens is not None:
+        longest = max(1, int((tokens != 0).sum(1).max())) if tokens.numel() else 1
+        txt = []
+        for s in range(0, tokens.shape[0], batch):
+            t = tokens[s: s + batch, :longest].to(device, torch.int64)  # no padding no caption uses
+            with amp:
+                txt.append(_plain(model.encode_text(t, t != 0), "encode_text"))
+        txt = torch.cat(txt)
     model.train(was_training)
-    return torch.cat(img), torch.cat(txt)
+    return img, txt
 
 
 def encode_split(model, cache: Cache, rows: torch.Tensor, device: torch.device,

@@ -26,8 +26,9 @@ live in ``eclip.policy_reach``):
 
 This is a list of what may not be done, and such lists leak; it is the first line of
 defence. The second is structural (``eclip.harness``): the recipe trains in a process that
-holds the training images only, is evaluated from its checkpoint in another that gets the
-scored split in secret orders, and the ranking runs in the harness, which never imports it.
+holds the training images only, is evaluated from its checkpoint in two others (images in
+one, captions in the other, each in a secret order), and the ranking runs in the harness,
+which never imports it.
 """
 
 from __future__ import annotations

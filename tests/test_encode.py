@@ -30,7 +30,7 @@ def inputs_of(cache_dir: Path, path: Path, split: str = "val", **spec_changes) -
     cache = load_cache(cache_dir)
     cache = cache.subset(cache.split_images(split))
     spec = {"vocab_size": cache.vocab_size, "context_length": cache.context_length,
-            "phrase_length": int(cache.region_tokens.shape[1])} | spec_changes
+            "phrase_length": int(cache.region_tokens.shape[1]), "image_size": cache.image_size} | spec_changes
     encode.write_inputs(path, cache.images, cache.tokens, spec)
     return path
 
@@ -45,7 +45,8 @@ def test_the_harness_scores_the_saved_checkpoint_as_the_run_itself_did(run, smal
     assert scored["ranked_by"] == "harness" and scored["eval_split"] == "val"
     for key in ("mean_rank", "i2t_mean_rank", "t2i_mean_rank", "i2t_r5", "t2i_r10", "n_texts"):
         assert scored["metrics"][key] == pytest.approx(by_hand["metrics"][key], abs=1e-9), key
-    assert not (run / harness.INPUTS).exists()  # the secretly ordered inputs do not outlive the run
+    leftovers = [f for part in harness.PARTS for f in harness.part_files(run, part) if f.exists()]
+    assert leftovers == []  # secretly ordered inputs and embeddings are of no use once ranked
 
 
 def test_encoding_follows_the_inputs_order_and_the_checkpoints_hparams(run, small_cache, tmp_path):
@@ -61,35 +62,31 @@ def test_encoding_follows_the_inputs_order_and_the_checkpoints_hparams(run, smal
     torch.testing.assert_close(txt2, txt.flip(0), atol=1e-5, rtol=1e-5)
 
 
-def test_cli_writes_the_embeddings_file(run, small_cache, tmp_path, capsys):
-    inputs = inputs_of(small_cache, tmp_path / "in.safetensors", split="test")
-    out = tmp_path / "emb.safetensors"
-    assert encode.main(["--recipe", str(train.TEMPLATE), "--checkpoint", str(run), "--inputs", str(inputs),
-                        "--out", str(out), "--device", "cpu"]) == 0
+def test_cli_encodes_what_the_inputs_hold(run, small_cache, tmp_path, capsys):
     from safetensors.torch import load_file
 
-    got = load_file(str(out))
-    assert got["img"].shape == (20, 32) and got["img"].dtype == torch.float32
-    assert "encode: 20 images" in capsys.readouterr().out
+    inputs = inputs_of(small_cache, tmp_path / "in.safetensors", split="test")
+    images, tokens, spec = encode.read_inputs(inputs)
+    for held, want in (((images, None), {"img": (20, 32)}), ((None, tokens), {"txt": (20, 32)}),
+                       ((images, tokens), {"img": (20, 32), "txt": (20, 32)})):
+        encode.write_inputs(inputs, *held, spec)
+        out = tmp_path / "emb.safetensors"
+        assert encode.main(["--recipe", str(train.TEMPLATE), "--checkpoint", str(run), "--inputs", str(inputs),
+                            "--out", str(out), "--device", "cpu"]) == 0
+        got = load_file(str(out))
+        assert {k: tuple(v.shape) for k, v in got.items()} == want
+        assert all(v.dtype == torch.float32 for v in got.values())
+    assert "encode: 20 images, 20 captions ->" in capsys.readouterr().out
 
 
-def _no_tokens(path):
-    from safetensors.torch import save_file
-
-    save_file({"images": torch.zeros(2, 3, 64, 64, dtype=torch.uint8)}, str(path),
-              metadata={"vocab_size": "9", "context_length": "9", "phrase_length": "9"})
-
-
-def _no_metadata(path):
-    from safetensors.torch import save_file
-
-    save_file({"images": torch.zeros(2, 3, 64, 64, dtype=torch.uint8), "tokens": torch.ones(2, 9, dtype=torch.int32)},
-              str(path))
+SPEC = {"vocab_size": "9", "context_length": "9", "phrase_length": "9", "image_size": "64"}
 
 
 @pytest.mark.parametrize("case,message", [
-    ("no tokens", "in.safetensors: tokens: expected int32 or int64 [C, L], got missing"),
-    ("float images", "in.safetensors: images: expected uint8 [N, 3, R, R], got torch.float32 [2, 3, 64, 64]"),
+    ("neither", "in.safetensors: holds neither images nor tokens"),
+    ("float images", "in.safetensors: images: expected uint8 [N, 3, 64, 64], got torch.float32 [2, 3, 64, 64]"),
+    ("other size", "in.safetensors: images: expected uint8 [N, 3, 64, 64], got torch.uint8 [2, 3, 32, 32]"),
+    ("float tokens", "in.safetensors: tokens: expected int32 or int64 [C, L], got torch.float32 [2, 9]"),
     ("no metadata", "in.safetensors: metadata vocab_size: expected an integer, got None"),
     ("another model", "checkpoint.json: checkpoint has model text.vocab_size"),
     ("no checkpoint", "checkpoint.json: no checkpoint here"),
@@ -100,12 +97,13 @@ def test_bad_input_is_one_line_and_exit_2(run, small_cache, tmp_path, capsys, ca
 
     inputs = tmp_path / "in.safetensors"
     ckpt_dir = run
-    if case == "no tokens":
-        _no_tokens(inputs)
-    elif case == "float images":
-        save_file({"images": torch.zeros(2, 3, 64, 64), "tokens": torch.ones(2, 9, dtype=torch.int32)}, str(inputs))
-    elif case == "no metadata":
-        _no_metadata(inputs)
+    tensors = {"neither": {"other": torch.zeros(1)},
+               "float images": {"images": torch.zeros(2, 3, 64, 64)},
+               "other size": {"images": torch.zeros(2, 3, 32, 32, dtype=torch.uint8)},
+               "float tokens": {"tokens": torch.ones(2, 9)},
+               "no metadata": {"tokens": torch.ones(2, 9, dtype=torch.int32)}}
+    if case in tensors:
+        save_file(tensors[case], str(inputs), metadata=None if case == "no metadata" else SPEC)
     elif case == "another model":  # a vocabulary the checkpoint was not trained on
         inputs_of(small_cache, inputs, vocab_size=load_cache(small_cache).vocab_size + 1)
     elif case == "no checkpoint":

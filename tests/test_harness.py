@@ -115,7 +115,7 @@ def test_the_ranking_runs_outside_the_recipe_process(cache, tmp_path, monkeypatc
     assert rc == 0, capsys.readouterr().err[-2000:]
     r = json.loads((out / "result.json").read_text())
     assert r["status"] == "ok" and r["ranked_by"] == "harness" and r["val_mean_rank"] > 10, r["val_mean_rank"]
-    assert (out / "embeddings.safetensors").is_file()
+    assert not any(f.exists() for part in h.PARTS for f in h.part_files(out, part))  # cleaned up
 
 
 @pytest.mark.parametrize("damage,message", [
@@ -130,22 +130,23 @@ def test_embeddings_that_do_not_fit_the_split_are_an_error(tmp_path, damage, mes
     from eclip.errors import EclipError
     from eclip.harness import score
 
-    emb = tmp_path / "embeddings.safetensors"
+    img_f, txt_f = tmp_path / "img.safetensors", tmp_path / "txt.safetensors"
     order_i, order_t, pairs = torch.randperm(60), torch.randperm(60), torch.arange(60)
     if damage != "missing":
-        n_img = 59 if damage == "rows" else 60
-        save_file({"img": torch.randn(n_img, 8), "txt": torch.randn(60, 4 if damage == "width" else 8)}, str(emb))
+        save_file({"img": torch.randn(59 if damage == "rows" else 60, 8)}, str(img_f))
+        save_file({"txt": torch.randn(60, 4 if damage == "width" else 8)}, str(txt_f))
     with pytest.raises(EclipError, match=re.escape(message)):
-        score({"status": "ok"}, emb, order_i, order_t, pairs, "cpu", "val")
+        score({"status": "ok"}, img_f, txt_f, order_i, order_t, pairs, "cpu", "val")
     # rows encoded in the secret orders are put back in place, then ranked against the
     # pairs given, whatever the run reported
     eye = torch.eye(60)
-    save_file({"img": eye[order_i], "txt": eye[order_t]}, str(emb))
-    r = score({"status": "ok", "val_mean_rank": 99.0}, emb, order_i, order_t, pairs, "cpu", "test")
+    save_file({"img": eye[order_i]}, str(img_f))
+    save_file({"txt": eye[order_t]}, str(txt_f))
+    r = score({"status": "ok", "val_mean_rank": 99.0}, img_f, txt_f, order_i, order_t, pairs, "cpu", "test")
     assert r["val_mean_rank"] == 0 and r["test_mean_rank"] == 0 and r["ranked_by"] == "harness"
     assert r["eval_split"] == "test"
-    save_file({"img": eye[order_i], "txt": eye}, str(emb))  # captions left in the pairs' order
-    assert score({"status": "ok"}, emb, order_i, order_t, pairs, "cpu", "val")["val_mean_rank"] > 0
+    save_file({"txt": eye}, str(txt_f))  # captions left in the pairs' order
+    assert score({"status": "ok"}, img_f, txt_f, order_i, order_t, pairs, "cpu", "val")["val_mean_rank"] > 0
 
 
 # A model that trains normally but answers the evaluation with a tensor subclass (whose
@@ -177,9 +178,10 @@ def test_a_failed_evaluation_is_an_error_with_its_reason(cache, tmp_path, monkey
     assert rc == 1
     r = json.loads((out / "result.json").read_text())
     assert r["status"] == "error" and r["val_mean_rank"] is None and r["steps"] > 0
-    assert r["reason"] == ("evaluation (eclip.encode) failed: model.encode_image returned a _Sub, not a plain "
-                           "torch.Tensor (the evaluation ranks plain tensors)")
-    assert (out / "checkpoint.json").is_file() and not (out / "embeddings.safetensors").exists()
+    assert r["reason"] == ("evaluation (eclip.encode, images) failed: model.encode_image returned a _Sub, not a "
+                           "plain torch.Tensor (the evaluation ranks plain tensors)")
+    assert (out / "checkpoint.json").is_file()
+    assert not any(f.exists() for part in h.PARTS for f in h.part_files(out, part))
     assert "status:         error" in capsys.readouterr().out
 
 
@@ -195,6 +197,58 @@ def test_a_run_that_diverges_is_passed_on_as_the_harness_result(cache, tmp_path)
     assert p.returncode == 1, p.stderr[-2000:]
     r = json.loads((out / "result.json").read_text())
     assert r["status"] == "diverged" and r["val_mean_rank"] is None and "ranked_by" not in r
-    assert not (out / "embeddings.safetensors").exists()  # nothing evaluated
+    assert not (out / "emb_images.safetensors").exists()  # nothing evaluated
     assert finished_result(out)["status"] == "diverged"  # the research loop reads it as such
     assert "status:         diverged" in p.stdout
+
+
+# Training outside the clock: after the last step (in what the checkpoint calls) and while
+# encoding. Both sleep where a cheat would train; the limits are lowered to keep the test short.
+AFTER_THE_BUDGET = """
+
+import time as _time
+
+_plain_build_model = build_model
+
+
+def build_model(spec):
+    model = _plain_build_model(spec)
+    count = model.flops_per_sample
+    model.flops_per_sample = lambda *a: (_time.sleep(3), count(*a))[1]
+    return model
+"""
+
+WHILE_ENCODING = """
+
+import time as _time
+
+_plain_build_model = build_model
+
+
+def build_model(spec):
+    model = _plain_build_model(spec)
+    encode = model.encode_text
+    model.encode_text = lambda t, m: encode(t, m) if model.training else (_time.sleep(120), encode(t, m))[1]
+    return model
+"""
+
+
+@pytest.mark.parametrize("extra,grace,message", [
+    (AFTER_THE_BUDGET, ("AFTER_GRACE_S", 1.0), "the recipe's code ran 3."),
+    (WHILE_ENCODING, ("EVAL_GRACE_S", 8.0), "evaluation (eclip.encode, texts) took longer than 8 s"),
+])
+def test_work_outside_the_budget_is_refused(cache, tmp_path, monkeypatch, capsys, extra, grace, message):
+    import time
+
+    from eclip import harness as h
+
+    monkeypatch.setattr(h, "check_file", lambda path: [])  # the policy refuses the import of time
+    monkeypatch.setattr(h, grace[0], grace[1])
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    rc = h.main(["run", "--recipe", str(recipe(tmp_path, extra=extra)), "--data", str(cache),
+                 "--budget-s", "1", "--out", str(out), "--device", "cpu"])
+    assert rc == 1 and time.monotonic() - t0 < 60  # the sleeping encoder was killed, not awaited
+    r = json.loads((out / "result.json").read_text())
+    assert r["status"] == "error" and r["val_mean_rank"] is None and message in r["reason"], r["reason"]
+    assert not any(f.exists() for part in h.PARTS for f in h.part_files(out, part))
