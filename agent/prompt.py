@@ -60,9 +60,10 @@ the harness knows. So whatever encode_image and encode_text depend on must be in
 model's parameters or persistent buffers (an EMA must be copied into the model by the end
 of training). Tricks aimed at the evaluation (remembering inputs across calls, constant
 embeddings, state kept between the image and the text pass) score at chance or fail.
-All training happens in train_step, inside the budget: the recipe's code that runs after
-the last step (state_dict, recipe_state, FLOP counts) and the encoding are timed, and a
-run that takes more than a few seconds there is an error.
+All training happens in train_step, inside the budget, one optimizer step per call: the
+loop checks the clock between calls, and a run whose last call ends more than 5 s past the
+budget, or whose code after the last step (state_dict, recipe_state, FLOP counts) or
+encoding takes more than a few seconds, is an error.
 
 # Rules (enforced in code; a violating edit is rejected before it runs)
 - Edit only recipe.py, through the edit tool. No other file can be read except the listed

@@ -233,7 +233,22 @@ def build_model(spec):
 """
 
 
+ONE_LONG_STEP = """
+
+import time as _time
+
+_plain_step = train_step
+
+
+def train_step(model, optimizer, batch, progress):
+    if not _STATE.get("slept"):  # a cheat would run many updates here; the clock is checked between calls
+        _STATE["slept"] = _time.sleep(3) or True
+    return _plain_step(model, optimizer, batch, progress)
+"""
+
+
 @pytest.mark.parametrize("extra,grace,message", [
+    (ONE_LONG_STEP, ("OVERRUN_GRACE_S", 1.0), "training ran 3."),
     (AFTER_THE_BUDGET, ("AFTER_GRACE_S", 1.0), "the recipe's code ran 3."),
     (WHILE_ENCODING, ("EVAL_GRACE_S", 8.0), "evaluation (eclip.encode, texts) took longer than 8 s"),
 ])
