@@ -53,7 +53,7 @@ PARTS = ("images", "texts")  # one eclip.encode process each: none sees both sid
 # that time would be training nobody counted.
 AFTER_GRACE_S = 10.0  # after the last step: checkpoint and FLOP count (plus the write, below)
 EVAL_GRACE_S = 30.0  # per encoding process: start-up, CUDA, the model and its weights
-EVAL_SHARE = 0.25  # at most this fraction of the budget on top, for large splits and slow models
+EVAL_SHARE = 0.1  # at most this fraction of the budget on top, for large splits and slow models
 WRITE_BYTES_PER_S = 50e6  # slack per checkpoint byte, for a slow disk
 # The loop checks the clock between steps, so the last step ends after the budget. An
 # honest step lasts well under a second; a recipe that packs many updates into one call
@@ -212,7 +212,7 @@ def encode_parts(cmds: dict[str, list[str]], logs: dict[str, Path], limit_s: flo
                 rcs[part] = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 raise EclipError(f"evaluation (eclip.encode, {part}) took longer than {limit_s:.0f} s (start-up, "
-                                 "the weights, and twice the training time per item encoded, within a quarter "
+                                 "the weights, and twice the training time per item encoded, within a tenth "
                                  "of the budget); work outside train_step is not training time") from None
         return rcs
     finally:
