@@ -38,7 +38,7 @@ def inputs_of(cache_dir: Path, path: Path, split: str = "val", **spec_changes) -
 def test_the_harness_scores_the_saved_checkpoint_as_the_run_itself_did(run, small_cache):
     by_hand = json.loads((run / "result.json").read_text())
     assert by_hand["metrics"] is not None and by_hand["eval_s"] > 0 and "ranked_by" not in by_hand
-    args = SimpleNamespace(out=run, data=small_cache, final=False, recipe=train.TEMPLATE, device="cpu")
+    args = SimpleNamespace(out=run, data=small_cache, final=False, recipe=train.TEMPLATE, device="cpu", budget_s=60.0)
     scored = harness.evaluate({"status": "ok"}, args)
     # the same weights, the same images and captions, encoded one by one in another order:
     # fp32 on a CPU gives the same scores, so the same ranks
