@@ -35,6 +35,7 @@ from eclip.errors import EclipError, OneLineParser, first_line
 from eclip.fileio import atomic_write, read_tensors
 from eclip.loop import ModelSpec, encode_in_order, eval_bf16, is_oom, load_recipe, pick_device, use_device
 
+READY = "encode: ready"  # the line --signal-ready prints
 SPEC_KEYS = ("vocab_size", "context_length", "phrase_length", "image_size")  # the inputs' metadata
 
 
@@ -47,6 +48,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--out", type=Path, required=True, help="where the embeddings go (safetensors: img, txt)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--batch", type=int, default=512, help="images or captions per forward pass")
+    p.add_argument("--signal-ready", action="store_true",
+                   help=f"print {READY!r} once started (imports, inputs, device) and before the recipe is "
+                        "imported: the harness times what follows")
     return p
 
 
@@ -95,7 +99,7 @@ def hparams_of(recipe, meta: dict, path: Path) -> None:
 
 
 def encode_checkpoint(recipe_path: Path, run_dir: Path, inputs: Path, device_name: str = "auto",
-                      batch: int = 512) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                      batch: int = 512, signal_ready: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(img fp32 [N, E], txt fp32 [C, E]) of the inputs under the checkpoint in ``run_dir``,
     on the CPU; None for a part the inputs do not hold."""
     if batch < 1:
@@ -104,6 +108,9 @@ def encode_checkpoint(recipe_path: Path, run_dir: Path, inputs: Path, device_nam
     meta = ckpt.read_meta(run_dir)
     device = pick_device(device_name)
     use_device(device)
+    torch.empty(1, device=device).sum().item()  # the device's context exists: its start-up is done
+    if signal_ready:  # from here on, the time is the recipe's (its import, build, weights, encoding)
+        print(READY, flush=True)
     recipe = load_recipe(recipe_path)
     hparams_of(recipe, meta, run_dir)
     torch.manual_seed(int(meta.get("seed", 42)))  # as training seeded it before build_model
@@ -129,7 +136,8 @@ def save_embeddings(path: Path, img: torch.Tensor | None, txt: torch.Tensor | No
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        img, txt = encode_checkpoint(args.recipe, args.checkpoint, args.inputs, args.device, args.batch)
+        img, txt = encode_checkpoint(args.recipe, args.checkpoint, args.inputs, args.device, args.batch,
+                                     args.signal_ready)
         save_embeddings(args.out, img, txt)
     except EclipError as e:
         print(f"encode: error: {e}", file=sys.stderr)

@@ -25,9 +25,10 @@ them against the cache's own pairs and writes the metrics into ``result.json``
 module, a class, a frame it walks), it finds no evaluation data in them to exploit, and the
 ranking does not run there. Training outside the clock is refused too: the last step may
 end ``OVERRUN_GRACE_S`` after the budget, the recipe's code after it (``after_s``, timed by
-the loop) and each encoding process get ``AFTER_GRACE_S`` and ``EVAL_GRACE_S`` plus
-allowances for the checkpoint's size and the number of items; a run over any limit ends
-with status ``error``. The limits bound such work; they cannot tell it from slowness.
+the loop) gets ``AFTER_GRACE_S``, and each encoding process ``EVAL_GRACE_S`` from the end
+of its start-up, plus allowances for the checkpoint's size and the number of items; a run
+over any limit ends with status ``error``. The limits bound such work; they cannot tell it
+from slowness.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -52,7 +54,8 @@ PARTS = ("images", "texts")  # one eclip.encode process each: none sees both sid
 # recipe code takes longer than this after the clock stopped, or to encode, is refused:
 # that time would be training nobody counted.
 AFTER_GRACE_S = 10.0  # after the last step: checkpoint and FLOP count (plus the write, below)
-EVAL_GRACE_S = 30.0  # per encoding process: start-up, CUDA, the model and its weights
+START_LIMIT_S = 120.0  # an encoding process's start-up (imports, device): before any recipe code
+EVAL_GRACE_S = 10.0  # then, per encoding process: the recipe's import, its model, the weights
 EVAL_SHARE = 0.1  # at most this fraction of the budget on top, for large splits and slow models
 WRITE_BYTES_PER_S = 50e6  # slack per checkpoint byte, for a slow disk
 # The loop checks the clock between steps, so the last step ends after the budget. An
@@ -195,36 +198,65 @@ def child(cmd: list[str], preexec) -> int:
 
 
 def encode_parts(cmds: dict[str, list[str]], logs: dict[str, Path], limit_s: float, preexec) -> dict[str, int]:
-    """Run the encoding processes at once, each to its end or until ``limit_s`` has passed
-    (then all are killed: EclipError). Returns each part's exit code; their stderr goes to
-    ``logs`` and is passed on."""
+    """Run the encoding processes at once, each to its end; returns each part's exit code.
+    Each gets ``START_LIMIT_S`` to start (imports, device) and then ``limit_s`` from the line
+    it prints before importing the recipe (``--signal-ready``), so the limit on the recipe's
+    time does not have to cover a slow start; past either, all are killed (EclipError).
+    Their stderr goes to ``logs`` and is passed on."""
+    from eclip.encode import READY
+
     env = dict(os.environ, TORCH_COMPILE_DISABLE="1")  # eager: a fast start, nothing to compile
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    procs, files = {}, {}
+    procs, files, ready, readers = {}, {}, {}, []
+
+    def watch(part: str, stream) -> None:
+        for line in stream:
+            if line.rstrip("\n") == READY and part not in ready:
+                ready[part] = time.monotonic()
+            else:
+                sys.stdout.write(line)
+
     try:
+        start = time.monotonic()
         for part, cmd in cmds.items():
             files[part] = open(logs[part], "w+", encoding="utf-8")
-            procs[part] = subprocess.Popen(cmd, preexec_fn=preexec, stderr=files[part], env=env)
-        deadline = time.monotonic() + limit_s
+            procs[part] = subprocess.Popen(cmd + ["--signal-ready"], preexec_fn=preexec, stdout=subprocess.PIPE,
+                                           stderr=files[part], env=env, text=True)
+            readers.append(threading.Thread(target=watch, args=(part, procs[part].stdout), daemon=True))
+            readers[-1].start()
         rcs = {}
-        for part, proc in procs.items():
-            try:
-                rcs[part] = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                raise EclipError(f"evaluation (eclip.encode, {part}) took longer than {limit_s:.0f} s (start-up, "
-                                 "the weights, and twice the training time per item encoded, within a tenth "
-                                 "of the budget); work outside train_step is not training time") from None
+        while len(rcs) < len(procs):
+            now = time.monotonic()
+            for part, proc in procs.items():
+                if part in rcs:
+                    continue
+                rc = proc.poll()
+                if rc is not None:
+                    rcs[part] = rc
+                elif _overdue(part, now, start, ready, limit_s):
+                    raise EclipError(f"evaluation (eclip.encode, {part}) took longer than {limit_s:.0f} s after "
+                                     "its start-up (the recipe's model and weights, and twice the training time "
+                                     "per item encoded, within a tenth of the budget); work outside train_step "
+                                     "is not training time" if part in ready else
+                                     f"evaluation (eclip.encode, {part}) did not start within {START_LIMIT_S:.0f} s")
+            time.sleep(0.02)
         return rcs
     finally:
         for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
-                proc.wait()
+            proc.wait()
+        for t in readers:
+            t.join(timeout=5)
         for f in files.values():
             f.seek(0)
             sys.stderr.write(f.read())
             f.close()
         signal.signal(signal.SIGINT, previous)
+
+
+def _overdue(part: str, now: float, start: float, ready: dict, limit_s: float) -> bool:
+    return now - ready[part] > limit_s if part in ready else now - start > START_LIMIT_S
 
 
 def encode_error(part: str, rc: int, log: Path) -> str:

@@ -267,3 +267,28 @@ def test_work_outside_the_budget_is_refused(cache, tmp_path, monkeypatch, capsys
     r = json.loads((out / "result.json").read_text())
     assert r["status"] == "error" and r["val_mean_rank"] is None and message in r["reason"], r["reason"]
     assert not any(f.exists() for part in h.PARTS for f in h.part_files(out, part))
+
+
+@pytest.mark.parametrize("script,message", [
+    ("time.sleep(30)", "evaluation (eclip.encode, images) did not start within 1 s"),
+    ("print('encode: ready', flush=True); time.sleep(30)",
+     "evaluation (eclip.encode, images) took longer than 1 s after its start-up"),
+    ("time.sleep(0.5); print('encode: ready', flush=True); print('done'); sys.exit(3)", None),
+])
+def test_the_encoders_watchdog_times_the_recipe_from_the_ready_line(tmp_path, monkeypatch, capsys, script, message):
+    import time
+
+    from eclip import harness as h
+    from eclip.errors import EclipError
+
+    monkeypatch.setattr(h, "START_LIMIT_S", 1.0)
+    cmds = {"images": [sys.executable, "-c", f"import sys, time; {script}"]}
+    logs = {"images": tmp_path / "images.log"}
+    t0 = time.monotonic()
+    if message is None:  # started in 0.5 s, then quick: its exit code, its output passed on
+        assert h.encode_parts(cmds, logs, 1.0, None) == {"images": 3}
+        assert capsys.readouterr().out == "done\n"
+    else:
+        with pytest.raises(EclipError, match=re.escape(message)):
+            h.encode_parts(cmds, logs, 1.0, None)
+    assert time.monotonic() - t0 < 10  # killed, not awaited
