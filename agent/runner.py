@@ -8,7 +8,6 @@ parent-death signal, so it dies with the loop even when the loop is killed with 
 
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
@@ -20,7 +19,7 @@ import time
 from pathlib import Path
 
 from eclip.fileio import atomic_write
-from eclip.policy import SECRET, scrub_environment
+from eclip.policy import SECRET, die_with_parent, prctl, scrub_environment
 
 EVAL_CAP_S = 120.0  # evaluation and start-up allowance on top of the training budget
 MARGIN = 0.5  # plus this fraction of the budget before the run is killed as a timeout
@@ -41,18 +40,6 @@ def device_error(name: str, auto: bool = False) -> str | None:
     return f"--device {name}: expected {'auto, ' if auto else ''}cpu, cuda or cuda:N"
 
 
-def _prctl(*args: int) -> None:
-    """prctl(2) where libc has it (Linux); elsewhere nothing."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(*args)
-    except OSError:
-        pass
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def clean_env() -> dict:
     """The loop's environment without secrets, and offline for model hubs: a recipe naming a
     pretrained tower cannot make a run download anything."""
@@ -66,7 +53,7 @@ def protect_secrets() -> None:
     """Make this process non-dumpable (Linux): other processes of the same user — a training
     run included — can then neither read its /proc/<pid>/environ, which still holds the API
     key, nor attach to it. Root is not stopped by this."""
-    _prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+    prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
 
 
 def secret_values() -> list[str]:
@@ -135,7 +122,7 @@ def run_experiment(recipe: Path, data: Path, budget_s: float, out: Path, *, comp
     t0 = time.perf_counter()
     with open(out / "run.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=clean_env(),
-                                start_new_session=True, preexec_fn=_die_with_parent,
+                                start_new_session=True, preexec_fn=die_with_parent,
                                 cwd=Path(__file__).resolve().parents[1])
         try:
             rc = proc.wait(timeout=limit)

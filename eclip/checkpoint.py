@@ -11,6 +11,7 @@ files and renamed, JSON last, so a crash mid-save leaves the previous checkpoint
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -23,7 +24,9 @@ TENSORS, META = "checkpoint.safetensors", "checkpoint.json"
 
 
 def save_checkpoint(out: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, torch.Tensor], meta: dict) -> Path:
+                    state: dict[str, torch.Tensor], meta: dict) -> float:
+    """Write the checkpoint; returns the seconds spent writing the files (not gathering the
+    tensors, which runs the model's and optimizer's own code: the loop times that apart)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors, aliases, seen = {}, {}, {}
@@ -46,9 +49,11 @@ def save_checkpoint(out: str | Path, model: torch.nn.Module, optimizer: torch.op
         tensors[f"state.{k}"] = v.detach().cpu().contiguous()
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in opt["param_groups"]]
     meta = dict(meta, optimizer={"param_groups": groups, "scalars": scalars}, aliases=aliases)
+    text = json.dumps(meta, indent=2, default=list) + "\n"
+    t0 = time.perf_counter()
     atomic_write(out / TENSORS, lambda p: save_file(tensors, str(p)))
-    atomic_write(out / META, lambda p: p.write_text(json.dumps(meta, indent=2, default=list) + "\n"))
-    return out / META
+    atomic_write(out / META, lambda p: p.write_text(text))
+    return time.perf_counter() - t0
 
 
 def read_meta(ckpt_dir: str | Path) -> dict:
@@ -105,7 +110,8 @@ def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module,
     ckpt_dir = Path(ckpt_dir)
     meta = read_meta(ckpt_dir)
     check_model_config(ckpt_dir, meta, model)
-    tensors = read_tensors(ckpt_dir / TENSORS)
+    # the weights alone when there is no optimizer to restore (an evaluation)
+    tensors = read_tensors(ckpt_dir / TENSORS, prefix=None if optimizer is not None else "model.")
     weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     for alias, name in meta.get("aliases", {}).items():
         weights[alias] = weights[name]

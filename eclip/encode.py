@@ -24,6 +24,7 @@ Exit codes: 0 ok, 1 out of memory, 2 bad input, 130 interrupted.
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -109,6 +110,13 @@ def encode_checkpoint(recipe_path: Path, run_dir: Path, inputs: Path, device_nam
     device = pick_device(device_name)
     use_device(device)
     torch.empty(1, device=device).sum().item()  # the device's context exists: its start-up is done
+    hp = meta.get("hparams") or {}
+    for key, library in (("text_tower", "transformers"), ("image_tower", "timm")):
+        if hp.get(key):  # a pretrained tower's library is start-up too (seconds to import)
+            try:
+                importlib.import_module(library)
+            except ImportError:
+                pass  # build_model says what is missing
     if signal_ready:  # from here on, the time is the recipe's (its import, build, weights, encoding)
         print(READY, flush=True)
     recipe = load_recipe(recipe_path)

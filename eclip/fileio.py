@@ -24,14 +24,18 @@ def atomic_write(path: Path, write) -> None:
             tmp.unlink()
 
 
-def read_tensors(path: Path, hint: str = "") -> dict:
-    """A safetensors file as torch tensors, or a one-line EclipError naming it (cut short,
+def read_tensors(path: Path, hint: str = "", prefix: str | None = None) -> dict:
+    """A safetensors file as torch tensors (only the names starting with ``prefix`` when
+    given: the rest is never read), or a one-line EclipError naming it (cut short,
     corrupted, missing)."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path))
+        if prefix is None:
+            return load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
     except (SafetensorError, OSError) as e:
         reason = first_line(e)
         raise EclipError(f"{path}: unreadable ({reason}){'; ' + hint if hint else ''}") from None

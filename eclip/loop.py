@@ -240,8 +240,8 @@ def encode_split(model, cache: Cache, rows: torch.Tensor, device: torch.device,
     Images and texts are encoded in separate passes, each in its own random order, and put
     back in place afterwards: a model cannot tell which pairs it sees together. The orders
     come from the operating system's entropy, not from the run's seed (a recipe knows that
-    seed and could draw the same permutations); the metrics do not depend on them, since
-    each sample is encoded on its own."""
+    seed and could draw the same permutations); the metrics do not depend on them for a
+    model that encodes each sample on its own."""
     cap, txt_image = eval_pairs(cache.caption_image, rows, cache.images.shape[0])
     order_i, order_t = secret_order(rows.numel()), secret_order(cap.numel())
     img, txt = encode_in_order(model, cache.images[rows[order_i]], cache.tokens[cap[order_t]], device, batch, bf16)

@@ -95,6 +95,24 @@ def scrub_environment(env: dict | None = None) -> list[str]:
     return gone
 
 
+def prctl(*args: int) -> None:
+    """prctl(2) where libc has it (Linux); elsewhere nothing."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(*args)
+    except OSError:
+        pass
+
+
+def die_with_parent() -> None:  # pragma: no cover - runs in a child between fork and exec
+    """For ``preexec_fn``: the child is killed when the process that started it dies, so a
+    run never outlives its harness or its loop, whatever killed them."""
+    import signal
+
+    prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class _Checker:
     """One pass over a parsed recipe, collecting violations."""
 

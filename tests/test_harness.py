@@ -292,3 +292,26 @@ def test_the_encoders_watchdog_times_the_recipe_from_the_ready_line(tmp_path, mo
         with pytest.raises(EclipError, match=re.escape(message)):
             h.encode_parts(cmds, logs, 1.0, None)
     assert time.monotonic() - t0 < 10  # killed, not awaited
+
+
+def test_children_take_ctrl_c_again_and_die_with_the_harness():
+    # the harness ignores SIGINT while it waits; its children must not inherit that, or a
+    # Ctrl-C during the evaluation would go unheard
+    import signal
+
+    from eclip.harness import child_setup
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        out = subprocess.run([sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT))"],
+                             preexec_fn=child_setup(None), capture_output=True, text=True, timeout=60).stdout
+        ignored = subprocess.run([sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT))"],
+                                 capture_output=True, text=True, timeout=60).stdout
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert out.strip() == "<built-in function default_int_handler>" and ignored.strip() in ("1", "Handlers.SIG_IGN")
+    # and PR_SET_PDEATHSIG is set: the child reads back SIGKILL (9)
+    probe = ("import ctypes; v = ctypes.c_int(); ctypes.CDLL('libc.so.6').prctl(2, ctypes.byref(v)); print(v.value)")
+    got = subprocess.run([sys.executable, "-c", probe], preexec_fn=child_setup(None), capture_output=True, text=True,
+                         timeout=60).stdout
+    assert got.strip() == "9"
