@@ -34,7 +34,15 @@ import torch
 from eclip import checkpoint as ckpt
 from eclip.errors import EclipError, OneLineParser, first_line
 from eclip.fileio import atomic_write, read_tensors
-from eclip.loop import ModelSpec, encode_in_order, eval_bf16, is_oom, load_recipe, pick_device, use_device
+from eclip.loop import (
+    ModelSpec,
+    encode_in_order,
+    eval_bf16,
+    is_oom,
+    load_recipe,
+    pick_device,
+    use_device,
+)
 
 READY = "encode: ready"  # the line --signal-ready prints
 SPEC_KEYS = ("vocab_size", "context_length", "phrase_length", "image_size")  # the inputs' metadata

@@ -301,10 +301,9 @@ def evaluate(result: dict, args, preexec=None) -> dict:
     cmds, logs = {}, {}
     try:
         for part, (inputs, emb, log) in files.items():
-            if part == "images":
-                write_inputs(inputs, cache.images[orders[part]], None, spec)
-            else:
-                write_inputs(inputs, None, cache.tokens[orders[part]], spec)
+            images = cache.images[orders[part]] if part == "images" else None
+            tokens = cache.tokens[orders[part]] if part == "texts" else None
+            write_inputs(inputs, images, tokens, spec)
             cmds[part] = [sys.executable, "-m", "eclip.encode", "--recipe", str(args.recipe), "--checkpoint",
                           str(args.out), "--inputs", str(inputs), "--out", str(emb), "--device", args.device]
             logs[part] = log

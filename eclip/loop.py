@@ -176,17 +176,6 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and ("can't allocate memory" in msg or "out of memory" in msg)
 
 
-def eval_pairs(caption_image: torch.Tensor, rows: torch.Tensor, n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(captions, txt_image) of an evaluation over image ``rows`` of a cache: the caption
-    rows whose image is among ``rows`` (int64 [C], cache order) and, for each, the position
-    of its image in ``rows`` (int64 [C]). The harness recomputes this from the annotations
-    alone to rank the embeddings a run wrote."""
-    pos = torch.full((n_images,), -1, dtype=torch.int64)
-    pos[rows] = torch.arange(rows.numel())
-    cap = torch.nonzero(pos[caption_image] >= 0).flatten()
-    return cap, pos[caption_image[cap]]
-
-
 def eval_bf16(hparams: dict, device: torch.device) -> bool:
     """Whether the evaluation encodes under bf16 autocast: as the template trains (CUDA,
     precision auto or bf16)."""
@@ -208,7 +197,7 @@ def encode_in_order(model, images: torch.Tensor | None, tokens: torch.Tensor | N
     """Embeddings of ``images`` (uint8 [N, 3, R, R]) and of caption ``tokens`` (int [C, L],
     0 = padding), in the order given: (img fp32 [N, E], txt fp32 [C, E]) on the device; None
     for a part not given. Images and texts go in separate passes; the caller decides the
-    orders (``encode_split`` and the harness shuffle them, so a model cannot tell which
+    orders (``evaluate_split`` and the harness shuffle them, so a model cannot tell which
     pairs it sees)."""
     was_training = model.training
     model.eval()
@@ -232,22 +221,6 @@ def encode_in_order(model, images: torch.Tensor | None, tokens: torch.Tensor | N
     return img, txt
 
 
-def encode_split(model, cache: Cache, rows: torch.Tensor, device: torch.device,
-                 batch: int = 512, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Embeddings of the images of ``rows`` and of their captions: (img fp32 [N, E] in the
-    order of ``rows``, txt fp32 [C, E] in cache caption order, txt_image int64 [C]).
-
-    Images and texts are encoded in separate passes, each in its own random order, and put
-    back in place afterwards: a model cannot tell which pairs it sees together. The orders
-    come from the operating system's entropy, not from the run's seed (a recipe knows that
-    seed and could draw the same permutations); the metrics do not depend on them for a
-    model that encodes each sample on its own."""
-    cap, txt_image = eval_pairs(cache.caption_image, rows, cache.images.shape[0])
-    order_i, order_t = secret_order(rows.numel()), secret_order(cap.numel())
-    img, txt = encode_in_order(model, cache.images[rows[order_i]], cache.tokens[cap[order_t]], device, batch, bf16)
-    return unshuffle(img, order_i), unshuffle(txt, order_t), txt_image
-
-
 def secret_order(n: int) -> torch.Tensor:
     """A permutation of ``n`` (int64) drawn from the operating system's entropy."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(secrets.randbits(63)))
@@ -262,10 +235,19 @@ def unshuffle(emb: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 
 def evaluate_split(model, cache: Cache, rows: torch.Tensor, device: torch.device,
                    batch: int = 512, bf16: bool = False) -> dict:
-    """Rank the captions and images of ``rows`` (image rows of the cache) with the model
-    (``encode_split``, then ``eclip.evaluate.retrieval_metrics``)."""
-    img, txt, txt_image = encode_split(model, cache, rows, device, batch, bf16)
-    return retrieval_metrics(img, txt, txt_image.to(img.device))
+    """Rank the images of ``rows`` (image rows of the cache, ascending) and their captions
+    with the model (``eclip.evaluate.retrieval_metrics``).
+
+    Images and texts are encoded in separate passes, each in its own random order, and put
+    back in place afterwards: a model cannot tell which pairs it sees together. The orders
+    come from the operating system's entropy, not from the run's seed (a recipe knows that
+    seed and could draw the same permutations); the metrics do not depend on them for a
+    model that encodes each sample on its own. The harness does the same across processes."""
+    split = cache.subset(rows)  # its captions, and each caption's image re-indexed from 0
+    order_i, order_t = secret_order(split.images.shape[0]), secret_order(split.tokens.shape[0])
+    img, txt = encode_in_order(model, split.images[order_i], split.tokens[order_t], device, batch, bf16)
+    img, txt = unshuffle(img, order_i), unshuffle(txt, order_t)
+    return retrieval_metrics(img, txt, split.caption_image.to(img.device))
 
 
 def peak_memory_bytes(device: torch.device) -> int | None:

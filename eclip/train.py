@@ -33,7 +33,6 @@ from eclip import checkpoint as ckpt
 from eclip.data.cache import load_cache
 from eclip.errors import EclipError, OneLineParser, first_line
 from eclip.evaluate import fold_split, format_metrics
-from eclip.fileio import atomic_write
 from eclip.hardware import device_name, peak_bf16_flops
 from eclip.loop import (
     LoopConfig,

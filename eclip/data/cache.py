@@ -189,7 +189,7 @@ class Cache:
 
     def split_images(self, name: str) -> torch.Tensor:
         """Image rows of a split ("train", "val" or "test"), int64 [n]."""
-        return split_rows(self.split, name)
+        return torch.nonzero(self.split == SPLITS.index(name)).flatten()
 
     def subset(self, rows: torch.Tensor) -> Cache:
         """A cache of image ``rows`` only (int64, ascending), with their captions and regions,
@@ -209,11 +209,6 @@ class Cache:
                      region_image=new[self.region_image[reg]], region_tokens=self.region_tokens[reg].clone(),
                      region_lengths=self.region_lengths[reg].clone(), split=self.split[rows].clone(),
                      fold=self.fold[rows].clone(), rows=kept)
-
-
-def split_rows(split: torch.Tensor, name: str) -> torch.Tensor:
-    """Rows whose split id (an annotations ``split`` tensor) is ``name``'s, int64 [n]."""
-    return torch.nonzero(split == SPLITS.index(name)).flatten()
 
 
 def load_cache(path: str | Path) -> Cache:
