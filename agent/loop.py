@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from agent import journal
+from agent import disk, journal
 from agent.claude import DEFAULT_MODEL, ClaudeConfig, ClaudeProposer, ProposerStop
 from agent.runner import (
     clean_env,
@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="device for the runs")
     p.add_argument("--seed", type=int, default=0, help="proposer seed")
     p.add_argument("--timeout-s", type=float, help="hard limit per run (default: budget × 1.5 + 120 s)")
+    p.add_argument("--keep-checkpoints", choices=disk.POLICIES, default="kept",
+                   help="whose checkpoints stay in experiments/<n>/ once a run ends: the baselines' and kept "
+                        "experiments' (kept), the current best's only (best), every run's (all) or none; applied to "
+                        "earlier runs too when a study resumes")
     c = p.add_argument_group("claude proposer")
     c.add_argument("--model", default=DEFAULT_MODEL, help="Messages API model id")
     c.add_argument("--max-turns", type=int, default=12, help="model replies per proposal")
@@ -115,7 +119,15 @@ def recovered_result(ws: Workspace, exp: dict) -> dict | None:
     deletes any older one before starting), or None."""
     if exp.get("commit") is None:
         return None
-    return finished_result(ws.experiments / str(exp["n"]), exp.get("time", 0))
+    return with_checkpoint_size(finished_result(ws.experiments / str(exp["n"]), exp.get("time", 0)),
+                                ws.experiments / str(exp["n"]))
+
+
+def with_checkpoint_size(result: dict | None, out: Path) -> dict | None:
+    """``result`` plus the size of the checkpoint its run left (journaled: the free-space
+    check sizes the next run by it, after pruning has removed the file)."""
+    size = disk.checkpoint_bytes(out)
+    return result if result is None or size is None else dict(result, checkpoint_bytes=size)
 
 
 def reconcile(ws: Workspace, root_commit: str, min_delta: float) -> None:
@@ -184,8 +196,19 @@ def run_one(ws: Workspace, args, n: int, kind: str, commit: str, description: st
     out = ws.experiments / str(n)
     out.mkdir(parents=True, exist_ok=True)
     (out / "diff.patch").write_text(extra.get("diff", ""))
-    return run_experiment(ws.recipe, args.data.resolve(), args.budget_s, out, device=args.device,
-                          compile_cache=ws.root / ".compile_cache", timeout_s=args.timeout_s)
+    r = run_experiment(ws.recipe, args.data.resolve(), args.budget_s, out, device=args.device,
+                       compile_cache=ws.root / ".compile_cache", timeout_s=args.timeout_s)
+    if disk.ran_out_of_space(r):  # not the recipe's failure: no repair, and no crash counted against it
+        r = dict(r, status="interrupted", reason=f"out of disk space under {ws.root}", out_of_space=True)
+    return with_checkpoint_size(r, out)
+
+
+def after_run(ws: Workspace, args, r: dict) -> None:
+    """Apply the checkpoint rule to every ended run; stop the loop if this run met a full disk."""
+    disk.prune(ws.experiments, journal.experiments(journal.read(ws.journal_path)), args.keep_checkpoints)
+    if r.get("out_of_space"):
+        raise disk.OutOfSpace(f"a run ran out of disk space under {ws.root}; free some space, or resume with "
+                              "--keep-checkpoints best or none")
 
 
 def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> bool:
@@ -194,12 +217,16 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
     exps = journal.experiments(events)
     st = state(exps, root_commit, args.min_delta)
     n = st["next_n"]
+    if (st["baselines"] < args.noise_runs or st["experiments"] < args.max_experiments) and \
+            (why := disk.space_error(ws.root, exps)):
+        raise disk.OutOfSpace(why)  # before a proposal is paid for
     if st["baselines"] < args.noise_runs:
         if st["baseline_attempts"] >= 2 * args.noise_runs:
             raise SystemExit("loop: error: the baseline recipe keeps failing; see experiments/*/run.log")
         ws.reset(root_commit)
         r = run_one(ws, args, n, "baseline", root_commit, "baseline", {})
         record_end(ws, n, outcome("baseline", r, st)[0], r, False, root_commit, "baseline")
+        after_run(ws, args, r)
         return True
     if st["experiments"] >= args.max_experiments:
         return False
@@ -259,6 +286,7 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
     rank = r.get("val_mean_rank")
     print(f"loop: #{n} {status:<9} val_mean_rank {'none' if rank is None else f'{rank:.2f}'} (best {st['best']:.2f}, "
           f"noise floor {st['threshold']:.2f})  {prop.description}", flush=True)
+    after_run(ws, args, r)
     return True
 
 
@@ -301,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     root_commit = ws.root_commit()
     reconcile(ws, root_commit, args.min_delta)
+    disk.prune(ws.experiments, journal.experiments(journal.read(ws.journal_path)), args.keep_checkpoints)
     # what this session runs with: `agent.report --final` retrains the best on the same data
     journal.append(ws.journal_path, {"event": "session", "time": time.time(), "proposer": args.proposer,
                                      "data": str(args.data.resolve()), "budget_s": args.budget_s,
@@ -327,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         print("loop: interrupted; recording and returning to the best commit", file=sys.stderr)
         reconcile(ws, root_commit, args.min_delta)
         code = 130
-    except ProposerStop as e:
+    except (ProposerStop, disk.OutOfSpace) as e:
         print(f"loop: stopping: {e}", file=sys.stderr)
         code = 1
     finally:
@@ -341,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"loop: progress plot not drawn ({e})", file=sys.stderr)
     print(f"---\nworkspace:      {ws.root}\nbest_commit:    {st['best_commit'][:7]}\n"
           f"best_mean_rank: {'none' if st['best'] is None else round(st['best'], 2)}\nnoise_floor:    {st['threshold']:.3f}\n"
-          f"experiments:    {st['experiments']}\nresults:        {ws.results_path}")
+          f"experiments:    {st['experiments']}\ncheckpoints:    {disk.summary(ws.experiments)}\n"
+          f"results:        {ws.results_path}")
     return code
 
 

@@ -102,6 +102,11 @@ def test_a_whole_loop_with_real_runs(cache, tmp_path, capsys):
         if e["status"] in ("baseline", "keep", "discard"):
             result = json.loads((ws.experiments / str(e["n"]) / "result.json").read_text())
             assert result["status"] == "ok" and result["val_mean_rank"] == e["val_mean_rank"]
+        # the harness's checkpoint, kept for baselines and kept experiments only (--keep-checkpoints kept)
+        assert (ws.experiments / str(e["n"]) / "checkpoint.safetensors").exists() == \
+            (e["status"] in ("baseline", "keep"))
+        if e["status"] in ("baseline", "keep", "discard"):
+            assert e["result"]["checkpoint_bytes"] > 10_000
     assert ws.git("status", "--porcelain") == ""
 
 

@@ -1,0 +1,108 @@
+"""Disk use of a long study: which experiments keep their checkpoints, and room for the next.
+
+Every harness run leaves a checkpoint (weights plus AdamW moments) in ``experiments/<n>/``.
+That is about 1 GB per run for the ViT-S/16 preset, so a night of 100 runs would fill a
+64 GB disk, and the run that meets the full disk crashes, then every run after it. So:
+
+- ``--keep-checkpoints`` says whose checkpoints stay once a run has ended. ``kept`` keeps
+  the baseline runs' and the kept experiments', the models the study's trail is made of;
+  ``best`` keeps only the current best's (the last kept experiment's, or the best-scoring
+  baseline run's before any keep); ``all`` and ``none`` say what they mean. Everything
+  else in the folder (log, result, diff, transcript) always stays. The rule is applied to
+  the whole journal after each run and at start-up, so a study resumed with a stricter
+  rule frees the space of its earlier runs.
+- Before each run the loop checks the free space under the workspace against what a run
+  writes (``needed_bytes``), and stops cleanly, exit code 1, when it is short.
+- A run that still met a full disk (its log says so) is recorded ``interrupted``, not
+  ``crash``: the recipe did nothing wrong, and a proposer must not try to repair it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+POLICIES = ("kept", "best", "all", "none")
+FILES = ("checkpoint.safetensors", "checkpoint.json")  # eclip.checkpoint's TENSORS and META
+GIB = 1 << 30
+MIN_FREE = 1 * GIB  # room asked before any checkpoint size is known, and on top of one after
+ENOSPC_TEXT = "No space left on device"  # strerror(ENOSPC), as tracebacks and shells print it
+
+
+class OutOfSpace(Exception):
+    """The disk under the workspace is (nearly) full: the loop stops rather than fail every run."""
+
+
+def checkpoint_bytes(out: Path) -> int | None:
+    """Size of the checkpoint files a run left in ``out`` (None when it left none)."""
+    sizes = [(out / name).stat().st_size for name in FILES if (out / name).is_file()]
+    return sum(sizes) if sizes else None
+
+
+def summary(experiments_dir: Path) -> str:
+    """``<count> kept (<size>)``: the checkpoints left under ``experiments/`` (final runs too)."""
+    sizes = [size for d in experiments_dir.iterdir() if (size := checkpoint_bytes(d)) is not None] \
+        if experiments_dir.is_dir() else []
+    return f"{len(sizes)} kept ({sum(sizes) / GIB:.2f} GiB)"
+
+
+def keep_set(exps: list[dict], policy: str) -> set[int] | None:
+    """Numbers of the ended experiments whose checkpoints stay; None means all of them."""
+    if policy not in POLICIES:
+        raise ValueError(f"keep-checkpoints policy {policy!r}: expected one of {', '.join(POLICIES)}")
+    if policy == "all":
+        return None
+    if policy == "none":
+        return set()
+    base = [e for e in exps if e.get("kind") == "baseline" and e.get("status") == "baseline"]
+    kept = [e for e in exps if e.get("kept")]
+    if policy == "kept":
+        return {e["n"] for e in base + kept}
+    if kept:
+        return {kept[-1]["n"]}
+    scored = [e for e in base if isinstance(e.get("val_mean_rank"), (int, float))]
+    return {min(scored, key=lambda e: e["val_mean_rank"])["n"]} if scored else set()
+
+
+def prune(experiments_dir: Path, exps: list[dict], policy: str) -> int:
+    """Delete the checkpoints of ended experiments outside ``keep_set``; returns the bytes
+    freed. A run still in flight (no end journaled) is never touched."""
+    keep = keep_set(exps, policy)
+    if keep is None:
+        return 0
+    freed = 0
+    for e in exps:
+        if not e.get("ended") or e["n"] in keep:
+            continue
+        for name in FILES:
+            path = experiments_dir / str(e["n"]) / name
+            try:
+                size = path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            freed += size
+    return freed
+
+
+def needed_bytes(exps: list[dict]) -> int:
+    """What the next run may write: the largest checkpoint a run of this study has left
+    (journaled as ``checkpoint_bytes``, so pruned ones count), a quarter more for a change
+    that grows the model, plus ``MIN_FREE`` for logs, embeddings and the compile cache."""
+    sizes = [(e.get("result") or {}).get("checkpoint_bytes") for e in exps]
+    largest = max((s for s in sizes if isinstance(s, int) and not isinstance(s, bool)), default=0)
+    return int(largest * 1.25) + MIN_FREE
+
+
+def space_error(root: Path, exps: list[dict]) -> str | None:
+    """The reason to stop before the next run, or None when the disk has room for it."""
+    free, need = shutil.disk_usage(root).free, needed_bytes(exps)
+    if free >= need:
+        return None
+    return (f"{root}: {free / GIB:.1f} GiB free, a run needs about {need / GIB:.1f} GiB (its checkpoint, logs and "
+            "compile cache); free some space, or resume with --keep-checkpoints best or none")
+
+
+def ran_out_of_space(result: dict) -> bool:
+    """Whether a failed run's log tail shows the disk was full."""
+    return result.get("status") != "ok" and ENOSPC_TEXT in str(result.get("log_tail", ""))

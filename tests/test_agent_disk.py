@@ -1,0 +1,109 @@
+"""Disk use of the research loop: which runs keep their checkpoints, the free-space check
+before a run, and a run that met a full disk (scripted runners that write checkpoint files
+like the harness; the real harness's checkpoint is checked in test_agent_loop)."""
+
+import json
+from collections import namedtuple
+
+import pytest
+
+from agent import disk, journal, loop
+from agent.workspace import Workspace
+
+MIB = 1 << 20
+Usage = namedtuple("Usage", "total used free")
+
+
+def writing_runner(ranks, size=MIB):
+    """A fake runner that leaves a ``size``-byte checkpoint and the result (None: a crash
+    after the checkpoint was written; a string: a crash whose log tail is that string)."""
+    calls = iter(ranks)
+
+    def fake(recipe, data, budget_s, out, **kw):
+        rank = next(calls)
+        (out / "checkpoint.safetensors").write_bytes(b"\0" * size)
+        (out / "checkpoint.json").write_text("{}")
+        ok = isinstance(rank, (int, float))
+        result = {"status": "ok" if ok else "crash", "val_mean_rank": rank if ok else None}
+        (out / "result.json").write_text(json.dumps(result))
+        return dict(result, duration_s=0.01) if ok else dict(result, log_tail=rank or "Traceback: boom")
+    return fake
+
+
+def run_loop(tmp_path, cache, *extra):
+    return loop.main(["--tag", "d", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1",
+                      "--noise-runs", "2", *extra])
+
+
+def with_checkpoint(ws):
+    return sorted(int(d.name) for d in ws.experiments.iterdir() if (d / "checkpoint.safetensors").exists())
+
+
+def test_keep_set_by_policy():
+    exps = [{"n": 1, "kind": "baseline", "status": "baseline", "val_mean_rank": 30.0, "ended": True},
+            {"n": 2, "kind": "baseline", "status": "baseline", "val_mean_rank": 28.0, "ended": True},
+            {"n": 3, "kind": "experiment", "status": "discard", "val_mean_rank": 29.0, "ended": True},
+            {"n": 4, "kind": "experiment", "status": "crash", "val_mean_rank": None, "ended": True}]
+    assert disk.keep_set(exps, "kept") == {1, 2}
+    assert disk.keep_set(exps, "best") == {2}  # before any keep: the best-scoring baseline run
+    assert disk.keep_set(exps, "none") == set() and disk.keep_set(exps, "all") is None
+    exps += [{"n": 5, "kind": "experiment", "status": "keep", "kept": True, "val_mean_rank": 20.0, "ended": True},
+             {"n": 6, "kind": "experiment", "status": "keep", "kept": True, "val_mean_rank": 15.0, "ended": True}]
+    assert disk.keep_set(exps, "kept") == {1, 2, 5, 6}
+    assert disk.keep_set(exps, "best") == {6}
+    with pytest.raises(ValueError, match="'most': expected one of kept, best, all, none"):
+        disk.keep_set(exps, "most")
+
+
+def test_only_baselines_and_kept_runs_keep_checkpoints_and_a_stricter_resume_frees_the_rest(
+        small_cache, tmp_path, monkeypatch, capsys):
+    # baselines 100, 100 (σ 0): 101 discard, 90 keep, a crash, 95 discard
+    monkeypatch.setattr(loop, "run_experiment", writing_runner([100, 100, 101, 90, None, 95]))
+    assert run_loop(tmp_path, small_cache, "--max-experiments", "4") == 0
+    ws = Workspace(tmp_path / "d")
+    assert with_checkpoint(ws) == [1, 2, 4]
+    for n in range(1, 7):  # the rest of each run's record stays
+        assert json.loads((ws.experiments / str(n) / "result.json").read_text())["status"] in ("ok", "crash")
+    exps = journal.experiments(journal.read(ws.journal_path))
+    assert all(e["result"]["checkpoint_bytes"] == MIB + 2 for e in exps)  # journaled before the prune
+    assert "checkpoints:    3 kept (0.00 GiB)" in capsys.readouterr().out
+
+    assert run_loop(tmp_path, small_cache, "--max-experiments", "4", "--keep-checkpoints", "best") == 0
+    assert with_checkpoint(ws) == [4]
+    assert not (ws.experiments / "1" / "checkpoint.json").exists()
+    assert "checkpoints:    1 kept" in capsys.readouterr().out
+
+
+def test_a_short_disk_stops_the_loop_before_the_proposal(small_cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(loop, "run_experiment", writing_runner([100, 100], size=4 * MIB))
+    assert run_loop(tmp_path, small_cache, "--max-experiments", "0") == 0
+    ws = Workspace(tmp_path / "d")
+    events = len(journal.read(ws.journal_path))
+    need = disk.needed_bytes(journal.experiments(journal.read(ws.journal_path)))
+    assert need == int((4 * MIB + 2) * 1.25) + disk.MIN_FREE  # sized by the runs so far
+
+    def proposer_called(*a, **k):
+        raise AssertionError("a proposal was asked for although no run could follow")
+    monkeypatch.setattr(loop.SearchProposer, "propose", proposer_called)
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda p: Usage(10 * need, 9 * need, need - 1))
+    assert run_loop(tmp_path, small_cache, "--max-experiments", "3") == 1
+    err = capsys.readouterr().err
+    assert f"loop: stopping: {ws.root}: 1.0 GiB free, a run needs about 1.0 GiB" in err
+    assert "--keep-checkpoints best or none" in err
+    assert [e["event"] for e in journal.read(ws.journal_path)[events:]] == ["session"]  # nothing started
+
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda p: Usage(10 * need, 9 * need, need))
+    monkeypatch.setattr(loop.SearchProposer, "propose", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert run_loop(tmp_path, small_cache, "--max-experiments", "3") == 130  # enough room: it goes on
+
+
+def test_a_run_that_met_a_full_disk_is_interrupted_and_stops_the_loop(small_cache, tmp_path, monkeypatch, capsys):
+    tail = "  File \"eclip/fileio.py\", line 30\nOSError: [Errno 28] No space left on device"
+    monkeypatch.setattr(loop, "run_experiment", writing_runner([100, 100, tail, 80]))
+    assert run_loop(tmp_path, small_cache, "--max-experiments", "2") == 1
+    ws = Workspace(tmp_path / "d")
+    exps = journal.experiments(journal.read(ws.journal_path))
+    assert [e["status"] for e in exps] == ["baseline", "baseline", "interrupted"]
+    assert exps[2]["result"]["reason"] == f"out of disk space under {ws.root}"
+    assert ws.head() == ws.root_commit() and with_checkpoint(ws) == [1, 2]
+    assert "loop: stopping: a run ran out of disk space under" in capsys.readouterr().err
