@@ -136,11 +136,14 @@ def main(argv: list[str] | None = None) -> int:
         return rc  # written by the child before the run began (bad input, out of memory)
     # from here on the harness writes the result: "ranked_by: caller" never outlives it
     if result.get("status") == "ok":
+        from eclip.loop import sigterm_as_ctrl_c
+
         t_eval = time.perf_counter()
         try:
             check_after(result, args.budget_s)
-            # eval_s: the encoding processes and the ranking, start-up included (not in the budget)
-            result = dict(evaluate(result, args, capped), eval_s=time.perf_counter() - t_eval)
+            with sigterm_as_ctrl_c():  # the encoders are killed and their files deleted, as for Ctrl-C
+                # eval_s: the encoding processes and the ranking, start-up included (not in the budget)
+                result = dict(evaluate(result, args, capped), eval_s=time.perf_counter() - t_eval)
         except EclipError as e:
             status = "oom" if "failed: out of memory" in str(e) else "error"
             result = dict(result, status=status, val_mean_rank=None, metrics=None, reason=str(e))
@@ -194,11 +197,15 @@ def child_setup(preexec):
 def child(cmd: list[str], preexec) -> int:
     """Run one child to its end. Ctrl-C reaches it too (same process group): it finishes
     its step, saves and writes an interrupted result; the harness waits for that instead
-    of dying first."""
+    of dying first. A SIGTERM sent to the harness alone is passed on to the child, which
+    takes it as a Ctrl-C."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    proc = subprocess.Popen(cmd, preexec_fn=child_setup(preexec))
+    term = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
     try:
-        return subprocess.call(cmd, preexec_fn=child_setup(preexec))
+        return proc.wait()
     finally:
+        signal.signal(signal.SIGTERM, term)
         signal.signal(signal.SIGINT, previous)
 
 

@@ -14,6 +14,7 @@ apart as ``warmup_s`` but counts against the budget.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import secrets
@@ -147,23 +148,46 @@ def apply_overrides(hparams: dict, overrides: dict[str, str]) -> dict:
     return hparams
 
 
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """Inside the block SIGTERM raises KeyboardInterrupt, as Ctrl-C does, so whatever a Ctrl-C
+    saves and reports a SIGTERM does too (the training loop's own handler, installed while
+    it trains, lets the step finish first). A no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _install_sigint() -> dict:
-    """First Ctrl-C: finish the current step, then stop cleanly (checkpoint, result).
-    Second Ctrl-C: stop at once. Returns the flag and a function restoring the old handler."""
+    """First Ctrl-C or SIGTERM (what a scheduler sends before it preempts a job, and what
+    ``timeout`` sends): finish the current step, then stop cleanly (checkpoint, result).
+    A second one: stop at once. Returns the flag and a function restoring the old handlers."""
     state = {"requested": False, "restore": lambda: None}
     if threading.current_thread() is not threading.main_thread():
         return state
-    previous = signal.getsignal(signal.SIGINT)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def handler(signum, frame):
         if state["requested"]:
             state["hard"] = True  # mid-step: the state may be half-updated, no checkpoint
             raise KeyboardInterrupt
         state["requested"] = True
-        print("\ntrain: stopping after this step (Ctrl-C again to stop now)", file=sys.stderr)
+        again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        print(f"\ntrain: {signal.Signals(signum).name}: stopping after this step ({again} again to stop now)",
+              file=sys.stderr)
 
-    signal.signal(signal.SIGINT, handler)
-    state["restore"] = lambda: signal.signal(signal.SIGINT, previous)
+    for sig in previous:
+        signal.signal(sig, handler)
+    state["restore"] = lambda: [signal.signal(sig, h) for sig, h in previous.items()]
     return state
 
 

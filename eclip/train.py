@@ -12,7 +12,7 @@ The training loop (``eclip.loop``) runs a recipe file (default: the template
 
 Writes to ``--out``: ``result.json``, ``metrics.jsonl`` (one row per log step), the checkpoint
 (``checkpoint.safetensors`` + ``checkpoint.json``) and prints a ``key: value`` summary block.
-Exit codes: 0 ok, 1 diverged or out of memory, 2 bad input, 130 interrupted.
+Exit codes: 0 ok, 1 diverged or out of memory, 2 bad input, 130 interrupted (Ctrl-C or SIGTERM).
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from eclip.loop import (
     load_recipe,
     peak_memory_bytes,
     run_loop,
+    sigterm_as_ctrl_c,
     write_json,
 )
 
@@ -291,7 +292,8 @@ def run(args, overrides: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
     try:
-        result = run(args, parse_overrides(extra))
+        with sigterm_as_ctrl_c():  # a scheduler's SIGTERM saves and reports as Ctrl-C does
+            result = run(args, parse_overrides(extra))
     except EclipError as e:
         print(f"train: error: {e}", file=sys.stderr)
         return 2

@@ -315,3 +315,51 @@ def test_children_take_ctrl_c_again_and_die_with_the_harness():
     got = subprocess.run([sys.executable, "-c", probe], preexec_fn=child_setup(None), capture_output=True, text=True,
                          timeout=60).stdout
     assert got.strip() == "9"
+
+
+def test_sigterm_to_the_harness_stops_the_training_after_its_step_and_saves(cache, tmp_path):
+    # a scheduler or `kill` signals the harness alone: it passes the signal on, and the
+    # training process stops as on Ctrl-C (checkpoint, interrupted result) instead of dying
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "eclip.harness", "run", "--recipe", str(recipe(tmp_path)), "--data", str(cache),
+           "--budget-s", "300", "--out", str(out), "--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "SIGTERM: stopping after this step" in stderr and "status:         interrupted" in stdout
+    r = json.loads((out / "result.json").read_text())
+    assert r["status"] == "interrupted" and r["val_mean_rank"] is None and "ranked_by" not in r
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == r["steps"] >= 1
+
+
+def test_sigterm_during_the_evaluation_is_an_interrupted_result(cache, tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+    import time
+
+    from eclip import harness as h
+
+    def evaluate(result, args, preexec=None):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGTERM was not taken as Ctrl-C")
+
+    monkeypatch.setattr(h, "evaluate", evaluate)
+    out = tmp_path / "run"
+    rc = h.main(["run", "--recipe", str(recipe(tmp_path)), "--data", str(cache), "--budget-s", "1", "--out", str(out),
+                 "--device", "cpu"])
+    assert rc == 130
+    r = json.loads((out / "result.json").read_text())
+    assert r["status"] == "interrupted" and r["reason"] == "interrupted during the evaluation (the checkpoint is saved)"
+    assert (out / "checkpoint.json").is_file() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

@@ -1,6 +1,9 @@
 """``python -m eclip.train`` and the one training loop, on a small built-in dataset, on the CPU."""
 
 import json
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -347,24 +350,29 @@ def test_train_step_clamps_the_logit_scale_after_the_optimizer_step(cache):
     assert float(metrics["logit_scale"]) == pytest.approx(100.0, rel=1e-6)
 
 
-def test_first_ctrl_c_finishes_the_step_and_saves(cache, tmp_path, capsys):
-    # A real SIGINT in the middle of step 5: the handler lets the step finish, then the loop
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])  # Ctrl-C, and a scheduler's preemption or `timeout`
+def test_first_ctrl_c_finishes_the_step_and_saves(cache, tmp_path, capsys, sig):
+    # A real signal in the middle of step 5: the handler lets the step finish, then the loop
     # stops with a checkpoint of 5 steps and a result with status interrupted.
     stopper = recipe_at_call(tmp_path, prelude="import os as _os, signal as _signal\n",
-                             before="if _calls[0] == 5:\n    _os.kill(_os.getpid(), _signal.SIGINT)")
+                             before=f"if _calls[0] == 5:\n    _os.kill(_os.getpid(), _signal.{sig})")
     out = tmp_path / "run"
     rc, stdout, err = run(["--data", cache, "--out", out, "--steps", 20, "--recipe", stopper, *SMALL], capsys)
     assert rc == 130 and "status:         interrupted" in stdout, err
-    assert "stopping after this step" in err
+    assert f"{sig}: stopping after this step" in err
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the process's own handler is back
     assert json.loads((out / "checkpoint.json").read_text())["step"] == 5
     result = json.loads((out / "result.json").read_text())
     assert result["status"] == "interrupted" and result["steps"] == 5 and result["val_mean_rank"] is None
 
 
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_during_the_evaluation_keeps_the_checkpoint_and_writes_a_result(cache, tmp_path, capsys,
-                                                                              monkeypatch):
+                                                                              monkeypatch, sig):
     def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+        os.kill(os.getpid(), getattr(signal, sig))
+        time.sleep(5)  # the signal's handler raises before this ends
+        raise AssertionError("the signal was not taken as Ctrl-C")
 
     monkeypatch.setattr(train, "evaluate_split", interrupted)
     out = tmp_path / "run"
