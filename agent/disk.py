@@ -8,7 +8,8 @@ That is about 1 GB per run for the ViT-S/16 preset, so a night of 100 runs would
   the baseline runs' and the kept experiments', the models the study's trail is made of;
   ``best`` keeps only the current best's (the last kept experiment's, or the best-scoring
   baseline run's before any keep); ``all`` and ``none`` say what they mean. Everything
-  else in the folder (log, result, diff, transcript) always stays. The rule is applied to
+  else in the folder (log, result, diff, transcript) always stays, except the evaluation
+  inputs and embeddings a killed harness left behind. The rule is applied to
   the whole journal after each run and at start-up, so a study resumed with a stricter
   rule frees the space of its earlier runs.
 - Before each run the loop checks the free space under the workspace against what a run
@@ -65,17 +66,20 @@ def keep_set(exps: list[dict], policy: str) -> set[int] | None:
 
 
 def prune(experiments_dir: Path, exps: list[dict], policy: str) -> int:
-    """Delete the checkpoints of ended experiments outside ``keep_set``; returns the bytes
-    freed. A run still in flight (no end journaled) is never touched."""
+    """Delete the checkpoints of ended experiments outside ``keep_set``, and the harness's
+    evaluation inputs and embeddings that a killed run (a timeout) left behind, whatever the
+    policy (their logs stay); returns the bytes freed. A run still in flight (no end
+    journaled) is never touched."""
     keep = keep_set(exps, policy)
-    if keep is None:
-        return 0
     freed = 0
     for e in exps:
-        if not e.get("ended") or e["n"] in keep:
+        if not e.get("ended"):
             continue
-        for name in FILES:
-            path = experiments_dir / str(e["n"]) / name
+        run = experiments_dir / str(e["n"])
+        doomed = [*run.glob("eval_*.safetensors"), *run.glob("emb_*.safetensors")]
+        if keep is not None and e["n"] not in keep:
+            doomed += [run / name for name in FILES]
+        for path in doomed:
             try:
                 size = path.stat().st_size
                 path.unlink()

@@ -22,6 +22,9 @@ def writing_runner(ranks, size=MIB):
     def fake(recipe, data, budget_s, out, **kw):
         rank = next(calls)
         (out / "checkpoint.safetensors").write_bytes(b"\0" * size)
+        if rank is None:  # killed while encoding: the harness's files are left behind
+            for name in ("eval_images.safetensors", "emb_texts.safetensors", "eval_images.log"):
+                (out / name).write_bytes(b"\0" * 64)
         (out / "checkpoint.json").write_text("{}")
         ok = isinstance(rank, (int, float))
         result = {"status": "ok" if ok else "crash", "val_mean_rank": rank if ok else None}
@@ -62,6 +65,7 @@ def test_only_baselines_and_kept_runs_keep_checkpoints_and_a_stricter_resume_fre
     assert run_loop(tmp_path, small_cache, "--max-experiments", "4") == 0
     ws = Workspace(tmp_path / "d")
     assert with_checkpoint(ws) == [1, 2, 4]
+    assert sorted(p.name for p in (ws.experiments / "5").glob("e*")) == ["eval_images.log"]  # the log stays
     for n in range(1, 7):  # the rest of each run's record stays
         assert json.loads((ws.experiments / str(n) / "result.json").read_text())["status"] in ("ok", "crash")
     exps = journal.experiments(journal.read(ws.journal_path))
