@@ -4,8 +4,14 @@
 optimizer's per-parameter state, i = parameter position in its param groups) and
 ``state.<name>`` (generator states and other loop tensors). ``checkpoint.json`` holds the
 step, elapsed training time, hyperparameters, the model config, the optimizer's group
-settings and the fingerprint of the cache it was trained on. Both are written to temporary
-files and renamed, JSON last, so a crash mid-save leaves the previous checkpoint whole.
+settings and the fingerprint of the cache it was trained on.
+
+The same JSON text is also stored in the tensors file's header (metadata ``eclip.meta``),
+and that copy is the one read back: the tensors file is written to a temporary file and
+renamed, so its tensors and its metadata always come from one save. Two files cannot be
+renamed at once; a process killed between the two renames would otherwise pair new tensors
+with the previous save's step, clock and optimizer settings. ``checkpoint.json`` is written
+second, for people and tools; checkpoints written before the header copy are read from it.
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from eclip.errors import EclipError
+from eclip.errors import EclipError, first_line
 from eclip.fileio import atomic_write, read_tensors
 
 TENSORS, META = "checkpoint.safetensors", "checkpoint.json"
+HEADER_KEY = "eclip.meta"  # the meta JSON in the tensors file's metadata
 
 
 def save_checkpoint(out: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -51,19 +58,34 @@ def save_checkpoint(out: str | Path, model: torch.nn.Module, optimizer: torch.op
     meta = dict(meta, optimizer={"param_groups": groups, "scalars": scalars}, aliases=aliases)
     text = json.dumps(meta, indent=2, default=list) + "\n"
     t0 = time.perf_counter()
-    atomic_write(out / TENSORS, lambda p: save_file(tensors, str(p)))
+    atomic_write(out / TENSORS, lambda p: save_file(tensors, str(p), metadata={HEADER_KEY: text}))
     atomic_write(out / META, lambda p: p.write_text(text))
     return time.perf_counter() - t0
 
 
 def read_meta(ckpt_dir: str | Path) -> dict:
-    path = Path(ckpt_dir) / META
+    """The checkpoint's meta: from the tensors file's header (saved with the tensors it
+    describes), else from ``checkpoint.json`` (a checkpoint older than the header copy)."""
+    from safetensors import SafetensorError, safe_open
+
+    tensors = Path(ckpt_dir) / TENSORS
+    text, path = None, Path(ckpt_dir) / META
+    if tensors.is_file():
+        try:
+            with safe_open(str(tensors), "pt") as f:  # the header only
+                text = (f.metadata() or {}).get(HEADER_KEY)
+        except (SafetensorError, OSError) as e:
+            raise EclipError(f"{tensors}: unreadable ({first_line(e)})") from None
+        path = tensors if text is not None else path
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(text if text is not None else path.read_text())
     except FileNotFoundError:
         raise EclipError(f"{path}: no checkpoint here") from None
     except json.JSONDecodeError as e:
         raise EclipError(f"{path}: unreadable checkpoint metadata ({e.msg})") from None
+    if not isinstance(meta, dict):
+        raise EclipError(f"{path}: unreadable checkpoint metadata (not a JSON object)")
+    return meta
 
 
 # Model config fields that shape no weight and no forward pass: the expert term's schedule

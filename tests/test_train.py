@@ -306,6 +306,38 @@ def test_flip_only_mirrors_without_cropping(cache):
     torch.testing.assert_close(batch.boxes, want, atol=1e-5, rtol=0)
 
 
+def test_a_save_cut_short_between_its_two_files_reads_back_whole(tmp_path, monkeypatch):
+    # killed after the tensors file is renamed into place and before checkpoint.json is: the
+    # meta read back is the one saved with those tensors, not the previous save's
+    import eclip.checkpoint as ckpt
+
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    save_checkpoint(tmp_path, model, opt, {}, {"step": 3})
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    real = ckpt.atomic_write
+
+    def killed_before_the_json(path, write):
+        if path.name == ckpt.META:
+            raise KeyboardInterrupt
+        real(path, write)
+
+    monkeypatch.setattr(ckpt, "atomic_write", killed_before_the_json)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, model, opt, {}, {"step": 5})
+    assert json.loads((tmp_path / ckpt.META).read_text())["step"] == 3  # the previous save's
+    other = torch.nn.Linear(3, 2)
+    meta, _ = load_checkpoint(tmp_path, other, None)
+    assert meta["step"] == 5 and torch.equal(other.weight, model.weight)
+    # a checkpoint written before the header copy is read from its JSON
+    from safetensors.torch import load_file
+    from safetensors.torch import save_file as plain_save
+
+    plain_save(load_file(tmp_path / ckpt.TENSORS), str(tmp_path / ckpt.TENSORS))
+    assert ckpt.read_meta(tmp_path)["step"] == 3
+
+
 def test_checkpoint_with_tied_weights(tmp_path):
     # Two names for one tensor (tied weights) are stored once and restored as one.
     class Tied(torch.nn.Module):

@@ -99,8 +99,16 @@ def test_missing_or_stale_cache(tmp_path, capsys, cache):
     assert rc == 2 and "no such cache directory" in err
     out = tmp_path / "run"
     assert run(["--data", cache, "--out", out, "--steps", 2, *SMALL], capsys)[0] == 0
-    meta = json.loads((out / "checkpoint.json").read_text())
-    (out / "checkpoint.json").write_text(json.dumps(dict(meta, cache_fingerprint="other")))
+    # the meta that counts is the one saved with the tensors, in their file's header
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from eclip.checkpoint import HEADER_KEY
+    tensors_path = out / "checkpoint.safetensors"
+    with safe_open(str(tensors_path), "pt") as f:
+        meta = json.loads(f.metadata()[HEADER_KEY])
+    save_file(load_file(tensors_path), str(tensors_path),
+              metadata={HEADER_KEY: json.dumps(dict(meta, cache_fingerprint="other"))})
     rc, _, err = run(["--data", cache, "--out", out, "--steps", 4, "--resume", *SMALL], capsys)
     assert rc == 2 and "trained on another cache" in err
 
