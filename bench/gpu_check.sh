@@ -7,8 +7,9 @@
 #      read-back, the expert path (compiled bf16, mixup without a sync), the kernels (bf16
 #      included);
 #   2. bench/train_check.py: the training loop on CUDA (smoke run with evaluation, the host
-#      syncs of the steady steps, then vit-s16 batch 64: fp32 eager, the fast path, with CUDA
-#      graphs, from host memory, with per-block compilation);
+#      syncs of the steady steps, one harness run end to end with its two encoding processes,
+#      then vit-s16 batch 64: fp32 eager, the fast path, with CUDA graphs, from host memory,
+#      with per-block compilation);
 #   2b. bench/profile_step.py: the template's step under the profiler, without and with
 #      CUDA graphs (wall vs kernel-busy time per step, launches, top kernels);
 #   3. bench/kernel_table.py: compiled training step (fullgraph, reduce-overhead), accuracy
@@ -104,6 +105,6 @@ fi
 
 echo "==== summary"
 want 3 && [ -f "$TABLE" ] && cat "$TABLE"
-[ -n "$OUT_DIR" ] && grep -h -E "^(smoke_status|sync_check|speed)" "$OUT_DIR/train.log" 2>/dev/null
+[ -n "$OUT_DIR" ] && grep -h -E "^(smoke_status|sync_check|harness_status|speed)" "$OUT_DIR/train.log" 2>/dev/null
 [ -n "$OUT_DIR" ] && grep -h -E "^(per step|device: .*overrides)" "$OUT_DIR/profile.log" 2>/dev/null
 exit $status

@@ -3,7 +3,10 @@
 1. ``smoke``: the template recipe, preset ``tiny`` (64 px), a few dozen steps, then the
    loop's own evaluation — compile, bf16 autocast, fused AdamW, the fused loss and the
    Triton rank kernel all in one run; fails on a non-ok status or a non-finite loss;
-   then ``sync_check``: the host syncs of the template's steady steps, by call site.
+   then ``sync_check``: the host syncs of the template's steady steps, by call site;
+   then ``harness_smoke``: the referee as the research loop runs it (``eclip.harness run``
+   on the template and a random cache written to disk: training, then the two encoding
+   processes), its status, the time to the score and how the run's time was spent.
 2. ``speed``: preset ``vit-s16`` (224 px, 77 tokens), batch 64, random data, expert path
    off: fp32 eager with TF32 off (PyTorch defaults) against the template's fast path
    (bf16 autocast + torch.compile + fused AdamW + fused loss), the fast path with CUDA graphs
@@ -19,8 +22,12 @@ Needs torch, triton, numpy, safetensors and tqdm. Prints one ``key: value`` line
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from collections import Counter
@@ -28,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from eclip.data.cache import Cache
+from eclip.data.cache import Cache, CacheWriter
 from eclip.loop import LoopConfig, apply_overrides, evaluate_split, load_recipe, run_loop
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "eclip" / "recipe.py"
@@ -80,6 +87,45 @@ def smoke(steps: int = 60, batch: int = 128) -> bool:
     print(f"smoke_status: {run['status']}  loss: {run['last']['loss']:.3f}  val_mean_rank: {m['mean_rank']:.1f} "
           f"(random {(m['n_images'] - 1) / 2:.0f})  warmup_s: {run['warmup_s']:.1f}  "
           f"total_s: {time.perf_counter() - t0:.1f}  {'OK' if ok else 'FAILED'}", flush=True)
+    return ok
+
+
+def write_cache(cache: Cache, out: Path) -> Path:
+    """``cache`` as a cache directory the harness can load (no tokenizer file: the template
+    recipe does not read one)."""
+    with CacheWriter(out) as w:
+        w.save_arrays("images.safetensors", {"images": cache.images.numpy()})
+        w.save_arrays("annotations.safetensors", {k: getattr(cache, k).numpy() for k in (
+            "tokens", "lengths", "caption_image", "region_boxes", "region_image", "region_tokens",
+            "region_lengths", "split", "fold")})
+        w.commit(dict(cache.manifest))
+    return out
+
+
+def harness_smoke(budget_s: float, dry: bool = False) -> bool:
+    """One harness run of the template on a random 64-px cache (1,792 train, 256 val)."""
+    device = "cpu" if dry else "cuda"
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_cache(random_cache(2048, 64, 32, 512), Path(tmp) / "cache")
+        out = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "eclip.harness", "run", "--recipe", str(TEMPLATE), "--data", str(data),
+               "--budget-s", str(budget_s), "--out", str(out), "--device", device,
+               "--compile-cache", str(Path(tmp) / "compile_cache")]
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, capture_output=True, text=True, cwd=TEMPLATE.parents[1], env=dict(os.environ))
+        wall = time.perf_counter() - t0
+        try:
+            r = json.loads((out / "result.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            r = {"status": f"no result (exit {p.returncode})"}
+    ok = p.returncode == 0 and r.get("status") == "ok" and r.get("ranked_by") == "harness"
+    fmt = lambda k: "none" if r.get(k) is None else f"{r[k]:.1f}"  # noqa: E731
+    print(f"harness_status: {r.get('status')}  val_mean_rank: {fmt('val_mean_rank')} (random 127.5)  "
+          f"steps: {r.get('steps')}  warmup_s: {fmt('warmup_s')}  train_s: {fmt('train_s')}  "
+          f"after_s: {fmt('after_s')}  eval_s: {fmt('eval_s')}  wall_s: {wall:.1f}  {'OK' if ok else 'FAILED'}",
+          flush=True)
+    if not ok:
+        print("\n".join(p.stderr.splitlines()[-15:]), flush=True)
     return ok
 
 
@@ -160,6 +206,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=60, help="steps per speed configuration")
     ap.add_argument("--skip-speed", action="store_true", help="smoke run only")
     ap.add_argument("--skip-smoke", action="store_true", help="speed runs only")
+    ap.add_argument("--harness-budget-s", type=float, default=30.0,
+                    help="training budget of the harness smoke run (0: skip it)")
     ap.add_argument("--only", default=",".join(SPEED_ROWS),
                     help=f"speed: comma-separated rows to run, of {', '.join(SPEED_ROWS)} (default: all)")
     ap.add_argument("--dry-run", action="store_true",
@@ -179,6 +227,8 @@ def main(argv=None) -> int:
     if not args.skip_smoke:
         ok = smoke(6, 32) if args.dry_run else smoke()
         sync_check()
+        if args.harness_budget_s > 0:
+            ok = harness_smoke(2.0 if args.dry_run else args.harness_budget_s, dry=args.dry_run) and ok
     if not args.skip_speed:
         speed(3 if args.dry_run else args.steps, only, dry=args.dry_run)
     return 0 if ok else 1

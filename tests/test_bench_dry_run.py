@@ -36,6 +36,9 @@ def test_train_check_dry_run(capsys):
     assert train_check.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "smoke_status: ok" in out and "OK" in out
+    # the harness end to end: trained, then scored by its own two encoding processes
+    harness = re.search(r"^harness_status: ok  val_mean_rank: ([\d.]+) .*eval_s: ([\d.]+) .*OK$", out, re.M)
+    assert harness and 0 <= float(harness[1]) <= 255 and float(harness[2]) > 0, out
     cases = re.findall(r"^sync_check (\w+): dry run, status (\w+)", out, re.M)
     assert cases == [(case, "ok") for case in train_check.SYNC_CASES]
     speeds = re.findall(r"^speed: (.+?): ([\d.]+) samples/s.*status (\w+), loss ([\d.naif]+)", out, re.M)
@@ -75,6 +78,7 @@ def test_gpu_check_script_dry_run(tmp_path):
     assert "== 1." not in out and "== 4." not in out
     summary = out[out.index("==== summary"):]
     assert "compiled step (lean:panel): ok" in summary and "smoke_status: ok" in summary
+    assert "harness_status: ok" in summary
     assert summary.count("per step: wall") == 2 and summary.count("speed: ") == 2  # ONLY's two rows
     assert {p.name for p in tmp_path.iterdir()} >= {"train.log", "profile.log", "kernels.log", "kernel_table.md"}
 
