@@ -121,7 +121,7 @@ def check_model_config(ckpt_dir: str | Path, meta: dict, model: torch.nn.Module)
     diff = _first_difference(saved, current)
     if diff is not None:
         field, old, new = diff
-        raise EclipError(f"{Path(ckpt_dir) / META}: checkpoint has model {field} = {old!r}, this run {new!r} "
+        raise EclipError(f"{Path(ckpt_dir) / TENSORS}: checkpoint has model {field} = {old!r}, this run {new!r} "
                          "(resume with the same model settings)")
 
 

@@ -101,7 +101,7 @@ def hparams_of(recipe, meta: dict, path: Path) -> None:
     overrides included), comparing through JSON since that is how they were saved."""
     saved = meta.get("hparams")
     if not isinstance(saved, dict):
-        raise EclipError(f"{path / ckpt.META}: no hparams recorded")
+        raise EclipError(f"{path / ckpt.TENSORS}: no hparams recorded")
     for key, value in saved.items():
         if json.dumps(recipe.HPARAMS.get(key), default=list) != json.dumps(value):
             recipe.HPARAMS[key] = value

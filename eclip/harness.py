@@ -27,7 +27,11 @@ ranking does not run there. Training outside the clock is refused too: the last 
 end ``OVERRUN_GRACE_S`` after the budget, the recipe's code after it (``after_s``, timed by
 the loop, the checkpoint's file writes aside) gets ``AFTER_GRACE_S``, and each encoding
 process ``EVAL_GRACE_S`` from the end of its start-up plus an allowance for the number of
-items; a run over any limit ends with status ``error``. The limits bound such work; they
+items; a run over any limit ends with status ``error``. On the CPU the encoders' limit is
+on compute, not wall time: their CPU time divided by the threads a process uses
+(``torch.get_num_threads()``), so a machine shared with other work slows them without
+failing them (a wall-clock backstop of ``WALL_FACTOR`` times the limit stays); on a GPU,
+whose work CPU time does not show, it is wall time. The limits bound such work; they
 cannot tell it from slowness. Nor is a model stopped from normalising across the items of
 one encoding batch (up to 512 of the split): a transductive use of the split that a check
 of the embeddings' independence from their batch could catch, not built.
@@ -47,7 +51,7 @@ import time
 from pathlib import Path
 
 from eclip.errors import EclipError, OneLineParser
-from eclip.loop import write_json
+from eclip.loop import sigterm_as_ctrl_c, write_json
 from eclip.policy import check_file, die_with_parent, scrub_environment
 
 PARTS = ("images", "texts")  # one eclip.encode process each: none sees both sides of a pair
@@ -59,6 +63,7 @@ AFTER_GRACE_S = 3.0  # after the last step: gathering the checkpoint's tensors t
 START_LIMIT_S = 120.0  # an encoding process's start-up (imports, device): before any recipe code
 EVAL_GRACE_S = 10.0  # then, per encoding process: the recipe's import, its model, the weights
 EVAL_SHARE = 0.1  # at most this fraction of the budget on top, for large splits and slow models
+WALL_FACTOR = 3.0  # on the CPU, where the encoders' limit is on CPU time: the wall-clock backstop
 # The loop checks the clock between steps, so the last step ends after the budget. An
 # honest step lasts well under a second; a recipe that packs many updates into one call
 # would train past the budget, so the overrun is capped at this (or OVERRUN_SHARE of it).
@@ -97,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with sigterm_as_ctrl_c():  # a SIGTERM (a scheduler, `timeout`) is a Ctrl-C: the run ends cleanly
+        try:
+            return run(args)
+        except KeyboardInterrupt:  # outside the training and the evaluation: nothing to save
+            print("harness: interrupted", file=sys.stderr)
+            return 130
+
+
+def run(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.recipe.is_file():
         print(f"harness: error: {args.recipe}: recipe file not found", file=sys.stderr)
@@ -136,14 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         return rc  # written by the child before the run began (bad input, out of memory)
     # from here on the harness writes the result: "ranked_by: caller" never outlives it
     if result.get("status") == "ok":
-        from eclip.loop import sigterm_as_ctrl_c
-
         t_eval = time.perf_counter()
         try:
             check_after(result, args.budget_s)
-            with sigterm_as_ctrl_c():  # the encoders are killed and their files deleted, as for Ctrl-C
-                # eval_s: the encoding processes and the ranking, start-up included (not in the budget)
-                result = dict(evaluate(result, args, capped), eval_s=time.perf_counter() - t_eval)
+            # eval_s: the encoding processes and the ranking, start-up included (not in the budget)
+            result = dict(evaluate(result, args, capped), eval_s=time.perf_counter() - t_eval)
         except EclipError as e:
             status = "oom" if "failed: out of memory" in str(e) else "error"
             result = dict(result, status=status, val_mean_rank=None, metrics=None, reason=str(e))
@@ -197,24 +208,47 @@ def child_setup(preexec):
 def child(cmd: list[str], preexec) -> int:
     """Run one child to its end. Ctrl-C reaches it too (same process group): it finishes
     its step, saves and writes an interrupted result; the harness waits for that instead
-    of dying first. A SIGTERM sent to the harness alone is passed on to the child, which
-    takes it as a Ctrl-C."""
+    of dying first. A SIGTERM sent to the harness is passed on to the child, which takes it
+    as a Ctrl-C (and ignores a repeat: a SIGTERM to the whole group reaches it twice)."""
+    procs: list[subprocess.Popen] = []
+    pending: list[int] = []  # a SIGTERM that came before the child existed
+
+    def forward(signum, frame) -> None:
+        if procs:
+            procs[0].send_signal(signal.SIGTERM)
+        else:
+            pending.append(signum)
+
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    proc = subprocess.Popen(cmd, preexec_fn=child_setup(preexec))
-    term = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
+    term = signal.signal(signal.SIGTERM, forward)
     try:
-        return proc.wait()
+        procs.append(subprocess.Popen(cmd, preexec_fn=child_setup(preexec)))
+        if pending:
+            procs[0].send_signal(signal.SIGTERM)
+        return procs[0].wait()
     finally:
         signal.signal(signal.SIGTERM, term)
         signal.signal(signal.SIGINT, previous)
 
 
-def encode_parts(cmds: dict[str, list[str]], logs: dict[str, Path], limit_s: float, preexec) -> dict[str, int]:
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time of process ``pid``, all its threads (Linux), else None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def encode_parts(cmds: dict[str, list[str]], logs: dict[str, Path], limit_s: float, preexec,
+                 threads: int | None = None) -> dict[str, int]:
     """Run the encoding processes at once, each to its end; returns each part's exit code.
     Each gets ``START_LIMIT_S`` to start (imports, device) and then ``limit_s`` from the line
     it prints before importing the recipe (``--signal-ready``), so the limit on the recipe's
     time does not have to cover a slow start; past either, all are killed (EclipError).
-    Their stderr goes to ``logs`` and is passed on."""
+    ``threads`` (CPU runs): ``limit_s`` is on the process's CPU time divided by ``threads``
+    (compute, which a busy machine does not inflate), with wall time capped at
+    ``WALL_FACTOR × limit_s``; None: on wall time. Their stderr goes to ``logs`` and is passed on."""
     from eclip.encode import READY
 
     env = dict(os.environ, TORCH_COMPILE_DISABLE="1")  # eager: a fast start, nothing to compile
@@ -224,7 +258,8 @@ def encode_parts(cmds: dict[str, list[str]], logs: dict[str, Path], limit_s: flo
     def watch(part: str, stream) -> None:
         for line in stream:
             if line.rstrip("\n") == READY and part not in ready:
-                ready[part] = time.monotonic()
+                cpu = cpu_seconds(procs[part].pid) if threads else None
+                ready[part] = (time.monotonic(), cpu)
             else:
                 sys.stdout.write(line)
 
@@ -245,12 +280,8 @@ def encode_parts(cmds: dict[str, list[str]], logs: dict[str, Path], limit_s: flo
                 rc = proc.poll()
                 if rc is not None:
                     rcs[part] = rc
-                elif _overdue(part, now, start, ready, limit_s):
-                    raise EclipError(f"evaluation (eclip.encode, {part}) took longer than {limit_s:.0f} s after "
-                                     "its start-up (the recipe's model and weights, and twice the training time "
-                                     "per item encoded, within a tenth of the budget); work outside train_step "
-                                     "is not training time" if part in ready else
-                                     f"evaluation (eclip.encode, {part}) did not start within {START_LIMIT_S:.0f} s")
+                elif why := _overdue(part, proc.pid, now, start, ready.get(part), limit_s, threads):
+                    raise EclipError(f"evaluation (eclip.encode, {part}) {why}")
             time.sleep(0.02)
         return rcs
     finally:
@@ -267,8 +298,33 @@ def encode_parts(cmds: dict[str, list[str]], logs: dict[str, Path], limit_s: flo
         signal.signal(signal.SIGINT, previous)
 
 
-def _overdue(part: str, now: float, start: float, ready: dict, limit_s: float) -> bool:
-    return now - ready[part] > limit_s if part in ready else now - start > START_LIMIT_S
+def _overdue(part: str, pid: int, now: float, start: float, ready: tuple | None, limit_s: float,
+             threads: int | None) -> str | None:
+    """Why an encoding process must stop now, or None. ``ready``: (wall, CPU seconds) when
+    it printed its ready line, None before."""
+    if ready is None:
+        return f"did not start within {START_LIMIT_S:.0f} s" if now - start > START_LIMIT_S else None
+    what = ("after its start-up (the recipe's model and weights, and twice the training time per item encoded, "
+            "within a tenth of the budget); work outside train_step is not training time")
+    wall, cpu0 = ready
+    cpu = cpu_seconds(pid) if threads and cpu0 is not None else None
+    if cpu is None:  # a GPU run, or no CPU clock to read: wall time
+        return f"took longer than {limit_s:.0f} s {what}" if now - wall > limit_s else None
+    if (cpu - cpu0) / threads > limit_s:
+        return (f"computed for longer than {limit_s:.0f} s (CPU time {cpu - cpu0:.0f} s over {threads} threads) "
+                f"{what}")
+    if now - wall > WALL_FACTOR * limit_s:
+        return f"took longer than {WALL_FACTOR * limit_s:.0f} s of wall time {what}"
+    return None
+
+
+def torch_threads(device: str) -> int | None:
+    """The threads an encoding process computes with on the CPU (torch's default, which
+    the children share), or None for a GPU run."""
+    import torch
+
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    return max(1, torch.get_num_threads()) if on_cpu else None
 
 
 def encode_error(part: str, rc: int, log: Path) -> str:
@@ -320,7 +376,7 @@ def evaluate(result: dict, args, preexec=None) -> dict:
         # that share is capped, since a recipe can make its own samples_per_s small
         per_items = min(2 * items / sps if sps > 0 else math.inf, EVAL_SHARE * args.budget_s)
         limit = EVAL_GRACE_S + per_items
-        rcs = encode_parts(cmds, logs, limit, preexec)
+        rcs = encode_parts(cmds, logs, limit, preexec, threads=torch_threads(args.device))
         for part, rc in rcs.items():
             if rc in (130, -signal.SIGINT):
                 raise KeyboardInterrupt

@@ -170,7 +170,10 @@ def sigterm_as_ctrl_c():
 def _install_sigint() -> dict:
     """First Ctrl-C or SIGTERM (what a scheduler sends before it preempts a job, and what
     ``timeout`` sends): finish the current step, then stop cleanly (checkpoint, result).
-    A second one: stop at once. Returns the flag and a function restoring the old handlers."""
+    A second Ctrl-C stops at once; a repeated SIGTERM is ignored (one sent to a process
+    group reaches a harness's training process twice, directly and passed on by the
+    harness; SIGKILL is the hard stop there). Returns the flag and a function restoring the
+    old handlers."""
     state = {"requested": False, "restore": lambda: None}
     if threading.current_thread() is not threading.main_thread():
         return state
@@ -178,12 +181,13 @@ def _install_sigint() -> dict:
 
     def handler(signum, frame):
         if state["requested"]:
+            if signum == signal.SIGTERM:
+                return
             state["hard"] = True  # mid-step: the state may be half-updated, no checkpoint
             raise KeyboardInterrupt
         state["requested"] = True
-        again = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
-        print(f"\ntrain: {signal.Signals(signum).name}: stopping after this step ({again} again to stop now)",
-              file=sys.stderr)
+        again = "Ctrl-C again to stop now" if signum == signal.SIGINT else "Ctrl-C or SIGKILL to stop now"
+        print(f"\ntrain: {signal.Signals(signum).name}: stopping after this step ({again})", file=sys.stderr)
 
     for sig in previous:
         signal.signal(sig, handler)

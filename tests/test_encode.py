@@ -88,7 +88,7 @@ SPEC = {"vocab_size": "9", "context_length": "9", "phrase_length": "9", "image_s
     ("other size", "in.safetensors: images: expected uint8 [N, 3, 64, 64], got torch.uint8 [2, 3, 32, 32]"),
     ("float tokens", "in.safetensors: tokens: expected int32 or int64 [C, L], got torch.float32 [2, 9]"),
     ("no metadata", "in.safetensors: metadata vocab_size: expected an integer, got None"),
-    ("another model", "checkpoint.json: checkpoint has model text.vocab_size"),
+    ("another model", "checkpoint.safetensors: checkpoint has model text.vocab_size"),
     ("no checkpoint", "checkpoint.json: no checkpoint here"),
     ("not a file", "in.safetensors: unreadable"),
 ])

@@ -225,10 +225,16 @@ import time as _time
 _plain_build_model = build_model
 
 
+def _train_on(seconds):  # what training in the encoder would cost: compute on all threads
+    a, t0 = torch.randn(256, 256), _time.monotonic()
+    while _time.monotonic() - t0 < seconds:
+        a = torch.tanh(a @ a)
+
+
 def build_model(spec):
     model = _plain_build_model(spec)
     encode = model.encode_text
-    model.encode_text = lambda t, m: encode(t, m) if model.training else (_time.sleep(120), encode(t, m))[1]
+    model.encode_text = lambda t, m: encode(t, m) if model.training else (_train_on(120), encode(t, m))[1]
     return model
 """
 
@@ -250,7 +256,7 @@ def train_step(model, optimizer, batch, progress):
 @pytest.mark.parametrize("extra,grace,message", [
     (ONE_LONG_STEP, ("OVERRUN_GRACE_S", 1.0), "training ran 3."),
     (AFTER_THE_BUDGET, ("AFTER_GRACE_S", 1.0), "the recipe's code ran 3."),
-    (WHILE_ENCODING, ("EVAL_GRACE_S", 8.0), "evaluation (eclip.encode, texts) took longer than 8 s"),
+    (WHILE_ENCODING, ("EVAL_GRACE_S", 8.0), "evaluation (eclip.encode, texts) computed for longer than 8 s"),
 ])
 def test_work_outside_the_budget_is_refused(cache, tmp_path, monkeypatch, capsys, extra, grace, message):
     import time
@@ -294,6 +300,47 @@ def test_the_encoders_watchdog_times_the_recipe_from_the_ready_line(tmp_path, mo
     assert time.monotonic() - t0 < 10  # killed, not awaited
 
 
+BUSY = "print('encode: ready', flush=True); t = time.process_time()\nwhile time.process_time() - t < {s}: pass"
+SLEEP = "print('encode: ready', flush=True); time.sleep({s})"
+
+
+@pytest.mark.parametrize("script,contended,message", [
+    # computing past its limit (2 CPU-s over 1 thread): stopped, contended or not
+    (BUSY.format(s=30), False, "computed for longer than 2 s (CPU time 2 s over 1 threads)"),
+    # 1.5 CPU-s of work, within the limit, slowed by a busy machine to some 4.5 s of wall time
+    (BUSY.format(s=1.5), True, None),
+    # waiting uses no CPU: the wall-clock backstop, 3 × 2 s
+    (SLEEP.format(s=30), False, "took longer than 6 s of wall time after its start-up"),
+])
+def test_on_the_cpu_the_encoders_limit_is_on_compute(tmp_path, monkeypatch, capsys, script, contended, message):
+    # CPU runs: the limit is CPU time over the threads a process uses, so other work on the
+    # machine (here: two processes spinning on the same core) does not fail an honest run
+    import os
+    import time
+
+    from eclip import harness as h
+    from eclip.errors import EclipError
+
+    pin = lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # noqa: E731  one core for all
+    spin = [sys.executable, "-c", "while True: pass"]
+    hogs = [subprocess.Popen(spin, preexec_fn=pin) for _ in range(2 if contended else 0)]
+    try:
+        cmds = {"images": [sys.executable, "-c", f"import sys, time\n{script}"]}
+        logs = {"images": tmp_path / "images.log"}
+        t0 = time.monotonic()
+        if message is None:
+            assert h.encode_parts(cmds, logs, 2.0, pin, threads=1) == {"images": 0}
+            assert time.monotonic() - t0 > 3.0  # it did run longer than its limit in wall time
+        else:
+            with pytest.raises(EclipError, match=re.escape(message)):
+                h.encode_parts(cmds, logs, 2.0, pin, threads=1)
+            assert time.monotonic() - t0 < 15
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
 def test_children_take_ctrl_c_again_and_die_with_the_harness():
     # the harness ignores SIGINT while it waits; its children must not inherit that, or a
     # Ctrl-C during the evaluation would go unheard
@@ -317,22 +364,30 @@ def test_children_take_ctrl_c_again_and_die_with_the_harness():
     assert got.strip() == "9"
 
 
-def test_sigterm_to_the_harness_stops_the_training_after_its_step_and_saves(cache, tmp_path):
-    # a scheduler or `kill` signals the harness alone: it passes the signal on, and the
-    # training process stops as on Ctrl-C (checkpoint, interrupted result) instead of dying
+@pytest.mark.parametrize("target", ["harness", "group"])
+def test_sigterm_to_the_harness_stops_the_training_after_its_step_and_saves(cache, tmp_path, target):
+    # `kill` signals the harness alone: it passes the signal on; `timeout` or a scheduler
+    # signals the whole group, so the training process gets it twice (directly and passed
+    # on) and must not take the second for "stop now". Either way it stops as on Ctrl-C
+    # (checkpoint, interrupted result) instead of dying.
+    import os
     import signal
     import time
 
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "eclip.harness", "run", "--recipe", str(recipe(tmp_path)), "--data", str(cache),
            "--budget-s", "300", "--out", str(out), "--device", "cpu"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
             time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
+        if target == "group":
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
