@@ -9,14 +9,16 @@ then every run after it. So:
   the baseline runs' and the kept experiments', the models the study's trail is made of;
   ``best`` keeps only the current best's (the last kept experiment's, or the best-scoring
   baseline run's before any keep); ``all`` and ``none`` say what they mean. Everything
-  else in the folder (log, result, diff, transcript) always stays, except the evaluation
-  inputs and embeddings a killed harness left behind. The rule is applied to
+  else in the folder (log, result, diff, transcript) always stays, except what a killed
+  run left half-done: the evaluation inputs and embeddings, and temporary files of a save. The rule is applied to
   the whole journal after each run and at start-up, so a study resumed with a stricter
   rule frees the space of its earlier runs.
 - Before each run the loop checks the free space under the workspace against what a run
   writes (``needed_bytes``), and stops cleanly, exit code 1, when it is short.
-- A run that still met a full disk (its log says so) is recorded ``interrupted``, not
-  ``crash``: the recipe did nothing wrong, and a proposer must not try to repair it.
+- A failed run whose log says a disk was full (``No space left on device``: the workspace's,
+  or a temporary or cache directory's) is recorded ``interrupted``, not ``crash``: the
+  recipe did nothing wrong and a proposer must not try to repair it; the loop stops. So
+  does a full disk under the loop's own writes (journal, diffs).
 """
 
 from __future__ import annotations
@@ -66,20 +68,26 @@ def keep_set(exps: list[dict], policy: str) -> set[int] | None:
     return {min(scored, key=lambda e: e["val_mean_rank"])["n"]} if scored else set()
 
 
-def prune(experiments_dir: Path, exps: list[dict], policy: str) -> int:
-    """Delete the checkpoints of ended experiments outside ``keep_set``, and the harness's
-    evaluation inputs and embeddings that a killed run (a timeout) left behind, whatever the
-    policy (their logs stay); returns the bytes freed. A run still in flight (no end
-    journaled) is never touched."""
+# What a run killed mid-way (a timeout, the loop killed) leaves, whatever the policy: the
+# harness's evaluation inputs and embeddings, and the temporary files of an atomic write
+# (eclip.fileio.atomic_write: ".<name>.tmp-<pid>"), up to a whole checkpoint in size.
+LEFTOVERS = ("eval_*.safetensors", "emb_*.safetensors", ".*.tmp-*")
+
+
+def prune(experiments_dir: Path, exps: list[dict], policy: str) -> tuple[int, int]:
+    """Delete the checkpoints of ended experiments outside ``keep_set`` and, whatever the
+    policy, the LEFTOVERS of ended runs (their logs stay); returns (checkpoints deleted,
+    bytes freed). A run still in flight (no end journaled) is never touched."""
     keep = keep_set(exps, policy)
-    freed = 0
+    count = freed = 0
     for e in exps:
         if not e.get("ended"):
             continue
         run = experiments_dir / str(e["n"])
-        doomed = [*run.glob("eval_*.safetensors"), *run.glob("emb_*.safetensors")]
+        doomed = [path for pattern in LEFTOVERS for path in run.glob(pattern)]
         if keep is not None and e["n"] not in keep:
             doomed += [run / name for name in FILES]
+            count += (run / FILES[0]).is_file()
         for path in doomed:
             try:
                 size = path.stat().st_size
@@ -87,21 +95,24 @@ def prune(experiments_dir: Path, exps: list[dict], policy: str) -> int:
             except FileNotFoundError:
                 continue
             freed += size
-    return freed
+    return count, freed
 
 
-def needed_bytes(exps: list[dict]) -> int:
+def needed_bytes(exps: list[dict], experiments_dir: Path | None = None) -> int:
     """What the next run may write: the largest checkpoint a run of this study has left
-    (journaled as ``checkpoint_bytes``, so pruned ones count), a quarter more for a change
-    that grows the model, plus ``MIN_FREE`` for logs, embeddings and the compile cache."""
+    (journaled as ``checkpoint_bytes``, so pruned ones count; or still on disk, for runs
+    journaled before sizes were), a quarter more for a change that grows the model, plus
+    ``MIN_FREE`` for logs, embeddings and the compile cache."""
     sizes = [(e.get("result") or {}).get("checkpoint_bytes") for e in exps]
+    if experiments_dir is not None and experiments_dir.is_dir():
+        sizes += [checkpoint_bytes(d) for d in experiments_dir.iterdir()]
     largest = max((s for s in sizes if isinstance(s, int) and not isinstance(s, bool)), default=0)
     return int(largest * 1.25) + MIN_FREE
 
 
 def space_error(root: Path, exps: list[dict]) -> str | None:
     """The reason to stop before the next run, or None when the disk has room for it."""
-    free, need = shutil.disk_usage(root).free, needed_bytes(exps)
+    free, need = shutil.disk_usage(root).free, needed_bytes(exps, root / "experiments")
     if free >= need:
         return None
     return (f"{root}: {free / GIB:.1f} GiB free, a run needs about {need / GIB:.1f} GiB (its checkpoint, logs and "

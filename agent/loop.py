@@ -17,9 +17,11 @@ best by more than ``max(--min-delta, 2σ)``.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -86,7 +88,9 @@ def state(exps: list[dict], root_commit: str, min_delta: float) -> dict:
     kept = [e["commit"] for e in exps if e.get("kept")]
     trail = journal.running_best(exps)
     best_commit, best = (kept[-1] if kept else root_commit), (trail[-1][1] if trail else None)
-    return {"baselines": len(base), "baseline_attempts": sum(e.get("kind") == "baseline" for e in exps),
+    # a baseline cut short by a full disk says nothing of the recipe: not an attempt
+    attempts = sum(e.get("kind") == "baseline" and not (e.get("result") or {}).get("out_of_space") for e in exps)
+    return {"baselines": len(base), "baseline_attempts": attempts,
             "experiments": sum(e.get("kind") == "experiment" for e in exps), "sigma": sigma,
             "threshold": threshold, "best_commit": best_commit, "best": best,
             "next_n": max((e["n"] for e in exps), default=0) + 1}
@@ -199,7 +203,8 @@ def run_one(ws: Workspace, args, n: int, kind: str, commit: str, description: st
     r = run_experiment(ws.recipe, args.data.resolve(), args.budget_s, out, device=args.device,
                        compile_cache=ws.root / ".compile_cache", timeout_s=args.timeout_s)
     if disk.ran_out_of_space(r):  # not the recipe's failure: no repair, and no crash counted against it
-        r = dict(r, status="interrupted", reason=f"out of disk space under {ws.root}", out_of_space=True)
+        r = dict(r, status="interrupted", reason=f"out of disk space (the run's log: {disk.ENOSPC_TEXT})",
+                 out_of_space=True)
     return with_checkpoint_size(r, out)
 
 
@@ -207,7 +212,8 @@ def after_run(ws: Workspace, args, r: dict) -> None:
     """Apply the checkpoint rule to every ended run; stop the loop if this run met a full disk."""
     disk.prune(ws.experiments, journal.experiments(journal.read(ws.journal_path)), args.keep_checkpoints)
     if r.get("out_of_space"):
-        raise disk.OutOfSpace(f"a run ran out of disk space under {ws.root}; free some space, or resume with "
+        raise disk.OutOfSpace(f"a run ran out of disk space (its log: {disk.ENOSPC_TEXT}); free some space (the "
+                              "workspace's disk, the temporary and cache directories), or resume with "
                               "--keep-checkpoints best or none")
 
 
@@ -217,12 +223,11 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
     exps = journal.experiments(events)
     st = state(exps, root_commit, args.min_delta)
     n = st["next_n"]
-    if (st["baselines"] < args.noise_runs or st["experiments"] < args.max_experiments) and \
-            (why := disk.space_error(ws.root, exps)):
-        raise disk.OutOfSpace(why)  # before a proposal is paid for
     if st["baselines"] < args.noise_runs:
         if st["baseline_attempts"] >= 2 * args.noise_runs:
             raise SystemExit("loop: error: the baseline recipe keeps failing; see experiments/*/run.log")
+        if why := disk.space_error(ws.root, exps):
+            raise disk.OutOfSpace(why)
         ws.reset(root_commit)
         r = run_one(ws, args, n, "baseline", root_commit, "baseline", {})
         record_end(ws, n, outcome("baseline", r, st)[0], r, False, root_commit, "baseline")
@@ -234,6 +239,8 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
     if args.proposer == "claude" and spent >= args.max_cost_usd:
         print(f"loop: stopping: API spending ${spent:.2f} reached --max-cost-usd {args.max_cost_usd:g}", file=sys.stderr)
         return False
+    if why := disk.space_error(ws.root, exps):
+        raise disk.OutOfSpace(why)  # before a proposal is paid for
     ws.reset(st["best_commit"])
     fix = fix_target(exps, args.fix_attempts) if args.proposer == "claude" else None
     if fix is not None:  # repair the failed version instead of proposing from the best
@@ -290,6 +297,12 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
     return True
 
 
+def _sigterm_as_ctrl_c(signum, frame):
+    """SIGTERM (a scheduler's preemption, ``timeout``): the run in flight is killed and
+    journaled ``interrupted``, the tree goes back to the best commit, as on Ctrl-C."""
+    raise KeyboardInterrupt
+
+
 def check_args(args) -> str | None:
     """The first bad option, as its error message (None when all are usable). Checked before a
     workspace is touched: a bad budget would otherwise fail every baseline and the workspace
@@ -329,7 +342,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     root_commit = ws.root_commit()
     reconcile(ws, root_commit, args.min_delta)
-    disk.prune(ws.experiments, journal.experiments(journal.read(ws.journal_path)), args.keep_checkpoints)
+    count, freed = disk.prune(ws.experiments, journal.experiments(journal.read(ws.journal_path)),
+                              args.keep_checkpoints)
+    if count:  # a study begun under another rule (or before there was one)
+        print(f"loop: deleted the checkpoints of {count} earlier runs ({freed / disk.GIB:.2f} GiB), as "
+              f"--keep-checkpoints {args.keep_checkpoints} says", file=sys.stderr)
     # what this session runs with: `agent.report --final` retrains the best on the same data
     journal.append(ws.journal_path, {"event": "session", "time": time.time(), "proposer": args.proposer,
                                      "data": str(args.data.resolve()), "budget_s": args.budget_s,
@@ -348,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         proposer = SearchProposer(seed=args.seed + len(exps))
     t0 = time.time()
     code = 0
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)  # a scheduler's stop: as Ctrl-C
     try:
         while args.max_hours is None or time.time() - t0 < args.max_hours * 3600:
             if not step(ws, args, proposer, root_commit):
@@ -359,7 +377,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ProposerStop, disk.OutOfSpace) as e:
         print(f"loop: stopping: {e}", file=sys.stderr)
         code = 1
+    except OSError as e:  # the loop's own writes (journal, diffs) on a full disk
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"loop: stopping: {e.filename or ws.root}: {e.strerror}; free some space, then resume", file=sys.stderr)
+        code = 1
     finally:
+        signal.signal(signal.SIGTERM, previous)
         st = state(journal.experiments(journal.read(ws.journal_path)), root_commit, args.min_delta)
         ws.reset(st["best_commit"])
         try:

@@ -75,7 +75,9 @@ def test_only_baselines_and_kept_runs_keep_checkpoints_and_a_stricter_resume_fre
     assert run_loop(tmp_path, small_cache, "--max-experiments", "4", "--keep-checkpoints", "best") == 0
     assert with_checkpoint(ws) == [4]
     assert not (ws.experiments / "1" / "checkpoint.json").exists()
-    assert "checkpoints:    1 kept" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "checkpoints:    1 kept" in out
+    assert "loop: deleted the checkpoints of 2 earlier runs (0.00 GiB), as --keep-checkpoints best says" in err
 
 
 def test_a_short_disk_stops_the_loop_before_the_proposal(small_cache, tmp_path, monkeypatch, capsys):
@@ -108,6 +110,45 @@ def test_a_run_that_met_a_full_disk_is_interrupted_and_stops_the_loop(small_cach
     ws = Workspace(tmp_path / "d")
     exps = journal.experiments(journal.read(ws.journal_path))
     assert [e["status"] for e in exps] == ["baseline", "baseline", "interrupted"]
-    assert exps[2]["result"]["reason"] == f"out of disk space under {ws.root}"
+    assert exps[2]["result"]["reason"] == "out of disk space (the run's log: No space left on device)"
     assert ws.head() == ws.root_commit() and with_checkpoint(ws) == [1, 2]
-    assert "loop: stopping: a run ran out of disk space under" in capsys.readouterr().err
+    assert "loop: stopping: a run ran out of disk space (its log: No space left on device)" in capsys.readouterr().err
+
+
+def test_a_full_disk_under_the_loops_own_writes_stops_it_with_its_summary(small_cache, tmp_path, monkeypatch,
+                                                                         capsys):
+    import errno
+
+    monkeypatch.setattr(loop, "run_experiment", writing_runner([100, 100, 90]))
+    real = journal.append
+
+    def append(path, event):
+        if event.get("event") == "start" and event.get("kind") == "experiment":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, event)
+
+    monkeypatch.setattr(journal, "append", append)
+    assert run_loop(tmp_path, small_cache, "--max-experiments", "1") == 1
+    out, err = capsys.readouterr()
+    ws = Workspace(tmp_path / "d")
+    assert f"loop: stopping: {ws.journal_path}: No space left on device; free some space, then resume" in err
+    assert "best_mean_rank: 100" in out and ws.head() == ws.root_commit()
+
+
+def test_prune_spares_runs_in_flight_and_clears_what_killed_runs_left(tmp_path):
+    exps = [{"n": 1, "kind": "experiment", "status": "timeout", "ended": True},
+            {"n": 2, "kind": "experiment", "ended": False}]  # the run under way
+    names = ("checkpoint.safetensors", "checkpoint.json", "eval_images.safetensors", "emb_texts.safetensors",
+             ".checkpoint.safetensors.tmp-4242", "eval_texts.log", "run.log")
+    for n in (1, 2):
+        (tmp_path / str(n)).mkdir()
+        for name in names:
+            (tmp_path / str(n) / name).write_bytes(b"\0" * 10)
+    assert disk.prune(tmp_path, exps, "all") == (0, 30)  # checkpoints stay; the leftovers go
+    assert sorted(p.name for p in (tmp_path / "1").iterdir()) == ["checkpoint.json", "checkpoint.safetensors",
+                                                                   "eval_texts.log", "run.log"]
+    assert disk.prune(tmp_path, exps, "kept") == (1, 20)
+    assert sorted(p.name for p in (tmp_path / "1").iterdir()) == ["eval_texts.log", "run.log"]
+    assert sorted(p.name for p in (tmp_path / "2").iterdir()) == sorted(names)  # untouched
+    # a study journaled before sizes were: the checkpoints still on disk size the next run
+    assert disk.needed_bytes([{"n": 2}], tmp_path) == int(20 * 1.25) + disk.MIN_FREE

@@ -183,3 +183,27 @@ def test_protect_secrets_makes_the_loop_process_non_dumpable():
             "before = libc.prctl(3, 0, 0, 0, 0); protect_secrets(); print(before, libc.prctl(3, 0, 0, 0, 0))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["1", "0"]  # PR_GET_DUMPABLE before and after
+
+
+def test_sigterm_stops_the_loop_as_ctrl_c_does(cache, tmp_path, monkeypatch, capsys):
+    # a scheduler preempting the loop: the run in flight is journaled interrupted and the
+    # tree goes back to the best commit, with the summary block printed
+    import signal
+
+    runs = scripted([100, 100])
+
+    def runner(recipe, data, budget_s, out, **kw):
+        if (out / "diff.patch").read_text():  # the first experiment (baselines have no diff)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+            raise AssertionError("SIGTERM was not taken as Ctrl-C")
+        return runs(recipe, data, budget_s, out, **kw)
+
+    monkeypatch.setattr(loop, "run_experiment", runner)
+    rc = loop.main(["--tag", "s", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1",
+                    "--noise-runs", "2", "--max-experiments", "3"])
+    assert rc == 130 and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    ws = Workspace(tmp_path / "s")
+    exps = journal.experiments(journal.read(ws.journal_path))
+    assert [e["status"] for e in exps] == ["baseline", "baseline", "interrupted"]
+    assert ws.head() == ws.root_commit() and "best_mean_rank: 100" in capsys.readouterr().out
