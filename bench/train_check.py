@@ -112,7 +112,11 @@ def harness_smoke(budget_s: float, dry: bool = False) -> bool:
                "--budget-s", str(budget_s), "--out", str(out), "--device", device,
                "--compile-cache", str(Path(tmp) / "compile_cache")]
         t0 = time.perf_counter()
-        p = subprocess.run(cmd, capture_output=True, text=True, cwd=TEMPLATE.parents[1], env=dict(os.environ))
+        try:  # the harness's own limits end a slow run long before this one
+            p = subprocess.run(cmd, capture_output=True, text=True, cwd=TEMPLATE.parents[1], env=dict(os.environ),
+                               timeout=2 * budget_s + 300)
+        except subprocess.TimeoutExpired as e:
+            p = subprocess.CompletedProcess(cmd, -9, "", f"killed after {e.timeout:.0f} s")
         wall = time.perf_counter() - t0
         try:
             r = json.loads((out / "result.json").read_text())
