@@ -24,7 +24,7 @@ them against the cache's own pairs and writes the metrics into ``result.json``
 (``ranked_by: harness``). Whatever a recipe changes in its own processes (an operator, a
 module, a class, a frame it walks), it finds no evaluation data in them to exploit, and the
 ranking does not run there. Training outside the clock is refused too: the last step may
-end ``OVERRUN_GRACE_S`` after the budget, the recipe's code after it (``after_s``, timed by
+end ``OVERRUN_GRACE_S`` after the budget (on the CPU: or compute no longer than that), the recipe's code after it (``after_s``, timed by
 the loop, the checkpoint's file writes aside) gets ``AFTER_GRACE_S``, and each encoding
 process ``EVAL_GRACE_S`` from the end of its start-up plus an allowance for the number of
 items; a run over any limit ends with status ``error``. On the CPU the encoders' limit is
@@ -152,7 +152,7 @@ def run(args) -> int:
     if result.get("status") == "ok":
         t_eval = time.perf_counter()
         try:
-            check_after(result, args.budget_s)
+            check_after(result, args.budget_s, torch_threads(args.device))
             # eval_s: the encoding processes and the ranking, start-up included (not in the budget)
             result = dict(evaluate(result, args, capped), eval_s=time.perf_counter() - t_eval)
         except EclipError as e:
@@ -175,18 +175,24 @@ def part_files(out: Path, part: str) -> tuple[Path, Path, Path]:
     return out / f"eval_{part}.safetensors", out / f"emb_{part}.safetensors", out / f"eval_{part}.log"
 
 
-def check_after(result: dict, budget_s: float) -> None:
+def check_after(result: dict, budget_s: float, threads: int | None = None) -> None:
     """Refuse a run whose recipe code kept running after its budget: a last step that ended
     long after it (``train_s``), or code after the last step (``after_s``, timed by the
-    training loop: a checkpoint's ``recipe_state`` or ``state_dict`` that trains)."""
+    training loop: a checkpoint's ``recipe_state`` or ``state_dict`` that trains).
+    ``threads`` (CPU runs): a last step late in wall time whose CPU time over ``threads``
+    stays within the grace was slowed by a busy machine, not packed with work: allowed."""
     train_s, overrun = result.get("train_s"), max(OVERRUN_GRACE_S, OVERRUN_SHARE * budget_s)
-    if not isinstance(train_s, (int, float)) or train_s > budget_s + overrun:
+    cpu = result.get("last_step_cpu_s")
+    slowed = bool(threads) and isinstance(cpu, (int, float)) and cpu / threads <= overrun
+    if not isinstance(train_s, (int, float)) or (train_s > budget_s + overrun and not slowed):
         if not isinstance(train_s, (int, float)):
             raise EclipError("the run reported no train_s")
         first = (" (its first step, compilation included, outlasted the budget: give a longer one)"
                  if result.get("steps") == 1 else "; one train_step must be one step, not many")
+        computed = (f", its last step computed {cpu / threads:.1f} s over {threads} threads"
+                    if threads and isinstance(cpu, (int, float)) else "")
         raise EclipError(f"training ran {train_s:.1f} s on a budget of {budget_s:g} s (a step may end at most "
-                         f"{overrun:g} s late){first}")
+                         f"{overrun:g} s late{computed}){first}")
     after = result.get("after_s")
     if not isinstance(after, (int, float)) or after > AFTER_GRACE_S:
         shown = f"{after:.1f} s" if isinstance(after, (int, float)) else "an unknown time"

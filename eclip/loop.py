@@ -353,7 +353,7 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
     bar = tqdm(total=total if total else round(cfg.budget_s), initial=step if total else 0,
                unit="step" if total else "s", file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
                disable=None if cfg.progress_bar else True, desc="train")
-    status, last, warmup_s, history = "ok", {}, None, []
+    status, last, warmup_s, history, last_step_cpu_s = "ok", {}, None, [], None
     stop = _install_sigint()
     t0 = time.perf_counter()
     start_trained = trained_s
@@ -392,11 +392,15 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
                 raise KeyboardInterrupt
             before = data.snapshot()  # a step cut short by an exception gives its batch back
             batch = data.sample(bs)
+            cpu0 = time.process_time()
             try:
                 metrics = recipe.train_step(model, optimizer, batch, min(progress, 1.0))
             except KeyboardInterrupt:
                 data.restore(before)
                 raise
+            # CPU time of the step's call (all threads): the harness tells a last step that
+            # overran the budget because the machine was busy from one that did more work
+            last_step_cpu_s = time.process_time() - cpu0
             step += 1
             samples += bs
             if "expert_samples" in metrics:  # summed on the device: no sync per step
@@ -436,7 +440,8 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
     trained_s = start_trained + (time.perf_counter() - t0)
     return {"status": status, "steps": step, "samples": samples, "train_s": trained_s,
             "expert_samples": int(expert_samples),
-            "warmup_s": warmup_s, "last": last, "history": history, "model": model,
+            "warmup_s": warmup_s, "last_step_cpu_s": last_step_cpu_s, "last": last, "history": history,
+            "model": model,
             "optimizer": optimizer, "data": data, "device": device, "spec": spec, "cache": cache}
 
 

@@ -211,6 +211,7 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
         "val_mean_rank": metrics["mean_rank"] if metrics else None,
         "metrics": metrics, "steps": run["steps"], "samples": run["samples"],
         "samples_per_s": sps, "train_s": run["train_s"], "warmup_s": run["warmup_s"], "eval_s": eval_s,
+        "last_step_cpu_s": run["last_step_cpu_s"],
         "after_s": after_s,
         "mfu": (flops * sps / peak) if (peak and flops) else None,
         "peak_memory_bytes": mem, "peak_memory_gb": mem / 2**30 if mem else None,
