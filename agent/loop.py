@@ -299,7 +299,9 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
 
 def _sigterm_as_ctrl_c(signum, frame):
     """SIGTERM (a scheduler's preemption, ``timeout``): the run in flight is killed and
-    journaled ``interrupted``, the tree goes back to the best commit, as on Ctrl-C."""
+    journaled ``interrupted``, the tree goes back to the best commit, as on Ctrl-C. A repeat
+    is ignored, so it cannot cut that clean-up short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 

@@ -24,14 +24,15 @@ them against the cache's own pairs and writes the metrics into ``result.json``
 (``ranked_by: harness``). Whatever a recipe changes in its own processes (an operator, a
 module, a class, a frame it walks), it finds no evaluation data in them to exploit, and the
 ranking does not run there. Training outside the clock is refused too: the last step may
-end ``OVERRUN_GRACE_S`` after the budget (on the CPU: or compute no longer than that), the recipe's code after it (``after_s``, timed by
+end ``OVERRUN_GRACE_S`` after the budget, the recipe's code after it (``after_s``, timed by
 the loop, the checkpoint's file writes aside) gets ``AFTER_GRACE_S``, and each encoding
 process ``EVAL_GRACE_S`` from the end of its start-up plus an allowance for the number of
-items; a run over any limit ends with status ``error``. On the CPU the encoders' limit is
-on compute, not wall time: their CPU time divided by the threads a process uses
-(``torch.get_num_threads()``), so a machine shared with other work slows them without
-failing them (a wall-clock backstop of ``WALL_FACTOR`` times the limit stays); on a GPU,
-whose work CPU time does not show, it is wall time. The limits bound such work; they
+items; a run over any limit ends with status ``error``. On the CPU, where other work on the
+machine slows a run, the last step's overrun and the encoders' time are measured in
+compute instead: CPU time divided by ``torch_threads`` (torch's default thread count, at
+most the CPUs the harness may use), with wall time still capped at ``WALL_FACTOR`` times
+the limit; the children see no GPU there, whose work CPU time would not show. GPU runs are
+timed in wall time. The limits bound such work; they
 cannot tell it from slowness. Nor is a model stopped from normalising across the items of
 one encoding batch (up to 512 of the split): a transductive use of the split that a check
 of the embeddings' independence from their batch could catch, not built.
@@ -125,9 +126,7 @@ def run(args) -> int:
     scrub_environment()
     if args.compile_cache is not None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(args.compile_cache.resolve())
-    import torch
-
-    on_cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
+    on_cpu = runs_on_cpu(args.device)
     limit = default_memory_limit_gb() if args.memory_limit_gb is None else args.memory_limit_gb
     capped = (lambda: limit_address_space(limit)) if on_cpu and limit > 0 else None
     for part in PARTS:  # only this run's files are read
@@ -140,14 +139,14 @@ def run(args) -> int:
         cmd += ["--compile-cache", str(args.compile_cache)]
     if args.final:
         cmd.append("--final")
-    rc = child(cmd, capped)
+    rc = child(cmd, capped, env=hide_gpu(dict(os.environ)) if on_cpu else None)
     result_path = args.out / "result.json"
     try:
         result = json.loads(result_path.read_text())
     except (OSError, json.JSONDecodeError):
-        return rc if rc else 1  # the child died without a result: the caller reports the crash
+        return exit_code(rc) if rc else 1  # the child died without a result: the caller reports the crash
     if result.pop("ranked_by", None) != "caller":
-        return rc  # written by the child before the run began (bad input, out of memory)
+        return exit_code(rc)  # written by the child before the run began (bad input, out of memory)
     # from here on the harness writes the result: "ranked_by: caller" never outlives it
     if result.get("status") == "ok":
         t_eval = time.perf_counter()
@@ -167,7 +166,7 @@ def run(args) -> int:
 
     write_json(result_path, result)
     print("\n".join(summary_lines(result)))
-    return rc
+    return exit_code(rc)
 
 
 def part_files(out: Path, part: str) -> tuple[Path, Path, Path]:
@@ -184,7 +183,8 @@ def check_after(result: dict, budget_s: float, threads: int | None = None) -> No
     train_s, overrun = result.get("train_s"), max(OVERRUN_GRACE_S, OVERRUN_SHARE * budget_s)
     cpu = result.get("last_step_cpu_s")
     slowed = bool(threads) and isinstance(cpu, (int, float)) and cpu / threads <= overrun
-    if not isinstance(train_s, (int, float)) or (train_s > budget_s + overrun and not slowed):
+    late = isinstance(train_s, (int, float)) and train_s > budget_s + (WALL_FACTOR if slowed else 1) * overrun
+    if not isinstance(train_s, (int, float)) or late:
         if not isinstance(train_s, (int, float)):
             raise EclipError("the run reported no train_s")
         first = (" (its first step, compilation included, outlasted the budget: give a longer one)"
@@ -211,7 +211,13 @@ def child_setup(preexec):
     return setup
 
 
-def child(cmd: list[str], preexec) -> int:
+def hide_gpu(env: dict) -> dict:
+    """``env`` for a child of a CPU run: the limits count CPU time there, which a GPU's
+    work would not show, so the recipe gets no GPU."""
+    return dict(env, CUDA_VISIBLE_DEVICES="")
+
+
+def child(cmd: list[str], preexec, env: dict | None = None) -> int:
     """Run one child to its end. Ctrl-C reaches it too (same process group): it finishes
     its step, saves and writes an interrupted result; the harness waits for that instead
     of dying first. A SIGTERM sent to the harness is passed on to the child, which takes it
@@ -228,7 +234,7 @@ def child(cmd: list[str], preexec) -> int:
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     term = signal.signal(signal.SIGTERM, forward)
     try:
-        procs.append(subprocess.Popen(cmd, preexec_fn=child_setup(preexec)))
+        procs.append(subprocess.Popen(cmd, preexec_fn=child_setup(preexec), env=env))
         if pending:
             procs[0].send_signal(signal.SIGTERM)
         return procs[0].wait()
@@ -258,6 +264,8 @@ def encode_parts(cmds: dict[str, list[str]], logs: dict[str, Path], limit_s: flo
     from eclip.encode import READY
 
     env = dict(os.environ, TORCH_COMPILE_DISABLE="1")  # eager: a fast start, nothing to compile
+    if threads:
+        env = hide_gpu(env)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     procs, files, ready, readers = {}, {}, {}, []
 
@@ -324,13 +332,43 @@ def _overdue(part: str, pid: int, now: float, start: float, ready: tuple | None,
     return None
 
 
-def torch_threads(device: str) -> int | None:
-    """The threads an encoding process computes with on the CPU (torch's default, which
-    the children share), or None for a GPU run."""
+def exit_code(rc: int) -> int:
+    """A child's return code as this process's exit code: killed by signal N, 128 + N
+    (the shells' convention; 130 for Ctrl-C, 143 for SIGTERM)."""
+    return 128 - rc if rc < 0 else rc
+
+
+def runs_on_cpu(device: str) -> bool:
+    """Whether ``--device`` puts the run on the CPU (``auto``: when there is no GPU)."""
     import torch
 
-    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    return max(1, torch.get_num_threads()) if on_cpu else None
+    if device == "auto":
+        return not torch.cuda.is_available()
+    try:
+        return torch.device(device).type == "cpu"
+    except (RuntimeError, ValueError):  # not a device: the training process says so
+        return False
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity, and a cgroup (v2) CPU quota."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
+def torch_threads(device: str) -> int | None:
+    """What the limits on a CPU run divide CPU time by: the threads a child computes with
+    by default (torch's count, as the harness sees it), at most the CPUs it may use (a
+    recipe that sets another count gains no compute by it); None for a GPU run."""
+    import torch
+
+    return max(1, min(torch.get_num_threads(), usable_cpus())) if runs_on_cpu(device) else None
 
 
 def encode_error(part: str, rc: int, log: Path) -> str:

@@ -172,8 +172,8 @@ def _install_sigint() -> dict:
     ``timeout`` sends): finish the current step, then stop cleanly (checkpoint, result).
     A second Ctrl-C stops at once; a repeated SIGTERM is ignored (one sent to a process
     group reaches a harness's training process twice, directly and passed on by the
-    harness; SIGKILL is the hard stop there). Returns the flag and a function restoring the
-    old handlers."""
+    harness; SIGKILL is the hard stop there), also after the loop, while the checkpoint
+    and the result are written. Returns the flag and a function restoring the old handlers."""
     state = {"requested": False, "restore": lambda: None}
     if threading.current_thread() is not threading.main_thread():
         return state
@@ -185,13 +185,17 @@ def _install_sigint() -> dict:
                 return
             state["hard"] = True  # mid-step: the state may be half-updated, no checkpoint
             raise KeyboardInterrupt
-        state["requested"] = True
+        state["requested"], state["term"] = True, signum == signal.SIGTERM
         again = "Ctrl-C again to stop now" if signum == signal.SIGINT else "Ctrl-C or SIGKILL to stop now"
         print(f"\ntrain: {signal.Signals(signum).name}: stopping after this step ({again})", file=sys.stderr)
 
     for sig in previous:
         signal.signal(sig, handler)
-    state["restore"] = lambda: [signal.signal(sig, h) for sig, h in previous.items()]
+    def restore() -> None:
+        for sig, old in previous.items():  # the repeat of a SIGTERM may still be on its way
+            signal.signal(sig, signal.SIG_IGN if sig == signal.SIGTERM and state.get("term") else old)
+
+    state["restore"] = restore
     return state
 
 

@@ -440,3 +440,43 @@ def test_a_last_step_slowed_by_a_busy_machine_is_not_refused(cpu, threads, refus
             h.check_after(result, 10.0, threads)
     else:
         h.check_after(result, 10.0, threads)
+
+
+def test_a_slowed_last_step_still_has_a_wall_clock_cap():
+    # compute a process's CPU time does not show (a GPU's, were one reachable) cannot stretch
+    # the last step without end: three times the grace in wall time at most
+    from eclip import harness as h
+    from eclip.errors import EclipError
+
+    ok = {"train_s": 24.9, "steps": 40, "after_s": 0.01, "last_step_cpu_s": 0.1}
+    h.check_after(ok, 10.0, 2)
+    with pytest.raises(EclipError, match=re.escape("training ran 25.1 s on a budget of 10 s")):
+        h.check_after(dict(ok, train_s=25.1), 10.0, 2)
+
+
+def test_the_cpu_limits_divide_by_the_cpus_the_run_may_use(monkeypatch):
+    import os
+
+    import torch
+
+    from eclip import harness as h
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 32)  # torch's count on a large host
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # a job pinned to two of its cores
+    assert h.torch_threads("cpu") == 2 and h.torch_threads("cpu:0") == 2
+    assert h.torch_threads("cuda") is None and h.torch_threads("cuda:1") is None
+    assert h.torch_threads("auto") == (None if torch.cuda.is_available() else 2)
+    assert h.exit_code(-15) == 143 and h.exit_code(-2) == 130 and h.exit_code(2) == 2
+
+
+def test_the_children_of_a_cpu_run_see_no_gpu(tmp_path, capsys):
+    from eclip import harness as h
+
+    probe = [sys.executable, "-c", "import os; print('encode: ready', flush=True); "
+             "print(repr(os.environ.get('CUDA_VISIBLE_DEVICES')))"]
+    import os
+
+    assert h.encode_parts({"images": probe}, {"images": tmp_path / "a.log"}, 5.0, None, threads=2) == {"images": 0}
+    assert capsys.readouterr().out == "''\n"  # the encoder's output, passed on
+    assert h.encode_parts({"images": probe}, {"images": tmp_path / "b.log"}, 5.0, None) == {"images": 0}
+    assert capsys.readouterr().out == repr(os.environ.get("CUDA_VISIBLE_DEVICES")) + "\n"  # a GPU run: as it was

@@ -416,3 +416,22 @@ def test_ctrl_c_during_the_evaluation_keeps_the_checkpoint_and_writes_a_result(c
     assert json.loads((out / "checkpoint.json").read_text())["step"] == 3
     result = json.loads((out / "result.json").read_text())
     assert result["status"] == "interrupted" and result["steps"] == 3 and result["metrics"] is None
+
+
+def test_a_late_repeat_of_sigterm_does_not_cut_the_save_short(cache, tmp_path, capsys, monkeypatch):
+    # the copy of a group's SIGTERM that the harness passes on may arrive after the last
+    # step, while the checkpoint is written: it must change nothing
+    stopper = recipe_at_call(tmp_path, prelude="import os as _os, signal as _signal\n",
+                             before="if _calls[0] == 3:\n    _os.kill(_os.getpid(), _signal.SIGTERM)")
+    real = train.ckpt.save_checkpoint
+
+    def save_with_a_late_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train.ckpt, "save_checkpoint", save_with_a_late_signal)
+    out = tmp_path / "run"
+    rc, stdout, err = run(["--data", cache, "--out", out, "--steps", 20, "--recipe", stopper, *SMALL], capsys)
+    assert rc == 130 and "status:         interrupted" in stdout, err
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
