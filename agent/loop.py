@@ -21,7 +21,6 @@ import errno
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -40,7 +39,7 @@ from agent.runner import (
 from agent.search import SearchExhausted, SearchProposer, read_hparams
 from agent.workspace import Workspace, WorkspaceError
 from eclip.errors import OneLineParser
-from eclip.policy import check_source
+from eclip.policy import check_source, sigterm_as_ctrl_c
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "eclip" / "recipe.py"
@@ -297,14 +296,6 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
     return True
 
 
-def _sigterm_as_ctrl_c(signum, frame):
-    """SIGTERM (a scheduler's preemption, ``timeout``): the run in flight is killed and
-    journaled ``interrupted``, the tree goes back to the best commit, as on Ctrl-C. A repeat
-    is ignored, so it cannot cut that clean-up short."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt
-
-
 def check_args(args) -> str | None:
     """The first bad option, as its error message (None when all are usable). Checked before a
     workspace is touched: a bad budget would otherwise fail every baseline and the workspace
@@ -367,33 +358,32 @@ def main(argv: list[str] | None = None) -> int:
         proposer = SearchProposer(seed=args.seed + len(exps))
     t0 = time.time()
     code = 0
-    previous = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)  # a scheduler's stop: as Ctrl-C
-    try:
-        while args.max_hours is None or time.time() - t0 < args.max_hours * 3600:
-            if not step(ws, args, proposer, root_commit):
-                break
-    except KeyboardInterrupt:
-        print("loop: interrupted; recording and returning to the best commit", file=sys.stderr)
-        reconcile(ws, root_commit, args.min_delta)
-        code = 130
-    except (ProposerStop, disk.OutOfSpace) as e:
-        print(f"loop: stopping: {e}", file=sys.stderr)
-        code = 1
-    except OSError as e:  # the loop's own writes (journal, diffs) on a full disk
-        if e.errno != errno.ENOSPC:
-            raise
-        print(f"loop: stopping: {e.filename or ws.root}: {e.strerror}; free some space, then resume", file=sys.stderr)
-        code = 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        st = state(journal.experiments(journal.read(ws.journal_path)), root_commit, args.min_delta)
-        ws.reset(st["best_commit"])
+    with sigterm_as_ctrl_c():  # a scheduler's stop: as Ctrl-C
         try:
-            from agent.report import plot_progress
+            while args.max_hours is None or time.time() - t0 < args.max_hours * 3600:
+                if not step(ws, args, proposer, root_commit):
+                    break
+        except KeyboardInterrupt:
+            print("loop: interrupted; recording and returning to the best commit", file=sys.stderr)
+            reconcile(ws, root_commit, args.min_delta)
+            code = 130
+        except (ProposerStop, disk.OutOfSpace) as e:
+            print(f"loop: stopping: {e}", file=sys.stderr)
+            code = 1
+        except OSError as e:  # the loop's own writes (journal, diffs) on a full disk
+            if e.errno != errno.ENOSPC:
+                raise
+            print(f"loop: stopping: {e.filename or ws.root}: {e.strerror}; free some space, then resume", file=sys.stderr)
+            code = 1
+        finally:
+            st = state(journal.experiments(journal.read(ws.journal_path)), root_commit, args.min_delta)
+            ws.reset(st["best_commit"])
+            try:
+                from agent.report import plot_progress
 
-            plot_progress(ws)
-        except Exception as e:  # a plot must never cost the journal
-            print(f"loop: progress plot not drawn ({e})", file=sys.stderr)
+                plot_progress(ws)
+            except Exception as e:  # a plot must never cost the journal
+                print(f"loop: progress plot not drawn ({e})", file=sys.stderr)
     print(f"---\nworkspace:      {ws.root}\nbest_commit:    {st['best_commit'][:7]}\n"
           f"best_mean_rank: {'none' if st['best'] is None else round(st['best'], 2)}\nnoise_floor:    {st['threshold']:.3f}\n"
           f"experiments:    {st['experiments']}\ncheckpoints:    {disk.summary(ws.experiments)}\n"

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from eclip.data.cache import Cache, CacheWriter
+from eclip.data.cache import ANNOTATION_KEYS, Cache, CacheWriter
 from eclip.loop import LoopConfig, apply_overrides, evaluate_split, load_recipe, run_loop
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "eclip" / "recipe.py"
@@ -95,9 +95,7 @@ def write_cache(cache: Cache, out: Path) -> Path:
     recipe does not read one)."""
     with CacheWriter(out) as w:
         w.save_arrays("images.safetensors", {"images": cache.images.numpy()})
-        w.save_arrays("annotations.safetensors", {k: getattr(cache, k).numpy() for k in (
-            "tokens", "lengths", "caption_image", "region_boxes", "region_image", "region_tokens",
-            "region_lengths", "split", "fold")})
+        w.save_arrays("annotations.safetensors", {k: getattr(cache, k).numpy() for k in ANNOTATION_KEYS})
         w.commit(dict(cache.manifest))
     return out
 

@@ -23,19 +23,19 @@ The harness itself never imports the recipe: it puts the embeddings back in plac
 them against the cache's own pairs and writes the metrics into ``result.json``
 (``ranked_by: harness``). Whatever a recipe changes in its own processes (an operator, a
 module, a class, a frame it walks), it finds no evaluation data in them to exploit, and the
-ranking does not run there. Training outside the clock is refused too: the last step may
-end ``OVERRUN_GRACE_S`` after the budget, the recipe's code after it (``after_s``, timed by
-the loop, the checkpoint's file writes aside) gets ``AFTER_GRACE_S``, and each encoding
-process ``EVAL_GRACE_S`` from the end of its start-up plus an allowance for the number of
-items; a run over any limit ends with status ``error``. On the CPU, where other work on the
-machine slows a run, the last step's overrun and the encoders' time are measured in
-compute instead: CPU time divided by ``torch_threads`` (torch's default thread count, at
-most the CPUs the harness may use), with wall time still capped at ``WALL_FACTOR`` times
-the limit; the children see no GPU there, whose work CPU time would not show. GPU runs are
-timed in wall time. The limits bound such work; they
-cannot tell it from slowness. Nor is a model stopped from normalising across the items of
-one encoding batch (up to 512 of the split): a transductive use of the split that a check
-of the embeddings' independence from their batch could catch, not built.
+ranking does not run there. Training outside the clock is refused too: the last step may end
+``OVERRUN_GRACE_S`` after the budget, the recipe's code after it (``after_s``, timed by the
+loop, the checkpoint's file writes aside) gets ``AFTER_GRACE_S``, and each encoding process
+``EVAL_GRACE_S`` from the end of its start-up plus an allowance for the number of items; a
+run over any limit ends with status ``error``. On the CPU, where other work on the machine
+slows a run, the last step's overrun and the encoders' time are measured in compute instead:
+CPU time divided by ``torch_threads`` (torch's default thread count, at most the CPUs the
+harness may use), with wall time still capped at ``WALL_FACTOR`` times the limit; the
+children see no GPU there, whose work CPU time would not show. GPU runs are timed in wall
+time. The limits bound such work; they cannot tell it from slowness. Nor is a model stopped
+from normalising across the items of one encoding batch (up to 512 of the split): a
+transductive use of the split that a check of the embeddings' independence from their batch
+could catch, not built.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ import time
 from pathlib import Path
 
 from eclip.errors import EclipError, OneLineParser
-from eclip.loop import sigterm_as_ctrl_c, write_json
-from eclip.policy import check_file, die_with_parent, scrub_environment
+from eclip.loop import write_json
+from eclip.policy import check_file, die_with_parent, scrub_environment, sigterm_as_ctrl_c
 
 PARTS = ("images", "texts")  # one eclip.encode process each: none sees both sides of a pair
 # Work the recipe may do outside its budget. Encoding is cheap next to training (one
@@ -126,7 +126,8 @@ def run(args) -> int:
     scrub_environment()
     if args.compile_cache is not None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(args.compile_cache.resolve())
-    on_cpu = runs_on_cpu(args.device)
+    threads = torch_threads(args.device)  # None: a GPU run, timed in wall time
+    on_cpu = threads is not None
     limit = default_memory_limit_gb() if args.memory_limit_gb is None else args.memory_limit_gb
     capped = (lambda: limit_address_space(limit)) if on_cpu and limit > 0 else None
     for part in PARTS:  # only this run's files are read
@@ -151,9 +152,9 @@ def run(args) -> int:
     if result.get("status") == "ok":
         t_eval = time.perf_counter()
         try:
-            check_after(result, args.budget_s, torch_threads(args.device))
+            check_after(result, args.budget_s, threads)
             # eval_s: the encoding processes and the ranking, start-up included (not in the budget)
-            result = dict(evaluate(result, args, capped), eval_s=time.perf_counter() - t_eval)
+            result = dict(evaluate(result, args, capped, threads), eval_s=time.perf_counter() - t_eval)
         except EclipError as e:
             status = "oom" if "failed: out of memory" in str(e) else "error"
             result = dict(result, status=status, val_mean_rank=None, metrics=None, reason=str(e))
@@ -181,16 +182,15 @@ def check_after(result: dict, budget_s: float, threads: int | None = None) -> No
     ``threads`` (CPU runs): a last step late in wall time whose CPU time over ``threads``
     stays within the grace was slowed by a busy machine, not packed with work: allowed."""
     train_s, overrun = result.get("train_s"), max(OVERRUN_GRACE_S, OVERRUN_SHARE * budget_s)
+    if not isinstance(train_s, (int, float)):
+        raise EclipError("the run reported no train_s")
     cpu = result.get("last_step_cpu_s")
-    slowed = bool(threads) and isinstance(cpu, (int, float)) and cpu / threads <= overrun
-    late = isinstance(train_s, (int, float)) and train_s > budget_s + (WALL_FACTOR if slowed else 1) * overrun
-    if not isinstance(train_s, (int, float)) or late:
-        if not isinstance(train_s, (int, float)):
-            raise EclipError("the run reported no train_s")
+    compute = cpu / threads if threads and isinstance(cpu, (int, float)) else None  # None: wall time only
+    slowed = compute is not None and compute <= overrun
+    if train_s > budget_s + (WALL_FACTOR if slowed else 1) * overrun:
         first = (" (its first step, compilation included, outlasted the budget: give a longer one)"
                  if result.get("steps") == 1 else "; one train_step must be one step, not many")
-        computed = (f", its last step computed {cpu / threads:.1f} s over {threads} threads"
-                    if threads and isinstance(cpu, (int, float)) else "")
+        computed = f", its last step computed {compute:.1f} s over {threads} threads" if compute is not None else ""
         raise EclipError(f"training ran {train_s:.1f} s on a budget of {budget_s:g} s (a step may end at most "
                          f"{overrun:g} s late{computed}){first}")
     after = result.get("after_s")
@@ -383,7 +383,7 @@ def encode_error(part: str, rc: int, log: Path) -> str:
     return f"evaluation (eclip.encode, {part}) failed: {why}"
 
 
-def evaluate(result: dict, args, preexec=None) -> dict:
+def evaluate(result: dict, args, preexec=None, threads: int | None = None) -> dict:
     """``result`` with the metrics of the checkpoint in ``args.out`` on the val split (test
     with ``--final``): the split's images and its captions go to two ``eclip.encode``
     processes, each in a secret order, and the embeddings that come back are ranked here
@@ -420,7 +420,7 @@ def evaluate(result: dict, args, preexec=None) -> dict:
         # that share is capped, since a recipe can make its own samples_per_s small
         per_items = min(2 * items / sps if sps > 0 else math.inf, EVAL_SHARE * args.budget_s)
         limit = EVAL_GRACE_S + per_items
-        rcs = encode_parts(cmds, logs, limit, preexec, threads=torch_threads(args.device))
+        rcs = encode_parts(cmds, logs, limit, preexec, threads=threads)
         for part, rc in rcs.items():
             if rc in (130, -signal.SIGINT):
                 raise KeyboardInterrupt

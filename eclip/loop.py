@@ -14,7 +14,6 @@ apart as ``warmup_s`` but counts against the budget.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import secrets
@@ -148,25 +147,6 @@ def apply_overrides(hparams: dict, overrides: dict[str, str]) -> dict:
     return hparams
 
 
-@contextlib.contextmanager
-def sigterm_as_ctrl_c():
-    """Inside the block SIGTERM raises KeyboardInterrupt, as Ctrl-C does, so whatever a Ctrl-C
-    saves and reports a SIGTERM does too (the training loop's own handler, installed while
-    it trains, lets the step finish first). A no-op outside the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _install_sigint() -> dict:
     """First Ctrl-C or SIGTERM (what a scheduler sends before it preempts a job, and what
     ``timeout`` sends): finish the current step, then stop cleanly (checkpoint, result).
@@ -191,6 +171,7 @@ def _install_sigint() -> dict:
 
     for sig in previous:
         signal.signal(sig, handler)
+
     def restore() -> None:
         for sig, old in previous.items():  # the repeat of a SIGTERM may still be on its way
             signal.signal(sig, signal.SIG_IGN if sig == signal.SIGTERM and state.get("term") else old)

@@ -34,6 +34,7 @@ which never imports it.
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import re
 import types
@@ -103,6 +104,31 @@ def prctl(*args: int) -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(*args)
     except OSError:
         pass
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """Inside the block SIGTERM (a scheduler's preemption, ``timeout``) raises
+    KeyboardInterrupt, as Ctrl-C does, so whatever a Ctrl-C saves and reports a SIGTERM does
+    too; a repeat is ignored, so it cannot cut that clean-up short. (The training loop's own
+    handler, installed while it trains, lets the step finish first.) A no-op outside the
+    main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def die_with_parent() -> None:  # pragma: no cover - runs in a child between fork and exec

@@ -43,9 +43,9 @@ from eclip.loop import (
     load_recipe,
     peak_memory_bytes,
     run_loop,
-    sigterm_as_ctrl_c,
     write_json,
 )
+from eclip.policy import sigterm_as_ctrl_c
 
 TEMPLATE = Path(__file__).with_name("recipe.py")
 EXIT = {"ok": 0, "diverged": 1, "oom": 1, "interrupted": 130, "aborted": 130}

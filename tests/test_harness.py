@@ -407,7 +407,7 @@ def test_sigterm_during_the_evaluation_is_an_interrupted_result(cache, tmp_path,
 
     from eclip import harness as h
 
-    def evaluate(result, args, preexec=None):
+    def evaluate(result, args, preexec=None, threads=None):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler raises before this ends
         raise AssertionError("SIGTERM was not taken as Ctrl-C")
