@@ -59,7 +59,10 @@ the model's state_dict; one encodes the images, the other the texts, each in an 
 the harness knows. So whatever encode_image and encode_text depend on must be in the
 model's parameters or persistent buffers (an EMA must be copied into the model by the end
 of training). Tricks aimed at the evaluation (remembering inputs across calls, constant
-embeddings, state kept between the image and the text pass) score at chance or fail.
+embeddings, state kept between the image and the text pass) score at chance or fail, and
+an embedding must depend on its own input only: the harness encodes some items again in
+other batches, and a model whose output moves with its batch (batch statistics at
+evaluation, centring on the batch's mean) is an error.
 All training happens in train_step, inside the budget, one optimizer step per call: the
 loop checks the clock between calls, and a run whose last call ends more than 5 s past the
 budget, or whose code after the last step (state_dict, recipe_state, FLOP counts) or

@@ -105,6 +105,6 @@ fi
 
 echo "==== summary"
 want 3 && [ -f "$TABLE" ] && cat "$TABLE"
-[ -n "$OUT_DIR" ] && grep -h -E "^(smoke_status|sync_check|harness_status|speed)" "$OUT_DIR/train.log" 2>/dev/null
+[ -n "$OUT_DIR" ] && grep -h -E "^(smoke_status|sync_check|harness_status|harness_reason|speed)" "$OUT_DIR/train.log" 2>/dev/null
 [ -n "$OUT_DIR" ] && grep -h -E "^(per step|device: .*overrides)" "$OUT_DIR/profile.log" 2>/dev/null
 exit $status

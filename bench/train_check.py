@@ -122,10 +122,14 @@ def harness_smoke(budget_s: float, dry: bool = False) -> bool:
             r = {"status": f"no result (exit {p.returncode})"}
     ok = p.returncode == 0 and r.get("status") == "ok" and r.get("ranked_by") == "harness"
     fmt = lambda k: "none" if r.get(k) is None else f"{r[k]:.1f}"  # noqa: E731
+    gap = r.get("batch_gap") or {}  # 1 - cosine of the copies encoded again (bf16 rounding on a GPU)
+    gaps = "/".join(f"{gap[k]:.1e}" if k in gap else "none" for k in ("images", "texts"))
     print(f"harness_status: {r.get('status')}  val_mean_rank: {fmt('val_mean_rank')} (random 127.5)  "
           f"steps: {r.get('steps')}  warmup_s: {fmt('warmup_s')}  train_s: {fmt('train_s')}  "
-          f"after_s: {fmt('after_s')}  eval_s: {fmt('eval_s')}  wall_s: {wall:.1f}  {'OK' if ok else 'FAILED'}",
-          flush=True)
+          f"after_s: {fmt('after_s')}  eval_s: {fmt('eval_s')}  batch_gap: {gaps}  wall_s: {wall:.1f}  "
+          f"{'OK' if ok else 'FAILED'}", flush=True)
+    if r.get("reason"):
+        print(f"harness_reason: {r['reason']}", flush=True)
     if not ok:
         print("\n".join(p.stderr.splitlines()[-15:]), flush=True)
     return ok

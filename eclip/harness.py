@@ -32,10 +32,11 @@ slows a run, the last step's overrun and the encoders' time are measured in comp
 CPU time divided by ``torch_threads`` (torch's default thread count, at most the CPUs the
 harness may use), with wall time still capped at ``WALL_FACTOR`` times the limit; the
 children see no GPU there, whose work CPU time would not show. GPU runs are timed in wall
-time. The limits bound such work; they cannot tell it from slowness. Nor is a model stopped
-from normalising across the items of one encoding batch (up to 512 of the split): a
-transductive use of the split that a check of the embeddings' independence from their batch
-could catch, not built.
+time. The limits bound such work; they cannot tell it from slowness. A model may not use the
+other items of its encoding batch (up to 512 of the scored split: their mean, their spread):
+``BATCH_PROBES`` rows of each part, drawn in secret, are encoded again at the end in pairs
+of their own, and a copy whose embedding differs from its first (``BATCH_TOL``) makes the run
+an ``error``; ``batch_gap`` in ``result.json`` says how close they came.
 """
 
 from __future__ import annotations
@@ -51,9 +52,12 @@ import threading
 import time
 from pathlib import Path
 
+import torch
+
 from eclip.errors import EclipError, OneLineParser
 from eclip.loop import write_json
 from eclip.policy import check_file, die_with_parent, scrub_environment, sigterm_as_ctrl_c
+from eclip.scoring import BATCH_PROBES, score
 
 PARTS = ("images", "texts")  # one eclip.encode process each: none sees both sides of a pair
 # Work the recipe may do outside its budget. Encoding is cheap next to training (one
@@ -404,15 +408,20 @@ def evaluate(result: dict, args, preexec=None, threads: int | None = None) -> di
     spec = {"vocab_size": cache.vocab_size, "context_length": cache.context_length,
             "phrase_length": int(cache.region_tokens.shape[1]), "image_size": cache.image_size}
     orders = {"images": secret_order(cache.images.shape[0]), "texts": secret_order(cache.tokens.shape[0])}
+    # rows (positions in the secret orders) encoded again at the end, in pairs of their own
+    alone = min(BATCH_PROBES, min(o.numel() for o in orders.values()) // 2)
+    probes = {part: secret_order(orders[part].numel())[:alone] for part in PARTS}
     files = {part: part_files(args.out, part) for part in PARTS}
     cmds, logs = {}, {}
     try:
         for part, (inputs, emb, log) in files.items():
-            images = cache.images[orders[part]] if part == "images" else None
-            tokens = cache.tokens[orders[part]] if part == "texts" else None
+            rows = torch.cat([orders[part], orders[part][probes[part]]])
+            images = cache.images[rows] if part == "images" else None
+            tokens = cache.tokens[rows] if part == "texts" else None
             write_inputs(inputs, images, tokens, spec)
             cmds[part] = [sys.executable, "-m", "eclip.encode", "--recipe", str(args.recipe), "--checkpoint",
-                          str(args.out), "--inputs", str(inputs), "--out", str(emb), "--device", args.device]
+                          str(args.out), "--inputs", str(inputs), "--out", str(emb), "--device", args.device,
+                          "--alone", str(alone)]
             logs[part] = log
         sps = float(result.get("samples_per_s") or 0.0)
         items = cache.images.shape[0] + cache.tokens.shape[0]
@@ -427,40 +436,11 @@ def evaluate(result: dict, args, preexec=None, threads: int | None = None) -> di
             if rc != 0:
                 raise EclipError(encode_error(part, rc, logs[part]))
         return score(result, files["images"][1], files["texts"][1], orders["images"], orders["texts"],
-                     cache.caption_image, args.device, split)
+                     cache.caption_image, args.device, split, probes)
     finally:
         for inputs, emb, log in files.values():  # secretly ordered, useless once ranked
             for path in (inputs, emb, log):
                 path.unlink(missing_ok=True)
-
-
-def score(result: dict, img_path: Path, txt_path: Path, order_i, order_t, txt_image, device: str,
-          split: str) -> dict:
-    """``result`` with the metrics of the embeddings in ``img_path`` and ``txt_path``: rows
-    encoded in the secret orders ``order_i`` (images) and ``order_t`` (captions), ranked
-    against ``txt_image`` (int64 [C], each caption's image), never against anything a run
-    reported."""
-    from eclip.evaluate import retrieval_metrics
-    from eclip.fileio import read_tensors
-    from eclip.loop import pick_device, unshuffle
-
-    got = {}
-    for name, path, want in (("img", img_path, order_i.numel()), ("txt", txt_path, order_t.numel())):
-        t = read_tensors(path, "the evaluation left no readable embeddings").get(name)
-        if t is None or t.dim() != 2 or t.shape[0] != want or not t.is_floating_point():
-            shown = "missing" if t is None else f"{t.dtype} {list(t.shape)}"
-            raise EclipError(f"{path}: {name}: expected float [{want}, E], got {shown}")
-        got[name] = t
-    img, txt = got["img"], got["txt"]
-    if img.shape[1] != txt.shape[1]:
-        raise EclipError(f"{txt_path}: img and txt widths differ ({img.shape[1]} vs {txt.shape[1]})")
-    dev = pick_device(device)
-    img, txt = unshuffle(img.float(), order_i).to(dev), unshuffle(txt.float(), order_t).to(dev)
-    metrics = retrieval_metrics(img, txt, txt_image.to(dev))
-    out = dict(result, metrics=metrics, val_mean_rank=metrics["mean_rank"], ranked_by="harness", eval_split=split)
-    if split == "test":
-        out["test_mean_rank"] = metrics["mean_rank"]
-    return out
 
 
 if __name__ == "__main__":

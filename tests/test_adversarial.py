@@ -119,7 +119,7 @@ def harness(recipe: Path, cache: Path, out: Path) -> dict:
 
 
 @pytest.mark.parametrize("trick", list(TRICKS))
-def test_tricks_at_evaluation_score_no_better_than_chance(cache, tmp_path, trick):
+def test_tricks_at_evaluation_score_no_better_than_chance(cache, tmp_path, trick, monkeypatch, capsys):
     source = TEMPLATE.read_text() + "\n_COUNTS = {}\n_MEMORY = []\n_ORDERS = []\n" + WRAPPER.format(methods=TRICKS[trick])
     assert check_source(source) == []  # nothing forbidden: the evaluation itself must resist
     recipe = tmp_path / "recipe.py"
@@ -128,11 +128,23 @@ def test_tricks_at_evaluation_score_no_better_than_chance(cache, tmp_path, trick
     if trick == "remembers the image pass":  # the captions' process never saw an image: nothing to recall
         assert r["status"] == "error" and "(eclip.encode, texts) failed" in r["reason"], r["stderr"][-2000:]
         return
+    if trick in ("counts its calls", "replays the shuffle"):
+        # an answer by position, not by input: the copies encoded again at the end get other
+        # embeddings than their first, and the batch check refuses the run before any ranking
+        assert r["status"] == "error" and r["val_mean_rank"] is None, r["stderr"][-2000:]
+        assert r["reason"].startswith("evaluation (images): an item encoded again in another batch"), r["reason"]
+        # without the batch check, the secret orders alone leave it at chance
+        from eclip import harness as h
+
+        monkeypatch.setattr(h, "BATCH_PROBES", 0)
+        out = tmp_path / "unchecked"
+        assert h.main(["run", "--recipe", str(recipe), "--data", str(cache), "--budget-s", "1", "--out", str(out),
+                       "--device", "cpu"]) == 0, capsys.readouterr().err[-2000:]
+        r = json.loads((out / "result.json").read_text())
+        assert "batch_gap" not in r and r["val_mean_rank"] > RANDOM * 0.6, r["val_mean_rank"]  # chance, not a match
+        return
     assert r["status"] == "ok", r["stderr"][-2000:]
-    if trick == "constant embedding":
-        assert r["val_mean_rank"] == N_VAL - 1  # ties count against the model
-    else:
-        assert r["val_mean_rank"] > RANDOM * 0.6, r["val_mean_rank"]  # chance, not a match
+    assert r["val_mean_rank"] == N_VAL - 1  # a constant embedding: ties count against the model
 
 
 @pytest.mark.parametrize("code,message", [
@@ -217,7 +229,9 @@ def test_the_recipes_processes_hold_no_split_they_are_scored_on(cache, tmp_path,
     probe.unlink()
     monkeypatch.setattr(h, "check_file", lambda path: [])
     monkeypatch.setattr(h, "scrub_environment", lambda: [])
-    for final, trained_on, scored in ((False, [0], 60), (True, [0, 1], 20)):
+    # scored: the split's images plus the copies the batch check encodes again (16 of the
+    # 60 val images, 10 of the 20 test images: at most half a part)
+    for final, trained_on, scored in ((False, [0], 60 + 16), (True, [0, 1], 20 + 10)):
         out = tmp_path / f"run-{final}"
         rc = h.main(["run", "--recipe", str(recipe), "--data", str(cache), "--budget-s", "1", "--out", str(out),
                      "--device", "cpu"] + (["--final"] if final else []))

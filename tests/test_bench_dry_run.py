@@ -37,8 +37,10 @@ def test_train_check_dry_run(capsys):
     out = capsys.readouterr().out
     assert "smoke_status: ok" in out and "OK" in out
     # the harness end to end: trained, then scored by its own two encoding processes
-    harness = re.search(r"^harness_status: ok  val_mean_rank: ([\d.]+) .*eval_s: ([\d.]+) .*OK$", out, re.M)
+    harness = re.search(r"^harness_status: ok  val_mean_rank: ([\d.]+) .*eval_s: ([\d.]+)  "
+                        r"batch_gap: ([\d.e+-]+)/([\d.e+-]+) .*OK$", out, re.M)
     assert harness and 0 <= float(harness[1]) <= 255 and float(harness[2]) > 0, out
+    assert 0 <= float(harness[3]) < 1e-5 and 0 <= float(harness[4]) < 1e-5, out  # the copies matched
     cases = re.findall(r"^sync_check (\w+): dry run, status (\w+)", out, re.M)
     assert cases == [(case, "ok") for case in train_check.SYNC_CASES]
     speeds = re.findall(r"^speed: (.+?): ([\d.]+) samples/s.*status (\w+), loss ([\d.naif]+)", out, re.M)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from eclip.harness import scrub_environment
+from eclip.scoring import BATCH_TOL
 from eclip.train import TEMPLATE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +44,8 @@ def test_a_recipe_is_trained_and_scored(cache, tmp_path):
     assert r["status"] == "ok" and 0 <= r["val_mean_rank"] <= 59 and r["steps"] > 0
     assert r["train_s"] >= 3 and r["warmup_s"] > 0 and r["eval_s"] > 0 and r["metrics"]["n_images"] == 60
     assert "val_mean_rank:" in p.stdout
+    # copies of 16 images and 16 captions encoded again in pairs of their own matched
+    assert set(r["batch_gap"]) == {"images", "texts"} and max(r["batch_gap"].values()) < 1e-5
 
 
 def test_a_rejected_recipe_never_runs(cache, tmp_path):
@@ -118,37 +121,6 @@ def test_the_ranking_runs_outside_the_recipe_process(cache, tmp_path, monkeypatc
     assert not any(f.exists() for part in h.PARTS for f in h.part_files(out, part))  # cleaned up
 
 
-@pytest.mark.parametrize("damage,message", [
-    ("missing", "the evaluation left no readable embeddings"),
-    ("rows", "img: expected float [60, E], got torch.float32 [59, 8]"),
-    ("width", "img and txt widths differ (8 vs 4)"),
-])
-def test_embeddings_that_do_not_fit_the_split_are_an_error(tmp_path, damage, message):
-    import torch
-    from safetensors.torch import save_file
-
-    from eclip.errors import EclipError
-    from eclip.harness import score
-
-    img_f, txt_f = tmp_path / "img.safetensors", tmp_path / "txt.safetensors"
-    order_i, order_t, pairs = torch.randperm(60), torch.randperm(60), torch.arange(60)
-    if damage != "missing":
-        save_file({"img": torch.randn(59 if damage == "rows" else 60, 8)}, str(img_f))
-        save_file({"txt": torch.randn(60, 4 if damage == "width" else 8)}, str(txt_f))
-    with pytest.raises(EclipError, match=re.escape(message)):
-        score({"status": "ok"}, img_f, txt_f, order_i, order_t, pairs, "cpu", "val")
-    # rows encoded in the secret orders are put back in place, then ranked against the
-    # pairs given, whatever the run reported
-    eye = torch.eye(60)
-    save_file({"img": eye[order_i]}, str(img_f))
-    save_file({"txt": eye[order_t]}, str(txt_f))
-    r = score({"status": "ok", "val_mean_rank": 99.0}, img_f, txt_f, order_i, order_t, pairs, "cpu", "test")
-    assert r["val_mean_rank"] == 0 and r["test_mean_rank"] == 0 and r["ranked_by"] == "harness"
-    assert r["eval_split"] == "test"
-    save_file({"txt": eye}, str(txt_f))  # captions left in the pairs' order
-    assert score({"status": "ok"}, img_f, txt_f, order_i, order_t, pairs, "cpu", "val")["val_mean_rank"] > 0
-
-
 # A model that trains normally but answers the evaluation with a tensor subclass (whose
 # operators would run inside the ranking); the encoding process refuses it.
 SUBCLASS_AT_EVAL = '''
@@ -181,6 +153,47 @@ def test_a_failed_evaluation_is_an_error_with_its_reason(cache, tmp_path, monkey
     assert r["reason"] == ("evaluation (eclip.encode, images) failed: model.encode_image returned a _Sub, not a "
                            "plain torch.Tensor (the evaluation ranks plain tensors)")
     assert (out / "checkpoint.json").is_file()
+    assert not any(f.exists() for part in h.PARTS for f in h.part_files(out, part))
+    assert "status:         error" in capsys.readouterr().out
+
+
+# A model that trains normally but centres its embeddings on its batch's mean at
+# evaluation: a use of the other items of the scored split that the policy cannot see.
+BATCH_MEAN_AT_EVAL = '''
+
+_plain_build_model = build_model
+
+
+def build_model(spec):
+    model = _plain_build_model(spec)
+    encode = model.encode_image
+
+    def centred(images):
+        emb = encode(images)
+        if model.training:
+            return emb
+        emb = emb - emb.mean(0, keepdim=True)
+        return emb / emb.norm(dim=1, keepdim=True)
+
+    model.encode_image = centred
+    return model
+'''
+
+
+def test_embeddings_that_depend_on_their_batch_are_refused(cache, tmp_path, capsys):
+    from eclip import harness as h
+
+    centred = recipe(tmp_path, extra=BATCH_MEAN_AT_EVAL)
+    assert h.check_file(centred) == []  # nothing the static policy can object to
+    out = tmp_path / "run"
+    rc = h.main(["run", "--recipe", str(centred), "--data", str(cache), "--budget-s", "1", "--out", str(out),
+                 "--device", "cpu"])
+    assert rc == 1
+    r = json.loads((out / "result.json").read_text())
+    assert r["status"] == "error" and r["val_mean_rank"] is None and r["steps"] > 0
+    assert r["reason"].startswith("evaluation (images): an item encoded again in another batch got another "
+                                  "embedding (1 - cosine "), r["reason"]
+    assert float(r["reason"].split("1 - cosine ")[1].split(",")[0]) > BATCH_TOL
     assert not any(f.exists() for part in h.PARTS for f in h.part_files(out, part))
     assert "status:         error" in capsys.readouterr().out
 

@@ -1,0 +1,75 @@
+"""``eclip.scoring``: the harness's ranking of a run's embeddings, and its check that each
+embedding depends on its own input only."""
+
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from eclip.errors import EclipError
+from eclip.scoring import BATCH_TOL, batch_check, score
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("missing", "the evaluation left no readable embeddings"),
+    ("rows", "img: expected float [60, E], got torch.float32 [59, 8]"),
+    ("width", "img and txt widths differ (8 vs 4)"),
+])
+def test_embeddings_that_do_not_fit_the_split_are_an_error(tmp_path, damage, message):
+    img_f, txt_f = tmp_path / "img.safetensors", tmp_path / "txt.safetensors"
+    order_i, order_t, pairs = torch.randperm(60), torch.randperm(60), torch.arange(60)
+    if damage != "missing":
+        save_file({"img": torch.randn(59 if damage == "rows" else 60, 8)}, str(img_f))
+        save_file({"txt": torch.randn(60, 4 if damage == "width" else 8)}, str(txt_f))
+    with pytest.raises(EclipError, match=re.escape(message)):
+        score({"status": "ok"}, img_f, txt_f, order_i, order_t, pairs, "cpu", "val")
+    # rows encoded in the secret orders are put back in place, then ranked against the
+    # pairs given, whatever the run reported
+    eye = torch.eye(60)
+    save_file({"img": eye[order_i]}, str(img_f))
+    save_file({"txt": eye[order_t]}, str(txt_f))
+    r = score({"status": "ok", "val_mean_rank": 99.0}, img_f, txt_f, order_i, order_t, pairs, "cpu", "test")
+    assert r["val_mean_rank"] == 0 and r["test_mean_rank"] == 0 and r["ranked_by"] == "harness"
+    assert r["eval_split"] == "test"
+    save_file({"txt": eye}, str(txt_f))  # captions left in the pairs' order
+    assert score({"status": "ok"}, img_f, txt_f, order_i, order_t, pairs, "cpu", "val")["val_mean_rank"] > 0
+
+
+def test_the_batch_check_names_the_part_and_how_far_off(tmp_path):
+    emb = torch.nn.functional.normalize(torch.randn(12, 8, dtype=torch.float64), dim=1).float()
+    picks = torch.tensor([0, 5])
+    fine = torch.cat([emb, emb[picks]])
+    assert batch_check(fine, picks, "images") < 1e-6
+    moved = fine.clone()
+    moved[-1] = torch.nn.functional.normalize(moved[-1] + 0.2 * emb[1], dim=0)  # as a batch mean would
+    gap = float(1 - torch.nn.functional.cosine_similarity(moved[-1:].double(), emb[5:6].double()))
+    assert gap > BATCH_TOL
+    with pytest.raises(EclipError, match=re.escape(f"evaluation (texts): an item encoded again in another "
+                                                   f"batch got another embedding (1 - cosine {gap:.3g}, at most")):
+        batch_check(moved, picks, "texts")
+    moved[-1] = float("nan")
+    with pytest.raises(EclipError, match=re.escape("(1 - cosine 2, at most 0.001)")):
+        batch_check(moved, picks, "texts")
+
+
+def test_copies_at_the_end_are_checked_then_left_out_of_the_ranking(tmp_path):
+    img_f, txt_f = tmp_path / "img.safetensors", tmp_path / "txt.safetensors"
+    order_i, order_t, pairs = torch.randperm(60), torch.randperm(60), torch.arange(60)
+    probes = {"images": torch.tensor([4, 9, 30]), "texts": torch.tensor([0, 59, 7])}
+    eye = torch.eye(60)
+    img, txt = eye[order_i], eye[order_t]
+    save_file({"img": torch.cat([img, img[probes["images"]]])}, str(img_f))
+    save_file({"txt": torch.cat([txt, txt[probes["texts"]]])}, str(txt_f))
+    r = score({"status": "ok"}, img_f, txt_f, order_i, order_t, pairs, "cpu", "val", probes)
+    assert r["val_mean_rank"] == 0 and r["metrics"]["n_images"] == 60 and r["metrics"]["n_texts"] == 60
+    assert r["batch_gap"] == {"images": 0.0, "texts": 0.0}
+    # the rows without their copies are one short of what the harness asked for
+    save_file({"img": img}, str(img_f))
+    with pytest.raises(EclipError, match=re.escape("img: expected float [63, E], got torch.float32 [60, 60]")):
+        score({"status": "ok"}, img_f, txt_f, order_i, order_t, pairs, "cpu", "val", probes)
+    # a copy that came out as another item's embedding is refused, naming its part
+    save_file({"img": torch.cat([img, img[[4, 9, 31]]])}, str(img_f))
+    with pytest.raises(EclipError, match=re.escape("evaluation (images): an item encoded again in another "
+                                                   "batch got another embedding (1 - cosine 1,")):
+        score({"status": "ok"}, img_f, txt_f, order_i, order_t, pairs, "cpu", "val", probes)
