@@ -66,6 +66,11 @@ def save_checkpoint(out: str | Path, model: torch.nn.Module, optimizer: torch.op
 def read_meta(ckpt_dir: str | Path) -> dict:
     """The checkpoint's meta: from the tensors file's header (saved with the tensors it
     describes), else from ``checkpoint.json`` (a checkpoint older than the header copy)."""
+    return read_meta_from(ckpt_dir)[0]
+
+
+def read_meta_from(ckpt_dir: str | Path) -> tuple[dict, Path]:
+    """(the checkpoint's meta, the file it was read from): errors about the meta name that file."""
     from safetensors import SafetensorError, safe_open
 
     tensors = Path(ckpt_dir) / TENSORS
@@ -85,7 +90,7 @@ def read_meta(ckpt_dir: str | Path) -> dict:
         raise EclipError(f"{path}: unreadable checkpoint metadata ({e.msg})") from None
     if not isinstance(meta, dict):
         raise EclipError(f"{path}: unreadable checkpoint metadata (not a JSON object)")
-    return meta
+    return meta, path
 
 
 # Model config fields that shape no weight and no forward pass: the expert term's schedule
@@ -110,10 +115,10 @@ def _first_difference(saved, current, prefix: str = "") -> tuple[str, object, ob
     return None if saved == current else (prefix[:-1], saved, current)
 
 
-def check_model_config(ckpt_dir: str | Path, meta: dict, model: torch.nn.Module) -> None:
+def check_model_config(source: Path, meta: dict, model: torch.nn.Module) -> None:
     """Refuse a checkpoint whose model config differs from ``model``'s in a field that
     shapes the model: weights of matching shapes can still belong to another model (heads,
-    norms, pooling, scale bounds)."""
+    norms, pooling, scale bounds). ``source``: the file ``meta`` was read from."""
     saved, cfg = meta.get("model_config"), getattr(model, "cfg", None)
     if saved is None or not hasattr(cfg, "to_dict"):
         return
@@ -121,7 +126,7 @@ def check_model_config(ckpt_dir: str | Path, meta: dict, model: torch.nn.Module)
     diff = _first_difference(saved, current)
     if diff is not None:
         field, old, new = diff
-        raise EclipError(f"{Path(ckpt_dir) / TENSORS}: checkpoint has model {field} = {old!r}, this run {new!r} "
+        raise EclipError(f"{source}: checkpoint has model {field} = {old!r}, this run {new!r} "
                          "(resume with the same model settings)")
 
 
@@ -130,8 +135,8 @@ def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module,
     """Restore model (and optimizer) in place; returns (meta, loop state tensors). A
     checkpoint of another model config is refused (``EclipError`` naming the field)."""
     ckpt_dir = Path(ckpt_dir)
-    meta = read_meta(ckpt_dir)
-    check_model_config(ckpt_dir, meta, model)
+    meta, source = read_meta_from(ckpt_dir)
+    check_model_config(source, meta, model)
     # the weights alone when there is no optimizer to restore (an evaluation)
     tensors = read_tensors(ckpt_dir / TENSORS, prefix=None if optimizer is not None else "model.")
     weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}

@@ -101,12 +101,13 @@ def read_inputs(path: Path) -> tuple[torch.Tensor | None, torch.Tensor | None, d
     return images, tokens, spec
 
 
-def hparams_of(recipe, meta: dict, path: Path) -> None:
+def hparams_of(recipe, meta: dict, source: Path) -> None:
     """Set the recipe's HPARAMS to those the checkpoint was trained with (its ``--key=value``
-    overrides included), comparing through JSON since that is how they were saved."""
+    overrides included), comparing through JSON since that is how they were saved.
+    ``source``: the file ``meta`` was read from."""
     saved = meta.get("hparams")
     if not isinstance(saved, dict):
-        raise EclipError(f"{path / ckpt.TENSORS}: no hparams recorded")
+        raise EclipError(f"{source}: no hparams recorded")
     for key, value in saved.items():
         if json.dumps(recipe.HPARAMS.get(key), default=list) != json.dumps(value):
             recipe.HPARAMS[key] = value
@@ -124,7 +125,7 @@ def encode_checkpoint(recipe_path: Path, run_dir: Path, inputs: Path, device_nam
     rows = min(t.shape[0] for t in (images, tokens) if t is not None)
     if not 0 <= alone <= rows:
         raise EclipError(f"--alone {alone}: must be between 0 and the rows of a part ({rows})")
-    meta = ckpt.read_meta(run_dir)
+    meta, source = ckpt.read_meta_from(run_dir)
     device = pick_device(device_name)
     use_device(device)
     torch.empty(1, device=device).sum().item()  # the device's context exists: its start-up is done
@@ -138,7 +139,7 @@ def encode_checkpoint(recipe_path: Path, run_dir: Path, inputs: Path, device_nam
     if signal_ready:  # from here on, the time is the recipe's (its import, build, weights, encoding)
         print(READY, flush=True)
     recipe = load_recipe(recipe_path)
-    hparams_of(recipe, meta, run_dir)
+    hparams_of(recipe, meta, source)
     torch.manual_seed(int(meta.get("seed", 42)))  # as training seeded it before build_model
     spec = ModelSpec(vocab_size=numbers["vocab_size"], context_length=numbers["context_length"],
                      phrase_length=numbers["phrase_length"], image_size=numbers["image_size"], device=device)

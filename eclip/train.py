@@ -124,19 +124,19 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
     apply_overrides(recipe.HPARAMS, overrides)
     resume_dir, placement = None, args.data_placement
     if args.resume:
-        meta = ckpt.read_meta(out)
+        meta, source = ckpt.read_meta_from(out)  # errors name the file the meta came from
         if placement == "auto":  # the free device memory may have changed: sample as before
             placement = meta.get("data_placement", "auto")
         if meta.get("cache_fingerprint") != cache.manifest.get("fingerprint"):
-            raise EclipError(f"{out / ckpt.TENSORS}: checkpoint was trained on another cache "
+            raise EclipError(f"{source}: checkpoint was trained on another cache "
                              "(fingerprint differs); resume with the same --data")
         if meta.get("eval_split") != eval_split or meta.get("train_rows") != int(train_rows.numel()):
-            raise EclipError(f"{out / ckpt.TENSORS}: checkpoint trained on {meta.get('train_rows')} images for "
+            raise EclipError(f"{source}: checkpoint trained on {meta.get('train_rows')} images for "
                              f"{meta.get('eval_split')!r}; this run has {int(train_rows.numel())} for {eval_split!r} "
                              "(resume with the same --final/--folds)")
         for key in MODEL_KEYS:  # the weights and the token ids must match
             if (meta.get("hparams", {}).get(key) or "") != (recipe.HPARAMS.get(key) or ""):
-                raise EclipError(f"{out / ckpt.TENSORS}: checkpoint has {key} {meta['hparams'].get(key) or ''!r}, "
+                raise EclipError(f"{source}: checkpoint has {key} {meta['hparams'].get(key) or ''!r}, "
                                  f"this run {recipe.HPARAMS.get(key) or ''!r}")
         if args.steps is not None and int(meta.get("step", 0)) >= args.steps:
             raise EclipError(f"--steps {args.steps}: the checkpoint in {out} has trained {meta.get('step')} steps "

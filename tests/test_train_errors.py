@@ -110,7 +110,12 @@ def test_missing_or_stale_cache(tmp_path, capsys, cache):
     save_file(load_file(tensors_path), str(tensors_path),
               metadata={HEADER_KEY: json.dumps(dict(meta, cache_fingerprint="other"))})
     rc, _, err = run(["--data", cache, "--out", out, "--steps", 4, "--resume", *SMALL], capsys)
-    assert rc == 2 and "trained on another cache" in err
+    assert rc == 2 and "checkpoint.safetensors: checkpoint was trained on another cache" in err, err
+    # a checkpoint from before the header copy: its meta, and so the error, is checkpoint.json's
+    save_file(load_file(tensors_path), str(tensors_path))
+    (out / "checkpoint.json").write_text(json.dumps(dict(meta, cache_fingerprint="other")))
+    rc, _, err = run(["--data", cache, "--out", out, "--steps", 4, "--resume", *SMALL], capsys)
+    assert rc == 2 and "checkpoint.json: checkpoint was trained on another cache" in err, err
 
 
 @pytest.mark.parametrize("sizes_recorded", [True, False])
