@@ -60,9 +60,9 @@ the harness knows. So whatever encode_image and encode_text depend on must be in
 model's parameters or persistent buffers (an EMA must be copied into the model by the end
 of training). Tricks aimed at the evaluation (remembering inputs across calls, constant
 embeddings, state kept between the image and the text pass) score at chance or fail, and
-an embedding must depend on its own input only: the harness encodes some items again in
-other batches, and a model whose output moves with its batch (batch statistics at
-evaluation, centring on the batch's mean) is an error.
+an embedding must depend on its own input only, never on the other items it is encoded
+with (batch statistics at evaluation, centring on their mean) nor on chance: the harness
+checks this, and such a model is an error.
 All training happens in train_step, inside the budget, one optimizer step per call: the
 loop checks the clock between calls, and a run whose last call ends more than 5 s past the
 budget, or whose code after the last step (state_dict, recipe_state, FLOP counts) or

@@ -5,7 +5,7 @@
    Triton rank kernel all in one run; fails on a non-ok status or a non-finite loss;
    then ``sync_check``: the host syncs of the template's steady steps, by call site;
    then ``harness_smoke``: the referee as the research loop runs it (``eclip.harness run``
-   on the template and a random cache written to disk: training, then the two encoding
+   on the template and a random cache written to disk: training, then the three encoding
    processes), its status, the time to the score and how the run's time was spent.
 2. ``speed``: preset ``vit-s16`` (224 px, 77 tokens), batch 64, random data, expert path
    off: fp32 eager with TF32 off (PyTorch defaults) against the template's fast path

@@ -8,9 +8,7 @@ the hyperparameters the checkpoint was trained with, seeds torch with the run's 
 builds the model with the recipe's ``build_model`` for the shapes the inputs name and loads
 the checkpoint's weights (a checkpoint of another model is refused); nothing else of the
 checkpoint (no ``load_recipe_state``: embeddings need the weights only). It then encodes the
-inputs in the order given, the last ``--alone`` rows of each part in pairs of their own
-(copies of earlier rows: the harness checks that each embedding is what it was in its
-first batch). The harness runs two of these at once, one for the scored
+inputs in the order given. The harness runs two of these at once, one for the scored
 split's images and one for its captions, each in an order drawn from the operating
 system's entropy, with neither the pairs nor the cache's path: no process of the recipe's
 holds both sides, so whatever it does here changes its own embeddings and nothing else.
@@ -59,9 +57,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--out", type=Path, required=True, help="where the embeddings go (safetensors: img, txt)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--batch", type=int, default=512, help="images or captions per forward pass")
-    p.add_argument("--alone", type=int, default=0,
-                   help="encode the last K rows of each part in pairs of their own (the harness puts copies "
-                        "of earlier rows there: an embedding must not depend on the rest of its batch)")
+    p.add_argument("--text-length", type=int, default=None,
+                   help="cut the captions to this many tokens (default: the longest caption given); the harness "
+                        "encodes a few captions again with the split's length, so their padding is the same")
     p.add_argument("--signal-ready", action="store_true",
                    help=f"print {READY!r} once started (imports, inputs, device) and before the recipe is "
                         "imported: the harness times what follows")
@@ -115,16 +113,17 @@ def hparams_of(recipe, meta: dict, source: Path) -> None:
 
 def encode_checkpoint(recipe_path: Path, run_dir: Path, inputs: Path, device_name: str = "auto",
                       batch: int = 512, signal_ready: bool = False,
-                      alone: int = 0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                      text_length: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(img fp32 [N, E], txt fp32 [C, E]) of the inputs under the checkpoint in ``run_dir``,
-    on the CPU; None for a part the inputs do not hold. The last ``alone`` rows of each part
-    are encoded in pairs of their own."""
+    on the CPU; None for a part the inputs do not hold."""
     if batch < 1:
         raise EclipError(f"--batch {batch}: must be at least 1")
     images, tokens, numbers = read_inputs(inputs)
-    rows = min(t.shape[0] for t in (images, tokens) if t is not None)
-    if not 0 <= alone <= rows:
-        raise EclipError(f"--alone {alone}: must be between 0 and the rows of a part ({rows})")
+    if text_length is not None and tokens is not None:
+        longest = int((tokens != 0).sum(1).max()) if tokens.numel() else 0
+        if not max(1, longest) <= text_length <= tokens.shape[1]:
+            raise EclipError(f"--text-length {text_length}: must be between the longest caption given ({longest}) "
+                             f"and the inputs' {tokens.shape[1]} tokens")
     meta, source = ckpt.read_meta_from(run_dir)
     device = pick_device(device_name)
     use_device(device)
@@ -148,7 +147,8 @@ def encode_checkpoint(recipe_path: Path, run_dir: Path, inputs: Path, device_nam
     except ValueError as e:
         raise EclipError(f"recipe: {e}") from None
     ckpt.load_checkpoint(run_dir, model, None)
-    img, txt = encode_in_order(model, images, tokens, device, batch, eval_bf16(recipe.HPARAMS, device), alone)
+    img, txt = encode_in_order(model, images, tokens, device, batch, eval_bf16(recipe.HPARAMS, device),
+                               text_length)
     return (img.cpu() if img is not None else None), (txt.cpu() if txt is not None else None)
 
 
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         img, txt = encode_checkpoint(args.recipe, args.checkpoint, args.inputs, args.device, args.batch,
-                                     args.signal_ready, args.alone)
+                                     args.signal_ready, args.text_length)
         save_embeddings(args.out, img, txt)
     except EclipError as e:
         print(f"encode: error: {e}", file=sys.stderr)

@@ -15,9 +15,10 @@ scored on:
 1. ``eclip.train --train-only`` (the one training loop, its clock, its ``result.json``)
    drops every image but the training split's from memory before it imports the recipe,
    trains, and saves the checkpoint.
-2. Two ``eclip.encode`` processes at once rebuild the model from the checkpoint; one
-   encodes the scored split's images, the other its captions, each handed over in an order
-   only the harness knows, with no pairs and no cache path. Neither sees the other side.
+2. Three ``eclip.encode`` processes at once rebuild the model from the checkpoint; one
+   encodes the scored split's images, another its captions, each handed over in an order
+   only the harness knows, with no pairs and no cache path (neither sees the other side);
+   the third encodes fresh copies of a few of each, for the batch check below.
 
 The harness itself never imports the recipe: it puts the embeddings back in place, ranks
 them against the cache's own pairs and writes the metrics into ``result.json``
@@ -32,11 +33,16 @@ slows a run, the last step's overrun and the encoders' time are measured in comp
 CPU time divided by ``torch_threads`` (torch's default thread count, at most the CPUs the
 harness may use), with wall time still capped at ``WALL_FACTOR`` times the limit; the
 children see no GPU there, whose work CPU time would not show. GPU runs are timed in wall
-time. The limits bound such work; they cannot tell it from slowness. A model may not use the
-other items of its encoding batch (up to 512 of the scored split: their mean, their spread):
-``BATCH_PROBES`` rows of each part, drawn in secret, are encoded again at the end in pairs
-of their own, and a copy whose embedding differs from its first (``BATCH_TOL``) makes the run
-an ``error``; ``batch_gap`` in ``result.json`` says how close they came.
+time. The limits bound such work; they cannot tell it from slowness.
+
+An embedding must be a function of its own input: a model that uses the other items it is
+given (their mean, their spread: up to 512 of the scored split per batch, and all of it
+across the calls of one process) would make a transductive use of the split. So a third
+``eclip.encode`` process, started fresh, encodes ``BATCH_PROBES`` images and as many
+captions, drawn in secret, in pairs; each must get the embedding it got among the rest
+(``eclip.scoring.batch_check``, within ``BATCH_TOL``), or the run is an ``error``.
+``batch_gap`` in ``result.json`` says how close they came. A use so slight that it stays
+within the tolerance passes.
 """
 
 from __future__ import annotations
@@ -52,14 +58,14 @@ import threading
 import time
 from pathlib import Path
 
-import torch
-
 from eclip.errors import EclipError, OneLineParser
 from eclip.loop import write_json
 from eclip.policy import check_file, die_with_parent, scrub_environment, sigterm_as_ctrl_c
 from eclip.scoring import BATCH_PROBES, score
 
-PARTS = ("images", "texts")  # one eclip.encode process each: none sees both sides of a pair
+# one eclip.encode process each: the scored split's images; its captions (none sees both
+# sides of a pair); and fresh copies of a few of each, encoded in pairs (the batch check)
+PARTS = ("images", "texts", "copies")
 # Work the recipe may do outside its budget. Encoding is cheap next to training (one
 # forward, no backward, over a split far smaller than the training data), so a run whose
 # recipe code takes longer than this after the clock stopped, or to encode, is refused:
@@ -408,20 +414,24 @@ def evaluate(result: dict, args, preexec=None, threads: int | None = None) -> di
     spec = {"vocab_size": cache.vocab_size, "context_length": cache.context_length,
             "phrase_length": int(cache.region_tokens.shape[1]), "image_size": cache.image_size}
     orders = {"images": secret_order(cache.images.shape[0]), "texts": secret_order(cache.tokens.shape[0])}
-    # rows (positions in the secret orders) encoded again at the end, in pairs of their own
-    alone = min(BATCH_PROBES, min(o.numel() for o in orders.values()) // 2)
-    probes = {part: secret_order(orders[part].numel())[:alone] for part in PARTS}
-    files = {part: part_files(args.out, part) for part in PARTS}
+    # positions in the secret orders whose items a third process, fresh (no memory of the
+    # split), encodes again in pairs: the batch check
+    picks = {part: secret_order(orders[part].numel())[:BATCH_PROBES] for part in ("images", "texts")}
+    length = max(1, int((cache.tokens != 0).sum(1).max())) if cache.tokens.numel() else 1
+    files = {part: part_files(args.out, part) for part in PARTS if part != "copies" or BATCH_PROBES > 0}
     cmds, logs = {}, {}
     try:
         for part, (inputs, emb, log) in files.items():
-            rows = torch.cat([orders[part], orders[part][probes[part]]])
-            images = cache.images[rows] if part == "images" else None
-            tokens = cache.tokens[rows] if part == "texts" else None
+            # in pairs, captions cut to the split's longest as in the texts process: only the company differs
+            batch = ["--batch", "2", "--text-length", str(length)] if part == "copies" else []
+            images = (cache.images[orders["images"]] if part == "images" else
+                      cache.images[orders["images"][picks["images"]]] if part == "copies" else None)
+            tokens = (cache.tokens[orders["texts"]] if part == "texts" else
+                      cache.tokens[orders["texts"][picks["texts"]]] if part == "copies" else None)
             write_inputs(inputs, images, tokens, spec)
             cmds[part] = [sys.executable, "-m", "eclip.encode", "--recipe", str(args.recipe), "--checkpoint",
                           str(args.out), "--inputs", str(inputs), "--out", str(emb), "--device", args.device,
-                          "--alone", str(alone)]
+                          *batch]
             logs[part] = log
         sps = float(result.get("samples_per_s") or 0.0)
         items = cache.images.shape[0] + cache.tokens.shape[0]
@@ -429,14 +439,15 @@ def evaluate(result: dict, args, preexec=None, threads: int | None = None) -> di
         # that share is capped, since a recipe can make its own samples_per_s small
         per_items = min(2 * items / sps if sps > 0 else math.inf, EVAL_SHARE * args.budget_s)
         limit = EVAL_GRACE_S + per_items
-        rcs = encode_parts(cmds, logs, limit, preexec, threads=threads)
-        for part, rc in rcs.items():
-            if rc in (130, -signal.SIGINT):
-                raise KeyboardInterrupt
-            if rc != 0:
-                raise EclipError(encode_error(part, rc, logs[part]))
+        rcs = encode_parts(cmds, logs, limit, preexec, threads=threads)  # in the order they ended
+        if any(rc in (130, -signal.SIGINT) for rc in rcs.values()):
+            raise KeyboardInterrupt
+        for part in cmds:  # the first failure in PARTS order, not the quickest
+            if rcs[part] != 0:
+                raise EclipError(encode_error(part, rcs[part], logs[part]))
         return score(result, files["images"][1], files["texts"][1], orders["images"], orders["texts"],
-                     cache.caption_image, args.device, split, probes)
+                     cache.caption_image, args.device, split,
+                     (files["copies"][1], picks) if "copies" in files else None)
     finally:
         for inputs, emb, log in files.values():  # secretly ordered, useless once ranked
             for path in (inputs, emb, log):

@@ -201,48 +201,37 @@ def _plain(emb, name: str) -> torch.Tensor:
     if type(emb) is not torch.Tensor:
         raise EclipError(f"model.{name} returned a {type(emb).__name__}, not a plain torch.Tensor "
                          "(the evaluation ranks plain tensors)")
-    # a copy: a model that kept a handle on what it returned could rewrite earlier batches
-    # once it has seen the whole split (and so pass the harness's batch check)
+    # a copy: a model that kept a handle on what it returned could otherwise rewrite earlier
+    # batches once it has seen the whole split
     return emb.to(torch.float32, copy=True)
-
-
-def batch_spans(n: int, batch: int, alone: int = 0) -> list[tuple[int, int]]:
-    """(start, end) of each forward pass over ``n`` rows: batches of ``batch`` rows, except
-    the last ``alone`` rows, which go in pairs (a single row last when ``alone`` is odd).
-    Pairs, not one batch of them nor single rows: an embedding centred on its batch's mean
-    moves most in a batch of two, and not at all (once normalised) in a batch of one."""
-    head = n - alone
-    spans = [(s, min(s + batch, head)) for s in range(0, head, batch)]
-    return spans + [(s, min(s + 2, n)) for s in range(head, n, 2)]
 
 
 @torch.no_grad()
 def encode_in_order(model, images: torch.Tensor | None, tokens: torch.Tensor | None, device: torch.device,
                     batch: int = 512, bf16: bool = False,
-                    alone: int = 0) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                    length: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Embeddings of ``images`` (uint8 [N, 3, R, R]) and of caption ``tokens`` (int [C, L],
     0 = padding), in the order given: (img fp32 [N, E], txt fp32 [C, E]) on the device; None
     for a part not given. Images and texts go in separate passes; the caller decides the
     orders (``evaluate_split`` and the harness shuffle them, so a model cannot tell which
-    pairs it sees). The last ``alone`` rows of each part are encoded in pairs of their own
-    (the harness puts copies of earlier rows there, to check that an embedding does not
-    depend on the rest of its batch)."""
+    pairs it sees). Captions are cut to ``length`` tokens, by default to the longest caption
+    given (no padding that no caption uses)."""
     was_training = model.training
     model.eval()
     amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
     img = txt = None
     if images is not None:
         img = []
-        for s, e in batch_spans(images.shape[0], batch, alone):
+        for s in range(0, images.shape[0], batch):
             with amp:
-                img.append(_plain(model.encode_image(images[s:e].to(device)), "encode_image"))
+                img.append(_plain(model.encode_image(images[s: s + batch].to(device)), "encode_image"))
         img = torch.cat(img)
     if tokens is not None:
-        # no padding that no caption uses; one length for every batch, the alone one too
-        longest = max(1, int((tokens != 0).sum(1).max())) if tokens.numel() else 1
+        if length is None:
+            length = max(1, int((tokens != 0).sum(1).max())) if tokens.numel() else 1
         txt = []
-        for s, e in batch_spans(tokens.shape[0], batch, alone):
-            t = tokens[s:e, :longest].to(device, torch.int64)
+        for s in range(0, tokens.shape[0], batch):
+            t = tokens[s: s + batch, :length].to(device, torch.int64)
             with amp:
                 txt.append(_plain(model.encode_text(t, t != 0), "encode_text"))
         txt = torch.cat(txt)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from eclip.policy import check_source
+from eclip.scoring import BATCH_TOL
 from eclip.train import TEMPLATE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,7 +133,8 @@ def test_tricks_at_evaluation_score_no_better_than_chance(cache, tmp_path, trick
         # an answer by position, not by input: the copies encoded again at the end get other
         # embeddings than their first, and the batch check refuses the run before any ranking
         assert r["status"] == "error" and r["val_mean_rank"] is None, r["stderr"][-2000:]
-        assert r["reason"].startswith("evaluation (images): an item encoded again in another batch"), r["reason"]
+        assert r["reason"].startswith("evaluation (images): an item encoded again, fresh and in a pair, got "
+                                      "another embedding"), r["reason"]
         # without the batch check, the secret orders alone leave it at chance
         from eclip import harness as h
 
@@ -145,6 +147,71 @@ def test_tricks_at_evaluation_score_no_better_than_chance(cache, tmp_path, trick
         return
     assert r["status"] == "ok", r["stderr"][-2000:]
     assert r["val_mean_rank"] == N_VAL - 1  # a constant embedding: ties count against the model
+
+
+# Models that train normally but use the other items they are given at evaluation (the
+# scored split): nothing the static policy can see. Each wraps the template's model.
+USES_ITS_BATCH = {
+    "centres each batch on its mean": '''
+    def at_eval(x, emb, key):
+        emb = emb - emb.mean(0, keepdim=True)
+        return emb / emb.norm(dim=1, keepdim=True)
+''',
+    # the first batch's mean (up to 512 items of the split: all of it when it is smaller),
+    # kept for every later batch, so that a copy encoded later in the same process matches
+    "centres on the first batch's mean": '''
+    def at_eval(x, emb, key):
+        if key not in _SEEN:
+            _SEEN[key] = emb.mean(0, keepdim=True)
+        emb = emb - _SEEN[key]
+        return emb / emb.norm(dim=1, keepdim=True)
+''',
+    # standardised over its batch, and an input seen before answered as the first time
+    "remembers its answers": '''
+    def at_eval(x, emb, key):
+        emb = (emb - emb.mean(0, keepdim=True)) / (emb.std(0, keepdim=True) + 1e-6)
+        emb = emb / emb.norm(dim=1, keepdim=True)
+        flat = x.reshape(x.shape[0], -1)
+        for seen_x, seen_e in _MEMORY:
+            if seen_x.shape[1] == flat.shape[1]:
+                hit = (flat[:, None, :] == seen_x[None, :, :]).all(2)  # [b, seen]
+                found = hit.any(1)
+                emb[found] = seen_e[hit[found].float().argmax(1)]
+        _MEMORY.append((flat.clone(), emb.clone()))
+        return emb
+''',
+}
+
+BATCH_WRAPPER = '''
+
+_SEEN = {{}}
+_MEMORY = []
+_plain_build_model = build_model
+
+
+def build_model(spec):
+    model = _plain_build_model(spec)
+    enc_i, enc_t = model.encode_image, model.encode_text
+{at_eval}
+    model.encode_image = lambda images: enc_i(images) if model.training else at_eval(images, enc_i(images), "img")
+    model.encode_text = lambda tokens, mask: (enc_t(tokens, mask) if model.training
+                                              else at_eval(tokens, enc_t(tokens, mask), "txt"))
+    return model
+'''
+
+
+@pytest.mark.parametrize("trick", list(USES_ITS_BATCH))
+def test_a_model_that_uses_the_other_items_it_is_given_is_refused(cache, tmp_path, trick):
+    source = TEMPLATE.read_text() + BATCH_WRAPPER.format(at_eval=USES_ITS_BATCH[trick])
+    assert check_source(source) == []  # nothing forbidden: the batch check must catch it
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(source)
+    r = harness(recipe, cache, tmp_path / "run")
+    assert r["status"] == "error" and r["val_mean_rank"] is None and r["returncode"] == 1, r["stderr"][-2000:]
+    assert r["reason"].startswith("evaluation (images): an item encoded again, fresh and in a pair, got another "
+                                  "embedding than among the rest (1 - cosine "), r["reason"]
+    assert float(r["reason"].split("1 - cosine ")[1].split(",")[0]) > BATCH_TOL
+    assert not any((tmp_path / "run" / f).exists() for f in ("eval_copies.safetensors", "emb_copies.safetensors"))
 
 
 @pytest.mark.parametrize("code,message", [
@@ -229,9 +296,7 @@ def test_the_recipes_processes_hold_no_split_they_are_scored_on(cache, tmp_path,
     probe.unlink()
     monkeypatch.setattr(h, "check_file", lambda path: [])
     monkeypatch.setattr(h, "scrub_environment", lambda: [])
-    # scored: the split's images plus the copies the batch check encodes again (16 of the
-    # 60 val images, 10 of the 20 test images: at most half a part)
-    for final, trained_on, scored in ((False, [0], 60 + 16), (True, [0, 1], 20 + 10)):
+    for final, trained_on, scored in ((False, [0], 60), (True, [0, 1], 20)):
         out = tmp_path / f"run-{final}"
         rc = h.main(["run", "--recipe", str(recipe), "--data", str(cache), "--budget-s", "1", "--out", str(out),
                      "--device", "cpu"] + (["--final"] if final else []))
@@ -239,8 +304,10 @@ def test_the_recipes_processes_hold_no_split_they_are_scored_on(cache, tmp_path,
         training, *encoding = (json.loads(line) for line in probe.read_text().splitlines())
         probe.unlink()
         # training: the training images only; encoding: no cache at all, and the scored
-        # split's images (in an order the harness drew and kept) in one of the two processes
+        # split's images (in an order the harness drew and kept) in one of the processes
         n = 300 + 60 * final
         assert training == {"caches": [[n, trained_on]], "image_rows": [n]}
+        # (and the batch check's 16 of them, with 16 captions, in a third)
         assert sorted(encoding, key=str) == sorted([{"caches": [], "image_rows": []},
-                                                     {"caches": [], "image_rows": [scored]}], key=str)
+                                                     {"caches": [], "image_rows": [scored]},
+                                                     {"caches": [], "image_rows": [16]}], key=str)

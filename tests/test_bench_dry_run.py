@@ -36,7 +36,7 @@ def test_train_check_dry_run(capsys):
     assert train_check.main(["--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "smoke_status: ok" in out and "OK" in out
-    # the harness end to end: trained, then scored by its own two encoding processes
+    # the harness end to end: trained, then scored by its own three encoding processes
     harness = re.search(r"^harness_status: ok  val_mean_rank: ([\d.]+) .*eval_s: ([\d.]+)  "
                         r"batch_gap: ([\d.e+-]+)/([\d.e+-]+) .*OK$", out, re.M)
     assert harness and 0 <= float(harness[1]) <= 255 and float(harness[2]) > 0, out

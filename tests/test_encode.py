@@ -62,29 +62,19 @@ def test_encoding_follows_the_inputs_order_and_the_checkpoints_hparams(run, smal
     torch.testing.assert_close(txt2, txt.flip(0), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("n,batch,alone,spans", [
-    (10, 4, 0, [(0, 4), (4, 8), (8, 10)]),
-    (10, 4, 3, [(0, 4), (4, 7), (7, 9), (9, 10)]),  # ragged: an odd number alone ends with one row
-    (6, 512, 6, [(0, 2), (2, 4), (4, 6)]),  # every row alone
-    (9, 3, 4, [(0, 3), (3, 5), (5, 7), (7, 9)]),
-])
-def test_the_last_rows_are_encoded_in_pairs_of_their_own(n, batch, alone, spans):
-    from eclip.loop import batch_spans
-
-    assert batch_spans(n, batch, alone) == spans
-
-
-def test_copies_encoded_alone_match_their_first_embedding(run, small_cache, tmp_path):
+def test_an_item_gets_the_same_embedding_in_a_pair_as_among_the_split(run, small_cache, tmp_path):
+    # what the harness's batch check asks of an honest model, met by the template's
     inputs = inputs_of(small_cache, tmp_path / "in.safetensors")
+    img, txt = encode.encode_checkpoint(train.TEMPLATE, run, inputs, "cpu")  # one batch of 60
     images, tokens, spec = encode.read_inputs(inputs)
-    picks = torch.tensor([3, 41, 17])
-    encode.write_inputs(inputs, torch.cat([images, images[picks]]), torch.cat([tokens, tokens[picks]]), spec)
-    img, txt = encode.encode_checkpoint(train.TEMPLATE, run, inputs, "cpu", batch=32, alone=3)
-    assert img.shape[0] == 63 and txt.shape[0] == 63
-    # (fp32, 1e-5, 1e-5): the same rows in a pair and a single rather than a batch of 32
-    torch.testing.assert_close(img[60:], img[picks], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(txt[60:], txt[picks], atol=1e-5, rtol=1e-5)
-    assert scoring.batch_check(img, picks, "images") < 1e-6
+    picks = torch.tensor([3, 41, 17])  # ragged: two pairs would need 4
+    encode.write_inputs(inputs, images[picks], tokens[picks], spec)
+    longest = int((tokens != 0).sum(1).max())  # the padding the batch of 60 had
+    img2, txt2 = encode.encode_checkpoint(train.TEMPLATE, run, inputs, "cpu", batch=2, text_length=longest)
+    # (fp32, 1e-5, 1e-5): a pair and a single rather than a batch of 60, summed in another order
+    torch.testing.assert_close(img2, img[picks], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(txt2, txt[picks], atol=1e-5, rtol=1e-5)
+    assert scoring.batch_check(img[picks], img2, "images") < 1e-6
 
 
 def test_cli_encodes_what_the_inputs_hold(run, small_cache, tmp_path, capsys):
@@ -116,7 +106,7 @@ SPEC = {"vocab_size": "9", "context_length": "9", "phrase_length": "9", "image_s
     ("another model", "checkpoint.safetensors: checkpoint has model text.vocab_size"),
     ("no checkpoint", "checkpoint.json: no checkpoint here"),
     ("not a file", "in.safetensors: unreadable"),
-    ("too many alone", "--alone 61: must be between 0 and the rows of a part (60)"),
+    ("short text length", "--text-length 1: must be between the longest caption given ("),
 ])
 def test_bad_input_is_one_line_and_exit_2(run, small_cache, tmp_path, capsys, case, message):
     from safetensors.torch import save_file
@@ -136,13 +126,13 @@ def test_bad_input_is_one_line_and_exit_2(run, small_cache, tmp_path, capsys, ca
         inputs_of(small_cache, inputs)
         ckpt_dir = tmp_path / "empty"
         ckpt_dir.mkdir()
-    elif case == "too many alone":
+    elif case == "short text length":  # it would cut words off the captions
         inputs_of(small_cache, inputs)
     else:
         inputs.write_bytes(b"not safetensors")
     out = tmp_path / "emb.safetensors"
     rc = encode.main(["--recipe", str(train.TEMPLATE), "--checkpoint", str(ckpt_dir), "--inputs", str(inputs),
-                      "--out", str(out), "--device", "cpu", "--alone", "61" if case == "too many alone" else "0"])
+                      "--out", str(out), "--device", "cpu", *(["--text-length", "1"] if case == "short text length" else [])])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("encode: error: ") and err.count("\n") == 1, err
     assert re.search(re.escape(message), err), err

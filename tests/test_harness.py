@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from eclip.harness import scrub_environment
-from eclip.scoring import BATCH_TOL
 from eclip.train import TEMPLATE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +43,7 @@ def test_a_recipe_is_trained_and_scored(cache, tmp_path):
     assert r["status"] == "ok" and 0 <= r["val_mean_rank"] <= 59 and r["steps"] > 0
     assert r["train_s"] >= 3 and r["warmup_s"] > 0 and r["eval_s"] > 0 and r["metrics"]["n_images"] == 60
     assert "val_mean_rank:" in p.stdout
-    # copies of 16 images and 16 captions encoded again in pairs of their own matched
+    # 16 images and 16 captions encoded again by a fresh process, in pairs, matched
     assert set(r["batch_gap"]) == {"images", "texts"} and max(r["batch_gap"].values()) < 1e-5
 
 
@@ -157,47 +156,6 @@ def test_a_failed_evaluation_is_an_error_with_its_reason(cache, tmp_path, monkey
     assert "status:         error" in capsys.readouterr().out
 
 
-# A model that trains normally but centres its embeddings on its batch's mean at
-# evaluation: a use of the other items of the scored split that the policy cannot see.
-BATCH_MEAN_AT_EVAL = '''
-
-_plain_build_model = build_model
-
-
-def build_model(spec):
-    model = _plain_build_model(spec)
-    encode = model.encode_image
-
-    def centred(images):
-        emb = encode(images)
-        if model.training:
-            return emb
-        emb = emb - emb.mean(0, keepdim=True)
-        return emb / emb.norm(dim=1, keepdim=True)
-
-    model.encode_image = centred
-    return model
-'''
-
-
-def test_embeddings_that_depend_on_their_batch_are_refused(cache, tmp_path, capsys):
-    from eclip import harness as h
-
-    centred = recipe(tmp_path, extra=BATCH_MEAN_AT_EVAL)
-    assert h.check_file(centred) == []  # nothing the static policy can object to
-    out = tmp_path / "run"
-    rc = h.main(["run", "--recipe", str(centred), "--data", str(cache), "--budget-s", "1", "--out", str(out),
-                 "--device", "cpu"])
-    assert rc == 1
-    r = json.loads((out / "result.json").read_text())
-    assert r["status"] == "error" and r["val_mean_rank"] is None and r["steps"] > 0
-    assert r["reason"].startswith("evaluation (images): an item encoded again in another batch got another "
-                                  "embedding (1 - cosine "), r["reason"]
-    assert float(r["reason"].split("1 - cosine ")[1].split(",")[0]) > BATCH_TOL
-    assert not any(f.exists() for part in h.PARTS for f in h.part_files(out, part))
-    assert "status:         error" in capsys.readouterr().out
-
-
 def test_a_run_that_diverges_is_passed_on_as_the_harness_result(cache, tmp_path):
     from agent.runner import finished_result
 
@@ -269,9 +227,10 @@ def train_step(model, optimizer, batch, progress):
 
 
 @pytest.mark.parametrize("extra,grace,message", [
-    (ONE_LONG_STEP, ("OVERRUN_GRACE_S", 1.0), "training ran 3."),
-    (AFTER_THE_BUDGET, ("AFTER_GRACE_S", 1.0), "the recipe's code ran 3."),
-    (WHILE_ENCODING, ("EVAL_GRACE_S", 8.0), "evaluation (eclip.encode, texts) computed for longer than 8 s"),
+    (ONE_LONG_STEP, ("OVERRUN_GRACE_S", 1.0), r"training ran 3\."),
+    (AFTER_THE_BUDGET, ("AFTER_GRACE_S", 1.0), r"the recipe's code ran 3\."),
+    # both the captions' process and the batch check's copies encode captions: either is caught first
+    (WHILE_ENCODING, ("EVAL_GRACE_S", 8.0), r"evaluation \(eclip.encode, (texts|copies)\) computed for longer than 8 s"),
 ])
 def test_work_outside_the_budget_is_refused(cache, tmp_path, monkeypatch, capsys, extra, grace, message):
     import time
@@ -286,7 +245,8 @@ def test_work_outside_the_budget_is_refused(cache, tmp_path, monkeypatch, capsys
                  "--budget-s", "1", "--out", str(out), "--device", "cpu"])
     assert rc == 1 and time.monotonic() - t0 < 60  # the sleeping encoder was killed, not awaited
     r = json.loads((out / "result.json").read_text())
-    assert r["status"] == "error" and r["val_mean_rank"] is None and message in r["reason"], r["reason"]
+    assert r["status"] == "error" and r["val_mean_rank"] is None, r["reason"]
+    assert re.search(message, r["reason"]), r["reason"]
     assert not any(f.exists() for part in h.PARTS for f in h.part_files(out, part))
 
 

@@ -36,40 +36,46 @@ def test_embeddings_that_do_not_fit_the_split_are_an_error(tmp_path, damage, mes
     assert score({"status": "ok"}, img_f, txt_f, order_i, order_t, pairs, "cpu", "val")["val_mean_rank"] > 0
 
 
-def test_the_batch_check_names_the_part_and_how_far_off(tmp_path):
+def test_the_batch_check_names_the_part_and_how_far_off():
     emb = torch.nn.functional.normalize(torch.randn(12, 8, dtype=torch.float64), dim=1).float()
-    picks = torch.tensor([0, 5])
-    fine = torch.cat([emb, emb[picks]])
-    assert batch_check(fine, picks, "images") < 1e-6
-    moved = fine.clone()
-    moved[-1] = torch.nn.functional.normalize(moved[-1] + 0.2 * emb[1], dim=0)  # as a batch mean would
-    gap = float(1 - torch.nn.functional.cosine_similarity(moved[-1:].double(), emb[5:6].double()))
+    first = emb[[0, 5]]
+    assert batch_check(first, first.clone(), "images") < 1e-12  # the cosine of a row with itself, rounded
+    moved = first.clone()
+    moved[1] = torch.nn.functional.normalize(moved[1] + 0.2 * emb[1], dim=0)  # as a batch mean would
+    gap = float(1 - torch.nn.functional.cosine_similarity(moved[1:].double(), first[1:].double()))
     assert gap > BATCH_TOL
-    with pytest.raises(EclipError, match=re.escape(f"evaluation (texts): an item encoded again in another "
-                                                   f"batch got another embedding (1 - cosine {gap:.3g}, at most")):
-        batch_check(moved, picks, "texts")
-    moved[-1] = float("nan")
+    with pytest.raises(EclipError, match=re.escape(f"evaluation (texts): an item encoded again, fresh and in a "
+                                                   f"pair, got another embedding than among the rest (1 - cosine "
+                                                   f"{gap:.3g}, at most 0.001)")):
+        batch_check(first, moved, "texts")
+    # NaN in one of the two: as far off as can be
+    moved[1] = float("nan")
     with pytest.raises(EclipError, match=re.escape("(1 - cosine 2, at most 0.001)")):
-        batch_check(moved, picks, "texts")
+        batch_check(first, moved, "texts")
+    # degenerate both times (zero or non-finite): a broken model, not a batch-dependent one
+    broken = torch.stack([torch.zeros(8), torch.full((8,), float("nan"))])
+    assert batch_check(broken, broken.clone(), "images") == 0.0
+    with pytest.raises(EclipError, match=re.escape("(1 - cosine 1, at most 0.001)")):
+        batch_check(first, torch.stack([first[0], torch.zeros(8)]), "images")
 
 
-def test_copies_at_the_end_are_checked_then_left_out_of_the_ranking(tmp_path):
-    img_f, txt_f = tmp_path / "img.safetensors", tmp_path / "txt.safetensors"
+def test_copies_are_checked_before_the_ranking(tmp_path):
+    img_f, txt_f, copies_f = (tmp_path / f"{n}.safetensors" for n in ("img", "txt", "copies"))
     order_i, order_t, pairs = torch.randperm(60), torch.randperm(60), torch.arange(60)
-    probes = {"images": torch.tensor([4, 9, 30]), "texts": torch.tensor([0, 59, 7])}
+    picks = {"images": torch.tensor([4, 9, 30]), "texts": torch.tensor([0, 59, 7])}
     eye = torch.eye(60)
     img, txt = eye[order_i], eye[order_t]
-    save_file({"img": torch.cat([img, img[probes["images"]]])}, str(img_f))
-    save_file({"txt": torch.cat([txt, txt[probes["texts"]]])}, str(txt_f))
-    r = score({"status": "ok"}, img_f, txt_f, order_i, order_t, pairs, "cpu", "val", probes)
-    assert r["val_mean_rank"] == 0 and r["metrics"]["n_images"] == 60 and r["metrics"]["n_texts"] == 60
-    assert r["batch_gap"] == {"images": 0.0, "texts": 0.0}
-    # the rows without their copies are one short of what the harness asked for
     save_file({"img": img}, str(img_f))
-    with pytest.raises(EclipError, match=re.escape("img: expected float [63, E], got torch.float32 [60, 60]")):
-        score({"status": "ok"}, img_f, txt_f, order_i, order_t, pairs, "cpu", "val", probes)
+    save_file({"txt": txt}, str(txt_f))
+    save_file({"img": img[picks["images"]], "txt": txt[picks["texts"]]}, str(copies_f))
+    r = score({"status": "ok"}, img_f, txt_f, order_i, order_t, pairs, "cpu", "val", (copies_f, picks))
+    assert r["val_mean_rank"] == 0 and r["batch_gap"] == {"images": 0.0, "texts": 0.0}
+    # a copies file without its captions
+    save_file({"img": img[picks["images"]]}, str(copies_f))
+    with pytest.raises(EclipError, match=re.escape("copies.safetensors: txt: expected float [3, E], got missing")):
+        score({"status": "ok"}, img_f, txt_f, order_i, order_t, pairs, "cpu", "val", (copies_f, picks))
     # a copy that came out as another item's embedding is refused, naming its part
-    save_file({"img": torch.cat([img, img[[4, 9, 31]]])}, str(img_f))
-    with pytest.raises(EclipError, match=re.escape("evaluation (images): an item encoded again in another "
-                                                   "batch got another embedding (1 - cosine 1,")):
-        score({"status": "ok"}, img_f, txt_f, order_i, order_t, pairs, "cpu", "val", probes)
+    save_file({"img": img[[4, 9, 31]], "txt": txt[picks["texts"]]}, str(copies_f))
+    with pytest.raises(EclipError, match=re.escape("evaluation (images): an item encoded again, fresh and in a pair, "
+                                                   "got another embedding than among the rest (1 - cosine 1,")):
+        score({"status": "ok"}, img_f, txt_f, order_i, order_t, pairs, "cpu", "val", (copies_f, picks))
