@@ -54,8 +54,8 @@ change that makes each step slower has to earn its cost in fewer steps.
   images (uint8 [B, 3, H, W]), tokens ([B, L] int), mask ([B, L] bool) and regions.
 - Optional recipe_state() / load_recipe_state(state) for tensors needed to resume exactly.
 The harness evaluates the saved checkpoint, after training, on a split the training process
-never holds: two fresh processes each call build_model(spec) with the same HPARAMS and load
-the model's state_dict; one encodes the images, the other the texts, each in an order only
+never holds: fresh processes each call build_model(spec) with the same HPARAMS and load
+the model's state_dict; one encodes the images, another the texts, each in an order only
 the harness knows. So whatever encode_image and encode_text depend on must be in the
 model's parameters or persistent buffers (an EMA must be copied into the model by the end
 of training). Tricks aimed at the evaluation (remembering inputs across calls, constant

@@ -7,7 +7,7 @@
 #      read-back, the expert path (compiled bf16, mixup without a sync), the kernels (bf16
 #      included);
 #   2. bench/train_check.py: the training loop on CUDA (smoke run with evaluation, the host
-#      syncs of the steady steps, one harness run end to end with its two encoding processes,
+#      syncs of the steady steps, one harness run end to end with its three encoding processes,
 #      then vit-s16 batch 64: fp32 eager, the fast path, with CUDA graphs, from host memory,
 #      with per-block compilation);
 #   2b. bench/profile_step.py: the template's step under the profiler, without and with

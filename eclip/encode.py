@@ -8,12 +8,14 @@ the hyperparameters the checkpoint was trained with, seeds torch with the run's 
 builds the model with the recipe's ``build_model`` for the shapes the inputs name and loads
 the checkpoint's weights (a checkpoint of another model is refused); nothing else of the
 checkpoint (no ``load_recipe_state``: embeddings need the weights only). It then encodes the
-inputs in the order given. The harness runs two of these at once, one for the scored
+inputs in the order given. The harness runs three of these at once: one for the scored
 split's images and one for its captions, each in an order drawn from the operating
-system's entropy, with neither the pairs nor the cache's path: no process of the recipe's
-holds both sides, so whatever it does here changes its own embeddings and nothing else.
-The harness puts them back in place and ranks them itself; the score is, by
-construction, the score of the saved checkpoint.
+system's entropy, with neither the pairs nor the cache's path, so that no process that
+is ranked holds both sides and whatever one does changes its own embeddings only; and
+one for the batch check, which encodes a few of each in pairs (``--batch 2``) and whose
+embeddings are only compared with theirs, never ranked. The harness puts them back in
+place and ranks them itself; the score is, by construction, the score of the saved
+checkpoint.
 
 Inputs (safetensors): ``images`` uint8 [N, 3, R, R] and/or ``tokens`` integer [C, L] (0 =
 padding); metadata ``vocab_size``, ``context_length``, ``phrase_length``, ``image_size``

@@ -40,7 +40,7 @@ given (their mean, their spread: up to 512 of the scored split per batch, and al
 across the calls of one process) would make a transductive use of the split. So a third
 ``eclip.encode`` process, started fresh, encodes ``BATCH_PROBES`` images and as many
 captions, drawn in secret, in pairs; each must get the embedding it got among the rest
-(``eclip.scoring.batch_check``, within ``BATCH_TOL``), or the run is an ``error``.
+(``eclip.scoring.batch_check``, within its ``BATCH_TOL``), or the run is an ``error``.
 ``batch_gap`` in ``result.json`` says how close they came. A use so slight that it stays
 within the tolerance passes.
 """
@@ -61,11 +61,12 @@ from pathlib import Path
 from eclip.errors import EclipError, OneLineParser
 from eclip.loop import write_json
 from eclip.policy import check_file, die_with_parent, scrub_environment, sigterm_as_ctrl_c
-from eclip.scoring import BATCH_PROBES, score
+from eclip.scoring import score
 
 # one eclip.encode process each: the scored split's images; its captions (none sees both
 # sides of a pair); and fresh copies of a few of each, encoded in pairs (the batch check)
-PARTS = ("images", "texts", "copies")
+PARTS = ("images", "texts", "batch_check")
+BATCH_PROBES = 16  # images, and as many captions, that the batch check encodes again
 # Work the recipe may do outside its budget. Encoding is cheap next to training (one
 # forward, no backward, over a split far smaller than the training data), so a run whose
 # recipe code takes longer than this after the clock stopped, or to encode, is refused:
@@ -276,7 +277,10 @@ def encode_parts(cmds: dict[str, list[str]], logs: dict[str, Path], limit_s: flo
     env = dict(os.environ, TORCH_COMPILE_DISABLE="1")  # eager: a fast start, nothing to compile
     if threads:
         env = hide_gpu(env)
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A Ctrl-C reaches the children too (they end, 130); the harness notes it rather than die
+    # first. Only then is a child's 130 a Ctrl-C: a recipe can raise KeyboardInterrupt itself.
+    interrupted: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
     procs, files, ready, readers = {}, {}, {}, []
 
     def watch(part: str, stream) -> None:
@@ -297,6 +301,8 @@ def encode_parts(cmds: dict[str, list[str]], logs: dict[str, Path], limit_s: flo
             readers[-1].start()
         rcs = {}
         while len(rcs) < len(procs):
+            if interrupted:
+                raise KeyboardInterrupt  # the children still running are killed below
             now = time.monotonic()
             for part, proc in procs.items():
                 if part in rcs:
@@ -307,6 +313,8 @@ def encode_parts(cmds: dict[str, list[str]], logs: dict[str, Path], limit_s: flo
                 elif why := _overdue(part, proc.pid, now, start, ready.get(part), limit_s, threads):
                     raise EclipError(f"evaluation (eclip.encode, {part}) {why}")
             time.sleep(0.02)
+        if interrupted:
+            raise KeyboardInterrupt
         return rcs
     finally:
         for proc in procs.values():
@@ -396,8 +404,8 @@ def encode_error(part: str, rc: int, log: Path) -> str:
 def evaluate(result: dict, args, preexec=None, threads: int | None = None) -> dict:
     """``result`` with the metrics of the checkpoint in ``args.out`` on the val split (test
     with ``--final``): the split's images and its captions go to two ``eclip.encode``
-    processes, each in a secret order, and the embeddings that come back are ranked here
-    against the cache's pairs."""
+    processes, each in a secret order, and a few of each to a third (the batch check); the
+    embeddings that come back are checked, then ranked here against the cache's pairs."""
     from eclip.checkpoint import read_meta
     from eclip.data.cache import load_cache
     from eclip.encode import write_inputs
@@ -418,16 +426,16 @@ def evaluate(result: dict, args, preexec=None, threads: int | None = None) -> di
     # split), encodes again in pairs: the batch check
     picks = {part: secret_order(orders[part].numel())[:BATCH_PROBES] for part in ("images", "texts")}
     length = max(1, int((cache.tokens != 0).sum(1).max())) if cache.tokens.numel() else 1
-    files = {part: part_files(args.out, part) for part in PARTS if part != "copies" or BATCH_PROBES > 0}
+    files = {part: part_files(args.out, part) for part in PARTS if part != "batch_check" or BATCH_PROBES > 0}
     cmds, logs = {}, {}
     try:
         for part, (inputs, emb, log) in files.items():
             # in pairs, captions cut to the split's longest as in the texts process: only the company differs
-            batch = ["--batch", "2", "--text-length", str(length)] if part == "copies" else []
+            batch = ["--batch", "2", "--text-length", str(length)] if part == "batch_check" else []
             images = (cache.images[orders["images"]] if part == "images" else
-                      cache.images[orders["images"][picks["images"]]] if part == "copies" else None)
+                      cache.images[orders["images"][picks["images"]]] if part == "batch_check" else None)
             tokens = (cache.tokens[orders["texts"]] if part == "texts" else
-                      cache.tokens[orders["texts"][picks["texts"]]] if part == "copies" else None)
+                      cache.tokens[orders["texts"][picks["texts"]]] if part == "batch_check" else None)
             write_inputs(inputs, images, tokens, spec)
             cmds[part] = [sys.executable, "-m", "eclip.encode", "--recipe", str(args.recipe), "--checkpoint",
                           str(args.out), "--inputs", str(inputs), "--out", str(emb), "--device", args.device,
@@ -439,15 +447,13 @@ def evaluate(result: dict, args, preexec=None, threads: int | None = None) -> di
         # that share is capped, since a recipe can make its own samples_per_s small
         per_items = min(2 * items / sps if sps > 0 else math.inf, EVAL_SHARE * args.budget_s)
         limit = EVAL_GRACE_S + per_items
-        rcs = encode_parts(cmds, logs, limit, preexec, threads=threads)  # in the order they ended
-        if any(rc in (130, -signal.SIGINT) for rc in rcs.values()):
-            raise KeyboardInterrupt
+        rcs = encode_parts(cmds, logs, limit, preexec, threads=threads)  # KeyboardInterrupt on a Ctrl-C
         for part in cmds:  # the first failure in PARTS order, not the quickest
             if rcs[part] != 0:
                 raise EclipError(encode_error(part, rcs[part], logs[part]))
         return score(result, files["images"][1], files["texts"][1], orders["images"], orders["texts"],
                      cache.caption_image, args.device, split,
-                     (files["copies"][1], picks) if "copies" in files else None)
+                     (files["batch_check"][1], picks) if "batch_check" in files else None)
     finally:
         for inputs, emb, log in files.values():  # secretly ordered, useless once ranked
             for path in (inputs, emb, log):

@@ -26,9 +26,10 @@ live in ``eclip.policy_reach``):
 
 This is a list of what may not be done, and such lists leak; it is the first line of
 defence. The second is structural (``eclip.harness``): the recipe trains in a process that
-holds the training images only, is evaluated from its checkpoint in two others (images in
-one, captions in the other, each in a secret order), and the ranking runs in the harness,
-which never imports it.
+holds the training images only, is evaluated from its checkpoint in others (images in
+one, captions in another, each in a secret order; a few of each again in a third, fresh,
+which checks that an embedding depends on its own input only), and the ranking runs in
+the harness, which never imports it.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ place and ranked against the cache's own pairs (never anything the run reported)
 check that each embedding is a function of its own input.
 
 The check: a fresh ``eclip.encode`` process, which has seen nothing of the split, encodes
-``BATCH_PROBES`` of its images and as many captions, drawn in secret by the harness, in
-pairs (``--batch 2``); each must get the embedding it got in the processes that encoded the
+a few of its images and as many captions (``eclip.harness.BATCH_PROBES``), drawn in secret
+by the harness, in pairs (``--batch 2``); each must get the embedding it got in the processes that encoded the
 whole split in batches of up to 512. A model that uses the other items it is given (their
 mean or spread, per batch or remembered across calls: a transductive use of the scored
 split) fails it, and so does one left random at evaluation (dropout); an honest model
@@ -21,12 +21,13 @@ from eclip.errors import EclipError
 
 # The batch check: each copy's embedding must match its first within BATCH_TOL (1 - cosine).
 # Honest models differ by rounding only: on the CPU at most 2e-7 (tiny and vit-s16 towers,
-# fp32; the CPU evaluates in fp32 only); a GPU's bf16 evaluation picks other kernels for a
-# pair than for a batch of 512, which moves the rounding, not yet measured there (bf16 against
-# fp32 on the CPU, an upper bound for that: 1.5e-5 to 6e-5). Centring on the batch's mean,
-# then normalising, on the built-in dataset's 1,000 val items: 0.77 (the whole mean), 0.025
-# (0.3 of it), 0.0023 (0.1 of it); about 0.06 of it would pass.
-BATCH_PROBES = 16
+# fp32, which is how the CPU evaluates). A GPU's bf16 evaluation picks other kernels for a
+# pair than for a batch of 512, which moves the rounding: not measured there yet; two bf16
+# runs of these towers on the CPU, against fp32, differ by 1.5e-5 to 6e-5, the scale of
+# that rounding. Centring on the batch's mean, then normalising, with the tiny template
+# trained 60 s on the built-in data (1,000 val items): 0.77 (the whole mean), 0.025 (0.3
+# of it), 0.0023 (0.1 of it); about 0.06 of it would pass. Another checkpoint (40 s):
+# 0.15 and 0.0014. What passes gains nothing measurable (README, bench/RESULTS.md).
 BATCH_TOL = 1e-3
 
 
@@ -48,7 +49,7 @@ def score(result: dict, img_path: Path, txt_path: Path, order_i, order_t, txt_im
     if copies is not None:
         path, picks = copies
         for name, part, first in (("img", "images", img), ("txt", "texts", txt)):
-            again = read_embeddings(path, name, picks[part].numel())
+            again = read_embeddings(path, name, picks[part].numel(), width=img.shape[1])
             gaps[part] = batch_check(first[picks[part]], again, part)
     dev = pick_device(device)
     img, txt = unshuffle(img.float(), order_i).to(dev), unshuffle(txt.float(), order_t).to(dev)
@@ -61,14 +62,16 @@ def score(result: dict, img_path: Path, txt_path: Path, order_i, order_t, txt_im
     return out
 
 
-def read_embeddings(path: Path, name: str, rows: int) -> torch.Tensor:
-    """Tensor ``name`` of an encoding process's output: float [rows, E], or EclipError."""
+def read_embeddings(path: Path, name: str, rows: int, width: int | None = None) -> torch.Tensor:
+    """Tensor ``name`` of an encoding process's output: float [rows, E] (E = ``width`` when
+    given), or EclipError."""
     from eclip.fileio import read_tensors
 
     t = read_tensors(path, "the evaluation left no readable embeddings").get(name)
-    if t is None or t.dim() != 2 or t.shape[0] != rows or not t.is_floating_point():
+    if (t is None or t.dim() != 2 or t.shape[0] != rows or not t.is_floating_point()
+            or (width is not None and t.shape[1] != width)):
         shown = "missing" if t is None else f"{t.dtype} {list(t.shape)}"
-        raise EclipError(f"{path}: {name}: expected float [{rows}, E], got {shown}")
+        raise EclipError(f"{path}: {name}: expected float [{rows}, {width or 'E'}], got {shown}")
     return t
 
 
@@ -79,7 +82,10 @@ def batch_check(first: torch.Tensor, again: torch.Tensor, part: str) -> float:
     a broken model is scored as such, not called batch-dependent."""
     first, again = first.double(), again.double()
     broken = lambda e: ~torch.isfinite(e).all(1) | (e.norm(dim=1) == 0)  # noqa: E731
-    gap = (1 - torch.nn.functional.cosine_similarity(first, again, dim=1)).nan_to_num(nan=2.0)
+    # normalised with a float64-sized eps: an embedding of norm 1e-9 still has a direction
+    # (the ranking's F.normalize sees one), where cosine_similarity's eps 1e-8 would not
+    unit = lambda e: torch.nn.functional.normalize(e, dim=1, eps=1e-300)  # noqa: E731
+    gap = (1 - (unit(first) * unit(again)).sum(1)).nan_to_num(nan=2.0).clamp(min=0.0)  # no -1e-16
     gap = torch.where(broken(first) & broken(again), 0.0, gap)
     worst = float(gap.max()) if gap.numel() else 0.0
     if worst > BATCH_TOL:

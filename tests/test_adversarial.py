@@ -211,7 +211,7 @@ def test_a_model_that_uses_the_other_items_it_is_given_is_refused(cache, tmp_pat
     assert r["reason"].startswith("evaluation (images): an item encoded again, fresh and in a pair, got another "
                                   "embedding than among the rest (1 - cosine "), r["reason"]
     assert float(r["reason"].split("1 - cosine ")[1].split(",")[0]) > BATCH_TOL
-    assert not any((tmp_path / "run" / f).exists() for f in ("eval_copies.safetensors", "emb_copies.safetensors"))
+    assert not any((tmp_path / "run" / f"{kind}_batch_check.safetensors").exists() for kind in ("eval", "emb"))
 
 
 @pytest.mark.parametrize("code,message", [

@@ -229,8 +229,8 @@ def train_step(model, optimizer, batch, progress):
 @pytest.mark.parametrize("extra,grace,message", [
     (ONE_LONG_STEP, ("OVERRUN_GRACE_S", 1.0), r"training ran 3\."),
     (AFTER_THE_BUDGET, ("AFTER_GRACE_S", 1.0), r"the recipe's code ran 3\."),
-    # both the captions' process and the batch check's copies encode captions: either is caught first
-    (WHILE_ENCODING, ("EVAL_GRACE_S", 8.0), r"evaluation \(eclip.encode, (texts|copies)\) computed for longer than 8 s"),
+    # both the captions' process and the batch check's encode captions: either is caught first
+    (WHILE_ENCODING, ("EVAL_GRACE_S", 8.0), r"evaluation \(eclip.encode, (texts|batch_check)\) computed for longer than 8 s"),
 ])
 def test_work_outside_the_budget_is_refused(cache, tmp_path, monkeypatch, capsys, extra, grace, message):
     import time
@@ -273,6 +273,29 @@ def test_the_encoders_watchdog_times_the_recipe_from_the_ready_line(tmp_path, mo
         with pytest.raises(EclipError, match=re.escape(message)):
             h.encode_parts(cmds, logs, 1.0, None)
     assert time.monotonic() - t0 < 10  # killed, not awaited
+
+
+def test_only_a_ctrl_c_to_the_harness_makes_an_encoders_130_an_interruption(tmp_path):
+    import os
+    import signal
+    import threading
+
+    from eclip import harness as h
+
+    # a recipe that raises KeyboardInterrupt itself: a failed part like any other, so it
+    # cannot hide another part's error behind an "interrupted"
+    quits = "import sys; print('encode: ready', flush=True); sys.exit(130)"  # as eclip.encode ends then
+    cmds = {"images": [sys.executable, "-c", quits]}
+    assert h.encode_parts(cmds, {"images": tmp_path / "images.log"}, 5.0, None) == {"images": 130}
+    # a Ctrl-C that reaches the harness (and its children) while they encode: interrupted,
+    # the children still running killed
+    slow = "import time; print('encode: ready', flush=True); time.sleep(30)"
+    cmds = {"images": [sys.executable, "-c", slow], "texts": [sys.executable, "-c", slow]}
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        h.encode_parts(cmds, {p: tmp_path / f"{p}.log" for p in cmds}, 60.0, None)
+    assert signal.getsignal(signal.SIGINT) is previous
 
 
 BUSY = "print('encode: ready', flush=True); t = time.process_time()\nwhile time.process_time() - t < {s}: pass"

@@ -52,6 +52,8 @@ def test_the_batch_check_names_the_part_and_how_far_off():
     moved[1] = float("nan")
     with pytest.raises(EclipError, match=re.escape("(1 - cosine 2, at most 0.001)")):
         batch_check(first, moved, "texts")
+    # tiny but honest embeddings still have a direction (the ranking normalises them)
+    assert batch_check(first * 1e-9, first * 1e-9, "images") < 1e-12
     # degenerate both times (zero or non-finite): a broken model, not a batch-dependent one
     broken = torch.stack([torch.zeros(8), torch.full((8,), float("nan"))])
     assert batch_check(broken, broken.clone(), "images") == 0.0
@@ -70,9 +72,14 @@ def test_copies_are_checked_before_the_ranking(tmp_path):
     save_file({"img": img[picks["images"]], "txt": txt[picks["texts"]]}, str(copies_f))
     r = score({"status": "ok"}, img_f, txt_f, order_i, order_t, pairs, "cpu", "val", (copies_f, picks))
     assert r["val_mean_rank"] == 0 and r["batch_gap"] == {"images": 0.0, "texts": 0.0}
+    # copies of another width than the split's embeddings
+    save_file({"img": img[picks["images"]][:, :59].contiguous(), "txt": txt[picks["texts"]]}, str(copies_f))
+    with pytest.raises(EclipError, match=re.escape("copies.safetensors: img: expected float [3, 60], got "
+                                                   "torch.float32 [3, 59]")):
+        score({"status": "ok"}, img_f, txt_f, order_i, order_t, pairs, "cpu", "val", (copies_f, picks))
     # a copies file without its captions
     save_file({"img": img[picks["images"]]}, str(copies_f))
-    with pytest.raises(EclipError, match=re.escape("copies.safetensors: txt: expected float [3, E], got missing")):
+    with pytest.raises(EclipError, match=re.escape("copies.safetensors: txt: expected float [3, 60], got missing")):
         score({"status": "ok"}, img_f, txt_f, order_i, order_t, pairs, "cpu", "val", (copies_f, picks))
     # a copy that came out as another item's embedding is refused, naming its part
     save_file({"img": img[[4, 9, 31]], "txt": txt[picks["texts"]]}, str(copies_f))
