@@ -10,9 +10,9 @@ then every run after it. So:
   ``best`` keeps only the current best's (the last kept experiment's, or the best-scoring
   baseline run's before any keep); ``all`` and ``none`` say what they mean. Everything
   else in the folder (log, result, diff, transcript) always stays, except what a killed
-  run left half-done: the evaluation inputs and embeddings, and temporary files of a save. The rule is applied to
-  the whole journal after each run and at start-up, so a study resumed with a stricter
-  rule frees the space of its earlier runs.
+  run left half-done: the evaluation inputs and embeddings, and temporary files of a
+  save. The rule is applied to the whole journal after each run and at start-up, so a
+  study resumed with a stricter rule frees the space of its earlier runs.
 - Before each run the loop checks the free space under the workspace against what a run
   writes (``needed_bytes``), and stops cleanly, exit code 1, when it is short.
 - A failed run whose log says a disk was full (``No space left on device``: the workspace's,

@@ -38,6 +38,7 @@ from eclip.errors import EclipError, OneLineParser, first_line
 from eclip.fileio import atomic_write, read_tensors
 from eclip.loop import (
     ModelSpec,
+    caption_length,
     encode_in_order,
     eval_bf16,
     is_oom,
@@ -122,8 +123,8 @@ def encode_checkpoint(recipe_path: Path, run_dir: Path, inputs: Path, device_nam
         raise EclipError(f"--batch {batch}: must be at least 1")
     images, tokens, numbers = read_inputs(inputs)
     if text_length is not None and tokens is not None:
-        longest = int((tokens != 0).sum(1).max()) if tokens.numel() else 0
-        if not max(1, longest) <= text_length <= tokens.shape[1]:
+        longest = caption_length(tokens)
+        if not longest <= text_length <= tokens.shape[1]:
             raise EclipError(f"--text-length {text_length}: must be between the longest caption given ({longest}) "
                              f"and the inputs' {tokens.shape[1]} tokens")
     meta, source = ckpt.read_meta_from(run_dir)

@@ -409,7 +409,7 @@ def evaluate(result: dict, args, preexec=None, threads: int | None = None) -> di
     from eclip.checkpoint import read_meta
     from eclip.data.cache import load_cache
     from eclip.encode import write_inputs
-    from eclip.loop import secret_order
+    from eclip.loop import caption_length, secret_order
 
     split = "test" if args.final else "val"  # the harness's own choice, not what the run reported
     cache = load_cache(args.data)
@@ -425,21 +425,22 @@ def evaluate(result: dict, args, preexec=None, threads: int | None = None) -> di
     # positions in the secret orders whose items a third process, fresh (no memory of the
     # split), encodes again in pairs: the batch check
     picks = {part: secret_order(orders[part].numel())[:BATCH_PROBES] for part in ("images", "texts")}
-    length = max(1, int((cache.tokens != 0).sum(1).max())) if cache.tokens.numel() else 1
+    # each process's (image rows, caption rows) of the split, and its options: the batch
+    # check's in pairs, captions cut to the split's longest as in the texts process, so
+    # that only the company differs
+    rows = {"images": (orders["images"], None), "texts": (None, orders["texts"]),
+            "batch_check": (orders["images"][picks["images"]], orders["texts"][picks["texts"]])}
+    options = {"batch_check": ["--batch", "2", "--text-length", str(caption_length(cache.tokens))]}
     files = {part: part_files(args.out, part) for part in PARTS if part != "batch_check" or BATCH_PROBES > 0}
     cmds, logs = {}, {}
     try:
         for part, (inputs, emb, log) in files.items():
-            # in pairs, captions cut to the split's longest as in the texts process: only the company differs
-            batch = ["--batch", "2", "--text-length", str(length)] if part == "batch_check" else []
-            images = (cache.images[orders["images"]] if part == "images" else
-                      cache.images[orders["images"][picks["images"]]] if part == "batch_check" else None)
-            tokens = (cache.tokens[orders["texts"]] if part == "texts" else
-                      cache.tokens[orders["texts"][picks["texts"]]] if part == "batch_check" else None)
-            write_inputs(inputs, images, tokens, spec)
+            image_rows, caption_rows = rows[part]
+            write_inputs(inputs, None if image_rows is None else cache.images[image_rows],
+                         None if caption_rows is None else cache.tokens[caption_rows], spec)
             cmds[part] = [sys.executable, "-m", "eclip.encode", "--recipe", str(args.recipe), "--checkpoint",
                           str(args.out), "--inputs", str(inputs), "--out", str(emb), "--device", args.device,
-                          *batch]
+                          *options.get(part, [])]
             logs[part] = log
         sps = float(result.get("samples_per_s") or 0.0)
         items = cache.images.shape[0] + cache.tokens.shape[0]

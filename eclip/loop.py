@@ -206,6 +206,12 @@ def _plain(emb, name: str) -> torch.Tensor:
     return emb.to(torch.float32, copy=True)
 
 
+def caption_length(tokens: torch.Tensor) -> int:
+    """Tokens of the longest caption in ``tokens`` (int [C, L], 0 = padding), at least 1:
+    what the evaluation cuts captions to (no padding that no caption uses)."""
+    return max(1, int((tokens != 0).sum(1).max())) if tokens.numel() else 1
+
+
 @torch.no_grad()
 def encode_in_order(model, images: torch.Tensor | None, tokens: torch.Tensor | None, device: torch.device,
                     batch: int = 512, bf16: bool = False,
@@ -214,8 +220,7 @@ def encode_in_order(model, images: torch.Tensor | None, tokens: torch.Tensor | N
     0 = padding), in the order given: (img fp32 [N, E], txt fp32 [C, E]) on the device; None
     for a part not given. Images and texts go in separate passes; the caller decides the
     orders (``evaluate_split`` and the harness shuffle them, so a model cannot tell which
-    pairs it sees). Captions are cut to ``length`` tokens, by default to the longest caption
-    given (no padding that no caption uses)."""
+    pairs it sees). Captions are cut to ``length`` tokens, by default ``caption_length``."""
     was_training = model.training
     model.eval()
     amp = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -227,8 +232,7 @@ def encode_in_order(model, images: torch.Tensor | None, tokens: torch.Tensor | N
                 img.append(_plain(model.encode_image(images[s: s + batch].to(device)), "encode_image"))
         img = torch.cat(img)
     if tokens is not None:
-        if length is None:
-            length = max(1, int((tokens != 0).sum(1).max())) if tokens.numel() else 1
+        length = caption_length(tokens) if length is None else length
         txt = []
         for s in range(0, tokens.shape[0], batch):
             t = tokens[s: s + batch, :length].to(device, torch.int64)
