@@ -15,8 +15,8 @@
 #   3. bench/kernel_table.py: compiled training step (fullgraph, reduce-overhead), accuracy
 #      against float64 at B = 4,096 and 16,384, lean memory at 16,384 and 32,768 (both lean
 #      backwards), the comparison table (lean:fused, lean:panel, fast, plain, plain +
-#      compile), the device time per kernel, the panel-size sweep, ranks at N = 100,000,
-#      and B = 1,048,576 in lean mode;
+#      compile), ranks at N = 100,000, B = 1,048,576 in lean mode, then the diagnostics: the
+#      device time per kernel and the panel-size sweep;
 #   4. the pytest-benchmark suites and the guard against bench/baselines/<device>.json (when
 #      there is none, the run is saved to $OUT as the baseline to commit);
 #   then the short tables again, last.
@@ -24,9 +24,12 @@
 # 570: one device command may run 600), so a cut-off run still reports the most and the
 # summary always prints.
 # Prints the device first and a short table last; with $OUT set, writes logs and the table
-# there. Usage: [STEPS="1 2 2b 3 4"] [T1=… T2=…] [DEADLINE=570] [ONLY=template,graphs] [DRY=1]
+# there. Usage: [STEPS="1 2 2b 3 4"] [T1=… T2=…] [DEADLINE=570] [ONLY=template,graphs]
+#   [SPEED_STEPS=60] [HARNESS_S=30] [TABLE_SIZES=16384:512,65536:512] [DRY=1]
 #   bash bench/gpu_check.sh [--quick]
-# (ONLY: the speed rows of step 2, as train_check.py --only; default all.)
+# (ONLY: the speed rows of step 2, as train_check.py --only; default all. HARNESS_S: the
+# budget of step 2's harness run, 0 skips it. TABLE_SIZES: step 3's table, as
+# kernel_table.py --table.)
 # DRY=1 runs steps 2, 2b and 3 on the CPU at tiny sizes (--dry-run: this script's plumbing,
 # nothing measured) and skips steps 1 and 4, which need a GPU to mean anything.
 set -uo pipefail
@@ -71,7 +74,8 @@ fi
 
 if want 2; then
     echo "== 2. training loop on CUDA"
-    run_for "${T2:-360}" "$PY" bench/train_check.py --steps "${SPEED_STEPS:-60}" ${ONLY:+--only "$ONLY"} ${DRY:+--dry-run} 2>&1 \
+    run_for "${T2:-360}" "$PY" bench/train_check.py --steps "${SPEED_STEPS:-60}" ${ONLY:+--only "$ONLY"} \
+        ${HARNESS_S:+--harness-budget-s "$HARNESS_S"} ${DRY:+--dry-run} 2>&1 \
         | grep -v Warning | log train.log || status=1
 fi
 
@@ -87,7 +91,7 @@ fi
 
 if want 3; then
     echo "== 3. kernel table"
-    args=($QUICK ${DRY:+--dry-run} --out "$TABLE")
+    args=($QUICK ${DRY:+--dry-run} ${TABLE_SIZES:+--table "$TABLE_SIZES"} --out "$TABLE")
     run_for "${T3:-480}" "$PY" bench/kernel_table.py "${args[@]}" 2>&1 | log kernels.log || status=1
 fi
 

@@ -379,6 +379,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None,
                     help="write the short table here, line by line as it is measured")
     ap.add_argument("--quick", action="store_true", help="smaller table (B = 16k and 32k, D = 512)")
+    ap.add_argument("--table", default=None, metavar="B:D,...",
+                    help="the comparison table's sizes instead of the mode's, e.g. 16384:512,65536:512")
     ap.add_argument("--dry-run", action="store_true",
                     help="every section on the CPU with tiny sizes through the PyTorch references: "
                          "checks this script, measures nothing")
@@ -393,6 +395,14 @@ def main(argv=None) -> int:
         say("no CUDA device: nothing to check")
         return 1
     z = SIZES["dry" if args.dry_run else "quick" if args.quick else "full"]
+    if args.table:
+        try:
+            sizes = [tuple(int(v) for v in item.split(":")) for item in args.table.split(",")]
+            if not sizes or any(len(t) != 2 or min(t) < 1 for t in sizes):
+                raise ValueError
+        except ValueError:
+            ap.error(f"--table: expected B:D pairs of positive integers, comma-separated, got {args.table!r}")
+        z = dict(z, table=sizes)
     name = "CPU dry run (nothing measured)" if args.dry_run else torch.cuda.get_device_name()
     record(f"device: {name} (torch {torch.__version__})")
     ok = True
@@ -402,10 +412,11 @@ def main(argv=None) -> int:
         ("accuracy", lambda: check_accuracy(z["accuracy"], d)),
         ("lean memory", lambda: check_lean_memory(z["memory"], d)),
         ("table", lambda: table(z["table"])),
-        ("kernel breakdown", lambda: breakdown(z["breakdown"], d)),
-        ("panel sweep", lambda: panel_sweep(z["sweep"], d, z["sweep_mib"])),
         ("ranks", lambda: ranks(z["ranks"], d)),
         ("B = 1M", lambda: huge(z["huge"], d)),
+        # diagnostics last: a run cut by its time limit still reports every target above
+        ("kernel breakdown", lambda: breakdown(z["breakdown"], d)),
+        ("panel sweep", lambda: panel_sweep(z["sweep"], d, z["sweep_mib"])),
     ]
     for name, fn in sections:
         say(f"== {name}")
