@@ -8,8 +8,8 @@
 #      included);
 #   2. bench/train_check.py: the training loop on CUDA (smoke run with evaluation, the host
 #      syncs of the steady steps, one harness run end to end with its three encoding processes,
-#      then vit-s16 batch 64: fp32 eager, the fast path, with CUDA graphs, from host memory,
-#      with per-block compilation);
+#      then vit-s16 batch 64: fp32 eager, the fast path (CUDA graphs), without graphs, from
+#      host memory, with per-block compilation);
 #   2b. bench/profile_step.py: the template's step under the profiler, without and with
 #      CUDA graphs (wall vs kernel-busy time per step, launches, top kernels);
 #   3. bench/kernel_table.py: compiled training step (fullgraph, reduce-overhead), accuracy
@@ -24,7 +24,7 @@
 # 570: one device command may run 600), so a cut-off run still reports the most and the
 # summary always prints.
 # Prints the device first and a short table last; with $OUT set, writes logs and the table
-# there. Usage: [STEPS="1 2 2b 3 4"] [T1=… T2=…] [DEADLINE=570] [ONLY=template,graphs]
+# there. Usage: [STEPS="1 2 2b 3 4"] [T1=… T2=…] [DEADLINE=570] [ONLY=template,nographs]
 #   [SPEED_STEPS=60] [HARNESS_S=30] [TABLE_SIZES=16384:512,65536:512] [DRY=1]
 #   bash bench/gpu_check.sh [--quick]
 # (ONLY: the speed rows of step 2, as train_check.py --only; default all. HARNESS_S: the

@@ -8,7 +8,7 @@ by the kernels (then the top-kernel table says which). Metrics are read back eve
 here (log_every=1), so the host never runs more than about one step ahead of the device:
 the wall time is an upper bound.
 
-    python bench/profile_step.py --preset vit-s16 --batch 64 [--compile-mode reduce-overhead]
+    python bench/profile_step.py --preset vit-s16 --batch 64 [--compile-mode default]
 
 Needs torch, numpy, safetensors and tqdm; on a CPU it profiles CPU operators instead.
 """
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", type=int, default=6, help="steps before profiling (compilation, graph recording)")
     ap.add_argument("--active", type=int, default=5, help="steps profiled")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    ap.add_argument("--compile-mode", default="default", help="the recipe's compile_mode")
+    ap.add_argument("--compile-mode", default="auto", help="the recipe's compile_mode (auto: CUDA graphs on CUDA)")
     args = ap.parse_args(argv)
     profile_step(args.preset, args.batch, args.image_size, args.context, args.skip, args.active, args.device,
                  {"compile_mode": args.compile_mode})

@@ -435,3 +435,19 @@ def test_a_late_repeat_of_sigterm_does_not_cut_the_save_short(cache, tmp_path, c
     assert rc == 130 and "status:         interrupted" in stdout, err
     assert json.loads((out / "checkpoint.json").read_text())["step"] == 3
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+@pytest.mark.parametrize("mode,scope,device,want", [
+    ("auto", "step", "cuda", "reduce-overhead"),  # the whole step as CUDA graphs
+    ("auto", "blocks", "cuda", "default"),  # graphs per block would replay between eager code
+    ("auto", "step", "cpu", "default"),  # a CPU has no graphs
+    ("default", "step", "cuda", "default"),
+    ("max-autotune-no-cudagraphs", "step", "cuda", "max-autotune-no-cudagraphs"),
+    ("reduce-overhead", "step", "cpu", "reduce-overhead"),  # an explicit mode is kept
+])
+def test_compile_mode_auto_means_graphs_for_a_compiled_step_on_cuda(mode, scope, device, want):
+    from eclip.loop import load_recipe
+
+    r = load_recipe(train.TEMPLATE)
+    assert r.HPARAMS["compile_mode"] == "auto"
+    assert r.resolve_compile_mode(mode, scope, device) == want

@@ -23,7 +23,7 @@ def cache(train_cache):
     (["--steps", "5", "--budget-s", "3"], "exactly one of --budget-s or --steps"),
     (["--steps", "5", "stray"], "unrecognised argument 'stray'"),
     (["--steps", "5", "--resume"], "no checkpoint here"),
-    (["--steps", "5", "--compile_mode=fastest"], "compile_mode: expected one of default, reduce-overhead,"),
+    (["--steps", "5", "--compile_mode=fastest"], "compile_mode: expected one of auto, default, reduce-overhead,"),
     (["--steps", "5", "--compile_scope=all"], "compile_scope: expected one of step, blocks, got 'all'"),
     (["--steps", "5", "--compile_scope=blocks", "--compile_mode=reduce-overhead"],
      "compile_scope: 'blocks' runs eager code between the blocks"),
