@@ -42,7 +42,7 @@ DEV = "cuda"  # "cpu" for --dry-run: every section on tiny sizes through the ref
 # Sizes of each section: the GPU check, --quick, and --dry-run (CPU, seconds in all).
 SIZES = {
     "full": dict(accuracy=(4096, 16384), memory=(16384, 32768), d=512, breakdown=16384, sweep=32768,
-                 sweep_mib=(8, 16, 32, 64), ranks=100_000, huge=1 << 20,
+                 sweep_mib=(16, 32, 56, 64, 96), ranks=100_000, huge=1 << 20,
                  table=[(4096, 512), (16384, 512), (32768, 512), (65536, 512), (32768, 256), (32768, 768)]),
     "dry": dict(accuracy=(96,), memory=(64, 128), d=48, breakdown=64, sweep=256, sweep_mib=(1, 2),
                 ranks=300, huge=512, table=[(64, 48), (100, 40)]),
@@ -289,7 +289,7 @@ def panel_sweep(b, d, sizes_mib) -> None:
     default, floor = panel.PANEL_BYTES, panel.MIN_PANEL_ROWS
     cells = []
     try:
-        panel.MIN_PANEL_ROWS = 128  # let 8 MiB mean 128 rows at 32k
+        panel.MIN_PANEL_ROWS = 128  # the sizes as given, not the floor's 256 rows
         for mib in sizes_mib:
             panel.PANEL_BYTES = mib << 20
             img, txt, scale = inputs(b, d)

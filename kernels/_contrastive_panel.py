@@ -19,10 +19,10 @@ Work: 2·B²·D per direction for the scores and 2·B²·D for the product: with
 10·B²·D floor of a lean loss. The fused backward (``_contrastive_lean``) keeps a [BLOCK_M,
 D] accumulator in registers and must recompute the scores once per D-chunk when D is wide;
 here the product leaves the registers, at the price of writing and reading the panel
-(4 bytes a logit per direction, mostly in L2 for a panel of 32 MiB).
+(4 bytes a logit per direction).
 
-Memory: the panel, PANEL_BYTES (32 MiB) or MIN_PANEL_ROWS rows of B, whichever is larger
-(B ≤ 64k in bf16: 32 MiB; B = 1M: 256 rows, 512 MiB), plus B·D for the output gradient,
+Memory: the panel, PANEL_BYTES (56 MiB) or MIN_PANEL_ROWS rows of B, whichever is larger
+(B ≤ 64k in bf16: 56 MiB; B = 1M: 256 rows, 512 MiB), plus B·D for the output gradient,
 plus a contiguous copy of k when its layout is neither row- nor column-major.
 """
 
@@ -115,8 +115,12 @@ if HAVE_TRITON:
 # Launchers
 # ---------------------------------------------------------------------------------------
 
-PANEL_BYTES = 32 << 20  # target size of the Ĝ panel (its size against L2 and against the
-# products' width is a trade-off that bench/kernel_table.py sweeps)
+# Target size of the Ĝ panel. Taller panels give the [R, B]·[B, D] product more output
+# tiles (fewer split-K reductions) and fewer launches; on an H100 (bench/kernel_table.py's
+# sweep, B = 32k, D = 512, bf16) fwd+bwd took 94.5 / 49.9 / 28.2 / 17.0 ms with panels of
+# 8 / 16 / 32 / 64 MiB. 56 MiB keeps the lean mode's extra memory under its 64 MiB target at
+# 32k (the panel plus 0.3 MiB measured); unmeasured itself until the next GPU check.
+PANEL_BYTES = 56 << 20
 MIN_PANEL_ROWS = 256  # below this the [R, D] output of each product is too small to fill the GPU
 ROW_ALIGN = 128  # panel heights are multiples of the largest BLOCK_M (full row tiles)
 

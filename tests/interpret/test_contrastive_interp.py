@@ -24,7 +24,7 @@ from kernels._common import resolve_backend  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def small_panels(monkeypatch):
-    """Panels of 80 rows in these tests (32 MiB would hold every B tested here in one): the
+    """Panels of 80 rows in these tests (the default panel would hold every B tested here in one): the
     panel backward then runs several panels with a ragged last one, a diagonal that starts
     inside a row tile (80 is not a multiple of the interpreter's 64-row tiles), and B = 1
     still in one."""
@@ -94,6 +94,16 @@ def test_panel_rows():
         assert p.panel_rows(1 << 20, 2) == 256  # 512 MiB: the floor wins at huge B
         assert p.panel_rows(3000, 2) == 3000  # small B: one panel
         assert p.panel_rows(100_000, 2) == 256  # 167 rows, rounded down, then the floor
+
+
+def test_default_panel_keeps_the_lean_memory_target(monkeypatch):
+    # The lean mode's target: at most 64 MiB beyond the input gradients at B = 32k (bf16);
+    # the panel is nearly all of it (0.3 MiB besides, measured on an H100).
+    monkeypatch.undo()  # the module's own PANEL_BYTES and MIN_PANEL_ROWS, not small_panels'
+    p = _contrastive_panel
+    b = 32768
+    assert p.panel_rows(b, 2) * b * 2 <= 60 << 20
+    assert p.panel_rows(b, 2) >= 512  # and no shorter than the 32 MiB panel measured before
 
 
 def test_fast_mode_allows_a_second_backward():
