@@ -24,7 +24,7 @@
 # 570: one device command may run 600), so a cut-off run still reports the most and the
 # summary always prints.
 # Prints the device first and a short table last; with $OUT set, writes logs and the table
-# there. Usage: [STEPS="1 2 2b 3 4"] [T1=… T2=…] [DEADLINE=570] [ONLY=template,nographs]
+# there. Usage: [STEPS="1 2 2b 3 4"] [T1=… T2=…] [T1_WORKERS=4] [DEADLINE=570] [ONLY=template,nographs]
 #   [SPEED_STEPS=60] [HARNESS_S=30] [TABLE_SIZES=16384:512,65536:512] [DRY=1]
 #   bash bench/gpu_check.sh [--quick]
 # (ONLY: the speed rows of step 2, as train_check.py --only; default all. HARNESS_S: the
@@ -64,9 +64,13 @@ run_for() {
 if want 1 && [ -z "$DRY" ]; then
     echo "== 1. CUDA tests: host data path, metrics read-back and kernels"
     if "$PY" -c "import pytest" 2>/dev/null; then
+        # Most of this step is Triton compiling each kernel variant (dtype, D, ragged B) on
+        # one core: with pytest-xdist there (the GPU image has it) four workers compile at once.
+        par=()
+        "$PY" -c "import xdist" 2>/dev/null && par=(-n "${T1_WORKERS:-4}")
         run_for "${T1:-240}" "$PY" -m pytest tests/test_data_device.py tests/test_readback.py tests/test_expert.py \
-            tests/test_kernels_contrastive.py tests/test_kernels_retrieval.py \
-            -q -p no:cacheprovider -o addopts="" -k "cuda or gpu" 2>&1 | tail -15 | log tests.log || status=1
+            tests/test_kernels_contrastive.py tests/test_kernels_retrieval.py "${par[@]}" --durations=5 \
+            -q -p no:cacheprovider -o addopts="" -k "cuda or gpu" 2>&1 | tail -25 | log tests.log || status=1
     else
         echo "pytest is not available: step 1 skipped (step 3 still checks accuracy)"
 fi
