@@ -25,7 +25,7 @@
 # summary always prints.
 # Prints the device first and a short table last; with $OUT set, writes logs and the table
 # there. Usage: [STEPS="1 2 2b 3 4"] [T1=… T2=…] [T1_WORKERS=4] [DEADLINE=570] [ONLY=template,nographs]
-#   [SPEED_STEPS=60] [HARNESS_S=30] [TABLE_SIZES=16384:512,65536:512] [DRY=1]
+#   [SPEED_STEPS=60] [HARNESS_S=45] [TABLE_SIZES=16384:512,65536:512] [DRY=1]
 #   bash bench/gpu_check.sh [--quick]
 # (ONLY: the speed rows of step 2, as train_check.py --only; default all. HARNESS_S: the
 # budget of step 2's harness run, 0 skips it. TABLE_SIZES: step 3's table, as
