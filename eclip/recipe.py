@@ -88,6 +88,8 @@ def resolve_compile_mode(mode: str, scope: str, device_type: str) -> str:
     if mode != "auto":
         return mode
     return "reduce-overhead" if scope == "step" and device_type == "cuda" else "default"
+
+
 _STATE = {}  # per-process state that is not a tensor of the model (compiled fns, generator)
 
 
