@@ -12,7 +12,8 @@ Sections, in priority order so that a cut-off run still tells the most:
      lean:panel against the size of its Ĝ panel at B = 32,768; then retrieval ranks at
      N = 100,000;
   4. B = 1,048,576 in lean mode (its default backward at D = 512, the panel; fixed
-     configs, no autotuning).
+     configs, no autotuning);
+  5. the config each autotuned kernel chose, per key.
 Needs only torch, triton and numpy; random data; prints the device first and a short
 table last, and writes the table to ``--out`` when given.
 """
@@ -332,6 +333,29 @@ def breakdown(b, d, top=6) -> None:
         img = txt = scale = None
 
 
+def tuned_configs() -> None:
+    """The config each autotuned kernel settled on, per autotune key (D, B bucket, dtypes):
+    which tiles win on this device (the fast forward's 128×128 against its 128×64 tiles,
+    for one), for the next round of tuning. Run after the table, which tuned them."""
+    from kernels import _contrastive_fast, _contrastive_lean, _contrastive_panel, retrieval
+
+    tuners = {
+        "fast fwd": getattr(_contrastive_fast, "_fast_fwd_tuned", None),
+        "lean fwd": getattr(_contrastive_lean, "_lean_fwd_tuned", None),
+        "lean:fused bwd": getattr(_contrastive_lean, "_lean_bwd_tuned", None),
+        "lean:panel Ĝ": getattr(_contrastive_panel, "_grad_panel_tuned", None),
+        "ranks": getattr(retrieval, "_rank_rows_tuned", None),
+    }
+    for name, tuner in tuners.items():
+        cache = getattr(tuner, "cache", None) or {}
+        for key, cf in sorted(cache.items(), key=lambda kv: str(kv[0])):
+            dims = ",".join(str(k) for k in key if isinstance(k, int))  # D and the bit length of B
+            params = " ".join(f"{k}={v}" for k, v in cf.kwargs.items())
+            record(f"tuned {name} [{dims}]: {params} warps={cf.num_warps} stages={cf.num_stages}")
+        if not cache:
+            record(f"tuned {name}: nothing tuned in this run")
+
+
 def ranks(n, d) -> None:
     g = torch.Generator(device=DEV).manual_seed(2)
     img = F.normalize(torch.randn(n, d, device=DEV, generator=g), dim=1).bfloat16()
@@ -414,6 +438,7 @@ def main(argv=None) -> int:
         ("table", lambda: table(z["table"])),
         ("ranks", lambda: ranks(z["ranks"], d)),
         ("B = 1M", lambda: huge(z["huge"], d)),
+        ("tuned configs", tuned_configs),
         # diagnostics last: a run cut by its time limit still reports every target above
         ("kernel breakdown", lambda: breakdown(z["breakdown"], d)),
         ("panel sweep", lambda: panel_sweep(z["sweep"], d, z["sweep_mib"])),

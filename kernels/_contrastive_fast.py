@@ -3,16 +3,17 @@
 Notation as in ``_contrastive_lean``: x = I·Tᵀ (fp32 accumulation), z = s·log2(e)·x.
 
 Forward, part 1 (``_fast_fwd_kernel``, the one matmul of the forward): every program
-computes one BLOCK×BLOCK tile of z and, in its epilogue,
-  * the tile's row max a_i and column max b_j (fp32, [n_tiles, B] each), reference points
-    kept until part 2 (fp32, so that each maximum is stored as y = 0 exactly);
-  * the tile's partial row and column log2-sum-exp2 (fp32, [n_tiles, B] each), merged into
-    the row / column LSE right after the kernel and freed;
+computes one BLOCK_M×BLOCK_N tile of z and, in its epilogue,
+  * the tile's row max a_i and column max b_j (fp32, [n_col_tiles, B] and [n_row_tiles,
+    B]), reference points kept until part 2 (fp32, so that each maximum is stored as
+    y = 0 exactly);
+  * the tile's partial row and column log2-sum-exp2 (fp32, same shapes), merged into the
+    row / column LSE right after the kernel and freed;
   * y_ij = z_ij − min(a_i, b_j), stored in bf16.
 Storing y instead of z keeps the logits that matter accurate: an entry with a
 non-negligible row (column) softmax weight lies within a few units of its row (column)
 max, hence of a_i (b_j), and |y| is small, so its bf16 rounding error is small too; a raw
-bf16 z would carry an absolute error of |z|·2⁻⁹, up to 0.4 at s = 100.
+bf16 z would carry an absolute error of up to |z|·2⁻⁸, 0.5 at s = 100.
 
 Forward, part 2 (``_fast_grad_kernel``, elementwise, in place; only when a gradient is
 needed): z = y + min(a_i, b_j), Ĝ = 2^(z − rowlse2_i) + 2^(z − collse2_j) − 2·Id
@@ -27,8 +28,9 @@ Backward (``fast_backward``): dI = c·(Ĝ·T), dT = c·(Ĝᵀ·I) with c = s·g/
 on the matrix units through torch.matmul (Ĝᵀ is a transposed view, no copy), each scaled
 in place; ds = c/s·Σ Ĝ∘x from the saved partial sum. Three matmuls in all.
 
-Memory: 2·B² bytes for S / Ĝ, plus 16·B²/BLOCK bytes of references and partial sums during
-the forward only: 2.125·B² at the forward's peak, 2·B² saved for the backward (BLOCK = 128).
+Memory: 2·B² bytes for S / Ĝ, plus 8·B²·(1/BLOCK_M + 1/BLOCK_N) bytes of references and
+partial sums during the forward only (``fast_forward``): 2.19·B² at the forward's peak,
+2·B² saved for the backward.
 """
 
 from __future__ import annotations
@@ -62,37 +64,40 @@ if HAVE_TRITON:
     def _fast_fwd_kernel(
         q_ptr, k_ptr, scale_ptr,
         y_ptr,  # bf16 [B, B] out: z - min(a_i, b_j)
-        rref_ptr, cref_ptr,  # fp32 [n_tiles, B] out: tile row max a / tile column max b
-        rpart_ptr, cpart_ptr,  # fp32 [n_tiles, B] out: tile row / column log2-sum-exp2
+        rref_ptr,  # fp32 [n_col_tiles, B] out: a, each row's max over one column tile
+        cref_ptr,  # fp32 [n_row_tiles, B] out: b, each column's max over one row tile
+        rpart_ptr,  # fp32 [n_col_tiles, B] out: each row's log2-sum-exp2 over one column tile
+        cpart_ptr,  # fp32 [n_row_tiles, B] out: each column's log2-sum-exp2 over one row tile
         diag_ptr,  # fp32 [B] out: S_ii
         n, dim,
         stride_qm, stride_qd, stride_kn, stride_kd, stride_ym,
         n_bucket,  # autotune key only
-        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     ):
         # Grouped tile order: GROUP_M row tiles share the column tiles in L2.
         pid = tl.program_id(0)
-        n_t = tl.cdiv(n, BLOCK)
-        group = GROUP_M * n_t
+        n_rt = tl.cdiv(n, BLOCK_M)
+        n_ct = tl.cdiv(n, BLOCK_N)
+        group = GROUP_M * n_ct
         first_m = (pid // group) * GROUP_M
-        group_m = tl.minimum(n_t - first_m, GROUP_M)
+        group_m = tl.minimum(n_rt - first_m, GROUP_M)
         rt = first_m + (pid % group) % group_m
         ct = (pid % group) // group_m
-        offs_m = rt.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        offs_n = ct.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        offs_m = rt.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = ct.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m = offs_m < n
         mask_n = offs_n < n
         c = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
         x = _score_tile(
             q_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n, dim,
             stride_qm, stride_qd, stride_kn, stride_kd,
-            BLOCK, BLOCK, BLOCK_D, UPCAST, PRECISION,
+            BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION,
         )
         mask = mask_m[:, None] & mask_n[None, :]
-        z = tl.where(mask, x * c, float("-inf"))
-        a = tl.max(z, axis=1)  # [BLOCK] tile row max
-        b = tl.max(z, axis=0)  # [BLOCK] tile column max
+        z = tl.where(mask, x * c, float("-inf"))  # [BLOCK_M, BLOCK_N]
+        a = tl.max(z, axis=1)  # [BLOCK_M] tile row max
+        b = tl.max(z, axis=0)  # [BLOCK_N] tile column max
         rpart = a + tl.log2(tl.sum(tl.exp2(z - a[:, None]), axis=1))
         cpart = b + tl.log2(tl.sum(tl.exp2(z - b[None, :]), axis=0))
         ref = tl.minimum(a[:, None], b[None, :])  # exact for the maxima: their y is 0
@@ -104,28 +109,30 @@ if HAVE_TRITON:
         tl.store(rpart_ptr + ct.to(tl.int64) * n + offs_m, rpart, mask=mask_m)
         tl.store(cref_ptr + rt.to(tl.int64) * n + offs_n, b, mask=mask_n)
         tl.store(cpart_ptr + rt.to(tl.int64) * n + offs_n, cpart, mask=mask_n)
-        if rt == ct:
+        lo = ct * BLOCK_N  # the tile's columns are [lo, lo + BLOCK_N)
+        if (rt * BLOCK_M < lo + BLOCK_N) & ((rt + 1) * BLOCK_M > lo):  # the tile crosses the diagonal
             d = tl.sum(tl.where(offs_m[:, None] == offs_n[None, :], z, 0.0), axis=1)
-            tl.store(diag_ptr + offs_m, d * 0.6931471805599453, mask=mask_m)
+            own = mask_m & (offs_m >= lo) & (offs_m < lo + BLOCK_N)  # rows whose S_ii lies here
+            tl.store(diag_ptr + offs_m, d * 0.6931471805599453, mask=own)
 
     @triton.jit
     def _fast_grad_kernel(
         y_ptr,  # bf16 [B, B] in: z - min(a_i, b_j)
         g_ptr,  # [B, B] out, the same memory as y (bf16 or fp16 view): Ĝ
-        rref_ptr, cref_ptr,  # fp32 [n_tiles, B]
+        rref_ptr, cref_ptr,  # fp32 [n_col_tiles, B], [n_row_tiles, B]
         row_lse_ptr, col_lse_ptr,  # fp32 [B] natural-log LSE
         part_ptr,  # fp32 [n_programs] out: Σ Ĝ∘z over the program's block
         n, stride_ym,
-        BLOCK: tl.constexpr,  # tile edge of the forward (granularity of the references)
-        SUB_M: tl.constexpr,  # rows per program (divides BLOCK; keeps registers in check)
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # the forward's tile (the references' granularity)
+        SUB_M: tl.constexpr,  # rows per program (divides BLOCK_M; keeps registers in check)
     ):
         pid = tl.program_id(0)
-        n_t = tl.cdiv(n, BLOCK)
-        rb = pid // n_t  # block of SUB_M rows
-        ct = pid % n_t
-        rt = (rb * SUB_M) // BLOCK
+        n_ct = tl.cdiv(n, BLOCK_N)
+        rb = pid // n_ct  # block of SUB_M rows
+        ct = pid % n_ct
+        rt = (rb * SUB_M) // BLOCK_M
         offs_m = rb.to(tl.int64) * SUB_M + tl.arange(0, SUB_M)
-        offs_n = ct.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        offs_n = ct.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m = offs_m < n
         mask_n = offs_n < n
         mask = mask_m[:, None] & mask_n[None, :]
@@ -142,14 +149,23 @@ if HAVE_TRITON:
         tl.store(part_ptr + pid, tl.sum(tl.sum(g * z, axis=1), axis=0))
         tl.store(g_ptr + ptrs, g.to(g_ptr.dtype.element_ty), mask=mask)
 
-    # 8 warps throughout: at 4 warps the 128×128 epilogue spills registers in the sm_90
-    # builds (20–24 bytes for B a multiple of 16, about 1 KB for a ragged B).
+    # 8 warps for the 128×128 tiles: at 4 warps their epilogue spills registers in the
+    # sm_90 builds (20–24 bytes for B a multiple of 16, about 1 KB for a ragged B), and at 8
+    # they need 223–238 registers a thread, so one block fills an SM and nothing overlaps
+    # its epilogue (exp2, reductions, the store of y) with loads and matrix work. The
+    # 128×64 tiles need 122–124 registers at 8 warps and 168 at 4 (ptxas, B a multiple of
+    # 16), so two or three blocks share an SM; they cost more loads per logit and more
+    # scratch (see fast_forward). The autotuner picks per (D, B bucket).
     _FWD_CONFIGS = [
-        triton.Config({"BLOCK_D": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_D": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_D": 32, "GROUP_M": 8}, num_warps=8, num_stages=5),
-        triton.Config({"BLOCK_D": 32, "GROUP_M": 8}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_D": 64, "GROUP_M": 16}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 32, "GROUP_M": 8}, num_warps=8, num_stages=5),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 32, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64, "GROUP_M": 16}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 32, "GROUP_M": 8}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
     ]
     if not INTERPRET:
         _fast_fwd_tuned = triton.autotune(
@@ -161,9 +177,16 @@ if HAVE_TRITON:
 # Launchers
 # ---------------------------------------------------------------------------------------
 
-def fast_block(n: int) -> int:
-    """Tile edge of the fast mode; fixes the shapes of the saved references."""
-    return 64 if (INTERPRET or n <= TINY_B) else 128
+def fixed_fwd_config(n: int, dim: int) -> dict:
+    """Launch config of the forward when B = n is not autotuned (``tuned``)."""
+    if INTERPRET:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=min(128, max(16, next_pow2(dim))), GROUP_M=8,
+                    num_warps=4, num_stages=3)
+    if n <= TINY_B:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=min(64, max(16, next_pow2(dim))), GROUP_M=8,
+                    num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=min(64, max(16, next_pow2(dim))), GROUP_M=8,
+                num_warps=8, num_stages=3)
 
 
 def grad_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -179,43 +202,52 @@ def _lse2_merge(part: torch.Tensor) -> torch.Tensor:
 
 def fast_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, need_grad: bool):
     """Returns (loss, row_lse, col_lse, g, gz): g = Ĝ [B, B] (``grad_dtype``) and gz = Σ Ĝ∘z
-    (0-d fp32) when ``need_grad``, else empty tensors (S is then freed on return)."""
+    (0-d fp32) when ``need_grad``, else empty tensors (S is then freed on return).
+
+    Scratch during the forward, beyond S: per tile, an fp32 reference and an fp32 partial
+    for each of its rows and columns, 8·B²·(1/BLOCK_M + 1/BLOCK_N) bytes, sized for the
+    smallest tiles any config may run: 0.19·B² with the 128×64 configs among the tuned
+    ones (0.125·B² for 128×128 tiles alone)."""
     n, dim = img.shape
     dev = img.device
-    block = fast_block(n)
-    n_t = triton.cdiv(n, block)
     upcast = INTERPRET and img.dtype == torch.bfloat16
     precision, _ = dot_precisions(img.dtype, img.is_cuda)
+    cfg = None if tuned(n) else fixed_fwd_config(n, dim)
+    tiles = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _FWD_CONFIGS] if cfg is None else [
+        (cfg["BLOCK_M"], cfg["BLOCK_N"])]
+    n_rt = max(triton.cdiv(n, t[0]) for t in tiles)  # rows of the column statistics
+    n_ct = max(triton.cdiv(n, t[1]) for t in tiles)  # rows of the row statistics
     y = torch.empty((n, n), dtype=torch.bfloat16, device=dev)
-    rref = torch.empty((n_t, n), dtype=torch.float32, device=dev)
-    cref = torch.empty((n_t, n), dtype=torch.float32, device=dev)
-    rpart = torch.empty((n_t, n), dtype=torch.float32, device=dev)
-    cpart = torch.empty((n_t, n), dtype=torch.float32, device=dev)
+    rref = torch.empty((n_ct, n), dtype=torch.float32, device=dev)
+    cref = torch.empty((n_rt, n), dtype=torch.float32, device=dev)
+    rpart = torch.empty((n_ct, n), dtype=torch.float32, device=dev)
+    cpart = torch.empty((n_rt, n), dtype=torch.float32, device=dev)
     diag = torch.empty(n, dtype=torch.float32, device=dev)
     args = (img, txt, scale, y, rref, cref, rpart, cpart, diag, n, dim,
             img.stride(0), img.stride(1), txt.stride(0), txt.stride(1), y.stride(0),
             n_bucket(n))
-    grid = (n_t * n_t,)
-    if not tuned(n):
-        block_d = min(128 if INTERPRET else 64, max(16, next_pow2(dim)))
-        _fast_fwd_kernel[grid](
-            *args, BLOCK=block, BLOCK_D=block_d, GROUP_M=8, UPCAST=upcast, PRECISION=precision,
-            num_warps=8 if block == 128 else 4, num_stages=3,
-        )
+    consts = dict(UPCAST=upcast, PRECISION=precision)
+    if cfg is None:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        _fast_fwd_tuned[grid](*args, **consts)
+        block_m, block_n = (_fast_fwd_tuned.best_config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N"))
     else:
-        _fast_fwd_tuned[grid](*args, BLOCK=block, UPCAST=upcast, PRECISION=precision)
-    row_lse = _lse2_merge(rpart) * LN2
-    col_lse = _lse2_merge(cpart) * LN2
+        block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+        _fast_fwd_kernel[(triton.cdiv(n, block_m) * triton.cdiv(n, block_n),)](*args, **consts, **cfg)
+    # Only the rows written by the config that ran last are valid (tuning runs wrote others).
+    row_lse = _lse2_merge(rpart[: triton.cdiv(n, block_n)]) * LN2
+    col_lse = _lse2_merge(cpart[: triton.cdiv(n, block_m)]) * LN2
     del rpart, cpart
     loss = (row_lse.sum() + col_lse.sum() - 2.0 * diag.sum()) / (2.0 * n)
     if not need_grad:
         return loss, row_lse, col_lse, y.new_empty((0, 0)), diag.new_zeros(())
     sub_m = 32
     g = y if grad_dtype(img.dtype) == torch.bfloat16 else y.view(torch.float16)
-    n_prog = triton.cdiv(n, sub_m) * n_t
+    n_prog = triton.cdiv(n, sub_m) * triton.cdiv(n, block_n)
     part = torch.empty(n_prog, dtype=torch.float32, device=dev)
     _fast_grad_kernel[(n_prog,)](
-        y, g, rref, cref, row_lse, col_lse, part, n, y.stride(0), BLOCK=block, SUB_M=sub_m, num_warps=4,
+        y, g, rref, cref, row_lse, col_lse, part, n, y.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, SUB_M=sub_m, num_warps=4,
     )
     return loss, row_lse, col_lse, g, part.sum()  # fixed-order sum: deterministic
 

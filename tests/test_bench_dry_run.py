@@ -30,6 +30,26 @@ def test_kernel_table_dry_run(tmp_path, capsys):
     rows = [line for line in text.splitlines() if re.match(r"\s+(64|100)\s+(48|40) \|", line)]
     assert len(rows) == 2 and all(line.count("|") == 5 for line in rows)
     assert "panel sweep B=256" in text and "finite: ok" in text and "collapsed model ranks N-1: ok" in text
+    assert "tuned fast fwd: nothing tuned in this run" in text  # the references tune nothing
+
+
+def test_kernel_table_reports_the_tuned_configs(monkeypatch):
+    # What the autotuners chose, one line per kernel and key; a kernel that did not tune
+    # says so. (The dry run tunes nothing: here one cache entry is planted.)
+    triton = pytest.importorskip("triton")
+    from kernels import _contrastive_fast
+
+    tuner = getattr(_contrastive_fast, "_fast_fwd_tuned", None)
+    if tuner is None:
+        pytest.skip("the autotuners are not built under the Triton interpreter")
+    cf = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "GROUP_M": 8}, num_warps=8, num_stages=3)
+    monkeypatch.setattr(tuner, "cache", {(512, 15, "torch.bfloat16", "torch.bfloat16"): cf})
+    monkeypatch.setattr(kernel_table, "OUT", None)
+    kernel_table.LINES.clear()
+    kernel_table.tuned_configs()
+    lines = list(kernel_table.LINES)
+    assert "tuned fast fwd [512,15]: BLOCK_M=128 BLOCK_N=64 BLOCK_D=64 GROUP_M=8 warps=8 stages=3" in lines
+    assert "tuned lean:panel Ĝ: nothing tuned in this run" in lines
 
 
 def test_train_check_dry_run(capsys):

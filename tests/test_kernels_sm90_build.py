@@ -65,14 +65,24 @@ def build(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: int,
         pytest.skip(f"no CUDA toolchain in this Triton install: {e}")
 
 
-def spill_bytes(kernel) -> int:
-    """Bytes of register spill stores in the sm_90a build of ``kernel``, from ``ptxas -v``."""
+def ptxas_report(kernel) -> str:
+    """``ptxas -v``'s report on the sm_90a build of ``kernel``."""
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     if not os.path.exists(ptxas):  # pragma: no cover - a Triton install without its ptxas
         pytest.skip("no ptxas in this Triton install")
     proc = subprocess.run([ptxas, "-arch=sm_90a", "-v", "-", "-o", os.devnull],
                           input=kernel.asm["ptx"], capture_output=True, text=True, check=True)
-    return sum(int(b) for b in re.findall(r"(\d+) bytes spill stores", proc.stderr))
+    return proc.stderr
+
+
+def spill_bytes(kernel) -> int:
+    """Bytes of register spill stores in the sm_90a build of ``kernel``."""
+    return sum(int(b) for b in re.findall(r"(\d+) bytes spill stores", ptxas_report(kernel)))
+
+
+def registers(kernel) -> int:
+    """Registers a thread of the sm_90a build of ``kernel``."""
+    return int(re.search(r"Used (\d+) registers", ptxas_report(kernel)).group(1))
 
 
 def check(kernel, dtype: str, fixed: dict, configs, extra: dict, g_dtype: str = "bf16",
@@ -147,12 +157,29 @@ def test_panel_kernel_builds(dtype, precision):
 
 @pytest.mark.parametrize("dtype,precision", [("bf16", "tf32"), ("fp32", "tf32x3")])
 def test_fast_kernels_build(dtype, precision):
-    fixed = dict(BLOCK=128, BLOCK_D=64, GROUP_M=8, num_warps=8, num_stages=3)
-    check(fast._fast_fwd_kernel, dtype, fixed, [_with_block(c) for c in fast._FWD_CONFIGS],
-          dict(UPCAST=False, PRECISION=precision), no_spills=True)
-    k = build(fast._fast_grad_kernel, {"y_ptr": "bf16", "g_ptr": "bf16"}, dict(BLOCK=128, SUB_M=32), 4, 1)
-    assert k.metadata.shared <= SMEM_LIMIT
+    fixed = fast.fixed_fwd_config(1 << 14, 512)
+    check(fast._fast_fwd_kernel, dtype, fixed, fast._FWD_CONFIGS, dict(UPCAST=False, PRECISION=precision),
+          no_spills=True)
+    for bm, bn in {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in fast._FWD_CONFIGS}:
+        k = build(fast._fast_grad_kernel, {"y_ptr": "bf16", "g_ptr": "bf16"},
+                  dict(BLOCK_M=bm, BLOCK_N=bn, SUB_M=32), 4, 1)
+        assert k.metadata.shared <= SMEM_LIMIT
 
 
-def _with_block(cf):
-    return triton.Config({**cf.kwargs, "BLOCK": 128}, num_warps=cf.num_warps, num_stages=cf.num_stages)
+def test_fast_rectangular_tiles_fit_two_blocks_an_sm():
+    # Why the 128×64 configs exist: at 8 warps their sm_90 build needs at most 128 registers
+    # a thread (B a multiple of 16) and half of an SM's shared memory, so two blocks share
+    # an SM and one's epilogue overlaps the other's loads; the 128×128 tiles need > 128.
+    pointers = {"q_ptr": "bf16", "k_ptr": "bf16", "y_ptr": "bf16"}
+    regs = {}
+    for cf in fast._FWD_CONFIGS:
+        if cf.num_warps != 8:
+            continue
+        k = build(fast._fast_fwd_kernel, pointers, {**cf.kwargs, "UPCAST": False, "PRECISION": "tf32"},
+                  cf.num_warps, cf.num_stages)
+        tile = (cf.kwargs["BLOCK_M"], cf.kwargs["BLOCK_N"])
+        regs.setdefault(tile, []).append(registers(k))
+        if tile == (128, 64):
+            assert k.metadata.shared <= SMEM_LIMIT // 2, cf
+    assert max(regs[(128, 64)]) <= 128, regs
+    assert min(regs[(128, 128)]) > 128, regs

@@ -15,10 +15,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from test_kernels_contrastive import *  # noqa: E402,F401,F403
-from test_kernels_contrastive import make_inputs, run  # noqa: E402
+from test_kernels_contrastive import check_against_reference, make_inputs, run  # noqa: E402
 
 import kernels  # noqa: E402
-from kernels import _contrastive_panel  # noqa: E402
+from kernels import _contrastive_fast, _contrastive_panel  # noqa: E402
 from kernels._common import resolve_backend  # noqa: E402
 
 
@@ -104,6 +104,19 @@ def test_default_panel_keeps_the_lean_memory_target(monkeypatch):
     b = 32768
     assert p.panel_rows(b, 2) * b * 2 <= 60 << 20
     assert p.panel_rows(b, 2) >= 512  # and no shorter than the 32 MiB panel measured before
+
+
+@pytest.mark.parametrize("block_m,block_n,b,scale", [(64, 32, 150, 100.0), (32, 64, 97, 14.3)])
+def test_fast_mode_with_rectangular_tiles(block_m, block_n, b, scale, monkeypatch):
+    # The tuned configs include 128×64 tiles (two blocks an SM on an H100); the references
+    # and partials then come in [B/64, B] and [B/128, B], the diagonal is split between two
+    # column tiles of a row tile, and the gradient pass must index both. Here tall and wide
+    # tiles with a ragged B, against float64 (tolerances of test_kernels_contrastive).
+    real = _contrastive_fast.fixed_fwd_config
+    monkeypatch.setattr(_contrastive_fast, "fixed_fwd_config",
+                        lambda n, dim: {**real(n, dim), "BLOCK_M": block_m, "BLOCK_N": block_n})
+    img, txt = make_inputs(b, 48, torch.float32, "cpu", seed=b)
+    check_against_reference(img, txt, scale, "fast")
 
 
 def test_fast_mode_allows_a_second_backward():
