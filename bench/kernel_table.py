@@ -43,7 +43,7 @@ DEV = "cuda"  # "cpu" for --dry-run: every section on tiny sizes through the ref
 # Sizes of each section: the GPU check, --quick, and --dry-run (CPU, seconds in all).
 SIZES = {
     "full": dict(accuracy=(4096, 16384), memory=(16384, 32768), d=512, breakdown=16384, sweep=32768,
-                 sweep_mib=(16, 32, 40, 64, 96), ranks=100_000, huge=1 << 20,
+                 sweep_mib=(16, 32, 56, 64, 96), ranks=100_000, huge=1 << 20,
                  table=[(4096, 512), (16384, 512), (32768, 512), (65536, 512), (32768, 256), (32768, 768)]),
     "dry": dict(accuracy=(96,), memory=(64, 128), d=48, breakdown=64, sweep=256, sweep_mib=(1, 2),
                 ranks=300, huge=512, table=[(64, 48), (100, 40)]),
@@ -282,28 +282,24 @@ def table(sizes) -> None:
 
 def panel_sweep(b, d, sizes_mib) -> None:
     """lean:panel fwd+bwd against the size of its Ĝ panel (L2 residency against the width
-    of the products); the default is kernels._contrastive_panel.PANEL_BYTES. Last, the
-    default panel with its product in one torch.mm instead of split along K (what the
-    split-K products buy). The panel kernel's tuned config is keyed on (D, B bucket), not
-    the panel height: every height here runs the config tuned for the default one (at 32k,
-    by the sections before)."""
+    of the cuBLAS products); the default is kernels._contrastive_panel.PANEL_BYTES. The
+    panel kernel's tuned config is keyed on (D, B bucket), not the panel height: every
+    height here runs the config tuned for the default one (at 32k, by the sections before)."""
     from kernels import _contrastive_panel as panel
 
-    default, floor, split_bytes = panel.PANEL_BYTES, panel.MIN_PANEL_ROWS, panel.SPLIT_BYTES
+    default, floor = panel.PANEL_BYTES, panel.MIN_PANEL_ROWS
     cells = []
     try:
         panel.MIN_PANEL_ROWS = 128  # the sizes as given, not the floor's 256 rows
-        for mib, split in [(m, True) for m in sizes_mib] + [(default >> 20, False)]:
+        for mib in sizes_mib:
             panel.PANEL_BYTES = mib << 20
-            panel.SPLIT_BYTES = split_bytes if split else 0  # 0: split_k gives 1, one product
             img, txt, scale = inputs(b, d)
             ms, peak = measure(fused("lean:panel"), img, txt, scale, 5)
             rows = panel.panel_rows(b, img.element_size())
-            splits = panel.split_k(rows, b, d)
-            cells.append(f"{mib} MiB ({rows} rows, {splits} K-chunks): {ms:.2f} ms, {peak:.0f} MiB")
+            cells.append(f"{mib} MiB ({rows} rows): {ms:.2f} ms, {peak:.0f} MiB")
             img = txt = scale = None
     finally:
-        panel.PANEL_BYTES, panel.MIN_PANEL_ROWS, panel.SPLIT_BYTES = default, floor, split_bytes
+        panel.PANEL_BYTES, panel.MIN_PANEL_ROWS = default, floor
     record(f"panel sweep B={b} D={d} bf16 (default {default >> 20} MiB): " + "; ".join(cells))
 
 

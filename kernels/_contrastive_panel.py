@@ -8,9 +8,7 @@ lean forward (row and column LSE, nothing of S kept). The backward runs once per
      writes Ĝ_ij = 2^(z_ij − rowlse2_i) + 2^(z_ij − collse2_j) − 2·[i = j] into an [R, B]
      buffer — scaled by s·g/(2B) for bf16 and fp32 (bf16 has fp32's exponent range), plain
      for fp16 (the factor would push small entries under fp16's range);
-  2. dq[panel] = G_panel · k by cuBLAS, split along K = B into chunks whose fp32 partial
-     products are summed (``split_product``): one torch.mm over the whole K would leave a
-     few output tiles, each a serial loop over B, to a few SMs.
+  2. dq[panel] = G_panel · k through torch.mm (cuBLAS), straight into the rows of dq.
 
 Every output row is written once, so there is nothing to accumulate between panels and no
 atomics; Σ Ĝ∘x for the scale gradient comes from per-tile partials of the first direction,
@@ -23,15 +21,12 @@ D] accumulator in registers and must recompute the scores once per D-chunk when 
 here the product leaves the registers, at the price of writing and reading the panel
 (4 bytes a logit per direction).
 
-Memory: the panel, PANEL_BYTES (40 MiB) or MIN_PANEL_ROWS rows of B, whichever is larger
-(B ≤ 64k in bf16: 40 MiB; B = 1M: 256 rows, 512 MiB), the fp32 partial products (at most
-SPLIT_BYTES, 16 MiB), plus B·D for the output gradient,
+Memory: the panel, PANEL_BYTES (56 MiB) or MIN_PANEL_ROWS rows of B, whichever is larger
+(B ≤ 64k in bf16: 56 MiB; B = 1M: 256 rows, 512 MiB), plus B·D for the output gradient,
 plus a contiguous copy of k when its layout is neither row- nor column-major.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 
@@ -120,83 +115,20 @@ if HAVE_TRITON:
 # Launchers
 # ---------------------------------------------------------------------------------------
 
-# Target size of the Ĝ panel. On an H100 (bench/kernel_table.py's sweep, B = 32k, D = 512,
-# bf16, products by one torch.mm a panel) fwd+bwd took 94.5 / 49.9 / 28.2 / 17.0 ms with
-# panels of 8 / 16 / 32 / 64 MiB: 5.9 ms plus 173 µs a panel, whatever its height. That
-# fixed cost is the product [R, B]·[B, D]: 4 to 32 output tiles, each a serial loop over
-# K = B, on as many SMs. The product is now split along K (``split_k``), so the panel
-# can be smaller: 40 MiB, plus at most SPLIT_BYTES of partial products, keeps the lean
-# mode's extra memory under its 64 MiB target at 32k. Unmeasured until the next GPU check.
-PANEL_BYTES = 40 << 20
+# Target size of the Ĝ panel. Taller panels give the [R, B]·[B, D] product more output
+# tiles (fewer split-K reductions) and fewer launches; on an H100 (bench/kernel_table.py's
+# sweep, B = 32k, D = 512, bf16) fwd+bwd took 94.5 / 49.9 / 28.2 / 17.0 ms with panels of
+# 8 / 16 / 32 / 64 MiB. 56 MiB keeps the lean mode's extra memory under its 64 MiB target at
+# 32k (the panel plus 0.3 MiB measured); unmeasured itself until the next GPU check.
+PANEL_BYTES = 56 << 20
 MIN_PANEL_ROWS = 256  # below this the [R, D] output of each product is too small to fill the GPU
 ROW_ALIGN = 128  # panel heights are multiples of the largest BLOCK_M (full row tiles)
-
-# Split-K of the panel product: dq[panel] = Σ_c Ĝ[:, K_c]·k[K_c], each chunk's product in
-# fp32 (cuBLAS, out_dtype=float32), the partials summed in a fixed order (deterministic;
-# no half-precision rounding before the cancellation of Ĝ's rows).
-SPLIT_TILES = 264  # output tiles to aim for: two waves of 128×128 tiles on a 132-SM H100
-SPLIT_BYTES = 16 << 20  # at most this much of fp32 partial products a panel
-MIN_SPLIT_LEN = 1024  # no K chunk shorter than this (a product needs a few K steps per tile)
-SPLIT_ALIGN = 64  # chunk lengths are multiples of 64: 128-byte aligned bf16 operands
 
 
 def panel_rows(n: int, elt: int) -> int:
     """Rows R of one panel for B = n and elt bytes a logit (at most n)."""
     rows = PANEL_BYTES // (n * elt) // ROW_ALIGN * ROW_ALIGN
     return min(n, max(rows, MIN_PANEL_ROWS))
-
-
-def split_k(rows: int, n: int, dim: int) -> int:
-    """Number of K chunks of the [rows, n]·[n, dim] panel product: enough for SPLIT_TILES
-    output tiles of 128×128, each chunk at least MIN_SPLIT_LEN long, the fp32 partials
-    within SPLIT_BYTES. 1 means one product, as cuBLAS chooses to run it."""
-    tiles = -(-rows // 128) * -(-dim // 128)
-    want = -(-SPLIT_TILES // tiles)
-    return max(1, min(want, n // MIN_SPLIT_LEN, SPLIT_BYTES // (rows * dim * 4)))
-
-
-@functools.cache
-def _fp32_out_products(device: torch.device) -> bool:
-    """Whether half-precision products can write fp32 here (``torch.bmm(..., out_dtype=)``,
-    CUDA, PyTorch 2.8 and later). Probed once per device; without it the product stays one
-    torch.mm."""
-    if device.type != "cuda":
-        return True  # the CPU path (interpreter tests) upcasts its operands instead
-    try:
-        a = torch.ones((1, 16, 16), dtype=torch.bfloat16, device=device)
-        torch.bmm(a, a, out_dtype=torch.float32)
-        return True
-    except (RuntimeError, NotImplementedError, TypeError):
-        return False
-
-
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-    """out (fp32) = a @ b for [R, K]·[K, D] or batched [C, R, K]·[C, K, D] operands, the
-    products accumulated and written in fp32 whatever the operands' dtype."""
-    if a.dtype == torch.float32:
-        torch.matmul(a, b, out=out)
-    elif a.is_cuda:
-        (torch.bmm if a.dim() == 3 else torch.mm)(a, b, out_dtype=torch.float32, out=out)
-    else:  # CPU (the interpreter tests): fp32 copies of the operands
-        torch.matmul(a.float(), b.float(), out=out)
-
-
-def split_product(g: torch.Tensor, k: torch.Tensor, splits: int, parts: torch.Tensor) -> torch.Tensor:
-    """g @ k ([R, B]·[B, D]) in fp32, K = B cut into ``splits`` chunks (lengths multiples of
-    SPLIT_ALIGN, at most ``splits`` of them, the last one possibly shorter): one batched
-    product over the whole chunks, one product for the rest, then a sum over the chunks in
-    order. ``parts`` is fp32 scratch of at least splits·R·D elements. The chunks of g are strided views ([C, R, Kc],
-    strides (Kc, B, 1)) that cuBLAS reads in place."""
-    rows, n = g.shape
-    dim = k.shape[1]
-    kc = -(-n // (splits * SPLIT_ALIGN)) * SPLIT_ALIGN
-    full, rest = n // kc, n % kc
-    out = parts[: (full + (rest > 0)) * rows * dim].view(-1, rows, dim)
-    _mm_fp32(g[:, : full * kc].unflatten(1, (full, kc)).transpose(0, 1), k[: full * kc].unflatten(0, (full, kc)),
-             out[:full])
-    if rest:
-        _mm_fp32(g[:, full * kc :], k[full * kc :], out[full])
-    return out.sum(dim=0)
 
 
 def _panel_grad(q, k, scale, grad, lse_q, lse_k, write_part: bool):
@@ -208,8 +140,6 @@ def _panel_grad(q, k, scale, grad, lse_q, lse_k, write_part: bool):
     rows_per = panel_rows(n, q.element_size())
     buf = torch.empty((rows_per, n), dtype=q.dtype, device=q.device)  # Ĝ of one panel
     dq = torch.empty((n, dim), dtype=q.dtype, device=q.device)
-    splits = split_k(rows_per, n, dim) if _fp32_out_products(q.device) else 1
-    parts = torch.empty(splits * rows_per * dim if splits > 1 else 0, dtype=torch.float32, device=q.device)
     # The panel's scores are tiled as the lean forward's are (its fixed configs, same sizes).
     cfg = None if tuned(n) else _fixed_fwd(n, dim)
     tiles = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _CONFIGS] if cfg is None else [
@@ -242,17 +172,10 @@ def _panel_grad(q, k, scale, grad, lse_q, lse_k, write_part: bool):
                 _grad_panel_kernel[(n_tiles(rows, tile),)](*args, **consts, **cfg)
             if write_part:  # only the programs of the config that ran last wrote valid partials
                 gx += part[: n_tiles(rows, tile)].sum()
-            out = dq[p0 : p0 + rows]
-            if splits > 1:
-                acc = split_product(g, k_mm, splits, parts)  # fp32 [rows, D]
-                if scale_g:
-                    out.copy_(acc)
-                else:  # fp16: Ĝ unscaled, scaled here in fp32
-                    torch.mul(acc, coef, out=out)
-            elif scale_g:
-                torch.mm(g, k_mm, out=out)
+            if scale_g:
+                torch.mm(g, k_mm, out=dq[p0 : p0 + rows])
             else:  # fp16: the product of the unscaled Ĝ, scaled in fp32
-                out.copy_(scaled_mm(g, k_mm, coef, q.dtype))
+                dq[p0 : p0 + rows] = scaled_mm(g, k_mm, coef, q.dtype)
     return dq, gx
 
 

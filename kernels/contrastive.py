@@ -11,9 +11,8 @@ Modes (Triton backend; chosen from the free device memory with ``mode="auto"``):
     backward comes in two implementations, both 5 passes of B²·D matmul work or more:
       - ``lean:fused``: two Triton kernels recompute S and accumulate Ĝ·k in registers;
         memory O(B·D), but a wide D is split into chunks that each recompute S;
-      - ``lean:panel``: Ĝ built a row panel (40 MiB) at a time by a Triton kernel, the
-        products by cuBLAS, split along K (``_contrastive_panel``); memory O(B·D) plus the
-        panel and 16 MiB of partial products.
+      - ``lean:panel``: Ĝ built a row panel (56 MiB) at a time by a Triton kernel, the
+        products by cuBLAS (``_contrastive_panel``); memory O(B·D) plus the panel.
     ``lean`` picks the panel for bf16/fp16 inputs with D > PANEL_MIN_DIM, where the fused
     kernels recompute S per chunk, and the fused kernels otherwise: below it writing the
     panel would cost more than its product (a roofline choice, to be confirmed by

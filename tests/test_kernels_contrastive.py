@@ -258,20 +258,6 @@ def test_cuda_tuned_sizes_against_float64(mode, dtype):
     check_against_reference(img, txt, 100.0, mode)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_cuda_panel_with_split_products_against_float64(dtype, monkeypatch):
-    # 256-row panels at B = 4,099: the product of each is cut into 4 K chunks (the last one
-    # ragged) whose cuBLAS products write fp32 (out_dtype); fp16 also takes the fp32 scaling.
-    from kernels import _contrastive_panel as panel
-
-    monkeypatch.setattr(panel, "PANEL_BYTES", 1 << 20)
-    assert panel.split_k(panel.panel_rows(4099, 2), 4099, 512) == 4
-    assert panel._fp32_out_products(torch.device("cuda")), "this PyTorch has no bmm(out_dtype=float32) on CUDA"
-    img, txt = make_inputs(4099, 512, dtype, "cuda", seed=12)
-    check_against_reference(img, txt, 30.0, "lean:panel")
-
-
 @pytest.mark.parametrize("user", [False, True])
 def test_full_precision_reduction_restores_the_flags(user):
     from kernels._common import _REDUCTION_FLAGS, _reduction_setting, full_precision_reduction
