@@ -50,17 +50,20 @@ if HAVE_TRITON:
 
 if HAVE_TRITON:
 
-    @triton.jit
+    # part_base changes from panel to panel: not specialised (on divisibility by 16), so
+    # one compiled kernel serves every panel.
+    @triton.jit(do_not_specialize=["part_base"])
     def _grad_panel_kernel(
-        q_ptr,  # [rows, D]: the panel's q rows (a view starting at row p0)
+        q_ptr,  # [B, D]: the panel is rows p0 .. p0 + rows - 1
         k_ptr,  # [B, D]
         scale_ptr, grad_ptr,  # 0-d: the logit scale s and the loss's upstream gradient
-        lse_q_ptr,  # fp32 [rows]: natural-log LSE of each panel row over the k's
+        lse_q_ptr,  # fp32 [B]: natural-log LSE of each q row over the k's
         lse_k_ptr,  # fp32 [B]: natural-log LSE of each k row over the q's
         g_ptr,  # [rows, B] out: Ĝ (times s·g/(2B) when SCALE_G)
-        part_ptr,  # fp32 [n_programs] out: Σ Ĝ∘x over each tile (when WRITE_PART)
+        part_ptr,  # fp32 [part_base + n_programs] out: Σ Ĝ∘x over each tile (when WRITE_PART)
         rows, n, dim,
         p0,  # index of the panel's first row in q: the diagonal is at column p0 + row
+        part_base,  # this panel's first slot in part (panels share the buffer)
         stride_qm, stride_qd, stride_kn, stride_kd, stride_gm,
         n_bucket,  # autotune key only
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -72,25 +75,26 @@ if HAVE_TRITON:
         n_rt = tl.cdiv(rows, BLOCK_M)
         rt = pid % n_rt
         ct = pid // n_rt
-        offs_m = rt.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = rt.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of the panel
         offs_n = ct.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_q = p0 + offs_m  # the same rows in q
         mask_m = offs_m < rows
         mask_n = offs_n < n
         scale = tl.load(scale_ptr).to(tl.float32)
         x = _score_tile(
-            q_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n, dim,
+            q_ptr, k_ptr, offs_q, offs_n, mask_m, mask_n, dim,
             stride_qm, stride_qd, stride_kn, stride_kd,
             BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION,
         )  # [BLOCK_M, BLOCK_N] fp32
         z = x * (scale * 1.4426950408889634)
-        lq = tl.load(lse_q_ptr + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+        lq = tl.load(lse_q_ptr + offs_q, mask=mask_m, other=0.0) * 1.4426950408889634
         lk = tl.load(lse_k_ptr + offs_n, mask=mask_n, other=0.0) * 1.4426950408889634
         g = tl.exp2(z - lq[:, None]) + tl.exp2(z - lk[None, :])
-        g = tl.where((offs_m[:, None] + p0) == offs_n[None, :], g - 2.0, g)
+        g = tl.where(offs_q[:, None] == offs_n[None, :], g - 2.0, g)
         mask = mask_m[:, None] & mask_n[None, :]
         g = tl.where(mask, g, 0.0)
         if WRITE_PART:
-            tl.store(part_ptr + pid, tl.sum(tl.sum(g * x, axis=1), axis=0))
+            tl.store(part_ptr + part_base + pid, tl.sum(tl.sum(g * x, axis=1), axis=0))
         if SCALE_G:
             g = g * (scale * tl.load(grad_ptr).to(tl.float32) / (2.0 * n))
         tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
@@ -131,8 +135,20 @@ def panel_rows(n: int, elt: int) -> int:
     return min(n, max(rows, MIN_PANEL_ROWS))
 
 
+# Tile partials of Σ Ĝ∘x are kept for many panels and summed in one go, at most this many.
+PART_SLOTS = 1 << 20
+
+
 def _panel_grad(q, k, scale, grad, lse_q, lse_k, write_part: bool):
-    """dq = s·g/(2B)·Ĝ·k panel by panel; with write_part also Σ Ĝ∘x (0-d fp32)."""
+    """dq = s·g/(2B)·Ĝ·k panel by panel; with write_part also Σ Ĝ∘x (0-d fp32).
+
+    The panel loop runs on the host while the GPU works through the queue, so host work per
+    panel must stay below the panel's kernels: one Triton launch and one product (two more
+    ops for fp16). The kernel indexes q and the LSE by the panel's offset instead of taking
+    slices, the autotuner is consulted for the first panel only, and the tile partials of
+    Σ Ĝ∘x go to one buffer, summed in a fixed order when it fills (PART_SLOTS; below B = 1M
+    once). The H100 figures of session 20 fit 125–180 µs a panel whatever its size, with
+    16k's wall time 1 ms above its kernel time: host-bound (bench/RESULTS.md)."""
     n, dim = q.shape
     upcast = INTERPRET and q.dtype == torch.bfloat16
     precision, _ = dot_precisions(q.dtype, q.is_cuda)
@@ -148,34 +164,42 @@ def _panel_grad(q, k, scale, grad, lse_q, lse_k, write_part: bool):
     def n_tiles(rows, tile):
         return triton.cdiv(rows, tile[0]) * triton.cdiv(n, tile[1])
 
-    # One partial per program of the largest grid any config launches.
-    part = torch.empty(max(n_tiles(rows_per, t) for t in tiles) if write_part else 1,
-                       dtype=torch.float32, device=q.device)
+    # Room for the largest grid any config launches, at least; for every panel's partials
+    # (B²/BLOCK² slots) up to PART_SLOTS.
+    most = max(n_tiles(rows_per, t) for t in tiles)
+    size = max(most, min(PART_SLOTS, triton.cdiv(n, rows_per) * most))
+    part = torch.empty(size if write_part else 1, dtype=torch.float32, device=q.device)
     gx = torch.zeros((), dtype=torch.float32, device=q.device)
+    used = 0  # slots of part holding partials not yet summed
     # cuBLAS takes row- or column-major k as it is; any other layout would be copied by
     # every product, so it is copied once here (the kernel itself reads any strides).
     k_mm = k if 1 in k.stride() else k.contiguous()
     coef = None if scale_g else scale.float() * grad.float() / (2.0 * n)
     consts = dict(UPCAST=upcast, PRECISION=precision, SCALE_G=scale_g, WRITE_PART=write_part)
+    launch_cfg = None if cfg is None else dict(cfg)  # after the first panel: the tuned config
     with full_precision_reduction():
         for p0 in range(0, n, rows_per):
             rows = min(rows_per, n - p0)
             g = buf[:rows]
-            args = (q[p0 : p0 + rows], k, scale, grad, lse_q[p0 : p0 + rows], lse_k, g, part, rows, n, dim, p0,
+            if write_part and used + most > part.numel():
+                gx += part[:used].sum()
+                used = 0
+            args = (q, k, scale, grad, lse_q, lse_k, g, part, rows, n, dim, p0, used if write_part else 0,
                     q.stride(0), q.stride(1), k.stride(0), k.stride(1), g.stride(0), n_bucket(n))
-            if cfg is None:
+            if launch_cfg is None:  # first panel, tuned sizes: the autotuner picks (or recalls)
                 _grad_panel_tuned[lambda meta, rows=rows: (n_tiles(rows, (meta["BLOCK_M"], meta["BLOCK_N"])),)](
                     *args, **consts)
-                tile = (_grad_panel_tuned.best_config.kwargs["BLOCK_M"], _grad_panel_tuned.best_config.kwargs["BLOCK_N"])
+                launch_cfg = _grad_panel_tuned.best_config.all_kwargs()
             else:
-                tile = tiles[0]
-                _grad_panel_kernel[(n_tiles(rows, tile),)](*args, **consts, **cfg)
-            if write_part:  # only the programs of the config that ran last wrote valid partials
-                gx += part[: n_tiles(rows, tile)].sum()
+                tile = (launch_cfg["BLOCK_M"], launch_cfg["BLOCK_N"])
+                _grad_panel_kernel[(n_tiles(rows, tile),)](*args, **consts, **launch_cfg)
+            used += n_tiles(rows, (launch_cfg["BLOCK_M"], launch_cfg["BLOCK_N"]))
             if scale_g:
                 torch.mm(g, k_mm, out=dq[p0 : p0 + rows])
             else:  # fp16: the product of the unscaled Ĝ, scaled in fp32
                 dq[p0 : p0 + rows] = scaled_mm(g, k_mm, coef, q.dtype)
+    if write_part:
+        gx += part[:used].sum()
     return dq, gx
 
 

@@ -39,6 +39,8 @@ SMEM_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90
 # Ints that equal B (or a panel's height or offset) and strides of [.., B] buffers: not
 # multiples of 16 when B is ragged.
 RAGGED = frozenset({"n", "n_q", "n_k", "rows", "p0", "stride_ym", "stride_gm"})
+# Ints a kernel declares do_not_specialize: never marked divisible.
+UNSPECIALISED = frozenset({"part_base"})
 
 
 def build(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: int, ragged: bool = False):
@@ -54,7 +56,7 @@ def build(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: int,
             sig[name], consts[name] = "constexpr", 1
         else:
             sig[name] = "*" + pointers.get(name, "fp32") if name.endswith("_ptr") else "i32"
-            if name != "n_bucket" and not (ragged and name in RAGGED):
+            if name != "n_bucket" and name not in UNSPECIALISED and not (ragged and name in RAGGED):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     try:
         return triton.compile(

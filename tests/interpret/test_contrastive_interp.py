@@ -82,6 +82,16 @@ def test_lean_picks_its_backward_by_width_and_dtype(d, dtype, variant, monkeypat
     assert calls == ["panel_backward" if variant == "lean:panel" else "lean_backward"]
 
 
+@pytest.mark.parametrize("slots", [1, 25])
+def test_panel_partials_summed_across_flushes(slots, monkeypatch):
+    # The tile partials of Σ Ĝ∘x (the scale gradient) share one buffer across panels and are
+    # summed when it fills: every panel (slots=1) or every second one (25 slots, 10 tiles of
+    # 64×64 a panel of 80 rows at B = 300). Loss and all gradients against float64.
+    monkeypatch.setattr(_contrastive_panel, "PART_SLOTS", slots)
+    img, txt = make_inputs(300, 40, torch.float32, "cpu", seed=31)
+    check_against_reference(img, txt, 14.3, "lean:panel")
+
+
 def test_panel_rows():
     # 32 MiB of logits a panel, in multiples of 128 rows, at least MIN_PANEL_ROWS, at most B.
     p = _contrastive_panel
