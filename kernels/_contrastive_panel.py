@@ -99,14 +99,20 @@ if HAVE_TRITON:
             g = g * (scale * tl.load(grad_ptr).to(tl.float32) / (2.0 * n))
         tl.store(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
 
-    # 128-row tiles (the panel height is a multiple of 128), 8 warps. sm_90 builds (ptxas
-    # -v, tests/test_kernels_sm90_build.py): no register spills for B a multiple of 16;
-    # with a ragged B the 128×128 tiles can spill a little (mask arithmetic), 128×64 never.
+    # Row tiles of 128 or 64 (the panel height is a multiple of 128). sm_90 builds (ptxas -v,
+    # tests/test_kernels_sm90_build.py), registers a thread for B a multiple of 16 / ragged:
+    # 128×128 at 8 warps 174 / 216–222, one block an SM; 128×64 at 8 warps 97–98 / 124, two
+    # blocks an SM (shared memory permitting: 48–96 KiB a block), so one block's epilogue
+    # (exp2, the store of Ĝ) overlaps another's loads and matrix work; 64×128 at 4 warps 128
+    # / 247. No spills in any of them.
     _CONFIGS = [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 32}, num_warps=8, num_stages=5),
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 32}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_D": 64}, num_warps=4, num_stages=3),
     ]
     if not INTERPRET:
         # The kernel overwrites its outputs, so rerunning it while tuning is harmless.

@@ -168,20 +168,31 @@ def test_fast_kernels_build(dtype, precision):
         assert k.metadata.shared <= SMEM_LIMIT
 
 
-def test_fast_rectangular_tiles_fit_two_blocks_an_sm():
-    # Why the 128×64 configs exist: at 8 warps their sm_90 build needs at most 128 registers
-    # a thread (B a multiple of 16) and half of an SM's shared memory, so two blocks share
-    # an SM and one's epilogue overlaps the other's loads; the 128×128 tiles need > 128.
-    pointers = {"q_ptr": "bf16", "k_ptr": "bf16", "y_ptr": "bf16"}
+def _registers_by_tile(kernel, configs, consts: dict, pointers: dict) -> dict:
+    """{(BLOCK_M, BLOCK_N): [registers a thread of each 8-warp config]}, bf16, B a multiple
+    of 16; asserts that the 128×64 builds leave room for a second block (shared memory)."""
     regs = {}
-    for cf in fast._FWD_CONFIGS:
+    for cf in configs:
         if cf.num_warps != 8:
             continue
-        k = build(fast._fast_fwd_kernel, pointers, {**cf.kwargs, "UPCAST": False, "PRECISION": "tf32"},
-                  cf.num_warps, cf.num_stages)
+        k = build(kernel, pointers, {**cf.kwargs, **consts}, cf.num_warps, cf.num_stages)
         tile = (cf.kwargs["BLOCK_M"], cf.kwargs["BLOCK_N"])
         regs.setdefault(tile, []).append(registers(k))
         if tile == (128, 64):
             assert k.metadata.shared <= SMEM_LIMIT // 2, cf
-    assert max(regs[(128, 64)]) <= 128, regs
-    assert min(regs[(128, 128)]) > 128, regs
+    return regs
+
+
+def test_rectangular_tiles_fit_two_blocks_an_sm():
+    # Why the 128×64 configs of the fast forward and the Ĝ panel exist: at 8 warps their sm_90
+    # builds need at most 128 registers a thread and half of an SM's shared memory, so two
+    # blocks share an SM and one's epilogue overlaps the other's loads; the 128×128 tiles
+    # need more than 128 (one block an SM).
+    bf16 = {"q_ptr": "bf16", "k_ptr": "bf16", "y_ptr": "bf16", "g_ptr": "bf16"}
+    fast_regs = _registers_by_tile(fast._fast_fwd_kernel, fast._FWD_CONFIGS,
+                                   dict(UPCAST=False, PRECISION="tf32"), bf16)
+    panel_regs = _registers_by_tile(panel._grad_panel_kernel, panel._CONFIGS,
+                                    dict(UPCAST=False, PRECISION="tf32", SCALE_G=True, WRITE_PART=True), bf16)
+    for regs in (fast_regs, panel_regs):
+        assert max(regs[(128, 64)]) <= 128, regs
+        assert min(regs[(128, 128)]) > 128, regs
