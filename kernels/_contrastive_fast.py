@@ -177,6 +177,11 @@ if HAVE_TRITON:
 # Launchers
 # ---------------------------------------------------------------------------------------
 
+# (D, B bucket, dtypes) → the config the autotuner chose for the forward (all its launch
+# kwargs); filled by the first call of each tuned size.
+_TUNED: dict[tuple, dict] = {}
+
+
 def fixed_fwd_config(n: int, dim: int) -> dict:
     """Launch config of the forward when B = n is not autotuned (``tuned``)."""
     if INTERPRET:
@@ -205,14 +210,17 @@ def fast_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, need
     (0-d fp32) when ``need_grad``, else empty tensors (S is then freed on return).
 
     Scratch during the forward, beyond S: per tile, an fp32 reference and an fp32 partial
-    for each of its rows and columns, 8·B²·(1/BLOCK_M + 1/BLOCK_N) bytes, sized for the
-    smallest tiles any config may run: 0.19·B² with the 128×64 configs among the tuned
-    ones (0.125·B² for 128×128 tiles alone)."""
+    for each of its rows and columns, 8·B²·(1/BLOCK_M + 1/BLOCK_N) bytes: 0.125·B² for
+    128×128 tiles, 0.19·B² for 128×64. The first call of a tuned size allocates for the
+    smallest tiles any config may run while the autotuner times them; later calls launch the
+    chosen config directly (``_TUNED``), with scratch for its tiles and no autotuner in the
+    way."""
     n, dim = img.shape
     dev = img.device
     upcast = INTERPRET and img.dtype == torch.bfloat16
     precision, _ = dot_precisions(img.dtype, img.is_cuda)
-    cfg = None if tuned(n) else fixed_fwd_config(n, dim)
+    key = (dim, n_bucket(n), img.dtype, txt.dtype, scale.dtype)  # the autotuner's key, and more
+    cfg = _TUNED.get(key) if tuned(n) else fixed_fwd_config(n, dim)
     tiles = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _FWD_CONFIGS] if cfg is None else [
         (cfg["BLOCK_M"], cfg["BLOCK_N"])]
     n_rt = max(triton.cdiv(n, t[0]) for t in tiles)  # rows of the column statistics
@@ -227,13 +235,14 @@ def fast_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, need
             img.stride(0), img.stride(1), txt.stride(0), txt.stride(1), y.stride(0),
             n_bucket(n))
     consts = dict(UPCAST=upcast, PRECISION=precision)
-    if cfg is None:
+    if cfg is None:  # first call of this tuned size: the autotuner times the configs
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
         _fast_fwd_tuned[grid](*args, **consts)
-        block_m, block_n = (_fast_fwd_tuned.best_config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N"))
+        cfg = _TUNED[key] = _fast_fwd_tuned.best_config.all_kwargs()
     else:
-        block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-        _fast_fwd_kernel[(triton.cdiv(n, block_m) * triton.cdiv(n, block_n),)](*args, **consts, **cfg)
+        _fast_fwd_kernel[(triton.cdiv(n, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)](
+            *args, **consts, **cfg)
+    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     # Only the rows written by the config that ran last are valid (tuning runs wrote others).
     row_lse = _lse2_merge(rpart[: triton.cdiv(n, block_n)]) * LN2
     col_lse = _lse2_merge(cpart[: triton.cdiv(n, block_m)]) * LN2

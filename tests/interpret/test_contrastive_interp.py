@@ -129,6 +129,51 @@ def test_fast_mode_with_rectangular_tiles(block_m, block_n, b, scale, monkeypatc
     check_against_reference(img, txt, scale, "fast")
 
 
+class _FakeTuner:
+    """Stands in for the autotuner (not built under the interpreter): "chooses" ``config``."""
+
+    def __init__(self, config):
+        self.best_config, self.calls = config, 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **consts):
+            self.calls += 1
+            kernel = _contrastive_fast._fast_fwd_kernel
+            kernel[grid(self.best_config.kwargs)](*args, **consts, **self.best_config.all_kwargs())
+        return launch
+
+
+def test_fast_mode_launches_the_tuned_config_directly_after_tuning(monkeypatch):
+    # The first call of a tuned size goes through the autotuner, with scratch for the
+    # smallest tiles of any config (128×64: [3, B] row statistics at B = 150); later calls
+    # launch the chosen config (here 128×128) without it, with scratch for its own tiles
+    # ([2, B]), and give bitwise the same results, which match float64.
+    fast = _contrastive_fast
+    square = next(c for c in fast._FWD_CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (128, 128))
+    tuner = _FakeTuner(square)
+    monkeypatch.setattr(fast, "tuned", lambda n: True)
+    monkeypatch.setattr(fast, "_fast_fwd_tuned", tuner, raising=False)
+    monkeypatch.setattr(fast, "_TUNED", {})
+    real_empty, shapes = torch.empty, []
+
+    def empty(*size, **kw):
+        t = real_empty(*size, **kw)
+        shapes.append(tuple(t.shape))
+        return t
+
+    monkeypatch.setattr(fast.torch, "empty", empty)
+    img, txt = make_inputs(150, 48, torch.float32, "cpu", seed=41)
+    first = run(img, txt, 14.3, mode="fast")
+    assert tuner.calls == 1 and shapes.count((3, 150)) == 2  # rref and rpart for 64-wide tiles
+    shapes.clear()
+    second = run(img, txt, 14.3, mode="fast")
+    assert tuner.calls == 1 and shapes.count((3, 150)) == 0 and shapes.count((2, 150)) == 4
+    assert list(fast._TUNED.values()) == [square.all_kwargs()]
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+    check_against_reference(img, txt, 14.3, "fast")
+
+
 def test_fast_mode_allows_a_second_backward():
     # The backward only reads what the forward saved (Ĝ), so retain_graph=True works and a
     # second backward accumulates exactly the same gradients again.
