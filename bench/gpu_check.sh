@@ -15,8 +15,9 @@
 #   3. bench/kernel_table.py: compiled training step (fullgraph, reduce-overhead), accuracy
 #      against float64 at B = 4,096 and 16,384, lean memory at 16,384 and 32,768 (both lean
 #      backwards), the comparison table (lean:fused, lean:panel, fast, plain, plain +
-#      compile), ranks at N = 100,000, B = 1,048,576 in lean mode, then the diagnostics: the
-#      device time per kernel and the panel-size sweep;
+#      compile), ranks at N = 100,000, B = 1,048,576 in lean mode, the config each
+#      autotuner chose, then the diagnostics: the device time per kernel and the panel-size
+#      sweep;
 #   4. the pytest-benchmark suites and the guard against bench/baselines/<device>.json (when
 #      there is none, the run is saved to $OUT as the baseline to commit);
 #   then the short tables again, last.
