@@ -177,8 +177,9 @@ if HAVE_TRITON:
 # Launchers
 # ---------------------------------------------------------------------------------------
 
-# (D, B bucket, dtypes) → the config the autotuner chose for the forward (all its launch
-# kwargs); filled by the first call of each tuned size.
+# (D, B bucket, dtypes, device) → the config the autotuner chose for the forward (all its
+# launch kwargs); filled by the first call of each tuned size and kept for the process:
+# clearing the autotuner's own cache does not make the forward tune again, clearing this does.
 _TUNED: dict[tuple, dict] = {}
 
 
@@ -219,7 +220,7 @@ def fast_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, need
     dev = img.device
     upcast = INTERPRET and img.dtype == torch.bfloat16
     precision, _ = dot_precisions(img.dtype, img.is_cuda)
-    key = (dim, n_bucket(n), img.dtype, txt.dtype, scale.dtype)  # the autotuner's key, and more
+    key = (dim, n_bucket(n), img.dtype, txt.dtype, scale.dtype, dev)  # the autotuner's key, and the device
     cfg = _TUNED.get(key) if tuned(n) else fixed_fwd_config(n, dim)
     tiles = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _FWD_CONFIGS] if cfg is None else [
         (cfg["BLOCK_M"], cfg["BLOCK_N"])]
@@ -250,7 +251,8 @@ def fast_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, need
     loss = (row_lse.sum() + col_lse.sum() - 2.0 * diag.sum()) / (2.0 * n)
     if not need_grad:
         return loss, row_lse, col_lse, y.new_empty((0, 0)), diag.new_zeros(())
-    sub_m = 32
+    sub_m = 32  # rows a program of the gradient pass; every tile height is a multiple
+    assert block_m % sub_m == 0, f"BLOCK_M = {block_m} is not a multiple of {sub_m}"
     g = y if grad_dtype(img.dtype) == torch.bfloat16 else y.view(torch.float16)
     n_prog = triton.cdiv(n, sub_m) * triton.cdiv(n, block_n)
     part = torch.empty(n_prog, dtype=torch.float32, device=dev)

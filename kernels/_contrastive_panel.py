@@ -12,7 +12,7 @@ lean forward (row and column LSE, nothing of S kept). The backward runs once per
 
 Every output row is written once, so there is nothing to accumulate between panels and no
 atomics; Σ Ĝ∘x for the scale gradient comes from per-tile partials of the first direction,
-summed panel by panel in a fixed order (deterministic). The products run with fp32 split-K
+kept across panels in one buffer and summed in a fixed order (deterministic). The products run with fp32 split-K
 reductions (``full_precision_reduction``): K = B is long and Ĝ's rows cancel.
 
 Work: 2·B²·D per direction for the scores and 2·B²·D for the product: with the forward, the
@@ -23,7 +23,9 @@ here the product leaves the registers, at the price of writing and reading the p
 
 Memory: the panel, PANEL_BYTES (56 MiB) or MIN_PANEL_ROWS rows of B, whichever is larger
 (B ≤ 64k in bf16: 56 MiB; B = 1M: 256 rows, 512 MiB), plus B·D for the output gradient,
-plus a contiguous copy of k when its layout is neither row- nor column-major.
+plus the tile partials of Σ Ĝ∘x (4·B²/(BLOCK_M·BLOCK_N) bytes, 0.5 MiB at 32k, at most
+4 MiB: PART_SLOTS), plus a contiguous copy of k when its layout is neither row- nor
+column-major.
 """
 
 from __future__ import annotations
@@ -152,8 +154,8 @@ def _panel_grad(q, k, scale, grad, lse_q, lse_k, write_part: bool):
     panel must stay below the panel's kernels: one Triton launch and one product (two more
     ops for fp16). The kernel indexes q and the LSE by the panel's offset instead of taking
     slices, the autotuner is consulted for the first panel only, and the tile partials of
-    Σ Ĝ∘x go to one buffer, summed in a fixed order when it fills (PART_SLOTS; below B = 1M
-    once). The H100 figures of session 20 fit 125–180 µs a panel whatever its size, with
+    Σ Ĝ∘x go to one buffer, summed in a fixed order when it fills (PART_SLOTS slots: one sum
+    up to B ≈ 90k, about 64–128 sums at B = 1M). The H100 figures of session 20 fit 125–180 µs a panel whatever its size, with
     16k's wall time 1 ms above its kernel time: host-bound (bench/RESULTS.md)."""
     n, dim = q.shape
     upcast = INTERPRET and q.dtype == torch.bfloat16

@@ -16,7 +16,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import kernel_table, profile_step, train_check  # noqa: E402
 
 
-def test_kernel_table_dry_run(tmp_path, capsys):
+def _empty_autotuner_caches(monkeypatch):
+    """The autotuners' caches are per process: on a GPU, earlier tests at tuned sizes fill them."""
+    from kernels import _contrastive_fast, _contrastive_lean, _contrastive_panel, retrieval
+
+    for module, name in [(_contrastive_fast, "_fast_fwd_tuned"), (_contrastive_lean, "_lean_fwd_tuned"),
+                         (_contrastive_lean, "_lean_bwd_tuned"), (_contrastive_panel, "_grad_panel_tuned"),
+                         (retrieval, "_rank_rows_tuned")]:
+        tuner = getattr(module, name, None)
+        if tuner is not None:
+            monkeypatch.setattr(tuner, "cache", {})
+
+
+def test_kernel_table_dry_run(tmp_path, capsys, monkeypatch):
+    _empty_autotuner_caches(monkeypatch)
     out = tmp_path / "table.md"
     assert kernel_table.main(["--dry-run", "--out", str(out)]) == 0
     text = out.read_text()
@@ -43,6 +56,7 @@ def test_kernel_table_reports_the_tuned_configs(monkeypatch):
     if tuner is None:
         pytest.skip("the autotuners are not built under the Triton interpreter")
     cf = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "GROUP_M": 8}, num_warps=8, num_stages=3)
+    _empty_autotuner_caches(monkeypatch)
     monkeypatch.setattr(tuner, "cache", {(512, 15, "torch.bfloat16", "torch.bfloat16"): cf})
     monkeypatch.setattr(kernel_table, "OUT", None)
     kernel_table.LINES.clear()

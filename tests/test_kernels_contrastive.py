@@ -258,6 +258,18 @@ def test_cuda_tuned_sizes_against_float64(mode, dtype):
     check_against_reference(img, txt, 100.0, mode)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_panel_over_many_panels_against_float64(dtype, monkeypatch):
+    # A tuned size in 256-row panels (17 a direction, the last one ragged): the autotuned
+    # first panel, then direct launches at growing offsets into the shared partials buffer.
+    from kernels import _contrastive_panel as panel
+
+    monkeypatch.setattr(panel, "PANEL_BYTES", 1 << 20)
+    img, txt = make_inputs(4099, 512, dtype, "cuda", seed=12)
+    check_against_reference(img, txt, 30.0, "lean:panel")
+
+
 @pytest.mark.parametrize("user", [False, True])
 def test_full_precision_reduction_restores_the_flags(user):
     from kernels._common import _REDUCTION_FLAGS, _reduction_setting, full_precision_reduction

@@ -92,6 +92,21 @@ def test_panel_partials_summed_across_flushes(slots, monkeypatch):
     check_against_reference(img, txt, 14.3, "lean:panel")
 
 
+def test_panel_tuned_config_across_panels(monkeypatch):
+    # Tuned sizes: the autotuner runs on the first panel only (every config, each writing
+    # its tile partials from slot 0, then the chosen one); later panels launch the chosen
+    # config directly at growing part_base offsets. Here four 80-row panels of B = 300 with
+    # the chosen config's 128×64 tiles, against float64.
+    p = _contrastive_panel
+    wide = next(c for c in p._CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (128, 64))
+    tuner = _FakeTuner(p._grad_panel_kernel, p._CONFIGS, wide)
+    monkeypatch.setattr(p, "tuned", lambda n: True)
+    monkeypatch.setattr(p, "_grad_panel_tuned", tuner, raising=False)
+    img, txt = make_inputs(300, 40, torch.float32, "cpu", seed=51)
+    check_against_reference(img, txt, 14.3, "lean:panel")
+    assert tuner.calls == 2  # once per direction, for its first panel
+
+
 def test_panel_rows():
     # 32 MiB of logits a panel, in multiples of 128 rows, at least MIN_PANEL_ROWS, at most B.
     p = _contrastive_panel
@@ -130,16 +145,17 @@ def test_fast_mode_with_rectangular_tiles(block_m, block_n, b, scale, monkeypatc
 
 
 class _FakeTuner:
-    """Stands in for the autotuner (not built under the interpreter): "chooses" ``config``."""
+    """Stands in for an autotuner (not built under the interpreter): runs every config, as
+    the timing phase does (each leaves its writes behind), then the "chosen" one again."""
 
-    def __init__(self, config):
-        self.best_config, self.calls = config, 0
+    def __init__(self, kernel, configs, chosen):
+        self.kernel, self.configs, self.best_config, self.calls = kernel, configs, chosen, 0
 
     def __getitem__(self, grid):
         def launch(*args, **consts):
             self.calls += 1
-            kernel = _contrastive_fast._fast_fwd_kernel
-            kernel[grid(self.best_config.kwargs)](*args, **consts, **self.best_config.all_kwargs())
+            for cf in [*self.configs, self.best_config]:
+                self.kernel[grid(cf.kwargs)](*args, **consts, **cf.all_kwargs())
         return launch
 
 
@@ -150,7 +166,7 @@ def test_fast_mode_launches_the_tuned_config_directly_after_tuning(monkeypatch):
     # ([2, B]), and give bitwise the same results, which match float64.
     fast = _contrastive_fast
     square = next(c for c in fast._FWD_CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (128, 128))
-    tuner = _FakeTuner(square)
+    tuner = _FakeTuner(fast._fast_fwd_kernel, fast._FWD_CONFIGS, square)
     monkeypatch.setattr(fast, "tuned", lambda n: True)
     monkeypatch.setattr(fast, "_fast_fwd_tuned", tuner, raising=False)
     monkeypatch.setattr(fast, "_TUNED", {})
