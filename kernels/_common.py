@@ -132,12 +132,43 @@ def full_precision_reduction():
             setattr(m, name, value)
 
 
+if HAVE_TRITON:
+
+    @triton.jit
+    def _scale_kernel(x_ptr, coef_ptr, numel, BLOCK: tl.constexpr, BF16: tl.constexpr):
+        """x ← coef·x in place: each element read in fp32, multiplied by the fp32 coef, and
+        rounded once to x's dtype, to nearest even. For bf16 the rounding is done on the bits
+        (the fp32 pattern plus 0x7FFF plus the kept lowest bit, then the high half): the
+        Triton interpreter truncates fp32 → bf16 conversions, and this way the GPU and the
+        interpreter run the same arithmetic. (NaN stays NaN; overflow rounds to inf.)"""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        coef = tl.load(coef_ptr).to(tl.float32)
+        y = tl.load(x_ptr + offs, mask=mask).to(tl.float32) * coef
+        if BF16:
+            u = y.to(tl.uint32, bitcast=True)
+            u = u + (0x7FFF + ((u >> 16) & 1))
+            out = (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            out = y.to(x_ptr.dtype.element_ty)
+        tl.store(x_ptr + offs, out, mask=mask)
+
+
 def scaled_mm(a: torch.Tensor, b: torch.Tensor, coef: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """coef·(a @ b) in ``out_dtype``, scaled in fp32. Not ``prod.mul_(coef)`` on the half-precision
     product: on CUDA a 0-d device tensor is read in the other operand's dtype, so coef would be
     rounded to bf16 first (a bias of up to 2⁻⁹ on every gradient entry) or, in fp16, overflow
-    under a loss scaler. The fp32 temporary is 4 bytes an output element."""
-    return (a @ b.to(a.dtype)).float().mul_(coef).to(out_dtype)
+    under a loss scaler. When the product already has ``out_dtype`` (and Triton runs here) a
+    kernel scales it in place, in fp32 per element: no temporary. Otherwise (fp32 out of a
+    half-precision product, or CPU tensors outside the interpreter) an fp32 copy is scaled,
+    4 bytes an output element; the results are the same bit for bit."""
+    prod = a @ b.to(a.dtype)
+    if prod.dtype == out_dtype and HAVE_TRITON and (prod.is_cuda or INTERPRET) and prod.is_contiguous():
+        block = 1024 if INTERPRET else 4096
+        _scale_kernel[(max(1, -(-prod.numel() // block)),)](
+            prod, coef, prod.numel(), BLOCK=block, BF16=prod.dtype == torch.bfloat16, num_warps=4)
+        return prod
+    return prod.float().mul_(coef).to(out_dtype)
 
 
 # Launch policy shared by the contrastive kernels (lean forward and backwards, fast forward).

@@ -334,6 +334,30 @@ def test_deterministic_algorithms_pin_the_fixed_configs():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scaled_products_round_to_nearest_even(dtype, device):
+    # The in-place scaling rounds each fp32 value once, to nearest even, as torch's own
+    # conversion does. 1 + k·ulp times 1.5 is an exact tie for every odd k (while it stays
+    # under 2), with the even neighbour below or above by turns; also huge values that
+    # overflow to inf, infinities, NaN, zeros of both signs. The product is [1]·[values]
+    # (K = 1), so it is exact before the scaling.
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    grid = 1.0 + ulp * torch.arange(256, dtype=torch.float64)
+    values = torch.cat([grid, -grid, torch.tensor(
+        [3.0e38, -3.0e38, float("inf"), float("-inf"), float("nan"), 0.0, -0.0, 1e-30, 6.0e4],
+        dtype=torch.float64)]).float()
+    coef = torch.tensor(1.5, device=device)
+    from kernels._common import scaled_mm
+
+    b = values.to(dtype).to(device)[None, :]  # [1, N]
+    one = torch.ones((1, 1), dtype=dtype, device=device)
+    got = scaled_mm(one, b, coef, dtype).float().cpu()
+    want = (b.float() * coef).to(dtype).float().cpu()
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,coef", [
     (torch.bfloat16, 2.0**-9 * (1 + 2.0**-8)),  # halfway between two bf16 neighbours
     (torch.float16, 2.0**-9 * (1 + 2.0**-11)),  # halfway between two fp16 neighbours
