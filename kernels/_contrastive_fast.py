@@ -26,11 +26,13 @@ backward (``retain_graph=True``).
 
 Backward (``fast_backward``): dI = c·(Ĝ·T), dT = c·(Ĝᵀ·I) with c = s·g/(2B), two products
 on the matrix units through torch.matmul (Ĝᵀ is a transposed view, no copy), each scaled
-in place; ds = c/s·Σ Ĝ∘x from the saved partial sum. Three matmuls in all.
+in place by c in fp32 (``scaled_mm``); ds = c/s·Σ Ĝ∘x from the saved partial sum. Three
+matmuls in all.
 
 Memory: 2·B² bytes for S / Ĝ, plus 8·B²·(1/BLOCK_M + 1/BLOCK_N) bytes of references and
-partial sums during the forward only (``fast_forward``): 2.19·B² at the forward's peak,
-2·B² saved for the backward.
+partial sums during the forward only (``fast_forward``): 2.125·B² at the forward's peak
+with 128×128 tiles, 2.19·B² with 128×64. The backward keeps the 2·B² and adds the two
+gradients, B·D each in the inputs' dtype (fp32 inputs: an fp32 copy of each product too).
 """
 
 from __future__ import annotations
