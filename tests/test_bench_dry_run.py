@@ -47,23 +47,43 @@ def test_kernel_table_dry_run(tmp_path, capsys, monkeypatch):
 
 
 def test_kernel_table_reports_the_tuned_configs(monkeypatch):
-    # What the autotuners chose, one line per kernel and key; a kernel that did not tune
-    # says so. (The dry run tunes nothing: here one cache entry is planted.)
+    # What each autotuner chose, one line per kernel and key, and the median time of every
+    # config it tried (Triton keeps only the last tuning's timings: the table wraps each
+    # tuner to keep them all); a kernel that did not tune says so. Stand-in tuners here.
     triton = pytest.importorskip("triton")
-    from kernels import _contrastive_fast
+    wide = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3)
+    square = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=4)
 
-    tuner = getattr(_contrastive_fast, "_fast_fwd_tuned", None)
-    if tuner is None:
-        pytest.skip("the autotuners are not built under the Triton interpreter")
-    cf = triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "GROUP_M": 8}, num_warps=8, num_stages=3)
-    _empty_autotuner_caches(monkeypatch)
-    monkeypatch.setattr(tuner, "cache", {(512, 15, "torch.bfloat16", "torch.bfloat16"): cf})
+    class Tuner:  # the autotuner's attributes the table reads
+        def __init__(self):
+            self.cache, self.configs_timings = {}, None
+
+        def run(self, key, timings):
+            if key not in self.cache:  # a known key is not tuned again
+                self.configs_timings = timings
+                self.cache[key] = min(timings, key=lambda cf: timings[cf][0])
+
+    fast, panel = Tuner(), Tuner()
+    monkeypatch.setattr(kernel_table, "_tuners", lambda: {"fast fwd": fast, "lean:panel Ĝ": panel})
     monkeypatch.setattr(kernel_table, "OUT", None)
+    monkeypatch.setattr(kernel_table, "TIMINGS", [])
     kernel_table.LINES.clear()
+    kernel_table.watch_tuning()
+    kernel_table.watch_tuning()  # idempotent: one wrapper, one record per tuning
+    fast.run((512, 15, "torch.bfloat16"), {square: [0.9, 0.8, 1.0], wide: [0.6, 0.5, 0.7]})
+    fast.run((512, 16, "torch.bfloat16"), {square: [3.0, 2.9, 3.1], wide: [3.5, 3.4, 3.6]})
+    fast.run((512, 16, "torch.bfloat16"), {})  # a cached key: no new tuning
     kernel_table.tuned_configs()
     lines = list(kernel_table.LINES)
-    assert "tuned fast fwd [512,15]: BLOCK_M=128 BLOCK_N=64 BLOCK_D=64 GROUP_M=8 warps=8 stages=3" in lines
-    assert "tuned lean:panel Ĝ: nothing tuned in this run" in lines
+    assert lines == [
+        "tuned fast fwd [512,15]: BLOCK_M=128 BLOCK_N=64 warps=8 stages=3",
+        "tuned fast fwd [512,16]: BLOCK_M=128 BLOCK_N=128 warps=8 stages=4",
+        "tuned lean:panel Ĝ: nothing tuned in this run",
+        "tuning fast fwd [512,15]: BLOCK_M=128 BLOCK_N=64 warps=8 stages=3 0.600 ms; "
+        "BLOCK_M=128 BLOCK_N=128 warps=8 stages=4 0.900 ms",
+        "tuning fast fwd [512,16]: BLOCK_M=128 BLOCK_N=128 warps=8 stages=4 3.000 ms; "
+        "BLOCK_M=128 BLOCK_N=64 warps=8 stages=3 3.500 ms",
+    ]
 
 
 def test_train_check_dry_run(capsys):
