@@ -8,10 +8,12 @@ Forward (one pass over the S tiles, ``_lean_fwd_kernel``): a grid of P persisten
 program p owns row blocks p, p+P, ... and streams over all column tiles of each, keeping
   * the row statistics of its current row block (online max / sum) → row LSE, and the
     diagonal S_ii taken from the tile that holds it;
-  * partial column statistics over the rows it has seen, in its own slice of a [P, B]
-    scratch (read-modify-write per tile; no other program touches that slice).
-The P partial column statistics are merged afterwards in a fixed order. No atomics, so
-the result is bitwise reproducible; extra memory is 8·P·B bytes.
+  * the log2-sum-exp2 of each column over the rows it has seen, in its own row of a [P, B]
+    scratch (read-modify-write per tile; no other program touches that row).
+The P partial column LSEs are merged afterwards in a fixed order. No atomics, so the result
+is bitwise reproducible; extra memory is 4·P·B bytes. P is a multiple of the SM count
+(PROGS_PER_SM, a config parameter): configs small enough for several blocks an SM run
+that many programs on each.
 
 Backward (``_lean_bwd_kernel``, launched once per direction): with
 Ĝ = P + Q − 2·Id (P row softmax, Q column softmax), G = Ĝ·g/(2B),
@@ -74,12 +76,13 @@ if HAVE_TRITON:
         q_ptr, k_ptr, scale_ptr,
         row_lse_ptr,  # fp32 [B] out: natural-log LSE of each row of S
         diag_ptr,  # fp32 [B] out: S_ii
-        col_m_ptr, col_l_ptr,  # fp32 [P, B] out: per-program column max / sum (log2 units)
+        col_ptr,  # fp32 [P, B] out: per-program column log2-sum-exp2
         n, dim,
         stride_qm, stride_qd, stride_kn, stride_kd,
         n_bucket,  # autotune key only
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        PROGS_PER_SM: tl.constexpr,  # read by the launcher's grid only
     ):
         pid = tl.program_id(0)
         n_prog = tl.num_programs(0)
@@ -107,13 +110,13 @@ if HAVE_TRITON:
                 m_new = tl.maximum(m_i, tl.max(z, axis=1))
                 l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(z - m_new[:, None]), axis=1)
                 m_i = m_new
-                # Column statistics of this program, merged into its scratch slice.
-                cm = tl.load(col_m_ptr + stat_base + offs_n, mask=mask_n & seen, other=float("-inf"))
-                cl = tl.load(col_l_ptr + stat_base + offs_n, mask=mask_n & seen, other=0.0)
-                cm_new = tl.maximum(cm, tl.max(z, axis=0))
-                cl = cl * tl.exp2(cm - cm_new) + tl.sum(tl.exp2(z - cm_new[None, :]), axis=0)
-                tl.store(col_m_ptr + stat_base + offs_n, cm_new, mask=mask_n)
-                tl.store(col_l_ptr + stat_base + offs_n, cl, mask=mask_n)
+                # Column LSE of this program: the tile's, merged into its scratch row.
+                tb = tl.max(z, axis=0)  # [BLOCK_N] (-inf only for padding columns)
+                t = tb + tl.log2(tl.sum(tl.exp2(z - tb[None, :]), axis=0))
+                old = tl.load(col_ptr + stat_base + offs_n, mask=mask_n & seen, other=float("-inf"))
+                top = tl.maximum(old, t)
+                new = top + tl.log2(tl.exp2(old - top) + tl.exp2(t - top))
+                tl.store(col_ptr + stat_base + offs_n, new, mask=mask_n)
                 if (ct * BLOCK_N < (rb + 1) * BLOCK_M) & ((ct + 1) * BLOCK_N > rb * BLOCK_M):
                     on_diag = offs_m[:, None] == offs_n[None, :]
                     d_i += tl.sum(tl.where(on_diag, z, 0.0), axis=1)
@@ -178,11 +181,17 @@ if HAVE_TRITON:
             ).to(tl.float32)
             tl.store(qdot_ptr + pid_v * n + offs_m, tl.sum(acc * qv, axis=1), mask=mask_m)
 
+    # PROGS_PER_SM: programs an SM runs at once, as registers and shared memory allow (sm_90
+    # builds, B a multiple of 16 / ragged): 209 / 247 registers a thread for 128×128 tiles at
+    # 8 warps, 183 / 195 for 128×64, one block an SM; 64×64 at 4 warps 139–146 / 146–195,
+    # three blocks of 128 threads (32–48 KiB of shared memory each), so one block's epilogue
+    # overlaps another's matrix work. (128×128 at 4 warps now spills: dropped.)
     _FWD_CONFIGS = [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 32}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64, "PROGS_PER_SM": 1}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_D": 64, "PROGS_PER_SM": 1}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "PROGS_PER_SM": 1}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 64, "PROGS_PER_SM": 3}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_D": 32, "PROGS_PER_SM": 3}, num_warps=4, num_stages=4),
     ]
     # Register budget (sm_90 builds, 255 registers a thread): the [BLOCK_M, BLOCK_V] fp32
     # accumulator lives in registers next to an S tile, so wide D-chunks spill; narrow
@@ -229,37 +238,48 @@ def _fixed_bwd(n: int, dim: int) -> dict:
     return cfg
 
 
-def _num_programs(device: torch.device) -> int:
-    """Persistent programs of the forward: one per SM keeps the [P, B] column scratch small
-    (8·P·B bytes: 35 MB at B = 32k on 132 SMs)."""
+def _num_sms(device: torch.device) -> int:
+    """SMs of the device (the persistent grid's unit); 4 off CUDA (interpreter: a few
+    programs, so that the scratch merge is exercised)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: a few programs, so the scratch merge is exercised
+    return 4
+
+
+def _fwd_programs(n: int, sms: int, block_m: int, progs_per_sm: int) -> int:
+    """Persistent programs of the forward: PROGS_PER_SM per SM, but no more than there are
+    row blocks (every program must own one: its scratch row is then written)."""
+    return max(1, min(sms * progs_per_sm, triton.cdiv(n, block_m)))
 
 
 def lean_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor):
-    """Returns (loss 0-d fp32, row_lse fp32 [B], col_lse fp32 [B])."""
+    """Returns (loss 0-d fp32, row_lse fp32 [B], col_lse fp32 [B]).
+
+    Scratch: the [P, B] column LSEs, 4·P·B bytes (17 MiB at B = 32k on 132 SMs, one
+    program each; sized for the config with the most programs while tuning)."""
     n, dim = img.shape
     upcast = INTERPRET and img.dtype == torch.bfloat16
     precision, _ = dot_precisions(img.dtype, img.is_cuda)
     dev = img.device
-    cfg = None if tuned(n) else _fixed_fwd(n, dim)
-    # Every program must own at least one row block (its scratch slice is then written).
-    max_block = max(c.kwargs["BLOCK_M"] for c in _FWD_CONFIGS) if cfg is None else cfg["BLOCK_M"]
-    n_prog = max(1, min(_num_programs(dev), triton.cdiv(n, max_block)))
+    sms = _num_sms(dev)
+    cfg = None if tuned(n) else {**_fixed_fwd(n, dim), "PROGS_PER_SM": 1}
+    configs = [c.kwargs for c in _FWD_CONFIGS] if cfg is None else [cfg]
+    rows = max(_fwd_programs(n, sms, c["BLOCK_M"], c["PROGS_PER_SM"]) for c in configs)
     row_lse = torch.empty(n, dtype=torch.float32, device=dev)
     diag = torch.empty(n, dtype=torch.float32, device=dev)
-    col_m = torch.empty((n_prog, n), dtype=torch.float32, device=dev)
-    col_l = torch.empty((n_prog, n), dtype=torch.float32, device=dev)
-    args = (img, txt, scale, row_lse, diag, col_m, col_l, n, dim,
+    col = torch.empty((rows, n), dtype=torch.float32, device=dev)
+    args = (img, txt, scale, row_lse, diag, col, n, dim,
             img.stride(0), img.stride(1), txt.stride(0), txt.stride(1), n_bucket(n))
     if cfg is None:
-        _lean_fwd_tuned[(n_prog,)](*args, UPCAST=upcast, PRECISION=precision)
+        grid = lambda meta: (_fwd_programs(n, sms, meta["BLOCK_M"], meta["PROGS_PER_SM"]),)
+        _lean_fwd_tuned[grid](*args, UPCAST=upcast, PRECISION=precision)
+        cfg = _lean_fwd_tuned.best_config.kwargs
     else:
-        _lean_fwd_kernel[(n_prog,)](*args, UPCAST=upcast, PRECISION=precision, **cfg)
-    # Merge the per-program column partials in a fixed order (deterministic).
-    big = col_m.max(dim=0).values
-    col_lse = (big + torch.log2((col_l * torch.exp2(col_m - big)).sum(dim=0))) * LN2
+        _lean_fwd_kernel[(_fwd_programs(n, sms, cfg["BLOCK_M"], 1),)](*args, UPCAST=upcast, PRECISION=precision, **cfg)
+    # Merge the column LSEs of the programs that ran (the chosen config's) in a fixed order.
+    col = col[: _fwd_programs(n, sms, cfg["BLOCK_M"], cfg["PROGS_PER_SM"])]
+    big = col.max(dim=0).values
+    col_lse = (big + torch.log2(torch.exp2(col - big).sum(dim=0))) * LN2
     loss = (row_lse.sum() + col_lse.sum() - 2.0 * diag.sum()) / (2.0 * n)
     return loss, row_lse, col_lse
 

@@ -126,7 +126,7 @@ def test_rank_kernel_builds(dtype, precision):
 @pytest.mark.parametrize("dtype,precision", [("bf16", "tf32"), ("fp32", "tf32x3")])
 def test_lean_kernels_build(dtype, precision):
     n, dim = 1 << 20, 512  # the fixed configs of the largest sizes
-    check(lean._lean_fwd_kernel, dtype, lean._fixed_fwd(n, dim), lean._FWD_CONFIGS,
+    check(lean._lean_fwd_kernel, dtype, {**lean._fixed_fwd(n, dim), "PROGS_PER_SM": 1}, lean._FWD_CONFIGS,
           dict(UPCAST=False, PRECISION=precision), no_spills=True)
     check(lean._lean_bwd_kernel, dtype, lean._fixed_bwd(n, dim), lean._BWD_CONFIGS,
           dict(UPCAST=False, PRECISION=precision, GRAD_PRECISION="tf32", WRITE_QDOT=True))
@@ -139,7 +139,7 @@ def test_lean_small_batch_configs_do_not_spill(dtype, precision, ragged):
     n, dim = 1000, 512
     pointers = {"q_ptr": dtype, "k_ptr": dtype, "dq_ptr": dtype}
     for kernel, cfg, extra in [
-        (lean._lean_fwd_kernel, lean._fixed_fwd(n, dim), {}),
+        (lean._lean_fwd_kernel, lean._fixed_fwd(n, dim), dict(PROGS_PER_SM=1)),
         (lean._lean_bwd_kernel, lean._fixed_bwd(n, dim), dict(GRAD_PRECISION="tf32", WRITE_QDOT=True)),
     ]:
         cfg = dict(cfg)

@@ -18,7 +18,7 @@ from test_kernels_contrastive import *  # noqa: E402,F401,F403
 from test_kernels_contrastive import check_against_reference, make_inputs, run  # noqa: E402
 
 import kernels  # noqa: E402
-from kernels import _contrastive_fast, _contrastive_panel  # noqa: E402
+from kernels import _contrastive_fast, _contrastive_lean, _contrastive_panel  # noqa: E402
 from kernels._common import resolve_backend  # noqa: E402
 
 
@@ -90,6 +90,28 @@ def test_panel_partials_summed_across_flushes(slots, monkeypatch):
     monkeypatch.setattr(_contrastive_panel, "PART_SLOTS", slots)
     img, txt = make_inputs(300, 40, torch.float32, "cpu", seed=31)
     check_against_reference(img, txt, 14.3, "lean:panel")
+
+
+@pytest.mark.parametrize("chosen", [(128, 128, 1), (64, 64, 3)])
+def test_lean_forward_tuned_programs_per_sm(chosen, monkeypatch):
+    # Tuned sizes: the configs run 3 to 5 persistent programs here (4 "SMs" off CUDA, 1 or 3
+    # programs each, at most one per row block of B = 300), each writing its row of column
+    # LSEs; only the chosen config's rows are merged (the 128×128 one leaves two stale rows
+    # from the timing runs behind). The loss against the reference path, the column LSEs
+    # against float64.
+    lean = _contrastive_lean
+    cf = next(c for c in lean._FWD_CONFIGS
+              if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["PROGS_PER_SM"]) == chosen)
+    tuner = _FakeTuner(lean._lean_fwd_kernel, lean._FWD_CONFIGS, cf)
+    monkeypatch.setattr(lean, "tuned", lambda n: True)
+    monkeypatch.setattr(lean, "_lean_fwd_tuned", tuner, raising=False)
+    img, txt = make_inputs(300, 40, torch.float32, "cpu", seed=61)
+    want = kernels.contrastive_loss(img, txt, torch.tensor(14.3), mode="lean:fused", backend="torch")
+    got, _, col_lse = lean.lean_forward(img, txt, torch.tensor(14.3))
+    assert tuner.calls == 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    ref_col = torch.logsumexp(14.3 * txt.double() @ img.double().T, dim=1)
+    torch.testing.assert_close(col_lse.double(), ref_col, rtol=1e-6, atol=1e-5)
 
 
 def test_panel_tuned_config_across_panels(monkeypatch):
