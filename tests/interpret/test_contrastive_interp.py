@@ -32,6 +32,31 @@ def small_panels(monkeypatch):
     monkeypatch.setattr(_contrastive_panel, "MIN_PANEL_ROWS", 80)
 
 
+class _FakeTuner:
+    """Stands in for an autotuner (not built under the interpreter): runs every config, as
+    the timing phase does (each leaves its writes behind), then the "chosen" one again."""
+
+    def __init__(self, kernel, configs, chosen):
+        self.kernel, self.configs, self.best_config, self.calls = kernel, configs, chosen, 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **consts):
+            self.calls += 1
+            for cf in [*self.configs, self.best_config]:
+                self.kernel[grid(cf.kwargs)](*args, **consts, **cf.all_kwargs())
+        return launch
+
+
+def _fake_tuned(monkeypatch, module, kernel, tuner_name: str, configs, **match):
+    """Send ``module``'s launcher down its tuned path under the interpreter, with a stand-in
+    autotuner that "chooses" the config whose parameters include ``match``."""
+    chosen = next(c for c in configs if all(c.kwargs[k] == v for k, v in match.items()))
+    tuner = _FakeTuner(kernel, configs, chosen)
+    monkeypatch.setattr(module, "tuned", lambda n: True)
+    monkeypatch.setattr(module, tuner_name, tuner, raising=False)
+    return tuner
+
+
 def test_cpu_tensors_take_the_triton_path():
     assert kernels._common.INTERPRET
     assert resolve_backend(None, torch.zeros(2, 2), "contrastive_loss") == "triton"
@@ -100,11 +125,9 @@ def test_lean_forward_tuned_programs_per_sm(chosen, monkeypatch):
     # from the timing runs behind). The loss against the reference path, the column LSEs
     # against float64.
     lean = _contrastive_lean
-    cf = next(c for c in lean._FWD_CONFIGS
-              if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["PROGS_PER_SM"]) == chosen)
-    tuner = _FakeTuner(lean._lean_fwd_kernel, lean._FWD_CONFIGS, cf)
-    monkeypatch.setattr(lean, "tuned", lambda n: True)
-    monkeypatch.setattr(lean, "_lean_fwd_tuned", tuner, raising=False)
+    block_m, block_n, progs = chosen
+    tuner = _fake_tuned(monkeypatch, lean, lean._lean_fwd_kernel, "_lean_fwd_tuned", lean._FWD_CONFIGS,
+                        BLOCK_M=block_m, BLOCK_N=block_n, PROGS_PER_SM=progs)
     img, txt = make_inputs(300, 40, torch.float32, "cpu", seed=61)
     want = kernels.contrastive_loss(img, txt, torch.tensor(14.3), mode="lean:fused", backend="torch")
     got, _, col_lse = lean.lean_forward(img, txt, torch.tensor(14.3))
@@ -120,10 +143,8 @@ def test_panel_tuned_config_across_panels(monkeypatch):
     # config directly at growing part_base offsets. Here four 80-row panels of B = 300 with
     # the chosen config's 128×64 tiles, against float64.
     p = _contrastive_panel
-    wide = next(c for c in p._CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (128, 64))
-    tuner = _FakeTuner(p._grad_panel_kernel, p._CONFIGS, wide)
-    monkeypatch.setattr(p, "tuned", lambda n: True)
-    monkeypatch.setattr(p, "_grad_panel_tuned", tuner, raising=False)
+    tuner = _fake_tuned(monkeypatch, p, p._grad_panel_kernel, "_grad_panel_tuned", p._CONFIGS,
+                        BLOCK_M=128, BLOCK_N=64)
     img, txt = make_inputs(300, 40, torch.float32, "cpu", seed=51)
     check_against_reference(img, txt, 14.3, "lean:panel")
     assert tuner.calls == 2  # once per direction, for its first panel
@@ -166,31 +187,15 @@ def test_fast_mode_with_rectangular_tiles(block_m, block_n, b, scale, monkeypatc
     check_against_reference(img, txt, scale, "fast")
 
 
-class _FakeTuner:
-    """Stands in for an autotuner (not built under the interpreter): runs every config, as
-    the timing phase does (each leaves its writes behind), then the "chosen" one again."""
-
-    def __init__(self, kernel, configs, chosen):
-        self.kernel, self.configs, self.best_config, self.calls = kernel, configs, chosen, 0
-
-    def __getitem__(self, grid):
-        def launch(*args, **consts):
-            self.calls += 1
-            for cf in [*self.configs, self.best_config]:
-                self.kernel[grid(cf.kwargs)](*args, **consts, **cf.all_kwargs())
-        return launch
-
-
 def test_fast_mode_launches_the_tuned_config_directly_after_tuning(monkeypatch):
     # The first call of a tuned size goes through the autotuner, with scratch for the
     # smallest tiles of any config (128×64: [3, B] row statistics at B = 150); later calls
     # launch the chosen config (here 128×128) without it, with scratch for its own tiles
     # ([2, B]), and give bitwise the same results, which match float64.
     fast = _contrastive_fast
-    square = next(c for c in fast._FWD_CONFIGS if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == (128, 128))
-    tuner = _FakeTuner(fast._fast_fwd_kernel, fast._FWD_CONFIGS, square)
-    monkeypatch.setattr(fast, "tuned", lambda n: True)
-    monkeypatch.setattr(fast, "_fast_fwd_tuned", tuner, raising=False)
+    tuner = _fake_tuned(monkeypatch, fast, fast._fast_fwd_kernel, "_fast_fwd_tuned", fast._FWD_CONFIGS,
+                        BLOCK_M=128, BLOCK_N=128)
+    square = tuner.best_config
     monkeypatch.setattr(fast, "_TUNED", {})
     real_empty, shapes = torch.empty, []
 
