@@ -11,9 +11,9 @@ program p owns row blocks p, p+P, ... and streams over all column tiles of each,
   * the log2-sum-exp2 of each column over the rows it has seen, in its own row of a [P, B]
     scratch (read-modify-write per tile; no other program touches that row).
 The P partial column LSEs are merged afterwards in a fixed order. No atomics, so the result
-is bitwise reproducible; extra memory is 4·P·B bytes. P is a multiple of the SM count
-(PROGS_PER_SM, a config parameter): configs small enough for several blocks an SM run
-that many programs on each.
+is bitwise reproducible; extra memory is 4·P·B bytes. P is PROGS_PER_SM programs per SM
+(a config parameter: configs small enough for several blocks an SM run that many on each),
+at most one per row block.
 
 Backward (``_lean_bwd_kernel``, launched once per direction): with
 Ĝ = P + Q − 2·Id (P row softmax, Q column softmax), G = Ĝ·g/(2B),
