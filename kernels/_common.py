@@ -184,6 +184,21 @@ def tuned(n: int) -> bool:
     return not (INTERPRET or n <= TINY_B or n >= HUGE_B or torch.are_deterministic_algorithms_enabled())
 
 
+def launch_tuned(tuner, kernel, chosen: dict, key, grid, args: tuple, consts: dict) -> dict:
+    """Launch ``kernel`` with the config chosen for ``key``, and return that config's launch
+    kwargs. The first time (no entry in ``chosen``) the launch goes through ``tuner``, whose
+    choice is then kept in ``chosen``; later launches go straight to the kernel, without the
+    autotuner's host work. A fixed config is passed by putting it in ``chosen`` beforehand
+    (``tuner`` may then be None). ``grid`` takes a config's parameters, as Triton's do."""
+    cfg = chosen.get(key)
+    if cfg is None:
+        tuner[grid](*args, **consts)
+        cfg = chosen[key] = tuner.best_config.all_kwargs()
+    else:
+        kernel[grid(cfg)](*args, **consts, **cfg)
+    return cfg
+
+
 def n_bucket(n: int) -> int:
     """Autotune key for B: its bit length, capped at HUGE_B's."""
     return min(n, HUGE_B).bit_length()

@@ -47,6 +47,7 @@ from ._common import (
     TINY_B,
     dot_precisions,
     full_precision_reduction,
+    launch_tuned,
     n_bucket,
     next_pow2,
     prune_by_dim,
@@ -223,7 +224,8 @@ def fast_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, need
     upcast = INTERPRET and img.dtype == torch.bfloat16
     precision, _ = dot_precisions(img.dtype, img.is_cuda)
     key = (dim, n_bucket(n), img.dtype, txt.dtype, scale.dtype, dev)  # the autotuner's key, and the device
-    cfg = _TUNED.get(key) if tuned(n) else fixed_fwd_config(n, dim)
+    chosen = _TUNED if tuned(n) else {key: fixed_fwd_config(n, dim)}
+    cfg = chosen.get(key)  # None: the first call of a tuned size
     tiles = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _FWD_CONFIGS] if cfg is None else [
         (cfg["BLOCK_M"], cfg["BLOCK_N"])]
     n_rt = max(triton.cdiv(n, t[0]) for t in tiles)  # rows of the column statistics
@@ -237,14 +239,9 @@ def fast_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, need
     args = (img, txt, scale, y, rref, cref, rpart, cpart, diag, n, dim,
             img.stride(0), img.stride(1), txt.stride(0), txt.stride(1), y.stride(0),
             n_bucket(n))
-    consts = dict(UPCAST=upcast, PRECISION=precision)
-    if cfg is None:  # first call of this tuned size: the autotuner times the configs
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-        _fast_fwd_tuned[grid](*args, **consts)
-        cfg = _TUNED[key] = _fast_fwd_tuned.best_config.all_kwargs()
-    else:
-        _fast_fwd_kernel[(triton.cdiv(n, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)](
-            *args, **consts, **cfg)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    cfg = launch_tuned(_fast_fwd_tuned if cfg is None else None, _fast_fwd_kernel, chosen, key, grid, args,
+                       dict(UPCAST=upcast, PRECISION=precision))
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     # Only the rows written by the config that ran last are valid (tuning runs wrote others).
     row_lse = _lse2_merge(rpart[: triton.cdiv(n, block_n)]) * LN2

@@ -275,7 +275,7 @@ def lean_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor):
         _lean_fwd_tuned[grid](*args, UPCAST=upcast, PRECISION=precision)
         cfg = _lean_fwd_tuned.best_config.kwargs
     else:
-        _lean_fwd_kernel[(_fwd_programs(n, sms, cfg["BLOCK_M"], 1),)](*args, UPCAST=upcast, PRECISION=precision, **cfg)
+        _lean_fwd_kernel[(_fwd_programs(n, sms, cfg["BLOCK_M"], cfg["PROGS_PER_SM"]),)](*args, UPCAST=upcast, PRECISION=precision, **cfg)
     # Merge the column LSEs of the programs that ran (the chosen config's) in a fixed order.
     col = col[: _fwd_programs(n, sms, cfg["BLOCK_M"], cfg["PROGS_PER_SM"])]
     big = col.max(dim=0).values

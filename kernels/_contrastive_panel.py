@@ -12,8 +12,9 @@ lean forward (row and column LSE, nothing of S kept). The backward runs once per
 
 Every output row is written once, so there is nothing to accumulate between panels and no
 atomics; Σ Ĝ∘x for the scale gradient comes from per-tile partials of the first direction,
-kept across panels in one buffer and summed in a fixed order (deterministic). The products run with fp32 split-K
-reductions (``full_precision_reduction``): K = B is long and Ĝ's rows cancel.
+kept across panels in one buffer and summed in a fixed order (deterministic). The products
+run with fp32 split-K reductions (``full_precision_reduction``): K = B is long and Ĝ's rows
+cancel.
 
 Work: 2·B²·D per direction for the scores and 2·B²·D for the product: with the forward, the
 10·B²·D floor of a lean loss. The fused backward (``_contrastive_lean``) keeps a [BLOCK_M,
@@ -37,6 +38,7 @@ from ._common import (
     INTERPRET,
     dot_precisions,
     full_precision_reduction,
+    launch_tuned,
     n_bucket,
     prune_by_dim,
     scaled_mm,
@@ -155,8 +157,9 @@ def _panel_grad(q, k, scale, grad, lse_q, lse_k, write_part: bool):
     ops for fp16). The kernel indexes q and the LSE by the panel's offset instead of taking
     slices, the autotuner is consulted for the first panel only, and the tile partials of
     Σ Ĝ∘x go to one buffer, summed in a fixed order when it fills (PART_SLOTS slots: one sum
-    up to B ≈ 90k, about 64–128 sums at B = 1M). The H100 figures of session 20 fit 125–180 µs a panel whatever its size, with
-    16k's wall time 1 ms above its kernel time: host-bound (bench/RESULTS.md)."""
+    up to B ≈ 90k, about 64–128 sums at B = 1M). The H100 figures of session 20 fit
+    125–180 µs a panel whatever its size, with 16k's wall time 1 ms above its kernel time:
+    host-bound (bench/RESULTS.md)."""
     n, dim = q.shape
     upcast = INTERPRET and q.dtype == torch.bfloat16
     precision, _ = dot_precisions(q.dtype, q.is_cuda)
@@ -184,7 +187,8 @@ def _panel_grad(q, k, scale, grad, lse_q, lse_k, write_part: bool):
     k_mm = k if 1 in k.stride() else k.contiguous()
     coef = None if scale_g else scale.float() * grad.float() / (2.0 * n)
     consts = dict(UPCAST=upcast, PRECISION=precision, SCALE_G=scale_g, WRITE_PART=write_part)
-    launch_cfg = None if cfg is None else dict(cfg)  # after the first panel: the tuned config
+    # The config of every panel: the fixed one, or the tuned one from the second panel on.
+    chosen = {} if cfg is None else {None: cfg}
     with full_precision_reduction():
         for p0 in range(0, n, rows_per):
             rows = min(rows_per, n - p0)
@@ -194,14 +198,10 @@ def _panel_grad(q, k, scale, grad, lse_q, lse_k, write_part: bool):
                 used = 0
             args = (q, k, scale, grad, lse_q, lse_k, g, part, rows, n, dim, p0, used if write_part else 0,
                     q.stride(0), q.stride(1), k.stride(0), k.stride(1), g.stride(0), n_bucket(n))
-            if launch_cfg is None:  # first panel, tuned sizes: the autotuner picks (or recalls)
-                _grad_panel_tuned[lambda meta, rows=rows: (n_tiles(rows, (meta["BLOCK_M"], meta["BLOCK_N"])),)](
-                    *args, **consts)
-                launch_cfg = _grad_panel_tuned.best_config.all_kwargs()
-            else:
-                tile = (launch_cfg["BLOCK_M"], launch_cfg["BLOCK_N"])
-                _grad_panel_kernel[(n_tiles(rows, tile),)](*args, **consts, **launch_cfg)
-            used += n_tiles(rows, (launch_cfg["BLOCK_M"], launch_cfg["BLOCK_N"]))
+            grid = lambda meta, rows=rows: (n_tiles(rows, (meta["BLOCK_M"], meta["BLOCK_N"])),)
+            launched = launch_tuned(_grad_panel_tuned if not chosen else None, _grad_panel_kernel, chosen, None,
+                                    grid, args, consts)
+            used += grid(launched)[0]
             if scale_g:
                 torch.mm(g, k_mm, out=dq[p0 : p0 + rows])
             else:  # fp16: the product of the unscaled Ĝ, scaled in fp32

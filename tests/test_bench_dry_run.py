@@ -18,12 +18,7 @@ from bench import kernel_table, profile_step, train_check  # noqa: E402
 
 def _empty_autotuner_caches(monkeypatch):
     """The autotuners' caches are per process: on a GPU, earlier tests at tuned sizes fill them."""
-    from kernels import _contrastive_fast, _contrastive_lean, _contrastive_panel, retrieval
-
-    for module, name in [(_contrastive_fast, "_fast_fwd_tuned"), (_contrastive_lean, "_lean_fwd_tuned"),
-                         (_contrastive_lean, "_lean_bwd_tuned"), (_contrastive_panel, "_grad_panel_tuned"),
-                         (retrieval, "_rank_rows_tuned")]:
-        tuner = getattr(module, name, None)
+    for tuner in kernel_table._tuners().values():
         if tuner is not None:
             monkeypatch.setattr(tuner, "cache", {})
 
