@@ -8,7 +8,8 @@ computes one BLOCK_M×BLOCK_N tile of z and, in its epilogue,
     B]), reference points kept until part 2 (fp32, so that each maximum is stored as
     y = 0 exactly);
   * the tile's partial row and column log2-sum-exp2 (fp32, same shapes), merged into the
-    row / column LSE right after the kernel and freed;
+    row / column LSE and the loss right after the kernel, in one launch (``merge_lse`` in
+    ``_contrastive_reduce``), and freed;
   * y_ij = z_ij − min(a_i, b_j), stored in bf16.
 Storing y instead of z keeps the logits that matter accurate: an entry with a
 non-negligible row (column) softmax weight lies within a few units of its row (column)
@@ -26,8 +27,9 @@ backward (``retain_graph=True``).
 
 Backward (``fast_backward``): dI = c·(Ĝ·T), dT = c·(Ĝᵀ·I) with c = s·g/(2B), two products
 on the matrix units through torch.matmul (Ĝᵀ is a transposed view, no copy), each scaled
-in place by c in fp32 (``scaled_mm``); ds = c/s·Σ Ĝ∘x from the saved partial sum. Three
-matmuls in all.
+in place by c in fp32 (``scaled_mm``); c and ds = g/(2B)·Σ Ĝ∘x (from the saved Σ Ĝ∘z)
+come from one single-program kernel (``fast_scalars``). Three matmuls in all; a forward +
+backward is seven Triton launches, two cuBLAS products and two sums.
 
 Memory: 2·B² bytes for S / Ĝ, plus 8·B²·(1/BLOCK_M + 1/BLOCK_N) bytes of references and
 partial sums during the forward only (``fast_forward``): 2.125·B² at the forward's peak
@@ -42,8 +44,6 @@ import torch
 from ._common import (
     HAVE_TRITON,
     INTERPRET,
-    LN2,
-    LOG2E,
     TINY_B,
     dot_precisions,
     full_precision_reduction,
@@ -60,6 +60,7 @@ if HAVE_TRITON:
     import triton.language as tl
 
     from ._contrastive_lean import _score_tile
+    from ._contrastive_reduce import fast_scalars, merge_lse
 
 if HAVE_TRITON:
 
@@ -203,12 +204,6 @@ def grad_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float16 if dtype == torch.float16 else torch.bfloat16
 
 
-def _lse2_merge(part: torch.Tensor) -> torch.Tensor:
-    """log2-sum-exp2 over dim 0 of [n_tiles, B] partials, in a fixed order."""
-    big = part.max(dim=0).values
-    return big + torch.log2(torch.exp2(part - big).sum(dim=0))
-
-
 def fast_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, need_grad: bool):
     """Returns (loss, row_lse, col_lse, g, gz): g = Ĝ [B, B] (``grad_dtype``) and gz = Σ Ĝ∘z
     (0-d fp32) when ``need_grad``, else empty tensors (S is then freed on return).
@@ -243,11 +238,11 @@ def fast_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, need
     cfg = launch_tuned(_fast_fwd_tuned if cfg is None else None, _fast_fwd_kernel, chosen, key, grid, args,
                        dict(UPCAST=upcast, PRECISION=precision))
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    row_lse = torch.empty(n, dtype=torch.float32, device=dev)
+    col_lse = torch.empty(n, dtype=torch.float32, device=dev)
     # Only the rows written by the config that ran last are valid (tuning runs wrote others).
-    row_lse = _lse2_merge(rpart[: triton.cdiv(n, block_n)]) * LN2
-    col_lse = _lse2_merge(cpart[: triton.cdiv(n, block_m)]) * LN2
+    loss = merge_lse(rpart, triton.cdiv(n, block_n), cpart, triton.cdiv(n, block_m), row_lse, col_lse, diag)
     del rpart, cpart
-    loss = (row_lse.sum() + col_lse.sum() - 2.0 * diag.sum()) / (2.0 * n)
     if not need_grad:
         return loss, row_lse, col_lse, y.new_empty((0, 0)), diag.new_zeros(())
     sub_m = 32  # rows a program of the gradient pass; every tile height is a multiple
@@ -263,20 +258,12 @@ def fast_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, need
 
 
 def fast_backward(g, gz, img, txt, scale, grad):
-    """dI, dT by two matmuls over the saved Ĝ (read only), ds from Σ Ĝ∘z. Returns (dI, dT, ds)."""
-    n = img.shape[0]
-    coef = scale.float() * grad.float() / (2.0 * n)  # 0-d, on the device: no host sync
+    """dI, dT by two matmuls over the saved Ĝ (read only), ds from Σ Ĝ∘z. Returns (dI, dT, ds).
+
+    Five launches: one program for the scalars (coef = s·g/(2B) and ds, on the device: no
+    host sync; ``_contrastive_reduce``), then each product and its in-place scaling."""
+    coef, d_scale = fast_scalars(gz, scale, grad, img, txt)
     with full_precision_reduction():  # K = B: no half-precision split-K partial sums
         d_img = scaled_mm(g, txt, coef, img.dtype)
         d_txt = scaled_mm(g.T, img, coef, txt.dtype)
-    # Σ Ĝ∘x = Σ Ĝ∘z / c with c = s·log2(e), except at s = 0, where z = 0 carries nothing
-    # of x; there P = Q = 1/B, so Σ Ĝ∘x = (2/B)·(Σ_i I_i)·(Σ_j T_j) − 2·Σ_i <I_i, T_i>: O(B·D).
-    c = scale.float() * LOG2E
-    # (sums accumulate in fp32 and the B dot products are [1, D]·[D, 1] products: no fp32
-    # copy of the inputs, whose B×D bytes would add to the mode's peak)
-    total = torch.dot(img.sum(0, dtype=torch.float32), txt.sum(0, dtype=torch.float32))
-    trace = torch.bmm(img.unsqueeze(1), txt.unsqueeze(2)).sum(dtype=torch.float32)
-    at_zero = (2.0 / n) * total - 2.0 * trace
-    gx = torch.where(c == 0, at_zero, gz / torch.where(c == 0, torch.ones_like(c), c))
-    d_scale = gx * grad.float() / (2.0 * n)
     return d_img, d_txt, d_scale.to(scale.dtype)

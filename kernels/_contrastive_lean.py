@@ -30,7 +30,6 @@ import torch
 from ._common import (
     HAVE_TRITON,
     INTERPRET,
-    LN2,
     TINY_B,
     dot_precisions,
     n_bucket,
@@ -42,6 +41,8 @@ from ._common import (
 if HAVE_TRITON:
     import triton
     import triton.language as tl
+
+    from ._contrastive_reduce import merge_lse
 
 if HAVE_TRITON:
 
@@ -276,11 +277,11 @@ def lean_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor):
         cfg = _lean_fwd_tuned.best_config.kwargs
     else:
         _lean_fwd_kernel[(_fwd_programs(n, sms, cfg["BLOCK_M"], cfg["PROGS_PER_SM"]),)](*args, UPCAST=upcast, PRECISION=precision, **cfg)
-    # Merge the column LSEs of the programs that ran (the chosen config's) in a fixed order.
-    col = col[: _fwd_programs(n, sms, cfg["BLOCK_M"], cfg["PROGS_PER_SM"])]
-    big = col.max(dim=0).values
-    col_lse = (big + torch.log2(torch.exp2(col - big).sum(dim=0))) * LN2
-    loss = (row_lse.sum() + col_lse.sum() - 2.0 * diag.sum()) / (2.0 * n)
+    # Merge the column LSEs of the programs that ran (the chosen config's) in a fixed order;
+    # the row LSEs are final (0 parts).
+    col_lse = torch.empty(n, dtype=torch.float32, device=dev)
+    programs = _fwd_programs(n, sms, cfg["BLOCK_M"], cfg["PROGS_PER_SM"])
+    loss = merge_lse(row_lse, 0, col, programs, row_lse, col_lse, diag)
     return loss, row_lse, col_lse
 
 

@@ -196,3 +196,19 @@ def test_rectangular_tiles_fit_two_blocks_an_sm():
     for regs in (fast_regs, panel_regs):
         assert max(regs[(128, 64)]) <= 128, regs
         assert min(regs[(128, 128)]) > 128, regs
+
+
+def test_reduce_kernels_build():
+    # The merge and scalar kernels (kernels/_contrastive_reduce.py): no spills, and the
+    # scalars' divisions round to nearest (div.rn, not the approximate div.full), so coef is
+    # bit for bit the factor torch computes.
+    from kernels import _contrastive_reduce as reduce
+
+    k = build(reduce._merge_lse_kernel, {}, dict(PARTS=reduce.MERGE_PARTS, BLOCK=reduce.MERGE_BLOCK), 4, 3,
+              ragged=True)
+    assert k.metadata.shared <= SMEM_LIMIT and spill_bytes(k) == 0
+    for dtype in ("bf16", "fp16", "fp32"):
+        pointers = {"img_ptr": dtype, "txt_ptr": dtype, "scale_ptr": dtype, "grad_ptr": "fp32"}
+        k = build(reduce._fast_scalars_kernel, pointers, dict(BLOCK_B=32, BLOCK_D=128), 4, 3, ragged=True)
+        assert spill_bytes(k) == 0
+        assert "div.rn.f32" in k.asm["ptx"] and "div.full.f32" not in k.asm["ptx"]

@@ -6,6 +6,7 @@ tests/test_kernels_contrastive.py then checks the kernels against the float64 re
 bf16 included (upcast in the kernel, as the interpreter's bf16 tl.dot is wrong).
 """
 
+import collections
 import sys
 from pathlib import Path
 
@@ -295,3 +296,57 @@ def test_auto_mode_with_a_dynamic_batch():
         want = kernels.contrastive_loss(F.normalize(a, dim=1), b, torch.tensor(10.0), mode="lean")
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert counter.frame_count == 1  # one graph for both sizes
+
+
+# Ops that only allocate or make views: no device work, no launch.
+_NO_LAUNCH = frozenset({"aten.empty", "aten.empty_strided", "aten.view", "aten.permute", "aten.t",
+                        "aten.slice", "aten.detach", "aten.alias", "aten.as_strided"})
+
+
+def _torch_ops_outside_triton(fn, monkeypatch) -> collections.Counter:
+    """The aten ops ``fn`` dispatches that launch device work, Triton launches excluded (the
+    interpreter's own tensor copies around a launch are not counted)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from triton.runtime import interpreter
+
+    depth = [0]
+    launch = interpreter.GridExecutor.__call__
+
+    def counted_launch(self, *args, **kwargs):
+        depth[0] += 1
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            depth[0] -= 1
+
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", counted_launch)
+
+    class Record(TorchDispatchMode):
+        ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func.overloadpacket)
+            if not depth[0] and name not in _NO_LAUNCH:
+                self.ops[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return Record.ops
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fast_mode_launches_no_small_torch_ops(dtype, monkeypatch):
+    # A fast forward + backward is its Triton launches, the two cuBLAS products and two sums.
+    # The LSE merges, the loss and the scale gradient's terms were once some 35 small torch
+    # ops, each a launch and a gap on the GPU around the mode's four big kernels.
+    img, txt = make_inputs(300, 64, dtype, "cpu", seed=4)
+    scale, grad = torch.tensor(14.3), torch.tensor(1.0)
+
+    def fwd_bwd():
+        _, _, _, g, gz = _contrastive_fast.fast_forward(img, txt, scale, True)
+        _contrastive_fast.fast_backward(g, gz, img, txt, scale, grad)
+
+    assert _torch_ops_outside_triton(fwd_bwd, monkeypatch) == {"aten.mm": 2, "aten.sum": 2}
+    lean = _torch_ops_outside_triton(lambda: _contrastive_lean.lean_forward(img, txt, scale), monkeypatch)
+    assert lean == {"aten.sum": 1}
