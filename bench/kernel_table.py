@@ -304,8 +304,8 @@ def panel_sweep(b, d, sizes_mib) -> None:
 
 
 def breakdown(b, d, top=6) -> None:
-    """Device time per kernel of one fwd+bwd of each fused mode (torch.profiler): which
-    kernel to work on next. Kernel names are cut to 40 characters."""
+    """Device time per kernel of one fwd+bwd of each fused mode (torch.profiler), and the
+    number of kernels launched: which kernel to work on next. Kernel names are cut to 40 characters."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -329,7 +329,8 @@ def breakdown(b, d, top=6) -> None:
         total = sum(us(e) for e in events) / 1e3
         parts = ", ".join(f"{e.key[:40]} ×{e.count} {us(e) / 1e3:.2f}" for e in events[:top])
         parts = parts or "none recorded (profiler)"
-        record(f"breakdown {mode} B={b} D={d}: {total:.2f} ms of kernels: {parts}")
+        launches = sum(e.count for e in events)  # the fast mode's small ops once made this about 45
+        record(f"breakdown {mode} B={b} D={d}: {total:.2f} ms of kernels in {launches} launches: {parts}")
         img = txt = scale = None
 
 
