@@ -329,8 +329,9 @@ def breakdown(b, d, top=6) -> None:
         total = sum(us(e) for e in events) / 1e3
         parts = ", ".join(f"{e.key[:40]} ×{e.count} {us(e) / 1e3:.2f}" for e in events[:top])
         parts = parts or "none recorded (profiler)"
-        launches = sum(e.count for e in events)  # the fast mode's small ops once made this about 45
-        record(f"breakdown {mode} B={b} D={d}: {total:.2f} ms of kernels in {launches} launches: {parts}")
+        count = sum(e.count for e in events)  # the fast mode's small ops once made this about 45 kernels
+        what = "kernels" if cuda else "operator events"  # the CPU dry run counts nested aten ops
+        record(f"breakdown {mode} B={b} D={d}: {total:.2f} ms of kernels, {count} {what}: {parts}")
         img = txt = scale = None
 
 

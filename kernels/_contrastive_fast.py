@@ -28,8 +28,9 @@ backward (``retain_graph=True``).
 Backward (``fast_backward``): dI = c·(Ĝ·T), dT = c·(Ĝᵀ·I) with c = s·g/(2B), two products
 on the matrix units through torch.matmul (Ĝᵀ is a transposed view, no copy), each scaled
 in place by c in fp32 (``scaled_mm``); c and ds = g/(2B)·Σ Ĝ∘x (from the saved Σ Ĝ∘z)
-come from one single-program kernel (``fast_scalars``). Three matmuls in all; a forward +
-backward is seven Triton launches, two cuBLAS products and two sums.
+come from one single-program kernel (``fast_scalars``). Three matmuls in all; for bf16 / fp16
+inputs a forward + backward is six Triton launches, two cuBLAS products and two sums (fp32
+inputs add a cast of each operand to Ĝ's dtype and an fp32 scaling of each product).
 
 Memory: 2·B² bytes for S / Ĝ, plus 8·B²·(1/BLOCK_M + 1/BLOCK_N) bytes of references and
 partial sums during the forward only (``fast_forward``): 2.125·B² at the forward's peak
@@ -260,8 +261,9 @@ def fast_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, need
 def fast_backward(g, gz, img, txt, scale, grad):
     """dI, dT by two matmuls over the saved Ĝ (read only), ds from Σ Ĝ∘z. Returns (dI, dT, ds).
 
-    Five launches: one program for the scalars (coef = s·g/(2B) and ds, on the device: no
-    host sync; ``_contrastive_reduce``), then each product and its in-place scaling."""
+    One program for the scalars (coef = s·g/(2B) and ds, on the device: no host sync;
+    ``_contrastive_reduce``), then each product and its scaling: five launches for bf16 /
+    fp16 inputs (``scaled_mm``)."""
     coef, d_scale = fast_scalars(gz, scale, grad, img, txt)
     with full_precision_reduction():  # K = B: no half-precision split-K partial sums
         d_img = scaled_mm(g, txt, coef, img.dtype)

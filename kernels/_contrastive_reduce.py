@@ -21,9 +21,11 @@ its LSE is already final (the lean forward's rows): it is read, not written.
     ds   = g/(2B) · Σ Ĝ∘x,  Σ Ĝ∘x = Σ Ĝ∘z / (s·log2 e),
 with g the upstream gradient and Σ Ĝ∘z the forward's sum. At s = 0 every z is 0 and carries
 nothing of x; there P = Q = 1/B and Σ Ĝ∘x = (2/B)·<Σ_i I_i, Σ_j T_j> − 2·Σ_i <I_i, T_i>,
-which the same program computes in fp32 (O(B·D) reads on one SM: slow, but s = exp(logit
-scale) is never 0 in training; the branch costs nothing otherwise). Divisions round to
-nearest (``div_rn``), as torch's do, so coef is bit for bit what torch computed before.
+which the same program computes with fp32 sums (O(B·D) reads on one SM: slow, but s =
+exp(logit scale) is never 0 in training; the branch costs nothing otherwise). Divisions are
+correctly rounded (``div_rn``, not the approximate ``div.full`` that ``/`` compiles to);
+torch's CUDA division by a Python scalar multiplies by its rounded reciprocal and may differ
+from it by an ulp.
 """
 
 from __future__ import annotations
@@ -54,14 +56,19 @@ if HAVE_TRITON:
                 t = tl.load(part_ptr + offs_p.to(tl.int64)[:, None] * n + offs_n[None, :], mask=mask,
                             other=float("-inf"))
                 t = tl.where(mask_n[None, :], t, 0.0)  # [PARTS, BLOCK]
-                m_new = tl.maximum(m, tl.max(t, axis=0))  # finite: the first chunk holds part 0
-                acc = acc * tl.exp2(m - m_new) + tl.sum(tl.exp2(t - m_new[None, :]), axis=0)
+                m_new = tl.maximum(m, tl.max(t, axis=0))
+                # -inf only while every part so far is -inf (none is, for finite inputs: each
+                # tile or program covers a valid row and column); 0 then keeps exp2 off -inf - -inf
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+                acc = acc * tl.exp2(m - m_ref) + tl.sum(tl.exp2(t - m_ref[None, :]), axis=0)
                 m = m_new
             lse = (m + tl.log2(acc)) * 0.6931471805599453
             tl.store(lse_ptr + offs_n, lse, mask=mask_n)
         return lse
 
-    @triton.jit
+    # Sizes not specialised (on equality to 1 or divisibility by 16): they only bound masked
+    # loads, and a dynamic B would otherwise compile several variants of each kernel.
+    @triton.jit(do_not_specialize=["n", "n_rparts", "n_cparts"])
     def _merge_lse_kernel(
         rpart_ptr, cpart_ptr,  # fp32 [n_rparts, B], [n_cparts, B]: log2-sum-exp2 partials
         row_lse_ptr, col_lse_ptr,  # fp32 [B] out (in, for a side whose n_parts is 0)
@@ -82,7 +89,7 @@ if HAVE_TRITON:
         share = tl.sum(tl.where(mask_n, lse, 0.0), axis=0)
         tl.store(share_ptr + side * tl.num_programs(0) + pid, tl.math.div_rn(share, 2.0 * n))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n", "dim"])
     def _fast_scalars_kernel(
         gz_ptr,  # fp32 0-d: Σ Ĝ∘z from the forward
         scale_ptr, grad_ptr,  # 0-d: s and the upstream gradient g

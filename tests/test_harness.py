@@ -226,11 +226,15 @@ def train_step(model, optimizer, batch, progress):
 """
 
 
+# The messages name the guard that refused the run, not exact durations: on a loaded machine
+# (a CI runner, or two test processes on 2 cores) the long step runs past 3 s, and the slowed
+# evaluation may reach the wall-time guard before the compute-time one.
 @pytest.mark.parametrize("extra,grace,message", [
-    (ONE_LONG_STEP, ("OVERRUN_GRACE_S", 1.0), r"training ran 3\."),
-    (AFTER_THE_BUDGET, ("AFTER_GRACE_S", 1.0), r"the recipe's code ran 3\."),
+    (ONE_LONG_STEP, ("OVERRUN_GRACE_S", 1.0), r"training ran \d+\.\d s on a budget of 1 s"),
+    (AFTER_THE_BUDGET, ("AFTER_GRACE_S", 1.0), r"the recipe's code ran \d+\.\d s after the budget ended"),
     # both the captions' process and the batch check's encode captions: either is caught first
-    (WHILE_ENCODING, ("EVAL_GRACE_S", 8.0), r"evaluation \(eclip.encode, (texts|batch_check)\) computed for longer than 8 s"),
+    (WHILE_ENCODING, ("EVAL_GRACE_S", 8.0),
+     r"evaluation \(eclip.encode, (texts|batch_check)\) (computed for longer than 8 s|took longer than \d+ s of wall time)"),
 ])
 def test_work_outside_the_budget_is_refused(cache, tmp_path, monkeypatch, capsys, extra, grace, message):
     import time

@@ -39,16 +39,16 @@ SMEM_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90
 # Ints that equal B (or a panel's height or offset) and strides of [.., B] buffers: not
 # multiples of 16 when B is ragged.
 RAGGED = frozenset({"n", "n_q", "n_k", "rows", "p0", "stride_ym", "stride_gm"})
-# Ints a kernel declares do_not_specialize: never marked divisible.
-UNSPECIALISED = frozenset({"part_base"})
 
 
 def build(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: int, ragged: bool = False):
     """Compile ``fn`` for sm_90, specialised as a launch with contiguous inputs is: the inner
     strides (``stride_*d``) fixed to 1, every pointer and int marked divisible by 16 (what
     lets loads vectorise and the pipeliner run) — except, with ``ragged``, those that follow
-    B (``RAGGED``), and always ``n_bucket`` (a bit length). Pointers typed by ``pointers``."""
+    B (``RAGGED``), and always ``n_bucket`` (a bit length) and the ints the kernel declares
+    ``do_not_specialize``. Pointers typed by ``pointers``."""
     sig, consts, attrs = {}, dict(constexprs), {}
+    params = fn.params
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             sig[name] = "constexpr"
@@ -56,7 +56,7 @@ def build(fn, pointers: dict, constexprs: dict, num_warps: int, num_stages: int,
             sig[name], consts[name] = "constexpr", 1
         else:
             sig[name] = "*" + pointers.get(name, "fp32") if name.endswith("_ptr") else "i32"
-            if name != "n_bucket" and name not in UNSPECIALISED and not (ragged and name in RAGGED):
+            if name != "n_bucket" and not params[i].do_not_specialize and not (ragged and name in RAGGED):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     try:
         return triton.compile(
@@ -200,8 +200,8 @@ def test_rectangular_tiles_fit_two_blocks_an_sm():
 
 def test_reduce_kernels_build():
     # The merge and scalar kernels (kernels/_contrastive_reduce.py): no spills, and the
-    # scalars' divisions round to nearest (div.rn, not the approximate div.full), so coef is
-    # bit for bit the factor torch computes.
+    # scalars' divisions are correctly rounded (div.rn, not the approximate div.full that `/`
+    # compiles to), as tests/test_kernels_reduce.py expects of coef.
     from kernels import _contrastive_reduce as reduce
 
     k = build(reduce._merge_lse_kernel, {}, dict(PARTS=reduce.MERGE_PARTS, BLOCK=reduce.MERGE_BLOCK), 4, 3,

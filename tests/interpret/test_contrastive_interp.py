@@ -303,17 +303,18 @@ _NO_LAUNCH = frozenset({"aten.empty", "aten.empty_strided", "aten.view", "aten.p
                         "aten.slice", "aten.detach", "aten.alias", "aten.as_strided"})
 
 
-def _torch_ops_outside_triton(fn, monkeypatch) -> collections.Counter:
-    """The aten ops ``fn`` dispatches that launch device work, Triton launches excluded (the
-    interpreter's own tensor copies around a launch are not counted)."""
+def _torch_ops_outside_triton(fn, monkeypatch) -> tuple[collections.Counter, int]:
+    """(the aten ops ``fn`` dispatches that launch device work, Triton launches excluded (the
+    interpreter's own tensor copies around a launch are not counted); the Triton launches)."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from triton.runtime import interpreter
 
-    depth = [0]
+    depth, launches = [0], [0]
     launch = interpreter.GridExecutor.__call__
 
     def counted_launch(self, *args, **kwargs):
         depth[0] += 1
+        launches[0] += 1
         try:
             return launch(self, *args, **kwargs)
         finally:
@@ -332,14 +333,16 @@ def _torch_ops_outside_triton(fn, monkeypatch) -> collections.Counter:
 
     with Record():
         fn()
-    return Record.ops
+    return Record.ops, launches[0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_fast_mode_launches_no_small_torch_ops(dtype, monkeypatch):
-    # A fast forward + backward is its Triton launches, the two cuBLAS products and two sums.
-    # The LSE merges, the loss and the scale gradient's terms were once some 35 small torch
-    # ops, each a launch and a gap on the GPU around the mode's four big kernels.
+    # A fast forward + backward is six Triton launches (forward, merge, Ĝ, scalars, two
+    # scalings), the two cuBLAS products and two sums. The LSE merges, the loss and the scale
+    # gradient's terms were once some 35 small torch ops, each a launch and a gap on the GPU
+    # around the mode's four big kernels. (fp32 inputs add casts and fp32 scalings of the
+    # products, by design: scaled_mm.)
     img, txt = make_inputs(300, 64, dtype, "cpu", seed=4)
     scale, grad = torch.tensor(14.3), torch.tensor(1.0)
 
@@ -347,6 +350,6 @@ def test_fast_mode_launches_no_small_torch_ops(dtype, monkeypatch):
         _, _, _, g, gz = _contrastive_fast.fast_forward(img, txt, scale, True)
         _contrastive_fast.fast_backward(g, gz, img, txt, scale, grad)
 
-    assert _torch_ops_outside_triton(fwd_bwd, monkeypatch) == {"aten.mm": 2, "aten.sum": 2}
+    assert _torch_ops_outside_triton(fwd_bwd, monkeypatch) == ({"aten.mm": 2, "aten.sum": 2}, 6)
     lean = _torch_ops_outside_triton(lambda: _contrastive_lean.lean_forward(img, txt, scale), monkeypatch)
-    assert lean == {"aten.sum": 1}
+    assert lean == ({"aten.sum": 1}, 2)  # the forward and the merge
