@@ -2,7 +2,7 @@
 
 Both are tiny in work (O(B) or O(B·D) bytes) but sat on the critical path as chains of
 small torch ops, each a launch of a few microseconds of host time and an idle gap on the
-GPU: the fast mode ran about 35 of them per forward + backward, around its four big
+GPU: the fast mode ran about 40 of them per forward + backward, around its four big
 kernels. Each is deterministic (fixed summation order, no atomics).
 
 ``merge_lse`` (``_merge_lse_kernel``, grid [⌈B/BLOCK⌉, 2], side 0 the rows, side 1 the
