@@ -45,12 +45,10 @@ import torch
 from ._common import (
     HAVE_TRITON,
     INTERPRET,
-    TINY_B,
     dot_precisions,
     full_precision_reduction,
     launch_tuned,
     n_bucket,
-    next_pow2,
     prune_by_dim,
     scaled_mm,
     tuned,
@@ -60,7 +58,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from ._contrastive_lean import _score_tile
+    from ._contrastive_lean import _fixed_fwd, _score_tile
     from ._contrastive_reduce import fast_scalars, merge_lse
 
 if HAVE_TRITON:
@@ -189,15 +187,9 @@ _TUNED: dict[tuple, dict] = {}
 
 
 def fixed_fwd_config(n: int, dim: int) -> dict:
-    """Launch config of the forward when B = n is not autotuned (``tuned``)."""
-    if INTERPRET:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=min(128, max(16, next_pow2(dim))), GROUP_M=8,
-                    num_warps=4, num_stages=3)
-    if n <= TINY_B:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=min(64, max(16, next_pow2(dim))), GROUP_M=8,
-                    num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=min(64, max(16, next_pow2(dim))), GROUP_M=8,
-                num_warps=8, num_stages=3)
+    """Launch config of the forward when B = n is not autotuned (``tuned``): the lean
+    forward's tiles (``_fixed_fwd``) in grouped order."""
+    return {"num_stages": 3, **_fixed_fwd(n, dim), "GROUP_M": 8}
 
 
 def grad_dtype(dtype: torch.dtype) -> torch.dtype:

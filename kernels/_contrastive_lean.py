@@ -32,6 +32,7 @@ from ._common import (
     INTERPRET,
     TINY_B,
     dot_precisions,
+    launch_tuned,
     n_bucket,
     next_pow2,
     prune_by_dim,
@@ -253,35 +254,37 @@ def _fwd_programs(n: int, sms: int, block_m: int, progs_per_sm: int) -> int:
     return max(1, min(sms * progs_per_sm, triton.cdiv(n, block_m)))
 
 
+# (D, B bucket, dtypes, device) → the config the autotuner chose for the forward, as in
+# ``_contrastive_fast._TUNED``: later calls of a tuned size launch it without the autotuner.
+_TUNED: dict[tuple, dict] = {}
+
+
 def lean_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor):
     """Returns (loss 0-d fp32, row_lse fp32 [B], col_lse fp32 [B]).
 
     Scratch: the [P, B] column LSEs, 4·P·B bytes (17 MiB at B = 32k on 132 SMs, one
-    program each; sized for the config with the most programs while tuning)."""
+    program each; sized for the config with the most programs on the first call of a tuned
+    size, while the autotuner times them all)."""
     n, dim = img.shape
     upcast = INTERPRET and img.dtype == torch.bfloat16
     precision, _ = dot_precisions(img.dtype, img.is_cuda)
     dev = img.device
     sms = _num_sms(dev)
-    cfg = None if tuned(n) else {**_fixed_fwd(n, dim), "PROGS_PER_SM": 1}
-    configs = [c.kwargs for c in _FWD_CONFIGS] if cfg is None else [cfg]
-    rows = max(_fwd_programs(n, sms, c["BLOCK_M"], c["PROGS_PER_SM"]) for c in configs)
+    key = (dim, n_bucket(n), img.dtype, txt.dtype, scale.dtype, dev)  # the autotuner's key, and the device
+    chosen = _TUNED if tuned(n) else {key: {**_fixed_fwd(n, dim), "PROGS_PER_SM": 1}}
+    configs = [c.kwargs for c in _FWD_CONFIGS] if key not in chosen else [chosen[key]]
+    grid = lambda meta: (_fwd_programs(n, sms, meta["BLOCK_M"], meta["PROGS_PER_SM"]),)
     row_lse = torch.empty(n, dtype=torch.float32, device=dev)
     diag = torch.empty(n, dtype=torch.float32, device=dev)
-    col = torch.empty((rows, n), dtype=torch.float32, device=dev)
+    col = torch.empty((max(grid(c)[0] for c in configs), n), dtype=torch.float32, device=dev)
     args = (img, txt, scale, row_lse, diag, col, n, dim,
             img.stride(0), img.stride(1), txt.stride(0), txt.stride(1), n_bucket(n))
-    if cfg is None:
-        grid = lambda meta: (_fwd_programs(n, sms, meta["BLOCK_M"], meta["PROGS_PER_SM"]),)
-        _lean_fwd_tuned[grid](*args, UPCAST=upcast, PRECISION=precision)
-        cfg = _lean_fwd_tuned.best_config.kwargs
-    else:
-        _lean_fwd_kernel[(_fwd_programs(n, sms, cfg["BLOCK_M"], cfg["PROGS_PER_SM"]),)](*args, UPCAST=upcast, PRECISION=precision, **cfg)
+    cfg = launch_tuned(_lean_fwd_tuned if key not in chosen else None, _lean_fwd_kernel, chosen, key, grid, args,
+                       dict(UPCAST=upcast, PRECISION=precision))
     # Merge the column LSEs of the programs that ran (the chosen config's) in a fixed order;
     # the row LSEs are final (0 parts).
     col_lse = torch.empty(n, dtype=torch.float32, device=dev)
-    programs = _fwd_programs(n, sms, cfg["BLOCK_M"], cfg["PROGS_PER_SM"])
-    loss = merge_lse(row_lse, 0, col, programs, row_lse, col_lse, diag)
+    loss = merge_lse(row_lse, 0, col, grid(cfg)[0], row_lse, col_lse, diag)
     return loss, row_lse, col_lse
 
 

@@ -55,6 +55,8 @@ def _fake_tuned(monkeypatch, module, kernel, tuner_name: str, configs, **match):
     tuner = _FakeTuner(kernel, configs, chosen)
     monkeypatch.setattr(module, "tuned", lambda n: True)
     monkeypatch.setattr(module, tuner_name, tuner, raising=False)
+    if hasattr(module, "_TUNED"):  # no choice remembered from an earlier test
+        monkeypatch.setattr(module, "_TUNED", {})
     return tuner
 
 
