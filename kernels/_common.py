@@ -204,6 +204,12 @@ def n_bucket(n: int) -> int:
     return min(n, HUGE_B).bit_length()
 
 
+def tune_key(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor) -> tuple:
+    """A launcher's key for the config its autotuner chose (``launch_tuned``'s ``chosen``):
+    the autotuner's own key (D, B bucket, the inputs' dtypes) and the device."""
+    return (q.shape[1], n_bucket(q.shape[0]), q.dtype, k.dtype, scale.dtype, q.device)
+
+
 def prune_by_dim(configs, named_args, **kwargs):
     """Autotune pruning: drop configs whose D-blocks (BLOCK_D, and BLOCK_V where present)
     exceed D rounded up to a power of two; keep the last config if none is left."""

@@ -51,6 +51,7 @@ from ._common import (
     n_bucket,
     prune_by_dim,
     scaled_mm,
+    tune_key,
     tuned,
 )
 
@@ -211,7 +212,7 @@ def fast_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, need
     dev = img.device
     upcast = INTERPRET and img.dtype == torch.bfloat16
     precision, _ = dot_precisions(img.dtype, img.is_cuda)
-    key = (dim, n_bucket(n), img.dtype, txt.dtype, scale.dtype, dev)  # the autotuner's key, and the device
+    key = tune_key(img, txt, scale)
     chosen = _TUNED if tuned(n) else {key: fixed_fwd_config(n, dim)}
     cfg = chosen.get(key)  # None: the first call of a tuned size
     tiles = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _FWD_CONFIGS] if cfg is None else [

@@ -36,6 +36,7 @@ from ._common import (
     n_bucket,
     next_pow2,
     prune_by_dim,
+    tune_key,
     tuned,
 )
 
@@ -270,7 +271,7 @@ def lean_forward(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor):
     precision, _ = dot_precisions(img.dtype, img.is_cuda)
     dev = img.device
     sms = _num_sms(dev)
-    key = (dim, n_bucket(n), img.dtype, txt.dtype, scale.dtype, dev)  # the autotuner's key, and the device
+    key = tune_key(img, txt, scale)
     chosen = _TUNED if tuned(n) else {key: {**_fixed_fwd(n, dim), "PROGS_PER_SM": 1}}
     configs = [c.kwargs for c in _FWD_CONFIGS] if key not in chosen else [chosen[key]]
     grid = lambda meta: (_fwd_programs(n, sms, meta["BLOCK_M"], meta["PROGS_PER_SM"]),)
