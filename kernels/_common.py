@@ -26,15 +26,22 @@ try:  # Triton ships Linux x86_64 wheels only; elsewhere the reference path stil
 except ImportError:  # pragma: no cover - exercised only on machines without Triton
     HAVE_TRITON = False
 
+
+def _interpret_mode() -> bool:
+    """Whether Triton decorates kernels for its interpreter: its own reading of
+    TRITON_INTERPRET ("1", "true", "on", ... ), so the two never disagree."""
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # no Triton (or one without knobs): the same spellings
+        return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes", "y")
+
+
 # Read once, like Triton itself: kernels decorated in this process use this mode.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = _interpret_mode()
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# exp(x) = exp2(x·log2 e) and ln(y) = log2(y)·ln 2: the kernels work in base 2 (exp2 is one
-# instruction) with the scale folded in. Inside @triton.jit code they appear as literals,
-# since a kernel may read only constexpr globals.
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 def _fix_interpreter_scalar_index() -> None:
@@ -140,13 +147,15 @@ if HAVE_TRITON:
         rounded once to x's dtype, to nearest even. For bf16 the rounding is done on the bits
         (the fp32 pattern plus 0x7FFF plus the kept lowest bit, then the high half): the
         Triton interpreter truncates fp32 → bf16 conversions, and this way the GPU and the
-        interpreter run the same arithmetic. (NaN stays NaN; overflow rounds to inf.)"""
+        interpreter run the same arithmetic. Overflow rounds to inf. A NaN is written as the
+        quiet NaN 0x7FC0 first: the GPU's canonical NaN, 0x7FFFFFFF, would carry into the sign
+        bit and come out as -0.0, hiding a NaN gradient."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
         coef = tl.load(coef_ptr).to(tl.float32)
         y = tl.load(x_ptr + offs, mask=mask).to(tl.float32) * coef
         if BF16:
-            u = y.to(tl.uint32, bitcast=True)
+            u = tl.where(y != y, 0x7FC00000, y.to(tl.uint32, bitcast=True)).to(tl.uint32)
             u = u + (0x7FFF + ((u >> 16) & 1))
             out = (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
         else:
@@ -225,6 +234,16 @@ def dot_precisions(dtype: torch.dtype, is_cuda: bool) -> tuple[str, str]:
     if dtype == torch.float32 and is_cuda:
         return "tf32x3", "tf32"
     return "tf32", "tf32"
+
+
+def int32_columns(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself, or a contiguous copy when its last column lies 2³¹ elements or more
+    from its first (a column-major view of a buffer of over 2·10⁹/D rows): the kernels
+    step along D with int32 offsets times the column stride (rows use int64), which would
+    overflow there. Every ordinary layout, non-contiguous ones included, passes as it is."""
+    if x.stride(1) * (x.shape[1] - 1) >= 2**31:
+        return x.contiguous()
+    return x
 
 
 def next_pow2(n: int) -> int:

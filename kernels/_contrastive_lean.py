@@ -236,7 +236,8 @@ def _fixed_bwd(n: int, dim: int) -> dict:
         # (4 warps spilled 280 B for bf16 and about 2 KB for fp32)
         cfg.update(BLOCK_D=min(32, max(16, next_pow2(dim))), BLOCK_V=min(256, max(16, next_pow2(dim))),
                    num_warps=8)
-    else:  # B >= HUGE_B (common.py): a config that builds for sm_90 without register spills
+    else:  # B past TINY_B untuned (B >= HUGE_B, or deterministic algorithms: _common.tuned):
+        # a config that builds for sm_90 without register spills
         cfg.update(BLOCK_M=64, BLOCK_N=32, BLOCK_V=min(256, max(16, next_pow2(dim))), num_warps=8, num_stages=2)
     return cfg
 

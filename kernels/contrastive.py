@@ -45,7 +45,7 @@ import math
 
 import torch
 
-from ._common import HAVE_TRITON, check_matrix, resolve_backend
+from ._common import HAVE_TRITON, check_matrix, int32_columns, resolve_backend
 
 if HAVE_TRITON:
     from ._contrastive_fast import fast_backward, fast_forward, grad_dtype
@@ -228,20 +228,11 @@ def _check_inputs(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, op:
     if img.device != txt.device:
         raise ValueError(f"{op}: img is on {img.device} but txt is on {txt.device}")
     if not isinstance(scale, torch.Tensor) or scale.dim() != 0 or not scale.is_floating_point():
-        got = tuple(scale.shape) if isinstance(scale, torch.Tensor) else type(scale).__name__
+        got = (f"shape {tuple(scale.shape)}, {scale.dtype}" if isinstance(scale, torch.Tensor)
+               else type(scale).__name__)
         raise ValueError(f"{op}: scale must be a 0-d floating-point tensor (exp of the logit scale), got {got}")
     if scale.device != img.device:
         raise ValueError(f"{op}: scale is on {scale.device} but img is on {img.device}")
-
-
-def _int32_columns(x: torch.Tensor) -> torch.Tensor:
-    """``x`` itself, or a contiguous copy when its last column lies 2³¹ elements or more
-    from its first (a column-major view of a buffer of over 2·10⁹/D rows): the kernels
-    step along D with int32 offsets times the column stride (rows use int64), which would
-    overflow there. Every ordinary layout, non-contiguous ones included, passes as it is."""
-    if x.stride(1) * (x.shape[1] - 1) >= 2**31:
-        return x.contiguous()
-    return x
 
 
 @functools.lru_cache(maxsize=16)
@@ -286,7 +277,7 @@ def contrastive_loss(
     if backend == "torch":
         mode = "lean"  # the reference has one implementation
     else:
-        img, txt = _int32_columns(img), _int32_columns(txt)
+        img, txt = int32_columns(img), int32_columns(txt)
         if mode == "auto":
             mode = "fast" if img.shape[0] <= _fast_max_b(str(img.device)) else "lean"
     if mode == "lean":

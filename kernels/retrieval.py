@@ -35,11 +35,22 @@ from typing import NamedTuple
 
 import torch
 
-from ._common import HAVE_TRITON, INTERPRET, check_matrix, next_pow2, resolve_backend
+from ._common import (
+    HAVE_TRITON,
+    INTERPRET,
+    check_matrix,
+    dot_precisions,
+    int32_columns,
+    next_pow2,
+    prune_by_dim,
+    resolve_backend,
+)
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
+
+    from ._contrastive_lean import _score_tile
 
 _OP = "retrieval_ranks"
 
@@ -84,7 +95,7 @@ if HAVE_TRITON:
 
         Phase 1 visits only the key tiles that hold the block's own keys and takes the best
         own score (the positive); phase 2 visits every key tile and counts the non-own keys
-        scoring >= the positive. Both phases compute score tiles with the one tl.dot below,
+        scoring >= the positive. Both phases compute score tiles with the one _score_tile,
         so a positive is bitwise the value its competitors are compared in.
         """
         pid = tl.program_id(0).to(tl.int64)
@@ -105,24 +116,10 @@ if HAVE_TRITON:
             tile = tl.where(own_phase, tile_lo + t, t - n_own_tiles)
             offs_n = tile.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < n_k
-            s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # fp32 scores of this tile
-            for d0 in range(0, dim, BLOCK_D):
-                offs_d = d0 + tl.arange(0, BLOCK_D).to(tl.int64)  # × a column stride: can pass 2³¹
-                mask_d = offs_d < dim
-                a = tl.load(
-                    q_ptr + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=mask_m[:, None] & mask_d[None, :],
-                    other=0.0,
-                )  # [BLOCK_M, BLOCK_D]
-                b = tl.load(
-                    k_ptr + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
-                    mask=mask_d[:, None] & mask_n[None, :],
-                    other=0.0,
-                )  # [BLOCK_D, BLOCK_N]
-                if UPCAST:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                s = tl.dot(a, b, s, input_precision=PRECISION)
+            s = _score_tile(  # fp32 scores of this tile [BLOCK_M, BLOCK_N] (the loss's own loop over D)
+                q_ptr, k_ptr, offs_m, offs_n, mask_m, mask_n, dim, stride_qm, stride_qd, stride_kn, stride_kd,
+                BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, PRECISION,
+            )
             own = (offs_n[None, :] >= own_lo[:, None]) & (offs_n[None, :] < own_hi[:, None])
             if own_phase:
                 pos = tl.maximum(pos, tl.max(tl.where(own, s, float("-inf")), axis=1))
@@ -133,12 +130,6 @@ if HAVE_TRITON:
                 beat = beat & (~own) & mask_n[None, :]
                 count += tl.sum(beat.to(tl.int32), axis=1)
         tl.store(rank_ptr + offs_m, count.to(tl.int64), mask=mask_m)
-
-    def _prune_rank_configs(configs, named_args, **kwargs):
-        # A K-step wider than the (padded) embedding only wastes loads.
-        d_max = max(16, next_pow2(named_args["dim"]))
-        kept = [c for c in configs if c.kwargs["BLOCK_D"] <= d_max]
-        return kept or configs[:1]
 
     _RANK_CONFIGS = [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
@@ -153,7 +144,7 @@ if HAVE_TRITON:
         else triton.autotune(
             configs=_RANK_CONFIGS,
             key=["dim", "n_bucket"],
-            prune_configs_by={"early_config_prune": _prune_rank_configs},
+            prune_configs_by={"early_config_prune": prune_by_dim},  # no D-step wider than D
         )(_rank_rows_kernel)
     )
 
@@ -176,8 +167,8 @@ def _rank_rows_triton(
     upcast = INTERPRET and (q.dtype == torch.bfloat16 or k.dtype == torch.bfloat16)
     if q.dtype != k.dtype:  # mixed inputs: compute both in fp32
         q, k = q.float(), k.float()
-    # fp32 inputs: 3xTF32 keeps fp32-level accuracy on the tensor cores.
-    precision = "tf32x3" if q.dtype == torch.float32 and q.is_cuda else "tf32"
+    q, k = int32_columns(q), int32_columns(k)  # the D offsets are int32
+    precision = dot_precisions(q.dtype, q.is_cuda)[0]  # the loss's score precision (3xTF32 for fp32)
     args = (q, k, own_lo, own_hi, rank, n_q, n_k, dim, q.stride(0), q.stride(1))
     args += (k.stride(0), k.stride(1), next_pow2(n_q * n_k).bit_length())
     if INTERPRET or n_q * n_k <= _TINY_SCORES:
@@ -263,7 +254,8 @@ def _check_inputs(
             torch.int64,
             torch.int32,
         ):
-            raise ValueError(f"{_OP}: txt_image must be an int64 tensor of shape [Nt]")
+            got = txt_image.dtype if isinstance(txt_image, torch.Tensor) else type(txt_image).__name__
+            raise ValueError(f"{_OP}: txt_image must be an int64 or int32 tensor of shape [Nt], got {got}")
         if txt_image.shape != (n_txt,):
             raise ValueError(
                 f"{_OP}: txt_image must have shape [Nt] = [{n_txt}], got {tuple(txt_image.shape)}"

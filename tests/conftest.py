@@ -5,9 +5,9 @@ Triton reads ``TRITON_INTERPRET`` when kernels are decorated, so the interpreter
 run skips collecting them and a test launches them in their own pytest process.
 """
 
-import os
+from kernels._common import INTERPRET  # Triton's own reading of the variable ("1", "true", ...)
 
-collect_ignore_glob = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["interpret/*"]
+collect_ignore_glob = [] if INTERPRET else ["interpret/*"]
 
 
 import pytest  # noqa: E402

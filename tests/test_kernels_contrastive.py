@@ -157,14 +157,15 @@ def test_zero_scale(mode, device):
 def test_a_column_stride_past_int32_gets_a_contiguous_copy():
     # The kernels' D offsets are int32 × the column stride: a column-major view of a buffer
     # of 2^30 rows would overflow them. Meta tensors: the layout without the memory.
-    from kernels.contrastive import _int32_columns
+    from kernels._common import int32_columns
+
     huge = torch.empty_strided((64, 3), (1, 2**30), device="meta")
-    fixed = _int32_columns(huge)
+    fixed = int32_columns(huge)
     assert fixed.is_contiguous() and fixed.shape == huge.shape
     edge = torch.empty_strided((64, 3), (1, 2**30 - 1), device="meta")  # last column at 2^31 − 2
-    assert _int32_columns(edge) is edge
+    assert int32_columns(edge) is edge
     strided = torch.empty((90, 64))[::2, ::2]  # an ordinary non-contiguous view passes as it is
-    assert _int32_columns(strided) is strided
+    assert int32_columns(strided) is strided
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -237,7 +238,8 @@ def test_reference_chunking_does_not_change_the_result():
         (torch.zeros(4, 3), torch.zeros(4, 3, dtype=torch.float16), torch.tensor(1.0), {}, "same dtype"),
         (torch.zeros(4), torch.zeros(4), torch.tensor(1.0), {}, "img must be 2-d"),
         (torch.zeros(4, 3), torch.zeros(4, 3), torch.tensor([1.0]), {}, "scale must be a 0-d"),
-        (torch.zeros(4, 3), torch.zeros(4, 3), 1.0, {}, "scale must be a 0-d"),
+        (torch.zeros(4, 3), torch.zeros(4, 3), 1.0, {}, "scale must be a 0-d.*got float$"),
+        (torch.zeros(4, 3), torch.zeros(4, 3), torch.tensor(3), {}, r"scale must be a 0-d.*got shape \(\), torch.int64"),
         (torch.zeros(4, 3), torch.zeros(4, 3), torch.tensor(1.0), {"mode": "quick"}, "mode must be"),
         (torch.zeros(4, 3), torch.zeros(4, 3), torch.tensor(1.0), {"backend": "cuda"}, "backend must be"),
     ],
@@ -245,6 +247,25 @@ def test_reference_chunking_does_not_change_the_result():
 def test_bad_input_raises_a_clear_error(img, txt, scale, kwargs, match):
     with pytest.raises(ValueError, match=match):
         contrastive_loss(img, txt, scale, **kwargs)
+
+
+def _noop_kernel(x_ptr):
+    pass
+
+
+@pytest.mark.parametrize("value,interpret", [("1", True), ("true", True), ("On", True), ("0", False), ("", False)])
+def test_interpret_mode_agrees_with_triton(value, interpret, monkeypatch):
+    # kernels sends CPU tensors to the Triton kernels when Triton builds them for its
+    # interpreter; the two must read TRITON_INTERPRET alike ("true" once built interpreted
+    # kernels while kernels took the reference path and refused backend="triton" on CPU).
+    triton = pytest.importorskip("triton")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from kernels import _common
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert _common._interpret_mode() is interpret
+    assert isinstance(triton.jit(_noop_kernel), InterpretedFunction) is interpret
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -304,7 +325,7 @@ def test_custom_ops_pass_opcheck_with_non_contiguous_inputs(mode):
     from kernels._common import resolve_backend
 
     base_i, base_t = make_inputs(40, 19, torch.float32, "cpu", seed=12)
-    img, txt = base_i.T.contiguous().T, base_t.T.contiguous().T  # [19, 40]ᵀ views: strides (1, 19)
+    img, txt = base_i.T.contiguous().T, base_t.T.contiguous().T  # [19, 40]ᵀ views: strides (1, 40)
     assert not img.is_contiguous()
     img.requires_grad_()
     impl = resolve_backend(None, img, "contrastive_loss")
@@ -355,6 +376,13 @@ def test_scaled_products_round_to_nearest_even(dtype, device):
     want = (b.float() * coef).to(dtype).float().cpu()
     assert torch.equal(got.isnan(), want.isnan())
     assert torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0))
+    # A NaN coef (a NaN upstream gradient) in the bit patterns a GPU writes: 0x7FFFFFFF, and
+    # with the sign bit. Every entry must come out NaN: the bias added for the rounding once
+    # carried that pattern into the sign bit, giving -0.0 (x86 keeps a NaN operand's bits
+    # through the multiplication, so the interpreter rerun sees these patterns as a GPU would).
+    for bits in (0x7FFFFFFF, -1):
+        nan = torch.tensor(bits, dtype=torch.int32).view(torch.float32).to(device)
+        assert scaled_mm(one, b, nan, dtype).isnan().all(), hex(bits & 0xFFFFFFFF)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -374,5 +402,7 @@ def test_fast_mode_scales_its_products_in_fp32(dtype, coef, device):
     a = torch.randn(96, 80, generator=g).to(device=device, dtype=torch.float16 if dtype == torch.float16 else torch.bfloat16)
     b = torch.randn(80, 24, generator=g).to(device=device, dtype=dtype)
     got = scaled_mm(a, b, torch.tensor(coef, device=device), dtype)
-    want = (a @ b.to(a.dtype)).float().mul(coef).to(dtype)
+    # The reference in float64: a bf16 / fp16 product times an fp32 coef is exact there, so
+    # .float() is the one fp32 rounding of the scaled product, then the one rounding to dtype.
+    want = ((a @ b.to(a.dtype)).double() * coef).float().to(dtype)
     assert got.dtype == dtype and torch.equal(got, want)

@@ -212,3 +212,17 @@ def test_reduce_kernels_build():
         k = build(reduce._fast_scalars_kernel, pointers, dict(BLOCK_B=32, BLOCK_D=128), 4, 3, ragged=True)
         assert spill_bytes(k) == 0
         assert "div.rn.f32" in k.asm["ptx"] and "div.full.f32" not in k.asm["ptx"]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_scale_kernel_builds(dtype):
+    # The in-place scaling of the fast backward's products (kernels/_common.py), at its GPU
+    # block size; the bf16 build rounds on the bits and must test for NaN first (a GPU's
+    # NaN, 0x7FFFFFFF, would otherwise carry into the sign bit): a NaN compare is in the PTX.
+    from kernels import _common
+
+    k = build(_common._scale_kernel, {"x_ptr": dtype, "coef_ptr": "fp32"},
+              dict(BLOCK=4096, BF16=dtype == "bf16"), 4, 3, ragged=True)
+    assert spill_bytes(k) == 0
+    if dtype == "bf16":
+        assert re.search(r"setp\.(nan|neu)\.f32", k.asm["ptx"]), "no NaN test in the bf16 rounding"
