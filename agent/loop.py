@@ -37,7 +37,7 @@ from agent.runner import (
     seconds_error,
 )
 from agent.search import SearchExhausted, SearchProposer, read_hparams
-from agent.workspace import Workspace, WorkspaceError
+from agent.workspace import Workspace, WorkspaceError, locked
 from eclip.errors import OneLineParser
 from eclip.policy import check_source, sigterm_as_ctrl_c
 
@@ -87,8 +87,8 @@ def state(exps: list[dict], root_commit: str, min_delta: float) -> dict:
     kept = [e["commit"] for e in exps if e.get("kept")]
     trail = journal.running_best(exps)
     best_commit, best = (kept[-1] if kept else root_commit), (trail[-1][1] if trail else None)
-    # a baseline cut short by a full disk says nothing of the recipe: not an attempt
-    attempts = sum(e.get("kind") == "baseline" and not (e.get("result") or {}).get("out_of_space") for e in exps)
+    # a baseline cut short (Ctrl-C, a scheduler's stop, a full disk) says nothing of the recipe: not an attempt
+    attempts = sum(e.get("kind") == "baseline" and e.get("status") != "interrupted" for e in exps)
     return {"baselines": len(base), "baseline_attempts": attempts,
             "experiments": sum(e.get("kind") == "experiment" for e in exps), "sigma": sigma,
             "threshold": threshold, "best_commit": best_commit, "best": best,
@@ -222,7 +222,9 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
     exps = journal.experiments(events)
     st = state(exps, root_commit, args.min_delta)
     n = st["next_n"]
-    if st["baselines"] < args.noise_runs:
+    # the noise floor is fixed once experiments begin: a later baseline would move the best
+    # score away from the best commit's
+    if st["baselines"] < args.noise_runs and not st["experiments"]:
         if st["baseline_attempts"] >= 2 * args.noise_runs:
             raise SystemExit("loop: error: the baseline recipe keeps failing; see experiments/*/run.log")
         if why := disk.space_error(ws.root, exps):
@@ -310,6 +312,13 @@ def check_args(args) -> str | None:
         else f"--max-hours {args.max_hours}: must be a positive number of hours",
         None if finite(args.min_delta) and args.min_delta >= 0 else f"--min-delta {args.min_delta}: must be 0 or more",
         device_error(args.device, auto=True),
+        None if args.max_turns >= 1 else f"--max-turns {args.max_turns}: must be at least 1",
+        None if args.max_tokens >= 1 else f"--max-tokens {args.max_tokens}: must be at least 1",
+        None if finite(args.max_cost_usd) and args.max_cost_usd > 0
+        else f"--max-cost-usd {args.max_cost_usd}: must be a positive number of dollars",
+        None if args.fix_attempts >= 0 else f"--fix-attempts {args.fix_attempts}: must be 0 or more",
+        None if finite(args.api_pause_s) and args.api_pause_s >= 0
+        else f"--api-pause-s {args.api_pause_s}: must be 0 or more seconds",
     ]
     return next((message for message in checks if message), None)
 
@@ -328,11 +337,23 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         subprocess.run([sys.executable, "-m", "eclip.prepare", "--dataset", "synthetic", "--out", str(args.data)],
                        check=True, env=clean_env())
+    root = args.workspace_root / args.tag
     try:
-        ws = Workspace.open_or_create(args.workspace_root / args.tag, TEMPLATE)
-    except WorkspaceError as e:
+        with locked(root):  # one process a workspace, for the whole session
+            ws = Workspace.open_or_create(root, TEMPLATE)
+            try:
+                return session(args, ws)
+            except WorkspaceError as e:  # git failing mid-study (a stale .git/index.lock, say)
+                print(f"loop: error: {e}", file=sys.stderr)
+                return 1
+    except WorkspaceError as e:  # in use by another process, or records that disagree
         print(f"loop: error: {e}", file=sys.stderr)
         return 2
+
+
+def session(args, ws: Workspace) -> int:
+    """The study in ``ws`` (locked): recover what the last session left, then run baselines and
+    experiments until a limit; returns the exit code."""
     root_commit = ws.root_commit()
     reconcile(ws, root_commit, args.min_delta)
     count, freed = disk.prune(ws.experiments, journal.experiments(journal.read(ws.journal_path)),
@@ -345,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
                                      "data": str(args.data.resolve()), "budget_s": args.budget_s,
                                      "device": args.device, "seed": args.seed, "min_delta": args.min_delta})
     exps = journal.experiments(journal.read(ws.journal_path))
+    begun = state(exps, root_commit, args.min_delta)
+    if begun["experiments"] and begun["baselines"] < args.noise_runs:
+        print(f"loop: note: --noise-runs {args.noise_runs} not applied: the noise floor was fixed by "
+              f"{begun['baselines']} baseline runs when the experiments began", file=sys.stderr)
     if args.proposer == "claude":
         protect_secrets()
         proposer = ClaudeProposer(ClaudeConfig(model=args.model, max_turns=args.max_turns, max_tokens=args.max_tokens,

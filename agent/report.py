@@ -11,7 +11,7 @@ from pathlib import Path
 
 from agent import journal
 from agent.runner import device_error, seconds_error
-from agent.workspace import Workspace
+from agent.workspace import Workspace, WorkspaceError, locked
 from eclip.errors import OneLineParser
 from eclip.fileio import atomic_write
 
@@ -140,9 +140,10 @@ def main(argv: list[str] | None = None) -> int:
         from agent.final import final_evaluation, summary_lines
 
         try:
-            event, ran = final_evaluation(ws, data=args.data, budget_s=args.budget_s, device=args.device,
-                                          force=args.force)
-        except ValueError as e:
+            with locked(ws.root):  # not beside a running loop: its runs and this one would share the device
+                event, ran = final_evaluation(ws, data=args.data, budget_s=args.budget_s, device=args.device,
+                                              force=args.force)
+        except (ValueError, WorkspaceError) as e:
             print(f"report: error: {e}", file=sys.stderr)
             return 2
         print("\n".join(summary_lines(event, ran)))

@@ -4,15 +4,21 @@ Tracked: ``recipe.py`` (the one file a proposer edits) and ``program.md`` (the b
 person writes for the proposer). Ignored and never cleaned: ``journal.jsonl``,
 ``results.tsv``, ``experiments/<n>/`` and ``progress.png``. Keeping a change is a commit;
 discarding one is a hard reset to the best commit, which touches tracked files only.
+``.lock`` is held (``flock``) by the one process that runs the study or its final score:
+two loops on one workspace would record each other's live runs as interrupted and commit
+over each other.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import shutil
 import subprocess
 from pathlib import Path
 
-IGNORED = ("journal.jsonl", "results.tsv", "experiments/", "progress.png", ".compile_cache/")
+IGNORED = ("journal.jsonl", "results.tsv", "experiments/", "progress.png", ".compile_cache/", ".lock")
 PROGRAM = """# Research brief
 
 Goal: the lowest validation mean rank (`val_mean_rank` in the harness's result.json;
@@ -38,7 +44,29 @@ recipe and shown to the proposer every time.
 
 
 class WorkspaceError(Exception):
-    """A workspace that cannot be opened as it is (one line for the command line)."""
+    """A workspace that cannot be opened or used as it is (one line for the command line)."""
+
+
+@contextlib.contextmanager
+def locked(root: Path):
+    """Hold ``root/.lock`` exclusively for the block (creating ``root`` if need be); raise
+    WorkspaceError at once, naming the holder's pid, if another process holds it. The lock
+    goes with the process, so a killed loop never leaves a stale one."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise WorkspaceError(f"{root}: in use by another process (pid {holder}); wait for it to end or stop "
+                                 "it, or use another --tag") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 class Workspace:
@@ -50,9 +78,27 @@ class Workspace:
         self.experiments = self.root / "experiments"
 
     def git(self, *args: str) -> str:
+        """Run git in the workspace; its stdout, stripped. A failure raises WorkspaceError
+        with git's own message. A Ctrl-C (or a SIGTERM turned into one) lets git finish
+        rather than killing it, which would leave ``.git/index.lock`` behind and stop every
+        later git command here."""
         cmd = ["git", "-C", str(self.root), "-c", "user.name=eclip research loop",
                "-c", "user.email=loop@localhost", "-c", "commit.gpgsign=false", *args]
-        return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip()
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+            try:
+                out, err = proc.communicate()
+            except KeyboardInterrupt:
+                proc.communicate()  # git ends by itself (a terminal's Ctrl-C reached it too)
+                raise
+        if proc.returncode:
+            why = (err.strip().splitlines() or [f"exit code {proc.returncode}"])[0]
+            raise WorkspaceError(f"{self.root}: git {args[0]} failed: {why}")
+        return out.strip()
+
+    def has_commit(self) -> bool:
+        """Whether the repository has a first commit (creation ran to the end)."""
+        cmd = ["git", "-C", str(self.root), "rev-parse", "-q", "--verify", "HEAD"]
+        return subprocess.run(cmd, capture_output=True).returncode == 0
 
     def show(self, commit: str, path: str = "recipe.py") -> str:
         """The text of ``path`` at ``commit`` (with its final newline, which git() strips)."""
@@ -66,10 +112,13 @@ class Workspace:
     def open_or_create(cls, root: Path, template: Path) -> Workspace:
         """Open the workspace at ``root``, or create it there. A workspace whose records
         disagree (runs but no journal, or a journal but no git history) is refused with
-        WorkspaceError rather than started over: that would overwrite the runs."""
+        WorkspaceError rather than started over: that would overwrite the runs. A repository
+        without a commit and with no records is a creation cut short: it is made again."""
         ws = cls(root)
         runs = sum(1 for p in ws.experiments.iterdir() if p.is_dir()) if ws.experiments.is_dir() else 0
         journal_size = ws.journal_path.stat().st_size if ws.journal_path.is_file() else 0
+        if (ws.root / ".git").is_dir() and not ws.has_commit() and not runs and not journal_size:
+            shutil.rmtree(ws.root / ".git")
         if (ws.root / ".git").is_dir():
             if runs and not journal_size:
                 raise WorkspaceError(f"{ws.journal_path}: missing or empty, but {ws.experiments} holds {runs} runs; "

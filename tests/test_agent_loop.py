@@ -207,3 +207,37 @@ def test_sigterm_stops_the_loop_as_ctrl_c_does(cache, tmp_path, monkeypatch, cap
     exps = journal.experiments(journal.read(ws.journal_path))
     assert [e["status"] for e in exps] == ["baseline", "baseline", "interrupted"]
     assert ws.head() == ws.root_commit() and "best_mean_rank: 100" in capsys.readouterr().out
+
+
+def test_interrupted_baselines_are_not_failures_of_the_recipe(cache, tmp_path, monkeypatch):
+    # Each stop during a baseline (Ctrl-C, a scheduler) once counted as a failed attempt:
+    # after 2 × --noise-runs of them every resume refused, "the baseline recipe keeps failing".
+    def stopped(recipe, data, budget_s, out, **kw):
+        raise KeyboardInterrupt
+
+    argv = ["--tag", "i", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1",
+            "--noise-runs", "1", "--max-experiments", "0"]
+    monkeypatch.setattr(loop, "run_experiment", stopped)
+    assert [loop.main(argv) for _ in range(3)] == [130] * 3
+    monkeypatch.setattr(loop, "run_experiment", scripted([50]))
+    assert loop.main(argv) == 0
+    exps = journal.experiments(journal.read(Workspace(tmp_path / "i").journal_path))
+    assert [e["status"] for e in exps] == ["interrupted"] * 3 + ["baseline"]
+
+
+def test_more_noise_runs_after_the_experiments_began_are_not_run(cache, tmp_path, monkeypatch, capsys):
+    # A baseline after a keep once reset the best score to the baseline mean while the best
+    # commit stayed the kept one: a later experiment worse than the kept one could be kept.
+    argv = ["--tag", "n", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1"]
+    monkeypatch.setattr(loop, "run_experiment", scripted([10, 5]))
+    assert loop.main([*argv, "--noise-runs", "1", "--max-experiments", "1"]) == 0
+    monkeypatch.setattr(loop, "run_experiment", scripted([8]))
+    capsys.readouterr()
+    assert loop.main([*argv, "--noise-runs", "3", "--max-experiments", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "loop: note: --noise-runs 3 not applied: the noise floor was fixed by 1 baseline runs" in err
+    ws = Workspace(tmp_path / "n")
+    exps = journal.experiments(journal.read(ws.journal_path))
+    assert [(e["kind"], e["status"]) for e in exps] == [("baseline", "baseline"), ("experiment", "keep"),
+                                                        ("experiment", "discard")]
+    assert ws.head() == exps[1]["commit"] and "best_mean_rank: 5" in out

@@ -31,6 +31,13 @@ def test_usage_errors_are_one_line(module, argv, message, capsys):
     (["--max-hours", "-1"], "--max-hours -1.0: must be a positive number of hours"),
     (["--min-delta", "nan"], "--min-delta nan: must be 0 or more"),
     (["--device", "tpu"], "--device tpu: expected auto, cpu, cuda or cuda:N"),
+    # the Claude proposer's limits, checked whichever proposer runs (a resumed study may switch)
+    (["--max-turns", "0"], "--max-turns 0: must be at least 1"),
+    (["--max-tokens", "0"], "--max-tokens 0: must be at least 1"),
+    (["--max-cost-usd", "nan"], "--max-cost-usd nan: must be a positive number of dollars"),
+    (["--max-cost-usd", "-5"], "--max-cost-usd -5.0: must be a positive number of dollars"),
+    (["--fix-attempts", "-1"], "--fix-attempts -1: must be 0 or more"),
+    (["--api-pause-s", "-1"], "--api-pause-s -1.0: must be 0 or more seconds"),
 ])
 def test_loop_refuses_bad_options_before_touching_a_workspace(argv, message, tmp_path, capsys):
     from agent import loop

@@ -1,0 +1,105 @@
+"""The workspace's guards: one process a workspace (``.lock``), a creation cut short made
+again, git failures as one line, and a Ctrl-C that never leaves git's index lock behind."""
+
+import os
+import subprocess
+
+import pytest
+
+from agent import journal, loop, report
+from agent.workspace import Workspace, WorkspaceError, locked
+
+
+def scripted(ranks):
+    calls = iter(ranks)
+
+    def fake(recipe, data, budget_s, out, **kw):
+        return {"status": "ok", "val_mean_rank": next(calls), "duration_s": 0.1}
+    return fake
+
+
+def _loop(tmp_path, cache, *extra):
+    return loop.main(["--tag", "w", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1",
+                      "--noise-runs", "1", *extra])
+
+
+def test_a_second_process_on_a_workspace_is_refused(small_cache, tmp_path, monkeypatch, capsys):
+    # Two loops on one tag once recorded each other's live runs as interrupted and committed
+    # over each other; a final score beside a loop would share its device.
+    monkeypatch.setattr(loop, "run_experiment", scripted([10.0]))
+    assert _loop(tmp_path, small_cache, "--max-experiments", "0") == 0
+    before = (tmp_path / "w" / "journal.jsonl").read_text()
+    capsys.readouterr()
+    with locked(tmp_path / "w"):  # another process's session (flock is per open file: this one conflicts too)
+        assert _loop(tmp_path, small_cache, "--max-experiments", "1") == 2
+        err = capsys.readouterr().err
+        assert err == f"loop: error: {tmp_path / 'w'}: in use by another process (pid {os.getpid()}); wait for it " \
+                      "to end or stop it, or use another --tag\n", err
+        assert report.main([str(tmp_path / "w"), "--final", "--data", str(small_cache)]) == 2
+        assert "in use by another process" in capsys.readouterr().err
+    assert (tmp_path / "w" / "journal.jsonl").read_text() == before  # nothing written meanwhile
+    monkeypatch.setattr(loop, "run_experiment", scripted([9.0]))
+    assert _loop(tmp_path, small_cache, "--max-experiments", "1") == 0  # released with the block
+
+
+def test_the_lock_is_released_when_its_holder_dies(tmp_path):
+    code = f"from agent.workspace import locked\nwith locked({str(tmp_path / 'w')!r}):\n    import os; os._exit(0)\n"
+    subprocess.run([os.sys.executable, "-c", code], check=True)
+    with locked(tmp_path / "w"):  # no stale lock: flock goes with the process
+        pass
+
+
+def test_a_creation_cut_short_is_made_again(small_cache, tmp_path, monkeypatch):
+    # killed between `git init` and the first commit: every later start once failed in git
+    root = tmp_path / "w"
+    root.mkdir()
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    (root / "recipe.py").write_text("half-copied")
+    monkeypatch.setattr(loop, "run_experiment", scripted([10.0]))
+    assert _loop(tmp_path, small_cache, "--max-experiments", "0") == 0
+    ws = Workspace(root)
+    assert ws.recipe.read_text() == loop.TEMPLATE.read_text()
+    assert [e["status"] for e in journal.experiments(journal.read(ws.journal_path))] == ["baseline"]
+
+
+def test_a_git_failure_is_one_line(small_cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(loop, "run_experiment", scripted([10.0]))
+    assert _loop(tmp_path, small_cache, "--max-experiments", "0") == 0
+    lock = tmp_path / "w" / ".git" / "index.lock"  # as a git process killed mid-write leaves it
+    lock.write_text("")
+    capsys.readouterr()
+    assert _loop(tmp_path, small_cache, "--max-experiments", "1") == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"loop: error: {tmp_path / 'w'}: git reset failed: fatal: Unable to create ") \
+        and "index.lock" in err and err.count("\n") == 1, err
+
+
+def test_ctrl_c_during_a_git_command_lets_git_finish(tmp_path, monkeypatch):
+    # subprocess.run kills its child when interrupted: a git commit killed mid-write leaves
+    # .git/index.lock, and every later git command in the workspace fails. The interrupt
+    # arrives while `git add` runs (the first of a commit's two commands): it must finish, and
+    # the interrupt go on, before `git commit`.
+    ws = Workspace.open_or_create(tmp_path / "w", loop.TEMPLATE)
+    ws.recipe.write_text(ws.recipe.read_text() + "\n# edited\n")
+    real = subprocess.Popen.communicate
+    interrupted = []
+
+    def communicate(self, *args, **kwargs):
+        if not interrupted:
+            interrupted.append(True)
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "communicate", communicate)
+    with pytest.raises(KeyboardInterrupt):
+        ws.commit("experiment 1: edited")
+    monkeypatch.undo()
+    assert not (ws.root / ".git" / "index.lock").exists()
+    assert ws.git("diff", "--cached", "--name-only") == "recipe.py"  # staged: git add ran to its end
+    assert ws.git("log", "-1", "--format=%s") == "baseline: the template recipe"
+
+
+def test_git_errors_name_the_workspace(tmp_path):
+    ws = Workspace.open_or_create(tmp_path / "w", loop.TEMPLATE)
+    with pytest.raises(WorkspaceError, match=r"w: git show failed: fatal: .*nosuchcommit"):
+        ws.show("nosuchcommit")
