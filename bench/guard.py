@@ -9,8 +9,11 @@ ratio of its median time to the counterpart's (both measured in the same run), w
 survives a busy or throttled machine far better than raw times; the counterparts themselves
 are not guarded. A figure regresses when it exceeds the baseline's by more than
 ``--tolerance``: by default 0.35 on a CPU (paired ratios on the 2-core CI machines moved by
-up to ±26% between identical runs) and 0.15 on a GPU. Exit codes: 0 no regression,
-1 regression, 2 no baseline or an unreadable file.
+up to ±26% between identical runs) and 0.15 on a GPU. A figure of the baseline that the run
+lacks (a benchmark skipped, renamed or gone) fails the check too, unless the run is partial
+on purpose (pytest arguments after ``--``, or ``--allow-missing``). Exit codes: 0 no
+regression, 1 a regression or a missing figure, 2 no baseline, an unreadable file, a failed
+or empty benchmark run, or no figure in common.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from eclip.fileio import atomic_write
 
 BASELINES = Path(__file__).parent / "baselines"
 TIMING = ["--benchmark-enable", "--benchmark-min-rounds=15", "--benchmark-max-time=1.0",
@@ -76,8 +80,9 @@ def guarded(run: dict) -> dict[str, float]:
     return out
 
 
-def compare(base: dict, new: dict, tolerance: float) -> tuple[list[str], list[str]]:
-    """(table lines, regression lines) for the figures both runs have."""
+def compare(base: dict, new: dict, tolerance: float) -> tuple[list[str], list[str], list[str]]:
+    """(table lines, regression lines, missing lines): the figures both runs have, compared;
+    then those of the baseline that the new run lacks."""
     a, b = guarded(base), guarded(new)
     lines, bad = [], []
     for name in sorted(set(a) & set(b)):
@@ -87,9 +92,8 @@ def compare(base: dict, new: dict, tolerance: float) -> tuple[list[str], list[st
         lines.append(line)
         if flag != "ok":
             bad.append(line)
-    for name in sorted(set(a) - set(b)):
-        lines.append(f"{'missing':<10} {name}: in the baseline, not in this run")
-    return lines, bad
+    missing = [f"{'missing':<10} {name}: in the baseline, not in this run" for name in sorted(set(a) - set(b))]
+    return lines + missing, bad, missing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", type=Path, help="an existing benchmark JSON instead of running the suites")
     ap.add_argument("--baseline", type=Path, help="baseline file (default: bench/baselines/<device>.json)")
     ap.add_argument("--tolerance", type=float, help="allowed relative growth of a ratio (default 0.35 CPU, 0.15 GPU)")
+    ap.add_argument("--allow-missing", action="store_true",
+                    help="a partial run: figures of the baseline that it lacks do not fail the check "
+                         "(implied by pytest arguments)")
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments after --, e.g. -- -k loss")
     args = ap.parse_args(argv)
     device = None
@@ -107,24 +114,33 @@ def main(argv: list[str] | None = None) -> int:
     else:
         run_path = Path(tempfile.mkdtemp()) / "run.json"
         rc = run_suites(run_path, args.pytest_args)
-        if rc not in (0, 5) or not run_path.exists():
+        if rc == 5:
+            return _fail("the benchmark run collected no benchmarks (pytest exit 5)")
+        if rc != 0 or not run_path.exists():
             return _fail(f"the benchmark run failed (pytest exit {rc})")
     run = load_run(run_path)
     device = device or run.get("device") or current_device()
     baseline = args.baseline or BASELINES / f"{slug(device)}.json"
     if args.action == "save":
+        if not guarded(run):
+            return _fail(f"{run_path}: no guarded figures (no benchmark with a plain counterpart); nothing saved")
         baseline.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(run_path, baseline)
+        text = Path(run_path).read_text()
+        atomic_write(baseline, lambda tmp: tmp.write_text(text))
         print(f"guard: saved {len(guarded(run))} guarded figures as the baseline for {device}: {baseline}")
         return 0
     if not baseline.exists():
         return _fail(f"no baseline for {device} at {baseline}; make one with: python -m bench.guard save")
     tolerance = args.tolerance if args.tolerance is not None else (0.35 if device.startswith("cpu") else 0.15)
-    lines, bad = compare(load_run(baseline), run, tolerance)
+    lines, bad, missing = compare(load_run(baseline), run, tolerance)
+    compared = len(lines) - len(missing)
+    if not compared:
+        return _fail(f"{run_path}: no figure in common with {baseline}; nothing compared")
     print("\n".join(lines))
-    print(f"guard: {len(lines)} figures compared with {baseline.name}, {len(bad)} regressed "
-          f"beyond {tolerance:.0%}")
-    return 1 if bad else 0
+    partial = args.allow_missing or bool(args.pytest_args)
+    print(f"guard: {compared} figures compared with {baseline.name}, {len(bad)} regressed beyond {tolerance:.0%}"
+          + (f"; {len(missing)} missing from this run{' (a partial run)' if partial else ''}" if missing else ""))
+    return 1 if bad or (missing and not partial) else 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -39,6 +40,28 @@ def test_kernel_table_dry_run(tmp_path, capsys, monkeypatch):
     assert len(rows) == 2 and all(line.count("|") == 5 for line in rows)
     assert "panel sweep B=256" in text and "finite: ok" in text and "collapsed model ranks N-1: ok" in text
     assert "tuned fast fwd: nothing tuned in this run" in text  # the references tune nothing
+
+
+def test_kernel_table_fails_when_a_check_fails(capsys, monkeypatch):
+    # A loss 5% off, a collapsed model that ranks 0 and a non-finite B = 1M loss: each check
+    # prints FAIL and the exit code must say so (the sections once returned None, counted ok).
+    real = kernel_table.fused
+    monkeypatch.setattr(kernel_table, "fused", lambda mode: lambda *a, **k: 1.05 * real(mode)(*a, **k))
+    monkeypatch.setattr(kernel_table, "OUT", None)
+    monkeypatch.setattr(kernel_table, "DEV", "cpu")
+    assert kernel_table.check_accuracy([40], 16) is False
+    assert kernel_table.check_lean_memory([40], 16, limit=-1.0) is False  # no extra memory is under -1 MiB
+    assert kernel_table.check_lean_memory([40], 16) is True
+    text = capsys.readouterr().out
+    assert text.count("(FAIL: targets 1e-3 / 1e-2)") == 3 and text.count("(FAIL: target -1.0 MiB") == 2, text
+    monkeypatch.setattr(kernel_table, "fused", lambda mode: lambda *a, **k: float("nan") * real(mode)(*a, **k))
+    assert kernel_table.huge(64, 16) is False
+    ranks = kernel_table.kernels.retrieval_ranks
+    monkeypatch.setattr(kernel_table.kernels, "retrieval_ranks", lambda i, t: ranks(i, t)._replace(
+        i2t=torch.zeros_like(ranks(i, t).i2t)))
+    assert kernel_table.ranks(50, 16) is False
+    monkeypatch.setattr(kernel_table, "check_accuracy", lambda sizes, d: False)
+    assert kernel_table.main(["--dry-run"]) == 1
 
 
 def test_kernel_table_reports_the_tuned_configs(monkeypatch):

@@ -65,6 +65,32 @@ def test_missing_baseline_and_bad_files(tmp_path, capsys, monkeypatch):
     assert guard.main(["check", "--run", str(run)]) == 0
 
 
+def test_a_run_that_lacks_figures_fails(tmp_path, capsys, monkeypatch):
+    # A benchmark skipped or gone once passed the check: its figure was listed, never counted.
+    base = run_file(tmp_path, "base.json", 1.5)
+    data = json.loads(base.read_text())
+    data["benchmarks"] = [b for b in data["benchmarks"] if b["fullname"] != "step[template]"]
+    part = tmp_path / "part.json"
+    part.write_text(json.dumps(data))
+    assert guard.main(["check", "--run", str(part), "--baseline", str(base)]) == 1
+    out = capsys.readouterr().out
+    assert "missing    step[template]: in the baseline, not in this run" in out
+    assert "1 figures compared with base.json, 0 regressed beyond 35%; 1 missing from this run\n" in out
+    assert guard.main(["check", "--run", str(part), "--baseline", str(base), "--allow-missing"]) == 0
+    assert "1 missing from this run (a partial run)" in capsys.readouterr().out
+    # nothing in common (an empty run), or nothing to save: exit 2, one line, no baseline written
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"device": "cpu", "benchmarks": []}))
+    assert guard.main(["check", "--run", str(empty), "--baseline", str(base)]) == 2
+    assert "empty.json: no figure in common with" in capsys.readouterr().err
+    assert guard.main(["save", "--run", str(empty), "--baseline", str(tmp_path / "new.json")]) == 2
+    assert "no guarded figures" in capsys.readouterr().err and not (tmp_path / "new.json").exists()
+    # pytest collecting no benchmark (exit 5) is a failed run, not an empty success
+    monkeypatch.setattr(guard, "run_suites", lambda out, extra: 5)
+    assert guard.main(["check", "--baseline", str(base)]) == 2
+    assert "collected no benchmarks (pytest exit 5)" in capsys.readouterr().err
+
+
 def test_device_slugs():
     assert guard.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert guard.slug("cpu (x86_64, 2 threads)") == "cpu-x86-64-2-threads"
