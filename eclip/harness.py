@@ -123,10 +123,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
-    args.out.mkdir(parents=True, exist_ok=True)
     if not args.recipe.is_file():
         print(f"harness: error: {args.recipe}: recipe file not found", file=sys.stderr)
         return 2
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file in the way, no permission
+        print(f"harness: error: {args.out}: cannot make the run directory ({e.strerror})", file=sys.stderr)
+        return 2
+    result_path = args.out / "result.json"
+    result_path.unlink(missing_ok=True)  # an earlier run's result must never pass for this run's
     violations = check_file(args.recipe)
     if violations:
         lines = [v.format(str(args.recipe)) for v in violations]
@@ -152,11 +158,18 @@ def run(args) -> int:
     if args.final:
         cmd.append("--final")
     rc = child(cmd, capped, env=hide_gpu(dict(os.environ)) if on_cpu else None)
-    result_path = args.out / "result.json"
+    from eclip.train import summary_lines
+
     try:
         result = json.loads(result_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return exit_code(rc) if rc else 1  # the child died without a result: the caller reports the crash
+    except (OSError, json.JSONDecodeError):  # the child died without a result (its error is above)
+        rc = rc or 1
+        status = "error" if exit_code(rc) == 2 else "crash"  # 2: bad input (data, options), not the recipe
+        result = {"status": status, "val_mean_rank": None,
+                  "reason": f"the training process exited with code {rc} without a result"}
+        write_json(result_path, result)
+        print("\n".join(summary_lines(result)))
+        return exit_code(rc)
     if result.pop("ranked_by", None) != "caller":
         return exit_code(rc)  # written by the child before the run began (bad input, out of memory)
     # from here on the harness writes the result: "ranked_by: caller" never outlives it
@@ -174,8 +187,6 @@ def run(args) -> int:
             result = dict(result, status="interrupted", val_mean_rank=None, metrics=None,
                           reason="interrupted during the evaluation (the checkpoint is saved)")
             rc = 130
-    from eclip.train import summary_lines
-
     write_json(result_path, result)
     print("\n".join(summary_lines(result)))
     return exit_code(rc)

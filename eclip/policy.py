@@ -429,4 +429,9 @@ def check_source(source: str, filename: str = "recipe.py") -> list[Violation]:
 
 def check_file(path: str | Path) -> list[Violation]:
     path = Path(path)
-    return check_source(path.read_text(encoding="utf-8"), str(path))
+    data = path.read_bytes()
+    try:
+        source = data.decode("utf-8")
+    except UnicodeDecodeError as e:  # Python would refuse to import it too: a violation, not a traceback
+        return [Violation(data.count(b"\n", 0, e.start) + 1, f"not UTF-8 text (byte {e.start}: {e.reason})")]
+    return check_source(source, str(path))

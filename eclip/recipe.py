@@ -143,8 +143,9 @@ def build_model(spec):
         if field in overrides:
             raise ValueError(f"model.{field}: set by the recipe entry {entry!r} (use --{entry}=...)")
         overrides[field] = HPARAMS.get(entry, "") if cast is None else cast(HPARAMS[entry])
+    # the text tower reads captions and (expert path) region phrases: room for the longer of the two
     cfg = model_config(HPARAMS["preset"], image_size=spec.image_size, vocab_size=spec.vocab_size,
-                       context_length=spec.context_length, **overrides)
+                       context_length=max(spec.context_length, spec.phrase_length), **overrides)
     model = _build_model(cfg).to(spec.device)
     gen = torch.Generator()
     gen.manual_seed(int(HPARAMS["expert_seed"]))

@@ -1,0 +1,46 @@
+"""``python -m eclip.harness run`` on bad input: one line, exit 2, and a result.json that is
+this run's (never an earlier run's left in --out)."""
+
+import json
+
+from eclip import harness
+from eclip.policy import check_file
+from eclip.train import TEMPLATE
+
+
+def test_a_recipe_that_is_not_utf8_is_rejected_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "recipe.py"
+    bad.write_bytes(TEMPLATE.read_bytes() + b"\n# caf\xe9\n")  # Latin-1: Python refuses to import it
+    line = TEMPLATE.read_bytes().count(b"\n") + 2
+    assert [v.format("r.py") for v in check_file(bad)] == \
+        [f"r.py:{line}: not UTF-8 text (byte {len(TEMPLATE.read_bytes()) + 6}: invalid continuation byte)"]
+    out = tmp_path / "run"
+    rc = harness.main(["run", "--recipe", str(bad), "--data", str(tmp_path), "--budget-s", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"harness: error: {bad}:{line}: not UTF-8 text " \
+                              f"(byte {len(TEMPLATE.read_bytes()) + 6}: invalid continuation byte)\n", err
+    assert json.loads((out / "result.json").read_text())["status"] == "rejected"
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    out = tmp_path / "afile"
+    out.write_text("keep me")
+    rc = harness.main(["run", "--recipe", str(TEMPLATE), "--data", str(tmp_path), "--budget-s", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"harness: error: {out}: cannot make the run directory (File exists)\n", err
+    assert out.read_text() == "keep me"
+
+
+def test_a_training_that_fails_on_bad_input_replaces_an_earlier_result(tmp_path, capsys):
+    # An earlier run's result.json ("ok", a mean rank) once stayed in --out when the next run
+    # failed on its input, and read as that run's outcome.
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "result.json").write_text(json.dumps({"status": "ok", "val_mean_rank": 9.2}))
+    rc = harness.main(["run", "--recipe", str(TEMPLATE), "--data", str(tmp_path / "nope"), "--budget-s", "1",
+                       "--out", str(out), "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert rc == 2, captured.err
+    r = json.loads((out / "result.json").read_text())
+    assert r["status"] == "error" and r["val_mean_rank"] is None and "exited with code 2" in r["reason"]
+    assert "status:         error" in captured.out
