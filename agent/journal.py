@@ -152,10 +152,12 @@ def rebuild_results(path: Path, events: list[dict]) -> None:
 
 
 def _tsv_line(row: dict) -> str:
+    """One row; tabs and line breaks in a value (a proposer's description, an error text)
+    become spaces, so a row is always one line of len(COLUMNS) fields."""
     vals = []
     for c in COLUMNS:
         v = row.get(c)
-        vals.append("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v).replace("\t", " "))
+        vals.append("" if v is None else f"{v:.4g}" if isinstance(v, float) else " ".join(str(v).split()))
     return "\t".join(vals) + "\n"
 
 

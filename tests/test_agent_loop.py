@@ -241,3 +241,13 @@ def test_more_noise_runs_after_the_experiments_began_are_not_run(cache, tmp_path
     assert [(e["kind"], e["status"]) for e in exps] == [("baseline", "baseline"), ("experiment", "keep"),
                                                         ("experiment", "discard")]
     assert ws.head() == exps[1]["commit"] and "best_mean_rank: 5" in out
+
+
+def test_a_result_row_is_one_line_whatever_its_description(tmp_path):
+    # a proposer's description or an error text with tabs or line breaks once split a row
+    path = tmp_path / "results.tsv"
+    journal.add_result_row(path, {"commit": "abc1234", "val_mean_rank": 12.5, "status": "crash",
+                                  "description": "two\tcolumns\nand\r\ntwo lines"})
+    header, row = path.read_text().splitlines()
+    assert row.split("\t") == ["abc1234", "12.5", "", "", "crash", "two columns and two lines"]
+    assert header.split("\t") == list(journal.COLUMNS)
