@@ -23,14 +23,22 @@ from tqdm import tqdm
 
 from eclip.data import cache as cache_mod
 from eclip.data import synthetic
-from eclip.data.images import RESIZE_POLICIES, Job, decode_job
-from eclip.data.sources import Problems, Record, read_manifest_file, read_odvg, resolve_image
+from eclip.data.images import DECODE_VERSION, RESIZE_POLICIES, Job, decode_job
+from eclip.data.sources import (
+    Problems,
+    Record,
+    Region,
+    read_manifest_file,
+    read_odvg,
+    resolve_image,
+)
 from eclip.errors import DataError, EclipError, OneLineParser
 from eclip.evaluate import kfold_assign
 from eclip.tokenizer import encode_batch, load_tokenizer, train_bpe
 
 SPLIT_IDS = {name: i for i, name in enumerate(cache_mod.SPLITS)}
 SYNTHETIC_VERSION = 2  # bump when the generator's output changes, so caches rebuild
+MAX_FOLDS = int(np.iinfo(np.int8).max)  # fold ids are stored as int8 (see eclip.data.cache)
 DEFAULTS = {  # (real data, synthetic)
     "image_size": (224, 64),
     "vocab_size": (8192, 1024),
@@ -67,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--vocab-size", type=int, help="BPE vocabulary (default 8192; 1024 for synthetic)")
     out.add_argument("--context-length", type=int, help="caption tokens incl. <bos>/<eos> (default 77; 48 synthetic)")
     out.add_argument("--phrase-length", type=int, help="region phrase tokens (default 32; 16 synthetic)")
-    out.add_argument("--folds", type=int, default=3, help="k for the k-fold assignment over train+val images")
+    out.add_argument("--folds", type=int, default=3, help="k for the k-fold assignment over train+val images (at most 127)")
     out.add_argument("--seed", type=int, default=42, help="seed for splits, folds and the synthetic scenes")
     out.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="image decoding processes")
     out.add_argument("--skip-bad", action="store_true", help="skip bad rows/images and list them in skipped.jsonl")
@@ -86,6 +94,13 @@ def _resolve_defaults(args) -> None:
             raise EclipError(f"--{key.replace('_', '-')} {getattr(args, key)}: too small")
     if not (0 <= args.val_frac < 1 and 0 <= args.test_frac < 1 and args.val_frac + args.test_frac < 1):
         raise EclipError("--val-frac and --test-frac must lie in [0, 1) and sum below 1")
+    if args.folds > MAX_FOLDS:  # a larger id would wrap around to a negative one
+        raise EclipError(f"--folds {args.folds}: at most {MAX_FOLDS} (fold ids are stored as int8)")
+    if synth:  # checked up front: the generator cannot draw more distinct scenes than exist
+        for key in ("num_val", "num_test"):
+            if getattr(args, key) > synthetic.MAX_EVAL_SCENES:
+                raise EclipError(f"--{key.replace('_', '-')} {getattr(args, key)}: the built-in dataset has at most "
+                                 f"{synthetic.MAX_EVAL_SCENES} distinct evaluation scenes")
 
 
 def _stat_digest(paths: list[Path]) -> str:
@@ -106,9 +121,10 @@ def gather_records(args, problems: Problems) -> tuple[list[Record], list[dict], 
         recs = []
         for split, n in (("train", args.num_train), ("val", args.num_val), ("test", args.num_test)):
             for i, scene in enumerate(synthetic.sample_split(args.seed, split, n, unique=split != "train")):
+                where = f"synthetic:{split}:{i}"
                 recs.append(Record(image=f"synthetic/{split}/{i}", captions=[scene.caption],
-                                   regions=[([], o.phrase) for o in scene.objects], split=split,
-                                   where=f"synthetic:{split}:{i}", scene=scene))
+                                   regions=[Region([], o.phrase, where, k) for k, o in enumerate(scene.objects)],
+                                   split=split, where=where, scene=scene))
         return recs, [{"kind": "synthetic", "version": SYNTHETIC_VERSION}], {}
     if args.images is None or not args.images.is_dir():
         raise EclipError(f"--images {args.images}: not a directory")
@@ -152,7 +168,7 @@ def decode_all(recs: list[Record], args, problems: Problems) -> tuple[np.ndarray
     """Decode every record's image in parallel. Returns images [n, 3, R, R] for the records
     kept, their normalised boxes, and the indices of the records kept."""
     jobs = [Job(path=None if r.scene else str(resolve_image(args.images, r.image)), scene=r.scene,
-                boxes=[b for b, _ in r.regions], size=args.image_size, policy=args.resize)
+                boxes=[g.box for g in r.regions], size=args.image_size, policy=args.resize)
             for r in recs]
     images = np.empty((len(jobs), 3, args.image_size, args.image_size), dtype=np.uint8)
     boxes, keep = [], []
@@ -170,14 +186,35 @@ def decode_all(recs: list[Record], args, problems: Problems) -> tuple[np.ndarray
             if res.error:
                 problems.report(DataError(recs[i].where, res.error))
                 continue
+            kept_boxes = _drop_bad_boxes(recs[i], res.boxes, res.bad_boxes, problems)
+            if not recs[i].captions:  # every row of the image had a bad box
+                continue
             images[len(keep)] = res.image
-            boxes.append(res.boxes)
+            boxes.append(kept_boxes)
             keep.append(i)
     finally:
         bar.close()
         if pool is not None:
             pool.terminate()
     return images[: len(keep)], boxes, keep
+
+
+def _drop_bad_boxes(rec: Record, boxes: list, bad: list[tuple[int, str]], problems: Problems) -> list:
+    """Report the rows of ``rec`` that gave a box outside the image, each at its own line and
+    first bad region (as the readers report a row), and drop those rows' captions and
+    regions; the image keeps what its other rows said. Returns the boxes of the regions kept.
+    Without ``--skip-bad`` the first report raises."""
+    lines: dict[str, str] = {}
+    for k, problem in bad:
+        region = rec.regions[k]
+        lines.setdefault(region.where, f"region {region.index}: {problem}")
+    for where, problem in lines.items():
+        problems.report(DataError(where, problem))
+    if not lines:
+        return boxes
+    kept = [b for r, b in zip(rec.regions, boxes, strict=True) if r.where not in lines]
+    rec.drop_rows(set(lines))
+    return kept
 
 
 def build_annotations(recs: list[Record], boxes: list[list], tok, args, folds: np.ndarray) -> tuple[dict, dict]:
@@ -187,10 +224,10 @@ def build_annotations(recs: list[Record], boxes: list[list], tok, args, folds: n
         for c in rec.captions:
             captions.append(c)
             caption_image.append(row)
-        for (_, phrase), b in zip(rec.regions, bxs, strict=True):
+        for region, b in zip(rec.regions, bxs, strict=True):
             if b is None:  # cropped away by --resize center-crop
                 continue
-            phrases.append(phrase)
+            phrases.append(region.phrase)
             region_boxes.append(b)
             region_image.append(row)
     tokens, lengths, trunc_c = encode_batch(tok, captions, args.context_length)
@@ -234,7 +271,7 @@ def run(args) -> dict:
             raise EclipError(f"--tokenizer {args.tokenizer}: file not found")
         sources.append({"kind": "tokenizer", "path": str(args.tokenizer), "sha256": cache_mod.sha256_file(args.tokenizer)})
     fp = cache_mod.fingerprint({"options": options, "sources": [dict(s, path=None) for s in sources],
-                                "format_version": cache_mod.FORMAT_VERSION})
+                                "format_version": cache_mod.FORMAT_VERSION, "decode_version": DECODE_VERSION})
     if not args.force and cache_mod.is_current(args.out, fp):
         manifest = cache_mod.read_manifest(args.out)
         print(f"prepare: reusing cache {args.out} (inputs and options unchanged; --force rebuilds)", file=sys.stderr)
@@ -274,8 +311,9 @@ def run(args) -> dict:
         # "phrases": the regions kept, in the cache's row order (a pretrained text tower
         # re-tokenizes them from here); "cropped_phrases": those center-crop removed
         w.write_jsonl("records.jsonl", ({"image": r.image, "split": r.split, "captions": r.captions,
-                                         "phrases": [p for (_, p), b in zip(r.regions, bx, strict=True) if b is not None],
-                                         "cropped_phrases": [p for (_, p), b in zip(r.regions, bx, strict=True)
+                                         "phrases": [g.phrase for g, b in zip(r.regions, bx, strict=True)
+                                                     if b is not None],
+                                         "cropped_phrases": [g.phrase for g, b in zip(r.regions, bx, strict=True)
                                                              if b is None]}
                                         for r, bx in zip(recs, boxes, strict=True)))
         if problems.skipped:

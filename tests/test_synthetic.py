@@ -1,5 +1,7 @@
 """The built-in dataset: determinism, uniqueness, honest boxes, and that it is a real task."""
 
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -85,3 +87,23 @@ def test_colour_alone_cannot_get_near_a_good_mean_rank():
 def test_one_object_groups_fit_their_layouts():
     # 48 layouts per colour for one-object scenes: the group size must leave room.
     assert synthetic.EVAL_GROUP_SINGLE <= len(SHAPES) * 2 * len(POSITIONS)
+
+
+def test_evaluation_splits_are_capped_at_the_distinct_scenes_that_exist():
+    # Every colour multiset is one group: the cap is reachable, one more scene is refused
+    # (it used to loop forever looking for a multiset not yet used).
+    cap = synthetic.MAX_EVAL_SCENES
+    groups = synthetic._eval_groups(0, "val", cap)
+    assert len(groups) == cap and len(set(groups)) == 8 + 36 + 120
+
+    def hung(*_):
+        raise TimeoutError("_eval_groups did not return")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        with pytest.raises(ValueError, match=f"synthetic val: at most {cap} distinct evaluation scenes"):
+            synthetic._eval_groups(0, "val", cap + 1)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

@@ -91,10 +91,23 @@ def damaged_files(cache_dir: str | Path, manifest: dict) -> list[str]:
 
 
 def ensure_replaceable(out: Path) -> None:
-    """A build replaces ``out`` whole: only a missing or empty directory, or a cache, may go."""
+    """A build replaces ``out`` whole: only a missing or empty directory, or a cache holding
+    nothing but its own files, may go. Any ``manifest.json`` is not enough (other tools write
+    one too): it must carry the fields the writer records, and list every file in ``out``."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and read_manifest(out) is None:
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    m = (read_manifest(out) if out.is_dir() else None) or {}
+    files = m.get("files")
+    # any format version: an older cache is still ours to replace
+    if (not isinstance(m.get("format_version"), int) or not isinstance(m.get("fingerprint"), str)
+            or not isinstance(files, list) or not all(isinstance(f, str) for f in files)):
         raise EclipError(f"{out}: exists and is not a cache; refusing to replace it (choose another --out)")
+    foreign = sorted(set(os.listdir(out)) - set(files) - {"manifest.json"})
+    if foreign:
+        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+        raise EclipError(f"{out}: holds {foreign[0]!r}{more}, which is not part of the cache; refusing to "
+                         "replace it (move it elsewhere or choose another --out)")
 
 
 class CacheWriter:
@@ -143,6 +156,8 @@ class CacheWriter:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; a cache is not
+        for name in [*self.files, "manifest.json"]:  # nor its files (safetensors writes them 0600)
+            os.chmod(self.tmp / name, 0o666 & ~umask)
         old = None
         if self.out.exists() or self.out.is_symlink():
             old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")

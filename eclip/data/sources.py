@@ -15,6 +15,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from eclip.errors import DataError
 
@@ -22,16 +23,37 @@ IMAGE_COLUMNS = ("image", "filepath", "file_name", "filename", "path", "image_pa
 CAPTION_COLUMNS = ("caption", "text", "title")
 REGION_COLUMNS = ("regions",)
 SPLIT_COLUMNS = ("split",)
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+
+
+class Region(NamedTuple):
+    box: list[float]  # pixel box [x1, y1, x2, y2] (empty for synthetic scenes: they draw their own)
+    phrase: str
+    where: str = ""  # "FILE:LINE" of the row that gave it: a box found bad at decoding is reported there
+    index: int = 0  # its place among that row's regions, as messages number it ("region 2")
 
 
 @dataclass
 class Record:
     image: str  # image path as written in the source (relative to the images directory)
     captions: list[str]  # one or more captions of this image
-    regions: list[tuple[list[float], str]] = field(default_factory=list)  # pixel box, phrase
+    regions: list[Region] = field(default_factory=list)
     split: str | None = None  # "train" / "val" / "test" when the source decides
     where: str = ""  # "FILE:LINE" of the row that introduced the image
     scene: object = None  # a synthetic.Scene to draw instead of decoding a file
+    caption_where: list[str] = field(default_factory=list)  # "FILE:LINE" of each caption
+
+    def __post_init__(self):
+        if not self.caption_where:  # captions given with the record come from its first row
+            self.caption_where = [self.where] * len(self.captions)
+
+    def drop_rows(self, lines: set[str]) -> None:
+        """Forget the captions and regions that came from the rows at ``lines`` (with
+        ``--skip-bad``, a row with a box outside the image goes; the image's other rows stay)."""
+        kept = [(c, w) for c, w in zip(self.captions, self.caption_where, strict=True) if w not in lines]
+        self.captions = [c for c, _ in kept]
+        self.caption_where = [w for _, w in kept]
+        self.regions = [r for r in self.regions if r.where not in lines]
 
 
 class Problems:
@@ -55,7 +77,7 @@ def _check_caption(where: str, caption) -> str:
     return caption.strip()
 
 
-def parse_regions(where: str, regions) -> list[tuple[list[float], str]]:
+def parse_regions(where: str, regions) -> list[Region]:
     """Validate a list of ``{"bbox": [x1, y1, x2, y2], "phrase": str}`` in pixels."""
     if regions is None:
         return []
@@ -76,7 +98,7 @@ def parse_regions(where: str, regions) -> list[tuple[list[float], str]]:
             raise DataError(where, f"region {k}: bbox {box} lies outside the image (negative coordinate)")
         if not isinstance(phrase, str) or not phrase.strip():
             raise DataError(where, f"region {k}: empty phrase")
-        out.append(([x1, y1, x2, y2], phrase.strip()))
+        out.append(Region([x1, y1, x2, y2], phrase.strip(), where, k))
     return out
 
 
@@ -162,10 +184,11 @@ def _check_utf8(path: Path) -> None:
 
 
 def _manifest_rows(path: Path):
-    """Yield ``(line, dict)`` for each row of a CSV, TSV or JSONL manifest, plus the columns."""
+    """Yield ``(line, dict)`` for each row of a CSV, TSV or JSONL manifest, or ``(line,
+    DataError)`` for a row that cannot be read."""
     _check_utf8(path)
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".ndjson"):
+    if suffix in JSONL_SUFFIXES:
         with open(path, encoding="utf-8-sig") as f:  # -sig: spreadsheet exports start with a BOM
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
@@ -217,24 +240,35 @@ def read_manifest_file(path: Path, images_dir: Path, problems: Problems,
     the columns used."""
     by_image: dict[str, Record] = {}
     cols: dict | None = None
-    for lineno, row in _manifest_rows(path):
+    rows = _manifest_rows(path)
+    names = None  # CSV/TSV: every row has the header's columns, so the first row tells them
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        # JSON rows need not share keys: a "split" or "regions" that row 1 leaves out may be
+        # in row 9, so the columns are looked for among the keys of every row.
+        rows = list(rows)
+        names = list(dict.fromkeys(k for _, row in rows if isinstance(row, dict) for k in row))
+    for lineno, row in rows:
         where = f"{path}:{lineno}"
+        if isinstance(row, DataError):
+            problems.report(row)
+            continue
+        if cols is None:  # outside the try: a missing column is wrong for every row, never skipped
+            names = names if names is not None else list(row.keys())
+            cols = {
+                "image": _pick(names, image_column, IMAGE_COLUMNS, "image", where, True),
+                "caption": _pick(names, caption_column, CAPTION_COLUMNS, "caption", where, True),
+                "regions": _pick(names, regions_column, REGION_COLUMNS, "regions", where, False),
+                "split": _pick(names, None, SPLIT_COLUMNS, "split", where, False),
+            }
         try:
-            if isinstance(row, DataError):
-                raise row
-            if cols is None:
-                names = list(row.keys())
-                cols = {
-                    "image": _pick(names, image_column, IMAGE_COLUMNS, "image", where, True),
-                    "caption": _pick(names, caption_column, CAPTION_COLUMNS, "caption", where, True),
-                    "regions": _pick(names, regions_column, REGION_COLUMNS, "regions", where, False),
-                    "split": _pick(names, None, SPLIT_COLUMNS, "split", where, False),
-                }
-            name = row.get(cols["image"])
+            for key in ("image", "caption"):
+                if cols[key] not in row:  # only a JSON row can lack a column
+                    raise DataError(where, f"missing field {cols[key]!r}")
+            name = row[cols["image"]]
             if not isinstance(name, str) or not name.strip():
                 raise DataError(where, f"empty image path in column {cols['image']!r}")
             name = name.strip()
-            caption = _check_caption(where, row.get(cols["caption"]))
+            caption = _check_caption(where, row[cols["caption"]])
             regions = []
             if cols["regions"] and row.get(cols["regions"]) not in (None, ""):
                 raw = row[cols["regions"]]
@@ -245,8 +279,8 @@ def read_manifest_file(path: Path, images_dir: Path, problems: Problems,
                         raise DataError(where, f"regions column is not valid JSON ({e.msg})") from None
                 regions = parse_regions(where, raw)
             split = None
-            if cols["split"]:
-                split = str(row.get(cols["split"], "")).strip().lower() or None
+            if cols["split"] and row.get(cols["split"]) is not None:  # JSON null: no split, like ""
+                split = str(row[cols["split"]]).strip().lower() or None
                 if split not in (None, "train", "val", "test"):
                     raise DataError(where, f"unknown split {split!r} (use train, val or test)")
             rec = by_image.get(name)
@@ -260,7 +294,14 @@ def read_manifest_file(path: Path, images_dir: Path, problems: Problems,
                 if rec.split is None:
                     rec.split = split
                 rec.captions.append(caption)
-                rec.regions.extend(r for r in regions if r not in rec.regions)
+                rec.caption_where.append(where)
+                # rows of one image often repeat its regions: keep one of each (box, phrase),
+                # credited to the first row that gave it
+                have = {(tuple(r.box), r.phrase) for r in rec.regions}
+                for r in regions:
+                    if (tuple(r.box), r.phrase) not in have:
+                        have.add((tuple(r.box), r.phrase))
+                        rec.regions.append(r)
         except DataError as e:
             problems.report(e)
     if cols is None:

@@ -44,6 +44,10 @@ EVAL_GROUP = 100  # evaluation scenes sharing one colour multiset (2–3 objects
 EVAL_GROUP_SINGLE = 40  # the same for one-object scenes (48 distinct layouts per colour)
 MIN_GROUPS = 10  # an evaluation split has at least this many colour groups
 SUPERSAMPLE = 2  # shapes are drawn at 2x and box-filtered down, for clean edges
+# Distinct scenes an evaluation split can hold: one group per colour multiset (8 of one
+# colour, 36 of two, 120 of three), each of at most EVAL_GROUP (EVAL_GROUP_SINGLE) scenes.
+MAX_EVAL_SCENES = sum(math.comb(len(COLOURS) + n - 1, n) * (EVAL_GROUP if n > 1 else EVAL_GROUP_SINGLE)
+                      for n in range(1, len(NUM_OBJECTS_P) + 1))
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,9 @@ def _eval_groups(seed: int, split: str, count: int) -> list[tuple[str, ...]]:
     """Colour multisets for an evaluation split, one per scene, in groups of EVAL_GROUP
     (fewer for one-object scenes, which have only 48 distinct layouts per colour, and for
     small splits, which keep at least MIN_GROUPS groups)."""
+    if count > MAX_EVAL_SCENES:  # the loop below would run out of multisets and never end
+        raise ValueError(f"synthetic {split}: at most {MAX_EVAL_SCENES} distinct evaluation scenes, "
+                         f"{count} asked for")
     rng = np.random.default_rng([seed, SPLIT_IDS[split], 2**20])
     out, used = [], set()
     while len(out) < count:

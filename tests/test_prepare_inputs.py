@@ -1,0 +1,186 @@
+"""``python -m eclip.prepare`` on awkward inputs: JSONL rows with differing keys, boxes found
+bad at decoding, deep images, --out directories that are not ours, option limits."""
+
+import csv
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_prepare import run, write_image
+
+from eclip.data import synthetic
+from eclip.data.cache import load_cache, read_manifest
+
+
+def manifest_args(images, path, out, *extra):
+    """Every image in train, one fold: the split and folds are the source's, not a draw."""
+    return ["--format", "manifest", "--images", images, "--manifest", path, "--out", out, "--image-size", 8,
+            "--workers", 1, "--vocab-size", 300, "--val-frac", 0, "--test-frac", 0, "--folds", 1, *extra]
+
+
+def records(out):
+    return [json.loads(x) for x in (out / "records.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture
+def images(tmp_path):
+    """Four 20x20 RGB images 0.png .. 3.png."""
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(4):
+        write_image(d / f"{i}.png", 20, 20, i)
+    return d
+
+
+def test_jsonl_columns_may_first_appear_on_a_later_row(images, tmp_path, capsys):
+    path = tmp_path / "m.jsonl"
+    rows = [{"image": "0.png", "caption": "first"},  # no split, no regions
+            {"image": "1.png", "caption": "held out", "split": "test",
+             "regions": [{"bbox": [0, 0, 5, 5], "phrase": "a corner"}]},
+            {"image": "2.png", "caption": "third"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for extra in ([], ["--regions-column", "regions"]):
+        out = tmp_path / f"c{len(extra)}"
+        rc, _, err = run(manifest_args(images, path, out, *extra), capsys)
+        assert rc == 0, err
+        assert "regions column 'regions', split column 'split'" in err
+        recs = records(out)
+        assert [r["split"] for r in recs] == ["train", "test", "train"]  # not trained on
+        assert recs[1]["phrases"] == ["a corner"] and read_manifest(out)["counts"]["regions"] == 1
+    rows.append({"image": "3.png", "text": "no caption key"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc, _, err = run(manifest_args(images, path, tmp_path / "c"), capsys)
+    assert rc == 2 and "m.jsonl:4: missing field 'caption'" in err, err
+    assert err.strip().count("\n") == 0
+
+
+def test_a_missing_column_is_reported_even_with_skip_bad(images, tmp_path, capsys):
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n")
+    rc, _, err = run(manifest_args(images, path, tmp_path / "c", "--skip-bad", "--image-column", "nope"), capsys)
+    assert rc == 2 and "m.csv:2: no image column 'nope' (columns: image, caption)" in err, err
+    assert not (tmp_path / "c").exists()
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["image", "caption", "regions"], *rows])
+
+
+def test_a_bad_box_is_reported_at_the_row_that_gave_it(images, tmp_path, capsys):
+    good = {"bbox": [1, 1, 9, 9], "phrase": "a dot"}
+    bad = {"bbox": [0, 0, 500, 10], "phrase": "too wide"}
+    path = tmp_path / "m.csv"
+    write_csv(path, [["0.png", "plain", ""], ["1.png", "other", ""],
+                     ["0.png", "boxed", json.dumps([good, bad])],  # line 4, its region 1
+                     ["0.png", "fine", json.dumps([{"bbox": [2, 2, 6, 6], "phrase": "a spot"}])]])
+    out = tmp_path / "c"
+    rc, _, err = run(manifest_args(images, path, out), capsys)
+    assert rc == 2 and "m.csv:4: region 1: bbox [0, 0, 500, 10] lies outside the 20x20 image" in err, err
+    assert not out.exists()
+    rc, _, err = run(manifest_args(images, path, out, "--skip-bad"), capsys)
+    assert rc == 0, err
+    skipped = [json.loads(x) for x in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [s["where"] for s in skipped] == [f"{path}:4"]
+    # only line 4 goes: the image keeps the captions and regions of its other rows
+    recs = records(out)
+    assert recs[0]["image"] == "0.png" and recs[0]["captions"] == ["plain", "fine"]
+    assert recs[0]["phrases"] == ["a spot"] and len(recs) == 2
+    c = load_cache(out)
+    assert c.caption_image.tolist() == [0, 0, 1] and c.region_boxes.tolist() == [pytest.approx([0.1, 0.1, 0.3, 0.3])]
+
+
+def deep_image(path, mode):
+    """A left-to-right ramp over the mode's typical values, stored as ``mode``."""
+    ramp = np.tile(np.linspace(0, 1, 64), (32, 1))
+    if mode == "I;16":
+        Image.fromarray(np.round(ramp * 65535).astype(np.uint16)).save(path)
+    elif mode == "I;16B":  # big-endian, as TIFF scanners write it (convert() would clip it)
+        Image.frombytes(mode, (64, 32), np.round(ramp * 65535).astype(">u2").tobytes()).save(path)
+    elif mode == "I":
+        Image.fromarray(np.round(100 + ramp * 40000).astype(np.int32)).save(path)
+    else:  # float data in physical units, Hounsfield-like
+        Image.fromarray((-1000 + ramp * 4000).astype(np.float32)).save(path)
+
+
+def test_deep_images_are_scaled_to_8_bits_not_clipped(tmp_path, capsys):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    modes = {"I;16": "a.png", "I;16B": "b.tiff", "I": "c.tiff", "F": "d.tiff"}
+    for mode, name in modes.items():
+        deep_image(d / name, mode)
+        assert Image.open(d / name).mode == mode
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n" + "".join(f"{n},a ramp\n" for n in modes.values()))
+    out = tmp_path / "c"
+    rc, _, err = run(manifest_args(d, path, out), capsys)
+    assert rc == 0, err
+    for mode, img in zip(modes, load_cache(out).images.float(), strict=True):
+        row = img[0, 4]  # one row of the 8 px ramp
+        assert bool((img == img[0]).all()), mode  # grey: all channels alike
+        assert row[0] < 20 and row[-1] > 235 and abs(float(img.mean()) - 127.5) < 15, (mode, row.tolist())
+        assert bool((row[1:] >= row[:-1]).all()), mode
+
+
+def test_out_with_a_manifest_of_another_tool_is_left_alone(images, tmp_path, capsys):
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n")
+    out = tmp_path / "ext"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"name": "my extension"}')
+    (out / "precious.txt").write_text("precious")
+    rc, _, err = run(manifest_args(images, path, out), capsys)
+    assert rc == 2 and "exists and is not a cache; refusing to replace it" in err, err
+    assert (out / "precious.txt").read_text() == "precious" and len(list(out.iterdir())) == 2
+    # a real cache with a file of the user's put in it is not replaced either
+    cache = tmp_path / "cache"
+    assert run(manifest_args(images, path, cache), capsys)[0] == 0
+    (cache / "notes.txt").write_text("mine")
+    rc, _, err = run(manifest_args(images, path, cache, "--image-size", 4), capsys)
+    assert rc == 2 and "holds 'notes.txt', which is not part of the cache" in err, err
+    assert (cache / "notes.txt").read_text() == "mine" and load_cache(cache).image_size == 8
+    (cache / "notes.txt").unlink()
+    rc, stdout, err = run(manifest_args(images, path, cache, "--image-size", 4), capsys)
+    assert rc == 0 and "status:             built" in stdout and load_cache(cache).image_size == 4
+
+
+def test_cache_files_are_as_readable_as_the_cache_directory(images, tmp_path, capsys):
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n")
+    out = tmp_path / "c"
+    old = os.umask(0o022)
+    try:
+        rc, _, err = run(manifest_args(images, path, out), capsys)
+    finally:
+        os.umask(old)
+    assert rc == 0, err
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in out.iterdir()}
+    assert "images.safetensors" in modes and set(modes.values()) == {"0o644"}, modes
+
+
+def test_folds_beyond_what_int8_holds_are_refused(tmp_path, capsys):
+    args = ["--dataset", "synthetic", "--num-train", 130, "--num-val", 10, "--num-test", 10,
+            "--image-size", 8, "--workers", 1]
+    rc, _, err = run(args + ["--out", tmp_path / "a", "--folds", 128], capsys)
+    assert rc == 2 and "--folds 128: at most 127 (fold ids are stored as int8)" in err, err
+    assert not (tmp_path / "a").exists()
+    rc, _, err = run(args + ["--out", tmp_path / "b", "--folds", 127], capsys)
+    assert rc == 0, err
+    fold = load_cache(tmp_path / "b").fold
+    assert fold[:140].min() == 0 and fold[:140].max() == 126 and (fold[140:] == -1).all()
+
+
+@pytest.mark.parametrize("option", ["--num-val", "--num-test"])
+def test_more_evaluation_scenes_than_exist_fail_up_front(tmp_path, capsys, monkeypatch, option):
+    def drawn(*a, **k):
+        raise AssertionError("scenes drawn before the option was checked")
+
+    monkeypatch.setattr(synthetic, "sample_split", drawn)  # drawing them never ended
+    rc, _, err = run(["--dataset", "synthetic", option, 17000, "--out", tmp_path / "c"], capsys)
+    assert rc == 2, err
+    assert f"{option} 17000: the built-in dataset has at most 15920 distinct evaluation scenes" in err
+    assert not (tmp_path / "c").exists()
