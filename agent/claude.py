@@ -14,10 +14,16 @@ Control and failures:
   after a pause (``api_attempts`` × ``api_pause_s``, doubling); still failing, the proposal
   raises ``ProposerUnavailable``; authentication, permission and request errors raise
   ``ProposerStop`` at once: retrying cannot fix them;
+- requests are not streamed, under the SDK's own timeout for that case (10 minutes), which
+  also refuses a ``max_tokens`` whose reply could outlast it (``MAX_TOKENS``). A request that
+  times out anyway is not tried again after the SDK's retries (``ProposerUnavailable``): a
+  reply that never arrived reports no usage, so what it may have cost is not journaled;
 - every reply's usage (input, output, cache write, cache read tokens) is priced
   (``agent.pricing``), reported through ``on_usage`` as it arrives and summed per proposal;
   the proposal stops after the reply that spends ``budget_usd`` (what is left under the
-  loop's cap), so the cap can be exceeded by at most one reply;
+  loop's cap), so the cap can be exceeded by at most one reply; a reply cut off by
+  ``max_tokens`` before any tool call gets one nudge to be brief, and a second such reply
+  ends the proposal;
 - the system prompt and tools carry one cache breakpoint, the conversation's last block a
   second, moving one: every turn after the first reads the earlier turns from the cache.
 
@@ -38,6 +44,9 @@ from agent.search import Proposal
 from agent.tools import TOOLS, ToolBox
 
 DEFAULT_MODEL = "claude-sonnet-5-5"
+# The SDK refuses a non-streaming request it expects to take over 10 minutes, reckoning
+# 128,000 output tokens an hour: max_tokens at most 128,000 × 600 / 3,600.
+MAX_TOKENS = 21_333
 
 
 class ProposerStop(Exception):
@@ -56,7 +65,7 @@ class ClaudeConfig:
     sdk_retries: int = 4  # the SDK's own retries (exponential backoff, honours retry-after)
     api_attempts: int = 3  # further attempts after the SDK gives up, each after a pause
     api_pause_s: float = 30.0  # first pause between those attempts; doubles each time
-    timeout_s: float = 300.0  # per HTTP request
+    timeout_s: float | None = None  # per HTTP request; None: the SDK's for non-streaming requests (10 min)
     extra: dict = field(default_factory=dict)  # extra arguments for messages.create (e.g. thinking)
 
 
@@ -90,8 +99,10 @@ class ClaudeProposer:
         self.anthropic = anthropic
         self.cfg = config or ClaudeConfig()
         # the key passed explicitly: the SDK then consults no profile or federation settings
+        # (a timeout of our own would switch off the SDK's check of max_tokens against its timeout)
+        timeout = {} if self.cfg.timeout_s is None else {"timeout": self.cfg.timeout_s}
         self.client = client or anthropic.Anthropic(api_key=os.environ.get("ANTHROPIC_API_KEY"),
-                                                    max_retries=self.cfg.sdk_retries, timeout=self.cfg.timeout_s)
+                                                    max_retries=self.cfg.sdk_retries, **timeout)
         self.system = prompt.system_blocks()  # the same for every call: built once, cached by the API
         _, known = rates(self.cfg.model)
         self.price_known = known
@@ -112,6 +123,9 @@ class ClaudeProposer:
                 raise ProposerStop(f"authentication failed ({e.status_code}): check ANTHROPIC_API_KEY") from None
             except a.PermissionDeniedError as e:
                 raise ProposerStop(f"permission denied ({e.status_code}) for model {self.cfg.model}") from None
+            except a.APITimeoutError:  # each try may be a reply paid for and never seen: no more of them
+                raise ProposerUnavailable(f"the API did not answer within the request timeout, "
+                                          f"{self.cfg.sdk_retries + 1} times") from None
             except (a.RateLimitError, a.InternalServerError, a.APIConnectionError) as e:
                 if attempt == self.cfg.api_attempts:
                     what = getattr(e, "status_code", None) or type(e).__name__
@@ -141,7 +155,7 @@ class ClaudeProposer:
         program = ctx.get("program", "")
         box = ToolBox(Path(ctx["workspace"]), source, program)
         messages = [{"role": "user", "content": prompt.proposal_message(program, source, summary, ctx.get("fix"))}]
-        usage, reason = Usage(), None
+        usage, reason, nudged = Usage(), None, False
         self.pending_usage = usage
         budget, on_usage = ctx.get("budget_usd"), ctx.get("on_usage")
         t0 = time.time()
@@ -155,12 +169,17 @@ class ClaudeProposer:
             content = [_block_dict(b) for b in reply.content]
             messages.append({"role": "assistant", "content": content})
             uses = [b for b in content if b.get("type") == "tool_use"]
-            if not uses and reply.stop_reason == "max_tokens":  # cut off while thinking: one nudge
+            if not uses and reply.stop_reason == "max_tokens" and not nudged:  # cut off while thinking
+                nudged = True
                 messages.append({"role": "user", "content": "Your reply reached max_tokens before any tool "
                                  "call. Be brief: make one edit and submit."})
+                if budget is not None and usage.cost_usd(self.cfg.model) >= budget:
+                    reason = "the cost cap was reached during the proposal"
+                    break
                 continue
             if not uses:
-                reason = f"the model replied without using a tool (stop_reason {reply.stop_reason})"
+                reason = (f"the model replied without using a tool (stop_reason {reply.stop_reason}"
+                          f"{', after a nudge' if nudged and reply.stop_reason == 'max_tokens' else ''})")
                 break
             results = []
             for u in uses:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from agent import disk, journal
-from agent.claude import DEFAULT_MODEL, ClaudeConfig, ClaudeProposer, ProposerStop
+from agent.claude import DEFAULT_MODEL, MAX_TOKENS, ClaudeConfig, ClaudeProposer, ProposerStop
 from agent.runner import (
     clean_env,
     device_error,
@@ -313,7 +313,8 @@ def check_args(args) -> str | None:
         None if finite(args.min_delta) and args.min_delta >= 0 else f"--min-delta {args.min_delta}: must be 0 or more",
         device_error(args.device, auto=True),
         None if args.max_turns >= 1 else f"--max-turns {args.max_turns}: must be at least 1",
-        None if args.max_tokens >= 1 else f"--max-tokens {args.max_tokens}: must be at least 1",
+        None if 1 <= args.max_tokens <= MAX_TOKENS else f"--max-tokens {args.max_tokens}: must lie in 1..{MAX_TOKENS} "
+        "(longer replies need streaming, which the proposer does not use)",
         None if finite(args.max_cost_usd) and args.max_cost_usd > 0
         else f"--max-cost-usd {args.max_cost_usd}: must be a positive number of dollars",
         None if args.fix_attempts >= 0 else f"--fix-attempts {args.fix_attempts}: must be 0 or more",

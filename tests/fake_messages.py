@@ -4,13 +4,14 @@ It serves ``POST /v1/messages`` from a script of replies, in order, and records 
 request (headers and JSON body). A scripted reply is either a list of content blocks (a
 200 message with ``stop_reason`` tool_use or end_turn and the given usage) or an ``Error``
 (a status code with the API's error body and a ``retry-after-ms`` header, so the SDK's
-retries are fast). Past the end of the script it answers 500 and the test fails loudly.
+retries are fast) or a ``Hang`` (no answer: the client's timeout). Past the end of the script it answers 500 and the test fails loudly.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -22,6 +23,11 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 class Error:
     status: int
     message: str = "scripted error"
+
+
+@dataclass
+class Hang:
+    seconds: float  # answer nothing for this long (past the client's timeout), then drop the request
 
 
 @dataclass
@@ -57,6 +63,10 @@ class FakeMessagesAPI:
                 server.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
                                         "body": body})
                 item = server.script.pop(0) if server.script else Error(500, "the fake's script ran out")
+                if isinstance(item, Hang):
+                    time.sleep(item.seconds)
+                    self.close_connection = True
+                    return
                 if isinstance(item, Error):
                     payload = {"type": "error", "error": {"type": ERROR_TYPES.get(item.status, "api_error"),
                                                           "message": item.message}}

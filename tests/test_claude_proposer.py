@@ -12,7 +12,7 @@ from agent.claude import ClaudeConfig, ClaudeProposer, ProposerUnavailable
 from agent.pricing import PRICES, Usage
 from agent.tools import TOOLS, ToolBox
 from agent.workspace import Workspace
-from tests.fake_messages import Error, FakeMessagesAPI, Reply, text, tool
+from tests.fake_messages import Error, FakeMessagesAPI, Hang, Reply, text, tool
 
 KEY = "sk-ant-test-DO-NOT-LEAK-4f2a9c"
 LR_OLD, LR_NEW = '"lr": 1e-3,', '"lr": 2e-3,'
@@ -203,6 +203,25 @@ def test_loop_level_pause_after_the_sdk_gives_up(api, tmp_path):
     proposer = ClaudeProposer(cfg)
     with pytest.raises(ProposerUnavailable, match=r"kept failing \(529\) after 3 attempts"):
         proposer.propose(source, [], context=ctx)
+
+
+def test_a_request_that_times_out_is_not_tried_again_and_again(api, tmp_path):
+    # A timed-out request may be a reply paid for and never seen (no usage comes back): after
+    # the SDK's retries the proposal stops instead of the loop-level rounds (20 requests a turn).
+    cfg = ClaudeConfig(sdk_retries=1, api_attempts=3, api_pause_s=0.01, timeout_s=0.3)
+    ctx = {"workspace": tmp_path, "program": "brief", "experiments": [],
+           "state": {"best": 100.0, "threshold": 0.0, "experiments": 0, "baselines": 2}}
+    api.script = [Hang(1.0), Hang(1.0), Reply([SUBMIT])]
+    with pytest.raises(ProposerUnavailable, match="did not answer within the request timeout, 2 times"):
+        ClaudeProposer(cfg).propose('HPARAMS = {"lr": 1e-3,}\n', [], context=ctx)
+    assert len(api.requests) == 2
+    # by default the SDK's own timeout, whose check refuses a max_tokens it could not finish in
+    import anthropic
+
+    assert ClaudeProposer(ClaudeConfig()).client.timeout == anthropic.DEFAULT_TIMEOUT
+    with pytest.raises(ValueError, match="Streaming is required"):
+        ClaudeProposer(ClaudeConfig(max_tokens=loop.MAX_TOKENS + 1))._create([{"role": "user", "content": "x"}])
+    assert len(api.requests) == 2  # refused before sending
 
 
 def test_persistent_overload_stops_the_loop_cleanly(api, ws, small_cache, tmp_path, capsys, monkeypatch):
@@ -410,3 +429,18 @@ def test_a_reply_cut_off_while_thinking_gets_one_nudge(api, ws, small_cache, tmp
     nudge = api.requests[1]["body"]["messages"][-1]["content"][-1]
     assert "reached max_tokens before any tool call" in nudge["text"]
     assert _exps(ws)[2]["status"] == "keep"
+
+
+def test_only_one_nudge_and_the_cost_cap_holds_through_it(api, tmp_path):
+    # Replies cut off before any tool call once got a nudge each, up to --max-turns, and
+    # skipped the cost check: 12 such replies spent $3.38 of a $0.01 budget.
+    ctx = {"workspace": tmp_path, "program": "brief", "experiments": [],
+           "state": {"best": 100.0, "threshold": 0.0, "experiments": 0, "baselines": 2}}
+    cut = Reply([text("thinking at length")], stop_reason="max_tokens")
+    api.script = [cut] * 3
+    prop = ClaudeProposer(ClaudeConfig(sdk_retries=0)).propose('HPARAMS = {"lr": 1e-3,}\n', [], context=ctx)
+    assert len(api.requests) == 2 and "stop_reason max_tokens, after a nudge" in prop.description
+    api.script = [cut] * 3
+    prop = ClaudeProposer(ClaudeConfig(sdk_retries=0)).propose('HPARAMS = {"lr": 1e-3,}\n', [],
+                                                               context=dict(ctx, budget_usd=1e-6))
+    assert len(api.requests) == 3 and "the cost cap was reached" in prop.description

@@ -33,7 +33,10 @@ def test_usage_errors_are_one_line(module, argv, message, capsys):
     (["--device", "tpu"], "--device tpu: expected auto, cpu, cuda or cuda:N"),
     # the Claude proposer's limits, checked whichever proposer runs (a resumed study may switch)
     (["--max-turns", "0"], "--max-turns 0: must be at least 1"),
-    (["--max-tokens", "0"], "--max-tokens 0: must be at least 1"),
+    (["--max-tokens", "0"], "--max-tokens 0: must lie in 1..21333 (longer replies need streaming, which the "
+                            "proposer does not use)"),
+    (["--max-tokens", "30000"], "--max-tokens 30000: must lie in 1..21333 (longer replies need streaming, which "
+                                "the proposer does not use)"),
     (["--max-cost-usd", "nan"], "--max-cost-usd nan: must be a positive number of dollars"),
     (["--max-cost-usd", "-5"], "--max-cost-usd -5.0: must be a positive number of dollars"),
     (["--fix-attempts", "-1"], "--fix-attempts -1: must be 0 or more"),
