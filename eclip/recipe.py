@@ -12,7 +12,8 @@ exactly this contract:
   the data dictates (``vocab_size``, ``context_length``, ``image_size``, ``phrase_length``)
   and the ``device``. Through the harness the embeddings come from the saved checkpoint:
   another process calls ``build_model`` with the same HPARAMS and loads the model's
-  ``state_dict`` (then ``load_recipe_state``), so what the encoders depend on must live there.
+  ``state_dict``, nothing else (``load_recipe_state`` is for resuming training only), so
+  what the encoders depend on must live there.
 - ``build_optimizer(model) -> torch.optim.Optimizer``.
 - ``train_step(model, optimizer, batch, progress) -> dict``: one full step (forward, loss,
   backward, optimizer step, schedule as a function of ``progress`` ∈ [0, 1]); returns 0-d
@@ -201,8 +202,8 @@ def build_optimizer(model):
 def lr_at(progress: float) -> float:
     """Linear warm-up, then cosine decay to min_lr_ratio × lr, as a function of progress."""
     lr, warm, floor = HPARAMS["lr"], HPARAMS["warmup"], HPARAMS["min_lr_ratio"]
-    if warm > 0 and progress < warm:
-        return lr * (progress + 1e-3) / warm
+    if warm > 0 and progress < warm:  # from lr·1e-3/(warm + 1e-3) up to lr, never past it
+        return lr * (progress + 1e-3) / (warm + 1e-3)
     t = min(1.0, (progress - warm) / max(1e-9, 1 - warm))
     return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
 

@@ -408,19 +408,3 @@ def test_flops_per_sample_matches_torch_flop_counter(pool):
         model.encode_text(tokens, mask)
     assert counter.get_total_flops() == 3 * model.expert_flops_per_sample()
 
-
-def test_the_template_fits_phrases_longer_than_captions():
-    # A cache with --phrase-length above --context-length: the expert path encodes phrases
-    # with the text tower, which once had room for captions only ("tokens: length 16
-    # exceeds text.context_length 6", a traceback mid-run).
-    from eclip import recipe
-    from eclip.loop import ModelSpec
-
-    spec = ModelSpec(vocab_size=50, context_length=6, phrase_length=16, image_size=32, device=torch.device("cpu"))
-    model = recipe.build_model(spec)
-    assert model.cfg.text.context_length == 16
-    tokens = torch.randint(1, 50, (3, 16))
-    emb = model.encode_text(tokens, torch.ones(3, 16, dtype=torch.bool))
-    assert emb.shape[0] == 3 and torch.isfinite(emb).all()
-    spec = ModelSpec(vocab_size=50, context_length=6, phrase_length=4, image_size=32, device=torch.device("cpu"))
-    assert recipe.build_model(spec).cfg.text.context_length == 6  # captions the longer: as before

@@ -67,6 +67,26 @@ def test_resume_matches_an_uninterrupted_run(cache, tmp_path, capsys, placement)
         assert torch.equal(wa[k], wb[k]), k
 
 
+def test_optimizer_settings_given_with_resume_apply(cache, tmp_path, capsys):
+    # load_state_dict puts the saved groups' weight decay and betas back: --weight_decay and
+    # --beta2 given with --resume once changed nothing while the recorded hparams said they had.
+    out = tmp_path / "run"
+    rc, _, err = run(["--data", cache, "--out", out, "--steps", 2, *SMALL], capsys)
+    assert rc == 0, err
+    before = json.loads((out / "checkpoint.json").read_text())["optimizer"]["param_groups"]
+    rc, _, err = run(["--data", cache, "--out", out, "--steps", 4, *SMALL, "--resume", "--weight_decay=0.5",
+                      "--beta2=0.9"], capsys)
+    assert rc == 0, err
+    meta = json.loads((out / "checkpoint.json").read_text())
+    groups = meta["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in before] == [0.1, 0.0]  # the template's decayed and exempt groups
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0] and all(g["betas"][1] == 0.9 for g in groups)
+    from safetensors.torch import load_file
+
+    moments = [k for k in load_file(str(out / "checkpoint.safetensors")) if k.startswith("optim.")]
+    assert meta["step"] == 4 and any(k.endswith(".exp_avg_sq") for k in moments)  # the state came along
+
+
 def test_nan_loss_is_reported_as_diverged(cache, tmp_path, capsys):
     nan = recipe_at_call(tmp_path, after="if _calls[0] == 3:\n    out['loss'] = out['loss'] * float('nan')")
     out = tmp_path / "run"
