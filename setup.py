@@ -16,7 +16,7 @@ setup(
         "torch>=2.4",
         "numpy>=1.24",
         "safetensors>=0.4",
-        "tokenizers>=0.15",
+        "tokenizers>=0.19",  # Tokenizer.encode_special_tokens
         "pillow>=10",
         "tqdm>=4.60",
         "matplotlib>=3.7",

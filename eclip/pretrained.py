@@ -11,7 +11,9 @@ config fields ``vision.pretrained`` and ``text.pretrained``:
   for the cache's image size (position embeddings resampled). Its mean/std replace CLIP's.
 - ``hf:NAME`` — a Hugging Face encoder (``AutoModel``) and its tokenizer, from a local
   directory or the hub when online; the tower returns the first token's hidden state
-  (``text.pool = "cls"``) or the mask-weighted mean (``"mean"``), [B, hidden_size].
+  (``text.pool = "cls"``; for the text half of a dual encoder, CLIP or SigLIP, the model's
+  own pooled output instead, as CLIP's causal text transformer gives its first token no view
+  of the caption) or the mask-weighted mean (``"mean"``), [B, hidden_size].
 
 With an HF text tower the captions and region phrases are re-tokenized at load time by the
 training loop (never by the recipe) with that model's tokenizer, from the cache's
@@ -26,8 +28,9 @@ harness download anything. FLOPs (for MFU) are counted once per shape with PyTor
 Limits: timm needs torchvision, which does not install beside the CPU-only PyTorch wheel of
 the CI machines: there the adapter and its wiring (weights file, normalisation, FLOPs, train,
 resume) are tested against a stand-in module, and timm itself only where it imports. ``pool = "cls"`` takes
-the first token's state, which means something only for tokenizers that prepend a CLS/BOS
-token (BERT-like); use ``text.pool = "mean"`` for others.
+the first token's state (dual encoders aside, above), which means something only for
+bidirectional encoders whose tokenizer prepends a CLS token (BERT-like); use
+``text.pool = "mean"`` for others.
 """
 
 from __future__ import annotations
@@ -123,7 +126,10 @@ class HFTextTower(nn.Module):
         except Exception as e:
             raise EclipError(f"text_tower: could not load {name!r} (a local directory, or a hub id when online; "
                              f"safetensors weights): {type(e).__name__}: {first_line(e, 160)}") from None
-        if hasattr(model, "text_model"):  # a dual-encoder checkpoint (CLIP, SigLIP): its text half
+        # "cls" on a dual-encoder's text half (CLIP, SigLIP) is the model's own pooled output:
+        # CLIP's text transformer is causal, so its first token's state sees nothing of the caption
+        self.own_pool = hasattr(model, "text_model")
+        if self.own_pool:  # a dual-encoder checkpoint: its text half
             model = model.text_model
         elif getattr(model.config, "is_encoder_decoder", False):  # T5-like: the encoder only
             model = model.get_encoder()
@@ -135,7 +141,10 @@ class HFTextTower(nn.Module):
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         ids = (tokens.long() - 1).clamp_min(0)  # the loop stores HF ids + 1 (0 = padding)
-        hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # [B, L, W]
+        out = self.model(input_ids=ids, attention_mask=mask.long())
+        if self.pool == "cls" and self.own_pool:
+            return out.pooler_output  # [B, W]: CLIP's end-of-text state, SigLIP's head
+        hidden = out.last_hidden_state  # [B, L, W]
         if self.pool == "cls":
             return hidden[:, 0]
         w = mask.to(hidden.dtype).unsqueeze(-1)

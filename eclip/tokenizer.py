@@ -20,6 +20,18 @@ SPECIALS = (PAD, BOS, EOS, UNK)
 PAD_ID = 0
 
 
+def _plain(tok: Tokenizer) -> Tokenizer:
+    """``tok`` set to encode text as text: a caption that spells a special token ("<pad>")
+    is ordinary bytes, not that token (a 0 inside a sequence would be read as its end, and
+    the text would not decode back); and no padding or truncation of a loaded file's own,
+    since :func:`encode_batch` does both. Neither setting is saved in tokenizer.json, so it
+    is made on every load."""
+    tok.encode_special_tokens = True
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Train a byte-level BPE on ``texts``; the 256 byte symbols are always in the vocabulary."""
     if vocab_size < 256 + len(SPECIALS):
@@ -35,7 +47,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    return tok
+    return _plain(tok)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -49,7 +61,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise EclipError(f"{path}: not a valid tokenizer.json ({first_line(e)})") from None
     if tok.token_to_id(PAD) != PAD_ID:
         raise EclipError(f"{path}: tokenizer must map {PAD} to id {PAD_ID} (padding is id 0)")
-    return tok
+    return _plain(tok)
 
 
 def encode_batch(tok: Tokenizer, texts: list[str], context_length: int) -> tuple[np.ndarray, np.ndarray, int]:

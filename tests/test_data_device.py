@@ -246,3 +246,71 @@ def test_a_subset_keeps_its_images_captions_and_regions_and_samples_alike(cache)
     assert all(same(x, y) for x, y in zip(batches(a, 3, 32), batches(b, 3, 32), strict=True))
     with pytest.raises(ValueError, match="rows must be strictly ascending"):
         cache.subset(torch.tensor([3, 1]))
+
+
+def _boxes_cache(n: int = 64, res: int = 64, seed: int = 5) -> Cache:
+    """Black images with one white rectangle each, on whole pixels, and that rectangle as the
+    image's only region box; three captions an image (one token each: 3·i + k + 1)."""
+    g = torch.Generator().manual_seed(seed)
+    lo = torch.randint(4, res // 2, (n, 2), generator=g)
+    hi = lo + torch.randint(8, res // 2 - 4, (n, 2), generator=g)
+    images = torch.zeros(n, 3, res, res, dtype=torch.uint8)
+    for i in range(n):
+        images[i, :, lo[i, 1] : hi[i, 1], lo[i, 0] : hi[i, 0]] = 255
+    boxes = torch.cat([lo, hi], dim=1).float() / res  # x1, y1, x2, y2
+    tokens = torch.zeros(3 * n, 4, dtype=torch.int32)
+    tokens[:, 0] = torch.arange(1, 3 * n + 1, dtype=torch.int32)
+    return Cache(path=Path("boxes"), manifest={"fingerprint": "boxes"}, images=images, tokens=tokens,
+                 lengths=torch.ones(3 * n, dtype=torch.int32), caption_image=torch.arange(n).repeat_interleave(3),
+                 region_boxes=boxes, region_image=torch.arange(n), region_tokens=torch.ones(n, 2, dtype=torch.int32),
+                 region_lengths=torch.ones(n, dtype=torch.int32), split=torch.zeros(n, dtype=torch.int8),
+                 fold=torch.zeros(n, dtype=torch.int8))
+
+
+def test_a_crop_moves_the_boxes_with_the_pixels():
+    # Random resized crops (aspect 3/4..4/3) and flips: where a kept box says the rectangle is,
+    # the augmented image must be white, and black away from it. A crop offset or scale taken
+    # from the wrong axis, or the aspect ratio ignored, moves the box off its pixels.
+    cache = _boxes_cache()
+    data = DeviceData(cache, torch.arange(64), CPU, seed=3, crop_scale=0.3, flip=True)
+    res, margin = 64, 2.5  # pixels of bilinear edge (an upscaled crop spreads an edge over ~2)
+    centre = (torch.arange(res) + 0.5) / res
+    checked, stretch = 0, []
+    for _ in range(4):
+        batch = data.sample(64)
+        src = cache.region_boxes[(batch.tokens[:, 0].long() - 1) // 3]  # each sample's box before
+        for img, box, keep, before in zip(batch.images, batch.boxes, batch.box_mask, src, strict=True):
+            if not keep[0]:
+                continue
+            if bool((box[0] > 0).all() and (box[0] < 1).all()):  # not clipped: its aspect tells the crop's
+                stretch.append(float((box[0, 2] - box[0, 0]) / (box[0, 3] - box[0, 1])
+                                     * (before[3] - before[1]) / (before[2] - before[0])))
+            x1, y1, x2, y2 = (box[0] * res).tolist()
+            u = v = centre * res  # pixel centres, in pixels (square images)
+            inside = ((u[None, :] > x1 + margin) & (u[None, :] < x2 - margin)
+                      & (v[:, None] > y1 + margin) & (v[:, None] < y2 - margin))
+            outside = ((u[None, :] < x1 - margin) | (u[None, :] > x2 + margin)
+                       | (v[:, None] < y1 - margin) | (v[:, None] > y2 + margin))
+            grey = img.mean(0)  # [H, W] in [0, 1]
+            assert bool((grey[outside] < 0.1).all())
+            if inside.any():  # a box the crop left a sliver of has no pixel clear of its edges
+                assert bool((grey[inside] > 0.9).all())
+                checked += 1
+    assert checked > 150
+    # crops of aspect 3/4..4/3 stretch a box's aspect by the inverse, over the whole range
+    assert 0.75 - 1e-4 <= min(stretch) < 0.85 and 1.2 < max(stretch) <= 4 / 3 + 1e-4, (min(stretch), max(stretch))
+    data.close()
+
+
+def test_every_caption_of_an_image_gets_drawn():
+    # Three captions an image: each one comes up, about a third of the time.
+    cache = _boxes_cache()
+    data = DeviceData(cache, torch.arange(64), CPU, seed=4)
+    counts = torch.zeros(3)
+    for _ in range(60):
+        batch = data.sample(64)
+        first = batch.tokens[:, 0].long() - 1  # 3·image + which caption
+        counts += torch.bincount(first % 3, minlength=3)
+    share = counts / counts.sum()
+    assert bool((share > 0.28).all()), share
+    data.close()

@@ -283,3 +283,27 @@ def test_retokenize_a_subset_reads_the_records_of_its_images(small_cache, hf_dir
     reg = torch.isin(cache.region_image, rows)
     assert torch.equal(sub.tokens, whole.tokens[cap]) and torch.equal(sub.lengths, whole.lengths[cap])
     assert torch.equal(sub.region_tokens, whole.region_tokens[reg]) and sub.vocab_size == whole.vocab_size
+
+
+def test_a_clip_text_half_pools_its_own_end_of_text_state(tmp_path):
+    # CLIP's text transformer is causal: with text.pool = "cls" the first token's state saw
+    # nothing of the caption, and every caption got the same embedding. The tower now takes
+    # the model's pooled output (the end-of-text state) for a dual encoder's text half.
+    torch.manual_seed(0)
+    text = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=16, bos_token_id=98, eos_token_id=99, pad_token_id=0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=16)
+    out = tmp_path / "tiny-clip"
+    transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision)).save_pretrained(out)
+    tower = HFTextTower(f"hf:{out}", "cls").eval()
+    # ids stored shifted by one (0 pads): <bos> a b <eos>, and <bos> c <eos>
+    tokens = torch.tensor([[99, 11, 12, 100, 0, 0], [99, 13, 100, 0, 0, 0]])
+    with torch.no_grad():
+        got = tower(tokens, tokens != 0)
+        hidden = tower.model(input_ids=(tokens - 1).clamp_min(0), attention_mask=(tokens != 0).long()).last_hidden_state
+    assert got.shape == (2, 32) and (got[0] - got[1]).abs().max() > 1e-3  # two captions, two embeddings
+    assert torch.allclose(hidden[0, 0], hidden[1, 0])  # what "cls" read before: the same for both
+    mean = HFTextTower(f"hf:{out}", "mean").eval()
+    with torch.no_grad():
+        assert torch.allclose(mean(tokens, tokens != 0)[1], hidden[1, :3].mean(0), atol=1e-6)
