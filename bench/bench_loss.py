@@ -43,16 +43,20 @@ def make_step(fn, b, d, pass_):
     """One forward (no grad) or forward + backward of ``fn`` on fresh inputs [B, D]."""
     img, txt, scale = make(b, d, pass_ != "fwd")
 
+    def clear():
+        img.grad = txt.grad = scale.grad = None
+
     def step():
         if pass_ == "fwd":
             with torch.no_grad():
                 return fn(img, txt, scale)
-        img.grad = txt.grad = scale.grad = None
+        clear()
         loss = fn(img, txt, scale)
         loss.backward()
         return loss
 
     step()  # warm-up: autotuning and compilation stay out of the timing
+    step.clear = clear
     return step
 
 
@@ -66,7 +70,7 @@ def bench_contrastive_loss(benchmark, impl, b, d, pass_):
     step = make_step(fn, b, d, pass_)
     flop = (6 if pass_ != "fwd" else 2) * b * b * d
     describe(benchmark, f"loss-{pass_}", impl, plain, B=b, D=d, dtype=str(DTYPE).removeprefix("torch."),
-             flop=flop, peak_extra_bytes=peak_extra_bytes(step))
+             flop=flop, peak_extra_bytes=peak_extra_bytes(step, before=step.clear))  # gradients included
     loss = benchmark(timed(step))
     assert torch.isfinite(loss)
     if not plain:

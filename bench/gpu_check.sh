@@ -57,7 +57,9 @@ limit() { local left=$(( DEADLINE - (SECONDS - START) )); (( left < 0 )) && left
 run_for() {
     local t; t=$(limit "$1"); shift
     if (( t < 5 )); then echo "skipped: DEADLINE ($DEADLINE s) reached"; return 1; fi
-    timeout "$t" "$@"
+    # -k: the training loop takes the first SIGTERM as "end after this step" and ignores
+    # later ones, so a step past its limit gets a SIGKILL 15 s on
+    timeout -k 15 "$t" "$@"
 }
 
 "$PY" -c "import torch, triton; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none', '| torch', torch.__version__, '| triton', triton.__version__)"

@@ -23,6 +23,7 @@ Needs torch, triton, numpy, safetensors and tqdm. Prints one ``key: value`` line
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -71,6 +72,8 @@ def train(cache: Cache, steps: int, overrides: dict, log_every: int = 10, placem
     cfg = LoopConfig(steps=steps, device=device or DEVICE, log_every=log_every, progress_bar=False,
                      data_placement=placement)
     run = run_loop(recipe, cache, cache.split_images("train"), cfg, on_log=on_log)
+    if run["status"] == "interrupted":  # a SIGTERM (gpu_check.sh's time limit) or Ctrl-C: no more rows
+        raise KeyboardInterrupt
     # From the first step (compilation behind it, device synchronised) to the end of the run
     # (synchronised again); the rows in between are taken without a sync.
     first = run["history"][0]
@@ -201,6 +204,10 @@ def speed(steps: int, only: list[str], dry: bool = False) -> None:
     torch.backends.cudnn.allow_tf32 = False
     for key in only:
         name, extra, placement = SPEED_ROWS[key]
+        run = None  # the last row's model, optimizer and device images out of this row's peak
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
         run = train(cache, steps, {**model, "expert": "false", **extra}, placement=placement)
         mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0  # since run_loop reset it
         print(f"speed: {name}: {run['steady_sps']:.0f} samples/s, warmup_s {run['warmup_s']:.1f}, "
@@ -233,13 +240,17 @@ def main(argv=None) -> int:
     name = "CPU dry run (nothing measured)" if args.dry_run else torch.cuda.get_device_name()
     print(f"device: {name} (torch {torch.__version__})", flush=True)
     ok = True
-    if not args.skip_smoke:
-        ok = smoke(6, 32) if args.dry_run else smoke()
-        sync_check()
-        if args.harness_budget_s > 0:
-            ok = harness_smoke(2.0 if args.dry_run else args.harness_budget_s, dry=args.dry_run) and ok
-    if not args.skip_speed:
-        speed(3 if args.dry_run else args.steps, only, dry=args.dry_run)
+    try:
+        if not args.skip_smoke:
+            ok = smoke(6, 32) if args.dry_run else smoke()
+            sync_check()
+            if args.harness_budget_s > 0:
+                ok = harness_smoke(2.0 if args.dry_run else args.harness_budget_s, dry=args.dry_run) and ok
+        if not args.skip_speed:
+            speed(3 if args.dry_run else args.steps, only, dry=args.dry_run)
+    except KeyboardInterrupt:  # past gpu_check.sh's limit for this step: the next step's time is not ours
+        print("train_check: stopped (SIGTERM or Ctrl-C); the checks after this point did not run", flush=True)
+        return 130
     return 0 if ok else 1
 
 

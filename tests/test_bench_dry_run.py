@@ -171,3 +171,18 @@ def test_gpu_check_script_stops_at_its_deadline(tmp_path):
     assert proc.returncode == 1, out
     assert out.count("skipped: DEADLINE (0 s) reached") == 4  # steps 2, 2b (two modes) and 3
     assert "==== summary" in out and "smoke_status" not in out
+
+
+def test_train_check_stops_at_the_first_interrupted_run(monkeypatch, capsys):
+    # gpu_check.sh's time limit arrives as a SIGTERM, which the training loop takes as "end
+    # after this step" (status interrupted) and then ignores: the script once went on with
+    # every later row, past its limit and into the next step's time.
+    calls = []
+
+    def interrupted(recipe, cache, rows, cfg, on_log=None):
+        calls.append(cfg)
+        return {"status": "interrupted"}
+
+    monkeypatch.setattr(train_check, "run_loop", interrupted)
+    assert train_check.main(["--dry-run", "--skip-smoke"]) == 130
+    assert len(calls) == 1 and "train_check: stopped (SIGTERM or Ctrl-C)" in capsys.readouterr().out
