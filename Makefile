@@ -40,6 +40,6 @@ clean:
 
 # Pure-Python extras for a GPU machine that has only torch, triton and numpy: carry .gpudeps.
 gpudeps: setup
-	$(PY) -m pip install --quiet --target .gpudeps --no-deps --only-binary=:all: --python-version 3.12 \
+	$(PY) -m pip install --quiet --target .gpudeps --no-deps --only-binary=:all: --python-version 3.12 -c constraints.txt \
 	    --implementation cp --platform manylinux2014_x86_64 safetensors tqdm pytest pluggy iniconfig packaging pygments \
 	    pytest-benchmark py-cpuinfo2
