@@ -44,6 +44,7 @@ from agent.search import Proposal
 from agent.tools import TOOLS, ToolBox
 
 DEFAULT_MODEL = "claude-sonnet-5-5"
+FAILED = ("crash", "diverged", "oom", "timeout", "error")  # statuses whose log tail the model sees
 # The SDK refuses a non-streaming request it expects to take over 10 minutes, reckoning
 # 128,000 output tokens an hour: max_tokens at most 128,000 × 600 / 3,600.
 MAX_TOKENS = 21_333
@@ -149,8 +150,10 @@ class ClaudeProposer:
         after every reply."""
         ctx = context or {}
         exps = ctx.get("experiments", [])
+        # "error": the harness refused the run after training (work past the budget, embeddings
+        # that depend on the batch): recipe faults too, whose log says what happened
         tails = {e["n"]: (e.get("result") or {}).get("log_tail", "") for e in exps
-                 if e.get("status") in ("crash", "diverged", "oom", "timeout") and (e.get("result") or {}).get("log_tail")}
+                 if e.get("status") in FAILED and (e.get("result") or {}).get("log_tail")}
         summary = prompt.journal_summary(exps, ctx["state"], ctx.get("session", {}), tails)
         program = ctx.get("program", "")
         box = ToolBox(Path(ctx["workspace"]), source, program)

@@ -431,6 +431,20 @@ def test_a_reply_cut_off_while_thinking_gets_one_nudge(api, ws, small_cache, tmp
     assert _exps(ws)[2]["status"] == "keep"
 
 
+@pytest.mark.parametrize("status,shown", [("crash", True), ("error", True), ("discard", False)])
+def test_failed_runs_show_their_log_tail(api, tmp_path, status, shown):
+    # an "error" (the harness refusing a run after training: work past the budget, embeddings
+    # that depend on the batch) is a recipe fault too: its log tail goes to the model
+    exp = {"n": 3, "ended": True, "kind": "experiment", "status": status, "val_mean_rank": None,
+           "description": "lr 1e-3 -> 2e-3", "result": {"log_tail": "RuntimeError: the tail of run 3"}}
+    ctx = {"workspace": tmp_path, "program": "brief", "experiments": [exp],
+           "state": {"best": 100.0, "threshold": 0.0, "experiments": 1, "baselines": 2}}
+    api.script = [Reply([text("nothing to change")])]
+    ClaudeProposer(ClaudeConfig(sdk_retries=0)).propose('HPARAMS = {"lr": 1e-3,}\n', [], context=ctx)
+    first = json.dumps(api.requests[0]["body"]["messages"][0])
+    assert ("RuntimeError: the tail of run 3" in first) is shown
+
+
 def test_only_one_nudge_and_the_cost_cap_holds_through_it(api, tmp_path):
     # Replies cut off before any tool call once got a nudge each, up to --max-turns, and
     # skipped the cost check: 12 such replies spent $3.38 of a $0.01 budget.
