@@ -13,7 +13,8 @@ Control and failures:
   SDK (``sdk_retries``, exponential backoff honouring ``retry-after``), then by this module
   after a pause (``api_attempts`` × ``api_pause_s``, doubling); still failing, the proposal
   raises ``ProposerUnavailable``; authentication, permission and request errors raise
-  ``ProposerStop`` at once: retrying cannot fix them;
+  ``ProposerStop`` at once: retrying cannot fix them, except a conversation grown past the
+  context window ("prompt is too long"), which ends this proposal without a submission;
 - requests are not streamed, under the SDK's own timeout for that case (10 minutes), which
   also refuses a ``max_tokens`` whose reply could outlast it (``MAX_TOKENS``). A request that
   times out anyway is not tried again after the SDK's retries (``ProposerUnavailable``): a
@@ -56,6 +57,11 @@ class ProposerStop(Exception):
 
 class ProposerUnavailable(ProposerStop):
     """The API kept failing (rate limits, overload, server or connection errors) after retries."""
+
+
+class ConversationTooLong(Exception):
+    """The proposal's conversation outgrew the model's context: it ends without a submission
+    (the next proposal starts a fresh one); not a reason to stop the study."""
 
 
 @dataclass
@@ -136,6 +142,8 @@ class ClaudeProposer:
                 pause *= 2
             except a.APIStatusError as e:  # 400, 404, 413, …: the request itself is wrong
                 message = " ".join(str(getattr(e, "message", e)).split())[:200]
+                if e.status_code == 400 and "prompt is too long" in message.lower():
+                    raise ConversationTooLong(message) from None
                 raise ProposerStop(f"the API refused the request ({e.status_code}): {message}") from None
             except a.APIError as e:  # e.g. a reply that does not parse: nothing a retry would fix
                 raise ProposerStop(f"unusable API reply ({type(e).__name__}): "
@@ -163,7 +171,11 @@ class ClaudeProposer:
         budget, on_usage = ctx.get("budget_usd"), ctx.get("on_usage")
         t0 = time.time()
         for _turn in range(self.cfg.max_turns):
-            reply = self._create(messages)
+            try:
+                reply = self._create(messages)
+            except ConversationTooLong:
+                reason = "the conversation outgrew the model's context window"
+                break
             usage.add_reply(reply.usage)
             if on_usage is not None:  # journaled per call, so a kill mid-proposal loses no spending
                 one = Usage()

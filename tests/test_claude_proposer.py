@@ -431,6 +431,21 @@ def test_a_reply_cut_off_while_thinking_gets_one_nudge(api, ws, small_cache, tmp
     assert _exps(ws)[2]["status"] == "keep"
 
 
+def test_a_conversation_past_the_context_window_ends_the_proposal_not_the_study(api, ws, small_cache, tmp_path,
+                                                                                 monkeypatch):
+    # A 400 "prompt is too long" once stopped the whole study like a malformed request; it
+    # only means this proposal's conversation grew too long: a no-op, then a fresh one.
+    monkeypatch.setattr(loop, "run_experiment", scripted([99]))
+    api.script = [Reply([tool("view", {"path": "recipe.py"})]),
+                  Error(400, "prompt is too long: 210000 tokens > 200000 maximum"),
+                  Reply([_edit(), SUBMIT])]
+    assert loop.main(_args(tmp_path, small_cache, 2)) == 0
+    exps = _exps(ws)
+    assert [e["status"] for e in exps[2:]] == ["no-op", "keep"]
+    assert "outgrew the model's context window" in exps[2]["description"] and len(api.requests) == 3
+    assert len(api.requests[2]["body"]["messages"]) == 1  # the next proposal: a fresh conversation
+
+
 @pytest.mark.parametrize("status,shown", [("crash", True), ("error", True), ("discard", False)])
 def test_failed_runs_show_their_log_tail(api, tmp_path, status, shown):
     # an "error" (the harness refusing a run after training: work past the budget, embeddings
