@@ -99,6 +99,23 @@ def _block_dict(block) -> dict:
     return block.model_dump(mode="json", exclude_none=True, warnings=False)  # malformed input stays as sent
 
 
+def _tool_results(box: ToolBox, uses: list[dict], content: list[dict], stop_reason: str | None) -> list[dict]:
+    """One tool_result per tool call of a reply, in order, by running each in ``box``; a call
+    the reply was cut off in (``max_tokens``) is refused, since its input may be truncated."""
+    results = []
+    for u in uses:
+        if stop_reason == "max_tokens" and content[-1] is u:  # the block the cut fell in
+            results.append({"type": "tool_result", "tool_use_id": u.get("id"), "is_error": True,
+                            "content": "error: the reply hit max_tokens, so this call may be truncated and "
+                                       "was not carried out; send it again, shorter"})
+            box.calls.append({"tool": u.get("name"), "ok": False})
+            continue
+        text, is_error = box.run(u.get("name"), u.get("input"))
+        results.append({"type": "tool_result", "tool_use_id": u.get("id"), "content": text,
+                        **({"is_error": True} if is_error else {})})
+    return results
+
+
 class ClaudeProposer:
     def __init__(self, config: ClaudeConfig | None = None, client=None):
         import anthropic  # imported here: the search proposer needs no SDK
@@ -188,29 +205,14 @@ class ClaudeProposer:
                 nudged = True
                 messages.append({"role": "user", "content": "Your reply reached max_tokens before any tool "
                                  "call. Be brief: make one edit and submit."})
-                if budget is not None and usage.cost_usd(self.cfg.model) >= budget:
-                    reason = "the cost cap was reached during the proposal"
-                    break
-                continue
-            if not uses:
+            elif not uses:
                 reason = (f"the model replied without using a tool (stop_reason {reply.stop_reason}"
                           f"{', after a nudge' if nudged and reply.stop_reason == 'max_tokens' else ''})")
                 break
-            results = []
-            for u in uses:
-                if reply.stop_reason == "max_tokens" and content[-1] is u:  # the block the cut fell in
-                    # its input may be cut off mid-string: never apply a truncated edit
-                    results.append({"type": "tool_result", "tool_use_id": u.get("id"), "is_error": True,
-                                    "content": "error: the reply hit max_tokens, so this call may be truncated and "
-                                               "was not carried out; send it again, shorter"})
-                    box.calls.append({"tool": u.get("name"), "ok": False})
-                    continue
-                text, is_error = box.run(u.get("name"), u.get("input"))
-                results.append({"type": "tool_result", "tool_use_id": u.get("id"), "content": text,
-                                **({"is_error": True} if is_error else {})})
-            messages.append({"role": "user", "content": results})
-            if box.submission is not None:
-                break
+            else:
+                messages.append({"role": "user", "content": _tool_results(box, uses, content, reply.stop_reason)})
+                if box.submission is not None:
+                    break
             if budget is not None and usage.cost_usd(self.cfg.model) >= budget:
                 reason = "the cost cap was reached during the proposal"
                 break

@@ -97,8 +97,11 @@ class Workspace:
 
     def has_commit(self) -> bool:
         """Whether the repository has a first commit (creation ran to the end)."""
-        cmd = ["git", "-C", str(self.root), "rev-parse", "-q", "--verify", "HEAD"]
-        return subprocess.run(cmd, capture_output=True).returncode == 0
+        try:
+            self.git("rev-parse", "-q", "--verify", "HEAD")
+        except WorkspaceError:
+            return False
+        return True
 
     def show(self, commit: str, path: str = "recipe.py") -> str:
         """The text of ``path`` at ``commit`` (with its final newline, which git() strips)."""

@@ -158,18 +158,13 @@ def run(args) -> int:
     if args.final:
         cmd.append("--final")
     rc = child(cmd, capped, env=hide_gpu(dict(os.environ)) if on_cpu else None)
-    from eclip.train import summary_lines
-
     try:
         result = json.loads(result_path.read_text())
     except (OSError, json.JSONDecodeError):  # the child died without a result (its error is above)
         rc = rc or 1
         status = "error" if exit_code(rc) == 2 else "crash"  # 2: bad input (data, options), not the recipe
-        result = {"status": status, "val_mean_rank": None,
-                  "reason": f"the training process exited with code {rc} without a result"}
-        write_json(result_path, result)
-        print("\n".join(summary_lines(result)))
-        return exit_code(rc)
+        return _finish(result_path, {"status": status, "val_mean_rank": None,
+                                     "reason": f"the training process exited with code {rc} without a result"}, rc)
     if result.pop("ranked_by", None) != "caller":
         return exit_code(rc)  # written by the child before the run began (bad input, out of memory)
     # from here on the harness writes the result: "ranked_by: caller" never outlives it
@@ -187,6 +182,13 @@ def run(args) -> int:
             result = dict(result, status="interrupted", val_mean_rank=None, metrics=None,
                           reason="interrupted during the evaluation (the checkpoint is saved)")
             rc = 130
+    return _finish(result_path, result, rc)
+
+
+def _finish(result_path: Path, result: dict, rc: int) -> int:
+    """Write the run's result (atomically), print its summary block; the exit code for ``rc``."""
+    from eclip.train import summary_lines
+
     write_json(result_path, result)
     print("\n".join(summary_lines(result)))
     return exit_code(rc)

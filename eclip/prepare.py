@@ -204,14 +204,14 @@ def _drop_bad_boxes(rec: Record, boxes: list, bad: list[tuple[int, str]], proble
     first bad region (as the readers report a row), and drop those rows' captions and
     regions; the image keeps what its other rows said. Returns the boxes of the regions kept.
     Without ``--skip-bad`` the first report raises."""
+    if not bad:
+        return boxes
     lines: dict[str, str] = {}
     for k, problem in bad:
         region = rec.regions[k]
         lines.setdefault(region.where, f"region {region.index}: {problem}")
     for where, problem in lines.items():
         problems.report(DataError(where, problem))
-    if not lines:
-        return boxes
     kept = [b for r, b in zip(rec.regions, boxes, strict=True) if r.where not in lines]
     rec.drop_rows(set(lines))
     return kept

@@ -23,9 +23,9 @@ PAD_ID = 0
 def _plain(tok: Tokenizer) -> Tokenizer:
     """``tok`` set to encode text as text: a caption that spells a special token ("<pad>")
     is ordinary bytes, not that token (a 0 inside a sequence would be read as its end, and
-    the text would not decode back); and no padding or truncation of a loaded file's own,
-    since :func:`encode_batch` does both. Neither setting is saved in tokenizer.json, so it
-    is made on every load."""
+    the text would not decode back); and no padding or truncation of a loaded file's own
+    (tokenizer.json may carry both), since :func:`encode_batch` does both. The first setting
+    is not saved in tokenizer.json, so all are made on every load."""
     tok.encode_special_tokens = True
     tok.no_padding()
     tok.no_truncation()
