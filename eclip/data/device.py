@@ -8,7 +8,8 @@ on the host, a few batches ahead, and a background thread gathers those rows int
 buffers and copies them to the device on a side stream while the current step runs
 (``eclip.data.prefetch``). Captions, boxes and phrases are small and stay on the device.
 
-Sampling is epoch-based (a fresh permutation each pass, no image twice in an epoch) from
+Sampling is epoch-based (a fresh permutation each pass; no image twice in an epoch, nor in a
+batch no larger than the split, since an epoch's tail short of a batch is left out) from
 seeded ``torch.Generator``s, so a run is reproducible from its seed and resumable from the
 generators' states (the batches drawn ahead but not yet taken are not part of the state).
 An image with several captions contributes one, drawn per step.
@@ -171,6 +172,13 @@ class DeviceData:
     # -- sampling --------------------------------------------------------------------------
 
     def _indices(self, b: int) -> torch.Tensor:
+        """The next ``b`` image rows [b]. An epoch's last few rows, fewer than ``b``, are left
+        out when ``b <= n``: joined to the next epoch's first rows, they could put one image
+        twice in a batch, a false negative for the contrastive loss. The permutation is fresh
+        each epoch, so no image is left out more often than another. A batch larger than the
+        split takes whole epochs and repeats images of necessity."""
+        if b <= self.n and self.perm.numel() - self.cursor < b:
+            self.cursor = self.perm.numel()
         parts, need = [], b
         while need > 0:
             if self.cursor >= self.perm.numel():
