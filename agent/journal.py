@@ -97,6 +97,10 @@ def experiments(events: list[dict]) -> list[dict]:
             rec.update({k: v for k, v in e.items() if k not in ("event", "time")}, ended=True)
         elif e["event"] == "usage":  # one API reply of the proposal (the record of spending)
             rec["api_cost_usd"] = rec.get("api_cost_usd", 0.0) + float(e.get("cost_usd") or 0.0)
+            total = rec.setdefault("api_usage", {})
+            for k, v in (e.get("usage") or {}).items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    total[k] = total.get(k, 0) + v
     return [by_n[n] for n in sorted(by_n)]
 
 

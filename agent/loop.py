@@ -146,6 +146,10 @@ def reconcile(ws: Workspace, root_commit: str, min_delta: float) -> None:
             print(f"loop: proposal {e['n']} was under way when the loop stopped: recorded as interrupted",
                   file=sys.stderr)
             continue
+        if e.get("unrun"):  # died between the two lines of record_unrun: nothing ran, the outcome is known
+            record_end(ws, e["n"], e["unrun"]["status"], {"val_mean_rank": None, "reason": e["unrun"]["reason"]},
+                       False, None, e.get("description", ""))
+            continue
         r = recovered_result(ws, e)
         if r is not None:
             status, kept = outcome(e.get("kind", "experiment"), r, state(exps[:i], root_commit, min_delta))
@@ -161,9 +165,11 @@ def reconcile(ws: Workspace, root_commit: str, min_delta: float) -> None:
 
 
 def record_unrun(ws: Workspace, n: int, description: str, info: dict, status: str, reason: list) -> None:
-    """A proposal that is recorded but never committed or run (no-op, rejected)."""
+    """A proposal that is recorded but never committed or run (no-op, rejected). Its start
+    line carries the outcome too, for ``reconcile`` should the loop die before the end line."""
     journal.append(ws.journal_path, {"event": "start", "n": n, "time": time.time(), "kind": "experiment",
-                                     "commit": None, "description": description, **info})
+                                     "commit": None, "description": description, **info,
+                                     "unrun": {"status": status, "reason": reason}})
     record_end(ws, n, status, {"val_mean_rank": None, "reason": reason}, False, None, description)
 
 
@@ -381,7 +387,7 @@ def session(args, ws: Workspace) -> int:
         print(f"loop: claude proposer {args.model}; spent so far ${journal.spent_usd(journal.read(ws.journal_path)):.4f} of "
               f"${args.max_cost_usd:g}", file=sys.stderr)
     else:
-        proposer = SearchProposer(seed=args.seed + len(exps))
+        proposer = SearchProposer(seed=args.seed)  # the history enters each proposal's RNG
     t0 = time.time()
     code = 0
     with sigterm_as_ctrl_c():  # a scheduler's stop: as Ctrl-C

@@ -108,10 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         r = e.get("val_mean_rank")
         line = f"{e['n']:>4}  {e.get('status', 'running'):<11}{'' if r is None else f'{r:.2f}':>14}"
         if priced:
-            u = e.get("usage") or {}
+            # summed over the row's usage events: they include replies of a proposal the loop
+            # died in, which its start event never recorded
+            u = e.get("api_usage") or {}
             tok = "/".join(str(u.get(k, 0)) for k in ("input_tokens", "output_tokens", "cache_write_tokens",
                                                        "cache_read_tokens")) if u else ""
-            cost = e.get("cost_usd")
+            cost = e.get("api_cost_usd")
             line += f"  {tok:>26}  {'' if cost is None else f'{cost:.4f}':>7}"
         print(f"{line}  {e.get('description', '')}")
     print("---")

@@ -185,6 +185,18 @@ def _canonical(hp: dict) -> str:
     return json.dumps(hp, sort_keys=True, default=repr)
 
 
+def _schedule_fits(hp: dict) -> bool:
+    """The expert schedule's phases fit in training (cold start + ramp + the model's
+    cool-down ≤ 1), as the model config demands: each key is drawn within its own bounds,
+    so a draw can break their sum, and the run would fail at build time."""
+    model = hp.get("model")
+    cool = model.get("expert.cool_down", 0.0) if isinstance(model, dict) else 0.0
+    parts = (hp.get("expert_cold_start", 0.0), hp.get("expert_ramp", 0.0), cool)
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in parts):
+        return True  # not numbers: the recipe's own checks will say so
+    return sum(parts) <= 1 + 1e-9
+
+
 def adapted_sigma(history: list[dict]) -> float:
     """The step σ after the experiments in ``history`` (baselines and unrun edits do not count)."""
     sigma = SIGMA
@@ -225,8 +237,8 @@ class SearchProposer:
                 if key in current and key not in FROZEN and isinstance(value, (bool, int, float)):
                     base[key] = value
         seen = {_canonical(current), _canonical(base)}
-        for h in history:
-            if isinstance(h.get("hparams"), dict):
+        for h in history:  # an interrupted run says nothing of its configuration: try it again
+            if isinstance(h.get("hparams"), dict) and h.get("status") != "interrupted":
                 full = {**current, **{k: v for k, v in h["hparams"].items() if k in current}}
                 seen.add(_canonical(full))
         keys = _mutable(base)
@@ -241,7 +253,7 @@ class SearchProposer:
             candidate = dict(base)
             for key in rng.sample(keys, count):
                 candidate[key] = _mutate(key, base[key], rng, sigma)
-            if _canonical(candidate) not in seen:
+            if _canonical(candidate) not in seen and _schedule_fits(candidate):
                 prop = self._proposal(recipe_source, current, base, candidate, best)
                 prop.step = sigma
                 return prop

@@ -251,3 +251,40 @@ def test_a_result_row_is_one_line_whatever_its_description(tmp_path):
     header, row = path.read_text().splitlines()
     assert row.split("\t") == ["abc1234", "12.5", "", "", "crash", "two columns and two lines"]
     assert header.split("\t") == list(journal.COLUMNS)
+
+
+def test_a_study_split_into_sessions_proposes_what_one_session_would(cache, tmp_path, monkeypatch):
+    # the same scores, one session of 3 experiments against three sessions of one each
+    ranks = [100, 102, 98, 90, 95, 85]
+
+    def descriptions(tag, sessions):
+        monkeypatch.setattr(loop, "run_experiment", scripted(list(ranks)))
+        for total in sessions:
+            assert loop.main(["--tag", tag, "--workspace-root", str(tmp_path), "--data", str(cache),
+                              "--budget-s", "1", "--seed", "7", "--max-experiments", str(total)]) == 0
+        exps = journal.experiments(journal.read(Workspace(tmp_path / tag).journal_path))
+        return [(e["status"], e["description"]) for e in exps[3:]]
+
+    whole = descriptions("whole", [3])
+    assert len(whole) == 3 and [s for s, _ in whole] == ["keep", "discard", "keep"]
+    assert descriptions("split", [1, 2, 3]) == whole
+
+
+def test_a_kill_while_recording_an_unrun_proposal_keeps_its_outcome(cache, tmp_path, monkeypatch):
+    args = ["--tag", "u", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1",
+            "--noise-runs", "2", "--max-experiments", "0"]
+    monkeypatch.setattr(loop, "run_experiment", scripted([100, 100]))
+    assert loop.main(args) == 0
+    ws = Workspace(tmp_path / "u")
+    why = [f"{ws.recipe}:9: use of 'open' is not allowed"]
+
+    def killed(*a, **kw):  # the loop dies between the start line and the end line
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(loop, "record_end", killed)
+        with pytest.raises(KeyboardInterrupt):
+            loop.record_unrun(ws, 3, "rejected: reads a file", {}, "rejected", why)
+    assert loop.main(args) == 0  # resumes: reconcile records what the start line says
+    e = journal.experiments(journal.read(ws.journal_path))[2]
+    assert (e["n"], e["status"], e["result"]["reason"], e["commit"]) == (3, "rejected", why, None)

@@ -380,9 +380,10 @@ def test_spending_is_journaled_per_call_and_survives_a_stop_mid_proposal(api, ws
     assert e["cost_usd"] == pytest.approx(2 * one) and journal.spent_usd(events) == pytest.approx(2 * one)
 
 
-def test_a_kill_mid_proposal_keeps_its_spending(api, ws, small_cache, tmp_path, monkeypatch):
+def test_a_kill_mid_proposal_keeps_its_spending(api, ws, small_cache, tmp_path, monkeypatch, capsys):
     # what the journal holds after a kill -9 between two replies: usage lines, no start
-    journal.append(ws.journal_path, {"event": "usage", "n": 3, "time": 1.0, "usage": {"calls": 1}, "cost_usd": 0.25})
+    journal.append(ws.journal_path, {"event": "usage", "n": 3, "time": 1.0, "cost_usd": 0.25, "usage": {
+        "calls": 1, "input_tokens": 900, "output_tokens": 30, "cache_write_tokens": 0, "cache_read_tokens": 0}})
     monkeypatch.setattr(loop, "run_experiment", scripted([99]))
     api.script = [Reply([_edit(), SUBMIT])]
     assert loop.main(_args(tmp_path, small_cache, 5, "claude", "--max-cost-usd", "0.252")) == 0
@@ -392,6 +393,11 @@ def test_a_kill_mid_proposal_keeps_its_spending(api, ws, small_cache, tmp_path, 
     spent = journal.spent_usd(journal.read(ws.journal_path))
     assert spent == pytest.approx(0.25 + exps[3]["cost_usd"]) and spent > 0.252
     assert len(api.requests) == 1  # $0.25 already spent: one more proposal, then the cap
+    # the report's row of the cut-off proposal shows what it spent, as the total counts it
+    capsys.readouterr()
+    assert report.main([str(ws.root)]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("3 "))
+    assert "interrupted" in row and "900/30/0/0" in row and "0.2500" in row
 
 
 def test_pathological_edits_and_calls_after_submit(api, ws, small_cache, tmp_path, monkeypatch):

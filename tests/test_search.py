@@ -133,6 +133,28 @@ def test_widens_when_the_neighbourhood_is_exhausted():
         prop.propose(src, [_entry(read_hparams(p.source), 1.0, kept=False, status="discard")])
 
 
+def test_an_interrupted_run_is_tried_again():
+    # a Ctrl-C or a full disk says nothing of the configuration: it is not "seen"
+    src = 'HPARAMS = {"flip": False, "seed": 0}\n'
+    flipped = {"flip": True, "seed": 0}
+    p = SearchProposer(seed=0).propose(src, [_entry(flipped, None, kept=False, status="interrupted")])
+    assert read_hparams(p.source) == flipped
+
+
+def test_the_expert_schedule_always_fits_in_training():
+    # cold start and ramp are each drawn within their bounds (up to 0.9 and 1.0); a proposal
+    # whose phases with the model's cool-down exceed training would fail at build time
+    src = TEMPLATE.replace('"expert": False', '"expert": True').replace(
+        '"model": {}', '"model": {"expert.cool_down": 0.7}')
+    assert read_hparams(src)["model"] == {"expert.cool_down": 0.7}
+    sums = []
+    for seed in range(300):
+        hp = read_hparams(SearchProposer(seed=seed).propose(src, [], {}).source)
+        sums.append(hp["expert_cold_start"] + hp["expert_ramp"])
+        assert sums[-1] + 0.7 <= 1 + 1e-9, (seed, hp["expert_cold_start"], hp["expert_ramp"])
+    assert max(sums) > 0.25  # the schedule keys were mutated, upwards too (from 0.2)
+
+
 def test_read_write_round_trip():
     hp = read_hparams(TEMPLATE)
     assert hp["lr"] == 1e-3 and hp["preset"] == "tiny" and hp["model"] == {}
