@@ -163,6 +163,10 @@ def test_schedule_cold_start_ramp_cool_down():
     assert at(1.0) == (0.0, 0.0)
     assert expert_schedule(0.5, ExpertConfig(weight=0.5, probability=0.7)) == (0.5, 0.7)
     assert expert_schedule(0.5, ExpertConfig(enabled=False)) == (0.0, 0.0)
+    # phases that fill training exactly, though their binary sum is 1 + 1.1e-16, are valid
+    assert ExpertConfig(cold_start=0.33, ramp=0.56, cool_down=0.11).cool_down == 0.11
+    with pytest.raises(ValueError, match="expert.cool_down: .* must not exceed 1"):
+        ExpertConfig(cold_start=0.5, ramp=0.4, cool_down=0.11)
 
 
 def test_seeded_draw_frequency_and_stream_alignment():
