@@ -39,7 +39,8 @@ from agent.runner import (
 from agent.search import SearchExhausted, SearchProposer, read_hparams
 from agent.workspace import Workspace, WorkspaceError, locked
 from eclip.errors import OneLineParser
-from eclip.policy import check_source, sigterm_as_ctrl_c
+from eclip.policy import check_source
+from eclip.process import sigterm_as_ctrl_c
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "eclip" / "recipe.py"

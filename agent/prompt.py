@@ -78,9 +78,13 @@ encoding takes more than a few seconds, is an error.
   setattr, delattr, globals, locals, vars, input, breakpoint; no dunder names, attributes
   or method definitions (__init__ is fine), no private attributes (self._x and
   torch._foreach_* are fine), no string annotations; no torch.load, torch.save, torch.hub,
-  torch.library, torch.overrides, frames or other file, process or network access; no
-  assignment into an imported module or class, through any alias, and no module used as a
-  value (write `import torch.nn.functional as F`, `from eclip import expert`); knobs under
+  torch.library, torch.overrides, torch.jit, frames or other file, process or network
+  access; of torch only torch.nn, optim, autograd, amp, cuda, backends, compiler, func,
+  linalg, fft, special, distributions, utils.checkpoint and a few more; attributes are
+  assigned only on self inside your own classes' methods (and a tensor's requires_grad,
+  grad, data): to change a model's behaviour, subclass it; self is only ever a method's
+  first parameter, methods are called on instances, type(x) is only compared; no module
+  used as a value (write `import torch.nn.functional as F`, `from eclip import expert`); knobs under
   torch.backends and the compiler configs may be set to numbers or bools; torch.compile
   takes backend only as one of "inductor", "eager", "aot_eager", "cudagraphs", and options
   only as a dict literal of numbers and bools.

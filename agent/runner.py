@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from eclip.fileio import atomic_write
-from eclip.policy import SECRET, die_with_parent, prctl, scrub_environment
+from eclip.process import SECRET, die_with_parent, prctl, scrub_environment
 
 EVAL_CAP_S = 120.0  # evaluation and start-up allowance on top of the training budget
 MARGIN = 0.5  # plus this fraction of the budget before the run is killed as a timeout

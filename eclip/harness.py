@@ -60,7 +60,8 @@ from pathlib import Path
 
 from eclip.errors import EclipError, OneLineParser
 from eclip.loop import write_json
-from eclip.policy import check_file, die_with_parent, scrub_environment, sigterm_as_ctrl_c
+from eclip.policy import check_file
+from eclip.process import die_with_parent, scrub_environment, sigterm_as_ctrl_c
 from eclip.scoring import score
 
 # one eclip.encode process each: the scored split's images; its captions (none sees both

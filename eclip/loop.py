@@ -34,6 +34,7 @@ from eclip.data.device import DeviceData
 from eclip.errors import EclipError, first_line
 from eclip.evaluate import retrieval_metrics
 from eclip.fileio import atomic_write
+from eclip.policy import read_source
 from eclip.readback import Diverged, Readback
 
 LOOP_KEYS = ("batch_size", "crop_scale", "flip")  # HPARAMS entries the loop itself reads
@@ -96,7 +97,12 @@ def load_recipe(path: str | Path):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
+        # compiled from the text the policy checked (``read_source``), not from the bytes: a
+        # coding comment cannot make Python read another program than the one checked
+        code = compile(read_source(path.read_bytes()), str(path), "exec", dont_inherit=True)
+        exec(code, module.__dict__)
+    except UnicodeDecodeError as e:
+        raise EclipError(f"{path}: recipe is not UTF-8 text (byte {e.start}: {e.reason})") from None
     except SyntaxError as e:
         raise EclipError(f"{path}:{e.lineno}: syntax error in recipe ({e.msg})") from None
     except Exception as e:  # a NameError, an import that fails, …: the recipe's line that raised

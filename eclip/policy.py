@@ -18,11 +18,20 @@ live in ``eclip.policy_reach``):
   (``typing.get_type_hints`` evaluates them);
 - no ``FORBIDDEN_ATTRIBUTES`` (``torch.load``, ``torch.library``, frames, module
   re-exports such as ``dataclasses.sys``, …); attribute chains on imports are resolved, and
-  one that lands in a module outside the allowed ones or in ``DENIED_MODULES`` is refused;
-- no write into an imported module or class, through any binding (assignment, tuple,
-  ``for`` or comprehension target, ``with … as``, ``del``) and through any name that holds
-  one (``r = kernels.retrieval``); modules are not values at all. Settings under
-  ``SETTINGS`` may be set, to numbers, bools or None only.
+  one that lands in a module outside the allowed ones, in a part of torch outside
+  ``TORCH_MODULES`` (closed by default: TorchScript compiles code from strings, and its
+  C++ bindings at torch's top level read and write files) or in ``DENIED_MODULES`` is
+  refused;
+- attribute writes only on ``self`` (``cls``) in the recipe's own methods, and a tensor's
+  ``WRITABLE_ATTRIBUTES``: a name can come to hold a class in more ways than any tracking
+  follows (``type(x)``, a return value, a default argument, a ``match`` capture), so no
+  write through a name is allowed; ``self`` is only ever a plain method's first parameter,
+  a method is only used through an instance, ``type(x)`` is only compared. Writes into
+  imports are named as such, through any binding and any name that holds one
+  (``r = kernels.retrieval``); modules are not values at all. Settings under ``SETTINGS``
+  may be set, to numbers, bools or None only;
+- UTF-8 text with no other declared encoding (``read_source``, which the loader uses too:
+  the program checked is the program run), no NUL character.
 
 This is a list of what may not be done, and such lists leak; it is the first line of
 defence. The second is structural (``eclip.harness``): the recipe trains in a process that
@@ -35,8 +44,6 @@ the harness, which never imports it.
 from __future__ import annotations
 
 import ast
-import contextlib
-import os
 import re
 import types
 from dataclasses import dataclass
@@ -54,16 +61,18 @@ from eclip.policy_reach import (
     FORBIDDEN_NAMES,
     FORMAT_FIELD,
     MAX_SOURCE_CHARS,
+    RECEIVERS,
     SETTINGS,
     SETTINGS_MODULES,
     WHY,
+    WRITABLE_ATTRIBUTES,
     allowed_module,
     arg_nodes,
     bindings,
     dotted_name,
     import_modules,
     imported_names,
-    in_settings,
+    in_settings_module,
     is_dunder,
     is_private,
     is_super_call,
@@ -84,62 +93,6 @@ class Violation:
         return f"{filename}:{self.line}: {self.message}"
 
 
-SECRET = re.compile(r"(API_KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL)", re.IGNORECASE)
-
-
-def scrub_environment(env: dict | None = None) -> list[str]:
-    """Remove variables that look like secrets from ``env`` (default: os.environ), in
-    place; returns their names. A recipe has no reason to see an API key."""
-    env = os.environ if env is None else env
-    gone = [k for k in env if SECRET.search(k)]
-    for k in gone:
-        del env[k]
-    return gone
-
-
-def prctl(*args: int) -> None:
-    """prctl(2) where libc has it (Linux); elsewhere nothing."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(*args)
-    except OSError:
-        pass
-
-
-@contextlib.contextmanager
-def sigterm_as_ctrl_c():
-    """Inside the block SIGTERM (a scheduler's preemption, ``timeout``) raises
-    KeyboardInterrupt, as Ctrl-C does, so whatever a Ctrl-C saves and reports a SIGTERM does
-    too; a repeat is ignored, so it cannot cut that clean-up short. (The training loop's own
-    handler, installed while it trains, lets the step finish first.) A no-op outside the
-    main thread."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def die_with_parent() -> None:  # pragma: no cover - runs in a child between fork and exec
-    """For ``preexec_fn``: the child is killed when the process that started it dies, so a
-    run never outlives its harness or its loop, whatever killed them."""
-    import signal
-
-    prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 class _Checker:
     """One pass over a parsed recipe, collecting violations."""
 
@@ -150,7 +103,35 @@ class _Checker:
         self.modules = import_modules(tree) if self.imported else {}
         self.parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
         self.classes = {n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
+        self.docstrings = {id(n.body[0].value) for n in ast.walk(tree) if isinstance(
+            n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body and isinstance(
+            n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant) and isinstance(n.body[0].value.value, str)}
         self.aliases = self._aliases()
+        # class name → its methods' names; the first parameters that are an instance's ``self``
+        # (or a classmethod's ``cls``): the only receivers an attribute write may have
+        self.methods: dict[str, set[str]] = {}
+        self.receivers: set[int] = set()
+        for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+            for fn in cls.body:
+                if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    if not any(isinstance(d, ast.Name) and d.id in ("classmethod", "staticmethod")
+                               for d in fn.decorator_list):  # those are called through the class
+                        self.methods.setdefault(cls.name, set()).add(fn.name)
+                    first = arg_nodes(fn.args)[:1]
+                    if first and first[0].arg in RECEIVERS and not fn.args.posonlyargs[1:] and self._plain_method(fn):
+                        self.receivers.add(id(first[0]))
+
+    def _plain_method(self, fn) -> bool:
+        """Its decorators cannot change what its first parameter is bound to: none, or
+        ``property``/``classmethod``, or ones from an import (``torch.no_grad()``)."""
+        for d in fn.decorator_list:
+            base = d.func if isinstance(d, ast.Call) else d
+            name = root_name(base)
+            if isinstance(d, ast.Name) and d.id in ("property", "classmethod"):
+                continue
+            if name is None or name not in self.imported:
+                return False
+        return True
 
     def _whole_chain(self, node: ast.AST) -> ast.AST:
         """The longest attribute chain ``node`` begins (``torch._dynamo`` in ``torch._dynamo.x.y``)."""
@@ -229,6 +210,8 @@ class _Checker:
                 self.check_attribute(node)
             elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 self.check_definition(node)
+            elif isinstance(node, ast.Lambda):
+                self.check_receivers(node)
             elif isinstance(node, ast.Constant) and isinstance(node.value, str):
                 self.check_string(node)
             elif isinstance(node, ast.Call):
@@ -238,6 +221,8 @@ class _Checker:
 
     def check_string(self, node: ast.Constant) -> None:
         text = node.value
+        if id(node) in self.docstrings:
+            return  # read only through __doc__, which is refused
         if re.search(r"__\w+__", text) and text != "__main__":
             self.add(node, f"a string naming a dunder ({text[:40]!r}) is not allowed ({WHY})")
         elif FORMAT_FIELD.search(text):  # "{0.gi_frame.f_locals}".format(g) reads attributes by name
@@ -299,8 +284,12 @@ class _Checker:
             self.add(node, f"dunder attribute '.{node.attr}' is not allowed ({WHY})")
         elif node.attr in FORBIDDEN_ATTRIBUTES:
             self.add(node, f"attribute '.{node.attr}' is not allowed ({WHY})")
-        elif is_private(node.attr) and root not in ("self", "cls") and not in_settings(dotted_name(self._whole_chain(node))):
+        elif is_private(node.attr) and root not in ("self", "cls") and not in_settings_module(
+                dotted_name(self._whole_chain(node))):
             self.add(node, f"private attribute '.{node.attr}' is not allowed ({WHY})")
+        elif isinstance(node.value, ast.Name) and node.attr in self.methods.get(node.value.id, ()):
+            # H.f(torch.Tensor) would run f with self = torch.Tensor: its writes would patch torch
+            self.add(node, f"'{dotted}': a method may only be used through an instance of its class")
         elif node.attr == "compile" and not self._called(node):
             self.add(node, f"'{dotted}' may only be called, not used as a value (its arguments are checked)")
         elif node.attr in ("format", "format_map") and not isinstance(node.value, ast.Constant):
@@ -316,11 +305,20 @@ class _Checker:
             elif isinstance(obj, types.ModuleType) and self._bare(node, self.imported):
                 self.add(node, f"the module '{dotted}' used as a value is not allowed (call or read its attributes)")
 
+    def check_receivers(self, node) -> None:
+        """``self`` and ``cls`` name an instance (a class) of the recipe's own, always: as a
+        plain method's first parameter and nowhere else, since writes through them are allowed."""
+        for a in arg_nodes(node.args):
+            if a.arg in RECEIVERS and id(a) not in self.receivers:
+                self.add(node, f"'{a.arg}' may only be the first parameter of a method of the recipe's own "
+                               "classes (no decorator of the recipe's, no staticmethod)")
+
     def check_definition(self, node) -> None:
         if is_dunder(node.name) and node.name not in ALLOWED_DUNDER_DEFS:
             self.add(node, f"defining '{node.name}' is not allowed ({WHY})")
         if isinstance(node, ast.ClassDef):
             return
+        self.check_receivers(node)
         for ann in [a.annotation for a in arg_nodes(node.args)] + [node.returns]:
             if ann is not None:
                 self.check_annotation(ann)
@@ -384,6 +382,9 @@ class _Checker:
         if isinstance(node.func, ast.Name) and node.func.id == "type" and (
                 len(node.args) != 1 or node.keywords or isinstance(node.args[0], ast.Starred)):
             self.add(node, f"type() with other than one argument makes a class, which is not allowed ({WHY})")
+        elif isinstance(node.func, ast.Name) and node.func.id == "type" and not isinstance(self.parents.get(node), ast.Compare):
+            self.add(node, "type(x) may only be compared ('type(a) is type(b)'): the class it returns could be "
+                           "patched through a name")
         dotted = dotted_name(node.func)
         if dotted.startswith(SETTINGS[1:]):  # config.patch(), load_config(): strings, pickles
             self.add(node, f"calling '{dotted}' is not allowed (set a knob to a number or a bool)")
@@ -394,6 +395,8 @@ class _Checker:
             self.check_annotation(node.annotation)
         for t in targets:
             if isinstance(t, ast.Name):
+                if t.id in RECEIVERS:
+                    self.add(node, f"binding '{t.id}' is not allowed (it names the instance of a method)")
                 continue
             dotted, root = dotted_name(t), root_name(t)
             if root is None and isinstance(t, ast.Attribute):
@@ -409,12 +412,38 @@ class _Checker:
                 via = "" if root in self.imported else f", through '{root}', which holds an import"
                 self.add(node, f"assigning into '{dotted}' is not allowed (it patches an imported module "
                                f"or class{via}, which the harness relies on)")
+            elif isinstance(t, ast.Attribute) and not (t.attr in WRITABLE_ATTRIBUTES or (
+                    isinstance(t.value, ast.Name) and t.value.id in RECEIVERS)):
+                # a name may hold a class however it was bound: only writes that cannot patch one
+                self.add(node, f"assigning into '{dotted}' is not allowed: a recipe assigns attributes of "
+                               f"'self' (self.x) and {', '.join(sorted(WRITABLE_ATTRIBUTES))} only")
+
+
+# PEP 263: a "coding" comment on one of the first two lines names the file's encoding
+CODING = re.compile(r"^[ \t\f]*#.*?coding[:=][ \t]*([-\w.]+)")
+
+
+def source_encoding(lines: list[str]) -> str | None:
+    """The encoding a PEP 263 comment on the first two of ``lines`` declares, or None."""
+    for line in lines[:2]:
+        if m := CODING.match(line):
+            return m.group(1)
+        if line.strip() and not line.lstrip().startswith("#"):
+            break  # the second line counts only after a comment or a blank line
+    return None
 
 
 def check_source(source: str, filename: str = "recipe.py") -> list[Violation]:
     """All violations in ``source`` (empty when it passes), in line order."""
     if len(source) > MAX_SOURCE_CHARS:
         return [Violation(0, f"the recipe has {len(source):,} characters; at most {MAX_SOURCE_CHARS:,} are checked")]
+    if "\0" in source:
+        return [Violation(source.count("\n", 0, source.index("\0")) + 1, "a NUL character is not allowed")]
+    coding = source_encoding(source.splitlines()[:2])
+    if coding is not None and coding.lower().replace("_", "-") not in ("utf-8", "utf8", "utf-8-sig"):
+        # Python would read the file's bytes as that encoding: another program than this text
+        return [Violation(1 if CODING.match(source.splitlines()[0]) else 2,
+                          f"coding '{coding}': recipes are UTF-8 and may not declare another encoding")]
     try:
         tree = ast.parse(source, filename=filename)
     except SyntaxError as e:
@@ -427,11 +456,18 @@ def check_source(source: str, filename: str = "recipe.py") -> list[Violation]:
         return [Violation(0, f"the recipe cannot be checked ({type(e).__name__}: nested too deeply)")]
 
 
+def read_source(data: bytes) -> str:
+    """A recipe file's text: UTF-8, a byte-order mark dropped (as Python drops it). The
+    checker and ``eclip.loop.load_recipe`` both read the file through this, so the program
+    checked is the program run. UnicodeDecodeError when the bytes are not UTF-8."""
+    return data.decode("utf-8-sig")
+
+
 def check_file(path: str | Path) -> list[Violation]:
     path = Path(path)
     data = path.read_bytes()
     try:
-        source = data.decode("utf-8")
+        source = read_source(data)
     except UnicodeDecodeError as e:  # Python would refuse to import it too: a violation, not a traceback
         return [Violation(data.count(b"\n", 0, e.start) + 1, f"not UTF-8 text (byte {e.start}: {e.reason})")]
     return check_source(source, str(path))

@@ -48,6 +48,11 @@ FORBIDDEN_ATTRIBUTES = frozenset({
     "update_wrapper", "wraps", "get_type_hints", "ForwardRef", "evaluate_forward_ref",
     "make_dataclass", "import_module", "load_cache_artifacts", "singledispatch", "singledispatchmethod",
     "set_submodule", "load_object", "import_submodule", "getattr_from_fqn",
+    # TorchScript compiles and runs code from strings (whose ops open files); C++ allocators
+    # and GPUDirect files load libraries and open paths; profiler exports write files
+    "jit", "CompilationUnit", "execWrapper", "import_ir_module", "import_ir_module_from_buffer",
+    "parse_ir", "GdsFile", "gds", "tunable", "CUDAPluggableAllocator", "XPUPluggableAllocator",
+    "change_current_allocator", "export_stacks", "xeon", "run_cpu", "get_file_path",
 })
 # torch modules that run code from strings or pickles, write files, start processes or
 # change what every later torch call computes: refused however they are reached
@@ -57,7 +62,17 @@ DENIED_MODULES = ("torch.utils.benchmark", "torch.utils.tensorboard", "torch.uti
                   "torch.utils.data.datapipes", "torch.testing", "torch.onnx", "torch.hub",
                   "torch.package", "torch.distributed", "torch.multiprocessing", "torch.profiler",
                   "torch.autograd.profiler", "torch.library", "torch.overrides", "torch.serialization",
-                  "torch.fx", "torch.export", "torch.ao", "torch.quantization")
+                  "torch.fx", "torch.export", "torch.ao", "torch.quantization", "torch.jit",
+                  "torch.backends.xeon", "torch.cuda.gds", "torch.cuda.tunable", "torch.utils.jit",
+                  "torch.autograd.profiler_util")
+# The torch modules a recipe may import or reach at all (with their submodules, less the
+# denied ones): what training code needs. Any other part of torch is refused, so a module
+# nobody has reviewed is closed by default rather than open until someone finds it.
+TORCH_MODULES = ("torch.nn", "torch.optim", "torch.autograd", "torch.amp", "torch.cuda", "torch.backends",
+                 "torch.compiler", "torch.func", "torch.linalg", "torch.fft", "torch.special",
+                 "torch.distributions", "torch.utils.checkpoint", "torch.types", "torch.random",
+                 "torch.functional", "torch.nested", "torch.masked", "torch.sparse", "torch.signal",
+                 "torch.accelerator")
 # torch.compile(backend=f) hands f the traced graph (whose code generation can be injected)
 # and options= sets compiler knobs that name executables: only these, as literals
 COMPILE_BACKENDS = ("inductor", "eager", "aot_eager", "cudagraphs")
@@ -70,6 +85,10 @@ SETTINGS = ("torch.backends.", "torch._inductor.config.", "torch._dynamo.config.
 SETTINGS_MODULES = ("torch._inductor.config", "torch._dynamo.config")
 ANNOTATION_BUILTINS = frozenset({"int", "float", "bool", "str", "bytes", "list", "dict", "tuple", "set",
                                  "frozenset", "object", "type", "None", "complex", "slice"})
+# Attribute writes: ``self.x`` (and ``cls.x``) in the recipe's own methods, and these on anything
+# (a tensor's flags and contents: a class patched by them gains nothing)
+RECEIVERS = ("self", "cls")
+WRITABLE_ATTRIBUTES = frozenset({"requires_grad", "grad", "data"})
 ALLOWED_DUNDER_DEFS = frozenset({"__init__", "__repr__", "__post_init__"})  # methods a recipe may define
 FORMAT_FIELD = re.compile(r"\{[^{}:!]*[.\[][^{}]*\}")  # str.format's {name.attr} and {name[key]}
 WHY = "recipes may not reach files, processes, the network or the interpreter's machinery"
@@ -80,7 +99,27 @@ def allowed_module(name: str) -> bool:
 
 
 def denied(module: str) -> bool:
+    """``module`` is in ``DENIED_MODULES``: nothing defined there may be used."""
     return any(module == d or module.startswith(d + ".") for d in DENIED_MODULES)
+
+
+def closed(module: str) -> bool:
+    """``module`` may not be imported or reached as a module: denied, or a part of torch
+    outside ``TORCH_MODULES`` (the settings modules, importable to set their knobs, aside).
+    Objects defined in closed modules stay usable where torch re-exports them
+    (``torch.Generator`` is ``torch._C``'s)."""
+    if any(m == module or m.startswith(module + ".") for m in (*SETTINGS_MODULES, *TORCH_MODULES)):
+        return False  # on the way to an open module (``torch.utils`` to its ``checkpoint``)
+    if module.split(".")[0] == "torch" and not any(module.startswith(t + ".") for t in TORCH_MODULES):
+        return True
+    return denied(module)
+
+
+def is_binding_class(obj) -> bool:
+    """A class bound from C++ by pybind11: at torch's top level these are TorchScript's
+    machinery (``CompilationUnit``, ``ScriptModule``, ``Graph``) and its file reader and
+    writer (``PyTorchFileReader``); no recipe needs one."""
+    return isinstance(obj, type) and type(obj).__name__ == "pybind11_type"
 
 
 def is_dunder(name: str) -> bool:
@@ -125,6 +164,12 @@ def in_settings(dotted: str) -> bool:
     return dotted.startswith(SETTINGS) or dotted in SETTINGS_MODULES
 
 
+def in_settings_module(dotted: str) -> bool:
+    """``dotted`` lies in a settings module (``torch._inductor.config``): the only place a
+    private part of a chain is allowed, since the module's own path has one."""
+    return any(dotted == m or dotted.startswith(m + ".") for m in SETTINGS_MODULES)
+
+
 def is_super_call(node: ast.AST) -> bool:
     return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super"
 
@@ -142,7 +187,7 @@ def refused_path(path: str) -> str | None:
     for part in path.split("."):
         if part in FORBIDDEN_ATTRIBUTES or is_private(part):
             return f"'{part}': {WHY}"
-    return WHY if denied(path) else None
+    return WHY if closed(path) else None
 
 
 def flat_targets(targets) -> list[ast.AST]:
@@ -198,7 +243,7 @@ def resolve(dotted: str, modules: dict):
             if not isinstance(obj, types.ModuleType):
                 return None
             name = f"{obj.__name__}.{part}"
-            if denied(name):
+            if closed(name) and obj.__name__ not in SETTINGS_MODULES:  # a settings module's are knobs
                 return Unimported(name)  # refused: named, never imported into the referee
             if is_private(part) or part in FORBIDDEN_ATTRIBUTES:
                 return None  # refused by name anyway
@@ -221,32 +266,52 @@ def import_modules(tree: ast.AST) -> dict:
                 full, name = (alias.name, alias.asname) if alias.asname else (alias.name.split(".")[0],) * 2
             else:
                 full, name = f"{node.module}.{alias.name}", alias.asname or alias.name
-            if not allowed_module(full) and not (isinstance(node, ast.ImportFrom) and allowed_module(node.module or "")):
+            if isinstance(node, ast.ImportFrom):
+                if not allowed_module(node.module or "") or refused_path(node.module):
+                    continue  # refused anyway: never imported into the referee
+                out.update(_imported_name(node.module, alias.name, name))
                 continue
-            if refused_path(full):
-                continue  # refused anyway: never imported into the referee
+            if not allowed_module(full) or refused_path(full):
+                continue
             try:
                 out[name] = importlib.import_module(full)
-            except Exception:  # ``from torch import nn`` is a module; ``from torch import zeros`` is not
-                try:
-                    out[name] = inspect.getattr_static(importlib.import_module(node.module), alias.name)
-                except Exception:
-                    pass
+            except Exception:
+                pass
     return out
+
+
+def _imported_name(module: str, attr: str, name: str) -> dict:
+    """``{name: what "from module import attr" binds}``: the module's attribute if it has one
+    (``from torch import zeros``), else its submodule, unless that is closed (named only)."""
+    try:
+        return {name: inspect.getattr_static(importlib.import_module(module), attr)}
+    except Exception:
+        pass
+    full = f"{module}.{attr}"
+    if closed(full):
+        return {name: Unimported(full)}
+    try:
+        return {name: importlib.import_module(full)}
+    except Exception:
+        return {}
 
 
 def outside(obj) -> str | None:
     """The module a resolved object belongs to when that is not one a recipe may import."""
     if isinstance(obj, Unimported):
         return obj.name
+    if is_binding_class(obj):
+        return f"{obj.__module__}.{obj.__name__}, a C++ binding"
     if isinstance(obj, types.ModuleType):
         name = obj.__name__
+        if closed(name):
+            return name
     elif isinstance(obj, (type, types.FunctionType)):
         name = getattr(obj, "__module__", None)
     else:
         return None
     if not isinstance(name, str) or name == "builtins" and not isinstance(obj, types.ModuleType):
         return None
-    if denied(name):
-        return name
+    if denied(name) or closed(name) and not any(is_private(part) for part in name.split(".")):
+        return name  # defined in a closed public module (torch.jit, torch.storage, torch.utils.data)
     return None if allowed_module(name) or name in SETTINGS_MODULES else name

@@ -45,7 +45,7 @@ from eclip.loop import (
     run_loop,
     write_json,
 )
-from eclip.policy import sigterm_as_ctrl_c
+from eclip.process import sigterm_as_ctrl_c
 
 TEMPLATE = Path(__file__).with_name("recipe.py")
 EXIT = {"ok": 0, "diverged": 1, "oom": 1, "interrupted": 130, "aborted": 130}

@@ -9,6 +9,7 @@ training images only."""
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -150,7 +151,7 @@ def test_tricks_at_evaluation_score_no_better_than_chance(cache, tmp_path, trick
 
 
 # Models that train normally but use the other items they are given at evaluation (the
-# scored split): nothing the static policy can see. Each wraps the template's model.
+# scored split): nothing the static policy can see. Each subclasses the template's model.
 USES_ITS_BATCH = {
     "centres each batch on its mean": '''
     def at_eval(x, emb, key):
@@ -184,25 +185,34 @@ USES_ITS_BATCH = {
 
 BATCH_WRAPPER = '''
 
+from eclip.model import EclipModel as _EclipModel
+
 _SEEN = {{}}
 _MEMORY = []
 _plain_build_model = build_model
+{at_eval}
+
+class _AtEval(_EclipModel):
+    def encode_image(self, images):
+        emb = super().encode_image(images)
+        return emb if self.training else at_eval(images, emb, "img")
+
+    def encode_text(self, tokens, mask):
+        emb = super().encode_text(tokens, mask)
+        return emb if self.training else at_eval(tokens, emb, "txt")
 
 
 def build_model(spec):
     model = _plain_build_model(spec)
-    enc_i, enc_t = model.encode_image, model.encode_text
-{at_eval}
-    model.encode_image = lambda images: enc_i(images) if model.training else at_eval(images, enc_i(images), "img")
-    model.encode_text = lambda tokens, mask: (enc_t(tokens, mask) if model.training
-                                              else at_eval(tokens, enc_t(tokens, mask), "txt"))
-    return model
+    wrapped = _AtEval(model.cfg).to(spec.device)
+    wrapped.load_state_dict(model.state_dict())
+    return wrapped
 '''
 
 
 @pytest.mark.parametrize("trick", list(USES_ITS_BATCH))
 def test_a_model_that_uses_the_other_items_it_is_given_is_refused(cache, tmp_path, trick):
-    source = TEMPLATE.read_text() + BATCH_WRAPPER.format(at_eval=USES_ITS_BATCH[trick])
+    source = TEMPLATE.read_text() + BATCH_WRAPPER.format(at_eval=textwrap.dedent(USES_ITS_BATCH[trick]))
     assert check_source(source) == []  # nothing forbidden: the batch check must catch it
     recipe = tmp_path / "recipe.py"
     recipe.write_text(source)

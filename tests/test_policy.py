@@ -93,9 +93,39 @@ def test_the_template_passes():
     ("o = dict(backend=print)\nf = torch.compile(len, **dict(o, dynamic=None))", "no *args; **kwargs only"),
     ("c = torch.compile", "'torch.compile' may only be called"),
     ("k = functools.partial(type, 'K', (), {})", "'type' may only be called with one argument"),
+    # a fourth review: code from strings, files, processes and native code through torch
+    # modules nobody had listed, and a coding comment that made Python run another program
+    ("import torch.jit.unsupported_tensor_ops as ops", "import of 'torch.jit.unsupported_tensor_ops' is not allowed"),
+    ("cu = torch.CompilationUnit('def f(p: str):\\n  return 1')", "attribute '.CompilationUnit' is not allowed"),
+    ("import torch.backends.xeon.run_cpu as launcher", "import of 'torch.backends.xeon.run_cpu' is not allowed"),
+    ("f = torch.cuda.gds.GdsFile('victim', 577)", "attribute '.GdsFile' is not allowed"),
+    ("a = torch.cuda.memory.CUDAPluggableAllocator('x.so', 'a', 'b')", "attribute '.CUDAPluggableAllocator'"),
+    ("e = torch.autograd.profiler_util.EventList()", "is 'torch.autograd.profiler_util'"),
+    ("import torch.utils.jit.log_extract as lx", "import of 'torch.utils.jit.log_extract' is not allowed"),
+    ("m = torch.backends._nnapi.serializer.get_next_op_id", "private attribute '._nnapi' is not allowed"),
+    ("from torch import PyTorchFileReader", "a C++ binding"),
+    ("g = torch.Graph()", "'torch.Graph' is 'torch.Graph, a C++ binding'"),
+    ("s = torch.TypedStorage", "is 'torch.storage', which recipes may not use"),
+    ("from torch.utils import data", "comes from 'torch.utils.data'"),
+    ("# -*- coding: utf-7 -*-", "coding 'utf-7': recipes are UTF-8"),
+    # and writes into a class that a name came to hold in ways the alias tracking missed
+    ("T = type(torch.zeros(1))\nT.sum = len", "type(x) may only be compared"),
+    ("def f():\n    return torch.Tensor\nT = f()\nT.sum = len", "assigning into 'T.sum' is not allowed: a recipe"),
+    ("class H:\n    t = torch.Tensor\nH.t.sum = len", "assigning into 'H.t.sum' is not allowed"),
+    ("class H:\n    def f(self):\n        self.t = torch.Tensor\n        self.t.sum = len", "'self.t.sum'"),
+    ("def put(f, T=torch.Tensor):\n    T.sum = f", "assigning into 'T.sum' is not allowed"),
+    ("match torch.Tensor:\n    case T:\n        T.sum = len", "assigning into 'T.sum' is not allowed"),
+    ("def put(self, f):\n    self.sum = f\nfunctools.partial(put, torch.Tensor)(len)", "'self' may only be the first"),
+    ("class H:\n    def f(self):\n        self.sum = len\nH.f(torch.Tensor)", "'H.f': a method may only be used"),
+    ("class H:\n    @staticmethod\n    def f(self):\n        self.sum = len", "'self' may only be the first"),
+    ("w = lambda: None\nclass H:\n    @w\n    def f(self):\n        self.sum = len", "'self' may only be the first"),
+    ("class H:\n    def f(self):\n        self = torch.Tensor\n        self.sum = len", "binding 'self' is not allowed"),
 ])
 def test_forbidden_constructs_are_named_with_their_line(line, message):
     source = f"import torch\nimport kernels, functools, dataclasses, typing\nfrom eclip import model as eclip_model\n{line}\n"
+    if line.startswith("# -*- coding"):  # a coding comment counts on the first two lines only
+        assert [(v.line, message in v.message) for v in check_source(f"{line}\nimport torch\n")] == [(1, True)]
+        return
     found = check_source(source)
     assert found, line
     last = 4 + line.count("\n")  # the snippet's lines: nothing before it is blamed
@@ -133,9 +163,36 @@ def test_allowed_constructs_pass():
         "    for p in model.parameters():\n        p.requires_grad = False\n"
         "    torch._foreach_mul_(list(model.parameters()), 0.5)\n"
         "    return '{:.3f} {}'.format(1.0, math.pi)\n"
-        "def tag(model, n: int, x: torch.Tensor = None) -> Cfg:\n    model.calls = n\n    return Cfg()\n"
-        "tag(Net(), 3)\nkind = type(step)\n"
+        "def tag(model, n: int, x: torch.Tensor = None) -> Cfg:\n    model.scale.data = torch.ones(())\n    return Cfg()\n"
+        "tag(Net(), 3)\nsame = type(step) is type(tag)\n"
+        # methods: self's attributes, through torch's decorators and properties; a classmethod's cls
+        "class Run:\n    @torch.no_grad()\n    def reset(self):\n        self.steps = 0\n"
+        "    @property\n    def done(self):\n        return self.steps > 9\n"
+        "    @classmethod\n    def make(cls):\n        cls.made = True\n        return cls()\n"
+        "Run.make().reset()\nfrom torch.utils.checkpoint import checkpoint\n"
+        "def call(m):\n    \"\"\"Same as torch.nn.Module.__call__.\"\"\"\n    return m\n"
         "g = torch.compile(step, backend='inductor', mode='max-autotune', options={'coordinate_descent_tuning': True})\n"
         "Net().compile(dynamic=None, mode=None)\n"
     )
     assert check_source(source) == []
+
+
+def test_the_program_checked_is_the_program_run(tmp_path, capsys):
+    # In UTF-7, "+AAo-" is a newline: Python reading the bytes by the declared encoding would
+    # run the "comment" as code, which the check (reading UTF-8) never saw.
+    from eclip.errors import EclipError
+    from eclip.loop import load_recipe
+
+    hidden = tmp_path / "hidden.py"
+    hidden.write_text("# -*- coding: utf-7 -*-\nHPARAMS = {'batch_size': 8}\n#+AAo-print(+ACI-RAN+ACI-)\n")
+    assert [(v.line, v.message.split(":")[0]) for v in check_file(hidden)] == [(1, "coding 'utf-7'")]
+    with pytest.raises(EclipError, match="recipe must define build_model"):
+        load_recipe(hidden)  # the loader reads the text as checked: the payload stays a comment
+    assert "RAN" not in capsys.readouterr().out
+    # a byte-order mark is dropped, as Python drops it; a NUL is named with its line
+    bom = tmp_path / "bom.py"
+    bom.write_bytes(b"\xef\xbb\xbf" + TEMPLATE.read_bytes())
+    assert check_file(bom) == [] and load_recipe(bom).HPARAMS["batch_size"] == 64
+    nul = tmp_path / "nul.py"
+    nul.write_bytes(b"x = 1\ny = 2\nz = '\x00'\n")
+    assert [v.format(str(nul)) for v in check_file(nul)] == [f"{nul}:3: a NUL character is not allowed"]

@@ -1,0 +1,63 @@
+"""Process hygiene for the harness and the research loop: secrets kept from a recipe's
+environment, children that die with their parent, SIGTERM handled as Ctrl-C."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+
+SECRET = re.compile(r"(API_KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL)", re.IGNORECASE)
+
+
+def scrub_environment(env: dict | None = None) -> list[str]:
+    """Remove variables that look like secrets from ``env`` (default: os.environ), in
+    place; returns their names. A recipe has no reason to see an API key."""
+    env = os.environ if env is None else env
+    gone = [k for k in env if SECRET.search(k)]
+    for k in gone:
+        del env[k]
+    return gone
+
+
+def prctl(*args: int) -> None:
+    """prctl(2) where libc has it (Linux); elsewhere nothing."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(*args)
+    except OSError:
+        pass
+
+
+@contextlib.contextmanager
+def sigterm_as_ctrl_c():
+    """Inside the block SIGTERM (a scheduler's preemption, ``timeout``) raises
+    KeyboardInterrupt, as Ctrl-C does, so whatever a Ctrl-C saves and reports a SIGTERM does
+    too; a repeat is ignored, so it cannot cut that clean-up short. (The training loop's own
+    handler, installed while it trains, lets the step finish first.) A no-op outside the
+    main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def die_with_parent() -> None:  # pragma: no cover - runs in a child between fork and exec
+    """For ``preexec_fn``: the child is killed when the process that started it dies, so a
+    run never outlives its harness or its loop, whatever killed them."""
+    import signal
+
+    prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
