@@ -36,7 +36,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
-export PYTHONPATH="$PWD:$PWD/.gpudeps${PYTHONPATH:+:$PYTHONPATH}"
+# .gpudeps fills gaps only: after the interpreter's own site-packages, so the machine's
+# pytest and its plugins (xdist) stay one installed set
+SITE="$("$PY" -c 'import site; print(":".join(site.getsitepackages()))' 2>/dev/null)"
+export PYTHONPATH="$PWD${SITE:+:$SITE}:$PWD/.gpudeps${PYTHONPATH:+:$PYTHONPATH}"
 OUT_DIR="${OUT:-}"
 QUICK=""
 [ "${1:-}" = "--quick" ] && QUICK="--quick"

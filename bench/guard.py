@@ -82,7 +82,8 @@ def guarded(run: dict) -> dict[str, float]:
 
 def compare(base: dict, new: dict, tolerance: float) -> tuple[list[str], list[str], list[str]]:
     """(table lines, regression lines, missing lines): the figures both runs have, compared;
-    then those of the baseline that the new run lacks."""
+    then those of the baseline that the new run lacks; then those of the run that the
+    baseline lacks (listed, never failing: unguarded until a baseline is saved with them)."""
     a, b = guarded(base), guarded(new)
     lines, bad = [], []
     for name in sorted(set(a) & set(b)):
@@ -93,7 +94,9 @@ def compare(base: dict, new: dict, tolerance: float) -> tuple[list[str], list[st
         if flag != "ok":
             bad.append(line)
     missing = [f"{'missing':<10} {name}: in the baseline, not in this run" for name in sorted(set(a) - set(b))]
-    return lines + missing, bad, missing
+    unguarded = [f"{'new':<10} {name}: not in the baseline, so not guarded (save a baseline to guard it)"
+                 for name in sorted(set(b) - set(a))]
+    return lines + missing + unguarded, bad, missing
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,12 +131,15 @@ def main(argv: list[str] | None = None) -> int:
         text = Path(run_path).read_text()
         atomic_write(baseline, lambda tmp: tmp.write_text(text))
         print(f"guard: saved {len(guarded(run))} guarded figures as the baseline for {device}: {baseline}")
+        if args.pytest_args:
+            print(f"guard: warning: a partial run ({' '.join(args.pytest_args)}): the figures it lacks are not "
+                  "guarded until a baseline is saved from a full run", file=sys.stderr)
         return 0
     if not baseline.exists():
         return _fail(f"no baseline for {device} at {baseline}; make one with: python -m bench.guard save")
     tolerance = args.tolerance if args.tolerance is not None else (0.35 if device.startswith("cpu") else 0.15)
     lines, bad, missing = compare(load_run(baseline), run, tolerance)
-    compared = len(lines) - len(missing)
+    compared = sum(not line.startswith(("missing", "new ")) for line in lines)
     if not compared:
         return _fail(f"{run_path}: no figure in common with {baseline}; nothing compared")
     print("\n".join(lines))

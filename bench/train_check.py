@@ -195,8 +195,10 @@ SPEED_ROWS = {  # name: (what it is, HPARAMS overrides, data placement)
 }
 
 
-def speed(steps: int, only: list[str], dry: bool = False) -> None:
-    """The speed rows; ``dry``: preset tiny at 64 px on the CPU (checks the rows run)."""
+def speed(steps: int, only: list[str], dry: bool = False) -> bool:
+    """The speed rows; ``dry``: preset tiny at 64 px on the CPU (checks the rows run). False
+    when a row did not end ``ok`` with a finite loss: its samples/s would measure nothing."""
+    good = True
     cuda = DEVICE == "cuda"
     cache = random_cache(256, 64, 32, 512) if dry else random_cache(4096, 224, 77, 8192)
     model = {"preset": "tiny", "batch_size": "16"} if dry else {"preset": "vit-s16", "batch_size": "64"}
@@ -210,9 +212,13 @@ def speed(steps: int, only: list[str], dry: bool = False) -> None:
             torch.cuda.empty_cache()
         run = train(cache, steps, {**model, "expert": "false", **extra}, placement=placement)
         mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0  # since run_loop reset it
-        print(f"speed: {name}: {run['steady_sps']:.0f} samples/s, warmup_s {run['warmup_s']:.1f}, "
-              f"peak {mem:.1f} GiB, status {run['status']}, loss {run['last'].get('loss', float('nan')):.3f}",
-              flush=True)
+        loss = run["last"].get("loss", float("nan"))
+        row_ok = run["status"] == "ok" and math.isfinite(loss)
+        good &= row_ok
+        rate = f"{run['steady_sps']:.0f} samples/s" if row_ok else "FAILED"
+        print(f"speed: {name}: {rate}, warmup_s {run.get('warmup_s') or 0.0:.1f}, "
+              f"peak {mem:.1f} GiB, status {run['status']}, loss {loss:.3f}", flush=True)
+    return good
 
 
 def main(argv=None) -> int:
@@ -247,7 +253,7 @@ def main(argv=None) -> int:
             if args.harness_budget_s > 0:
                 ok = harness_smoke(2.0 if args.dry_run else args.harness_budget_s, dry=args.dry_run) and ok
         if not args.skip_speed:
-            speed(3 if args.dry_run else args.steps, only, dry=args.dry_run)
+            ok = speed(3 if args.dry_run else args.steps, only, dry=args.dry_run) and ok
     except KeyboardInterrupt:  # past gpu_check.sh's limit for this step: the next step's time is not ours
         print("train_check: stopped (SIGTERM or Ctrl-C); the checks after this point did not run", flush=True)
         return 130

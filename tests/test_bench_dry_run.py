@@ -64,6 +64,35 @@ def test_kernel_table_fails_when_a_check_fails(capsys, monkeypatch):
     assert kernel_table.main(["--dry-run"]) == 1
 
 
+def test_a_table_cell_that_raises_fails_the_table(capsys, monkeypatch):
+    # an implementation failing at a size the accuracy check does not run (D = 768, B = 64k)
+    # printed "error" in its cells, and the script exited 0
+    def broken(*a, **k):
+        raise RuntimeError("out of resources")
+
+    monkeypatch.setattr(kernel_table, "impls", lambda: {"fast": broken, "plain eager": kernel_table.plain_loss})
+    monkeypatch.setattr(kernel_table, "OUT", None)
+    monkeypatch.setattr(kernel_table, "DEV", "cpu")
+    kernel_table.LINES.clear()
+    assert kernel_table.table([(40, 16)]) is False
+    assert any("error" in line for line in kernel_table.LINES)
+    assert kernel_table.LINES[-1] == "table: FAIL (an implementation raised: see the error cells)"
+    monkeypatch.setattr(kernel_table, "impls", lambda: {"plain eager": kernel_table.plain_loss})
+    assert kernel_table.table([(40, 16)]) is True
+    capsys.readouterr()
+
+
+def test_a_speed_row_that_failed_fails_the_check(capsys, monkeypatch):
+    real = train_check.train
+
+    def oom(cache, steps, overrides, **kw):  # a row that ran out of memory after one logged step
+        return dict(real(cache, 1, overrides, **kw), status="oom")
+
+    monkeypatch.setattr(train_check, "train", oom)
+    assert train_check.main(["--dry-run", "--skip-smoke", "--only", "template"]) == 1
+    assert re.search(r"^speed: .+: FAILED, .*status oom", capsys.readouterr().out, re.M)
+
+
 def test_kernel_table_reports_the_tuned_configs(monkeypatch):
     # What each autotuner chose, one line per kernel and key, and the median time of every
     # config it tried (Triton keeps only the last tuning's timings: the table wraps each

@@ -78,6 +78,11 @@ def test_a_run_that_lacks_figures_fails(tmp_path, capsys, monkeypatch):
     assert "1 figures compared with base.json, 0 regressed beyond 35%; 1 missing from this run\n" in out
     assert guard.main(["check", "--run", str(part), "--baseline", str(base), "--allow-missing"]) == 0
     assert "1 missing from this run (a partial run)" in capsys.readouterr().out
+    # the other way round, a figure the baseline lacks is listed as unguarded, and passes
+    assert guard.main(["check", "--run", str(base), "--baseline", str(part)]) == 0
+    out = capsys.readouterr().out
+    assert "new        step[template]: not in the baseline, so not guarded" in out
+    assert "1 figures compared with part.json, 0 regressed beyond 35%\n" in out
     # nothing in common (an empty run), or nothing to save: exit 2, one line, no baseline written
     empty = tmp_path / "empty.json"
     empty.write_text(json.dumps({"device": "cpu", "benchmarks": []}))
