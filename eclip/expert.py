@@ -201,13 +201,14 @@ def expert_loss(model: EclipModel, batch: Batch, img_emb: torch.Tensor, txt_emb:
     mixed = mixup(img_emb, expert); returns
     ½·(loss_fn(mixed, phrase, s) + loss_fn(expert, caption, s)) with s = exp(logit_scale).
     ``img_emb``/``txt_emb`` [B, E] are the step's CLIP embeddings of the whole batch (their
-    graphs are reused). Without any region sample it returns an exact 0 that is still
-    attached to the graph (a sum over no elements), so ``loss + w·term`` always backprops.
+    graphs are reused). With fewer than two region samples (one pair's loss is 0 whatever
+    the embeddings) it returns an exact 0 that is still attached to the graph (a sum over no
+    elements), so ``loss + w·term`` always backprops, and encodes nothing.
     Selecting the subset reads its size on the host (one device sync per call).
     """
     idx = torch.nonzero(batch.has_region).squeeze(1)  # [n]
     n = int(idx.numel())
-    if n == 0:
+    if n < 2:  # a contrastive loss over one pair is exactly 0, its gradient too: skip the encoders
         return (img_emb[:0].sum() + txt_emb[:0].sum()).float()
     images, boxes, box_mask = batch.images, batch.boxes, batch.box_mask
     phrase_tokens, phrase_mask = batch.phrase_tokens, batch.phrase_mask

@@ -91,7 +91,8 @@ def resolve_compile_mode(mode: str, scope: str, device_type: str) -> str:
     return "reduce-overhead" if scope == "step" and device_type == "cuda" else "default"
 
 
-_STATE = {}  # per-process state that is not a tensor of the model (compiled fns, generator)
+_STATE = {}  # per-process state that is not a tensor of the model (compiled fns, generators)
+MIX_SEED_OFFSET = 7919  # mixup's stream: expert_seed + this, apart from the draws' expert_seed
 
 
 def _on_cuda(model) -> bool:
@@ -148,10 +149,12 @@ def build_model(spec):
     cfg = model_config(HPARAMS["preset"], image_size=spec.image_size, vocab_size=spec.vocab_size,
                        context_length=max(spec.context_length, spec.phrase_length), **overrides)
     model = _build_model(cfg).to(spec.device)
-    gen = torch.Generator()
-    gen.manual_seed(int(HPARAMS["expert_seed"]))
     _STATE.clear()
-    _STATE["generator"] = gen
+    # Two streams: one draw per step decides whether the expert term runs, mixup draws only
+    # when it does. On one stream each firing would shift every later draw, and another
+    # probability or schedule would fire on other steps instead of a subset of them.
+    _STATE["generator"] = torch.Generator().manual_seed(int(HPARAMS["expert_seed"]))
+    _STATE["mix_generator"] = torch.Generator().manual_seed(int(HPARAMS["expert_seed"]) + MIX_SEED_OFFSET)
     compile_on = HPARAMS["compile"]
     if compile_on == "auto":
         compile_on = spec.device.type == "cuda"
@@ -240,9 +243,10 @@ def train_step(model, optimizer, batch, progress):
                 return kernels.contrastive_loss(a.to(dt), b.to(dt), s, mode=HPARAMS["loss_mode"])
 
             term = expert_mod.expert_loss(model, batch, img, txt, loss_fn, model.cfg.expert,
-                                          _STATE["generator"])
+                                          _STATE["mix_generator"])
             total = loss + weight * term
-            extra["expert_samples"] = batch.has_region.sum()  # those the expert path encoded (for MFU)
+            n = batch.has_region.sum()
+            extra["expert_samples"] = n * (n > 1)  # those the expert path encoded (for MFU): none below 2
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), HPARAMS["grad_clip"])
@@ -255,9 +259,10 @@ def train_step(model, optimizer, batch, progress):
 
 def recipe_state():
     """Tensors the recipe needs to resume exactly (saved in the loop's checkpoint)."""
-    return {"generator": _STATE["generator"].get_state()}
+    return {"generator": _STATE["generator"].get_state(), "mix_generator": _STATE["mix_generator"].get_state()}
 
 
 def load_recipe_state(state):
-    if "generator" in state:
-        _STATE["generator"].set_state(state["generator"])
+    for name in ("generator", "mix_generator"):
+        if name in state:
+            _STATE[name].set_state(state[name])

@@ -222,12 +222,16 @@ def make_batch(has_region: list[bool], seed: int = 0) -> Batch:
     )
 
 
-def test_expert_loss_zero_without_regions():
+@pytest.mark.parametrize("has_region", [[False, False, False], [False, True, False]], ids=["none", "one"])
+def test_expert_loss_zero_without_two_regions(has_region, monkeypatch):
+    # one region sample: a contrastive loss over one pair is 0 whatever its embeddings, so
+    # the expert encoder, the heatmaps and the phrase pass are skipped, not run for nothing
     torch.manual_seed(0)
     model = build_model(tiny_cfg())
-    batch = make_batch([False, False, False])
+    batch = make_batch(has_region)
     img = model.encode_image(batch.images)
     txt = model.encode_text(batch.tokens, batch.mask)
+    monkeypatch.setattr(model, "encode_expert", lambda *a: pytest.fail("encoded for a term that is 0"))
     term = expert_loss(model, batch, img, txt, clip_loss64, model.cfg.expert, torch.Generator())
     assert term.dim() == 0 and term.item() == 0.0 and torch.isfinite(term)
     total = clip_loss64(img, txt, model.logit_scale.exp()) + 0.5 * term

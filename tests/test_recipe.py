@@ -40,3 +40,39 @@ def test_the_template_fits_phrases_longer_than_captions():
     assert emb.shape[0] == 3 and torch.isfinite(emb).all()
     spec = ModelSpec(vocab_size=50, context_length=6, phrase_length=4, image_size=32, device=torch.device("cpu"))
     assert recipe.build_model(spec).cfg.text.context_length == 6  # captions the longer: as before
+
+
+def _region_batch(b: int, size: int, vocab: int, length: int, seed: int):
+    """A batch where every sample has a region (boxes, phrase), images of ``size`` px."""
+    from eclip.batch import Batch
+
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, vocab, (b, length), generator=g)
+    box = torch.tensor([0.1, 0.1, 0.6, 0.7]).expand(b, 1, 4).clone()
+    return Batch(images=torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, generator=g),
+                 tokens=tokens, mask=torch.ones(b, length, dtype=torch.bool), boxes=box,
+                 box_mask=torch.ones(b, 1, dtype=torch.bool), phrase_tokens=tokens[:, :3].clone(),
+                 phrase_mask=torch.ones(b, 3, dtype=torch.bool), has_region=torch.ones(b, dtype=torch.bool))
+
+
+def test_the_expert_draws_of_a_lower_probability_are_a_subset(monkeypatch):
+    # mixup once drew from the same generator as the per-step draw, on the steps the term
+    # ran: every firing shifted the later draws, and p = 0.3 fired on other steps than a
+    # subset of p = 0.5's (a paired comparison of two settings compared other steps)
+    from eclip.loop import ModelSpec
+
+    spec = ModelSpec(vocab_size=50, context_length=6, phrase_length=6, image_size=32, device=torch.device("cpu"))
+    fired = {}
+    for p in (0.5, 0.3):
+        monkeypatch.setitem(recipe.HPARAMS, "expert", True)
+        monkeypatch.setitem(recipe.HPARAMS, "expert_probability", p)
+        monkeypatch.setitem(recipe.HPARAMS, "expert_cold_start", 0.0)
+        monkeypatch.setitem(recipe.HPARAMS, "expert_ramp", 0.0)
+        torch.manual_seed(0)
+        model = recipe.build_model(spec)
+        opt = recipe.build_optimizer(model)
+        fired[p] = {step for step in range(24)
+                    if "expert_samples" in recipe.train_step(model, opt, _region_batch(4, 32, 50, 6, step), step / 24)}
+        state = recipe.recipe_state()
+        assert set(state) == {"generator", "mix_generator"}  # both streams resume
+    assert fired[0.3] and fired[0.3] < fired[0.5], fired
