@@ -148,7 +148,11 @@ def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module,
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise EclipError(f"{ckpt_dir / TENSORS}: checkpoint does not fit this model ({first})") from None
     if optimizer is not None:
-        saved = meta["optimizer"]
+        saved = meta.get("optimizer")
+        if not (isinstance(saved, dict) and isinstance(saved.get("param_groups"), list)
+                and isinstance(saved.get("scalars"), dict)):
+            raise EclipError(f"{source}: checkpoint has no optimizer state (optimizer.param_groups and "
+                             "optimizer.scalars): it holds weights only and cannot be resumed")
         state: dict = {}
         for k, v in tensors.items():
             if k.startswith("optim."):
@@ -160,6 +164,10 @@ def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module,
         # JSON turned tuples (AdamW's betas) into lists; the optimizer wants them back.
         groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
                   for g in saved["param_groups"]]
-        optimizer.load_state_dict({"state": state, "param_groups": groups})
+        try:
+            optimizer.load_state_dict({"state": state, "param_groups": groups})
+        except (ValueError, KeyError) as e:  # another optimizer's groups or parameters
+            raise EclipError(f"{source}: the checkpoint's optimizer state does not fit this optimizer "
+                             f"({first_line(e)})") from None
     loop_state = {k[6:]: v for k, v in tensors.items() if k.startswith("state.")}
     return meta, loop_state

@@ -130,7 +130,7 @@ def test_a_cuda_device_with_an_index_becomes_current(monkeypatch):
     assert calls == [1]
 
 
-def test_checkpoint_round_trip(cache, tmp_path):
+def test_checkpoint_round_trip(cache, tmp_path, monkeypatch):
     recipe = load_recipe(train.TEMPLATE)
     recipe.HPARAMS["model"] = {"vision.patch_size": 16, "vision.width": 64, "vision.depth": 1,
                                "text.width": 64, "text.depth": 1, "expert.width": 32}
@@ -158,6 +158,15 @@ def test_checkpoint_round_trip(cache, tmp_path):
     from eclip.errors import EclipError
     with pytest.raises(EclipError, match="checkpoint does not fit this model"):
         load_checkpoint(tmp_path, other.build_model(spec), None)
+    # weights without an optimizer's state, or another optimizer's: one line naming the file
+    with pytest.raises(EclipError, match=r"checkpoint\.safetensors: the checkpoint's optimizer state does not "
+                                         r"fit this optimizer \(.*parameter groups"):
+        load_checkpoint(tmp_path, model2, torch.optim.SGD(model2.parameters(), lr=0.1))
+    import eclip.checkpoint as ck
+    meta, source = ck.read_meta_from(tmp_path)
+    monkeypatch.setattr(ck, "read_meta_from", lambda d: ({k: v for k, v in meta.items() if k != "optimizer"}, source))
+    with pytest.raises(EclipError, match=r"checkpoint has no optimizer state .* cannot be resumed"):
+        load_checkpoint(tmp_path, model2, opt2)
 
 
 @pytest.mark.slow
