@@ -49,17 +49,18 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
+from eclip.policy_compile import CompileRules
 from eclip.policy_reach import (
     ALLOWED_DUNDER_DEFS,
     ALLOWED_FROM_ECLIP,
     ALLOWED_IMPORTS,
     ANNOTATION_BUILTINS,
-    COMPILE_BACKENDS,
-    COMPILE_KEYWORDS,
-    COMPILE_PLAIN_KEYWORDS,
+    AUTOGRAD_METHODS,
+    CLASS_WRITERS,
     FORBIDDEN_ATTRIBUTES,
     FORBIDDEN_NAMES,
     FORMAT_FIELD,
+    KEEPS_SELF,
     MAX_SOURCE_CHARS,
     RECEIVERS,
     SETTINGS,
@@ -72,10 +73,12 @@ from eclip.policy_reach import (
     dotted_name,
     import_modules,
     imported_names,
+    in_settings,
     in_settings_module,
     is_dunder,
     is_private,
     is_super_call,
+    known,
     outside,
     refused_path,
     resolve,
@@ -93,7 +96,7 @@ class Violation:
         return f"{filename}:{self.line}: {self.message}"
 
 
-class _Checker:
+class _Checker(CompileRules):
     """One pass over a parsed recipe, collecting violations."""
 
     def __init__(self, tree: ast.AST):
@@ -112,24 +115,54 @@ class _Checker:
         self.methods: dict[str, set[str]] = {}
         self.receivers: set[int] = set()
         for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+            function = any(self._is(b, ("torch.autograd.Function",)) for b in cls.bases)
             for fn in cls.body:
-                if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    if not any(isinstance(d, ast.Name) and d.id in ("classmethod", "staticmethod")
-                               for d in fn.decorator_list):  # those are called through the class
-                        self.methods.setdefault(cls.name, set()).add(fn.name)
-                    first = arg_nodes(fn.args)[:1]
-                    if first and first[0].arg in RECEIVERS and not fn.args.posonlyargs[1:] and self._plain_method(fn):
+                if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    continue
+                static = [d.id for d in fn.decorator_list if isinstance(d, ast.Name)
+                          and d.id in ("classmethod", "staticmethod")]
+                first = arg_nodes(fn.args)[:1]
+                if function and static == ["staticmethod"] and fn.name in AUTOGRAD_METHODS:
+                    # ctx is autograd's context object; MyFn.forward(torch.Tensor, …) is refused
+                    self.methods.setdefault(cls.name, set()).add(fn.name)
+                    if first and first[0].arg == "ctx" and len(fn.decorator_list) == 1:
                         self.receivers.add(id(first[0]))
+                    continue
+                if not static:  # classmethods and staticmethods are called through the class
+                    self.methods.setdefault(cls.name, set()).add(fn.name)
+                if first and first[0].arg in ("self", "cls") and self._plain_method(fn, cls):
+                    self.receivers.add(id(first[0]))
 
-    def _plain_method(self, fn) -> bool:
-        """Its decorators cannot change what its first parameter is bound to: none, or
-        ``property``/``classmethod``, or ones from an import (``torch.no_grad()``)."""
+    def _is(self, node: ast.AST, names: tuple[str, ...]) -> bool:
+        """``node`` (a chain on the recipe's imports) names one of the objects ``names``."""
+        if root_name(node) not in self.imported:
+            return False
+        obj = resolve(dotted_name(node), self.modules)
+        return obj is not None and any(obj is known(n) for n in names)
+
+    def _full_name(self, node: ast.AST) -> str:
+        """``node``'s chain with an import alias spelled out (``cudnn.benchmark`` →
+        ``torch.backends.cudnn.benchmark``)."""
+        dotted = dotted_name(node)
+        root, _, rest = dotted.partition(".")
+        module = self.modules.get(root)
+        if isinstance(module, types.ModuleType) and module.__name__ != root:
+            return f"{module.__name__}.{rest}" if rest else module.__name__
+        return dotted
+
+    def _plain_method(self, fn, cls: ast.ClassDef) -> bool:
+        """Its decorators cannot change what its first parameter is bound to: none,
+        ``property``/``classmethod``, a property's ``@x.setter`` (x a property of ``cls``), or
+        one of ``KEEPS_SELF`` (``torch.no_grad()``)."""
+        properties = {f.name for f in cls.body if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                      and any(isinstance(d, ast.Name) and d.id == "property" for d in f.decorator_list)}
         for d in fn.decorator_list:
-            base = d.func if isinstance(d, ast.Call) else d
-            name = root_name(base)
             if isinstance(d, ast.Name) and d.id in ("property", "classmethod"):
                 continue
-            if name is None or name not in self.imported:
+            if (isinstance(d, ast.Attribute) and d.attr in ("setter", "getter", "deleter")
+                    and isinstance(d.value, ast.Name) and d.value.id in properties):
+                continue
+            if not self._is(d.func if isinstance(d, ast.Call) else d, KEEPS_SELF):
                 return False
         return True
 
@@ -271,9 +304,34 @@ class _Checker:
             self.add(node, f"'type' may only be called with one argument, not passed on ({WHY})")
         elif is_dunder(node.id) and node.id != "__name__":
             self.add(node, f"dunder name '{node.id}' is not allowed ({WHY})")
+        elif node.id in ("staticmethod", "classmethod") and not (
+                isinstance(parent := self.parents.get(node), (ast.FunctionDef, ast.AsyncFunctionDef))
+                and node in parent.decorator_list):
+            self.add(node, f"'{node.id}' may only decorate a method, as '@{node.id}'")
+        elif isinstance(node.ctx, ast.Load) and (cls := self._class_scope(node)) is not None \
+                and node.id in self.methods.get(cls.name, ()) and not self._accessor(node):
+            # in the class body a method is a plain function: put(torch.Tensor) binds self to it
+            self.add(node, f"the method '{node.id}' used in its class body is not allowed "
+                           "(a method is only used through an instance)")
         elif node.id in self.imported and self._bare(node, self.imported) and outside(self.modules.get(node.id)) is None \
                 and isinstance(self.modules.get(node.id), types.ModuleType):
             self.add(node, f"the module '{node.id}' used as a value is not allowed (call or read its attributes)")
+
+    def _class_scope(self, node: ast.AST) -> ast.ClassDef | None:
+        """The class whose body ``node`` is directly in (no function between), or None."""
+        while (node := self.parents.get(node)) is not None:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                return None
+            if isinstance(node, ast.ClassDef):
+                return node
+        return None
+
+    def _accessor(self, node: ast.Name) -> bool:
+        """``@name.setter`` (or getter, deleter) over a property's next method."""
+        parent = self.parents.get(node)
+        return isinstance(parent, ast.Attribute) and parent.attr in ("setter", "getter", "deleter") and any(
+            parent in f.decorator_list for f in ast.walk(self.tree)
+            if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)))
 
     def check_attribute(self, node: ast.Attribute) -> None:
         dotted = dotted_name(node)
@@ -335,47 +393,6 @@ class _Checker:
                 self.add(ann, f"annotation '{n.id}' is not a type the recipe imports or defines ({WHY})")
                 return
 
-    def _plain_compile_kwargs(self, expr: ast.AST, seen: frozenset = frozenset()) -> bool:
-        """``expr`` (spread with ``**`` into compile()) is a ``dict(...)`` of fullgraph, dynamic,
-        mode and disable only, or a name bound only to such dicts and never changed after."""
-        if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name) and expr.func.id == "dict":
-            return all(k.arg in COMPILE_PLAIN_KEYWORDS for k in expr.keywords) and all(
-                self._plain_compile_kwargs(a, seen) for a in expr.args)
-        if not isinstance(expr, ast.Name) or expr.id in seen:
-            return False
-        values = []
-        for n in ast.walk(self.tree):
-            targets, value = bindings(n)
-            for t in targets:
-                if isinstance(t, ast.Name) and t.id == expr.id:
-                    values.append(value if isinstance(n, ast.Assign) else None)
-                elif root_name(t) == expr.id:
-                    return False  # opts["backend"] = …
-            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == expr.id:
-                return False  # opts.update(backend=…)
-        return bool(values) and all(v is not None and self._plain_compile_kwargs(v, seen | {expr.id})
-                                    for v in values)
-
-    def check_compile(self, node: ast.Call) -> None:
-        """``torch.compile(fn, ...)`` / ``module.compile(...)``: literal backends and options only."""
-        if len(node.args) > 1 or any(isinstance(a, ast.Starred) for a in node.args) or any(
-                k.arg is None and not self._plain_compile_kwargs(k.value) for k in node.keywords):
-            self.add(node, "compile(): pass the function and keyword arguments by name (no *args; **kwargs only "
-                           "of a dict(...) of fullgraph, dynamic, mode, disable)")
-            return
-        for k in node.keywords:
-            v = k.value
-            if k.arg is None:
-                continue  # a plain dict, checked above
-            if k.arg not in COMPILE_KEYWORDS:
-                self.add(node, f"compile(): keyword '{k.arg}' is not allowed (allowed: {', '.join(COMPILE_KEYWORDS)})")
-            elif k.arg == "backend" and not (isinstance(v, ast.Constant) and v.value in COMPILE_BACKENDS):
-                self.add(node, f"compile(): backend must be one of {', '.join(COMPILE_BACKENDS)}, as a literal")
-            elif k.arg == "options" and not (isinstance(v, ast.Dict) and all(
-                    isinstance(key, ast.Constant) and isinstance(key.value, str) and isinstance(val, ast.Constant)
-                    and isinstance(val.value, (bool, int, float)) for key, val in zip(v.keys, v.values, strict=True))):
-                self.add(node, "compile(): options must be a dict literal of numbers and bools")
-
     def check_call(self, node: ast.Call) -> None:
         if isinstance(node.func, ast.Attribute) and node.func.attr == "compile":
             self.check_compile(node)
@@ -385,6 +402,12 @@ class _Checker:
         elif isinstance(node.func, ast.Name) and node.func.id == "type" and not isinstance(self.parents.get(node), ast.Compare):
             self.add(node, "type(x) may only be compared ('type(a) is type(b)'): the class it returns could be "
                            "patched through a name")
+        if isinstance(node.func, ast.Name) and node.func.id == "super" and (node.args or node.keywords):
+            self.add(node, "super() takes no arguments here: super(C, x) runs a method on whatever x is")
+        writer = node.func.func if isinstance(node.func, ast.Call) else node.func
+        if node.args and self._is(writer, CLASS_WRITERS):
+            self.add(node, f"'{dotted_name(writer)}' may only decorate the recipe's own classes "
+                           "(called on a class it writes methods into it)")
         dotted = dotted_name(node.func)
         if dotted.startswith(SETTINGS[1:]):  # config.patch(), load_config(): strings, pickles
             self.add(node, f"calling '{dotted}' is not allowed (set a knob to a number or a bool)")
@@ -399,7 +422,9 @@ class _Checker:
                     self.add(node, f"binding '{t.id}' is not allowed (it names the instance of a method)")
                 continue
             dotted, root = dotted_name(t), root_name(t)
-            if root is None and isinstance(t, ast.Attribute):
+            if root in self.imported and in_settings(self._full_name(t)):
+                dotted, root = self._full_name(t), None  # import torch.backends.cudnn as cudnn
+            if root is None and isinstance(t, ast.Attribute) and not dotted.startswith(SETTINGS):
                 self.add(node, f"assigning into an attribute of a computed value ('{dotted}') is not allowed "
                                "(bind it to a name first)")
             elif dotted.startswith(SETTINGS):
@@ -416,7 +441,8 @@ class _Checker:
                     isinstance(t.value, ast.Name) and t.value.id in RECEIVERS)):
                 # a name may hold a class however it was bound: only writes that cannot patch one
                 self.add(node, f"assigning into '{dotted}' is not allowed: a recipe assigns attributes of "
-                               f"'self' (self.x) and {', '.join(sorted(WRITABLE_ATTRIBUTES))} only")
+                               f"'self' (self.x) and {', '.join(sorted(WRITABLE_ATTRIBUTES))} only (model "
+                               "settings go through HPARAMS['model'], or a method of the recipe's own class)")
 
 
 # PEP 263: a "coding" comment on one of the first two lines names the file's encoding

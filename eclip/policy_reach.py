@@ -6,6 +6,7 @@ read a recipe's syntax tree and resolve its attribute chains against the real mo
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import inspect
 import re
@@ -53,6 +54,10 @@ FORBIDDEN_ATTRIBUTES = frozenset({
     "jit", "CompilationUnit", "execWrapper", "import_ir_module", "import_ir_module_from_buffer",
     "parse_ir", "GdsFile", "gds", "tunable", "CUDAPluggableAllocator", "XPUPluggableAllocator",
     "change_current_allocator", "export_stacks", "xeon", "run_cpu", "get_file_path",
+    # pickles: a config module's load_config, a compiled function's loader
+    "load_config", "load_compiled_function", "save_compiled_function",
+    # a CUDA graph's dump writes a file; global optimizer hooks run in every optimizer's step
+    "debug_dump", "register_optimizer_step_pre_hook", "register_optimizer_step_post_hook",
 })
 # torch modules that run code from strings or pickles, write files, start processes or
 # change what every later torch call computes: refused however they are reached
@@ -64,7 +69,7 @@ DENIED_MODULES = ("torch.utils.benchmark", "torch.utils.tensorboard", "torch.uti
                   "torch.autograd.profiler", "torch.library", "torch.overrides", "torch.serialization",
                   "torch.fx", "torch.export", "torch.ao", "torch.quantization", "torch.jit",
                   "torch.backends.xeon", "torch.cuda.gds", "torch.cuda.tunable", "torch.utils.jit",
-                  "torch.autograd.profiler_util")
+                  "torch.autograd.profiler_util", "torch.compiler.config")
 # The torch modules a recipe may import or reach at all (with their submodules, less the
 # denied ones): what training code needs. Any other part of torch is refused, so a module
 # nobody has reviewed is closed by default rather than open until someone finds it.
@@ -87,8 +92,16 @@ ANNOTATION_BUILTINS = frozenset({"int", "float", "bool", "str", "bytes", "list",
                                  "frozenset", "object", "type", "None", "complex", "slice"})
 # Attribute writes: ``self.x`` (and ``cls.x``) in the recipe's own methods, and these on anything
 # (a tensor's flags and contents: a class patched by them gains nothing)
-RECEIVERS = ("self", "cls")
+RECEIVERS = ("self", "cls", "ctx")  # ctx: an autograd.Function's context
 WRITABLE_ATTRIBUTES = frozenset({"requires_grad", "grad", "data"})
+# Decorators a method may have: they call it with the instance it was called on
+KEEPS_SELF = ("torch.no_grad", "torch.enable_grad", "torch.inference_mode", "torch.compile",
+              "torch.compiler.disable", "functools.cache", "functools.lru_cache", "functools.cached_property")
+AUTOGRAD_METHODS = ("forward", "backward", "setup_context", "jvp", "vjp")  # torch.autograd.Function's
+# Functions that write methods into the class they are given: decorators of the recipe's own
+# classes only, never called on a class (dataclasses.dataclass(torch.nn.Linear))
+CLASS_WRITERS = ("dataclasses.dataclass", "functools.total_ordering", "typing.final", "typing.no_type_check",
+                 "typing.runtime_checkable")
 ALLOWED_DUNDER_DEFS = frozenset({"__init__", "__repr__", "__post_init__"})  # methods a recipe may define
 FORMAT_FIELD = re.compile(r"\{[^{}:!]*[.\[][^{}]*\}")  # str.format's {name.attr} and {name[key]}
 WHY = "recipes may not reach files, processes, the network or the interpreter's machinery"
@@ -115,11 +128,19 @@ def closed(module: str) -> bool:
     return denied(module)
 
 
+@functools.cache
+def known(dotted: str):
+    """The object a trusted dotted name names (``torch.no_grad``), for identity checks."""
+    module, *rest = dotted.split(".")
+    return functools.reduce(getattr, rest, importlib.import_module(module))
+
+
 def is_binding_class(obj) -> bool:
     """A class bound from C++ by pybind11: at torch's top level these are TorchScript's
     machinery (``CompilationUnit``, ``ScriptModule``, ``Graph``) and its file reader and
     writer (``PyTorchFileReader``); no recipe needs one."""
-    return isinstance(obj, type) and type(obj).__name__ == "pybind11_type"
+    return (isinstance(obj, type) and type(obj).__name__ == "pybind11_type"
+            and not hasattr(obj, "__members__"))  # an enum (SDPBackend) is a set of values
 
 
 def is_dunder(name: str) -> bool:
@@ -171,7 +192,9 @@ def in_settings_module(dotted: str) -> bool:
 
 
 def is_super_call(node: ast.AST) -> bool:
-    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super"
+    """``super()`` as a method writes it: ``super(C, C)`` binds no instance."""
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super"
+            and not node.args and not node.keywords)
 
 
 def arg_nodes(args: ast.arguments) -> list[ast.arg]:
@@ -217,6 +240,10 @@ def bindings(node: ast.AST) -> tuple[list[ast.AST], ast.AST | None]:
         return flat_targets([node.target]), node.iter
     if isinstance(node, ast.withitem):
         return flat_targets([node.optional_vars]), node.context_expr
+    if isinstance(node, (ast.MatchAs, ast.MatchStar)) and node.name:  # case T: / case [*T]:
+        return [ast.Name(id=node.name, ctx=ast.Store())], None
+    if isinstance(node, ast.MatchMapping) and node.rest:  # case {**T}:
+        return [ast.Name(id=node.rest, ctx=ast.Store())], None
     return [], None
 
 
