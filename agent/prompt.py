@@ -4,7 +4,7 @@ The system prompt is the same for every proposal of a workspace (instructions, t
 contract, the policy, the model configuration reference and the template recipe), so it is
 cached with ``cache_control`` together with the tool definitions. It is deliberately long
 enough to be cached at all: a prefix under a model's minimum (1,024 to 4,096 tokens,
-depending on the model) is silently not cached; ours is about 34,000 characters with the
+depending on the model) is silently not cached; ours is about 35,000 characters with the
 tool definitions (the template recipe makes up most of it), an estimated 8,500 to 10,000
 tokens: ``sum(len(b["text"]) for b in system_blocks()) + len(json.dumps(TOOLS))``.
 
