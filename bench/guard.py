@@ -80,9 +80,9 @@ def guarded(run: dict) -> dict[str, float]:
     return out
 
 
-def compare(base: dict, new: dict, tolerance: float) -> tuple[list[str], list[str], list[str]]:
-    """(table lines, regression lines, missing lines): the figures both runs have, compared;
-    then those of the baseline that the new run lacks; then those of the run that the
+def compare(base: dict, new: dict, tolerance: float) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(table lines, regression lines, missing lines, unguarded lines): the figures both runs
+    have, compared; those of the baseline that the new run lacks; those of the run that the
     baseline lacks (listed, never failing: unguarded until a baseline is saved with them)."""
     a, b = guarded(base), guarded(new)
     lines, bad = [], []
@@ -96,7 +96,7 @@ def compare(base: dict, new: dict, tolerance: float) -> tuple[list[str], list[st
     missing = [f"{'missing':<10} {name}: in the baseline, not in this run" for name in sorted(set(a) - set(b))]
     unguarded = [f"{'new':<10} {name}: not in the baseline, so not guarded (save a baseline to guard it)"
                  for name in sorted(set(b) - set(a))]
-    return lines + missing + unguarded, bad, missing
+    return lines, bad, missing, unguarded
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,11 +138,11 @@ def main(argv: list[str] | None = None) -> int:
     if not baseline.exists():
         return _fail(f"no baseline for {device} at {baseline}; make one with: python -m bench.guard save")
     tolerance = args.tolerance if args.tolerance is not None else (0.35 if device.startswith("cpu") else 0.15)
-    lines, bad, missing = compare(load_run(baseline), run, tolerance)
-    compared = sum(not line.startswith(("missing", "new ")) for line in lines)
+    lines, bad, missing, unguarded = compare(load_run(baseline), run, tolerance)
+    compared = len(lines)
     if not compared:
         return _fail(f"{run_path}: no figure in common with {baseline}; nothing compared")
-    print("\n".join(lines))
+    print("\n".join(lines + missing + unguarded))
     partial = args.allow_missing or bool(args.pytest_args)
     print(f"guard: {compared} figures compared with {baseline.name}, {len(bad)} regressed beyond {tolerance:.0%}"
           + (f"; {len(missing)} missing from this run{' (a partial run)' if partial else ''}" if missing else ""))

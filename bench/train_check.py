@@ -81,13 +81,18 @@ def train(cache: Cache, steps: int, overrides: dict, log_every: int = 10, placem
     return dict(run, steady_sps=steady)
 
 
+def trained(run: dict) -> bool:
+    """A run that ended ``ok`` with a finite last loss: its figures measure something."""
+    return run["status"] == "ok" and math.isfinite(run["last"].get("loss", math.nan))
+
+
 def smoke(steps: int = 60, batch: int = 128) -> bool:
     cache = random_cache(2048, 64, 32, 512)
     t0 = time.perf_counter()
     run = train(cache, steps, {"preset": "tiny", "batch_size": str(batch), "expert_cold_start": "0.0"})
     m = evaluate_split(run["model"], cache, cache.split_images("val"), run["device"],
                        bf16=run["device"].type == "cuda")
-    ok = run["status"] == "ok" and math.isfinite(run["last"]["loss"]) and math.isfinite(m["mean_rank"])
+    ok = trained(run) and math.isfinite(m["mean_rank"])
     print(f"smoke_status: {run['status']}  loss: {run['last']['loss']:.3f}  val_mean_rank: {m['mean_rank']:.1f} "
           f"(random {(m['n_images'] - 1) / 2:.0f})  warmup_s: {run['warmup_s']:.1f}  "
           f"total_s: {time.perf_counter() - t0:.1f}  {'OK' if ok else 'FAILED'}", flush=True)
@@ -212,8 +217,8 @@ def speed(steps: int, only: list[str], dry: bool = False) -> bool:
             torch.cuda.empty_cache()
         run = train(cache, steps, {**model, "expert": "false", **extra}, placement=placement)
         mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0  # since run_loop reset it
-        loss = run["last"].get("loss", float("nan"))
-        row_ok = run["status"] == "ok" and math.isfinite(loss)
+        loss = run["last"].get("loss", math.nan)
+        row_ok = trained(run)
         good &= row_ok
         rate = f"{run['steady_sps']:.0f} samples/s" if row_ok else "FAILED"
         print(f"speed: {name}: {rate}, warmup_s {run.get('warmup_s') or 0.0:.1f}, "

@@ -116,6 +116,8 @@ class _Checker(CompileRules):
         self.receivers: set[int] = set()
         for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
             function = any(self._is(b, ("torch.autograd.Function",)) for b in cls.bases)
+            properties = {f.name for f in cls.body if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                          and any(isinstance(d, ast.Name) and d.id == "property" for d in f.decorator_list)}
             for fn in cls.body:
                 if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     continue
@@ -130,7 +132,7 @@ class _Checker(CompileRules):
                     continue
                 if not static:  # classmethods and staticmethods are called through the class
                     self.methods.setdefault(cls.name, set()).add(fn.name)
-                if first and first[0].arg in ("self", "cls") and self._plain_method(fn, cls):
+                if first and first[0].arg in ("self", "cls") and self._plain_method(fn, properties):
                     self.receivers.add(id(first[0]))
 
     def _is(self, node: ast.AST, names: tuple[str, ...]) -> bool:
@@ -150,12 +152,10 @@ class _Checker(CompileRules):
             return f"{module.__name__}.{rest}" if rest else module.__name__
         return dotted
 
-    def _plain_method(self, fn, cls: ast.ClassDef) -> bool:
+    def _plain_method(self, fn, properties: set[str]) -> bool:
         """Its decorators cannot change what its first parameter is bound to: none,
-        ``property``/``classmethod``, a property's ``@x.setter`` (x a property of ``cls``), or
-        one of ``KEEPS_SELF`` (``torch.no_grad()``)."""
-        properties = {f.name for f in cls.body if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-                      and any(isinstance(d, ast.Name) and d.id == "property" for d in f.decorator_list)}
+        ``property``/``classmethod``, a property's ``@x.setter`` (x one of its class's
+        ``properties``), or one of ``KEEPS_SELF`` (``torch.no_grad()``)."""
         for d in fn.decorator_list:
             if isinstance(d, ast.Name) and d.id in ("property", "classmethod"):
                 continue
@@ -329,9 +329,9 @@ class _Checker(CompileRules):
     def _accessor(self, node: ast.Name) -> bool:
         """``@name.setter`` (or getter, deleter) over a property's next method."""
         parent = self.parents.get(node)
-        return isinstance(parent, ast.Attribute) and parent.attr in ("setter", "getter", "deleter") and any(
-            parent in f.decorator_list for f in ast.walk(self.tree)
-            if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)))
+        method = self.parents.get(parent)
+        return (isinstance(parent, ast.Attribute) and parent.attr in ("setter", "getter", "deleter")
+                and isinstance(method, (ast.FunctionDef, ast.AsyncFunctionDef)) and parent in method.decorator_list)
 
     def check_attribute(self, node: ast.Attribute) -> None:
         dotted = dotted_name(node)

@@ -107,13 +107,19 @@ FORMAT_FIELD = re.compile(r"\{[^{}:!]*[.\[][^{}]*\}")  # str.format's {name.attr
 WHY = "recipes may not reach files, processes, the network or the interpreter's machinery"
 
 
+def under(name: str, prefixes) -> bool:
+    """``name`` is one of the dotted ``prefixes`` or lies below one (``torch.nn.functional``
+    under ``torch.nn``; ``torch.nnx`` is not)."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
 def allowed_module(name: str) -> bool:
-    return any(name == a or name.startswith(a + ".") for a in ALLOWED_IMPORTS)
+    return under(name, ALLOWED_IMPORTS)
 
 
 def denied(module: str) -> bool:
     """``module`` is in ``DENIED_MODULES``: nothing defined there may be used."""
-    return any(module == d or module.startswith(d + ".") for d in DENIED_MODULES)
+    return under(module, DENIED_MODULES)
 
 
 def closed(module: str) -> bool:
@@ -121,9 +127,9 @@ def closed(module: str) -> bool:
     outside ``TORCH_MODULES`` (the settings modules, importable to set their knobs, aside).
     Objects defined in closed modules stay usable where torch re-exports them
     (``torch.Generator`` is ``torch._C``'s)."""
-    if any(m == module or m.startswith(module + ".") for m in (*SETTINGS_MODULES, *TORCH_MODULES)):
+    if any(under(m, (module,)) for m in (*SETTINGS_MODULES, *TORCH_MODULES)):
         return False  # on the way to an open module (``torch.utils`` to its ``checkpoint``)
-    if module.split(".")[0] == "torch" and not any(module.startswith(t + ".") for t in TORCH_MODULES):
+    if under(module, ("torch",)) and not under(module, TORCH_MODULES):
         return True
     return denied(module)
 
@@ -188,7 +194,7 @@ def in_settings(dotted: str) -> bool:
 def in_settings_module(dotted: str) -> bool:
     """``dotted`` lies in a settings module (``torch._inductor.config``): the only place a
     private part of a chain is allowed, since the module's own path has one."""
-    return any(dotted == m or dotted.startswith(m + ".") for m in SETTINGS_MODULES)
+    return under(dotted, SETTINGS_MODULES)
 
 
 def is_super_call(node: ast.AST) -> bool:
