@@ -43,20 +43,18 @@ def make_step(fn, b, d, pass_):
     """One forward (no grad) or forward + backward of ``fn`` on fresh inputs [B, D]."""
     img, txt, scale = make(b, d, pass_ != "fwd")
 
-    def clear():
-        img.grad = txt.grad = scale.grad = None
-
     def step():
         if pass_ == "fwd":
             with torch.no_grad():
                 return fn(img, txt, scale)
-        clear()
         loss = fn(img, txt, scale)
         loss.backward()
-        return loss
+        # freed here, not at the next call's start: a memory window around one call then
+        # sees its gradients allocated and nothing of an earlier call's freed
+        img.grad = txt.grad = scale.grad = None
+        return loss.detach()
 
     step()  # warm-up: autotuning and compilation stay out of the timing
-    step.clear = clear
     return step
 
 
@@ -70,7 +68,7 @@ def bench_contrastive_loss(benchmark, impl, b, d, pass_):
     step = make_step(fn, b, d, pass_)
     flop = (6 if pass_ != "fwd" else 2) * b * b * d
     describe(benchmark, f"loss-{pass_}", impl, plain, B=b, D=d, dtype=str(DTYPE).removeprefix("torch."),
-             flop=flop, peak_extra_bytes=peak_extra_bytes(step, before=step.clear))  # gradients included
+             flop=flop, peak_extra_bytes=peak_extra_bytes(step))  # gradients included
     loss = benchmark(timed(step))
     assert torch.isfinite(loss)
     if not plain:

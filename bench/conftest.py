@@ -35,14 +35,10 @@ def timed(fn):
     return run
 
 
-def peak_extra_bytes(fn, before=None) -> int | None:
-    """Peak memory allocated by one call beyond what was allocated before (CUDA only).
-    ``before`` runs first, outside the window: e.g. dropping the gradients an earlier call
-    left, which the call would free inside the window and so hide from the figure."""
+def peak_extra_bytes(fn) -> int | None:
+    """Peak memory allocated by one call beyond what was allocated before (CUDA only)."""
     if DEVICE.type != "cuda":
         return None
-    if before is not None:
-        before()
     sync()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

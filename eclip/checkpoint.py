@@ -132,8 +132,9 @@ def check_model_config(source: Path, meta: dict, model: torch.nn.Module) -> None
 
 def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Restore model (and optimizer) in place; returns (meta, loop state tensors). A
-    checkpoint of another model config is refused (``EclipError`` naming the field)."""
+    """Restore model (and optimizer state; the optimizer keeps its own group settings) in
+    place; returns (meta, loop state tensors). A checkpoint of another model config is
+    refused (``EclipError`` naming the field)."""
     ckpt_dir = Path(ckpt_dir)
     meta, source = read_meta_from(ckpt_dir)
     check_model_config(source, meta, model)
@@ -161,13 +162,15 @@ def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module,
         for k, v in saved["scalars"].items():
             pid, key = k.split(".", 1)
             state.setdefault(int(pid), {})[key] = v
-        # JSON turned tuples (AdamW's betas) into lists; the optimizer wants them back.
-        groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()}
-                  for g in saved["param_groups"]]
+        # load_state_dict also puts the saved group settings back (weight decay, betas, ...);
+        # the optimizer's own, built for this run, win: a resume takes the state only
+        own = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         try:
-            optimizer.load_state_dict({"state": state, "param_groups": groups})
+            optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
         except (ValueError, KeyError) as e:  # another optimizer's groups or parameters
             raise EclipError(f"{source}: the checkpoint's optimizer state does not fit this optimizer "
                              f"({first_line(e)})") from None
+        for group, settings in zip(optimizer.param_groups, own, strict=True):
+            group.update(settings)
     loop_state = {k[6:]: v for k, v in tensors.items() if k.startswith("state.")}
     return meta, loop_state

@@ -137,7 +137,7 @@ def run(args) -> int:
     violations = check_file(args.recipe)
     if violations:
         lines = [v.format(str(args.recipe)) for v in violations]
-        write_json(args.out / "result.json", {"status": "rejected", "val_mean_rank": None, "violations": lines})
+        write_json(result_path, {"status": "rejected", "val_mean_rank": None, "violations": lines})
         print(f"harness: error: {lines[0]}" + (f" (and {len(lines) - 1} more)" if len(lines) > 1 else ""),
               file=sys.stderr)
         return 2

@@ -341,14 +341,9 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
     step, trained_s, samples = 0, 0.0, 0
     expert_samples = 0  # becomes a device tensor once the recipe reports it
     if resume_dir is not None:
-        # load_state_dict puts the saved settings of each param group back (weight decay, betas,
-        # eps, ...); those of this run's optimizer, built from its HPARAMS and overrides, win:
-        # a --weight_decay given with --resume applies, as the recorded hparams say. The state
-        # (moments, step counts) is the checkpoint's.
-        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        # the optimizer keeps the settings of this run's HPARAMS and overrides (a --weight_decay
+        # given with --resume applies); the state (moments, step counts) is the checkpoint's
         meta, tensors = load_checkpoint(resume_dir, model, optimizer)
-        for group, own in zip(optimizer.param_groups, settings, strict=True):
-            group.update(own)
         step, trained_s, samples = int(meta["step"]), float(meta["trained_s"]), int(meta["samples"])
         expert_samples = int(meta.get("expert_samples", 0))
         data.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("data_")}

@@ -212,9 +212,7 @@ def _drop_bad_boxes(rec: Record, boxes: list, bad: list[tuple[int, str]], proble
         lines.setdefault(region.where, f"region {region.index}: {problem}")
     for where, problem in lines.items():
         problems.report(DataError(where, problem))
-    kept = [b for r, b in zip(rec.regions, boxes, strict=True) if r.where not in lines]
-    rec.drop_rows(set(lines))
-    return kept
+    return [b for b, k in zip(boxes, rec.drop_rows(lines), strict=True) if k]
 
 
 def build_annotations(recs: list[Record], boxes: list[list], tok, args, folds: np.ndarray) -> tuple[dict, dict]:

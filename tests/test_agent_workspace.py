@@ -5,17 +5,10 @@ import os
 import subprocess
 
 import pytest
+from test_agent_loop import scripted
 
 from agent import journal, loop, report
 from agent.workspace import Workspace, WorkspaceError, locked
-
-
-def scripted(ranks):
-    calls = iter(ranks)
-
-    def fake(recipe, data, budget_s, out, **kw):
-        return {"status": "ok", "val_mean_rank": next(calls), "duration_s": 0.1}
-    return fake
 
 
 def _loop(tmp_path, cache, *extra):

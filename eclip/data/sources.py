@@ -47,13 +47,16 @@ class Record:
         if not self.caption_where:  # captions given with the record come from its first row
             self.caption_where = [self.where] * len(self.captions)
 
-    def drop_rows(self, lines: set[str]) -> None:
+    def drop_rows(self, lines) -> list[bool]:
         """Forget the captions and regions that came from the rows at ``lines`` (with
-        ``--skip-bad``, a row with a box outside the image goes; the image's other rows stay)."""
+        ``--skip-bad``, a row with a box outside the image goes; the image's other rows stay).
+        Returns which of the regions were kept, in their order."""
         kept = [(c, w) for c, w in zip(self.captions, self.caption_where, strict=True) if w not in lines]
         self.captions = [c for c, _ in kept]
         self.caption_where = [w for _, w in kept]
-        self.regions = [r for r in self.regions if r.where not in lines]
+        keep = [r.where not in lines for r in self.regions]
+        self.regions = [r for r, k in zip(self.regions, keep, strict=True) if k]
+        return keep
 
 
 class Problems:
