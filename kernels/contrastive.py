@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import sys
 
 import torch
 
@@ -247,7 +248,19 @@ def _fast_max_b_cached(device: str) -> int:
     return math.isqrt(int(0.5 * free / 2.2))
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` when
+    nothing has yet: that import costs about 1 s, a third of the start-up of every process
+    that imports ``kernels`` (the harness's evaluation processes, which never compile). The
+    public decorator sets one attribute, which Dynamo reads when it traces a call;
+    tests/test_kernels_contrastive.py checks that it still sets nothing else."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _fast_max_b(device: str) -> int:
     """The largest B for which ``mode="auto"`` takes the fast mode on ``device`` (0 off
     CUDA), fixed at the first call, so every step of a run uses the same mode; a constant for

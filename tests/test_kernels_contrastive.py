@@ -23,6 +23,9 @@ The reference is computed from the same (rounded) inputs, upcast to float64.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -215,6 +218,23 @@ def test_custom_op_under_torch_compile(mode, device):
         got = grads(compiled)
         for e, g in zip(eager, got, strict=True):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_importing_kernels_leaves_dynamo_unloaded_and_marks_the_bound_as_the_public_decorator_does():
+    # Dynamo costs about 1 s of every start-up; the evaluation's processes never compile. The
+    # mode bound must still be marked as torch.compiler.assume_constant_result marks it, or
+    # mode="auto" under torch.compile would trace into it (tests/interpret/ compiles it).
+    code = (
+        "import sys, kernels\n"
+        "print('torch._dynamo' in sys.modules)\n"
+        "import torch\n"
+        "def probe(): return 0\n"
+        "torch.compiler.assume_constant_result(probe)\n"
+        "print(vars(kernels.contrastive._fast_max_b) == vars(probe) != {})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["False", "True"]
 
 
 def test_reference_chunking_does_not_change_the_result():
