@@ -99,15 +99,21 @@ def test_prefetcher_returns_the_rows_asked_for_in_order():
 def test_the_gather_thread_computes_alone_and_changes_no_other_thread():
     import threading
 
-    before = torch.get_num_threads()
-    pre = HostPrefetcher(torch.zeros(4, 3, 2, 2, dtype=torch.uint8), CPU)
-    assert pre.pool.submit(torch.get_num_threads).result() == 1
-    later = []
-    t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
-    t.start()
-    t.join()
-    assert torch.get_num_threads() == before and later == [before]
-    pre.close()
+    # two threads whatever the test run's own setting (the suite runs with one), so that the
+    # gather thread's single one differs from the caller's
+    outer = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pre = HostPrefetcher(torch.zeros(4, 3, 2, 2, dtype=torch.uint8), CPU)
+        assert pre.pool.submit(torch.get_num_threads).result() == 1
+        later = []
+        t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert torch.get_num_threads() == 2 and later == [2]
+        pre.close()
+    finally:
+        torch.set_num_threads(outer)
 
 
 @pytest.mark.parametrize("device", DEVICES, ids=str)
