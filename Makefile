@@ -29,7 +29,7 @@ train: setup
 	$(PY) -m eclip.train --data $(DATA) --out $(OUT) --budget-s $(BUDGET_S)
 
 test: setup
-	@$(PY) -m pytest -q; rc=$$?; \
+	@$(PY) -m pytest -q -n auto; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests (exit 5): failing" >&2; fi; exit $$rc
 
 lint: setup

@@ -26,7 +26,7 @@ setup(
         "triton>=3.6,<3.7; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5"],
+        "dev": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "ruff>=0.5"],
         # pretrained towers (eclip.pretrained): "hf" installs anywhere; timm needs torchvision,
         # which has no build matching the CPU-only PyTorch wheel, so CI installs "hf" only
         "hf": ["transformers>=4.40"],
