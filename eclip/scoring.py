@@ -63,12 +63,12 @@ def score(result: dict, img_path: Path, txt_path: Path, order_i, order_t, txt_im
 
 
 def read_embeddings(path: Path, name: str, rows: int, width: int | None = None) -> torch.Tensor:
-    """Tensor ``name`` of an encoding process's output: float [rows, E] (E = ``width`` when
-    given), or EclipError."""
+    """Tensor ``name`` of an encoding process's output: float [rows, E], E ≥ 1 (E = ``width``
+    when given), or EclipError."""
     from eclip.fileio import read_tensors
 
     t = read_tensors(path, "the evaluation left no readable embeddings").get(name)
-    if (t is None or t.dim() != 2 or t.shape[0] != rows or not t.is_floating_point()
+    if (t is None or t.dim() != 2 or t.shape[0] != rows or not t.is_floating_point() or t.shape[1] < 1
             or (width is not None and t.shape[1] != width)):
         shown = "missing" if t is None else f"{t.dtype} {list(t.shape)}"
         raise EclipError(f"{path}: {name}: expected float [{rows}, {width or 'E'}], got {shown}")
@@ -83,7 +83,8 @@ def batch_check(first: torch.Tensor, again: torch.Tensor, part: str) -> float:
     first, again = first.double(), again.double()
     broken = lambda e: ~torch.isfinite(e).all(1) | (e.norm(dim=1) == 0)  # noqa: E731
     # normalised with a float64-sized eps: an embedding of norm 1e-9 still has a direction
-    # (the ranking's F.normalize sees one), where cosine_similarity's eps 1e-8 would not
+    # (the ranking sees it: eclip.evaluate.directions), where cosine_similarity's eps 1e-8
+    # would not
     unit = lambda e: torch.nn.functional.normalize(e, dim=1, eps=1e-300)  # noqa: E731
     gap = (1 - (unit(first) * unit(again)).sum(1)).nan_to_num(nan=2.0).clamp(min=0.0)  # no -1e-16
     gap = torch.where(broken(first) & broken(again), 0.0, gap)

@@ -85,6 +85,22 @@ def test_perfect_model_and_random_baseline():
     assert abs(retrieval_metrics(x, y)["mean_rank"] - (n - 1) / 2) < 25
 
 
+def test_the_ranking_sees_directions_only_whatever_the_scale():
+    # The harness's batch check compares directions, so a row's norm must not reach the
+    # scores: below fp32 normalisation's eps (1e-12) it once scaled the row's scores, past
+    # about 1.8e19 it overflowed to a zero row. Powers of two scale exactly: the metrics
+    # must come out the same to the bit.
+    g = torch.Generator().manual_seed(4)
+    img = torch.randn(200, 16, generator=g)
+    txt = img + 1.5 * torch.randn(200, 16, generator=g)
+    want = retrieval_metrics(img, txt)
+    powers = torch.randint(-100, 101, (200, 1), generator=g).float()
+    for scaled in (txt * 2.0 ** -60, txt * 2.0 ** 90, txt * 2.0 ** powers):
+        assert retrieval_metrics(img, scaled) == want
+        assert retrieval_metrics(scaled, img) == retrieval_metrics(txt, img)
+    assert retrieval_metrics(torch.zeros(3, 4), torch.zeros(3, 4))["mean_rank"] == 2  # zero rows: worst
+
+
 def test_several_captions_per_image_use_the_standard_protocol():
     rng = np.random.default_rng(3)
     n_img, per = 30, 5

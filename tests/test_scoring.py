@@ -15,13 +15,15 @@ from eclip.scoring import BATCH_TOL, batch_check, score
     ("missing", "the evaluation left no readable embeddings"),
     ("rows", "img: expected float [60, E], got torch.float32 [59, 8]"),
     ("width", "img and txt widths differ (8 vs 4)"),
+    ("empty", "img: expected float [60, E], got torch.float32 [60, 0]"),  # no direction to rank
 ])
 def test_embeddings_that_do_not_fit_the_split_are_an_error(tmp_path, damage, message):
     img_f, txt_f = tmp_path / "img.safetensors", tmp_path / "txt.safetensors"
     order_i, order_t, pairs = torch.randperm(60), torch.randperm(60), torch.arange(60)
     if damage != "missing":
-        save_file({"img": torch.randn(59 if damage == "rows" else 60, 8)}, str(img_f))
-        save_file({"txt": torch.randn(60, 4 if damage == "width" else 8)}, str(txt_f))
+        width = 0 if damage == "empty" else 8
+        save_file({"img": torch.randn(59 if damage == "rows" else 60, width)}, str(img_f))
+        save_file({"txt": torch.randn(60, 4 if damage == "width" else width)}, str(txt_f))
     with pytest.raises(EclipError, match=re.escape(message)):
         score({"status": "ok"}, img_f, txt_f, order_i, order_t, pairs, "cpu", "val")
     # rows encoded in the secret orders are put back in place, then ranked against the
