@@ -6,7 +6,8 @@ are 0-indexed and ties count against the model:
     image→text  rank(i) = #{j not a caption of i : s_ij ≥ max over i's own captions of s_ic}
     text→image  rank(c) = #{k ≠ image(c) : s_kc ≥ s_image(c),c}
 
-so a collapsed model (every embedding the same) scores N−1 everywhere, never 0, and random
+so a collapsed model (every embedding the same) ranks every query last, never first: N−1
+with one caption an image (Nt − #captions(i) for image→text with several), and random
 embeddings score about (N−1)/2. With several captions per image (COCO, Flickr) image→text
 counts the best-ranked of the image's own captions and text→image ranks every caption's
 image: the standard protocol. The headline ``mean_rank`` is the average of the two
