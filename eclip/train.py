@@ -105,8 +105,9 @@ def summary_lines(result: dict) -> list[str]:
         lines.append(f"{k + ':':<16}{v:.4g}" if isinstance(v, float) else f"{k + ':':<16}{v}")
     if result.get("metrics"):
         lines += format_metrics(result["metrics"])[1:]
-    if result.get("folds"):
-        lines.append(f"folds_mean_rank: {result['val_mean_rank']:.2f} ± {result['val_mean_rank_std']:.2f}")
+    if result.get("folds"):  # no rank when the first fold ended without one (diverged, interrupted)
+        rank, std = result.get("val_mean_rank"), result.get("val_mean_rank_std")
+        lines.append(f"folds_mean_rank: {rank:.2f} ± {std:.2f}" if rank is not None else "folds_mean_rank: None")
     return lines
 
 

@@ -255,6 +255,17 @@ def test_folds_and_final(cache, tmp_path, capsys):
     assert r["eval_split"] == "test" and r["metrics"]["n_images"] == 60 and r["test_mean_rank"] == r["val_mean_rank"]
 
 
+def test_folds_whose_first_fold_diverges_end_with_the_summary(cache, tmp_path, capsys):
+    # no fold has a rank then: the summary once formatted None and the run died in a traceback
+    nan = recipe_at_call(tmp_path, after="if _calls[0] == 3:\n    out['loss'] = out['loss'] * float('nan')")
+    out = tmp_path / "cv"
+    rc, stdout, _ = run(["--data", cache, "--out", out, "--steps", 20, "--folds", 3, "--recipe", nan, *SMALL], capsys)
+    assert rc == 1 and "status:         diverged" in stdout and "folds_mean_rank: None" in stdout
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "diverged" and result["val_mean_rank"] is None
+    assert [f["status"] for f in result["folds"]] == ["diverged"]  # the later folds are not run
+
+
 def test_bf16_autocast_step_with_the_expert_term(cache, tmp_path, capsys):
     # Under autocast the CLIP embeddings enter the loss in bf16 while the expert and phrase
     # embeddings leave autocast in fp32: the recipe must match them (caught on a GPU first).
