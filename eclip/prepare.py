@@ -207,9 +207,9 @@ def _drop_bad_boxes(rec: Record, boxes: list, bad: list[tuple[int, str]], proble
     if not bad:
         return boxes
     lines: dict[str, str] = {}
-    for k, problem in bad:
-        region = rec.regions[k]
-        lines.setdefault(region.where, f"region {region.index}: {problem}")
+    for k, problem in bad:  # every row that gave the bad region goes, each at its own line
+        for where, index in rec.regions[k].givers():
+            lines.setdefault(where, f"region {index}: {problem}")
     for where, problem in lines.items():
         problems.report(DataError(where, problem))
     return [b for b, k in zip(boxes, rec.drop_rows(lines), strict=True) if k]
@@ -334,8 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     except EclipError as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # an --out that cannot be written (read-only, not a directory, full)
-        print(f"prepare: error: {args.out}: cannot write the cache ({e.strerror or e})", file=sys.stderr)
+    except OSError as e:  # mostly an --out that cannot be written (read-only, not a directory, full)
+        named = f"{e.filename}: {e.strerror or e}" if e.filename else e.strerror or e
+        print(f"prepare: error: {args.out}: cannot write the cache ({named})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prepare: interrupted; nothing was written", file=sys.stderr)

@@ -184,3 +184,85 @@ def test_more_evaluation_scenes_than_exist_fail_up_front(tmp_path, capsys, monke
     assert rc == 2, err
     assert f"{option} 17000: the built-in dataset has at most 15920 distinct evaluation scenes" in err
     assert not (tmp_path / "c").exists()
+
+
+def test_a_region_repeated_by_a_dropped_row_stays_with_the_rows_that_remain(images, tmp_path, capsys):
+    cat = {"bbox": [1, 1, 10, 10], "phrase": "a cat"}
+    wide = {"bbox": [0, 0, 500, 10], "phrase": "too wide"}
+    path = tmp_path / "m.jsonl"
+    rows = [{"image": "0.png", "caption": "first", "regions": [wide, cat]},  # line 1 goes (its region 0)
+            {"image": "0.png", "caption": "second", "regions": [cat]},  # gave "a cat" too: it stays
+            {"image": "1.png", "caption": "one", "regions": [wide]},  # a bad region given by two rows:
+            {"image": "1.png", "caption": "two", "regions": [cat, wide]},  # both go, each at its line
+            {"image": "1.png", "caption": "three", "regions": []}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "c"
+    rc, _, err = run(manifest_args(images, path, out, "--skip-bad"), capsys)
+    assert rc == 0, err
+    skipped = [json.loads(x) for x in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [(s["where"], s["problem"].split(":")[0]) for s in skipped] == [
+        (f"{path}:1", "region 0"), (f"{path}:3", "region 0"), (f"{path}:4", "region 1")]
+    recs = records(out)
+    assert [(r["captions"], r["phrases"]) for r in recs] == [(["second"], ["a cat"]), (["three"], [])]
+
+
+def test_one_image_under_two_spellings_is_one_image(images, tmp_path, capsys):
+    path = tmp_path / "m.jsonl"
+    rows = [{"image": "0.png", "caption": "plain"}, {"image": "./0.png", "caption": "dotted"},
+            {"image": str(images / "sub" / ".." / "0.png"), "caption": "absolute"},
+            {"image": "1.png", "caption": "other"}]
+    (images / "sub").mkdir()
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "c"
+    rc, _, err = run(manifest_args(images, path, out), capsys)
+    assert rc == 0, err
+    assert [r["captions"] for r in records(out)] == [["plain", "dotted", "absolute"], ["other"]]
+    # so it can never land in two splits: two spellings with two splits are refused
+    rows[1]["split"], rows[0]["split"] = "test", "train"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc, _, err = run(manifest_args(images, path, tmp_path / "d"), capsys)
+    assert rc == 2 and f"m.jsonl:2: image './0.png' is in split 'train' at {path}:1, here in 'test'" in err, err
+
+
+def test_tsv_quotes_are_text_unless_they_wrap_the_field(images, tmp_path, capsys):
+    path = tmp_path / "m.tsv"
+    path.write_text('image\tcaption\n'
+                    '0.png\t"Stop" sign on a road\n'  # a quote that opens a caption
+                    '1.png\t"a ""quoted"" word"\n'  # a field a spreadsheet quoted
+                    '2.png\t"an unbalanced quote\n'  # once swallowed the rows after it
+                    '3.png\ta dog in the park\n', encoding="utf-8")
+    out = tmp_path / "c"
+    rc, _, err = run(manifest_args(images, path, out), capsys)
+    assert rc == 0, err
+    assert [r["captions"] for r in records(out)] == [
+        ['"Stop" sign on a road'], ['a "quoted" word'], ['"an unbalanced quote'], ["a dog in the park"]]
+    path.write_text("image\tcaption\n0.png\ta\tb\n", encoding="utf-8")
+    rc, _, err = run(manifest_args(images, path, tmp_path / "d"), capsys)
+    assert rc == 2 and "m.tsv:2: malformed row: expected 2 fields, found 3" in err, err
+
+
+def test_an_unusable_image_path_is_a_row_problem(images, tmp_path, capsys):
+    # a caption in the image column: too long a name for the file system (ENAMETOOLONG)
+    path = tmp_path / "m.jsonl"
+    rows = [{"image": "0.png", "caption": "fine"}, {"image": "a very long sentence " * 15, "caption": "swapped"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc, _, err = run(manifest_args(images, path, tmp_path / "c"), capsys)
+    assert rc == 2 and "m.jsonl:2: image path unusable (File name too long): 'a very long" in err, err
+    assert err.strip().count("\n") == 0
+    rc, _, err = run(manifest_args(images, path, tmp_path / "c", "--skip-bad"), capsys)
+    assert rc == 0 and [r["captions"] for r in records(tmp_path / "c")] == [["fine"]], err
+
+
+def test_the_working_directory_is_refused_as_out_before_the_build(images, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"image": "0.png", "caption": "fine"}) + "\n")
+    here = tmp_path / "empty"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for out in (".", ".."):
+        rc, _, err = run(manifest_args(images, path, out), capsys)
+        assert rc == 2 and err.strip().splitlines()[-1] == (
+            f"prepare: error: {out}: is the working directory or holds it, and a build replaces --out whole; "
+            f"name a folder inside it (--out {out}/cache)")
+        assert err.count("error") == 1
+    assert here.is_dir() and not any(here.iterdir())

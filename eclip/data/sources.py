@@ -31,6 +31,11 @@ class Region(NamedTuple):
     phrase: str
     where: str = ""  # "FILE:LINE" of the row that gave it: a box found bad at decoding is reported there
     index: int = 0  # its place among that row's regions, as messages number it ("region 2")
+    also: tuple[tuple[str, int], ...] = ()  # (where, index) of the image's later rows that repeated it
+
+    def givers(self) -> list[tuple[str, int]]:
+        """(where, index) of every row of the image that gave this region, first row first."""
+        return [(self.where, self.index), *self.also]
 
 
 @dataclass
@@ -54,8 +59,14 @@ class Record:
         kept = [(c, w) for c, w in zip(self.captions, self.caption_where, strict=True) if w not in lines]
         self.captions = [c for c, _ in kept]
         self.caption_where = [w for _, w in kept]
-        keep = [r.where not in lines for r in self.regions]
-        self.regions = [r for r, k in zip(self.regions, keep, strict=True) if k]
+        # a region stays while a row that gave it stays, credited to the first of those
+        keep, regions = [], []
+        for r in self.regions:
+            alive = [(w, i) for w, i in r.givers() if w not in lines]
+            keep.append(bool(alive))
+            if alive:
+                regions.append(r._replace(where=alive[0][0], index=alive[0][1], also=tuple(alive[1:])))
+        self.regions = regions
         return keep
 
 
@@ -110,9 +121,19 @@ def resolve_image(images_dir: Path, name: str) -> Path:
     return Path(name) if Path(name).is_absolute() else images_dir / name
 
 
+def image_key(images_dir: Path, name: str) -> str:
+    """The file an image path names, for telling images apart: ``0.png``, ``./0.png`` and
+    ``sub/../0.png`` (or a link to it) are one image, which must never land in two splits."""
+    return str(resolve_image(images_dir, name).resolve())
+
+
 def check_image_path(where: str, images_dir: Path, name: str) -> Path:
     path = resolve_image(images_dir, name)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as e:  # a name too long for the file system (a caption in the image column, say)
+        raise DataError(where, f"image path unusable ({e.strerror or e}): {name[:80]!r}") from None
+    if not found:
         raise DataError(where, f"image not found: {path}")
     return path
 
@@ -120,8 +141,8 @@ def check_image_path(where: str, images_dir: Path, name: str) -> Path:
 def read_odvg(path: Path, split: str, images_dir: Path, problems: Problems,
               seen: dict[str, str]) -> list[Record]:
     """Ukiyo-eVG's ODVG JSONL: one image per line with ``filename``, ``grounding.caption`` and
-    ``grounding.regions[].{bbox, phrase}``. ``seen`` maps filenames to where they first
-    appeared, across all split files, to refuse duplicates."""
+    ``grounding.regions[].{bbox, phrase}``. ``seen`` maps images (``image_key``) to where
+    they first appeared, across all split files, to refuse duplicates."""
     records = []
     _check_utf8(path)
     with open(path, encoding="utf-8") as f:
@@ -144,13 +165,14 @@ def read_odvg(path: Path, split: str, images_dir: Path, problems: Problems,
                     raise DataError(where, "missing field 'grounding'")
                 caption = _check_caption(where, grounding.get("caption"))
                 regions = parse_regions(where, grounding.get("regions"))
-                if name in seen:
-                    raise DataError(where, f"duplicate id {name!r} (first at {seen[name]})")
                 check_image_path(where, images_dir, name)
+                key = image_key(images_dir, name)
+                if key in seen:
+                    raise DataError(where, f"duplicate id {name!r} (first at {seen[key]})")
             except DataError as e:
                 problems.report(e)
                 continue
-            seen[name] = where
+            seen[key] = where
             records.append(Record(image=name, captions=[caption], regions=regions, split=split, where=where))
     return records
 
@@ -186,6 +208,32 @@ def _check_utf8(path: Path) -> None:
                                           "save the file as UTF-8") from None
 
 
+class _tsv_reader:
+    """Rows of a TSV file as ``csv.reader`` gives them (with its ``line_num``), by the TSV
+    convention: one row a line, fields split at every tab, so a quote never joins lines or
+    hides a tab. A field wholly in double quotes, as spreadsheet and pandas exports write a
+    field holding a quote, is unquoted ("" inside is one quote); any other quote is text
+    (a caption may start with one: ``"Stop" sign on a road``)."""
+
+    def __init__(self, f):
+        self.lines = iter(f)
+        self.line_num = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[str]:
+        line = next(self.lines)
+        self.line_num += 1
+        return [_unquote(v) for v in line.rstrip("\r\n").split("\t")]
+
+
+def _unquote(field: str) -> str:
+    if len(field) >= 2 and field[0] == field[-1] == '"':
+        return field[1:-1].replace('""', '"')
+    return field
+
+
 def _manifest_rows(path: Path):
     """Yield ``(line, dict)`` for each row of a CSV, TSV or JSONL manifest, or ``(line,
     DataError)`` for a row that cannot be read."""
@@ -208,9 +256,8 @@ def _manifest_rows(path: Path):
         return
     if suffix not in (".csv", ".tsv", ".txt"):
         raise DataError(str(path), f"unknown manifest format {suffix!r} (use .csv, .tsv or .jsonl)")
-    delimiter = "\t" if suffix == ".tsv" else ","
     with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f, delimiter=delimiter, strict=True)
+        reader = _tsv_reader(f) if suffix == ".tsv" else csv.reader(f, strict=True)
         try:
             header = next(reader)
         except StopIteration:
@@ -225,7 +272,7 @@ def _manifest_rows(path: Path):
             except csv.Error as e:
                 yield reader.line_num, DataError(f"{path}:{reader.line_num}", f"malformed CSV row ({e})")
                 continue
-            if not values:
+            if not values or values == [""]:
                 continue
             if len(values) != len(header):
                 yield reader.line_num, DataError(
@@ -286,10 +333,11 @@ def read_manifest_file(path: Path, images_dir: Path, problems: Problems,
                 split = str(row[cols["split"]]).strip().lower() or None
                 if split not in (None, "train", "val", "test"):
                     raise DataError(where, f"unknown split {split!r} (use train, val or test)")
-            rec = by_image.get(name)
+            check_image_path(where, images_dir, name)
+            key = image_key(images_dir, name)
+            rec = by_image.get(key)
             if rec is None:
-                check_image_path(where, images_dir, name)
-                by_image[name] = Record(image=name, captions=[caption], regions=regions, split=split, where=where)
+                by_image[key] = Record(image=name, captions=[caption], regions=regions, split=split, where=where)
             else:
                 if split is not None and rec.split is not None and split != rec.split:
                     raise DataError(where, f"image {name!r} is in split {rec.split!r} at {rec.where}, "
@@ -299,12 +347,16 @@ def read_manifest_file(path: Path, images_dir: Path, problems: Problems,
                 rec.captions.append(caption)
                 rec.caption_where.append(where)
                 # rows of one image often repeat its regions: keep one of each (box, phrase),
-                # credited to the first row that gave it
-                have = {(tuple(r.box), r.phrase) for r in rec.regions}
+                # credited to the first row that gave it, with the later rows noted (a row
+                # dropped with --skip-bad takes a region along only if no other row gave it)
+                have = {(tuple(r.box), r.phrase): k for k, r in enumerate(rec.regions)}
                 for r in regions:
-                    if (tuple(r.box), r.phrase) not in have:
-                        have.add((tuple(r.box), r.phrase))
+                    k = have.get((tuple(r.box), r.phrase))
+                    if k is None:
+                        have[(tuple(r.box), r.phrase)] = len(rec.regions)
                         rec.regions.append(r)
+                    else:
+                        rec.regions[k] = rec.regions[k]._replace(also=(*rec.regions[k].also, (r.where, r.index)))
         except DataError as e:
             problems.report(e)
     if cols is None:
