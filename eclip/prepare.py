@@ -25,6 +25,7 @@ from eclip.data import cache as cache_mod
 from eclip.data import synthetic
 from eclip.data.images import DECODE_VERSION, RESIZE_POLICIES, Job, decode_job
 from eclip.data.sources import (
+    READ_VERSION,
     Problems,
     Record,
     Region,
@@ -269,7 +270,8 @@ def run(args) -> dict:
             raise EclipError(f"--tokenizer {args.tokenizer}: file not found")
         sources.append({"kind": "tokenizer", "path": str(args.tokenizer), "sha256": cache_mod.sha256_file(args.tokenizer)})
     fp = cache_mod.fingerprint({"options": options, "sources": [dict(s, path=None) for s in sources],
-                                "format_version": cache_mod.FORMAT_VERSION, "decode_version": DECODE_VERSION})
+                                "format_version": cache_mod.FORMAT_VERSION, "decode_version": DECODE_VERSION,
+                                "read_version": READ_VERSION})
     if not args.force and cache_mod.is_current(args.out, fp):
         manifest = cache_mod.read_manifest(args.out)
         print(f"prepare: reusing cache {args.out} (inputs and options unchanged; --force rebuilds)", file=sys.stderr)

@@ -24,6 +24,9 @@ CAPTION_COLUMNS = ("caption", "text", "title")
 REGION_COLUMNS = ("regions",)
 SPLIT_COLUMNS = ("split",)
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+# bump when reading a source changes its records, so caches rebuild (2: images keyed by the
+# file they name, TSV split at tabs, a region kept while a row that gave it stays)
+READ_VERSION = 2
 
 
 class Region(NamedTuple):
