@@ -21,6 +21,7 @@ import errno
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -88,9 +89,7 @@ def state(exps: list[dict], root_commit: str, min_delta: float) -> dict:
     kept = [e["commit"] for e in exps if e.get("kept")]
     trail = journal.running_best(exps)
     best_commit, best = (kept[-1] if kept else root_commit), (trail[-1][1] if trail else None)
-    # a baseline cut short (Ctrl-C, a scheduler's stop, a full disk) says nothing of the recipe: not an attempt
-    attempts = sum(e.get("kind") == "baseline" and e.get("status") != "interrupted" for e in exps)
-    return {"baselines": len(base), "baseline_attempts": attempts,
+    return {"baselines": len(base),
             "experiments": sum(e.get("kind") == "experiment" for e in exps), "sigma": sigma,
             "threshold": threshold, "best_commit": best_commit, "best": best,
             "next_n": max((e["n"] for e in exps), default=0) + 1}
@@ -223,6 +222,12 @@ def after_run(ws: Workspace, args, r: dict) -> None:
                               "--keep-checkpoints best or none")
 
 
+def session_runs(events: list[dict]) -> set[int]:
+    """The numbers of the runs started since the journal's last ``session`` line."""
+    last = max((i for i, e in enumerate(events) if e.get("event") == "session"), default=-1)
+    return {e["n"] for e in events[last + 1:] if e.get("event") == "start" and "n" in e}
+
+
 def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> bool:
     """One baseline run or one experiment. Returns False when there is nothing left to do."""
     events = journal.read(ws.journal_path)
@@ -232,8 +237,15 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
     # the noise floor is fixed once experiments begin: a later baseline would move the best
     # score away from the best commit's
     if st["baselines"] < args.noise_runs and not st["experiments"]:
-        if st["baseline_attempts"] >= 2 * args.noise_runs:
-            raise SystemExit("loop: error: the baseline recipe keeps failing; see experiments/*/run.log")
+        # Failures of this session only: an earlier one's may have had a bad option (a device
+        # it lacked), and counting them would refuse the workspace for good. A baseline cut
+        # short (Ctrl-C, a scheduler's stop, a full disk) says nothing of the recipe.
+        mine = session_runs(events)
+        failed = sum(e.get("kind") == "baseline" and e.get("status") not in ("baseline", "interrupted")
+                     and e["n"] in mine for e in exps)
+        if failed >= 2 * args.noise_runs:
+            raise SystemExit(f"loop: error: the baseline recipe failed {failed} times this session; see "
+                             "experiments/*/run.log")
         if why := disk.space_error(ws.root, exps):
             raise disk.OutOfSpace(why)
         ws.reset(root_commit)
@@ -305,6 +317,18 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
     return True
 
 
+TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def tag_error(tag: str) -> str | None:
+    """Why ``--tag`` cannot name a workspace, or None: one plain folder name, so that no tag
+    (``..``, an absolute path) lands on another git repository, which the loop would reset."""
+    if TAG.fullmatch(tag):
+        return None
+    return (f"--tag {tag!r}: must be one folder name of letters, digits, '.', '_' and '-', not starting with "
+            "'.' or '-'")
+
+
 def check_args(args) -> str | None:
     """The first bad option, as its error message (None when all are usable). Checked before a
     workspace is touched: a bad budget would otherwise fail every baseline and the workspace
@@ -314,6 +338,10 @@ def check_args(args) -> str | None:
         None if args.noise_runs >= 1 else "--noise-runs must be at least 1 (the baseline defines the first best)",
         seconds_error("--budget-s", args.budget_s),
         seconds_error("--timeout-s", args.timeout_s),
+        None if args.timeout_s is None or args.timeout_s > args.budget_s
+        else f"--timeout-s {args.timeout_s:g}: must exceed --budget-s {args.budget_s:g} (a run also starts up and "
+        "is scored; by default it gets budget × 1.5 + 120 s)",
+        tag_error(args.tag),
         None if args.max_experiments >= 0 else f"--max-experiments {args.max_experiments}: must be 0 or more",
         None if args.max_hours is None or (finite(args.max_hours) and args.max_hours > 0)
         else f"--max-hours {args.max_hours}: must be a positive number of hours",

@@ -89,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true",
                     help="--final: score the test split again although another commit was already scored")
     args = ap.parse_args(argv)
+    final_only = [flag for flag, given in (("--data", args.data is not None), ("--budget-s", args.budget_s is not None),
+                                           ("--device", args.device is not None), ("--force", args.force)) if given]
+    if final_only and not args.final:  # else silently ignored: the person would think them in force
+        print(f"report: error: {final_only[0]} applies to --final only (add --final, or leave it out)", file=sys.stderr)
+        return 2
     if message := seconds_error("--budget-s", args.budget_s) or (args.device is not None and device_error(args.device)):
         print(f"report: error: {message}", file=sys.stderr)
         return 2

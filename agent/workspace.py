@@ -16,8 +16,11 @@ import fcntl
 import os
 import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 
+ROOT_MESSAGE = "baseline: the template recipe"  # the first commit of every workspace
 IGNORED = ("journal.jsonl", "results.tsv", "experiments/", "progress.png", ".compile_cache/", ".lock")
 PROGRAM = """# Research brief
 
@@ -53,8 +56,11 @@ def locked(root: Path):
     WorkspaceError at once, naming the holder's pid, if another process holds it. The lock
     goes with the process, so a killed loop never leaves a stale one."""
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # a file in the way, no permission, a read-only disk
+        raise WorkspaceError(f"{root}: cannot create the workspace ({e.strerror or e})") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -123,6 +129,11 @@ class Workspace:
         if (ws.root / ".git").is_dir() and not ws.has_commit() and not runs and not journal_size:
             shutil.rmtree(ws.root / ".git")
         if (ws.root / ".git").is_dir():
+            if ws.has_commit() and ws.git("log", "-1", "--format=%s", ws.root_commit()) != ROOT_MESSAGE:
+                raise WorkspaceError(f"{ws.root}: a git repository that is not a research-loop workspace (its first "
+                                     f"commit is not {ROOT_MESSAGE!r}); the loop resets its workspace, so it "
+                                     "refuses this one: use another --tag or --workspace-root")
+            ws.remove_stale_lock()
             if runs and not journal_size:
                 raise WorkspaceError(f"{ws.journal_path}: missing or empty, but {ws.experiments} holds {runs} runs; "
                                      "restore the journal, or use another --tag")
@@ -136,9 +147,23 @@ class Workspace:
         shutil.copyfile(template, ws.recipe)
         (ws.root / "program.md").write_text(PROGRAM)
         ws.git("add", ".gitignore", "recipe.py", "program.md")
-        ws.git("commit", "-q", "-m", "baseline: the template recipe")
+        ws.git("commit", "-q", "-m", ROOT_MESSAGE)
         ws.experiments.mkdir(exist_ok=True)
         return ws
+
+    def remove_stale_lock(self, min_age_s: float = 2.0) -> None:
+        """Remove a ``.git/index.lock`` that a git command killed with the loop left behind
+        (a SIGKILL to the whole process group): under the workspace lock no other loop runs
+        git here, and without this every git command of every later session would fail. A
+        lock younger than ``min_age_s`` may be a person's git command at work: it stays."""
+        lock = self.root / ".git" / "index.lock"
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age >= min_age_s:
+            lock.unlink(missing_ok=True)
+            print(f"loop: note: removed {lock}, left {age:.0f} s ago by a git command that was killed", file=sys.stderr)
 
     def head(self) -> str:
         return self.git("rev-parse", "HEAD")
@@ -154,9 +179,11 @@ class Workspace:
         committed with the next experiment."""
         program = self.root / "program.md"
         brief = program.read_text() if program.exists() else None
-        self.git("reset", "-q", "--hard", commit)
-        if brief is not None and program.read_text() != brief:
-            program.write_text(brief)
+        try:
+            self.git("reset", "-q", "--hard", commit)
+        finally:  # a Ctrl-C (or SIGTERM) during the reset too: git finishes, then this runs
+            if brief is not None and (not program.exists() or program.read_text() != brief):
+                program.write_text(brief)
 
     def diff(self, base: str) -> str:
         return self.git("diff", base, "--", "recipe.py")

@@ -225,6 +225,20 @@ def test_interrupted_baselines_are_not_failures_of_the_recipe(cache, tmp_path, m
     assert [e["status"] for e in exps] == ["interrupted"] * 3 + ["baseline"]
 
 
+def test_failed_baselines_of_an_earlier_session_do_not_stop_a_new_one(cache, tmp_path, monkeypatch, capsys):
+    # a session with a bad option (a device the machine lacks) fails its baselines; they once
+    # counted for good, and every later session was refused at once
+    argv = ["--tag", "f", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1",
+            "--noise-runs", "1", "--max-experiments", "0"]
+    monkeypatch.setattr(loop, "run_experiment", scripted([None, None, None]))
+    with pytest.raises(SystemExit, match="the baseline recipe failed 2 times this session"):
+        loop.main(argv)
+    monkeypatch.setattr(loop, "run_experiment", scripted([40.0]))
+    assert loop.main(argv) == 0
+    exps = journal.experiments(journal.read(Workspace(tmp_path / "f").journal_path))
+    assert [e["status"] for e in exps] == ["crash", "crash", "baseline"]
+
+
 def test_more_noise_runs_after_the_experiments_began_are_not_run(cache, tmp_path, monkeypatch, capsys):
     # A baseline after a keep once reset the best score to the baseline mean while the best
     # commit stayed the kept one: a later experiment worse than the kept one could be kept.

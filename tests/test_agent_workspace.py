@@ -3,6 +3,7 @@ again, git failures as one line, and a Ctrl-C that never leaves git's index lock
 
 import os
 import subprocess
+import time
 
 import pytest
 from test_agent_loop import scripted
@@ -60,6 +61,7 @@ def test_a_git_failure_is_one_line(small_cache, tmp_path, monkeypatch, capsys):
     assert _loop(tmp_path, small_cache, "--max-experiments", "0") == 0
     lock = tmp_path / "w" / ".git" / "index.lock"  # as a git process killed mid-write leaves it
     lock.write_text("")
+    os.utime(lock, (time.time() + 60, time.time() + 60))  # young: perhaps a person's git at work, so it stays
     capsys.readouterr()
     assert _loop(tmp_path, small_cache, "--max-experiments", "1") == 1
     err = capsys.readouterr().err
@@ -96,3 +98,59 @@ def test_git_errors_name_the_workspace(tmp_path):
     ws = Workspace.open_or_create(tmp_path / "w", loop.TEMPLATE)
     with pytest.raises(WorkspaceError, match=r"w: git show failed: fatal: .*nosuchcommit"):
         ws.show("nosuchcommit")
+
+
+def test_a_stale_index_lock_is_removed_at_the_start_of_a_session(small_cache, tmp_path, monkeypatch, capsys):
+    # a SIGKILL to the loop's whole process group can kill git holding the lock: every later
+    # session then failed in git
+    monkeypatch.setattr(loop, "run_experiment", scripted([10.0]))
+    assert _loop(tmp_path, small_cache, "--max-experiments", "0") == 0
+    lock = tmp_path / "w" / ".git" / "index.lock"
+    lock.write_text("")
+    os.utime(lock, (time.time() - 30, time.time() - 30))
+    capsys.readouterr()
+    monkeypatch.setattr(loop, "run_experiment", scripted([9.0]))
+    assert _loop(tmp_path, small_cache, "--max-experiments", "1") == 0
+    assert not lock.exists() and f"loop: note: removed {lock}, left 30 s ago" in capsys.readouterr().err
+
+
+def test_another_repository_is_never_taken_for_a_workspace(small_cache, tmp_path, monkeypatch, capsys):
+    # the loop resets its workspace to the first commit: another project's uncommitted work would go
+    other = tmp_path / "w"
+    other.mkdir()
+    subprocess.run(["git", "init", "-q", str(other)], check=True)
+    (other / "notes.txt").write_text("committed")
+    subprocess.run(["git", "-C", str(other), "add", "notes.txt"], check=True)
+    subprocess.run(["git", "-C", str(other), "-c", "user.name=a", "-c", "user.email=a@b", "commit", "-q", "-m",
+                    "my project"], check=True)
+    (other / "notes.txt").write_text("uncommitted work")
+    monkeypatch.setattr(loop, "run_experiment", scripted([10.0]))
+    assert _loop(tmp_path, small_cache, "--max-experiments", "0") == 2
+    assert capsys.readouterr().err == (
+        f"loop: error: {other}: a git repository that is not a research-loop workspace (its first commit is not "
+        "'baseline: the template recipe'); the loop resets its workspace, so it refuses this one: use another "
+        "--tag or --workspace-root\n")
+    assert (other / "notes.txt").read_text() == "uncommitted work" and not (other / "journal.jsonl").exists()
+
+
+def test_an_interrupt_during_a_reset_keeps_the_edited_brief(tmp_path, monkeypatch):
+    # git finishes its reset and the interrupt goes on: the brief was once left as committed
+    ws = Workspace.open_or_create(tmp_path / "w", loop.TEMPLATE)
+    program = ws.root / "program.md"
+    program.write_text(program.read_text() + "\nMY NEW IDEAS\n")
+    root = ws.root_commit()
+    real = subprocess.Popen.communicate
+    calls = []
+
+    def communicate(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if not calls:
+            calls.append(True)
+            raise KeyboardInterrupt  # arrives while git runs; git() waits for it, then re-raises
+        return out
+
+    monkeypatch.setattr(subprocess.Popen, "communicate", communicate)
+    with pytest.raises(KeyboardInterrupt):
+        ws.reset(root)
+    monkeypatch.undo()
+    assert calls and program.read_text().endswith("MY NEW IDEAS\n")

@@ -27,6 +27,13 @@ def test_usage_errors_are_one_line(module, argv, message, capsys):
     (["--budget-s", "nan"], "--budget-s nan: must be a positive number of seconds"),
     (["--budget-s", "inf"], "--budget-s inf: must be a positive number of seconds"),
     (["--timeout-s", "-1"], "--timeout-s -1.0: must be a positive number of seconds"),
+    # every run would time out, and the failed baselines would stop the session
+    (["--budget-s", "10", "--timeout-s", "10"], "--timeout-s 10: must exceed --budget-s 10 (a run also starts up "
+                                                "and is scored; by default it gets budget × 1.5 + 120 s)"),
+    # the workspace root joined with the tag is reset to the loop's first commit: a tag must
+    # not reach another repository (.., an absolute path)
+    *[([f"--tag={tag}"], f"--tag {tag!r}: must be one folder name of letters, digits, '.', '_' and '-', not starting "
+                       "with '.' or '-'") for tag in ("..", ".", "/tmp/x", "a/b", "", "-x")],
     (["--max-experiments", "-1"], "--max-experiments -1: must be 0 or more"),
     (["--max-hours", "-1"], "--max-hours -1.0: must be a positive number of hours"),
     (["--min-delta", "nan"], "--min-delta nan: must be 0 or more"),
@@ -49,6 +56,30 @@ def test_loop_refuses_bad_options_before_touching_a_workspace(argv, message, tmp
     err = capsys.readouterr().err
     assert rc == 2 and err == f"loop: error: {message}\n", err
     assert not (tmp_path / "ws").exists()  # nothing created
+
+
+def test_loop_with_an_unusable_workspace_root_is_one_line(tmp_path, capsys):
+    from agent import loop
+    from eclip import prepare
+
+    cache = tmp_path / "data"
+    assert prepare.main(["--dataset", "synthetic", "--num-train", "20", "--num-val", "8", "--num-test", "8",
+                         "--out", str(cache), "--workers", "1"]) == 0
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    capsys.readouterr()
+    rc = loop.main(["--workspace-root", str(blocker), "--data", str(cache), "--budget-s", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"loop: error: {blocker / 'default'}: cannot create the workspace (Not a directory)\n", err
+
+
+def test_report_refuses_final_options_without_final(tmp_path, capsys):
+    from agent import report
+
+    for argv in (["--force"], ["--data", "d"], ["--budget-s", "30"], ["--device", "cpu"]):
+        assert report.main([str(tmp_path), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err == f"report: error: {argv[0]} applies to --final only (add --final, or leave it out)\n", err
 
 
 def test_prepare_into_an_unwritable_place_is_one_line(tmp_path, capsys):
