@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 
 ROOT_MESSAGE = "baseline: the template recipe"  # the first commit of every workspace
+# what creating a workspace writes (and the lock, written first): a folder holding anything
+# else is not a workspace whose creation was cut short
+CREATED = frozenset({".git", ".gitignore", "recipe.py", "program.md", ".lock", "experiments"})
 IGNORED = ("journal.jsonl", "results.tsv", "experiments/", "progress.png", ".compile_cache/", ".lock")
 PROGRAM = """# Research brief
 
@@ -126,8 +129,20 @@ class Workspace:
         ws = cls(root)
         runs = sum(1 for p in ws.experiments.iterdir() if p.is_dir()) if ws.experiments.is_dir() else 0
         journal_size = ws.journal_path.stat().st_size if ws.journal_path.is_file() else 0
-        if (ws.root / ".git").is_dir() and not ws.has_commit() and not runs and not journal_size:
-            shutil.rmtree(ws.root / ".git")
+        dotgit = ws.root / ".git"
+        if dotgit.exists() and not dotgit.is_dir():  # a worktree's or a submodule's: another project's
+            raise WorkspaceError(f"{ws.root}: part of another git repository ({dotgit} is a file); the loop "
+                                 "resets its workspace, so it refuses this one: use another --tag or --workspace-root")
+        # a creation cut short holds nothing but what creation writes, and a repository without
+        # remotes: anything else is a person's repository, never deleted
+        others = sorted(p.name for p in ws.root.iterdir() if p.name not in CREATED) if ws.root.is_dir() else []
+        cut_short = False
+        if dotgit.is_dir() and not ws.has_commit() and not runs and not journal_size:
+            if others or ws.git("remote"):
+                raise WorkspaceError(f"{ws.root}: a git repository without commits that the loop did not make "
+                                     f"({', '.join(others) or 'it has remotes'}); use another --tag or --workspace-root")
+            shutil.rmtree(dotgit)
+            cut_short = True
         if (ws.root / ".git").is_dir():
             if ws.has_commit() and ws.git("log", "-1", "--format=%s", ws.root_commit()) != ROOT_MESSAGE:
                 raise WorkspaceError(f"{ws.root}: a git repository that is not a research-loop workspace (its first "
@@ -141,6 +156,11 @@ class Workspace:
         if runs or journal_size:
             raise WorkspaceError(f"{ws.root / '.git'}: missing, but the workspace has a journal or runs whose "
                                  "commits it records; restore it, or use another --tag")
+        # creation writes recipe.py and program.md (after `git init`): a person's files there would go
+        others = sorted(p.name for p in ws.root.iterdir() if p.name != ".lock") if ws.root.is_dir() else []
+        if others and not cut_short:
+            raise WorkspaceError(f"{ws.root}: not empty ({', '.join(others[:3])}{' …' if len(others) > 3 else ''}), "
+                                 "and not a research-loop workspace; use another --tag or --workspace-root")
         ws.root.mkdir(parents=True, exist_ok=True)
         ws.git("init", "-q")
         (ws.root / ".gitignore").write_text("\n".join(IGNORED) + "\n")

@@ -290,11 +290,13 @@ def encode_parts(cmds: dict[str, list[str]], logs: dict[str, Path], limit_s: flo
 
     env = dict(os.environ, TORCH_COMPILE_DISABLE="1")  # eager: a fast start, nothing to compile
     if threads:
-        # The parts run at once: an OpenMP team of threads // parts each, not of ``threads``,
+        # The parts run at once: an OpenMP team of ⌈threads / parts⌉ each, not of ``threads``,
         # or the teams spin on each other's cores (2 CPUs, 3 parts: the evaluation took 5.1 s
         # instead of 3.6). The limit still divides CPU time by ``threads``, the count the
-        # training ran with, from whose speed it is set.
-        env = dict(hide_gpu(env), OMP_NUM_THREADS=str(max(1, threads // len(cmds))))
+        # training ran with, from whose speed it is set; rounding up keeps threads / team at
+        # most 3 = WALL_FACTOR, so a part can spend its whole CPU allowance before the wall
+        # backstop (⌊threads / 3⌋ would give 4 threads one each: 4 times the wall time).
+        env = dict(hide_gpu(env), OMP_NUM_THREADS=str(-(-threads // len(cmds))))
     # A Ctrl-C reaches the children too (they end, 130); the harness notes it rather than die
     # first. Only then is a child's 130 a Ctrl-C: a recipe can raise KeyboardInterrupt itself.
     interrupted: list[int] = []

@@ -133,7 +133,7 @@ def gather_records(args, problems: Problems) -> tuple[list[Record], list[dict], 
     if args.format == "odvg":
         if args.train is None or args.val is None:
             raise EclipError("--format odvg needs --train and --val (and optionally --test)")
-        seen: dict[str, str] = {}
+        seen: dict[str, tuple[str, str]] = {}
         for split in ("train", "val", "test"):
             f = getattr(args, split)
             if f is None:

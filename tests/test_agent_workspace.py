@@ -154,3 +154,35 @@ def test_an_interrupt_during_a_reset_keeps_the_edited_brief(tmp_path, monkeypatc
         ws.reset(root)
     monkeypatch.undo()
     assert calls and program.read_text().endswith("MY NEW IDEAS\n")
+
+
+def test_no_other_project_is_adopted_or_overwritten(tmp_path):
+    # the loop resets its workspace and writes recipe.py and program.md into a new one
+    main = tmp_path / "proj"
+    main.mkdir()
+    git = ["git", "-c", "user.name=a", "-c", "user.email=a@b"]
+    subprocess.run([*git, "init", "-q", str(main)], check=True)
+    (main / "notes.txt").write_text("v1")
+    subprocess.run([*git, "-C", str(main), "add", "notes.txt"], check=True)
+    subprocess.run([*git, "-C", str(main), "commit", "-q", "-m", "my project"], check=True)
+    subprocess.run([*git, "-C", str(main), "worktree", "add", "-q", str(tmp_path / "wt")], check=True)
+    (tmp_path / "wt" / "notes.txt").write_text("uncommitted")
+    with pytest.raises(WorkspaceError, match=r"wt: part of another git repository \(.*wt/\.git is a file\)"):
+        Workspace.open_or_create(tmp_path / "wt", loop.TEMPLATE)
+    assert (tmp_path / "wt" / "notes.txt").read_text() == "uncommitted"
+    fresh = tmp_path / "fresh"  # a repository with no commit yet, but work staged in it
+    subprocess.run([*git, "init", "-q", str(fresh)], check=True)
+    (fresh / "a.txt").write_text("staged")
+    subprocess.run([*git, "-C", str(fresh), "add", "a.txt"], check=True)
+    with pytest.raises(WorkspaceError, match=r"fresh: a git repository without commits that the loop did not "
+                                             r"make \(a\.txt\)"):
+        Workspace.open_or_create(fresh, loop.TEMPLATE)
+    assert subprocess.run([*git, "-C", str(fresh), "diff", "--cached", "--name-only"], capture_output=True,
+                          text=True).stdout == "a.txt\n"
+    plain = tmp_path / "plain"  # no repository, a person's files
+    plain.mkdir()
+    (plain / "recipe.py").write_text("mine")
+    (plain / "data.csv").write_text("x")
+    with pytest.raises(WorkspaceError, match=r"plain: not empty \(data\.csv, recipe\.py\), and not a research-loop workspace"):
+        Workspace.open_or_create(plain, loop.TEMPLATE)
+    assert (plain / "recipe.py").read_text() == "mine" and not (plain / ".git").exists()

@@ -210,18 +210,28 @@ def test_one_image_under_two_spellings_is_one_image(images, tmp_path, capsys):
     path = tmp_path / "m.jsonl"
     rows = [{"image": "0.png", "caption": "plain"}, {"image": "./0.png", "caption": "dotted"},
             {"image": str(images / "sub" / ".." / "0.png"), "caption": "absolute"},
+            {"image": "link.png", "caption": "linked"},  # as a blob store serves files
             {"image": "1.png", "caption": "other"}]
     (images / "sub").mkdir()
+    (images / "link.png").symlink_to(images / "0.png")
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "c"
     rc, _, err = run(manifest_args(images, path, out), capsys)
     assert rc == 0, err
-    assert [r["captions"] for r in records(out)] == [["plain", "dotted", "absolute"], ["other"]]
+    assert [r["captions"] for r in records(out)] == [["plain", "dotted", "absolute", "linked"], ["other"]]
     # so it can never land in two splits: two spellings with two splits are refused
     rows[1]["split"], rows[0]["split"] = "test", "train"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     rc, _, err = run(manifest_args(images, path, tmp_path / "d"), capsys)
-    assert rc == 2 and f"m.jsonl:2: image './0.png' is in split 'train' at {path}:1, here in 'test'" in err, err
+    assert rc == 2 and (f"m.jsonl:2: image './0.png' (the same file as '0.png') is in split 'train' at {path}:1, "
+                        "here in 'test'") in err, err
+    # ODVG: a duplicate under another name says which
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_text(json.dumps({"filename": "0.png", "grounding": {"caption": "a", "regions": []}}) + "\n")
+    val.write_text(json.dumps({"filename": "link.png", "grounding": {"caption": "b", "regions": []}}) + "\n")
+    rc, _, err = run(["--format", "odvg", "--images", images, "--train", train, "--val", val, "--out", tmp_path / "e",
+                      "--image-size", 8, "--workers", 1, "--vocab-size", 300, "--folds", 1], capsys)
+    assert rc == 2 and f"val.jsonl:1: duplicate id 'link.png' (first at {train}:1, the same file as '0.png')" in err
 
 
 def test_tsv_quotes_are_text_unless_they_wrap_the_field(images, tmp_path, capsys):
@@ -230,12 +240,14 @@ def test_tsv_quotes_are_text_unless_they_wrap_the_field(images, tmp_path, capsys
                     '0.png\t"Stop" sign on a road\n'  # a quote that opens a caption
                     '1.png\t"a ""quoted"" word"\n'  # a field a spreadsheet quoted
                     '2.png\t"an unbalanced quote\n'  # once swallowed the rows after it
-                    '3.png\ta dog in the park\n', encoding="utf-8")
+                    '3.png\ta dog in the park\n'
+                    '1.png\t"Stop" or "Go"\n', encoding="utf-8")  # starts and ends with a quote, still text
     out = tmp_path / "c"
     rc, _, err = run(manifest_args(images, path, out), capsys)
     assert rc == 0, err
     assert [r["captions"] for r in records(out)] == [
-        ['"Stop" sign on a road'], ['a "quoted" word'], ['"an unbalanced quote'], ["a dog in the park"]]
+        ['"Stop" sign on a road'], ['a "quoted" word', '"Stop" or "Go"'], ['"an unbalanced quote'],
+        ["a dog in the park"]]
     path.write_text("image\tcaption\n0.png\ta\tb\n", encoding="utf-8")
     rc, _, err = run(manifest_args(images, path, tmp_path / "d"), capsys)
     assert rc == 2 and "m.tsv:2: malformed row: expected 2 fields, found 3" in err, err

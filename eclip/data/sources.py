@@ -142,10 +142,10 @@ def check_image_path(where: str, images_dir: Path, name: str) -> Path:
 
 
 def read_odvg(path: Path, split: str, images_dir: Path, problems: Problems,
-              seen: dict[str, str]) -> list[Record]:
+              seen: dict[str, tuple[str, str]]) -> list[Record]:
     """Ukiyo-eVG's ODVG JSONL: one image per line with ``filename``, ``grounding.caption`` and
     ``grounding.regions[].{bbox, phrase}``. ``seen`` maps images (``image_key``) to where
-    they first appeared, across all split files, to refuse duplicates."""
+    they first appeared and their name there, across all split files, to refuse duplicates."""
     records = []
     _check_utf8(path)
     with open(path, encoding="utf-8") as f:
@@ -171,11 +171,13 @@ def read_odvg(path: Path, split: str, images_dir: Path, problems: Problems,
                 check_image_path(where, images_dir, name)
                 key = image_key(images_dir, name)
                 if key in seen:
-                    raise DataError(where, f"duplicate id {name!r} (first at {seen[key]})")
+                    first_where, first = seen[key]
+                    same = "" if first == name else f", the same file as {first!r}"
+                    raise DataError(where, f"duplicate id {name!r} (first at {first_where}{same})")
             except DataError as e:
                 problems.report(e)
                 continue
-            seen[key] = where
+            seen[key] = (where, name)
             records.append(Record(image=name, captions=[caption], regions=regions, split=split, where=where))
     return records
 
@@ -232,8 +234,11 @@ class _tsv_reader:
 
 
 def _unquote(field: str) -> str:
-    if len(field) >= 2 and field[0] == field[-1] == '"':
-        return field[1:-1].replace('""', '"')
+    """``field`` without its wrapping quotes when it is one quoted field (every quote inside
+    doubled), else as written: ``"Stop" or "Go"`` is text that starts and ends with a quote."""
+    inner = field[1:-1]
+    if len(field) >= 2 and field[0] == field[-1] == '"' and '"' not in inner.replace('""', ""):
+        return inner.replace('""', '"')
     return field
 
 
@@ -343,7 +348,8 @@ def read_manifest_file(path: Path, images_dir: Path, problems: Problems,
                 by_image[key] = Record(image=name, captions=[caption], regions=regions, split=split, where=where)
             else:
                 if split is not None and rec.split is not None and split != rec.split:
-                    raise DataError(where, f"image {name!r} is in split {rec.split!r} at {rec.where}, "
+                    same = "" if rec.image == name else f" (the same file as {rec.image!r})"
+                    raise DataError(where, f"image {name!r}{same} is in split {rec.split!r} at {rec.where}, "
                                     f"here in {split!r}")
                 if rec.split is None:
                     rec.split = split
