@@ -133,16 +133,18 @@ class Workspace:
         if dotgit.exists() and not dotgit.is_dir():  # a worktree's or a submodule's: another project's
             raise WorkspaceError(f"{ws.root}: part of another git repository ({dotgit} is a file); the loop "
                                  "resets its workspace, so it refuses this one: use another --tag or --workspace-root")
-        # a creation cut short holds nothing but what creation writes, and a repository without
-        # remotes: anything else is a person's repository, never deleted
-        others = sorted(p.name for p in ws.root.iterdir() if p.name not in CREATED) if ws.root.is_dir() else []
-        cut_short = False
+        names = sorted(p.name for p in ws.root.iterdir()) if ws.root.is_dir() else []
+        # creation writes recipe.py and program.md after `git init`: without a .git, a person's
+        # files there would go (the lock, written first, aside)
+        someones_folder = not dotgit.exists() and any(n != ".lock" for n in names)
         if dotgit.is_dir() and not ws.has_commit() and not runs and not journal_size:
+            # a creation cut short holds nothing but what creation writes, and a repository
+            # without remotes: anything else is a person's repository, never deleted
+            others = [n for n in names if n not in CREATED]
             if others or ws.git("remote"):
                 raise WorkspaceError(f"{ws.root}: a git repository without commits that the loop did not make "
                                      f"({', '.join(others) or 'it has remotes'}); use another --tag or --workspace-root")
             shutil.rmtree(dotgit)
-            cut_short = True
         if (ws.root / ".git").is_dir():
             if ws.has_commit() and ws.git("log", "-1", "--format=%s", ws.root_commit()) != ROOT_MESSAGE:
                 raise WorkspaceError(f"{ws.root}: a git repository that is not a research-loop workspace (its first "
@@ -156,9 +158,8 @@ class Workspace:
         if runs or journal_size:
             raise WorkspaceError(f"{ws.root / '.git'}: missing, but the workspace has a journal or runs whose "
                                  "commits it records; restore it, or use another --tag")
-        # creation writes recipe.py and program.md (after `git init`): a person's files there would go
-        others = sorted(p.name for p in ws.root.iterdir() if p.name != ".lock") if ws.root.is_dir() else []
-        if others and not cut_short:
+        if someones_folder:
+            others = [n for n in names if n != ".lock"]
             raise WorkspaceError(f"{ws.root}: not empty ({', '.join(others[:3])}{' …' if len(others) > 3 else ''}), "
                                  "and not a research-loop workspace; use another --tag or --workspace-root")
         ws.root.mkdir(parents=True, exist_ok=True)

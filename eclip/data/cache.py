@@ -92,10 +92,12 @@ def damaged_files(cache_dir: str | Path, manifest: dict) -> list[str]:
 
 def ensure_replaceable(out: Path) -> None:
     """A build replaces ``out`` whole: only a missing or empty directory, or a cache holding
-    nothing but its own files, may go, and never the working directory or one above it. Any ``manifest.json`` is not enough (other tools write
-    one too): it must carry the fields the writer records, and list every file in ``out``."""
+    nothing but its own files, may go, and never the working directory or one above it. Any
+    ``manifest.json`` is not enough (other tools write one too): it must carry the fields the
+    writer records, and list every file in ``out``."""
     out = Path(out)
-    if out.exists() and (Path.cwd().resolve() == out.resolve() or out.resolve() in Path.cwd().resolve().parents):
+    here = Path.cwd().resolve()
+    if out.exists() and out.resolve() in (here, *here.parents):
         raise EclipError(f"{out}: is the working directory or holds it, and a build replaces --out whole; "
                          f"name a folder inside it (--out {os.path.join(str(out), 'cache')})")
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):

@@ -213,7 +213,7 @@ def _check_utf8(path: Path) -> None:
                                           "save the file as UTF-8") from None
 
 
-class _tsv_reader:
+class _TsvReader:
     """Rows of a TSV file as ``csv.reader`` gives them (with its ``line_num``), by the TSV
     convention: one row a line, fields split at every tab, so a quote never joins lines or
     hides a tab. A field wholly in double quotes, as spreadsheet and pandas exports write a
@@ -265,7 +265,7 @@ def _manifest_rows(path: Path):
     if suffix not in (".csv", ".tsv", ".txt"):
         raise DataError(str(path), f"unknown manifest format {suffix!r} (use .csv, .tsv or .jsonl)")
     with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = _tsv_reader(f) if suffix == ".tsv" else csv.reader(f, strict=True)
+        reader = _TsvReader(f) if suffix == ".tsv" else csv.reader(f, strict=True)
         try:
             header = next(reader)
         except StopIteration:
@@ -341,10 +341,10 @@ def read_manifest_file(path: Path, images_dir: Path, problems: Problems,
                 split = str(row[cols["split"]]).strip().lower() or None
                 if split not in (None, "train", "val", "test"):
                     raise DataError(where, f"unknown split {split!r} (use train, val or test)")
-            check_image_path(where, images_dir, name)
             key = image_key(images_dir, name)
             rec = by_image.get(key)
             if rec is None:
+                check_image_path(where, images_dir, name)
                 by_image[key] = Record(image=name, captions=[caption], regions=regions, split=split, where=where)
             else:
                 if split is not None and rec.split is not None and split != rec.split:
@@ -360,9 +360,10 @@ def read_manifest_file(path: Path, images_dir: Path, problems: Problems,
                 # dropped with --skip-bad takes a region along only if no other row gave it)
                 have = {(tuple(r.box), r.phrase): k for k, r in enumerate(rec.regions)}
                 for r in regions:
-                    k = have.get((tuple(r.box), r.phrase))
+                    same = (tuple(r.box), r.phrase)
+                    k = have.get(same)
                     if k is None:
-                        have[(tuple(r.box), r.phrase)] = len(rec.regions)
+                        have[same] = len(rec.regions)
                         rec.regions.append(r)
                     else:
                         rec.regions[k] = rec.regions[k]._replace(also=(*rec.regions[k].also, (r.where, r.index)))
