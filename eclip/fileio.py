@@ -13,15 +13,42 @@ from eclip.errors import EclipError, first_line
 
 def atomic_write(path: Path, write) -> None:
     """``write(tmp)`` to a temporary sibling, then rename it over ``path``: readers see the
-    old file or the new one, never half of one."""
+    old file or the new one, never half of one.
+
+    The temporary file's data reach the disk before the rename, and the rename reaches it
+    before the return (``fsync_path``): after a power cut the path holds the old or the new
+    content, not a renamed empty file (the order a journaling file system may otherwise
+    keep only for the metadata)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.unlink(missing_ok=True)  # a leftover of a killed process with the same pid: start clean
     try:
         write(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+    fsync_path(path.parent)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to the disk. A folder that cannot be
+    opened or flushed (some platforms and file systems refuse) is left as it is: the rename
+    is still atomic for readers, only its durability across a power cut is not assured."""
+    is_dir = path.is_dir()
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if is_dir else 0))
+    except OSError:
+        if is_dir:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not is_dir:
+            raise
+    finally:
+        os.close(fd)
 
 
 def read_tensors(path: Path, hint: str = "", prefix: str | None = None) -> dict:
