@@ -139,6 +139,23 @@ def full_precision_reduction():
             setattr(m, name, value)
 
 
+@contextlib.contextmanager
+def on_device_of(x: torch.Tensor):
+    """The context every op body runs in, Triton and reference alike:
+      * autocast off for ``x``'s device type. A custom op's body, like any plain function,
+        runs under the caller's autocast, which would compute the reference's and the
+        top-k's fp32 matmuls in bf16 (and the reference forward's LSEs from bf16 logits,
+        against which its fp32 backward would then be biased);
+      * ``x``'s CUDA device current: Triton launches on the current device and its stream,
+        whatever device the tensors are on."""
+    with torch.autocast(x.device.type, enabled=False):
+        if x.is_cuda:
+            with torch.cuda.device(x.device):
+                yield
+        else:
+            yield
+
+
 if HAVE_TRITON:
 
     @triton.jit

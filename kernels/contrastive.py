@@ -34,19 +34,21 @@ and CUDA graphs can capture it (no host synchronisation inside). Dispatch: CUDA 
 Triton, CPU tensors → the chunked PyTorch reference, ``TRITON_INTERPRET=1`` → CPU tensors
 through Triton; ``backend=`` overrides. The backward op only reads what the forward saved,
 so Inductor keeps the fast mode's B² buffer in place and ``retain_graph=True`` works.
-Triton launches follow the inputs' device, not the current one.
+Triton launches follow the inputs' device, not the current one, and the caller's autocast
+does not reach inside (the reference stays fp32). First-order only: the backward op has no
+derivative of its own, so a second derivative (``create_graph=True``, then a backward
+through the gradients) raises.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import sys
 
 import torch
 
-from ._common import HAVE_TRITON, check_matrix, int32_columns, resolve_backend
+from ._common import HAVE_TRITON, check_matrix, int32_columns, on_device_of, resolve_backend
 
 if HAVE_TRITON:
     from ._contrastive_fast import fast_backward, fast_forward, grad_dtype
@@ -133,9 +135,9 @@ def _loss_fwd(
     saves for its backward (when ``need_grad``), empty otherwise. variant: "lean:fused" |
     "lean:panel" | "fast" (the lean variants share the forward); impl: "triton" | "torch"
     (the reference); chunk: rows per reference chunk (0: default)."""
-    if impl == "torch":
-        return (*_ref_forward(img, txt, scale, chunk), *_no_buffers(img))
-    with torch.cuda.device(img.device) if img.is_cuda else contextlib.nullcontext():
+    with on_device_of(img):
+        if impl == "torch":
+            return (*_ref_forward(img, txt, scale, chunk), *_no_buffers(img))
         if variant == "fast":
             return fast_forward(img, txt, scale, need_grad)
         return (*lean_forward(img, txt, scale), *_no_buffers(img))
@@ -167,9 +169,9 @@ def _loss_bwd(
     chunk: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dI, dT, ds), reading the saved tensors only."""
-    if impl == "torch":
-        return _ref_backward(grad, img, txt, scale, row_lse, col_lse, chunk)
-    with torch.cuda.device(img.device) if img.is_cuda else contextlib.nullcontext():
+    with on_device_of(img):
+        if impl == "torch":
+            return _ref_backward(grad, img, txt, scale, row_lse, col_lse, chunk)
         if variant == "fast":
             return fast_backward(g, gz, img, txt, scale, grad)
         if variant == "lean:panel":

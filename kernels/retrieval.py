@@ -26,7 +26,8 @@ Contract:
     N×N score matrix.
 
 Dispatch: CUDA tensors → Triton, CPU → reference, ``TRITON_INTERPRET=1`` → CPU tensors
-through Triton; ``backend=`` overrides (see ``kernels._common``).
+through Triton; ``backend=`` overrides (see ``kernels._common``). Either runs with autocast
+off (scores stay fp32 under a caller's bf16 autocast) and the inputs' CUDA device current.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from ._common import (
     dot_precisions,
     int32_columns,
     next_pow2,
+    on_device_of,
     prune_by_dim,
     resolve_backend,
 )
@@ -299,9 +301,10 @@ def retrieval_ranks(
     Returns ``Ranks(i2t [Ni], t2i [Nt], i2t_topk, t2i_topk)``, int64.
     """
     txt_image = _check_inputs(img, txt, txt_image, topk)
-    if resolve_backend(backend, img, _OP) == "triton":
-        return _ranks_triton(img, txt, txt_image, topk)
-    return _ranks_ref_checked(img, txt, txt_image, topk, chunk=None)
+    with on_device_of(img):
+        if resolve_backend(backend, img, _OP) == "triton":
+            return _ranks_triton(img, txt, txt_image, topk)
+        return _ranks_ref_checked(img, txt, txt_image, topk, chunk=None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -369,4 +372,5 @@ def retrieval_ranks_ref(
     txt_image = _check_inputs(img, txt, txt_image, topk)
     if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"retrieval_ranks_ref: chunk must be an int >= 1, got {chunk!r}")
-    return _ranks_ref_checked(img, txt, txt_image, topk, chunk)
+    with on_device_of(img):
+        return _ranks_ref_checked(img, txt, txt_image, topk, chunk)

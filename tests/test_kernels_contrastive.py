@@ -220,6 +220,34 @@ def test_custom_op_under_torch_compile(mode, device):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_a_callers_autocast_does_not_reach_inside(mode, device):
+    # A custom op's body runs under the caller's autocast. Without the op turning it off, the
+    # reference's fp32 matmuls ran in bf16: its forward took the LSEs from bf16 logits, and
+    # its backward was biased against them (relative gradient error 5e-2 instead of 2e-3).
+    # Forward and backward both run inside the autocast region here (``run``), eager and
+    # compiled, and must give the fp32 results bit for bit.
+    img, txt = make_inputs(100, 64, torch.float32, device, seed=11)
+    want = run(img, txt, 100.0, mode=mode)
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        eager = run(img, txt, 100.0, mode=mode)
+        compiled = torch.compile(contrastive_loss, fullgraph=True, backend="aot_eager")(
+            img, txt, torch.tensor(100.0, device=device), mode=mode)
+    for name, w, g in zip(("loss", "d_img", "d_txt", "d_scale"), want, eager, strict=True):
+        assert torch.equal(g, w), name
+    assert torch.equal(compiled, want[0])
+
+
+def test_a_second_derivative_raises_instead_of_returning_a_wrong_one():
+    # First-order only (module docstring): the backward op has no derivative of its own.
+    img, txt = make_inputs(5, 8, torch.float32, "cpu")
+    img.requires_grad_()
+    (d_img,) = torch.autograd.grad(contrastive_loss(img, txt, torch.tensor(3.0)), img, create_graph=True)
+    with pytest.raises(RuntimeError, match="contrastive_loss_bwd"):
+        d_img.sum().backward()
+
+
 def test_importing_kernels_leaves_dynamo_unloaded_and_marks_the_bound_as_the_public_decorator_does():
     # Dynamo costs about 1 s of every start-up; the evaluation's processes never compile. The
     # mode bound must still be marked as torch.compiler.assume_constant_result marks it, or

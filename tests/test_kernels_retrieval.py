@@ -145,6 +145,23 @@ def test_topk_indices_are_the_k_best_scores(device):
     assert torch.equal(got.t2i_topk.sort(1).values, want_t2i.sort(1).values)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_callers_autocast_does_not_reach_the_scores(device):
+    # Continuous scores whose order bf16 would change: under a caller's bf16 autocast the
+    # fp32 matmuls of the reference (and of the top-k on every backend) ran in bf16 and
+    # reordered hundreds of near ties. Ranks and top-k must be the fp32 ones, bit for bit.
+    g = torch.Generator().manual_seed(3)
+    img = torch.nn.functional.normalize(torch.randn(300, 64, generator=g), dim=1)
+    txt = torch.nn.functional.normalize(img + 0.9 * torch.randn(300, 64, generator=g), dim=1)
+    img, txt = img.to(device), txt.to(device)
+    want = [retrieval_ranks(img, txt, topk=5), retrieval_ranks_ref(img, txt, topk=5)]
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+        got = [retrieval_ranks(img, txt, topk=5), retrieval_ranks_ref(img, txt, topk=5)]
+    for w, r in zip(want, got, strict=True):
+        for name, a, b in zip(Ranks._fields, w, r, strict=True):
+            assert torch.equal(a, b), name
+
+
 def test_reference_chunking_does_not_change_ranks():
     img = int_embeddings(101, 9, 8, torch.float32, "cpu")
     txt = int_embeddings(101, 9, 9, torch.float32, "cpu")
