@@ -53,7 +53,9 @@ class ModelSpec:
 
 @dataclass
 class LoopConfig:
-    budget_s: float | None = None  # wall-clock training budget from the first step (or use steps)
+    # wall-clock training budget from the first step, its compilation included (or use steps);
+    # the recipe's schedule runs over the time after the first step (``schedule_progress``)
+    budget_s: float | None = None
     steps: int | None = None  # fixed number of optimizer steps (progress = step / steps)
     seed: int = 42  # seeds torch and the batch sampler (never the evaluation's shuffles)
     device: str = "auto"  # "auto" (cuda when available), "cuda", "cpu", "cuda:1", …
@@ -291,6 +293,19 @@ def peak_memory_bytes(device: torch.device) -> int | None:
         return None
 
 
+def schedule_progress(elapsed: float, origin: float | None, budget: float) -> float:
+    """``progress`` handed to a budget run's ``train_step``: 0 until the first step has
+    ended (at ``origin`` seconds of training), then the share of the rest of the budget
+    that has passed. The clock that stops the run counts the first step (compilation: tens
+    of seconds on a cold cache, a fifth of a 3-minute budget); a schedule on that clock
+    would have spent its warm-up, and part of its decay, before the second step."""
+    if origin is None:
+        return 0.0
+    if origin >= budget:
+        return 1.0
+    return min(1.0, max(0.0, (elapsed - origin) / (budget - origin)))
+
+
 def check_loop_hparams(hp: dict) -> None:
     """The HPARAMS entries the loop itself reads (batch size, augmentation), checked before
     anything is built; the recipe checks its own."""
@@ -339,12 +354,15 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
                          f"tower is {built or ''!r}; the loop tokenizes by HPARAMS, so set the tower there")
     optimizer = recipe.build_optimizer(model)
     step, trained_s, samples = 0, 0.0, 0
+    origin_s = None  # training seconds at the end of the run's first step (schedule_progress)
     expert_samples = 0  # becomes a device tensor once the recipe reports it
     if resume_dir is not None:
         # the optimizer keeps the settings of this run's HPARAMS and overrides (a --weight_decay
         # given with --resume applies); the state (moments, step counts) is the checkpoint's
         meta, tensors = load_checkpoint(resume_dir, model, optimizer)
         step, trained_s, samples = int(meta["step"]), float(meta["trained_s"]), int(meta["samples"])
+        origin_s = meta.get("schedule_origin_s", 0.0)  # older checkpoints: the whole clock
+        origin_s = None if origin_s is None or step == 0 else float(origin_s)
         expert_samples = int(meta.get("expert_samples", 0))
         data.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("data_")}
                              | {"cursor": meta["data_cursor"], "epoch": meta["data_epoch"]})
@@ -387,9 +405,14 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
     try:
         while True:
             elapsed = start_trained + (time.perf_counter() - t0)
-            progress = step / cfg.steps if cfg.steps is not None else elapsed / cfg.budget_s
-            if progress >= 1.0:
-                break
+            if cfg.steps is not None:
+                progress = step / cfg.steps
+                if progress >= 1.0:
+                    break
+            else:
+                if elapsed >= cfg.budget_s:
+                    break
+                progress = schedule_progress(elapsed, origin_s, cfg.budget_s)
             if stop["requested"]:
                 raise KeyboardInterrupt
             before = data.snapshot()  # a step cut short by an exception gives its batch back
@@ -411,6 +434,8 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 warmup_s = time.perf_counter() - t0
+                if origin_s is None:
+                    origin_s = start_trained + warmup_s
             pending.append((step, metrics))
             if step % cfg.log_every == 0 or step == 1:
                 elapsed = start_trained + (time.perf_counter() - t0)
@@ -442,7 +467,7 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
     trained_s = start_trained + (time.perf_counter() - t0)
     return {"status": status, "steps": step, "samples": samples, "train_s": trained_s,
             "expert_samples": int(expert_samples),
-            "warmup_s": warmup_s, "last_step_cpu_s": last_step_cpu_s, "last": last, "history": history,
+            "warmup_s": warmup_s, "schedule_origin_s": origin_s, "last_step_cpu_s": last_step_cpu_s, "last": last, "history": history,
             "model": model,
             "optimizer": optimizer, "data": data, "device": device, "spec": spec, "cache": cache}
 

@@ -16,7 +16,9 @@ exactly this contract:
   what the encoders depend on must live there.
 - ``build_optimizer(model) -> torch.optim.Optimizer``.
 - ``train_step(model, optimizer, batch, progress) -> dict``: one full step (forward, loss,
-  backward, optimizer step, schedule as a function of ``progress`` ∈ [0, 1]); returns 0-d
+  backward, optimizer step, schedule as a function of ``progress`` ∈ [0, 1]: step / steps,
+  or with a time budget 0 during the first step and then the share of the budget left after
+  it that has passed, so compilation does not use up the warm-up); returns 0-d
   tensors to log (at least ``loss``), which the loop reads only every few steps so the
   device is never made to wait; ``expert_samples`` (samples the expert path encoded), returned
   on the steps that ran it, is summed over the run for the MFU.

@@ -167,6 +167,7 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
     model, device, hp = run["model"], run["device"], recipe.HPARAMS
     data = run["data"].state_dict()
     meta = {"step": run["steps"], "samples": run["samples"], "trained_s": run["train_s"],
+            "schedule_origin_s": run["schedule_origin_s"],
             "expert_samples": run["expert_samples"], "data_placement": run["data"].placement,
             "data_cursor": data["cursor"], "data_epoch": data["epoch"],
             "hparams": hp, "model_config": model.cfg.to_dict(), "seed": args.seed,

@@ -491,3 +491,26 @@ def test_compile_mode_auto_means_graphs_for_a_compiled_step_on_cuda(mode, scope,
     r = load_recipe(train.TEMPLATE)
     assert r.HPARAMS["compile_mode"] == "auto"
     assert r.resolve_compile_mode(mode, scope, device) == want
+
+
+def test_the_schedule_starts_after_the_first_step(cache, tmp_path, capsys):
+    # The clock counts the first step (compilation on a GPU: tens of seconds cold), but the
+    # recipe's schedule must not: on the clock a 1.5 s first step of a 3 s budget would hand
+    # the second step progress 0.5, past any warm-up. The recipe logs what it was given.
+    recipe = recipe_at_call(tmp_path, prelude="import time as _time\n",
+                            before="if _calls[0] == 1:\n    _time.sleep(1.5)",
+                            after="out['progress'] = torch.tensor(float(progress))")
+    out = tmp_path / "run"
+    rc, _, err = run(["--data", cache, "--out", out, "--budget-s", 3, "--recipe", recipe,
+                      *SMALL, "--log-every=1"], capsys)
+    assert rc == 0, err
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 1 and rows[0]["progress"] == 0.0 and rows[0]["elapsed_s"] >= 1.5
+    assert len(rows) >= 3, rows
+    origin = rows[0]["elapsed_s"]  # logged just after the first step ended
+    for prev, row in zip(rows, rows[1:]):
+        # given before the step: at most the share of (budget - origin) passed by the previous row
+        assert prev["progress"] <= row["progress"] <= (prev["elapsed_s"] - origin + 0.05) / (3 - origin), row
+    assert rows[1]["progress"] < 0.1
+    meta = json.loads((out / "checkpoint.json").read_text())
+    assert 1.5 <= meta["schedule_origin_s"] <= origin
