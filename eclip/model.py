@@ -38,6 +38,17 @@ def _check(ok: bool, name: str, msg: str) -> None:
         raise ValueError(f"{name}: {msg}")
 
 
+def _check_finite(cfg, prefix: str) -> None:
+    """Every float field (and tuple of floats) of a config section is finite: an infinite
+    width ratio, epsilon or σ passes a "positive" check and fails later, deep in the model."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) or (isinstance(v, tuple) and all(isinstance(x, float) for x in v)):
+            name = f"{prefix}{f.name}"
+            _check(all(math.isfinite(x) for x in (v if isinstance(v, tuple) else (v,))), name,
+                   f"must be finite, got {v}")
+
+
 def _check_transformer(prefix: str, width: int, depth: int, heads: int, mlp_ratio: float,
                        ln_eps: float) -> None:
     _check(width > 0, f"{prefix}.width", f"must be positive, got {width}")
@@ -66,6 +77,7 @@ class VisionConfig:
     pretrained: str = ""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "vision.")
         _check(self.patch_size > 0, "vision.patch_size", f"must be positive, got {self.patch_size}")
         _check(self.image_size > 0 and self.image_size % self.patch_size == 0, "vision.image_size",
                f"must be a positive multiple of vision.patch_size={self.patch_size}, "
@@ -96,6 +108,7 @@ class TextConfig:
     pretrained: str = ""
 
     def __post_init__(self) -> None:
+        _check_finite(self, "text.")
         _check(self.vocab_size > 1, "text.vocab_size", f"must be at least 2, got {self.vocab_size}")
         _check(self.context_length > 0, "text.context_length",
                f"must be positive, got {self.context_length}")
@@ -119,6 +132,7 @@ class ExpertConfig:
     ln_eps: float = 1e-6  # LayerNorm epsilon inside the processor
 
     def __post_init__(self) -> None:
+        _check_finite(self, "expert.")
         _check(self.width > 0, "expert.width", f"must be positive, got {self.width}")
         _check(self.heads > 0 and self.width % self.heads == 0, "expert.heads",
                f"must be positive and divide expert.width={self.width}, got {self.heads}")
@@ -148,10 +162,9 @@ class ModelConfig:
     logit_scale_max: float = math.log(100.0)  # upper clamp bound (scale ≤ 100, OpenCLIP's)
 
     def __post_init__(self) -> None:
+        _check_finite(self, "")
         _check(self.embed_dim > 0, "embed_dim", f"must be positive, got {self.embed_dim}")
         lo, hi, init = self.logit_scale_min, self.logit_scale_max, self.logit_scale_init
-        for name, v in (("logit_scale_min", lo), ("logit_scale_max", hi), ("logit_scale_init", init)):
-            _check(math.isfinite(v), name, f"must be finite, got {v}")
         _check(lo >= 0, "logit_scale_min", f"must be ≥ 0 (a scale below 1), got {lo}")
         _check(hi > lo, "logit_scale_max", f"must exceed logit_scale_min={lo}, got {hi}")
         _check(lo <= init <= hi, "logit_scale_init", f"must lie in [{lo}, {hi}], got {init}")
@@ -260,6 +273,14 @@ def model_config(preset: str, image_size: int | None = None, vocab_size: int | N
     data = {"vision.image_size": image_size, "text.vocab_size": vocab_size,
             "text.context_length": context_length}
     changes = {k: v for k, v in data.items() if v is not None}
+    # What the data dictates: a model built for other images, or for fewer token ids or
+    # positions than the data has, would fail at its first batch. More ids or positions fit.
+    for key, value in changes.items():
+        wanted = _coerce(key, value, overrides[key]) if key in overrides else value
+        if key == "vision.image_size" and wanted != value:
+            raise ValueError(f"{key}: set by the data ({value}), got {wanted}; it cannot be overridden")
+        if wanted < value:
+            raise ValueError(f"{key}: the data needs at least {value}, got {wanted}")
     changes.update(overrides)
     top: dict[str, object] = {}
     nested: dict[str, dict[str, object]] = {s: {} for s in _SECTIONS}

@@ -142,6 +142,9 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
         if args.steps is not None and int(meta.get("step", 0)) >= args.steps:
             raise EclipError(f"--steps {args.steps}: the checkpoint in {out} has trained {meta.get('step')} steps "
                              "already; ask for more to continue")
+        if args.budget_s is not None and float(meta.get("trained_s", 0.0)) >= args.budget_s:
+            raise EclipError(f"--budget-s {args.budget_s:g}: the checkpoint in {out} has trained "
+                             f"{float(meta['trained_s']):.1f} s already; ask for more to continue")
         resume_dir = out
     out.mkdir(parents=True, exist_ok=True)  # after the checks: a refused --resume creates nothing
     cfg = LoopConfig(budget_s=args.budget_s, steps=args.steps, seed=args.seed, device=args.device,

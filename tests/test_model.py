@@ -363,6 +363,38 @@ def test_config_errors_name_the_field():
     assert (cfg.vision.depth, cfg.expert.enabled, cfg.embed_dim) == (2, False, 64)
 
 
+@pytest.mark.parametrize("key,value", [
+    ("vision.mlp_ratio", "inf"), ("text.ln_eps", float("inf")), ("expert.min_sigma", "inf"),
+    ("expert.weight", float("inf")), ("vision.std", "0.2,inf,0.2"), ("logit_scale_max", "inf"),
+])
+def test_non_finite_fields_are_refused_by_name(key, value):
+    # "positive" passes inf: an infinite MLP ratio then failed in the tower's int(), an
+    # infinite epsilon trained to nothing
+    with pytest.raises(ValueError, match=rf"^{key}: must be finite"):
+        model_config("tiny", **{key: value})
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("vision.image_size", 32, r"set by the data \(64\), got 32; it cannot be overridden"),
+    ("vision.image_size", 128, r"set by the data \(64\), got 128"),
+    ("text.context_length", "8", "the data needs at least 32, got 8"),
+    ("text.vocab_size", 10, "the data needs at least 349, got 10"),
+])
+def test_the_data_dictated_fields_cannot_be_overridden_below_the_data(key, value, message):
+    # a model built for other images, or for fewer token ids or positions than the data has,
+    # failed at its first batch, with a traceback
+    data = dict(image_size=64, vocab_size=349, context_length=32)
+    with pytest.raises(ValueError, match=rf"^{key}: {message}"):
+        model_config("tiny", **data, **{key: value})
+
+
+def test_more_token_ids_or_positions_than_the_data_has_are_allowed():
+    data = dict(image_size=64, vocab_size=349, context_length=32)
+    cfg = model_config("tiny", **data, **{"text.vocab_size": 512, "text.context_length": "40",
+                                          "vision.image_size": "64"})
+    assert (cfg.vision.image_size, cfg.text.vocab_size, cfg.text.context_length) == (64, 512, 40)
+
+
 def test_config_json_round_trip():
     cfg = micro(**{"vision.pos": "sincos"})
     back = ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))

@@ -44,6 +44,10 @@ def cache(train_cache):
     # a field the recipe sets from its own entry would be overwritten without a word
     (["--steps", "5", "--model.expert.enabled=true"],
      "recipe: model.expert.enabled: set by the recipe entry 'expert' (use --expert=...)"),
+    # what the data dictates: a model built otherwise failed at its first batch, with a traceback
+    (["--steps", "5", "--model.vision.image_size=32"], "recipe: vision.image_size: set by the data (64), got 32"),
+    (["--steps", "5", "--model.text.vocab_size=10"], "recipe: text.vocab_size: the data needs at least"),
+    (["--steps", "5", "--model.vision.mlp_ratio=inf"], "recipe: vision.mlp_ratio: must be finite, got inf"),
     (["--steps", "5", "--folds", "0"], "--folds 0: this cache has 3 folds, so expected --folds 3"),
     # two of three folds would train on a fold that is never validated: not cross-validation
     (["--steps", "5", "--folds", "2"], "--folds 2: this cache has 3 folds, so expected --folds 3 "
@@ -60,7 +64,7 @@ def test_bad_options_exit_2_with_one_line(cache, tmp_path, capsys, argv, message
     assert (out / "metrics.jsonl").read_text() == "kept\n"  # nothing of it lost
 
 
-@pytest.mark.parametrize("make", ["file", "corrupt_checkpoint", "steps_done"])
+@pytest.mark.parametrize("make", ["file", "corrupt_checkpoint", "steps_done", "budget_spent"])
 def test_unusable_out_or_checkpoint_is_one_line(cache, tmp_path, capsys, make):
     if make == "file":  # --out names a file
         out = tmp_path / "afile"
@@ -71,6 +75,11 @@ def test_unusable_out_or_checkpoint_is_one_line(cache, tmp_path, capsys, make):
         rc, _, err = run(["--data", cache, "--out", out, "--steps", "2", *SMALL], capsys)
         assert rc == 0, err
         argv, message = ["--steps", "2", "--resume"], "--steps 2: the checkpoint in"
+    elif make == "budget_spent":  # resuming a 1 s run "up to" 1 s: no step would run, yet it said ok
+        out = tmp_path / "run"
+        rc, _, err = run(["--data", cache, "--out", out, "--budget-s", "1", *SMALL], capsys)
+        assert rc == 0, err
+        argv, message = ["--budget-s", "1", "--resume"], "--budget-s 1: the checkpoint in"
     else:  # a checkpoint whose weights file is cut short
         out = tmp_path / "run"
         rc, _, err = run(["--data", cache, "--out", out, "--steps", "2", *SMALL], capsys)
