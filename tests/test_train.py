@@ -1,5 +1,6 @@
 """``python -m eclip.train`` and the one training loop, on a small built-in dataset, on the CPU."""
 
+import itertools
 import json
 import os
 import signal
@@ -508,7 +509,7 @@ def test_the_schedule_starts_after_the_first_step(cache, tmp_path, capsys):
     assert rows[0]["step"] == 1 and rows[0]["progress"] == 0.0 and rows[0]["elapsed_s"] >= 1.5
     assert len(rows) >= 3, rows
     origin = rows[0]["elapsed_s"]  # logged just after the first step ended
-    for prev, row in zip(rows, rows[1:]):
+    for prev, row in itertools.pairwise(rows):
         # given before the step: at most the share of (budget - origin) passed by the previous row
         assert prev["progress"] <= row["progress"] <= (prev["elapsed_s"] - origin + 0.05) / (3 - origin), row
     assert rows[1]["progress"] < 0.1
