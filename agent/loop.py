@@ -41,7 +41,7 @@ from agent.search import SearchExhausted, SearchProposer, read_hparams
 from agent.workspace import Workspace, WorkspaceError, locked
 from eclip.errors import OneLineParser
 from eclip.policy import check_source
-from eclip.process import sigterm_as_ctrl_c
+from eclip.process import exit_main, sigterm_as_ctrl_c
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "eclip" / "recipe.py"
@@ -453,4 +453,4 @@ def session(args, ws: Workspace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_main(main())

@@ -61,7 +61,7 @@ from pathlib import Path
 from eclip.errors import EclipError, OneLineParser
 from eclip.loop import write_json
 from eclip.policy import check_file
-from eclip.process import die_with_parent, scrub_environment, sigterm_as_ctrl_c
+from eclip.process import die_with_parent, exit_main, scrub_environment, sigterm_as_ctrl_c
 from eclip.scoring import score
 
 # one eclip.encode process each: the scored split's images; its captions (none sees both
@@ -482,4 +482,4 @@ def evaluate(result: dict, args, preexec=None, threads: int | None = None) -> di
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_main(main())

@@ -55,6 +55,18 @@ def sigterm_as_ctrl_c():
         signal.signal(signal.SIGTERM, previous)
 
 
+def exit_main(rc: int):
+    """``sys.exit(rc)`` for a command's ``__main__``, with SIGTERM ignored from here on. The
+    command has finished and written its result; a copy of the SIGTERM that stopped it (a
+    process group's, passed on late) landing during the interpreter's shutdown would
+    otherwise end the process with 143 instead of the exit code the result stands for."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(rc)
+
+
 def die_with_parent() -> None:  # pragma: no cover - runs in a child between fork and exec
     """For ``preexec_fn``: the child is killed when the process that started it dies, so a
     run never outlives its harness or its loop, whatever killed them."""

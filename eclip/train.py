@@ -45,7 +45,7 @@ from eclip.loop import (
     run_loop,
     write_json,
 )
-from eclip.process import sigterm_as_ctrl_c
+from eclip.process import exit_main, sigterm_as_ctrl_c
 
 TEMPLATE = Path(__file__).with_name("recipe.py")
 EXIT = {"ok": 0, "diverged": 1, "oom": 1, "interrupted": 130, "aborted": 130}
@@ -103,6 +103,8 @@ def summary_lines(result: dict) -> list[str]:
     for k in keys:
         v = result.get(k)
         lines.append(f"{k + ':':<16}{v:.4g}" if isinstance(v, float) else f"{k + ':':<16}{v}")
+        if k == "status" and result.get("reason"):  # why a run diverged, ran out or failed
+            lines.append(f"{'reason:':<16}{result['reason']}")
     if result.get("metrics"):
         lines += format_metrics(result["metrics"])[1:]
     if result.get("folds"):  # no rank when the first fold ended without one (diverged, interrupted)
@@ -318,4 +320,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_main(main())

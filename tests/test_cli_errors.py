@@ -1,6 +1,10 @@
 """Usage errors of every command-line tool: one line naming the option, exit code 2."""
 
 import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -161,3 +165,22 @@ def test_report_keeps_a_plot_and_refuses_bad_final_options(tmp_path, capsys):
                           (["--device", "tpu"], "--device tpu: expected cpu, cuda or cuda:N")):
         assert report.main([str(ws.root), "--final", *argv]) == 2
         assert capsys.readouterr().err == f"report: error: {message}\n"
+
+
+@pytest.mark.parametrize("module,argv,rc", [
+    ("eclip.train", ["--data", "no-such-cache", "--out", "o", "--steps", "1"], 2),
+    ("eclip.harness", ["run", "--recipe", "no-such-recipe.py", "--data", "d", "--budget-s", "1", "--out", "o"], 2),
+    ("agent.loop", ["--budget-s", "1", "--timeout-s", "1"], 2),
+])
+def test_a_sigterm_during_the_shutdown_keeps_the_exit_code(module, argv, rc, tmp_path):
+    # A process group's SIGTERM reaches a training process twice; the copy may land after
+    # the command has returned and written its result, while the interpreter shuts down: it
+    # turned an interrupted run's 130 into 143. Here the copy comes from an exit handler.
+    code = ("import atexit, os, runpy, signal, sys\n"
+            "atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))\n"
+            f"sys.argv = [{module!r}, *{argv!r}]\n"
+            f"runpy.run_module({module!r}, run_name='__main__')\n")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == rc, (proc.returncode, proc.stderr[-500:])

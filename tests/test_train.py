@@ -98,6 +98,7 @@ def test_nan_loss_is_reported_as_diverged(cache, tmp_path, capsys):
     # read back without a sync: the NaN of step 3 is pushed at step 4 (--log-every=2) and
     # read at the next log point, step 6; it is still reported at step 3
     assert "loss nan at step 3" in result["reason"] and result["steps"] == 6
+    assert f"reason:         {result['reason']}\n" in stdout  # the summary says why, as the JSON does
 
 
 @pytest.mark.parametrize("nan_step", [None, 3, 5])
