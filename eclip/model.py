@@ -386,13 +386,16 @@ class EclipModel(nn.Module):
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Two AdamW groups: matrices (Linear, Conv, token embedding) decay; norms, biases,
-        positional embeddings, class tokens and the logit scale do not."""
+        positional embeddings, class tokens and the logit scale do not. In pretrained towers
+        the position and token-type tables count as positional (Hugging Face's
+        ``position_embedding(s)``, ``token_type_embeddings``; timm's ``pos_embed``)."""
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
             leaf = name.rsplit(".", 1)[-1]
-            if p.ndim < 2 or leaf in ("pos_embed", "cls_token"):
+            positional = "position_embedding" in name or "token_type_embeddings" in name
+            if p.ndim < 2 or leaf in ("pos_embed", "cls_token") or positional:
                 no_decay.append(p)
             else:
                 decay.append(p)

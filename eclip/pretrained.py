@@ -138,6 +138,7 @@ class HFTextTower(nn.Module):
         self.width = int(getattr(cfg, "hidden_size", None) or cfg.d_model)
         self.pool = pool
         self._flops: dict[int, int] = {}
+        self.train()  # from_pretrained hands the model over in eval mode: its dropout would stay off
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         ids = (tokens.long() - 1).clamp_min(0)  # the loop stores HF ids + 1 (0 = padding)

@@ -82,6 +82,20 @@ def test_hf_tower_loads_the_saved_weights_and_honours_the_mask(hf_dir):
     assert torch.allclose(model.encode_text(noisy, mask), emb, atol=1e-6)
 
 
+def test_an_hf_tower_trains_with_dropout_and_keeps_its_position_tables_undecayed(hf_dir):
+    # from_pretrained returns the model in eval mode, and the tower once kept it so: no
+    # dropout in training, whatever the top-level mode said
+    cfg = model_config("tiny", image_size=64, vocab_size=300, context_length=16, **{"text.pretrained": f"hf:{hf_dir}",
+                                                                                    "expert.enabled": False})
+    model = build_model(cfg)
+    assert all(m.training for m in model.modules())
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = ({names[id(p)] for p in g["params"]} for g in model.param_groups(0.1))
+    assert {"text.model.embeddings.position_embeddings.weight",
+            "text.model.embeddings.token_type_embeddings.weight"} <= no_decay
+    assert "text.model.embeddings.word_embeddings.weight" in decay  # the token table decays, as ours
+
+
 def test_train_end_to_end_with_an_hf_text_tower(small_cache, hf_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(["--data", str(small_cache), "--out", str(out), "--steps", "4", "--device", "cpu",
