@@ -85,9 +85,15 @@ OVERRUN_SHARE = 0.05
 
 
 def limit_address_space(gigabytes: float) -> None:
+    """Cap this process's address space (in a child, before exec) at ``gigabytes``, or at
+    the cap it inherited (``ulimit -v``) when that is lower: a process may lower its hard
+    limit but not raise it, and a refused ``setrlimit`` here would fail the child's start."""
     import resource
 
-    limit = int(gigabytes * 2**30)
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = min(int(gigabytes * 2**30), 2**62)  # beyond any machine, and within rlim_t
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
@@ -124,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
-    if not args.recipe.is_file():
-        print(f"harness: error: {args.recipe}: recipe file not found", file=sys.stderr)
+    gb = args.memory_limit_gb
+    if gb is not None and not (math.isfinite(gb) and gb >= 0):
+        print(f"harness: error: --memory-limit-gb {gb:g}: expected a finite number >= 0 (0 = no cap)",
+              file=sys.stderr)
         return 2
     try:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -134,6 +142,9 @@ def run(args) -> int:
         return 2
     result_path = args.out / "result.json"
     result_path.unlink(missing_ok=True)  # an earlier run's result must never pass for this run's
+    if not args.recipe.is_file():
+        print(f"harness: error: {args.recipe}: recipe file not found", file=sys.stderr)
+        return 2
     violations = check_file(args.recipe)
     if violations:
         lines = [v.format(str(args.recipe)) for v in violations]

@@ -193,8 +193,10 @@ def is_oom(e: BaseException) -> bool:
     RuntimeError (or MemoryError from Python objects) once the address space is capped."""
     if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
         return True
-    msg = str(e)
-    return isinstance(e, RuntimeError) and ("can't allocate memory" in msg or "out of memory" in msg)
+    msg = str(e).lower()
+    # "cannot allocate memory": ENOMEM's text, e.g. safetensors' mmap of the cache under the cap
+    return isinstance(e, RuntimeError) and any(
+        s in msg for s in ("can't allocate memory", "cannot allocate memory", "out of memory"))
 
 
 def eval_bf16(hparams: dict, device: torch.device) -> bool:

@@ -2,10 +2,17 @@
 this run's (never an earlier run's left in --out)."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from eclip import harness
 from eclip.policy import check_file
 from eclip.train import TEMPLATE
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_recipe_that_is_not_utf8_is_rejected_in_one_line(tmp_path, capsys):
@@ -44,3 +51,39 @@ def test_a_training_that_fails_on_bad_input_replaces_an_earlier_result(tmp_path,
     r = json.loads((out / "result.json").read_text())
     assert r["status"] == "error" and r["val_mean_rank"] is None and "exited with code 2" in r["reason"]
     assert "status:         error" in captured.out
+
+
+def test_a_missing_recipe_removes_an_earlier_result(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "result.json").write_text(json.dumps({"status": "ok", "val_mean_rank": 9.2}))
+    rc = harness.main(["run", "--recipe", str(tmp_path / "typo.py"), "--data", str(tmp_path), "--budget-s", "1",
+                       "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == f"harness: error: {tmp_path / 'typo.py'}: recipe file not found\n", err
+    assert not (out / "result.json").exists()  # never read as this run's outcome
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-1"])
+def test_a_memory_limit_that_is_no_number_of_gigabytes_is_one_line(value, tmp_path, capsys):
+    # inf overflowed setrlimit in the child's start-up: a traceback and no result
+    rc = harness.main(["run", "--recipe", str(TEMPLATE), "--data", str(tmp_path), "--budget-s", "1",
+                       "--out", str(tmp_path / "run"), "--memory-limit-gb", value])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"harness: error: --memory-limit-gb {float(value):g}: expected a finite")
+    assert err.count("\n") == 1
+
+
+def test_the_cap_never_asks_for_more_than_an_inherited_hard_limit():
+    # Under `ulimit -v` a cap above the inherited hard limit made setrlimit fail in the
+    # child's preexec_fn: every run crashed before it began. Run in a child: a cap is for good.
+    code = ("import resource\nfrom eclip.harness import limit_address_space\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))\n"
+            "limit_address_space(1e6)\nprint(resource.getrlimit(resource.RLIMIT_AS))\n"
+            "limit_address_space(5)\nprint(resource.getrlimit(resource.RLIMIT_AS))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-1000:]
+    assert p.stdout.split("\n")[:2] == [f"({6 * 2**30}, {6 * 2**30})", f"({5 * 2**30}, {5 * 2**30})"]
+    huge = "from eclip.harness import limit_address_space\nlimit_address_space(1e12)\n"  # overflowed rlim_t
+    p = subprocess.run([sys.executable, "-c", huge], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-1000:]

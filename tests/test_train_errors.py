@@ -213,3 +213,16 @@ def test_compile_cache_option_beats_an_inherited_variable(tmp_path, capsys, monk
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inherited"))
     run(["--data", tmp_path / "none", "--out", tmp_path / "o", "--steps", 1], capsys)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inherited")  # no option: kept
+
+
+@pytest.mark.parametrize("message,oom", [
+    ("unable to mmap 270336088 bytes from file <images.safetensors>: Cannot allocate memory (12)", True),
+    ("[enforce fail at alloc_cpu.cpp:117] err == 0. DefaultCPUAllocator: can't allocate memory", True),
+    ("CUDA out of memory. Tried to allocate 2.00 GiB", True),
+    ("expected all tensors to be on the same device", False),
+])
+def test_running_out_of_address_space_is_out_of_memory(message, oom):
+    # the cache's mmap under the harness's cap failed with ENOMEM's text, and ended as a crash
+    from eclip.loop import is_oom
+
+    assert is_oom(RuntimeError(message)) is oom
