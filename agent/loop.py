@@ -371,8 +371,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.data != DEFAULT_DATA:
             print(f"loop: error: {args.data}: no prepared cache (run python -m eclip.prepare)", file=sys.stderr)
             return 2
-        subprocess.run([sys.executable, "-m", "eclip.prepare", "--dataset", "synthetic", "--out", str(args.data)],
-                       check=True, env=clean_env())
+        rc = subprocess.run([sys.executable, "-m", "eclip.prepare", "--dataset", "synthetic", "--out",
+                             str(args.data)], env=clean_env()).returncode
+        if rc:  # prepare's own one-line error is above
+            print(f"loop: error: preparing the built-in dataset in {args.data} failed (exit code {rc})",
+                  file=sys.stderr)
+            return rc
     root = args.workspace_root / args.tag
     try:
         with locked(root):  # one process a workspace, for the whole session

@@ -37,3 +37,15 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (--help for usage)\n")
+
+
+def seed_value(text: str) -> int:
+    """argparse type of a ``--seed``: an int in [0, 2⁶³), the range torch's generators take
+    (a larger one failed inside the run, with a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{value}: expected an int in [0, 2**63)")
+    return value

@@ -58,7 +58,7 @@ import threading
 import time
 from pathlib import Path
 
-from eclip.errors import EclipError, OneLineParser
+from eclip.errors import EclipError, OneLineParser, seed_value
 from eclip.loop import write_json
 from eclip.policy import check_file
 from eclip.process import die_with_parent, exit_main, scrub_environment, sigterm_as_ctrl_c
@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data", type=Path, required=True, help="cache directory from eclip.prepare")
     r.add_argument("--budget-s", type=float, required=True, help="wall-clock training budget from the first step")
     r.add_argument("--out", type=Path, required=True, help="where result.json, logs and the checkpoint go")
-    r.add_argument("--seed", type=int, default=42, help="seed of the sampler and the evaluation")
+    r.add_argument("--seed", type=seed_value, default=42,
+                   help="seed of the model's initialisation and the batch sampler (never the evaluation's orders)")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     r.add_argument("--compile-cache", type=Path, help="persistent torch.compile cache for the workspace")
     r.add_argument("--memory-limit-gb", type=float,

@@ -48,9 +48,17 @@ DEFAULTS = {  # (real data, synthetic)
 }
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default, except where there is none to show (None): those options
+    say in their own help what they fall back to, and "(default: None)" would contradict it."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m eclip.prepare", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=_Defaults)
     src = p.add_argument_group("source (one of)")
     src.add_argument("--dataset", choices=["synthetic"], help="the built-in dataset")
     src.add_argument("--format", choices=["odvg", "manifest"], help="a real dataset's annotation format")

@@ -31,7 +31,7 @@ import torch
 
 from eclip import checkpoint as ckpt
 from eclip.data.cache import load_cache
-from eclip.errors import EclipError, OneLineParser, first_line
+from eclip.errors import EclipError, OneLineParser, first_line, seed_value
 from eclip.evaluate import fold_split, format_metrics
 from eclip.hardware import device_name, peak_bf16_flops
 from eclip.loop import (
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-tower", help="pretrained image tower timm:NAME[@FILE|@random] (extra [pretrained])")
     p.add_argument("--text-tower", help="pretrained text tower hf:NAME_OR_DIR (extra [pretrained]); its "
                                         "tokenizer re-tokenizes the captions")
-    p.add_argument("--seed", type=int, default=42, help="seed of the model's initialisation and the batch sampler (never the evaluation's orders)")
+    p.add_argument("--seed", type=seed_value, default=42, help="seed of the model's initialisation and the batch sampler (never the evaluation's orders)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--final", action="store_true", help="train on train+val, evaluate on test")
     p.add_argument("--folds", type=int, help="K-fold cross-validation over train+val")

@@ -2,6 +2,7 @@
 
 import importlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,11 @@ import pytest
 
 @pytest.mark.parametrize("module,argv,message", [
     ("eclip.train", ["--data", "d", "--out", "o", "--seed=abc"], "argument --seed: invalid int value: 'abc'"),
+    # torch's generators take less: the run failed at its first seeding, with a traceback
+    ("eclip.train", ["--data", "d", "--out", "o", f"--seed={2**64}"],
+     f"argument --seed: {2**64}: expected an int in [0, 2**63)"),
+    ("eclip.harness", ["run", "--recipe", "r", "--data", "d", "--budget-s", "1", "--out", "o", "--seed=-1"],
+     "argument --seed: -1: expected an int in [0, 2**63)"),
     ("eclip.prepare", ["--dataset", "coco"], "argument --dataset: invalid choice: 'coco'"),
     ("eclip.harness", [], "the following arguments are required"),
     ("eclip.encode", ["--recipe", "r", "--checkpoint", "c", "--inputs", "i"], "the following arguments are required: --out"),
@@ -23,7 +29,8 @@ def test_usage_errors_are_one_line(module, argv, message, capsys):
         main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
-    assert err.count("\n") == 1 and message in err and err.startswith(f"python -m {module}: error: "), err
+    assert err.count("\n") == 1 and message in err, err
+    assert re.match(rf"python -m {module}( run)?: error: ", err), err  # the harness's subcommand names itself
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -75,6 +82,29 @@ def test_loop_with_an_unusable_workspace_root_is_one_line(tmp_path, capsys):
     rc = loop.main(["--workspace-root", str(blocker), "--data", str(cache), "--budget-s", "1"])
     err = capsys.readouterr().err
     assert rc == 2 and err == f"loop: error: {blocker / 'default'}: cannot create the workspace (Not a directory)\n", err
+
+
+def test_loop_whose_built_in_data_cannot_be_prepared_is_one_line(tmp_path, monkeypatch, capfd):
+    # prepare's own error, then a CalledProcessError traceback, exit 1, once came out of this
+    from agent import loop
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "synthetic").write_text("not a cache")  # the default --data, in the way
+    rc = loop.main(["--workspace-root", str(tmp_path / "ws"), "--budget-s", "1"])
+    err = capfd.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == ("loop: error: preparing the built-in dataset in data/synthetic failed "
+                                    "(exit code 2)"), err
+    assert not (tmp_path / "ws").exists()
+
+
+def test_prepare_help_shows_only_the_defaults_there_are():
+    from eclip import prepare
+
+    text = " ".join(prepare.build_parser().format_help().split())
+    assert "(default: None)" not in text  # those options say their own fallback
+    assert "(default 224; 64 for synthetic)" in text and "(default: 0.1)" in text
 
 
 def test_report_refuses_final_options_without_final(tmp_path, capsys):
