@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -373,10 +374,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         rc = subprocess.run([sys.executable, "-m", "eclip.prepare", "--dataset", "synthetic", "--out",
                              str(args.data)], env=clean_env()).returncode
-        if rc:  # prepare's own one-line error is above
-            print(f"loop: error: preparing the built-in dataset in {args.data} failed (exit code {rc})",
-                  file=sys.stderr)
-            return rc
+        if rc:  # prepare's own one-line error is above (none when a signal ended it)
+            how = f"exit code {rc}" if rc > 0 else f"killed by {signal.Signals(-rc).name}"
+            print(f"loop: error: preparing the built-in dataset in {args.data} failed ({how})", file=sys.stderr)
+            return rc if rc > 0 else 128 - rc
     root = args.workspace_root / args.tag
     try:
         with locked(root):  # one process a workspace, for the whole session

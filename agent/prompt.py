@@ -51,7 +51,8 @@ change that makes each step slower has to earn its cost in fewer steps.
 - build_optimizer(model) -> torch.optim.Optimizer.
 - train_step(model, optimizer, batch, progress) -> dict of 0-d tensors (at least "loss").
   One complete step: forward, loss, backward, optimizer step, and the learning-rate
-  schedule as a function of progress in [0, 1] (the fraction of the budget used). batch has
+  schedule as a function of progress in [0, 1] (0 during the first step, which compiles;
+  then the fraction of the rest of the budget used). batch has
   images (uint8 [B, 3, H, W]), tokens ([B, L] int), mask ([B, L] bool) and regions.
 - Optional recipe_state() / load_recipe_state(state) for tensors needed to resume exactly.
 The harness evaluates the saved checkpoint, after training, on a split the training process

@@ -40,12 +40,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def seed_value(text: str) -> int:
-    """argparse type of a ``--seed``: an int in [0, 2⁶³), the range torch's generators take
-    (a larger one failed inside the run, with a traceback)."""
+    """argparse type of a ``--seed``: an int in [-2⁶³, 2⁶⁴), the range torch's generators
+    take (one outside failed inside the run, with a traceback)."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"{value}: expected an int in [0, 2**63)")
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"{value}: expected an int in [-2**63, 2**64)")
     return value

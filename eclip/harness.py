@@ -131,20 +131,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args) -> int:
+    result_path = args.out / "result.json"
+    try:  # first of all: an earlier run's result must never pass for this run's
+        result_path.unlink(missing_ok=True)
+    except OSError:  # no such folder (a file in the way, say): reported below
+        pass
     gb = args.memory_limit_gb
     if gb is not None and not (math.isfinite(gb) and gb >= 0):
         print(f"harness: error: --memory-limit-gb {gb:g}: expected a finite number >= 0 (0 = no cap)",
               file=sys.stderr)
         return 2
+    if not args.recipe.is_file():
+        print(f"harness: error: {args.recipe}: recipe file not found", file=sys.stderr)
+        return 2
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file in the way, no permission
         print(f"harness: error: {args.out}: cannot make the run directory ({e.strerror})", file=sys.stderr)
-        return 2
-    result_path = args.out / "result.json"
-    result_path.unlink(missing_ok=True)  # an earlier run's result must never pass for this run's
-    if not args.recipe.is_file():
-        print(f"harness: error: {args.recipe}: recipe file not found", file=sys.stderr)
         return 2
     violations = check_file(args.recipe)
     if violations:

@@ -43,10 +43,10 @@ def _check_finite(cfg, prefix: str) -> None:
     width ratio, epsilon or σ passes a "positive" check and fails later, deep in the model."""
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
-        if isinstance(v, float) or (isinstance(v, tuple) and all(isinstance(x, float) for x in v)):
-            name = f"{prefix}{f.name}"
-            _check(all(math.isfinite(x) for x in (v if isinstance(v, tuple) else (v,))), name,
-                   f"must be finite, got {v}")
+        numbers = v if isinstance(v, tuple) else (v,)
+        # floats, and tuples holding one (ints among them: a mean read back from JSON as [0, inf, 0])
+        if any(isinstance(x, float) for x in numbers):
+            _check(all(math.isfinite(x) for x in numbers), f"{prefix}{f.name}", f"must be finite, got {v}")
 
 
 def _check_transformer(prefix: str, width: int, depth: int, heads: int, mlp_ratio: float,

@@ -147,9 +147,10 @@ def build_model(spec):
         if field in overrides:
             raise ValueError(f"model.{field}: set by the recipe entry {entry!r} (use --{entry}=...)")
         overrides[field] = HPARAMS.get(entry, "") if cast is None else cast(HPARAMS[entry])
-    # the text tower reads captions and (expert path) region phrases: room for the longer of the two
+    # the text tower reads captions and, on the expert path, region phrases: room for the longer
+    length = max(spec.context_length, spec.phrase_length) if HPARAMS["expert"] else spec.context_length
     cfg = model_config(HPARAMS["preset"], image_size=spec.image_size, vocab_size=spec.vocab_size,
-                       context_length=max(spec.context_length, spec.phrase_length), **overrides)
+                       context_length=length, **overrides)
     model = _build_model(cfg).to(spec.device)
     _STATE.clear()
     # Two streams: one draw per step decides whether the expert term runs, mixup draws only

@@ -141,12 +141,16 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
             if (meta.get("hparams", {}).get(key) or "") != (recipe.HPARAMS.get(key) or ""):
                 raise EclipError(f"{source}: checkpoint has {key} {meta['hparams'].get(key) or ''!r}, "
                                  f"this run {recipe.HPARAMS.get(key) or ''!r}")
-        if args.steps is not None and int(meta.get("step", 0)) >= args.steps:
-            raise EclipError(f"--steps {args.steps}: the checkpoint in {out} has trained {meta.get('step')} steps "
-                             "already; ask for more to continue")
-        if args.budget_s is not None and float(meta.get("trained_s", 0.0)) >= args.budget_s:
-            raise EclipError(f"--budget-s {args.budget_s:g}: the checkpoint in {out} has trained "
-                             f"{float(meta['trained_s']):.1f} s already; ask for more to continue")
+        # Nothing left to train (an evaluation cut short, say): the checkpoint is evaluated as
+        # it is, and the run says so rather than reporting a training that did not happen.
+        done = (int(meta.get("step", 0)) >= args.steps if args.steps is not None
+                else float(meta.get("trained_s", 0.0)) >= args.budget_s)
+        if done:
+            asked = f"--steps {args.steps}" if args.steps is not None else f"--budget-s {args.budget_s:g}"
+            print(f"train: the checkpoint in {out} has trained {meta.get('step')} steps in "
+                  f"{float(meta.get('trained_s', 0.0)):.1f} s, all that {asked} asks: no step runs "
+                  f"({'saved as it is' if args.train_only else 'evaluating it'}); ask for more to train on",
+                  file=sys.stderr)
         resume_dir = out
     out.mkdir(parents=True, exist_ok=True)  # after the checks: a refused --resume creates nothing
     cfg = LoopConfig(budget_s=args.budget_s, steps=args.steps, seed=args.seed, device=args.device,
@@ -193,8 +197,8 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
             eval_s = time.perf_counter() - t_eval
         except KeyboardInterrupt:  # training is done and checkpointed: the result says what is missing
             status = "interrupted"
-            print("\ntrain: interrupted during the evaluation (the checkpoint is saved; "
-                  "no metrics)", file=sys.stderr)
+            print("\ntrain: interrupted during the evaluation (the checkpoint is saved; no metrics: "
+                  "--resume with the same options evaluates it)", file=sys.stderr)
     sps = run["samples"] / max(run["train_s"], 1e-9)
     peak = peak_bf16_flops(device)
     # training FLOPs ≈ 3 × forward: both towers for every sample, plus the expert path (a

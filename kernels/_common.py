@@ -76,7 +76,7 @@ def resolve_backend(backend: str | None, x: torch.Tensor, op: str) -> str:
     if backend not in (None, "triton", "torch"):
         raise ValueError(f"{op}: backend must be None, 'triton' or 'torch', got {backend!r}")
     if backend is None:
-        backend = "triton" if (x.is_cuda or INTERPRET) else "torch"
+        backend = "triton" if (x.is_cuda or (INTERPRET and x.device.type == "cpu")) else "torch"
     if backend == "triton":
         if not HAVE_TRITON:
             raise RuntimeError(f"{op}: backend='triton' needs the triton package")
@@ -148,7 +148,10 @@ def on_device_of(x: torch.Tensor):
         against which its fp32 backward would then be biased);
       * ``x``'s CUDA device current: Triton launches on the current device and its stream,
         whatever device the tensors are on."""
-    with torch.autocast(x.device.type, enabled=False):
+    # a device type without autocast (meta) has none to turn off, and torch.autocast refuses it
+    off = torch.autocast(x.device.type, enabled=False) if torch.amp.is_autocast_available(x.device.type) \
+        else contextlib.nullcontext()
+    with off:
         if x.is_cuda:
             with torch.cuda.device(x.device):
                 yield

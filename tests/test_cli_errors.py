@@ -14,9 +14,9 @@ import pytest
     ("eclip.train", ["--data", "d", "--out", "o", "--seed=abc"], "argument --seed: invalid int value: 'abc'"),
     # torch's generators take less: the run failed at its first seeding, with a traceback
     ("eclip.train", ["--data", "d", "--out", "o", f"--seed={2**64}"],
-     f"argument --seed: {2**64}: expected an int in [0, 2**63)"),
-    ("eclip.harness", ["run", "--recipe", "r", "--data", "d", "--budget-s", "1", "--out", "o", "--seed=-1"],
-     "argument --seed: -1: expected an int in [0, 2**63)"),
+     f"argument --seed: {2**64}: expected an int in [-2**63, 2**64)"),
+    ("eclip.harness", ["run", "--recipe", "r", "--data", "d", "--budget-s", "1", "--out", "o", f"--seed={-2**63 - 1}"],
+     f"argument --seed: {-2**63 - 1}: expected an int in [-2**63, 2**64)"),
     ("eclip.prepare", ["--dataset", "coco"], "argument --dataset: invalid choice: 'coco'"),
     ("eclip.harness", [], "the following arguments are required"),
     ("eclip.encode", ["--recipe", "r", "--checkpoint", "c", "--inputs", "i"], "the following arguments are required: --out"),
@@ -214,3 +214,14 @@ def test_a_sigterm_during_the_shutdown_keeps_the_exit_code(module, argv, rc, tmp
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == rc, (proc.returncode, proc.stderr[-500:])
+
+
+def test_loop_whose_preparation_was_killed_names_the_signal(tmp_path, monkeypatch, capsys):
+    # a negative return code became the exit status 256 - 9 = 247
+    from agent import loop
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loop.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, -9))
+    rc = loop.main(["--workspace-root", str(tmp_path / "ws"), "--budget-s", "1"])
+    err = capsys.readouterr().err
+    assert rc == 137 and err == "loop: error: preparing the built-in dataset in data/synthetic failed (killed by SIGKILL)\n"

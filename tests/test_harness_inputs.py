@@ -53,15 +53,21 @@ def test_a_training_that_fails_on_bad_input_replaces_an_earlier_result(tmp_path,
     assert "status:         error" in captured.out
 
 
-def test_a_missing_recipe_removes_an_earlier_result(tmp_path, capsys):
+@pytest.mark.parametrize("argv,message", [
+    (["--recipe", "typo.py"], "typo.py: recipe file not found"),
+    (["--recipe", str(TEMPLATE), "--memory-limit-gb", "nan"], "--memory-limit-gb nan: expected a finite"),
+])
+def test_bad_input_removes_an_earlier_result_and_creates_nothing(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"
     out.mkdir()
     (out / "result.json").write_text(json.dumps({"status": "ok", "val_mean_rank": 9.2}))
-    rc = harness.main(["run", "--recipe", str(tmp_path / "typo.py"), "--data", str(tmp_path), "--budget-s", "1",
-                       "--out", str(out)])
+    rc = harness.main(["run", *argv, "--data", str(tmp_path), "--budget-s", "1", "--out", str(out)])
     err = capsys.readouterr().err
-    assert rc == 2 and err == f"harness: error: {tmp_path / 'typo.py'}: recipe file not found\n", err
-    assert not (out / "result.json").exists()  # never read as this run's outcome
+    assert rc == 2 and err.startswith(f"harness: error: {message}") and err.count("\n") == 1, err
+    assert list(out.iterdir()) == []  # never read as this run's outcome
+    rc = harness.main(["run", *argv, "--data", str(tmp_path), "--budget-s", "1", "--out", str(tmp_path / "a" / "b")])
+    assert rc == 2 and not (tmp_path / "a").exists()  # a refused run makes no folders
 
 
 @pytest.mark.parametrize("value", ["inf", "nan", "-1"])

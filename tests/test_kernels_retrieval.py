@@ -162,6 +162,14 @@ def test_a_callers_autocast_does_not_reach_the_scores(device):
             assert torch.equal(a, b), name
 
 
+def test_meta_tensors_give_shapes_without_data():
+    # the autocast guard must not refuse a device type that has no autocast
+    img, txt = torch.empty(5, 8, device="meta"), torch.empty(5, 8, device="meta")
+    for fn in (retrieval_ranks, retrieval_ranks_ref):
+        r = fn(img, txt, topk=2)
+        assert r.i2t.shape == (5,) and r.i2t.device.type == "meta" and r.t2i_topk.shape == (5, 2)
+
+
 def test_reference_chunking_does_not_change_ranks():
     img = int_embeddings(101, 9, 8, torch.float32, "cpu")
     txt = int_embeddings(101, 9, 9, torch.float32, "cpu")

@@ -440,3 +440,10 @@ def test_flops_per_sample_matches_torch_flop_counter(pool):
         model.encode_text(tokens, mask)
     assert counter.get_total_flops() == 3 * model.expert_flops_per_sample()
 
+
+
+def test_a_mean_read_back_with_an_int_and_an_infinity_is_refused():
+    d = micro().to_dict()
+    d["vision"]["mean"] = [0, float("inf"), 0]  # as json.loads gives [0, Infinity, 0]
+    with pytest.raises(ValueError, match=r"^vision.mean: must be finite"):
+        ModelConfig.from_dict(d)

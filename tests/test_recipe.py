@@ -26,13 +26,17 @@ def test_the_warmup_climbs_to_the_peak_rate_and_never_past_it(warmup, monkeypatc
     assert abs(ramp[-1] - 2e-3) <= 2e-3 * 1e-4 / warmup * 1.01  # no jump at the end of the warm-up
 
 
-def test_the_template_fits_phrases_longer_than_captions():
+def test_the_template_fits_phrases_longer_than_captions(monkeypatch):
     # A cache with --phrase-length above --context-length: the expert path encodes phrases
     # with the text tower, which once had room for captions only ("tokens: length 16
     # exceeds text.context_length 6", a traceback mid-run).
     from eclip.loop import ModelSpec
 
     spec = ModelSpec(vocab_size=50, context_length=6, phrase_length=16, image_size=32, device=torch.device("cpu"))
+    # without the expert path no phrase is encoded: the captions' length (an override to it
+    # was once refused as "the data needs at least 16")
+    assert recipe.build_model(spec).cfg.text.context_length == 6
+    monkeypatch.setitem(recipe.HPARAMS, "expert", True)
     model = recipe.build_model(spec)
     assert model.cfg.text.context_length == 16
     tokens = torch.randint(1, 50, (3, 16))

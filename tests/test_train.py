@@ -460,6 +460,33 @@ def test_ctrl_c_during_the_evaluation_keeps_the_checkpoint_and_writes_a_result(c
     assert result["status"] == "interrupted" and result["steps"] == 3 and result["metrics"] is None
 
 
+@pytest.mark.parametrize("length", [["--steps", "3"], ["--budget-s", "1"]])
+def test_resume_with_nothing_left_to_train_evaluates_the_checkpoint(cache, tmp_path, capsys, monkeypatch, length):
+    # An evaluation cut short leaves a trained checkpoint without metrics: --resume with the
+    # same options evaluates it (no step runs, and the run says so instead of refusing it or
+    # passing it off as a training).
+    real = train.evaluate_split
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "evaluate_split", interrupted)
+    out = tmp_path / "run"
+    rc, _, err = run(["--data", cache, "--out", out, *length, *SMALL], capsys)
+    assert rc == 130 and "--resume with the same options evaluates it" in err, err
+    before = (out / "checkpoint.safetensors").read_bytes()
+    steps = json.loads((out / "checkpoint.json").read_text())["step"]
+    monkeypatch.setattr(train, "evaluate_split", real)
+    rc, stdout, err = run(["--data", cache, "--out", out, *length, *SMALL, "--resume"], capsys)
+    assert rc == 0, err
+    assert f"has trained {steps} steps in" in err and "no step runs (evaluating it)" in err
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "ok" and result["steps"] == steps and result["val_mean_rank"] is not None
+    from safetensors.torch import load, load_file
+    now, then = load_file(str(out / "checkpoint.safetensors")), load(before)
+    assert now.keys() == then.keys() and all(torch.equal(now[k], then[k]) for k in now)  # the weights as they were
+
+
 def test_a_late_repeat_of_sigterm_does_not_cut_the_save_short(cache, tmp_path, capsys, monkeypatch):
     # the copy of a group's SIGTERM that the harness passes on may arrive after the last
     # step, while the checkpoint is written: it must change nothing
@@ -497,13 +524,14 @@ def test_compile_mode_auto_means_graphs_for_a_compiled_step_on_cuda(mode, scope,
 
 def test_the_schedule_starts_after_the_first_step(cache, tmp_path, capsys):
     # The clock counts the first step (compilation on a GPU: tens of seconds cold), but the
-    # recipe's schedule must not: on the clock a 1.5 s first step of a 3 s budget would hand
-    # the second step progress 0.5, past any warm-up. The recipe logs what it was given.
+    # recipe's schedule must not: on the clock a 1.5 s first step of a 4 s budget would hand
+    # the second step progress 0.375, past any warm-up. The recipe logs what it was given.
     recipe = recipe_at_call(tmp_path, prelude="import time as _time\n",
                             before="if _calls[0] == 1:\n    _time.sleep(1.5)",
                             after="out['progress'] = torch.tensor(float(progress))")
     out = tmp_path / "run"
-    rc, _, err = run(["--data", cache, "--out", out, "--budget-s", 3, "--recipe", recipe,
+    budget = 4
+    rc, _, err = run(["--data", cache, "--out", out, "--budget-s", budget, "--recipe", recipe,
                       *SMALL, "--log-every=1"], capsys)
     assert rc == 0, err
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -512,9 +540,10 @@ def test_the_schedule_starts_after_the_first_step(cache, tmp_path, capsys):
     meta = json.loads((out / "checkpoint.json").read_text())
     origin = meta["schedule_origin_s"]  # the end of the first step, just before its row was logged
     assert 1.5 <= origin <= rows[0]["elapsed_s"] + 1e-3  # rows are rounded to the millisecond
+    tol = 1e-3 / (budget - origin)  # the rows' millisecond rounding, as a share
     for prev, row in itertools.pairwise(rows):
         # given as the step began: between the shares of (budget - origin) passed when the
         # previous step's row was logged and when this step's row was
-        share = [(r["elapsed_s"] - origin) / (3 - origin) for r in (prev, row)]
-        assert share[0] - 1e-3 <= row["progress"] <= share[1] + 1e-3, (row, share)
-    assert rows[1]["progress"] < 0.25  # on the clock it would be at least 1.5 / 3
+        share = [(r["elapsed_s"] - origin) / (budget - origin) for r in (prev, row)]
+        assert share[0] - tol <= row["progress"] <= share[1] + tol, (row, share)
+    assert rows[1]["progress"] < 0.25  # on the clock it would be at least 1.5 / 4
