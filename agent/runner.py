@@ -110,6 +110,11 @@ def run_experiment(recipe: Path, data: Path, budget_s: float, out: Path, *, comp
     """Run the harness on ``recipe``; returns its result.json (plus ``duration_s``), or a
     result with status ``timeout`` / ``crash`` and the log tail when there is none.
     ``final``: train on train+val and score the held-out test split."""
+    # The harness runs in the package root (where ``-m eclip.harness`` imports this project),
+    # not in the caller's folder: every path it is given must be absolute, or a workspace
+    # opened from elsewhere would hand it another folder's recipe and runs.
+    recipe, data, out = recipe.resolve(), data.resolve(), out.resolve()
+    compile_cache = compile_cache.resolve() if compile_cache is not None else None
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").unlink(missing_ok=True)
     limit = timeout_s if timeout_s is not None else budget_s * (1 + MARGIN) + EVAL_CAP_S

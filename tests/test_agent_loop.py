@@ -90,6 +90,19 @@ def test_a_recipe_that_never_returns_is_killed_as_timeout(cache, tmp_path):
         assert str(out).encode() not in cmdline, pid
 
 
+def test_relative_paths_are_the_callers_not_the_package_roots(tmp_path, monkeypatch):
+    # The harness runs in the package root. Relative paths once reached it as they were: a
+    # loop started elsewhere had its runs read another folder's recipe (or none: every run a
+    # "crash") and overwrite that folder's results. A rejected recipe is the quickest run.
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    Path("recipe.py").write_text(TEMPLATE.read_text() + "\n\ndef leak():\n    return open('/etc/hostname').read()\n")
+    r = run_experiment(Path("recipe.py"), Path("data"), 1.0, Path("runs/x"), device="cpu", timeout_s=120)
+    assert r["status"] == "rejected", r
+    assert json.loads((tmp_path / "runs" / "x" / "result.json").read_text())["status"] == "rejected"
+
+
 def test_a_whole_loop_with_real_runs(cache, tmp_path, capsys):
     rc = loop.main(["--tag", "real", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1.5",
                     "--noise-runs", "2", "--max-experiments", "3", "--device", "cpu"])
