@@ -196,15 +196,19 @@ class Workspace:
 
     def reset(self, commit: str) -> None:
         """Tracked files back to ``commit``; ignored records stay (never ``git clean``).
-        ``program.md`` is the person's: an edit of it survives the reset (uncommitted) and is
-        committed with the next experiment."""
-        program = self.root / "program.md"
-        brief = program.read_text() if program.exists() else None
-        try:
-            self.git("reset", "-q", "--hard", commit)
-        finally:  # a Ctrl-C (or SIGTERM) during the reset too: git finishes, then this runs
-            if brief is not None and (not program.exists() or program.read_text() != brief):
-                program.write_text(brief)
+        ``program.md`` is the person's: git never writes it here, so an edit of it survives
+        the reset (uncommitted), whenever the process is killed, and is committed with the
+        next experiment. HEAD and the index move first; then the other files that differ
+        from ``commit`` are checked out, or removed where ``commit`` lacks them."""
+        differ = [p for p in self.git("diff", "--name-only", "--no-renames", commit).splitlines()
+                  if p != "program.md"]  # against the working tree: uncommitted edits too
+        self.git("reset", "-q", "--mixed", commit)
+        held = set(self.git("ls-tree", "-r", "--name-only", commit).splitlines())
+        if any(p in held for p in differ):
+            self.git("checkout", commit, "--", *[p for p in differ if p in held])
+        for p in differ:
+            if p not in held:
+                (self.root / p).unlink(missing_ok=True)
 
     def diff(self, base: str) -> str:
         return self.git("diff", base, "--", "recipe.py")

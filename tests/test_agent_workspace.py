@@ -186,3 +186,32 @@ def test_no_other_project_is_adopted_or_overwritten(tmp_path):
     with pytest.raises(WorkspaceError, match=r"plain: not empty \(data\.csv, recipe\.py\), and not a research-loop workspace"):
         Workspace.open_or_create(plain, loop.TEMPLATE)
     assert (plain / "recipe.py").read_text() == "mine" and not (plain / ".git").exists()
+
+
+@pytest.mark.parametrize("kill_after", [1, 2, 3, 4])
+def test_a_kill_at_any_point_of_a_reset_keeps_the_edited_brief(tmp_path, kill_after):
+    # A kill runs no `finally`: between git's `reset --hard` and the brief's rewrite it once
+    # left the committed brief in place of the person's edit. Killed after each git call of
+    # the reset, then reset again (as a resumed session does).
+    import sys
+    from pathlib import Path
+
+    ws = Workspace.open_or_create(tmp_path / "w", loop.TEMPLATE)
+    root = ws.root_commit()
+    program = ws.root / "program.md"
+    ws.recipe.write_text(ws.recipe.read_text() + "\n# an experiment\n")
+    program.write_text(program.read_text() + "\ncommitted with the experiment\n")
+    ws.git("commit", "-qam", "experiment")
+    program.write_text(program.read_text() + "MY NEW IDEAS\n")  # edited by hand after it
+    code = ("import os\nfrom agent.workspace import Workspace\nreal, n = Workspace.git, [0]\n"
+            "def git(self, *a):\n    out = real(self, *a)\n    n[0] += 1\n"
+            f"    if n[0] == {kill_after}:\n        os._exit(137)\n    return out\n"
+            f"Workspace.git = git\nWorkspace({str(ws.root)!r}).reset({root!r})\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 137, p.stderr
+    assert program.read_text().endswith("committed with the experiment\nMY NEW IDEAS\n")
+    ws.reset(root)
+    assert program.read_text().endswith("MY NEW IDEAS\n")
+    assert ws.git("rev-parse", "HEAD") == root and "# an experiment" not in ws.recipe.read_text()
+    assert ws.git("status", "--porcelain") == "M program.md"
