@@ -185,6 +185,13 @@ def _canonical(hp: dict) -> str:
     return json.dumps(hp, sort_keys=True, default=repr)
 
 
+def _effective(hp: dict) -> str:
+    """A configuration as it trains, for telling seen ones apart: the keys that do nothing
+    while their switch is off (``REQUIRES``) are left out then, so "expert off" with other
+    inactive values is the same experiment."""
+    return _canonical({k: v for k, v in hp.items() if not (k in REQUIRES and hp.get(REQUIRES[k]) is False)})
+
+
 def _schedule_fits(hp: dict) -> bool:
     """The expert schedule's phases fit in training (cold start + ramp + the model's
     cool-down ≤ 1), as the model config demands: each key is drawn within its own bounds,
@@ -236,11 +243,11 @@ class SearchProposer:
             for key, value in best["hparams"].items():
                 if key in current and key not in FROZEN and isinstance(value, (bool, int, float)):
                     base[key] = value
-        seen = {_canonical(current), _canonical(base)}
+        seen = {_effective(current), _effective(base)}
         for h in history:  # an interrupted run says nothing of its configuration: try it again
             if isinstance(h.get("hparams"), dict) and h.get("status") != "interrupted":
                 full = {**current, **{k: v for k, v in h["hparams"].items() if k in current}}
-                seen.add(_canonical(full))
+                seen.add(_effective(full))
         keys = _mutable(base)
         if not keys:
             raise ValueError("HPARAMS has no entry the search may mutate")
@@ -253,7 +260,10 @@ class SearchProposer:
             candidate = dict(base)
             for key in rng.sample(keys, count):
                 candidate[key] = _mutate(key, base[key], rng, sigma)
-            if _canonical(candidate) not in seen and _schedule_fits(candidate):
+            for key, switch in REQUIRES.items():  # switched off with it: keep the base's value
+                if key in candidate and candidate.get(switch) is False:
+                    candidate[key] = base[key]
+            if _effective(candidate) not in seen and _schedule_fits(candidate):
                 prop = self._proposal(recipe_source, current, base, candidate, best)
                 prop.step = sigma
                 return prop

@@ -155,6 +155,27 @@ def test_the_expert_schedule_always_fits_in_training():
     assert max(sums) > 0.25  # the schedule keys were mutated, upwards too (from 0.2)
 
 
+def test_switching_the_expert_path_off_leaves_its_knobs_alone():
+    # With the path off its knobs do nothing: "off, with another expert_probability" was a
+    # new configuration to the duplicate check, and the same experiment to the recipe.
+    src = TEMPLATE.replace('"expert": False', '"expert": True')
+    base = read_hparams(src)
+    knobs = ("expert_weight", "expert_probability", "expert_cold_start", "expert_ramp")
+    off = 0
+    for seed in range(200):
+        hp = read_hparams(SearchProposer(seed=seed).propose(src, [], {}).source)
+        if hp["expert"] is False:
+            off += 1
+            assert all(hp[k] == base[k] for k in knobs), (seed, {k: hp[k] for k in knobs})
+    assert off > 0
+    # and an "off" already run, with other inactive values, is not proposed again
+    ran = dict(base, expert=False, expert_probability=0.123)
+    history = [_entry(ran, 10.0, kept=False, status="discard")]
+    for seed in range(60):
+        hp = read_hparams(SearchProposer(seed=seed).propose(src, history, {}).source)
+        assert hp != dict(base, expert=False), seed
+
+
 def test_read_write_round_trip():
     hp = read_hparams(TEMPLATE)
     assert hp["lr"] == 1e-3 and hp["preset"] == "tiny" and hp["model"] == {}
