@@ -116,6 +116,14 @@ def _tool_results(box: ToolBox, uses: list[dict], content: list[dict], stop_reas
     return results
 
 
+def _transient(a) -> tuple[type, ...]:
+    """The SDK's errors worth a pause and another attempt once its own retries are spent:
+    rate limits, server errors (529 overloaded among them), lost connections, and the 408
+    and 409 the SDK itself retries (older SDKs lack some of these classes)."""
+    names = ("RateLimitError", "InternalServerError", "APIConnectionError", "RequestTimeoutError", "ConflictError")
+    return tuple(getattr(a, n) for n in names if hasattr(a, n))
+
+
 class ClaudeProposer:
     def __init__(self, config: ClaudeConfig | None = None, client=None):
         import anthropic  # imported here: the search proposer needs no SDK
@@ -150,7 +158,7 @@ class ClaudeProposer:
             except a.APITimeoutError:  # each try may be a reply paid for and never seen: no more of them
                 raise ProposerUnavailable(f"the API did not answer within the request timeout, "
                                           f"{self.cfg.sdk_retries + 1} times") from None
-            except (a.RateLimitError, a.InternalServerError, a.APIConnectionError) as e:
+            except _transient(a) as e:
                 if attempt == self.cfg.api_attempts:
                     what = getattr(e, "status_code", None) or type(e).__name__
                     raise ProposerUnavailable(f"the API kept failing ({what}) after "

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}
+               404: "not_found_error", 408: "timeout_error", 409: "conflict_error", 429: "rate_limit_error",
+               500: "api_error", 529: "overloaded_error"}
 
 
 @dataclass

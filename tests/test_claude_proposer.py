@@ -199,6 +199,10 @@ def test_loop_level_pause_after_the_sdk_gives_up(api, tmp_path):
     api.script = [Error(529), Error(500), Reply([_edit(LR_OLD, LR_NEW), SUBMIT])]
     prop = ClaudeProposer(cfg).propose(source, [], context=ctx)
     assert prop.source == source.replace(LR_OLD, LR_NEW) and len(api.requests) == 3
+    # 408 and 409, which the SDK retries too, once stopped the loop as refused requests
+    api.script = [Error(408), Error(409), Reply([_edit(LR_OLD, LR_NEW), SUBMIT])]
+    prop = ClaudeProposer(cfg).propose(source, [], context=ctx)
+    assert prop.source == source.replace(LR_OLD, LR_NEW) and len(api.requests) == 6
     api.script = [Error(529)] * 3
     proposer = ClaudeProposer(cfg)
     with pytest.raises(ProposerUnavailable, match=r"kept failing \(529\) after 3 attempts"):
