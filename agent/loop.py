@@ -392,11 +392,49 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+STUDY_SETTINGS = ("data", "budget_s", "device")  # what a score depends on beyond the recipe
+
+
+def study_settings(events: list[dict]) -> dict | None:
+    """The ``session`` line in effect when the study's first baseline was scored (None before
+    one is): the settings every later score is compared under."""
+    scored = {e["n"] for e in journal.experiments(events) if e.get("status") == "baseline"}
+    current = None
+    for e in events:
+        if e.get("event") == "session":
+            current = e
+        elif e.get("event") == "start" and e.get("n") in scored:
+            return current
+    return None
+
+
+def settings_error(args, events: list[dict]) -> str | None:
+    """Why this session may not go on with the study: a score under another cache, budget or
+    device would be compared with the best and the noise floor measured under the study's."""
+    study = study_settings(events)
+    if study is None:
+        return None
+    asked = {"data": str(args.data.resolve()), "budget_s": args.budget_s, "device": args.device}
+    differ = [k for k in STUDY_SETTINGS if k in study and study[k] != asked[k]]
+    if not differ:
+        return None
+    flag = {"data": "--data", "budget_s": "--budget-s", "device": "--device"}
+    was = " ".join(f"{flag[k]} {study[k]:g}" if isinstance(study[k], float) else f"{flag[k]} {study[k]}"
+                   for k in differ)
+    now = ", ".join(f"{flag[k]} {asked[k]:g}" if isinstance(asked[k], float) else f"{flag[k]} {asked[k]}"
+                    for k in differ)
+    return (f"{args.workspace_root / args.tag}: this study's scores were measured with {was}; this session asks {now}. "
+            f"Scores under other settings do not compare: resume with the study's, or start a new --tag")
+
+
 def session(args, ws: Workspace) -> int:
     """The study in ``ws`` (locked): recover what the last session left, then run baselines and
     experiments until a limit; returns the exit code."""
     root_commit = ws.root_commit()
     reconcile(ws, root_commit, args.min_delta)
+    if why := settings_error(args, journal.read(ws.journal_path)):
+        print(f"loop: error: {why}", file=sys.stderr)
+        return 2
     count, freed = disk.prune(ws.experiments, journal.experiments(journal.read(ws.journal_path)),
                               args.keep_checkpoints)
     if count:  # a study begun under another rule (or before there was one)

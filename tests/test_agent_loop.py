@@ -158,6 +158,31 @@ def test_results_table_is_rebuilt_from_the_journal(cache, tmp_path, monkeypatch)
     assert ws.results_path.read_text() == full
 
 
+def test_a_study_resumes_only_under_the_settings_its_scores_were_measured_with(cache, tmp_path, monkeypatch,
+                                                                                capsys):
+    # A resume with another cache, budget or device once went on without a word: its runs
+    # were kept or discarded against a best and a noise floor measured under other settings.
+    monkeypatch.setattr(loop, "run_experiment", scripted([100, 100, 90, 80]))
+    base = ["--tag", "s", "--workspace-root", str(tmp_path), "--data", str(cache), "--device", "cpu"]
+    assert loop.main([*base, "--budget-s", "10", "--noise-runs", "2", "--max-experiments", "1"]) == 0
+    capsys.readouterr()
+    other = tmp_path / "other-cache"
+    other.mkdir()
+    (other / "manifest.json").write_text("{}")
+    for argv, was, now in [(["--budget-s", "5"], "--budget-s 10", "--budget-s 5"),
+                           (["--budget-s", "10", "--data", str(other)], f"--data {cache.resolve()}",
+                            f"--data {other.resolve()}")]:
+        rc = loop.main([*base, *argv, "--max-experiments", "2"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err == (f"loop: error: {tmp_path / 's'}: this study's scores were measured with {was}; "
+                                   f"this session asks {now}. Scores under other settings do not compare: "
+                                   "resume with the study's, or start a new --tag\n"), err
+    exps = journal.experiments(journal.read(Workspace(tmp_path / "s").journal_path))
+    assert len(exps) == 3  # nothing ran under the other settings
+    assert loop.main([*base, "--budget-s", "10", "--max-experiments", "2"]) == 0  # the study's own: it goes on
+    assert len(journal.experiments(journal.read(Workspace(tmp_path / "s").journal_path))) == 4
+
+
 def test_a_brief_edited_by_hand_survives_discards_and_lands_with_the_next_commit(cache, tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "run_experiment", scripted([100, 100]))
     args = ["--tag", "b", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1",
