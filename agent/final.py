@@ -75,16 +75,24 @@ def final_evaluation(ws: Workspace, *, data: Path | None = None, budget_s: float
         started = {"event": "final-start", "time": time.time(), "commit": commit, "data": str(data),
                    "budget_s": float(budget_s), "out": str(out)}
         journal.append(ws.journal_path, started)  # a kill from here on is recovered from result.json
-        r = run_experiment(recipe, data.resolve(), float(budget_s), out,
-                           device=device or session.get("device", "auto"),
-                           compile_cache=ws.root / ".compile_cache", timeout_s=timeout_s, final=True)
+        try:
+            r = run_experiment(recipe, data.resolve(), float(budget_s), out,
+                               device=device or session.get("device", "auto"),
+                               compile_cache=ws.root / ".compile_cache", timeout_s=timeout_s, final=True)
+        except KeyboardInterrupt:  # journaled as such (it scored nothing: --final runs it again), then passed on
+            _journal_final(ws, commit, exp, best, started, out, {"status": "interrupted", "val_mean_rank": None})
+            raise
+    return _journal_final(ws, commit, exp, best, started, out, r), True
+
+
+def _journal_final(ws: Workspace, commit: str, exp: dict | None, best, started: dict, out: Path, r: dict) -> dict:
     event = {"event": "final", "time": time.time(), "commit": commit, "status": r.get("status", "crash"),
              "description": exp["description"] if exp else "baseline", "n": None,
              "val_mean_rank": best, "test_mean_rank": r.get("val_mean_rank"),
              "data": started["data"], "budget_s": started["budget_s"], "out": str(out),
              "result": {k: v for k, v in r.items() if k != "hparams"}}
     journal.append(ws.journal_path, event)
-    return event, True
+    return event
 
 
 def _recovered(out: Path, started: dict | None) -> dict | None:

@@ -14,6 +14,7 @@ from agent.runner import device_error, seconds_error
 from agent.workspace import Workspace, WorkspaceError, locked
 from eclip.errors import OneLineParser
 from eclip.fileio import atomic_write
+from eclip.process import exit_main, sigterm_as_ctrl_c
 
 
 def summary(events: list[dict]) -> dict:
@@ -147,16 +148,25 @@ def main(argv: list[str] | None = None) -> int:
         from agent.final import final_evaluation, summary_lines
 
         try:
-            with locked(ws.root):  # not beside a running loop: its runs and this one would share the device
+            # not beside a running loop (its runs and this one would share the device); a
+            # SIGTERM ends the run as Ctrl-C does
+            with sigterm_as_ctrl_c(), locked(ws.root):
                 event, ran = final_evaluation(ws, data=args.data, budget_s=args.budget_s, device=args.device,
                                               force=args.force)
         except (ValueError, WorkspaceError) as e:
             print(f"report: error: {e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the run is killed and journaled
+            print("report: interrupted: the final run is journaled as interrupted and scored nothing; "
+                  "--final runs it again", file=sys.stderr)
+            return 130
+        if not ran and final_only:
+            print(f"report: note: {', '.join(final_only)} not applied: this commit's test score is recorded "
+                  "(the test split is scored once)", file=sys.stderr)
         print("\n".join(summary_lines(event, ran)))
         return 0 if event["status"] == "ok" else 1
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_main(main())

@@ -122,3 +122,26 @@ def test_a_final_killed_after_its_run_is_recovered(workspace, monkeypatch):
     monkeypatch.setattr(final, "run_experiment", lambda *a, **k: pytest.fail("the test split scored twice"))
     event, ran = final.final_evaluation(ws)
     assert ran and event["test_mean_rank"] == 37.5 and event["result"]["recovered"] is True
+
+
+def test_an_interrupted_final_is_journaled_and_runs_again(workspace, monkeypatch, capsys):
+    # Ctrl-C once gave a traceback and a final-start with no outcome
+    ws = workspace
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(final, "run_experiment", interrupted)
+    assert report.main([str(ws.root), "--final"]) == 130
+    err = capsys.readouterr().err
+    assert err == ("report: interrupted: the final run is journaled as interrupted and scored nothing; "
+                   "--final runs it again\n")
+    finals = [e for e in journal.read(ws.journal_path) if e.get("event") == "final"]
+    assert [(e["status"], e["test_mean_rank"]) for e in finals] == [("interrupted", None)]
+    monkeypatch.setattr(final, "run_experiment", _fake_final("ok", 42.0))
+    assert report.main([str(ws.root), "--final"]) == 0  # no --force: nothing was scored
+    # once scored, the final's own options no longer apply, and it says so
+    capsys.readouterr()
+    assert report.main([str(ws.root), "--final", "--budget-s", "5"]) == 0
+    assert capsys.readouterr().err == ("report: note: --budget-s not applied: this commit's test score is "
+                                       "recorded (the test split is scored once)\n")
