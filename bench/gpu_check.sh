@@ -66,6 +66,11 @@ run_for() {
 }
 
 "$PY" -c "import torch, triton; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none', '| torch', torch.__version__, '| triton', triton.__version__)"
+# Without a GPU the real steps would only spend minutes of CPU measuring nothing
+if [ -z "$DRY" ] && ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    echo "no CUDA device: nothing to check here (DRY=1 rehearses the script's plumbing on the CPU)"
+    exit 2
+fi
 
 if want 1 && [ -z "$DRY" ]; then
     echo "== 1. CUDA tests: host data path, metrics read-back and kernels"

@@ -186,6 +186,23 @@ def test_gpu_check_script_dry_run(tmp_path):
     assert {p.name for p in tmp_path.iterdir()} >= {"train.log", "profile.log", "kernels.log", "kernel_table.md"}
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_check_script_without_a_gpu_stops_at_once(tmp_path):
+    # its steps once ran on the CPU for minutes (the profiler's two modes up to their limits)
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    env.pop("DRY", None)
+    proc = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[-1] == ("no CUDA device: nothing to check here (DRY=1 rehearses the "
+                                            "script's plumbing on the CPU)")
+    assert not list(tmp_path.iterdir())  # no step ran, no log written
+
+
 def test_gpu_check_script_stops_at_its_deadline(tmp_path):
     # DEADLINE caps the whole run (one device command may take 600 s): with none left,
     # every step says it was skipped, the summary still prints and the exit status is 1.
