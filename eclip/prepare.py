@@ -135,7 +135,9 @@ def gather_records(args, problems: Problems) -> tuple[list[Record], list[dict], 
                                    regions=[Region([], o.phrase, where, k) for k, o in enumerate(scene.objects)],
                                    split=split, where=where, scene=scene))
         return recs, [{"kind": "synthetic", "version": SYNTHETIC_VERSION}], {}
-    if args.images is None or not args.images.is_dir():
+    if args.images is None:
+        raise EclipError(f"--format {args.format} needs --images, the folder the image paths are relative to")
+    if not args.images.is_dir():
         raise EclipError(f"--images {args.images}: not a directory")
     sources, recs, extra = [], [], {}
     if args.format == "odvg":

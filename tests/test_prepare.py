@@ -240,6 +240,8 @@ def test_unknown_format_and_missing_arguments(tmp_path, capsys):
     assert rc == 2 and "m.xml: unknown manifest format '.xml'" in err
     rc, _, err = run(["--format", "odvg", "--images", images, "--out", tmp_path / "c"], capsys)
     assert rc == 2 and "--format odvg needs --train and --val" in err
+    rc, _, err = run(["--format", "manifest", "--manifest", bad, "--out", tmp_path / "c"], capsys)
+    assert rc == 2 and "--format manifest needs --images, the folder the image paths are relative to" in err, err
     with pytest.raises(SystemExit) as e:
         prepare.main(["--format", "parquet", "--out", str(tmp_path / "c")])
     assert e.value.code == 2
