@@ -110,6 +110,9 @@ def summary_lines(result: dict) -> list[str]:
     if result.get("folds"):  # no rank when the first fold ended without one (diverged, interrupted)
         rank, std = result.get("val_mean_rank"), result.get("val_mean_rank_std")
         lines.append(f"folds_mean_rank: {rank:.2f} ± {std:.2f}" if rank is not None else "folds_mean_rank: None")
+        # the fields above are the last fold's (steps, loss, ...), the rank the folds' mean
+        done = sum(f["status"] == "ok" for f in result["folds"])
+        lines.append(f"folds_done:     {done}/{result.get('folds_total', len(result['folds']))}")
     return lines
 
 
@@ -136,7 +139,9 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
         if meta.get("eval_split") != eval_split or meta.get("train_rows") != int(train_rows.numel()):
             raise EclipError(f"{source}: checkpoint trained on {meta.get('train_rows')} images for "
                              f"{meta.get('eval_split')!r}; this run has {int(train_rows.numel())} for {eval_split!r} "
-                             "(resume with the same --final/--folds)")
+                             + ("(a fold of a --folds run is not resumed on its own: run --folds again)"
+                                if str(meta.get("eval_split", "")).startswith("fold")
+                                else "(resume with the same --final)"))
         for key in MODEL_KEYS:  # the weights and the token ids must match
             if (meta.get("hparams", {}).get(key) or "") != (recipe.HPARAMS.get(key) or ""):
                 raise EclipError(f"{source}: checkpoint has {key} {meta['hparams'].get(key) or ''!r}, "
@@ -254,7 +259,8 @@ def run(args, overrides: dict) -> dict:
         if args.train_only:
             raise EclipError("--folds cannot be combined with --train-only")
         if args.final or args.resume:
-            raise EclipError("--folds cannot be combined with --final or --resume")
+            raise EclipError("--folds cannot be combined with --final or --resume (a cross-validation "
+                             "cut short is run again from its first fold)")
         # K-fold means each fold is validated once and trained on all the others: only the
         # cache's own fold count does that (K smaller would train on a fold never validated)
         k_cache = int(cache.fold.max()) + 1
@@ -275,7 +281,7 @@ def run(args, overrides: dict) -> dict:
         ranks = [r["val_mean_rank"] for r in folds if r["val_mean_rank"] is not None]
         result = dict(folds[-1], folds=[{k: r[k] for k in ("status", "val_mean_rank", "steps")} for r in folds],
                       status="ok" if all(r["status"] == "ok" for r in folds) else folds[-1]["status"],
-                      eval_split="folds", metrics=None,
+                      eval_split="folds", metrics=None, folds_total=args.folds,
                       val_mean_rank=statistics.mean(ranks) if ranks else None,
                       val_mean_rank_std=statistics.pstdev(ranks) if ranks else None)
     else:

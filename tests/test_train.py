@@ -243,6 +243,10 @@ def test_folds_and_final(cache, tmp_path, capsys):
     assert [f["status"] for f in r["folds"]] == ["ok", "ok", "ok"]
     ranks = [f["val_mean_rank"] for f in r["folds"]]
     assert r["val_mean_rank"] == pytest.approx(sum(ranks) / 3) and "folds_mean_rank:" in stdout
+    assert "folds_done:     3/3\n" in stdout
+    # a fold is not resumed on its own, and the message says what to do instead
+    rc, _, err = run(["--data", cache, "--out", tmp_path / "cv" / "fold1", "--steps", 4, "--resume", *SMALL], capsys)
+    assert rc == 2 and "(a fold of a --folds run is not resumed on its own: run --folds again)" in err, err
     # each train+val image is validated exactly once over the folds, and never trained on then
     from eclip.data.cache import load_cache
     n_trainval = int((load_cache(cache).split <= 1).sum())
@@ -263,6 +267,7 @@ def test_folds_whose_first_fold_diverges_end_with_the_summary(cache, tmp_path, c
     out = tmp_path / "cv"
     rc, stdout, _ = run(["--data", cache, "--out", out, "--steps", 20, "--folds", 3, "--recipe", nan, *SMALL], capsys)
     assert rc == 1 and "status:         diverged" in stdout and "folds_mean_rank: None" in stdout
+    assert "folds_done:     0/3\n" in stdout  # one fold of three ran, and it failed
     result = json.loads((out / "result.json").read_text())
     assert result["status"] == "diverged" and result["val_mean_rank"] is None
     assert [f["status"] for f in result["folds"]] == ["diverged"]  # the later folds are not run
