@@ -40,7 +40,7 @@ from agent.runner import (
 )
 from agent.search import SearchExhausted, SearchProposer, read_hparams
 from agent.workspace import Workspace, WorkspaceError, locked
-from eclip.errors import OneLineParser
+from eclip.errors import DefaultsFormatter, OneLineParser
 from eclip.policy import check_source
 from eclip.process import exit_main, sigterm_as_ctrl_c
 
@@ -50,7 +50,8 @@ DEFAULT_DATA = Path("data/synthetic")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="python -m agent.loop", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m agent.loop", description=__doc__.split("\n\n")[0],
+                      formatter_class=DefaultsFormatter)
     p.add_argument("--tag", default="default", help="workspace name: runs/<tag>/")
     p.add_argument("--proposer", choices=["search", "claude"], default="search",
                    help="who proposes edits: the offline search, or Claude (needs ANTHROPIC_API_KEY; never chosen "

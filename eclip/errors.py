@@ -31,6 +31,15 @@ class DataError(EclipError):
         return {"where": self.where, "problem": self.problem}
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that shows each option's default, except where there is none to show (None):
+    those options say in their own help what they fall back to, and "(default: None)" would
+    contradict it."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose usage errors are one line (``prog: error: message``), exit code 2, like
     every other bad input of the command-line tools; ``--help`` still prints the usage."""

@@ -33,7 +33,7 @@ from eclip.data.sources import (
     read_odvg,
     resolve_image,
 )
-from eclip.errors import DataError, EclipError, OneLineParser
+from eclip.errors import DataError, DefaultsFormatter, EclipError, OneLineParser
 from eclip.evaluate import kfold_assign
 from eclip.tokenizer import encode_batch, load_tokenizer, train_bpe
 
@@ -48,17 +48,9 @@ DEFAULTS = {  # (real data, synthetic)
 }
 
 
-class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows an option's default, except where there is none to show (None): those options
-    say in their own help what they fall back to, and "(default: None)" would contradict it."""
-
-    def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m eclip.prepare", description=__doc__.split("\n\n")[0],
-                      formatter_class=_Defaults)
+                      formatter_class=DefaultsFormatter)
     src = p.add_argument_group("source (one of)")
     src.add_argument("--dataset", choices=["synthetic"], help="the built-in dataset")
     src.add_argument("--format", choices=["odvg", "manifest"], help="a real dataset's annotation format")

@@ -55,7 +55,8 @@ MODEL_KEYS = ("preset", "image_tower", "text_tower")  # HPARAMS that are options
 def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: an override such as --compile=true must not be read as --compile-cache
     p = OneLineParser(prog="python -m eclip.train", description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                epilog="Any other --key=value overrides a recipe HPARAMS entry.")
+                      epilog="Any other --key=value overrides a recipe HPARAMS entry (--lr=3e-4), and "
+                             "--model.<field>=value a model config field (--model.vision.depth=6).")
     p.add_argument("--data", type=Path, required=True, help="cache directory from eclip.prepare")
     p.add_argument("--out", type=Path, required=True, help="run directory (results, checkpoint, logs)")
     p.add_argument("--recipe", type=Path, default=TEMPLATE, help="recipe file (default: the template)")
