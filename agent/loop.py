@@ -420,10 +420,8 @@ def settings_error(args, events: list[dict]) -> str | None:
     if not differ:
         return None
     flag = {"data": "--data", "budget_s": "--budget-s", "device": "--device"}
-    was = " ".join(f"{flag[k]} {study[k]:g}" if isinstance(study[k], float) else f"{flag[k]} {study[k]}"
-                   for k in differ)
-    now = ", ".join(f"{flag[k]} {asked[k]:g}" if isinstance(asked[k], float) else f"{flag[k]} {asked[k]}"
-                    for k in differ)
+    was = " ".join(f"{flag[k]} {study[k]}" for k in differ)  # as given: --device auto is the word, not a device
+    now = " ".join(f"{flag[k]} {asked[k]}" for k in differ)
     return (f"{args.workspace_root / args.tag}: this study's scores were measured with {was}; this session asks {now}. "
             f"Scores under other settings do not compare: resume with the study's, or start a new --tag")
 

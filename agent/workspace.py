@@ -200,15 +200,26 @@ class Workspace:
         the reset (uncommitted), whenever the process is killed, and is committed with the
         next experiment. HEAD and the index move first; then the other files that differ
         from ``commit`` are checked out, or removed where ``commit`` lacks them."""
-        differ = [p for p in self.git("diff", "--name-only", "--no-renames", commit).splitlines()
-                  if p != "program.md"]  # against the working tree: uncommitted edits too
+        # NUL-separated and literal: git quotes unusual names (non-ASCII ones) in plain output
+        brief_gone = not (self.root / "program.md").exists()  # nothing to keep: restored as committed
+        differ = [p for p in self._paths("diff", "--name-only", "--no-renames", commit)
+                  if p != "program.md" or brief_gone]  # against the working tree: uncommitted edits too
         self.git("reset", "-q", "--mixed", commit)
-        held = set(self.git("ls-tree", "-r", "--name-only", commit).splitlines())
+        held = set(self._paths("ls-tree", "-r", "--name-only", commit))
         if any(p in held for p in differ):
-            self.git("checkout", commit, "--", *[p for p in differ if p in held])
+            self.git("checkout", commit, "--", *[f":(literal){p}" for p in differ if p in held])
         for p in differ:
             if p not in held:
-                (self.root / p).unlink(missing_ok=True)
+                path = self.root / p
+                path.unlink(missing_ok=True)
+                for folder in path.parents:  # as reset --hard does: folders it left empty go too
+                    if folder == self.root or any(folder.iterdir()):
+                        break
+                    folder.rmdir()
+
+    def _paths(self, command: str, *args: str) -> list[str]:
+        """The paths a git command lists, NUL-separated (``-z``, before the revision)."""
+        return [p for p in self.git(command, "-z", *args).split("\0") if p]
 
     def diff(self, base: str) -> str:
         return self.git("diff", base, "--", "recipe.py")

@@ -65,7 +65,8 @@ run_for() {
     timeout -k 15 "$t" "$@"
 }
 
-"$PY" -c "import torch, triton; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none', '| torch', torch.__version__, '| triton', triton.__version__)"
+"$PY" -c "import torch, triton; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none', '| torch', torch.__version__, '| triton', triton.__version__)" \
+    || { echo "torch and triton do not import with $PY (PYTHON= picks another interpreter)"; exit 1; }
 # Without a GPU the real steps would only spend minutes of CPU measuring nothing
 if [ -z "$DRY" ] && ! "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
     echo "no CUDA device: nothing to check here (DRY=1 rehearses the script's plumbing on the CPU)"

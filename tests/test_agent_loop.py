@@ -169,7 +169,9 @@ def test_a_study_resumes_only_under_the_settings_its_scores_were_measured_with(c
     other = tmp_path / "other-cache"
     other.mkdir()
     (other / "manifest.json").write_text("{}")
-    for argv, was, now in [(["--budget-s", "5"], "--budget-s 10", "--budget-s 5"),
+    for argv, was, now in [(["--budget-s", "5"], "--budget-s 10.0", "--budget-s 5.0"),
+                           (["--budget-s", "10.000001", "--device", "auto"], "--budget-s 10.0 --device cpu",
+                            "--budget-s 10.000001 --device auto"),
                            (["--budget-s", "10", "--data", str(other)], f"--data {cache.resolve()}",
                             f"--data {other.resolve()}")]:
         rc = loop.main([*base, *argv, "--max-experiments", "2"])

@@ -215,3 +215,29 @@ def test_a_kill_at_any_point_of_a_reset_keeps_the_edited_brief(tmp_path, kill_af
     assert program.read_text().endswith("MY NEW IDEAS\n")
     assert ws.git("rev-parse", "HEAD") == root and "# an experiment" not in ws.recipe.read_text()
     assert ws.git("status", "--porcelain") == "M program.md"
+
+
+def test_a_reset_restores_files_with_unusual_names_and_a_deleted_brief(tmp_path):
+    # git quotes non-ASCII names in plain output, and checkout took the quoted name for a
+    # pathspec: the reset failed and left recipe.py as the experiment wrote it. A brief
+    # deleted by hand is restored as committed (there is no edit to keep), as reset --hard did.
+    ws = Workspace.open_or_create(tmp_path / "w", loop.TEMPLATE)
+    odd, spaced, nested = ws.root / "idées.md", ws.root / "my notes.md", ws.root / "sub" / "x.txt"
+    odd.write_text("v1\n")
+    spaced.write_text("v1\n")
+    ws.git("add", "-A")
+    ws.git("commit", "-qm", "notes")
+    base = ws.git("rev-parse", "HEAD")
+    odd.write_text("v2\n")
+    spaced.write_text("v2\n")
+    nested.parent.mkdir()
+    nested.write_text("new\n")
+    ws.recipe.write_text(ws.recipe.read_text() + "\n# an experiment\n")
+    ws.git("add", "-A")
+    ws.git("commit", "-qm", "experiment")
+    (ws.root / "program.md").unlink()
+    ws.reset(base)
+    assert odd.read_text() == spaced.read_text() == "v1\n" and "# an experiment" not in ws.recipe.read_text()
+    assert not (ws.root / "sub").exists()  # the folder the experiment added, emptied, goes too
+    assert (ws.root / "program.md").read_text() == ws.git("show", f"{base}:program.md") + "\n"
+    assert ws.git("status", "--porcelain") == ""

@@ -203,6 +203,19 @@ def test_gpu_check_script_without_a_gpu_stops_at_once(tmp_path):
     assert not list(tmp_path.iterdir())  # no step ran, no log written
 
 
+def test_gpu_check_script_names_an_interpreter_without_torch(tmp_path):
+    # it once said "no CUDA device" for an interpreter that cannot import torch at all
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON="false")
+    proc = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stdout.splitlines()[-1] == (
+        "torch and triton do not import with false (PYTHON= picks another interpreter)"), proc.stdout
+
+
 def test_gpu_check_script_stops_at_its_deadline(tmp_path):
     # DEADLINE caps the whole run (one device command may take 600 s): with none left,
     # every step says it was skipped, the summary still prints and the exit status is 1.
