@@ -252,7 +252,12 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
             raise disk.OutOfSpace(why)
         ws.reset(root_commit)
         r = run_one(ws, args, n, "baseline", root_commit, "baseline", {})
-        record_end(ws, n, outcome("baseline", r, st)[0], r, False, root_commit, "baseline")
+        status = outcome("baseline", r, st)[0]
+        record_end(ws, n, status, r, False, root_commit, "baseline")
+        rank = r.get("val_mean_rank")  # a line a run, baselines too: their minutes are not silent
+        print(f"loop: #{n} {status:<9} val_mean_rank {'none' if rank is None else f'{rank:.2f}'} "
+              f"(baseline {st['baselines'] + (status == 'baseline')} of {args.noise_runs}, for the noise floor)",
+              flush=True)
         after_run(ws, args, r)
         return True
     if st["experiments"] >= args.max_experiments:

@@ -47,7 +47,11 @@ def test_keep_and_discard_against_the_noise_floor(cache, tmp_path, monkeypatch, 
     for e in exps[3:]:
         assert (ws.experiments / str(e["n"]) / "diff.patch").read_text()  # kept and discarded alike
     assert (ws.root / "progress.png").read_bytes()[:4] == b"\x89PNG"
-    assert "best_mean_rank: 90" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "best_mean_rank: 90" in out
+    # every run gets its line, the baselines' minutes too
+    assert "loop: #1 baseline  val_mean_rank 100.00 (baseline 1 of 3, for the noise floor)" in out
+    assert "loop: #3 baseline  val_mean_rank 98.00 (baseline 3 of 3, for the noise floor)" in out
 
 
 def test_resume_records_the_run_in_flight_and_continues(cache, tmp_path, monkeypatch):

@@ -255,8 +255,9 @@ def test_folds_and_final(cache, tmp_path, capsys):
     for f in folds:
         meta = json.loads((tmp_path / "cv" / f["eval_split"] / "checkpoint.json").read_text())
         assert meta["train_rows"] + f["metrics"]["n_images"] == n_trainval
-    rc, _, err = run(["--data", cache, "--out", tmp_path / "fin", "--steps", 3, "--final", *SMALL], capsys)
+    rc, stdout, err = run(["--data", cache, "--out", tmp_path / "fin", "--steps", 3, "--final", *SMALL], capsys)
     assert rc == 0, err
+    assert "\ntest_mean_rank: " in stdout and "eval_split:     test\n" in stdout  # named for what it is
     r = json.loads((tmp_path / "fin" / "result.json").read_text())
     assert r["eval_split"] == "test" and r["metrics"]["n_images"] == 60 and r["test_mean_rank"] == r["val_mean_rank"]
 
