@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="a partial run: figures of the baseline that it lacks do not fail the check "
                          "(implied by pytest arguments)")
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments after --, e.g. -- -k loss")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # options after the action too: check --baseline F -- -k loss
     device = None
     if args.run is not None:
         run_path = args.run

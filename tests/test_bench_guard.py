@@ -125,3 +125,19 @@ def test_plot_writes_a_png(tmp_path):
     assert plot.loss_series(data, "loss-fwd+bwd")["fused"][0] == (256, 1.0, 0.25)
     with pytest.raises(SystemExit, match="no 'loss-fwd' benchmarks"):
         plot.plot(data, tmp_path / "x.png", suite="loss-fwd")
+
+
+def test_pytest_arguments_follow_the_options_in_any_order(tmp_path, capsys, monkeypatch):
+    # `check --baseline F -- -k ranks` once failed: "unrecognized arguments: -- -k ranks"
+    base = run_file(tmp_path, "base.json", 1.5)
+    seen = []
+
+    def suites(out, extra):
+        seen.append(list(extra))
+        out.write_text(base.read_text())
+        return 0
+
+    monkeypatch.setattr(guard, "run_suites", suites)
+    assert guard.main(["check", "--baseline", str(base), "--", "-k", "ranks"]) == 0
+    assert guard.main(["--baseline", str(base), "check", "--", "-k", "ranks"]) == 0
+    assert seen == [["-k", "ranks"], ["-k", "ranks"]]
