@@ -18,6 +18,7 @@ Exit codes: 0 ok, 1 diverged or out of memory, 2 bad input, 130 interrupted (Ctr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import math
@@ -312,11 +313,15 @@ def run(args, overrides: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
+    existed = args.out.exists()
     try:
         with sigterm_as_ctrl_c():  # a scheduler's SIGTERM saves and reports as Ctrl-C does
             result = run(args, parse_overrides(extra))
     except EclipError as e:
         print(f"train: error: {e}", file=sys.stderr)
+        if not existed:  # a run refused while it set up (a bad model field, say) leaves no empty folder
+            with contextlib.suppress(OSError):
+                args.out.rmdir()
         return 2
     except OSError as e:  # --out a file, a read-only or full disk: the path and the reason
         print(f"train: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)

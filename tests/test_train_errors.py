@@ -62,6 +62,9 @@ def test_bad_options_exit_2_with_one_line(cache, tmp_path, capsys, argv, message
     assert rc == 2 and err.startswith("train: error: ") and message in err, err
     assert err.strip().count("\n") == 0
     assert (out / "metrics.jsonl").read_text() == "kept\n"  # nothing of it lost
+    fresh = tmp_path / "fresh"  # and a run refused while it set up leaves no empty folder behind
+    rc, _, err = run(["--data", cache, "--out", fresh, *argv], capsys)
+    assert rc == 2 and message in err and not fresh.exists(), err
 
 
 @pytest.mark.parametrize("make", ["file", "corrupt_checkpoint"])
