@@ -5,6 +5,7 @@ Kept free of torch so the research loop can use it without importing the trainin
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -35,18 +36,17 @@ def fsync_path(path: Path) -> None:
     """Flush a file's data, or a folder's entries, to the disk. A folder that cannot be
     opened or flushed (some platforms and file systems refuse) is left as it is: the rename
     is still atomic for readers, only its durability across a power cut is not assured."""
-    is_dir = path.is_dir()
-    try:
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if is_dir else 0))
-    except OSError:
-        if is_dir:
-            return
-        raise
+    if not path.is_dir():
+        _fsync(path, os.O_RDONLY)
+        return
+    with contextlib.suppress(OSError):
+        _fsync(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
-    except OSError:
-        if not is_dir:
-            raise
     finally:
         os.close(fd)
 

@@ -148,15 +148,12 @@ def on_device_of(x: torch.Tensor):
         against which its fp32 backward would then be biased);
       * ``x``'s CUDA device current: Triton launches on the current device and its stream,
         whatever device the tensors are on."""
-    # a device type without autocast (meta) has none to turn off, and torch.autocast refuses it
-    off = torch.autocast(x.device.type, enabled=False) if torch.amp.is_autocast_available(x.device.type) \
-        else contextlib.nullcontext()
-    with off:
-        if x.is_cuda:
-            with torch.cuda.device(x.device):
-                yield
-        else:
-            yield
+    kind = x.device.type
+    # only when it is on (the launch path stays light); meta has no autocast, and torch.autocast refuses it
+    on = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+    with torch.autocast(kind, enabled=False) if on else contextlib.nullcontext(), \
+            torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        yield
 
 
 if HAVE_TRITON:
