@@ -76,7 +76,7 @@ def final_evaluation(ws: Workspace, *, data: Path | None = None, budget_s: float
                    "budget_s": float(budget_s), "out": str(out)}
         journal.append(ws.journal_path, started)  # a kill from here on is recovered from result.json
         try:
-            r = run_experiment(recipe, data.resolve(), float(budget_s), out,
+            r = run_experiment(recipe, data, float(budget_s), out,
                                device=device or session.get("device", "auto"),
                                compile_cache=ws.root / ".compile_cache", timeout_s=timeout_s, final=True)
         except KeyboardInterrupt:  # journaled as such (it scored nothing: --final runs it again), then passed on

@@ -207,7 +207,7 @@ def run_one(ws: Workspace, args, n: int, kind: str, commit: str, description: st
     out = ws.experiments / str(n)
     out.mkdir(parents=True, exist_ok=True)
     (out / "diff.patch").write_text(extra.get("diff", ""))
-    r = run_experiment(ws.recipe, args.data.resolve(), args.budget_s, out, device=args.device,
+    r = run_experiment(ws.recipe, args.data, args.budget_s, out, device=args.device,
                        compile_cache=ws.root / ".compile_cache", timeout_s=args.timeout_s)
     if disk.ran_out_of_space(r):  # not the recipe's failure: no repair, and no crash counted against it
         r = dict(r, status="interrupted", reason=f"out of disk space (the run's log: {disk.ENOSPC_TEXT})",
@@ -222,6 +222,12 @@ def after_run(ws: Workspace, args, r: dict) -> None:
         raise disk.OutOfSpace(f"a run ran out of disk space (its log: {disk.ENOSPC_TEXT}); free some space (the "
                               "workspace's disk, the temporary and cache directories), or resume with "
                               "--keep-checkpoints best or none")
+
+
+def print_run(n: int, status: str, r: dict, tail: str) -> None:
+    """The line a finished run gets on stdout: number, outcome, score, then ``tail``."""
+    rank = r.get("val_mean_rank")
+    print(f"loop: #{n} {status:<9} val_mean_rank {'none' if rank is None else f'{rank:.2f}'} {tail}", flush=True)
 
 
 def session_runs(events: list[dict]) -> set[int]:
@@ -254,10 +260,9 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
         r = run_one(ws, args, n, "baseline", root_commit, "baseline", {})
         status = outcome("baseline", r, st)[0]
         record_end(ws, n, status, r, False, root_commit, "baseline")
-        rank = r.get("val_mean_rank")  # a line a run, baselines too: their minutes are not silent
-        print(f"loop: #{n} {status:<9} val_mean_rank {'none' if rank is None else f'{rank:.2f}'} "
-              f"(baseline {st['baselines'] + (status == 'baseline')} of {args.noise_runs}, for the noise floor)",
-              flush=True)
+        # a line a run, baselines too: their minutes are not silent
+        print_run(n, status, r, f"(baseline {st['baselines'] + (status == 'baseline')} of {args.noise_runs}, "
+                                "for the noise floor)")
         after_run(ws, args, r)
         return True
     if st["experiments"] >= args.max_experiments:
@@ -317,9 +322,7 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
     record_end(ws, n, status, r, kept, commit, prop.description)
     if not kept:
         ws.reset(st["best_commit"])
-    rank = r.get("val_mean_rank")
-    print(f"loop: #{n} {status:<9} val_mean_rank {'none' if rank is None else f'{rank:.2f}'} (best {st['best']:.2f}, "
-          f"noise floor {st['threshold']:.2f})  {prop.description}", flush=True)
+    print_run(n, status, r, f"(best {st['best']:.2f}, noise floor {st['threshold']:.2f})  {prop.description}")
     after_run(ws, args, r)
     return True
 
@@ -398,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-STUDY_SETTINGS = ("data", "budget_s", "device")  # what a score depends on beyond the recipe
+# what a score depends on beyond the recipe: the session line's key, and its option
+STUDY_SETTINGS = {"data": "--data", "budget_s": "--budget-s", "device": "--device"}
 
 
 def study_settings(events: list[dict]) -> dict | None:
@@ -424,9 +428,8 @@ def settings_error(args, events: list[dict]) -> str | None:
     differ = [k for k in STUDY_SETTINGS if k in study and study[k] != asked[k]]
     if not differ:
         return None
-    flag = {"data": "--data", "budget_s": "--budget-s", "device": "--device"}
-    was = " ".join(f"{flag[k]} {study[k]}" for k in differ)  # as given: --device auto is the word, not a device
-    now = " ".join(f"{flag[k]} {asked[k]}" for k in differ)
+    was = " ".join(f"{STUDY_SETTINGS[k]} {study[k]}" for k in differ)  # as given: auto is the word, not a device
+    now = " ".join(f"{STUDY_SETTINGS[k]} {asked[k]}" for k in differ)
     return (f"{args.workspace_root / args.tag}: this study's scores were measured with {was}; this session asks {now}. "
             f"Scores under other settings do not compare: resume with the study's, or start a new --tag")
 

@@ -146,7 +146,7 @@ def _mutable(hp: dict) -> list[str]:
     for key, value in hp.items():
         if key in FROZEN or not isinstance(value, (bool, int, float)):
             continue
-        if key in REQUIRES and hp.get(REQUIRES[key]) is False:
+        if _inactive(hp, key):
             continue
         if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
             continue  # no factor of 2 moves 0, and a negative int is not a size
@@ -189,7 +189,12 @@ def _effective(hp: dict) -> str:
     """A configuration as it trains, for telling seen ones apart: the keys that do nothing
     while their switch is off (``REQUIRES``) are left out then, so "expert off" with other
     inactive values is the same experiment."""
-    return _canonical({k: v for k, v in hp.items() if not (k in REQUIRES and hp.get(REQUIRES[k]) is False)})
+    return _canonical({k: v for k, v in hp.items() if not _inactive(hp, k)})
+
+
+def _inactive(hp: dict, key: str) -> bool:
+    """Whether ``key`` does nothing in ``hp``: its switch (``REQUIRES``) is off."""
+    return key in REQUIRES and hp.get(REQUIRES[key]) is False
 
 
 def _schedule_fits(hp: dict) -> bool:
@@ -260,8 +265,8 @@ class SearchProposer:
             candidate = dict(base)
             for key in rng.sample(keys, count):
                 candidate[key] = _mutate(key, base[key], rng, sigma)
-            for key, switch in REQUIRES.items():  # switched off with it: keep the base's value
-                if key in candidate and candidate.get(switch) is False:
+            for key in candidate:  # switched off with it: keep the base's value
+                if _inactive(candidate, key):
                     candidate[key] = base[key]
             if _effective(candidate) not in seen and _schedule_fits(candidate):
                 prop = self._proposal(recipe_source, current, base, candidate, best)
