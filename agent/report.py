@@ -41,6 +41,7 @@ def plot_progress(ws: Workspace) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     events = journal.read(ws.journal_path)
     exps = journal.experiments(events)
@@ -68,6 +69,7 @@ def plot_progress(ws: Workspace) -> Path:
         unique = dict(zip(names, handles, strict=True))
         ax.legend(unique.values(), unique.keys())
     ax.set_xlabel("experiment")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # experiments are numbered, not measured
     ax.set_ylabel("validation mean rank (lower is better)")
     ax.grid(alpha=0.3)
     fig.tight_layout()

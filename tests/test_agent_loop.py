@@ -149,6 +149,27 @@ def test_report_on_a_journal_fixture(tmp_path, capsys):
     assert report.main([str(tmp_path / "none")]) == 2
 
 
+def test_the_progress_plot_numbers_experiments_with_whole_numbers(tmp_path, monkeypatch):
+    # two experiments span 1..2 on the x axis, where matplotlib's default ticks are 1.0, 1.2, ...
+    import matplotlib.pyplot as plt
+
+    from agent import report
+    ws = tmp_path / "w"
+    ws.mkdir()
+    for n, rank in ((1, 100.0), (2, 90.0)):
+        journal.append(ws / "journal.jsonl", {"event": "start", "n": n, "time": 1000.0 * n, "kind": "baseline",
+                                              "commit": f"c{n}", "description": ""})
+        journal.append(ws / "journal.jsonl", {"event": "end", "n": n, "time": 1000.0 * n + 90,
+                                              "status": "baseline", "val_mean_rank": rank, "kept": False})
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    report.plot_progress(Workspace(ws))
+    (ax,) = figures[0].axes
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
 def test_results_table_is_rebuilt_from_the_journal(cache, tmp_path, monkeypatch):
     # A kill between the journal line and the table row: the row comes back, never twice.
     monkeypatch.setattr(loop, "run_experiment", scripted([100, 100, 80]))
