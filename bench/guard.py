@@ -7,19 +7,26 @@
 What is guarded: for every benchmark with a plain-PyTorch counterpart in its group, the
 ratio of its median time to the counterpart's (both measured in the same run), which
 survives a busy or throttled machine far better than raw times; the counterparts themselves
-are not guarded. A figure regresses when it exceeds the baseline's by more than
+are not guarded, nor are references (``extra_info["reference"]``: plain + torch.compile,
+whose ratio measures PyTorch, not this project). A ratio that is not a finite number counts
+as a regression. A figure regresses when it exceeds the baseline's by more than
 ``--tolerance``: by default 0.35 on a CPU (paired ratios on the 2-core CI machines moved by
 up to ±26% between identical runs) and 0.15 on a GPU. A figure of the baseline that the run
 lacks (a benchmark skipped, renamed or gone) fails the check too, unless the run is partial
-on purpose (pytest arguments after ``--``, or ``--allow-missing``). Exit codes: 0 no
-regression, 1 a regression or a missing figure, 2 no baseline, an unreadable file, a failed
-or empty benchmark run, or no figure in common.
+on purpose (pytest arguments after ``--`` that select benchmarks: ``-k``, ``-m``,
+``--deselect``, ``--ignore`` or a path; or ``--allow-missing``). A baseline measured on
+another device is refused, and ``save`` refuses to replace a baseline with a run that lacks
+some of its figures unless ``--allow-missing`` says so. Exit codes: 0 no regression, 1 a
+regression or a missing figure, 2 no baseline, a baseline of another device, an unreadable
+file, a failed or empty benchmark run, a save that would drop figures, or no figure in
+common.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import subprocess
 import sys
@@ -70,12 +77,32 @@ def _fail(msg: str) -> int:
     return 2
 
 
+def selects(pytest_args: list[str]) -> bool:
+    """Whether pytest arguments select a subset of the benchmarks (a partial run on purpose):
+    ``-k``, ``-m``, ``--deselect``, ``--ignore`` or a path / node id, as opposed to ones that
+    only change how the run goes or reports (``-v``, ``-x``, ``-p no:...``)."""
+    narrowing = {"-k", "-m", "--deselect", "--ignore", "--ignore-glob"}
+    takes_value = {"-p", "-n", "-W", "-o", "-c", "-r", "--maxfail", "--tb", "--durations", "--rootdir",
+                   "--basetemp", "--dist"}
+    args = iter(pytest_args)
+    for arg in args:
+        name = arg.split("=", 1)[0]
+        if name in narrowing or (arg[:2] in ("-k", "-m") and len(arg) > 2):  # -k loss, -kloss, --ignore=x
+            return True
+        if name in takes_value and "=" not in arg:
+            next(args, None)  # the option's value is no path
+        elif not arg.startswith("-"):
+            return True  # a path or node id
+    return False
+
+
 def guarded(run: dict) -> dict[str, float]:
-    """name → ratio_to_plain for every non-plain benchmark that has one."""
+    """name → ratio_to_plain for every benchmark of ours that has one (not the plain
+    counterparts, not the references)."""
     out = {}
     for b in run["benchmarks"]:
         info = b.get("extra_info", {})
-        if not info.get("plain") and info.get("ratio_to_plain") is not None:
+        if not info.get("plain") and not info.get("reference") and info.get("ratio_to_plain") is not None:
             out[b["fullname"]] = float(info["ratio_to_plain"])
     return out
 
@@ -88,7 +115,7 @@ def compare(base: dict, new: dict, tolerance: float) -> tuple[list[str], list[st
     lines, bad = [], []
     for name in sorted(set(a) & set(b)):
         change = b[name] / a[name] - 1
-        flag = "REGRESSION" if change > tolerance else "ok"
+        flag = "ok" if math.isfinite(change) and change <= tolerance else "REGRESSION"  # NaN fails too
         line = f"{flag:<10} {name}: ratio to plain {a[name]:.3f} → {b[name]:.3f} ({change:+.0%})"
         lines.append(line)
         if flag != "ok":
@@ -106,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", type=Path, help="baseline file (default: bench/baselines/<device>.json)")
     ap.add_argument("--tolerance", type=float, help="allowed relative growth of a ratio (default 0.35 CPU, 0.15 GPU)")
     ap.add_argument("--allow-missing", action="store_true",
-                    help="a partial run: figures of the baseline that it lacks do not fail the check "
-                         "(implied by pytest arguments)")
+                    help="a partial run: figures of the baseline that it lacks do not fail the check, and "
+                         "save may drop them (implied by pytest arguments that select, e.g. -k)")
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments after --, e.g. -- -k loss")
     args = ap.parse_intermixed_args(argv)  # options after the action too: check --baseline F -- -k loss
     device = None
@@ -124,26 +151,35 @@ def main(argv: list[str] | None = None) -> int:
     run = load_run(run_path)
     device = device or run.get("device") or current_device()
     baseline = args.baseline or BASELINES / f"{slug(device)}.json"
+    partial = args.allow_missing or selects(args.pytest_args)
     if args.action == "save":
         if not guarded(run):
             return _fail(f"{run_path}: no guarded figures (no benchmark with a plain counterpart); nothing saved")
+        if baseline.exists() and not partial:
+            old = load_run(baseline)
+            dropped = sorted(set(guarded(old)) - set(guarded(run))) if old.get("device") == device else []
+            if dropped:  # a partial run would silently stop guarding them
+                return _fail(f"{baseline}: this run lacks {len(dropped)} of its figures (first: {dropped[0]}); "
+                             "nothing saved (add --allow-missing to replace it anyway)")
         baseline.parent.mkdir(parents=True, exist_ok=True)
         text = Path(run_path).read_text()
         atomic_write(baseline, lambda tmp: tmp.write_text(text))
         print(f"guard: saved {len(guarded(run))} guarded figures as the baseline for {device}: {baseline}")
-        if args.pytest_args:
-            print(f"guard: warning: a partial run ({' '.join(args.pytest_args)}): the figures it lacks are not "
+        if partial:
+            print(f"guard: warning: a partial run ({' '.join(args.pytest_args) or '--allow-missing'}): the figures it lacks are not "
                   "guarded until a baseline is saved from a full run", file=sys.stderr)
         return 0
     if not baseline.exists():
         return _fail(f"no baseline for {device} at {baseline}; make one with: python -m bench.guard save")
+    base = load_run(baseline)
+    if base.get("device") not in (None, device):  # ratios move with the device: not comparable
+        return _fail(f"{baseline}: a baseline of {base['device']}, not of this run's device ({device})")
     tolerance = args.tolerance if args.tolerance is not None else (0.35 if device.startswith("cpu") else 0.15)
-    lines, bad, missing, unguarded = compare(load_run(baseline), run, tolerance)
+    lines, bad, missing, unguarded = compare(base, run, tolerance)
     compared = len(lines)
     if not compared:
         return _fail(f"{run_path}: no figure in common with {baseline}; nothing compared")
     print("\n".join(lines + missing + unguarded))
-    partial = args.allow_missing or bool(args.pytest_args)
     print(f"guard: {compared} figures compared with {baseline.name}, {len(bad)} regressed beyond {tolerance:.0%}"
           + (f"; {len(missing)} missing from this run{' (a partial run)' if partial else ''}" if missing else ""))
     return 1 if bad or (missing and not partial) else 0

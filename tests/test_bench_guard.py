@@ -85,7 +85,7 @@ def test_a_run_that_lacks_figures_fails(tmp_path, capsys, monkeypatch):
     assert "1 figures compared with part.json, 0 regressed beyond 35%\n" in out
     # nothing in common (an empty run), or nothing to save: exit 2, one line, no baseline written
     empty = tmp_path / "empty.json"
-    empty.write_text(json.dumps({"device": "cpu", "benchmarks": []}))
+    empty.write_text(json.dumps({"device": "cpu (x86_64, 2 threads)", "benchmarks": []}))
     assert guard.main(["check", "--run", str(empty), "--baseline", str(base)]) == 2
     assert "empty.json: no figure in common with" in capsys.readouterr().err
     assert guard.main(["save", "--run", str(empty), "--baseline", str(tmp_path / "new.json")]) == 2
@@ -141,3 +141,62 @@ def test_pytest_arguments_follow_the_options_in_any_order(tmp_path, capsys, monk
     assert guard.main(["check", "--baseline", str(base), "--", "-k", "ranks"]) == 0
     assert guard.main(["--baseline", str(base), "check", "--", "-k", "ranks"]) == 0
     assert seen == [["-k", "ranks"], ["-k", "ranks"]]
+
+
+def without(path, tmp_path, name, fullname):
+    data = json.loads(path.read_text())
+    data["benchmarks"] = [b for b in data["benchmarks"] if b["fullname"] != fullname]
+    out = tmp_path / name
+    out.write_text(json.dumps(data))
+    return out
+
+
+def test_only_pytest_arguments_that_select_make_a_run_partial(tmp_path, capsys, monkeypatch):
+    # `check -- -v` once excused a missing figure as "a partial run"
+    base = run_file(tmp_path, "base.json", 1.5)
+    part = without(base, tmp_path, "part.json", "step[template]")
+    monkeypatch.setattr(guard, "run_suites", lambda out, extra: out.write_text(part.read_text()) and 0)
+    assert guard.main(["check", "--baseline", str(base), "--", "-v", "-p", "no:cacheprovider"]) == 1
+    assert "1 missing from this run\n" in capsys.readouterr().out
+    assert guard.main(["check", "--baseline", str(base), "--", "-k", "loss"]) == 0
+    assert "1 missing from this run (a partial run)" in capsys.readouterr().out
+    assert guard.selects(["bench/bench_loss.py"]) and guard.selects(["--deselect=bench/x.py::y"])
+    assert not guard.selects(["-x", "-n", "2", "--tb=short"])
+
+
+def test_save_refuses_to_drop_figures_of_the_baseline(tmp_path, capsys):
+    # a partial run saved over a full baseline silently stopped guarding what it lacked
+    base = run_file(tmp_path, "base.json", 1.5)
+    before = base.read_text()
+    part = without(base, tmp_path, "part.json", "step[template]")
+    assert guard.main(["save", "--run", str(part), "--baseline", str(base)]) == 2
+    err = capsys.readouterr().err
+    assert "base.json: this run lacks 1 of its figures (first: step[template]); nothing saved" in err
+    assert base.read_text() == before
+    assert guard.main(["save", "--run", str(part), "--baseline", str(base), "--allow-missing"]) == 0
+    assert json.loads(base.read_text()) == json.loads(part.read_text())
+    assert "a partial run (--allow-missing)" in capsys.readouterr().err
+
+
+def test_a_ratio_that_is_not_a_number_regresses(tmp_path, capsys):
+    base = run_file(tmp_path, "base.json", 1.5)
+    nan = run_file(tmp_path, "nan.json", float("nan"))
+    assert guard.main(["check", "--run", str(nan), "--baseline", str(base)]) == 1
+    assert "REGRESSION loss[fused]: ratio to plain 1.500 → nan" in capsys.readouterr().out
+
+
+def test_a_baseline_of_another_device_is_refused(tmp_path, capsys):
+    base = run_file(tmp_path, "base.json", 1.5, device="NVIDIA A100-SXM4-80GB")
+    run = run_file(tmp_path, "run.json", 1.5, device="NVIDIA H100 80GB HBM3")
+    assert guard.main(["check", "--run", str(run), "--baseline", str(base)]) == 2
+    assert ("base.json: a baseline of NVIDIA A100-SXM4-80GB, not of this run's device (NVIDIA H100 80GB HBM3)"
+            in capsys.readouterr().err)
+
+
+def test_references_are_not_guarded(tmp_path, capsys):
+    # plain + torch.compile against plain eager measures PyTorch, not this project
+    data = json.loads(run_file(tmp_path, "base.json", 1.5).read_text())
+    ref = bench("loss[compile]", "loss-fwd+bwd B=1024", "plain-compile", 0.004, ratio=0.4)
+    ref["extra_info"]["reference"] = True
+    data["benchmarks"].append(ref)
+    assert set(guard.guarded(data)) == {"loss[fused]", "step[template]"}
