@@ -50,7 +50,8 @@ def peak_extra_bytes(fn) -> int | None:
 def paired_ratio(benchmark, fn, plain_fn, pairs: int = 21) -> None:
     """Time ``fn`` and its plain counterpart alternately and store the median of the
     per-pair time ratios as ``ratio_to_plain``: drift of a shared machine (clock changes,
-    neighbours) hits both sides of a pair alike, which back-to-back benchmarks do not get.
+    neighbours) hits both sides of a pair alike, which back-to-back benchmarks do not get;
+    the two sides take turns going first.
     Skipped in smoke runs (``--benchmark-disable``)."""
     if benchmark.disabled:
         return
@@ -59,13 +60,15 @@ def paired_ratio(benchmark, fn, plain_fn, pairs: int = 21) -> None:
 
     fn, plain_fn = timed(fn), timed(plain_fn)
     ratios = []
-    for _ in range(pairs):
+    for i in range(pairs):  # each side goes first in every other pair: no order bias (caches, clocks)
+        first, second = (fn, plain_fn) if i % 2 == 0 else (plain_fn, fn)
         t0 = time.perf_counter()
-        fn()
+        first()
         t1 = time.perf_counter()
-        plain_fn()
+        second()
         t2 = time.perf_counter()
-        ratios.append((t1 - t0) / max(t2 - t1, 1e-9))
+        ours, plain = (t1 - t0, t2 - t1) if i % 2 == 0 else (t2 - t1, t1 - t0)
+        ratios.append(ours / max(plain, 1e-9))
     benchmark.extra_info["ratio_to_plain"] = statistics.median(ratios)
 
 

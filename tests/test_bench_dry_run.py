@@ -76,10 +76,47 @@ def test_a_table_cell_that_raises_fails_the_table(capsys, monkeypatch):
     kernel_table.LINES.clear()
     assert kernel_table.table([(40, 16)]) is False
     assert any("error" in line for line in kernel_table.LINES)
-    assert kernel_table.LINES[-1] == "table: FAIL (an implementation raised: see the error cells)"
+    assert kernel_table.LINES[-1] == "table: FAIL (a fused mode raised or ran out of memory: see the error and OOM cells)"
     monkeypatch.setattr(kernel_table, "impls", lambda: {"plain eager": kernel_table.plain_loss})
     assert kernel_table.table([(40, 16)]) is True
     capsys.readouterr()
+
+
+def test_out_of_memory_is_a_cell_for_the_plain_losses_and_a_failure_for_ours(capsys, monkeypatch):
+    # a lean mode out of memory once printed "OOM" like the plain losses and passed
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(kernel_table, "OUT", None)
+    monkeypatch.setattr(kernel_table, "DEV", "cpu")
+    kernel_table.LINES.clear()
+    monkeypatch.setattr(kernel_table, "impls", lambda: {"plain eager": oom})
+    assert kernel_table.table([(40, 16)]) is True and "OOM" in kernel_table.LINES[-1]
+    monkeypatch.setattr(kernel_table, "impls", lambda: {"lean:panel": oom, "plain eager": kernel_table.plain_loss})
+    assert kernel_table.table([(40, 16)]) is False
+    assert "lean:panel at B=40: out of memory" in capsys.readouterr().out
+
+
+def test_plain_compile_times_a_static_graph_at_every_size(monkeypatch):
+    # one compiled function reused across sizes made Dynamo trace B and D as symbols from the
+    # second size on: the table's first row timed a static graph, the others a dynamic one
+    shapes = []
+    real = torch.compile
+
+    def recording(fn, **kw):
+        def backend(gm, example_inputs):
+            shapes.append([x for x in example_inputs if isinstance(x, torch.SymInt)])  # B or D as a symbol
+            return gm.forward
+        return real(fn, **dict(kw, backend=backend))
+
+    monkeypatch.setattr(kernel_table, "DEV", "cpu")
+    monkeypatch.setattr(kernel_table.torch, "compile", recording)
+    monkeypatch.setattr(kernel_table, "_COMPILED", {})
+    for b, d in ((64, 16), (96, 16), (96, 24)):
+        img, txt, scale = (x.detach() for x in kernel_table.inputs(b, d))
+        kernel_table.plain_compiled(img, txt, scale)
+    torch._dynamo.reset()
+    assert shapes == [[], [], []]  # three graphs, none with a symbolic size
 
 
 def test_a_speed_row_that_failed_fails_the_check(capsys, monkeypatch):
@@ -131,6 +168,17 @@ def test_kernel_table_reports_the_tuned_configs(monkeypatch):
         "tuning fast fwd [512,16]: BLOCK_M=128 BLOCK_N=128 warps=8 stages=4 3.000 ms; "
         "BLOCK_M=128 BLOCK_N=64 warps=8 stages=3 3.500 ms",
     ]
+
+
+def test_steady_throughput_starts_after_the_graphs_are_recorded(monkeypatch):
+    # step 1 compiles, steps 2-3 warm up and record the CUDA graphs (2 s each here), then
+    # 0.1 s a step; the window once began after step 1 and counted the recording
+    history = [{"step": 1, "samples": 64, "elapsed_s": 30.0}, {"step": 10, "samples": 640, "elapsed_s": 34.7},
+               {"step": 20, "samples": 1280, "elapsed_s": 35.7}]
+    run = {"status": "ok", "history": history, "samples": 1920, "train_s": 36.7}
+    monkeypatch.setattr(train_check, "run_loop", lambda *a, **k: dict(run))
+    out = train_check.train(train_check.random_cache(8, 16, 8, 64), 30, {}, device="cpu")
+    assert out["steady_sps"] == pytest.approx((1920 - 640) / (36.7 - 34.7))  # 640 samples/s
 
 
 def test_train_check_dry_run(capsys):
@@ -214,6 +262,31 @@ def test_gpu_check_script_names_an_interpreter_without_torch(tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == 1 and proc.stdout.splitlines()[-1] == (
         "torch and triton do not import with false (PYTHON= picks another interpreter)"), proc.stdout
+
+
+def test_gpu_check_script_fails_when_the_cuda_tests_cannot_run(tmp_path):
+    # without pytest, step 1 (the first check in priority order) said "skipped" and the run
+    # still exited 0; a GPU machine is faked by an interpreter that says CUDA is there
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/bin/sh
+case "$*" in
+  *"import pytest"*) exit 1 ;;
+  *"sys.exit(not torch.cuda.is_available())"*) exit 0 ;;
+esac
+exec {sys.executable} "$@"
+""")
+    fake.chmod(0o755)
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=str(fake), STEPS="1")
+    env.pop("DRY", None)
+    proc = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[-1] == ("NOT CHECKED: step 1, the CUDA tests: pytest does not import "
+                                            "(make gpudeps, and carry .gpudeps)")
 
 
 def test_gpu_check_script_stops_at_its_deadline(tmp_path):
