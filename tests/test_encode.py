@@ -137,3 +137,21 @@ def test_bad_input_is_one_line_and_exit_2(run, small_cache, tmp_path, capsys, ca
     assert rc == 2 and err.startswith("encode: error: ") and err.count("\n") == 1, err
     assert re.search(re.escape(message), err), err
     assert not out.exists()  # nothing half-written
+
+
+def test_text_length_reaches_the_encoder_and_is_checked(run, small_cache, tmp_path, monkeypatch):
+    # The batch check's copies are encoded with the split's caption length (--text-length),
+    # so their padding matches; it must reach the encoding, and lie within the inputs.
+    from eclip.errors import EclipError
+
+    inputs = inputs_of(small_cache, tmp_path / "in.safetensors")
+    width = encode.read_inputs(inputs)[1].shape[1]
+    lengths = []
+    real = encode.encode_in_order
+    monkeypatch.setattr(encode, "encode_in_order", lambda *a: lengths.append(a[-1]) or real(*a))
+    encode.encode_checkpoint(train.TEMPLATE, run, inputs, "cpu", text_length=width)
+    assert lengths == [width]
+    with pytest.raises(EclipError, match=f"--text-length {width + 1}: must be between"):
+        encode.encode_checkpoint(train.TEMPLATE, run, inputs, "cpu", text_length=width + 1)
+    with pytest.raises(EclipError, match="--batch 0: must be at least 1"):
+        encode.encode_checkpoint(train.TEMPLATE, run, inputs, "cpu", batch=0)

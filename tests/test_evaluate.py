@@ -147,3 +147,20 @@ def test_fold_split_partitions_train_val_and_leaves_test_out():
         assert not set(train.tolist()) & set(val.tolist())
     with pytest.raises(ValueError, match="fold 3 out of range"):
         fold_split(fold, 3)
+
+
+def test_a_zero_embedding_stays_zero_and_scores_zero():
+    # A zero row (a dead model output) has score 0 with everything: ranked last as a query
+    # (ties count against it) and, as a competitor, beating only the texts whose own score
+    # is <= 0, not every text (as it would if it became NaN).
+    rng = np.random.default_rng(5)
+    img, txt = _unit(rng.normal(size=(20, 6))), _unit(rng.normal(size=(20, 6)))
+    img[4] = 0.0
+    m = retrieval_metrics(torch.from_numpy(img), torch.from_numpy(txt))
+    ref = brute_metrics(*brute_ranks(img, txt, np.arange(20)))
+    for k, v in ref.items():
+        assert m[k] == pytest.approx(v, abs=1e-12), k
+
+
+def test_kfold_assign_allows_one_item_a_fold():
+    assert sorted(kfold_assign(3, 3, seed=0).tolist()) == [0, 1, 2]

@@ -454,3 +454,44 @@ def test_fast_mode_scales_its_products_in_fp32(dtype, coef, device):
     # .float() is the one fp32 rounding of the scaled product, then the one rounding to dtype.
     want = ((a @ b.to(a.dtype)).double() * coef).float().to(dtype)
     assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_reference_backward_over_several_chunks_matches_float64():
+    # The reference recomputes the logits chunk by chunk in the backward too (CPU training
+    # with B > 2048 takes several chunks by default): the −2·Id term of each chunk sits on
+    # the diagonal at offset st of that chunk. Loss and all gradients against float64.
+    img, txt = make_inputs(101, 20, torch.float32, "cpu", seed=8)
+    want = reference(img, txt, 14.3, upstream=0.5)
+    for chunk in (1, 7, 100):
+        a, b = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        s = torch.tensor(14.3, requires_grad=True)
+        (contrastive_loss_ref(a, b, s, chunk=chunk) * 0.5).backward()
+        for name, g, w in zip(("d_img", "d_txt", "d_scale"), (a.grad, b.grad, s.grad), want[1:], strict=True):
+            assert_close(g, w, 2e-3, f"{name} (chunk {chunk})")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_only_the_scale_requires_grad(mode, device):
+    # Frozen towers, a learnable temperature: the forward must still prepare the backward
+    # (the fast mode raised "ran without need_grad" when only the scale needed a gradient).
+    img, txt = make_inputs(40, 16, torch.float32, device, seed=13)
+    s = torch.tensor(14.3, device=device, requires_grad=True)
+    contrastive_loss(img, txt, s, mode=mode).backward()
+    want = reference(img, txt, 14.3)[3]
+    assert_close(s.grad, want, tolerances(torch.float32, mode)[1], "d_scale")
+
+
+def test_the_widest_supported_dim_is_accepted():
+    # D ≤ 1024 is the contract: D = 1024 (a ViT-L embedding) must pass the checks.
+    img, txt = make_inputs(4, 1024, torch.float32, "cpu", seed=1)
+    check_against_reference(img, txt, 14.3, "lean:fused")
+
+
+@pytest.mark.parametrize("img,txt,match", [
+    (torch.zeros(0, 3), torch.zeros(0, 3), "B >= 1"),
+    (torch.zeros(4, 0), torch.zeros(4, 0), "D >= 1"),
+])
+def test_empty_inputs_raise_a_clear_error(img, txt, match):
+    with pytest.raises(ValueError, match=match):
+        contrastive_loss(img, txt, torch.tensor(1.0))

@@ -215,3 +215,52 @@ def test_bad_input_raises_a_clear_error(kwargs, match):
 def test_triton_backend_on_cpu_needs_the_interpreter():
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         retrieval_ranks(torch.zeros(3, 2), torch.zeros(3, 2), backend="triton")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_in_score_order_with_unsorted_captions(device):
+    # Distinct continuous scores; captions not grouped by image, so the kernel path sorts the
+    # texts and must map the top-k back: rows in the caller's text order, indices into the
+    # caller's texts, best score first (only the order among equal scores is unspecified).
+    g = torch.Generator().manual_seed(17)
+    img = torch.randn(30, 12, generator=g).to(device)
+    txt = torch.randn(75, 12, generator=g).to(device)
+    txt_image = (torch.arange(75) % 30)[torch.randperm(75, generator=g)].to(device)
+    got = retrieval_ranks(img, txt, txt_image, topk=5)
+    s = img.double() @ txt.double().T
+    assert torch.equal(got.i2t_topk, s.topk(5, dim=1).indices)
+    assert torch.equal(got.t2i_topk, s.T.topk(5, dim=1).indices)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtypes", [(torch.float16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_mixed_input_dtypes(dtypes, device):
+    # img and txt may come in different float dtypes (only D must agree).
+    img = int_embeddings(40, 8, 12, dtypes[0], device)
+    txt = int_embeddings(40, 8, 13, dtypes[1], device)
+    want_i2t, want_t2i = brute_ranks(img, txt, np.arange(40))
+    got = retrieval_ranks(img, txt)
+    np.testing.assert_array_equal(got.i2t.cpu().numpy(), want_i2t)
+    np.testing.assert_array_equal(got.t2i.cpu().numpy(), want_t2i)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_nan_caption_among_several_gives_its_image_the_worst_rank(device):
+    # Image 3 has two captions; one of them (text 3) scores NaN with every image. A NaN own
+    # score makes the positive NaN: image 3 ranks worst (Nt − 2), as the reference says,
+    # even though its other caption scores finitely.
+    img = int_embeddings(10, 4, 14, torch.float32, device)
+    txt = int_embeddings(11, 4, 15, torch.float32, device)
+    txt[3, 1] = float("nan")
+    txt_image = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 3], device=device)
+    got = retrieval_ranks(img, txt, txt_image)
+    assert int(got.i2t[3]) == 11 - 2
+    ref = retrieval_ranks_ref(img, txt, txt_image)
+    assert torch.equal(got.i2t.cpu(), ref.i2t.cpu()) and torch.equal(got.t2i.cpu(), ref.t2i.cpu())
+
+
+def test_topk_up_to_min_n_and_negative_caption_images():
+    r = retrieval_ranks(torch.eye(3), torch.eye(3), topk=3)  # topk = min(Ni, Nt) is allowed
+    assert r.i2t_topk.shape == (3, 3) and torch.equal(r.i2t_topk[:, 0], torch.arange(3))
+    with pytest.raises(ValueError, match=r"\[0, Ni\)"):
+        retrieval_ranks(torch.zeros(3, 2), torch.zeros(3, 2), torch.tensor([0, -1, 2]))

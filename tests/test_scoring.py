@@ -88,3 +88,25 @@ def test_copies_are_checked_before_the_ranking(tmp_path):
     with pytest.raises(EclipError, match=re.escape("evaluation (images): an item encoded again, fresh and in a pair, "
                                                    "got another embedding than among the rest (1 - cosine 1,")):
         score({"status": "ok"}, img_f, txt_f, order_i, order_t, pairs, "cpu", "val", (copies_f, picks))
+
+
+def test_a_val_scoring_reports_no_test_rank(tmp_path):
+    # Only a scoring of the test split may carry test_mean_rank (what --final and the agent's
+    # report read as the held-out score).
+    img_f, txt_f = tmp_path / "img.safetensors", tmp_path / "txt.safetensors"
+    order, pairs, eye = torch.arange(20), torch.arange(20), torch.eye(20)
+    save_file({"img": eye}, str(img_f))
+    save_file({"txt": eye}, str(txt_f))
+    r = score({"status": "ok"}, img_f, txt_f, order, order, pairs, "cpu", "val")
+    assert r["val_mean_rank"] == 0 and "test_mean_rank" not in r
+
+
+def test_the_batch_check_sees_directions_at_any_scale():
+    # The ranking normalises any norm (eclip.evaluate.directions): honest embeddings of norm
+    # 1e-20 still match, and the gap is never negative (1 - cosine rounded below 0).
+    emb = torch.randn(200, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert 0.0 <= batch_check(emb * 1e-20, emb.clone() * 1e-20, "images") < 1e-12
+    unit = torch.nn.functional.normalize(emb, dim=1)
+    below = emb[(unit * unit).sum(1) > 1]  # rows whose cosine with themselves rounds above 1
+    assert len(below) > 0
+    assert batch_check(below, below.clone(), "images") == 0.0

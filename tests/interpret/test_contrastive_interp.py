@@ -355,3 +355,16 @@ def test_fast_mode_launches_no_small_torch_ops(dtype, monkeypatch):
     assert _torch_ops_outside_triton(fwd_bwd, monkeypatch) == ({"aten.mm": 2, "aten.sum": 2}, 6)
     lean = _torch_ops_outside_triton(lambda: _contrastive_lean.lean_forward(img, txt, scale), monkeypatch)
     assert lean == ({"aten.sum": 1}, 2)  # the forward and the merge
+
+
+def test_fast_mode_under_no_grad_keeps_no_gradient_buffer(monkeypatch):
+    # Inputs that require a gradient, evaluated under torch.no_grad (a validation loss):
+    # nothing will call the backward, so the forward must not build and keep the B×B Ĝ.
+    seen = []
+    real = kernels.contrastive.fast_forward
+    monkeypatch.setattr(kernels.contrastive, "fast_forward",
+                        lambda img, txt, scale, need_grad: seen.append(need_grad) or real(img, txt, scale, need_grad))
+    img, txt = (x.requires_grad_() for x in make_inputs(70, 24, torch.float32, "cpu", seed=5))
+    with torch.no_grad():
+        kernels.contrastive_loss(img, txt, torch.tensor(14.3, requires_grad=True), mode="fast")
+    assert seen == [False]
