@@ -40,6 +40,8 @@ def test_keep_and_discard_against_the_noise_floor(cache, tmp_path, monkeypatch, 
     assert [e["status"] for e in exps] == ["baseline"] * 3 + ["discard", "keep", "crash", "discard"]
     kept = exps[4]
     assert ws.head() == kept["commit"]  # the tree sits at the best commit
+    changed = ws.git("diff", "--name-only", kept["commit"] + "^", kept["commit"]).split()
+    assert "recipe.py" in changed  # the kept commit holds the change, not only the journal's word
     assert ws.git("status", "--porcelain") == ""
     rows = ws.results_path.read_text().splitlines()
     assert rows[0].split("\t") == list(journal.COLUMNS) and len(rows) == 8
@@ -367,3 +369,30 @@ def test_a_kill_while_recording_an_unrun_proposal_keeps_its_outcome(cache, tmp_p
     assert loop.main(args) == 0  # resumes: reconcile records what the start line says
     e = journal.experiments(journal.read(ws.journal_path))[2]
     assert (e["n"], e["status"], e["result"]["reason"], e["commit"]) == (3, "rejected", why, None)
+
+
+def test_the_keep_rule_at_its_edges():
+    # "kept only if it beats the best by more than max(--min-delta, 2σ)", σ the sample spread
+    base = [{"n": i, "kind": "baseline", "status": "baseline", "val_mean_rank": r, "ended": True}
+            for i, r in enumerate([100.0, 102.0, 98.0], 1)]
+    ok = lambda r: {"status": "ok", "val_mean_rank": r}  # noqa: E731
+    st = loop.state(base, "root", 0.0)
+    assert (st["best"], st["sigma"], st["threshold"]) == (100.0, 2.0, 4.0)
+    assert loop.outcome("experiment", ok(96.0), st) == ("discard", False)  # by exactly the floor: not more
+    assert loop.outcome("experiment", ok(96.5), st) == ("discard", False)  # within 2σ (σ of a sample, not pstdev)
+    assert loop.outcome("experiment", ok(95.9), st) == ("keep", True)
+    st = loop.state(base, "root", 5.0)  # --min-delta above 2σ sets the threshold
+    assert st["threshold"] == 5.0
+    assert loop.outcome("experiment", ok(95.5), st) == ("discard", False)
+    assert loop.outcome("experiment", ok(94.9), st) == ("keep", True)
+    # identical baselines (a deterministic run): σ = 0, and an equal score is no gain
+    same = [dict(b, val_mean_rank=100.0) for b in base]
+    assert loop.outcome("experiment", ok(100.0), loop.state(same, "root", 0.0)) == ("discard", False)
+
+
+def test_min_delta_reaches_the_keep_decision(cache, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "run_experiment", scripted([100, 100, 97, 94]))
+    assert loop.main(["--tag", "m", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1",
+                      "--noise-runs", "2", "--max-experiments", "2", "--min-delta", "5"]) == 0
+    exps = journal.experiments(journal.read(Workspace(tmp_path / "m").journal_path))
+    assert [e["status"] for e in exps[2:]] == ["discard", "keep"]  # 97 is within 5 of 100, 94 is not

@@ -483,3 +483,55 @@ def test_only_one_nudge_and_the_cost_cap_holds_through_it(api, tmp_path):
     prop = ClaudeProposer(ClaudeConfig(sdk_retries=0)).propose('HPARAMS = {"lr": 1e-3,}\n', [],
                                                                context=dict(ctx, budget_usd=1e-6))
     assert len(api.requests) == 3 and "the cost cap was reached" in prop.description
+
+
+def test_a_proposal_gets_only_what_is_left_of_the_cap(api, ws, small_cache, tmp_path, monkeypatch):
+    # $0.90 of $1.00 spent: the next proposal stops after its first $0.30 reply (the cap may be
+    # passed by one reply), not after replies worth the whole cap
+    journal.append(ws.journal_path, {"event": "usage", "n": 3, "time": 1.0, "cost_usd": 0.9, "usage": {}})
+    monkeypatch.setattr(loop, "run_experiment", scripted([99]))
+    big = {"input_tokens": 100_000, "output_tokens": 10_000}  # $0.30 at $2/$10
+    api.script = [Reply([tool("view", {"path": "recipe.py"})], usage=big),
+                  Reply([tool("view", {"path": "program.md"})], usage=big), Reply([_edit(), SUBMIT], usage=big)]
+    assert loop.main(_args(tmp_path, small_cache, 5, "claude", "--max-cost-usd", "1.0")) == 0
+    assert len(api.requests) == 1
+    assert "the cost cap was reached during the proposal" in _exps(ws)[3]["description"]
+
+
+def test_complete_tool_calls_before_the_max_tokens_cut_are_carried_out(api, tmp_path):
+    ctx = {"workspace": tmp_path, "program": "brief", "experiments": [],
+           "state": {"best": 100.0, "threshold": 0.0, "experiments": 0, "baselines": 2}}
+    source = 'HPARAMS = {"lr": 1e-3,}\n'
+    api.script = [Reply([_edit(), _edit(LR_NEW, '"lr": 3e')], stop_reason="max_tokens"), Reply([SUBMIT]),
+                  Reply([text("done")])]
+    prop = ClaudeProposer(ClaudeConfig(sdk_retries=0)).propose(source, [], context=ctx)
+    assert prop.source == source.replace(LR_OLD, LR_NEW) and len(api.requests) == 2
+    first, cut = _tool_results(api.requests[1])
+    assert "is_error" not in first and cut["is_error"] and "hit max_tokens" in cut["content"]
+
+
+def test_the_loop_level_pause_doubles(api, tmp_path, monkeypatch):
+    import time
+    import types
+
+    import agent.claude
+
+    pauses = []
+    monkeypatch.setattr(agent.claude, "time", types.SimpleNamespace(sleep=pauses.append, time=time.time))
+    ctx = {"workspace": tmp_path, "program": "brief", "experiments": [],
+           "state": {"best": 100.0, "threshold": 0.0, "experiments": 0, "baselines": 2}}
+    api.script = [Error(529)] * 3 + [Reply([_edit(), SUBMIT])]
+    ClaudeProposer(ClaudeConfig(sdk_retries=0, api_attempts=3, api_pause_s=0.5)).propose(
+        'HPARAMS = {"lr": 1e-3,}\n', [], context=ctx)
+    assert pauses == [0.5, 1.0, 2.0] and len(api.requests) == 4
+
+
+def test_only_recipe_py_itself_is_editable(tmp_path):
+    box = ToolBox(tmp_path, "x = 1\n", "brief")
+    for path in ("eclip/recipe.py", "sub/recipe.py", "recipe.py/recipe.py"):
+        out, is_error = box.run("edit", {"command": "str_replace", "path": path, "old_str": "x = 1",
+                                         "new_str": "x = 2"})
+        assert is_error and "not editable" in out, path
+    assert box.source == "x = 1\n"
+    assert not box.run("edit", {"command": "str_replace", "path": "./recipe.py", "old_str": "x = 1",
+                                "new_str": "x = 2"})[1]

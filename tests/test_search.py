@@ -256,3 +256,16 @@ def test_proposals_shrink_after_misses_and_grow_after_keeps():
     # keeps of a configuration equal to the source's own values: the base stays, σ grows
     hits = [_entry(dict(keys_hp), 5.0, kept=True, status="keep")] * 3
     assert median_log_step(hits) > 1.5 * medium
+
+
+def test_mutation_bounds_hold_from_the_edges_at_a_wide_step():
+    import random
+
+    from agent.search import _mutate
+
+    rng = random.Random(0)
+    for _ in range(300):
+        b = _mutate("batch_size", 4096, rng, 2.0)
+        assert 8 <= _mutate("batch_size", 8, rng, 2.0) and b <= 4096 and isinstance(b, int)
+        assert 0.5 <= _mutate("beta2", 0.98, rng, 2.0) <= 1 - 1e-4  # 1 - β within ONE_MINUS
+        assert 0.5 <= _mutate("beta1", 0.9, rng, 2.0) <= 1 - 1e-3
