@@ -337,3 +337,17 @@ def test_every_caption_of_an_image_gets_drawn():
     share = counts / counts.sum()
     assert bool((share > 0.28).all()), share
     data.close()
+
+
+def test_a_sample_whose_box_the_crop_removed_has_no_region():
+    # every image has one box; a crop that cuts it away leaves a phrase with an empty
+    # heatmap, which the expert term must not train on
+    cache = _boxes_cache()
+    data = DeviceData(cache, torch.arange(64), CPU, seed=3, crop_scale=0.1)
+    lost = 0
+    for _ in range(8):
+        batch = data.sample(64)
+        assert torch.equal(batch.has_region, batch.box_mask.any(dim=1))
+        lost += int((~batch.has_region).sum())
+    assert lost > 0  # some crops did remove the box
+    data.close()

@@ -359,3 +359,34 @@ def test_manifest_option_and_caption_type_messages(tmp_path, capsys):
     path.write_text('{"image": "a.png", "caption": "a red square"}\n{"image": "a.png", "caption": 5}\n')
     rc, _, err = run(base + ["--manifest", path], capsys)
     assert rc == 2 and "m.jsonl:2: caption is int 5, not text" in err, err
+
+
+def test_the_tokenizer_learns_from_training_captions_only(tmp_path, capsys):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    lines = ["image,caption,split"]
+    for i, split in enumerate(["train"] * 4 + ["val", "test"]):
+        write_image(images / f"{i}.png", 8, 8, i)
+        lines.append(f"{i}.png,{'a red circle' if split == 'train' else 'zebraquokkaxylophone'},{split}")
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    rc, _, err = run(["--format", "manifest", "--images", images, "--manifest", tmp_path / "m.csv",
+                      "--out", tmp_path / "c", "--image-size", 8, "--workers", 1, "--vocab-size", 300,
+                      "--folds", 2], capsys)
+    assert rc == 0, err
+    tok = load_tokenizer(load_cache(tmp_path / "c").tokenizer_path)
+    assert len(tok.encode("zebraquokkaxylophone").ids) > 10  # a word of val/test captions only: never merged
+
+
+def test_manifest_without_a_split_column_deals_the_fractions_asked_for(tmp_path, capsys):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(80):
+        write_image(images / f"{i}.png", 4, 4, i)
+    (tmp_path / "m.csv").write_text("image,caption\n" + "".join(f"{i}.png,picture {i}\n" for i in range(80)))
+    rc, _, err = run(["--format", "manifest", "--images", images, "--manifest", tmp_path / "m.csv",
+                      "--out", tmp_path / "c", "--image-size", 4, "--workers", 1, "--vocab-size", 300,
+                      "--val-frac", "0.1", "--test-frac", "0.4"], capsys)
+    assert rc == 0, err
+    split = load_cache(tmp_path / "c").split
+    n_val, n_test = int((split == 1).sum()), int((split == 2).sum())
+    assert 2 <= n_val <= 16 and 20 <= n_test <= 44, (n_val, n_test)  # about 8 and 32 of 80

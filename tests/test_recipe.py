@@ -80,3 +80,47 @@ def test_the_expert_draws_of_a_lower_probability_are_a_subset(monkeypatch):
         state = recipe.recipe_state()
         assert set(state) == {"generator", "mix_generator"}  # both streams resume
     assert fired[0.3] and fired[0.3] < fired[0.5], fired
+
+
+def test_the_decay_is_a_cosine_from_the_peak_down_to_the_floor(monkeypatch):
+    monkeypatch.setitem(recipe.HPARAMS, "lr", 1e-3)
+    monkeypatch.setitem(recipe.HPARAMS, "warmup", 0.2)
+    monkeypatch.setitem(recipe.HPARAMS, "min_lr_ratio", 0.1)
+    for t in (0.0, 0.25, 0.5, 0.75, 1.0):  # share of the decay passed
+        want = 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+        assert math.isclose(recipe.lr_at(0.2 + 0.8 * t), want, rel_tol=1e-9), t
+
+
+def _one_step(monkeypatch, progress=0.5, **hparams):
+    """The template's model and optimizer after one train_step on a region batch."""
+    from eclip.loop import ModelSpec
+
+    for key, value in hparams.items():
+        monkeypatch.setitem(recipe.HPARAMS, key, value)
+    spec = ModelSpec(vocab_size=50, context_length=6, phrase_length=6, image_size=32, device=torch.device("cpu"))
+    torch.manual_seed(0)
+    model = recipe.build_model(spec)
+    opt = recipe.build_optimizer(model)
+    return model, opt, recipe.train_step(model, opt, _region_batch(4, 32, 50, 6, 0), progress)
+
+
+def test_train_step_sets_the_scheduled_rate_on_every_group(monkeypatch):
+    _, opt, _ = _one_step(monkeypatch, progress=0.5)
+    assert len(opt.param_groups) == 2  # decayed and exempt parameters
+    assert [g["lr"] for g in opt.param_groups] == [recipe.lr_at(0.5)] * 2
+
+
+def test_train_step_clips_the_global_gradient_norm(monkeypatch):
+    model, _, out = _one_step(monkeypatch, grad_clip=1e-3)
+    assert float(out["grad_norm"]) > 1e-2  # reported before clipping, far above the bound
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    assert float(total) <= 1e-3 * (1 + 1e-4)  # the optimizer stepped on the clipped gradients
+
+
+def test_the_expert_term_enters_the_loss_with_its_scheduled_weight(monkeypatch):
+    monkeypatch.setattr(recipe.expert_mod, "expert_weight", lambda progress, cfg, gen: 0.25)
+    monkeypatch.setattr(recipe.expert_mod, "expert_loss",
+                        lambda model, batch, img, txt, fn, cfg, gen: img.sum() * 0 + 3.0)
+    _, _, out = _one_step(monkeypatch, expert=True)
+    assert float(out["total_loss"]) == pytest.approx(float(out["loss"]) + 0.25 * 3.0, abs=1e-5)

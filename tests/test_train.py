@@ -553,3 +553,105 @@ def test_the_schedule_starts_after_the_first_step(cache, tmp_path, capsys):
         share = [(r["elapsed_s"] - origin) / (budget - origin) for r in (prev, row)]
         assert share[0] - tol <= row["progress"] <= share[1] + tol, (row, share)
     assert rows[1]["progress"] < 0.25  # on the clock it would be at least 1.5 / 4
+
+
+def _rows(out):
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_step_count_run_hands_the_recipe_step_over_steps(cache, tmp_path, capsys):
+    rec = recipe_at_call(tmp_path, after="out['progress'] = torch.tensor(float(progress))")
+    out = tmp_path / "run"
+    rc, _, err = run(["--data", cache, "--out", out, "--steps", 4, "--recipe", rec, *SMALL, "--log-every=1"], capsys)
+    assert rc == 0, err
+    assert [r["progress"] for r in _rows(out)] == [0.0, 0.25, 0.5, 0.75]
+
+
+def test_a_resumed_budget_run_keeps_its_schedule_origin(cache, tmp_path, capsys):
+    log = "out['progress'] = torch.tensor(float(progress))"
+    stopper = recipe_at_call(tmp_path, prelude="import time as _time\n", after=log,
+                             before="if _calls[0] == 1:\n    _time.sleep(1.0)\nif _calls[0] == 4:\n"
+                                    "    raise KeyboardInterrupt")
+    (tmp_path / "r").mkdir()
+    plain = recipe_at_call(tmp_path / "r", after=log)
+    out = tmp_path / "run"
+    base = ["--data", cache, "--out", out, "--budget-s", 4, *SMALL, "--log-every=1"]  # room for 4 steps on a busy machine
+    rc, _, err = run([*base, "--recipe", stopper], capsys)
+    assert rc == 130, err
+    first = json.loads((out / "checkpoint.json").read_text())
+    assert first["step"] == 3 and first["schedule_origin_s"] >= 1.0
+    rc, _, err = run([*base, "--recipe", plain, "--resume"], capsys)
+    assert rc == 0, err
+    assert json.loads((out / "checkpoint.json").read_text())["schedule_origin_s"] == first["schedule_origin_s"]
+    resumed = [r for r in _rows(out) if r["step"] > 3]
+    assert resumed and resumed[0]["progress"] > 0  # the schedule goes on where it was
+
+
+def test_the_seed_decides_the_batches(cache, tmp_path, capsys):
+    rec = recipe_at_call(tmp_path, after="out['batch'] = batch.images.double().mean() + batch.tokens.double().mean()")
+    seen = []
+    for k, seed in enumerate((1, 2, 1)):
+        out = tmp_path / f"run{k}"
+        rc, _, err = run(["--data", cache, "--out", out, "--steps", 1, "--recipe", rec, *SMALL, "--seed", seed],
+                         capsys)
+        assert rc == 0, err
+        seen.append(_rows(out)[0]["batch"])
+    assert seen[0] == seen[2] != seen[1]
+
+
+def test_final_trains_on_train_and_val_but_never_on_test(cache, tmp_path, capsys):
+    from eclip.data.cache import load_cache
+
+    out = tmp_path / "fin"
+    rc, _, err = run(["--data", cache, "--out", out, "--steps", 1, "--final", *SMALL], capsys)
+    assert rc == 0, err
+    split = load_cache(cache).split
+    assert json.loads((out / "checkpoint.json").read_text())["train_rows"] == int((split != 2).sum())
+
+
+def test_checkpoint_keeps_an_optimizers_plain_number_state(tmp_path):
+    # AdamW keeps its step as a tensor; a recipe's optimizer may keep a Python number
+    class Counting(torch.optim.SGD):
+        def step(self, closure=None):
+            for g in self.param_groups:
+                for p in g["params"]:
+                    self.state[p]["count"] = self.state[p].get("count", 0) + 1
+            return super().step(closure)
+
+    model = torch.nn.Linear(3, 2)
+    opt = Counting(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    opt.step()
+    save_checkpoint(tmp_path, model, opt, {}, {"step": 2})
+    model2 = torch.nn.Linear(3, 2)
+    opt2 = Counting(model2.parameters(), lr=0.1)
+    load_checkpoint(tmp_path, model2, opt2)
+    assert [opt2.state[p].get("count") for p in model2.parameters()] == [2, 2]
+
+
+def test_a_checkpoint_that_lacks_weights_of_the_model_is_refused(tmp_path):
+    # a recipe's own model has no cfg to compare: the strict load is what refuses it
+    from eclip.errors import EclipError
+
+    small = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    save_checkpoint(tmp_path, small, torch.optim.AdamW(small.parameters()), {}, {"step": 0})
+    bigger = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    with pytest.raises(EclipError, match="checkpoint does not fit this model"):
+        load_checkpoint(tmp_path, bigger, None)
+
+
+def test_the_evaluation_masks_the_padding_of_captions():
+    from eclip.loop import encode_in_order
+    from eclip.model import build_model, model_config
+
+    torch.manual_seed(0)
+    model = build_model(model_config("tiny", image_size=32, vocab_size=50, context_length=8,
+                                     **{"expert.enabled": False}))
+    tokens = torch.tensor([[1, 5, 7, 2, 0, 0, 0], [1, 9, 2, 0, 0, 0, 0], [1, 4, 4, 4, 4, 6, 2]])
+    _, txt = encode_in_order(model, None, tokens, torch.device("cpu"))
+    for row, t in zip(txt, tokens, strict=True):
+        n = int((t != 0).sum())
+        with torch.no_grad():
+            alone = model.encode_text(t[None, :n], torch.ones(1, n, dtype=torch.bool))
+        torch.testing.assert_close(row[None], alone, atol=1e-5, rtol=0)
