@@ -225,3 +225,14 @@ def test_loop_whose_preparation_was_killed_names_the_signal(tmp_path, monkeypatc
     rc = loop.main(["--workspace-root", str(tmp_path / "ws"), "--budget-s", "1"])
     err = capsys.readouterr().err
     assert rc == 137 and err == "loop: error: preparing the built-in dataset in data/synthetic failed (killed by SIGKILL)\n"
+
+
+def test_a_seed_at_either_end_of_the_range_is_taken():
+    # the range is torch's: [-2**63, 2**64), both ends of it seed a generator
+    import torch
+
+    from eclip.errors import seed_value
+
+    for value in (-(2**63), 2**64 - 1):
+        assert seed_value(str(value)) == value
+        torch.Generator().manual_seed(value)

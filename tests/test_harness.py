@@ -501,3 +501,155 @@ def test_the_children_of_a_cpu_run_see_no_gpu(tmp_path, capsys):
     assert capsys.readouterr().out == "''\n"  # the encoder's output, passed on
     assert h.encode_parts({"images": probe}, {"images": tmp_path / "b.log"}, 5.0, None) == {"images": 0}
     assert capsys.readouterr().out == repr(os.environ.get("CUDA_VISIBLE_DEVICES")) + "\n"  # a GPU run: as it was
+
+
+# A mutation audit of the harness: each test below fails a plausible change that every other
+# test let through (the seed, the secrets, the GPU or the memory cap not reaching a child, a
+# crash filed as an error, a limit that ignores its threads or its share of the budget).
+
+
+def _fake_training(monkeypatch, h, result=None, rc=0):
+    """Stands in for the training child: records (cmd, preexec, env) and writes ``result``
+    (when given) where eclip.train would; returns the list of calls."""
+    import os
+
+    calls = []
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the harness scrubs a copy, not this process's
+
+    def child(cmd, preexec, env=None):
+        calls.append({"cmd": cmd, "preexec": preexec, "env": dict(os.environ if env is None else env)})
+        if result is not None:
+            (Path(cmd[cmd.index("--out") + 1]) / "result.json").write_text(json.dumps(result))
+        return rc
+
+    monkeypatch.setattr(h, "child", child)
+    return calls
+
+
+def _cap(gb: int) -> int:
+    """The address-space cap ``limit_address_space(gb)`` sets here (at most an inherited hard limit)."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    return gb * 2**30 if hard == resource.RLIM_INFINITY else min(gb * 2**30, hard)
+
+
+def _address_space_under(preexec) -> int:
+    """The RLIMIT_AS soft limit a child started with ``preexec`` runs under."""
+    probe = [sys.executable, "-c", "import resource; print(resource.getrlimit(resource.RLIMIT_AS)[0])"]
+    p = subprocess.run(probe, preexec_fn=preexec, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-1000:]
+    return int(p.stdout)
+
+
+@pytest.mark.parametrize("gb", ["3", "0"])
+def test_the_training_child_gets_the_seed_and_the_cap_but_no_secret_and_no_gpu(tmp_path, monkeypatch, capsys, gb):
+    import resource
+
+    from eclip import harness as h
+
+    calls = _fake_training(monkeypatch, h, rc=2)  # and no result: bad input
+    monkeypatch.setenv("MY_API_KEY", "sk-secret")
+    rc = h.main(["run", "--recipe", str(TEMPLATE), "--data", str(tmp_path), "--budget-s", "1", "--out",
+                 str(tmp_path / "run"), "--device", "cpu", "--seed", "7", "--memory-limit-gb", gb])
+    assert rc == 2 and len(calls) == 1
+    cmd, env = calls[0]["cmd"], calls[0]["env"]
+    assert cmd[cmd.index("--seed") + 1] == "7"
+    assert "MY_API_KEY" not in env and env["CUDA_VISIBLE_DEVICES"] == ""  # a CPU run: no GPU to hide work on
+    # no cap (0): the child runs under what the harness inherited
+    expected = resource.getrlimit(resource.RLIMIT_AS)[0] if gb == "0" else _cap(3)
+    assert _address_space_under(calls[0]["preexec"]) == expected
+
+
+@pytest.mark.parametrize("rc,status,code", [(2, "error", 2), (1, "crash", 1), (-9, "crash", 137)])
+def test_a_training_child_that_left_no_result_crashed_unless_its_input_was_bad(tmp_path, monkeypatch, capsys,
+                                                                              rc, status, code):
+    # the research loop tries to fix a "crash" (a recipe fault), not an "error"
+    from eclip import harness as h
+
+    _fake_training(monkeypatch, h, rc=rc)
+    out = tmp_path / "run"
+    assert h.main(["run", "--recipe", str(TEMPLATE), "--data", str(tmp_path), "--budget-s", "1", "--out", str(out),
+                   "--device", "cpu"]) == code
+    r = json.loads((out / "result.json").read_text())
+    assert r["status"] == status and r["reason"] == f"the training process exited with code {rc} without a result"
+
+
+@pytest.mark.parametrize("failure,status", [
+    (None, "ok"),
+    ("encode: error: out of memory (DefaultCPUAllocator: can't allocate memory)", "oom"),
+    ("encode: error: model.encode_image returned a list", "error"),
+])
+def test_the_evaluation_of_a_cpu_run_gets_its_threads_and_an_out_of_memory_is_oom(tmp_path, monkeypatch, capsys,
+                                                                                  failure, status):
+    from eclip import harness as h
+    from eclip.errors import EclipError
+
+    # a last step 8 s past a 1 s budget that computed 0.1 s: a busy machine, allowed on 2 threads
+    trained = {"status": "ok", "ranked_by": "caller", "val_mean_rank": None, "train_s": 9.0, "steps": 3,
+               "after_s": 0.0, "last_step_cpu_s": 0.1}
+    _fake_training(monkeypatch, h, result=trained)
+    monkeypatch.setattr(h, "torch_threads", lambda device: 2)
+    seen = []
+
+    def evaluate(result, args, preexec=None, threads=None):
+        seen.append(threads)
+        if failure is not None:
+            log = tmp_path / "eval_images.log"
+            log.write_text(f"Traceback (most recent call last):\n{failure}\n")
+            raise EclipError(h.encode_error("images", 1, log))
+        return dict(result, val_mean_rank=3.0, ranked_by="harness")
+
+    monkeypatch.setattr(h, "evaluate", evaluate)
+    out = tmp_path / "run"
+    rc = h.main(["run", "--recipe", str(TEMPLATE), "--data", str(tmp_path), "--budget-s", "1", "--out", str(out),
+                 "--device", "cpu"])
+    r = json.loads((out / "result.json").read_text())
+    assert seen == [2] and r["status"] == status and rc == (0 if failure is None else 1), r
+    assert "ranked_by" not in r if failure else r["ranked_by"] == "harness"
+
+
+def test_a_result_without_after_s_is_refused_and_a_long_budget_allows_its_share_of_overrun():
+    from eclip import harness as h
+    from eclip.errors import EclipError
+
+    with pytest.raises(EclipError, match="the recipe's code ran an unknown time after the budget ended"):
+        h.check_after({"train_s": 10.0, "steps": 40}, 10.0)
+    # 5% of a 200 s budget (10 s) beyond the 5 s grace; past it, refused
+    h.check_after({"train_s": 209.0, "steps": 400, "after_s": 0.0}, 200.0)
+    with pytest.raises(EclipError, match=re.escape("a step may end at most 10 s late")):
+        h.check_after({"train_s": 211.0, "steps": 400, "after_s": 0.0}, 200.0)
+
+
+def test_the_encoders_cpu_limit_leaves_out_their_start_up(tmp_path, capsys):
+    # imports and device set-up come before the ready line: their CPU time is not the recipe's
+    from eclip import harness as h
+
+    script = ("import time\nt = time.process_time()\nwhile time.process_time() - t < 2.5: pass\n"
+              "print('encode: ready', flush=True)\ntime.sleep(0.5)\n")
+    cmds = {"images": [sys.executable, "-c", script]}
+    assert h.encode_parts(cmds, {"images": tmp_path / "images.log"}, 2.0, None, threads=1) == {"images": 0}
+
+
+def test_the_evaluation_runs_capped_in_pairs_within_its_share_of_the_budget(cache, tmp_path, monkeypatch, capsys):
+    from eclip import harness as h
+
+    seen = {}
+    real = h.encode_parts
+
+    def spy(cmds, logs, limit_s, preexec, threads=None):
+        seen.update(cmds=cmds, limit=limit_s, preexec=preexec, threads=threads)
+        return real(cmds, logs, limit_s, preexec, threads=threads)
+
+    monkeypatch.setattr(h, "encode_parts", spy)
+    out = tmp_path / "run"
+    rc = h.main(["run", "--recipe", str(recipe(tmp_path)), "--data", str(cache), "--budget-s", "2", "--out", str(out),
+                 "--device", "cpu", "--memory-limit-gb", "6"])
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    r = json.loads((out / "result.json").read_text())
+    check = seen["cmds"]["batch_check"]
+    assert check[check.index("--batch") + 1] == "2"  # in pairs: the company as unlike the split's as it gets
+    items = r["metrics"]["n_images"] + r["metrics"]["n_texts"]
+    assert seen["limit"] == h.EVAL_GRACE_S + min(2 * items / r["samples_per_s"], h.EVAL_SHARE * 2)
+    assert seen["threads"] == h.torch_threads("cpu")
+    assert _address_space_under(seen["preexec"]) == _cap(6)  # the encoders are capped as the training is

@@ -136,6 +136,22 @@ def test_the_template_passes():
     ("dataclasses.dataclass(frozen=True)(torch.nn.Linear)", "'dataclasses.dataclass' may only decorate"),
     ("class Fn(torch.autograd.Function):\n    @staticmethod\n    def forward(ctx, x):\n        ctx.k = 2\n"
      "        return x\nFn.forward(torch.Tensor, 1)", "'Fn.forward': a method may only be used"),
+    # a mutation audit of the policy: each passed once its rule was weakened, with no test failing
+    # a module that an allowed one imports, not named in FORBIDDEN_ATTRIBUTES: refused as a module
+    # outside the allowed ones (gc.get_objects() finds every object of the process)
+    ("objs = torch.cuda.graphs.gc.get_objects()", "'torch.cuda.graphs.gc' is 'gc', which recipes may not use"),
+    # a string knob names a folder or an executable: numbers, bools and None only
+    ("torch._inductor.config.trace.debug_dir = '/tmp/elsewhere'", "may only be set to a number, a bool or None"),
+    # format_map reads attributes by name as format does
+    ("s = ('{g.gi' + '_frame}').format_map({'g': 1})", "'.format_map' on anything but a string literal"),
+    # vars() reads a class's dict by a string key: a forbidden attribute by another name
+    ("s = vars(torch.Tensor)['as_subclass']", "use of 'vars' is not allowed"),
+    ("ns = locals()", "use of 'locals' is not allowed"),
+    ("breakpoint()", "use of 'breakpoint' is not allowed"),
+    ("d = memoryview(b'x')", "use of 'memoryview' is not allowed"),
+    # a package whose name merely begins with an allowed one (torchgen writes files)
+    ("import torchgen.utils", "import of 'torchgen.utils' is not allowed"),
+    ("from typing_extensions import Any", "import from 'typing_extensions' is not allowed"),
 ])
 def test_forbidden_constructs_are_named_with_their_line(line, message):
     source = f"import torch\nimport kernels, functools, dataclasses, typing\nfrom eclip import model as eclip_model\n{line}\n"
@@ -218,6 +234,9 @@ def test_the_program_checked_is_the_program_run(tmp_path, capsys):
     bom = tmp_path / "bom.py"
     bom.write_bytes(b"\xef\xbb\xbf" + TEMPLATE.read_bytes())
     assert check_file(bom) == [] and load_recipe(bom).HPARAMS["batch_size"] == 64
+    # Python honours a coding comment on the second line too, after a first-line comment
+    assert [(v.line, v.message.split(":")[0]) for v in check_source(
+        "#!/usr/bin/env python\n# -*- coding: utf-7 -*-\nx = 1\n")] == [(2, "coding 'utf-7'")]
     nul = tmp_path / "nul.py"
     nul.write_bytes(b"x = 1\ny = 2\nz = '\x00'\n")
     assert [v.format(str(nul)) for v in check_file(nul)] == [f"{nul}:3: a NUL character is not allowed"]

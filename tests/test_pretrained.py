@@ -321,3 +321,28 @@ def test_a_clip_text_half_pools_its_own_end_of_text_state(tmp_path):
     mean = HFTextTower(f"hf:{out}", "mean").eval()
     with torch.no_grad():
         assert torch.allclose(mean(tokens, tokens != 0)[1], hidden[1, :3].mean(0), atol=1e-6)
+
+
+def test_a_roberta_position_table_leaves_out_its_padding_offset(tmp_path):
+    # RoBERTa-style models number positions from pad_token_id + 1: a table of 514 takes 512 tokens
+    from eclip.pretrained import max_text_length
+
+    for model_type, pad, expected in (("roberta", 1, 14), ("xlm-roberta", 1, 14), ("bert", 0, 16)):
+        d = tmp_path / model_type
+        d.mkdir()
+        cfg = transformers.AutoConfig.for_model(model_type, max_position_embeddings=16, pad_token_id=pad)
+        cfg.save_pretrained(d)
+        assert max_text_length(f"hf:{d}") == expected, model_type
+
+
+def test_an_hf_tower_with_pickled_weights_only_is_refused(hf_dir, tmp_path):
+    # weights load from safetensors only: a pytorch_model.bin is a pickle, which runs code when loaded
+    pickled = tmp_path / "pickled-bert"
+    shutil.copytree(hf_dir, pickled)
+    model = transformers.AutoModel.from_pretrained(hf_dir)
+    for f in pickled.glob("*.safetensors"):
+        f.unlink()
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    assert (pickled / "pytorch_model.bin").is_file() and not list(pickled.glob("*.safetensors"))
+    with pytest.raises(EclipError, match="text_tower: could not load"):
+        HFTextTower(f"hf:{pickled}", "cls")

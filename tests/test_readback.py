@@ -28,7 +28,7 @@ def test_rows_arrive_one_push_late_with_the_last_steps_metrics(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e5])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), 1e5])
 def test_a_diverged_loss_is_reported_at_its_own_step(device, bad):
     rb = Readback(limit=1e4)
     rb.push(steps(1, [1.0, bad, 1.0], device), {"step": 3})  # in the middle: not the row's loss
@@ -66,3 +66,14 @@ def test_push_does_not_synchronise_the_device(monkeypatch):
     monkeypatch.undo()
     assert row["step"] == 1 and row["loss"] == 1.0
     torch.testing.assert_close(rb.flush()["loss"], float((x @ x).mean()), rtol=1e-4, atol=1e-6)
+
+
+def test_a_loss_at_the_bound_has_not_diverged():
+    # the bound is the largest loss allowed; -inf is no number either (a bound cannot catch it)
+    rb = Readback(limit=10.0)
+    rb.push(steps(1, [10.0], "cpu"), {"step": 1})
+    assert rb.flush() == {"step": 1, "loss": 10.0, "lr": 0.5}
+    rb = Readback(limit=float("inf"))  # no bound: a non-finite loss is still divergence
+    rb.push(steps(1, [float("inf")], "cpu"), {"step": 1})
+    with pytest.raises(Diverged, match="loss inf at step 1"):
+        rb.flush()
