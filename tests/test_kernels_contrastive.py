@@ -495,3 +495,77 @@ def test_the_widest_supported_dim_is_accepted():
 def test_empty_inputs_raise_a_clear_error(img, txt, match):
     with pytest.raises(ValueError, match=match):
         contrastive_loss(img, txt, torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_ragged_dim_over_several_d_chunks(mode, device):
+    # D = 200: more than one D-block of the score tiles (128 under the interpreter, 64 on a
+    # GPU) with a ragged last one, and two dq chunks (BLOCK_V = 128 under the interpreter),
+    # the second ragged. The pairwise cover has D = 100 (one ragged block under the
+    # interpreter) and 384 (whole blocks) only, so a mask or grid that ignored the block's
+    # offset in D passed it.
+    img, txt = make_inputs(70, 200, torch.float32, device, seed=200)
+    check_against_reference(img, txt, 14.3, mode)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_rows_whose_logits_are_all_far_below_zero(mode, device):
+    # Every logit -100 (s = 100, img = -txt): -144 in log2 units, so 2^z is subnormal in fp32
+    # (flushed to 0 on a GPU, whose exp2 flushes subnormals). An online max started at 0
+    # instead of -inf would sum those 2^z unshifted: LSE -inf on a GPU, a few % off here.
+    e = torch.zeros(5, 16, device=device)
+    e[:, 0] = 1.0
+    check_against_reference(e, -e, 100.0, mode)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_fp16_gradients_when_the_factor_s_g_over_2b_is_tiny(mode, device):
+    # fp16 Ĝ must not be scaled by s·g/(2B) before its product (kernels/_contrastive_panel.py):
+    # at a large B (s = 100, B = 32k: 1.5e-3) the scaled entries, about 1/B each, fall under
+    # fp16's subnormals and are lost, though the gradient itself is representable. Reached
+    # here with B = 100 through a tiny upstream gradient, with txt large and img small (the
+    # same logits) so that d_img stays in fp16's normal range. d_txt (about 1e-10) is not.
+    b, d, upstream, sigma = 100, 16, 2.0**-16, 2048.0
+    img, txt = make_inputs(b, d, torch.float32, "cpu", seed=5)
+    img, txt = (img / sigma).to(device, torch.float16), (txt * sigma).to(device, torch.float16)
+    got = run(img, txt, 14.3, upstream, mode=mode)
+    want = reference(img, txt, 14.3, upstream)
+    loss_tol, grad_tol = tolerances(torch.float16, mode)
+    assert_close(got[0], want[0], loss_tol, "loss", atol=0.0)
+    assert_close(got[1], want[1], grad_tol, "d_img", atol=0.0)
+    assert_close(got[3], want[3], grad_tol, "d_scale", atol=0.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+def test_fp16_inputs_under_a_loss_scale_past_fp16s_range(mode, device):
+    # A GradScaler's scale is an fp32 value that grows past fp16's largest (65504): the
+    # upstream gradient must reach the gradients' factor s·g/(2B) in fp32, never in the
+    # inputs' dtype (it would be inf); the gradients themselves (about 9e3 here) fit.
+    img, txt = make_inputs(100, 16, torch.float16, device, seed=9)
+    check_against_reference(img, txt, 14.3, mode, upstream=2.0**17)
+
+
+def test_autotune_pruning_by_dim_never_leaves_a_kernel_without_configs():
+    # prune_by_dim drops the configs whose D-blocks (BLOCK_D, BLOCK_V) exceed D rounded up to
+    # a power of two (16 at least) and falls back to the last config when none is left: an
+    # autotuner handed no config fails at its first launch (on a GPU, every tuned B with
+    # D <= 16, and the fused backward's with D <= 64, whose chunks are 128 wide or more).
+    pytest.importorskip("triton")
+    from kernels import _contrastive_fast, _contrastive_lean, _contrastive_panel
+    from kernels._common import next_pow2, prune_by_dim
+
+    tables = {"lean fwd": _contrastive_lean._FWD_CONFIGS, "lean bwd": _contrastive_lean._BWD_CONFIGS,
+              "fast fwd": _contrastive_fast._FWD_CONFIGS, "panel": _contrastive_panel._CONFIGS}
+    for name, configs in tables.items():
+        for dim in (*range(1, 130), 255, 256, 257, 384, 1000, 1024):
+            kept = prune_by_dim(configs, {"dim": dim})
+            assert kept and all(c in configs for c in kept), (name, dim)
+            d_max = max(16, next_pow2(dim))
+            fit = all(max(c.kwargs["BLOCK_D"], c.kwargs.get("BLOCK_V", 0)) <= d_max for c in kept)
+            assert fit or kept == configs[-1:], (name, dim)
+    # D = 100 runs in D-blocks of up to 128: the fused backward keeps its 128-wide chunks.
+    assert [c.kwargs["BLOCK_V"] for c in prune_by_dim(_contrastive_lean._BWD_CONFIGS, {"dim": 100})] == [128, 128]

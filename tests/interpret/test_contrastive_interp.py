@@ -16,7 +16,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from test_kernels_contrastive import *  # noqa: E402,F401,F403
-from test_kernels_contrastive import check_against_reference, make_inputs, run  # noqa: E402
+from test_kernels_contrastive import (  # noqa: E402
+    assert_close,
+    check_against_reference,
+    make_inputs,
+    reference,
+    run,
+)
 
 import kernels  # noqa: E402
 from kernels import _contrastive_fast, _contrastive_lean, _contrastive_panel  # noqa: E402
@@ -120,13 +126,13 @@ def test_panel_partials_summed_across_flushes(slots, monkeypatch):
     check_against_reference(img, txt, 14.3, "lean:panel")
 
 
-@pytest.mark.parametrize("chosen", [(128, 128, 1), (64, 64, 3)])
+@pytest.mark.parametrize("chosen", [(128, 128, 1), (64, 64, 3), (128, 64, 1)])
 def test_lean_forward_tuned_programs_per_sm(chosen, monkeypatch):
     # Tuned sizes: the configs run 3 to 5 persistent programs here (4 "SMs" off CUDA, 1 or 3
     # programs each, at most one per row block of B = 300), each writing its row of column
     # LSEs; only the chosen config's rows are merged (the 128×128 one leaves two stale rows
-    # from the timing runs behind). The loss against the reference path, the column LSEs
-    # against float64.
+    # from the timing runs behind). 128×64 tiles put a row block's diagonal in two column
+    # tiles. The loss against the reference path, the column LSEs against float64.
     lean = _contrastive_lean
     block_m, block_n, progs = chosen
     tuner = _fake_tuned(monkeypatch, lean, lean._lean_fwd_kernel, "_lean_fwd_tuned", lean._FWD_CONFIGS,
@@ -368,3 +374,107 @@ def test_fast_mode_under_no_grad_keeps_no_gradient_buffer(monkeypatch):
     with torch.no_grad():
         kernels.contrastive_loss(img, txt, torch.tensor(14.3, requires_grad=True), mode="fast")
     assert seen == [False]
+
+
+@pytest.mark.parametrize("block_v", [256, 512])
+def test_lean_backward_tuned_config_sums_only_its_qdot_rows(block_v, monkeypatch):
+    # Tuned sizes: the autotuner times every backward config, each writing the scale
+    # gradient's per-D-chunk rows <(Ĝ·k)_i, q_i> of its own chunk width (128 to 512); only the
+    # chosen config's cdiv(D, BLOCK_V) rows may be summed. D = 200: the 128-wide timing runs
+    # leave a stale second row behind a chosen 256- or 512-wide one. All gradients against
+    # float64, with an upstream gradient.
+    lean = _contrastive_lean
+    img, txt = make_inputs(70, 200, torch.float32, "cpu", seed=71)
+    scale, grad = torch.tensor(14.3), torch.tensor(-0.7)
+    _, row_lse, col_lse = lean.lean_forward(img, txt, scale)  # fixed config (before tuned is faked)
+    tuner = _fake_tuned(monkeypatch, lean, lean._lean_bwd_kernel, "_lean_bwd_tuned", lean._BWD_CONFIGS,
+                        BLOCK_V=block_v)
+    got = lean.lean_backward(img, txt, scale, grad, row_lse, col_lse)
+    assert tuner.calls == 2  # once per direction
+    want = reference(img, txt, 14.3, upstream=-0.7)
+    for name, g, w in zip(("d_img", "d_txt", "d_scale"), got, want[1:], strict=True):
+        assert_close(g, w, 2e-3, name)
+
+
+_ROW_OFFSETS_SCRIPT = r"""
+import sys
+sys.path[:0] = sys.argv[1:3]  # the parent's kernels, and tests/ for its helpers
+import torch
+import kernels
+from test_kernels_contrastive import assert_close, make_inputs, reference
+
+b, d, stride = 3, 16, 2**30 + 64  # the last row starts 2^31 + 128 elements into the buffer
+try:
+    big = torch.empty(stride * (b - 1) + d, dtype=torch.float16)  # 4 GiB of address space, 3 rows touched
+except RuntimeError:
+    sys.exit(77)
+img = big.as_strided((b, d), (stride, 1))
+base, txt = make_inputs(b, d, torch.float16, "cpu", seed=17)
+img.copy_(base)
+want = reference(base, txt, 14.3)
+for mode in ("lean:fused", "lean:panel", "fast"):
+    a, t = img.detach().requires_grad_(), txt.detach().requires_grad_()
+    s = torch.tensor(14.3, requires_grad=True)
+    loss = kernels.contrastive_loss(a, t, s, mode=mode)
+    got = (loss, *torch.autograd.grad(loss, (a, t, s)))
+    for name, g, w in zip(("loss", "d_img", "d_txt", "d_scale"), got, want, strict=True):
+        assert_close(g, w, 1e-2, f"{name} ({mode})")
+
+# The fast mode's B x B buffer passes 2^31 elements from B = 46,341 (4.3 GB in bf16): its
+# gradient pass, on the same kind of view (in place, as in fast_forward; one program).
+from kernels._contrastive_fast import _fast_grad_kernel
+gen = torch.Generator().manual_seed(3)
+y = big.as_strided((b, b), (stride, 1))
+y.copy_(torch.randn(b, b, generator=gen))
+rref, cref, row_lse, col_lse = torch.randn(4, 1, b, generator=gen)
+row_lse, col_lse = row_lse[0], col_lse[0]
+z = y.double() + torch.minimum(rref[0, :, None], cref[0, None, :]).double()
+ln2 = 0.6931471805599453
+g = torch.exp2(z - row_lse.double()[:, None] / ln2) + torch.exp2(z - col_lse.double()[None, :] / ln2) - 2 * torch.eye(b)
+part = torch.empty(1)
+_fast_grad_kernel[(1,)](y, y, rref, cref, row_lse, col_lse, part, b, stride, BLOCK_M=64, BLOCK_N=64, SUB_M=32)
+assert_close(y, g, 1e-3, "G")
+assert_close(part[0], (g * z).sum(), 1e-5, "sum G.z")
+"""
+
+
+def test_row_offsets_past_int32():
+    # The kernels index rows with int64 offsets (kernels._common.int32_columns): a B·D of 2^31
+    # elements or more (B = 2^21 at D = 1024) would wrap int32 ones. Emulated with three rows
+    # of a view whose row stride puts the last one past 2^31 elements, in a buffer whose pages
+    # are never touched beyond those rows. In a child process: a wrapped offset reads unmapped
+    # memory and would crash this one. The same for the fast mode's gradient pass over its
+    # B x B buffer, which passes 2^31 elements at B = 46,341.
+    import subprocess
+
+    paths = [str(Path(kernels.__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1])]
+    proc = subprocess.run([sys.executable, "-c", _ROW_OFFSETS_SCRIPT, *paths],
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode == 77:
+        pytest.skip("no 4 GiB of address space for the strided buffer")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("block_m,block_n", [(64, 32), (128, 64), (32, 64)])
+def test_fast_forward_tile_writes_only_the_diagonal_it_holds(block_m, block_n):
+    # With rectangular tiles a row tile's diagonal lies in several column tiles, each storing
+    # the S_ii of the rows it holds. On a GPU the tiles run in no fixed order, so a tile that
+    # also stored a row it does not hold (its partial sum there: 0) would race with the
+    # owner; the interpreter runs them in order, the owner last, which hides it. Program 0
+    # alone here (the first row and column tiles): only rows < min(BLOCK_M, BLOCK_N) written.
+    import triton
+
+    n, dim = 160, 16
+    img, txt = make_inputs(n, dim, torch.float32, "cpu", seed=3)
+    n_rt, n_ct = triton.cdiv(n, block_m), triton.cdiv(n, block_n)
+    f32 = dict(dtype=torch.float32)
+    diag = torch.full((n,), float("nan"))
+    _contrastive_fast._fast_fwd_kernel[(1,)](
+        img, txt, torch.tensor(14.3), torch.empty((n, n), dtype=torch.bfloat16),
+        torch.empty((n_ct, n), **f32), torch.empty((n_rt, n), **f32), torch.empty((n_ct, n), **f32),
+        torch.empty((n_rt, n), **f32), diag, n, dim, *img.stride(), *txt.stride(), n, 0,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=16, GROUP_M=8, UPCAST=False, PRECISION="tf32")
+    held = min(block_m, block_n)
+    want = 14.3 * (img.double() * txt.double()).sum(1)
+    torch.testing.assert_close(diag[:held].double(), want[:held], rtol=1e-5, atol=1e-5)
+    assert diag[held:].isnan().all()
