@@ -212,18 +212,23 @@ def test_without_a_gpu_and_without_dry_run_the_scripts_say_so(script, capsys):
     assert "no CUDA device" in capsys.readouterr().out
 
 
+def gpu_check(timeout: int, **env_vars: str):
+    """``bench/gpu_check.sh`` run with ``env_vars`` over this environment (``DRY`` unset unless
+    given); the finished process."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "DRY"}
+    return subprocess.run(["bash", str(Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh")],
+                          env=dict(env, **env_vars), capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.mark.slow
 def test_gpu_check_script_dry_run(tmp_path):
     # The shell plumbing: steps 2, 2b and 3 with DRY=1 (CPU, tiny), logs in $OUT, the
     # summary at the end; steps 1 and 4 are skipped without a GPU.
-    import os
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, DRY="1", OUT=str(tmp_path), PYTHON=sys.executable, STEPS="1 2 2b 3 4",
-               ONLY="template,blocks")
-    proc = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = gpu_check(600, DRY="1", OUT=str(tmp_path), PYTHON=sys.executable, STEPS="1 2 2b 3 4",
+                     ONLY="template,blocks")
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-2000:]
     assert "== 1." not in out and "== 4." not in out
@@ -237,14 +242,7 @@ def test_gpu_check_script_dry_run(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_gpu_check_script_without_a_gpu_stops_at_once(tmp_path):
     # its steps once ran on the CPU for minutes (the profiler's two modes up to their limits)
-    import os
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
-    env.pop("DRY", None)
-    proc = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = gpu_check(120, OUT=str(tmp_path), PYTHON=sys.executable)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stdout.splitlines()[-1] == ("no CUDA device: nothing to check here (DRY=1 rehearses the "
                                             "script's plumbing on the CPU)")
@@ -253,13 +251,7 @@ def test_gpu_check_script_without_a_gpu_stops_at_once(tmp_path):
 
 def test_gpu_check_script_names_an_interpreter_without_torch(tmp_path):
     # it once said "no CUDA device" for an interpreter that cannot import torch at all
-    import os
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, OUT=str(tmp_path), PYTHON="false")
-    proc = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], env=env, capture_output=True,
-                          text=True, timeout=60)
+    proc = gpu_check(60, OUT=str(tmp_path), PYTHON="false")
     assert proc.returncode == 1 and proc.stdout.splitlines()[-1] == (
         "torch and triton do not import with false (PYTHON= picks another interpreter)"), proc.stdout
 
@@ -267,10 +259,6 @@ def test_gpu_check_script_names_an_interpreter_without_torch(tmp_path):
 def test_gpu_check_script_fails_when_the_cuda_tests_cannot_run(tmp_path):
     # without pytest, step 1 (the first check in priority order) said "skipped" and the run
     # still exited 0; a GPU machine is faked by an interpreter that says CUDA is there
-    import os
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
     fake = tmp_path / "python"
     fake.write_text(f"""#!/bin/sh
 case "$*" in
@@ -280,10 +268,7 @@ esac
 exec {sys.executable} "$@"
 """)
     fake.chmod(0o755)
-    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=str(fake), STEPS="1")
-    env.pop("DRY", None)
-    proc = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = gpu_check(120, OUT=str(tmp_path / "out"), PYTHON=str(fake), STEPS="1")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert proc.stdout.splitlines()[-1] == ("NOT CHECKED: step 1, the CUDA tests: pytest does not import "
                                             "(make gpudeps, and carry .gpudeps)")
@@ -292,13 +277,7 @@ exec {sys.executable} "$@"
 def test_gpu_check_script_stops_at_its_deadline(tmp_path):
     # DEADLINE caps the whole run (one device command may take 600 s): with none left,
     # every step says it was skipped, the summary still prints and the exit status is 1.
-    import os
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, DRY="1", OUT=str(tmp_path), PYTHON=sys.executable, DEADLINE="0")
-    proc = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = gpu_check(120, DRY="1", OUT=str(tmp_path), PYTHON=sys.executable, DEADLINE="0")
     out = proc.stdout
     assert proc.returncode == 1, out
     assert out.count("skipped: DEADLINE (0 s) reached") == 4  # steps 2, 2b (two modes) and 3
