@@ -34,6 +34,7 @@
 # DRY=1 runs steps 2, 2b and 3 on the CPU at tiny sizes (--dry-run: this script's plumbing,
 # nothing measured) and skips steps 1 and 4, which need a GPU to mean anything.
 set -uo pipefail
+# empty arrays are expanded as ${a[@]+"${a[@]}"}: "${a[@]}" of an empty one fails set -u before bash 4.4
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
 # .gpudeps fills gaps only: after the interpreter's own site-packages, so the machine's
@@ -82,7 +83,7 @@ if want 1 && [ -z "$DRY" ]; then
         par=()
         "$PY" -c "import xdist" 2>/dev/null && par=(-n "${T1_WORKERS:-4}")
         run_for "${T1:-240}" "$PY" -m pytest tests/test_data_device.py tests/test_readback.py tests/test_expert.py \
-            tests/test_kernels_contrastive.py tests/test_kernels_retrieval.py "${par[@]}" --durations=5 \
+            tests/test_kernels_contrastive.py tests/test_kernels_retrieval.py ${par[@]+"${par[@]}"} --durations=5 \
             -q -p no:cacheprovider -o addopts="" -k "cuda or gpu" 2>&1 | tail -25 | log tests.log || status=1
     else
         echo "pytest is not available: step 1 skipped (step 3 still checks accuracy)"
@@ -103,7 +104,7 @@ if want 2b; then
     small=()
     [ -n "$DRY" ] && small=(--device cpu --preset tiny --batch 16 --image-size 64 --skip 1 --active 2)
     for mode in default reduce-overhead; do
-        run_for "${T2B:-150}" "$PY" bench/profile_step.py --compile-mode "$mode" "${small[@]}" 2>&1 \
+        run_for "${T2B:-150}" "$PY" bench/profile_step.py --compile-mode "$mode" ${small[@]+"${small[@]}"} 2>&1 \
             | grep -v -E "Warning|USDT" | log profile.log || status=1
     done
 fi
@@ -131,5 +132,5 @@ echo "==== summary"
 want 3 && [ -f "$TABLE" ] && cat "$TABLE"
 [ -n "$OUT_DIR" ] && grep -h -E "^(smoke_status|sync_check|harness_status|harness_reason|speed)" "$OUT_DIR/train.log" 2>/dev/null
 [ -n "$OUT_DIR" ] && grep -h -E "^(per step|device: .*overrides)" "$OUT_DIR/profile.log" 2>/dev/null
-for note in "${unchecked[@]}"; do echo "NOT CHECKED: $note"; done
+for note in ${unchecked[@]+"${unchecked[@]}"}; do echo "NOT CHECKED: $note"; done
 exit $status

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from eclip.fileio import atomic_write
 
+ROOT = Path(__file__).resolve().parents[1]
 BASELINES = Path(__file__).parent / "baselines"
 TIMING = ["--benchmark-enable", "--benchmark-min-rounds=15", "--benchmark-max-time=1.0",
           "--benchmark-warmup=on", "-q", "-p", "no:cacheprovider"]
@@ -57,7 +58,7 @@ def current_device() -> str:
 def run_suites(out: Path, extra: list[str]) -> int:
     cmd = [sys.executable, "-m", "pytest", "bench", *TIMING, f"--benchmark-json={out}", *extra]
     print("running:", " ".join(cmd), file=sys.stderr)
-    return subprocess.call(cmd, cwd=Path(__file__).resolve().parents[1])
+    return subprocess.call(cmd, cwd=ROOT)
 
 
 def load_run(path: Path) -> dict:
@@ -72,6 +73,22 @@ def load_run(path: Path) -> dict:
     return data
 
 
+def _readable(path: Path) -> dict | None:
+    """The baseline at ``path`` for ``save`` to weigh, or None when there is none or it is
+    unreadable (then nothing in it is worth keeping: said on stderr, and replaced)."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        print(f"guard: warning: {path}: unreadable ({type(e).__name__}); replacing it", file=sys.stderr)
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
+        print(f"guard: warning: {path}: not a pytest-benchmark JSON; replacing it", file=sys.stderr)
+        return None
+    return data
+
+
 def _fail(msg: str) -> int:
     print(f"guard: error: {msg}", file=sys.stderr)
     return 2
@@ -79,21 +96,22 @@ def _fail(msg: str) -> int:
 
 def selects(pytest_args: list[str]) -> bool:
     """Whether pytest arguments select a subset of the benchmarks (a partial run on purpose):
-    ``-k``, ``-m``, ``--deselect``, ``--ignore`` or a path / node id, as opposed to ones that
-    only change how the run goes or reports (``-v``, ``-x``, ``-p no:...``)."""
-    narrowing = {"-k", "-m", "--deselect", "--ignore", "--ignore-glob"}
-    takes_value = {"-p", "-n", "-W", "-o", "-c", "-r", "--maxfail", "--tb", "--durations", "--rootdir",
-                   "--basetemp", "--dist"}
-    args = iter(pytest_args)
-    for arg in args:
-        name = arg.split("=", 1)[0]
-        if name in narrowing or (arg[:2] in ("-k", "-m") and len(arg) > 2):  # -k loss, -kloss, --ignore=x
+    ``-k``, ``-m``, ``--deselect``, ``--ignore`` or a test path / node id (``…::…``, ``….py``,
+    a folder), as opposed to ones that only change how the run goes or reports (``-v``,
+    ``-x``, ``-p no:…``, ``--benchmark-max-time 2``: a value is no test path)."""
+    narrowing = ("-k", "-m", "--deselect", "--ignore", "--ignore-glob")
+    for arg in pytest_args:
+        if arg.split("=", 1)[0] in narrowing or (arg[:2] in ("-k", "-m") and len(arg) > 2):  # -kloss, --ignore=x
             return True
-        if name in takes_value and "=" not in arg:
-            next(args, None)  # the option's value is no path
-        elif not arg.startswith("-"):
-            return True  # a path or node id
+        path = arg.split("::", 1)[0]
+        if not arg.startswith("-") and ("::" in arg or path.endswith(".py") or (ROOT / path).is_dir()):
+            return True
     return False
+
+
+def references(run: dict) -> set[str]:
+    """Names of the run's references (timed for comparison, never guarded)."""
+    return {b["fullname"] for b in run["benchmarks"] if b.get("extra_info", {}).get("reference")}
 
 
 def guarded(run: dict) -> dict[str, float]:
@@ -111,7 +129,9 @@ def compare(base: dict, new: dict, tolerance: float) -> tuple[list[str], list[st
     """(table lines, regression lines, missing lines, unguarded lines): the figures both runs
     have, compared; those of the baseline that the new run lacks; those of the run that the
     baseline lacks (listed, never failing: unguarded until a baseline is saved with them)."""
-    a, b = guarded(base), guarded(new)
+    # a baseline saved before a benchmark became a reference still lists it: not missing, not compared
+    a = {k: v for k, v in guarded(base).items() if k not in references(new)}
+    b = guarded(new)
     lines, bad = [], []
     for name in sorted(set(a) & set(b)):
         change = b[name] / a[name] - 1
@@ -155,12 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "save":
         if not guarded(run):
             return _fail(f"{run_path}: no guarded figures (no benchmark with a plain counterpart); nothing saved")
-        if baseline.exists() and not partial:
-            old = load_run(baseline)
-            dropped = sorted(set(guarded(old)) - set(guarded(run))) if old.get("device") == device else []
+        old = _readable(baseline)
+        keep = f"nothing saved (this run stays in {run_path})"
+        if old is not None and old.get("device") not in (None, device):
+            return _fail(f"{baseline}: a baseline of {old['device']}, not of this run's device ({device}); {keep}")
+        if old is not None and not partial:
+            dropped = sorted(set(guarded(old)) - set(guarded(run)) - references(run))
             if dropped:  # a partial run would silently stop guarding them
                 return _fail(f"{baseline}: this run lacks {len(dropped)} of its figures (first: {dropped[0]}); "
-                             "nothing saved (add --allow-missing to replace it anyway)")
+                             f"{keep}: add --allow-missing to replace it anyway")
         baseline.parent.mkdir(parents=True, exist_ok=True)
         text = Path(run_path).read_text()
         atomic_write(baseline, lambda tmp: tmp.write_text(text))

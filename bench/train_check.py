@@ -80,9 +80,12 @@ def train(cache: Cache, steps: int, overrides: dict, log_every: int = 10, placem
     # From the first logged step at or after SETTLE_STEPS to the end of the run (synchronised).
     # That row's clock is the host's, taken without a sync: work still queued on the device
     # then falls inside the window, so the figure errs low, never high.
-    rows = run["history"]
-    first = next((r for r in rows if r["step"] >= SETTLE_STEPS), rows[0])
-    steady = (run["samples"] - first["samples"]) / max(run["train_s"] - first["elapsed_s"], 1e-9)
+    # A run too short for a row at SETTLE_STEPS with steps after it falls back to its first row
+    # with steps after it (warm-up included); with none, the figure is NaN, never 0 or a guess.
+    rows = [r for r in run["history"] if r["samples"] < run["samples"]]
+    first = next((r for r in rows if r["step"] >= SETTLE_STEPS), rows[0] if rows else None)
+    steady = (math.nan if first is None else
+              (run["samples"] - first["samples"]) / max(run["train_s"] - first["elapsed_s"], 1e-9))
     return dict(run, steady_sps=steady)
 
 

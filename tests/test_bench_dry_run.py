@@ -179,6 +179,12 @@ def test_steady_throughput_starts_after_the_graphs_are_recorded(monkeypatch):
     monkeypatch.setattr(train_check, "run_loop", lambda *a, **k: dict(run))
     out = train_check.train(train_check.random_cache(8, 16, 8, 64), 30, {}, device="cpu")
     assert out["steady_sps"] == pytest.approx((1920 - 640) / (36.7 - 34.7))  # 640 samples/s
+    # a run that ends at its step-10 row: the window falls back to step 1, never to 0 samples/s
+    run.update(history=history[:2], samples=640, train_s=34.7)
+    out = train_check.train(train_check.random_cache(8, 16, 8, 64), 10, {}, device="cpu")
+    assert out["steady_sps"] == pytest.approx((640 - 64) / (34.7 - 30.0))
+    run.update(history=history[:1], samples=64, train_s=30.0)  # one step: nothing to measure
+    assert math.isnan(train_check.train(train_check.random_cache(8, 16, 8, 64), 1, {}, device="cpu")["steady_sps"])
 
 
 def test_train_check_dry_run(capsys):

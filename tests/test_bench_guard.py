@@ -161,7 +161,10 @@ def test_only_pytest_arguments_that_select_make_a_run_partial(tmp_path, capsys, 
     assert guard.main(["check", "--baseline", str(base), "--", "-k", "loss"]) == 0
     assert "1 missing from this run (a partial run)" in capsys.readouterr().out
     assert guard.selects(["bench/bench_loss.py"]) and guard.selects(["--deselect=bench/x.py::y"])
+    assert guard.selects(["bench"]) and guard.selects(["bench/bench_loss.py::bench_contrastive_loss"])
     assert not guard.selects(["-x", "-n", "2", "--tb=short"])
+    # an option's value separated by a space is no test path
+    assert not guard.selects(["--benchmark-max-time", "2", "--benchmark-columns", "min", "--timeout", "60"])
 
 
 def test_save_refuses_to_drop_figures_of_the_baseline(tmp_path, capsys):
@@ -172,7 +175,15 @@ def test_save_refuses_to_drop_figures_of_the_baseline(tmp_path, capsys):
     assert guard.main(["save", "--run", str(part), "--baseline", str(base)]) == 2
     err = capsys.readouterr().err
     assert "base.json: this run lacks 1 of its figures (first: step[template]); nothing saved" in err
+    assert f"this run stays in {part}): add --allow-missing to replace it anyway" in err
     assert base.read_text() == before
+    # a baseline without a device field is this device's for check, so for save too
+    data = json.loads(before)
+    del data["device"]
+    base.write_text(json.dumps(data))
+    assert guard.main(["save", "--run", str(part), "--baseline", str(base)]) == 2
+    assert "lacks 1 of its figures" in capsys.readouterr().err
+    base.write_text(before)
     assert guard.main(["save", "--run", str(part), "--baseline", str(base), "--allow-missing"]) == 0
     assert json.loads(base.read_text()) == json.loads(part.read_text())
     assert "a partial run (--allow-missing)" in capsys.readouterr().err
@@ -200,3 +211,35 @@ def test_references_are_not_guarded(tmp_path, capsys):
     ref["extra_info"]["reference"] = True
     data["benchmarks"].append(ref)
     assert set(guard.guarded(data)) == {"loss[fused]", "step[template]"}
+
+
+def test_save_refuses_another_devices_baseline_and_replaces_an_unreadable_one(tmp_path, capsys):
+    run = run_file(tmp_path, "run.json", 1.5)
+    other = run_file(tmp_path, "other.json", 1.5, device="NVIDIA A100-SXM4-80GB")
+    before = other.read_text()
+    assert guard.main(["save", "--run", str(run), "--baseline", str(other)]) == 2
+    assert "other.json: a baseline of NVIDIA A100-SXM4-80GB, not of this run's device" in capsys.readouterr().err
+    assert other.read_text() == before
+    broken = tmp_path / "broken.json"
+    broken.write_text("{half a fi")
+    assert guard.main(["save", "--run", str(run), "--baseline", str(broken)]) == 0
+    assert "broken.json: unreadable (JSONDecodeError); replacing it" in capsys.readouterr().err
+    assert json.loads(broken.read_text()) == json.loads(run.read_text())
+
+
+def test_a_baseline_from_before_a_benchmark_became_a_reference_still_checks(tmp_path, capsys):
+    # plain + compile was guarded once: an older baseline lists it without the reference flag
+    def with_compile(name, reference):
+        data = json.loads(run_file(tmp_path, name, 1.5).read_text())
+        ref = bench("loss[compile]", "loss-fwd+bwd B=1024", "plain-compile", 0.004, ratio=0.4)
+        if reference:
+            ref["extra_info"]["reference"] = True
+        data["benchmarks"].append(ref)
+        (tmp_path / name).write_text(json.dumps(data))
+        return tmp_path / name
+
+    old, new = with_compile("old.json", False), with_compile("new.json", True)
+    assert guard.main(["check", "--run", str(new), "--baseline", str(old)]) == 0
+    out = capsys.readouterr().out
+    assert "2 figures compared with old.json, 0 regressed beyond 35%\n" in out and "missing" not in out
+    assert guard.main(["save", "--run", str(new), "--baseline", str(old)]) == 0
