@@ -58,16 +58,18 @@ def paired_ratio(benchmark, fn, plain_fn, pairs: int = 21) -> None:
     import statistics
     import time
 
+    def seconds(f) -> float:
+        t0 = time.perf_counter()
+        f()
+        return time.perf_counter() - t0
+
     fn, plain_fn = timed(fn), timed(plain_fn)
     ratios = []
     for i in range(pairs):  # each side goes first in every other pair: no order bias (caches, clocks)
-        first, second = (fn, plain_fn) if i % 2 == 0 else (plain_fn, fn)
-        t0 = time.perf_counter()
-        first()
-        t1 = time.perf_counter()
-        second()
-        t2 = time.perf_counter()
-        ours, plain = (t1 - t0, t2 - t1) if i % 2 == 0 else (t2 - t1, t1 - t0)
+        if i % 2 == 0:
+            ours, plain = seconds(fn), seconds(plain_fn)
+        else:
+            plain, ours = seconds(plain_fn), seconds(fn)
         ratios.append(ours / max(plain, 1e-9))
     benchmark.extra_info["ratio_to_plain"] = statistics.median(ratios)
 

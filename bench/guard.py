@@ -89,6 +89,14 @@ def _readable(path: Path) -> dict | None:
     return data
 
 
+def _other_device(baseline: Path, data: dict, device: str) -> str | None:
+    """Why the baseline ``data`` does not serve a run on ``device`` (ratios move with the
+    device), or None; a baseline that names no device is taken as this one's."""
+    if data.get("device") in (None, device):
+        return None
+    return f"{baseline}: a baseline of {data['device']}, not of this run's device ({device})"
+
+
 def _fail(msg: str) -> int:
     print(f"guard: error: {msg}", file=sys.stderr)
     return 2
@@ -177,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(f"{run_path}: no guarded figures (no benchmark with a plain counterpart); nothing saved")
         old = _readable(baseline)
         keep = f"nothing saved (this run stays in {run_path})"
-        if old is not None and old.get("device") not in (None, device):
-            return _fail(f"{baseline}: a baseline of {old['device']}, not of this run's device ({device}); {keep}")
+        if old is not None and (why := _other_device(baseline, old, device)):
+            return _fail(f"{why}; {keep}")
         if old is not None and not partial:
             dropped = sorted(set(guarded(old)) - set(guarded(run)) - references(run))
             if dropped:  # a partial run would silently stop guarding them
@@ -195,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     if not baseline.exists():
         return _fail(f"no baseline for {device} at {baseline}; make one with: python -m bench.guard save")
     base = load_run(baseline)
-    if base.get("device") not in (None, device):  # ratios move with the device: not comparable
-        return _fail(f"{baseline}: a baseline of {base['device']}, not of this run's device ({device})")
+    if why := _other_device(baseline, base, device):
+        return _fail(why)
     tolerance = args.tolerance if args.tolerance is not None else (0.35 if device.startswith("cpu") else 0.15)
     lines, bad, missing, unguarded = compare(base, run, tolerance)
     compared = len(lines)

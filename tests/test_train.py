@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from train_support import SMALL, recipe_at_call, run
+from train_support import SMALL, metric_rows, recipe_at_call, run
 
 from eclip import prepare, train
 from eclip.checkpoint import load_checkpoint, save_checkpoint
@@ -26,7 +26,7 @@ def test_short_run_learns(cache, tmp_path, capsys):
     assert rc == 0, err
     result = json.loads((out / "result.json").read_text())
     assert result["status"] == "ok" and result["steps"] == 200 and result["eval_split"] == "val"
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(out)
     first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-5:]) / 5
     assert last < first - 0.5, (first, last)
     random = (100 - 1) / 2
@@ -116,7 +116,7 @@ def test_out_of_memory_mid_run_keeps_the_row_in_flight(cache, tmp_path, capsys, 
         assert result["status"] == "diverged" and f"loss nan at step {nan_step}" in result["reason"]
     else:
         assert result["status"] == "oom" and "out of memory (simulated)" in result["reason"]
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        rows = metric_rows(out)
         assert [r["step"] for r in rows if "loss" in r] == [1, 2, 4]
 
 
@@ -540,7 +540,7 @@ def test_the_schedule_starts_after_the_first_step(cache, tmp_path, capsys):
     rc, _, err = run(["--data", cache, "--out", out, "--budget-s", budget, "--recipe", recipe,
                       *SMALL, "--log-every=1"], capsys)
     assert rc == 0, err
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = metric_rows(out)
     assert rows[0]["step"] == 1 and rows[0]["progress"] == 0.0 and rows[0]["elapsed_s"] >= 1.5
     assert len(rows) >= 3, rows
     meta = json.loads((out / "checkpoint.json").read_text())
@@ -555,16 +555,12 @@ def test_the_schedule_starts_after_the_first_step(cache, tmp_path, capsys):
     assert rows[1]["progress"] < 0.25  # on the clock it would be at least 1.5 / 4
 
 
-def _rows(out):
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_a_step_count_run_hands_the_recipe_step_over_steps(cache, tmp_path, capsys):
     rec = recipe_at_call(tmp_path, after="out['progress'] = torch.tensor(float(progress))")
     out = tmp_path / "run"
     rc, _, err = run(["--data", cache, "--out", out, "--steps", 4, "--recipe", rec, *SMALL, "--log-every=1"], capsys)
     assert rc == 0, err
-    assert [r["progress"] for r in _rows(out)] == [0.0, 0.25, 0.5, 0.75]
+    assert [r["progress"] for r in metric_rows(out)] == [0.0, 0.25, 0.5, 0.75]
 
 
 def test_a_resumed_budget_run_keeps_its_schedule_origin(cache, tmp_path, capsys):
@@ -583,7 +579,7 @@ def test_a_resumed_budget_run_keeps_its_schedule_origin(cache, tmp_path, capsys)
     rc, _, err = run([*base, "--recipe", plain, "--resume"], capsys)
     assert rc == 0, err
     assert json.loads((out / "checkpoint.json").read_text())["schedule_origin_s"] == first["schedule_origin_s"]
-    resumed = [r for r in _rows(out) if r["step"] > 3]
+    resumed = [r for r in metric_rows(out) if r["step"] > 3]
     assert resumed and resumed[0]["progress"] > 0  # the schedule goes on where it was
 
 
@@ -595,7 +591,7 @@ def test_the_seed_decides_the_batches(cache, tmp_path, capsys):
         rc, _, err = run(["--data", cache, "--out", out, "--steps", 1, "--recipe", rec, *SMALL, "--seed", seed],
                          capsys)
         assert rc == 0, err
-        seen.append(_rows(out)[0]["batch"])
+        seen.append(metric_rows(out)[0]["batch"])
     assert seen[0] == seen[2] != seen[1]
 
 

@@ -2,6 +2,8 @@
 a small model's options, recipes that wrap the template's ``train_step``, and a call of
 ``eclip.train.main`` in-process. The dataset they train on is conftest's ``train_cache``."""
 
+import json
+
 from eclip import train
 
 # A model small enough that a test run takes seconds on 2 cores.
@@ -39,3 +41,8 @@ def run(argv, capsys):
     rc = train.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return rc, out, err
+
+
+def metric_rows(out) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl``, in order."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
