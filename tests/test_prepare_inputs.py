@@ -1,5 +1,5 @@
 """``python -m eclip.prepare`` on awkward inputs: JSONL rows with differing keys, boxes found
-bad at decoding, deep images, --out directories that are not ours, option limits."""
+bad at decoding, deep images, --out directories that are not ours, damaged caches, option limits."""
 
 import csv
 import json
@@ -9,10 +9,13 @@ import stat
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.numpy import load_file, save_file
 from test_prepare import run, write_image
 
+from eclip import prepare
 from eclip.data import synthetic
 from eclip.data.cache import load_cache, read_manifest
+from eclip.errors import EclipError
 
 
 def manifest_args(images, path, out, *extra):
@@ -278,3 +281,302 @@ def test_the_working_directory_is_refused_as_out_before_the_build(images, tmp_pa
             f"name a folder inside it (--out {out}/cache)")
         assert err.count("error") == 1
     assert here.is_dir() and not any(here.iterdir())
+
+
+# Each region value the readers refuse, at the row (and region) that gave it: a box that slips
+# through would be silently dropped at decoding (NaN, zero area) or crash it (five numbers).
+@pytest.mark.parametrize("region,problem", [
+    ({"bbox": [0, 0, 5, 5, 5], "phrase": "x"}, "region 1: bbox must be four finite numbers [x1, y1, x2, y2], got "
+                                               "[0, 0, 5, 5, 5]"),
+    ({"bbox": [True, 0, 5, 5], "phrase": "x"}, "region 1: bbox must be four finite numbers"),
+    ({"bbox": [0, 0, float("nan"), 5], "phrase": "x"}, "region 1: bbox must be four finite numbers"),
+    ({"bbox": [0, 0, 5, float("inf")], "phrase": "x"}, "region 1: bbox must be four finite numbers"),
+    ({"bbox": [5, 0, 5, 10], "phrase": "x"}, "region 1: bbox [5, 0, 5, 10] has x2<=x1 or y2<=y1"),  # no width
+    ({"bbox": [0, 4, 5, 4], "phrase": "x"}, "region 1: bbox [0, 4, 5, 4] has x2<=x1 or y2<=y1"),  # no height
+    ({"bbox": [0, -1, 5, 5], "phrase": "x"}, "region 1: bbox [0, -1, 5, 5] lies outside the image (negative"),
+    ({"bbox": [0, 0, 5, 5], "phrase": "   "}, "region 1: empty phrase"),
+], ids=["five numbers", "a bool", "nan", "infinity", "no width", "no height", "negative y", "blank phrase"])
+def test_bad_region_values_are_refused_at_their_row(images, tmp_path, capsys, region, problem):
+    path = tmp_path / "m.jsonl"
+    good = {"bbox": [1, 1, 4, 4], "phrase": "a dot"}
+    rows = [{"image": "0.png", "caption": "fine"}, {"image": "1.png", "caption": "boxed", "regions": [good, region]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc, _, err = run(manifest_args(images, path, tmp_path / "c"), capsys)
+    assert rc == 2 and f"m.jsonl:2: {problem}" in err, err
+    assert not (tmp_path / "c").exists()
+
+
+def test_whitespace_around_names_captions_and_phrases_is_trimmed(images, tmp_path, capsys):
+    # spreadsheet exports pad cells: " 0.png " names the file 0.png, and the padding never
+    # reaches the tokenizer or records.jsonl
+    path = tmp_path / "m.csv"
+    write_csv(path, [[" 0.png ", "  a red dot  ", json.dumps([{"bbox": [1, 1, 9, 9], "phrase": " a dot "}])],
+                     ["1.png", "plain", ""]])
+    out = tmp_path / "c"
+    rc, _, err = run(manifest_args(images, path, out), capsys)
+    assert rc == 0, err
+    recs = records(out)
+    assert [(r["image"], r["captions"], r["phrases"]) for r in recs] == [
+        ("0.png", ["a red dot"], ["a dot"]), ("1.png", ["plain"], [])]
+
+
+def test_header_names_are_matched_whatever_their_case(images, tmp_path, capsys):
+    path = tmp_path / "m.csv"
+    path.write_text("Image,Caption,Split\n0.png,a picture,TRAIN\n1.png,another,Train\n")
+    out = tmp_path / "c"
+    rc, _, err = run(manifest_args(images, path, out), capsys)
+    assert rc == 0, err
+    assert "image column 'Image', caption column 'Caption', split column 'Split'" in err
+    assert [r["captions"] for r in records(out)] == [["a picture"], ["another"]]
+
+
+@pytest.mark.parametrize("value,split", [("Test", "test"), (" VAL ", "val"), (None, "train"), ("", "train")])
+def test_split_values_ignore_case_and_null_means_none(images, tmp_path, capsys, value, split):
+    # row 1's split is the one under test; with --val-frac 0 --test-frac 0 "none" deals train
+    path = tmp_path / "m.jsonl"
+    rows = [{"image": "0.png", "caption": "under test", "split": value},
+            {"image": "1.png", "caption": "train", "split": "train"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "c"
+    rc, _, err = run(manifest_args(images, path, out), capsys)
+    assert rc == 0, err
+    assert [r["split"] for r in records(out)] == [split, "train"]
+
+
+def test_an_unknown_split_is_refused_at_its_row(images, tmp_path, capsys):
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption,split\n0.png,a,train\n1.png,b,dev\n")
+    rc, _, err = run(manifest_args(images, path, tmp_path / "c"), capsys)
+    assert rc == 2 and "m.csv:3: unknown split 'dev' (use train, val or test)" in err, err
+
+
+def test_only_the_rows_without_a_split_are_dealt(images, tmp_path, capsys):
+    # every row without a split goes to test (--test-frac just below 1); the source's splits stay
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption,split\n0.png,a,train\n1.png,b,\n2.png,c,val\n3.png,d,\n")
+    out = tmp_path / "c"
+    args = manifest_args(images, path, out)
+    args[args.index("--test-frac") + 1] = "0.999999"
+    rc, _, err = run(args, capsys)
+    assert rc == 0, err
+    assert [r["split"] for r in records(out)] == ["train", "test", "val", "test"]
+
+
+def test_a_region_repeated_by_the_rows_of_an_image_is_kept_once(images, tmp_path, capsys):
+    # COCO-style rows repeat the image's regions with each caption: one box, not three
+    cat = {"bbox": [2, 2, 10, 10], "phrase": "a cat"}
+    dog = {"bbox": [2, 2, 10, 10], "phrase": "a dog"}  # same box, another phrase: a region of its own
+    path = tmp_path / "m.jsonl"
+    rows = [{"image": "0.png", "caption": c, "regions": regs}
+            for c, regs in (("one", [cat]), ("two", [cat, dog]), ("three", [dog, cat]))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "c"
+    rc, _, err = run(manifest_args(images, path, out), capsys)
+    assert rc == 0, err
+    assert records(out)[0]["phrases"] == ["a cat", "a dog"]
+    assert load_cache(out).region_boxes.tolist() == [pytest.approx([0.1, 0.1, 0.5, 0.5])] * 2
+
+
+def test_tsv_with_windows_line_ends_and_blank_lines(images, tmp_path, capsys):
+    # a spreadsheet's CRLF: the "\r" must not stay on the last field (it would keep a quoted
+    # field from being unquoted), and a blank line is no row; a field that is one quote is text
+    path = tmp_path / "m.tsv"
+    path.write_bytes(b'image\tcaption\r\n0.png\t"a ""quoted"" word"\r\n\r\n1.png\t"\r\n2.png\tplain\r\n\r\n')
+    out = tmp_path / "c"
+    rc, _, err = run(manifest_args(images, path, out), capsys)
+    assert rc == 0, err
+    assert [r["captions"] for r in records(out)] == [['a "quoted" word'], ['"'], ["plain"]]
+
+
+def test_a_jsonl_manifest_may_start_with_a_byte_order_mark(images, tmp_path, capsys):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes("\ufeff".encode() + (json.dumps({"image": "0.png", "caption": "first"}) + "\n").encode())
+    out = tmp_path / "c"
+    rc, _, err = run(manifest_args(images, path, out), capsys)
+    assert rc == 0, err
+    assert records(out)[0]["captions"] == ["first"]
+
+
+@pytest.mark.parametrize("text,problem", [("", "m.csv: empty manifest"),
+                                          ("image,caption\n", "m.csv: manifest has no rows"),
+                                          ("image,caption\n\n\n", "m.csv: manifest has no rows")],
+                         ids=["empty file", "header only", "header and blank lines"])
+def test_a_manifest_without_rows_is_one_line(images, tmp_path, capsys, text, problem):
+    path = tmp_path / "m.csv"
+    path.write_text(text)
+    rc, _, err = run(manifest_args(images, path, tmp_path / "c"), capsys)
+    assert rc == 2 and err.strip().count("\n") == 0 and problem in err, err
+
+
+def test_odvg_blank_lines_and_rows_without_regions(images, tmp_path, capsys):
+    # a blank line is no row (and does not shift the line numbers after it); a grounding
+    # without "regions" is an image with none
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    rows = [{"filename": "0.png", "grounding": {"caption": "no regions"}},
+            {"filename": "1.png",
+             "grounding": {"caption": "one", "regions": [{"bbox": [1, 1, 5, 5], "phrase": "a dot"}]}}]
+    train.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n\n")
+    val.write_text(json.dumps({"filename": "2.png", "grounding": {"caption": "val", "regions": []}}) + "\n")
+    args = ["--format", "odvg", "--images", images, "--train", train, "--val", val, "--image-size", 8,
+            "--workers", 1, "--vocab-size", 300, "--folds", 1]
+    out = tmp_path / "c"
+    rc, _, err = run(args + ["--out", out], capsys)
+    assert rc == 0, err
+    assert [(r["captions"], r["phrases"]) for r in records(out)] == [
+        (["no regions"], []), (["one"], ["a dot"]), (["val"], [])]
+    rows[1]["grounding"]["caption"] = " "
+    train.write_text(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n")
+    rc, _, err = run(args + ["--out", tmp_path / "d"], capsys)
+    assert rc == 2 and "train.jsonl:3: empty caption" in err, err
+
+
+@pytest.mark.parametrize("damage", ["cut short", "deleted"])
+def test_a_damaged_cache_is_rebuilt_not_reused(images, tmp_path, capsys, damage):
+    # a copy cut short keeps its manifest: the sizes recorded at build time tell it apart
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n")
+    out = tmp_path / "c"
+    assert run(manifest_args(images, path, out), capsys)[0] == 0
+    f = out / "images.safetensors"
+    if damage == "cut short":
+        f.write_bytes(f.read_bytes()[:-7])
+        with pytest.raises(EclipError, match="images.safetensors: has another size than when it was built; rebuild"):
+            load_cache(out)
+    else:
+        f.unlink()
+    rc, stdout, err = run(manifest_args(images, path, out), capsys)
+    assert rc == 0 and "status:             built" in stdout, err
+    assert load_cache(out).images.shape == (1, 3, 8, 8)
+
+
+def test_a_cache_missing_a_tensor_is_refused_by_name(images, tmp_path, capsys):
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n")
+    out = tmp_path / "c"
+    assert run(manifest_args(images, path, out), capsys)[0] == 0
+    ann = out / "annotations.safetensors"
+    arrays = load_file(str(ann))
+    del arrays["fold"]  # as written by an older prepare, say
+    save_file(arrays, str(ann))
+    m = read_manifest(out)
+    m["sizes"]["annotations.safetensors"] = ann.stat().st_size
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EclipError, match=r"annotations.safetensors: missing tensors fold$"):
+        load_cache(out)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '"a string"'])
+def test_out_with_a_manifest_json_that_is_no_object_is_left_alone(images, tmp_path, capsys, text):
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n")
+    out = tmp_path / "other"
+    out.mkdir()
+    (out / "manifest.json").write_text(text)
+    rc, _, err = run(manifest_args(images, path, out), capsys)
+    assert rc == 2 and "other: exists and is not a cache; refusing to replace it" in err, err
+    assert (out / "manifest.json").read_text() == text
+    with pytest.raises(EclipError, match="not a prepared cache, manifest.json missing or unreadable"):
+        load_cache(out)
+
+
+def test_an_existing_empty_out_directory_is_used(images, tmp_path, capsys):
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n")
+    out = tmp_path / "made-by-hand"
+    out.mkdir()
+    rc, _, err = run(manifest_args(images, path, out), capsys)
+    assert rc == 0, err
+    assert load_cache(out).images.shape[0] == 1
+
+
+def test_a_cache_holding_several_foreign_files_names_the_first_and_counts_the_rest(images, tmp_path, capsys):
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n")
+    out = tmp_path / "c"
+    assert run(manifest_args(images, path, out), capsys)[0] == 0
+    for name in ("b.txt", "a.txt", "c.txt"):
+        (out / name).write_text("mine")
+    # --force: without it the unchanged cache is reused as it is, and nothing is replaced
+    rc, _, err = run(manifest_args(images, path, out, "--force"), capsys)
+    assert rc == 2 and "holds 'a.txt' and 2 more, which is not part of the cache" in err, err
+
+
+@pytest.mark.parametrize("change", [["--force"], ["--resize", "center-crop"], ["--seed", "7"],
+                                    ["--phrase-length", "5"], ["bump", "READ_VERSION"], ["bump", "DECODE_VERSION"]],
+                         ids=lambda c: " ".join(c))
+def test_a_changed_option_or_reader_version_rebuilds(images, tmp_path, capsys, monkeypatch, change):
+    # the same inputs and options reuse the cache; each of these must build it afresh
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n")
+    out = tmp_path / "c"
+    assert run(manifest_args(images, path, out), capsys)[0] == 0
+    rc, stdout, _ = run(manifest_args(images, path, out), capsys)
+    assert rc == 0 and "status:             reused" in stdout
+    if change[0] == "bump":  # a new reader or decoder: caches of the old one are stale
+        monkeypatch.setattr(prepare, change[1], getattr(prepare, change[1]) + 1)
+        change = []
+    rc, stdout, err = run(manifest_args(images, path, out, *change), capsys)
+    assert rc == 0 and "status:             built" in stdout, err
+
+
+@pytest.mark.parametrize("option,value", [("--image-size", 2), ("--context-length", 2), ("--phrase-length", 2),
+                                          ("--folds", 0), ("--workers", 0), ("--num-train", 0)])
+def test_options_below_their_minimum_are_refused(images, tmp_path, capsys, option, value):
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n")
+    rc, _, err = run(manifest_args(images, path, tmp_path / "c", option, value), capsys)
+    assert rc == 2 and err == f"prepare: error: {option} {value}: too small\n", err
+
+
+@pytest.mark.parametrize("val,test", [("0.5", "0.5"), ("0.7", "0.6"), ("1", "0"), ("-0.1", "0")])
+def test_split_fractions_must_leave_room_for_training(images, tmp_path, capsys, val, test):
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n")
+    rc, _, err = run(manifest_args(images, path, tmp_path / "c", "--val-frac", val, "--test-frac", test), capsys)
+    assert rc == 2 and "--val-frac and --test-frac must lie in [0, 1) and sum below 1" in err, err
+
+
+def test_the_largest_evaluation_split_there_is_may_be_asked_for():
+    args = prepare.build_parser().parse_args(["--dataset", "synthetic", "--out", "x",
+                                              "--num-val", str(synthetic.MAX_EVAL_SCENES),
+                                              "--num-test", str(synthetic.MAX_EVAL_SCENES)])
+    prepare._resolve_defaults(args)  # not refused: exactly as many scenes as exist
+
+
+def test_a_negative_seed_is_refused(images, tmp_path, capsys):
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n")
+    rc, _, err = run(manifest_args(images, path, tmp_path / "c", "--seed", "-1"), capsys)
+    assert rc == 2 and err == "prepare: error: --seed -1: must be 0 or more\n", err
+
+
+def test_a_source_without_training_images_is_refused(images, tmp_path, capsys):
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption,split\n0.png,a,val\n1.png,b,test\n")
+    rc, _, err = run(manifest_args(images, path, tmp_path / "c"), capsys)
+    assert rc == 2 and "no training images left (every training row was bad or the split is empty)" in err, err
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_row_with_two_bad_boxes_is_reported_once_at_its_first(images, tmp_path, capsys):
+    wide = {"bbox": [0, 0, 500, 10], "phrase": "too wide"}
+    tall = {"bbox": [0, 0, 10, 500], "phrase": "too tall"}
+    path = tmp_path / "m.jsonl"
+    rows = [{"image": "0.png", "caption": "fine"}, {"image": "1.png", "caption": "bad", "regions": [wide, tall]}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "c"
+    rc, _, err = run(manifest_args(images, path, out, "--skip-bad"), capsys)
+    assert rc == 0, err
+    skipped = [json.loads(x) for x in (out / "skipped.jsonl").read_text().splitlines()]
+    assert skipped == [{"where": f"{path}:2", "problem": "region 0: bbox [0, 0, 500, 10] lies outside the 20x20 image"}]
+
+
+def test_synthetic_evaluation_splits_are_the_distinct_scenes_and_train_may_repeat(tmp_path, capsys):
+    out = tmp_path / "c"
+    rc, _, err = run(["--dataset", "synthetic", "--num-train", 12, "--num-val", 12, "--num-test", 12,
+                      "--image-size", 8, "--workers", 1, "--seed", 3, "--out", out], capsys)
+    assert rc == 0, err
+    recs = records(out)
+    for split, unique in (("train", False), ("val", True), ("test", True)):
+        want = [s.caption for s in synthetic.sample_split(3, split, 12, unique=unique)]
+        assert [r["captions"][0] for r in recs if r["split"] == split] == want, split
