@@ -35,7 +35,7 @@ from eclip.data.sources import (
 )
 from eclip.errors import DataError, DefaultsFormatter, EclipError, OneLineParser
 from eclip.evaluate import kfold_assign
-from eclip.tokenizer import encode_batch, load_tokenizer, train_bpe
+from eclip.tokenizer import MIN_VOCAB, encode_batch, load_tokenizer, train_bpe
 
 SPLIT_IDS = {name: i for i, name in enumerate(cache_mod.SPLITS)}
 SYNTHETIC_VERSION = 2  # bump when the generator's output changes, so caches rebuild
@@ -95,6 +95,9 @@ def _resolve_defaults(args) -> None:
             raise EclipError(f"--{key.replace('_', '-')} {getattr(args, key)}: too small")
     if not (0 <= args.val_frac < 1 and 0 <= args.test_frac < 1 and args.val_frac + args.test_frac < 1):
         raise EclipError("--val-frac and --test-frac must lie in [0, 1) and sum below 1")
+    if args.tokenizer is None and args.vocab_size < MIN_VOCAB:  # here, not after minutes of decoding
+        raise EclipError(f"--vocab-size {args.vocab_size}: must be at least {MIN_VOCAB} "
+                         "(256 byte symbols plus the special tokens)")
     if args.folds > MAX_FOLDS:  # a larger id would wrap around to a negative one
         raise EclipError(f"--folds {args.folds}: at most {MAX_FOLDS} (fold ids are stored as int8)")
     if synth:  # checked up front: the generator cannot draw more distinct scenes than exist
@@ -280,6 +283,7 @@ def run(args) -> dict:
         print("\n".join(summary_lines(dict(manifest, out=str(args.out)), "reused", time.perf_counter() - t0)))
         return manifest
     cache_mod.ensure_replaceable(args.out)  # before minutes of decoding, not after
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer is not None else None  # likewise: a bad file fails now
     if not recs:
         raise EclipError("no usable images in the source")
     images, boxes, keep = decode_all(recs, args, problems)
@@ -287,9 +291,7 @@ def run(args) -> dict:
     counts = {s: sum(r.split == s for r in recs) for s in cache_mod.SPLITS}
     if counts["train"] == 0:
         raise EclipError("no training images left (every training row was bad or the split is empty)")
-    if args.tokenizer is not None:
-        tok = load_tokenizer(args.tokenizer)
-    else:
+    if tok is None:
         tok = train_bpe((c for r in recs if r.split == "train" for c in r.captions), args.vocab_size)
     folds = np.full(len(recs), -1, dtype=np.int64)
     trainval = np.array([i for i, r in enumerate(recs) if r.split != "test"], dtype=np.int64)

@@ -18,6 +18,7 @@ from eclip.errors import EclipError, first_line
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
 PAD_ID = 0
+MIN_VOCAB = 256 + len(SPECIALS)  # the 256 byte symbols plus the special tokens
 
 
 def _plain(tok: Tokenizer) -> Tokenizer:
@@ -34,8 +35,8 @@ def _plain(tok: Tokenizer) -> Tokenizer:
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Train a byte-level BPE on ``texts``; the 256 byte symbols are always in the vocabulary."""
-    if vocab_size < 256 + len(SPECIALS):
-        raise EclipError(f"--vocab-size {vocab_size}: must be at least {256 + len(SPECIALS)} "
+    if vocab_size < MIN_VOCAB:
+        raise EclipError(f"--vocab-size {vocab_size}: must be at least {MIN_VOCAB} "
                          "(256 byte symbols plus the special tokens)")
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

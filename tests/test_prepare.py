@@ -390,3 +390,13 @@ def test_manifest_without_a_split_column_deals_the_fractions_asked_for(tmp_path,
     split = load_cache(tmp_path / "c").split
     n_val, n_test = int((split == 1).sum()), int((split == 2).sum())
     assert 2 <= n_val <= 16 and 20 <= n_test <= 44, (n_val, n_test)  # about 8 and 32 of 80
+
+
+def test_an_odvg_file_may_start_with_a_byte_order_mark(odvg, tmp_path, capsys):
+    # as a manifest may: an editor's BOM is no part of line 1's JSON
+    odvg["train"].write_bytes("\ufeff".encode() + odvg["train"].read_bytes())
+    out = tmp_path / "cache"
+    rc, stdout, err = run(odvg_args(odvg, out), capsys)
+    assert rc == 0, err
+    assert load_cache(out).split.tolist() == [0, 0, 0, 0, 1, 2]
+    assert json.loads((out / "records.jsonl").read_text(encoding="utf-8").splitlines()[0])["image"] == "print_0.jpg"

@@ -580,3 +580,52 @@ def test_synthetic_evaluation_splits_are_the_distinct_scenes_and_train_may_repea
     for split, unique in (("train", False), ("val", True), ("test", True)):
         want = [s.caption for s in synthetic.sample_split(3, split, 12, unique=unique)]
         assert [r["captions"][0] for r in recs if r["split"] == split] == want, split
+
+
+def test_an_unclosed_csv_quote_is_reported_at_the_row_that_opens_it(images, tmp_path, capsys):
+    # the quote swallows the rest of the file; the line to fix is where it opens, not the last
+    path = tmp_path / "m.csv"
+    path.write_text('image,caption\n0.png,fine\n1.png,"unclosed\n2.png,two\n3.png,three\n')
+    rc, _, err = run(manifest_args(images, path, tmp_path / "c"), capsys)
+    assert rc == 2 and "m.csv:3: malformed CSV row (unexpected end of data)" in err, err
+
+
+def test_a_nul_in_an_image_path_is_a_row_problem(images, tmp_path, capsys):
+    path = tmp_path / "m.jsonl"
+    rows = [{"image": "0.png", "caption": "fine"}, {"image": "a\u0000b.png", "caption": "broken"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc, _, err = run(manifest_args(images, path, tmp_path / "c"), capsys)
+    assert rc == 2 and "m.jsonl:2: image path holds a NUL character" in err, err
+    rc, _, err = run(manifest_args(images, path, tmp_path / "c", "--skip-bad"), capsys)
+    assert rc == 0, err
+    assert load_cache(tmp_path / "c").images.shape[0] == 1
+
+
+def test_out_with_an_undecodable_manifest_json_is_refused_in_one_line(images, tmp_path, capsys):
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n")
+    out = tmp_path / "other"
+    out.mkdir()
+    (out / "manifest.json").write_bytes(b"\xff\xfe binary, another tool's")
+    rc, _, err = run(manifest_args(images, path, out), capsys)
+    assert rc == 2 and "exists and is not a cache; refusing to replace it" in err, err
+
+
+@pytest.mark.parametrize("option,problem", [
+    (["--vocab-size", "259"], "--vocab-size 259: must be at least 260 (256 byte symbols plus the special tokens)"),
+    (["--tokenizer", "tok.json"], "tok.json: not a valid tokenizer.json"),
+], ids=["vocab below the byte symbols", "a tokenizer file that is none"])
+def test_tokenizer_options_are_refused_before_any_image_is_decoded(images, tmp_path, capsys, option, problem):
+    # 1.png is no image: had decoding run first, its error (not the option's) would be the one line
+    (images / "1.png").write_bytes(b"not a png")
+    (tmp_path / "tok.json").write_text("{ this is no tokenizer")
+    option = [str(tmp_path / o) if o.endswith(".json") else o for o in option]
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n1.png,another\n")
+    args = [a for a in manifest_args(images, path, tmp_path / "c") if a is not None]
+    at = args.index("--vocab-size")
+    del args[at:at + 2]
+    rc, _, err = run(args + option, capsys)
+    assert rc == 2 and problem in err, err
+    assert "1.png" not in err and err.count("error") == 1
+    assert not (tmp_path / "c").exists()

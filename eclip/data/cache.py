@@ -65,7 +65,7 @@ def read_manifest(cache_dir: str | Path) -> dict | None:
     try:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError):  # ValueError: bad JSON or not UTF-8
         return None
     return manifest if isinstance(manifest, dict) else None
 

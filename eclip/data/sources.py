@@ -131,6 +131,8 @@ def image_key(images_dir: Path, name: str) -> str:
 
 
 def check_image_path(where: str, images_dir: Path, name: str) -> Path:
+    if "\0" in name:  # is_file() says False, resolve() raises ValueError
+        raise DataError(where, f"image path holds a NUL character: {name[:80]!r}")
     path = resolve_image(images_dir, name)
     try:
         found = path.is_file()
@@ -148,7 +150,7 @@ def read_odvg(path: Path, split: str, images_dir: Path, problems: Problems,
     they first appeared and their name there, across all split files, to refuse duplicates."""
     records = []
     _check_utf8(path)
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: as the manifests, a leading BOM is no part of line 1
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -273,21 +275,22 @@ def _manifest_rows(path: Path):
         except csv.Error as e:
             raise DataError(f"{path}:1", f"malformed header ({e})") from None
         while True:
+            start = reader.line_num + 1  # a quoted field may span lines: name the row's first
             try:
                 values = next(reader)
             except StopIteration:
                 return
             except csv.Error as e:
-                yield reader.line_num, DataError(f"{path}:{reader.line_num}", f"malformed CSV row ({e})")
+                yield start, DataError(f"{path}:{start}", f"malformed CSV row ({e})")
                 continue
             if not values or values == [""]:
                 continue
             if len(values) != len(header):
-                yield reader.line_num, DataError(
-                    f"{path}:{reader.line_num}",
+                yield start, DataError(
+                    f"{path}:{start}",
                     f"malformed row: expected {len(header)} fields, found {len(values)}")
                 continue
-            yield reader.line_num, dict(zip(header, values, strict=True))
+            yield start, dict(zip(header, values, strict=True))
 
 
 def read_manifest_file(path: Path, images_dir: Path, problems: Problems,
@@ -341,10 +344,10 @@ def read_manifest_file(path: Path, images_dir: Path, problems: Problems,
                 split = str(row[cols["split"]]).strip().lower() or None
                 if split not in (None, "train", "val", "test"):
                     raise DataError(where, f"unknown split {split!r} (use train, val or test)")
+            check_image_path(where, images_dir, name)  # first: a name image_key cannot resolve is refused here
             key = image_key(images_dir, name)
             rec = by_image.get(key)
             if rec is None:
-                check_image_path(where, images_dir, name)
                 by_image[key] = Record(image=name, captions=[caption], regions=regions, split=split, where=where)
             else:
                 if split is not None and rec.split is not None and split != rec.split:
