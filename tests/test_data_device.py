@@ -351,3 +351,162 @@ def test_a_sample_whose_box_the_crop_removed_has_no_region():
         lost += int((~batch.has_region).sum())
     assert lost > 0  # some crops did remove the box
     data.close()
+
+
+@pytest.mark.parametrize("placement", ["device", "host"])
+def test_batches_hold_whole_captions_and_phrases(cache, placement):
+    # The token tables are trimmed to the split's longest caption (phrase): the trim must
+    # keep every token of that longest one (its <eos>, in a real cache) and drop only
+    # the padding no row of the split uses.
+    rows = cache.split_images("train")
+    data = DeviceData(cache, rows, CPU, seed=6, placement=placement)
+    caps = torch.isin(cache.caption_image, rows)
+    regs = torch.isin(cache.region_image, rows)
+    width, pwidth = int(cache.lengths[caps].max()), int(cache.region_lengths[regs].max())
+    assert width == cache.tokens.shape[1] and pwidth == cache.region_tokens.shape[1]  # both full: no slack
+    for batch in batches(data, 2, 50):
+        assert batch.tokens.shape == (50, width) and batch.phrase_tokens.shape == (50, pwidth)
+        got = rows_of(batch.images, cache, rows)
+        for i, r in enumerate(got.tolist()):
+            mine = cache.tokens[cache.caption_image == r].long()
+            assert (mine == batch.tokens[i]).all(dim=1).any(), r  # one of its captions, whole
+            if batch.has_region[i]:
+                theirs = cache.region_tokens[cache.region_image == r].long()
+                assert (theirs == batch.phrase_tokens[i]).all(dim=1).any(), r
+    data.close()
+
+
+def test_an_empty_split_is_refused_by_name(cache):
+    # e.g. a fold with no training image: said in words, not as a tensor error later on
+    with pytest.raises(ValueError, match="no images to train on in the selected split"):
+        DeviceData(cache, torch.zeros(0, dtype=torch.int64), CPU, seed=0)
+
+
+def test_at_most_max_regions_boxes_are_kept_per_image(cache, monkeypatch):
+    # The box tables are as wide as the busiest image, but never wider than MAX_REGIONS.
+    from eclip.data import device as device_mod
+    rows = cache.split_images("train")
+    most = int(torch.bincount(cache.region_image[torch.isin(cache.region_image, rows)]).max())
+    assert most == 3
+    assert DeviceData(cache, rows, CPU, seed=0).sample(8).box_mask.shape == (8, 3)
+    monkeypatch.setattr(device_mod, "MAX_REGIONS", 2)
+    batch = DeviceData(cache, rows, CPU, seed=0).sample(8)
+    assert batch.boxes.shape == (8, 2, 4) and batch.box_mask.shape == (8, 2)
+
+
+def test_the_host_image_order_follows_the_seed(cache):
+    # The host path draws the order on its own generator: it must be seeded too, or every
+    # seed would train on the same sequence of batches.
+    rows = cache.split_images("train")
+
+    def order(seed):
+        data = DeviceData(cache, rows, CPU, seed=seed, placement="host")
+        got = torch.cat([rows_of(b.images, cache, rows) for b in batches(data, 2, 40)])
+        data.close()
+        return got
+
+    assert torch.equal(order(1), order(1)) and not torch.equal(order(1), order(2))
+
+
+@pytest.mark.parametrize("placement", ["device", "host"])
+def test_a_batch_as_large_as_the_split_is_a_permutation_each_time(cache, placement):
+    # b == n after a smaller batch: the 10 rows the first epoch has left are not joined to
+    # the next epoch's first 30 (which could repeat an image); each such batch is a new epoch.
+    rows = cache.split_images("train")[:40]
+    data = DeviceData(cache, rows, CPU, seed=3, placement=placement)
+    data.sample(30)
+    for batch in batches(data, 4, 40):
+        assert torch.equal(rows_of(batch.images, cache, rows).sort().values, rows)
+    assert data.state_dict()["epoch"] == 5
+    data.close()
+
+
+def test_samples_without_a_region_have_no_phrase(cache):
+    # their phrase index falls on a neighbour's phrase: the masks must hide it from the text tower
+    rows = cache.split_images("train")
+    data = DeviceData(cache, rows, CPU, seed=8)
+    batch = data.sample(100)
+    none = ~batch.has_region
+    assert none.any() and batch.has_region.any()
+    assert not batch.phrase_mask[none].any() and not batch.box_mask[none].any()
+    assert torch.equal(batch.phrase_mask[~none], batch.phrase_tokens[~none] != 0)
+
+
+def _ramp_cache(n=8, res=64):
+    """Images whose red channel is the column ramp 4·x + 2 and green the row ramp: a crop's
+    extent can be read back from the pixels it kept."""
+    ramp = (torch.arange(res) * 4 + 2).to(torch.uint8)
+    images = torch.zeros(n, 3, res, res, dtype=torch.uint8)
+    images[:, 0] = ramp[None, None, :]
+    images[:, 1] = ramp[None, :, None]
+    return Cache(path=Path("ramp"), manifest={"fingerprint": "ramp"}, images=images,
+                 tokens=torch.ones(n, 2, dtype=torch.int32), lengths=torch.ones(n, dtype=torch.int32),
+                 caption_image=torch.arange(n), region_boxes=torch.zeros(0, 4),
+                 region_image=torch.zeros(0, dtype=torch.int64), region_tokens=torch.zeros(0, 2, dtype=torch.int32),
+                 region_lengths=torch.zeros(0, dtype=torch.int32), split=torch.zeros(n, dtype=torch.int8),
+                 fold=torch.zeros(n, dtype=torch.int8))
+
+
+def _crops(images: torch.Tensor, res: int = 64):
+    """(x0, y0, w, h, flipped) of each augmented ramp image, read from two interior pixel
+    columns (rows) where bilinear sampling of a linear ramp is exact: output pixel j shows
+    input position x0 + w·(j + 0.5)/res, mirrored when flipped."""
+    to_u = lambda v: v * 255 / 256  # ramp value (4·c + 2)/255 at position u = (c + 0.5)/res
+    j1, j2 = 16, 47
+    a, b = to_u(images[:, 0, res // 2, j1]), to_u(images[:, 0, res // 2, j2])
+    c, d = to_u(images[:, 1, j1, res // 2]), to_u(images[:, 1, j2, res // 2])
+    w, h = (b - a).abs() / ((j2 - j1) / res), (d - c) / ((j2 - j1) / res)
+    x0 = torch.minimum(a, b) - w * (j1 + 0.5) / res
+    y0 = c - h * (j1 + 0.5) / res
+    return x0, y0, w, h, b < a
+
+
+def test_random_crops_keep_their_area_and_aspect_inside_the_image():
+    # Area in [crop_scale, 1], aspect in [3/4, 4/3] (for crop_scale <= 3/4 clamping a side
+    # to the image never takes the area below crop_scale), and the crop inside the image.
+    data = DeviceData(_ramp_cache(), torch.arange(8), CPU, seed=1, crop_scale=0.5, flip=True)
+    crops = [_crops(data.sample(8).images) for _ in range(40)]
+    x0, y0, w, h, flipped = (torch.cat(t) for t in zip(*crops, strict=True))
+    tol = 1e-4
+    area, aspect = w * h, w / h
+    assert bool((area >= 0.5 - tol).all() and (area <= 1 + tol).all()), (area.min(), area.max())
+    assert float(area.min()) < 0.55 and float(area.max()) > 0.95  # the whole range is drawn
+    assert bool((aspect >= 0.75 - tol).all() and (aspect <= 4 / 3 + tol).all())
+    assert bool((x0 >= -tol).all() and (x0 + w <= 1 + tol).all())
+    assert bool((y0 >= -tol).all() and (y0 + h <= 1 + tol).all())
+    assert 0.3 < float(flipped.float().mean()) < 0.7  # about half mirrored
+    data.close()
+
+
+def test_flip_only_mirrors_whole_images():
+    # crop_scale 1 with flip: each image is the original or its mirror, undistorted, and
+    # both happen; its boxes are mirrored with it.
+    cache = _boxes_cache(n=32)
+    data = DeviceData(cache, torch.arange(32), CPU, seed=2, flip=True)
+    batch = data.sample(32)
+    src = (batch.tokens[:, 0].long() - 1) // 3  # each sample's image row
+    original = cache.images[src].float() / 255
+    same = (batch.images - original).abs().amax(dim=(1, 2, 3)) < 1e-5
+    mirrored = (batch.images - original.flip(-1)).abs().amax(dim=(1, 2, 3)) < 1e-5
+    # (an image symmetric about its middle column is both)
+    assert bool((same | mirrored).all()) and bool((same & ~mirrored).any()) and bool((mirrored & ~same).any())
+    box = cache.region_boxes[src]
+    want = torch.where(mirrored[:, None], torch.stack([1 - box[:, 2], box[:, 1], 1 - box[:, 0], box[:, 3]], -1), box)
+    torch.testing.assert_close(batch.boxes[:, 0], want, atol=1e-6, rtol=0)
+    data.close()
+
+
+def test_clearing_a_failed_gather_raises_nothing():
+    # The sampler rewinds (restore, a change of batch size, close) after a gather failed:
+    # that batch's error belongs to nobody and must not surface in the clean-up.
+    images = torch.randint(0, 256, (6, 3, 4, 4), dtype=torch.uint8)
+    pre = HostPrefetcher(images, CPU)
+    pre.submit(torch.tensor([6]))
+    assert isinstance(pre.pending[0].exception(timeout=10), IndexError)  # it ran, and failed
+    pre.clear()
+    pre.submit(torch.tensor([5, 0]))
+    assert torch.equal(pre.take(), images[[5, 0]])  # the queue goes on
+    pre.submit(torch.tensor([7]))
+    pre.pending[0].exception(timeout=10)
+    pre.close()
+    assert pre.images is None

@@ -317,3 +317,85 @@ def test_mixup_on_cuda_does_not_synchronise():
     want, want_lam = mixup(a.cpu(), b.cpu(), 0.4, torch.Generator().manual_seed(3))
     torch.testing.assert_close(lam.cpu(), want_lam)
     torch.testing.assert_close(mixed.cpu(), want, atol=1e-6, rtol=1e-5)
+
+
+# -- the processor against its definition; input checks; schedule edges -------------------
+
+
+def ref_processor(proc, x, heat):
+    """The processor written out from its definition, in float64: patch convs plus shared
+    positions, LayerNormed heat queries attending to LayerNormed image keys/values (per
+    head, softmax(q·kᵀ/√d_h)·v), a residual on the queries, LayerNorm, a map to pixels
+    unpatchified channel-major, added to the image."""
+    p, g, d, nh = proc.patch_size, proc.grid, proc.width, proc.heads
+    dh = d // nh
+    sd = {k: v.double() for k, v in proc.state_dict().items()}
+    b = x.shape[0]
+
+    def tokens(inp, name):
+        t = F.conv2d(inp, sd[f"{name}.weight"], sd[f"{name}.bias"], stride=p)  # [B, d, g, g]
+        return t.flatten(2).transpose(1, 2) + sd["pos_embed"]
+
+    def ln(t, name):
+        mu, var = t.mean(-1, keepdim=True), t.var(-1, unbiased=False, keepdim=True)
+        return (t - mu) / torch.sqrt(var + proc.ln_q.eps) * sd[f"{name}.weight"] + sd[f"{name}.bias"]
+
+    img, hm = tokens(x, "image_patch"), tokens(heat, "heat_patch")
+    q = ln(hm, "ln_q") @ sd["q.weight"].T + sd["q.bias"]
+    kv = ln(img, "ln_kv") @ sd["kv.weight"].T + sd["kv.bias"]
+    k, v = kv[..., :d], kv[..., d:]
+    out = torch.zeros_like(q)
+    for h in range(nh):
+        s = slice(h * dh, (h + 1) * dh)
+        att = torch.softmax(q[..., s] @ k[..., s].transpose(1, 2) / math.sqrt(dh), dim=-1)
+        out[..., s] = att @ v[..., s]
+    t = hm + out @ sd["proj.weight"].T + sd["proj.bias"]
+    pix = ln(t, "ln_out") @ sd["to_pixels.weight"].T + sd["to_pixels.bias"]  # [B, N, 3·p·p]
+    img_out = x.clone()
+    for n in range(g * g):
+        r, c = divmod(n, g)
+        img_out[:, :, r * p:(r + 1) * p, c * p:(c + 1) * p] += pix[:, n].view(b, 3, p, p)
+    return img_out
+
+
+def test_heatmap_processor_matches_its_definition():
+    torch.manual_seed(0)
+    proc = HeatmapProcessor(image_size=12, patch_size=4, width=8, heads=2, eps=1e-6).double()
+    with torch.no_grad():  # every parameter random, the LayerNorms' too, so none can stand in for another
+        for prm in proc.parameters():
+            prm.copy_(torch.randn_like(prm) * 0.5)
+    x, heat = torch.randn(2, 3, 12, 12, dtype=torch.float64), torch.rand(2, 1, 12, 12, dtype=torch.float64)
+    torch.testing.assert_close(proc(x, heat), ref_processor(proc, x, heat), atol=1e-9, rtol=1e-9)
+    with pytest.raises(ValueError, match=r"heatmaps: expected \[2, 1, 12, 12\], got \[2, 1, 8, 8\]"):
+        proc(x, heat[..., :8, :8])
+
+
+def test_heatmap_size_must_be_positive_and_corner_order_does_not_matter():
+    boxes = torch.tensor([[[0.2, 0.3, 0.6, 0.5]]])
+    swapped = boxes[..., [2, 3, 0, 1]]  # (x2, y2, x1, y1): the same box
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    a, b = make_heatmaps(boxes, mask, 16, 1.0), make_heatmaps(swapped, mask, 16, 1.0)
+    assert a.max() == pytest.approx(1.0, abs=0.01) and a[0, 0, 0, 15] < 1e-3  # a real spread, not the floor's dot
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    for size in (0, -4):
+        with pytest.raises(ValueError, match=f"size: must be positive, got {size}"):
+            make_heatmaps(boxes, mask, size, 1.0)
+
+
+def test_mixup_shape_errors():
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match=r"mixup: expected two \[B, E\] tensors, got \[4\], \[4\]"):
+        mixup(torch.ones(4), torch.ones(4), 1.0, g)
+    with pytest.raises(ValueError, match=r"got \[2, 3\], \[2, 4\]"):
+        mixup(torch.ones(2, 3), torch.ones(2, 4), 1.0, g)
+
+
+def test_schedule_without_ramp_and_outside_training():
+    # ramp 0: full weight from the first step after the cold start; progress past either
+    # end (a time budget overrun, a clock before the origin) reads as that end
+    cfg = ExpertConfig(weight=0.8, probability=0.3, cold_start=0.2, ramp=0.0, cool_down=0.25)
+    assert expert_schedule(0.2, cfg) == (pytest.approx(0.8), 0.3)
+    assert expert_schedule(0.1999, cfg) == (0.0, 0.0)
+    assert expert_schedule(1.3, cfg) == (0.0, 0.0)
+    ramp = ExpertConfig(weight=0.8, probability=0.3, ramp=0.5)
+    assert expert_schedule(-0.5, ramp) == (0.0, 0.0) and expert_schedule(0.25, ramp)[0] == pytest.approx(0.4)

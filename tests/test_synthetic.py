@@ -1,13 +1,23 @@
 """The built-in dataset: determinism, uniqueness, honest boxes, and that it is a real task."""
 
+import math
 import signal
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
 
 from eclip.data import synthetic
-from eclip.data.synthetic import COLOURS, POSITIONS, SHAPES, render_scene, sample_split
+from eclip.data.synthetic import (
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    Scene,
+    SceneObject,
+    render_scene,
+    sample_split,
+)
 from eclip.evaluate import retrieval_metrics
 
 
@@ -107,3 +117,77 @@ def test_evaluation_splits_are_capped_at_the_distinct_scenes_that_exist():
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+@contextmanager
+def _within(seconds: int):
+    def hung(*_):
+        raise TimeoutError(f"did not return within {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("count", [5, 37, 120])
+def test_a_small_evaluation_split_keeps_many_colour_groups(count):
+    # one colour multiset per group, at least MIN_GROUPS groups (one scene each when the
+    # split is smaller than that), in consecutive runs, one entry per scene
+    with _within(20):  # a group size of 0 for small splits would loop forever
+        groups = synthetic._eval_groups(0, "val", count)
+    assert len(groups) == count
+    runs = [g for i, g in enumerate(groups) if i == 0 or g != groups[i - 1]]
+    assert len(runs) == len(set(runs)) >= min(count, synthetic.MIN_GROUPS)
+    assert max(groups.count(g) for g in set(groups)) <= max(1, count // synthetic.MIN_GROUPS)
+    scenes = sample_split(0, "val", count, unique=True)
+    assert [tuple(sorted(o.colour for o in s.objects)) for s in scenes] == groups
+
+
+def test_colours_of_a_group_are_dealt_in_random_order():
+    # within a colour group the caption must not list colours in a fixed (sorted) order,
+    # or the first word after "a small/large" would give the scene's colour bag away
+    scenes = sample_split(42, "val", 1000, unique=True)
+    firsts = [s.objects[0].colour == min(o.colour for o in s.objects)
+              for s in scenes if len({o.colour for o in s.objects}) > 1]
+    assert len(firsts) > 300 and 0.3 < np.mean(firsts) < 0.7
+
+
+# geometric fill of the box by each shape (area of the shape over area of its bounding box)
+_STAR = (10 * 0.5 * 0.45 * math.sin(math.pi / 5)) / (2 * math.cos(math.pi / 10) * (1 + math.sin(3 * math.pi / 10)))
+FILL = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5, "diamond": 0.5, "cross": 5 / 9, "star": _STAR}
+
+
+@pytest.mark.parametrize("shape", list(FILL))
+def test_each_shape_fills_its_box_as_its_geometry_says(shape):
+    # A large blue shape alone: the share of its box in its colour is the shape's own area
+    # ratio, and its box is the whole drawn extent (no blue pixel outside it).
+    size = 160
+    fills = []
+    for seed in range(3):
+        obj = SceneObject(shape=shape, colour="blue", size="large", position="top left")
+        img, [box] = render_scene(Scene(objects=(obj,), seed=seed), size)
+        blue = np.abs(img.astype(float) - np.array(COLOURS["blue"])).max(-1) < 45
+        x1, y1, x2, y2 = box
+        inside = np.zeros_like(blue)
+        inside[math.ceil(y1):math.floor(y2), math.ceil(x1):math.floor(x2)] = True
+        fills.append(blue[inside].mean())
+        grown = np.zeros_like(blue)
+        grown[max(0, int(y1) - 1):int(y2) + 2, max(0, int(x1) - 1):int(x2) + 2] = True
+        assert blue[~grown].mean() < 0.01, seed
+    assert np.median(fills) == pytest.approx(FILL[shape], abs=0.06)
+
+
+def test_a_box_near_the_edge_is_the_drawn_extent():
+    # A square's box is square, also when the square comes within a pixel of the image's
+    # right edge (boxes are clipped to [0, size] only, which a shape never passes).
+    obj = SceneObject(shape="square", colour="red", size="large", position="top right")
+    near = 0
+    for seed in range(100):
+        _, [(x1, y1, x2, y2)] = render_scene(Scene(objects=(obj,), seed=seed), 32)
+        assert x2 <= 32 and x2 - x1 == pytest.approx(y2 - y1, abs=1e-9), seed
+        near += x2 > 31
+    assert near > 5

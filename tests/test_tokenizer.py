@@ -102,3 +102,54 @@ def test_bad_tokenizer_files(tmp_path, tok):
     other.write_text(json.dumps(spec))
     with pytest.raises(EclipError, match="must map <pad> to id 0"):
         load_tokenizer(other)
+
+
+def test_the_smallest_vocabulary_is_accepted():
+    # 256 byte symbols plus the 4 specials: no merge, yet every text still round-trips
+    small = train_bpe(CORPUS, vocab_size=260)
+    assert small.get_vocab_size() == 260
+    ids, lengths, _ = encode_batch(small, [CORPUS[2]], context_length=64)
+    assert decode(small, ids[0, : lengths[0]]) == CORPUS[2]
+    with pytest.raises(EclipError, match="--vocab-size 259: must be at least 260"):
+        train_bpe(CORPUS, vocab_size=259)
+
+
+def test_context_of_three_is_the_smallest(tok):
+    # <bos>, one token, <eos>: a shorter context cannot hold any text
+    ids, lengths, truncated = encode_batch(tok, ["a large red circle"], context_length=3)
+    assert lengths.tolist() == [3] and truncated == 1
+    assert ids[0, 0] == tok.token_to_id("<bos>") and ids[0, 2] == tok.token_to_id("<eos>")
+    with pytest.raises(EclipError, match="context length 2: must be at least 3"):
+        encode_batch(tok, ["a"], context_length=2)
+
+
+def test_a_caption_that_exactly_fits_is_not_truncated(tok):
+    body = tok.encode(CORPUS[0], add_special_tokens=False).ids
+    fit = len(body) + 2
+    ids, lengths, truncated = encode_batch(tok, [CORPUS[0]], context_length=fit)
+    assert truncated == 0 and lengths.tolist() == [fit] and decode(tok, ids[0]) == CORPUS[0]
+    _, lengths, truncated = encode_batch(tok, [CORPUS[0]], context_length=fit - 1)
+    assert truncated == 1 and lengths.tolist() == [fit - 1]
+
+
+def test_a_given_tokenizer_without_bos_and_eos_encodes_the_text_alone(tmp_path):
+    # A user's tokenizer.json needs only <pad> at id 0; without <bos>/<eos> the rows hold the
+    # text's own ids, still truncated to L - 2.
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bare = Tokenizer(models.BPE())
+    bare.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bare.decoder = decoders.ByteLevel()
+    bare.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    path = tmp_path / "tokenizer.json"
+    bare.save(str(path))
+    tok = load_tokenizer(path)
+    assert tok.token_to_id("<bos>") is None and tok.token_to_id("<eos>") is None
+    body = tok.encode(CORPUS[0], add_special_tokens=False).ids
+    ids, lengths, truncated = encode_batch(tok, [CORPUS[0]], context_length=len(body) + 5)
+    assert truncated == 0 and lengths.tolist() == [len(body)]
+    assert ids[0, : len(body)].tolist() == body and (ids[0, len(body):] == PAD_ID).all()
+    ids, lengths, truncated = encode_batch(tok, [CORPUS[0]], context_length=5)
+    assert truncated == 1 and lengths.tolist() == [3] and ids[0, :3].tolist() == body[:3]
