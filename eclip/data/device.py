@@ -235,13 +235,17 @@ class DeviceData:
                      phrase_tokens=phrase_tokens, phrase_mask=phrase_mask, has_region=has_region)
 
     def _augment(self, images: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor):
-        """Random resized crop (area in [crop_scale, 1], aspect in [3/4, 4/3]) and optional
-        horizontal flip, applied to images (→ float in [0, 1]) and boxes alike."""
+        """Random resized crop (area in [crop_scale, 1], aspect in [3/4, 4/3] narrowed to what
+        that area allows inside the image) and optional horizontal flip, applied to images
+        (→ float in [0, 1]) and boxes alike."""
         b, g = images.shape[0], self.generator
         area = self.crop_scale + (1 - self.crop_scale) * torch.rand(b, generator=g, device=self.device)
         log_r = math.log(3 / 4) + math.log(16 / 9) * torch.rand(b, generator=g, device=self.device)
         if self.crop_scale == 1:  # flips only: keep the whole image, undistorted
             log_r = torch.zeros_like(log_r)
+        # |log r| <= -log(area) keeps both sides within the image (w, h <= 1), so the crop
+        # keeps the area drawn: an aspect too wide for it is narrowed, not a side cut short
+        log_r = torch.minimum(torch.maximum(log_r, torch.log(area)), -torch.log(area))
         w = torch.sqrt(area * torch.exp(log_r)).clamp(max=1.0)  # crop size, fraction of the side
         h = torch.sqrt(area / torch.exp(log_r)).clamp(max=1.0)
         x0 = (1 - w) * torch.rand(b, generator=g, device=self.device)
