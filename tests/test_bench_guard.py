@@ -243,3 +243,57 @@ def test_a_baseline_from_before_a_benchmark_became_a_reference_still_checks(tmp_
     out = capsys.readouterr().out
     assert "2 figures compared with old.json, 0 regressed beyond 35%\n" in out and "missing" not in out
     assert guard.main(["save", "--run", str(new), "--baseline", str(old)]) == 0
+
+
+def test_loss_series_sorts_by_batch_size_and_skips_untimed_benchmarks():
+    # pytest-benchmark writes its entries in the order they ran, and a benchmark that
+    # errored carries no stats: the lines go left to right, without it
+    data = {"benchmarks": [
+        bench("f-4096", "loss-fwd+bwd B=4096", "fused", 0.016, b=4096, mem=4 * 2**20),
+        bench("f-256", "loss-fwd+bwd B=256", "fused", 0.001, b=256),
+        {**bench("f-1024", "loss-fwd+bwd B=1024", "fused", 0.004, b=1024), "stats": None},
+        bench("f-fwd", "loss-fwd B=256", "fused", 0.0005, b=256),
+    ]}
+    assert plot.loss_series(data, "loss-fwd+bwd") == {"fused": [(256, 1.0, None), (4096, 16.0, 4.0)]}
+
+
+def _drawn(monkeypatch):
+    """The figures ``plot.plot`` closes, to read their axes."""
+    figs = []
+    real = plot.plt.close
+    monkeypatch.setattr(plot.plt, "close", lambda fig: (figs.append(fig), real(fig)))
+    return figs
+
+
+def test_the_memory_panel_shows_the_implementations_measured(tmp_path, monkeypatch):
+    # memory measured for one implementation at one size only still draws its line; one
+    # never measured has none, and a run without any memory figure says so in the panel
+    figs = _drawn(monkeypatch)
+    data = {"device": "test", "benchmarks": [
+        bench("f-256", "loss-fwd+bwd B=256", "fused", 0.001, b=256, mem=2**20),
+        bench("f-1024", "loss-fwd+bwd B=1024", "fused", 0.004, b=1024),
+        bench("p-256", "loss-fwd+bwd B=256", "plain-eager", 0.002, b=256),
+    ]}
+    plot.plot(data, tmp_path / "loss.png")
+    ax_t, ax_m = figs[-1].axes
+    assert [line.get_label() for line in ax_t.lines] == ["fused", "plain-eager"]
+    assert [line.get_label() for line in ax_m.lines] == ["fused"] and not ax_m.texts
+    for b in data["benchmarks"]:
+        b["extra_info"]["peak_extra_bytes"] = None
+    plot.plot(data, tmp_path / "loss.png")
+    ax_m = figs[-1].axes[1]
+    assert not ax_m.lines and [t.get_text() for t in ax_m.texts] == ["not measured on this device"]
+
+
+def test_plot_command_writes_where_asked(tmp_path, capsys, monkeypatch):
+    # --out in a folder that does not exist yet is created; without --out, loss.png here
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"device": "test", "benchmarks": [
+        bench("f-256", "loss-fwd B=256", "fused", 0.001, b=256),
+        bench("f-1024", "loss-fwd B=1024", "fused", 0.004, b=1024)]}))
+    out = tmp_path / "figures" / "cpu" / "fwd.png"
+    assert plot.main([str(run), "--out", str(out), "--suite", "loss-fwd"]) == 0
+    assert capsys.readouterr().out.strip() == str(out) and out.read_bytes()[:4] == b"\x89PNG"
+    monkeypatch.chdir(tmp_path)
+    assert plot.main([str(run), "--suite", "loss-fwd"]) == 0
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"

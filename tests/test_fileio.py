@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
+import torch
 
 from eclip import fileio
 
@@ -87,3 +89,56 @@ def test_a_file_whose_fsync_fails_is_not_renamed(tmp_path, monkeypatch):
         fileio.atomic_write(path, lambda p: p.write_text("new"))
     assert path.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_a_leftover_temporary_of_this_pid_is_cleared_first(tmp_path):
+    # a process killed mid-write leaves its temporary behind; a later process given the same
+    # pid must start from an empty one (a writer that creates its file exclusively, or one
+    # that appends, would otherwise fail or keep the stale bytes)
+    path = tmp_path / "a.txt"
+    (tmp_path / f".a.txt.tmp-{os.getpid()}").write_text("stale")
+
+    def exclusive(p):
+        with open(p, "x") as f:
+            f.write("new")
+
+    fileio.atomic_write(path, exclusive)
+    assert path.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_writes_leave_no_descriptor_open(tmp_path):
+    # a checkpoint or result is written many times in a long run: a descriptor kept per fsync
+    # would run the process out of them
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        fileio.atomic_write(tmp_path / "a.txt", lambda p: p.write_text("x"))
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.parametrize("prefix", [None, "model."])
+@pytest.mark.parametrize("damage", ["missing", "cut short", "not safetensors"])
+def test_an_unreadable_tensors_file_is_one_error_naming_it(tmp_path, prefix, damage):
+    from safetensors.torch import save_file
+
+    from eclip.errors import EclipError
+
+    path = tmp_path / "w.safetensors"
+    if damage != "missing":
+        save_file({"model.a": torch.ones(64)}, str(path))
+        path.write_bytes(path.read_bytes()[:40] if damage == "cut short" else b"\x00" * 3)
+    with pytest.raises(EclipError, match=rf"^{re.escape(str(path))}: unreadable \(.+\); rebuild it$"):
+        fileio.read_tensors(path, "rebuild it", prefix=prefix)
+
+
+def test_a_prefix_reads_only_the_tensors_it_names(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "w.safetensors"
+    tensors = {"model.a": torch.arange(3.0), "model.b": torch.ones(2, 2), "optim.0.model.c": torch.zeros(1)}
+    save_file(tensors, str(path))
+    got = fileio.read_tensors(path, prefix="model.")
+    assert got.keys() == {"model.a", "model.b"}
+    assert all(torch.equal(got[k], tensors[k]) for k in got)
+    assert fileio.read_tensors(path).keys() == tensors.keys()

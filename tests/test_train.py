@@ -3,6 +3,7 @@
 import itertools
 import json
 import os
+import re
 import signal
 import time
 
@@ -651,3 +652,95 @@ def test_the_evaluation_masks_the_padding_of_captions():
         with torch.no_grad():
             alone = model.encode_text(t[None, :n], torch.ones(1, n, dtype=torch.bool))
         torch.testing.assert_close(row[None], alone, atol=1e-5, rtol=0)
+
+
+def test_a_channels_last_model_and_its_optimizer_state_round_trip(tmp_path):
+    # channels_last conv weights (and AdamW's moments, made like them) are not contiguous in
+    # the default layout, which safetensors refuses to write as they are
+    model = torch.nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 3, 5, 5).to(memory_format=torch.channels_last)).square().sum().backward()
+    opt.step()
+    assert not model.weight.is_contiguous() and not opt.state[model.weight]["exp_avg"].is_contiguous()
+    save_checkpoint(tmp_path, model, opt, {}, {"step": 1})
+    model2 = torch.nn.Conv2d(3, 4, 3)
+    opt2 = torch.optim.AdamW(model2.parameters())
+    load_checkpoint(tmp_path, model2, opt2)
+    assert torch.equal(model2.weight, model.weight) and torch.equal(model2.bias, model.bias)
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(opt2.state[model2.weight][key], opt.state[model.weight][key]), key
+
+
+def test_save_checkpoint_times_the_writing_only(tmp_path, monkeypatch):
+    # the loop subtracts this from the time after training: a clock that advances 1 s per
+    # file written must read 2 s, whatever gathering the tensors took
+    import eclip.checkpoint as ckpt
+
+    clock = [100.0]
+    real = ckpt.atomic_write
+
+    def slow_write(path, write):
+        clock[0] += 1.0
+        real(path, write)
+
+    monkeypatch.setattr(ckpt, "atomic_write", slow_write)
+    monkeypatch.setattr(ckpt.time, "perf_counter", lambda: clock[0])
+    model = torch.nn.Linear(3, 2)
+    assert save_checkpoint(tmp_path, model, torch.optim.AdamW(model.parameters()), {}, {"step": 0}) == 2.0
+
+
+@pytest.mark.parametrize("where", ["header", "json"])
+@pytest.mark.parametrize("text,reason", [
+    ('{"step": 3', r"unreadable checkpoint metadata \(Expecting"),  # cut short
+    ("[1, 2]", r"unreadable checkpoint metadata \(not a JSON object\)"),
+])
+def test_unreadable_checkpoint_metadata_is_one_error_naming_its_file(tmp_path, where, text, reason):
+    # the meta is read from the tensors file's header, or from checkpoint.json for a
+    # checkpoint older than the header copy: the error names the one it came from
+    from safetensors.torch import save_file
+
+    import eclip.checkpoint as ckpt
+    from eclip.errors import EclipError
+
+    save_file({"model.weight": torch.zeros(2)}, str(tmp_path / ckpt.TENSORS),
+              metadata={ckpt.HEADER_KEY: text} if where == "header" else None)
+    (tmp_path / ckpt.META).write_text(text if where == "json" else '{"step": 1}')
+    source = tmp_path / (ckpt.TENSORS if where == "header" else ckpt.META)
+    with pytest.raises(EclipError, match=rf"^{re.escape(str(source))}: {reason}"):
+        ckpt.read_meta(tmp_path)
+
+
+@pytest.mark.parametrize("other,reason", [
+    (torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)), r'Missing key\(s\) in state_dict: "1\.weight"'),
+    (torch.nn.Sequential(torch.nn.Linear(4, 2)), r"size mismatch for 0\.weight"),
+])
+def test_a_checkpoint_that_does_not_fit_says_which_weight(tmp_path, other, reason):
+    # torch's first line only says "Error(s) in loading state_dict for Sequential": the
+    # reason given is the line after it, which names the weight
+    from eclip.errors import EclipError
+
+    small = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    save_checkpoint(tmp_path, small, torch.optim.AdamW(small.parameters()), {}, {"step": 0})
+    with pytest.raises(EclipError, match=rf"checkpoint does not fit this model \({reason}"):
+        load_checkpoint(tmp_path, other, None)
+
+
+def test_optimizer_groups_without_their_parameters_are_refused(tmp_path):
+    # groups that lack their "params" (a checkpoint written or edited by another tool) make
+    # torch raise a KeyError: one error naming the file instead
+    from safetensors.torch import load_file, save_file
+
+    import eclip.checkpoint as ckpt
+    from eclip.errors import EclipError
+
+    model = torch.nn.Linear(3, 2)
+    save_checkpoint(tmp_path, model, torch.optim.AdamW(model.parameters()), {}, {"step": 0})
+    meta = ckpt.read_meta(tmp_path)
+    meta["optimizer"]["param_groups"] = [{k: v for k, v in g.items() if k != "params"}
+                                         for g in meta["optimizer"]["param_groups"]]
+    path = tmp_path / ckpt.TENSORS
+    save_file(load_file(path), str(path), metadata={ckpt.HEADER_KEY: json.dumps(meta)})
+    other = torch.nn.Linear(3, 2)
+    with pytest.raises(EclipError, match=rf"^{re.escape(str(path))}: the checkpoint's optimizer state does not "
+                                         r"fit this optimizer \('params'\)$"):
+        load_checkpoint(tmp_path, other, torch.optim.AdamW(other.parameters()))
