@@ -83,11 +83,13 @@ def read_meta_from(ckpt_dir: str | Path) -> tuple[dict, Path]:
             raise EclipError(f"{tensors}: unreadable ({first_line(e)})") from None
         path = tensors if text is not None else path
     try:
-        meta = json.loads(text if text is not None else path.read_text())
+        meta = json.loads(text if text is not None else path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise EclipError(f"{path}: no checkpoint here") from None
     except json.JSONDecodeError as e:
         raise EclipError(f"{path}: unreadable checkpoint metadata ({e.msg})") from None
+    except UnicodeDecodeError:  # a damaged file: its bytes are not text
+        raise EclipError(f"{path}: unreadable checkpoint metadata (not UTF-8 text)") from None
     if not isinstance(meta, dict):
         raise EclipError(f"{path}: unreadable checkpoint metadata (not a JSON object)")
     return meta, path
@@ -142,6 +144,8 @@ def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module,
     tensors = read_tensors(ckpt_dir / TENSORS, prefix=None if optimizer is not None else "model.")
     weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
     for alias, name in meta.get("aliases", {}).items():
+        if name not in weights:  # edited or foreign metadata: a KeyError would say nothing of where
+            raise EclipError(f"{source}: checkpoint alias {alias!r} names no stored weight {name!r}")
         weights[alias] = weights[name]
     try:
         model.load_state_dict(weights, strict=True)

@@ -710,6 +710,43 @@ def test_unreadable_checkpoint_metadata_is_one_error_naming_its_file(tmp_path, w
         ckpt.read_meta(tmp_path)
 
 
+def test_checkpoint_json_that_is_not_text_is_one_error_naming_it(tmp_path):
+    # damaged bytes in checkpoint.json (read when the tensors file has no header copy) were a
+    # UnicodeDecodeError traceback from `train --resume` and `eclip.encode`
+    import eclip.checkpoint as ckpt
+    from eclip.errors import EclipError
+
+    (tmp_path / ckpt.META).write_bytes(b"\xff\xfe{garbage")
+    with pytest.raises(EclipError, match=rf"^{re.escape(str(tmp_path / ckpt.META))}: "
+                                         r"unreadable checkpoint metadata \(not UTF-8 text\)$"):
+        ckpt.read_meta(tmp_path)
+
+
+def test_an_alias_of_no_stored_weight_is_one_error_naming_the_file(tmp_path):
+    # tied weights are stored once and named again in the metadata's aliases; an alias whose
+    # weight is not in the file (edited or foreign metadata) was a bare KeyError
+    from safetensors.torch import load_file, save_file
+
+    import eclip.checkpoint as ckpt
+    from eclip.errors import EclipError
+
+    tied = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False), torch.nn.Linear(2, 2, bias=False))
+    tied[1].weight = tied[0].weight
+    save_checkpoint(tmp_path, tied, torch.optim.AdamW(tied.parameters()), {}, {"step": 0})
+    meta, source = ckpt.read_meta_from(tmp_path)
+    assert meta["aliases"] == {"1.weight": "0.weight"}  # the case being damaged below
+    fresh = torch.nn.Sequential(torch.nn.Linear(2, 2, bias=False), torch.nn.Linear(2, 2, bias=False))
+    fresh[1].weight = fresh[0].weight
+    load_checkpoint(tmp_path, fresh, None)
+    assert torch.equal(fresh[1].weight, tied[0].weight)
+    meta["aliases"] = {"1.weight": "2.weight"}
+    tensors = load_file(str(source))
+    save_file(tensors, str(source), metadata={ckpt.HEADER_KEY: json.dumps(meta)})
+    with pytest.raises(EclipError, match=rf"^{re.escape(str(source))}: checkpoint alias '1\.weight' "
+                                         r"names no stored weight '2\.weight'$"):
+        load_checkpoint(tmp_path, fresh, None)
+
+
 @pytest.mark.parametrize("other,reason", [
     (torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)), r'Missing key\(s\) in state_dict: "1\.weight"'),
     (torch.nn.Sequential(torch.nn.Linear(4, 2)), r"size mismatch for 0\.weight"),
