@@ -94,8 +94,8 @@ def finished_result(out: Path, since: float = 0.0) -> dict | None:
     try:
         if path.stat().st_mtime < since:
             return None
-        result = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8 text
         return None
     if not isinstance(result, dict) or result.get("ranked_by") == "caller":
         return None  # the training process's result, which the harness had not scored yet

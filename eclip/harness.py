@@ -175,8 +175,8 @@ def run(args) -> int:
         cmd.append("--final")
     rc = child(cmd, capped, env=hide_gpu(dict(os.environ)) if on_cpu else None)
     try:
-        result = json.loads(result_path.read_text())
-    except (OSError, json.JSONDecodeError):  # the child died without a result (its error is above)
+        result = json.loads(result_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no result, or a damaged one (ValueError: not JSON, not UTF-8)
         rc = rc or 1
         status = "error" if exit_code(rc) == 2 else "crash"  # 2: bad input (data, options), not the recipe
         return _finish(result_path, {"status": status, "val_mean_rank": None,

@@ -223,7 +223,7 @@ def retokenize(cache, spec: str):
     path = cache.path / "records.jsonl"
     try:
         records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8 text
         raise EclipError(f"{path}: unreadable ({e}); rebuild the cache with python -m eclip.prepare") from None
     if cache.rows is not None:  # a subset (Cache.subset): the records of its images, in its order
         rows = cache.rows.tolist()

@@ -160,6 +160,19 @@ def test_a_failed_evaluation_is_an_error_with_its_reason(cache, tmp_path, monkey
     assert "status:         error" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("damage", [b'{"status": "ok"', b"\xff\xfe{}", b"[1, 2]"],
+                         ids=["cut short", "not UTF-8", "not an object"])
+def test_a_damaged_result_file_is_no_result_to_the_loop(tmp_path, damage):
+    # the loop reads result.json after the harness: a damaged file is "no outcome yet", which
+    # the loop files as a crash of its own, not a traceback that stops the study
+    from agent.runner import finished_result
+
+    (tmp_path / "result.json").write_bytes(damage)
+    assert finished_result(tmp_path) is None
+    (tmp_path / "result.json").write_text(json.dumps({"status": "ok", "val_mean_rank": 2.0}))
+    assert finished_result(tmp_path) == {"status": "ok", "val_mean_rank": 2.0}
+
+
 def test_a_run_that_diverges_is_passed_on_as_the_harness_result(cache, tmp_path):
     from agent.runner import finished_result
 
@@ -573,6 +586,24 @@ def test_a_training_child_that_left_no_result_crashed_unless_its_input_was_bad(t
                    "--device", "cpu"]) == code
     r = json.loads((out / "result.json").read_text())
     assert r["status"] == status and r["reason"] == f"the training process exited with code {rc} without a result"
+
+
+@pytest.mark.parametrize("damage", [b'{"status": "ok", "ranked_by": "cal', b"\xff\xfe{"], ids=["cut short", "not UTF-8"])
+def test_a_damaged_training_result_is_a_crash_not_a_traceback(tmp_path, monkeypatch, capsys, damage):
+    # a result the child could not finish writing reads as none at all: the run is filed
+    # with a reason, and the caller's loop goes on
+    from eclip import harness as h
+
+    def child(cmd, preexec, env=None):
+        (Path(cmd[cmd.index("--out") + 1]) / "result.json").write_bytes(damage)
+        return 1
+
+    monkeypatch.setattr(h, "child", child)
+    out = tmp_path / "run"
+    assert h.main(["run", "--recipe", str(TEMPLATE), "--data", str(tmp_path), "--budget-s", "1", "--out", str(out),
+                   "--device", "cpu"]) == 1
+    r = json.loads((out / "result.json").read_text())
+    assert r["status"] == "crash" and r["reason"] == "the training process exited with code 1 without a result"
 
 
 @pytest.mark.parametrize("failure,status", [

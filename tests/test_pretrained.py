@@ -140,6 +140,15 @@ def test_records_that_do_not_match_the_cache_are_refused(small_cache, hf_dir, tm
         retokenize(load_cache(copy), f"hf:{hf_dir}")
 
 
+def test_records_that_are_not_text_are_one_error_naming_the_file(small_cache, hf_dir, tmp_path):
+    copy = tmp_path / "cache"
+    shutil.copytree(small_cache, copy)
+    data = (copy / "records.jsonl").read_bytes()
+    (copy / "records.jsonl").write_bytes(b"\xff\xfe" + data[2:])  # the same size: the cache's own check passes
+    with pytest.raises(EclipError, match=r"records\.jsonl: unreadable \('utf-8' codec can't decode.*eclip\.prepare$"):
+        retokenize(load_cache(copy), f"hf:{hf_dir}")
+
+
 def test_timm_image_tower_random_init():
     try:
         import timm  # noqa: F401
