@@ -58,6 +58,19 @@ def test_keep_set_by_policy():
         disk.keep_set(exps, "most")
 
 
+def test_keep_set_looks_only_at_scored_baseline_runs():
+    # A baseline run that failed left no model of the study's trail: "kept" lets its
+    # checkpoint go. Before any keep, "best" is the best-scoring baseline run, not a discarded
+    # experiment that scored lower within the noise floor (the loop's best is still the baseline).
+    exps = [{"n": 1, "kind": "baseline", "status": "crash", "val_mean_rank": None, "ended": True},
+            {"n": 2, "kind": "baseline", "status": "timeout", "val_mean_rank": None, "ended": True},
+            {"n": 3, "kind": "baseline", "status": "baseline", "val_mean_rank": 30.0, "ended": True},
+            {"n": 4, "kind": "baseline", "status": "baseline", "val_mean_rank": 28.0, "ended": True},
+            {"n": 5, "kind": "experiment", "status": "discard", "val_mean_rank": 27.5, "ended": True}]
+    assert disk.keep_set(exps, "kept") == {3, 4}
+    assert disk.keep_set(exps, "best") == {4}
+
+
 def test_only_baselines_and_kept_runs_keep_checkpoints_and_a_stricter_resume_frees_the_rest(
         small_cache, tmp_path, monkeypatch, capsys):
     # baselines 100, 100 (σ 0): 101 discard, 90 keep, a crash, 95 discard

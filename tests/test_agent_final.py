@@ -145,3 +145,50 @@ def test_an_interrupted_final_is_journaled_and_runs_again(workspace, monkeypatch
     assert report.main([str(ws.root), "--final", "--budget-s", "5"]) == 0
     assert capsys.readouterr().err == ("report: note: --budget-s not applied: this commit's test score is "
                                        "recorded (the test split is scored once)\n")
+
+
+def test_final_options_override_the_sessions_settings(workspace, monkeypatch, capsys):
+    # the loop's session ran 1.5 s on cpu: --budget-s and --device given to --final are the
+    # ones the run gets and the event records, and no note says they were not applied
+    seen = []
+
+    def fake(recipe, data, budget_s, out, **kw):
+        seen.append((budget_s, kw["device"]))
+        return _fake_final("ok", 42.0)(recipe, data, budget_s, out, **kw)
+
+    monkeypatch.setattr(final, "run_experiment", fake)
+    capsys.readouterr()
+    assert report.main([str(workspace.root), "--final", "--budget-s", "2", "--device", "cuda:1"]) == 0
+    out, err = capsys.readouterr()
+    assert seen == [(2.0, "cuda:1")] and err == ""
+    assert "budget_s:       2\n" in out
+    (event,) = [e for e in journal.read(workspace.journal_path) if e.get("event") == "final"]
+    assert event["budget_s"] == 2.0
+
+
+def test_final_without_a_recorded_budget_asks_for_one(tmp_path, small_cache, monkeypatch):
+    # a journal whose session records no budget (written by hand, or cut): a one-line
+    # request for --budget-s, not a TypeError from float(None), and nothing journaled
+    ws = Workspace.open_or_create(tmp_path / "nobudget", loop.TEMPLATE)
+    journal.append(ws.journal_path, {"event": "session", "time": 0.0, "data": str(small_cache)})
+    journal.append(ws.journal_path, {"event": "start", "n": 1, "time": 1.0, "kind": "baseline", "commit": ws.head(),
+                                     "description": "baseline"})
+    journal.append(ws.journal_path, {"event": "end", "n": 1, "time": 2.0, "status": "baseline",
+                                     "val_mean_rank": 50.0, "kept": False})
+    monkeypatch.setattr(final, "run_experiment", lambda *a, **k: pytest.fail("ran without a budget"))
+    with pytest.raises(ValueError, match=r"journal.jsonl: no session records the budget; give --budget-s"):
+        final.final_evaluation(ws)
+    assert [e["event"] for e in journal.read(ws.journal_path)] == ["session", "start", "end"]
+
+
+def test_summary_lines_show_recall_as_percentages():
+    # the harness's recalls are fractions; the summary prints them as percentages, i2t then
+    # t2i, R@1, R@5, R@10, and only those the run measured
+    event = {"commit": "0123456789abcdef", "description": "wider", "status": "ok", "val_mean_rank": 12.3,
+             "test_mean_rank": 15.0, "budget_s": 1.5,
+             "result": {"metrics": {"i2t_r1": 0.125, "i2t_r5": 0.5, "t2i_r1": 0.25, "t2i_r10": 1.0}}}
+    assert final.summary_lines(event, True) == [
+        "---", "final_commit:   0123456", "description:    wider", "status:         ok",
+        "val_mean_rank:  12.30", "test_mean_rank: 15.00", "trained_on:     train+val", "budget_s:       1.5",
+        "evaluated:      now", "test_i2t_R@1:   12.5%", "test_i2t_R@5:   50.0%", "test_t2i_R@1:   25.0%",
+        "test_t2i_R@10:  100.0%"]

@@ -151,6 +151,28 @@ def test_report_on_a_journal_fixture(tmp_path, capsys):
     assert report.main([str(tmp_path / "none")]) == 2
 
 
+def test_report_best_and_noise_floor_follow_the_loops_rule(tmp_path, capsys):
+    # the floor the loop keeps against is max(--min-delta, 2σ), with the --min-delta of the
+    # session in force (a resume may raise it): baselines 100 and 102 give 2σ = 2.83. The best
+    # is their mean, not the lower of the two (the first best of the running trail)
+    from agent import report
+    ws = tmp_path / "w"
+    ws.mkdir()
+    path = ws / "journal.jsonl"
+    journal.append(path, {"event": "session", "time": 900.0, "min_delta": 1.0})
+    for n, rank in ((1, 100.0), (2, 102.0)):
+        journal.append(path, {"event": "start", "n": n, "time": 1000.0 * n, "kind": "baseline", "commit": f"c{n}",
+                              "description": "baseline"})
+        journal.append(path, {"event": "end", "n": n, "time": 1000.0 * n + 90, "status": "baseline",
+                              "val_mean_rank": rank, "kept": False})
+    assert report.main([str(ws)]) == 0
+    out = capsys.readouterr().out
+    assert "noise_floor:    2.83" in out and "best_mean_rank: 101.0" in out
+    journal.append(path, {"event": "session", "time": 3000.0, "min_delta": 5.0})
+    assert report.main([str(ws)]) == 0
+    assert "noise_floor:    5.00" in capsys.readouterr().out
+
+
 def test_the_progress_plot_numbers_experiments_with_whole_numbers(tmp_path, monkeypatch):
     # two experiments span 1..2 on the x axis, where matplotlib's default ticks are 1.0, 1.2, ...
     import matplotlib.pyplot as plt

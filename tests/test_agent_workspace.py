@@ -241,3 +241,62 @@ def test_a_reset_restores_files_with_unusual_names_and_a_deleted_brief(tmp_path)
     assert not (ws.root / "sub").exists()  # the folder the experiment added, emptied, goes too
     assert (ws.root / "program.md").read_text() == ws.git("show", f"{base}:program.md") + "\n"
     assert ws.git("status", "--porcelain") == ""
+
+
+def test_the_lock_holds_this_processs_pid_alone(tmp_path):
+    # the pid is written over what an earlier holder left: without the truncation a shorter
+    # pid kept the tail of a longer one, and the refusal named a process that never existed
+    root = tmp_path / "w"
+    root.mkdir()
+    (root / ".lock").write_text("9" * 30 + "\n")  # longer than any pid
+    with locked(root):
+        assert (root / ".lock").read_text() == f"{os.getpid()}\n"
+        with pytest.raises(WorkspaceError, match=rf"in use by another process \(pid {os.getpid()}\);"), locked(root):
+            pass
+
+
+def test_an_empty_repository_with_a_remote_is_not_taken_for_a_creation_cut_short(tmp_path):
+    # a fresh clone of an empty repository holds only .git, as a creation cut short does; its
+    # remote says a person made it, and deleting .git would lose that configuration
+    root = tmp_path / "w"
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    subprocess.run(["git", "-C", str(root), "remote", "add", "origin", "https://example.invalid/empty.git"],
+                   check=True)
+    with pytest.raises(WorkspaceError, match=r"w: a git repository without commits that the loop did not make "
+                                             r"\(it has remotes\)"):
+        Workspace.open_or_create(root, loop.TEMPLATE)
+    assert Workspace(root).git("remote") == "origin" and not (root / "recipe.py").exists()
+
+
+def test_show_gives_the_file_as_committed(tmp_path):
+    # git() strips its output; show() puts the final newline back, so a recipe written from
+    # a commit (a fix attempt, the final run) is the committed file byte for byte
+    ws = Workspace.open_or_create(tmp_path / "w", loop.TEMPLATE)
+    assert loop.TEMPLATE.read_text().endswith("\n")
+    assert ws.show(ws.root_commit()) == loop.TEMPLATE.read_text()
+    ws.recipe.write_text(ws.show(ws.root_commit()))
+    assert ws.git("status", "--porcelain") == ""
+
+
+def test_the_loops_records_are_ignored_by_git(tmp_path):
+    # the journal, the table, the runs, the plot, the compile cache and the lock never show
+    # as untracked work in the workspace's repository
+    ws = Workspace.open_or_create(tmp_path / "w", loop.TEMPLATE)
+    for name in ("journal.jsonl", "results.tsv", "progress.png", ".lock", "experiments/1/run.log",
+                 ".compile_cache/inductor/kernel.py"):
+        (ws.root / name).parent.mkdir(parents=True, exist_ok=True)
+        (ws.root / name).write_text("x")
+    assert ws.git("status", "--porcelain", "--untracked-files=all") == ""
+
+
+def test_only_an_index_lock_older_than_the_threshold_is_removed(tmp_path):
+    # a young lock may be a person's git command at work: it stays; an older one was left by
+    # a git killed with the loop and goes
+    ws = Workspace.open_or_create(tmp_path / "w", loop.TEMPLATE)
+    lock = ws.root / ".git" / "index.lock"
+    lock.write_text("")
+    os.utime(lock, (time.time() - 30, time.time() - 30))
+    ws.remove_stale_lock(min_age_s=600)
+    assert lock.exists()
+    ws.remove_stale_lock(min_age_s=10)
+    assert not lock.exists()

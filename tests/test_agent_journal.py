@@ -1,0 +1,44 @@
+"""The journal's reading of a study: each experiment's spending, the results table rebuilt
+from it, and the settings of the newest session."""
+
+from agent import journal
+
+
+def test_an_experiment_sums_the_spending_of_all_its_replies():
+    # a proposal takes several API replies, each journaled as it arrives: the experiment's
+    # cost and tokens are their sum (the report's per-row figures), not the last reply's
+    events = [{"event": "usage", "n": 3, "cost_usd": 0.25, "usage": {"calls": 1, "input_tokens": 100,
+                                                                      "output_tokens": 10}},
+              {"event": "usage", "n": 3, "cost_usd": 0.5, "usage": {"calls": 1, "input_tokens": 40,
+                                                                     "output_tokens": 2, "cache_read_tokens": 7}},
+              {"event": "start", "n": 3, "kind": "experiment", "description": "wider"},
+              {"event": "usage", "n": 4, "cost_usd": 0.125, "usage": {"calls": 1, "input_tokens": 1}}]
+    three, four = journal.experiments(events)
+    assert three["api_cost_usd"] == 0.75 and four["api_cost_usd"] == 0.125
+    assert three["api_usage"] == {"calls": 2, "input_tokens": 140, "output_tokens": 12, "cache_read_tokens": 7}
+    assert journal.spent_usd(events) == 0.875
+
+
+def test_the_rebuilt_table_has_one_row_per_ended_experiment(tmp_path):
+    # a run still in flight (a start, no end) has no outcome yet: it gets its row when it ends
+    events = [{"event": "start", "n": 1, "kind": "baseline", "commit": "a" * 40, "description": "baseline"},
+              {"event": "end", "n": 1, "status": "baseline", "val_mean_rank": 12.5, "kept": False,
+               "result": {"peak_memory_gb": 1.5, "samples_per_s": 2048.0}},
+              {"event": "start", "n": 2, "kind": "experiment", "commit": "b" * 40, "description": "wider"}]
+    path = tmp_path / "results.tsv"
+    journal.rebuild_results(path, events)
+    header, *rows = path.read_text().splitlines()
+    assert header.split("\t") == list(journal.COLUMNS)
+    # each figure under its own column: memory in GB, throughput in samples per second
+    assert [row.split("\t") for row in rows] == [["aaaaaaa", "12.5", "1.5", "2048", "baseline", "baseline"]]
+
+
+def test_the_newest_session_holds_the_settings():
+    # a study resumed with other settings (a new --min-delta, another device): the report's
+    # noise floor and the final run's defaults come from the last session, not the first
+    events = [{"event": "session", "min_delta": 1.0, "device": "cpu"},
+              {"event": "start", "n": 1},
+              {"event": "session", "min_delta": 5.0, "device": "cuda"},
+              {"event": "end", "n": 1}]
+    assert journal.last_session(events) == {"event": "session", "min_delta": 5.0, "device": "cuda"}
+    assert journal.last_session([{"event": "start", "n": 1}]) == {}
