@@ -64,14 +64,16 @@ def read(path: Path) -> list[dict]:
     if not path.exists():
         return []
     events = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_bytes().splitlines()  # decoded line by line: one damaged line is not the journal
     last = max((i for i, line in enumerate(lines, 1) if line.strip()), default=0)
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            event = json.loads(line)
+            event = json.loads(line.decode("utf-8"))
             problem = _problem(event)
+        except UnicodeDecodeError:  # a line edited in another encoding
+            event, problem = None, "not UTF-8 text"
         except json.JSONDecodeError:
             event, problem = None, ("torn line (the loop was killed mid-write)" if lineno == last
                                     else "not JSON")

@@ -42,3 +42,16 @@ def test_the_newest_session_holds_the_settings():
               {"event": "end", "n": 1}]
     assert journal.last_session(events) == {"event": "session", "min_delta": 5.0, "device": "cuda"}
     assert journal.last_session([{"event": "start", "n": 1}]) == {}
+
+
+def test_a_line_that_is_not_utf8_is_skipped_with_a_warning(tmp_path, capsys):
+    # a description edited by hand in a Latin-1 editor: that line is skipped, not the journal
+    # (decoding the whole file at once made every report and loop start a traceback)
+    path = tmp_path / "journal.jsonl"
+    journal.append(path, {"event": "start", "n": 1})
+    with open(path, "ab") as f:
+        f.write('{"event": "end", "n": 1, "description": "caf\u00e9"}\n'.encode("latin-1"))
+    journal.append(path, {"event": "end", "n": 1, "val_mean_rank": 3.0})
+    assert [e["event"] for e in journal.read(path)] == ["start", "end"]
+    assert journal.read(path)[1]["val_mean_rank"] == 3.0
+    assert capsys.readouterr().err == f"journal: {path}:2: not UTF-8 text; line skipped\n"
