@@ -71,7 +71,7 @@ def final_evaluation(ws: Workspace, *, data: Path | None = None, budget_s: float
             raise ValueError(f"{ws.journal_path}: no session records the budget; give --budget-s")
         out.mkdir(parents=True, exist_ok=True)
         recipe = out / "recipe.py"
-        recipe.write_text(ws.show(commit))
+        recipe.write_text(ws.show(commit), encoding="utf-8")
         started = {"event": "final-start", "time": time.time(), "commit": commit, "data": str(data),
                    "budget_s": float(budget_s), "out": str(out)}
         journal.append(ws.journal_path, started)  # a kill from here on is recovered from result.json

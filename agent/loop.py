@@ -276,7 +276,7 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
     ws.reset(st["best_commit"])
     fix = fix_target(exps, args.fix_attempts) if args.proposer == "claude" else None
     if fix is not None:  # repair the failed version instead of proposing from the best
-        ws.recipe.write_text(ws.show(fix["commit"]))
+        ws.recipe.write_text(ws.show(fix["commit"]), encoding="utf-8")
     source = ws.recipe.read_text()
     history = [{"hparams": e.get("hparams") or {}, "val_mean_rank": e.get("val_mean_rank"),
                 "status": e.get("status"), "kept": bool(e.get("kept"))} for e in exps if e.get("hparams")]

@@ -91,18 +91,23 @@ class Workspace:
         with git's own message. A Ctrl-C (or a SIGTERM turned into one) lets git finish
         rather than killing it, which would leave ``.git/index.lock`` behind and stop every
         later git command here."""
+        return self._git_bytes(*args).decode("utf-8", errors="replace").strip()
+
+    def _git_bytes(self, *args: str) -> bytes:
+        """:meth:`git`'s run, its stdout exactly as git wrote it."""
         cmd = ["git", "-C", str(self.root), "-c", "user.name=eclip research loop",
                "-c", "user.email=loop@localhost", "-c", "commit.gpgsign=false", *args]
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
             try:
                 out, err = proc.communicate()
             except KeyboardInterrupt:
                 proc.communicate()  # git ends by itself (a terminal's Ctrl-C reached it too)
                 raise
         if proc.returncode:
-            why = (err.strip().splitlines() or [f"exit code {proc.returncode}"])[0]
+            text = err.decode("utf-8", errors="replace")
+            why = (text.strip().splitlines() or [f"exit code {proc.returncode}"])[0]
             raise WorkspaceError(f"{self.root}: git {args[0]} failed: {why}")
-        return out.strip()
+        return out
 
     def has_commit(self) -> bool:
         """Whether the repository has a first commit (creation ran to the end)."""
@@ -113,8 +118,9 @@ class Workspace:
         return True
 
     def show(self, commit: str, path: str = "recipe.py") -> str:
-        """The text of ``path`` at ``commit`` (with its final newline, which git() strips)."""
-        return self.git("show", f"{commit}:{path}") + "\n"
+        """The text of ``path`` at ``commit``, exactly: written back, the file is the commit's
+        (git() would strip its blank lines and turn CRLF into LF)."""
+        return self._git_bytes("show", f"{commit}:{path}").decode("utf-8")
 
     def root_commit(self) -> str:
         """The workspace's first commit: the recipe as copied from the template."""

@@ -268,14 +268,23 @@ def test_an_empty_repository_with_a_remote_is_not_taken_for_a_creation_cut_short
     assert Workspace(root).git("remote") == "origin" and not (root / "recipe.py").exists()
 
 
-def test_show_gives_the_file_as_committed(tmp_path):
-    # git() strips its output; show() puts the final newline back, so a recipe written from
-    # a commit (a fix attempt, the final run) is the committed file byte for byte
+@pytest.mark.parametrize("ending", ["template", "\n\n", "\r\n", ""], ids=["template", "blank lines", "crlf", "no newline"])
+def test_show_gives_the_file_as_committed(tmp_path, ending):
+    # a recipe written back from a commit (a fix attempt, the final run) is the committed
+    # file byte for byte: git()'s stripping and newline translation must not reach it
     ws = Workspace.open_or_create(tmp_path / "w", loop.TEMPLATE)
-    assert loop.TEMPLATE.read_text().endswith("\n")
-    assert ws.show(ws.root_commit()) == loop.TEMPLATE.read_text()
-    ws.recipe.write_text(ws.show(ws.root_commit()))
-    assert ws.git("status", "--porcelain") == ""
+    text = loop.TEMPLATE.read_text()
+    if ending != "template":
+        text = "HPARAMS = {}  # caf\u00e9" + ending
+        ws.recipe.write_bytes(text.encode("utf-8"))
+        ws.commit("edited")
+    commit = ws.head()
+    assert ws.show(commit) == text
+    ws.reset(ws.root_commit())
+    ws.recipe.write_bytes(ws.show(commit).encode("utf-8"))
+    assert ws.recipe.read_bytes() == text.encode("utf-8")
+    ws.commit("again")
+    assert ws.git("diff", commit, "HEAD") == ""  # the same file as the commit's
 
 
 def test_the_loops_records_are_ignored_by_git(tmp_path):
