@@ -157,13 +157,19 @@ def rebuild_results(path: Path, events: list[dict]) -> None:
         atomic_write(path, lambda tmp: tmp.write_text(table, encoding="utf-8"))
 
 
+def _number(v: float) -> str:
+    """Four significant digits, but whole numbers from 1,000 up: a GPU's 23,456 samples/s
+    reads as 23456, not 2.346e+04."""
+    return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+
+
 def _tsv_line(row: dict) -> str:
     """One row; tabs and line breaks in a value (a proposer's description, an error text)
     become spaces, so a row is always one line of len(COLUMNS) fields."""
     vals = []
     for c in COLUMNS:
         v = row.get(c)
-        vals.append("" if v is None else f"{v:.4g}" if isinstance(v, float) else " ".join(str(v).split()))
+        vals.append("" if v is None else _number(v) if isinstance(v, float) else " ".join(str(v).split()))
     return "\t".join(vals) + "\n"
 
 

@@ -55,3 +55,15 @@ def test_a_line_that_is_not_utf8_is_skipped_with_a_warning(tmp_path, capsys):
     assert [e["event"] for e in journal.read(path)] == ["start", "end"]
     assert journal.read(path)[1]["val_mean_rank"] == 3.0
     assert capsys.readouterr().err == f"journal: {path}:2: not UTF-8 text; line skipped\n"
+
+
+def test_result_rows_keep_large_numbers_whole_and_small_ones_to_four_digits(tmp_path):
+    # a GPU's samples/s in the thousands was written as 2.346e+04 in the table a person reads
+    path = tmp_path / "results.tsv"
+    journal.add_result_row(path, {"commit": "abc1234", "val_mean_rank": 21.87345, "memory_gb": 0.51234,
+                                  "samples_per_s": 23456.4, "status": "keep", "description": "wider"})
+    journal.add_result_row(path, {"commit": "def5678", "val_mean_rank": 1234.5, "memory_gb": 999.95,
+                                  "samples_per_s": 999.4, "status": "discard", "description": "x"})
+    header, first, second = path.read_text().splitlines()
+    assert first.split("\t") == ["abc1234", "21.87", "0.5123", "23456", "keep", "wider"]
+    assert second.split("\t") == ["def5678", "1234", "1000", "999.4", "discard", "x"]
