@@ -31,6 +31,7 @@ def test_usage_errors_are_one_line(module, argv, message, capsys):
     assert exit_info.value.code == 2
     assert err.count("\n") == 1 and message in err, err
     assert re.match(rf"python -m {module}( run)?: error: ", err), err  # the harness's subcommand names itself
+    assert err.endswith(" (--help for usage)\n"), err  # the one line says where the usage is
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -105,6 +106,23 @@ def test_prepare_help_shows_only_the_defaults_there_are():
     text = " ".join(prepare.build_parser().format_help().split())
     assert "(default: None)" not in text  # those options say their own fallback
     assert "(default 224; 64 for synthetic)" in text and "(default: 0.1)" in text
+
+
+def test_help_shows_a_default_of_zero_or_false():
+    # only None has no default to show: 0, False and "" are real defaults, and hiding them
+    # would leave the reader guessing
+    from eclip.errors import DefaultsFormatter, OneLineParser
+
+    parser = OneLineParser(prog="tool", formatter_class=DefaultsFormatter)
+    parser.add_argument("--workers", type=int, default=0, help="worker processes")
+    parser.add_argument("--fast", action="store_true", help="skip the checks")
+    parser.add_argument("--name", default="", help="a label")
+    parser.add_argument("--out", default=None, help="where to write (default: next to the input)")
+    text = " ".join(parser.format_help().split())
+    assert "worker processes (default: 0)" in text
+    assert "skip the checks (default: False)" in text
+    assert "a label (default: )" in text
+    assert "where to write (default: next to the input)" in text and "(default: None)" not in text
 
 
 def test_report_refuses_final_options_without_final(tmp_path, capsys):

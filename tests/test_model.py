@@ -143,15 +143,28 @@ def test_text_tower_matches_float64_reference(pool):
     torch.testing.assert_close(emb.double(), ref_encode_text(model, tokens, mask), atol=ATOL, rtol=0)
 
 
-def test_sincos_positions_match_formula():
-    model = build_model(micro(**{"vision.pos": "sincos", "vision.pool": "mean"}))
-    pos = model.vision.pos_embed[0].double()  # [9, 24]: 3×3 grid, quarters of 6 channels
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_sincos_positions_match_formula(pool):
+    model = build_model(micro(**{"vision.pos": "sincos", "vision.pool": pool}))
+    pos = model.vision.pos_embed[0].double()  # [9 (+1), 24]: 3×3 grid, quarters of 6 channels
+    if pool == "cls":  # the CLS token comes first and has no position: the patches follow it
+        assert pos.shape[0] == 10 and not pos[0].any()
+        pos = pos[1:]
     i = np.arange(6)
     omega = 1.0 / 10000 ** (i / 6)
     for n, (row, col) in enumerate((r, c) for r in range(3) for c in range(3)):
         want = np.concatenate([np.sin(row * omega), np.cos(row * omega),
                                np.sin(col * omega), np.cos(col * omega)])
         np.testing.assert_allclose(pos[n].numpy(), want, atol=1e-7, rtol=0)
+
+
+def test_sincos_positions_are_not_saved():
+    # fixed positions are recomputed from the config: a checkpoint holds only what training
+    # learns (and one written before stays loadable, strictly)
+    fixed = build_model(micro(**{"vision.pos": "sincos"}))
+    learned = build_model(micro(**{"vision.pos": "learned"}))
+    assert "vision.pos_embed" not in fixed.state_dict()
+    assert "vision.pos_embed" in learned.state_dict()
 
 
 def test_uint8_and_float_images_agree():
@@ -189,6 +202,19 @@ def test_text_padding_invariance(pool):
     assert (model.encode_text(changed, mask)[0] - base[0]).abs().max() > 1e-4
 
 
+def test_text_mean_pool_is_the_mean_over_real_tokens():
+    # encode_text normalises, which hides a per-row scale: check the tower's own features
+    torch.manual_seed(0)
+    model = build_model(micro(**{"text.pool": "mean"})).eval()
+    tokens, mask = make_tokens([7, 1, 4], context=7, vocab=37)
+    x = model.text.token_embed.weight.detach().double()[tokens] + model.text.pos_embed.detach().double()
+    for blk in model.text.blocks:
+        x = ref_block(x, blk, mask)
+    x = ref_layernorm(x, model.text.ln_post)
+    want = torch.stack([x[i, mask[i]].mean(0) for i in range(3)])
+    torch.testing.assert_close(model.text(tokens, mask).double(), want, atol=1e-5, rtol=0)
+
+
 def test_text_row_without_tokens_is_finite():
     model = build_model(micro(**{"text.pool": "mean"}))
     tokens, mask = make_tokens([0, 3], context=7, vocab=37)
@@ -221,6 +247,44 @@ def test_bad_inputs_raise():
     tokens, mask = make_tokens([8], context=8, vocab=37)
     with pytest.raises(ValueError, match="context_length"):
         model.encode_text(tokens, mask)
+
+
+# -- initialisation ---------------------------------------------------------------------------
+
+# std of a standard normal truncated to [-2, 2] (trunc_normal_(std=s, a=-2s, b=2s) draws s
+# times it): its variance is 1 - 2·2·φ(2) / (Φ(2) - Φ(-2)) ≈ 0.7737
+TRUNC2_STD = math.sqrt(1 - 4 * math.exp(-2) / math.sqrt(2 * math.pi) / math.erf(2 / math.sqrt(2)))
+
+
+def assert_drawn(t: torch.Tensor, std: float, rel: float, bound: float | None = None):
+    """``t`` looks drawn at ``std`` (within ``rel``) and, truncated, lies within ``bound``."""
+    t = t.detach().double()
+    if bound is not None:
+        assert t.abs().max() <= bound * (1 + 1e-6)
+    assert t.std().item() == pytest.approx(std, rel=rel)
+
+
+def test_initialisation_of_the_towers():
+    # the scales training starts from: truncated normal 0.02 for every Linear/Conv2d with zero
+    # biases, the residual outputs (attn.proj, fc2) shrunk by 1/sqrt(2·depth) so the stream's
+    # variance does not grow with depth, small positions, CLS tokens and token embeddings.
+    # Seeded, and the tolerances are several standard errors for each tensor's size.
+    torch.manual_seed(0)
+    cfg = model_config("tiny", image_size=64, vocab_size=1500, context_length=32)
+    assert cfg.vision.pos == "learned" and cfg.vision.pool == cfg.text.pool == "cls"
+    model = build_model(cfg)
+    for tower, depth in ((model.vision, cfg.vision.depth), (model.text, cfg.text.depth)):
+        residual = {id(m) for blk in tower.blocks for m in (blk.attn.proj, blk.fc2)}
+        layers = [m for m in tower.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+        assert len(residual) == 2 * depth and len(layers) == 4 * depth + (tower is model.vision)
+        for m in layers:
+            s = 0.02 / math.sqrt(2 * depth) if id(m) in residual else 0.02
+            assert_drawn(m.weight, TRUNC2_STD * s, rel=0.05, bound=2 * s)
+            assert not m.bias.any()
+        assert_drawn(tower.cls_token, TRUNC2_STD * 0.02, rel=0.25, bound=0.04)
+    assert_drawn(model.vision.pos_embed, TRUNC2_STD * 0.02, rel=0.1, bound=0.04)
+    assert_drawn(model.text.pos_embed, TRUNC2_STD * 0.01, rel=0.1, bound=0.02)
+    assert_drawn(model.text.token_embed.weight, 0.02, rel=0.05)  # plain normal, not nn.Embedding's N(0, 1)
 
 
 # -- logit scale ------------------------------------------------------------------------------
@@ -440,6 +504,24 @@ def test_flops_per_sample_matches_torch_flop_counter(pool):
         model.encode_text(tokens, mask)
     assert counter.get_total_flops() == 3 * model.expert_flops_per_sample()
 
+
+
+@pytest.mark.parametrize("overrides,length", [
+    # 24·2.99 = 71.76 and 20·2.99 = 59.8: the hidden width is rounded, in the block and its count
+    ({"vision.mlp_ratio": 2.99, "text.mlp_ratio": 2.99}, 7),
+    # captions trimmed below the context (train counts at the split's longest caption)
+    ({}, 3),
+])
+def test_flops_per_sample_matches_torch_flop_counter_off_the_defaults(overrides, length):
+    model = build_model(micro(**overrides))
+    assert [blk.fc1.out_features for blk in (model.vision.blocks[0], model.text.blocks[0])] == (
+        [72, 60] if overrides else [96, 80])
+    images = torch.randint(0, 256, (2, 3, 24, 24), dtype=torch.uint8)
+    tokens, mask = make_tokens([length, 1], context=length, vocab=37)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model.encode_image(images)
+        model.encode_text(tokens, mask)
+    assert counter.get_total_flops() == 2 * model.flops_per_sample(length)
 
 
 def test_a_mean_read_back_with_an_int_and_an_infinity_is_refused():
