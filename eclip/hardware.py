@@ -6,10 +6,12 @@ not listed gets ``None``: an MFU against a guessed peak would be a made-up numbe
 
 from __future__ import annotations
 
+import re
+
 import torch
 
-# (substring of torch.cuda.get_device_name, dense bf16 FLOP/s); the first match wins, so a
-# name that contains another comes first ("H100 NVL" before "H100", "L40" before "L4")
+# (words in torch.cuda.get_device_name, dense bf16 FLOP/s); matched as whole words ("A100"
+# is not the RTX A1000's), and the first match wins, so "H100 NVL" comes before "H100"
 BF16_PEAKS = (
     ("H200 NVL", 835e12),
     ("H100 NVL", 835e12),
@@ -42,6 +44,6 @@ def peak_bf16_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     for key, peak in BF16_PEAKS:
-        if key in name:
+        if re.search(rf"(?<!\w){re.escape(key)}(?!\w)", name):
             return peak
     return None

@@ -7,7 +7,8 @@ import contextlib
 import os
 import re
 
-SECRET = re.compile(r"(API_KEY|TOKEN|SECRET|PASSWORD|CREDENTIAL)", re.IGNORECASE)
+# TOKENIZERS_PARALLELISM (the tokenizers library's switch) is a setting, not a token
+SECRET = re.compile(r"(API_KEY|TOKEN(?!IZERS)|SECRET|PASSWORD|CREDENTIAL)", re.IGNORECASE)
 
 
 def scrub_environment(env: dict | None = None) -> list[str]:

@@ -67,3 +67,10 @@ def test_a_cpu_is_named_with_its_compute_threads():
     finally:
         torch.set_num_threads(before)
     assert name == f"cpu ({platform.processor() or platform.machine()}, {threads} threads)"
+
+
+@pytest.mark.parametrize("name", ["NVIDIA RTX A1000", "NVIDIA RTX A1000 6GB Laptop GPU", "NVIDIA L4000"])
+def test_a_card_whose_name_merely_contains_a_listed_one_gets_no_peak(name, monkeypatch):
+    # "A100" is inside "RTX A1000": its MFU came out against the A100's 312 TFLOP/s
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert hardware.peak_bf16_flops(torch.device("cuda")) is None

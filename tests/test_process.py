@@ -21,6 +21,14 @@ def test_a_secret_looking_variable_is_scrubbed(name):
     assert env == {"PATH": "/bin", "HOME": "/home/u"}
 
 
+@pytest.mark.parametrize("name", ["TOKENIZERS_PARALLELISM", "tokenizers_parallelism"])
+def test_a_setting_that_merely_starts_like_a_token_is_kept(name):
+    # the tokenizers library's switch reaches the recipe as the user set it; a token doesn't
+    env = {name: "false", "HF_TOKEN": "hf_x"}
+    assert scrub_environment(env) == ["HF_TOKEN"]
+    assert env == {name: "false"}
+
+
 class Previous(Exception):
     """Raised by the handler installed before the block: reaching it means SIGTERM went to
     the old handler instead of the block's (and the default one would end pytest)."""
