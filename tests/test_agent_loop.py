@@ -418,3 +418,97 @@ def test_min_delta_reaches_the_keep_decision(cache, tmp_path, monkeypatch):
                       "--noise-runs", "2", "--max-experiments", "2", "--min-delta", "5"]) == 0
     exps = journal.experiments(journal.read(Workspace(tmp_path / "m").journal_path))
     assert [e["status"] for e in exps[2:]] == ["discard", "keep"]  # 97 is within 5 of 100, 94 is not
+
+
+def test_a_secret_of_eight_characters_is_redacted(monkeypatch):
+    from agent import runner
+
+    monkeypatch.setenv("X_TOKEN", "k8-chars")  # the shortest value replaced
+    monkeypatch.setenv("Y_TOKEN", "k7chars")  # one shorter: too common a string to replace safely
+    assert runner.redact("a k8-chars b k7chars c") == "a [redacted] b k7chars c"
+
+
+def test_redact_file_leaves_a_log_without_secrets_byte_for_byte(tmp_path):
+    # a log is rewritten only when it held a secret: otherwise its undecodable bytes and
+    # line endings would be rewritten too
+    from agent import runner
+
+    log = tmp_path / "run.log"
+    data = b"step 1 \xff\xfe undecodable\r\nstep 2\r\n"
+    log.write_bytes(data)
+    runner.redact_file(log)
+    assert log.read_bytes() == data
+    runner.redact_file(tmp_path / "missing.log")  # no log: nothing to do, no error
+    assert not (tmp_path / "missing.log").exists()
+
+
+@pytest.mark.parametrize("offset,found", [(-1.0, True), (0.0, True), (1.0, False)])
+def test_finished_result_counts_a_result_written_at_the_start_time(tmp_path, offset, found):
+    # a result stamped exactly at ``since`` (coarse file-system clocks) belongs to the run
+    from agent import runner
+
+    (tmp_path / "result.json").write_text(json.dumps({"status": "ok", "val_mean_rank": 3.0}))
+    mtime = 1_700_000_000.0
+    os.utime(tmp_path / "result.json", (mtime, mtime))
+    r = runner.finished_result(tmp_path, since=mtime + offset)
+    assert (r == {"status": "ok", "val_mean_rank": 3.0}) if found else r is None  # no log tail for an ok run
+
+
+def test_finished_result_of_a_failed_run_carries_its_log_tail(tmp_path):
+    from agent import runner
+
+    (tmp_path / "result.json").write_text(json.dumps({"status": "diverged", "val_mean_rank": None}))
+    (tmp_path / "run.log").write_text("".join(f"line {i}\n" for i in range(1, 41)))
+    r = runner.finished_result(tmp_path)
+    assert r["status"] == "diverged" and r["log_tail"] == "\n".join(f"line {i}" for i in range(11, 41))
+    # the training process's own result, not yet scored by the harness: no outcome yet
+    (tmp_path / "result.json").write_text(json.dumps({"status": "ok", "val_mean_rank": None, "ranked_by": "caller"}))
+    assert runner.finished_result(tmp_path) is None
+
+
+def test_a_run_that_writes_no_result_is_a_crash_with_its_log_redacted(tmp_path, monkeypatch):
+    # An interpreter that prints a secret and exits without a result.json: the stale result
+    # of an earlier run in the same folder must not be taken for this run's, and the log
+    # keeps no secret. A shell script stands in for python, so no training runs.
+    import shutil
+    import sys
+
+    from agent import runner
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-zzz-123456789")
+    fake = tmp_path / "python"
+    fake.write_text(f"#!{shutil.which('sh')}\necho 'step 1'\necho 'printed sk-ant-zzz-123456789'\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "result.json").write_text(json.dumps({"status": "ok", "val_mean_rank": 1.0}))  # an earlier run's
+    r = runner.run_experiment(tmp_path / "recipe.py", tmp_path / "data", 1.0, out, device="cpu", timeout_s=60)
+    assert r["status"] == "crash" and r["val_mean_rank"] is None and r["returncode"] == 3
+    assert r["log_tail"] == "step 1\nprinted [redacted]"
+    assert (out / "run.log").read_text() == "step 1\nprinted [redacted]\n"
+    assert not (out / "result.json").exists()
+
+
+@pytest.mark.parametrize("name,auto,ok", [
+    ("cpu", False, True), ("cuda", False, True), ("cuda:1", False, True), ("auto", True, True),
+    ("auto", False, False), ("cpu0", False, False), ("cuda:", False, False), ("cuda:1x", False, False),
+    ("xcpu", False, False),
+])
+def test_device_names_the_harness_takes(name, auto, ok):
+    from agent.runner import device_error
+
+    message = device_error(name, auto)
+    if ok:
+        assert message is None
+    else:
+        assert message == f"--device {name}: expected {'auto, ' if auto else ''}cpu, cuda or cuda:N"
+
+
+@pytest.mark.parametrize("value,ok", [(None, True), (0.5, True), (0.0, False), (-1.0, False),
+                                      (float("nan"), False), (float("inf"), False)])
+def test_seconds_must_be_positive_and_finite(value, ok):
+    from agent.runner import seconds_error
+
+    message = seconds_error("--budget-s", value)
+    assert message is None if ok else message == f"--budget-s {value}: must be a positive number of seconds"

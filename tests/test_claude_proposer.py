@@ -535,3 +535,136 @@ def test_only_recipe_py_itself_is_editable(tmp_path):
     assert box.source == "x = 1\n"
     assert not box.run("edit", {"command": "str_replace", "path": "./recipe.py", "old_str": "x = 1",
                                 "new_str": "x = 2"})[1]
+
+
+def test_view_pages_a_long_file(tmp_path):
+    from agent.tools import MAX_VIEW_LINES
+
+    n = MAX_VIEW_LINES + 100
+    box = ToolBox(tmp_path, "".join(f"x{i} = {i}\n" for i in range(1, n + 1)), "brief")
+    first, is_error = box.run("view", {"path": "recipe.py"})
+    lines = first.splitlines()
+    assert not is_error and lines[0] == f"recipe.py (lines 1-{MAX_VIEW_LINES} of {n}):"
+    assert len(lines) == MAX_VIEW_LINES + 2 and lines[-2] == f"{MAX_VIEW_LINES:>4}\tx{MAX_VIEW_LINES} = {MAX_VIEW_LINES}"
+    assert lines[-1] == f"[lines {MAX_VIEW_LINES + 1}..{n} not shown]"  # where the next page starts
+    rest, is_error = box.run("view", {"path": "recipe.py", "view_range": [MAX_VIEW_LINES + 1, -1]})
+    assert not is_error and rest.splitlines()[0] == f"recipe.py (lines {MAX_VIEW_LINES + 1}-{n} of {n}):"
+    assert rest.splitlines()[-1] == f"{n:>4}\tx{n} = {n}" and "not shown" not in rest  # nothing left over
+
+
+@pytest.mark.parametrize("view_range,shown", [
+    ([5, 5], [5]), ([9, -1], [9, 10]), ([10, -1], [10]), ([3, 99], list(range(3, 11))),
+    ([0, 5], None), ([6, 5], None), ([11, -1], None), ([-1, 3], None),
+])
+def test_view_range_edges(tmp_path, view_range, shown):
+    # 1-based and inclusive, -1 the end; a range that starts outside the file or runs
+    # backwards is refused with the file's extent, so the model can correct it
+    source = "".join(f"v{i} = {i}\n" for i in range(1, 11))
+    out, is_error = ToolBox(tmp_path, source, "brief").run("view", {"path": "recipe.py", "view_range": view_range})
+    if shown is None:
+        assert is_error and f"view_range {view_range} is outside recipe.py (1..10)" in out
+    else:
+        assert not is_error, out
+        assert out.splitlines()[0] == f"recipe.py (lines {shown[0]}-{shown[-1]} of 10):"
+        assert [int(line.split("\t")[0]) for line in out.splitlines()[1:] if "\t" in line] == shown
+        more = f"[lines {shown[-1] + 1}..10 not shown]"  # only when lines are left
+        assert (out.splitlines()[-1] == more) is (shown[-1] < 10)
+
+
+@pytest.mark.parametrize("source,line,new_str,expected", [
+    ("a = 1\nb = 2\n", 2, "c = 3", "a = 1\nb = 2\nc = 3\n"),  # after the last line
+    ("a = 1\nb = 2", 2, "c = 3\n", "a = 1\nb = 2\nc = 3\n"),  # the last line had no newline
+    ("a = 1\nb = 2\n", 1, "c = 3", "a = 1\nc = 3\nb = 2\n"),  # text without a newline gets one
+    ("a = 1\n", 0, "# top\n", "# top\na = 1\n"),  # 0: at the top
+])
+def test_insert_keeps_lines_whole(tmp_path, source, line, new_str, expected):
+    box = ToolBox(tmp_path, source, "brief")
+    out, is_error = box.run("edit", {"command": "insert", "path": "recipe.py", "insert_line": line,
+                                     "new_str": new_str})
+    assert not is_error and "passes the policy check" in out, out
+    assert box.source == expected and box.edits == 1
+
+
+def test_str_replace_without_new_str_deletes_the_text(tmp_path):
+    # new_str is optional in the tool's schema: leaving it out deletes old_str
+    box = ToolBox(tmp_path, "a = 1\nb = 2\n", "brief")
+    out, is_error = box.run("edit", {"command": "str_replace", "path": "recipe.py", "old_str": "b = 2\n"})
+    assert not is_error, out
+    assert box.source == "a = 1\n"
+
+
+def test_submit_refuses_a_policy_violation_and_trims_the_description(tmp_path):
+    box = ToolBox(tmp_path, "x = 1\n", "brief")
+    out, is_error = box.run("edit", {"command": "str_replace", "path": "recipe.py", "old_str": "x = 1",
+                                     "new_str": "import os\nx = 1"})
+    assert not is_error and "would be rejected as it stands" in out  # the edit lands, with a warning
+    out, is_error = box.run("submit", {"hypothesis": "h", "description": "d"})
+    assert is_error and "recipe.py would be rejected; fix it first" in out and "import of 'os'" in out
+    assert box.submission is None
+    box.run("edit", {"command": "str_replace", "path": "recipe.py", "old_str": "import os\nx = 1", "new_str": "x = 2"})
+    description = "  lr\n  1e-3 ->   2e-3 " + "x" * 100  # one line for results.tsv, at most 80 characters
+    out, is_error = box.run("submit", {"hypothesis": "  faster  ", "description": description})
+    assert not is_error and out.startswith("submitted")
+    assert box.submission == {"description": ("lr 1e-3 -> 2e-3 " + "x" * 100)[:80], "hypothesis": "faster",
+                              "expected_effect": ""}
+    assert [c["ok"] for c in box.calls] == [True, False, True, True]
+
+
+def test_the_history_summary_shows_the_latest_runs_and_failures():
+    from agent import prompt
+
+    crashes, keeps = (4, 7, 11), {5: 60.0, 9: 40.0}
+    exps = []
+    for n in range(1, 16):
+        status = "baseline" if n <= 2 else "keep" if n in keeps else "crash" if n in crashes else "discard"
+        exps.append({"n": n, "ended": True, "status": status, "kept": n in keeps, "description": f"change {n}",
+                     "val_mean_rank": None if n in crashes else keeps.get(n, 80.0),
+                     "result": {"reason": f"NameError in run {n}" if n in crashes else f"why {n}"}})
+    exps.append({"n": 16, "status": None, "description": "still running"})  # not ended: not listed
+    tails = {n: "\n".join(f"run {n} line {i}" for i in range(1, 31)) for n in crashes}
+    state = {"best": 40.0, "threshold": 1.5, "experiments": 13, "baselines": 2}
+    text = prompt.journal_summary(exps, state, {"budget_s": 60, "device": "cpu"}, tails)
+    lines = text.splitlines()
+    assert "Best val_mean_rank so far: 40.00 (experiment 9: change 9)" in lines  # the latest keep is the best
+    assert "Experiments so far: 13 after 2 baseline runs; 2 kept." in lines
+    listed = [int(line.split()[1][1:]) for line in lines if line.startswith("- #")]
+    assert listed == list(range(15 - prompt.LAST_K + 1, 16))  # the most recent, in order
+    assert f"The last {prompt.LAST_K} runs (n, status, val_mean_rank, samples/s, description):" in lines
+    crash = next(line for line in lines if line.startswith("- #11 "))
+    assert crash.startswith("- #11 crash: -, -") and crash.endswith(" | reason: NameError in run 11")
+    assert not any("why 9" in line for line in lines)  # a keep's reason is not a failure's
+    # the log tails of the two most recent failures, their last lines only
+    shown = sorted(int(line.split("#")[1].rstrip(":")) for line in lines if line.startswith("Log tail of failed run"))
+    assert shown == [7, 11] == sorted(crashes)[-prompt.FAILURES_SHOWN:]
+    tail_lines = {line for line in lines if line.startswith("run 11 line")}
+    assert tail_lines == {f"run 11 line {i}" for i in range(30 - prompt.TAIL_LINES + 1, 31)}
+
+
+def test_a_reply_that_spends_exactly_the_budget_ends_the_proposal(api, tmp_path):
+    # "stops after the reply that spends budget_usd": reaching the budget is spending it
+    one = Usage()
+    one.add_reply(Reply([]).usage)  # what each scripted reply costs
+    ctx = {"workspace": tmp_path, "program": "brief", "experiments": [],
+           "state": {"best": 100.0, "threshold": 0.0, "experiments": 0, "baselines": 2},
+           "budget_usd": one.cost_usd("claude-sonnet-5-5")}
+    api.script = [Reply([tool("view", {"path": "recipe.py"})]), Reply([_edit(), SUBMIT])]
+    source = 'HPARAMS = {"lr": 1e-3,}\n'
+    prop = ClaudeProposer(ClaudeConfig(sdk_retries=0, api_attempts=0)).propose(source, [], context=ctx)
+    assert len(api.requests) == 1 and prop.source == source
+    assert prop.description == "no-op: the cost cap was reached during the proposal"
+    assert prop.extra["cost_usd"] == pytest.approx(ctx["budget_usd"])
+
+
+def test_a_proposal_reports_its_turns_edits_and_calls(api, tmp_path):
+    ctx = {"workspace": tmp_path, "program": "brief", "experiments": [],
+           "state": {"best": 100.0, "threshold": 0.0, "experiments": 0, "baselines": 2}}
+    api.script = [Reply([tool("view", {"path": "program.md"}), tool("view", {"path": "nope.py"})]),
+                  Reply([_edit(), SUBMIT])]
+    # no retries: a proposer that went on past the submission would fail at once on the empty script
+    prop = ClaudeProposer(ClaudeConfig(sdk_retries=0, api_attempts=0)).propose('HPARAMS = {"lr": 1e-3,}\n', [],
+                                                                               context=ctx)
+    assert prop.extra["turns"] == 2 and prop.extra["edits"] == 1  # model replies, not messages
+    assert prop.extra["tool_calls"] == [{"tool": "view", "ok": True}, {"tool": "view", "ok": False},
+                                        {"tool": "edit", "ok": True}, {"tool": "submit", "ok": True}]
+    assert prop.extra["expected_effect"] == "mean rank -3" and prop.extra["reason"] is None
+    assert prop.description == "lr 1e-3 -> 2e-3" and prop.hypothesis.startswith("A higher peak rate")

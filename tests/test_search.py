@@ -269,3 +269,109 @@ def test_mutation_bounds_hold_from_the_edges_at_a_wide_step():
         assert 8 <= _mutate("batch_size", 8, rng, 2.0) and b <= 4096 and isinstance(b, int)
         assert 0.5 <= _mutate("beta2", 0.98, rng, 2.0) <= 1 - 1e-4  # 1 - β within ONE_MINUS
         assert 0.5 <= _mutate("beta1", 0.9, rng, 2.0) <= 1 - 1e-3
+
+
+def test_write_hparams_refuses_an_entry_the_dict_does_not_have():
+    # an update for a missing key once vanished silently: the caller believed it was written
+    with pytest.raises(ValueError, match=r"HPARAMS has no entries \['nope'\]"):
+        write_hparams(SMALL, {"lr": 2e-3, "nope": 1})
+
+
+def test_zero_entries_an_int_is_left_alone_a_float_can_be_switched_on():
+    # no factor of 2 moves an int 0 (a count that is off), while a float 0.0 such as
+    # grad_clip restarts from its lower bound: the search can switch it on
+    src = 'HPARAMS = {"accumulate": 0, "grad_clip": 0.0, "seed": 0}\n'
+    for seed in range(20):
+        p = SearchProposer(seed=seed).propose(src, [])
+        assert set(p.changes) == {"grad_clip"}, (seed, p.changes)
+        assert 0.05 <= p.changes["grad_clip"][1] <= 100.0
+
+
+def test_batch_size_is_both_doubled_and_halved():
+    src = 'HPARAMS = {"batch_size": 64, "seed": 0}\n'
+    sizes = {read_hparams(SearchProposer(seed=seed).propose(src, []).source)["batch_size"] for seed in range(40)}
+    assert any(b > 64 for b in sizes) and any(b < 64 for b in sizes), sizes
+    assert all(b in (8, 16, 32, 128, 256, 512, 1024, 2048, 4096) for b in sizes), sizes
+
+
+def test_proposed_floats_are_what_a_person_would_write():
+    # three significant digits (of 1 - beta for the betas): "0.98", not 0.9800000000000001,
+    # so the recipe text and the results table stay readable and near-duplicates collapse
+    seen = set()
+    for seed in range(60):
+        p = SearchProposer(seed=seed).propose(SMALL, [])
+        for key, (_, new) in p.changes.items():
+            if key == "lr":
+                assert float(f"{new:.3g}") == new, new
+            elif key == "beta2":
+                gap = float(f"{1 - new:.3g}")
+                assert new == round(1 - gap, 12) and format_value(new) == repr(round(1 - gap, 12)), new
+                assert len(format_value(new)) <= 8, format_value(new)
+            seen.add(key)
+    assert {"lr", "beta2"} <= seen
+
+
+def test_an_unknown_fraction_stays_a_fraction():
+    # a float key without bounds of its own, at or below 1, is taken for a fraction
+    src = 'HPARAMS = {"mix": 0.9, "seed": 0}\n'
+    values = [SearchProposer(seed=seed).propose(src, []).changes["mix"][1] for seed in range(30)]
+    assert all(0 < v <= 1.0 for v in values), values
+    assert min(values) < 0.9 and max(values) == 1.0  # moved both ways, clipped at 1 from above
+
+
+@pytest.mark.parametrize("cold,ramp,cool,fits", [
+    (0.33, 0.56, 0.11, True),  # sums to 1.0000000000000002 in binary: the model config accepts it
+    (0.3, 0.2, 0.5, True),
+    (0.3, 0.2, 0.51, False),
+])
+def test_the_expert_schedule_check_matches_the_model_configs(cold, ramp, cool, fits):
+    from agent.search import _schedule_fits
+    from eclip.model import ExpertConfig
+
+    hp = {"expert_cold_start": cold, "expert_ramp": ramp, "model": {"expert.cool_down": cool}}
+    assert _schedule_fits(hp) is fits
+    if fits:  # what the search lets through, the model builds
+        ExpertConfig(cold_start=cold, ramp=ramp, cool_down=cool)
+    else:
+        with pytest.raises(ValueError, match="must not exceed 1"):
+            ExpertConfig(cold_start=cold, ramp=ramp, cool_down=cool)
+
+
+def test_frozen_entries_of_the_best_are_not_adopted():
+    # the recipe's preset and seed (edited by hand since) stay; the best's lr is adopted
+    src = SMALL.replace('"preset": "tiny"', '"preset": "small"').replace('"seed": 0', '"seed": 7')
+    best = {**read_hparams(SMALL), "lr": 3e-4, "seed": 0}
+    p = SearchProposer(seed=0).propose(src, [_entry(best, 5.0)])
+    new = read_hparams(p.source)
+    assert new["preset"] == "small" and new["seed"] == 7
+    assert "seed" not in p.changes and "preset" not in p.changes
+    assert p.description.endswith(" (from best kept)")
+    assert p.hypothesis.startswith("Starting from the best kept configuration, ")
+
+
+def test_the_step_widens_when_every_near_neighbour_was_tried():
+    # 16, 32, 128 and 256 tried: one or two doublings away is seen; only a wider step
+    # (8, 512 or more) is new, which the first attempts at the adapted sigma hardly draw
+    src = 'HPARAMS = {"batch_size": 64, "seed": 0}\n'
+    history = [_entry({"batch_size": b, "seed": 0}, 10.0, kept=False, status="discard") for b in (16, 32, 128, 256)]
+    for seed in range(5):
+        p = SearchProposer(seed=seed).propose(src, history)
+        assert p.changes["batch_size"][1] in (8, 512, 1024, 2048, 4096), p.changes
+        assert p.step > 0.5 * 1.5 ** -1  # drawn at a widened sigma
+
+
+def test_one_or_two_entries_change_per_proposal():
+    counts = {len(SearchProposer(seed=seed).propose(SMALL, []).changes) for seed in range(30)}
+    assert counts == {1, 2}
+
+
+def test_the_hypothesis_names_each_change_in_the_right_direction():
+    for seed in range(30):
+        p = SearchProposer(seed=seed).propose(SMALL, [])
+        for key, (old, new) in p.changes.items():
+            if isinstance(new, bool):
+                verb = f"turning {key} {'on' if new else 'off'}"
+            else:
+                verb = f"{'raising' if new > old else 'lowering'} {key} to {format_value(new)}"
+            assert verb in p.hypothesis, (p.hypothesis, key, old, new)
+            assert f"{key} {format_value(old)} -> {format_value(new)}" in p.description
