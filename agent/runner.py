@@ -62,7 +62,7 @@ def secret_values() -> list[str]:
 
 
 def redact(text: str) -> str:
-    for value in secret_values():
+    for value in sorted(secret_values(), key=len, reverse=True):  # longest first: one may begin another
         text = text.replace(value, "[redacted]")
     return text
 

@@ -512,3 +512,17 @@ def test_seconds_must_be_positive_and_finite(value, ok):
 
     message = seconds_error("--budget-s", value)
     assert message is None if ok else message == f"--budget-s {value}: must be a positive number of seconds"
+
+
+def test_a_secret_inside_a_longer_one_leaves_no_part_of_either(monkeypatch):
+    # two secrets where one is the start of the other: replacing the shorter first left the
+    # longer one's tail in the log
+    from agent import runner
+
+    for order in (("A_TOKEN", "sk-ant-abcdef"), ("ANTHROPIC_API_KEY", "sk-ant-abcdef-LONGTAIL99")), \
+                 (("ANTHROPIC_API_KEY", "sk-ant-abcdef-LONGTAIL99"), ("A_TOKEN", "sk-ant-abcdef")):
+        for name, _ in order:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in order:  # os.environ lists them in the order they were set
+            monkeypatch.setenv(name, value)
+        assert runner.redact("key=sk-ant-abcdef-LONGTAIL99 short=sk-ant-abcdef") == "key=[redacted] short=[redacted]"
