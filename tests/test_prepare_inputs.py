@@ -343,11 +343,17 @@ def test_split_values_ignore_case_and_null_means_none(images, tmp_path, capsys, 
     assert [r["split"] for r in records(out)] == [split, "train"]
 
 
-def test_an_unknown_split_is_refused_at_its_row(images, tmp_path, capsys):
+@pytest.mark.parametrize("text,problem", [
+    ("image,caption,split\n0.png,a,train\n1.png,b,dev\n", "m.csv:3: unknown split 'dev' (use train, val or test)"),
+    # the quote swallows the rest of the file: the line to fix is where it opens, not the last
+    ('image,caption\n0.png,fine\n1.png,"unclosed\n2.png,two\n3.png,three\n',
+     "m.csv:3: malformed CSV row (unexpected end of data)"),
+], ids=["unknown split", "unclosed quote"])
+def test_a_bad_csv_row_is_refused_at_its_line(images, tmp_path, capsys, text, problem):
     path = tmp_path / "m.csv"
-    path.write_text("image,caption,split\n0.png,a,train\n1.png,b,dev\n")
+    path.write_text(text)
     rc, _, err = run(manifest_args(images, path, tmp_path / "c"), capsys)
-    assert rc == 2 and "m.csv:3: unknown split 'dev' (use train, val or test)" in err, err
+    assert rc == 2 and problem in err, err
 
 
 def test_only_the_rows_without_a_split_are_dealt(images, tmp_path, capsys):
@@ -580,14 +586,6 @@ def test_synthetic_evaluation_splits_are_the_distinct_scenes_and_train_may_repea
     for split, unique in (("train", False), ("val", True), ("test", True)):
         want = [s.caption for s in synthetic.sample_split(3, split, 12, unique=unique)]
         assert [r["captions"][0] for r in recs if r["split"] == split] == want, split
-
-
-def test_an_unclosed_csv_quote_is_reported_at_the_row_that_opens_it(images, tmp_path, capsys):
-    # the quote swallows the rest of the file; the line to fix is where it opens, not the last
-    path = tmp_path / "m.csv"
-    path.write_text('image,caption\n0.png,fine\n1.png,"unclosed\n2.png,two\n3.png,three\n')
-    rc, _, err = run(manifest_args(images, path, tmp_path / "c"), capsys)
-    assert rc == 2 and "m.csv:3: malformed CSV row (unexpected end of data)" in err, err
 
 
 def test_a_nul_in_an_image_path_is_a_row_problem(images, tmp_path, capsys):
