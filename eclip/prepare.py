@@ -35,7 +35,7 @@ from eclip.data.sources import (
 )
 from eclip.errors import DataError, DefaultsFormatter, EclipError, OneLineParser
 from eclip.evaluate import kfold_assign
-from eclip.tokenizer import MIN_VOCAB, encode_batch, load_tokenizer, train_bpe
+from eclip.tokenizer import check_vocab_size, encode_batch, load_tokenizer, train_bpe
 
 SPLIT_IDS = {name: i for i, name in enumerate(cache_mod.SPLITS)}
 SYNTHETIC_VERSION = 2  # bump when the generator's output changes, so caches rebuild
@@ -95,9 +95,8 @@ def _resolve_defaults(args) -> None:
             raise EclipError(f"--{key.replace('_', '-')} {getattr(args, key)}: too small")
     if not (0 <= args.val_frac < 1 and 0 <= args.test_frac < 1 and args.val_frac + args.test_frac < 1):
         raise EclipError("--val-frac and --test-frac must lie in [0, 1) and sum below 1")
-    if args.tokenizer is None and args.vocab_size < MIN_VOCAB:  # here, not after minutes of decoding
-        raise EclipError(f"--vocab-size {args.vocab_size}: must be at least {MIN_VOCAB} "
-                         "(256 byte symbols plus the special tokens)")
+    if args.tokenizer is None:  # here, not after minutes of decoding
+        check_vocab_size(args.vocab_size)
     if args.folds > MAX_FOLDS:  # a larger id would wrap around to a negative one
         raise EclipError(f"--folds {args.folds}: at most {MAX_FOLDS} (fold ids are stored as int8)")
     if synth:  # checked up front: the generator cannot draw more distinct scenes than exist

@@ -33,11 +33,15 @@ def _plain(tok: Tokenizer) -> Tokenizer:
     return tok
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE on ``texts``; the 256 byte symbols are always in the vocabulary."""
+def check_vocab_size(vocab_size: int) -> None:
     if vocab_size < MIN_VOCAB:
         raise EclipError(f"--vocab-size {vocab_size}: must be at least {MIN_VOCAB} "
                          "(256 byte symbols plus the special tokens)")
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE on ``texts``; the 256 byte symbols are always in the vocabulary."""
+    check_vocab_size(vocab_size)
     tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

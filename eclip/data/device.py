@@ -241,12 +241,12 @@ class DeviceData:
         b, g = images.shape[0], self.generator
         area = self.crop_scale + (1 - self.crop_scale) * torch.rand(b, generator=g, device=self.device)
         log_r = math.log(3 / 4) + math.log(16 / 9) * torch.rand(b, generator=g, device=self.device)
-        if self.crop_scale == 1:  # flips only: keep the whole image, undistorted
-            log_r = torch.zeros_like(log_r)
         # |log r| <= -log(area) keeps both sides within the image (w, h <= 1), so the crop
-        # keeps the area drawn: an aspect too wide for it is narrowed, not a side cut short
-        log_r = torch.minimum(torch.maximum(log_r, torch.log(area)), -torch.log(area))
-        w = torch.sqrt(area * torch.exp(log_r)).clamp(max=1.0)  # crop size, fraction of the side
+        # keeps the area drawn: an aspect too wide for it is narrowed, not a side cut short.
+        # With crop_scale 1 (flips only) the area is 1 and the aspect 1: the whole image.
+        bound = -torch.log(area)
+        log_r = torch.clamp(log_r, min=-bound, max=bound)
+        w = torch.sqrt(area * torch.exp(log_r)).clamp(max=1.0)  # crop size, fraction of the side (clamp: rounding)
         h = torch.sqrt(area / torch.exp(log_r)).clamp(max=1.0)
         x0 = (1 - w) * torch.rand(b, generator=g, device=self.device)
         y0 = (1 - h) * torch.rand(b, generator=g, device=self.device)
