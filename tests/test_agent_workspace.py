@@ -260,8 +260,8 @@ def test_an_empty_repository_with_a_remote_is_not_taken_for_a_creation_cut_short
     # remote says a person made it, and deleting .git would lose that configuration
     root = tmp_path / "w"
     subprocess.run(["git", "init", "-q", str(root)], check=True)
-    subprocess.run(["git", "-C", str(root), "remote", "add", "origin", "https://example.invalid/empty.git"],
-                   check=True)
+    # a path, never contacted: configuring a remote is all the check looks at
+    subprocess.run(["git", "-C", str(root), "remote", "add", "origin", str(tmp_path / "upstream.git")], check=True)
     with pytest.raises(WorkspaceError, match=r"w: a git repository without commits that the loop did not make "
                                              r"\(it has remotes\)"):
         Workspace.open_or_create(root, loop.TEMPLATE)
