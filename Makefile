@@ -25,7 +25,8 @@ run: setup
 	$(PY) -m agent.loop
 
 train: setup
-	$(PY) -m eclip.prepare --dataset synthetic --out $(DATA)
+	@# only where no cache is: DATA=<a real dataset's cache> must not be rebuilt as the synthetic one
+	[ -f "$(DATA)/manifest.json" ] || $(PY) -m eclip.prepare --dataset synthetic --out $(DATA)
 	$(PY) -m eclip.train --data $(DATA) --out $(OUT) --budget-s $(BUDGET_S)
 
 test: setup

@@ -60,8 +60,9 @@ def plot(run: dict, out: Path, suite: str = "loss-fwd+bwd") -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.plot", description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path, help="a benchmark JSON (e.g. bench/baselines/<device>.json)")
-    ap.add_argument("--out", type=Path, default=Path("loss.png"), help="PNG to write")
-    ap.add_argument("--suite", default="loss-fwd+bwd", help="loss-fwd or loss-fwd+bwd")
+    ap.add_argument("--out", type=Path, default=Path("loss.png"), help="PNG to write (default: loss.png)")
+    ap.add_argument("--suite", default="loss-fwd+bwd", choices=["loss-fwd", "loss-fwd+bwd"],
+                    help="which loss benchmarks (default: loss-fwd+bwd)")
     args = ap.parse_args(argv)
     print(plot(load_run(args.run), args.out, args.suite))
     return 0
