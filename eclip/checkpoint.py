@@ -73,6 +73,9 @@ def read_meta_from(ckpt_dir: str | Path) -> tuple[dict, Path]:
     """(the checkpoint's meta, the file it was read from): errors about the meta name that file."""
     from safetensors import SafetensorError, safe_open
 
+    if Path(ckpt_dir).is_file():  # checkpoint.safetensors given for its folder
+        raise EclipError(f"{ckpt_dir}: a file; a checkpoint is named by its run directory "
+                         f"(the folder holding {TENSORS} and {META})")
     tensors = Path(ckpt_dir) / TENSORS
     text, path = None, Path(ckpt_dir) / META
     if tensors.is_file():

@@ -56,7 +56,9 @@ def build_parser() -> OneLineParser:
     p.add_argument("--recipe", type=Path, required=True, help="the recipe file the checkpoint was trained with")
     p.add_argument("--checkpoint", type=Path, required=True,
                    help="run directory holding checkpoint.safetensors and checkpoint.json")
-    p.add_argument("--inputs", type=Path, required=True, help="safetensors with images [N,3,R,R] and/or tokens [C,L]")
+    p.add_argument("--inputs", type=Path, required=True,
+                   help="safetensors with images uint8 [N,3,R,R] and/or tokens [C,L], and the metadata "
+                        "vocab_size, context_length, phrase_length, image_size (the training data's)")
     p.add_argument("--out", type=Path, required=True, help="where the embeddings go (safetensors: img, txt)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--batch", type=int, default=512, help="images or captions per forward pass")
@@ -87,10 +89,13 @@ def read_inputs(path: Path) -> tuple[torch.Tensor | None, torch.Tensor | None, d
         meta = f.metadata() or {}
     spec = {}
     for key in SPEC_KEYS:
+        if key not in meta:
+            raise EclipError(f"{path}: metadata {key}: missing (an inputs file carries the training "
+                             f"data's {', '.join(SPEC_KEYS)})")
         try:
             spec[key] = int(meta[key])
-        except (KeyError, ValueError):
-            raise EclipError(f"{path}: metadata {key}: expected an integer, got {meta.get(key)!r}") from None
+        except ValueError:
+            raise EclipError(f"{path}: metadata {key}: expected an integer, got {meta[key]!r}") from None
     images, tokens = tensors.get("images"), tensors.get("tokens")
     if images is None and tokens is None:
         raise EclipError(f"{path}: holds neither images nor tokens")

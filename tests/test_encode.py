@@ -102,9 +102,11 @@ SPEC = {"vocab_size": "9", "context_length": "9", "phrase_length": "9", "image_s
     ("float images", "in.safetensors: images: expected uint8 [N, 3, 64, 64], got torch.float32 [2, 3, 64, 64]"),
     ("other size", "in.safetensors: images: expected uint8 [N, 3, 64, 64], got torch.uint8 [2, 3, 32, 32]"),
     ("float tokens", "in.safetensors: tokens: expected int32 or int64 [C, L], got torch.float32 [2, 9]"),
-    ("no metadata", "in.safetensors: metadata vocab_size: expected an integer, got None"),
+    ("no metadata", "in.safetensors: metadata vocab_size: missing (an inputs file carries the "
+                    "training data's vocab_size, context_length, phrase_length, image_size)"),
     ("another model", "checkpoint.safetensors: checkpoint has model text.vocab_size"),
     ("no checkpoint", "checkpoint.json: no checkpoint here"),
+    ("checkpoint file", "checkpoint.safetensors: a file; a checkpoint is named by its run directory"),
     ("not a file", "in.safetensors: unreadable"),
     ("short text length", "--text-length 1: must be between the longest caption given ("),
 ])
@@ -126,6 +128,9 @@ def test_bad_input_is_one_line_and_exit_2(run, small_cache, tmp_path, capsys, ca
         inputs_of(small_cache, inputs)
         ckpt_dir = tmp_path / "empty"
         ckpt_dir.mkdir()
+    elif case == "checkpoint file":  # the weights file given for its folder
+        inputs_of(small_cache, inputs)
+        ckpt_dir = run / "checkpoint.safetensors"
     elif case == "short text length":  # it would cut words off the captions
         inputs_of(small_cache, inputs)
     else:
