@@ -17,6 +17,7 @@ returns a validated ``ModelConfig``; ``build_model(cfg)`` builds the ``EclipMode
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 
@@ -259,6 +260,20 @@ def _coerce(name: str, default: object, value: object) -> object:
     raise ValueError(f"{name}: expected {type(default).__name__}, got {value!r}")
 
 
+def config_fields(cfg: ModelConfig) -> list[str]:
+    """Every field an override may name: ``embed_dim``, ``vision.depth``, ..."""
+    names = [f.name for f in dataclasses.fields(cfg) if f.name not in _SECTIONS]
+    return names + [f"{s}.{f.name}" for s in _SECTIONS for f in dataclasses.fields(getattr(cfg, s))]
+
+
+def _near(key: str, cfg: ModelConfig) -> str:
+    """' (did you mean vision.depth?)' for a misspelt or unqualified field, else ''."""
+    fields = config_fields(cfg)
+    same_name = [f for f in fields if f.rpartition(".")[2] == key.rpartition(".")[2]]
+    near = same_name or difflib.get_close_matches(key, fields, n=1)
+    return f" (did you mean {' or '.join(near)}?)" if near else ""
+
+
 def model_config(preset: str, image_size: int | None = None, vocab_size: int | None = None,
                  context_length: int | None = None, **overrides: object) -> ModelConfig:
     """The preset ``preset`` with the data-dictated fields filled and ``overrides`` applied.
@@ -286,17 +301,19 @@ def model_config(preset: str, image_size: int | None = None, vocab_size: int | N
     nested: dict[str, dict[str, object]] = {s: {} for s in _SECTIONS}
     for key, value in changes.items():
         section, _, name = key.rpartition(".")
+        if key in _SECTIONS:
+            raise ValueError(f"{key}: a section of the model config, not a field (name one: {key}.<field>)")
         if section:
             if section not in _SECTIONS:
-                raise ValueError(f"{key}: unknown model config field")
+                raise ValueError(f"{key}: unknown model config field{_near(key, base)}")
             fields = {f.name for f in dataclasses.fields(getattr(base, section))}
             if name not in fields:
-                raise ValueError(f"{key}: unknown model config field")
+                raise ValueError(f"{key}: unknown model config field{_near(key, base)}")
             nested[section][name] = _coerce(key, getattr(getattr(base, section), name), value)
         else:
             fields = {f.name for f in dataclasses.fields(base)} - set(_SECTIONS)
             if name not in fields:
-                raise ValueError(f"{key}: unknown model config field")
+                raise ValueError(f"{key}: unknown model config field{_near(key, base)}")
             top[name] = _coerce(key, getattr(base, name), value)
     for s in _SECTIONS:  # replace() re-runs each __post_init__, so the result is validated
         top[s] = dataclasses.replace(getattr(base, s), **nested[s])

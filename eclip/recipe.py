@@ -143,6 +143,11 @@ OWNED_FIELDS = {"vision.pretrained": ("image_tower", None), "text.pretrained": (
 def build_model(spec):
     _check_hparams()
     overrides = dict(HPARAMS["model"])
+    for key, field in (("preset", None), ("image_size", "vision.image_size"), ("vocab_size", "text.vocab_size"),
+                       ("context_length", "text.context_length")):
+        if key in overrides:  # model_config's own arguments: passed on as overrides, a TypeError
+            hint = f"did you mean model.{field}?" if field else "the preset is the recipe entry 'preset'"
+            raise ValueError(f"model.{key}: unknown model config field ({hint})")
     for field, (entry, cast) in OWNED_FIELDS.items():
         if field in overrides:
             raise ValueError(f"model.{field}: set by the recipe entry {entry!r} (use --{entry}=...)")

@@ -20,6 +20,19 @@ def cache(train_cache):
     (["--steps", "5", "--lr=fast"], "--lr=fast: expected float"),
     (["--steps", "5", "--preset", "huge"], "preset: unknown preset 'huge'"),
     (["--steps", "5", "--model.vision.nope=3"], "vision.nope: unknown model config field"),
+    # a misspelt or unqualified field names the one meant
+    (["--steps", "5", "--model.vision.dept=3"], "recipe: vision.dept: unknown model config field "
+                                                "(did you mean vision.depth?)"),
+    (["--steps", "5", "--model.depth=3"], "recipe: depth: unknown model config field "
+                                          "(did you mean vision.depth or text.depth?)"),
+    (["--steps", "5", "--model.vision=3"], "recipe: vision: a section of the model config, not a field"),
+    # model_config's own argument names were a TypeError traceback (exit 1, as if diverged)
+    (["--steps", "5", "--model.image_size=32"], "recipe: model.image_size: unknown model config field "
+                                                "(did you mean model.vision.image_size?)"),
+    (["--steps", "5", "--model.context_length=32"], "recipe: model.context_length: unknown model config "
+                                                    "field (did you mean model.text.context_length?)"),
+    (["--steps", "5", "--model.preset=tiny"], "recipe: model.preset: unknown model config field "
+                                              "(the preset is the recipe entry 'preset')"),
     (["--steps", "5", "--budget-s", "3"], "exactly one of --budget-s or --steps"),
     (["--steps", "5", "stray"], "unrecognised argument 'stray'"),
     (["--steps", "5", "--resume"], "no checkpoint here"),
