@@ -377,6 +377,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.proposer == "claude" and not os.environ.get("ANTHROPIC_API_KEY"):
         print("loop: error: --proposer claude needs ANTHROPIC_API_KEY in the environment", file=sys.stderr)
         return 2
+    root = args.workspace_root / args.tag
+    try:  # before anything is written, the lock and the built-in dataset included (minutes)
+        Workspace.check(root)
+    except WorkspaceError as e:
+        print(f"loop: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a folder that cannot be listed
+        print(f"loop: error: {e.filename or root}: cannot read the workspace ({e.strerror or e})", file=sys.stderr)
+        return 2
+    if why := settings_error(args, journal.read(Workspace(root).journal_path)):
+        print(f"loop: error: {why}", file=sys.stderr)  # asked again, locked, once the journal is reconciled
+        return 2
     if not (args.data / "manifest.json").exists():
         if args.data != DEFAULT_DATA:
             print(f"loop: error: {args.data}: no prepared cache (run python -m eclip.prepare)", file=sys.stderr)
@@ -387,7 +399,6 @@ def main(argv: list[str] | None = None) -> int:
             how = f"exit code {rc}" if rc > 0 else f"killed by {signal.Signals(-rc).name}"
             print(f"loop: error: preparing the built-in dataset in {args.data} failed ({how})", file=sys.stderr)
             return rc if rc > 0 else 128 - rc
-    root = args.workspace_root / args.tag
     try:
         with locked(root):  # one process a workspace, for the whole session
             ws = Workspace.open_or_create(root, TEMPLATE)

@@ -126,48 +126,66 @@ class Workspace:
         """The workspace's first commit: the recipe as copied from the template."""
         return self.git("rev-list", "--max-parents=0", "HEAD").splitlines()[0]
 
+    def _records(self) -> tuple[int, int]:
+        """(runs in experiments/, the journal's size in bytes): what a fresh start would overwrite."""
+        runs = sum(1 for p in self.experiments.iterdir() if p.is_dir()) if self.experiments.is_dir() else 0
+        return runs, (self.journal_path.stat().st_size if self.journal_path.is_file() else 0)
+
     @classmethod
-    def open_or_create(cls, root: Path, template: Path) -> Workspace:
-        """Open the workspace at ``root``, or create it there. A workspace whose records
-        disagree (runs but no journal, or a journal but no git history) is refused with
-        WorkspaceError rather than started over: that would overwrite the runs. A repository
-        without a commit and with no records is a creation cut short: it is made again."""
+    def check(cls, root: Path) -> None:
+        """Raise WorkspaceError where ``root`` is not the loop's to use: another project's
+        repository or folder, or a workspace whose records disagree (runs but no journal, or a
+        journal but no git history), which starting over would overwrite. Reads only, so the
+        loop checks before it writes anything there, its lock included."""
         ws = cls(root)
-        runs = sum(1 for p in ws.experiments.iterdir() if p.is_dir()) if ws.experiments.is_dir() else 0
-        journal_size = ws.journal_path.stat().st_size if ws.journal_path.is_file() else 0
+        runs, journal_size = ws._records()
         dotgit = ws.root / ".git"
         if dotgit.exists() and not dotgit.is_dir():  # a worktree's or a submodule's: another project's
             raise WorkspaceError(f"{ws.root}: part of another git repository ({dotgit} is a file); the loop "
                                  "resets its workspace, so it refuses this one: use another --tag or --workspace-root")
         names = sorted(p.name for p in ws.root.iterdir()) if ws.root.is_dir() else []
-        # creation writes recipe.py and program.md after `git init`: without a .git, a person's
-        # files there would go (the lock, written first, aside)
-        someones_folder = not dotgit.exists() and any(n != ".lock" for n in names)
-        if dotgit.is_dir() and not ws.has_commit() and not runs and not journal_size:
-            # a creation cut short holds nothing but what creation writes, and a repository
-            # without remotes: anything else is a person's repository, never deleted
-            others = [n for n in names if n not in CREATED]
-            if others or ws.git("remote"):
-                raise WorkspaceError(f"{ws.root}: a git repository without commits that the loop did not make "
-                                     f"({', '.join(others) or 'it has remotes'}); use another --tag or --workspace-root")
-            shutil.rmtree(dotgit)
-        if (ws.root / ".git").is_dir():
-            if ws.has_commit() and ws.git("log", "-1", "--format=%s", ws.root_commit()) != ROOT_MESSAGE:
+        if dotgit.is_dir():
+            begun = ws.has_commit()
+            if not begun and not runs and not journal_size:
+                # a creation cut short holds nothing but what creation writes, and a repository
+                # without remotes: anything else is a person's repository, never deleted
+                others = [n for n in names if n not in CREATED]
+                if others or ws.git("remote"):
+                    raise WorkspaceError(f"{ws.root}: a git repository without commits that the loop did not "
+                                         f"make ({', '.join(others) or 'it has remotes'}); use another --tag or "
+                                         "--workspace-root")
+                return  # made again by open_or_create
+            if begun and ws.git("log", "-1", "--format=%s", ws.root_commit()) != ROOT_MESSAGE:
                 raise WorkspaceError(f"{ws.root}: a git repository that is not a research-loop workspace (its first "
                                      f"commit is not {ROOT_MESSAGE!r}); the loop resets its workspace, so it "
                                      "refuses this one: use another --tag or --workspace-root")
-            ws.remove_stale_lock()
             if runs and not journal_size:
                 raise WorkspaceError(f"{ws.journal_path}: missing or empty, but {ws.experiments} holds {runs} runs; "
                                      "restore the journal, or use another --tag")
-            return ws
+            return
         if runs or journal_size:
-            raise WorkspaceError(f"{ws.root / '.git'}: missing, but the workspace has a journal or runs whose "
+            raise WorkspaceError(f"{dotgit}: missing, but the workspace has a journal or runs whose "
                                  "commits it records; restore it, or use another --tag")
-        if someones_folder:
-            others = [n for n in names if n != ".lock"]
+        # creation writes recipe.py and program.md after `git init`: without a .git, a person's
+        # files there would go (the lock, written first, aside)
+        others = [n for n in names if n != ".lock"]
+        if others:
             raise WorkspaceError(f"{ws.root}: not empty ({', '.join(others[:3])}{' …' if len(others) > 3 else ''}), "
                                  "and not a research-loop workspace; use another --tag or --workspace-root")
+
+    @classmethod
+    def open_or_create(cls, root: Path, template: Path) -> Workspace:
+        """Open the workspace at ``root``, or create it there; refused as :meth:`check` says.
+        A repository without a commit and with no records is a creation cut short: it is made
+        again."""
+        cls.check(root)
+        ws = cls(root)
+        dotgit = ws.root / ".git"
+        if dotgit.is_dir() and not ws.has_commit() and ws._records() == (0, 0):
+            shutil.rmtree(dotgit)  # a creation cut short (check() found nothing else in it)
+        if dotgit.is_dir():
+            ws.remove_stale_lock()
+            return ws
         ws.root.mkdir(parents=True, exist_ok=True)
         ws.git("init", "-q")
         (ws.root / ".gitignore").write_text("\n".join(IGNORED) + "\n")

@@ -230,6 +230,13 @@ def test_a_study_resumes_only_under_the_settings_its_scores_were_measured_with(c
                                    "resume with the study's, or start a new --tag\n"), err
     exps = journal.experiments(journal.read(Workspace(tmp_path / "s").journal_path))
     assert len(exps) == 3  # nothing ran under the other settings
+    # the default --data, missing in this folder, is refused before it is prepared (minutes)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(loop.subprocess, "run", lambda *a, **k: pytest.fail("prepared before the refusal"))
+    rc = loop.main(["--tag", "s", "--workspace-root", str(tmp_path), "--device", "cpu", "--budget-s", "10"])
+    assert rc == 2 and "this study's scores were measured with --data" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setattr(loop, "run_experiment", scripted([70]))
     assert loop.main([*base, "--budget-s", "10", "--max-experiments", "2"]) == 0  # the study's own: it goes on
     assert len(journal.experiments(journal.read(Workspace(tmp_path / "s").journal_path))) == 4
 

@@ -188,6 +188,33 @@ def test_no_other_project_is_adopted_or_overwritten(tmp_path):
     assert (plain / "recipe.py").read_text() == "mine" and not (plain / ".git").exists()
 
 
+def test_a_refused_folder_gets_nothing_written_in_it(tmp_path, monkeypatch, capsys):
+    # The loop's lock file was created before the refusal and stayed behind in the person's
+    # folder or project (an untracked .lock there); the built-in dataset was prepared first
+    # too (minutes), only to be refused after.
+    monkeypatch.chdir(tmp_path)  # the default --data, data/synthetic, is missing here
+    git = ["git", "-c", "user.name=a", "-c", "user.email=a@b"]
+    proj = tmp_path / "root" / "proj"  # another project's repository
+    proj.mkdir(parents=True)
+    subprocess.run([*git, "init", "-q", str(proj)], check=True)
+    (proj / "notes.txt").write_text("v1")
+    subprocess.run([*git, "-C", str(proj), "add", "notes.txt"], check=True)
+    subprocess.run([*git, "-C", str(proj), "commit", "-q", "-m", "my project"], check=True)
+    plain = tmp_path / "root" / "plain"  # a person's files
+    plain.mkdir()
+    (plain / "data.csv").write_text("x")
+    monkeypatch.setattr(loop.subprocess, "run", lambda *a, **k: pytest.fail("prepared before the refusal"))
+    for tag, message in (("proj", "a git repository that is not a research-loop workspace"),
+                         ("plain", "not empty (data.csv), and not a research-loop workspace")):
+        rc = loop.main(["--workspace-root", str(tmp_path / "root"), "--tag", tag, "--budget-s", "1"])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith(f"loop: error: {tmp_path / 'root' / tag}: {message}"), err
+        assert not (tmp_path / "root" / tag / ".lock").exists()
+    assert sorted(p.name for p in proj.iterdir()) == [".git", "notes.txt"]
+    assert sorted(p.name for p in plain.iterdir()) == ["data.csv"]
+    assert not (tmp_path / "data").exists()
+
+
 @pytest.mark.parametrize("kill_after", [1, 2, 3, 4])
 def test_a_kill_at_any_point_of_a_reset_keeps_the_edited_brief(tmp_path, kill_after):
     # A kill runs no `finally`: between git's `reset --hard` and the brief's rewrite it once
