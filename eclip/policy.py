@@ -8,7 +8,10 @@ live in ``eclip.policy_reach``):
 - imports only from ``ALLOWED_IMPORTS`` (torch and a few standard modules for maths and
   types, and the project's model and kernel modules), never ``import *``, never a private
   or forbidden part (``torch.utils._python_dispatch``, ``from torch import load``), never
-  ``import eclip.X`` without ``as`` (it binds ``eclip``, the harness's package);
+  ``import eclip.X`` without ``as`` (it binds ``eclip``, the harness's package); a name an
+  import binds names that import only (no second import, parameter or assignment of it), and
+  the builtins the check takes at their word (``TRUSTED_BUILTINS``: ``property``, ``dict``, …)
+  are never bound;
 - no builtins that reach files, processes, the network or the interpreter's machinery
   (``FORBIDDEN_NAMES``: ``open``, ``exec``, ``eval``, the builtin ``compile`` — attribute
   ``torch.compile`` is fine —, ``__import__``, ``getattr``/``setattr``, ``globals``, …);
@@ -17,8 +20,10 @@ live in ``eclip.policy_reach``):
   no format field that reads attributes (``"{0.gi_frame}"``), no string annotations
   (``typing.get_type_hints`` evaluates them);
 - no ``FORBIDDEN_ATTRIBUTES`` (``torch.load``, ``torch.library``, frames, module
-  re-exports such as ``dataclasses.sys``, …); attribute chains on imports are resolved, and
-  one that lands in a module outside the allowed ones, in a part of torch outside
+  re-exports such as ``dataclasses.sys``, calls that return a module such as
+  ``torch.get_device_module``, an AttributeError's ``.obj``, …), also as a class pattern's
+  keyword (``case object(__self__=b)`` reads ``x.__self__``); attribute chains on imports
+  are resolved, and one that lands in a module outside the allowed ones, in a part of torch outside
   ``TORCH_MODULES`` (closed by default: TorchScript compiles code from strings, and its
   C++ bindings at torch's top level read and write files) or in ``DENIED_MODULES`` is
   refused;
@@ -26,7 +31,8 @@ live in ``eclip.policy_reach``):
   ``WRITABLE_ATTRIBUTES``: a name can come to hold a class in more ways than any tracking
   follows (``type(x)``, a return value, a default argument, a ``match`` capture), so no
   write through a name is allowed; ``self`` is only ever a plain method's first parameter,
-  a method is only used through an instance, ``type(x)`` is only compared. Writes into
+  a method is only used through an instance (a class whose methods write through their
+  receiver is never a value, ``cls`` included), ``type(x)`` is only compared. Writes into
   imports are named as such, through any binding and any name that holds one
   (``r = kernels.retrieval``); modules are not values at all. Settings under ``SETTINGS``
   may be set, to numbers, bools or None only;
@@ -65,6 +71,7 @@ from eclip.policy_reach import (
     RECEIVERS,
     SETTINGS,
     SETTINGS_MODULES,
+    TRUSTED_BUILTINS,
     WHY,
     WRITABLE_ATTRIBUTES,
     allowed_module,
@@ -72,6 +79,7 @@ from eclip.policy_reach import (
     bindings,
     dotted_name,
     import_modules,
+    import_paths,
     imported_names,
     in_settings,
     in_settings_module,
@@ -114,6 +122,20 @@ class _Checker(CompileRules):
         # (or a classmethod's ``cls``): the only receivers an attribute write may have
         self.methods: dict[str, set[str]] = {}
         self.receivers: set[int] = set()
+        writes: set[str] = set()  # classes with a method that writes through its receiver
+        bases: dict[str, set[str]] = {}  # class → its bases among the recipe's classes
+        setup: set[str] = set()  # classes whose body binds setup_context
+        for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+            bases.setdefault(cls.name, set()).update(
+                b.id for b in cls.bases if isinstance(b, ast.Name) and b.id in self.classes)
+            if any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "setup_context"
+                   or isinstance(n, ast.Name) and n.id == "setup_context" for s in cls.body for n in ast.walk(s)):
+                setup.add(cls.name)
+        # with a setup_context, autograd calls forward(*args) without a context: its first
+        # parameter is whatever apply() was given first (Fn.apply(torch.Tensor, v) would write
+        # into torch.Tensor). Any class related by inheritance counts: a subclass's (or a mixin's)
+        # setup_context makes the base's forward run so too.
+        related = self._related(bases)
         for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
             function = any(self._is(b, ("torch.autograd.Function",)) for b in cls.bases)
             properties = {f.name for f in cls.body if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
@@ -127,13 +149,60 @@ class _Checker(CompileRules):
                 if function and static == ["staticmethod"] and fn.name in AUTOGRAD_METHODS:
                     # ctx is autograd's context object; MyFn.forward(torch.Tensor, …) is refused
                     self.methods.setdefault(cls.name, set()).add(fn.name)
-                    if first and first[0].arg == "ctx" and len(fn.decorator_list) == 1:
+                    if first and first[0].arg == "ctx" and len(fn.decorator_list) == 1 and not (
+                            fn.name == "forward" and related[cls.name] & setup):
                         self.receivers.add(id(first[0]))
+                        if self._writes_through(fn, "ctx"):
+                            writes.add(cls.name)
                     continue
                 if not static:  # classmethods and staticmethods are called through the class
                     self.methods.setdefault(cls.name, set()).add(fn.name)
                 if first and first[0].arg in ("self", "cls") and self._plain_method(fn, properties):
                     self.receivers.add(id(first[0]))
+                    if not is_dunder(fn.name) and self._writes_through(fn, first[0].arg):
+                        writes.add(cls.name)  # (a dunder method is never reached through the class)
+        # a subclass has its bases' methods: J.put(torch.Tensor, v) runs H.put with self = torch.Tensor
+        lineage = {name: self._lineage(name, bases) for name in self.classes}
+        self.own_methods = self.methods
+        self.methods = {name: set().union(*(self.methods.get(b, set()) for b in lineage[name]))
+                        for name in self.classes}
+        self.writers = {name for name in self.classes if lineage[name] & writes}
+
+    @staticmethod
+    def _related(bases: dict[str, set[str]]) -> dict[str, set[str]]:
+        """Class → the recipe's classes related to it by inheritance, either way and through
+        each other (its bases, its subclasses, their other bases, …), itself included."""
+        links = {name: set(up) for name, up in bases.items()}
+        for name, up in bases.items():
+            for b in up:
+                links.setdefault(b, set()).add(name)
+        out: dict[str, set[str]] = {}
+        for name in links:
+            if name not in out:
+                group, todo = set(), [name]
+                while todo:
+                    if (c := todo.pop()) not in group:
+                        group.add(c)
+                        todo.extend(links.get(c, ()))
+                for c in group:
+                    out[c] = group
+        return out
+
+    @staticmethod
+    def _lineage(name: str, bases: dict[str, set[str]]) -> set[str]:
+        """``name`` and the recipe's classes it derives from, however far up."""
+        out, todo = set(), [name]
+        while todo:
+            if (c := todo.pop()) not in out:
+                out.add(c)
+                todo.extend(bases.get(c, ()))
+        return out
+
+    @staticmethod
+    def _writes_through(fn, receiver: str) -> bool:
+        """``fn`` assigns (or deletes) an attribute through its parameter ``receiver``."""
+        return any(root_name(t) == receiver and not isinstance(t, ast.Name)
+                   for n in ast.walk(fn) for t in bindings(n)[0])
 
     def _is(self, node: ast.AST, names: tuple[str, ...]) -> bool:
         """``node`` (a chain on the recipe's imports) names one of the objects ``names``."""
@@ -232,6 +301,14 @@ class _Checker(CompileRules):
         return roots - self.imported
 
     def run(self) -> list[Violation]:
+        for name, paths in import_paths(self.tree).items():
+            # the check resolves every chain on a name as one import: `import dataclasses as m`
+            # here and `import torch.utils.checkpoint as m` in a function would let m.types pass
+            for node in list(paths.values())[1:]:
+                self.add(node, f"'{name}' names two imports ({', '.join(paths)}): one name, one import")
+            if name in TRUSTED_BUILTINS:
+                self.add(next(iter(paths.values())), f"binding the builtin '{name}' is not allowed (the check "
+                                                     "relies on what it is)")
         for node in ast.walk(self.tree):
             if isinstance(node, ast.Import):
                 self.check_import(node)
@@ -249,6 +326,13 @@ class _Checker(CompileRules):
                 self.check_string(node)
             elif isinstance(node, ast.Call):
                 self.check_call(node)
+            elif isinstance(node, ast.MatchClass):
+                self.check_match_class(node)
+            if isinstance(node, ast.ExceptHandler) and node.name:
+                self.rebinds(node, node.name)
+            elif isinstance(node, ast.pattern):  # case torch: binds torch
+                for t in bindings(node)[0]:
+                    self.rebinds(node, t.id)
             self.check_bindings(node)
         return sorted(self.found, key=lambda v: v.line)
 
@@ -297,8 +381,20 @@ class _Checker(CompileRules):
                 elif (where := outside(self.modules.get(alias.asname or alias.name))) is not None:
                     self.add(node, f"'{mod}.{alias.name}' comes from '{where}', which recipes may not use")
 
+    def rebinds(self, node: ast.AST, name: str) -> None:
+        """``name`` is bound by something other than its import (a parameter, an assignment, a
+        loop): chains on it are checked as the import, so it may not name anything else."""
+        if name in self.imported:
+            self.add(node, f"'{name}' is imported: binding it otherwise is not allowed (chains on it are "
+                           "checked as the import's)")
+        elif name in TRUSTED_BUILTINS:  # def property(f): return lambda s, *a: f(torch.Tensor, *a)
+            self.add(node, f"binding the builtin '{name}' is not allowed (the check relies on what it is: "
+                           "@property keeps self, dict(...) holds compile()'s options)")
+
     def check_name(self, node: ast.Name) -> None:
-        if node.id in FORBIDDEN_NAMES:
+        if not isinstance(node.ctx, ast.Load) and (node.id in self.imported or node.id in TRUSTED_BUILTINS):
+            self.rebinds(node, node.id)
+        elif node.id in FORBIDDEN_NAMES:
             self.add(node, f"use of '{node.id}' is not allowed ({WHY})")
         elif node.id == "type" and not self._called(node):
             self.add(node, f"'type' may only be called with one argument, not passed on ({WHY})")
@@ -309,13 +405,32 @@ class _Checker(CompileRules):
                 and node in parent.decorator_list):
             self.add(node, f"'{node.id}' may only decorate a method, as '@{node.id}'")
         elif isinstance(node.ctx, ast.Load) and (cls := self._class_scope(node)) is not None \
-                and node.id in self.methods.get(cls.name, ()) and not self._accessor(node):
+                and node.id in self.own_methods.get(cls.name, ()) and not self._accessor(node):
             # in the class body a method is a plain function: put(torch.Tensor) binds self to it
             self.add(node, f"the method '{node.id}' used in its class body is not allowed "
                            "(a method is only used through an instance)")
+        elif isinstance(node.ctx, ast.Load) and (node.id in self.writers or node.id == "cls") \
+                and not self._class_use(node):
+            # A = H; A.put(torch.Tensor, v), or [H][0].put, a function that returns H, a
+            # dataclass field annotated H: put would run with self = torch.Tensor
+            self.add(node, f"the class '{node.id}' used as a value is not allowed: its methods write through their "
+                           "receiver, and called through the class they would write into whatever comes first "
+                           "(create it, subclass it, compare it or read its attributes)")
         elif node.id in self.imported and self._bare(node, self.imported) and outside(self.modules.get(node.id)) is None \
                 and isinstance(self.modules.get(node.id), types.ModuleType):
             self.add(node, f"the module '{node.id}' used as a value is not allowed (call or read its attributes)")
+
+    def _class_use(self, node: ast.Name) -> bool:
+        """``node`` (a class) is called, subclassed, compared, read from (``H.x``: methods are
+        refused there) or handed to ``isinstance``/``issubclass``: nothing that passes it on."""
+        parent, test = self.parents.get(node), ("isinstance", "issubclass")  # (builtins: never rebound)
+        if isinstance(parent, ast.Tuple) and isinstance(call := self.parents.get(parent), ast.Call):
+            return isinstance(call.func, ast.Name) and call.func.id in test and parent in call.args
+        if isinstance(parent, ast.Call):  # H(...), isinstance(x, H)
+            return parent.func is node or (isinstance(parent.func, ast.Name) and parent.func.id in test
+                                           and node in parent.args)
+        return (isinstance(parent, (ast.Attribute, ast.Compare)) or isinstance(parent, ast.ClassDef)
+                and node in parent.bases or isinstance(parent, ast.MatchClass) and parent.cls is node)
 
     def _class_scope(self, node: ast.AST) -> ast.ClassDef | None:
         """The class whose body ``node`` is directly in (no function between), or None."""
@@ -363,15 +478,28 @@ class _Checker(CompileRules):
             elif isinstance(obj, types.ModuleType) and self._bare(node, self.imported):
                 self.add(node, f"the module '{dotted}' used as a value is not allowed (call or read its attributes)")
 
+    def check_match_class(self, node: ast.MatchClass) -> None:
+        """``case object(__self__=b)`` reads ``subject.__self__`` (``len``'s is the builtins module):
+        a class pattern's keywords are attributes, and checked as attributes are."""
+        for attr in node.kwd_attrs:
+            if is_dunder(attr):
+                self.add(node, f"a class pattern's keyword reads the dunder attribute '.{attr}', which is not allowed "
+                               f"({WHY})")
+            elif attr in FORBIDDEN_ATTRIBUTES or is_private(attr):
+                self.add(node, f"a class pattern's keyword reads the attribute '.{attr}', which is not allowed ({WHY})")
+
     def check_receivers(self, node) -> None:
         """``self`` and ``cls`` name an instance (a class) of the recipe's own, always: as a
         plain method's first parameter and nowhere else, since writes through them are allowed."""
         for a in arg_nodes(node.args):
+            self.rebinds(node, a.arg)
             if a.arg in RECEIVERS and id(a) not in self.receivers:
                 self.add(node, f"'{a.arg}' may only be the first parameter of a method of the recipe's own "
-                               "classes (no decorator of the recipe's, no staticmethod)")
+                               "classes (no decorator of the recipe's, no staticmethod; with a setup_context, "
+                               "forward gets no ctx)")
 
     def check_definition(self, node) -> None:
+        self.rebinds(node, node.name)
         if is_dunder(node.name) and node.name not in ALLOWED_DUNDER_DEFS:
             self.add(node, f"defining '{node.name}' is not allowed ({WHY})")
         if isinstance(node, ast.ClassDef):

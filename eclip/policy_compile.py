@@ -11,12 +11,11 @@ from eclip.policy_reach import (
     COMPILE_KEYWORDS,
     COMPILE_PLAIN_KEYWORDS,
     bindings,
-    root_name,
 )
 
 
 class CompileRules:
-    """Mixed into the checker: needs its ``tree`` and ``add``."""
+    """Mixed into the checker: needs its ``tree``, ``parents`` and ``add``."""
 
     def _plain_compile_kwargs(self, expr: ast.AST, seen: frozenset = frozenset()) -> bool:
         """``expr`` (spread with ``**`` into compile()) is a ``dict(...)`` of fullgraph, dynamic,
@@ -32,12 +31,20 @@ class CompileRules:
             for t in targets:
                 if isinstance(t, ast.Name) and t.id == expr.id:
                     values.append(value if isinstance(n, ast.Assign) else None)
-                elif root_name(t) == expr.id:
-                    return False  # opts["backend"] = …
-            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == expr.id:
-                return False  # opts.update(backend=…)
+            if isinstance(n, ast.Name) and n.id == expr.id and isinstance(n.ctx, ast.Load) and not self._spread(n):
+                # opts["backend"] = …, opts.update(backend=…), set_backend(opts), alias = opts
+                return False
         return bool(values) and all(v is not None and self._plain_compile_kwargs(v, seen | {expr.id})
                                     for v in values)
+
+    def _spread(self, name: ast.Name) -> bool:
+        """``name`` is read only to be copied: spread (``f(**opts)``) or the first argument of a
+        ``dict(opts, …)``. Any other read may hand the dict to code that changes it."""
+        parent = self.parents.get(name)
+        if isinstance(parent, ast.keyword):
+            return parent.arg is None
+        return (isinstance(parent, ast.Call) and isinstance(parent.func, ast.Name) and parent.func.id == "dict"
+                and name in parent.args)
 
     def check_compile(self, node: ast.Call) -> None:
         """``torch.compile(fn, ...)`` / ``module.compile(...)``: literal backends and options only."""

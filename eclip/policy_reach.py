@@ -58,6 +58,20 @@ FORBIDDEN_ATTRIBUTES = frozenset({
     "load_config", "load_compiled_function", "save_compiled_function",
     # a CUDA graph's dump writes a file; global optimizer hooks run in every optimizer's step
     "debug_dump", "register_optimizer_step_pre_hook", "register_optimizer_step_post_hook",
+    # modules as values, where no chain resolution follows them: calls that return one
+    # (torch.get_device_module("cpu").torch.export.zipfile) and an AttributeError's .obj, the
+    # object it was raised on (a module, for a missing module attribute)
+    "get_device_module", "cudart", "get_opt_einsum", "obj",
+    # getattr and setattr by a string key (pd["__class__"] is getattr(pd, "__class__")), and what
+    # hands back a class, whose methods then run with any self (H.mro()[0].put(torch.Tensor, v))
+    "ParameterDict", "mro", "type_before_parametrizations",
+    # the builtins reached as attributes of a builtins module (enum's bltns), should one be reached,
+    # and code objects, which a FunctionType runs with other names (code.replace(co_names=…))
+    "bltns", "exec", "getattr", "setattr", "delattr", "globals", "locals", "vars", "breakpoint", "memoryview",
+    "gi_code", "cr_code", "ag_code", "FunctionType", "CodeType",
+    # a backend by another door than compile()'s checked keyword: the default one, a stance's
+    # forced one (each gets the traced graph, whose code generation on_generate_code rewrites)
+    "set_default_backend", "set_stance", "on_generate_code", "recompile",
 })
 # torch modules that run code from strings or pickles, write files, start processes or
 # change what every later torch call computes: refused however they are reached
@@ -97,6 +111,10 @@ WRITABLE_ATTRIBUTES = frozenset({"requires_grad", "grad", "data"})
 # Decorators a method may have: they call it with the instance it was called on
 KEEPS_SELF = ("torch.no_grad", "torch.enable_grad", "torch.inference_mode", "torch.compile",
               "torch.compiler.disable", "functools.cache", "functools.lru_cache", "functools.cached_property")
+# Builtins whose names the check takes at their word (@property keeps self, dict(...) holds
+# compile()'s options, isinstance(x, C) passes nothing on): a recipe may not bind them
+TRUSTED_BUILTINS = frozenset({"property", "classmethod", "staticmethod", "super", "type", "dict", "isinstance",
+                              "issubclass"})
 AUTOGRAD_METHODS = ("forward", "backward", "setup_context", "jvp", "vjp")  # torch.autograd.Function's
 # Functions that write methods into the class they are given: decorators of the recipe's own
 # classes only, never called on a class (dataclasses.dataclass(torch.nn.Linear))
@@ -167,6 +185,22 @@ def imported_names(tree: ast.AST) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             names |= {a.asname or a.name for a in node.names}
     return names
+
+
+def import_paths(tree: ast.AST) -> dict[str, dict[str, ast.AST]]:
+    """Name → {what each import binding it names (``import torch.nn`` binds ``torch``;
+    ``import torch.nn as nn``, ``from torch import nn`` bind ``torch.nn``): its first import}."""
+    out: dict[str, dict[str, ast.AST]] = {}
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
+        for alias in node.names:
+            if isinstance(node, ast.Import):
+                path, name = (alias.name, alias.asname) if alias.asname else (alias.name.split(".")[0],) * 2
+            else:
+                path, name = f"{'.' * node.level}{node.module or ''}.{alias.name}", alias.asname or alias.name
+            out.setdefault(name, {}).setdefault(path, node)
+    return out
 
 
 def root_name(node: ast.AST) -> str | None:

@@ -235,6 +235,11 @@ def test_a_model_that_uses_the_other_items_it_is_given_is_refused(cache, tmp_pat
     ("_r = kernels.retrieval\n_r.retrieval_ranks = None", "the module 'kernels.retrieval' used as a value"),
     ("_lib = torch.library.Library('aten', 'IMPL')", "attribute '.library' is not allowed"),
     ("import dataclasses\n_f = dataclasses.sys._getframe(0)", "attribute '.sys' is not allowed"),
+    # and these ran code in the training process (a module reached as a value, the builtins
+    # module read by a class pattern, a torch.compile backend through a dict(...) of the recipe's)
+    ("_t = torch.get_device_module('cpu').torch", "attribute '.get_device_module' is not allowed"),
+    ("match len:\n    case object(__self__=_b):\n        pass", "a class pattern's keyword reads the dunder attribute"),
+    ("def dict(**k):\n    return {'backend': print}", "binding the builtin 'dict' is not allowed"),
 ])
 def test_reaching_for_the_referee_is_rejected_unrun(cache, tmp_path, code, message):
     recipe = tmp_path / "recipe.py"

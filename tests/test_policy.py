@@ -152,6 +152,48 @@ def test_the_template_passes():
     # a package whose name merely begins with an allowed one (torchgen writes files)
     ("import torchgen.utils", "import of 'torchgen.utils' is not allowed"),
     ("from typing_extensions import Any", "import from 'typing_extensions' is not allowed"),
+    # a sixth review: each passed and ran code (a file written) or patched an imported class.
+    # A module as a value escapes the chain resolution: from a call, from an AttributeError (its
+    # .obj is the module it was raised on), or read by a class pattern's keyword (len.__self__
+    # is the builtins module); from there .platform.re.enum.bltns.exec or .export.zipfile
+    ("T = torch.get_device_module('cpu').torch", "attribute '.get_device_module' is not allowed"),
+    ("try:\n    torch.nn.no_such_attribute\nexcept AttributeError as e:\n    nn = e.obj", "attribute '.obj' is not allowed"),
+    ("match len:\n    case object(__self__=b):\n        b.print(1)",
+     "a class pattern's keyword reads the dunder attribute '.__self__'"),
+    ("match torch.zeros(1):\n    case object(numpy=n):\n        pass", "a class pattern's keyword reads the attribute '.numpy'"),
+    ("e = torch.nn.functional.torch.platform.re.enum.bltns.exec", "attribute '.bltns' is not allowed"),
+    # one name, two imports: every chain on 'm' was checked against the last one walked
+    ("import dataclasses as m\ndef f():\n    import torch.utils.checkpoint as m\nt = m.types",
+     "'m' names two imports (dataclasses, torch.utils.checkpoint)"),
+    ("c = (lambda: (yield))().gi_code", "attribute '.gi_code' is not allowed"),
+    # an import or a builtin the check trusts, bound to something else: a parameter named torch
+    # made any object's .backends a settings module; a property that binds torch.Tensor as self;
+    # a dict(...) that returns a backend
+    ("def f(torch):\n    torch.backends.sum = None", "'torch' is imported: binding it otherwise is not allowed"),
+    ("def property(f):\n    return lambda s, *a: f(torch.Tensor, *a)", "binding the builtin 'property' is not allowed"),
+    ("def dict(**k):\n    return {'backend': print}", "binding the builtin 'dict' is not allowed"),
+    # a backend by another door (it gets the traced graph, whose code generation can be rewritten)
+    ("torch.compiler.set_default_backend(print)", "attribute '.set_default_backend' is not allowed"),
+    ("torch.compiler.set_stance('default', force_backend=print)", "attribute '.set_stance' is not allowed"),
+    ("def put(opts):\n    opts['backend'] = print\no = dict(mode=None)\nput(o)\nf = torch.compile(len, **o)",
+     "no *args; **kwargs only"),
+    ("o = dict(mode=None)\np = o\np['backend'] = print\nf = torch.compile(len, **o)", "no *args; **kwargs only"),
+    # self (ctx) bound to torch.Tensor: forward with a setup_context gets no ctx, a subclass or an
+    # alias of the class, a function returning it, a string key of a ParameterDict, mro()
+    ("class Fn(torch.autograd.Function):\n    @staticmethod\n    def forward(ctx, v):\n        ctx.sum = v\n"
+     "        return torch.zeros(())\n    @staticmethod\n    def setup_context(ctx, inputs, output):\n        pass\n"
+     "Fn.apply(torch.Tensor, len)", "with a setup_context, forward gets no ctx"),
+    ("class H:\n    def put(self, v):\n        self.sum = v\nclass J(H):\n    pass\nJ.put(torch.Tensor, len)",
+     "'J.put': a method may only be used through an instance"),
+    ("class H:\n    def put(self, v):\n        self.sum = v\nA = H\nA.put(torch.Tensor, len)",
+     "the class 'H' used as a value is not allowed"),
+    ("class H:\n    def put(self, v):\n        self.sum = v\ndef k():\n    return H\nk().put(torch.Tensor, len)",
+     "the class 'H' used as a value is not allowed"),
+    ("class H:\n    @classmethod\n    def me(cls):\n        return cls", "the class 'cls' used as a value is not allowed"),
+    ("p = torch.nn.ParameterDict()\nC = p['_' * 2 + 'class' + '_' * 2]", "attribute '.ParameterDict' is not allowed"),
+    ("class H:\n    pass\nC = H.mro()[0]", "attribute '.mro' is not allowed"),
+    ("C = torch.nn.utils.parametrize.type_before_parametrizations(torch.nn.Linear(1, 1))",
+     "attribute '.type_before_parametrizations' is not allowed"),
 ])
 def test_forbidden_constructs_are_named_with_their_line(line, message):
     source = f"import torch\nimport kernels, functools, dataclasses, typing\nfrom eclip import model as eclip_model\n{line}\n"
@@ -214,6 +256,17 @@ def test_allowed_constructs_pass():
         "@dataclass(frozen=True)\nclass Frozen:\n    a: int = 1\n"
         "g = torch.compile(step, backend='inductor', mode='max-autotune', options={'coordinate_descent_tuning': True})\n"
         "Net().compile(dynamic=None, mode=None)\n"
+        # classes whose methods write through self: created, subclassed, compared, tested with
+        # isinstance; a Function in the setup_context style; compile options spread from a name
+        "class Blk(torch.nn.Module):\n    def __init__(self, d):\n        super().__init__()\n"
+        "        self.lin = torch.nn.Linear(d, d)\n    def reset(self):\n        self.scale = 1.0\n"
+        "class Deeper(Blk):\n    pass\nblk = Deeper(4)\nblk.reset()\n"
+        "same = isinstance(blk, (Blk, Net)) and issubclass(Deeper, Blk) and type(blk) is Deeper\n"
+        "class Mul(torch.autograd.Function):\n    @staticmethod\n    def forward(x, k):\n        return x * k\n"
+        "    @staticmethod\n    def setup_context(ctx, inputs, output):\n        ctx.k = inputs[1]\n"
+        "    @staticmethod\n    def backward(ctx, g):\n        return g * ctx.k, None\nz = Mul.apply(torch.ones(2), 2.0)\n"
+        "opts = dict(mode='max-autotune', dynamic=False)\nh = torch.compile(step, **opts)\n"
+        "match torch.zeros(2):\n    case torch.Tensor(shape=s):\n        pass\n"
     )
     assert check_source(source) == []
 
