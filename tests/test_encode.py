@@ -97,6 +97,25 @@ def test_cli_encodes_what_the_inputs_hold(run, small_cache, tmp_path, capsys):
 SPEC = {"vocab_size": "9", "context_length": "9", "phrase_length": "9", "image_size": "64"}
 
 
+def with_hparams(run: Path, out: Path, hparams) -> Path:
+    """A copy of ``run``'s checkpoint whose recorded hparams are ``hparams`` (None: none
+    recorded), in the header of the tensors file, where the encoder reads them."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from eclip.checkpoint import HEADER_KEY, TENSORS
+
+    out.mkdir()
+    with safe_open(str(run / TENSORS), "pt") as f:
+        meta = json.loads(f.metadata()[HEADER_KEY])
+    if hparams is None:
+        del meta["hparams"]
+    else:
+        meta["hparams"] = hparams if not isinstance(hparams, dict) else meta["hparams"] | hparams
+    save_file(load_file(str(run / TENSORS)), str(out / TENSORS), metadata={HEADER_KEY: json.dumps(meta)})
+    return out
+
+
 @pytest.mark.parametrize("case,message", [
     ("neither", "in.safetensors: holds neither images nor tokens"),
     ("float images", "in.safetensors: images: expected uint8 [N, 3, 64, 64], got torch.float32 [2, 3, 64, 64]"),
@@ -109,6 +128,13 @@ SPEC = {"vocab_size": "9", "context_length": "9", "phrase_length": "9", "image_s
     ("checkpoint file", "checkpoint.safetensors: a file; a checkpoint is named by its run directory"),
     ("not a file", "in.safetensors: unreadable"),
     ("short text length", "--text-length 1: must be between the longest caption given ("),
+    ("metadata not a number", "in.safetensors: metadata image_size: expected an integer, got 'big'"),
+    ("not square", "in.safetensors: images: expected uint8 [N, 3, 64, 64], got torch.uint8 [2, 3, 64, 32]"),
+    ("int64 images", "in.safetensors: images: expected uint8 [N, 3, 64, 64], got torch.int64 [2, 3, 64, 64]"),
+    ("flat tokens", "in.safetensors: tokens: expected int32 or int64 [C, L], got torch.int64 [18]"),
+    ("no hparams", "checkpoint.safetensors: no hparams recorded"),
+    ("hparams not a dict", "checkpoint.safetensors: no hparams recorded"),
+    ("hparams the recipe refuses", "recipe: precision: expected one of auto, bf16, fp32, got 'fp16'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(run, small_cache, tmp_path, capsys, case, message):
     from safetensors.torch import save_file
@@ -119,9 +145,18 @@ def test_bad_input_is_one_line_and_exit_2(run, small_cache, tmp_path, capsys, ca
                "float images": {"images": torch.zeros(2, 3, 64, 64)},
                "other size": {"images": torch.zeros(2, 3, 32, 32, dtype=torch.uint8)},
                "float tokens": {"tokens": torch.ones(2, 9)},
-               "no metadata": {"tokens": torch.ones(2, 9, dtype=torch.int32)}}
+               "no metadata": {"tokens": torch.ones(2, 9, dtype=torch.int32)},
+               "metadata not a number": {"tokens": torch.ones(2, 9, dtype=torch.int32)},
+               "not square": {"images": torch.zeros(2, 3, 64, 32, dtype=torch.uint8)},
+               "int64 images": {"images": torch.zeros(2, 3, 64, 64, dtype=torch.int64)},
+               "flat tokens": {"tokens": torch.ones(18, dtype=torch.int64)}}
+    metadata = {"no metadata": None, "metadata not a number": SPEC | {"image_size": "big"}}
+    hparams = {"no hparams": None, "hparams not a dict": [], "hparams the recipe refuses": {"precision": "fp16"}}
     if case in tensors:
-        save_file(tensors[case], str(inputs), metadata=None if case == "no metadata" else SPEC)
+        save_file(tensors[case], str(inputs), metadata=metadata.get(case, SPEC))
+    elif case in hparams:  # a damaged checkpoint: its recorded hyperparameters
+        inputs_of(small_cache, inputs)
+        ckpt_dir = with_hparams(run, tmp_path / "damaged", hparams[case])
     elif case == "another model":  # a vocabulary the checkpoint was not trained on
         inputs_of(small_cache, inputs, vocab_size=load_cache(small_cache).vocab_size + 1)
     elif case == "no checkpoint":
@@ -160,3 +195,101 @@ def test_text_length_reaches_the_encoder_and_is_checked(run, small_cache, tmp_pa
         encode.encode_checkpoint(train.TEMPLATE, run, inputs, "cpu", text_length=width + 1)
     with pytest.raises(EclipError, match="--batch 0: must be at least 1"):
         encode.encode_checkpoint(train.TEMPLATE, run, inputs, "cpu", batch=0)
+
+
+def cli(run: Path, inputs: Path, out: Path, *extra: str) -> int:
+    return encode.main(["--recipe", str(train.TEMPLATE), "--checkpoint", str(run), "--inputs", str(inputs),
+                        "--out", str(out), "--device", "cpu", *extra])
+
+
+def test_the_ready_line_is_printed_when_asked_and_only_then(run, small_cache, tmp_path, capsys):
+    # The harness times the recipe from this line: it must come first, and a run without
+    # --signal-ready prints none (a stray line would be read as the start of the recipe's time)
+    inputs = inputs_of(small_cache, tmp_path / "in.safetensors", split="test")
+    assert cli(run, inputs, tmp_path / "emb.safetensors", "--signal-ready") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == encode.READY and lines.count(encode.READY) == 1
+    assert cli(run, inputs, tmp_path / "emb.safetensors") == 0
+    assert encode.READY not in capsys.readouterr().out.splitlines()
+
+
+def test_batch_sets_the_forward_passes_and_text_length_needs_captions(run, small_cache, tmp_path, monkeypatch):
+    # --batch is what the harness's batch check relies on (pairs): it must reach the model's
+    # forward passes; --text-length is about captions, so inputs without any ignore it
+    from safetensors.torch import load_file
+
+    images, _, spec = encode.read_inputs(inputs_of(small_cache, tmp_path / "in.safetensors", split="test"))
+    inputs = tmp_path / "images.safetensors"
+    encode.write_inputs(inputs, images, None, spec)  # 20 images, no captions
+    sizes = []
+    real = encode.encode_in_order
+
+    def spy(model, *rest):
+        encode_image = model.encode_image
+        model.encode_image = lambda x: (sizes.append(x.shape[0]), encode_image(x))[1]
+        return real(model, *rest)
+
+    monkeypatch.setattr(encode, "encode_in_order", spy)
+    out = tmp_path / "emb.safetensors"
+    assert cli(run, inputs, out, "--batch", "7", "--text-length", "5") == 0
+    assert sizes == [7, 7, 6]
+    assert list(load_file(str(out))) == ["img"]
+
+
+@pytest.mark.parametrize("raised,rc,message", [
+    (KeyboardInterrupt(), 130, "encode: interrupted (no embeddings written)"),
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"), 1,
+     "encode: error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)"),
+    (torch.OutOfMemoryError("no room"), 1, "encode: error: out of memory (no room)"),
+])
+def test_an_interruption_or_out_of_memory_is_its_exit_code_and_one_line(tmp_path, monkeypatch, capsys, raised, rc,
+                                                                        message):
+    # the harness tells these apart by the exit code and the encoder's own line (oom, interrupted)
+    def fail(*args):
+        raise raised
+
+    monkeypatch.setattr(encode, "encode_checkpoint", fail)
+    out = tmp_path / "emb.safetensors"
+    assert cli(tmp_path, tmp_path / "in.safetensors", out) == rc
+    assert capsys.readouterr().err == message + "\n"
+    assert not out.exists()
+
+
+def test_another_error_of_the_recipe_is_not_called_out_of_memory(tmp_path, monkeypatch):
+    # its traceback is the harness's reason (the last line of the log), not "out of memory"
+    def fail(*args):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(encode, "encode_checkpoint", fail)
+    with pytest.raises(RuntimeError, match="mat1 and mat2"):
+        cli(tmp_path, tmp_path / "in.safetensors", tmp_path / "emb.safetensors")
+
+
+def test_an_output_that_cannot_be_written_is_one_line_and_exit_2(run, small_cache, tmp_path, capsys):
+    inputs = inputs_of(small_cache, tmp_path / "in.safetensors", split="test")
+    out = tmp_path / "taken"
+    out.mkdir()  # a folder where the embeddings should go
+    assert cli(run, inputs, out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("encode: error: ") and err.count("\n") == 1 and "Is a directory" in err, err
+    assert out.is_dir() and list(out.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors", "taken"]  # no temporary left
+
+
+def test_a_failed_write_keeps_the_previous_embeddings(tmp_path, monkeypatch):
+    # written to a temporary file and renamed: a write cut short (disk full) leaves the
+    # previous file whole, not half of the new one
+    import safetensors.torch
+
+    out = tmp_path / "emb.safetensors"
+    encode.save_embeddings(out, torch.ones(2, 4), None)
+    before = out.read_bytes()
+
+    def cut_short(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", cut_short)
+    with pytest.raises(OSError, match="No space left"):
+        encode.save_embeddings(out, torch.zeros(3, 4), torch.zeros(3, 4))
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["emb.safetensors"]

@@ -164,3 +164,10 @@ def test_a_zero_embedding_stays_zero_and_scores_zero():
 
 def test_kfold_assign_allows_one_item_a_fold():
     assert sorted(kfold_assign(3, 3, seed=0).tolist()) == [0, 1, 2]
+
+
+def test_fold_split_refuses_a_negative_fold():
+    # fold -1 marks the held-out test split: as "fold -1" it would be validated on
+    fold = torch.tensor([0, 1, -1, 0, 1, -1])
+    with pytest.raises(ValueError, match=r"fold -1 out of range: the cache has folds 0\.\.1"):
+        fold_split(fold, -1)

@@ -77,3 +77,18 @@ def test_a_loss_at_the_bound_has_not_diverged():
     rb.push(steps(1, [float("inf")], "cpu"), {"step": 1})
     with pytest.raises(Diverged, match="loss inf at step 1"):
         rb.flush()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_row_values_are_plain_floats(device):
+    # rows go to metrics.jsonl and the result: tensors there would not serialise, and an
+    # integer count past 2**24 must survive the copy exactly (it travels as float64)
+    import json
+
+    rb = Readback(limit=100.0)
+    big = torch.tensor(2 ** 24 + 1, device=device)
+    rb.push(steps(1, [1.5], device, n=big, note=3), {"step": 1})
+    row = rb.flush()
+    assert row == {"step": 1, "loss": 1.5, "lr": 0.5, "n": 16777217.0, "note": 3.0}
+    assert all(type(row[k]) is float for k in ("loss", "lr", "n", "note"))
+    assert json.loads(json.dumps(row)) == row

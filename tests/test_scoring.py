@@ -110,3 +110,55 @@ def test_the_batch_check_sees_directions_at_any_scale():
     below = emb[(unit * unit).sum(1) > 1]  # rows whose cosine with themselves rounds above 1
     assert len(below) > 0
     assert batch_check(below, below.clone(), "images") == 0.0
+
+
+@pytest.mark.parametrize("bad,shown", [
+    (torch.ones(60, 8, dtype=torch.int64), "torch.int64 [60, 8]"),  # no direction to normalise
+    (torch.ones(60, 8, 1), "torch.float32 [60, 8, 1]"),
+    (torch.ones(60), "torch.float32 [60]"),
+])
+def test_embeddings_must_be_a_float_matrix(tmp_path, bad, shown):
+    img_f, txt_f = tmp_path / "img.safetensors", tmp_path / "txt.safetensors"
+    order = torch.randperm(60)
+    save_file({"img": bad}, str(img_f))
+    save_file({"txt": torch.randn(60, 8)}, str(txt_f))
+    with pytest.raises(EclipError, match=re.escape(f"img.safetensors: img: expected float [60, E], got {shown}")):
+        score({"status": "ok"}, img_f, txt_f, order, order, torch.arange(60), "cpu", "val")
+
+
+def test_the_ranking_is_of_the_cache_pairs_with_several_captions_an_image(tmp_path):
+    # COCO-like: 3 captions an image, so the captions' order has more rows than the images',
+    # and each caption is ranked against its own image (txt_image), as an independent sort
+    # finds; val_mean_rank is the average of the two directions' mean ranks
+    g = torch.Generator().manual_seed(7)
+    n_img, per = 12, 3
+    txt_image = torch.arange(n_img).repeat_interleave(per)[torch.randperm(n_img * per, generator=g)]
+    img = torch.randn(n_img, 6, generator=g, dtype=torch.float64)
+    txt = img[txt_image] + 1.2 * torch.randn(n_img * per, 6, generator=g, dtype=torch.float64)
+    order_i, order_t = torch.randperm(n_img, generator=g), torch.randperm(n_img * per, generator=g)
+    img_f, txt_f = tmp_path / "img.safetensors", tmp_path / "txt.safetensors"
+    save_file({"img": img[order_i].float()}, str(img_f))
+    save_file({"txt": txt[order_t].float()}, str(txt_f))
+    r = score({"status": "ok"}, img_f, txt_f, order_i, order_t, txt_image, "cpu", "val")
+
+    unit = lambda e: torch.nn.functional.normalize(e.float().double(), dim=1)  # noqa: E731
+    s = unit(img) @ unit(txt).T  # [images, captions]
+    i2t = [int((s[i][txt_image != i] >= s[i][txt_image == i].max()).sum()) for i in range(n_img)]
+    t2i = [int((s[:, c] >= s[txt_image[c], c]).sum()) - 1 for c in range(n_img * per)]
+    want_i2t, want_t2i = sum(i2t) / n_img, sum(t2i) / (n_img * per)
+    assert want_i2t != want_t2i  # the average of the two is then neither of them
+    assert r["metrics"]["i2t_mean_rank"] == pytest.approx(want_i2t, abs=1e-12)
+    assert r["metrics"]["t2i_mean_rank"] == pytest.approx(want_t2i, abs=1e-12)
+    assert r["val_mean_rank"] == pytest.approx((want_i2t + want_t2i) / 2, abs=1e-12)
+    assert r["metrics"]["n_images"] == n_img and r["metrics"]["n_texts"] == n_img * per
+    assert "batch_gap" not in r  # no copies given, no batch check reported
+
+
+def test_an_infinite_item_both_times_is_broken_not_batch_dependent():
+    # infinite entries are as degenerate as NaN (the ranking puts such an item last); an
+    # empty check has nothing off
+    first = torch.tensor([[float("inf"), 1.0, 0.0], [1.0, -float("inf"), float("inf")], [0.6, 0.8, 0.0]])
+    assert batch_check(first, first.clone(), "images") == 0.0
+    with pytest.raises(EclipError, match=re.escape("(1 - cosine 2, at most 0.001)")):
+        batch_check(first, torch.tensor([[1.0, 1.0, 0.0], *first[1:].tolist()]), "images")
+    assert batch_check(torch.zeros(0, 3), torch.zeros(0, 3), "texts") == 0.0
