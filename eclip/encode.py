@@ -99,6 +99,9 @@ def read_inputs(path: Path) -> tuple[torch.Tensor | None, torch.Tensor | None, d
     images, tokens = tensors.get("images"), tensors.get("tokens")
     if images is None and tokens is None:
         raise EclipError(f"{path}: holds neither images nor tokens")
+    for name, t in (("images", images), ("tokens", tokens)):
+        if t is not None and t.dim() > 0 and t.shape[0] == 0:
+            raise EclipError(f"{path}: {name}: no rows to encode")
     r = spec["image_size"]
     if images is not None and (images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (3, r, r)):
         raise EclipError(f"{path}: images: expected uint8 [N, 3, {r}, {r}], got {images.dtype} {list(images.shape)}")
@@ -136,7 +139,7 @@ def encode_checkpoint(recipe_path: Path, run_dir: Path, inputs: Path, device_nam
     device = pick_device(device_name)
     use_device(device)
     torch.empty(1, device=device).sum().item()  # the device's context exists: its start-up is done
-    hp = meta.get("hparams") or {}
+    hp = meta.get("hparams") if isinstance(meta.get("hparams"), dict) else {}  # hparams_of says what is wrong
     for key, library in (("text_tower", "transformers"), ("image_tower", "timm")):
         if hp.get(key):  # a pretrained tower's library is start-up too (seconds to import)
             try:
@@ -147,7 +150,10 @@ def encode_checkpoint(recipe_path: Path, run_dir: Path, inputs: Path, device_nam
         print(READY, flush=True)
     recipe = load_recipe(recipe_path)
     hparams_of(recipe, meta, source)
-    torch.manual_seed(int(meta.get("seed", 42)))  # as training seeded it before build_model
+    seed = meta.get("seed", 42)
+    if not isinstance(seed, int) or isinstance(seed, bool):  # a damaged record
+        raise EclipError(f"{source}: seed: expected an integer, got {seed!r}")
+    torch.manual_seed(seed)  # as training seeded it before build_model
     spec = ModelSpec(vocab_size=numbers["vocab_size"], context_length=numbers["context_length"],
                      phrase_length=numbers["phrase_length"], image_size=numbers["image_size"], device=device)
     try:
@@ -162,10 +168,14 @@ def encode_checkpoint(recipe_path: Path, run_dir: Path, inputs: Path, device_nam
 
 def save_embeddings(path: Path, img: torch.Tensor | None, txt: torch.Tensor | None) -> None:
     """img fp32 [N, E] and/or txt fp32 [C, E] (``encode_in_order`` made them fp32), atomically."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tensors = {k: v.contiguous() for k, v in (("img", img), ("txt", txt)) if v is not None}
-    atomic_write(path, lambda p: save_file(tensors, str(p)))
+    try:
+        atomic_write(path, lambda p: save_file(tensors, str(p)))
+    except SafetensorError as e:  # its I/O errors (a full disk) are not OSErrors
+        raise EclipError(f"{path}: cannot write ({first_line(e)})") from None
 
 
 def main(argv: list[str] | None = None) -> int:

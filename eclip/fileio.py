@@ -6,6 +6,7 @@ Kept free of torch so the research loop can use it without importing the trainin
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 
@@ -21,11 +22,17 @@ def atomic_write(path: Path, write) -> None:
     content, not a renamed empty file (the order a journaling file system may otherwise
     keep only for the metadata)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if not path.parent.is_dir():  # else each writer fails its own way (safetensors: not an OSError)
+        raise FileNotFoundError(errno.ENOENT, f"its folder {path.parent} does not exist", str(path))
     tmp.unlink(missing_ok=True)  # a leftover of a killed process with the same pid: start clean
     try:
         write(tmp)
         fsync_path(tmp)
         os.replace(tmp, path)
+    except OSError as e:  # named as the caller named it, not as the temporary file nobody asked for
+        if str(tmp) not in (str(e.filename), str(e.filename2)):
+            raise
+        raise type(e)(e.errno, e.strerror, str(path)) from None
     finally:
         if tmp.exists():
             tmp.unlink()

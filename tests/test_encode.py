@@ -293,3 +293,57 @@ def test_a_failed_write_keeps_the_previous_embeddings(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         encode.save_embeddings(out, torch.zeros(3, 4), torch.zeros(3, 4))
     assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["emb.safetensors"]
+
+
+def test_an_output_folder_that_does_not_exist_is_one_line_and_exit_2(run, small_cache, tmp_path, capsys):
+    # safetensors reports its write failures as its own error, not an OSError: a traceback
+    inputs = inputs_of(small_cache, tmp_path / "in.safetensors", split="test")
+    out = tmp_path / "missing" / "emb.safetensors"
+    assert cli(run, inputs, out) == 2
+    assert capsys.readouterr().err == f"encode: error: {out}: its folder {out.parent} does not exist\n"
+
+
+def test_an_output_that_is_a_folder_is_named_as_given(run, small_cache, tmp_path, capsys):
+    # the rename's error named the temporary file (".taken.tmp-<pid>"), which nobody asked for
+    inputs = inputs_of(small_cache, tmp_path / "in.safetensors", split="test")
+    (tmp_path / "taken").mkdir()
+    assert cli(run, inputs, tmp_path / "taken") == 2
+    assert capsys.readouterr().err == f"encode: error: {tmp_path / 'taken'}: Is a directory\n"
+
+
+@pytest.mark.parametrize("hparams", ["abc", [1, 2], 7])
+def test_hparams_of_another_type_than_a_dict_are_one_line(run, small_cache, tmp_path, capsys, hparams):
+    # a damaged record: hp.get() on a string was an AttributeError traceback
+    inputs = inputs_of(small_cache, tmp_path / "in.safetensors", split="test")
+    ckpt = with_hparams(run, tmp_path / "damaged", hparams)
+    assert cli(ckpt, inputs, tmp_path / "emb.safetensors") == 2
+    assert "checkpoint.safetensors: no hparams recorded" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", ["abc", 1.5, None])
+def test_a_damaged_seed_is_one_line(run, small_cache, tmp_path, capsys, seed):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from eclip.checkpoint import HEADER_KEY, TENSORS
+
+    inputs = inputs_of(small_cache, tmp_path / "in.safetensors", split="test")
+    ckpt = tmp_path / "damaged"
+    ckpt.mkdir()
+    with safe_open(str(run / TENSORS), "pt") as f:
+        meta = json.loads(f.metadata()[HEADER_KEY])
+    meta["seed"] = seed
+    save_file(load_file(str(run / TENSORS)), str(ckpt / TENSORS), metadata={HEADER_KEY: json.dumps(meta)})
+    assert cli(ckpt, inputs, tmp_path / "emb.safetensors") == 2
+    assert f"checkpoint.safetensors: seed: expected an integer, got {seed!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("part", ["images", "tokens"])
+def test_inputs_with_no_rows_are_bad_input(run, small_cache, tmp_path, capsys, part):
+    # an empty split (prepare allows --val-frac 0 for real data) ended in torch.cat's traceback
+    inputs = inputs_of(small_cache, tmp_path / "in.safetensors", split="test")
+    images, tokens, spec = encode.read_inputs(inputs)
+    encode.write_inputs(inputs, images[:0] if part == "images" else None, tokens[:0] if part == "tokens" else None,
+                        spec)
+    assert cli(run, inputs, tmp_path / "emb.safetensors") == 2
+    assert f"in.safetensors: {part}: no rows to encode" in capsys.readouterr().err

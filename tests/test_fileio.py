@@ -142,3 +142,20 @@ def test_a_prefix_reads_only_the_tensors_it_names(tmp_path):
     assert got.keys() == {"model.a", "model.b"}
     assert all(torch.equal(got[k], tensors[k]) for k in got)
     assert fileio.read_tensors(path).keys() == tensors.keys()
+
+
+def test_a_failed_write_names_the_path_asked_for_not_the_temporary_file(tmp_path):
+    # the rename's error carried the temporary sibling (".out.tmp-<pid>") as its file name
+    (tmp_path / "out").mkdir()
+    with pytest.raises(IsADirectoryError) as e:
+        fileio.atomic_write(tmp_path / "out", lambda p: p.write_text("x"))
+    assert e.value.filename == str(tmp_path / "out") and e.value.filename2 is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary file left
+
+
+def test_a_missing_folder_is_named_before_anything_is_written(tmp_path):
+    # each writer failed its own way there (safetensors with an error that is not an OSError)
+    called = []
+    with pytest.raises(FileNotFoundError, match="its folder .*missing does not exist") as e:
+        fileio.atomic_write(tmp_path / "missing" / "f.json", called.append)
+    assert e.value.filename == str(tmp_path / "missing" / "f.json") and not called
