@@ -395,14 +395,15 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
         bar.n = row["step"] if total else min(round(row["elapsed_s"]), bar.total)
         bar.refresh()
 
-    def drain() -> dict | None:
-        """At the end of the run: log the row in flight, then check every step not yet
-        pushed (raises Diverged); returns the last such step's metrics (None if none)."""
+    def drain() -> None:
+        """At the end of the run: log the row in flight, then check and log the steps not
+        yet pushed, as one row at the last step (raises Diverged)."""
         log(readback.flush())
         if not pending:
-            return None
-        readback.push(pending, {})  # nothing in flight any more: returns None
-        return readback.flush()
+            return
+        elapsed = start_trained + (time.perf_counter() - t0)
+        readback.push(pending, {"step": step, "elapsed_s": round(elapsed, 3), "samples": samples})  # returns None
+        log(readback.flush())
 
     try:
         while True:
@@ -443,7 +444,7 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
                 elapsed = start_trained + (time.perf_counter() - t0)
                 log(readback.push(pending, {"step": step, "elapsed_s": round(elapsed, 3), "samples": samples}))
                 pending = []
-        last = drain() or last
+        drain()
     except Diverged as e:
         status, last = "diverged", dict(last, reason=str(e))
     except KeyboardInterrupt:

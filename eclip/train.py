@@ -10,7 +10,7 @@ The training loop (``eclip.loop``) runs a recipe file (default: the template
   cache's fold count, ``prepare --folds``), reporting mean ± std of the validation mean rank
   (each fold gets the full budget).
 
-Writes to ``--out``: ``result.json``, ``metrics.jsonl`` (one row per log step), the checkpoint
+Writes to ``--out``: ``result.json``, ``metrics.jsonl`` (a row per log step, and the last step), the checkpoint
 (``checkpoint.safetensors`` + ``checkpoint.json``) and prints a ``key: value`` summary block.
 Exit codes: 0 ok, 1 diverged or out of memory, 2 bad input, 130 interrupted (Ctrl-C or SIGTERM).
 """

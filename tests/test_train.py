@@ -105,7 +105,7 @@ def test_nan_loss_is_reported_as_diverged(cache, tmp_path, capsys):
 @pytest.mark.parametrize("nan_step", [None, 3, 5])
 def test_out_of_memory_mid_run_keeps_the_row_in_flight(cache, tmp_path, capsys, nan_step):
     # An OOM at step 6 (--log-every=2: rows pushed at steps 1, 2, 4): the row of step 4, still
-    # in flight, is logged, and a NaN not yet read back — in that row (step 3) or after it
+    # in flight, is logged, then step 5's, and a NaN not yet read back — in that row (step 3) or after it
     # (step 5) — makes the run "diverged" rather than "oom".
     hog = recipe_at_call(tmp_path, before="if _calls[0] == 6:\n    raise torch.OutOfMemoryError('CUDA out of memory (simulated)')",
                          after=f"if _calls[0] == {nan_step}:\n    out['loss'] = out['loss'] * float('nan')")
@@ -118,7 +118,7 @@ def test_out_of_memory_mid_run_keeps_the_row_in_flight(cache, tmp_path, capsys, 
     else:
         assert result["status"] == "oom" and "out of memory (simulated)" in result["reason"]
         rows = metric_rows(out)
-        assert [r["step"] for r in rows if "loss" in r] == [1, 2, 4]
+        assert [r["step"] for r in rows if "loss" in r] == [1, 2, 4, 5]  # and step 5, never pushed
 
 
 def test_a_cuda_device_with_an_index_becomes_current(monkeypatch):
@@ -554,6 +554,18 @@ def test_the_schedule_starts_after_the_first_step(cache, tmp_path, capsys):
         share = [(r["elapsed_s"] - origin) / (budget - origin) for r in (prev, row)]
         assert share[0] - tol <= row["progress"] <= share[1] + tol, (row, share)
     assert rows[1]["progress"] < 0.25  # on the clock it would be at least 1.5 / 4
+
+
+def test_the_last_steps_get_a_row_of_their_own(cache, tmp_path, capsys):
+    # Rows were written at step 1 and every --log-every steps only: the steps after the last
+    # log point were checked and fed the summary's loss, but never reached metrics.jsonl.
+    out = tmp_path / "run"
+    rc, stdout, err = run(["--data", cache, "--out", out, "--steps", 5, *SMALL, "--log-every=3"], capsys)
+    assert rc == 0, err
+    rows = metric_rows(out)
+    assert [(r["step"], r["samples"]) for r in rows] == [(1, 64), (3, 192), (5, 320)]
+    result = json.loads((out / "result.json").read_text())
+    assert result["loss"] == rows[-1]["loss"]  # the summary's loss is the last row's
 
 
 def test_a_step_count_run_hands_the_recipe_step_over_steps(cache, tmp_path, capsys):
