@@ -104,11 +104,13 @@ def summary_lines(result: dict) -> list[str]:
     lines = ["---"]
     for k in keys:
         v = result.get(k)
+        if k == "val_mean_rank" and result.get("eval_split") == "test":
+            # --final: result.json's val_mean_rank is the evaluated split's rank (what every
+            # caller reads); the block names it as what it is, and has no validation rank
+            k, v = "test_mean_rank", result.get("test_mean_rank", v)
         lines.append(f"{k + ':':<16}{v:.4g}" if isinstance(v, float) else f"{k + ':':<16}{v}")
         if k == "status" and result.get("reason"):  # why a run diverged, ran out or failed
             lines.append(f"{'reason:':<16}{result['reason']}")
-        if k == "val_mean_rank" and result.get("test_mean_rank") is not None:  # --final: it is the test's
-            lines.append(f"{'test_mean_rank:':<16}{result['test_mean_rank']:.4g}")
     if result.get("metrics"):
         lines += format_metrics(result["metrics"])[1:]
     if result.get("folds"):  # no rank when the first fold ended without one (diverged, interrupted)

@@ -612,10 +612,14 @@ def test_final_trains_on_train_and_val_but_never_on_test(cache, tmp_path, capsys
     from eclip.data.cache import load_cache
 
     out = tmp_path / "fin"
-    rc, _, err = run(["--data", cache, "--out", out, "--steps", 1, "--final", *SMALL], capsys)
+    rc, stdout, err = run(["--data", cache, "--out", out, "--steps", 1, "--final", *SMALL], capsys)
     assert rc == 0, err
     split = load_cache(cache).split
     assert json.loads((out / "checkpoint.json").read_text())["train_rows"] == int((split != 2).sum())
+    # the summary names the test split's rank as such; it printed it as val_mean_rank too
+    result = json.loads((out / "result.json").read_text())
+    assert f"test_mean_rank: {result['test_mean_rank']:.4g}\n" in stdout and "val_mean_rank" not in stdout
+    assert result["eval_split"] == "test" and result["val_mean_rank"] == result["test_mean_rank"]
 
 
 def test_checkpoint_keeps_an_optimizers_plain_number_state(tmp_path):
