@@ -466,7 +466,11 @@ def session(args, ws: Workspace) -> int:
     begun = state(exps, root_commit, args.min_delta)
     if begun["experiments"] and begun["baselines"] < args.noise_runs:
         print(f"loop: note: --noise-runs {args.noise_runs} not applied: the noise floor was fixed by "
-              f"{begun['baselines']} baseline runs when the experiments began", file=sys.stderr)
+              f"{begun['baselines']} baseline run{'s' * (begun['baselines'] != 1)} when the experiments began",
+              file=sys.stderr)
+    if args.noise_runs == 1 and not begun["experiments"]:
+        print("loop: note: --noise-runs 1 measures no noise: the floor is --min-delta alone "
+              f"({args.min_delta:g}), so a change is kept on any gain above it", file=sys.stderr)
     if args.proposer == "claude":
         protect_secrets()
         proposer = ClaudeProposer(ClaudeConfig(model=args.model, max_turns=args.max_turns, max_tokens=args.max_tokens,

@@ -111,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--budget-s", type=float, required=True, help="wall-clock training budget from the first step")
     r.add_argument("--out", type=Path, required=True, help="where result.json, logs and the checkpoint go")
     r.add_argument("--seed", type=seed_value, default=42,
-                   help="seed of the model's initialisation and the batch sampler (never the evaluation's orders)")
-    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+                   help="seed of the model's initialisation and the batch sampler (never the evaluation's orders; "
+                        "default: 42)")
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     r.add_argument("--compile-cache", type=Path, help="persistent torch.compile cache for the workspace")
     r.add_argument("--memory-limit-gb", type=float,
                    help="address-space cap on CPU runs (default: 80%% of physical memory; 0 = none)")

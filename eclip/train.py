@@ -61,19 +61,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="cache directory from eclip.prepare")
     p.add_argument("--out", type=Path, required=True, help="run directory (results, checkpoint, logs)")
     p.add_argument("--recipe", type=Path, default=TEMPLATE, help="recipe file (default: the template)")
-    p.add_argument("--budget-s", type=float, help="wall-clock training budget from the first step")
-    p.add_argument("--steps", type=int, help="train for exactly this many steps instead")
+    p.add_argument("--budget-s", type=float, help="wall-clock training budget from the first step (give this or --steps)")
+    p.add_argument("--steps", type=int, help="train for exactly this many steps instead (give this or --budget-s)")
     p.add_argument("--preset", help="model preset (tiny, vit-s16, vit-b16); same as --preset=... override")
     p.add_argument("--image-tower", help="pretrained image tower timm:NAME[@FILE|@random] (extra [pretrained])")
     p.add_argument("--text-tower", help="pretrained text tower hf:NAME_OR_DIR (extra [pretrained]); its "
                                         "tokenizer re-tokenizes the captions")
-    p.add_argument("--seed", type=seed_value, default=42, help="seed of the model's initialisation and the batch sampler (never the evaluation's orders)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=seed_value, default=42, help="seed of the model's initialisation and the batch sampler (never the evaluation's "
+                   "orders; default: 42)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--final", action="store_true", help="train on train+val, evaluate on test")
     p.add_argument("--folds", type=int, help="K-fold cross-validation over train+val")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--log-every", type=int, default=10,
-                   help="steps between metric read-backs (each read arrives one interval later, without a sync)")
+                   help="steps between metric read-backs (each read arrives one interval later, without a sync; "
+                        "default: 10)")
     p.add_argument("--data-placement", choices=["auto", "device", "host"], default="auto",
                    help="training images resident on the device, or in host memory with a prefetch "
                         "thread (auto: on the device when they fit; with --resume, as the checkpoint)")

@@ -341,11 +341,13 @@ def test_more_noise_runs_after_the_experiments_began_are_not_run(cache, tmp_path
     argv = ["--tag", "n", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1"]
     monkeypatch.setattr(loop, "run_experiment", scripted([10, 5]))
     assert loop.main([*argv, "--noise-runs", "1", "--max-experiments", "1"]) == 0
+    # one baseline measures no spread: said, rather than a floor of 0 without a word
+    assert ("loop: note: --noise-runs 1 measures no noise: the floor is --min-delta alone (0), so a change is "
+            "kept on any gain above it") in capsys.readouterr().err
     monkeypatch.setattr(loop, "run_experiment", scripted([8]))
-    capsys.readouterr()
     assert loop.main([*argv, "--noise-runs", "3", "--max-experiments", "2"]) == 0
     out, err = capsys.readouterr()
-    assert "loop: note: --noise-runs 3 not applied: the noise floor was fixed by 1 baseline runs" in err
+    assert "loop: note: --noise-runs 3 not applied: the noise floor was fixed by 1 baseline run when" in err
     ws = Workspace(tmp_path / "n")
     exps = journal.experiments(journal.read(ws.journal_path))
     assert [(e["kind"], e["status"]) for e in exps] == [("baseline", "baseline"), ("experiment", "keep"),
