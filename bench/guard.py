@@ -183,8 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "save":
         if not guarded(run):
             return _fail(f"{run_path}: no guarded figures (no benchmark with a plain counterpart); nothing saved")
-        old = _readable(baseline)
         keep = f"nothing saved (this run stays in {run_path})"
+        broken = sorted(name for name, ratio in guarded(run).items() if not math.isfinite(ratio) or ratio <= 0)
+        if broken:  # as a baseline it would fail every later check (a ratio against NaN is NaN)
+            return _fail(f"{run_path}: {len(broken)} figures are not positive finite ratios (first: {broken[0]}); "
+                         f"{keep}")
+        old = _readable(baseline)
         if old is not None and (why := _other_device(baseline, old, device)):
             return _fail(f"{why}; {keep}")
         if old is not None and not partial:

@@ -286,7 +286,7 @@ def table(sizes) -> bool:
                 img, txt, scale = inputs(b, d)
                 ms, peak = measure(fn, img, txt, scale, reps)
                 tflops = 6 * b * b * d / (ms * 1e-3) / 1e12
-                cells.append(f"{ms:8.2f} {peak:8.0f} {tflops:6.0f}")
+                cells.append(f"{ms:10.2f} {peak:8.0f} {tflops:6.0f}")  # 26 wide, as the header
             except torch.cuda.OutOfMemoryError:
                 cells.append(f"{'OOM':^26}")
                 if not name.startswith("plain"):
@@ -480,6 +480,14 @@ def main(argv=None) -> int:
                     help="every section on the CPU with tiny sizes through the PyTorch references: "
                          "checks this script, measures nothing")
     args = ap.parse_args(argv)
+    sizes = None  # checked before --out is emptied: a refused command leaves an earlier table
+    if args.table:
+        try:
+            sizes = [tuple(int(v) for v in item.split(":")) for item in args.table.split(",")]
+            if not sizes or any(len(t) != 2 or min(t) < 1 for t in sizes):
+                raise ValueError
+        except ValueError:
+            ap.error(f"--table: expected B:D pairs of positive integers, comma-separated, got {args.table!r}")
     LINES.clear()
     OUT = args.out
     if OUT is not None:
@@ -490,13 +498,7 @@ def main(argv=None) -> int:
         say("no CUDA device: nothing to check")
         return 1
     z = SIZES["dry" if args.dry_run else "quick" if args.quick else "full"]
-    if args.table:
-        try:
-            sizes = [tuple(int(v) for v in item.split(":")) for item in args.table.split(",")]
-            if not sizes or any(len(t) != 2 or min(t) < 1 for t in sizes):
-                raise ValueError
-        except ValueError:
-            ap.error(f"--table: expected B:D pairs of positive integers, comma-separated, got {args.table!r}")
+    if sizes:
         z = dict(z, table=sizes)
     name = "CPU dry run (nothing measured)" if args.dry_run else torch.cuda.get_device_name()
     record(f"device: {name} (torch {torch.__version__})")

@@ -248,9 +248,10 @@ def test_gpu_check_script_dry_run(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-def test_gpu_check_script_without_a_gpu_stops_at_once(tmp_path):
+@pytest.mark.parametrize("dry", [{}, {"DRY": "0"}], ids=["unset", "DRY=0"])  # DRY=1 alone rehearses
+def test_gpu_check_script_without_a_gpu_stops_at_once(tmp_path, dry):
     # its steps once ran on the CPU for minutes (the profiler's two modes up to their limits)
-    proc = gpu_check(120, OUT=str(tmp_path), PYTHON=sys.executable)
+    proc = gpu_check(120, OUT=str(tmp_path), PYTHON=sys.executable, **dry)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stdout.splitlines()[-1] == ("no CUDA device: nothing to check here (DRY=1 rehearses the "
                                             "script's plumbing on the CPU)")
@@ -280,6 +281,26 @@ exec {sys.executable} "$@"
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert proc.stdout.splitlines()[-1] == ("NOT CHECKED: step 1, the CUDA tests: pytest does not import "
                                             "(make gpudeps, and carry .gpudeps)")
+
+
+@pytest.mark.parametrize("step,script", [("2", "train_check.py"), ("2b", "profile_step.py"), ("3", "kernel_table.py")])
+def test_gpu_check_script_fails_when_a_step_fails(tmp_path, step, script):
+    # a step whose script fails after printing fails the run (the status of the script, not
+    # of the grep or tee after it), and the summary shows no table of an earlier run
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/bin/sh
+case "$*" in
+  *{script}*) echo "half a step"; exit 1 ;;
+esac
+exec {sys.executable} "$@"
+""")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "kernel_table.md").write_text("a table of an earlier run\n")
+    proc = gpu_check(120, DRY="1", OUT=str(out), PYTHON=str(fake), STEPS=step)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "half a step" in proc.stdout and "a table of an earlier run" not in proc.stdout
 
 
 def test_gpu_check_script_stops_at_its_deadline(tmp_path):
@@ -506,3 +527,271 @@ def test_train_check_refuses_unknown_speed_rows(capsys):
         train_check.main(["--dry-run", "--only", "template,fp16"])
     assert e.value.code == 2
     assert "--only: unknown rows fp16 (known: fp32, template, nographs, host, blocks)" in capsys.readouterr().err
+
+
+# --- the figures the table reports and the checks' criteria, with measurements faked ---------
+
+
+def test_table_cells_are_the_median_peak_and_6_b2_d_tflops(monkeypatch):
+    # every cell is median ms / peak extra MiB / TFLOP/s with 6·B²·D flop, whatever the
+    # implementation; repetitions drop from 20 to 10 past B = 16,384 and to 5 past 32,768
+    seen = []
+
+    def measure(fn, img, txt, scale, reps):
+        seen.append((img, reps))
+        return 0.02, 123.4
+
+    monkeypatch.setattr(kernel_table, "measure", measure)
+    monkeypatch.setattr(kernel_table, "inputs", lambda b, d: ((b, d), None, None))  # nothing allocated
+    monkeypatch.setattr(kernel_table, "impls", lambda: {"fast": None, "plain eager": None})
+    monkeypatch.setattr(kernel_table, "OUT", None)
+    monkeypatch.setattr(kernel_table, "DEV", "cpu")
+    kernel_table.LINES.clear()
+    sizes = [(16384, 1), (16385, 2), (32768, 3), (32769, 4)]
+    assert kernel_table.table(sizes) is True
+    assert seen == [((16384, 1), 20)] * 2 + [((16385, 2), 10)] * 2 + [((32768, 3), 10)] * 2 + [((32769, 4), 5)] * 2
+    rows = kernel_table.LINES[2:]
+    assert len(rows) == len(sizes)
+    for (b, d), row in zip(sizes, rows, strict=True):
+        head, *cells = row.split("|")
+        assert head.split() == [str(b), str(d)] and len(cells) == 2
+        for cell in cells:
+            ms, peak, tflops = (float(v) for v in cell.split())
+            assert (ms, peak) == (0.02, 123)
+            assert tflops == round(6 * b * b * d / 0.02e-3 / 1e12)
+
+
+@pytest.mark.parametrize("peak,ok", [(68.0, True), (68.5, False)])
+def test_lean_memory_is_the_peak_beyond_the_two_input_gradients(monkeypatch, capsys, peak, ok):
+    # B = 4,096, D = 256 in bf16: the input gradients are 2·4096·256·2 bytes = 4 MiB of the
+    # measured peak; what is left is held to the default limit, 64 MiB, which itself passes
+    modes = []
+
+    def measure(fn, img, txt, scale, reps):
+        modes.append(fn.keywords["mode"])
+        return 1.0, peak
+
+    monkeypatch.setattr(kernel_table, "measure", measure)
+    monkeypatch.setattr(kernel_table, "OUT", None)
+    monkeypatch.setattr(kernel_table, "DEV", "cpu")
+    assert kernel_table.check_lean_memory([4096], 256) is ok
+    assert modes == ["lean:fused", "lean:panel"]  # both lean backwards, not the fast mode
+    out = capsys.readouterr().out
+    for mode in modes:
+        assert (f"{mode} memory B=4096: {peak - 4:.1f} MiB beyond the input gradients "
+                f"({'ok' if ok else 'FAIL'}: target 64 MiB; B²·2 bytes = 32 MiB)") in out
+
+
+@pytest.mark.parametrize("wrong,shows", [
+    (lambda loss: loss + 0.005 * loss.detach(), "loss 5.0e-03"),  # the value off, the gradients exact
+    (lambda loss: loss + 0.05 * (loss - loss.detach()), "dI 5.0e-02, dT 5.0e-02, ds 5.0e-02"),  # the reverse
+], ids=["loss", "gradients"])
+def test_accuracy_fails_on_the_loss_alone_and_on_the_gradients_alone(monkeypatch, capsys, wrong, shows):
+    # the loss is held to 1e-3 and every gradient to 1e-2, each on its own
+    real = kernel_table.fused
+    monkeypatch.setattr(kernel_table, "fused", lambda mode: lambda *a, **k: wrong(real(mode)(*a, **k)))
+    monkeypatch.setattr(kernel_table, "FUSED_MODES", ("fast",))
+    monkeypatch.setattr(kernel_table, "OUT", None)
+    monkeypatch.setattr(kernel_table, "DEV", "cpu")
+    assert kernel_table.check_accuracy([40], 16) is False
+    out = capsys.readouterr().out
+    assert shows in out and "(FAIL: targets 1e-3 / 1e-2)" in out, out
+
+
+@pytest.mark.parametrize("wrong", [
+    lambda loss: loss * float("nan"),
+    lambda loss: 2 * loss.detach() - loss,  # the right value, the gradient reversed: training climbs
+    lambda loss: loss * (1.01 if torch.compiler.is_compiling() else 1.0),  # compiled 1% off eager
+], ids=["nan", "climbing", "off-eager"])
+def test_compiled_step_fails_on_a_loss_not_finite_not_falling_or_off_eager(monkeypatch, capsys, wrong):
+    real = kernel_table.kernels.contrastive_loss
+    monkeypatch.setattr(kernel_table.kernels, "contrastive_loss", lambda *a, **k: wrong(real(*a, **k)))
+    monkeypatch.setattr(kernel_table, "FUSED_MODES", ("lean:fused",))
+    monkeypatch.setattr(kernel_table, "OUT", None)
+    monkeypatch.setattr(kernel_table, "DEV", "cpu")
+    try:
+        assert kernel_table.check_compiled_step() is False
+    finally:
+        torch._dynamo.reset()
+    assert "compiled step (lean:fused): FAIL;" in capsys.readouterr().out
+
+
+def test_panel_sweep_sets_each_panel_size_and_restores_the_default(monkeypatch, capsys):
+    # each size in MiB becomes the panel's bytes (at B = 4,096 in bf16, 2 MiB is 256 rows of
+    # 8 KiB), the floor of rows drops to 128; the defaults come back, after an error too
+    from kernels import _contrastive_panel as panel
+
+    default, floor = panel.PANEL_BYTES, panel.MIN_PANEL_ROWS
+    seen = []
+
+    def measure(fn, img, txt, scale, reps):
+        seen.append((panel.PANEL_BYTES, panel.MIN_PANEL_ROWS))
+        if len(seen) == 3:
+            raise RuntimeError("out of resources")
+        return 1.5, 2.0
+
+    monkeypatch.setattr(kernel_table, "measure", measure)
+    monkeypatch.setattr(kernel_table, "OUT", None)
+    monkeypatch.setattr(kernel_table, "DEV", "cpu")
+    kernel_table.panel_sweep(4096, 8, (1, 2))
+    assert seen == [(1 << 20, 128), (2 << 20, 128)]
+    assert (panel.PANEL_BYTES, panel.MIN_PANEL_ROWS) == (default, floor)
+    assert (f"panel sweep B=4096 D=8 bf16 (default {default >> 20} MiB): 1 MiB (128 rows): 1.50 ms, 2 MiB; "
+            "2 MiB (256 rows): 1.50 ms, 2 MiB") in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="out of resources"):
+        kernel_table.panel_sweep(4096, 8, (4,))
+    assert (panel.PANEL_BYTES, panel.MIN_PANEL_ROWS) == (default, floor)
+
+
+def test_measure_times_the_median_with_no_gradient_held_at_the_window(monkeypatch):
+    # two warm-up steps, one step in the peak window, then the timed ones; gradients left
+    # over from the warm-ups would count in the window's base and be freed by the step
+    # itself, so the peak would come out one set of gradients short
+    monkeypatch.setattr(kernel_table, "DEV", "cpu")
+    img, txt, scale = kernel_table.inputs(8, 4)
+    calls, held = [], []
+    monkeypatch.setattr(kernel_table, "reset_peak", lambda: held.append(img.grad is not None) or 0)
+    monkeypatch.setattr(kernel_table, "peak_since", lambda base: 7.0)
+    times = iter([5.0, 1.0, 2.0, 100.0, 3.0])
+    monkeypatch.setattr(kernel_table, "timed_ms", lambda fn: (fn(), next(times))[1])
+    ms, peak = kernel_table.measure(lambda *a: calls.append(1) or kernel_table.plain_loss(*a), img, txt, scale, 5)
+    assert (ms, peak) == (3.0, 7.0) and held == [False] and len(calls) == 2 + 1 + 5
+
+
+def test_peak_and_time_on_cuda_from_fake_counters(monkeypatch):
+    # the host-side arithmetic of the CUDA paths: MiB beyond the window's base, and
+    # milliseconds between two CUDA events
+    state = {"now": 100 << 20, "peak": 500 << 20}
+    cuda = kernel_table.torch.cuda
+    monkeypatch.setattr(kernel_table, "DEV", "cuda")
+    monkeypatch.setattr(cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(cuda, "reset_peak_memory_stats", lambda: state.update(peak=state["now"]))
+    monkeypatch.setattr(cuda, "memory_allocated", lambda: state["now"])
+    monkeypatch.setattr(cuda, "max_memory_allocated", lambda: state["peak"])
+    base = kernel_table.reset_peak()
+    assert base == 100 << 20 and state["peak"] == base  # the old peak is forgotten
+    state["peak"] += 48 << 20
+    assert kernel_table.peak_since(base) == 48.0
+
+    class Event:
+        clock = 0.0
+
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            self.at = Event.clock
+
+        def elapsed_time(self, end):
+            return end.at - self.at
+
+    monkeypatch.setattr(cuda, "Event", Event)
+    assert kernel_table.timed_ms(lambda: setattr(Event, "clock", 2.5)) == 2.5
+
+
+def test_time_on_the_cpu_is_milliseconds_of_the_wall_clock(monkeypatch):
+    clock = iter([10.0, 10.25])
+    monkeypatch.setattr(kernel_table.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(kernel_table, "DEV", "cpu")
+    assert kernel_table.timed_ms(lambda: None) == 250.0
+
+
+def test_huge_reports_gib_and_fails_on_a_loss_alone_not_finite(monkeypatch, capsys):
+    real = kernel_table.fused
+    monkeypatch.setattr(kernel_table, "fused", lambda mode: lambda *a, **k: (lambda loss: loss + float("nan") * loss.detach())(real(mode)(*a, **k)))
+    monkeypatch.setattr(kernel_table, "peak_since", lambda base: 1536.0)  # MiB
+    monkeypatch.setattr(kernel_table, "OUT", None)
+    monkeypatch.setattr(kernel_table, "DEV", "cpu")
+    assert kernel_table.huge(64, 16) is False  # the gradients are finite, the loss is not
+    out = capsys.readouterr().out
+    assert "lean B=64 D=16 bf16: " in out and "peak extra 1.50 GiB, loss nan, finite: FAIL" in out
+
+
+SECTIONS = ("check_compiled_step", "check_accuracy", "check_lean_memory", "table", "ranks", "huge",
+            "tuned_configs", "breakdown", "panel_sweep")
+
+
+def _fake_sections(monkeypatch, raising=None):
+    """Every section of kernel_table.main replaced by one that records its arguments."""
+    calls = {}
+    for name in SECTIONS:
+        def fake(*args, name=name):
+            calls[name] = args
+            if name == raising:
+                raise RuntimeError("boom")
+        monkeypatch.setattr(kernel_table, name, fake)
+    monkeypatch.setattr(kernel_table, "OUT", None)
+    monkeypatch.setattr(kernel_table, "DEV", "cpu")
+    return calls
+
+
+FULL = [(4096, 512), (16384, 512), (32768, 512), (65536, 512), (32768, 256), (32768, 768)]
+
+
+@pytest.mark.parametrize("flags,table", [([], FULL), (["--quick"], [(16384, 512), (32768, 512)]),
+                                         (["--table", "16384:512,65536:256"], [(16384, 512), (65536, 256)])])
+def test_kernel_table_sections_get_the_documented_sizes(monkeypatch, capsys, flags, table):
+    # the module docstring's sizes: accuracy at 4,096 and 16,384, lean memory at 16,384 and
+    # 32,768, breakdown at 16,384, the panel sweep at 32,768, ranks at N = 100,000, lean at
+    # B = 1,048,576, all at D = 512; --quick and --table change the table alone
+    calls = _fake_sections(monkeypatch)
+    cuda = kernel_table.torch.cuda
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "get_device_name", lambda *a: "Fake GPU")
+    monkeypatch.setattr(kernel_table, "empty_cache", lambda: None)
+    assert kernel_table.main(flags) == 0
+    assert calls == {"check_compiled_step": (), "check_accuracy": ((4096, 16384), 512),
+                     "check_lean_memory": ((16384, 32768), 512), "table": (table,), "ranks": (100_000, 512),
+                     "huge": (1_048_576, 512), "tuned_configs": (), "breakdown": (16384, 512),
+                     "panel_sweep": (32768, 512, (16, 32, 56, 64, 96))}
+    assert kernel_table.LINES[0] == f"device: Fake GPU (torch {torch.__version__})"
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("bad", ["0:512", "16384", "16384:512:1", "16384:x", "16384:512,", "16384:-512"])
+def test_kernel_table_refuses_a_malformed_table(monkeypatch, capsys, bad):
+    calls = _fake_sections(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        kernel_table.main(["--dry-run", "--table", bad])
+    assert e.value.code == 2 and not calls
+    assert (f"--table: expected B:D pairs of positive integers, comma-separated, got {bad!r}"
+            in capsys.readouterr().err)
+
+
+def test_a_section_that_raises_fails_the_run_and_the_rest_still_run(tmp_path, monkeypatch, capsys):
+    # priority order: a section raising is recorded (in --out too) and the later ones still
+    # report; --out starts empty each run, in a folder made for it
+    calls = _fake_sections(monkeypatch, raising="check_accuracy")
+    out = tmp_path / "new" / "table.md"
+    out.parent.mkdir()
+    out.write_text("a line of an earlier run\n")
+    assert kernel_table.main(["--dry-run", "--table", "40:16", "--out", str(out)]) == 1
+    assert set(calls) == set(SECTIONS) and calls["table"] == ([(40, 16)],)
+    assert out.read_text().splitlines() == ["device: CPU dry run (nothing measured) (torch " + torch.__version__ + ")",
+                                            "accuracy: FAILED with RuntimeError: boom"]
+    nested = tmp_path / "a" / "b" / "table.md"  # a folder that does not exist yet
+    assert kernel_table.main(["--dry-run", "--out", str(nested)]) == 1 and nested.is_file()
+    capsys.readouterr()
+
+
+
+def test_a_refused_table_leaves_the_out_file_of_an_earlier_run(tmp_path, capsys, monkeypatch):
+    # the arguments are checked before --out is emptied
+    monkeypatch.setattr(kernel_table, "OUT", None)
+    out = tmp_path / "table.md"
+    out.write_text("a line of an earlier run\n")
+    with pytest.raises(SystemExit) as e:
+        kernel_table.main(["--dry-run", "--out", str(out), "--table", "0:512"])
+    assert e.value.code == 2 and out.read_text() == "a line of an earlier run\n"
+
+
+def test_table_columns_line_up_with_the_header(monkeypatch):
+    monkeypatch.setattr(kernel_table, "measure", lambda *a: (0.02, 123.4))
+    monkeypatch.setattr(kernel_table, "inputs", lambda b, d: ((b, d), None, None))
+    monkeypatch.setattr(kernel_table, "OUT", None)
+    monkeypatch.setattr(kernel_table, "DEV", "cpu")
+    kernel_table.LINES.clear()
+    kernel_table.table([(64, 48)])
+    header, row = kernel_table.LINES[1:3]
+    bars = lambda line: [m.start() for m in re.finditer(r"\|", line)]
+    assert bars(row) == bars(header)[:len(bars(row))] and len(bars(row)) == len(bars(header))

@@ -167,6 +167,13 @@ def test_only_pytest_arguments_that_select_make_a_run_partial(tmp_path, capsys, 
     assert not guard.selects(["--benchmark-max-time", "2", "--benchmark-columns", "min", "--timeout", "60"])
 
 
+@pytest.mark.parametrize("args", [["--ignore-glob=*step*"], ["--ignore-glob", "*step*"], ["-mnot slow"],
+                                  ["--ignore=bench/bench_step.py"], ["--deselect", "bench/bench_step.py::bench_train_step"]])
+def test_every_narrowing_option_makes_a_run_partial(args):
+    # each pytest option that drops benchmarks, in both spellings of its value
+    assert guard.selects(["-v", *args])
+
+
 def test_save_refuses_to_drop_figures_of_the_baseline(tmp_path, capsys):
     # a partial run saved over a full baseline silently stopped guarding what it lacked
     base = run_file(tmp_path, "base.json", 1.5)
@@ -194,6 +201,17 @@ def test_a_ratio_that_is_not_a_number_regresses(tmp_path, capsys):
     nan = run_file(tmp_path, "nan.json", float("nan"))
     assert guard.main(["check", "--run", str(nan), "--baseline", str(base)]) == 1
     assert "REGRESSION loss[fused]: ratio to plain 1.500 → nan" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("ratio", [float("nan"), float("inf"), 0.0])
+def test_save_refuses_a_ratio_that_is_not_a_positive_number(tmp_path, capsys, ratio):
+    # saved, it failed every later check: a change against NaN is NaN, against 0 infinite
+    bad = run_file(tmp_path, "bad.json", ratio)
+    base = tmp_path / "base.json"
+    assert guard.main(["save", "--run", str(bad), "--baseline", str(base)]) == 2
+    assert "bad.json: 1 figures are not positive finite ratios (first: loss[fused]); nothing saved" in \
+        capsys.readouterr().err
+    assert not base.exists()
 
 
 def test_a_baseline_of_another_device_is_refused(tmp_path, capsys):
