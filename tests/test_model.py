@@ -529,3 +529,79 @@ def test_a_mean_read_back_with_an_int_and_an_infinity_is_refused():
     d["vision"]["mean"] = [0, float("inf"), 0]  # as json.loads gives [0, Infinity, 0]
     with pytest.raises(ValueError, match=r"^vision.mean: must be finite"):
         ModelConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    # a zero ratio or epsilon passed "finite" and built a tower without an MLP, or one that
+    # divides by a zero variance
+    ({"vision.mlp_ratio": 0}, r"^vision.mlp_ratio: must be positive, got 0.0"),
+    ({"text.ln_eps": 0}, r"^text.ln_eps: must be positive, got 0.0"),
+    # checked before image_size % patch_size, which would divide by zero
+    ({"vision.patch_size": 0}, r"^vision.patch_size: must be positive, got 0"),
+    ({"vision.pool": "max"}, r"^vision.pool: must be 'cls' or 'mean', got 'max'"),
+    # 2-D sin-cos positions split the width in four
+    ({"vision.pos": "sincos", "vision.width": 6, "vision.heads": 2}, r"^vision.width: must be divisible by 4"),
+    ({"vision.std": "0.2,0,0.2"}, r"^vision.std: needs 3 positive values"),
+    # 0 is the padding id: a vocabulary of one has no real token
+    ({"text.vocab_size": 1}, r"^text.vocab_size: must be at least 2, got 1"),
+    ({"expert.width": 64, "expert.heads": 3}, r"^expert.heads: must be positive and divide expert.width=64, got 3"),
+])
+def test_bad_field_values_are_refused_by_name(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        model_config("tiny", **overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"expert.weight": 0.0},  # the expert term scheduled but weighted off
+    {"expert.probability": 0.0},  # never drawn
+    {"expert.probability": 1.0},  # every step
+])
+def test_the_closed_ends_of_the_expert_ranges_are_accepted(overrides):
+    cfg = model_config("tiny", **overrides)
+    key, value = next(iter(overrides.items()))
+    assert getattr(cfg.expert, key.split(".")[1]) == value
+
+
+@pytest.mark.parametrize("value,want", [("1", True), ("0", False), ("TRUE", True), ("False", False),
+                                        (True, True), (False, False)])
+def test_boolean_fields_parse_command_line_spellings(value, want):
+    assert model_config("tiny", **{"expert.enabled": value}).expert.enabled is want
+
+
+@pytest.mark.parametrize("key,value", [
+    # a bool is an int to Python: depth True built a one-block tower without a word
+    ("vision.depth", True), ("vision.mlp_ratio", False), ("embed_dim", True),
+    ("expert.enabled", 1),  # and an int is not a bool
+])
+def test_a_bool_is_not_a_number_and_a_number_is_not_a_bool(key, value):
+    with pytest.raises(ValueError, match=rf"^{key}: expected (int|float|bool), got {value!r}"):
+        model_config("tiny", **{key: value})
+
+
+def test_config_read_back_with_an_unknown_top_level_field_is_refused_by_name():
+    # as a checkpoint written by another version: one line naming the field, not a TypeError
+    d = micro().to_dict()
+    d["nope"] = 1
+    with pytest.raises(ValueError, match=r"^nope: unknown model config field"):
+        ModelConfig.from_dict(d)
+
+
+def test_a_config_changed_after_construction_is_checked_again_when_built():
+    # dataclass fields can be assigned without __post_init__: the model re-validates
+    cfg = micro()
+    cfg.vision.depth = 0
+    with pytest.raises(ValueError, match=r"^vision.depth: must be positive, got 0"):
+        build_model(cfg)
+
+
+def test_projection_initialisation_scales_with_each_towers_width():
+    # both projections start at std width^-1/2 of their own tower (64 and 48 wide here,
+    # 15% apart), so unit-variance features project to unit-variance embeddings; 256 × 64 and
+    # 256 × 48 draws estimate the std to about 0.6%, so rel 0.05 is several standard errors
+    torch.manual_seed(0)
+    cfg = model_config("tiny", image_size=32, vocab_size=37, context_length=4, **{
+        "vision.width": 64, "vision.depth": 1, "text.width": 48, "text.depth": 1, "embed_dim": 256,
+        "expert.enabled": False})
+    model = build_model(cfg)
+    assert_drawn(model.image_proj.weight, 64**-0.5, rel=0.05)
+    assert_drawn(model.text_proj.weight, 48**-0.5, rel=0.05)

@@ -2,6 +2,7 @@
 network, no downloaded weights) used as the text tower end to end; timm where it imports."""
 
 import json
+import re
 import shutil
 import sys
 
@@ -355,3 +356,84 @@ def test_an_hf_tower_with_pickled_weights_only_is_refused(hf_dir, tmp_path):
     assert (pickled / "pytorch_model.bin").is_file() and not list(pickled.glob("*.safetensors"))
     with pytest.raises(EclipError, match="text_tower: could not load"):
         HFTextTower(f"hf:{pickled}", "cls")
+
+
+def test_only_a_timm_spec_names_weights_after_an_at_sign():
+    # an HF directory may hold an "@" (user@host mounts, versioned folders): it is all name
+    assert parse_spec("hf:models/bert@v2", "hf") == ("models/bert@v2", None)
+    assert parse_spec("timm:vit_tiny@random", "timm") == ("vit_tiny", "random")
+
+
+def test_a_missing_timm_weights_file_is_named_before_timm_is_imported(fake_timm, tmp_path):
+    missing = tmp_path / "gone.safetensors"
+    with pytest.raises(EclipError, match=rf"^image_tower: {re.escape(str(missing))}: weights file not found$"):
+        TimmImageTower(f"timm:fake_vit@{missing}", 32)
+    assert fake_timm.calls == []  # refused before any model was built
+
+
+def test_hf_mean_pool_of_a_caption_without_tokens_is_zero_not_nan(hf_dir):
+    # an empty caption (all padding) divides by a count of 0: clamped to 1, its mean is 0
+    tower = HFTextTower(f"hf:{hf_dir}", "mean").eval()
+    tokens = torch.tensor([[3, 10, 4, 0], [0, 0, 0, 0]])
+    mask = tokens != 0
+    with torch.no_grad():
+        out = tower(tokens, mask)
+        hidden = tower.model(input_ids=(tokens - 1).clamp_min(0), attention_mask=mask.long()).last_hidden_state
+    assert torch.equal(out[1], torch.zeros(32))
+    torch.testing.assert_close(out[0], hidden[0, :3].mean(0), atol=1e-6, rtol=0)
+
+
+def test_an_encoder_decoder_checkpoint_gives_its_encoder(tmp_path):
+    # a T5-like model needs decoder inputs to run whole; the tower keeps its encoder only
+    torch.manual_seed(0)
+    out = tmp_path / "tiny-t5"
+    cfg = transformers.T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+    transformers.T5Model(cfg).save_pretrained(out)
+    tower = HFTextTower(f"hf:{out}", "mean").eval()
+    assert tower.width == 16 and not getattr(tower.model.config, "is_decoder", False)
+    tokens = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    mask = tokens != 0
+    encoder = transformers.T5EncoderModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        got = tower(tokens, mask)
+        hidden = encoder(input_ids=(tokens - 1).clamp_min(0), attention_mask=mask.long()).last_hidden_state
+    torch.testing.assert_close(got[1], hidden[1, :2].mean(0), atol=1e-6, rtol=0)
+
+
+def _hf_config_dir(path, hf_dir, tokenizer_max, positions):
+    """A tokenizer (of ``hf_dir``) and a BERT config only: retokenize reads no weights."""
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    tok.model_max_length = tokenizer_max
+    tok.save_pretrained(path)
+    transformers.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=positions).save_pretrained(path)
+    return f"hf:{path}"
+
+
+@pytest.mark.parametrize("tokenizer_max,positions,length", [
+    (64, 4, 4),  # the position table is the shorter: captions and phrases both fit it
+    (6, 64, 6),  # the tokenizer's own maximum is the shorter
+])
+def test_captions_and_phrases_fit_the_shorter_of_tokenizer_and_position_table(
+        small_cache, hf_dir, tmp_path, tokenizer_max, positions, length):
+    cache = load_cache(small_cache)
+    assert cache.tokens.shape[1] > length and cache.region_tokens.shape[1] > length
+    rc = retokenize(cache, _hf_config_dir(tmp_path / "m", hf_dir, tokenizer_max, positions))
+    # phrases too: the expert path encodes them with the same position table
+    assert rc.tokens.shape[1] == rc.region_tokens.shape[1] == length
+    assert int(rc.lengths.max()) == int(rc.region_lengths.max()) == length  # truncated, not dropped
+
+
+@pytest.mark.parametrize("tokenizer_max,positions", [(64, 3), (3, 64)])
+def test_a_model_too_short_for_captions_is_refused(small_cache, hf_dir, tmp_path, tokenizer_max, positions):
+    spec = _hf_config_dir(tmp_path / "m", hf_dir, tokenizer_max, positions)
+    with pytest.raises(EclipError, match=r"^text_tower: hf:.* takes at most 3 tokens; too short for captions$"):
+        retokenize(load_cache(small_cache), spec)
+
+
+def test_a_dual_encoder_config_gives_its_text_position_table(tmp_path):
+    # CLIP's config keeps max_position_embeddings under text_config
+    from eclip.pretrained import max_text_length
+
+    transformers.CLIPConfig(text_config=dict(max_position_embeddings=16)).save_pretrained(tmp_path)
+    assert max_text_length(f"hf:{tmp_path}") == 16

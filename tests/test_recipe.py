@@ -2,6 +2,7 @@
 model it builds for what the data dictates."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -124,3 +125,97 @@ def test_the_expert_term_enters_the_loss_with_its_scheduled_weight(monkeypatch):
                         lambda model, batch, img, txt, fn, cfg, gen: img.sum() * 0 + 3.0)
     _, _, out = _one_step(monkeypatch, expert=True)
     assert float(out["total_loss"]) == pytest.approx(float(out["loss"]) + 0.25 * 3.0, abs=1e-5)
+
+
+def _spec():
+    from eclip.loop import ModelSpec
+
+    return ModelSpec(vocab_size=50, context_length=6, phrase_length=6, image_size=32, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("key,value,span", [
+    ("lr", True, "(0, inf)"),  # a bool is an int to Python: lr True trained at 1.0
+    ("min_lr_ratio", 2.0, "[0, 1]"),  # a floor above the peak: the "decay" climbed
+    # AdamW refuses these itself, but in build_optimizer, outside the loop's one-line report
+    ("weight_decay", -0.1, "[0, inf)"),
+    ("beta2", 1.0, "[0, 1)"),
+    ("grad_clip", -1.0, "[0, inf)"),  # a negative bound turned clipping off without a word
+])
+def test_bad_entries_are_refused_by_name_before_the_model_is_built(monkeypatch, key, value, span):
+    monkeypatch.setitem(recipe.HPARAMS, key, value)
+    with pytest.raises(ValueError, match=rf"^{key}: expected a finite number in {re.escape(span)}, got {value!r}$"):
+        recipe.build_model(_spec())
+
+
+@pytest.mark.parametrize("entry,field,value", [
+    ("expert", "enabled", True), ("expert_weight", "weight", 0.3), ("expert_probability", "probability", 0.7),
+    ("expert_cold_start", "cold_start", 0.2), ("expert_ramp", "ramp", 0.3),
+])
+def test_the_recipe_entries_of_the_expert_term_reach_the_model_config(monkeypatch, entry, field, value):
+    # these model fields are refused under "model" (set by their own entry), so the entry is
+    # the only way to set them: one that did not arrive was ignored without a word
+    monkeypatch.setitem(recipe.HPARAMS, entry, value)
+    assert getattr(recipe.build_model(_spec()).cfg.expert, field) == value
+
+
+def test_the_optimizer_takes_its_settings_from_hparams(monkeypatch):
+    settings = dict(lr=3e-4, beta1=0.8, beta2=0.95, eps=1e-7, weight_decay=0.2)  # none of them AdamW's default
+    for key, value in settings.items():
+        monkeypatch.setitem(recipe.HPARAMS, key, value)
+    opt = recipe.build_optimizer(recipe.build_model(_spec()))
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.2, 0.0]  # matrices, then the exempt
+    for g in opt.param_groups:
+        assert (g["lr"], g["betas"], g["eps"]) == (3e-4, (0.8, 0.95), 1e-7)
+
+
+def test_grad_clip_zero_turns_clipping_off(monkeypatch):
+    # 0 means off: clip_grad_norm_ to 0 would zero every gradient and train on weight decay alone
+    model, _, out = _one_step(monkeypatch, grad_clip=0.0)
+    assert float(out["grad_norm"]) == 0.0  # not measured
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) > 1e-2
+
+
+@pytest.mark.parametrize("regions,counted", [(1, 0), (2, 2), (4, 4)])
+def test_expert_samples_counts_what_the_expert_path_encoded(monkeypatch, regions, counted):
+    # with one region sample the term is an exact 0 that encodes nothing: the MFU counts none
+    batch = _region_batch(4, 32, 50, 6, 0)
+    batch.has_region[regions:] = False
+    batch.box_mask[regions:] = False
+    batch.phrase_mask[regions:] = False
+    for key, value in dict(expert=True, expert_probability=1.0, expert_cold_start=0.0, expert_ramp=0.0).items():
+        monkeypatch.setitem(recipe.HPARAMS, key, value)
+    torch.manual_seed(0)
+    model = recipe.build_model(_spec())
+    out = recipe.train_step(model, recipe.build_optimizer(model), batch, 0.5)
+    assert int(out["expert_samples"]) == counted
+
+
+def test_expert_seed_seeds_two_separate_streams(monkeypatch):
+    # the draws' stream from expert_seed, mixup's from expert_seed + MIX_SEED_OFFSET: another
+    # seed gives other draws, and the two streams are not copies of each other
+    states = {}
+    for seed in (0, 1):
+        monkeypatch.setitem(recipe.HPARAMS, "expert_seed", seed)
+        recipe.build_model(_spec())
+        states[seed] = recipe.recipe_state()
+        assert torch.equal(states[seed]["generator"], torch.Generator().manual_seed(seed).get_state())
+        assert not torch.equal(states[seed]["generator"], states[seed]["mix_generator"])
+    assert not torch.equal(states[0]["generator"], states[1]["generator"])
+    assert not torch.equal(states[0]["mix_generator"], states[1]["mix_generator"])
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32),
+                                             ("auto", torch.float32)])
+def test_precision_sets_the_dtype_the_loss_sees_on_the_cpu(monkeypatch, precision, dtype):
+    # "bf16" autocasts on any device ("auto" only on CUDA): the embeddings reach the loss in it
+    seen = []
+    loss = recipe.kernels.contrastive_loss
+
+    def spy(img, txt, scale, mode):
+        seen.append(img.dtype)
+        return loss(img, txt, scale, mode=mode)
+
+    monkeypatch.setattr(recipe.kernels, "contrastive_loss", spy)
+    _one_step(monkeypatch, precision=precision)
+    assert seen == [dtype]
