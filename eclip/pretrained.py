@@ -223,6 +223,10 @@ def retokenize(cache, spec: str):
     path = cache.path / "records.jsonl"
     try:
         records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for i, r in enumerate(records, 1):  # damage that keeps the file's size passes the cache's own check
+            texts = [r.get("captions"), r.get("phrases", [])] if isinstance(r, dict) else [None]
+            if not all(isinstance(t, list) and all(isinstance(x, str) for x in t) for t in texts):
+                raise ValueError(f"record {i} has no list of captions and phrases")
     except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8 text
         raise EclipError(f"{path}: unreadable ({e}); rebuild the cache with python -m eclip.prepare") from None
     if cache.rows is not None:  # a subset (Cache.subset): the records of its images, in its order

@@ -125,6 +125,9 @@ def _check_hparams():
     number("beta2", 0, 1, hi_open=True)
     number("eps", 0, math.inf, lo_open=True, hi_open=True)
     number("grad_clip", 0, math.inf, hi_open=True)
+    seed, lo, hi = HPARAMS["expert_seed"], -(2**63), 2**64 - 1 - MIX_SEED_OFFSET  # torch's seed range, both streams
+    if not isinstance(seed, int) or isinstance(seed, bool) or not lo <= seed <= hi:
+        raise ValueError(f"expert_seed: expected an int in [{lo}, {hi}], got {seed!r}")
     for key, allowed in (("precision", ("auto", "bf16", "fp32")), ("compile", ("auto", True, False)),
                          ("loss_mode", kernels.contrastive.MODES)):
         if HPARAMS[key] not in allowed:

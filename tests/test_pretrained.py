@@ -437,3 +437,17 @@ def test_a_dual_encoder_config_gives_its_text_position_table(tmp_path):
 
     transformers.CLIPConfig(text_config=dict(max_position_embeddings=16)).save_pretrained(tmp_path)
     assert max_text_length(f"hf:{tmp_path}") == 16
+
+
+@pytest.mark.parametrize("change", [('"captions"', '"captionz"'), ('"phrases": ["a ', '"phrases": [7,"')])
+def test_records_without_their_captions_are_one_error_naming_the_file(small_cache, hf_dir, tmp_path, change):
+    # valid JSON with a damaged record (a key or an item changed) was a KeyError or a
+    # TypeError traceback from the tokenizer; the cache's size check does not see it
+    copy = tmp_path / "cache"
+    shutil.copytree(small_cache, copy)
+    text = (copy / "records.jsonl").read_text()
+    assert change[0] in text and len(change[0]) == len(change[1])  # the same size
+    (copy / "records.jsonl").write_text(text.replace(*change, 1))
+    with pytest.raises(EclipError, match=r"records.jsonl: unreadable \(record 1 has no list of captions and "
+                                         r"phrases\); rebuild the cache with python -m eclip.prepare"):
+        retokenize(load_cache(copy), f"hf:{hf_dir}")

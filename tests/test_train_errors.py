@@ -50,6 +50,9 @@ def cache(train_cache):
     (["--steps", "5", "--precision=fp16"], "recipe: precision: expected one of auto, bf16, fp32, got 'fp16'"),
     (["--steps", "5", "--compile=maybe"], "recipe: compile: expected one of auto, True, False, got 'maybe'"),
     (["--steps", "5", "--loss_mode=slow"], "recipe: loss_mode: expected one of auto, lean"),
+    # the mixup stream's seed is expert_seed + 7919: past torch's range, an error naming no entry
+    (["--steps", "5", f"--expert_seed={2**64 - 1}"],
+     f"recipe: expert_seed: expected an int in [{-(2**63)}, {2**64 - 1 - 7919}], got {2**64 - 1}"),
     (["--budget-s", "nan"], "--budget-s and --steps must be positive (and the budget finite)"),
     (["--budget-s", "inf"], "--budget-s and --steps must be positive (and the budget finite)"),
     (["--steps", "5", "--device", "tpu"], "--device tpu: expected auto, cpu, cuda or cuda:N"),
