@@ -23,7 +23,9 @@ live in ``eclip.policy_reach``):
   re-exports such as ``dataclasses.sys``, calls that return a module such as
   ``torch.get_device_module``, an AttributeError's ``.obj``, …), also as a class pattern's
   keyword (``case object(__self__=b)`` reads ``x.__self__``); attribute chains on imports
-  are resolved, and one that lands in a module outside the allowed ones, in a part of torch outside
+  are resolved (through ``torch.backends``' modules too, which hand any name on to the
+  module they wrap: ``torch.backends.types``), and one that lands in a module outside the
+  allowed ones, in a part of torch outside
   ``TORCH_MODULES`` (closed by default: TorchScript compiles code from strings, and its
   C++ bindings at torch's top level read and write files) or in ``DENIED_MODULES`` is
   refused;
@@ -35,7 +37,13 @@ live in ``eclip.policy_reach``):
   receiver is never a value, ``cls`` included), ``type(x)`` is only compared. Writes into
   imports are named as such, through any binding and any name that holds one
   (``r = kernels.retrieval``); modules are not values at all. Settings under ``SETTINGS``
-  may be set, to numbers, bools or None only;
+  may be set, to numbers, bools or None only, and no compiler knob that writes files or
+  reaches a server (``FILE_KNOB``: ``trace.enabled``, ``*_remote_cache``);
+- classes only from ``class`` statements: no metaclass (``FunctionMeta``, ``typing.Type``
+  as a base) or class keyword, and bases named, not computed: a class made from a name and a
+  dict holds any names, dunders and annotations built from strings at run time; and the
+  functions that write methods into a class (``dataclasses.dataclass``: it generates them
+  as code from its fields' names) only as a decorator of the recipe's own statements;
 - UTF-8 text with no other declared encoding (``read_source``, which the loader uses too:
   the program checked is the program run), no NUL character.
 
@@ -63,6 +71,7 @@ from eclip.policy_reach import (
     ANNOTATION_BUILTINS,
     AUTOGRAD_METHODS,
     CLASS_WRITERS,
+    FILE_KNOB,
     FORBIDDEN_ATTRIBUTES,
     FORBIDDEN_NAMES,
     FORMAT_FIELD,
@@ -87,6 +96,7 @@ from eclip.policy_reach import (
     is_private,
     is_super_call,
     known,
+    makes_classes,
     outside,
     refused_path,
     resolve,
@@ -316,8 +326,10 @@ class _Checker(CompileRules):
                 self.check_import_from(node)
             elif isinstance(node, ast.Name):
                 self.check_name(node)
+                self.check_class_writer(node)
             elif isinstance(node, ast.Attribute):
                 self.check_attribute(node)
+                self.check_class_writer(node)
             elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 self.check_definition(node)
             elif isinstance(node, ast.Lambda):
@@ -380,6 +392,9 @@ class _Checker(CompileRules):
                     self.add(node, f"import of '{mod}.{alias.name}' is not allowed ({WHY})")
                 elif (where := outside(self.modules.get(alias.asname or alias.name))) is not None:
                     self.add(node, f"'{mod}.{alias.name}' comes from '{where}', which recipes may not use")
+                elif makes_classes(self.modules.get(alias.asname or alias.name)):
+                    self.add(node, f"import of '{mod}.{alias.name}' is not allowed: it makes classes (a metaclass, "
+                                   f"or type by another name; {WHY})")
 
     def rebinds(self, node: ast.AST, name: str) -> None:
         """``name`` is bound by something other than its import (a parameter, an assignment, a
@@ -475,8 +490,26 @@ class _Checker(CompileRules):
             obj = resolve(dotted, self.modules)
             if (where := outside(obj)) is not None:
                 self.add(node, f"'{dotted}' is '{where}', which recipes may not use")
+            elif makes_classes(obj) and node is self._whole_chain(node):
+                self.add(node, f"'{dotted}' makes classes (a metaclass, or type by another name), which is not allowed "
+                               f"({WHY})")
             elif isinstance(obj, types.ModuleType) and self._bare(node, self.imported):
                 self.add(node, f"the module '{dotted}' used as a value is not allowed (call or read its attributes)")
+
+    def check_class_writer(self, node: ast.AST) -> None:
+        """``dataclasses.dataclass`` (and the other ``CLASS_WRITERS``) only as a decorator of the
+        recipe's own ``class`` or ``def`` (``@dataclasses.dataclass``, ``@dataclasses.dataclass(frozen=True)``):
+        dataclass writes its fields' names into code it runs, and a class not made by a ``class``
+        statement may have any strings for them (``w = dataclasses.dataclass(init=False); w(C)``)."""
+        if node is not self._whole_chain(node) or not self._is(node, CLASS_WRITERS):
+            return
+        use, parent = node, self.parents.get(node)
+        if isinstance(parent, ast.Call) and parent.func is node and not parent.args:
+            use, parent = parent, self.parents.get(parent)  # @dataclasses.dataclass(frozen=True)
+        if isinstance(parent, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and use in parent.decorator_list:
+            return
+        self.add(node, f"'{dotted_name(node)}' may only decorate the recipe's own classes, as '@{dotted_name(node)}' "
+                       "(called on a class it writes methods into it, generated as code from its fields' names)")
 
     def check_match_class(self, node: ast.MatchClass) -> None:
         """``case object(__self__=b)`` reads ``subject.__self__`` (``len``'s is the builtins module):
@@ -503,6 +536,14 @@ class _Checker(CompileRules):
         if is_dunder(node.name) and node.name not in ALLOWED_DUNDER_DEFS:
             self.add(node, f"defining '{node.name}' is not allowed ({WHY})")
         if isinstance(node, ast.ClassDef):
+            for k in node.keywords:
+                self.add(node, f"class keyword '{k.arg or '**'}' is not allowed (a metaclass makes the class from its "
+                               f"dict, which may hold any names; {WHY})")
+            for base in node.bases:
+                named = base.value if isinstance(base, ast.Subscript) else base  # typing.Generic[T]
+                if not (isinstance(named, (ast.Name, ast.Attribute)) and root_name(named) is not None):
+                    self.add(node, "a class's bases must be named classes (an import's or the recipe's), not computed "
+                                   "(one might be a metaclass)")
             return
         self.check_receivers(node)
         for ann in [a.annotation for a in arg_nodes(node.args)] + [node.returns]:
@@ -561,6 +602,9 @@ class _Checker(CompileRules):
                 if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and constant):
                     self.add(node, f"'{dotted}' may only be set to a number, a bool or None, "
                                    "in a plain assignment")
+                elif dotted.startswith(SETTINGS[1:]) and any(FILE_KNOB.search(part) for part in dotted.split(".")[3:]):
+                    self.add(node, f"'{dotted}' is not allowed: a compiler knob that writes files (traces, records, "
+                                   "dumps) or reaches a cache server")
             elif root in self.imported or root in self.aliases:
                 via = "" if root in self.imported else f", through '{root}', which holds an import"
                 self.add(node, f"assigning into '{dotted}' is not allowed (it patches an imported module "

@@ -11,6 +11,7 @@ import importlib
 import inspect
 import re
 import types
+import typing
 from dataclasses import dataclass
 
 ALLOWED_IMPORTS = ("torch", "math", "functools", "dataclasses", "typing", "kernels",
@@ -72,6 +73,9 @@ FORBIDDEN_ATTRIBUTES = frozenset({
     # a backend by another door than compile()'s checked keyword: the default one, a stance's
     # forced one (each gets the traced graph, whose code generation on_generate_code rewrites)
     "set_default_backend", "set_stance", "on_generate_code", "recompile",
+    # a class whose annotations are any strings (TypedDict('T', {'a, b': int})): a dataclass
+    # writes its fields' names into the code it generates
+    "TypedDict",
 })
 # torch modules that run code from strings or pickles, write files, start processes or
 # change what every later torch call computes: refused however they are reached
@@ -102,6 +106,12 @@ SETTINGS = ("torch.backends.", "torch._inductor.config.", "torch._dynamo.config.
 # Modules behind the settings: importable (to set a knob), never called (their patch() and
 # load_config() take strings and pickles, and some knobs name executables and folders).
 SETTINGS_MODULES = ("torch._inductor.config", "torch._dynamo.config")
+# Compiler knobs that write files or reach the network when set to True (trace.enabled writes
+# the graphs and generated code under the working directory, replay_record_enabled records,
+# *_remote_cache connects to a cache server): a word of the knob's name that names one (whole
+# words between underscores: epilogue_fusion is no log)
+FILE_KNOB = re.compile(r"(?:^|_)(?:c?profil(?:e|er|ing)|trace|debug|record(?:ing)?|remote|dump|save|log(?:ging|path)?"
+                       r"|repro|upload|export)(?:_|$)")
 ANNOTATION_BUILTINS = frozenset({"int", "float", "bool", "str", "bytes", "list", "dict", "tuple", "set",
                                  "frozenset", "object", "type", "None", "complex", "slice"})
 # Attribute writes: ``self.x`` (and ``cls.x``) in the recipe's own methods, and these on anything
@@ -165,6 +175,19 @@ def is_binding_class(obj) -> bool:
     writer (``PyTorchFileReader``); no recipe needs one."""
     return (isinstance(obj, type) and type(obj).__name__ == "pybind11_type"
             and not hasattr(obj, "__members__"))  # an enum (SDPBackend) is a set of values
+
+
+def makes_classes(obj) -> bool:
+    """A metaclass (``torch.autograd.function.FunctionMeta``, ``typing.NamedTupleMeta``) or
+    ``typing.Type`` (``type`` by another name: a class deriving from it is a metaclass). Called
+    with a name, bases and a dict, each makes a class as ``type()`` with three arguments does,
+    its dict holding any names (dunders and annotations from strings built at run time)."""
+    if isinstance(obj, type):
+        return issubclass(obj, type)
+    try:
+        return typing.get_origin(obj) is type
+    except Exception:
+        return False
 
 
 def is_dunder(name: str) -> bool:
@@ -294,6 +317,28 @@ class Unimported:
     name: str
 
 
+def forwarding(module) -> bool:
+    """A module object whose class answers unknown names with code (a ``__getattr__`` of the
+    class, not PEP 562's in the module's dict): ``torch.backends`` and its ``cudnn``,
+    ``opt_einsum``, … are ``PropModule`` objects that hand every name on to the module they
+    wrap, imports included (``torch.backends.types``, ``torch.backends.cudnn.warnings``)."""
+    return (isinstance(module, types.ModuleType) and type(module) is not types.ModuleType
+            and inspect.getattr_static(type(module), "__getattr__", None) is not None)
+
+
+def static_attr(obj, part: str):
+    """``obj.part`` as the check reads it, without running code (``inspect.getattr_static``);
+    through a ``PropModule`` (``forwarding``), the attribute of the module it wraps (its ``m``),
+    as its ``__getattr__`` reads it. AttributeError when neither holds it."""
+    try:
+        return inspect.getattr_static(obj, part)
+    except AttributeError:
+        inner = inspect.getattr_static(obj, "m", None) if forwarding(obj) else None
+        if not isinstance(inner, types.ModuleType):
+            raise
+        return inspect.getattr_static(inner, part)
+
+
 def resolve(dotted: str, modules: dict):
     """The object ``a.b.c`` names when ``a`` is an imported module (``modules`` maps the
     recipe's import names to them), or None where it cannot be told without running code."""
@@ -305,11 +350,14 @@ def resolve(dotted: str, modules: dict):
         if obj is None or part == "[]":
             return None
         try:
-            obj = inspect.getattr_static(obj, part)
+            obj = static_attr(obj, part)
         except AttributeError:
             if not isinstance(obj, types.ModuleType):
                 return None
             name = f"{obj.__name__}.{part}"
+            if forwarding(obj) and obj.__name__ not in SETTINGS_MODULES \
+                    and not isinstance(inspect.getattr_static(obj, "m", None), types.ModuleType):
+                return Unimported(name)  # what its __getattr__ answers is not known here: refused
             if closed(name) and obj.__name__ not in SETTINGS_MODULES:  # a settings module's are knobs
                 return Unimported(name)  # refused: named, never imported into the referee
             if is_private(part) or part in FORBIDDEN_ATTRIBUTES:
@@ -351,7 +399,7 @@ def _imported_name(module: str, attr: str, name: str) -> dict:
     """``{name: what "from module import attr" binds}``: the module's attribute if it has one
     (``from torch import zeros``), else its submodule, unless that is closed (named only)."""
     try:
-        return {name: inspect.getattr_static(importlib.import_module(module), attr)}
+        return {name: static_attr(importlib.import_module(module), attr)}
     except Exception:
         pass
     full = f"{module}.{attr}"

@@ -240,6 +240,12 @@ def test_a_model_that_uses_the_other_items_it_is_given_is_refused(cache, tmp_pat
     ("_t = torch.get_device_module('cpu').torch", "attribute '.get_device_module' is not allowed"),
     ("match len:\n    case object(__self__=_b):\n        pass", "a class pattern's keyword reads the dunder attribute"),
     ("def dict(**k):\n    return {'backend': print}", "binding the builtin 'dict' is not allowed"),
+    # and these ran os.system in the encoding processes (code dataclass generated from a field's
+    # name), which read the cache's pairs and scored a mean rank of 0.6, or read the cache's files
+    ("import dataclasses\n_C = torch.autograd.function.FunctionMeta('C', (), {})\n"
+     "_w = dataclasses.dataclass(init=False, repr=False)\n_D = _w(_C)", "'dataclasses.dataclass' may only decorate"),
+    ("_C = torch.backends.types.new_class('C')", "'torch.backends.types' is 'types'"),
+    ("_r = torch.backends.cudnn.warnings.formatwarning('', UserWarning, 'records.jsonl', 1)", "is 'warnings'"),
 ])
 def test_reaching_for_the_referee_is_rejected_unrun(cache, tmp_path, code, message):
     recipe = tmp_path / "recipe.py"

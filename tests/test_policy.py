@@ -194,6 +194,31 @@ def test_the_template_passes():
     ("class H:\n    pass\nC = H.mro()[0]", "attribute '.mro' is not allowed"),
     ("C = torch.nn.utils.parametrize.type_before_parametrizations(torch.nn.Linear(1, 1))",
      "attribute '.type_before_parametrizations' is not allowed"),
+    # a seventh review: each passed and ran code (os.system, through the code dataclass generates
+    # from its fields' names) or read a file. torch.backends and its modules hand any name on to
+    # the module they wrap, imports included: the chain resolution did not follow them
+    ("s = torch.backends.cudnn.warnings.formatwarning('', UserWarning, 'records.jsonl', 1)",
+     "'torch.backends.cudnn.warnings' is 'warnings', which recipes may not use"),
+    ("C = torch.backends.types.new_class('C', (), {}, None)", "'torch.backends.types' is 'types'"),
+    ("from torch.backends import types", "'torch.backends.types' comes from 'types'"),
+    ("import torch.backends.cudnn as cudnn\nw = cudnn.warnings", "'cudnn.warnings' is 'warnings'"),
+    # classes made from a name and a dict (type() with three arguments by other names): a dict
+    # may hold any names, annotations included
+    ("C = torch.autograd.function.FunctionMeta('C', (), {})", "'torch.autograd.function.FunctionMeta' makes classes"),
+    ("class M(typing.Type):\n    pass\nC = M('C', (), {})", "'typing.Type' makes classes"),
+    ("from typing import NamedTupleMeta", "import of 'typing.NamedTupleMeta' is not allowed: it makes classes"),
+    ("class C(metaclass=eclip_model.EclipModel):\n    pass", "class keyword 'metaclass' is not allowed"),
+    ("def f():\n    return torch.nn.Module\nclass C(f()):\n    pass", "a class's bases must be named classes"),
+    ("T = typing.TypedDict('T', {'a if 0 else 1': int})", "attribute '.TypedDict' is not allowed"),
+    # and dataclass over a class no class statement made
+    ("w = dataclasses.dataclass(init=False)\nclass C:\n    pass\nD = w(C)", "'dataclasses.dataclass' may only decorate"),
+    ("w = [dataclasses.dataclass][0]", "'dataclasses.dataclass' may only decorate"),
+    ("w = functools.partial(dataclasses.dataclass, init=False)", "'dataclasses.dataclass' may only decorate"),
+    # a compiler knob set to True that writes the traced graphs and generated code under the
+    # working directory (torch_compile_debug/), or records, or connects to a cache server
+    ("torch._inductor.config.trace.enabled = True", "a compiler knob that writes files"),
+    ("torch._dynamo.config.replay_record_enabled = True", "a compiler knob that writes files"),
+    ("torch._inductor.config.fx_graph_remote_cache = True", "reaches a cache server"),
 ])
 def test_forbidden_constructs_are_named_with_their_line(line, message):
     source = f"import torch\nimport kernels, functools, dataclasses, typing\nfrom eclip import model as eclip_model\n{line}\n"
@@ -216,6 +241,20 @@ def test_sources_that_exhaust_the_parser_are_violations_not_crashes(source):
     assert "characters; at most" in found[0].message or "cannot be checked" in found[0].message
 
 
+def test_a_class_made_from_a_dict_runs_its_field_names_as_code():
+    # Why classes come only from class statements and dataclass only as a decorator: dataclass
+    # generates __eq__ (and __init__, __repr__) as code from the fields' names, and a class made
+    # from a dict, by a metaclass, may have any string for one (here code that divides by zero;
+    # in review it ran os.system in the encoding processes, which read the cache's pairs)
+    source = ("import dataclasses\nimport torch\n"
+              "C = torch.autograd.function.FunctionMeta('C', (), {'_' * 2 + 'annotations' + '_' * 2: "
+              "{'a if 0 else 1 // 0': int}})\nw = dataclasses.dataclass(init=False, repr=False)\nD = w(C)\nD() == D()\n")
+    with pytest.raises(ZeroDivisionError):
+        exec(compile(source, "recipe.py", "exec"), {})
+    messages = [v.message for v in check_source(source)]
+    assert any("makes classes" in m for m in messages) and any("may only decorate" in m for m in messages)
+
+
 def test_allowed_constructs_pass():
     source = (
         "import math\nimport functools\nimport torch\nimport torch.nn.functional as F\n"
@@ -225,6 +264,7 @@ def test_allowed_constructs_pass():
         # what recipes do with torch and their own state: none of it reaches the referee
         "torch.backends.cuda.matmul.allow_tf32 = True\ntorch.backends.cudnn.benchmark = True\n"
         "torch._inductor.config.coordinate_descent_tuning = True\ntorch._dynamo.config.cache_size_limit = -1\n"
+        "torch._inductor.config.epilogue_fusion = False\n"  # 'log' inside a word is no log file
         "import torch._inductor.config\n"
         "dtype = torch.bfloat16 if step else torch.float32\nact = torch.nn.GELU\n"
         "STATE = {'loss': kernels.contrastive_loss}\nSTATE['n'] = 1\n"
@@ -267,6 +307,9 @@ def test_allowed_constructs_pass():
         "    @staticmethod\n    def backward(ctx, g):\n        return g * ctx.k, None\nz = Mul.apply(torch.ones(2), 2.0)\n"
         "opts = dict(mode='max-autotune', dynamic=False)\nh = torch.compile(step, **opts)\n"
         "match torch.zeros(2):\n    case torch.Tensor(shape=s):\n        pass\n"
+        # torch.backends' own functions, read through the module it wraps; a generic base
+        "ok = torch.backends.cudnn.is_available() and torch.backends.mkldnn.is_available()\n"
+        "import typing\nclass Pair(typing.Generic[typing.TypeVar('T')]):\n    pass\n"
     )
     assert check_source(source) == []
 
