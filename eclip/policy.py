@@ -22,7 +22,10 @@ live in ``eclip.policy_reach``):
 - no ``FORBIDDEN_ATTRIBUTES`` (``torch.load``, ``torch.library``, frames, module
   re-exports such as ``dataclasses.sys``, calls that return a module such as
   ``torch.get_device_module``, an AttributeError's ``.obj``, …), also as a class pattern's
-  keyword (``case object(__self__=b)`` reads ``x.__self__``); attribute chains on imports
+  keyword (``case object(__self__=b)`` reads ``x.__self__``), and no positional argument of
+  a class pattern (``case P(f)`` reads the attribute ``P.__match_args__`` names, a dataclass
+  field's or a named tuple's, on whatever an ABC's ``register`` made an instance of ``P``: a
+  generator's ``gi_frame``); attribute chains on imports
   are resolved (through ``torch.backends``' modules too, which hand any name on to the
   module they wrap: ``torch.backends.types``), and one that lands in a module outside the
   allowed ones, in a part of torch outside
@@ -513,7 +516,13 @@ class _Checker(CompileRules):
 
     def check_match_class(self, node: ast.MatchClass) -> None:
         """``case object(__self__=b)`` reads ``subject.__self__`` (``len``'s is the builtins module):
-        a class pattern's keywords are attributes, and checked as attributes are."""
+        a class pattern's keywords are attributes, and checked as attributes are. Its positional
+        arguments read the attributes its class's ``__match_args__`` names, which the check never
+        sees: a dataclass field named ``gi_frame`` in a class that an ABC's ``register`` made a
+        generator an instance of (``case P(frame)``) read a frame, then ``f_builtins``."""
+        if node.patterns:
+            self.add(node, "a class pattern's positional arguments are not allowed: they read the attributes its "
+                           "class's match_args name, which the check cannot see (name them: case C(shape=s))")
         for attr in node.kwd_attrs:
             if is_dunder(attr):
                 self.add(node, f"a class pattern's keyword reads the dunder attribute '.{attr}', which is not allowed "
