@@ -37,8 +37,9 @@ term that encodes images together with region heatmaps of annotated phrases. The
 val_mean_rank: for every validation image the rank of its true caption among all captions
 (and the reverse for texts), averaged over both directions, 0-indexed, ties counted against
 the model. Lower is better. A random model scores about (N-1)/2; a collapsed model, N-1.
-The wall-clock budget starts at the first training step and includes compilation, so a
-change that makes each step slower has to earn its cost in fewer steps.
+The wall-clock budget covers the recipe's import, build_model and build_optimizer, then the
+steps, compilation included, so a change that makes each step (or the setup) slower has to
+earn its cost in fewer steps.
 
 # The recipe contract (what the harness calls; keep these names and signatures)
 - HPARAMS: one literal dict at module level (constants only). The harness reads batch_size

@@ -29,8 +29,9 @@ PROGRAM = """# Research brief
 
 Goal: the lowest validation mean rank (`val_mean_rank` in the harness's result.json;
 image→text and text→image averaged, 0 is perfect, about (N-1)/2 is chance) after a fixed
-wall-clock training budget. The budget starts at the first step and includes compilation,
-so a slower step has to pay for itself in a better model.
+wall-clock training budget. The budget covers the recipe's setup (import, build_model,
+build_optimizer) and its steps, compilation included, so a slower step has to pay for itself
+in a better model.
 
 Rules:
 - Edit only `recipe.py`. The harness owns the data, the clock and the evaluation; a recipe

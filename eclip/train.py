@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="cache directory from eclip.prepare")
     p.add_argument("--out", type=Path, required=True, help="run directory (results, checkpoint, logs)")
     p.add_argument("--recipe", type=Path, default=TEMPLATE, help="recipe file (default: the template)")
-    p.add_argument("--budget-s", type=float, help="wall-clock training budget from the first step (give this or --steps)")
+    p.add_argument("--budget-s", type=float, help="wall-clock training budget: the recipe's setup and its steps (give this or --steps)")
     p.add_argument("--steps", type=int, help="train for exactly this many steps instead (give this or --budget-s)")
     p.add_argument("--preset", help="model preset (tiny, vit-s16, vit-b16); same as --preset=... override")
     p.add_argument("--image-tower", help="pretrained image tower timm:NAME[@FILE|@random] (extra [pretrained])")
@@ -134,7 +134,9 @@ def _flops_at(count, length: int) -> int:
 
 
 def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: str, out: Path) -> dict:
-    recipe = load_recipe(args.recipe)
+    t_import = time.perf_counter()
+    recipe = load_recipe(args.recipe)  # its module code runs here: on the clock (run_loop's setup_s)
+    import_s = time.perf_counter() - t_import
     apply_overrides(recipe.HPARAMS, overrides)
     resume_dir, placement = None, args.data_placement
     if args.resume:
@@ -178,7 +180,7 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
         logs[0].flush()
 
     try:
-        run = run_loop(recipe, cache, train_rows, cfg, resume_dir=resume_dir, on_log=on_log)
+        run = run_loop(recipe, cache, train_rows, cfg, resume_dir=resume_dir, on_log=on_log, setup_s=import_s)
     finally:
         for f in logs:
             f.close()
@@ -235,6 +237,7 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
         "val_mean_rank": metrics["mean_rank"] if metrics else None,
         "metrics": metrics, "steps": run["steps"], "samples": run["samples"],
         "samples_per_s": sps, "train_s": run["train_s"], "warmup_s": run["warmup_s"], "eval_s": eval_s,
+        "setup_s": run["setup_s"],
         "last_step_cpu_s": run["last_step_cpu_s"],
         "after_s": after_s,
         "mfu": (flops * sps / peak) if (peak and flops) else None,

@@ -568,6 +568,22 @@ def test_the_last_steps_get_a_row_of_their_own(cache, tmp_path, capsys):
     assert result["loss"] == rows[-1]["loss"]  # the summary's loss is the last row's
 
 
+def test_the_recipes_setup_is_on_the_clock(cache, tmp_path, capsys):
+    # The clock began at the first step: a recipe could compile (or train) at its import or
+    # in build_model for as long as it liked. Its import, build_model and build_optimizer
+    # now count against the budget, and result.json says how long they took.
+    rec = recipe_at_call(tmp_path, prelude="import time as _time\n_time.sleep(1.0)\n")
+    out = tmp_path / "run"
+    rc, _, err = run(["--data", cache, "--out", out, "--budget-s", 2, "--recipe", rec, *SMALL, "--log-every=1"],
+                     capsys)
+    assert rc == 0, err
+    result = json.loads((out / "result.json").read_text())
+    assert 1.0 <= result["setup_s"] < 2.0 and result["train_s"] >= 2.0
+    assert metric_rows(out)[0]["elapsed_s"] >= 1.0  # the first step's row counts the setup before it
+    meta = json.loads((out / "checkpoint.json").read_text())
+    assert meta["trained_s"] == pytest.approx(result["train_s"])  # what a --resume goes on from
+
+
 def test_a_step_count_run_hands_the_recipe_step_over_steps(cache, tmp_path, capsys):
     rec = recipe_at_call(tmp_path, after="out['progress'] = torch.tensor(float(progress))")
     out = tmp_path / "run"
