@@ -387,6 +387,7 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
     status, last, warmup_s, history, last_step_cpu_s = "ok", {}, None, [], None
     stop = _install_sigint()
     t0 = time.perf_counter()
+    spent = cfg.budget_s is not None and trained_s >= cfg.budget_s  # a checkpoint with nothing left to train
     trained_s += setup_s  # this process's setup of the recipe is on the clock too
     start_trained = trained_s
     pending = []  # (step, metrics as device tensors) since the last log point
@@ -423,8 +424,8 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
                 if progress >= 1.0:
                     break
             else:
-                if elapsed >= cfg.budget_s:
-                    break
+                if elapsed >= cfg.budget_s and (warmup_s is not None or spent):
+                    break  # else a first step: a setup past the budget is the harness's to judge (an overrun)
                 progress = schedule_progress(elapsed, origin_s, cfg.budget_s)
             if stop["requested"]:
                 raise KeyboardInterrupt

@@ -584,6 +584,17 @@ def test_the_recipes_setup_is_on_the_clock(cache, tmp_path, capsys):
     assert meta["trained_s"] == pytest.approx(result["train_s"])  # what a --resume goes on from
 
 
+def test_a_setup_past_the_budget_still_takes_one_step(cache, tmp_path, capsys):
+    # as a first step that outlasts the budget does: the overrun is the harness's to judge,
+    # and a step that never returns is still a timeout, not an untrained run passed as ok
+    rec = recipe_at_call(tmp_path, prelude="import time as _time\n_time.sleep(1.5)\n")
+    out = tmp_path / "run"
+    rc, _, err = run(["--data", cache, "--out", out, "--budget-s", 1, "--recipe", rec, *SMALL], capsys)
+    assert rc == 0, err
+    result = json.loads((out / "result.json").read_text())
+    assert result["steps"] == 1 and result["setup_s"] >= 1.5 and result["train_s"] >= result["setup_s"]
+
+
 def test_a_step_count_run_hands_the_recipe_step_over_steps(cache, tmp_path, capsys):
     rec = recipe_at_call(tmp_path, after="out['progress'] = torch.tensor(float(progress))")
     out = tmp_path / "run"
