@@ -210,19 +210,26 @@ def imported_names(tree: ast.AST) -> set[str]:
     return names
 
 
-def import_paths(tree: ast.AST) -> dict[str, dict[str, ast.AST]]:
-    """Name → {what each import binding it names (``import torch.nn`` binds ``torch``;
-    ``import torch.nn as nn``, ``from torch import nn`` bind ``torch.nn``): its first import}."""
-    out: dict[str, dict[str, ast.AST]] = {}
+def import_bindings(tree: ast.AST):
+    """(import node, alias, the name it binds, the path that name holds) for every name every
+    import binds: ``import torch.nn`` binds ``torch`` (path ``torch``); ``import torch.nn as
+    nn`` and ``from torch import nn`` bind ``nn`` (path ``torch.nn``); relative imports keep
+    their dots."""
     for node in ast.walk(tree):
-        if not isinstance(node, (ast.Import, ast.ImportFrom)):
-            continue
-        for alias in node.names:
-            if isinstance(node, ast.Import):
-                path, name = (alias.name, alias.asname) if alias.asname else (alias.name.split(".")[0],) * 2
-            else:
-                path, name = f"{'.' * node.level}{node.module or ''}.{alias.name}", alias.asname or alias.name
-            out.setdefault(name, {}).setdefault(path, node)
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                if isinstance(node, ast.Import):
+                    path, name = (alias.name, alias.asname) if alias.asname else (alias.name.split(".")[0],) * 2
+                else:
+                    path, name = f"{'.' * node.level}{node.module or ''}.{alias.name}", alias.asname or alias.name
+                yield node, alias, name, path
+
+
+def import_paths(tree: ast.AST) -> dict[str, dict[str, ast.AST]]:
+    """Name → {each path an import binds it to: the first import that does}."""
+    out: dict[str, dict[str, ast.AST]] = {}
+    for node, _, name, path in import_bindings(tree):
+        out.setdefault(name, {}).setdefault(path, node)
     return out
 
 
@@ -373,25 +380,20 @@ def import_modules(tree: ast.AST) -> dict:
     """Import name → module object for the recipe's allowed imports (importing them is
     what the recipe itself will do; an import that fails is left unresolved)."""
     out = {}
-    for node in ast.walk(tree):
-        if not isinstance(node, (ast.Import, ast.ImportFrom)) or getattr(node, "level", 0):
+    for node, alias, name, full in import_bindings(tree):
+        if getattr(node, "level", 0):
+            continue  # relative: refused anyway
+        if isinstance(node, ast.ImportFrom):
+            if not allowed_module(node.module or "") or refused_path(node.module):
+                continue  # refused anyway: never imported into the referee
+            out.update(_imported_name(node.module, alias.name, name))
             continue
-        for alias in node.names:
-            if isinstance(node, ast.Import):
-                full, name = (alias.name, alias.asname) if alias.asname else (alias.name.split(".")[0],) * 2
-            else:
-                full, name = f"{node.module}.{alias.name}", alias.asname or alias.name
-            if isinstance(node, ast.ImportFrom):
-                if not allowed_module(node.module or "") or refused_path(node.module):
-                    continue  # refused anyway: never imported into the referee
-                out.update(_imported_name(node.module, alias.name, name))
-                continue
-            if not allowed_module(full) or refused_path(full):
-                continue
-            try:
-                out[name] = importlib.import_module(full)
-            except Exception:
-                pass
+        if not allowed_module(full) or refused_path(full):
+            continue
+        try:
+            out[name] = importlib.import_module(full)
+        except Exception:
+            pass
     return out
 
 
