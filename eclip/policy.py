@@ -46,7 +46,10 @@ live in ``eclip.policy_reach``):
   as a base) or class keyword, and bases named, not computed: a class made from a name and a
   dict holds any names, dunders and annotations built from strings at run time; and the
   functions that write methods into a class (``dataclasses.dataclass``: it generates them
-  as code from its fields' names) only as a decorator of the recipe's own statements;
+  as code from its fields' names) only as a decorator of the recipe's own statements, with
+  no other decorator below it (``@(lambda c: torch.nn.Linear)`` would hand it an import's
+  class); no ``dataclasses.Field`` (a subclass's method renames a field after a dataclass took
+  it: its subclass then generates code from that name);
 - UTF-8 text with no other declared encoding (``read_source``, which the loader uses too:
   the program checked is the program run), no NUL character.
 
@@ -510,6 +513,13 @@ class _Checker(CompileRules):
         if isinstance(parent, ast.Call) and parent.func is node and not parent.args:
             use, parent = parent, self.parents.get(parent)  # @dataclasses.dataclass(frozen=True)
         if isinstance(parent, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and use in parent.decorator_list:
+            # the decorators below it run first and hand it what they return: any class
+            # (@dataclasses.dataclass over @(lambda c: torch.nn.Linear) writes into Linear)
+            below = parent.decorator_list[parent.decorator_list.index(use) + 1:]
+            if all(self._is(d.func if isinstance(d, ast.Call) and not d.args else d, CLASS_WRITERS) for d in below):
+                return
+            self.add(node, f"'{dotted_name(node)}' may only decorate the recipe's own classes: no decorator but "
+                           "another class writer may come below it (what that returns is what it writes into)")
             return
         self.add(node, f"'{dotted_name(node)}' may only decorate the recipe's own classes, as '@{dotted_name(node)}' "
                        "(called on a class it writes methods into it, generated as code from its fields' names)")

@@ -76,6 +76,10 @@ FORBIDDEN_ATTRIBUTES = frozenset({
     # a class whose annotations are any strings (TypedDict('T', {'a, b': int})): a dataclass
     # writes its fields' names into the code it generates
     "TypedDict",
+    # a Field of the recipe's own class (class F(dataclasses.Field)) renames itself through self
+    # (self.name = "…") after a dataclass took it as a field's default: a subclass that is a
+    # dataclass too writes that name into the code it generates (its __eq__, __init__)
+    "Field",
 })
 # torch modules that run code from strings or pickles, write files, start processes or
 # change what every later torch call computes: refused however they are reached

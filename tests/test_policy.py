@@ -227,6 +227,15 @@ def test_the_template_passes():
      "a class pattern's positional arguments are not allowed"),
     ("N = typing.NamedTuple('N', [('f_back', int)])\nmatch torch.zeros(1):\n    case N(f):\n        pass",
      "a class pattern's positional arguments are not allowed"),
+    # a ninth review: dataclass over what a decorator below it returned (an import's class), and
+    # a Field of the recipe's own class, renamed through self after a dataclass took it
+    ("@dataclasses.dataclass\n@(lambda c: torch.nn.Linear)\nclass C:\n    pass",
+     "no decorator but another class writer may come below it"),
+    ("@functools.total_ordering\n@eclip_model.dataclass(frozen=True)\n@torch.no_grad()\nclass C:\n    pass",
+     "no decorator but another class writer may come below it"),
+    ("class F(dataclasses.Field):\n    def rename(self, s):\n        self.name = s", "attribute '.Field' is not allowed"),
+    ("from dataclasses import Field as F", "import of 'dataclasses.Field' is not allowed"),
+    ("F = eclip_model.dataclasses.Field", "attribute '.Field' is not allowed"),
 ])
 def test_forbidden_constructs_are_named_with_their_line(line, message):
     source = f"import torch\nimport kernels, functools, dataclasses, typing\nfrom eclip import model as eclip_model\n{line}\n"
@@ -281,6 +290,33 @@ def test_a_class_pattern_reads_what_its_match_args_name_on_what_register_admits(
     found = check_source(source)
     assert [v.line for v in found] == [14, 16]
     assert all("class pattern's positional arguments are not allowed" in v.message for v in found)
+
+
+def test_a_field_renamed_after_a_dataclass_took_it_runs_as_code():
+    # Why dataclasses.Field is refused: a Field of the recipe's own class may rename itself
+    # through self once a dataclass has taken it as a field's default, and a dataclass deriving
+    # from that one writes the new name into the code it generates (here code that divides by
+    # zero; in review, code that handed out __import__)
+    source = ("import dataclasses\n"
+              "class F(dataclasses.Field):\n    def rename(self, name):\n        self.name = name\n"
+              "SLOT = F(0, dataclasses.MISSING, True, True, None, True, None, False)\n"
+              "@dataclasses.dataclass\nclass Base:\n    width: int = SLOT\n"
+              "SLOT.rename('width if 0 else 1 // 0')\n"
+              "@dataclasses.dataclass(init=False, repr=False)\nclass Derived(Base):\n    pass\n"
+              "Derived() == Derived()\n")
+    with pytest.raises(ZeroDivisionError):
+        exec(compile(source, "recipe.py", "exec"), {"__name__": "recipe"})
+    assert [v.line for v in check_source(source)] == [2]
+
+
+def test_a_class_writer_writes_into_what_the_decorators_below_it_return():
+    source = ("import dataclasses\nimport torch\n"
+              "@dataclasses.dataclass\n@(lambda c: torch.nn.Linear)\nclass C:\n    pass\n")
+    found = check_source(source)
+    assert [v.line for v in found] == [3] and "may come below it" in found[0].message
+    # class writers stacked over the recipe's own class still pass
+    assert check_source("import dataclasses\nimport functools\n@functools.total_ordering\n"
+                        "@dataclasses.dataclass(order=True)\n@dataclasses.dataclass\nclass C:\n    x: int = 0\n") == []
 
 
 def test_allowed_constructs_pass():
