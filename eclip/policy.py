@@ -184,8 +184,8 @@ class _Checker(CompileRules):
                         for name in self.classes}
         self.writers = {name for name in self.classes if lineage[name] & writes}
 
-    @staticmethod
-    def _related(bases: dict[str, set[str]]) -> dict[str, set[str]]:
+    @classmethod
+    def _related(cls, bases: dict[str, set[str]]) -> dict[str, set[str]]:
         """Class → the recipe's classes related to it by inheritance, either way and through
         each other (its bases, its subclasses, their other bases, …), itself included."""
         links = {name: set(up) for name, up in bases.items()}
@@ -195,18 +195,14 @@ class _Checker(CompileRules):
         out: dict[str, set[str]] = {}
         for name in links:
             if name not in out:
-                group, todo = set(), [name]
-                while todo:
-                    if (c := todo.pop()) not in group:
-                        group.add(c)
-                        todo.extend(links.get(c, ()))
-                for c in group:
-                    out[c] = group
+                group = cls._lineage(name, links)  # along links both ways: the whole group
+                out.update(dict.fromkeys(group, group))
         return out
 
     @staticmethod
     def _lineage(name: str, bases: dict[str, set[str]]) -> set[str]:
-        """``name`` and the recipe's classes it derives from, however far up."""
+        """``name`` and the recipe's classes it derives from, however far up (``bases``: a
+        class's bases; given links both ways, its whole group)."""
         out, todo = set(), [name]
         while todo:
             if (c := todo.pop()) not in out:
