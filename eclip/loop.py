@@ -406,14 +406,18 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
         bar.n = row["step"] if total else min(round(row["elapsed_s"]), bar.total)
         bar.refresh()
 
+    def mark() -> dict:
+        """What a row pushed now is logged with: the step, the clock, the samples so far."""
+        elapsed = start_trained + (time.perf_counter() - t0)
+        return {"step": step, "elapsed_s": round(elapsed, 3), "samples": samples}
+
     def drain() -> None:
         """At the end of the run: log the row in flight, then check and log the steps not
         yet pushed, as one row at the last step (raises Diverged)."""
         log(readback.flush())
         if not pending:
             return
-        elapsed = start_trained + (time.perf_counter() - t0)
-        readback.push(pending, {"step": step, "elapsed_s": round(elapsed, 3), "samples": samples})  # returns None
+        readback.push(pending, mark())  # nothing in flight any more: returns None
         log(readback.flush())
 
     try:
@@ -452,8 +456,7 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
                     origin_s = start_trained + warmup_s
             pending.append((step, metrics))
             if step % cfg.log_every == 0 or step == 1:
-                elapsed = start_trained + (time.perf_counter() - t0)
-                log(readback.push(pending, {"step": step, "elapsed_s": round(elapsed, 3), "samples": samples}))
+                log(readback.push(pending, mark()))
                 pending = []
         drain()
     except Diverged as e:
