@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="check, train and score one recipe file")
     r.add_argument("--recipe", type=Path, required=True, help="the recipe file to run")
     r.add_argument("--data", type=Path, required=True, help="cache directory from eclip.prepare")
-    r.add_argument("--budget-s", type=float, required=True, help="wall-clock training budget: the recipe's setup and its steps")
+    r.add_argument("--budget-s", type=float, required=True,
+                   help="wall-clock training budget: the recipe's setup and its steps")
     r.add_argument("--out", type=Path, required=True, help="where result.json, logs and the checkpoint go")
     r.add_argument("--seed", type=seed_value, default=42,
                    help="seed of the model's initialisation and the batch sampler (never the evaluation's orders; "

@@ -10,8 +10,9 @@ The training loop (``eclip.loop``) runs a recipe file (default: the template
   cache's fold count, ``prepare --folds``), reporting mean ± std of the validation mean rank
   (each fold gets the full budget).
 
-Writes to ``--out``: ``result.json``, ``metrics.jsonl`` (a row per log step, and the last step), the checkpoint
-(``checkpoint.safetensors`` + ``checkpoint.json``) and prints a ``key: value`` summary block.
+Writes to ``--out``: ``result.json``, ``metrics.jsonl`` (a row per log step, and the last
+step), the checkpoint (``checkpoint.safetensors`` + ``checkpoint.json``) and prints a
+``key: value`` summary block.
 Exit codes: 0 ok, 1 diverged or out of memory, 2 bad input, 130 interrupted (Ctrl-C or SIGTERM).
 """
 
@@ -61,14 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="cache directory from eclip.prepare")
     p.add_argument("--out", type=Path, required=True, help="run directory (results, checkpoint, logs)")
     p.add_argument("--recipe", type=Path, default=TEMPLATE, help="recipe file (default: the template)")
-    p.add_argument("--budget-s", type=float, help="wall-clock training budget: the recipe's setup and its steps (give this or --steps)")
+    p.add_argument("--budget-s", type=float,
+                   help="wall-clock training budget: the recipe's setup and its steps (give this or --steps)")
     p.add_argument("--steps", type=int, help="train for exactly this many steps instead (give this or --budget-s)")
     p.add_argument("--preset", help="model preset (tiny, vit-s16, vit-b16); same as --preset=... override")
     p.add_argument("--image-tower", help="pretrained image tower timm:NAME[@FILE|@random] (extra [pretrained])")
     p.add_argument("--text-tower", help="pretrained text tower hf:NAME_OR_DIR (extra [pretrained]); its "
                                         "tokenizer re-tokenizes the captions")
-    p.add_argument("--seed", type=seed_value, default=42, help="seed of the model's initialisation and the batch sampler (never the evaluation's "
-                   "orders; default: 42)")
+    p.add_argument("--seed", type=seed_value, default=42,
+                   help="seed of the model's initialisation and the batch sampler (never the evaluation's orders; "
+                        "default: 42)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--final", action="store_true", help="train on train+val, evaluate on test")
     p.add_argument("--folds", type=int, help="K-fold cross-validation over train+val")
