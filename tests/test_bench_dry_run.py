@@ -231,6 +231,15 @@ def gpu_check(timeout: int, **env_vars: str):
                           env=dict(env, **env_vars), capture_output=True, text=True, timeout=timeout)
 
 
+def fake_python(tmp_path, cases: str) -> str:
+    """An interpreter for gpu_check.sh that answers the shell ``case`` patterns ``cases``
+    itself and passes everything else to this one; its path."""
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\ncase \"$*\" in\n{cases}esac\nexec {sys.executable} \"$@\"\n")
+    fake.chmod(0o755)
+    return str(fake)
+
+
 @pytest.mark.slow
 def test_gpu_check_script_dry_run(tmp_path):
     # The shell plumbing: steps 2, 2b and 3 with DRY=1 (CPU, tiny), logs in $OUT, the
@@ -268,16 +277,9 @@ def test_gpu_check_script_names_an_interpreter_without_torch(tmp_path):
 def test_gpu_check_script_fails_when_the_cuda_tests_cannot_run(tmp_path):
     # without pytest, step 1 (the first check in priority order) said "skipped" and the run
     # still exited 0; a GPU machine is faked by an interpreter that says CUDA is there
-    fake = tmp_path / "python"
-    fake.write_text(f"""#!/bin/sh
-case "$*" in
-  *"import pytest"*) exit 1 ;;
-  *"sys.exit(not torch.cuda.is_available())"*) exit 0 ;;
-esac
-exec {sys.executable} "$@"
-""")
-    fake.chmod(0o755)
-    proc = gpu_check(120, OUT=str(tmp_path / "out"), PYTHON=str(fake), STEPS="1")
+    fake = fake_python(tmp_path, '  *"import pytest"*) exit 1 ;;\n'
+                                 '  *"sys.exit(not torch.cuda.is_available())"*) exit 0 ;;\n')
+    proc = gpu_check(120, OUT=str(tmp_path / "out"), PYTHON=fake, STEPS="1")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert proc.stdout.splitlines()[-1] == ("NOT CHECKED: step 1, the CUDA tests: pytest does not import "
                                             "(make gpudeps, and carry .gpudeps)")
@@ -287,18 +289,11 @@ exec {sys.executable} "$@"
 def test_gpu_check_script_fails_when_a_step_fails(tmp_path, step, script):
     # a step whose script fails after printing fails the run (the status of the script, not
     # of the grep or tee after it), and the summary shows no table of an earlier run
-    fake = tmp_path / "python"
-    fake.write_text(f"""#!/bin/sh
-case "$*" in
-  *{script}*) echo "half a step"; exit 1 ;;
-esac
-exec {sys.executable} "$@"
-""")
-    fake.chmod(0o755)
+    fake = fake_python(tmp_path, f'  *{script}*) echo "half a step"; exit 1 ;;\n')
     out = tmp_path / "out"
     out.mkdir()
     (out / "kernel_table.md").write_text("a table of an earlier run\n")
-    proc = gpu_check(120, DRY="1", OUT=str(out), PYTHON=str(fake), STEPS=step)
+    proc = gpu_check(120, DRY="1", OUT=str(out), PYTHON=fake, STEPS=step)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "half a step" in proc.stdout and "a table of an earlier run" not in proc.stdout
 
