@@ -127,19 +127,16 @@ class Workspace:
         """The workspace's first commit: the recipe as copied from the template."""
         return self.git("rev-list", "--max-parents=0", "HEAD").splitlines()[0]
 
-    def _records(self) -> tuple[int, int]:
-        """(runs in experiments/, the journal's size in bytes): what a fresh start would overwrite."""
-        runs = sum(1 for p in self.experiments.iterdir() if p.is_dir()) if self.experiments.is_dir() else 0
-        return runs, (self.journal_path.stat().st_size if self.journal_path.is_file() else 0)
-
     @classmethod
-    def check(cls, root: Path) -> None:
+    def check(cls, root: Path) -> bool:
         """Raise WorkspaceError where ``root`` is not the loop's to use: another project's
         repository or folder, or a workspace whose records disagree (runs but no journal, or a
         journal but no git history), which starting over would overwrite. Reads only, so the
-        loop checks before it writes anything there, its lock included."""
+        loop checks before it writes anything there, its lock included. True for a creation
+        cut short (a repository with nothing but what creation writes), to be made again."""
         ws = cls(root)
-        runs, journal_size = ws._records()
+        runs = sum(1 for p in ws.experiments.iterdir() if p.is_dir()) if ws.experiments.is_dir() else 0
+        journal_size = ws.journal_path.stat().st_size if ws.journal_path.is_file() else 0
         dotgit = ws.root / ".git"
         if dotgit.exists() and not dotgit.is_dir():  # a worktree's or a submodule's: another project's
             raise WorkspaceError(f"{ws.root}: part of another git repository ({dotgit} is a file); the loop "
@@ -155,7 +152,7 @@ class Workspace:
                     raise WorkspaceError(f"{ws.root}: a git repository without commits that the loop did not "
                                          f"make ({', '.join(others) or 'it has remotes'}); use another --tag or "
                                          "--workspace-root")
-                return  # made again by open_or_create
+                return True
             if begun and ws.git("log", "-1", "--format=%s", ws.root_commit()) != ROOT_MESSAGE:
                 raise WorkspaceError(f"{ws.root}: a git repository that is not a research-loop workspace (its first "
                                      f"commit is not {ROOT_MESSAGE!r}); the loop resets its workspace, so it "
@@ -163,7 +160,7 @@ class Workspace:
             if runs and not journal_size:
                 raise WorkspaceError(f"{ws.journal_path}: missing or empty, but {ws.experiments} holds {runs} runs; "
                                      "restore the journal, or use another --tag")
-            return
+            return False
         if runs or journal_size:
             raise WorkspaceError(f"{dotgit}: missing, but the workspace has a journal or runs whose "
                                  "commits it records; restore it, or use another --tag")
@@ -173,17 +170,17 @@ class Workspace:
         if others:
             raise WorkspaceError(f"{ws.root}: not empty ({', '.join(others[:3])}{' …' if len(others) > 3 else ''}), "
                                  "and not a research-loop workspace; use another --tag or --workspace-root")
+        return False
 
     @classmethod
     def open_or_create(cls, root: Path, template: Path) -> Workspace:
         """Open the workspace at ``root``, or create it there; refused as :meth:`check` says.
         A repository without a commit and with no records is a creation cut short: it is made
         again."""
-        cls.check(root)
         ws = cls(root)
         dotgit = ws.root / ".git"
-        if dotgit.is_dir() and not ws.has_commit() and ws._records() == (0, 0):
-            shutil.rmtree(dotgit)  # a creation cut short (check() found nothing else in it)
+        if cls.check(root):
+            shutil.rmtree(dotgit)  # a creation cut short: nothing else in it
         if dotgit.is_dir():
             ws.remove_stale_lock()
             return ws
