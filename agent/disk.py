@@ -69,9 +69,23 @@ def keep_set(exps: list[dict], policy: str) -> set[int] | None:
 
 
 # What a run killed mid-way (a timeout, the loop killed) leaves, whatever the policy: the
-# harness's evaluation inputs and embeddings, and the temporary files of an atomic write
-# (eclip.fileio.atomic_write: ".<name>.tmp-<pid>"), up to a whole checkpoint in size.
+# harness's evaluation inputs and embeddings (in a folder per encoding process; loose files
+# in runs of older versions), an isolated run's copy of the training split, and the
+# temporary files of an atomic write (eclip.fileio.atomic_write: ".<name>.tmp-<pid>"), up to
+# a whole checkpoint in size.
 LEFTOVERS = ("eval_*.safetensors", "emb_*.safetensors", ".*.tmp-*")
+LEFTOVER_FOLDERS = ("eval_*", "train_data")
+
+
+def folder_bytes(folder: Path) -> int:
+    """The bytes of the files under ``folder``."""
+    total = 0
+    for path in folder.rglob("*"):
+        try:
+            total += path.stat().st_size if path.is_file() and not path.is_symlink() else 0
+        except OSError:
+            pass
+    return total
 
 
 def prune(experiments_dir: Path, exps: list[dict], policy: str) -> tuple[int, int]:
@@ -85,6 +99,11 @@ def prune(experiments_dir: Path, exps: list[dict], policy: str) -> tuple[int, in
             continue
         run = experiments_dir / str(e["n"])
         doomed = [path for pattern in LEFTOVERS for path in run.glob(pattern)]
+        for pattern in LEFTOVER_FOLDERS:
+            for folder in run.glob(pattern):
+                if folder.is_dir() and not folder.is_symlink():
+                    freed += folder_bytes(folder)
+                    shutil.rmtree(folder, ignore_errors=True)
         if keep is not None and e["n"] not in keep:
             doomed += [run / name for name in FILES]
             count += (run / FILES[0]).is_file()

@@ -78,7 +78,8 @@ def final_evaluation(ws: Workspace, *, data: Path | None = None, budget_s: float
         try:
             r = run_experiment(recipe, data, float(budget_s), out,
                                device=device or session.get("device", "auto"),
-                               compile_cache=ws.root / ".compile_cache", timeout_s=timeout_s, final=True)
+                               compile_cache=ws.root / ".compile_cache", timeout_s=timeout_s, final=True,
+                               isolate=bool(session.get("isolate")))
         except KeyboardInterrupt:  # journaled as such (it scored nothing: --final runs it again), then passed on
             _journal_final(ws, commit, exp, best, started, out, {"status": "interrupted", "val_mean_rank": None})
             raise

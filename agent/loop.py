@@ -40,6 +40,7 @@ from agent.runner import (
 )
 from agent.search import SearchExhausted, SearchProposer, read_hparams
 from agent.workspace import Workspace, WorkspaceError, locked
+from eclip import sandbox
 from eclip.errors import DefaultsFormatter, OneLineParser
 from eclip.policy import check_source
 from eclip.process import exit_main, sigterm_as_ctrl_c
@@ -65,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-delta", type=float, default=0.0, help="smallest improvement worth keeping")
     p.add_argument("--device", default="auto", help="device for the runs")
     p.add_argument("--seed", type=int, default=0, help="proposer seed")
+    p.add_argument("--isolate", action="store_true",
+                   help="run each recipe in a sandbox that cannot read the cache (Linux user namespaces; the "
+                        "harness's --isolate): where a score must be trusted, since the recipe check can be evaded")
     p.add_argument("--timeout-s", type=float, help="hard limit per run (default: budget × 1.5 + 120 s)")
     p.add_argument("--keep-checkpoints", choices=disk.POLICIES, default="kept",
                    help="whose checkpoints stay in experiments/<n>/ once a run ends: the baselines' and kept "
@@ -208,7 +212,7 @@ def run_one(ws: Workspace, args, n: int, kind: str, commit: str, description: st
     out.mkdir(parents=True, exist_ok=True)
     (out / "diff.patch").write_text(extra.get("diff", ""))
     r = run_experiment(ws.recipe, args.data, args.budget_s, out, device=args.device,
-                       compile_cache=ws.root / ".compile_cache", timeout_s=args.timeout_s)
+                       compile_cache=ws.root / ".compile_cache", timeout_s=args.timeout_s, isolate=args.isolate)
     if disk.ran_out_of_space(r):  # not the recipe's failure: no repair, and no crash counted against it
         r = dict(r, status="interrupted", reason=f"out of disk space (the run's log: {disk.ENOSPC_TEXT})",
                  out_of_space=True)
@@ -389,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     if why := settings_error(args, journal.read(Workspace(root).journal_path)):
         print(f"loop: error: {why}", file=sys.stderr)  # asked again, locked, once the journal is reconciled
         return 2
+    if args.isolate and (why := sandbox.probe()):  # not one run in: every run would fail the same way
+        print(f"loop: error: --isolate: cannot build the sandbox on this machine: {why}", file=sys.stderr)
+        return 2
     if not (args.data / "manifest.json").exists():
         if args.data != DEFAULT_DATA:
             print(f"loop: error: {args.data}: no prepared cache (run python -m eclip.prepare)", file=sys.stderr)
@@ -461,7 +468,8 @@ def session(args, ws: Workspace) -> int:
     # what this session runs with: `agent.report --final` retrains the best on the same data
     journal.append(ws.journal_path, {"event": "session", "time": time.time(), "proposer": args.proposer,
                                      "data": str(args.data.resolve()), "budget_s": args.budget_s,
-                                     "device": args.device, "seed": args.seed, "min_delta": args.min_delta})
+                                     "device": args.device, "seed": args.seed, "min_delta": args.min_delta,
+                                     "isolate": args.isolate})
     exps = journal.experiments(journal.read(ws.journal_path))
     begun = state(exps, root_commit, args.min_delta)
     if begun["experiments"] and begun["baselines"] < args.noise_runs:

@@ -106,10 +106,11 @@ def finished_result(out: Path, since: float = 0.0) -> dict | None:
 
 def run_experiment(recipe: Path, data: Path, budget_s: float, out: Path, *, compile_cache: Path | None = None,
                    device: str = "auto", timeout_s: float | None = None, seed: int = 42,
-                   final: bool = False) -> dict:
+                   final: bool = False, isolate: bool = False) -> dict:
     """Run the harness on ``recipe``; returns its result.json (plus ``duration_s``), or a
     result with status ``timeout`` / ``crash`` and the log tail when there is none.
-    ``final``: train on train+val and score the held-out test split."""
+    ``final``: train on train+val and score the held-out test split. ``isolate``: the
+    harness's ``--isolate`` (the recipe's processes cannot read the cache)."""
     # The harness runs in the package root (where ``-m eclip.harness`` imports this project),
     # not in the caller's folder: every path it is given must be absolute, or a workspace
     # opened from elsewhere would hand it another folder's recipe and runs.
@@ -124,6 +125,8 @@ def run_experiment(recipe: Path, data: Path, budget_s: float, out: Path, *, comp
         cmd += ["--compile-cache", str(compile_cache)]
     if final:
         cmd.append("--final")
+    if isolate:
+        cmd.append("--isolate")
     t0 = time.perf_counter()
     with open(out / "run.log", "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=clean_env(),

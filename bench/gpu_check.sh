@@ -26,10 +26,11 @@
 # summary always prints.
 # Prints the device first and a short table last; with $OUT set, writes logs and the table
 # there. Usage: [STEPS="1 2 2b 3 4"] [T1=… T2=…] [T1_WORKERS=4] [DEADLINE=570] [ONLY=template,nographs]
-#   [SPEED_STEPS=60] [HARNESS_S=45] [TABLE_SIZES=16384:512,65536:512] [DRY=1]
+#   [SPEED_STEPS=60] [HARNESS_S=45] [HARNESS_ISOLATE=1] [TABLE_SIZES=16384:512,65536:512] [DRY=1]
 #   bash bench/gpu_check.sh [--quick]
 # (ONLY: the speed rows of step 2, as train_check.py --only; default all. HARNESS_S: the
-# budget of step 2's harness run, 0 skips it. TABLE_SIZES: step 3's table, as
+# budget of step 2's harness run, 0 skips it; HARNESS_ISOLATE=1 runs it with --isolate, the
+# recipe's processes in the sandbox, GPU included. TABLE_SIZES: step 3's table, as
 # kernel_table.py --table.)
 # DRY=1 runs steps 2, 2b and 3 on the CPU at tiny sizes (--dry-run: this script's plumbing,
 # nothing measured) and skips steps 1 and 4, which need a GPU to mean anything.
@@ -95,7 +96,7 @@ fi
 if want 2; then
     echo "== 2. training loop on CUDA"
     run_for "${T2:-360}" "$PY" bench/train_check.py --steps "${SPEED_STEPS:-60}" ${ONLY:+--only "$ONLY"} \
-        ${HARNESS_S:+--harness-budget-s "$HARNESS_S"} ${DRY:+--dry-run} 2>&1 \
+        ${HARNESS_S:+--harness-budget-s "$HARNESS_S"} ${HARNESS_ISOLATE:+--harness-isolate} ${DRY:+--dry-run} 2>&1 \
         | grep -v Warning | log train.log || status=1
 fi
 

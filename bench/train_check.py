@@ -117,15 +117,16 @@ def write_cache(cache: Cache, out: Path) -> Path:
     return out
 
 
-def harness_smoke(budget_s: float, dry: bool = False) -> bool:
-    """One harness run of the template on a random 64-px cache (1,792 train, 256 val)."""
+def harness_smoke(budget_s: float, dry: bool = False, isolate: bool = False) -> bool:
+    """One harness run of the template on a random 64-px cache (1,792 train, 256 val);
+    ``isolate``: with ``--isolate`` (the recipe's processes in the sandbox, GPU included)."""
     device = "cpu" if dry else "cuda"
     with tempfile.TemporaryDirectory() as tmp:
         data = write_cache(random_cache(2048, 64, 32, 512), Path(tmp) / "cache")
         out = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "eclip.harness", "run", "--recipe", str(TEMPLATE), "--data", str(data),
                "--budget-s", str(budget_s), "--out", str(out), "--device", device,
-               "--compile-cache", str(Path(tmp) / "compile_cache")]
+               "--compile-cache", str(Path(tmp) / "compile_cache"), *["--isolate"] * isolate]
         t0 = time.perf_counter()
         try:  # the harness's own limits end a slow run long before this one
             p = subprocess.run(cmd, capture_output=True, text=True, cwd=TEMPLATE.parents[1], env=dict(os.environ),
@@ -137,13 +138,15 @@ def harness_smoke(budget_s: float, dry: bool = False) -> bool:
             r = json.loads((out / "result.json").read_text())
         except (OSError, json.JSONDecodeError):
             r = {"status": f"no result (exit {p.returncode})"}
-    ok = p.returncode == 0 and r.get("status") == "ok" and r.get("ranked_by") == "harness"
+    ok = (p.returncode == 0 and r.get("status") == "ok" and r.get("ranked_by") == "harness"
+          and r.get("isolated") is isolate)
     fmt = lambda k: "none" if r.get(k) is None else f"{r[k]:.1f}"  # noqa: E731
     gap = r.get("batch_gap") or {}  # 1 - cosine of the copies encoded again (bf16 rounding on a GPU)
     gaps = "/".join(f"{gap[k]:.1e}" if k in gap else "none" for k in ("images", "texts"))
     print(f"harness_status: {r.get('status')}  val_mean_rank: {fmt('val_mean_rank')} (random 127.5)  "
           f"steps: {r.get('steps')}  warmup_s: {fmt('warmup_s')}  train_s: {fmt('train_s')}  "
-          f"after_s: {fmt('after_s')}  eval_s: {fmt('eval_s')}  batch_gap: {gaps}  wall_s: {wall:.1f}  "
+          f"after_s: {fmt('after_s')}  eval_s: {fmt('eval_s')}  batch_gap: {gaps}  isolated: {r.get('isolated')}  "
+          f"wall_s: {wall:.1f}  "
           f"{'OK' if ok else 'FAILED'}", flush=True)
     if r.get("reason"):
         print(f"harness_reason: {r['reason']}", flush=True)
@@ -243,6 +246,8 @@ def main(argv=None) -> int:
     # harness refuses a budget that the first step outlasts
     ap.add_argument("--harness-budget-s", type=float, default=45.0,
                     help="training budget of the harness smoke run (0: skip it)")
+    ap.add_argument("--harness-isolate", action="store_true",
+                    help="run the harness smoke run with --isolate (the recipe's processes in the sandbox)")
     ap.add_argument("--only", default=",".join(SPEED_ROWS),
                     help=f"speed: comma-separated rows to run, of {', '.join(SPEED_ROWS)} (default: all)")
     ap.add_argument("--dry-run", action="store_true",
@@ -264,7 +269,8 @@ def main(argv=None) -> int:
             ok = smoke(6, 32) if args.dry_run else smoke()
             sync_check()
             if args.harness_budget_s > 0:
-                ok = harness_smoke(2.0 if args.dry_run else args.harness_budget_s, dry=args.dry_run) and ok
+                ok = harness_smoke(2.0 if args.dry_run else args.harness_budget_s, dry=args.dry_run,
+                                   isolate=args.harness_isolate) and ok
         if not args.skip_speed:
             ok = speed(3 if args.dry_run else args.steps, only, dry=args.dry_run) and ok
     except KeyboardInterrupt:  # past gpu_check.sh's limit for this step: the next step's time is not ours

@@ -51,6 +51,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--memory-limit-gb", type=float,
                    help="address-space cap on CPU runs (default: 80%% of physical memory; 0 = none)")
     r.add_argument("--final", action="store_true", help="train on train+val, score on the held-out test split")
+    r.add_argument("--isolate", action="store_true",
+                   help="run the recipe's processes in a sandbox (Linux user namespaces) that cannot read the "
+                        "cache: training gets a copy of its split only, each encoder its own inputs")
     return p
 
 
@@ -159,6 +163,18 @@ def run(args) -> int:
               file=sys.stderr)
         return 2
     scrub_environment()
+    if args.isolate:
+        from eclip import sandbox
+
+        why = sandbox.probe()
+        if why is not None:
+            print(f"harness: error: --isolate: cannot build the sandbox on this machine: {why}", file=sys.stderr)
+            return 2
+        # absolute and real: inside the sandbox the working folder and symbolic links may not exist
+        args.recipe, args.data, args.out = args.recipe.resolve(), args.data.resolve(), args.out.resolve()
+        if args.compile_cache is not None:
+            args.compile_cache = args.compile_cache.resolve()
+            args.compile_cache.mkdir(parents=True, exist_ok=True)
     if args.compile_cache is not None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(args.compile_cache.resolve())
     threads = torch_threads(args.device)  # None: a GPU run, timed in wall time
@@ -166,16 +182,32 @@ def run(args) -> int:
     limit = default_memory_limit_gb() if args.memory_limit_gb is None else args.memory_limit_gb
     capped = (lambda: limit_address_space(limit)) if on_cpu and limit > 0 else None
     for part in PARTS:  # only this run's files are read
-        for path in part_files(args.out, part):
-            path.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "eclip.train", "--data", str(args.data), "--out", str(args.out),
+        clear_part(args.out, part)
+    data, env = args.data, hide_gpu(dict(os.environ)) if on_cpu else None
+    if args.isolate:
+        try:
+            data = export_training_data(args)
+        except EclipError as e:
+            return _finish(result_path, {"status": "error", "val_mean_rank": None, "reason": str(e)}, 2)
+        if args.compile_cache is not None:  # Triton's own cache, kept across runs like inductor's
+            env = dict(env or os.environ, TRITON_CACHE_DIR=str(args.compile_cache / "triton"))
+    cmd = [sys.executable, "-m", "eclip.train", "--data", str(data), "--out", str(args.out),
            "--recipe", str(args.recipe), "--budget-s", str(args.budget_s), "--seed", str(args.seed),
            "--device", args.device, "--train-only"]
     if args.compile_cache is not None:
         cmd += ["--compile-cache", str(args.compile_cache)]
     if args.final:
         cmd.append("--final")
-    rc = child(cmd, capped, env=hide_gpu(dict(os.environ)) if on_cpu else None)
+    if args.isolate:
+        from eclip import sandbox
+
+        cmd = sandbox.command(cmd, ro=[args.recipe, data], rw=[args.out, *[args.compile_cache] * bool(args.compile_cache)],
+                              hide=[args.data])
+    try:
+        rc = child(cmd, capped, env=env)
+    finally:
+        if data != args.data:  # a copy of the training split: the checkpoint is what stays
+            shutil.rmtree(data, ignore_errors=True)
     try:
         result = json.loads(result_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):  # no result, or a damaged one (ValueError: not JSON, not UTF-8)
@@ -186,6 +218,7 @@ def run(args) -> int:
     if result.pop("ranked_by", None) != "caller":
         return exit_code(rc)  # written by the child before the run began (bad input, out of memory)
     # from here on the harness writes the result: "ranked_by: caller" never outlives it
+    result["isolated"] = bool(args.isolate)  # whether the recipe's processes could read the cache
     if result.get("status") == "ok":
         t_eval = time.perf_counter()
         try:
@@ -212,9 +245,44 @@ def _finish(result_path: Path, result: dict, rc: int) -> int:
     return exit_code(rc)
 
 
+TRAIN_DATA = "train_data"  # in the run directory: an isolated training process's copy of its split
+
+
+def export_training_data(args) -> Path:
+    """Write the images an isolated training process may see (train; train+val with
+    ``--final``) as a cache of their own in the run directory; its path. Checks first that
+    the split to be scored is not empty, as the training process does with the whole cache."""
+    import torch
+
+    from eclip.data.cache import load_cache, write_subset
+
+    cache = load_cache(args.data)
+    split = "test" if args.final else "val"
+    if cache.split_images(split).numel() == 0:
+        raise EclipError(f"{args.data}: the {split} split is empty")
+    rows = torch.nonzero(cache.split <= 1).flatten() if args.final else cache.split_images("train")
+    out = args.out / TRAIN_DATA
+    write_subset(cache, rows, out)
+    return out
+
+
+def part_dir(out: Path, part: str) -> Path:
+    """The folder of one encoding process's inputs and embeddings in a run directory: the
+    only one it may write to when isolated (``--isolate``)."""
+    return out / f"eval_{part}"
+
+
 def part_files(out: Path, part: str) -> tuple[Path, Path, Path]:
-    """(inputs, embeddings, log) of one encoding process in a run directory."""
-    return out / f"eval_{part}.safetensors", out / f"emb_{part}.safetensors", out / f"eval_{part}.log"
+    """(inputs, embeddings, log) of one encoding process in a run directory; the log is
+    the harness's, beside the part's folder."""
+    folder = part_dir(out, part)
+    return folder / "inputs.safetensors", folder / "emb.safetensors", out / f"eval_{part}.log"
+
+
+def clear_part(out: Path, part: str) -> None:
+    """Remove one encoding process's folder and log (secretly ordered, useless once ranked)."""
+    shutil.rmtree(part_dir(out, part), ignore_errors=True)
+    part_files(out, part)[2].unlink(missing_ok=True)
 
 
 def check_after(result: dict, budget_s: float, threads: int | None = None) -> None:
@@ -286,12 +354,29 @@ def child(cmd: list[str], preexec, env: dict | None = None) -> int:
 
 
 def cpu_seconds(pid: int) -> float | None:
-    """User plus system CPU time of process ``pid``, all its threads (Linux), else None."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-    except (OSError, IndexError, ValueError):
-        return None
+    """User plus system CPU time of process ``pid`` and of the processes under it, all their
+    threads, the children they have reaped included (Linux), else None. The tree, not the
+    one process: an isolated encoder runs two levels below the process the harness started
+    (``eclip.sandbox``), and work a process hands to a child of its own is its work too."""
+    total, todo, seen = 0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime, stime, cutime, cstime
+        except (OSError, IndexError, ValueError):
+            if p == pid:
+                return None
+            continue  # a child that ended meanwhile: its parent's cutime has it once reaped
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                todo += [int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split()]
+        except (OSError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def encode_parts(cmds: dict[str, list[str]], logs: dict[str, Path], limit_s: float, preexec,
@@ -473,12 +558,22 @@ def evaluate(result: dict, args, preexec=None, threads: int | None = None) -> di
     try:
         for part, (inputs, emb, log) in files.items():
             image_rows, caption_rows = rows[part]
+            inputs.parent.mkdir()
             write_inputs(inputs, None if image_rows is None else cache.images[image_rows],
                          None if caption_rows is None else cache.tokens[caption_rows], spec)
             cmds[part] = [sys.executable, "-m", "eclip.encode", "--recipe", str(args.recipe), "--checkpoint",
                           str(args.out), "--inputs", str(inputs), "--out", str(emb), "--device", args.device,
                           *options.get(part, [])]
             logs[part] = log
+        if getattr(args, "isolate", False):  # each sees the checkpoint, the recipe and its own folder
+            from eclip import sandbox
+            from eclip.checkpoint import META, TENSORS
+
+            for part in cmds:
+                others = [part_dir(args.out, p) for p in files if p != part]
+                cmds[part] = sandbox.command(
+                    cmds[part], ro=[args.recipe, args.out / TENSORS, args.out / META], rw=[part_dir(args.out, part)],
+                    hide=[args.data, args.out / TRAIN_DATA, *others])
         sps = float(result.get("samples_per_s") or 0.0)
         items = cache.images.shape[0] + cache.tokens.shape[0]
         # start-up and weights, plus twice the time training took per sample for each item;
@@ -493,9 +588,8 @@ def evaluate(result: dict, args, preexec=None, threads: int | None = None) -> di
                      cache.caption_image, args.device, split,
                      (files["batch_check"][1], picks) if "batch_check" in files else None)
     finally:
-        for inputs, emb, log in files.values():  # secretly ordered, useless once ranked
-            for path in (inputs, emb, log):
-                path.unlink(missing_ok=True)
+        for part in files:
+            clear_part(args.out, part)
 
 
 if __name__ == "__main__":

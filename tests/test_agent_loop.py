@@ -535,3 +535,34 @@ def test_a_secret_inside_a_longer_one_leaves_no_part_of_either(monkeypatch):
         for name, value in order:  # os.environ lists them in the order they were set
             monkeypatch.setenv(name, value)
         assert runner.redact("key=sk-ant-abcdef-LONGTAIL99 short=sk-ant-abcdef") == "key=[redacted] short=[redacted]"
+
+
+def test_isolate_reaches_every_run_and_the_final_one(cache, tmp_path, monkeypatch, capsys):
+    from agent import final, report
+
+    asked = []
+
+    def fake(recipe, data, budget_s, out, **kw):
+        asked.append(kw.get("isolate"))
+        return {"status": "ok", "val_mean_rank": 100 - len(asked), "duration_s": 0.1}
+
+    monkeypatch.setattr(loop.sandbox, "probe", lambda: None)
+    monkeypatch.setattr(loop, "run_experiment", fake)
+    monkeypatch.setattr(final, "run_experiment", fake)
+    assert loop.main(["--tag", "t", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1",
+                      "--noise-runs", "1", "--max-experiments", "1", "--isolate"]) == 0
+    ws = Workspace(tmp_path / "t")
+    assert [e["isolate"] for e in journal.read(ws.journal_path) if e.get("event") == "session"] == [True]
+    assert report.main([str(ws.root), "--final"]) == 0  # retrained as the session ran
+    assert asked == [True, True, True]
+
+
+def test_isolate_is_refused_before_anything_runs_where_no_sandbox_can_be_built(cache, tmp_path, monkeypatch,
+                                                                               capsys):
+    monkeypatch.setattr(loop.sandbox, "probe", lambda: "unshare (user namespaces): Operation not permitted")
+    monkeypatch.setattr(loop, "run_experiment", lambda *a, **k: pytest.fail("ran"))
+    assert loop.main(["--tag", "t", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1",
+                      "--isolate"]) == 2
+    assert capsys.readouterr().err.strip() == ("loop: error: --isolate: cannot build the sandbox on this machine: "
+                                               "unshare (user namespaces): Operation not permitted")
+    assert not (tmp_path / "t").exists()

@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import kernel_table, profile_step, train_check  # noqa: E402
+from eclip import sandbox  # noqa: E402
 
 
 def _empty_autotuner_caches(monkeypatch):
@@ -203,6 +204,13 @@ def test_train_check_dry_run(capsys):
     speeds = re.findall(r"^speed: (.+?): ([\d.]+) samples/s.*status (\w+), loss ([\d.naif]+)", out, re.M)
     assert [s[0] for s in speeds] == [v[0] for v in train_check.SPEED_ROWS.values()]
     assert all(status == "ok" and math.isfinite(float(loss)) for _, _, status, loss in speeds)
+
+
+@pytest.mark.skipif(sandbox.probe() is not None, reason="no sandbox on this machine")
+def test_train_check_runs_the_harness_isolated(capsys):
+    assert train_check.main(["--dry-run", "--skip-speed", "--harness-isolate"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^harness_status: ok  val_mean_rank: [\d.]+ .*  isolated: True  wall_s: [\d.]+  OK$", out, re.M), out
 
 
 def test_profile_step_on_the_cpu(capsys):

@@ -252,3 +252,29 @@ def load_cache(path: str | Path) -> Cache:
     if missing:
         raise EclipError(f"{path}/annotations.safetensors: missing tensors {', '.join(missing)}")
     return Cache(path=path, manifest=m, images=images, **{k: ann[k] for k in ANNOTATION_KEYS})
+
+
+def write_subset(cache: Cache, rows: torch.Tensor, out: str | Path) -> None:
+    """Write a cache at ``out`` holding only image ``rows`` of ``cache`` (int64, ascending)
+    with their captions, regions and records, under the same fingerprint: what an isolated
+    training process (``eclip.harness run --isolate``) is given in place of the whole cache,
+    whose held-out splits it must not be able to read. ``subset_of`` in its manifest names
+    the cache it came from."""
+    sub = cache.subset(rows)
+    records = cache.path / "records.jsonl"
+    lines = None
+    if records.is_file():  # one JSON line per image, in the cache's order; copied as they are
+        with open(records, encoding="utf-8") as f:
+            all_lines = [line for line in f if line.strip()]
+        if len(all_lines) == cache.images.shape[0]:
+            lines = [all_lines[i] for i in rows.tolist()]
+    kept = {k: v for k, v in cache.manifest.items() if k not in ("files", "sizes", "format_version")}
+    with CacheWriter(out) as w:
+        w.save_arrays("images.safetensors", {"images": sub.images.numpy()})
+        w.save_arrays("annotations.safetensors", {k: getattr(sub, k).numpy() for k in ANNOTATION_KEYS})
+        if cache.tokenizer_path.is_file():  # a cache written by other tools may have none
+            shutil.copyfile(cache.tokenizer_path, w.path("tokenizer.json"))
+        if lines is not None:
+            with open(w.path("records.jsonl"), "w", encoding="utf-8") as f:
+                f.writelines(line if line.endswith("\n") else line + "\n" for line in lines)
+        w.commit(dict(kept, subset_of=str(cache.path), subset_images=int(rows.numel())))

@@ -1,0 +1,355 @@
+"""``python -m eclip.sandbox``: run one command where it sees only the files it is given.
+
+    python -m eclip.sandbox --ro PATH ... --rw PATH ... --hide PATH ... -- CMD ARGS...
+
+The recipe policy (``eclip.policy``) is a deny-list, and each adversarial review of it found
+recipes that run code of their own; such code, in a process the harness starts, could read
+the cache's held-out pairs from disk and fake its score. The sandbox closes that path at the
+operating system instead of in the recipe's text. On Linux, with user namespaces, it:
+
+1. unshares user, mount, PID, network and IPC namespaces (no privileges needed: the caller's
+   uid becomes root of the new user namespace and of nothing else);
+2. builds a new root file system on a tmpfs holding only: the system's programs and
+   libraries (``/usr``, ``/etc``, ``/bin``, ``/lib*``, ``/sbin``, ``/opt`` where present),
+   the interpreter's prefixes, the ``eclip`` and ``kernels`` packages, the paths given with
+   ``--ro`` (read-only) and ``--rw``, a few device nodes (null, zero, random, the GPU's),
+   ``/sys`` read-only, a ``/proc`` of the new PID namespace (no other process is visible,
+   so no ``/proc/<pid>/root`` leads out), and fresh, private ``/tmp``, ``/var/tmp`` and
+   ``/dev/shm``;
+3. switches to it with ``pivot_root`` and detaches the old root, so no path leads back;
+4. refuses to run (exit 2) if any ``--hide`` path is still visible: the harness names the
+   cache there, so a cache that sits under a bound path (inside ``/usr``, say) is a
+   one-line error rather than a silent leak;
+5. runs the command as the namespace's second process; the first (this module, no torch)
+   passes a SIGTERM on, reaps orphans, and exits with the command's code (128 + N for
+   signal N). When it ends, the kernel ends every process left in the namespace.
+
+Two sandboxed processes share nothing writable but what both were given with ``--rw``; the
+network namespace has no interfaces, which also separates abstract Unix sockets.
+
+Limits: Linux only, where user namespaces are allowed (some containers' seccomp profiles
+and ``kernel.unprivileged_userns_clone=0`` forbid them: ``probe()`` says why). Paths under a
+bound folder are visible; ``--hide`` checks the ones that matter. Code inside still has the
+GPU and the bound files; it can waste the budget, not read what it was not given.
+Exit codes: the command's own; 2 when the sandbox cannot be built (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import glob
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER = 0x00020000, 0x08000000, 0x10000000
+CLONE_NEWPID, CLONE_NEWNET = 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
+MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 1024, 2048, 1 << 21
+MNT_DETACH = 2
+PR_SET_PDEATHSIG = 1
+# statvfs f_flag bits -> the mount flags a read-only remount must keep: the kernel locks the
+# flags a bind mount inherited from a more privileged namespace, and a remount that drops
+# one (nosuid on /tmp, say) is refused with EPERM
+KEEP_FLAGS = {1: MS_RDONLY, 2: MS_NOSUID, 4: MS_NODEV, 8: MS_NOEXEC, 1024: MS_NOATIME,
+              2048: MS_NODIRATIME, 4096: MS_RELATIME}
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
+SYSTEM_RO = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/opt")
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+GPU_DEVICES = ("/dev/nvidia*", "/dev/nvidia-caps", "/dev/dri")
+PRIVATE_TMP = ("/tmp", "/var/tmp")  # and /dev/shm, on the new /dev
+
+
+class SandboxError(Exception):
+    """The sandbox could not be built (the message is the one line shown)."""
+
+
+_libc = None
+
+
+def libc():
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def _check(ret: int, what: str) -> None:
+    if ret != 0:
+        err = ctypes.get_errno()
+        raise SandboxError(f"{what}: {os.strerror(err)}")
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int, what: str) -> None:
+    src = None if source is None else os.fsencode(source)
+    fs = None if fstype is None else os.fsencode(fstype)
+    _check(libc().mount(src, os.fsencode(target), fs, ctypes.c_ulong(flags), None), what)
+
+
+def _under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def default_ro(hide: list[str] = ()) -> list[str]:
+    """What any sandboxed Python process of this project reads: the system, the interpreter's
+    prefixes, the folders on ``sys.path`` that hold no ``hide`` path (``PYTHONPATH``'s and
+    the site folders; not the working folder, which ``python -m`` puts there and which may be
+    a home folder full of data), and the two packages on their own (an editable install, or
+    a checkout, whose other folders may hold data). The working folder is made inside, so
+    the command starts there and ``-m`` finds the packages. Found without importing the
+    packages: ``kernels`` imports torch, whose threads would make ``unshare`` fail (EINVAL)."""
+    import importlib.util
+
+    paths = [p for p in SYSTEM_RO if os.path.lexists(p)]
+    paths += {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+              os.path.dirname(os.path.realpath(sys.executable))}
+    cwd = os.getcwd()
+    for entry in sys.path:
+        entry = os.path.abspath(entry or cwd)
+        if os.path.isdir(entry) and entry not in ("/", cwd) and not any(_under(h, entry) for h in hide):
+            paths.append(entry)
+    for name in ("eclip", "kernels"):
+        paths += importlib.util.find_spec(name).submodule_search_locations
+    for var, default in (("HF_HOME", "~/.cache/huggingface"), ("TORCH_HOME", "~/.cache/torch")):
+        p = os.path.expanduser(os.environ.get(var, default))  # pretrained weights a recipe may name
+        if os.path.isdir(p):
+            paths.append(p)
+    return sorted(set(paths))
+
+
+def command(cmd: list[str], ro: list = (), rw: list = (), hide: list = ()) -> list[str]:
+    """``cmd`` wrapped to run in a sandbox that sees ``ro`` read-only, ``rw`` writable, and
+    must not see ``hide``."""
+    out = [sys.executable, "-m", "eclip.sandbox"]
+    for flag, paths in (("--ro", ro), ("--rw", rw), ("--hide", hide)):
+        for p in paths:
+            out += [flag, os.path.abspath(p)]
+    return out + ["--", *cmd]
+
+
+def probe(timeout: float = 30.0) -> str | None:
+    """None when this machine can build the sandbox (tried for real: a Python started in
+    one); else why not, in one line."""
+    if sys.platform != "linux":
+        return f"needs Linux namespaces (this is {sys.platform})"
+    try:
+        done = subprocess.run(command([sys.executable, "-c", "pass"]), capture_output=True, text=True,
+                              timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"the probe failed: {e}"
+    if done.returncode == 0:
+        return None
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    return lines[-1].removeprefix("sandbox: error: ") if lines else f"the probe exited with code {done.returncode}"
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _enter_namespaces() -> None:
+    """User, PID, network and IPC namespaces for this process's children; the mount
+    namespace is PID 1's own (``_init``), so that this process, outside it, can remove
+    the new root's mount point from the real ``/tmp`` once PID 1 has ended."""
+    uid, gid = os.getuid(), os.getgid()
+    flags = CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC
+    if libc().unshare(flags) != 0:
+        err = ctypes.get_errno()
+        raise SandboxError(f"unshare (user namespaces): {os.strerror(err)}; this machine does not allow "
+                           "unprivileged user namespaces (a container's seccomp profile, or "
+                           "kernel.unprivileged_userns_clone=0)")
+    try:
+        _write("/proc/self/setgroups", "deny")  # required before an unprivileged gid_map
+        _write("/proc/self/uid_map", f"0 {uid} 1")
+        _write("/proc/self/gid_map", f"0 {gid} 1")
+    except OSError as e:
+        raise SandboxError(f"user namespace id maps: {e.strerror}") from None
+
+
+def _place(root: str, path: str) -> str:
+    """The mount point for ``path`` inside ``root``: a folder or an empty file like it."""
+    target = root + path
+    if os.path.isdir(path):
+        os.makedirs(target, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if not os.path.exists(target):
+            open(target, "w").close()
+    return target
+
+
+def _bind(root: str, path: str, readonly: bool) -> None:
+    if os.path.islink(path):  # /lib -> usr/lib: the same link, its target bound on its own
+        target = root + path
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if not os.path.lexists(target):
+            os.symlink(os.readlink(path), target)
+        return
+    if not os.path.exists(path):
+        raise SandboxError(f"{path}: no such file or folder to give the sandbox")
+    target = _place(root, path)
+    mount(path, target, None, MS_BIND | MS_REC, f"bind {path}")
+    if readonly:
+        kept = 0
+        f_flag = os.statvfs(target).f_flag
+        for bit, flag in KEEP_FLAGS.items():
+            if f_flag & bit:
+                kept |= flag
+        mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | kept, f"read-only {path}")
+
+
+def _pivot(root: str) -> None:
+    number = SYS_PIVOT_ROOT.get(platform.machine())
+    if number is None:
+        raise SandboxError(f"pivot_root: unknown system call number on {platform.machine()}")
+    old = os.path.join(root, ".old")
+    os.mkdir(old)
+    _check(libc().syscall(ctypes.c_long(number), os.fsencode(root), os.fsencode(old)), "pivot_root")
+    os.chdir("/")
+    _check(libc().umount2(b"/.old", MNT_DETACH), "detach the old root")
+    os.rmdir("/.old")
+
+
+def build_root(root: str, ro: list[str], rw: list[str], cwd: str = "/") -> None:
+    """Replace this process's file system view with the sandbox's, built on the empty
+    folder ``root`` (see the module docstring), with the folder ``cwd`` in it (empty but
+    for what was bound under it)."""
+    _check(libc().unshare(CLONE_NEWNS), "unshare (mount namespace)")
+    mount(None, "/", None, MS_REC | MS_PRIVATE, "make mounts private")  # nothing propagates out
+    mount("tmpfs", root, "tmpfs", MS_NOSUID, "tmpfs for the new root")
+    # private scratch first, so that a file given from the real /tmp is bound on top of it
+    for path in PRIVATE_TMP:
+        os.makedirs(root + path, exist_ok=True)
+        mount("tmpfs", root + path, "tmpfs", MS_NOSUID | MS_NODEV, f"tmpfs for {path}")
+        os.chmod(root + path, 0o1777)
+    # the longest paths last: a folder given inside a bound one is mounted over it
+    for path, readonly in sorted([(p, True) for p in ro] + [(p, False) for p in rw], key=lambda t: len(t[0])):
+        _bind(root, path, readonly)
+    os.makedirs(root + "/dev", exist_ok=True)
+    mount("tmpfs", root + "/dev", "tmpfs", MS_NOSUID, "tmpfs for /dev")
+    os.makedirs(root + "/dev/shm")
+    mount("tmpfs", root + "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "tmpfs for /dev/shm")
+    os.chmod(root + "/dev/shm", 0o1777)
+    for name in DEVICES:
+        if os.path.exists("/dev/" + name):
+            _bind(root, "/dev/" + name, False)
+    for pattern in GPU_DEVICES:
+        for path in sorted(glob.glob(pattern)):
+            _bind(root, path, False)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{root}/dev/{name}")
+    if os.path.isdir("/sys"):
+        _bind(root, "/sys", True)
+    os.makedirs(root + "/proc", exist_ok=True)
+    mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "a /proc of the new PID namespace")
+    try:
+        os.makedirs(root + cwd, exist_ok=True)
+    except OSError:  # inside a read-only folder given: the command starts in /
+        pass
+    _pivot(root)
+
+
+def _init(cmd: list[str], root: str, ro: list[str], rw: list[str], hide: list[str], cwd: str) -> int:
+    """PID 1 of the new namespaces: build the view, start ``cmd``, wait for it."""
+    libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the namespace ends with the process outside it
+    build_root(root, ro, rw, cwd)
+    seen = [p for p in hide if os.path.lexists(p)]
+    if seen:
+        raise SandboxError(f"{seen[0]} is visible inside the sandbox (it lies under a folder given to it); "
+                           "move it out of the folders the sandbox binds")
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the command's process
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_DFL)
+            libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            os.chdir(cwd if os.path.isdir(cwd) else "/")
+            os.execvp(cmd[0], cmd)
+        except OSError as e:
+            print(f"sandbox: error: {cmd[0]}: {e.strerror}", file=sys.stderr, flush=True)
+        os._exit(127)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(child, signal.SIGTERM))
+    while True:  # reap every orphan the namespace hands to PID 1, until the command ends
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            return 1
+        except InterruptedError:  # pragma: no cover - retried by Python itself since PEP 475
+            continue
+        if pid == child:
+            return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
+def run(cmd: list[str], ro: list[str], rw: list[str], hide: list[str]) -> int:
+    """This process enters the namespaces; its child (PID 1 inside) runs ``_init``."""
+    cwd = os.getcwd()
+    ro = [*default_ro(hide), *ro]
+    root = tempfile.mkdtemp(prefix="eclip-sandbox-")  # empty here; PID 1 mounts the new root on it
+    try:
+        return _run(cmd, root, ro, rw, hide, cwd)
+    finally:
+        try:
+            os.rmdir(root)
+        except OSError:
+            pass
+
+
+def _run(cmd: list[str], root: str, ro: list[str], rw: list[str], hide: list[str], cwd: str) -> int:
+    _enter_namespaces()
+    # Ctrl-C reaches the whole process group, the command included: it handles it, and
+    # the two processes around it wait for its code. A SIGTERM is passed on.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    r, w = os.pipe()  # PID 1's one-line error, if it cannot build the sandbox
+    init = os.fork()
+    if init == 0:  # pragma: no cover - runs as PID 1 of the new PID namespace
+        os.close(r)
+        try:
+            code = _init(cmd, root, ro, rw, hide, cwd)
+        except (SandboxError, OSError) as e:
+            os.write(w, str(e).encode()[:4000])
+            code = 2
+        os._exit(code)
+    os.close(w)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(init, signal.SIGTERM))
+    _, status = os.waitpid(init, 0)
+    why = os.read(r, 4096).decode(errors="replace")
+    if why:
+        raise SandboxError(why)
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from eclip.errors import OneLineParser
+
+    p = OneLineParser(prog="python -m eclip.sandbox", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ro", action="append", default=[], help="a file or folder the command may read")
+    p.add_argument("--rw", action="append", default=[], help="a file or folder the command may write")
+    p.add_argument("--hide", action="append", default=[],
+                   help="a path that must not be visible inside (checked; exit 2 if it is)")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the command and its arguments")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        print("sandbox: error: no command given (after --)", file=sys.stderr)
+        return 2
+    try:
+        return run(cmd, [os.path.abspath(p) for p in args.ro], [os.path.abspath(p) for p in args.rw],
+                   [os.path.abspath(p) for p in args.hide])
+    except SandboxError as e:
+        print(f"sandbox: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""``eclip.sandbox`` and ``eclip.harness run --isolate``: what a sandboxed process can and
+cannot reach, codes and signals through it, and a recipe's processes kept from the cache.
+
+The sandbox needs Linux user namespaces; where the machine forbids them, these tests skip
+with the probe's reason (the harness's and the loop's refusal is tested everywhere)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from eclip import harness, sandbox
+from eclip.data.cache import load_cache, write_subset
+from eclip.train import TEMPLATE
+
+ROOT = Path(__file__).resolve().parents[1]
+WHY = sandbox.probe()
+needs_sandbox = pytest.mark.skipif(WHY is not None, reason=f"no sandbox on this machine: {WHY}")
+SMALL_MODEL = ('"model": {"vision.width": 64, "vision.depth": 1, "text.width": 64, "text.depth": 1, '
+               '"embed_dim": 64},')
+
+
+def sandboxed(code: str, *, ro=(), rw=(), hide=(), env=None, timeout=120) -> subprocess.CompletedProcess:
+    """``python -c code`` in a sandbox, its TMPDIR under the test's folder when ``env`` names it."""
+    cmd = sandbox.command([sys.executable, "-c", textwrap.dedent(code)], ro=ro, rw=rw, hide=hide)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+@needs_sandbox
+def test_a_sandboxed_process_reaches_what_it_is_given_and_nothing_else(tmp_path):
+    secret = tmp_path / "cache"
+    secret.mkdir()
+    (secret / "annotations.safetensors").write_text("the pairs")
+    given = tmp_path / "given.txt"
+    given.write_text("read me")
+    out = tmp_path / "out"
+    out.mkdir()
+    scratch = Path("/tmp") / f"eclip-sandbox-scratch-{os.getpid()}-{time.time_ns()}"
+    p = sandboxed(f"""
+        import errno, json, os, socket
+        seen = {{"secret": os.path.exists({str(secret)!r}), "given": open({str(given)!r}).read(),
+                 "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit())}}
+        try:
+            open({str(given)!r}, "a").write("changed")
+        except OSError as e:
+            seen["write_ro"] = errno.errorcode[e.errno]
+        try:
+            socket.create_connection(("127.0.0.1", 9), timeout=5)
+        except OSError as e:
+            seen["net"] = errno.errorcode.get(e.errno, str(e))
+        open({str(scratch)!r}, "w").write("private")
+        open({str(out / "written.txt")!r}, "w").write("from inside")
+        print(json.dumps(seen))
+    """, ro=[given], rw=[out], hide=[secret])
+    assert p.returncode == 0, p.stderr
+    seen = json.loads(p.stdout)
+    assert seen["secret"] is False and seen["given"] == "read me"
+    assert seen["write_ro"] == "EROFS" and given.read_text() == "read me"
+    assert seen["pids"] == [1, 2]  # itself and the sandbox's first process: no /proc/<pid>/root leads out
+    assert not scratch.exists()  # its /tmp is its own
+    assert seen["net"] in ("ENETUNREACH", "ECONNREFUSED", "EADDRNOTAVAIL")
+    assert (out / "written.txt").read_text() == "from inside"
+
+
+@needs_sandbox
+def test_two_sandboxes_share_no_scratch_and_leave_no_mount_point(tmp_path):
+    env = dict(os.environ, TMPDIR=str(tmp_path))  # where the new root's mount point is made
+    first = sandboxed("open('/tmp/note', 'w').write('left for the other'); open('/dev/shm/n', 'w').write('x')",
+                      env=env)
+    assert first.returncode == 0, first.stderr
+    second = sandboxed("import os; print(os.path.exists('/tmp/note'), os.path.exists('/dev/shm/n'))", env=env)
+    assert second.returncode == 0 and second.stdout.split() == ["False", "False"]
+    assert list(tmp_path.iterdir()) == []  # the mount point was removed once each ended
+
+
+@needs_sandbox
+def test_a_path_left_visible_is_refused_before_the_command_runs(tmp_path):
+    (tmp_path / "cache").mkdir()
+    marker = tmp_path / "ran"
+    p = sandboxed(f"open({str(marker)!r}, 'w')", ro=[tmp_path], hide=[tmp_path / "cache"])
+    assert p.returncode == 2 and not marker.exists()
+    assert p.stderr.strip() == (f"sandbox: error: {tmp_path / 'cache'} is visible inside the sandbox (it lies under "
+                                "a folder given to it); move it out of the folders the sandbox binds")
+
+
+@needs_sandbox
+@pytest.mark.parametrize("code, rc", [("import sys; sys.exit(3)", 3),
+                                      ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", 128 + 9),
+                                      # Python ends itself with SIGINT then: 130, as a shell shows it
+                                      ("raise KeyboardInterrupt", 128 + 2)])
+def test_the_commands_exit_code_comes_through(code, rc):
+    assert sandboxed(code).returncode == rc
+
+
+@needs_sandbox
+def test_a_missing_program_and_a_missing_command_are_one_line_errors(tmp_path):
+    p = subprocess.run(sandbox.command(["no-such-program-here"]), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 127 and p.stderr.strip() == "sandbox: error: no-such-program-here: No such file or directory"
+    p = subprocess.run([sys.executable, "-m", "eclip.sandbox", "--ro", str(tmp_path)], capture_output=True,
+                       text=True, timeout=60, cwd=ROOT)
+    assert p.returncode == 2 and p.stderr.strip() == "sandbox: error: no command given (after --)"
+    p = subprocess.run(sandbox.command(["true"], ro=[tmp_path / "nothing"]), capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2 and p.stderr.strip() == f"sandbox: error: {tmp_path / 'nothing'}: no such file or folder to give the sandbox"
+
+
+@needs_sandbox
+def test_a_sigterm_reaches_the_command_and_the_namespace_ends_with_it(tmp_path):
+    tag = f"eclip-sandbox-test-{os.getpid()}-{time.time_ns()}"
+    out = tmp_path / "out"
+    out.mkdir()
+    code = f"""
+        import signal, subprocess, sys, time
+        # an orphan to be: it outlives its parent unless the namespace takes it down
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", {tag!r}])
+        signal.signal(signal.SIGTERM, lambda *a: (open({str(out / 'term')!r}, 'w').write('got it'), sys.exit(7)))
+        print("ready", flush=True)
+        time.sleep(600)
+    """
+    proc = subprocess.Popen(sandbox.command([sys.executable, "-c", textwrap.dedent(code)], rw=[out]),
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 7
+    finally:
+        proc.kill()
+    assert (out / "term").read_text() == "got it"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(tag in cmdline for cmdline in _cmdlines()):
+        time.sleep(0.05)
+    assert not any(tag in cmdline for cmdline in _cmdlines())
+
+
+def _cmdlines() -> list[str]:
+    lines = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                lines.append(Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"))
+            except OSError:
+                pass
+    return lines
+
+
+def test_the_probe_names_what_is_missing(monkeypatch):
+    monkeypatch.setattr(sandbox.sys, "platform", "darwin")
+    assert sandbox.probe() == "needs Linux namespaces (this is darwin)"
+
+
+def test_the_command_names_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cmd = sandbox.command(["prog", "arg"], ro=["a"], rw=["b"], hide=["c"])
+    assert cmd == [sys.executable, "-m", "eclip.sandbox", "--ro", str(tmp_path / "a"), "--rw", str(tmp_path / "b"),
+                   "--hide", str(tmp_path / "c"), "--", "prog", "arg"]
+
+
+def test_cpu_seconds_count_the_work_of_a_processs_children():
+    # a parent that only waits, and a child that computes about 0.5 s
+    burn = "import time; t = time.process_time(); exec('while time.process_time() - t < 0.5: pass')"
+    code = (f"import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', {burn!r}]); "
+            "p.wait(); print('done', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "done"
+        assert harness.cpu_seconds(proc.pid) >= 0.45  # the reaped child's time, in the parent's cutime
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_subset_cache_holds_its_rows_under_the_same_fingerprint(small_cache, tmp_path):
+    cache = load_cache(small_cache)
+    rows = cache.split_images("train")
+    write_subset(cache, rows, tmp_path / "train")
+    sub = load_cache(tmp_path / "train")
+    assert sub.manifest["fingerprint"] == cache.manifest["fingerprint"]
+    assert sub.manifest["subset_of"] == str(small_cache) and sub.manifest["subset_images"] == rows.numel()
+    assert bool((sub.split == 0).all()) and sub.images.shape[0] == rows.numel() == 300
+    assert bool((sub.images == cache.images[rows]).all())
+    # each caption still belongs to its own image
+    ours = {tuple(cache.images[cache.caption_image[c]].flatten()[:64].tolist()): cache.tokens[c].tolist()
+            for c in range(cache.tokens.shape[0])}
+    for c in range(sub.tokens.shape[0]):
+        assert ours[tuple(sub.images[sub.caption_image[c]].flatten()[:64].tolist())] == sub.tokens[c].tolist()
+    records = (tmp_path / "train" / "records.jsonl").read_text().splitlines()
+    assert len(records) == 300 and all(json.loads(r)["split"] == "train" for r in records)
+    assert (tmp_path / "train" / "tokenizer.json").read_bytes() == (small_cache / "tokenizer.json").read_bytes()
+
+
+def spy_recipe(tmp_path: Path, cache: Path) -> Path:
+    """The template with a ``build_model`` that says on stderr whether the cache is readable
+    from its process: code the recipe check refuses, run here by bypassing the check, as
+    an evasion of it would."""
+    text = TEMPLATE.read_text().replace('    "model": {},', "    " + SMALL_MODEL, 1)
+    text += textwrap.dedent(f"""
+
+        _spied = build_model
+
+
+        def build_model(spec):
+            import os, sys
+            print(f"spy: cache readable: {{os.access({str(cache / 'annotations.safetensors')!r}, os.R_OK)}}",
+                  file=sys.stderr, flush=True)
+            return _spied(spec)
+    """)
+    path = tmp_path / "recipe.py"
+    path.write_text(text)
+    return path
+
+
+@needs_sandbox
+@pytest.mark.parametrize("isolate", [False, True])
+def test_isolated_recipe_processes_cannot_read_the_cache(small_cache, tmp_path, monkeypatch, capfd, isolate):
+    monkeypatch.setattr(harness, "check_file", lambda path: [])  # as an evasion of the check would
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "run"
+    argv = ["run", "--recipe", str(spy_recipe(tmp_path, small_cache)), "--data", str(small_cache),
+            "--budget-s", "3", "--out", str(out), "--device", "cpu", "--compile-cache", str(tmp_path / "cc")]
+    assert harness.main(argv + ["--isolate"] * isolate) == 0
+    err = capfd.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("spy: ")]
+    # training, the images, the captions and the batch check: four processes built the model
+    assert said == [f"spy: cache readable: {not isolate}"] * 4, err[-3000:]
+    r = json.loads((out / "result.json").read_text())
+    assert r["status"] == "ok" and r["isolated"] is isolate and r["val_mean_rank"] >= 1
+    # no copy of the training split, no encoder's folder or log left behind
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.json", "checkpoint.safetensors", "metrics.jsonl",
+                                                     "result.json"]
+
+
+def test_isolate_is_refused_where_no_sandbox_can_be_built(small_cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sandbox, "probe", lambda: "unshare (user namespaces): Operation not permitted")
+    out = tmp_path / "run"
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(TEMPLATE.read_text())
+    rc = harness.main(["run", "--recipe", str(recipe), "--data", str(small_cache), "--budget-s", "3",
+                       "--out", str(out), "--isolate"])
+    assert rc == 2 and list(out.iterdir()) == []  # nothing trained, no result
+    assert capsys.readouterr().err.strip() == ("harness: error: --isolate: cannot build the sandbox on this machine: "
+                                               "unshare (user namespaces): Operation not permitted")
