@@ -279,10 +279,20 @@ def part_files(out: Path, part: str) -> tuple[Path, Path, Path]:
     return folder / "inputs.safetensors", folder / "emb.safetensors", out / f"eval_{part}.log"
 
 
+def remove(path: Path) -> None:
+    """Remove ``path`` whatever it is, a link itself and never what it points to."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def clear_part(out: Path, part: str) -> None:
-    """Remove one encoding process's folder and log (secretly ordered, useless once ranked)."""
-    shutil.rmtree(part_dir(out, part), ignore_errors=True)
-    part_files(out, part)[2].unlink(missing_ok=True)
+    """Remove one encoding process's folder and log (secretly ordered, useless once ranked).
+    Also what the training process may have left under those names: a link there would
+    have the harness write the split's inputs, or a log, where the recipe chose."""
+    remove(part_dir(out, part))
+    remove(part_files(out, part)[2])
 
 
 def check_after(result: dict, budget_s: float, threads: int | None = None) -> None:
@@ -416,7 +426,9 @@ def encode_parts(cmds: dict[str, list[str]], logs: dict[str, Path], limit_s: flo
     try:
         start = time.monotonic()
         for part, cmd in cmds.items():
-            files[part] = open(logs[part], "w+", encoding="utf-8")
+            # a new file, never through a link (a recipe's process could have left one)
+            fd = os.open(logs[part], os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666)
+            files[part] = open(fd, "w+", encoding="utf-8")
             procs[part] = subprocess.Popen(cmd + ["--signal-ready"], preexec_fn=child_setup(preexec),
                                            stdout=subprocess.PIPE, stderr=files[part], env=env, text=True)
             readers.append(threading.Thread(target=watch, args=(part, procs[part].stdout), daemon=True))
@@ -558,6 +570,7 @@ def evaluate(result: dict, args, preexec=None, threads: int | None = None) -> di
     try:
         for part, (inputs, emb, log) in files.items():
             image_rows, caption_rows = rows[part]
+            clear_part(args.out, part)  # the training process could write here
             inputs.parent.mkdir()
             write_inputs(inputs, None if image_rows is None else cache.images[image_rows],
                          None if caption_rows is None else cache.tokens[caption_rows], spec)

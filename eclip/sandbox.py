@@ -287,9 +287,22 @@ def _init(cmd: list[str], root: str, ro: list[str], rw: list[str], hide: list[st
             return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
 
 
+def check_sources(paths: list[str], hide: list[str]) -> None:
+    """Refuse a path to bind whose real path (its links followed, as the bind follows them)
+    lies under a ``hide`` path: a link made by an earlier sandboxed process (a folder of a
+    run directory pointed at the cache) would otherwise bind what must stay hidden."""
+    real_hide = [os.path.realpath(h) for h in hide]
+    for path in paths:
+        real = os.path.realpath(path)
+        for h, real_h in zip(hide, real_hide, strict=True):
+            if _under(real, real_h):
+                raise SandboxError(f"{path}: leads to {real}, under {h}, which the sandbox must not show")
+
+
 def run(cmd: list[str], ro: list[str], rw: list[str], hide: list[str]) -> int:
     """This process enters the namespaces; its child (PID 1 inside) runs ``_init``."""
     cwd = os.getcwd()
+    check_sources([*ro, *rw], hide)
     ro = [*default_ro(hide), *ro]
     root = tempfile.mkdtemp(prefix="eclip-sandbox-")  # empty here; PID 1 mounts the new root on it
     try:

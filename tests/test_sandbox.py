@@ -90,6 +90,18 @@ def test_a_path_left_visible_is_refused_before_the_command_runs(tmp_path):
 
 
 @needs_sandbox
+def test_a_path_that_leads_into_a_hidden_folder_is_refused(tmp_path):
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "annotations.safetensors").write_text("the pairs")
+    (tmp_path / "run").symlink_to(tmp_path / "cache")  # as a sandboxed process could leave one
+    given = tmp_path / "run" / "annotations.safetensors"
+    p = sandboxed(f"print(open({str(given)!r}).read())", ro=[given], hide=[tmp_path / "cache"])
+    assert p.returncode == 2 and "the pairs" not in p.stdout
+    assert p.stderr.strip() == (f"sandbox: error: {given}: leads to {tmp_path / 'cache' / 'annotations.safetensors'}, "
+                                f"under {tmp_path / 'cache'}, which the sandbox must not show")
+
+
+@needs_sandbox
 @pytest.mark.parametrize("code, rc", [("import sys; sys.exit(3)", 3),
                                       ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", 128 + 9),
                                       # Python ends itself with SIGINT then: 130, as a shell shows it
@@ -233,6 +245,39 @@ def test_isolated_recipe_processes_cannot_read_the_cache(small_cache, tmp_path, 
     # no copy of the training split, no encoder's folder or log left behind
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.json", "checkpoint.safetensors", "metrics.jsonl",
                                                      "result.json"]
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+def test_links_a_recipe_leaves_in_its_run_directory_do_not_steer_the_harness(small_cache, tmp_path, monkeypatch,
+                                                                             isolate):
+    if isolate and WHY is not None:
+        pytest.skip(f"no sandbox on this machine: {WHY}")
+    out, elsewhere, victim = tmp_path / "run", tmp_path / "elsewhere", tmp_path / "victim.txt"
+    elsewhere.mkdir()
+    victim.write_text("keep me")
+    text = TEMPLATE.read_text().replace('    "model": {},', "    " + SMALL_MODEL, 1) + textwrap.dedent(f"""
+
+        _planted = build_model
+
+
+        def build_model(spec):
+            import os
+            try:  # the training process: its run directory is writable, the links are not there yet
+                os.symlink({str(elsewhere)!r}, {str(out / "eval_images")!r})
+                os.symlink({str(victim)!r}, {str(out / "eval_texts.log")!r})
+            except OSError:
+                pass
+            return _planted(spec)
+    """)
+    (tmp_path / "recipe.py").write_text(text)
+    monkeypatch.setattr(harness, "check_file", lambda path: [])  # as an evasion of the check would
+    monkeypatch.chdir(ROOT)
+    argv = ["run", "--recipe", str(tmp_path / "recipe.py"), "--data", str(small_cache), "--budget-s", "3",
+            "--out", str(out), "--device", "cpu"]
+    assert harness.main(argv + ["--isolate"] * isolate) == 0
+    assert json.loads((out / "result.json").read_text())["status"] == "ok"
+    # the split's inputs were not written where the link pointed, the log not into the victim
+    assert list(elsewhere.iterdir()) == [] and victim.read_text() == "keep me"
 
 
 def test_isolate_is_refused_where_no_sandbox_can_be_built(small_cache, tmp_path, monkeypatch, capsys):
