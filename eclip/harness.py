@@ -20,6 +20,15 @@ scored on:
    only the harness knows, with no pairs and no cache path (neither sees the other side);
    the third encodes fresh copies of a few of each, for the batch check below.
 
+None of them holds the pairs in memory, but without ``--isolate`` each can read the cache
+on disk, which code that evades the recipe check (``eclip.policy``, a deny-list) can do.
+With ``--isolate`` each runs in a sandbox (``eclip.sandbox``) whose file system has the
+system, the interpreter and the project's packages, and otherwise only: for training, a
+copy of its split (``TRAIN_DATA`` in the run directory, removed when training ends), the
+recipe, the run directory and the compile cache; for each encoder, the recipe, the
+checkpoint's two files and its own folder (``part_dir``). The cache is checked invisible in
+each before the recipe's code runs; ``isolated`` in ``result.json`` says which way a run went.
+
 The harness itself never imports the recipe: it puts the embeddings back in place, ranks
 them against the cache's own pairs and writes the metrics into ``result.json``
 (``ranked_by: harness``). Whatever a recipe changes in its own processes (an operator, a
