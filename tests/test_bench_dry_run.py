@@ -470,7 +470,7 @@ def _harness(monkeypatch, result, returncode=0, stderr="", timeout=False):
 
 
 GOOD = {"status": "ok", "ranked_by": "harness", "val_mean_rank": 12.34, "steps": 40, "warmup_s": 1.0,
-        "train_s": 45.0, "after_s": 2.0, "eval_s": 3.0, "batch_gap": {"images": 2e-6}}
+        "train_s": 45.0, "after_s": 2.0, "eval_s": 3.0, "batch_gap": {"images": 2e-6}, "isolated": False}
 
 
 @pytest.mark.parametrize("result,returncode,ok", [
@@ -488,6 +488,14 @@ def test_harness_smoke_passes_only_an_ok_run_ranked_by_the_harness(monkeypatch, 
     assert "batch_gap: 2.0e-06/none" in first and first.endswith("OK" if ok else "FAILED")
     assert ("harness_reason: over the budget" in out) == ("reason" in result)
     assert ("harness: error: the last line" in out) is not ok  # a failure shows the harness's stderr
+
+
+@pytest.mark.parametrize("isolated,ok", [(True, True), (False, False)])
+def test_an_isolated_harness_smoke_passes_only_a_run_that_was_isolated(monkeypatch, capsys, isolated, ok):
+    seen = _harness(monkeypatch, dict(GOOD, isolated=isolated), 0)
+    assert train_check.harness_smoke(45.0, isolate=True) is ok
+    assert seen["cmd"][-1] == "--isolate"
+    assert f"isolated: {isolated}  wall_s:" in capsys.readouterr().out
 
 
 def test_harness_smoke_without_a_result(monkeypatch, capsys):
