@@ -11,8 +11,11 @@ operating system instead of in the recipe's text. On Linux, with user namespaces
    uid becomes root of the new user namespace and of nothing else);
 2. builds a new root file system on a tmpfs holding only: the system's programs and
    libraries (``/usr``, ``/etc``, ``/bin``, ``/lib*``, ``/sbin``, ``/opt`` where present),
-   the interpreter's prefixes, the ``eclip`` and ``kernels`` packages, the paths given with
-   ``--ro`` (read-only) and ``--rw``, a few device nodes (null, zero, random, the GPU's),
+   the interpreter's prefixes, the folders on ``sys.path`` but the working one
+   (``default_ro``), the ``eclip`` and ``kernels`` packages, the HF and torch caches where
+   they exist (pretrained weights), the paths given with ``--ro`` (read-only) and
+   ``--rw`` (a path given that leads, through links, into a ``--hide`` one is refused),
+   the working folder (empty but for what is bound in it), a few device nodes (null, zero, random, the GPU's),
    ``/sys`` read-only, a ``/proc`` of the new PID namespace (no other process is visible,
    so no ``/proc/<pid>/root`` leads out), and fresh, private ``/tmp``, ``/var/tmp`` and
    ``/dev/shm``;
