@@ -12,8 +12,8 @@ operating system instead of in the recipe's text. On Linux, with user namespaces
 2. builds a new root file system on a tmpfs holding only: the system's programs and
    libraries (``/usr``, ``/etc``, ``/bin``, ``/lib*``, ``/sbin``, ``/opt`` where present),
    the interpreter's prefixes, the folders on ``sys.path`` but the working one
-   (``default_ro``), the ``eclip`` and ``kernels`` packages, the HF and torch caches where
-   they exist (pretrained weights), the paths given with ``--ro`` (read-only) and
+   (``default_ro``), the ``eclip`` and ``kernels`` packages, the downloaded models of the
+   HF and torch hub caches (``pretrained_weights``), the paths given with ``--ro`` (read-only) and
    ``--rw`` (a path given that leads, through links, into a ``--hide`` one is refused),
    the working folder (empty but for what is bound in it), a few device nodes (null, zero, random, the GPU's),
    ``/sys`` read-only, a ``/proc`` of the new PID namespace (no other process is visible,
@@ -118,11 +118,18 @@ def default_ro(hide: list[str] = ()) -> list[str]:
             paths.append(entry)
     for name in ("eclip", "kernels"):
         paths += importlib.util.find_spec(name).submodule_search_locations
-    for var, default in (("HF_HOME", "~/.cache/huggingface"), ("TORCH_HOME", "~/.cache/torch")):
-        p = os.path.expanduser(os.environ.get(var, default))  # pretrained weights a recipe may name
-        if os.path.isdir(p):
-            paths.append(p)
-    return sorted(set(paths))
+    return sorted(set(paths + pretrained_weights()))
+
+
+def pretrained_weights() -> list[str]:
+    """The downloaded models a recipe's pretrained tower may load: each ``models--*``
+    folder of the Hugging Face hub cache (not its ``datasets--*``, which may hold the very
+    data scored) and torch hub's checkpoints."""
+    home = os.path.expanduser(os.environ.get("HF_HOME", "~/.cache/huggingface"))
+    hub = os.path.expanduser(os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub")))
+    torch_home = os.path.expanduser(os.environ.get("TORCH_HOME", "~/.cache/torch"))
+    paths = sorted(glob.glob(os.path.join(glob.escape(hub), "models--*")))
+    return paths + [p for p in [os.path.join(torch_home, "hub", "checkpoints")] if os.path.isdir(p)]
 
 
 def command(cmd: list[str], ro: list = (), rw: list = (), hide: list = ()) -> list[str]:

@@ -290,3 +290,16 @@ def test_isolate_is_refused_where_no_sandbox_can_be_built(small_cache, tmp_path,
     assert rc == 2 and list(out.iterdir()) == []  # nothing trained, no result
     assert capsys.readouterr().err.strip() == ("harness: error: --isolate: cannot build the sandbox on this machine: "
                                                "unshare (user namespaces): Operation not permitted")
+
+
+def test_downloaded_models_are_given_and_downloaded_datasets_are_not(tmp_path, monkeypatch):
+    hub = tmp_path / "hf" / "hub"
+    for name in ("models--org--tower", "datasets--org--the-val-split"):
+        (hub / name).mkdir(parents=True)
+    (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    given = sandbox.default_ro()
+    assert str(hub / "models--org--tower") in given and str(tmp_path / "torch" / "hub" / "checkpoints") in given
+    assert not any(p.startswith(str(hub / "datasets--")) for p in given) and str(hub) not in given
