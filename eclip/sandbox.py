@@ -13,12 +13,12 @@ operating system instead of in the recipe's text. On Linux, with user namespaces
    libraries (``/usr``, ``/etc``, ``/bin``, ``/lib*``, ``/sbin``, ``/opt`` where present),
    the interpreter's prefixes, the folders on ``sys.path`` but the working one
    (``default_ro``), the ``eclip`` and ``kernels`` packages, the downloaded models of the
-   HF and torch hub caches (``pretrained_weights``), the paths given with ``--ro`` (read-only) and
-   ``--rw`` (a path given that leads, through links, into a ``--hide`` one is refused),
-   the working folder (empty but for what is bound in it), a few device nodes (null, zero, random, the GPU's),
-   ``/sys`` read-only, a ``/proc`` of the new PID namespace (no other process is visible,
-   so no ``/proc/<pid>/root`` leads out), and fresh, private ``/tmp``, ``/var/tmp`` and
-   ``/dev/shm``;
+   HF and torch hub caches (``pretrained_weights``), the paths given with ``--ro``
+   (read-only) and ``--rw`` (one that leads, through links, into a ``--hide`` path is
+   refused), the working folder (empty but for what is bound in it), a few device nodes
+   (null, zero, random, the GPU's), ``/sys`` read-only, a ``/proc`` of the new PID
+   namespace (no other process is visible, so no ``/proc/<pid>/root`` leads out), and
+   fresh, private ``/tmp``, ``/var/tmp`` and ``/dev/shm``;
 3. switches to it with ``pivot_root`` and detaches the old root, so no path leads back;
 4. refuses to run (exit 2) if any ``--hide`` path is still visible: the harness names the
    cache there, so a cache that sits under a bound path (inside ``/usr``, say) is a
