@@ -10,7 +10,8 @@ operating system instead of in the recipe's text. On Linux, with user namespaces
 1. unshares user, mount, PID, network and IPC namespaces (no privileges needed: the caller's
    uid becomes root of the new user namespace and of nothing else);
 2. builds a new root file system on a tmpfs holding only: the system's programs and
-   libraries (``/usr``, ``/etc``, ``/bin``, ``/lib*``, ``/sbin``, ``/opt`` where present),
+   libraries (``/usr``, ``/etc``, ``/bin``, ``/lib*``, ``/sbin``: not ``/opt``, ``/srv``,
+   ``/mnt`` or ``/home``, where data lives; a Python installed there comes by its prefix),
    the interpreter's prefixes, the folders on ``sys.path`` but the working one
    (``default_ro``), the ``eclip`` and ``kernels`` packages, the downloaded models of the
    HF and torch hub caches (``pretrained_weights``), the paths given with ``--ro``
@@ -62,7 +63,7 @@ PR_SET_PDEATHSIG = 1
 KEEP_FLAGS = {1: MS_RDONLY, 2: MS_NOSUID, 4: MS_NODEV, 8: MS_NOEXEC, 1024: MS_NOATIME,
               2048: MS_NODIRATIME, 4096: MS_RELATIME}
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
-SYSTEM_RO = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/opt")
+SYSTEM_RO = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 GPU_DEVICES = ("/dev/nvidia*", "/dev/nvidia-caps", "/dev/dri")
 PRIVATE_TMP = ("/tmp", "/var/tmp")  # and /dev/shm, on the new /dev
