@@ -210,8 +210,8 @@ def run(args) -> int:
     if args.isolate:
         from eclip import sandbox
 
-        cmd = sandbox.command(cmd, ro=[args.recipe, data], rw=[args.out, *[args.compile_cache] * bool(args.compile_cache)],
-                              hide=[args.data])
+        writable = [args.out] if args.compile_cache is None else [args.out, args.compile_cache]
+        cmd = sandbox.command(cmd, ro=[args.recipe, data], rw=writable, hide=[args.data])
     try:
         rc = child(cmd, capped, env=env)
     finally:
