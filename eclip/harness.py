@@ -217,15 +217,28 @@ def run(args) -> int:
     finally:
         if data != args.data:  # a copy of the training split: the checkpoint is what stays
             shutil.rmtree(data, ignore_errors=True)
-    try:
-        result = json.loads(result_path.read_text(encoding="utf-8"))
+    try:  # a regular file only: a FIFO the training process left there would block the read for ever
+        result = json.loads(read_regular(result_path).decode("utf-8"))
+        if not isinstance(result, dict):
+            raise ValueError("not a JSON object")
     except (OSError, ValueError):  # no result, or a damaged one (ValueError: not JSON, not UTF-8)
         rc = rc or 1
         status = "error" if exit_code(rc) == 2 else "crash"  # 2: bad input (data, options), not the recipe
         return _finish(result_path, {"status": status, "val_mean_rank": None,
                                      "reason": f"the training process exited with code {rc} without a result"}, rc)
+    # A score comes from the harness's own ranking only: whatever the training process wrote
+    # in its place (a recipe's code runs there and may write any result) is dropped.
+    for key in SCORED:
+        result.pop(key, None)
+    result["val_mean_rank"] = None
     if result.pop("ranked_by", None) != "caller":
-        return exit_code(rc)  # written by the child before the run began (bad input, out of memory)
+        # written by the child before the run began (bad input, out of memory): its failure
+        # passed on, never an ok the harness did not score
+        if result.get("status") not in ("error", "oom"):
+            result.update(status="crash", reason="the training process wrote a result the harness was not to score "
+                                                 f"(status {result.get('status')!r})")
+        write_json(result_path, result)
+        return exit_code(rc or 1)
     # from here on the harness writes the result: "ranked_by: caller" never outlives it
     result["isolated"] = bool(args.isolate)  # whether the recipe's processes could read the cache
     if result.get("status") == "ok":
@@ -249,6 +262,7 @@ def _finish(result_path: Path, result: dict, rc: int) -> int:
     """Write the run's result (atomically), print its summary block; the exit code for ``rc``."""
     from eclip.train import summary_lines
 
+    remove(result_path)  # a folder the training process made there would fail the write
     write_json(result_path, result)
     print("\n".join(summary_lines(result)))
     return exit_code(rc)
@@ -286,6 +300,38 @@ def part_files(out: Path, part: str) -> tuple[Path, Path, Path]:
     the harness's, beside the part's folder."""
     folder = part_dir(out, part)
     return folder / "inputs.safetensors", folder / "emb.safetensors", out / f"eval_{part}.log"
+
+
+# what only the harness's ranking writes into a result: never taken from a child's result.json
+SCORED = ("val_mean_rank", "test_mean_rank", "metrics", "batch_gap")
+
+
+def read_regular(path: Path) -> bytes:
+    """The bytes of ``path`` if it is a regular file, not a link (OSError otherwise): a
+    recipe's process may leave a FIFO (a read that never ends), a device or a link to one
+    where the harness reads."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path}: not a regular file")
+        with open(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def check_regular(path: Path, what: str) -> None:
+    """EclipError unless ``path`` is missing or a regular file (not a link, FIFO, folder)."""
+    import stat
+
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        raise EclipError(f"{path}: {what} is not a regular file (a recipe's process left something else there)")
 
 
 def remove(path: Path) -> None:
@@ -549,12 +595,14 @@ def evaluate(result: dict, args, preexec=None, threads: int | None = None) -> di
     with ``--final``): the split's images and its captions go to two ``eclip.encode``
     processes, each in a secret order, and a few of each to a third (the batch check); the
     embeddings that come back are checked, then ranked here against the cache's pairs."""
-    from eclip.checkpoint import read_meta
+    from eclip.checkpoint import META, TENSORS, read_meta
     from eclip.data.cache import load_cache
     from eclip.encode import write_inputs
     from eclip.loop import caption_length, secret_order
 
     split = "test" if args.final else "val"  # the harness's own choice, not what the run reported
+    for name in (TENSORS, META):  # the training process wrote them: a FIFO would block read_meta
+        check_regular(args.out / name, "the checkpoint")
     cache = load_cache(args.data)
     cache = cache.subset(cache.split_images(split))  # the rest is freed
     tower = (read_meta(args.out).get("hparams") or {}).get("text_tower") or ""
@@ -589,7 +637,6 @@ def evaluate(result: dict, args, preexec=None, threads: int | None = None) -> di
             logs[part] = log
         if getattr(args, "isolate", False):  # each sees the checkpoint, the recipe and its own folder
             from eclip import sandbox
-            from eclip.checkpoint import META, TENSORS
 
             for part in cmds:
                 others = [part_dir(args.out, p) for p in files if p != part]
@@ -606,6 +653,8 @@ def evaluate(result: dict, args, preexec=None, threads: int | None = None) -> di
         for part in cmds:  # the first failure in PARTS order, not the quickest
             if rcs[part] != 0:
                 raise EclipError(encode_error(part, rcs[part], logs[part]))
+        for _, emb, _ in files.values():  # the encoders wrote them: no FIFO, device or link read
+            check_regular(emb, "the embeddings")
         return score(result, files["images"][1], files["texts"][1], orders["images"], orders["texts"],
                      cache.caption_image, args.device, split,
                      (files["batch_check"][1], picks) if "batch_check" in files else None)

@@ -67,6 +67,7 @@ SYSTEM_RO = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 GPU_DEVICES = ("/dev/nvidia*", "/dev/nvidia-caps", "/dev/dri")
 PRIVATE_TMP = ("/tmp", "/var/tmp")  # and /dev/shm, on the new /dev
+PROC_READONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")  # the machine's, not the namespace's
 
 
 class SandboxError(Exception):
@@ -206,13 +207,31 @@ def _bind(root: str, path: str, readonly: bool) -> None:
         raise SandboxError(f"{path}: no such file or folder to give the sandbox")
     target = _place(root, path)
     mount(path, target, None, MS_BIND | MS_REC, f"bind {path}")
-    if readonly:
-        kept = 0
-        f_flag = os.statvfs(target).f_flag
-        for bit, flag in KEEP_FLAGS.items():
-            if f_flag & bit:
-                kept |= flag
-        mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | kept, f"read-only {path}")
+    if readonly:  # the bind and every mount under it (MS_REC brought /sys/fs/cgroup's, say, writable)
+        for point in [target, *submounts(target)]:
+            _remount_readonly(point, path)
+
+
+def _remount_readonly(point: str, path: str) -> None:
+    kept = 0
+    f_flag = os.statvfs(point).f_flag
+    for bit, flag in KEEP_FLAGS.items():
+        if f_flag & bit:
+            kept |= flag
+    mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | kept, f"read-only {path}")
+
+
+def submounts(target: str) -> list[str]:
+    """The mount points strictly under ``target`` in this mount namespace, outermost first."""
+    points = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            point = line.split()[4]
+            for code in ("\\040", "\\011", "\\012", "\\134"):  # mountinfo's escapes
+                point = point.replace(code, chr(int(code[1:], 8)))
+            if point != target and _under(point, target):
+                points.append(point)
+    return sorted(set(points), key=len)
 
 
 def _pivot(root: str) -> None:
@@ -260,6 +279,14 @@ def build_root(root: str, ro: list[str], rw: list[str], cwd: str = "/") -> None:
         _bind(root, "/sys", True)
     os.makedirs(root + "/proc", exist_ok=True)
     mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "a /proc of the new PID namespace")
+    # the machine's settings in it read-only: the namespace's root maps to the caller's user,
+    # which may be the real root, whose file permissions let it write /proc/sys; once locked
+    # (lock_mounts), these also keep the command from mounting a /proc of its own
+    for name in PROC_READONLY:
+        point = f"{root}/proc/{name}"
+        if os.path.exists(point):
+            mount(point, point, None, MS_BIND, f"bind /proc/{name}")
+            _remount_readonly(point, f"/proc/{name}")
     try:
         os.makedirs(root + cwd, exist_ok=True)
     except OSError:  # inside a read-only folder given: the command starts in /
@@ -281,10 +308,13 @@ def _init(cmd: list[str], root: str, ro: list[str], rw: list[str], hide: list[st
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_DFL)
             libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            lock_mounts()
             os.chdir(cwd if os.path.isdir(cwd) else "/")
             os.execvp(cmd[0], cmd)
         except OSError as e:
             print(f"sandbox: error: {cmd[0]}: {e.strerror}", file=sys.stderr, flush=True)
+        except SandboxError as e:
+            print(f"sandbox: error: {e}", file=sys.stderr, flush=True)
         os._exit(127)
     signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(child, signal.SIGTERM))
     while True:  # reap every orphan the namespace hands to PID 1, until the command ends
@@ -296,6 +326,21 @@ def _init(cmd: list[str], root: str, ro: list[str], rw: list[str], hide: list[st
             continue
         if pid == child:
             return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
+def lock_mounts() -> None:
+    """Enter a user namespace nested in the sandbox's, with a copy of its mounts: the kernel
+    locks the mounts a less privileged namespace inherits (flags such as read-only kept, each
+    mount fixed to its place), so the command, root of the nested namespace, can neither
+    remount a read-only bind writable nor unmount one; it has no privilege in the sandbox's
+    own namespaces, whose mounts PID 1 made and could change."""
+    uid, gid = os.getuid(), os.getgid()
+    if libc().unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0:
+        err = ctypes.get_errno()
+        raise SandboxError(f"unshare (the command's nested user namespace): {os.strerror(err)}")
+    _write("/proc/self/setgroups", "deny")
+    _write("/proc/self/uid_map", f"{uid} {uid} 1")
+    _write("/proc/self/gid_map", f"{gid} {gid} 1")
 
 
 def check_sources(paths: list[str], hide: list[str]) -> None:

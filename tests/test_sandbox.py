@@ -303,3 +303,109 @@ def test_downloaded_models_are_given_and_downloaded_datasets_are_not(tmp_path, m
     given = sandbox.default_ro()
     assert str(hub / "models--org--tower") in given and str(tmp_path / "torch" / "hub" / "checkpoints") in given
     assert not any(p.startswith(str(hub / "datasets--")) for p in given) and str(hub) not in given
+
+
+@needs_sandbox
+def test_the_command_can_neither_remount_nor_unmount_what_it_was_given(tmp_path):
+    # root of the sandbox's user namespace, the command could remount a read-only bind
+    # writable (the recipe, the project's code, /usr: as the caller, maybe the real root),
+    # unmount one, write the machine's sysctls, or write PID 1's memory
+    given = tmp_path / "given"
+    given.mkdir()
+    (given / "code.py").write_text("kept")
+    p = sandboxed(f"""
+        import ctypes, errno, json, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        seen = {{}}
+        for name, path in (("given", {str(given)!r}), ("sys", "/sys"), ("usr", "/usr")):
+            ok = libc.mount(None, path.encode(), None, ctypes.c_ulong(32 | 4096), None) == 0  # MS_REMOUNT|MS_BIND
+            seen["remount " + name] = ok or errno.errorcode[ctypes.get_errno()]
+            seen["umount " + name] = libc.umount2(path.encode(), 2) == 0 or errno.errorcode[ctypes.get_errno()]
+        try:
+            open({str(given / "code.py")!r}, "w").write("changed")
+        except OSError as e:
+            seen["write"] = errno.errorcode[e.errno]
+        seen["writable mounts under /sys, /proc/sys"] = [
+            line.split()[4] for line in open("/proc/self/mountinfo")
+            if line.split()[4] == "/sys" or line.split()[4].startswith(("/sys/", "/proc/sys"))
+            if "rw" in line.split()[5].split(",")]
+        try:
+            open("/proc/1/mem", "r+b")
+            seen["pid 1's memory"] = "opened"
+        except OSError as e:
+            seen["pid 1's memory"] = errno.errorcode[e.errno]
+        print(json.dumps(seen))
+    """, ro=[given])
+    assert p.returncode == 0, p.stderr
+    seen = json.loads(p.stdout)
+    assert (given / "code.py").read_text() == "kept", seen
+    assert seen["write"] == "EROFS", seen
+    for name in ("given", "sys", "usr"):
+        assert seen["remount " + name] == "EPERM" and seen["umount " + name] == "EINVAL", seen
+    assert seen["writable mounts under /sys, /proc/sys"] == [], seen
+    assert seen["pid 1's memory"] == "EACCES", seen
+
+
+def harness_in_a_child(tmp_path: Path, setup: str, argv: list[str], timeout: float) -> int:
+    """``eclip.harness.main(argv)`` in a child Python after ``setup`` (monkeypatches), killed
+    after ``timeout`` s: a read that blocks for ever (a FIFO) ends the test, not the session."""
+    script = tmp_path / "drive.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n" + textwrap.dedent(setup)
+                      + f"\nraise SystemExit(harness.main({argv!r}))\n")
+    try:
+        return subprocess.run([sys.executable, str(script)], cwd=ROOT, timeout=timeout, capture_output=True).returncode
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the harness still ran after {timeout} s: a read blocked")
+
+
+@pytest.mark.parametrize("left", ["a result of its own", "a FIFO", "a folder"])
+def test_what_the_training_process_leaves_as_its_result_is_never_a_score_nor_a_hang(tmp_path, left):
+    # a recipe's code runs in the training process and may write any result.json: one that is
+    # not "ranked_by: caller" was passed on as it was, its score included (ok, rank 1.0)
+    setup = f"""
+        import json, os
+        from pathlib import Path
+        from eclip import harness
+
+        def child(cmd, preexec, env=None):
+            path = Path(cmd[cmd.index("--out") + 1]) / "result.json"
+            if {left!r} == "a result of its own":
+                path.write_text(json.dumps({{"status": "ok", "val_mean_rank": 1.0, "ranked_by": "harness",
+                                            "metrics": {{"mean_rank": 1.0}}, "isolated": True}}))
+            elif {left!r} == "a FIFO":
+                os.mkfifo(path)
+            else:
+                (path / "inside").mkdir(parents=True)
+            return 0
+
+        harness.child = child
+    """
+    out = tmp_path / "run"
+    rc = harness_in_a_child(tmp_path, setup, ["run", "--recipe", str(TEMPLATE), "--data", str(tmp_path),
+                                              "--budget-s", "1", "--out", str(out), "--device", "cpu"], 60)
+    r = json.loads((out / "result.json").read_text())
+    assert rc == 1 and r["status"] == "crash" and r["val_mean_rank"] is None and "metrics" not in r, r
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+def test_a_fifo_an_encoder_leaves_for_its_embeddings_does_not_hang_the_harness(small_cache, tmp_path, isolate):
+    if isolate and WHY is not None:
+        pytest.skip(f"no sandbox on this machine: {WHY}")
+    text = TEMPLATE.read_text().replace('    "model": {},', "    " + SMALL_MODEL, 1) + textwrap.dedent("""
+
+        import os as _os, sys as _sys
+        _main = _sys.modules["__main__"]
+        if hasattr(_main, "save_embeddings"):  # an encoding process: a FIFO where the harness reads
+            _main.save_embeddings = lambda path, img, txt: _os.mkfifo(path)
+    """)
+    (tmp_path / "recipe.py").write_text(text)
+    out = tmp_path / "run"
+    setup = """
+        from eclip import harness
+        harness.check_file = lambda path: []  # as an evasion of the check would
+    """
+    rc = harness_in_a_child(tmp_path, setup, ["run", "--recipe", str(tmp_path / "recipe.py"), "--data",
+                                              str(small_cache), "--budget-s", "3", "--out", str(out), "--device", "cpu",
+                                              *["--isolate"] * isolate], 120)
+    r = json.loads((out / "result.json").read_text())
+    assert rc == 1 and r["status"] == "error" and "not a regular file" in r["reason"], r
