@@ -649,10 +649,19 @@ def evaluate(result: dict, args, preexec=None, threads: int | None = None) -> di
         # that share is capped, since a recipe can make its own samples_per_s small
         per_items = min(2 * items / sps if sps > 0 else math.inf, EVAL_SHARE * args.budget_s)
         limit = EVAL_GRACE_S + per_items
-        rcs = encode_parts(cmds, logs, limit, preexec, threads=threads)  # KeyboardInterrupt on a Ctrl-C
-        for part in cmds:  # the first failure in PARTS order, not the quickest
-            if rcs[part] != 0:
-                raise EclipError(encode_error(part, rcs[part], logs[part]))
+        if getattr(args, "isolate", False):
+            # One at a time: processes that run at once can talk through whatever they share
+            # (a lock on a file all of them may read, the CPUs' load), and an images process
+            # that learns the captions' embeddings could match the two sides between them.
+            for part in cmds:
+                rc = encode_parts({part: cmds[part]}, {part: logs[part]}, limit, preexec, threads=threads)[part]
+                if rc != 0:
+                    raise EclipError(encode_error(part, rc, logs[part]))
+        else:
+            rcs = encode_parts(cmds, logs, limit, preexec, threads=threads)  # KeyboardInterrupt on a Ctrl-C
+            for part in cmds:  # the first failure in PARTS order, not the quickest
+                if rcs[part] != 0:
+                    raise EclipError(encode_error(part, rcs[part], logs[part]))
         for _, emb, _ in files.values():  # the encoders wrote them: no FIFO, device or link read
             check_regular(emb, "the embeddings")
         return score(result, files["images"][1], files["texts"][1], orders["images"], orders["texts"],

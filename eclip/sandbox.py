@@ -24,9 +24,13 @@ operating system instead of in the recipe's text. On Linux, with user namespaces
 4. refuses to run (exit 2) if any ``--hide`` path is still visible: the harness names the
    cache there, so a cache that sits under a bound path (inside ``/usr``, say) is a
    one-line error rather than a silent leak;
-5. runs the command as the namespace's second process; the first (this module, no torch)
-   passes a SIGTERM on, reaps orphans, and exits with the command's code (128 + N for
-   signal N). When it ends, the kernel ends every process left in the namespace.
+5. runs the command as the namespace's second process, in a user and mount namespace
+   nested in the sandbox's (``lock_mounts``: the kernel locks the mounts it inherits, so the
+   command, root there, can neither remount a read-only bind writable nor unmount one), in
+   a session of its own with no terminal and stdin from ``/dev/null``. The first process
+   (this module, no torch) passes Ctrl-C and SIGTERM on, reaps orphans, and exits with the
+   command's code (128 + N for signal N). When it ends, the kernel ends every process left
+   in the namespace.
 
 Two sandboxed processes share nothing writable but what both were given with ``--rw``; the
 network namespace has no interfaces, which also separates abstract Unix sockets.
@@ -64,7 +68,7 @@ KEEP_FLAGS = {1: MS_RDONLY, 2: MS_NOSUID, 4: MS_NODEV, 8: MS_NOEXEC, 1024: MS_NO
               2048: MS_NODIRATIME, 4096: MS_RELATIME}
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 SYSTEM_RO = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
-DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+DEVICES = ("null", "zero", "full", "random", "urandom")  # no tty: see _init
 GPU_DEVICES = ("/dev/nvidia*", "/dev/nvidia-caps", "/dev/dri")
 PRIVATE_TMP = ("/tmp", "/var/tmp")  # and /dev/shm, on the new /dev
 PROC_READONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")  # the machine's, not the namespace's
@@ -294,20 +298,31 @@ def build_root(root: str, ro: list[str], rw: list[str], cwd: str = "/") -> None:
     _pivot(root)
 
 
-def _init(cmd: list[str], root: str, ro: list[str], rw: list[str], hide: list[str], cwd: str) -> int:
-    """PID 1 of the new namespaces: build the view, start ``cmd``, wait for it."""
+def _init(cmd: list[str], root: str, ro: list[str], rw: list[str], hide: list[str], cwd: str, errors: int) -> int:
+    """PID 1 of the new namespaces: build the view, start ``cmd``, wait for it. ``errors``:
+    the pipe a failure to build goes back on, closed before the command starts (which
+    could otherwise write its own "error" there through ``/proc/1/fd``)."""
     libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the namespace ends with the process outside it
+    os.setpgid(0, 0)  # out of the caller's process group: its Ctrl-C comes once, from the outer process
     build_root(root, ro, rw, cwd)
     seen = [p for p in hide if os.path.lexists(p)]
     if seen:
         raise SandboxError(f"{seen[0]} is visible inside the sandbox (it lies under a folder given to it); "
                            "move it out of the folders the sandbox binds")
+    os.close(errors)
     child = os.fork()
     if child == 0:  # pragma: no cover - the command's process
         try:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, signal.SIG_DFL)
             libc().prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            # A session of its own, no terminal: a process that shares the caller's terminal
+            # could push keystrokes into the shell that started the harness (TIOCSTI). Ctrl-C
+            # therefore reaches it through the two processes above it, which pass it on.
+            os.setsid()
+            null = os.open("/dev/null", os.O_RDONLY)
+            os.dup2(null, 0)
+            os.close(null)
             lock_mounts()
             os.chdir(cwd if os.path.isdir(cwd) else "/")
             os.execvp(cmd[0], cmd)
@@ -315,8 +330,10 @@ def _init(cmd: list[str], root: str, ro: list[str], rw: list[str], hide: list[st
             print(f"sandbox: error: {cmd[0]}: {e.strerror}", file=sys.stderr, flush=True)
         except SandboxError as e:
             print(f"sandbox: error: {e}", file=sys.stderr, flush=True)
-        os._exit(127)
-    signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(child, signal.SIGTERM))
+        finally:  # a forked copy never returns into its parent's code, whatever was raised
+            os._exit(127)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: os.kill(child, signum))
     while True:  # reap every orphan the namespace hands to PID 1, until the command ends
         try:
             pid, status = os.wait()
@@ -372,21 +389,22 @@ def run(cmd: list[str], ro: list[str], rw: list[str], hide: list[str]) -> int:
 
 def _run(cmd: list[str], root: str, ro: list[str], rw: list[str], hide: list[str], cwd: str) -> int:
     _enter_namespaces()
-    # Ctrl-C reaches the whole process group, the command included: it handles it, and
-    # the two processes around it wait for its code. A SIGTERM is passed on.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     r, w = os.pipe()  # PID 1's one-line error, if it cannot build the sandbox
     init = os.fork()
     if init == 0:  # pragma: no cover - runs as PID 1 of the new PID namespace
         os.close(r)
+        code = 2
         try:
-            code = _init(cmd, root, ro, rw, hide, cwd)
+            code = _init(cmd, root, ro, rw, hide, cwd, w)
         except (SandboxError, OSError) as e:
             os.write(w, str(e).encode()[:4000])
-            code = 2
-        os._exit(code)
+        finally:  # a forked copy never returns into its parent's code (a Ctrl-C while it builds)
+            os._exit(code)
     os.close(w)
-    signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(init, signal.SIGTERM))
+    # Ctrl-C (the process group's) and SIGTERM go on to PID 1, which passes them to the
+    # command, in a session of its own; the two wait for its code
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: os.kill(init, signum))
     _, status = os.waitpid(init, 0)
     why = os.read(r, 4096).decode(errors="replace")
     if why:

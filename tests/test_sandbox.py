@@ -6,6 +6,7 @@ with the probe's reason (the harness's and the loop's refusal is tested everywhe
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -150,6 +151,35 @@ def test_a_sigterm_reaches_the_command_and_the_namespace_ends_with_it(tmp_path):
     assert not any(tag in cmdline for cmdline in _cmdlines())
 
 
+@needs_sandbox
+def test_the_command_has_no_terminal_and_gets_ctrl_c_once_through_the_sandbox(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    code = f"""
+        import os, signal, sys, time
+        got = []
+        signal.signal(signal.SIGINT, lambda *a: got.append(1))
+        facts = [os.getsid(0) == os.getpid(), os.readlink("/proc/self/fd/0"), os.path.exists("/dev/tty")]
+        print(*facts, flush=True)
+        deadline = time.monotonic() + 60
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)  # a second copy would arrive meanwhile
+        open({str(out / "count")!r}, "w").write(str(len(got)))
+    """
+    # the caller's Ctrl-C: to its whole process group, here the sandbox's outer process
+    proc = subprocess.Popen(sandbox.command([sys.executable, "-c", textwrap.dedent(code)], rw=[out]),
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
+    try:
+        # a session leader of its own: a terminal it shared would take its keystrokes (TIOCSTI)
+        assert proc.stdout.readline().split() == ["True", "/dev/null", "False"]
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    assert (out / "count").read_text() == "1"
+
+
 def _cmdlines() -> list[str]:
     lines = []
     for pid in os.listdir("/proc"):
@@ -208,8 +238,9 @@ def test_a_subset_cache_holds_its_rows_under_the_same_fingerprint(small_cache, t
 
 def spy_recipe(tmp_path: Path, cache: Path) -> Path:
     """The template with a ``build_model`` that says on stderr whether the cache is readable
-    from its process: code the recipe check refuses, run here by bypassing the check, as
-    an evasion of it would."""
+    from its process, and when the process built its model and when it ended (wall clock):
+    code the recipe check refuses, run here by bypassing the check, as an evasion of it
+    would."""
     text = TEMPLATE.read_text().replace('    "model": {},', "    " + SMALL_MODEL, 1)
     text += textwrap.dedent(f"""
 
@@ -217,9 +248,11 @@ def spy_recipe(tmp_path: Path, cache: Path) -> Path:
 
 
         def build_model(spec):
-            import os, sys
+            import atexit, os, sys, time
             print(f"spy: cache readable: {{os.access({str(cache / 'annotations.safetensors')!r}, os.R_OK)}}",
                   file=sys.stderr, flush=True)
+            print(f"spy-time: {{time.time()}} start", file=sys.stderr, flush=True)
+            atexit.register(lambda: print(f"spy-time: {{time.time()}} end", file=sys.stderr, flush=True))
             return _spied(spec)
     """)
     path = tmp_path / "recipe.py"
@@ -240,6 +273,9 @@ def test_isolated_recipe_processes_cannot_read_the_cache(small_cache, tmp_path, 
     said = [line for line in err.splitlines() if line.startswith("spy: ")]
     # training, the images, the captions and the batch check: four processes built the model
     assert said == [f"spy: cache readable: {not isolate}"] * 4, err[-3000:]
+    if isolate:  # the encoders one at a time: processes that overlap can talk (a lock, the load)
+        stamps = sorted((float(t), what) for t, what in re.findall(r"^spy-time: ([\d.]+) (start|end)$", err, re.M))
+        assert [what for _, what in stamps] == ["start", "end"] * 4, stamps
     r = json.loads((out / "result.json").read_text())
     assert r["status"] == "ok" and r["isolated"] is isolate and r["val_mean_rank"] >= 1
     # no copy of the training split, no encoder's folder or log left behind
