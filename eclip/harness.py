@@ -33,7 +33,10 @@ The harness itself never imports the recipe: it puts the embeddings back in plac
 them against the cache's own pairs and writes the metrics into ``result.json``
 (``ranked_by: harness``). Whatever a recipe changes in its own processes (an operator, a
 module, a class, a frame it walks), it finds no evaluation data in them to exploit, and the
-ranking does not run there. Training outside the clock is refused too: the last step may end
+ranking does not run there. Training outside the clock is refused too: the harness times
+the training process itself from a line it prints before importing the recipe to its end
+(``recipe_wall_s``; at most ``RECIPE_WALL_FACTOR`` times the budget plus
+``RECIPE_WALL_SLACK_S``, a figure the recipe's code cannot misreport); the last step may end
 ``OVERRUN_GRACE_S`` after the budget, the recipe's code after it (``after_s``, timed by the
 loop, the checkpoint's file writes aside) gets ``AFTER_GRACE_S``, and each encoding process
 ``EVAL_GRACE_S`` from the end of its start-up plus an allowance for the number of items; a
@@ -92,6 +95,11 @@ WALL_FACTOR = 3.0  # on the CPU, where the encoders' limit is on CPU time: the w
 # would train past the budget, so the overrun is capped at this (or OVERRUN_SHARE of it).
 OVERRUN_GRACE_S = 5.0
 OVERRUN_SHARE = 0.05
+# The harness's own bound on the training process, from the recipe's import to the process's
+# end (check_wall): loose, since the data's placement on the device and the checkpoint's
+# writing run in that span off the clock, and their time on a GPU was never measured.
+RECIPE_WALL_FACTOR = 2.0
+RECIPE_WALL_SLACK_S = 120.0
 
 
 def limit_address_space(gigabytes: float) -> None:
@@ -202,7 +210,7 @@ def run(args) -> int:
             env = dict(env or os.environ, TRITON_CACHE_DIR=str(args.compile_cache / "triton"))
     cmd = [sys.executable, "-m", "eclip.train", "--data", str(data), "--out", str(args.out),
            "--recipe", str(args.recipe), "--budget-s", str(args.budget_s), "--seed", str(args.seed),
-           "--device", args.device, "--train-only"]
+           "--device", args.device, "--train-only", "--signal-ready"]
     if args.compile_cache is not None:
         cmd += ["--compile-cache", str(args.compile_cache)]
     if args.final:
@@ -213,7 +221,9 @@ def run(args) -> int:
         writable = [args.out] if args.compile_cache is None else [args.out, args.compile_cache]
         cmd = sandbox.command(cmd, ro=[args.recipe, data], rw=writable, hide=[args.data])
     try:
-        rc = child(cmd, capped, env=env)
+        from eclip.train import READY
+
+        rc, recipe_wall_s = child(cmd, capped, env=env, ready=READY)
     finally:
         if data != args.data:  # a copy of the training split: the checkpoint is what stays
             shutil.rmtree(data, ignore_errors=True)
@@ -241,9 +251,11 @@ def run(args) -> int:
         return exit_code(rc or 1)
     # from here on the harness writes the result: "ranked_by: caller" never outlives it
     result["isolated"] = bool(args.isolate)  # whether the recipe's processes could read the cache
+    result["recipe_wall_s"] = recipe_wall_s  # measured here: from the recipe's import to the process's end
     if result.get("status") == "ok":
         t_eval = time.perf_counter()
         try:
+            check_wall(recipe_wall_s, args.budget_s)
             check_after(result, args.budget_s, threads)
             # eval_s: the encoding processes and the ranking, start-up included (not in the budget)
             result = dict(evaluate(result, args, capped, threads), eval_s=time.perf_counter() - t_eval)
@@ -350,6 +362,22 @@ def clear_part(out: Path, part: str) -> None:
     remove(part_files(out, part)[2])
 
 
+def check_wall(recipe_wall_s: float | None, budget_s: float) -> None:
+    """Refuse a run whose training process, timed by the harness from the line it prints
+    before importing the recipe to its end, ran far past its budget. The figures
+    ``check_after`` reads come from that process, where the recipe's code runs and could
+    misreport them; this one does not. It is loose (``RECIPE_WALL_FACTOR`` times the budget
+    plus ``RECIPE_WALL_SLACK_S``): the data's placement, the checkpoint's writing and the
+    interpreter's exit also run after the recipe's import, off the clock."""
+    if recipe_wall_s is None:
+        raise EclipError("the training process did not say when the recipe's import began (no ready line)")
+    limit = RECIPE_WALL_FACTOR * budget_s + RECIPE_WALL_SLACK_S
+    if recipe_wall_s > limit:
+        raise EclipError(f"the training process ran {recipe_wall_s:.0f} s from the recipe's import to its end, on a "
+                         f"budget of {budget_s:g} s (at most {limit:.0f} s, timed by the harness); work outside "
+                         "train_step is not training time")
+
+
 def check_after(result: dict, budget_s: float, threads: int | None = None) -> None:
     """Refuse a run whose recipe code kept running after its budget: a last step that ended
     long after it (``train_s``), or code after the last step (``after_s``, timed by the
@@ -392,12 +420,24 @@ def hide_gpu(env: dict) -> dict:
     return dict(env, CUDA_VISIBLE_DEVICES="")
 
 
-def child(cmd: list[str], preexec, env: dict | None = None) -> int:
-    """Run one child to its end. Ctrl-C reaches it too (same process group): it finishes
-    its step, saves and writes an interrupted result; the harness waits for that instead
-    of dying first. A SIGTERM sent to the harness is passed on to the child, which takes it
-    as a Ctrl-C (and ignores a repeat: a SIGTERM to the whole group reaches it twice)."""
+def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = None):
+    """Run one child to its end; its exit code. Ctrl-C reaches it too (same process group):
+    it finishes its step, saves and writes an interrupted result; the harness waits for that
+    instead of dying first. A SIGTERM sent to the harness is passed on to the child, which
+    takes it as a Ctrl-C (and ignores a repeat: a SIGTERM to the whole group reaches it
+    twice). With ``ready`` (a line the child prints on stdout), ``(exit code, seconds from
+    the first such line to the child's end)`` instead, None for the seconds when it never
+    printed one; its other lines are passed on."""
     procs: list[subprocess.Popen] = []
+    seen: list[float] = []
+
+    def watch(stream) -> None:
+        for line in stream:
+            if not seen and line.rstrip("\n") == ready:
+                seen.append(time.monotonic())
+            else:
+                sys.stdout.write(line)
+                sys.stdout.flush()
     pending: list[int] = []  # a SIGTERM that came before the child existed
 
     def forward(signum, frame) -> None:
@@ -409,10 +449,18 @@ def child(cmd: list[str], preexec, env: dict | None = None) -> int:
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     term = signal.signal(signal.SIGTERM, forward)
     try:
-        procs.append(subprocess.Popen(cmd, preexec_fn=child_setup(preexec), env=env))
+        procs.append(subprocess.Popen(cmd, preexec_fn=child_setup(preexec), env=env, text=True,
+                                      stdout=subprocess.PIPE if ready else None))
         if pending:
             procs[0].send_signal(signal.SIGTERM)
-        return procs[0].wait()
+        if not ready:
+            return procs[0].wait()
+        reader = threading.Thread(target=watch, args=(procs[0].stdout,), daemon=True)
+        reader.start()
+        rc = procs[0].wait()
+        end = time.monotonic()
+        reader.join(timeout=5)  # a grandchild still holding the pipe does not hold the harness
+        return rc, (end - seen[0] if seen else None)
     finally:
         signal.signal(signal.SIGTERM, term)
         signal.signal(signal.SIGINT, previous)

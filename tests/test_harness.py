@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from eclip.errors import EclipError
 from eclip.harness import scrub_environment
 from eclip.train import TEMPLATE
 
@@ -531,11 +532,11 @@ def _fake_training(monkeypatch, h, result=None, rc=0):
     calls = []
     monkeypatch.setattr(os, "environ", dict(os.environ))  # the harness scrubs a copy, not this process's
 
-    def child(cmd, preexec, env=None):
+    def child(cmd, preexec, env=None, ready=None):
         calls.append({"cmd": cmd, "preexec": preexec, "env": dict(os.environ if env is None else env)})
         if result is not None:
             (Path(cmd[cmd.index("--out") + 1]) / "result.json").write_text(json.dumps(result))
-        return rc
+        return (rc, 1.0) if ready else rc
 
     monkeypatch.setattr(h, "child", child)
     return calls
@@ -596,9 +597,9 @@ def test_a_damaged_training_result_is_a_crash_not_a_traceback(tmp_path, monkeypa
     # with a reason, and the caller's loop goes on
     from eclip import harness as h
 
-    def child(cmd, preexec, env=None):
+    def child(cmd, preexec, env=None, ready=None):
         (Path(cmd[cmd.index("--out") + 1]) / "result.json").write_bytes(damage)
-        return 1
+        return (1, 1.0) if ready else 1
 
     monkeypatch.setattr(h, "child", child)
     out = tmp_path / "run"
@@ -686,3 +687,40 @@ def test_the_evaluation_runs_capped_in_pairs_within_its_share_of_the_budget(cach
     assert seen["limit"] == h.EVAL_GRACE_S + min(2 * items / r["samples_per_s"], h.EVAL_SHARE * 2)
     assert seen["threads"] == h.torch_threads("cpu")
     assert _address_space_under(seen["preexec"]) == _cap(6)  # the encoders are capped as the training is
+
+
+def test_child_times_the_process_from_its_ready_line_and_passes_the_rest_on(capfd):
+    from eclip import harness as h
+
+    code = ("import time; print('before', flush=True); print('train: ready', flush=True); time.sleep(0.3); "
+            "print('train: ready', flush=True); print('after', flush=True)")  # a second ready line is output
+    rc, seconds = h.child([sys.executable, "-c", code], None, ready="train: ready")
+    assert rc == 0 and 0.3 <= seconds < 30
+    assert capfd.readouterr().out.splitlines() == ["before", "train: ready", "after"]
+    assert h.child([sys.executable, "-c", "raise SystemExit(3)"], None, ready="train: ready") == (3, None)
+    with pytest.raises(EclipError, match=r"^the training process did not say when the recipe's import began"):
+        h.check_wall(None, 10.0)
+
+
+def test_work_after_the_clock_that_the_run_does_not_report_is_timed_by_the_harness(cache, tmp_path, monkeypatch,
+                                                                                  capsys):
+    # an exit hook that works on after the budget: code past the recipe check could also
+    # misreport the figures the training process writes; the harness's own clock sees it
+    from eclip import harness as h
+
+    monkeypatch.setattr(h, "check_file", lambda path: [])  # as an evasion of the check would
+    monkeypatch.setattr(h, "RECIPE_WALL_SLACK_S", 10.0)  # the budget twice, plus 10 s
+    monkeypatch.chdir(ROOT)
+    slow = recipe(tmp_path, extra="\n\nimport atexit as _a, time as _t\n_a.register(lambda: _t.sleep(20))\n")
+    out = tmp_path / "run"
+    argv = ["run", "--recipe", str(slow), "--data", str(cache), "--budget-s", "1", "--out", str(out), "--device", "cpu"]
+    assert h.main(argv) == 1
+    r = json.loads((out / "result.json").read_text())
+    assert r["status"] == "error" and r["val_mean_rank"] is None and r["recipe_wall_s"] > 20
+    assert re.fullmatch(r"the training process ran \d+ s from the recipe's import to its end, on a budget of 1 s "
+                        r"\(at most 12 s, timed by the harness\); work outside train_step is not training time",
+                        r["reason"]), r["reason"]
+    # the same recipe without the hook: within the bound, and the figure is reported
+    assert h.main(["run", "--recipe", str(recipe(tmp_path)), *argv[3:]]) == 0
+    r = json.loads((out / "result.json").read_text())
+    assert r["status"] == "ok" and 1 <= r["recipe_wall_s"] <= 12
