@@ -145,8 +145,8 @@ def harness_smoke(budget_s: float, dry: bool = False, isolate: bool = False) -> 
     gaps = "/".join(f"{gap[k]:.1e}" if k in gap else "none" for k in ("images", "texts"))
     print(f"harness_status: {r.get('status')}  val_mean_rank: {fmt('val_mean_rank')} (random 127.5)  "
           f"steps: {r.get('steps')}  warmup_s: {fmt('warmup_s')}  train_s: {fmt('train_s')}  "
-          f"after_s: {fmt('after_s')}  eval_s: {fmt('eval_s')}  batch_gap: {gaps}  isolated: {r.get('isolated')}  "
-          f"wall_s: {wall:.1f}  "
+          f"after_s: {fmt('after_s')}  eval_s: {fmt('eval_s')}  batch_gap: {gaps}  "
+          f"recipe_wall_s: {fmt('recipe_wall_s')}  isolated: {r.get('isolated')}  wall_s: {wall:.1f}  "
           f"{'OK' if ok else 'FAILED'}", flush=True)
     if r.get("reason"):
         print(f"harness_reason: {r['reason']}", flush=True)

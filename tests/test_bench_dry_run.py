@@ -470,7 +470,8 @@ def _harness(monkeypatch, result, returncode=0, stderr="", timeout=False):
 
 
 GOOD = {"status": "ok", "ranked_by": "harness", "val_mean_rank": 12.34, "steps": 40, "warmup_s": 1.0,
-        "train_s": 45.0, "after_s": 2.0, "eval_s": 3.0, "batch_gap": {"images": 2e-6}, "isolated": False}
+        "train_s": 45.0, "after_s": 2.0, "eval_s": 3.0, "batch_gap": {"images": 2e-6}, "isolated": False,
+        "recipe_wall_s": 51.0}
 
 
 @pytest.mark.parametrize("result,returncode,ok", [
@@ -485,7 +486,8 @@ def test_harness_smoke_passes_only_an_ok_run_ranked_by_the_harness(monkeypatch, 
     out = capsys.readouterr().out
     first = out.splitlines()[0]
     assert first.startswith(f"harness_status: {result['status']}  val_mean_rank: 12.3 (random 127.5)  steps: 40  ")
-    assert "batch_gap: 2.0e-06/none" in first and first.endswith("OK" if ok else "FAILED")
+    assert "batch_gap: 2.0e-06/none  recipe_wall_s: 51.0  isolated: False" in first
+    assert first.endswith("OK" if ok else "FAILED")
     assert ("harness_reason: over the budget" in out) == ("reason" in result)
     assert ("harness: error: the last line" in out) is not ok  # a failure shows the harness's stderr
 
