@@ -344,6 +344,11 @@ def test_on_the_cpu_the_encoders_limit_is_on_compute(tmp_path, monkeypatch, caps
     from eclip.errors import EclipError
 
     pin = lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # noqa: E731  one core for all
+    if "wall time" not in (message or ""):
+        # the cases on compute: the other cases may run beside this one, on the same pinned
+        # core (a parallel test worker), and three spinning processes there reach the 6 s
+        # wall backstop before 2 CPU-s; the backstop has a case of its own
+        monkeypatch.setattr(h, "WALL_FACTOR", 10.0)
     spin = [sys.executable, "-c", "while True: pass"]
     hogs = [subprocess.Popen(spin, preexec_fn=pin) for _ in range(1 if contended else 0)]
     try:
