@@ -74,7 +74,7 @@ from pathlib import Path
 from eclip.errors import EclipError, OneLineParser, seed_value
 from eclip.loop import write_json
 from eclip.policy import check_file
-from eclip.process import die_with_parent, exit_main, scrub_environment, sigterm_as_ctrl_c
+from eclip.process import die_with_parent, exit_main, prctl, scrub_environment, sigterm_as_ctrl_c
 from eclip.scoring import score
 
 # one eclip.encode process each: the scored split's images; its captions (none sees both
@@ -448,22 +448,74 @@ def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = 
 
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     term = signal.signal(signal.SIGTERM, forward)
+    # A process the child leaves behind (forked, in a session of its own) would work on
+    # after the harness stopped timing it, and could rewrite the checkpoint before the
+    # encoders read it: orphans of the child come to this process (a subreaper), which
+    # kills them as soon as the child has ended.
+    others = own_children()
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
     try:
         procs.append(subprocess.Popen(cmd, preexec_fn=child_setup(preexec), env=env, text=True,
                                       stdout=subprocess.PIPE if ready else None))
         if pending:
             procs[0].send_signal(signal.SIGTERM)
         if not ready:
-            return procs[0].wait()
+            rc = procs[0].wait()
+            kill_strays(others)
+            return rc
         reader = threading.Thread(target=watch, args=(procs[0].stdout,), daemon=True)
         reader.start()
         rc = procs[0].wait()
+        kill_strays(others)
         end = time.monotonic()
         reader.join(timeout=5)  # a grandchild still holding the pipe does not hold the harness
         return rc, (end - seen[0] if seen else None)
     finally:
+        if not procs or procs[0].poll() is not None:  # never the child itself, while it runs
+            kill_strays(others)
+        prctl(PR_SET_CHILD_SUBREAPER, 0)
         signal.signal(signal.SIGTERM, term)
         signal.signal(signal.SIGINT, previous)
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def own_children() -> set[int]:
+    """The processes whose parent is this one (Linux; elsewhere none found)."""
+    me, found = os.getpid(), set()
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            if int(Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[1]) == me:
+                found.add(int(name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def kill_strays(others: set[int]) -> None:
+    """Kill and reap every child of this process but ``others`` (those it had before):
+    orphans a training process left, handed to this subreaper; again until none is left,
+    since each one killed hands its own children over in turn."""
+    while strays := own_children() - others:
+        for pid in strays:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for pid in strays:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:  # reaped elsewhere, or not ours after all
+                others.add(pid)
+            except OSError:
+                pass
 
 
 def cpu_seconds(pid: int) -> float | None:

@@ -729,3 +729,34 @@ def test_work_after_the_clock_that_the_run_does_not_report_is_timed_by_the_harne
     assert h.main(["run", "--recipe", str(recipe(tmp_path)), *argv[3:]]) == 0
     r = json.loads((out / "result.json").read_text())
     assert r["status"] == "ok" and 1 <= r["recipe_wall_s"] <= 12
+
+
+def test_a_process_the_training_child_leaves_behind_is_killed_when_it_ends(tmp_path):
+    # a fork in a session of its own would work on after the harness stopped timing the
+    # child (and could rewrite the checkpoint before the encoders read it)
+    import os
+    import time
+
+    from eclip import harness as h
+
+    marker, pidfile = tmp_path / "marker", tmp_path / "pid"
+    code = ("import os, sys, time\n"
+            "print('train: ready', flush=True)\n"
+            "if os.fork() == 0:\n"
+            "    os.setsid()\n"
+            "    if os.fork() == 0:\n"
+            "        [os.close(fd) for fd in (0, 1, 2)]\n"
+            f"        open({str(pidfile)!r}, 'w').write(str(os.getpid()))\n"
+            "        time.sleep(1.5)\n"
+            f"        open({str(marker)!r}, 'w').write('still here')\n"
+            "        os._exit(0)\n"
+            "    os._exit(0)\n"
+            "os.wait()\n"
+            "while not os.path.exists(" + repr(str(pidfile)) + "): time.sleep(0.01)\n")
+    rc, seconds = h.child([sys.executable, "-c", code], None, ready="train: ready")
+    assert rc == 0 and seconds is not None
+    time.sleep(2.5)
+    assert not marker.exists()  # killed when the child ended, not left to work on
+    pid = int(pidfile.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
