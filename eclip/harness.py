@@ -35,8 +35,8 @@ them against the cache's own pairs and writes the metrics into ``result.json``
 module, a class, a frame it walks), it finds no evaluation data in them to exploit, and the
 ranking does not run there. Training outside the clock is refused too: the harness times
 the training process itself from a line it prints before importing the recipe to its end
-(``recipe_wall_s``; at most ``RECIPE_WALL_FACTOR`` times the budget plus
-``RECIPE_WALL_SLACK_S``, a figure the recipe's code cannot misreport); the last step may end
+(``recipe_wall_s``, a figure the recipe's code cannot misreport; at most the budget, the
+grace below and ``RECIPE_WALL_SLACK_S``, plus time to move the data and the checkpoint); the last step may end
 ``OVERRUN_GRACE_S`` after the budget, the recipe's code after it (``after_s``, timed by the
 loop, the checkpoint's file writes aside) gets ``AFTER_GRACE_S``, and each encoding process
 ``EVAL_GRACE_S`` from the end of its start-up plus an allowance for the number of items; a
@@ -96,10 +96,11 @@ WALL_FACTOR = 3.0  # on the CPU, where the encoders' limit is on CPU time: the w
 OVERRUN_GRACE_S = 5.0
 OVERRUN_SHARE = 0.05
 # The harness's own bound on the training process, from the recipe's import to the process's
-# end (check_wall): loose, since the data's placement on the device and the checkpoint's
-# writing run in that span off the clock, and their time on a GPU was never measured.
-RECIPE_WALL_FACTOR = 2.0
-RECIPE_WALL_SLACK_S = 120.0
+# end (check_wall, wall_limit): the data's placement on the device, the checkpoint's writing,
+# the device's start-up and the interpreter's exit run in that span off the clock. Their
+# time on a GPU has not been measured (the harness smoke of bench/gpu_check.sh prints it).
+RECIPE_WALL_SLACK_S = 30.0
+IO_BYTES_PER_S = 100e6  # placing the training images, writing the checkpoint: slow disks included
 
 
 def limit_address_space(gigabytes: float) -> None:
@@ -223,6 +224,7 @@ def run(args) -> int:
     try:
         from eclip.train import READY
 
+        placed = file_bytes(data / "images.safetensors")  # before an isolated run's copy goes
         rc, recipe_wall_s = child(cmd, capped, env=env, ready=READY)
     finally:
         if data != args.data:  # a copy of the training split: the checkpoint is what stays
@@ -255,7 +257,7 @@ def run(args) -> int:
     if result.get("status") == "ok":
         t_eval = time.perf_counter()
         try:
-            check_wall(recipe_wall_s, args.budget_s)
+            check_wall(recipe_wall_s, args.budget_s, placed + file_bytes(args.out / "checkpoint.safetensors"))
             check_after(result, args.budget_s, threads)
             # eval_s: the encoding processes and the ranking, start-up included (not in the budget)
             result = dict(evaluate(result, args, capped, threads), eval_s=time.perf_counter() - t_eval)
@@ -362,16 +364,38 @@ def clear_part(out: Path, part: str) -> None:
     remove(part_files(out, part)[2])
 
 
-def check_wall(recipe_wall_s: float | None, budget_s: float) -> None:
+def file_bytes(*paths: Path) -> int:
+    """The sizes of ``paths`` added up (a missing one: 0): for ``wall_limit``, the training
+    images a process was given (the whole cache's without ``--isolate``) and the checkpoint
+    it wrote, which it places and writes off the clock."""
+    total = 0
+    for path in paths:
+        try:
+            total += os.lstat(path).st_size
+        except OSError:
+            pass
+    return total
+
+
+def wall_limit(budget_s: float, io_bytes: int = 0) -> float:
+    """The most a training process may take from the recipe's import to its end: the budget,
+    the last step's overrun, the code after it, ``RECIPE_WALL_SLACK_S`` for the device's
+    start-up and the process's exit, and the data's placement and the checkpoint's writing
+    at ``IO_BYTES_PER_S`` (``io_bytes``: their sizes)."""
+    overrun = max(OVERRUN_GRACE_S, OVERRUN_SHARE * budget_s)
+    return budget_s + overrun + AFTER_GRACE_S + RECIPE_WALL_SLACK_S + io_bytes / IO_BYTES_PER_S
+
+
+def check_wall(recipe_wall_s: float | None, budget_s: float, io_bytes: int = 0) -> None:
     """Refuse a run whose training process, timed by the harness from the line it prints
-    before importing the recipe to its end, ran far past its budget. The figures
+    before importing the recipe to its end, ran past ``wall_limit``. The figures
     ``check_after`` reads come from that process, where the recipe's code runs and could
-    misreport them; this one does not. It is loose (``RECIPE_WALL_FACTOR`` times the budget
-    plus ``RECIPE_WALL_SLACK_S``): the data's placement, the checkpoint's writing and the
-    interpreter's exit also run after the recipe's import, off the clock."""
+    misreport them (a review slowed the loop's clock 25-fold: 75 s of training reported as
+    3); this one it cannot. The slack covers work off the clock after the recipe's import,
+    so a recipe may still hide up to that much."""
     if recipe_wall_s is None:
         raise EclipError("the training process did not say when the recipe's import began (no ready line)")
-    limit = RECIPE_WALL_FACTOR * budget_s + RECIPE_WALL_SLACK_S
+    limit = wall_limit(budget_s, io_bytes)
     if recipe_wall_s > limit:
         raise EclipError(f"the training process ran {recipe_wall_s:.0f} s from the recipe's import to its end, on a "
                          f"budget of {budget_s:g} s (at most {limit:.0f} s, timed by the harness); work outside "
