@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 from pathlib import Path
 
 from eclip.errors import EclipError, first_line
@@ -73,3 +74,52 @@ def read_tensors(path: Path, hint: str = "", prefix: str | None = None) -> dict:
     except (SafetensorError, OSError) as e:
         reason = first_line(e)
         raise EclipError(f"{path}: unreadable ({reason}){'; ' + hint if hint else ''}") from None
+
+
+def read_regular(path: Path) -> bytes:
+    """The bytes of ``path`` if it is a regular file, not a link (OSError otherwise): a
+    recipe's process may leave a FIFO (a read that never ends), a device or a link to one
+    where the harness reads."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path}: not a regular file")
+        with open(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def check_regular(path: Path, what: str) -> None:
+    """EclipError unless ``path`` is missing or a regular file (not a link, FIFO, folder)."""
+    import stat
+
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        raise EclipError(f"{path}: {what} is not a regular file (a recipe's process left something else there)")
+
+
+def remove(path: Path) -> None:
+    """Remove ``path`` whatever it is, a link itself and never what it points to."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def file_bytes(*paths: Path) -> int:
+    """The sizes of ``paths`` added up (a missing one: 0): for ``wall_limit``, the training
+    images a process was given (the whole cache's without ``--isolate``) and the checkpoint
+    it wrote, which it places and writes off the clock."""
+    total = 0
+    for path in paths:
+        try:
+            total += os.lstat(path).st_size
+        except OSError:
+            pass
+    return total

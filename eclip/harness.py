@@ -72,9 +72,20 @@ import time
 from pathlib import Path
 
 from eclip.errors import EclipError, OneLineParser, seed_value
+from eclip.fileio import check_regular, file_bytes, read_regular, remove
 from eclip.loop import write_json
 from eclip.policy import check_file
-from eclip.process import die_with_parent, exit_main, prctl, scrub_environment, sigterm_as_ctrl_c
+from eclip.process import (
+    PR_SET_CHILD_SUBREAPER,
+    cpu_seconds,
+    die_with_parent,
+    exit_main,
+    kill_strays,
+    own_children,
+    prctl,
+    scrub_environment,
+    sigterm_as_ctrl_c,
+)
 from eclip.scoring import score
 
 # one eclip.encode process each: the scored split's images; its captions (none sees both
@@ -320,61 +331,12 @@ def part_files(out: Path, part: str) -> tuple[Path, Path, Path]:
 SCORED = ("val_mean_rank", "test_mean_rank", "metrics", "batch_gap")
 
 
-def read_regular(path: Path) -> bytes:
-    """The bytes of ``path`` if it is a regular file, not a link (OSError otherwise): a
-    recipe's process may leave a FIFO (a read that never ends), a device or a link to one
-    where the harness reads."""
-    import stat
-
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{path}: not a regular file")
-        with open(fd, "rb", closefd=False) as f:
-            return f.read()
-    finally:
-        os.close(fd)
-
-
-def check_regular(path: Path, what: str) -> None:
-    """EclipError unless ``path`` is missing or a regular file (not a link, FIFO, folder)."""
-    import stat
-
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISREG(mode):
-        raise EclipError(f"{path}: {what} is not a regular file (a recipe's process left something else there)")
-
-
-def remove(path: Path) -> None:
-    """Remove ``path`` whatever it is, a link itself and never what it points to."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
 def clear_part(out: Path, part: str) -> None:
     """Remove one encoding process's folder and log (secretly ordered, useless once ranked).
     Also what the training process may have left under those names: a link there would
     have the harness write the split's inputs, or a log, where the recipe chose."""
     remove(part_dir(out, part))
     remove(part_files(out, part)[2])
-
-
-def file_bytes(*paths: Path) -> int:
-    """The sizes of ``paths`` added up (a missing one: 0): for ``wall_limit``, the training
-    images a process was given (the whole cache's without ``--isolate``) and the checkpoint
-    it wrote, which it places and writes off the clock."""
-    total = 0
-    for path in paths:
-        try:
-            total += os.lstat(path).st_size
-        except OSError:
-            pass
-    return total
 
 
 def wall_limit(budget_s: float, io_bytes: int = 0) -> float:
@@ -500,72 +462,6 @@ def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = 
         prctl(PR_SET_CHILD_SUBREAPER, 0)
         signal.signal(signal.SIGTERM, term)
         signal.signal(signal.SIGINT, previous)
-
-
-PR_SET_CHILD_SUBREAPER = 36
-
-
-def own_children() -> set[int]:
-    """The processes whose parent is this one (Linux; elsewhere none found)."""
-    me, found = os.getpid(), set()
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return found
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            if int(Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[1]) == me:
-                found.add(int(name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return found
-
-
-def kill_strays(others: set[int]) -> None:
-    """Kill and reap every child of this process but ``others`` (those it had before):
-    orphans a training process left, handed to this subreaper; again until none is left,
-    since each one killed hands its own children over in turn."""
-    while strays := own_children() - others:
-        for pid in strays:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        for pid in strays:
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:  # reaped elsewhere, or not ours after all
-                others.add(pid)
-            except OSError:
-                pass
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User plus system CPU time of process ``pid`` and of the processes under it, all their
-    threads, the children they have reaped included (Linux), else None. The tree, not the
-    one process: an isolated encoder runs two levels below the process the harness started
-    (``eclip.sandbox``), and work a process hands to a child of its own is its work too."""
-    total, todo, seen = 0, [pid], set()
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime, stime, cutime, cstime
-        except (OSError, IndexError, ValueError):
-            if p == pid:
-                return None
-            continue  # a child that ended meanwhile: its parent's cutime has it once reaped
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                todo += [int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split()]
-        except (OSError, ValueError):
-            pass
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def encode_parts(cmds: dict[str, list[str]], logs: dict[str, Path], limit_s: float, preexec,

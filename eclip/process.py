@@ -1,11 +1,14 @@
 """Process hygiene for the harness and the research loop: secrets kept from a recipe's
-environment, children that die with their parent, SIGTERM handled as Ctrl-C."""
+environment, children that die with their parent, SIGTERM handled as Ctrl-C, a process
+tree's CPU time, and the processes a child leaves behind (``kill_strays``)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import re
+import signal
+from pathlib import Path
 
 # TOKENIZERS_PARALLELISM (the tokenizers library's switch) is a setting, not a token
 SECRET = re.compile(r"(API_KEY|TOKEN(?!IZERS)|SECRET|PASSWORD|CREDENTIAL)", re.IGNORECASE)
@@ -74,3 +77,69 @@ def die_with_parent() -> None:  # pragma: no cover - runs in a child between for
     import signal
 
     prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User plus system CPU time of process ``pid`` and of the processes under it, all their
+    threads, the children they have reaped included (Linux), else None. The tree, not the
+    one process: an isolated encoder runs two levels below the process the harness started
+    (``eclip.sandbox``), and work a process hands to a child of its own is its work too."""
+    total, todo, seen = 0, [pid], set()
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime, stime, cutime, cstime
+        except (OSError, IndexError, ValueError):
+            if p == pid:
+                return None
+            continue  # a child that ended meanwhile: its parent's cutime has it once reaped
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                todo += [int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split()]
+        except (OSError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def own_children() -> set[int]:
+    """The processes whose parent is this one (Linux; elsewhere none found)."""
+    me, found = os.getpid(), set()
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return found
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            if int(Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[1]) == me:
+                found.add(int(name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def kill_strays(others: set[int]) -> None:
+    """Kill and reap every child of this process but ``others`` (those it had before):
+    orphans a training process left, handed to this subreaper; again until none is left,
+    since each one killed hands its own children over in turn."""
+    while strays := own_children() - others:
+        for pid in strays:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for pid in strays:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:  # reaped elsewhere, or not ours after all
+                others.add(pid)
+            except OSError:
+                pass
