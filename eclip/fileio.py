@@ -9,6 +9,7 @@ import contextlib
 import errno
 import os
 import shutil
+import stat
 from pathlib import Path
 
 from eclip.errors import EclipError, first_line
@@ -80,8 +81,6 @@ def read_regular(path: Path) -> bytes:
     """The bytes of ``path`` if it is a regular file, not a link (OSError otherwise): a
     recipe's process may leave a FIFO (a read that never ends), a device or a link to one
     where the harness reads."""
-    import stat
-
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -94,8 +93,6 @@ def read_regular(path: Path) -> bytes:
 
 def check_regular(path: Path, what: str) -> None:
     """EclipError unless ``path`` is missing or a regular file (not a link, FIFO, folder)."""
-    import stat
-
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:

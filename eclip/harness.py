@@ -71,6 +71,7 @@ import threading
 import time
 from pathlib import Path
 
+from eclip import sandbox
 from eclip.errors import EclipError, OneLineParser, seed_value
 from eclip.fileio import check_regular, file_bytes, read_regular, remove
 from eclip.loop import write_json
@@ -91,6 +92,8 @@ from eclip.scoring import score
 # one eclip.encode process each: the scored split's images; its captions (none sees both
 # sides of a pair); and fresh copies of a few of each, encoded in pairs (the batch check)
 PARTS = ("images", "texts", "batch_check")
+# what only the harness's ranking writes into a result: never taken from a child's result.json
+SCORED = ("val_mean_rank", "test_mean_rank", "metrics", "batch_gap")
 BATCH_PROBES = 16  # images, and as many captions, that the batch check encodes again
 # Work the recipe may do outside its budget. Encoding is cheap next to training (one
 # forward, no backward, over a split far smaller than the training data), so a run whose
@@ -193,8 +196,6 @@ def run(args) -> int:
         return 2
     scrub_environment()
     if args.isolate:
-        from eclip import sandbox
-
         why = sandbox.probe()
         if why is not None:
             print(f"harness: error: --isolate: cannot build the sandbox on this machine: {why}", file=sys.stderr)
@@ -228,8 +229,6 @@ def run(args) -> int:
     if args.final:
         cmd.append("--final")
     if args.isolate:
-        from eclip import sandbox
-
         writable = [args.out] if args.compile_cache is None else [args.out, args.compile_cache]
         cmd = sandbox.command(cmd, ro=[args.recipe, data], rw=writable, hide=[args.data])
     try:
@@ -327,10 +326,6 @@ def part_files(out: Path, part: str) -> tuple[Path, Path, Path]:
     return folder / "inputs.safetensors", folder / "emb.safetensors", out / f"eval_{part}.log"
 
 
-# what only the harness's ranking writes into a result: never taken from a child's result.json
-SCORED = ("val_mean_rank", "test_mean_rank", "metrics", "batch_gap")
-
-
 def clear_part(out: Path, part: str) -> None:
     """Remove one encoding process's folder and log (secretly ordered, useless once ranked).
     Also what the training process may have left under those names: a link there would
@@ -416,14 +411,6 @@ def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = 
     printed one; its other lines are passed on."""
     procs: list[subprocess.Popen] = []
     seen: list[float] = []
-
-    def watch(stream) -> None:
-        for line in stream:
-            if not seen and line.rstrip("\n") == ready:
-                seen.append(time.monotonic())
-            else:
-                sys.stdout.write(line)
-                sys.stdout.flush()
     pending: list[int] = []  # a SIGTERM that came before the child existed
 
     def forward(signum, frame) -> None:
@@ -440,28 +427,45 @@ def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = 
     # kills them as soon as the child has ended.
     others = own_children()
     prctl(PR_SET_CHILD_SUBREAPER, 1)
+    reader = None
     try:
         procs.append(subprocess.Popen(cmd, preexec_fn=child_setup(preexec), env=env, text=True,
                                       stdout=subprocess.PIPE if ready else None))
         if pending:
             procs[0].send_signal(signal.SIGTERM)
-        if not ready:
-            rc = procs[0].wait()
-            kill_strays(others)
-            return rc
-        reader = threading.Thread(target=watch, args=(procs[0].stdout,), daemon=True)
-        reader.start()
+        if ready:
+            reader = relay(procs[0].stdout, ready, lambda: seen.append(time.monotonic()))
         rc = procs[0].wait()
-        kill_strays(others)
         end = time.monotonic()
-        reader.join(timeout=5)  # a grandchild still holding the pipe does not hold the harness
-        return rc, (end - seen[0] if seen else None)
     finally:
         if not procs or procs[0].poll() is not None:  # never the child itself, while it runs
-            kill_strays(others)
+            kill_strays(others)  # before anything reads what the child wrote
         prctl(PR_SET_CHILD_SUBREAPER, 0)
         signal.signal(signal.SIGTERM, term)
         signal.signal(signal.SIGINT, previous)
+    if reader is None:
+        return rc
+    reader.join(timeout=5)  # a grandchild still holding the pipe does not hold the harness
+    return rc, (end - seen[0] if seen else None)
+
+
+def relay(stream, ready: str, on_ready) -> threading.Thread:
+    """A started thread that copies a child's stdout ``stream`` to this process's, but for
+    the first ``ready`` line, for which it calls ``on_ready()`` instead (a child's code may
+    print that line again later: it is passed on as output)."""
+    def copy() -> None:
+        said = False
+        for line in stream:
+            if not said and line.rstrip("\n") == ready:
+                said = True
+                on_ready()
+            else:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+
+    thread = threading.Thread(target=copy, daemon=True)
+    thread.start()
+    return thread
 
 
 def encode_parts(cmds: dict[str, list[str]], logs: dict[str, Path], limit_s: float, preexec,
@@ -490,13 +494,8 @@ def encode_parts(cmds: dict[str, list[str]], logs: dict[str, Path], limit_s: flo
     previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
     procs, files, ready, readers = {}, {}, {}, []
 
-    def watch(part: str, stream) -> None:
-        for line in stream:
-            if line.rstrip("\n") == READY and part not in ready:
-                cpu = cpu_seconds(procs[part].pid) if threads else None
-                ready[part] = (time.monotonic(), cpu)
-            else:
-                sys.stdout.write(line)
+    def on_ready(part: str) -> None:
+        ready[part] = (time.monotonic(), cpu_seconds(procs[part].pid) if threads else None)
 
     try:
         start = time.monotonic()
@@ -506,8 +505,7 @@ def encode_parts(cmds: dict[str, list[str]], logs: dict[str, Path], limit_s: flo
             files[part] = open(fd, "w+", encoding="utf-8")
             procs[part] = subprocess.Popen(cmd + ["--signal-ready"], preexec_fn=child_setup(preexec),
                                            stdout=subprocess.PIPE, stderr=files[part], env=env, text=True)
-            readers.append(threading.Thread(target=watch, args=(part, procs[part].stdout), daemon=True))
-            readers[-1].start()
+            readers.append(relay(procs[part].stdout, READY, lambda part=part: on_ready(part)))
         rcs = {}
         while len(rcs) < len(procs):
             if interrupted:
@@ -656,8 +654,6 @@ def evaluate(result: dict, args, preexec=None, threads: int | None = None) -> di
                           *options.get(part, [])]
             logs[part] = log
         if getattr(args, "isolate", False):  # each sees the checkpoint, the recipe and its own folder
-            from eclip import sandbox
-
             for part in cmds:
                 others = [part_dir(args.out, p) for p in files if p != part]
                 cmds[part] = sandbox.command(

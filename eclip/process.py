@@ -41,7 +41,6 @@ def sigterm_as_ctrl_c():
     too; a repeat is ignored, so it cannot cut that clean-up short. (The training loop's own
     handler, installed while it trains, lets the step finish first.) A no-op outside the
     main thread."""
-    import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -64,7 +63,6 @@ def exit_main(rc: int):
     command has finished and written its result; a copy of the SIGTERM that stopped it (a
     process group's, passed on late) landing during the interpreter's shutdown would
     otherwise end the process with 143 instead of the exit code the result stands for."""
-    import signal
     import sys
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -74,8 +72,6 @@ def exit_main(rc: int):
 def die_with_parent() -> None:  # pragma: no cover - runs in a child between fork and exec
     """For ``preexec_fn``: the child is killed when the process that started it dies, so a
     run never outlives its harness or its loop, whatever killed them."""
-    import signal
-
     prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
@@ -100,30 +96,40 @@ def cpu_seconds(pid: int) -> float | None:
             if p == pid:
                 return None
             continue  # a child that ended meanwhile: its parent's cutime has it once reaped
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                todo += [int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split()]
-        except (OSError, ValueError):
-            pass
+        todo += children(p)
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def own_children() -> set[int]:
-    """The processes whose parent is this one (Linux; elsewhere none found)."""
-    me, found = os.getpid(), set()
+def children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (Linux; elsewhere none found): from its
+    threads' ``children`` files, or, on a kernel without them, from every process's parent."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:  # gone, or no /proc
+        return set()
+    try:
+        return {int(c) for task in tasks for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()}
+    except FileNotFoundError:  # a kernel without them (CONFIG_PROC_CHILDREN), or a thread that ended
+        pass
+    except (OSError, ValueError):
+        return set()
+    found = set()
     try:
         names = os.listdir("/proc")
     except OSError:
         return found
     for name in names:
-        if not name.isdigit():
-            continue
         try:
-            if int(Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[1]) == me:
+            if name.isdigit() and int(Path(f"/proc/{name}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
                 found.add(int(name))
         except (OSError, IndexError, ValueError):
             continue
     return found
+
+
+def own_children() -> set[int]:
+    """The processes whose parent is this one."""
+    return children(os.getpid())
 
 
 def kill_strays(others: set[int]) -> None:

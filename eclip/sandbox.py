@@ -169,23 +169,33 @@ def _write(path: str, text: str) -> None:
         f.write(text)
 
 
+def _new_user_namespace(flags: int, as_root: bool, what: str, hint: str = "") -> None:
+    """Unshare a user namespace (and the others in ``flags``) and map this process's uid and
+    gid into it: as 0 (``as_root``) or as themselves. ``what`` and ``hint``: the error's
+    words before and after the reason, when the unshare is refused."""
+    uid, gid = os.getuid(), os.getgid()
+    if libc().unshare(CLONE_NEWUSER | flags) != 0:
+        raise SandboxError(f"unshare ({what}): {os.strerror(ctypes.get_errno())}{hint}")
+    try:
+        _write("/proc/self/setgroups", "deny")  # required before an unprivileged gid_map
+        _write("/proc/self/uid_map", f"{0 if as_root else uid} {uid} 1")
+        _write("/proc/self/gid_map", f"{0 if as_root else gid} {gid} 1")
+    except OSError as e:
+        raise SandboxError(f"user namespace id maps: {e.strerror}") from None
+
+
+def _exit_code(status: int) -> int:
+    """A wait status as an exit code: the code, or 128 + N for signal N."""
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
 def _enter_namespaces() -> None:
     """User, PID, network and IPC namespaces for this process's children; the mount
     namespace is PID 1's own (``_init``), so that this process, outside it, can remove
     the new root's mount point from the real ``/tmp`` once PID 1 has ended."""
-    uid, gid = os.getuid(), os.getgid()
-    flags = CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC
-    if libc().unshare(flags) != 0:
-        err = ctypes.get_errno()
-        raise SandboxError(f"unshare (user namespaces): {os.strerror(err)}; this machine does not allow "
-                           "unprivileged user namespaces (a container's seccomp profile, or "
-                           "kernel.unprivileged_userns_clone=0)")
-    try:
-        _write("/proc/self/setgroups", "deny")  # required before an unprivileged gid_map
-        _write("/proc/self/uid_map", f"0 {uid} 1")
-        _write("/proc/self/gid_map", f"0 {gid} 1")
-    except OSError as e:
-        raise SandboxError(f"user namespace id maps: {e.strerror}") from None
+    _new_user_namespace(CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC, True, "user namespaces",
+                        "; this machine does not allow unprivileged user namespaces (a container's seccomp "
+                        "profile, or kernel.unprivileged_userns_clone=0)")
 
 
 def _place(root: str, path: str) -> str:
@@ -342,7 +352,7 @@ def _init(cmd: list[str], root: str, ro: list[str], rw: list[str], hide: list[st
         except InterruptedError:  # pragma: no cover - retried by Python itself since PEP 475
             continue
         if pid == child:
-            return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+            return _exit_code(status)
 
 
 def lock_mounts() -> None:
@@ -351,13 +361,7 @@ def lock_mounts() -> None:
     mount fixed to its place), so the command, root of the nested namespace, can neither
     remount a read-only bind writable nor unmount one; it has no privilege in the sandbox's
     own namespaces, whose mounts PID 1 made and could change."""
-    uid, gid = os.getuid(), os.getgid()
-    if libc().unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0:
-        err = ctypes.get_errno()
-        raise SandboxError(f"unshare (the command's nested user namespace): {os.strerror(err)}")
-    _write("/proc/self/setgroups", "deny")
-    _write("/proc/self/uid_map", f"{uid} {uid} 1")
-    _write("/proc/self/gid_map", f"{gid} {gid} 1")
+    _new_user_namespace(CLONE_NEWNS, False, "the command's nested user namespace")
 
 
 def check_sources(paths: list[str], hide: list[str]) -> None:
@@ -409,7 +413,7 @@ def _run(cmd: list[str], root: str, ro: list[str], rw: list[str], hide: list[str
     why = os.read(r, 4096).decode(errors="replace")
     if why:
         raise SandboxError(why)
-    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+    return _exit_code(status)
 
 
 def build_parser() -> argparse.ArgumentParser:
