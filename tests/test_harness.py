@@ -7,26 +7,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from train_support import small_recipe as recipe
 
 from eclip.errors import EclipError
 from eclip.harness import scrub_environment
 from eclip.train import TEMPLATE
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL_MODEL = ('"model": {"vision.width": 64, "vision.depth": 1, "text.width": 64, "text.depth": 1, '
-               '"embed_dim": 64},')
 
 
 @pytest.fixture
 def cache(small_cache):
     return small_cache
-
-
-def recipe(tmp_path, extra="", model=SMALL_MODEL):
-    text = TEMPLATE.read_text().replace('    "model": {},', "    " + model, 1)
-    path = tmp_path / "recipe.py"
-    path.write_text(text + extra)
-    return path
 
 
 def harness(*args, env=None):

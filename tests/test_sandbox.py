@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from train_support import small_recipe
 
 from eclip import harness, sandbox
 from eclip.data.cache import load_cache, write_subset
@@ -23,8 +24,6 @@ from eclip.train import TEMPLATE
 ROOT = Path(__file__).resolve().parents[1]
 WHY = sandbox.probe()
 needs_sandbox = pytest.mark.skipif(WHY is not None, reason=f"no sandbox on this machine: {WHY}")
-SMALL_MODEL = ('"model": {"vision.width": 64, "vision.depth": 1, "text.width": 64, "text.depth": 1, '
-               '"embed_dim": 64},')
 
 
 def sandboxed(code: str, *, ro=(), rw=(), hide=(), env=None, timeout=120) -> subprocess.CompletedProcess:
@@ -241,8 +240,7 @@ def spy_recipe(tmp_path: Path, cache: Path) -> Path:
     from its process, and when the process built its model and when it ended (wall clock):
     code the recipe check refuses, run here by bypassing the check, as an evasion of it
     would."""
-    text = TEMPLATE.read_text().replace('    "model": {},', "    " + SMALL_MODEL, 1)
-    text += textwrap.dedent(f"""
+    return small_recipe(tmp_path, textwrap.dedent(f"""
 
         _spied = build_model
 
@@ -254,10 +252,7 @@ def spy_recipe(tmp_path: Path, cache: Path) -> Path:
             print(f"spy-time: {{time.time()}} start", file=sys.stderr, flush=True)
             atexit.register(lambda: print(f"spy-time: {{time.time()}} end", file=sys.stderr, flush=True))
             return _spied(spec)
-    """)
-    path = tmp_path / "recipe.py"
-    path.write_text(text)
-    return path
+    """))
 
 
 @needs_sandbox
@@ -291,7 +286,7 @@ def test_links_a_recipe_leaves_in_its_run_directory_do_not_steer_the_harness(sma
     out, elsewhere, victim = tmp_path / "run", tmp_path / "elsewhere", tmp_path / "victim.txt"
     elsewhere.mkdir()
     victim.write_text("keep me")
-    text = TEMPLATE.read_text().replace('    "model": {},', "    " + SMALL_MODEL, 1) + textwrap.dedent(f"""
+    small_recipe(tmp_path, textwrap.dedent(f"""
 
         _planted = build_model
 
@@ -304,8 +299,7 @@ def test_links_a_recipe_leaves_in_its_run_directory_do_not_steer_the_harness(sma
             except OSError:
                 pass
             return _planted(spec)
-    """)
-    (tmp_path / "recipe.py").write_text(text)
+    """))
     monkeypatch.setattr(harness, "check_file", lambda path: [])  # as an evasion of the check would
     monkeypatch.chdir(ROOT)
     argv = ["run", "--recipe", str(tmp_path / "recipe.py"), "--data", str(small_cache), "--budget-s", "3",
@@ -427,14 +421,13 @@ def test_what_the_training_process_leaves_as_its_result_is_never_a_score_nor_a_h
 def test_a_fifo_an_encoder_leaves_for_its_embeddings_does_not_hang_the_harness(small_cache, tmp_path, isolate):
     if isolate and WHY is not None:
         pytest.skip(f"no sandbox on this machine: {WHY}")
-    text = TEMPLATE.read_text().replace('    "model": {},', "    " + SMALL_MODEL, 1) + textwrap.dedent("""
+    small_recipe(tmp_path, textwrap.dedent("""
 
         import os as _os, sys as _sys
         _main = _sys.modules["__main__"]
         if hasattr(_main, "save_embeddings"):  # an encoding process: a FIFO where the harness reads
             _main.save_embeddings = lambda path, img, txt: _os.mkfifo(path)
-    """)
-    (tmp_path / "recipe.py").write_text(text)
+    """))
     out = tmp_path / "run"
     setup = """
         from eclip import harness

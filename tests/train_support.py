@@ -1,6 +1,8 @@
-"""Shared pieces of the training-loop tests (``test_train.py``, ``test_train_errors.py``):
-a small model's options, recipes that wrap the template's ``train_step``, and a call of
-``eclip.train.main`` in-process. The dataset they train on is conftest's ``train_cache``."""
+"""Shared pieces of the training-loop and harness tests (``test_train.py``,
+``test_train_errors.py``, ``test_harness.py``, ``test_sandbox.py``): a small model's
+options, recipes that wrap the template's ``train_step`` or carry a small model, and a call
+of ``eclip.train.main`` in-process. The dataset they train on is conftest's ``train_cache``
+(the harness's: ``small_cache``)."""
 
 import json
 
@@ -11,6 +13,18 @@ SMALL = ["--model.vision.patch_size=16", "--model.vision.width=64", "--model.vis
          "--model.text.width=64", "--model.text.depth=1", "--model.embed_dim=64",
          "--model.expert.width=32", "--model.vision.pool=cls", "--model.text.pool=cls",
          "--batch_size=64", "--log-every=2"]
+
+
+# The same small model as a recipe's HPARAMS["model"] entry, for runs through the harness.
+SMALL_MODEL = ('"model": {"vision.width": 64, "vision.depth": 1, "text.width": 64, "text.depth": 1, '
+               '"embed_dim": 64},')
+
+
+def small_recipe(tmp_path, extra: str = "", model: str = SMALL_MODEL):
+    """The template recipe with ``model`` as its model entry, plus ``extra`` code appended."""
+    path = tmp_path / "recipe.py"
+    path.write_text(train.TEMPLATE.read_text().replace('    "model": {},', "    " + model, 1) + extra)
+    return path
 
 
 def recipe_with(tmp_path, extra: str):
