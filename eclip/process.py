@@ -1,6 +1,7 @@
 """Process hygiene for the harness and the research loop: secrets kept from a recipe's
 environment, children that die with their parent, SIGTERM handled as Ctrl-C, a process
-tree's CPU time, and the processes a child leaves behind (``kill_strays``)."""
+tree's CPU time, the processes a child leaves behind (``kill_strays``), and the harness's
+way of running a child to its end (``child``), timed from a line it prints (``relay``)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import contextlib
 import os
 import re
 import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 # TOKENIZERS_PARALLELISM (the tokenizers library's switch) is a setting, not a token
@@ -41,8 +46,6 @@ def sigterm_as_ctrl_c():
     too; a repeat is ignored, so it cannot cut that clean-up short. (The training loop's own
     handler, installed while it trains, lets the step finish first.) A no-op outside the
     main thread."""
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -63,8 +66,6 @@ def exit_main(rc: int):
     command has finished and written its result; a copy of the SIGTERM that stopped it (a
     process group's, passed on late) landing during the interpreter's shutdown would
     otherwise end the process with 143 instead of the exit code the result stands for."""
-    import sys
-
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.exit(rc)
 
@@ -149,3 +150,90 @@ def kill_strays(others: set[int]) -> None:
                 others.add(pid)
             except OSError:
                 pass
+
+
+def child_setup(preexec):
+    """``preexec_fn`` of every child: Ctrl-C back to its default (the harness ignores it while
+    it waits, and children inherit that), killed if the harness dies, then ``preexec``."""
+    def setup() -> None:  # pragma: no cover - runs in the child between fork and exec
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        die_with_parent()
+        if preexec is not None:
+            preexec()
+    return setup
+
+
+
+def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = None):
+    """Run one child to its end; its exit code. Ctrl-C reaches it too (same process group):
+    it finishes its step, saves and writes an interrupted result; the harness waits for that
+    instead of dying first. A SIGTERM sent to the harness is passed on to the child, which
+    takes it as a Ctrl-C (and ignores a repeat: a SIGTERM to the whole group reaches it
+    twice). With ``ready`` (a line the child prints on stdout), ``(exit code, seconds from
+    the first such line to the child's end)`` instead, None for the seconds when it never
+    printed one; its other lines are passed on."""
+    procs: list[subprocess.Popen] = []
+    seen: list[float] = []
+    pending: list[int] = []  # a SIGTERM that came before the child existed
+
+    def forward(signum, frame) -> None:
+        if procs:
+            procs[0].send_signal(signal.SIGTERM)
+        else:
+            pending.append(signum)
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    term = signal.signal(signal.SIGTERM, forward)
+    # A process the child leaves behind (forked, in a session of its own) would work on
+    # after the harness stopped timing it, and could rewrite the checkpoint before the
+    # encoders read it: orphans of the child come to this process (a subreaper), which
+    # kills them as soon as the child has ended.
+    others = own_children()
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
+    reader = None
+    try:
+        procs.append(subprocess.Popen(cmd, preexec_fn=child_setup(preexec), env=env, text=True,
+                                      stdout=subprocess.PIPE if ready else None))
+        if pending:
+            procs[0].send_signal(signal.SIGTERM)
+        if ready:
+            reader = relay(procs[0].stdout, ready, lambda: seen.append(time.monotonic()))
+        rc = procs[0].wait()
+        end = time.monotonic()
+    finally:
+        if not procs or procs[0].poll() is not None:  # never the child itself, while it runs
+            kill_strays(others)  # before anything reads what the child wrote
+        prctl(PR_SET_CHILD_SUBREAPER, 0)
+        signal.signal(signal.SIGTERM, term)
+        signal.signal(signal.SIGINT, previous)
+    if reader is None:
+        return rc
+    reader.join(timeout=5)  # a grandchild still holding the pipe does not hold the harness
+    return rc, (end - seen[0] if seen else None)
+
+
+
+def relay(stream, ready: str, on_ready) -> threading.Thread:
+    """A started thread that copies a child's stdout ``stream`` to this process's, but for
+    the first ``ready`` line, for which it calls ``on_ready()`` instead (a child's code may
+    print that line again later: it is passed on as output)."""
+    def copy() -> None:
+        said = False
+        for line in stream:
+            if not said and line.rstrip("\n") == ready:
+                said = True
+                on_ready()
+            else:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+
+    thread = threading.Thread(target=copy, daemon=True)
+    thread.start()
+    return thread
+
+
+
+def exit_code(rc: int) -> int:
+    """A child's return code as this process's exit code: killed by signal N, 128 + N
+    (the shells' convention; 130 for Ctrl-C, 143 for SIGTERM)."""
+    return 128 - rc if rc < 0 else rc

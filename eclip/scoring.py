@@ -3,7 +3,7 @@ place and ranked against the cache's own pairs (never anything the run reported)
 check that each embedding is a function of its own input.
 
 The check: a fresh ``eclip.encode`` process, which has seen nothing of the split, encodes
-a few of its images and as many captions (``eclip.harness.BATCH_PROBES``), drawn in secret
+a few of its images and as many captions (``eclip.harness_eval.BATCH_PROBES``), drawn in secret
 by the harness, in pairs (``--batch 2``); each must get the embedding it got in the
 processes that encoded the whole split in batches of up to 512. A model that uses the other items it is given (their
 mean or spread, per batch or remembered across calls: a transductive use of the scored

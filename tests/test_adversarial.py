@@ -138,8 +138,9 @@ def test_tricks_at_evaluation_score_no_better_than_chance(cache, tmp_path, trick
                                       "another embedding"), r["reason"]
         # without the batch check, the secret orders alone leave it at chance
         from eclip import harness as h
+        from eclip import harness_eval
 
-        monkeypatch.setattr(h, "BATCH_PROBES", 0)
+        monkeypatch.setattr(harness_eval, "BATCH_PROBES", 0)
         out = tmp_path / "unchecked"
         assert h.main(["run", "--recipe", str(recipe), "--data", str(cache), "--budget-s", "1", "--out", str(out),
                        "--device", "cpu"]) == 0, capsys.readouterr().err[-2000:]

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from eclip import encode, harness, scoring, train
+from eclip import encode, harness_eval, scoring, train
 from eclip.data.cache import load_cache
 
 # A small model set by overrides only: the template recipe builds it again in the encoding
@@ -39,13 +39,13 @@ def test_the_harness_scores_the_saved_checkpoint_as_the_run_itself_did(run, smal
     by_hand = json.loads((run / "result.json").read_text())
     assert by_hand["metrics"] is not None and by_hand["eval_s"] > 0 and "ranked_by" not in by_hand
     args = SimpleNamespace(out=run, data=small_cache, final=False, recipe=train.TEMPLATE, device="cpu", budget_s=60.0)
-    scored = harness.evaluate({"status": "ok"}, args)
+    scored = harness_eval.evaluate({"status": "ok"}, args)
     # the same weights, the same images and captions, encoded one by one in another order:
     # fp32 on a CPU gives the same scores, so the same ranks
     assert scored["ranked_by"] == "harness" and scored["eval_split"] == "val"
     for key in ("mean_rank", "i2t_mean_rank", "t2i_mean_rank", "i2t_r5", "t2i_r10", "n_texts"):
         assert scored["metrics"][key] == pytest.approx(by_hand["metrics"][key], abs=1e-9), key
-    leftovers = [f for part in harness.PARTS for f in harness.part_files(run, part) if f.exists()]
+    leftovers = [f for part in harness_eval.PARTS for f in harness_eval.part_files(run, part) if f.exists()]
     assert leftovers == []  # secretly ordered inputs and embeddings are of no use once ranked
 
 

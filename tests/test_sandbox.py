@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from train_support import small_recipe
 
-from eclip import harness, sandbox
+from eclip import harness, process, sandbox
 from eclip.data.cache import load_cache, write_subset
 from eclip.train import TEMPLATE
 
@@ -210,7 +210,7 @@ def test_cpu_seconds_count_the_work_of_a_processs_children():
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "done"
-        assert harness.cpu_seconds(proc.pid) >= 0.45  # the reaped child's time, in the parent's cutime
+        assert process.cpu_seconds(proc.pid) >= 0.45  # the reaped child's time, in the parent's cutime
     finally:
         proc.kill()
         proc.wait()

@@ -1,0 +1,186 @@
+"""The harness's limits on the training process: work after the budget, a packed step or
+training while encoding refused; a slowed machine allowed; the harness's own clock on the
+process, which a recipe cannot slow."""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from train_support import small_recipe as recipe
+
+from eclip import harness as h
+from eclip import harness_eval as he
+from eclip.errors import EclipError
+from eclip.process import child
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# Training outside the clock: after the last step (in what the checkpoint calls) and while
+# encoding. Both sleep where a cheat would train; the limits are lowered to keep the test short.
+AFTER_THE_BUDGET = """
+
+import time as _time
+
+_plain_build_model = build_model
+
+
+def build_model(spec):
+    model = _plain_build_model(spec)
+    count = model.flops_per_sample
+    model.flops_per_sample = lambda *a: (_time.sleep(3), count(*a))[1]
+    return model
+"""
+
+
+WHILE_ENCODING = """
+
+import time as _time
+
+_plain_build_model = build_model
+
+
+def _train_on(seconds):  # what training in the encoder would cost: compute on all threads
+    a, t0 = torch.randn(256, 256), _time.monotonic()
+    while _time.monotonic() - t0 < seconds:
+        a = torch.tanh(a @ a)
+
+
+def build_model(spec):
+    model = _plain_build_model(spec)
+    encode = model.encode_text
+    model.encode_text = lambda t, m: encode(t, m) if model.training else (_train_on(120), encode(t, m))[1]
+    return model
+"""
+
+
+ONE_LONG_STEP = """
+
+import time as _time
+
+_plain_step = train_step
+
+
+def train_step(model, optimizer, batch, progress):
+    if not _STATE.get("packed"):  # many updates in one call: the clock is checked between calls
+        _STATE["packed"], t0 = True, _time.monotonic()
+        while _time.monotonic() - t0 < 3:
+            _plain_step(model, optimizer, batch, progress)
+    return _plain_step(model, optimizer, batch, progress)
+"""
+
+
+# The messages name the guard that refused the run, not exact durations: on a loaded machine
+# (a CI runner, or two test processes on 2 cores) the long step runs past 3 s, and the slowed
+# evaluation may reach the wall-time guard before the compute-time one.
+@pytest.mark.parametrize("extra,grace,message", [
+    (ONE_LONG_STEP, ("eclip.harness.OVERRUN_GRACE_S", 1.0), r"training ran \d+\.\d s on a budget of 1 s"),
+    (AFTER_THE_BUDGET, ("eclip.harness.AFTER_GRACE_S", 1.0), r"the recipe's code ran \d+\.\d s after the budget ended"),
+    # both the captions' process and the batch check's encode captions: either is caught first
+    (WHILE_ENCODING, ("eclip.harness_eval.EVAL_GRACE_S", 8.0),
+     r"evaluation \(eclip.encode, (texts|batch_check)\) (computed for longer than 8 s|took longer than \d+ s of wall time)"),
+])
+def test_work_outside_the_budget_is_refused(small_cache, tmp_path, monkeypatch, capsys, extra, grace, message):
+    import time
+
+    monkeypatch.setattr(h, "check_file", lambda path: [])  # the policy refuses the import of time
+    monkeypatch.setattr(*grace)
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    rc = h.main(["run", "--recipe", str(recipe(tmp_path, extra=extra)), "--data", str(small_cache),
+                 "--budget-s", "1", "--out", str(out), "--device", "cpu"])
+    assert rc == 1 and time.monotonic() - t0 < 60  # the sleeping encoder was killed, not awaited
+    r = json.loads((out / "result.json").read_text())
+    assert r["status"] == "error" and r["val_mean_rank"] is None, r["reason"]
+    assert re.search(message, r["reason"]), r["reason"]
+    assert not any(f.exists() for part in he.PARTS for f in he.part_files(out, part))
+
+
+@pytest.mark.parametrize("cpu,threads,refused", [
+    (0.8, 2, False),  # 16 s of wall time, 0.4 s of compute: a busy machine slowed the last step
+    (12.0, 2, True),  # 6 s of compute past the budget: more than one step's work
+    (0.8, None, True),  # a GPU run: CPU time does not show the device's work, wall time counts
+    (None, 2, True),  # a result without the figure
+])
+def test_a_last_step_slowed_by_a_busy_machine_is_not_refused(cpu, threads, refused):
+    result = {"train_s": 16.0, "steps": 40, "after_s": 0.01, "last_step_cpu_s": cpu}
+    if refused:
+        computed = ", its last step computed 6.0 s over 2 threads" if cpu == 12.0 else ""
+        with pytest.raises(EclipError, match=re.escape(f"training ran 16.0 s on a budget of 10 s (a step may end at "
+                                                       f"most 5 s late{computed}); one train_step must be one step")):
+            h.check_after(result, 10.0, threads)
+    else:
+        h.check_after(result, 10.0, threads)
+
+
+def test_a_slowed_last_step_still_has_a_wall_clock_cap():
+    # compute a process's CPU time does not show (a GPU's, were one reachable) cannot stretch
+    # the last step without end: three times the grace in wall time at most
+    ok = {"train_s": 24.9, "steps": 40, "after_s": 0.01, "last_step_cpu_s": 0.1}
+    h.check_after(ok, 10.0, 2)
+    with pytest.raises(EclipError, match=re.escape("training ran 25.1 s on a budget of 10 s")):
+        h.check_after(dict(ok, train_s=25.1), 10.0, 2)
+
+
+def test_a_result_without_after_s_is_refused_and_a_long_budget_allows_its_share_of_overrun():
+    with pytest.raises(EclipError, match="the recipe's code ran an unknown time after the budget ended"):
+        h.check_after({"train_s": 10.0, "steps": 40}, 10.0)
+    # 5% of a 200 s budget (10 s) beyond the 5 s grace; past it, refused
+    h.check_after({"train_s": 209.0, "steps": 400, "after_s": 0.0}, 200.0)
+    with pytest.raises(EclipError, match=re.escape("a step may end at most 10 s late")):
+        h.check_after({"train_s": 211.0, "steps": 400, "after_s": 0.0}, 200.0)
+
+
+def test_child_times_the_process_from_its_ready_line_and_passes_the_rest_on(capfd):
+    code = ("import time; print('before', flush=True); print('train: ready', flush=True); time.sleep(0.3); "
+            "print('train: ready', flush=True); print('after', flush=True)")  # a second ready line is output
+    rc, seconds = child([sys.executable, "-c", code], None, ready="train: ready")
+    assert rc == 0 and 0.3 <= seconds < 30
+    assert capfd.readouterr().out.splitlines() == ["before", "train: ready", "after"]
+    assert child([sys.executable, "-c", "raise SystemExit(3)"], None, ready="train: ready") == (3, None)
+    with pytest.raises(EclipError, match=r"^the training process did not say when the recipe's import began"):
+        h.check_wall(None, 10.0)
+
+
+def test_work_after_the_clock_that_the_run_does_not_report_is_timed_by_the_harness(small_cache, tmp_path, monkeypatch,
+                                                                                  capsys):
+    # an exit hook that works on after the budget: code past the recipe check could also
+    # misreport the figures the training process writes; the harness's own clock sees it
+    monkeypatch.setattr(h, "check_file", lambda path: [])  # as an evasion of the check would
+    monkeypatch.setattr(h, "RECIPE_WALL_SLACK_S", 4.0)  # the budget, 5 s of overrun, 3 after, 4 s
+    monkeypatch.chdir(ROOT)
+    slow = recipe(tmp_path, extra="\n\nimport atexit as _a, time as _t\n_a.register(lambda: _t.sleep(20))\n")
+    out = tmp_path / "run"
+    argv = ["run", "--recipe", str(slow), "--data", str(small_cache), "--budget-s", "1", "--out", str(out), "--device", "cpu"]
+    assert h.main(argv) == 1
+    r = json.loads((out / "result.json").read_text())
+    assert r["status"] == "error" and r["val_mean_rank"] is None and r["recipe_wall_s"] > 20
+    limit = h.wall_limit(1.0, (small_cache / "images.safetensors").stat().st_size
+                         + (out / "checkpoint.safetensors").stat().st_size)
+    assert 13 < limit < 14  # the data and the checkpoint: a few MB at 100 MB/s
+    assert re.fullmatch(r"the training process ran \d+ s from the recipe's import to its end, on a budget of 1 s "
+                        rf"\(at most {limit:.0f} s, timed by the harness\); work outside train_step is not training "
+                        r"time", r["reason"]), r["reason"]
+    # the same recipe without the hook: within the bound, and the figure is reported
+    assert h.main(["run", "--recipe", str(recipe(tmp_path)), *argv[3:]]) == 0
+    r = json.loads((out / "result.json").read_text())
+    assert r["status"] == "ok" and 1 <= r["recipe_wall_s"] <= limit
+
+
+def test_a_recipe_that_slows_the_loops_clock_is_caught_by_the_harnesss_own(small_cache, tmp_path, monkeypatch):
+    # found by a review: code past the check made the training loop's clock run 25 times
+    # slow (75 s of training reported as 3, every figure check_after reads in order)
+    monkeypatch.setattr(h, "check_file", lambda path: [])  # as an evasion of the check would
+    monkeypatch.setattr(h, "RECIPE_WALL_SLACK_S", 4.0)
+    monkeypatch.chdir(ROOT)
+    slowed = recipe(tmp_path, extra=("\n\nimport time as _t\n_real = _t.perf_counter\n_base = _real()\n"
+                                     "_t.perf_counter = lambda: _base + (_real() - _base) / 20.0\n"))
+    out = tmp_path / "run"
+    assert h.main(["run", "--recipe", str(slowed), "--data", str(small_cache), "--budget-s", "1", "--out", str(out),
+                   "--device", "cpu"]) == 1
+    r = json.loads((out / "result.json").read_text())
+    assert r["status"] == "error" and r["val_mean_rank"] is None and r["recipe_wall_s"] > 20
+    assert r["train_s"] < 1 + 5  # what the process reported: within its budget
+    assert r["reason"].startswith("the training process ran ")
