@@ -255,7 +255,7 @@ def _assume_constant_result(fn):
     nothing has yet: that import costs about 1 s, a third of the start-up of every process
     that imports ``kernels`` (the harness's evaluation processes, which never compile). The
     public decorator sets one attribute, which Dynamo reads when it traces a call;
-    tests/test_kernels_contrastive.py checks that it still sets nothing else."""
+    tests/test_kernels_contrastive_behaviour.py checks that it still sets nothing else."""
     if "torch._dynamo" in sys.modules:
         return torch.compiler.assume_constant_result(fn)
     fn._dynamo_marked_constant = True

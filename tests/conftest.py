@@ -46,3 +46,47 @@ def train_cache(tmp_path_factory):
     """A built-in dataset cache of 2,000 train, 100 val and 60 test scenes at 64 px: enough
     for a short run of the training loop to learn."""
     return _synthetic(tmp_path_factory, "syn", 2000, 100, 60)
+
+
+@pytest.fixture
+def images(tmp_path):
+    """Four 20x20 RGB images 0.png .. 3.png: the image folder of the ``eclip.prepare`` tests on
+    awkward inputs (``test_prepare_sources.py``, ``test_prepare_out.py``,
+    ``test_prepare_options.py``)."""
+    from test_prepare import write_image
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(4):
+        write_image(d / f"{i}.png", 20, 20, i)
+    return d
+
+
+@pytest.fixture
+def api(monkeypatch, tmp_path):
+    """The fake Messages API of ``tests/fake_messages.py``, with the environment of the Claude
+    proposer's tests pointed at it: a test key, no profile on disk."""
+    from claude_support import KEY
+
+    from tests.fake_messages import FakeMessagesAPI
+
+    with FakeMessagesAPI() as fake:
+        monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", fake.url)
+        monkeypatch.setenv("ANTHROPIC_CONFIG_DIR", str(tmp_path / "no-config"))  # no profile on disk
+        monkeypatch.delenv("ANTHROPIC_AUTH_TOKEN", raising=False)
+        yield fake
+
+
+@pytest.fixture
+def ws(small_cache, tmp_path, monkeypatch):
+    """A workspace past its two baselines (100 and 100: noise floor 0), for the Claude
+    proposer's tests (``claude_support._args``)."""
+    from claude_support import _args, scripted
+
+    from agent import loop
+    from agent.workspace import Workspace
+
+    monkeypatch.setattr(loop, "run_experiment", scripted([100, 100]))
+    assert loop.main(_args(tmp_path, small_cache, 0, proposer="search")) == 0
+    return Workspace(tmp_path / "c")

@@ -1,5 +1,6 @@
-"""The research loop: keep/discard against the noise floor (scripted runner), resume,
-timeouts with no surviving process, and one whole loop with real harness runs."""
+"""The research loop: keep/discard against the noise floor (scripted runner), resume and
+restarts across sessions, stops, timeouts with no surviving process, --isolate, and one whole
+loop with real harness runs."""
 
 import json
 import os
@@ -96,19 +97,6 @@ def test_a_recipe_that_never_returns_is_killed_as_timeout(cache, tmp_path):
         assert str(out).encode() not in cmdline, pid
 
 
-def test_relative_paths_are_the_callers_not_the_package_roots(tmp_path, monkeypatch):
-    # The harness runs in the package root. Relative paths once reached it as they were: a
-    # loop started elsewhere had its runs read another folder's recipe (or none: every run a
-    # "crash") and overwrite that folder's results. A rejected recipe is the quickest run.
-    from pathlib import Path
-
-    monkeypatch.chdir(tmp_path)
-    Path("recipe.py").write_text(TEMPLATE.read_text() + "\n\ndef leak():\n    return open('/etc/hostname').read()\n")
-    r = run_experiment(Path("recipe.py"), Path("data"), 1.0, Path("runs/x"), device="cpu", timeout_s=120)
-    assert r["status"] == "rejected", r
-    assert json.loads((tmp_path / "runs" / "x" / "result.json").read_text())["status"] == "rejected"
-
-
 def test_a_whole_loop_with_real_runs(cache, tmp_path, capsys):
     rc = loop.main(["--tag", "real", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1.5",
                     "--noise-runs", "2", "--max-experiments", "3", "--device", "cpu"])
@@ -127,71 +115,6 @@ def test_a_whole_loop_with_real_runs(cache, tmp_path, capsys):
         if e["status"] in ("baseline", "keep", "discard"):
             assert e["result"]["checkpoint_bytes"] > 10_000
     assert ws.git("status", "--porcelain") == ""
-
-
-def test_report_on_a_journal_fixture(tmp_path, capsys):
-    from agent import report
-    ws = tmp_path / "w"
-    ws.mkdir()
-    rows = [(1, "baseline", 100.0, False), (2, "baseline", 90.0, False), (3, "discard", 93.0, False),
-            (4, "keep", 70.0, True), (5, "crash", None, False)]
-    for i, (n, status, rank, kept) in enumerate(rows):
-        journal.append(ws / "journal.jsonl", {"event": "start", "n": n, "time": 1000.0 + 100 * i,
-                                              "kind": "baseline" if status == "baseline" else "experiment",
-                                              "commit": f"c{n}", "description": f"change {n}"})
-        journal.append(ws / "journal.jsonl", {"event": "end", "n": n, "time": 1090.0 + 100 * i,
-                                              "status": status, "val_mean_rank": rank, "kept": kept})
-    assert report.main([str(ws)]) == 0
-    out = capsys.readouterr().out
-    assert ["4", "keep", "70.00", "change", "4"] in [line.split() for line in out.splitlines()]
-    assert "best_mean_rank: 70.0" in out and "baseline_mean:  95.0" in out
-    assert "counts:         baseline 2, crash 1, discard 1, keep 1" in out
-    assert "per_hour:       36.7" in out  # 5 experiments from the first start to the last end: 490 s
-    assert (ws / "progress.png").read_bytes()[:4] == b"\x89PNG"
-    assert report.main([str(tmp_path / "none")]) == 2
-
-
-def test_report_best_and_noise_floor_follow_the_loops_rule(tmp_path, capsys):
-    # the floor the loop keeps against is max(--min-delta, 2σ), with the --min-delta of the
-    # session in force (a resume may raise it): baselines 100 and 102 give 2σ = 2.83. The best
-    # is their mean, not the lower of the two (the first best of the running trail)
-    from agent import report
-    ws = tmp_path / "w"
-    ws.mkdir()
-    path = ws / "journal.jsonl"
-    journal.append(path, {"event": "session", "time": 900.0, "min_delta": 1.0})
-    for n, rank in ((1, 100.0), (2, 102.0)):
-        journal.append(path, {"event": "start", "n": n, "time": 1000.0 * n, "kind": "baseline", "commit": f"c{n}",
-                              "description": "baseline"})
-        journal.append(path, {"event": "end", "n": n, "time": 1000.0 * n + 90, "status": "baseline",
-                              "val_mean_rank": rank, "kept": False})
-    assert report.main([str(ws)]) == 0
-    out = capsys.readouterr().out
-    assert "noise_floor:    2.83" in out and "best_mean_rank: 101.0" in out
-    journal.append(path, {"event": "session", "time": 3000.0, "min_delta": 5.0})
-    assert report.main([str(ws)]) == 0
-    assert "noise_floor:    5.00" in capsys.readouterr().out
-
-
-def test_the_progress_plot_numbers_experiments_with_whole_numbers(tmp_path, monkeypatch):
-    # two experiments span 1..2 on the x axis, where matplotlib's default ticks are 1.0, 1.2, ...
-    import matplotlib.pyplot as plt
-
-    from agent import report
-    ws = tmp_path / "w"
-    ws.mkdir()
-    for n, rank in ((1, 100.0), (2, 90.0)):
-        journal.append(ws / "journal.jsonl", {"event": "start", "n": n, "time": 1000.0 * n, "kind": "baseline",
-                                              "commit": f"c{n}", "description": ""})
-        journal.append(ws / "journal.jsonl", {"event": "end", "n": n, "time": 1000.0 * n + 90,
-                                              "status": "baseline", "val_mean_rank": rank, "kept": False})
-    figures = []
-    close = plt.close
-    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
-    report.plot_progress(Workspace(ws))
-    (ax,) = figures[0].axes
-    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
-    assert ticks and all(float(t).is_integer() for t in ticks), ticks
 
 
 def test_results_table_is_rebuilt_from_the_journal(cache, tmp_path, monkeypatch):
@@ -255,30 +178,6 @@ def test_a_brief_edited_by_hand_survives_discards_and_lands_with_the_next_commit
     assert [e["status"] for e in exps[2:]] == ["discard", "keep"]
     assert "Idea: try a smaller learning rate." in ws.git("show", f"{exps[3]['commit']}:program.md")
     assert ws.git("status", "--porcelain") == ""
-
-
-def test_secrets_are_redacted_from_run_logs(tmp_path, monkeypatch):
-    from agent import runner
-
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-zzz-123456789")
-    monkeypatch.setenv("SHORT_TOKEN", "abc")  # too short to redact safely
-    log = tmp_path / "run.log"
-    log.write_text("step 1\nkey sk-ant-zzz-123456789 printed\nabc\n")
-    assert runner.log_tail(log) == "step 1\nkey [redacted] printed\nabc"
-    runner.redact_file(log)
-    assert log.read_text() == "step 1\nkey [redacted] printed\nabc\n"
-    env = runner.clean_env()  # and what a run gets: no secrets, no hub downloads
-    assert "ANTHROPIC_API_KEY" not in env and env["HF_HUB_OFFLINE"] == "1"
-
-
-def test_protect_secrets_makes_the_loop_process_non_dumpable():
-    import subprocess
-    import sys
-
-    code = ("import ctypes; from agent.runner import protect_secrets; libc = ctypes.CDLL('libc.so.6'); "
-            "before = libc.prctl(3, 0, 0, 0, 0); protect_secrets(); print(before, libc.prctl(3, 0, 0, 0, 0))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["1", "0"]  # PR_GET_DUMPABLE before and after
 
 
 def test_sigterm_stops_the_loop_as_ctrl_c_does(cache, tmp_path, monkeypatch, capsys):
@@ -355,16 +254,6 @@ def test_more_noise_runs_after_the_experiments_began_are_not_run(cache, tmp_path
     assert ws.head() == exps[1]["commit"] and "best_mean_rank: 5" in out
 
 
-def test_a_result_row_is_one_line_whatever_its_description(tmp_path):
-    # a proposer's description or an error text with tabs or line breaks once split a row
-    path = tmp_path / "results.tsv"
-    journal.add_result_row(path, {"commit": "abc1234", "val_mean_rank": 12.5, "status": "crash",
-                                  "description": "two\tcolumns\nand\r\ntwo lines"})
-    header, row = path.read_text().splitlines()
-    assert row.split("\t") == ["abc1234", "12.5", "", "", "crash", "two columns and two lines"]
-    assert header.split("\t") == list(journal.COLUMNS)
-
-
 def test_a_study_split_into_sessions_proposes_what_one_session_would(cache, tmp_path, monkeypatch):
     # the same scores, one session of 3 experiments against three sessions of one each
     ranks = [100, 102, 98, 90, 95, 85]
@@ -402,139 +291,12 @@ def test_a_kill_while_recording_an_unrun_proposal_keeps_its_outcome(cache, tmp_p
     assert (e["n"], e["status"], e["result"]["reason"], e["commit"]) == (3, "rejected", why, None)
 
 
-def test_the_keep_rule_at_its_edges():
-    # "kept only if it beats the best by more than max(--min-delta, 2σ)", σ the sample spread
-    base = [{"n": i, "kind": "baseline", "status": "baseline", "val_mean_rank": r, "ended": True}
-            for i, r in enumerate([100.0, 102.0, 98.0], 1)]
-    ok = lambda r: {"status": "ok", "val_mean_rank": r}  # noqa: E731
-    st = loop.state(base, "root", 0.0)
-    assert (st["best"], st["sigma"], st["threshold"]) == (100.0, 2.0, 4.0)
-    assert loop.outcome("experiment", ok(96.0), st) == ("discard", False)  # by exactly the floor: not more
-    assert loop.outcome("experiment", ok(96.5), st) == ("discard", False)  # within 2σ (σ of a sample, not pstdev)
-    assert loop.outcome("experiment", ok(95.9), st) == ("keep", True)
-    st = loop.state(base, "root", 5.0)  # --min-delta above 2σ sets the threshold
-    assert st["threshold"] == 5.0
-    assert loop.outcome("experiment", ok(95.5), st) == ("discard", False)
-    assert loop.outcome("experiment", ok(94.9), st) == ("keep", True)
-    # identical baselines (a deterministic run): σ = 0, and an equal score is no gain
-    same = [dict(b, val_mean_rank=100.0) for b in base]
-    assert loop.outcome("experiment", ok(100.0), loop.state(same, "root", 0.0)) == ("discard", False)
-
-
 def test_min_delta_reaches_the_keep_decision(cache, tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "run_experiment", scripted([100, 100, 97, 94]))
     assert loop.main(["--tag", "m", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1",
                       "--noise-runs", "2", "--max-experiments", "2", "--min-delta", "5"]) == 0
     exps = journal.experiments(journal.read(Workspace(tmp_path / "m").journal_path))
     assert [e["status"] for e in exps[2:]] == ["discard", "keep"]  # 97 is within 5 of 100, 94 is not
-
-
-def test_a_secret_of_eight_characters_is_redacted(monkeypatch):
-    from agent import runner
-
-    monkeypatch.setenv("X_TOKEN", "k8-chars")  # the shortest value replaced
-    monkeypatch.setenv("Y_TOKEN", "k7chars")  # one shorter: too common a string to replace safely
-    assert runner.redact("a k8-chars b k7chars c") == "a [redacted] b k7chars c"
-
-
-def test_redact_file_leaves_a_log_without_secrets_byte_for_byte(tmp_path):
-    # a log is rewritten only when it held a secret: otherwise its undecodable bytes and
-    # line endings would be rewritten too
-    from agent import runner
-
-    log = tmp_path / "run.log"
-    data = b"step 1 \xff\xfe undecodable\r\nstep 2\r\n"
-    log.write_bytes(data)
-    runner.redact_file(log)
-    assert log.read_bytes() == data
-    runner.redact_file(tmp_path / "missing.log")  # no log: nothing to do, no error
-    assert not (tmp_path / "missing.log").exists()
-
-
-@pytest.mark.parametrize("offset,found", [(-1.0, True), (0.0, True), (1.0, False)])
-def test_finished_result_counts_a_result_written_at_the_start_time(tmp_path, offset, found):
-    # a result stamped exactly at ``since`` (coarse file-system clocks) belongs to the run
-    from agent import runner
-
-    (tmp_path / "result.json").write_text(json.dumps({"status": "ok", "val_mean_rank": 3.0}))
-    mtime = 1_700_000_000.0
-    os.utime(tmp_path / "result.json", (mtime, mtime))
-    r = runner.finished_result(tmp_path, since=mtime + offset)
-    assert (r == {"status": "ok", "val_mean_rank": 3.0}) if found else r is None  # no log tail for an ok run
-
-
-def test_finished_result_of_a_failed_run_carries_its_log_tail(tmp_path):
-    from agent import runner
-
-    (tmp_path / "result.json").write_text(json.dumps({"status": "diverged", "val_mean_rank": None}))
-    (tmp_path / "run.log").write_text("".join(f"line {i}\n" for i in range(1, 41)))
-    r = runner.finished_result(tmp_path)
-    assert r["status"] == "diverged" and r["log_tail"] == "\n".join(f"line {i}" for i in range(11, 41))
-    # the training process's own result, not yet scored by the harness: no outcome yet
-    (tmp_path / "result.json").write_text(json.dumps({"status": "ok", "val_mean_rank": None, "ranked_by": "caller"}))
-    assert runner.finished_result(tmp_path) is None
-
-
-def test_a_run_that_writes_no_result_is_a_crash_with_its_log_redacted(tmp_path, monkeypatch):
-    # An interpreter that prints a secret and exits without a result.json: the stale result
-    # of an earlier run in the same folder must not be taken for this run's, and the log
-    # keeps no secret. A shell script stands in for python, so no training runs.
-    import shutil
-    import sys
-
-    from agent import runner
-
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-zzz-123456789")
-    fake = tmp_path / "python"
-    fake.write_text(f"#!{shutil.which('sh')}\necho 'step 1'\necho 'printed sk-ant-zzz-123456789'\nexit 3\n")
-    fake.chmod(0o755)
-    monkeypatch.setattr(sys, "executable", str(fake))
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "result.json").write_text(json.dumps({"status": "ok", "val_mean_rank": 1.0}))  # an earlier run's
-    r = runner.run_experiment(tmp_path / "recipe.py", tmp_path / "data", 1.0, out, device="cpu", timeout_s=60)
-    assert r["status"] == "crash" and r["val_mean_rank"] is None and r["returncode"] == 3
-    assert r["log_tail"] == "step 1\nprinted [redacted]"
-    assert (out / "run.log").read_text() == "step 1\nprinted [redacted]\n"
-    assert not (out / "result.json").exists()
-
-
-@pytest.mark.parametrize("name,auto,ok", [
-    ("cpu", False, True), ("cuda", False, True), ("cuda:1", False, True), ("auto", True, True),
-    ("auto", False, False), ("cpu0", False, False), ("cuda:", False, False), ("cuda:1x", False, False),
-    ("xcpu", False, False),
-])
-def test_device_names_the_harness_takes(name, auto, ok):
-    from agent.runner import device_error
-
-    message = device_error(name, auto)
-    if ok:
-        assert message is None
-    else:
-        assert message == f"--device {name}: expected {'auto, ' if auto else ''}cpu, cuda or cuda:N"
-
-
-@pytest.mark.parametrize("value,ok", [(None, True), (0.5, True), (0.0, False), (-1.0, False),
-                                      (float("nan"), False), (float("inf"), False)])
-def test_seconds_must_be_positive_and_finite(value, ok):
-    from agent.runner import seconds_error
-
-    message = seconds_error("--budget-s", value)
-    assert message is None if ok else message == f"--budget-s {value}: must be a positive number of seconds"
-
-
-def test_a_secret_inside_a_longer_one_leaves_no_part_of_either(monkeypatch):
-    # two secrets where one is the start of the other: replacing the shorter first left the
-    # longer one's tail in the log
-    from agent import runner
-
-    for order in (("A_TOKEN", "sk-ant-abcdef"), ("ANTHROPIC_API_KEY", "sk-ant-abcdef-LONGTAIL99")), \
-                 (("ANTHROPIC_API_KEY", "sk-ant-abcdef-LONGTAIL99"), ("A_TOKEN", "sk-ant-abcdef")):
-        for name, _ in order:
-            monkeypatch.delenv(name, raising=False)
-        for name, value in order:  # os.environ lists them in the order they were set
-            monkeypatch.setenv(name, value)
-        assert runner.redact("key=sk-ant-abcdef-LONGTAIL99 short=sk-ant-abcdef") == "key=[redacted] short=[redacted]"
 
 
 def test_isolate_reaches_every_run_and_the_final_one(cache, tmp_path, monkeypatch, capsys):

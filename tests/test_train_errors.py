@@ -10,11 +10,6 @@ import torch
 from train_support import SMALL, recipe_with, run
 
 
-@pytest.fixture
-def cache(train_cache):
-    return train_cache
-
-
 @pytest.mark.parametrize("argv,message", [
     (["--steps", "5", "--bogus=1"], "--bogus: unknown training option"),
     (["--steps", "5", "--lr=fast"], "--lr=fast: expected float"),
@@ -70,53 +65,53 @@ def cache(train_cache):
                                        "(prepare --folds 2 makes a cache with 2)"),
     (["--steps", "5", "--folds", "3", "--train-only"], "--folds cannot be combined with --train-only"),
 ])
-def test_bad_options_exit_2_with_one_line(cache, tmp_path, capsys, argv, message):
+def test_bad_options_exit_2_with_one_line(train_cache, tmp_path, capsys, argv, message):
     out = tmp_path / "o"
     out.mkdir()
     (out / "metrics.jsonl").write_text("kept\n")  # a previous run's log
-    rc, _, err = run(["--data", cache, "--out", out, *argv], capsys)
+    rc, _, err = run(["--data", train_cache, "--out", out, *argv], capsys)
     assert rc == 2 and err.startswith("train: error: ") and message in err, err
     assert err.strip().count("\n") == 0
     assert (out / "metrics.jsonl").read_text() == "kept\n"  # nothing of it lost
     fresh = tmp_path / "fresh"  # and a run refused while it set up leaves no empty folder behind
-    rc, _, err = run(["--data", cache, "--out", fresh, *argv], capsys)
+    rc, _, err = run(["--data", train_cache, "--out", fresh, *argv], capsys)
     assert rc == 2 and message in err and not fresh.exists(), err
 
 
 @pytest.mark.parametrize("make", ["file", "corrupt_checkpoint"])
-def test_unusable_out_or_checkpoint_is_one_line(cache, tmp_path, capsys, make):
+def test_unusable_out_or_checkpoint_is_one_line(train_cache, tmp_path, capsys, make):
     if make == "file":  # --out names a file
         out = tmp_path / "afile"
         out.write_text("x")
         argv, message = ["--steps", "2"], "afile"
     else:  # a checkpoint whose weights file is cut short
         out = tmp_path / "run"
-        rc, _, err = run(["--data", cache, "--out", out, "--steps", "2", *SMALL], capsys)
+        rc, _, err = run(["--data", train_cache, "--out", out, "--steps", "2", *SMALL], capsys)
         assert rc == 0, err
         weights = out / "checkpoint.safetensors"
         weights.write_bytes(weights.read_bytes()[:1000])
         argv, message = ["--steps", "4", "--resume"], "checkpoint.safetensors: unreadable"
-    rc, _, err = run(["--data", cache, "--out", out, *argv, *SMALL], capsys)
+    rc, _, err = run(["--data", train_cache, "--out", out, *argv, *SMALL], capsys)
     assert rc == 2 and err.startswith("train: error: ") and message in err, err
     assert err.strip().count("\n") == 0
 
 
-def test_overrides_that_prefix_an_option_are_overrides(cache, tmp_path, capsys):
+def test_overrides_that_prefix_an_option_are_overrides(train_cache, tmp_path, capsys):
     # --compile is a prefix of --compile-cache: argparse's abbreviations once swallowed it
     out = tmp_path / "run"
-    rc, _, err = run(["--data", cache, "--out", out, "--steps", 1, *SMALL, "--compile=false", "--seed", 3], capsys)
+    rc, _, err = run(["--data", train_cache, "--out", out, "--steps", 1, *SMALL, "--compile=false", "--seed", 3], capsys)
     assert rc == 0, err
     result = json.loads((out / "result.json").read_text())
     assert result["hparams"]["compile"] is False and result["seed"] == 3
-    rc, _, err = run(["--data", cache, "--out", out, "--steps", 1, "--see=3"], capsys)
+    rc, _, err = run(["--data", train_cache, "--out", out, "--steps", 1, "--see=3"], capsys)
     assert rc == 2 and "--see: unknown training option" in err, err
 
 
-def test_missing_or_stale_cache(tmp_path, capsys, cache):
+def test_missing_or_stale_cache(tmp_path, capsys, train_cache):
     rc, _, err = run(["--data", tmp_path / "none", "--out", tmp_path / "o", "--steps", 1], capsys)
     assert rc == 2 and "no such cache directory" in err
     out = tmp_path / "run"
-    assert run(["--data", cache, "--out", out, "--steps", 2, *SMALL], capsys)[0] == 0
+    assert run(["--data", train_cache, "--out", out, "--steps", 2, *SMALL], capsys)[0] == 0
     # the meta that counts is the one saved with the tensors, in their file's header
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
@@ -127,23 +122,23 @@ def test_missing_or_stale_cache(tmp_path, capsys, cache):
         meta = json.loads(f.metadata()[HEADER_KEY])
     save_file(load_file(tensors_path), str(tensors_path),
               metadata={HEADER_KEY: json.dumps(dict(meta, cache_fingerprint="other"))})
-    rc, _, err = run(["--data", cache, "--out", out, "--steps", 4, "--resume", *SMALL], capsys)
+    rc, _, err = run(["--data", train_cache, "--out", out, "--steps", 4, "--resume", *SMALL], capsys)
     assert rc == 2 and "checkpoint.safetensors: checkpoint was trained on another cache" in err, err
     # a checkpoint from before the header copy: its meta, and so the error, is checkpoint.json's
     save_file(load_file(tensors_path), str(tensors_path))
     (out / "checkpoint.json").write_text(json.dumps(dict(meta, cache_fingerprint="other")))
-    rc, _, err = run(["--data", cache, "--out", out, "--steps", 4, "--resume", *SMALL], capsys)
+    rc, _, err = run(["--data", train_cache, "--out", out, "--steps", 4, "--resume", *SMALL], capsys)
     assert rc == 2 and "checkpoint.json: checkpoint was trained on another cache" in err, err
 
 
 @pytest.mark.parametrize("sizes_recorded", [True, False])
-def test_damaged_cache_file_is_one_line(tmp_path, capsys, cache, sizes_recorded):
+def test_damaged_cache_file_is_one_line(tmp_path, capsys, train_cache, sizes_recorded):
     # A cache file cut short: caught by its recorded size, or (a cache from before sizes were
     # recorded) when safetensors cannot read it; one line naming the file either way.
     import shutil
 
     damaged = tmp_path / "cache"
-    shutil.copytree(cache, damaged)
+    shutil.copytree(train_cache, damaged)
     ann = damaged / "annotations.safetensors"
     ann.write_bytes(ann.read_bytes()[:500])
     manifest = json.loads((damaged / "manifest.json").read_text())
@@ -161,44 +156,44 @@ def test_damaged_cache_file_is_one_line(tmp_path, capsys, cache, sizes_recorded)
         assert not is_current(damaged, manifest["fingerprint"])
 
 
-def test_resume_refuses_another_mode(cache, tmp_path, capsys):
+def test_resume_refuses_another_mode(train_cache, tmp_path, capsys):
     out = tmp_path / "fin"
-    assert run(["--data", cache, "--out", out, "--steps", 2, "--final", *SMALL], capsys)[0] == 0
-    rc, _, err = run(["--data", cache, "--out", out, "--steps", 4, "--resume", *SMALL], capsys)
+    assert run(["--data", train_cache, "--out", out, "--steps", 2, "--final", *SMALL], capsys)[0] == 0
+    rc, _, err = run(["--data", train_cache, "--out", out, "--steps", 4, "--resume", *SMALL], capsys)
     assert rc == 2 and "checkpoint trained on 2100 images for 'test'; this run has 2000 for 'val'" in err, err
     # weights of the same shapes from another model config (4 heads, not 8) are refused too
-    rc, _, err = run(["--data", cache, "--out", out, "--steps", 4, "--final", "--resume", *SMALL,
+    rc, _, err = run(["--data", train_cache, "--out", out, "--steps", 4, "--final", "--resume", *SMALL,
                       "--model.vision.heads=8"], capsys)
     assert rc == 2 and "checkpoint has model vision.heads = 4, this run 8" in err, err
     assert err.strip().count("\n") == 0
     assert json.loads((out / "checkpoint.json").read_text())["step"] == 2  # untouched
     # the expert term's schedule shapes no weight: a resume may change it, as it may the lr
-    rc, _, err = run(["--data", cache, "--out", out, "--steps", 3, "--final", "--resume", *SMALL,
+    rc, _, err = run(["--data", train_cache, "--out", out, "--steps", 3, "--final", "--resume", *SMALL,
                       "--expert_probability=0.3", "--lr=5e-4"], capsys)
     assert rc == 0, err
-    rc, _, err = run(["--data", cache, "--out", out, "--steps", 2, "--log-every", 0], capsys)
+    rc, _, err = run(["--data", train_cache, "--out", out, "--steps", 2, "--log-every", 0], capsys)
     assert rc == 2 and "--log-every 0: must be at least 1" in err
 
 
-def test_refused_resume_creates_nothing(cache, tmp_path, capsys):
+def test_refused_resume_creates_nothing(train_cache, tmp_path, capsys):
     out = tmp_path / "never-trained"
-    rc, _, err = run(["--data", cache, "--out", out, "--steps", 2, "--resume"], capsys)
+    rc, _, err = run(["--data", train_cache, "--out", out, "--steps", 2, "--resume"], capsys)
     assert rc == 2 and "no checkpoint here" in err, err
     assert not out.exists()
 
 
-def test_a_recipe_that_fails_to_import_names_its_line(cache, tmp_path, capsys):
+def test_a_recipe_that_fails_to_import_names_its_line(train_cache, tmp_path, capsys):
     bad = recipe_with(tmp_path, "x = undefined_name\n")
     line = bad.read_text().splitlines().index("x = undefined_name") + 1
-    rc, _, err = run(["--data", cache, "--out", tmp_path / "o", "--steps", 1, "--recipe", bad], capsys)
+    rc, _, err = run(["--data", train_cache, "--out", tmp_path / "o", "--steps", 1, "--recipe", bad], capsys)
     assert rc == 2 and err.strip().count("\n") == 0, err
     assert f"recipe.py:{line}: recipe failed to import (NameError: name 'undefined_name' is not defined)" in err
     bad = recipe_with(tmp_path, "raise ValueError('first line\\nsecond line')\n")
-    rc, _, err = run(["--data", cache, "--out", tmp_path / "o", "--steps", 1, "--recipe", bad], capsys)
+    rc, _, err = run(["--data", train_cache, "--out", tmp_path / "o", "--steps", 1, "--recipe", bad], capsys)
     assert rc == 2 and err.strip().count("\n") == 0 and "(ValueError: first line)" in err, err
     # memory exhausted while importing is an out-of-memory run (status oom, exit 1), not bad input
     bad = recipe_with(tmp_path, "raise MemoryError\n")
-    rc, _, err = run(["--data", cache, "--out", tmp_path / "o", "--steps", 1, "--recipe", bad], capsys)
+    rc, _, err = run(["--data", train_cache, "--out", tmp_path / "o", "--steps", 1, "--recipe", bad], capsys)
     assert rc == 1 and json.loads((tmp_path / "o" / "result.json").read_text())["status"] == "oom", err
 
 

@@ -1,8 +1,8 @@
-"""Shared pieces of the training-loop and harness tests (``test_train.py``,
-``test_train_errors.py``, ``test_harness*.py``, ``test_sandbox.py``): a small model's
-options, recipes that wrap the template's ``train_step`` or carry a small model, and a call
-of ``eclip.train.main`` in-process. The dataset they train on is conftest's ``train_cache``
-(the harness's: ``small_cache``)."""
+"""Shared pieces of the training-loop and harness tests (the ``test_train*.py`` and
+``test_harness*.py`` files, ``test_sandbox.py``): a small model's options, recipes that wrap
+the template's ``train_step`` or carry a small model, and a call of ``eclip.train.main``
+in-process. The dataset they train on is conftest's ``train_cache`` (the harness's:
+``small_cache``)."""
 
 import json
 

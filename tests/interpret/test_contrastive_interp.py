@@ -3,7 +3,8 @@
 This process runs with TRITON_INTERPRET=1 (see tests/conftest.py), so contrastive_loss sends
 CPU tensors through the Triton kernels of both modes: every test of
 tests/test_kernels_contrastive.py then checks the kernels against the float64 reference,
-bf16 included (upcast in the kernel, as the interpreter's bf16 tl.dot is wrong).
+bf16 included (upcast in the kernel, as the interpreter's bf16 tl.dot is wrong), and every
+test of tests/test_kernels_contrastive_behaviour.py runs on the kernels too.
 """
 
 import collections
@@ -15,14 +16,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from test_kernels_contrastive import *  # noqa: E402,F401,F403
-from test_kernels_contrastive import (  # noqa: E402
+from contrastive_support import (  # noqa: E402
     assert_close,
     check_against_reference,
     make_inputs,
     reference,
     run,
 )
+from test_kernels_contrastive import *  # noqa: E402,F401,F403
+from test_kernels_contrastive_behaviour import *  # noqa: E402,F401,F403
 
 import kernels  # noqa: E402
 from kernels import _contrastive_fast, _contrastive_lean, _contrastive_panel  # noqa: E402
@@ -401,7 +403,7 @@ import sys
 sys.path[:0] = sys.argv[1:3]  # the parent's kernels, and tests/ for its helpers
 import torch
 import kernels
-from test_kernels_contrastive import assert_close, make_inputs, reference
+from contrastive_support import assert_close, make_inputs, reference
 
 b, d, stride = 3, 16, 2**30 + 64  # the last row starts 2^31 + 128 elements into the buffer
 try:

@@ -1,41 +1,17 @@
-"""``python -m eclip.prepare`` on awkward inputs: JSONL rows with differing keys, boxes found
-bad at decoding, deep images, --out directories that are not ours, damaged caches, option limits."""
+"""``python -m eclip.prepare`` on awkward sources: JSONL rows with differing keys, CSV and TSV
+quoting, boxes found bad at decoding, regions repeated across rows, image paths that are no
+file name, deep images."""
 
 import csv
 import json
-import os
-import stat
 
 import numpy as np
 import pytest
 from PIL import Image
-from safetensors.numpy import load_file, save_file
-from test_prepare import run, write_image
+from prepare_support import manifest_args, records
+from test_prepare import run
 
-from eclip import prepare
-from eclip.data import synthetic
 from eclip.data.cache import load_cache, read_manifest
-from eclip.errors import EclipError
-
-
-def manifest_args(images, path, out, *extra):
-    """Every image in train, one fold: the split and folds are the source's, not a draw."""
-    return ["--format", "manifest", "--images", images, "--manifest", path, "--out", out, "--image-size", 8,
-            "--workers", 1, "--vocab-size", 300, "--val-frac", 0, "--test-frac", 0, "--folds", 1, *extra]
-
-
-def records(out):
-    return [json.loads(x) for x in (out / "records.jsonl").read_text(encoding="utf-8").splitlines()]
-
-
-@pytest.fixture
-def images(tmp_path):
-    """Four 20x20 RGB images 0.png .. 3.png."""
-    d = tmp_path / "imgs"
-    d.mkdir()
-    for i in range(4):
-        write_image(d / f"{i}.png", 20, 20, i)
-    return d
 
 
 def test_jsonl_columns_may_first_appear_on_a_later_row(images, tmp_path, capsys):
@@ -128,67 +104,6 @@ def test_deep_images_are_scaled_to_8_bits_not_clipped(tmp_path, capsys):
         assert bool((row[1:] >= row[:-1]).all()), mode
 
 
-def test_out_with_a_manifest_of_another_tool_is_left_alone(images, tmp_path, capsys):
-    path = tmp_path / "m.csv"
-    path.write_text("image,caption\n0.png,a picture\n")
-    out = tmp_path / "ext"
-    out.mkdir()
-    (out / "manifest.json").write_text('{"name": "my extension"}')
-    (out / "precious.txt").write_text("precious")
-    rc, _, err = run(manifest_args(images, path, out), capsys)
-    assert rc == 2 and "exists and is not a cache; refusing to replace it" in err, err
-    assert (out / "precious.txt").read_text() == "precious" and len(list(out.iterdir())) == 2
-    # a real cache with a file of the user's put in it is not replaced either
-    cache = tmp_path / "cache"
-    assert run(manifest_args(images, path, cache), capsys)[0] == 0
-    (cache / "notes.txt").write_text("mine")
-    rc, _, err = run(manifest_args(images, path, cache, "--image-size", 4), capsys)
-    assert rc == 2 and "holds 'notes.txt', which is not part of the cache" in err, err
-    assert (cache / "notes.txt").read_text() == "mine" and load_cache(cache).image_size == 8
-    (cache / "notes.txt").unlink()
-    rc, stdout, err = run(manifest_args(images, path, cache, "--image-size", 4), capsys)
-    assert rc == 0 and "status:             built" in stdout and load_cache(cache).image_size == 4
-
-
-def test_cache_files_are_as_readable_as_the_cache_directory(images, tmp_path, capsys):
-    path = tmp_path / "m.csv"
-    path.write_text("image,caption\n0.png,a picture\n")
-    out = tmp_path / "c"
-    old = os.umask(0o022)
-    try:
-        rc, _, err = run(manifest_args(images, path, out), capsys)
-    finally:
-        os.umask(old)
-    assert rc == 0, err
-    assert stat.S_IMODE(out.stat().st_mode) == 0o755
-    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in out.iterdir()}
-    assert "images.safetensors" in modes and set(modes.values()) == {"0o644"}, modes
-
-
-def test_folds_beyond_what_int8_holds_are_refused(tmp_path, capsys):
-    args = ["--dataset", "synthetic", "--num-train", 130, "--num-val", 10, "--num-test", 10,
-            "--image-size", 8, "--workers", 1]
-    rc, _, err = run(args + ["--out", tmp_path / "a", "--folds", 128], capsys)
-    assert rc == 2 and "--folds 128: at most 127 (fold ids are stored as int8)" in err, err
-    assert not (tmp_path / "a").exists()
-    rc, _, err = run(args + ["--out", tmp_path / "b", "--folds", 127], capsys)
-    assert rc == 0, err
-    fold = load_cache(tmp_path / "b").fold
-    assert fold[:140].min() == 0 and fold[:140].max() == 126 and (fold[140:] == -1).all()
-
-
-@pytest.mark.parametrize("option", ["--num-val", "--num-test"])
-def test_more_evaluation_scenes_than_exist_fail_up_front(tmp_path, capsys, monkeypatch, option):
-    def drawn(*a, **k):
-        raise AssertionError("scenes drawn before the option was checked")
-
-    monkeypatch.setattr(synthetic, "sample_split", drawn)  # drawing them never ended
-    rc, _, err = run(["--dataset", "synthetic", option, 17000, "--out", tmp_path / "c"], capsys)
-    assert rc == 2, err
-    assert f"{option} 17000: the built-in dataset has at most 15920 distinct evaluation scenes" in err
-    assert not (tmp_path / "c").exists()
-
-
 def test_a_region_repeated_by_a_dropped_row_stays_with_the_rows_that_remain(images, tmp_path, capsys):
     cat = {"bbox": [1, 1, 10, 10], "phrase": "a cat"}
     wide = {"bbox": [0, 0, 500, 10], "phrase": "too wide"}
@@ -266,21 +181,6 @@ def test_an_unusable_image_path_is_a_row_problem(images, tmp_path, capsys):
     assert err.strip().count("\n") == 0
     rc, _, err = run(manifest_args(images, path, tmp_path / "c", "--skip-bad"), capsys)
     assert rc == 0 and [r["captions"] for r in records(tmp_path / "c")] == [["fine"]], err
-
-
-def test_the_working_directory_is_refused_as_out_before_the_build(images, tmp_path, capsys, monkeypatch):
-    path = tmp_path / "m.jsonl"
-    path.write_text(json.dumps({"image": "0.png", "caption": "fine"}) + "\n")
-    here = tmp_path / "empty"
-    here.mkdir()
-    monkeypatch.chdir(here)
-    for out in (".", ".."):
-        rc, _, err = run(manifest_args(images, path, out), capsys)
-        assert rc == 2 and err.strip().splitlines()[-1] == (
-            f"prepare: error: {out}: is the working directory or holds it, and a build replaces --out whole; "
-            f"name a folder inside it (--out {out}/cache)")
-        assert err.count("error") == 1
-    assert here.is_dir() and not any(here.iterdir())
 
 
 # Each region value the readers refuse, at the row (and region) that gave it: a box that slips
@@ -436,134 +336,6 @@ def test_odvg_blank_lines_and_rows_without_regions(images, tmp_path, capsys):
     assert rc == 2 and "train.jsonl:3: empty caption" in err, err
 
 
-@pytest.mark.parametrize("damage", ["cut short", "deleted"])
-def test_a_damaged_cache_is_rebuilt_not_reused(images, tmp_path, capsys, damage):
-    # a copy cut short keeps its manifest: the sizes recorded at build time tell it apart
-    path = tmp_path / "m.csv"
-    path.write_text("image,caption\n0.png,a picture\n")
-    out = tmp_path / "c"
-    assert run(manifest_args(images, path, out), capsys)[0] == 0
-    f = out / "images.safetensors"
-    if damage == "cut short":
-        f.write_bytes(f.read_bytes()[:-7])
-        with pytest.raises(EclipError, match="images.safetensors: has another size than when it was built; rebuild"):
-            load_cache(out)
-    else:
-        f.unlink()
-    rc, stdout, err = run(manifest_args(images, path, out), capsys)
-    assert rc == 0 and "status:             built" in stdout, err
-    assert load_cache(out).images.shape == (1, 3, 8, 8)
-
-
-def test_a_cache_missing_a_tensor_is_refused_by_name(images, tmp_path, capsys):
-    path = tmp_path / "m.csv"
-    path.write_text("image,caption\n0.png,a picture\n")
-    out = tmp_path / "c"
-    assert run(manifest_args(images, path, out), capsys)[0] == 0
-    ann = out / "annotations.safetensors"
-    arrays = load_file(str(ann))
-    del arrays["fold"]  # as written by an older prepare, say
-    save_file(arrays, str(ann))
-    m = read_manifest(out)
-    m["sizes"]["annotations.safetensors"] = ann.stat().st_size
-    (out / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(EclipError, match=r"annotations.safetensors: missing tensors fold$"):
-        load_cache(out)
-
-
-@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '"a string"'])
-def test_out_with_a_manifest_json_that_is_no_object_is_left_alone(images, tmp_path, capsys, text):
-    path = tmp_path / "m.csv"
-    path.write_text("image,caption\n0.png,a picture\n")
-    out = tmp_path / "other"
-    out.mkdir()
-    (out / "manifest.json").write_text(text)
-    rc, _, err = run(manifest_args(images, path, out), capsys)
-    assert rc == 2 and "other: exists and is not a cache; refusing to replace it" in err, err
-    assert (out / "manifest.json").read_text() == text
-    with pytest.raises(EclipError, match="not a prepared cache, manifest.json missing or unreadable"):
-        load_cache(out)
-
-
-def test_an_existing_empty_out_directory_is_used(images, tmp_path, capsys):
-    path = tmp_path / "m.csv"
-    path.write_text("image,caption\n0.png,a picture\n")
-    out = tmp_path / "made-by-hand"
-    out.mkdir()
-    rc, _, err = run(manifest_args(images, path, out), capsys)
-    assert rc == 0, err
-    assert load_cache(out).images.shape[0] == 1
-
-
-def test_a_cache_holding_several_foreign_files_names_the_first_and_counts_the_rest(images, tmp_path, capsys):
-    path = tmp_path / "m.csv"
-    path.write_text("image,caption\n0.png,a picture\n")
-    out = tmp_path / "c"
-    assert run(manifest_args(images, path, out), capsys)[0] == 0
-    for name in ("b.txt", "a.txt", "c.txt"):
-        (out / name).write_text("mine")
-    # --force: without it the unchanged cache is reused as it is, and nothing is replaced
-    rc, _, err = run(manifest_args(images, path, out, "--force"), capsys)
-    assert rc == 2 and "holds 'a.txt' and 2 more, which is not part of the cache" in err, err
-
-
-@pytest.mark.parametrize("change", [["--force"], ["--resize", "center-crop"], ["--seed", "7"],
-                                    ["--phrase-length", "5"], ["bump", "READ_VERSION"], ["bump", "DECODE_VERSION"]],
-                         ids=lambda c: " ".join(c))
-def test_a_changed_option_or_reader_version_rebuilds(images, tmp_path, capsys, monkeypatch, change):
-    # the same inputs and options reuse the cache; each of these must build it afresh
-    path = tmp_path / "m.csv"
-    path.write_text("image,caption\n0.png,a picture\n")
-    out = tmp_path / "c"
-    assert run(manifest_args(images, path, out), capsys)[0] == 0
-    rc, stdout, _ = run(manifest_args(images, path, out), capsys)
-    assert rc == 0 and "status:             reused" in stdout
-    if change[0] == "bump":  # a new reader or decoder: caches of the old one are stale
-        monkeypatch.setattr(prepare, change[1], getattr(prepare, change[1]) + 1)
-        change = []
-    rc, stdout, err = run(manifest_args(images, path, out, *change), capsys)
-    assert rc == 0 and "status:             built" in stdout, err
-
-
-@pytest.mark.parametrize("option,value", [("--image-size", 2), ("--context-length", 2), ("--phrase-length", 2),
-                                          ("--folds", 0), ("--workers", 0), ("--num-train", 0)])
-def test_options_below_their_minimum_are_refused(images, tmp_path, capsys, option, value):
-    path = tmp_path / "m.csv"
-    path.write_text("image,caption\n0.png,a picture\n")
-    rc, _, err = run(manifest_args(images, path, tmp_path / "c", option, value), capsys)
-    assert rc == 2 and err == f"prepare: error: {option} {value}: too small\n", err
-
-
-@pytest.mark.parametrize("val,test", [("0.5", "0.5"), ("0.7", "0.6"), ("1", "0"), ("-0.1", "0")])
-def test_split_fractions_must_leave_room_for_training(images, tmp_path, capsys, val, test):
-    path = tmp_path / "m.csv"
-    path.write_text("image,caption\n0.png,a picture\n")
-    rc, _, err = run(manifest_args(images, path, tmp_path / "c", "--val-frac", val, "--test-frac", test), capsys)
-    assert rc == 2 and "--val-frac and --test-frac must lie in [0, 1) and sum below 1" in err, err
-
-
-def test_the_largest_evaluation_split_there_is_may_be_asked_for():
-    args = prepare.build_parser().parse_args(["--dataset", "synthetic", "--out", "x",
-                                              "--num-val", str(synthetic.MAX_EVAL_SCENES),
-                                              "--num-test", str(synthetic.MAX_EVAL_SCENES)])
-    prepare._resolve_defaults(args)  # not refused: exactly as many scenes as exist
-
-
-def test_a_negative_seed_is_refused(images, tmp_path, capsys):
-    path = tmp_path / "m.csv"
-    path.write_text("image,caption\n0.png,a picture\n")
-    rc, _, err = run(manifest_args(images, path, tmp_path / "c", "--seed", "-1"), capsys)
-    assert rc == 2 and err == "prepare: error: --seed -1: must be 0 or more\n", err
-
-
-def test_a_source_without_training_images_is_refused(images, tmp_path, capsys):
-    path = tmp_path / "m.csv"
-    path.write_text("image,caption,split\n0.png,a,val\n1.png,b,test\n")
-    rc, _, err = run(manifest_args(images, path, tmp_path / "c"), capsys)
-    assert rc == 2 and "no training images left (every training row was bad or the split is empty)" in err, err
-    assert not (tmp_path / "c").exists()
-
-
 def test_a_row_with_two_bad_boxes_is_reported_once_at_its_first(images, tmp_path, capsys):
     wide = {"bbox": [0, 0, 500, 10], "phrase": "too wide"}
     tall = {"bbox": [0, 0, 10, 500], "phrase": "too tall"}
@@ -577,17 +349,6 @@ def test_a_row_with_two_bad_boxes_is_reported_once_at_its_first(images, tmp_path
     assert skipped == [{"where": f"{path}:2", "problem": "region 0: bbox [0, 0, 500, 10] lies outside the 20x20 image"}]
 
 
-def test_synthetic_evaluation_splits_are_the_distinct_scenes_and_train_may_repeat(tmp_path, capsys):
-    out = tmp_path / "c"
-    rc, _, err = run(["--dataset", "synthetic", "--num-train", 12, "--num-val", 12, "--num-test", 12,
-                      "--image-size", 8, "--workers", 1, "--seed", 3, "--out", out], capsys)
-    assert rc == 0, err
-    recs = records(out)
-    for split, unique in (("train", False), ("val", True), ("test", True)):
-        want = [s.caption for s in synthetic.sample_split(3, split, 12, unique=unique)]
-        assert [r["captions"][0] for r in recs if r["split"] == split] == want, split
-
-
 def test_a_nul_in_an_image_path_is_a_row_problem(images, tmp_path, capsys):
     path = tmp_path / "m.jsonl"
     rows = [{"image": "0.png", "caption": "fine"}, {"image": "a\u0000b.png", "caption": "broken"}]
@@ -597,33 +358,3 @@ def test_a_nul_in_an_image_path_is_a_row_problem(images, tmp_path, capsys):
     rc, _, err = run(manifest_args(images, path, tmp_path / "c", "--skip-bad"), capsys)
     assert rc == 0, err
     assert load_cache(tmp_path / "c").images.shape[0] == 1
-
-
-def test_out_with_an_undecodable_manifest_json_is_refused_in_one_line(images, tmp_path, capsys):
-    path = tmp_path / "m.csv"
-    path.write_text("image,caption\n0.png,a picture\n")
-    out = tmp_path / "other"
-    out.mkdir()
-    (out / "manifest.json").write_bytes(b"\xff\xfe binary, another tool's")
-    rc, _, err = run(manifest_args(images, path, out), capsys)
-    assert rc == 2 and "exists and is not a cache; refusing to replace it" in err, err
-
-
-@pytest.mark.parametrize("option,problem", [
-    (["--vocab-size", "259"], "--vocab-size 259: must be at least 260 (256 byte symbols plus the special tokens)"),
-    (["--tokenizer", "tok.json"], "tok.json: not a valid tokenizer.json"),
-], ids=["vocab below the byte symbols", "a tokenizer file that is none"])
-def test_tokenizer_options_are_refused_before_any_image_is_decoded(images, tmp_path, capsys, option, problem):
-    # 1.png is no image: had decoding run first, its error (not the option's) would be the one line
-    (images / "1.png").write_bytes(b"not a png")
-    (tmp_path / "tok.json").write_text("{ this is no tokenizer")
-    option = [str(tmp_path / o) if o.endswith(".json") else o for o in option]
-    path = tmp_path / "m.csv"
-    path.write_text("image,caption\n0.png,a picture\n1.png,another\n")
-    args = [a for a in manifest_args(images, path, tmp_path / "c") if a is not None]
-    at = args.index("--vocab-size")
-    del args[at:at + 2]
-    rc, _, err = run(args + option, capsys)
-    assert rc == 2 and problem in err, err
-    assert "1.png" not in err and err.count("error") == 1
-    assert not (tmp_path / "c").exists()

@@ -1,0 +1,100 @@
+"""What the research loop decides and reports from its journal: the keep rule at its edges
+(``loop.state`` and ``loop.outcome``), ``agent.report``'s summary with its best score and
+noise floor, the progress plot's axis, and a results.tsv row whatever its description."""
+
+from agent import journal, loop
+from agent.workspace import Workspace
+
+
+def test_report_on_a_journal_fixture(tmp_path, capsys):
+    from agent import report
+    ws = tmp_path / "w"
+    ws.mkdir()
+    rows = [(1, "baseline", 100.0, False), (2, "baseline", 90.0, False), (3, "discard", 93.0, False),
+            (4, "keep", 70.0, True), (5, "crash", None, False)]
+    for i, (n, status, rank, kept) in enumerate(rows):
+        journal.append(ws / "journal.jsonl", {"event": "start", "n": n, "time": 1000.0 + 100 * i,
+                                              "kind": "baseline" if status == "baseline" else "experiment",
+                                              "commit": f"c{n}", "description": f"change {n}"})
+        journal.append(ws / "journal.jsonl", {"event": "end", "n": n, "time": 1090.0 + 100 * i,
+                                              "status": status, "val_mean_rank": rank, "kept": kept})
+    assert report.main([str(ws)]) == 0
+    out = capsys.readouterr().out
+    assert ["4", "keep", "70.00", "change", "4"] in [line.split() for line in out.splitlines()]
+    assert "best_mean_rank: 70.0" in out and "baseline_mean:  95.0" in out
+    assert "counts:         baseline 2, crash 1, discard 1, keep 1" in out
+    assert "per_hour:       36.7" in out  # 5 experiments from the first start to the last end: 490 s
+    assert (ws / "progress.png").read_bytes()[:4] == b"\x89PNG"
+    assert report.main([str(tmp_path / "none")]) == 2
+
+
+def test_report_best_and_noise_floor_follow_the_loops_rule(tmp_path, capsys):
+    # the floor the loop keeps against is max(--min-delta, 2σ), with the --min-delta of the
+    # session in force (a resume may raise it): baselines 100 and 102 give 2σ = 2.83. The best
+    # is their mean, not the lower of the two (the first best of the running trail)
+    from agent import report
+    ws = tmp_path / "w"
+    ws.mkdir()
+    path = ws / "journal.jsonl"
+    journal.append(path, {"event": "session", "time": 900.0, "min_delta": 1.0})
+    for n, rank in ((1, 100.0), (2, 102.0)):
+        journal.append(path, {"event": "start", "n": n, "time": 1000.0 * n, "kind": "baseline", "commit": f"c{n}",
+                              "description": "baseline"})
+        journal.append(path, {"event": "end", "n": n, "time": 1000.0 * n + 90, "status": "baseline",
+                              "val_mean_rank": rank, "kept": False})
+    assert report.main([str(ws)]) == 0
+    out = capsys.readouterr().out
+    assert "noise_floor:    2.83" in out and "best_mean_rank: 101.0" in out
+    journal.append(path, {"event": "session", "time": 3000.0, "min_delta": 5.0})
+    assert report.main([str(ws)]) == 0
+    assert "noise_floor:    5.00" in capsys.readouterr().out
+
+
+def test_the_progress_plot_numbers_experiments_with_whole_numbers(tmp_path, monkeypatch):
+    # two experiments span 1..2 on the x axis, where matplotlib's default ticks are 1.0, 1.2, ...
+    import matplotlib.pyplot as plt
+
+    from agent import report
+    ws = tmp_path / "w"
+    ws.mkdir()
+    for n, rank in ((1, 100.0), (2, 90.0)):
+        journal.append(ws / "journal.jsonl", {"event": "start", "n": n, "time": 1000.0 * n, "kind": "baseline",
+                                              "commit": f"c{n}", "description": ""})
+        journal.append(ws / "journal.jsonl", {"event": "end", "n": n, "time": 1000.0 * n + 90,
+                                              "status": "baseline", "val_mean_rank": rank, "kept": False})
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    report.plot_progress(Workspace(ws))
+    (ax,) = figures[0].axes
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_a_result_row_is_one_line_whatever_its_description(tmp_path):
+    # a proposer's description or an error text with tabs or line breaks once split a row
+    path = tmp_path / "results.tsv"
+    journal.add_result_row(path, {"commit": "abc1234", "val_mean_rank": 12.5, "status": "crash",
+                                  "description": "two\tcolumns\nand\r\ntwo lines"})
+    header, row = path.read_text().splitlines()
+    assert row.split("\t") == ["abc1234", "12.5", "", "", "crash", "two columns and two lines"]
+    assert header.split("\t") == list(journal.COLUMNS)
+
+
+def test_the_keep_rule_at_its_edges():
+    # "kept only if it beats the best by more than max(--min-delta, 2σ)", σ the sample spread
+    base = [{"n": i, "kind": "baseline", "status": "baseline", "val_mean_rank": r, "ended": True}
+            for i, r in enumerate([100.0, 102.0, 98.0], 1)]
+    ok = lambda r: {"status": "ok", "val_mean_rank": r}  # noqa: E731
+    st = loop.state(base, "root", 0.0)
+    assert (st["best"], st["sigma"], st["threshold"]) == (100.0, 2.0, 4.0)
+    assert loop.outcome("experiment", ok(96.0), st) == ("discard", False)  # by exactly the floor: not more
+    assert loop.outcome("experiment", ok(96.5), st) == ("discard", False)  # within 2σ (σ of a sample, not pstdev)
+    assert loop.outcome("experiment", ok(95.9), st) == ("keep", True)
+    st = loop.state(base, "root", 5.0)  # --min-delta above 2σ sets the threshold
+    assert st["threshold"] == 5.0
+    assert loop.outcome("experiment", ok(95.5), st) == ("discard", False)
+    assert loop.outcome("experiment", ok(94.9), st) == ("keep", True)
+    # identical baselines (a deterministic run): σ = 0, and an equal score is no gain
+    same = [dict(b, val_mean_rank=100.0) for b in base]
+    assert loop.outcome("experiment", ok(100.0), loop.state(same, "root", 0.0)) == ("discard", False)

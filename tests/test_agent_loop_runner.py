@@ -1,0 +1,156 @@
+"""The research loop's harness runner (``agent.runner``): paths relative to the caller,
+secrets kept out of run logs and of a run's environment, a run's result read back, and the
+checks of --device and of seconds."""
+
+import json
+import os
+
+import pytest
+
+from agent.runner import run_experiment
+from eclip.train import TEMPLATE
+
+
+def test_relative_paths_are_the_callers_not_the_package_roots(tmp_path, monkeypatch):
+    # The harness runs in the package root. Relative paths once reached it as they were: a
+    # loop started elsewhere had its runs read another folder's recipe (or none: every run a
+    # "crash") and overwrite that folder's results. A rejected recipe is the quickest run.
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    Path("recipe.py").write_text(TEMPLATE.read_text() + "\n\ndef leak():\n    return open('/etc/hostname').read()\n")
+    r = run_experiment(Path("recipe.py"), Path("data"), 1.0, Path("runs/x"), device="cpu", timeout_s=120)
+    assert r["status"] == "rejected", r
+    assert json.loads((tmp_path / "runs" / "x" / "result.json").read_text())["status"] == "rejected"
+
+
+def test_secrets_are_redacted_from_run_logs(tmp_path, monkeypatch):
+    from agent import runner
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-zzz-123456789")
+    monkeypatch.setenv("SHORT_TOKEN", "abc")  # too short to redact safely
+    log = tmp_path / "run.log"
+    log.write_text("step 1\nkey sk-ant-zzz-123456789 printed\nabc\n")
+    assert runner.log_tail(log) == "step 1\nkey [redacted] printed\nabc"
+    runner.redact_file(log)
+    assert log.read_text() == "step 1\nkey [redacted] printed\nabc\n"
+    env = runner.clean_env()  # and what a run gets: no secrets, no hub downloads
+    assert "ANTHROPIC_API_KEY" not in env and env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_protect_secrets_makes_the_loop_process_non_dumpable():
+    import subprocess
+    import sys
+
+    code = ("import ctypes; from agent.runner import protect_secrets; libc = ctypes.CDLL('libc.so.6'); "
+            "before = libc.prctl(3, 0, 0, 0, 0); protect_secrets(); print(before, libc.prctl(3, 0, 0, 0, 0))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["1", "0"]  # PR_GET_DUMPABLE before and after
+
+
+def test_a_secret_of_eight_characters_is_redacted(monkeypatch):
+    from agent import runner
+
+    monkeypatch.setenv("X_TOKEN", "k8-chars")  # the shortest value replaced
+    monkeypatch.setenv("Y_TOKEN", "k7chars")  # one shorter: too common a string to replace safely
+    assert runner.redact("a k8-chars b k7chars c") == "a [redacted] b k7chars c"
+
+
+def test_redact_file_leaves_a_log_without_secrets_byte_for_byte(tmp_path):
+    # a log is rewritten only when it held a secret: otherwise its undecodable bytes and
+    # line endings would be rewritten too
+    from agent import runner
+
+    log = tmp_path / "run.log"
+    data = b"step 1 \xff\xfe undecodable\r\nstep 2\r\n"
+    log.write_bytes(data)
+    runner.redact_file(log)
+    assert log.read_bytes() == data
+    runner.redact_file(tmp_path / "missing.log")  # no log: nothing to do, no error
+    assert not (tmp_path / "missing.log").exists()
+
+
+@pytest.mark.parametrize("offset,found", [(-1.0, True), (0.0, True), (1.0, False)])
+def test_finished_result_counts_a_result_written_at_the_start_time(tmp_path, offset, found):
+    # a result stamped exactly at ``since`` (coarse file-system clocks) belongs to the run
+    from agent import runner
+
+    (tmp_path / "result.json").write_text(json.dumps({"status": "ok", "val_mean_rank": 3.0}))
+    mtime = 1_700_000_000.0
+    os.utime(tmp_path / "result.json", (mtime, mtime))
+    r = runner.finished_result(tmp_path, since=mtime + offset)
+    assert (r == {"status": "ok", "val_mean_rank": 3.0}) if found else r is None  # no log tail for an ok run
+
+
+def test_finished_result_of_a_failed_run_carries_its_log_tail(tmp_path):
+    from agent import runner
+
+    (tmp_path / "result.json").write_text(json.dumps({"status": "diverged", "val_mean_rank": None}))
+    (tmp_path / "run.log").write_text("".join(f"line {i}\n" for i in range(1, 41)))
+    r = runner.finished_result(tmp_path)
+    assert r["status"] == "diverged" and r["log_tail"] == "\n".join(f"line {i}" for i in range(11, 41))
+    # the training process's own result, not yet scored by the harness: no outcome yet
+    (tmp_path / "result.json").write_text(json.dumps({"status": "ok", "val_mean_rank": None, "ranked_by": "caller"}))
+    assert runner.finished_result(tmp_path) is None
+
+
+def test_a_run_that_writes_no_result_is_a_crash_with_its_log_redacted(tmp_path, monkeypatch):
+    # An interpreter that prints a secret and exits without a result.json: the stale result
+    # of an earlier run in the same folder must not be taken for this run's, and the log
+    # keeps no secret. A shell script stands in for python, so no training runs.
+    import shutil
+    import sys
+
+    from agent import runner
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-zzz-123456789")
+    fake = tmp_path / "python"
+    fake.write_text(f"#!{shutil.which('sh')}\necho 'step 1'\necho 'printed sk-ant-zzz-123456789'\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "result.json").write_text(json.dumps({"status": "ok", "val_mean_rank": 1.0}))  # an earlier run's
+    r = runner.run_experiment(tmp_path / "recipe.py", tmp_path / "data", 1.0, out, device="cpu", timeout_s=60)
+    assert r["status"] == "crash" and r["val_mean_rank"] is None and r["returncode"] == 3
+    assert r["log_tail"] == "step 1\nprinted [redacted]"
+    assert (out / "run.log").read_text() == "step 1\nprinted [redacted]\n"
+    assert not (out / "result.json").exists()
+
+
+@pytest.mark.parametrize("name,auto,ok", [
+    ("cpu", False, True), ("cuda", False, True), ("cuda:1", False, True), ("auto", True, True),
+    ("auto", False, False), ("cpu0", False, False), ("cuda:", False, False), ("cuda:1x", False, False),
+    ("xcpu", False, False),
+])
+def test_device_names_the_harness_takes(name, auto, ok):
+    from agent.runner import device_error
+
+    message = device_error(name, auto)
+    if ok:
+        assert message is None
+    else:
+        assert message == f"--device {name}: expected {'auto, ' if auto else ''}cpu, cuda or cuda:N"
+
+
+@pytest.mark.parametrize("value,ok", [(None, True), (0.5, True), (0.0, False), (-1.0, False),
+                                      (float("nan"), False), (float("inf"), False)])
+def test_seconds_must_be_positive_and_finite(value, ok):
+    from agent.runner import seconds_error
+
+    message = seconds_error("--budget-s", value)
+    assert message is None if ok else message == f"--budget-s {value}: must be a positive number of seconds"
+
+
+def test_a_secret_inside_a_longer_one_leaves_no_part_of_either(monkeypatch):
+    # two secrets where one is the start of the other: replacing the shorter first left the
+    # longer one's tail in the log
+    from agent import runner
+
+    for order in (("A_TOKEN", "sk-ant-abcdef"), ("ANTHROPIC_API_KEY", "sk-ant-abcdef-LONGTAIL99")), \
+                 (("ANTHROPIC_API_KEY", "sk-ant-abcdef-LONGTAIL99"), ("A_TOKEN", "sk-ant-abcdef")):
+        for name, _ in order:
+            monkeypatch.delenv(name, raising=False)
+        for name, value in order:  # os.environ lists them in the order they were set
+            monkeypatch.setenv(name, value)
+        assert runner.redact("key=sk-ant-abcdef-LONGTAIL99 short=sk-ant-abcdef") == "key=[redacted] short=[redacted]"

@@ -1,0 +1,104 @@
+"""``python -m eclip.prepare``: option limits refused up front (folds, evaluation scenes, split
+fractions, seeds, tokenizer options) and the built-in dataset's evaluation splits."""
+
+import pytest
+from prepare_support import manifest_args, records
+from test_prepare import run
+
+from eclip import prepare
+from eclip.data import synthetic
+from eclip.data.cache import load_cache
+
+
+def test_folds_beyond_what_int8_holds_are_refused(tmp_path, capsys):
+    args = ["--dataset", "synthetic", "--num-train", 130, "--num-val", 10, "--num-test", 10,
+            "--image-size", 8, "--workers", 1]
+    rc, _, err = run(args + ["--out", tmp_path / "a", "--folds", 128], capsys)
+    assert rc == 2 and "--folds 128: at most 127 (fold ids are stored as int8)" in err, err
+    assert not (tmp_path / "a").exists()
+    rc, _, err = run(args + ["--out", tmp_path / "b", "--folds", 127], capsys)
+    assert rc == 0, err
+    fold = load_cache(tmp_path / "b").fold
+    assert fold[:140].min() == 0 and fold[:140].max() == 126 and (fold[140:] == -1).all()
+
+
+@pytest.mark.parametrize("option", ["--num-val", "--num-test"])
+def test_more_evaluation_scenes_than_exist_fail_up_front(tmp_path, capsys, monkeypatch, option):
+    def drawn(*a, **k):
+        raise AssertionError("scenes drawn before the option was checked")
+
+    monkeypatch.setattr(synthetic, "sample_split", drawn)  # drawing them never ended
+    rc, _, err = run(["--dataset", "synthetic", option, 17000, "--out", tmp_path / "c"], capsys)
+    assert rc == 2, err
+    assert f"{option} 17000: the built-in dataset has at most 15920 distinct evaluation scenes" in err
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("option,value", [("--image-size", 2), ("--context-length", 2), ("--phrase-length", 2),
+                                          ("--folds", 0), ("--workers", 0), ("--num-train", 0)])
+def test_options_below_their_minimum_are_refused(images, tmp_path, capsys, option, value):
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n")
+    rc, _, err = run(manifest_args(images, path, tmp_path / "c", option, value), capsys)
+    assert rc == 2 and err == f"prepare: error: {option} {value}: too small\n", err
+
+
+@pytest.mark.parametrize("val,test", [("0.5", "0.5"), ("0.7", "0.6"), ("1", "0"), ("-0.1", "0")])
+def test_split_fractions_must_leave_room_for_training(images, tmp_path, capsys, val, test):
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n")
+    rc, _, err = run(manifest_args(images, path, tmp_path / "c", "--val-frac", val, "--test-frac", test), capsys)
+    assert rc == 2 and "--val-frac and --test-frac must lie in [0, 1) and sum below 1" in err, err
+
+
+def test_the_largest_evaluation_split_there_is_may_be_asked_for():
+    args = prepare.build_parser().parse_args(["--dataset", "synthetic", "--out", "x",
+                                              "--num-val", str(synthetic.MAX_EVAL_SCENES),
+                                              "--num-test", str(synthetic.MAX_EVAL_SCENES)])
+    prepare._resolve_defaults(args)  # not refused: exactly as many scenes as exist
+
+
+def test_a_negative_seed_is_refused(images, tmp_path, capsys):
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n")
+    rc, _, err = run(manifest_args(images, path, tmp_path / "c", "--seed", "-1"), capsys)
+    assert rc == 2 and err == "prepare: error: --seed -1: must be 0 or more\n", err
+
+
+def test_a_source_without_training_images_is_refused(images, tmp_path, capsys):
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption,split\n0.png,a,val\n1.png,b,test\n")
+    rc, _, err = run(manifest_args(images, path, tmp_path / "c"), capsys)
+    assert rc == 2 and "no training images left (every training row was bad or the split is empty)" in err, err
+    assert not (tmp_path / "c").exists()
+
+
+def test_synthetic_evaluation_splits_are_the_distinct_scenes_and_train_may_repeat(tmp_path, capsys):
+    out = tmp_path / "c"
+    rc, _, err = run(["--dataset", "synthetic", "--num-train", 12, "--num-val", 12, "--num-test", 12,
+                      "--image-size", 8, "--workers", 1, "--seed", 3, "--out", out], capsys)
+    assert rc == 0, err
+    recs = records(out)
+    for split, unique in (("train", False), ("val", True), ("test", True)):
+        want = [s.caption for s in synthetic.sample_split(3, split, 12, unique=unique)]
+        assert [r["captions"][0] for r in recs if r["split"] == split] == want, split
+
+
+@pytest.mark.parametrize("option,problem", [
+    (["--vocab-size", "259"], "--vocab-size 259: must be at least 260 (256 byte symbols plus the special tokens)"),
+    (["--tokenizer", "tok.json"], "tok.json: not a valid tokenizer.json"),
+], ids=["vocab below the byte symbols", "a tokenizer file that is none"])
+def test_tokenizer_options_are_refused_before_any_image_is_decoded(images, tmp_path, capsys, option, problem):
+    # 1.png is no image: had decoding run first, its error (not the option's) would be the one line
+    (images / "1.png").write_bytes(b"not a png")
+    (tmp_path / "tok.json").write_text("{ this is no tokenizer")
+    option = [str(tmp_path / o) if o.endswith(".json") else o for o in option]
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n1.png,another\n")
+    args = [a for a in manifest_args(images, path, tmp_path / "c") if a is not None]
+    at = args.index("--vocab-size")
+    del args[at:at + 2]
+    rc, _, err = run(args + option, capsys)
+    assert rc == 2 and problem in err, err
+    assert "1.png" not in err and err.count("error") == 1
+    assert not (tmp_path / "c").exists()

@@ -1,0 +1,166 @@
+"""``python -m eclip.prepare`` and its --out directory: folders that are not ours, file
+permissions, damaged caches rebuilt or refused, and what makes a cache be reused or rebuilt."""
+
+import json
+import os
+import stat
+
+import pytest
+from prepare_support import manifest_args
+from safetensors.numpy import load_file, save_file
+from test_prepare import run
+
+from eclip import prepare
+from eclip.data.cache import load_cache, read_manifest
+from eclip.errors import EclipError
+
+
+def test_out_with_a_manifest_of_another_tool_is_left_alone(images, tmp_path, capsys):
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n")
+    out = tmp_path / "ext"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"name": "my extension"}')
+    (out / "precious.txt").write_text("precious")
+    rc, _, err = run(manifest_args(images, path, out), capsys)
+    assert rc == 2 and "exists and is not a cache; refusing to replace it" in err, err
+    assert (out / "precious.txt").read_text() == "precious" and len(list(out.iterdir())) == 2
+    # a real cache with a file of the user's put in it is not replaced either
+    cache = tmp_path / "cache"
+    assert run(manifest_args(images, path, cache), capsys)[0] == 0
+    (cache / "notes.txt").write_text("mine")
+    rc, _, err = run(manifest_args(images, path, cache, "--image-size", 4), capsys)
+    assert rc == 2 and "holds 'notes.txt', which is not part of the cache" in err, err
+    assert (cache / "notes.txt").read_text() == "mine" and load_cache(cache).image_size == 8
+    (cache / "notes.txt").unlink()
+    rc, stdout, err = run(manifest_args(images, path, cache, "--image-size", 4), capsys)
+    assert rc == 0 and "status:             built" in stdout and load_cache(cache).image_size == 4
+
+
+def test_cache_files_are_as_readable_as_the_cache_directory(images, tmp_path, capsys):
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n")
+    out = tmp_path / "c"
+    old = os.umask(0o022)
+    try:
+        rc, _, err = run(manifest_args(images, path, out), capsys)
+    finally:
+        os.umask(old)
+    assert rc == 0, err
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in out.iterdir()}
+    assert "images.safetensors" in modes and set(modes.values()) == {"0o644"}, modes
+
+
+def test_the_working_directory_is_refused_as_out_before_the_build(images, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"image": "0.png", "caption": "fine"}) + "\n")
+    here = tmp_path / "empty"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for out in (".", ".."):
+        rc, _, err = run(manifest_args(images, path, out), capsys)
+        assert rc == 2 and err.strip().splitlines()[-1] == (
+            f"prepare: error: {out}: is the working directory or holds it, and a build replaces --out whole; "
+            f"name a folder inside it (--out {out}/cache)")
+        assert err.count("error") == 1
+    assert here.is_dir() and not any(here.iterdir())
+
+
+@pytest.mark.parametrize("damage", ["cut short", "deleted"])
+def test_a_damaged_cache_is_rebuilt_not_reused(images, tmp_path, capsys, damage):
+    # a copy cut short keeps its manifest: the sizes recorded at build time tell it apart
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n")
+    out = tmp_path / "c"
+    assert run(manifest_args(images, path, out), capsys)[0] == 0
+    f = out / "images.safetensors"
+    if damage == "cut short":
+        f.write_bytes(f.read_bytes()[:-7])
+        with pytest.raises(EclipError, match="images.safetensors: has another size than when it was built; rebuild"):
+            load_cache(out)
+    else:
+        f.unlink()
+    rc, stdout, err = run(manifest_args(images, path, out), capsys)
+    assert rc == 0 and "status:             built" in stdout, err
+    assert load_cache(out).images.shape == (1, 3, 8, 8)
+
+
+def test_a_cache_missing_a_tensor_is_refused_by_name(images, tmp_path, capsys):
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n")
+    out = tmp_path / "c"
+    assert run(manifest_args(images, path, out), capsys)[0] == 0
+    ann = out / "annotations.safetensors"
+    arrays = load_file(str(ann))
+    del arrays["fold"]  # as written by an older prepare, say
+    save_file(arrays, str(ann))
+    m = read_manifest(out)
+    m["sizes"]["annotations.safetensors"] = ann.stat().st_size
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EclipError, match=r"annotations.safetensors: missing tensors fold$"):
+        load_cache(out)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '"a string"'])
+def test_out_with_a_manifest_json_that_is_no_object_is_left_alone(images, tmp_path, capsys, text):
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n")
+    out = tmp_path / "other"
+    out.mkdir()
+    (out / "manifest.json").write_text(text)
+    rc, _, err = run(manifest_args(images, path, out), capsys)
+    assert rc == 2 and "other: exists and is not a cache; refusing to replace it" in err, err
+    assert (out / "manifest.json").read_text() == text
+    with pytest.raises(EclipError, match="not a prepared cache, manifest.json missing or unreadable"):
+        load_cache(out)
+
+
+def test_an_existing_empty_out_directory_is_used(images, tmp_path, capsys):
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n")
+    out = tmp_path / "made-by-hand"
+    out.mkdir()
+    rc, _, err = run(manifest_args(images, path, out), capsys)
+    assert rc == 0, err
+    assert load_cache(out).images.shape[0] == 1
+
+
+def test_a_cache_holding_several_foreign_files_names_the_first_and_counts_the_rest(images, tmp_path, capsys):
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n")
+    out = tmp_path / "c"
+    assert run(manifest_args(images, path, out), capsys)[0] == 0
+    for name in ("b.txt", "a.txt", "c.txt"):
+        (out / name).write_text("mine")
+    # --force: without it the unchanged cache is reused as it is, and nothing is replaced
+    rc, _, err = run(manifest_args(images, path, out, "--force"), capsys)
+    assert rc == 2 and "holds 'a.txt' and 2 more, which is not part of the cache" in err, err
+
+
+@pytest.mark.parametrize("change", [["--force"], ["--resize", "center-crop"], ["--seed", "7"],
+                                    ["--phrase-length", "5"], ["bump", "READ_VERSION"], ["bump", "DECODE_VERSION"]],
+                         ids=lambda c: " ".join(c))
+def test_a_changed_option_or_reader_version_rebuilds(images, tmp_path, capsys, monkeypatch, change):
+    # the same inputs and options reuse the cache; each of these must build it afresh
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n")
+    out = tmp_path / "c"
+    assert run(manifest_args(images, path, out), capsys)[0] == 0
+    rc, stdout, _ = run(manifest_args(images, path, out), capsys)
+    assert rc == 0 and "status:             reused" in stdout
+    if change[0] == "bump":  # a new reader or decoder: caches of the old one are stale
+        monkeypatch.setattr(prepare, change[1], getattr(prepare, change[1]) + 1)
+        change = []
+    rc, stdout, err = run(manifest_args(images, path, out, *change), capsys)
+    assert rc == 0 and "status:             built" in stdout, err
+
+
+def test_out_with_an_undecodable_manifest_json_is_refused_in_one_line(images, tmp_path, capsys):
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n")
+    out = tmp_path / "other"
+    out.mkdir()
+    (out / "manifest.json").write_bytes(b"\xff\xfe binary, another tool's")
+    rc, _, err = run(manifest_args(images, path, out), capsys)
+    assert rc == 2 and "exists and is not a cache; refusing to replace it" in err, err

@@ -1,0 +1,146 @@
+"""Interrupted runs of ``python -m eclip.train`` and ``--resume``: Ctrl-C and SIGTERM during a
+step, during the evaluation and during the save, and resumed runs that match an uninterrupted
+one or only evaluate the checkpoint."""
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+from train_support import SMALL, recipe_at_call, run
+
+from eclip import train
+
+
+@pytest.mark.parametrize("placement", ["device", "host"])
+def test_resume_matches_an_uninterrupted_run(train_cache, tmp_path, capsys, placement):
+    # host: images stay in host memory and a thread gathers batches ahead; the batches drawn
+    # ahead at the interruption must not leak into the checkpoint's sampler state
+    # the expert path on: its generator (draws, mixup) must resume exactly too
+    base = ["--data", train_cache, "--steps", 8, *SMALL, "--expert=true", "--expert_probability=0.7",
+            "--expert_cold_start=0.0", "--expert_ramp=0.0", "--data-placement", placement]
+    rc, _, err = run([*base, "--out", tmp_path / "straight"], capsys)
+    assert rc == 0, err
+    stopper = recipe_at_call(tmp_path, before="if _calls[0] == 5:\n    raise KeyboardInterrupt")
+    out = tmp_path / "resumed"
+    rc, stdout, _ = run([*base, "--out", out, "--recipe", stopper], capsys)
+    assert rc == 130 and "status:         interrupted" in stdout
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 4
+    resume = [a for a in base if a != placement] + ["auto"]  # auto on resume: the checkpoint's placement
+    rc, _, err = run([*resume, "--out", out, "--resume"], capsys)
+    assert rc == 0, err
+    a = json.loads((tmp_path / "straight" / "result.json").read_text())
+    b = json.loads((out / "result.json").read_text())
+    assert b["steps"] == 8 and a["data_placement"] == b["data_placement"] == placement
+    assert 0 < a["expert_samples"] == b["expert_samples"] < a["samples"]  # some steps drew it, others not
+    assert a["val_mean_rank"] == b["val_mean_rank"] and a["metrics"] == b["metrics"]
+    from safetensors.torch import load_file
+    wa = load_file(str(tmp_path / "straight" / "checkpoint.safetensors"))
+    wb = load_file(str(out / "checkpoint.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_optimizer_settings_given_with_resume_apply(train_cache, tmp_path, capsys):
+    # load_state_dict puts the saved groups' weight decay and betas back: --weight_decay and
+    # --beta2 given with --resume once changed nothing while the recorded hparams said they had.
+    out = tmp_path / "run"
+    rc, _, err = run(["--data", train_cache, "--out", out, "--steps", 2, *SMALL], capsys)
+    assert rc == 0, err
+    before = json.loads((out / "checkpoint.json").read_text())["optimizer"]["param_groups"]
+    rc, _, err = run(["--data", train_cache, "--out", out, "--steps", 4, *SMALL, "--resume", "--weight_decay=0.5",
+                      "--beta2=0.9"], capsys)
+    assert rc == 0, err
+    meta = json.loads((out / "checkpoint.json").read_text())
+    groups = meta["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in before] == [0.1, 0.0]  # the template's decayed and exempt groups
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0] and all(g["betas"][1] == 0.9 for g in groups)
+    from safetensors.torch import load_file
+
+    moments = [k for k in load_file(str(out / "checkpoint.safetensors")) if k.startswith("optim.")]
+    assert meta["step"] == 4 and any(k.endswith(".exp_avg_sq") for k in moments)  # the state came along
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM", "SIGTERM twice"])  # Ctrl-C; a scheduler or `timeout`
+def test_first_ctrl_c_finishes_the_step_and_saves(train_cache, tmp_path, capsys, sig):
+    # A real signal in the middle of step 5: the handler lets the step finish, then the loop
+    # stops with a checkpoint of 5 steps and a result with status interrupted. A SIGTERM to
+    # a harness's process group reaches the training process twice: the repeat changes nothing.
+    name, times = sig.split()[0], 2 if sig.endswith("twice") else 1
+    stopper = recipe_at_call(tmp_path, prelude="import os as _os, signal as _signal\n",
+                             before=f"if _calls[0] == 5:\n    for _ in range({times}):\n"
+                                    f"        _os.kill(_os.getpid(), _signal.{name})")
+    out = tmp_path / "run"
+    rc, stdout, err = run(["--data", train_cache, "--out", out, "--steps", 20, "--recipe", stopper, *SMALL], capsys)
+    assert rc == 130 and "status:         interrupted" in stdout, err
+    assert err.count(f"{name}: stopping after this step") == 1
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the process's own handler is back
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 5
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "interrupted" and result["steps"] == 5 and result["val_mean_rank"] is None
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_during_the_evaluation_keeps_the_checkpoint_and_writes_a_result(train_cache, tmp_path, capsys,
+                                                                              monkeypatch, sig):
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), getattr(signal, sig))
+        time.sleep(5)  # the signal's handler raises before this ends
+        raise AssertionError("the signal was not taken as Ctrl-C")
+
+    monkeypatch.setattr(train, "evaluate_split", interrupted)
+    out = tmp_path / "run"
+    rc, stdout, err = run(["--data", train_cache, "--out", out, "--steps", 3, *SMALL], capsys)
+    assert rc == 130 and "status:         interrupted" in stdout and "during the evaluation" in err
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 3
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "interrupted" and result["steps"] == 3 and result["metrics"] is None
+
+
+@pytest.mark.parametrize("length", [["--steps", "3"], ["--budget-s", "1"]])
+def test_resume_with_nothing_left_to_train_evaluates_the_checkpoint(train_cache, tmp_path, capsys, monkeypatch, length):
+    # An evaluation cut short leaves a trained checkpoint without metrics: --resume with the
+    # same options evaluates it (no step runs, and the run says so instead of refusing it or
+    # passing it off as a training).
+    real = train.evaluate_split
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "evaluate_split", interrupted)
+    out = tmp_path / "run"
+    rc, _, err = run(["--data", train_cache, "--out", out, *length, *SMALL], capsys)
+    assert rc == 130 and "--resume with the same options evaluates it" in err, err
+    before = (out / "checkpoint.safetensors").read_bytes()
+    steps = json.loads((out / "checkpoint.json").read_text())["step"]
+    monkeypatch.setattr(train, "evaluate_split", real)
+    rc, stdout, err = run(["--data", train_cache, "--out", out, *length, *SMALL, "--resume"], capsys)
+    assert rc == 0, err
+    assert f"has trained {steps} steps in" in err and "no step runs (evaluating it)" in err
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "ok" and result["steps"] == steps and result["val_mean_rank"] is not None
+    from safetensors.torch import load, load_file
+    now, then = load_file(str(out / "checkpoint.safetensors")), load(before)
+    assert now.keys() == then.keys() and all(torch.equal(now[k], then[k]) for k in now)  # the weights as they were
+
+
+def test_a_late_repeat_of_sigterm_does_not_cut_the_save_short(train_cache, tmp_path, capsys, monkeypatch):
+    # the copy of a group's SIGTERM that the harness passes on may arrive after the last
+    # step, while the checkpoint is written: it must change nothing
+    stopper = recipe_at_call(tmp_path, prelude="import os as _os, signal as _signal\n",
+                             before="if _calls[0] == 3:\n    _os.kill(_os.getpid(), _signal.SIGTERM)")
+    real = train.ckpt.save_checkpoint
+
+    def save_with_a_late_signal(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train.ckpt, "save_checkpoint", save_with_a_late_signal)
+    out = tmp_path / "run"
+    rc, stdout, err = run(["--data", train_cache, "--out", out, "--steps", 20, "--recipe", stopper, *SMALL], capsys)
+    assert rc == 130 and "status:         interrupted" in stdout, err
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
