@@ -3,7 +3,8 @@
 A recipe is edited by a proposer (an LLM or a search) and then run by the harness, which
 owns the data, the clock and the score. Whatever the recipe can reach it may eventually
 game, so before it runs, its syntax tree is checked (the lists and the chain resolution
-live in ``eclip.policy_reach``):
+live in ``eclip.policy_reach``, the rules on the recipe's classes in ``eclip.policy_classes``,
+those on ``torch.compile`` in ``eclip.policy_compile``):
 
 - imports only from ``ALLOWED_IMPORTS`` (torch and a few standard modules for maths and
   types, and the project's model and kernel modules), never ``import *``, never a private
@@ -69,19 +70,17 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
+from eclip.policy_classes import ClassRules
 from eclip.policy_compile import CompileRules
 from eclip.policy_reach import (
-    ALLOWED_DUNDER_DEFS,
     ALLOWED_FROM_ECLIP,
     ALLOWED_IMPORTS,
     ANNOTATION_BUILTINS,
-    AUTOGRAD_METHODS,
     CLASS_WRITERS,
     FILE_KNOB,
     FORBIDDEN_ATTRIBUTES,
     FORBIDDEN_NAMES,
     FORMAT_FIELD,
-    KEEPS_SELF,
     MAX_SOURCE_CHARS,
     RECEIVERS,
     SETTINGS,
@@ -120,7 +119,7 @@ class Violation:
         return f"{filename}:{self.line}: {self.message}"
 
 
-class _Checker(CompileRules):
+class _Checker(ClassRules, CompileRules):
     """One pass over a parsed recipe, collecting violations."""
 
     def __init__(self, tree: ast.AST):
@@ -134,87 +133,7 @@ class _Checker(CompileRules):
             n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body and isinstance(
             n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant) and isinstance(n.body[0].value.value, str)}
         self.aliases = self._aliases()
-        # class name → its methods' names; the first parameters that are an instance's ``self``
-        # (or a classmethod's ``cls``): the only receivers an attribute write may have
-        self.methods: dict[str, set[str]] = {}
-        self.receivers: set[int] = set()
-        writes: set[str] = set()  # classes with a method that writes through its receiver
-        bases: dict[str, set[str]] = {}  # class → its bases among the recipe's classes
-        setup: set[str] = set()  # classes whose body binds setup_context
-        for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
-            bases.setdefault(cls.name, set()).update(
-                b.id for b in cls.bases if isinstance(b, ast.Name) and b.id in self.classes)
-            if any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "setup_context"
-                   or isinstance(n, ast.Name) and n.id == "setup_context" for s in cls.body for n in ast.walk(s)):
-                setup.add(cls.name)
-        # with a setup_context, autograd calls forward(*args) without a context: its first
-        # parameter is whatever apply() was given first (Fn.apply(torch.Tensor, v) would write
-        # into torch.Tensor). Any class related by inheritance counts: a subclass's (or a mixin's)
-        # setup_context makes the base's forward run so too.
-        related = self._related(bases)
-        for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
-            function = any(self._is(b, ("torch.autograd.Function",)) for b in cls.bases)
-            properties = {f.name for f in cls.body if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-                          and any(isinstance(d, ast.Name) and d.id == "property" for d in f.decorator_list)}
-            for fn in cls.body:
-                if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    continue
-                static = [d.id for d in fn.decorator_list if isinstance(d, ast.Name)
-                          and d.id in ("classmethod", "staticmethod")]
-                first = arg_nodes(fn.args)[:1]
-                if function and static == ["staticmethod"] and fn.name in AUTOGRAD_METHODS:
-                    # ctx is autograd's context object; MyFn.forward(torch.Tensor, …) is refused
-                    self.methods.setdefault(cls.name, set()).add(fn.name)
-                    if first and first[0].arg == "ctx" and len(fn.decorator_list) == 1 and not (
-                            fn.name == "forward" and related[cls.name] & setup):
-                        self.receivers.add(id(first[0]))
-                        if self._writes_through(fn, "ctx"):
-                            writes.add(cls.name)
-                    continue
-                if not static:  # classmethods and staticmethods are called through the class
-                    self.methods.setdefault(cls.name, set()).add(fn.name)
-                if first and first[0].arg in ("self", "cls") and self._plain_method(fn, properties):
-                    self.receivers.add(id(first[0]))
-                    if not is_dunder(fn.name) and self._writes_through(fn, first[0].arg):
-                        writes.add(cls.name)  # (a dunder method is never reached through the class)
-        # a subclass has its bases' methods: J.put(torch.Tensor, v) runs H.put with self = torch.Tensor
-        lineage = {name: self._lineage(name, bases) for name in self.classes}
-        self.own_methods = self.methods
-        self.methods = {name: set().union(*(self.methods.get(b, set()) for b in lineage[name]))
-                        for name in self.classes}
-        self.writers = {name for name in self.classes if lineage[name] & writes}
-
-    @classmethod
-    def _related(cls, bases: dict[str, set[str]]) -> dict[str, set[str]]:
-        """Class → the recipe's classes related to it by inheritance, either way and through
-        each other (its bases, its subclasses, their other bases, …), itself included."""
-        links = {name: set(up) for name, up in bases.items()}
-        for name, up in bases.items():
-            for b in up:
-                links.setdefault(b, set()).add(name)
-        out: dict[str, set[str]] = {}
-        for name in links:
-            if name not in out:
-                group = cls._lineage(name, links)  # along links both ways: the whole group
-                out.update(dict.fromkeys(group, group))
-        return out
-
-    @staticmethod
-    def _lineage(name: str, bases: dict[str, set[str]]) -> set[str]:
-        """``name`` and the recipe's classes it derives from, however far up (``bases``: a
-        class's bases; given links both ways, its whole group)."""
-        out, todo = set(), [name]
-        while todo:
-            if (c := todo.pop()) not in out:
-                out.add(c)
-                todo.extend(bases.get(c, ()))
-        return out
-
-    @staticmethod
-    def _writes_through(fn, receiver: str) -> bool:
-        """``fn`` assigns (or deletes) an attribute through its parameter ``receiver``."""
-        return any(root_name(t) == receiver and not isinstance(t, ast.Name)
-                   for n in ast.walk(fn) for t in bindings(n)[0])
+        self._classes(tree)
 
     def _is(self, node: ast.AST, names: tuple[str, ...]) -> bool:
         """``node`` (a chain on the recipe's imports) names one of the objects ``names``."""
@@ -232,20 +151,6 @@ class _Checker(CompileRules):
         if isinstance(module, types.ModuleType) and module.__name__ != root:
             return f"{module.__name__}.{rest}" if rest else module.__name__
         return dotted
-
-    def _plain_method(self, fn, properties: set[str]) -> bool:
-        """Its decorators cannot change what its first parameter is bound to: none,
-        ``property``/``classmethod``, a property's ``@x.setter`` (x one of its class's
-        ``properties``), or one of ``KEEPS_SELF`` (``torch.no_grad()``)."""
-        for d in fn.decorator_list:
-            if isinstance(d, ast.Name) and d.id in ("property", "classmethod"):
-                continue
-            if (isinstance(d, ast.Attribute) and d.attr in ("setter", "getter", "deleter")
-                    and isinstance(d.value, ast.Name) and d.value.id in properties):
-                continue
-            if not self._is(d.func if isinstance(d, ast.Call) else d, KEEPS_SELF):
-                return False
-        return True
 
     def _whole_chain(self, node: ast.AST) -> ast.AST:
         """The longest attribute chain ``node`` begins (``torch._dynamo`` in ``torch._dynamo.x.y``)."""
@@ -437,34 +342,6 @@ class _Checker(CompileRules):
                 and isinstance(self.modules.get(node.id), types.ModuleType):
             self.add(node, f"the module '{node.id}' used as a value is not allowed (call or read its attributes)")
 
-    def _class_use(self, node: ast.Name) -> bool:
-        """``node`` (a class) is called, subclassed, compared, read from (``H.x``: methods are
-        refused there) or handed to ``isinstance``/``issubclass``: nothing that passes it on."""
-        parent, test = self.parents.get(node), ("isinstance", "issubclass")  # (builtins: never rebound)
-        if isinstance(parent, ast.Tuple) and isinstance(call := self.parents.get(parent), ast.Call):
-            return isinstance(call.func, ast.Name) and call.func.id in test and parent in call.args
-        if isinstance(parent, ast.Call):  # H(...), isinstance(x, H)
-            return parent.func is node or (isinstance(parent.func, ast.Name) and parent.func.id in test
-                                           and node in parent.args)
-        return (isinstance(parent, (ast.Attribute, ast.Compare)) or isinstance(parent, ast.ClassDef)
-                and node in parent.bases or isinstance(parent, ast.MatchClass) and parent.cls is node)
-
-    def _class_scope(self, node: ast.AST) -> ast.ClassDef | None:
-        """The class whose body ``node`` is directly in (no function between), or None."""
-        while (node := self.parents.get(node)) is not None:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-                return None
-            if isinstance(node, ast.ClassDef):
-                return node
-        return None
-
-    def _accessor(self, node: ast.Name) -> bool:
-        """``@name.setter`` (or getter, deleter) over a property's next method."""
-        parent = self.parents.get(node)
-        method = self.parents.get(parent)
-        return (isinstance(parent, ast.Attribute) and parent.attr in ("setter", "getter", "deleter")
-                and isinstance(method, (ast.FunctionDef, ast.AsyncFunctionDef)) and parent in method.decorator_list)
-
     def check_attribute(self, node: ast.Attribute) -> None:
         dotted = dotted_name(node)
         root = root_name(node)
@@ -497,73 +374,6 @@ class _Checker(CompileRules):
                                f"({WHY})")
             elif isinstance(obj, types.ModuleType) and self._bare(node, self.imported):
                 self.add(node, f"the module '{dotted}' used as a value is not allowed (call or read its attributes)")
-
-    def check_class_writer(self, node: ast.AST) -> None:
-        """``dataclasses.dataclass`` (and the other ``CLASS_WRITERS``) only as a decorator of the
-        recipe's own ``class`` or ``def`` (``@dataclasses.dataclass``, ``@dataclasses.dataclass(frozen=True)``):
-        dataclass writes its fields' names into code it runs, and a class not made by a ``class``
-        statement may have any strings for them (``w = dataclasses.dataclass(init=False); w(C)``)."""
-        if node is not self._whole_chain(node) or not self._is(node, CLASS_WRITERS):
-            return
-        use, parent = node, self.parents.get(node)
-        if isinstance(parent, ast.Call) and parent.func is node and not parent.args:
-            use, parent = parent, self.parents.get(parent)  # @dataclasses.dataclass(frozen=True)
-        if isinstance(parent, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and use in parent.decorator_list:
-            # the decorators below it run first and hand it what they return: any class
-            # (@dataclasses.dataclass over @(lambda c: torch.nn.Linear) writes into Linear)
-            below = parent.decorator_list[parent.decorator_list.index(use) + 1:]
-            if all(self._is(d.func if isinstance(d, ast.Call) and not d.args else d, CLASS_WRITERS) for d in below):
-                return
-            self.add(node, f"'{dotted_name(node)}' may only decorate the recipe's own classes: no decorator but "
-                           "another class writer may come below it (what that returns is what it writes into)")
-            return
-        self.add(node, f"'{dotted_name(node)}' may only decorate the recipe's own classes, as '@{dotted_name(node)}' "
-                       "(called on a class it writes methods into it, generated as code from its fields' names)")
-
-    def check_match_class(self, node: ast.MatchClass) -> None:
-        """``case object(__self__=b)`` reads ``subject.__self__`` (``len``'s is the builtins module):
-        a class pattern's keywords are attributes, and checked as attributes are. Its positional
-        arguments read the attributes its class's ``__match_args__`` names, which the check never
-        sees: a dataclass field named ``gi_frame`` in a class that an ABC's ``register`` made a
-        generator an instance of (``case P(frame)``) read a frame, then ``f_builtins``."""
-        if node.patterns:
-            self.add(node, "a class pattern's positional arguments are not allowed: they read the attributes its "
-                           "class's match_args name, which the check cannot see (name them: case C(shape=s))")
-        for attr in node.kwd_attrs:
-            if is_dunder(attr):
-                self.add(node, f"a class pattern's keyword reads the dunder attribute '.{attr}', which is not allowed "
-                               f"({WHY})")
-            elif attr in FORBIDDEN_ATTRIBUTES or is_private(attr):
-                self.add(node, f"a class pattern's keyword reads the attribute '.{attr}', which is not allowed ({WHY})")
-
-    def check_receivers(self, node) -> None:
-        """``self`` and ``cls`` name an instance (a class) of the recipe's own, always: as a
-        plain method's first parameter and nowhere else, since writes through them are allowed."""
-        for a in arg_nodes(node.args):
-            self.rebinds(node, a.arg)
-            if a.arg in RECEIVERS and id(a) not in self.receivers:
-                self.add(node, f"'{a.arg}' may only be the first parameter of a method of the recipe's own "
-                               "classes (no decorator of the recipe's, no staticmethod; with a setup_context, "
-                               "forward gets no ctx)")
-
-    def check_definition(self, node) -> None:
-        self.rebinds(node, node.name)
-        if is_dunder(node.name) and node.name not in ALLOWED_DUNDER_DEFS:
-            self.add(node, f"defining '{node.name}' is not allowed ({WHY})")
-        if isinstance(node, ast.ClassDef):
-            for k in node.keywords:
-                self.add(node, f"class keyword '{k.arg or '**'}' is not allowed (a metaclass makes the class from its "
-                               f"dict, which may hold any names; {WHY})")
-            for base in node.bases:
-                named = base.value if isinstance(base, ast.Subscript) else base  # typing.Generic[T]
-                if not (isinstance(named, (ast.Name, ast.Attribute)) and root_name(named) is not None):
-                    self.add(node, "a class's bases must be named classes (an import's or the recipe's), not computed "
-                                   "(one might be a metaclass)")
-            return
-        self.check_receivers(node)
-        for ann in [a.annotation for a in arg_nodes(node.args)] + [node.returns]:
-            if ann is not None:
-                self.check_annotation(ann)
 
     def check_annotation(self, ann: ast.AST) -> None:
         """Annotations name types: an import, a builtin type or a class of the recipe. A string,
