@@ -29,7 +29,7 @@ def recorded_final(events: list[dict], commit: str | None = None) -> dict | None
 def best_of(ws: Workspace, events: list[dict]) -> tuple[str, dict | None, float | None]:
     """The best commit by the loop's rule, its experiment (None for the baseline) and its
     validation score (for the baseline: the mean of its runs)."""
-    from agent.loop import state  # the loop's own keeping rule, not a copy
+    from agent.records import state  # the loop's own keeping rule, not a copy
 
     exps = journal.experiments(events)
     root = ws.root_commit()

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from agent import journal, loop
+from agent import journal, loop, records
 from agent.runner import run_experiment
 from agent.workspace import Workspace
 from eclip.train import TEMPLATE
@@ -283,9 +283,9 @@ def test_a_kill_while_recording_an_unrun_proposal_keeps_its_outcome(cache, tmp_p
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(loop, "record_end", killed)
+        m.setattr(records, "record_end", killed)
         with pytest.raises(KeyboardInterrupt):
-            loop.record_unrun(ws, 3, "rejected: reads a file", {}, "rejected", why)
+            records.record_unrun(ws, 3, "rejected: reads a file", {}, "rejected", why)
     assert loop.main(args) == 0  # resumes: reconcile records what the start line says
     e = journal.experiments(journal.read(ws.journal_path))[2]
     assert (e["n"], e["status"], e["result"]["reason"], e["commit"]) == (3, "rejected", why, None)

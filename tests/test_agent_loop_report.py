@@ -1,8 +1,8 @@
 """What the research loop decides and reports from its journal: the keep rule at its edges
-(``loop.state`` and ``loop.outcome``), ``agent.report``'s summary with its best score and
+(``records.state`` and ``records.outcome``), ``agent.report``'s summary with its best score and
 noise floor, the progress plot's axis, and a results.tsv row whatever its description."""
 
-from agent import journal, loop
+from agent import journal, records
 from agent.workspace import Workspace
 
 
@@ -86,15 +86,15 @@ def test_the_keep_rule_at_its_edges():
     base = [{"n": i, "kind": "baseline", "status": "baseline", "val_mean_rank": r, "ended": True}
             for i, r in enumerate([100.0, 102.0, 98.0], 1)]
     ok = lambda r: {"status": "ok", "val_mean_rank": r}  # noqa: E731
-    st = loop.state(base, "root", 0.0)
+    st = records.state(base, "root", 0.0)
     assert (st["best"], st["sigma"], st["threshold"]) == (100.0, 2.0, 4.0)
-    assert loop.outcome("experiment", ok(96.0), st) == ("discard", False)  # by exactly the floor: not more
-    assert loop.outcome("experiment", ok(96.5), st) == ("discard", False)  # within 2σ (σ of a sample, not pstdev)
-    assert loop.outcome("experiment", ok(95.9), st) == ("keep", True)
-    st = loop.state(base, "root", 5.0)  # --min-delta above 2σ sets the threshold
+    assert records.outcome("experiment", ok(96.0), st) == ("discard", False)  # by exactly the floor: not more
+    assert records.outcome("experiment", ok(96.5), st) == ("discard", False)  # within 2σ (σ of a sample, not pstdev)
+    assert records.outcome("experiment", ok(95.9), st) == ("keep", True)
+    st = records.state(base, "root", 5.0)  # --min-delta above 2σ sets the threshold
     assert st["threshold"] == 5.0
-    assert loop.outcome("experiment", ok(95.5), st) == ("discard", False)
-    assert loop.outcome("experiment", ok(94.9), st) == ("keep", True)
+    assert records.outcome("experiment", ok(95.5), st) == ("discard", False)
+    assert records.outcome("experiment", ok(94.9), st) == ("keep", True)
     # identical baselines (a deterministic run): σ = 0, and an equal score is no gain
     same = [dict(b, val_mean_rank=100.0) for b in base]
-    assert loop.outcome("experiment", ok(100.0), loop.state(same, "root", 0.0)) == ("discard", False)
+    assert records.outcome("experiment", ok(100.0), records.state(same, "root", 0.0)) == ("discard", False)

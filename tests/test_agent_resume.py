@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import journal, loop
+from agent import journal, loop, records
 from agent.workspace import Workspace
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,7 +137,7 @@ def test_kill_at_each_phase_then_resume(small_cache, tmp_path, phase, first_run,
     assert _lines(ws) == BASE + pre + post
     exps = journal.experiments(journal.read(ws.journal_path))
     assert [e["n"] for e in exps] == [1, 2, 3, 4]  # nothing lost, nothing twice
-    best = loop.state(exps, ws.git("rev-list", "--max-parents=0", "HEAD"), 0.0)
+    best = records.state(exps, ws.git("rev-list", "--max-parents=0", "HEAD"), 0.0)
     assert ws.head() == best["best_commit"] == next(e["commit"] for e in exps if e.get("kept"))
     assert ws.git("status", "--porcelain") == ""
     rows = ws.results_path.read_text().splitlines()[1:]
