@@ -7,6 +7,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench import kernel_table, profile_step, train_check  # noqa: E402
+from bench import kernel_table, profile_step, train_check, tuning  # noqa: E402
 
-__all__ = ["kernel_table", "profile_step", "train_check"]
+__all__ = ["kernel_table", "profile_step", "train_check", "tuning"]

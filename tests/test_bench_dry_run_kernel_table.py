@@ -6,12 +6,12 @@ import re
 
 import pytest
 import torch
-from bench_support import kernel_table
+from bench_support import kernel_table, tuning
 
 
 def _empty_autotuner_caches(monkeypatch):
     """The autotuners' caches are per process: on a GPU, earlier tests at tuned sizes fill them."""
-    for tuner in kernel_table._tuners().values():
+    for tuner in tuning._tuners().values():
         if tuner is not None:
             monkeypatch.setattr(tuner, "cache", {})
 
@@ -129,12 +129,12 @@ def test_kernel_table_reports_the_tuned_configs(monkeypatch):
                 self.cache[key] = min(timings, key=lambda cf: timings[cf][0])
 
     fast, panel = Tuner(), Tuner()
-    monkeypatch.setattr(kernel_table, "_tuners", lambda: {"fast fwd": fast, "lean:panel Ĝ": panel})
+    monkeypatch.setattr(tuning, "_tuners", lambda: {"fast fwd": fast, "lean:panel Ĝ": panel})
     monkeypatch.setattr(kernel_table, "OUT", None)
-    monkeypatch.setattr(kernel_table, "TIMINGS", [])
+    monkeypatch.setattr(tuning, "TIMINGS", [])
     kernel_table.LINES.clear()
-    kernel_table.watch_tuning()
-    kernel_table.watch_tuning()  # idempotent: one wrapper, one record per tuning
+    tuning.watch_tuning()
+    tuning.watch_tuning()  # idempotent: one wrapper, one record per tuning
     fast.run((512, 15, "torch.bfloat16"), {square: [0.9, 0.8, 1.0], wide: [0.6, 0.5, 0.7]})
     fast.run((512, 16, "torch.bfloat16"), {square: [3.0, 2.9, 3.1], wide: [3.5, 3.4, 3.6]})
     fast.run((512, 16, "torch.bfloat16"), {})  # a cached key: no new tuning
