@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # name -> path of the project's read-only reference files
 REFERENCE_FILES = {name: ROOT / name for name in (
     "eclip/recipe.py", "eclip/model.py", "eclip/towers.py", "eclip/expert.py", "eclip/batch.py",
-    "eclip/policy.py", "eclip/policy_reach.py", "eclip/pretrained.py", "kernels/contrastive.py",
-    "kernels/__init__.py",
+    "eclip/policy.py", "eclip/policy_reach.py", "eclip/policy_classes.py", "eclip/pretrained.py",
+    "kernels/contrastive.py", "kernels/__init__.py",
 )}
 MAX_VIEW_LINES = 400  # a view returns at most this many lines; ask for a range beyond
 

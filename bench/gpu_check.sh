@@ -84,7 +84,8 @@ if want 1 && [ -z "$DRY" ]; then
         par=()
         "$PY" -c "import xdist" 2>/dev/null && par=(-n "${T1_WORKERS:-4}")
         run_for "${T1:-240}" "$PY" -m pytest tests/test_data_device.py tests/test_readback.py tests/test_expert.py \
-            tests/test_kernels_contrastive.py tests/test_kernels_retrieval.py ${par[@]+"${par[@]}"} --durations=5 \
+            tests/test_kernels_contrastive.py tests/test_kernels_contrastive_behaviour.py tests/test_kernels_retrieval.py \
+            ${par[@]+"${par[@]}"} --durations=5 \
             -q -p no:cacheprovider -o addopts="" -k "cuda or gpu" 2>&1 | tail -25 | log tests.log || status=1
     else
         echo "pytest is not available: step 1 skipped (step 3 still checks accuracy)"
