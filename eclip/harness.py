@@ -26,7 +26,7 @@ With ``--isolate`` each runs in a sandbox (``eclip.sandbox``) whose file system 
 system, the interpreter and the project's packages, and otherwise only: for training, a
 copy of its split (``TRAIN_DATA`` in the run directory, removed when training ends), the
 recipe, the run directory and the compile cache; for each encoder, the recipe, the
-checkpoint's two files and its own folder (``part_dir``). The cache is checked invisible in
+checkpoint's two files and its own folder (``harness_eval.part_dir``). The cache is checked invisible in
 each before the recipe's code runs; ``isolated`` in ``result.json`` says which way a run went.
 
 The harness itself never imports the recipe: it puts the embeddings back in place, ranks
@@ -39,7 +39,7 @@ the training process itself from a line it prints before importing the recipe to
 grace below and ``RECIPE_WALL_SLACK_S``, plus time to move the data and the checkpoint); the last step may end
 ``OVERRUN_GRACE_S`` after the budget, the recipe's code after it (``after_s``, timed by the
 loop, the checkpoint's file writes aside) gets ``AFTER_GRACE_S``, and each encoding process
-``EVAL_GRACE_S`` from the end of its start-up plus an allowance for the number of items; a
+``harness_eval.EVAL_GRACE_S`` from the end of its start-up plus an allowance for the number of items; a
 run over any limit ends with status ``error``. On the CPU, where other work on the machine
 slows a run, the last step's overrun and the encoders' time are measured in compute instead:
 CPU time divided by ``torch_threads`` (torch's default thread count, at most the CPUs the
@@ -210,7 +210,8 @@ def run(args) -> int:
         from eclip.train import READY
 
         placed = file_bytes(data / "images.safetensors")  # before an isolated run's copy goes
-        rc, recipe_wall_s = child(cmd, capped, env=env, ready=READY)
+        heard: list[int] = []  # the Ctrl-Cs and SIGTERMs that reached the harness while it trained
+        rc, recipe_wall_s = child(cmd, capped, env=env, ready=READY, signals=heard)
     finally:
         if data != args.data:  # a copy of the training split: the checkpoint is what stays
             shutil.rmtree(data, ignore_errors=True)
@@ -237,6 +238,12 @@ def run(args) -> int:
         write_json(result_path, result)
         return exit_code(rc or 1)
     # from here on the harness writes the result: "ranked_by: caller" never outlives it
+    if result.get("status") in ("interrupted", "aborted") and not heard:
+        # a recipe that raises KeyboardInterrupt itself: its failure, not a stop the loop asked for
+        result.update(status="crash", reason=f"the training process ended {result['status']}, but no Ctrl-C or "
+                                             "SIGTERM reached the harness (the recipe raised KeyboardInterrupt, or "
+                                             "a signal was sent to the training process alone)")
+        rc = 1
     result["isolated"] = bool(args.isolate)  # whether the recipe's processes could read the cache
     result["recipe_wall_s"] = recipe_wall_s  # measured here: from the recipe's import to the process's end
     if result.get("status") == "ok":

@@ -153,8 +153,9 @@ def kill_strays(others: set[int]) -> None:
 
 
 def child_setup(preexec):
-    """``preexec_fn`` of every child: Ctrl-C back to its default (the harness ignores it while
-    it waits, and children inherit that), killed if the harness dies, then ``preexec``."""
+    """``preexec_fn`` of every child: Ctrl-C back to its default (the harness ignores or only
+    notes it while it waits, and children inherit an ignored signal), killed if the harness
+    dies, then ``preexec``."""
     def setup() -> None:  # pragma: no cover - runs in the child between fork and exec
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         die_with_parent()
@@ -164,25 +165,31 @@ def child_setup(preexec):
 
 
 
-def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = None):
+def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = None,
+          signals: list[int] | None = None):
     """Run one child to its end; its exit code. Ctrl-C reaches it too (same process group):
     it finishes its step, saves and writes an interrupted result; the harness waits for that
     instead of dying first. A SIGTERM sent to the harness is passed on to the child, which
     takes it as a Ctrl-C (and ignores a repeat: a SIGTERM to the whole group reaches it
     twice). With ``ready`` (a line the child prints on stdout), ``(exit code, seconds from
     the first such line to the child's end)`` instead, None for the seconds when it never
-    printed one; its other lines are passed on."""
+    printed one; its other lines are passed on. ``signals``: a list the SIGINTs and SIGTERMs
+    this process received while the child ran are appended to (a child that says it was
+    interrupted when none came was stopped by its own code)."""
     procs: list[subprocess.Popen] = []
     seen: list[float] = []
     pending: list[int] = []  # a SIGTERM that came before the child existed
+    heard = signals if signals is not None else []
 
     def forward(signum, frame) -> None:
+        heard.append(signum)
         if procs:
             procs[0].send_signal(signal.SIGTERM)
         else:
             pending.append(signum)
 
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C is noted, not acted on: it reaches the child too, which ends its step first
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: heard.append(signum))
     term = signal.signal(signal.SIGTERM, forward)
     # A process the child leaves behind (forked, in a session of its own) would work on
     # after the harness stopped timing it, and could rewrite the checkpoint before the

@@ -135,7 +135,7 @@ def test_children_take_ctrl_c_again_and_die_with_the_harness():
     assert got.strip() == "9"
 
 
-@pytest.mark.parametrize("target", ["harness", "group"])
+@pytest.mark.parametrize("target", ["harness", "group", "ctrl-c"])
 def test_sigterm_to_the_harness_stops_the_training_after_its_step_and_saves(cache, tmp_path, target):
     # `kill` signals the harness alone: it passes the signal on; `timeout` or a scheduler
     # signals the whole group, so the training process gets it twice (directly and passed
@@ -157,13 +157,16 @@ def test_sigterm_to_the_harness_stops_the_training_after_its_step_and_saves(cach
             time.sleep(0.1)
         if target == "group":
             os.killpg(proc.pid, signal.SIGTERM)
+        elif target == "ctrl-c":  # a terminal's Ctrl-C: SIGINT to the whole group
+            os.killpg(proc.pid, signal.SIGINT)
         else:
             proc.send_signal(signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 130, stderr[-2000:]
-    assert "SIGTERM: stopping after this step" in stderr and "status:         interrupted" in stdout
+    said = "SIGINT" if target == "ctrl-c" else "SIGTERM"
+    assert f"{said}: stopping after this step" in stderr and "status:         interrupted" in stdout
     r = json.loads((out / "result.json").read_text())
     assert r["status"] == "interrupted" and r["val_mean_rank"] is None and "ranked_by" not in r
     assert json.loads((out / "checkpoint.json").read_text())["step"] == r["steps"] >= 1
@@ -192,16 +195,18 @@ def test_sigterm_during_the_evaluation_is_an_interrupted_result(cache, tmp_path,
 # A mutation audit of the harness: each test below fails a plausible change that every other
 # test let through (the seed, the secrets, the GPU or the memory cap not reaching a child, a
 # crash filed as an error, a limit that ignores its threads or its share of the budget).
-def _fake_training(monkeypatch, h, result=None, rc=0):
+def _fake_training(monkeypatch, h, result=None, rc=0, heard=()):
     """Stands in for the training child: records (cmd, preexec, env) and writes ``result``
-    (when given) where eclip.train would; returns the list of calls."""
+    (when given) where eclip.train would, as if the harness received the signals ``heard``
+    meanwhile; returns the list of calls."""
     import os
 
     calls = []
     monkeypatch.setattr(os, "environ", dict(os.environ))  # the harness scrubs a copy, not this process's
 
-    def child(cmd, preexec, env=None, ready=None):
+    def child(cmd, preexec, env=None, ready=None, signals=None):
         calls.append({"cmd": cmd, "preexec": preexec, "env": dict(os.environ if env is None else env)})
+        signals.extend(heard)
         if result is not None:
             (Path(cmd[cmd.index("--out") + 1]) / "result.json").write_text(json.dumps(result))
         return (rc, 1.0) if ready else rc
@@ -259,7 +264,7 @@ def test_a_training_child_that_left_no_result_crashed_unless_its_input_was_bad(t
 def test_a_damaged_training_result_is_a_crash_not_a_traceback(tmp_path, monkeypatch, capsys, damage):
     # a result the child could not finish writing reads as none at all: the run is filed
     # with a reason, and the caller's loop goes on
-    def child(cmd, preexec, env=None, ready=None):
+    def child(cmd, preexec, env=None, ready=None, signals=None):
         (Path(cmd[cmd.index("--out") + 1]) / "result.json").write_bytes(damage)
         return (1, 1.0) if ready else 1
 
@@ -351,3 +356,44 @@ def test_a_process_the_training_child_leaves_behind_is_killed_when_it_ends(tmp_p
     pid = int(pidfile.read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+@pytest.mark.parametrize("heard,status,code", [((), "crash", 1), ((15,), "interrupted", 130), ((2,), "interrupted", 130)],
+                         ids=["none", "SIGTERM", "Ctrl-C"])
+def test_an_interruption_the_harness_never_received_is_the_recipes_crash(tmp_path, monkeypatch, capsys, heard, status,
+                                                                         code):
+    # "interrupted" tells the research loop that it was stopped (a config to try again), not
+    # that the recipe failed: only a Ctrl-C or SIGTERM the harness itself received makes one
+    stopped = {"status": "interrupted", "ranked_by": "caller", "val_mean_rank": None, "train_s": 0.5, "steps": 3,
+               "after_s": 0.0}
+    _fake_training(monkeypatch, h, result=stopped, rc=130, heard=heard)
+    out = tmp_path / "run"
+    assert h.main(["run", "--recipe", str(TEMPLATE), "--data", str(tmp_path), "--budget-s", "1", "--out", str(out),
+                   "--device", "cpu"]) == code
+    r = json.loads((out / "result.json").read_text())
+    assert r["status"] == status and r["val_mean_rank"] is None and "ranked_by" not in r
+    if status == "crash":
+        assert r["reason"] == ("the training process ended interrupted, but no Ctrl-C or SIGTERM reached the harness "
+                               "(the recipe raised KeyboardInterrupt, or a signal was sent to the training process "
+                               "alone)")
+
+
+SELF_INTERRUPT = """
+
+_plain_step = train_step
+
+
+def train_step(model, optimizer, batch, progress):
+    if progress > 0.2:  # as a Ctrl-C would end the step
+        raise KeyboardInterrupt
+    return _plain_step(model, optimizer, batch, progress)
+"""
+
+
+def test_a_recipe_that_raises_keyboardinterrupt_crashed(small_cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = h.main(["run", "--recipe", str(recipe(tmp_path, extra=SELF_INTERRUPT)), "--data", str(small_cache),
+                 "--budget-s", "2", "--out", str(out), "--device", "cpu"])
+    r = json.loads((out / "result.json").read_text())
+    assert rc == 1 and r["status"] == "crash" and r["steps"] > 0, r
+    assert r["reason"].startswith("the training process ended interrupted, but no Ctrl-C or SIGTERM")
