@@ -135,6 +135,20 @@ def noise_floor(exps: list[dict], min_delta: float = 0.0) -> tuple[float, float]
     return sigma, max(min_delta or 0.0, 2 * sigma)
 
 
+# Baselines run the same recipe on the same data: their training throughput differs only
+# when something else shares the machine, and a budget-limited run's score moves with it
+CONTENDED_SPREAD = 1.2  # fastest over slowest baseline's samples/s past which the loop warns
+
+
+def throughput_spread(exps: list[dict]) -> float | None:
+    """Fastest over slowest training throughput (samples/s) of the scored baselines, or None
+    with fewer than two that report one."""
+    rates = [e["result"]["samples_per_s"] for e in exps if e.get("status") == "baseline"
+             and isinstance((e.get("result") or {}).get("samples_per_s"), (int, float))
+             and e["result"]["samples_per_s"] > 0]
+    return max(rates) / min(rates) if len(rates) >= 2 else None
+
+
 def result_row(exp: dict) -> dict:
     """The results.tsv row of one ended experiment (as merged by ``experiments``)."""
     r = exp.get("result") or {}

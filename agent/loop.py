@@ -134,6 +134,15 @@ def print_run(n: int, status: str, r: dict, tail: str) -> None:
     print(f"loop: #{n} {status:<9} val_mean_rank {'none' if rank is None else f'{rank:.2f}'} {tail}", flush=True)
 
 
+def warn_contended(exps: list[dict]) -> None:
+    """Say so when the baselines trained at different speeds: the machine was shared, and
+    the noise floor (and any later comparison) measures that too."""
+    spread = journal.throughput_spread(exps)
+    if spread is not None and spread > journal.CONTENDED_SPREAD:
+        print(f"loop: warning: the baselines trained at speeds {spread:.2f}x apart (samples/s): other work on the "
+              "machine? Within a time budget that moves the scores; the noise floor includes it", file=sys.stderr)
+
+
 def session_runs(events: list[dict]) -> set[int]:
     """The numbers of the runs started since the journal's last ``session`` line."""
     last = max((i for i, e in enumerate(events) if e.get("event") == "session"), default=-1)
@@ -167,6 +176,8 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
         # a line a run, baselines too: their minutes are not silent
         print_run(n, status, r, f"(baseline {st['baselines'] + (status == 'baseline')} of {args.noise_runs}, "
                                 "for the noise floor)")
+        if status == "baseline" and st["baselines"] + 1 == args.noise_runs:
+            warn_contended(journal.experiments(journal.read(ws.journal_path)))
         after_run(ws, args, r)
         return True
     if st["experiments"] >= args.max_experiments:

@@ -1,6 +1,9 @@
 """What the research loop decides and reports from its journal: the keep rule at its edges
 (``records.state`` and ``records.outcome``), ``agent.report``'s summary with its best score and
-noise floor, the progress plot's axis, and a results.tsv row whatever its description."""
+noise floor, the progress plot's axis, a results.tsv row whatever its description, and the
+warning when the baselines trained at different speeds (a shared machine)."""
+
+import pytest
 
 from agent import journal, records
 from agent.workspace import Workspace
@@ -98,3 +101,33 @@ def test_the_keep_rule_at_its_edges():
     # identical baselines (a deterministic run): σ = 0, and an equal score is no gain
     same = [dict(b, val_mean_rank=100.0) for b in base]
     assert records.outcome("experiment", ok(100.0), records.state(same, "root", 0.0)) == ("discard", False)
+
+
+def test_throughput_spread_reads_the_scored_baselines_only():
+    def exp(status, rate):
+        return {"status": status, "result": {} if rate is None else {"samples_per_s": rate}}
+
+    assert journal.throughput_spread([exp("baseline", 1000.0), exp("baseline", 1250.0)]) == 1.25
+    # an experiment's model differs, a failed baseline's rate means nothing, a figure may be missing
+    mixed = [exp("baseline", 1000.0), exp("keep", 3000.0), exp("crash", 10.0), exp("baseline", None),
+             exp("baseline", 1100.0)]
+    assert abs(journal.throughput_spread(mixed) - 1.1) < 1e-12
+    assert journal.throughput_spread([exp("baseline", 1000.0), exp("baseline", 0.0)]) is None
+
+
+@pytest.mark.parametrize("rates,warned", [((1000.0, 1010.0, 990.0), False), ((1000.0, 1010.0, 1300.0), True)])
+def test_the_loop_warns_when_its_baselines_trained_at_different_speeds(small_cache, tmp_path, monkeypatch, capsys,
+                                                                         rates, warned):
+    # a shared machine shows in the baselines' throughput (the same recipe, the same data)
+    # before it shows in their scores; the warning comes once, after the last baseline
+    from agent import loop
+
+    runs = iter(rates)
+    monkeypatch.setattr(loop, "run_experiment", lambda *a, **kw: {"status": "ok", "val_mean_rank": 50.0,
+                                                                 "samples_per_s": next(runs), "duration_s": 0.1})
+    assert loop.main(["--tag", "s", "--workspace-root", str(tmp_path), "--data", str(small_cache), "--budget-s", "1",
+                      "--max-experiments", "0"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("loop: warning: the baselines trained at speeds") == warned
+    if warned:
+        assert "speeds 1.30x apart" in err  # fastest over slowest: 1300 / 1000
