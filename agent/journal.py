@@ -12,6 +12,7 @@ usage with no start is a proposal the loop died in.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import sys
@@ -137,15 +138,26 @@ def noise_floor(exps: list[dict], min_delta: float = 0.0) -> tuple[float, float]
 
 # Baselines run the same recipe on the same data: their training throughput differs only
 # when something else shares the machine, and a budget-limited run's score moves with it
-CONTENDED_SPREAD = 1.2  # fastest over slowest baseline's samples/s past which the loop warns
+CONTENDED_SPREAD = 1.2  # fastest over slowest baseline's steady samples/s past which the loop warns
+
+
+def steady_rate(result: dict) -> float | None:
+    """Samples a second after the first step: a run's throughput without its compilation,
+    which a cold compile cache makes the first run's alone; None when a figure is missing."""
+    try:
+        samples, steps = float(result["samples"]), int(result["steps"])
+        seconds = float(result["train_s"]) - float(result["warmup_s"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if steps < 2 or not (seconds > 0 and math.isfinite(seconds)):
+        return None
+    return samples * (steps - 1) / steps / seconds
 
 
 def throughput_spread(exps: list[dict]) -> float | None:
-    """Fastest over slowest training throughput (samples/s) of the scored baselines, or None
-    with fewer than two that report one."""
-    rates = [e["result"]["samples_per_s"] for e in exps if e.get("status") == "baseline"
-             and isinstance((e.get("result") or {}).get("samples_per_s"), (int, float))
-             and e["result"]["samples_per_s"] > 0]
+    """Fastest over slowest steady throughput (``steady_rate``) of the scored baselines, or
+    None with fewer than two that report one."""
+    rates = [r for e in exps if e.get("status") == "baseline" and (r := steady_rate(e.get("result") or {}))]
     return max(rates) / min(rates) if len(rates) >= 2 else None
 
 

@@ -103,31 +103,38 @@ def test_the_keep_rule_at_its_edges():
     assert records.outcome("experiment", ok(100.0), records.state(same, "root", 0.0)) == ("discard", False)
 
 
-def test_throughput_spread_reads_the_scored_baselines_only():
-    def exp(status, rate):
-        return {"status": status, "result": {} if rate is None else {"samples_per_s": rate}}
+def test_throughput_spread_reads_the_scored_baselines_steady_rates():
+    def exp(status, seconds, warmup=1.0, steps=11, samples=1100, drop=()):
+        r = {"samples": samples, "steps": steps, "train_s": seconds, "warmup_s": warmup}
+        return {"status": status, "result": {k: v for k, v in r.items() if k not in drop}}
 
-    assert journal.throughput_spread([exp("baseline", 1000.0), exp("baseline", 1250.0)]) == 1.25
-    # an experiment's model differs, a failed baseline's rate means nothing, a figure may be missing
-    mixed = [exp("baseline", 1000.0), exp("keep", 3000.0), exp("crash", 10.0), exp("baseline", None),
-             exp("baseline", 1100.0)]
+    # 1000 samples after the first step, in 10 s and 12.5 s: 100 and 80 samples/s
+    assert journal.steady_rate(exp("baseline", 11.0)["result"]) == 100.0
+    assert journal.throughput_spread([exp("baseline", 11.0), exp("baseline", 13.5)]) == 1.25
+    # a cold compile cache lengthens the first step only: the same steady rate, no spread
+    assert journal.throughput_spread([exp("baseline", 11.0), exp("baseline", 40.0, warmup=30.0)]) == 1.0
+    # an experiment's model differs, a failed baseline's rate means nothing, a figure may be
+    # missing, one step has no steady part
+    mixed = [exp("baseline", 11.0), exp("keep", 2.0), exp("crash", 100.0), exp("baseline", 5.0, drop=("warmup_s",)),
+             exp("baseline", 5.0, steps=1, samples=100), exp("baseline", 12.0)]
     assert abs(journal.throughput_spread(mixed) - 1.1) < 1e-12
-    assert journal.throughput_spread([exp("baseline", 1000.0), exp("baseline", 0.0)]) is None
+    assert journal.throughput_spread([exp("baseline", 11.0), exp("baseline", 1.0)]) is None
 
 
-@pytest.mark.parametrize("rates,warned", [((1000.0, 1010.0, 990.0), False), ((1000.0, 1010.0, 1300.0), True)])
+@pytest.mark.parametrize("seconds,warned", [((11.0, 11.1, 10.9, 40.0), False), ((11.0, 11.1, 14.0, 40.0), True)])
 def test_the_loop_warns_when_its_baselines_trained_at_different_speeds(small_cache, tmp_path, monkeypatch, capsys,
-                                                                         rates, warned):
+                                                                         seconds, warned):
     # a shared machine shows in the baselines' throughput (the same recipe, the same data)
     # before it shows in their scores; the warning comes once, after the last baseline
     from agent import loop
 
-    runs = iter(rates)
-    monkeypatch.setattr(loop, "run_experiment", lambda *a, **kw: {"status": "ok", "val_mean_rank": 50.0,
-                                                                 "samples_per_s": next(runs), "duration_s": 0.1})
+    runs = iter(seconds)
+    monkeypatch.setattr(loop, "run_experiment", lambda *a, **kw: {
+        "status": "ok", "val_mean_rank": 50.0, "samples": 1100, "steps": 11, "train_s": next(runs), "warmup_s": 1.0,
+        "duration_s": 0.1})
     assert loop.main(["--tag", "s", "--workspace-root", str(tmp_path), "--data", str(small_cache), "--budget-s", "1",
-                      "--max-experiments", "0"]) == 0
+                      "--max-experiments", "1"]) == 0  # the fourth run, an experiment, is never compared
     err = capsys.readouterr().err
     assert err.count("loop: warning: the baselines trained at speeds") == warned
     if warned:
-        assert "speeds 1.30x apart" in err  # fastest over slowest: 1300 / 1000
+        assert "speeds 1.30x apart" in err  # fastest over slowest: 1000 samples in 10 s and in 13 s
