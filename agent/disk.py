@@ -70,11 +70,11 @@ def keep_set(exps: list[dict], policy: str) -> set[int] | None:
 
 # What a run killed mid-way (a timeout, the loop killed) leaves, whatever the policy: the
 # harness's evaluation inputs and embeddings (in a folder per encoding process; loose files
-# in runs of older versions), an isolated run's copy of the training split, and the
-# temporary files of an atomic write (eclip.fileio.atomic_write: ".<name>.tmp-<pid>"), up to
-# a whole checkpoint in size.
+# in runs of older versions), an isolated run's copies of the training split and of the
+# compile cache, and the temporary files of an atomic write (eclip.fileio.atomic_write:
+# ".<name>.tmp-<pid>"), up to a whole checkpoint in size.
 LEFTOVERS = ("eval_*.safetensors", "emb_*.safetensors", ".*.tmp-*")
-LEFTOVER_FOLDERS = ("eval_*", "train_data")
+LEFTOVER_FOLDERS = ("eval_*", "train_data", "compile_cache")
 
 
 def folder_bytes(folder: Path) -> int:

@@ -63,7 +63,7 @@ import time
 from pathlib import Path
 
 from eclip import sandbox
-from eclip.errors import EclipError, OneLineParser, seed_value
+from eclip.errors import EclipError, OneLineParser, first_line, seed_value
 from eclip.fileio import file_bytes, read_regular, remove
 from eclip.hardware import torch_threads
 from eclip.harness_eval import PARTS, TRAIN_DATA, WALL_FACTOR, clear_part, evaluate, hide_gpu
@@ -189,32 +189,38 @@ def run(args) -> int:
     for part in PARTS:  # only this run's files are read
         clear_part(args.out, part)
     data, env = args.data, hide_gpu(dict(os.environ)) if on_cpu else None
-    if args.isolate:
-        try:
-            data = export_training_data(args)
-        except EclipError as e:
-            return _finish(result_path, {"status": "error", "val_mean_rank": None, "reason": str(e)}, 2)
-        if args.compile_cache is not None:  # Triton's own cache, kept across runs like inductor's
-            env = dict(env or os.environ, TRITON_CACHE_DIR=str(args.compile_cache / "triton"))
-    cmd = [sys.executable, "-m", "eclip.train", "--data", str(data), "--out", str(args.out),
-           "--recipe", str(args.recipe), "--budget-s", str(args.budget_s), "--seed", str(args.seed),
-           "--device", args.device, "--train-only", "--signal-ready"]
-    if args.compile_cache is not None:
-        cmd += ["--compile-cache", str(args.compile_cache)]
-    if args.final:
-        cmd.append("--final")
-    if args.isolate:
-        writable = [args.out] if args.compile_cache is None else [args.out, args.compile_cache]
-        cmd = sandbox.command(cmd, ro=[args.recipe, data], rw=writable, hide=[args.data])
+    shared_cache = args.compile_cache
     try:
+        if args.isolate:
+            data = export_training_data(args)
+            if args.compile_cache is not None:
+                if not is_template(args.recipe):
+                    args.compile_cache = private_cache(args.compile_cache, args.out)
+                # Triton's own cache, kept across runs like inductor's
+                env = dict(env or os.environ, TRITON_CACHE_DIR=str(args.compile_cache / "triton"))
+        cmd = [sys.executable, "-m", "eclip.train", "--data", str(data), "--out", str(args.out),
+               "--recipe", str(args.recipe), "--budget-s", str(args.budget_s), "--seed", str(args.seed),
+               "--device", args.device, "--train-only", "--signal-ready"]
+        if args.compile_cache is not None:
+            cmd += ["--compile-cache", str(args.compile_cache)]
+        if args.final:
+            cmd.append("--final")
+        if args.isolate:  # (a private copy of the compile cache lies in the run directory)
+            writable = [args.out] + ([shared_cache] if shared_cache is not None and args.compile_cache == shared_cache
+                                     else [])
+            cmd = sandbox.command(cmd, ro=[args.recipe, data], rw=writable, hide=[args.data])
         from eclip.train import READY
 
         placed = file_bytes(data / "images.safetensors")  # before an isolated run's copy goes
         heard: list[int] = []  # the Ctrl-Cs and SIGTERMs that reached the harness while it trained
         rc, recipe_wall_s = child(cmd, capped, env=env, ready=READY, signals=heard)
+    except EclipError as e:  # the training split or the compile cache could not be copied
+        return _finish(result_path, {"status": "error", "val_mean_rank": None, "reason": str(e)}, 2)
     finally:
         if data != args.data:  # a copy of the training split: the checkpoint is what stays
             shutil.rmtree(data, ignore_errors=True)
+        if args.compile_cache != shared_cache:  # what this recipe compiled reaches no other run
+            shutil.rmtree(args.compile_cache, ignore_errors=True)
     try:  # a regular file only: a FIFO the training process left there would block the read for ever
         result = json.loads(read_regular(result_path).decode("utf-8"))
         if not isinstance(result, dict):
@@ -245,6 +251,8 @@ def run(args) -> int:
                                              "a signal was sent to the training process alone)")
         rc = 1
     result["isolated"] = bool(args.isolate)  # whether the recipe's processes could read the cache
+    if args.isolate and shared_cache is not None:  # whether it could write into the next runs' compile cache
+        result["compile_cache"] = "shared" if args.compile_cache == shared_cache else "private copy"
     result["recipe_wall_s"] = recipe_wall_s  # measured here: from the recipe's import to the process's end
     if result.get("status") == "ok":
         t_eval = time.perf_counter()
@@ -274,6 +282,37 @@ def _finish(result_path: Path, result: dict, rc: int) -> int:
     print("\n".join(summary_lines(result)))
     return exit_code(rc)
 
+
+
+PRIVATE_CACHE = "compile_cache"  # in the run directory: an isolated recipe's copy of the compile cache
+
+
+def is_template(recipe: Path) -> bool:
+    """Whether ``recipe`` is the template (``eclip/recipe.py``) byte for byte: the project's
+    own code, whose compiled artefacts every run may share."""
+    from eclip.train import TEMPLATE
+
+    try:
+        return read_regular(recipe) == read_regular(TEMPLATE)
+    except OSError:
+        return False
+
+
+def private_cache(cache: Path, out: Path) -> Path:
+    """A copy of the compile cache ``cache`` in the run directory ``out``, for an isolated
+    run of a recipe other than the template; its path. The training process may write into
+    its compile cache, and torch.compile and Triton load what they find there as code: a
+    recipe writing into the shared one would run its code in every later run's training
+    (another recipe's, the final run's). So only the template's runs write the shared cache,
+    and a recipe compiles into a copy, removed when its training ends (links copied as links)."""
+    copy = out / PRIVATE_CACHE
+    remove(copy)
+    try:
+        shutil.copytree(cache, copy, symlinks=True)
+    except (OSError, shutil.Error) as e:
+        remove(copy)
+        raise EclipError(f"{cache}: cannot copy the compile cache for the run ({first_line(e)})") from e
+    return copy
 
 
 def export_training_data(args) -> Path:

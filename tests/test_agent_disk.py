@@ -153,15 +153,19 @@ def test_prune_spares_runs_in_flight_and_clears_what_killed_runs_left(tmp_path):
             {"n": 2, "kind": "experiment", "ended": False}]  # the run under way
     names = ("checkpoint.safetensors", "checkpoint.json", "eval_images.safetensors", "emb_texts.safetensors",
              ".checkpoint.safetensors.tmp-4242", "eval_texts.log", "run.log")
+    folders = ("eval_images", "train_data", "compile_cache")  # an isolated run's copies, an encoder's folder
     for n in (1, 2):
         (tmp_path / str(n)).mkdir()
         for name in names:
             (tmp_path / str(n) / name).write_bytes(b"\0" * 10)
-    assert disk.prune(tmp_path, exps, "all") == (0, 30)  # checkpoints stay; the leftovers go
+        for name in folders:
+            (tmp_path / str(n) / name / "inner").mkdir(parents=True)
+            (tmp_path / str(n) / name / "inner" / "f").write_bytes(b"\0" * 5)
+    assert disk.prune(tmp_path, exps, "all") == (0, 45)  # checkpoints stay; the leftovers go
     assert sorted(p.name for p in (tmp_path / "1").iterdir()) == ["checkpoint.json", "checkpoint.safetensors",
                                                                    "eval_texts.log", "run.log"]
     assert disk.prune(tmp_path, exps, "kept") == (1, 20)
     assert sorted(p.name for p in (tmp_path / "1").iterdir()) == ["eval_texts.log", "run.log"]
-    assert sorted(p.name for p in (tmp_path / "2").iterdir()) == sorted(names)  # untouched
+    assert sorted(p.name for p in (tmp_path / "2").iterdir()) == sorted(names + folders)  # untouched
     # a study journaled before sizes were: the checkpoints still on disk size the next run
     assert disk.needed_bytes([{"n": 2}], tmp_path) == int(20 * 1.25) + disk.MIN_FREE

@@ -4,6 +4,8 @@ one, a stray process). Its limits are in test_harness_limits.py, its evaluation 
 test_harness_eval.py."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -397,3 +399,30 @@ def test_a_recipe_that_raises_keyboardinterrupt_crashed(small_cache, tmp_path, c
     r = json.loads((out / "result.json").read_text())
     assert rc == 1 and r["status"] == "crash" and r["steps"] > 0, r
     assert r["reason"].startswith("the training process ended interrupted, but no Ctrl-C or SIGTERM")
+
+
+def test_only_the_template_byte_for_byte_shares_the_compile_cache(tmp_path, monkeypatch):
+    same, edited, link = tmp_path / "same.py", tmp_path / "edited.py", tmp_path / "link.py"
+    same.write_bytes(TEMPLATE.read_bytes())
+    edited.write_bytes(TEMPLATE.read_bytes() + b"\n")
+    link.symlink_to(TEMPLATE)
+    assert h.is_template(TEMPLATE) and h.is_template(same)
+    assert not h.is_template(edited) and not h.is_template(link) and not h.is_template(tmp_path / "none.py")
+    # the private copy: the cache's files, links as links; a copy that fails is a one-line error
+    shared, out = tmp_path / "cc", tmp_path / "run"
+    (shared / "triton").mkdir(parents=True)
+    (shared / "triton" / "k.bin").write_bytes(b"k")
+    (shared / "outside").symlink_to(tmp_path / "elsewhere")
+    out.mkdir()
+    copy = h.private_cache(shared, out)
+    assert copy == out / "compile_cache" and (copy / "triton" / "k.bin").read_bytes() == b"k"
+    assert os.readlink(copy / "outside") == str(tmp_path / "elsewhere")
+
+    def fail(*a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(h.shutil, "copytree", fail)
+    with pytest.raises(EclipError, match=re.escape(f"{shared}: cannot copy the compile cache for the run ([Errno 28] "
+                                                   "No space left on device)")):
+        h.private_cache(shared, out)
+    assert not copy.exists()

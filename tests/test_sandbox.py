@@ -278,6 +278,46 @@ def test_isolated_recipe_processes_cannot_read_the_cache(small_cache, tmp_path, 
                                                      "result.json"]
 
 
+PLANTER = """
+
+_planted = build_model
+
+
+def build_model(spec):
+    import os, sys
+    cache = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    if os.path.isdir(cache):  # in the training process (the encoders are given no compile cache)
+        print(f"spy: compile cache holds {sorted(os.listdir(cache))}", file=sys.stderr, flush=True)
+        with open(os.path.join(cache, "planted.py"), "w") as f:  # what the next run would load as code
+            f.write("print('planted')")
+    return _planted(spec)
+"""
+
+
+@needs_sandbox
+@pytest.mark.parametrize("template", [False, True], ids=["a recipe", "the template"])
+def test_an_isolated_recipe_compiles_into_a_copy_of_the_compile_cache(small_cache, tmp_path, monkeypatch, capfd,
+                                                                      template):
+    # torch.compile and Triton load what they find in their cache as code: a recipe writing
+    # into the workspace's shared cache would run in every later run's training
+    monkeypatch.setattr(harness, "check_file", lambda path: [])  # as an evasion of the check would
+    monkeypatch.setattr(harness, "is_template", lambda recipe: template)  # the template's own runs share it
+    monkeypatch.chdir(ROOT)
+    shared = tmp_path / "cc"
+    (shared / "triton").mkdir(parents=True)
+    (shared / "earlier.py").write_text("# compiled by the template's run")
+    out = tmp_path / "run"
+    assert harness.main(["run", "--recipe", str(small_recipe(tmp_path, PLANTER)), "--data", str(small_cache),
+                         "--budget-s", "3", "--out", str(out), "--device", "cpu", "--compile-cache", str(shared),
+                         "--isolate"]) == 0
+    r = json.loads((out / "result.json").read_text())
+    assert r["status"] == "ok" and r["compile_cache"] == ("shared" if template else "private copy")
+    # warm either way: the recipe found what earlier runs compiled
+    assert "spy: compile cache holds ['earlier.py', 'triton']" in capfd.readouterr().err
+    assert sorted(p.name for p in shared.iterdir()) == ["earlier.py", *["planted.py"] * template, "triton"]
+    assert not (out / "compile_cache").exists()  # the copy went with the training
+
+
 @pytest.mark.parametrize("isolate", [False, True])
 def test_links_a_recipe_leaves_in_its_run_directory_do_not_steer_the_harness(small_cache, tmp_path, monkeypatch,
                                                                              isolate):
