@@ -143,10 +143,12 @@ CONTENDED_SPREAD = 1.2  # fastest over slowest baseline's steady samples/s past 
 
 def steady_rate(result: dict) -> float | None:
     """Samples a second after the first step: a run's throughput without its compilation,
-    which a cold compile cache makes the first run's alone; None when a figure is missing."""
+    which a cold compile cache makes the first run's alone; None when a figure is missing.
+    ``train_s`` counts the recipe's setup too (``setup_s``: its import, ``build_model``,
+    ``build_optimizer``), ``warmup_s`` the first step alone: both come off."""
     try:
         samples, steps = float(result["samples"]), int(result["steps"])
-        seconds = float(result["train_s"]) - float(result["warmup_s"])
+        seconds = float(result["train_s"]) - float(result["warmup_s"]) - float(result.get("setup_s") or 0.0)
     except (KeyError, TypeError, ValueError):
         return None
     if steps < 2 or not (seconds > 0 and math.isfinite(seconds)):
@@ -155,9 +157,12 @@ def steady_rate(result: dict) -> float | None:
 
 
 def throughput_spread(exps: list[dict]) -> float | None:
-    """Fastest over slowest steady throughput (``steady_rate``) of the scored baselines, or
+    """Fastest over slowest steady throughput (``steady_rate``) of the scored baselines on
+    the last one's device (a study resumed on another machine has baselines of both), or
     None with fewer than two that report one."""
-    rates = [r for e in exps if e.get("status") == "baseline" and (r := steady_rate(e.get("result") or {}))]
+    base = [e.get("result") or {} for e in exps if e.get("status") == "baseline"]
+    device = base[-1].get("device") if base else None
+    rates = [rate for r in base if r.get("device") == device and (rate := steady_rate(r))]
     return max(rates) / min(rates) if len(rates) >= 2 else None
 
 

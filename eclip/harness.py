@@ -179,6 +179,13 @@ def run(args) -> int:
         args.recipe, args.data, args.out = args.recipe.resolve(), args.data.resolve(), args.out.resolve()
         if args.compile_cache is not None:
             args.compile_cache = args.compile_cache.resolve()
+            if args.compile_cache.is_relative_to(args.out) or args.out.is_relative_to(args.compile_cache):
+                # the run directory is the training's to write, and a recipe's private copy goes
+                # there (PRIVATE_CACHE): a cache inside it would be writable by any recipe, be
+                # deleted by the copy's removal, or hold the copy inside itself
+                print(f"harness: error: --isolate: --compile-cache {args.compile_cache} and --out {args.out} must "
+                      "not lie one inside the other", file=sys.stderr)
+                return 2
             args.compile_cache.mkdir(parents=True, exist_ok=True)
     if args.compile_cache is not None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(args.compile_cache.resolve())

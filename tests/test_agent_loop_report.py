@@ -110,6 +110,8 @@ def test_throughput_spread_reads_the_scored_baselines_steady_rates():
 
     # 1000 samples after the first step, in 10 s and 12.5 s: 100 and 80 samples/s
     assert journal.steady_rate(exp("baseline", 11.0)["result"]) == 100.0
+    # the recipe's setup is on train_s's clock, not in the steps: 1000 samples in 10 s again
+    assert journal.steady_rate(dict(exp("baseline", 13.0)["result"], setup_s=2.0)) == 100.0
     assert journal.throughput_spread([exp("baseline", 11.0), exp("baseline", 13.5)]) == 1.25
     # a cold compile cache lengthens the first step only: the same steady rate, no spread
     assert journal.throughput_spread([exp("baseline", 11.0), exp("baseline", 40.0, warmup=30.0)]) == 1.0
@@ -119,6 +121,14 @@ def test_throughput_spread_reads_the_scored_baselines_steady_rates():
              exp("baseline", 5.0, steps=1, samples=100), exp("baseline", 12.0)]
     assert abs(journal.throughput_spread(mixed) - 1.1) < 1e-12
     assert journal.throughput_spread([exp("baseline", 11.0), exp("baseline", 1.0)]) is None
+    # baselines of an earlier session on another device are not compared with this one's
+    def on(device, seconds):
+        e = exp("baseline", seconds)
+        return dict(e, result=dict(e["result"], device=device))
+
+    # 100 samples/s on the A100, 200 on the H100: all three together would be 2x apart
+    assert journal.throughput_spread([on("NVIDIA A100", 11.0), on("NVIDIA H100", 6.0), on("NVIDIA H100", 6.0)]) == 1.0
+    assert journal.throughput_spread([on("NVIDIA A100", 11.0), on("NVIDIA H100", 6.0)]) is None
 
 
 @pytest.mark.parametrize("seconds,warned", [((11.0, 11.1, 10.9, 40.0), False), ((11.0, 11.1, 14.0, 40.0), True)])

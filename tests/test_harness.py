@@ -426,3 +426,22 @@ def test_only_the_template_byte_for_byte_shares_the_compile_cache(tmp_path, monk
                                                    "No space left on device)")):
         h.private_cache(shared, out)
     assert not copy.exists()
+
+
+@pytest.mark.parametrize("where", ["copy's place", "run directory", "inside the run", "around the run"])
+def test_an_isolated_run_refuses_a_compile_cache_that_overlaps_its_run_directory(tmp_path, monkeypatch, capsys,
+                                                                                 where):
+    # a recipe's private copy goes to out/compile_cache and is removed after training: a shared
+    # cache there would be deleted, one inside the run directory writable by the recipe, and
+    # one around it copied into itself
+    monkeypatch.setattr(h.sandbox, "probe", lambda: None)
+    _fake_training(monkeypatch, h)
+    out = tmp_path / "ws" / "run"
+    cache = {"copy's place": out / "compile_cache", "run directory": out, "inside the run": out / "cc",
+             "around the run": tmp_path / "ws"}[where]
+    cache.mkdir(parents=True)
+    (cache / "kept.py").write_text("# compiled by the template")
+    assert h.main(["run", "--recipe", str(TEMPLATE), "--data", str(tmp_path), "--budget-s", "1", "--out", str(out),
+                   "--device", "cpu", "--compile-cache", str(cache), "--isolate"]) == 2
+    assert "must not lie one inside the other" in capsys.readouterr().err
+    assert (cache / "kept.py").read_text() == "# compiled by the template"
