@@ -1,6 +1,6 @@
 """Shared pieces of the CLIP model tests (``test_model_towers.py``, ``test_model_training.py``,
-``test_model_config.py``): a very small config with a ragged shape and random token rows
-with their masks."""
+``test_model_config.py``, and ``test_expert.py``'s smaller one): a very small config with a
+ragged shape and random token rows with their masks."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from model_support import micro
 
 from eclip.batch import Batch
 from eclip.expert import (
@@ -24,7 +25,7 @@ from eclip.expert import (
     make_heatmaps,
     mixup,
 )
-from eclip.model import ExpertConfig, build_model, model_config
+from eclip.model import ExpertConfig, build_model
 
 
 def ref_heatmaps(boxes, box_mask, size, min_sigma, sigma_scale=0.5):
@@ -187,12 +188,8 @@ def test_seeded_draw_frequency_and_stream_alignment():
 
 
 def tiny_cfg(**overrides):
-    base = {"vision.patch_size": 8, "vision.pool": "mean", "text.pool": "mean",
-            "vision.width": 24, "vision.depth": 1, "vision.heads": 3, "text.width": 16,
-            "text.depth": 1, "text.heads": 2, "embed_dim": 12, "expert.width": 16,
-            "expert.heads": 2}
-    base.update(overrides)
-    return model_config("tiny", image_size=24, vocab_size=37, context_length=7, **base)
+    """model_support's micro config with one layer a tower and a 16-wide text tower."""
+    return micro(**{"vision.depth": 1, "text.width": 16, "text.depth": 1, **overrides})
 
 
 def clip_loss64(img, txt, scale):
