@@ -235,6 +235,8 @@ def run(args) -> int:
     except (OSError, ValueError):  # no result, or a damaged one (ValueError: not JSON, not UTF-8)
         rc = rc or 1
         status = "error" if exit_code(rc) == 2 else "crash"  # 2: bad input (data, options), not the recipe
+        if heard and exit_code(rc) in (130, 143):  # stopped before it could write one (its start-up)
+            status = "interrupted"
         return _finish(result_path, {"status": status, "val_mean_rank": None,
                                      "reason": f"the training process exited with code {rc} without a result"}, rc)
     # A score comes from the harness's own ranking only: whatever the training process wrote

@@ -250,11 +250,15 @@ def test_the_training_child_gets_the_seed_and_the_cap_but_no_secret_and_no_gpu(t
     assert _address_space_under(calls[0]["preexec"]) == expected
 
 
-@pytest.mark.parametrize("rc,status,code", [(2, "error", 2), (1, "crash", 1), (-9, "crash", 137)])
+@pytest.mark.parametrize("rc,heard,status,code", [
+    (2, (), "error", 2), (1, (), "crash", 1), (-9, (), "crash", 137), (-2, (), "crash", 130),
+    # a Ctrl-C (SIGTERM) in the child's start-up, before its training loop could save anything
+    (-2, (2,), "interrupted", 130), (130, (15,), "interrupted", 130), (1, (2,), "crash", 1)])
 def test_a_training_child_that_left_no_result_crashed_unless_its_input_was_bad(tmp_path, monkeypatch, capsys,
-                                                                              rc, status, code):
-    # the research loop tries to fix a "crash" (a recipe fault), not an "error"
-    _fake_training(monkeypatch, h, rc=rc)
+                                                                              rc, heard, status, code):
+    # the research loop tries to fix a "crash" (a recipe fault), not an "error", and tries an
+    # "interrupted" run's configuration again
+    _fake_training(monkeypatch, h, rc=rc, heard=heard)
     out = tmp_path / "run"
     assert h.main(["run", "--recipe", str(TEMPLATE), "--data", str(tmp_path), "--budget-s", "1", "--out", str(out),
                    "--device", "cpu"]) == code
