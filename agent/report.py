@@ -19,7 +19,8 @@ from eclip.process import exit_main, sigterm_as_ctrl_c
 
 def summary(events: list[dict]) -> dict:
     """Counts, the best score by the loop's own rule (the baseline mean, then each keep),
-    and experiments per hour from the first start to the last end."""
+    how far apart the baselines' speeds lay, and experiments per hour from the first start
+    to the last end."""
     exps = journal.experiments(events)
     base = [e["val_mean_rank"] for e in exps if e.get("status") == "baseline"]
     trail = journal.running_best(exps)
@@ -33,6 +34,7 @@ def summary(events: list[dict]) -> dict:
     return {"experiments": len(exps), "counts": counts, "best": best,
             "noise_floor": journal.noise_floor(exps, min_delta)[1],
             "baseline_mean": sum(base) / len(base) if base else None,
+            "baseline_spread": journal.throughput_spread(exps),
             "per_hour": len(exps) / hours if hours else None}
 
 
@@ -129,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"best_mean_rank: {fmt(s['best'])}\nbaseline_mean:  {fmt(s['baseline_mean'])}")
     print("counts:         " + ", ".join(f"{k} {v}" for k, v in sorted(s["counts"].items())))
     print(f"noise_floor:    {s['noise_floor']:.2f}")
+    spread = s["baseline_spread"]  # fastest over slowest baseline (steady samples/s): above 1.2, a shared machine
+    print(f"baseline_speed: {'none' if spread is None else f'{spread:.2f}x apart'}")
     if priced:
         calls = [e for e in events if e.get("event") == "usage"]  # one per reply: the record of spending
         totals = {k: sum((e.get("usage") or {}).get(k, 0) for e in calls) for k in

@@ -27,6 +27,7 @@ def test_report_on_a_journal_fixture(tmp_path, capsys):
     assert "best_mean_rank: 70.0" in out and "baseline_mean:  95.0" in out
     assert "counts:         baseline 2, crash 1, discard 1, keep 1" in out
     assert "per_hour:       36.7" in out  # 5 experiments from the first start to the last end: 490 s
+    assert "baseline_speed: none" in out  # the fixture's results carry no figures
     assert (ws / "progress.png").read_bytes()[:4] == b"\x89PNG"
     assert report.main([str(tmp_path / "none")]) == 2
 
@@ -148,3 +149,7 @@ def test_the_loop_warns_when_its_baselines_trained_at_different_speeds(small_cac
     assert err.count("loop: warning: the baselines trained at speeds") == warned
     if warned:
         assert "speeds 1.30x apart" in err  # fastest over slowest: 1000 samples in 10 s and in 13 s
+    from agent import report  # and the report says it too, for whoever reads the study later
+
+    assert report.main([str(tmp_path / "s")]) == 0
+    assert f"baseline_speed: {1.3 if warned else 10.1 / 9.9:.2f}x apart" in capsys.readouterr().out
