@@ -338,6 +338,7 @@ def export_training_data(args) -> Path:
         raise EclipError(f"{args.data}: the {split} split is empty")
     rows = torch.nonzero(cache.split <= 1).flatten() if args.final else cache.split_images("train")
     out = args.out / TRAIN_DATA
+    remove(out)  # a run killed before it removed its copy, or a recipe that added to it, left one
     write_subset(cache, rows, out)
     return out
 

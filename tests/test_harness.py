@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from train_support import small_recipe as recipe
@@ -449,3 +450,17 @@ def test_an_isolated_run_refuses_a_compile_cache_that_overlaps_its_run_directory
                    "--device", "cpu", "--compile-cache", str(cache), "--isolate"]) == 2
     assert "must not lie one inside the other" in capsys.readouterr().err
     assert (cache / "kept.py").read_text() == "# compiled by the template"
+
+
+def test_a_copy_of_the_training_split_left_by_a_killed_run_is_replaced(small_cache, tmp_path):
+    # the run directory of a killed run (a final run's is reused when it runs again) may hold
+    # the last copy, with whatever the recipe added to it: a cache writer refuses such a folder
+    out = tmp_path / "run"
+    (out / "train_data").mkdir(parents=True)
+    (out / "train_data" / "planted.bin").write_bytes(b"x")
+    args = SimpleNamespace(data=small_cache, out=out, final=True)
+    copy = h.export_training_data(args)
+    assert copy == out / "train_data" and not (copy / "planted.bin").exists()
+    from eclip.data.cache import load_cache
+
+    assert load_cache(copy).images.shape[0] == 360  # train + val of the 300 / 60 / 20 scenes
