@@ -64,7 +64,6 @@ def runs_on_cpu(device: str) -> bool:
         return False
 
 
-
 def usable_cpus() -> int:
     """The CPUs this process may run on: its affinity, and a cgroup (v2) CPU quota."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -75,7 +74,6 @@ def usable_cpus() -> int:
     except (OSError, ValueError):
         pass
     return n
-
 
 
 def torch_threads(device: str) -> int | None:

@@ -101,11 +101,9 @@ def limit_address_space(gigabytes: float) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-
 def default_memory_limit_gb() -> float:
     """80% of the machine's physical memory."""
     return 0.8 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with sigterm_as_ctrl_c():  # a SIGTERM (a scheduler, `timeout`) is a Ctrl-C: the run ends cleanly
@@ -140,7 +137,6 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:  # outside the training and the evaluation: nothing to save
             print("harness: interrupted", file=sys.stderr)
             return 130
-
 
 
 def run(args) -> int:
@@ -196,13 +192,13 @@ def run(args) -> int:
     for part in PARTS:  # only this run's files are read
         clear_part(args.out, part)
     data, env = args.data, hide_gpu(dict(os.environ)) if on_cpu else None
-    shared_cache = args.compile_cache
+    private = False  # whether the training process compiles into a copy of the compile cache
     try:
         if args.isolate:
             data = export_training_data(args)
             if args.compile_cache is not None:
                 if not is_template(args.recipe):
-                    args.compile_cache = private_cache(args.compile_cache, args.out)
+                    args.compile_cache, private = private_cache(args.compile_cache, args.out), True
                 # Triton's own cache, kept across runs like inductor's
                 env = dict(env or os.environ, TRITON_CACHE_DIR=str(args.compile_cache / "triton"))
         cmd = [sys.executable, "-m", "eclip.train", "--data", str(data), "--out", str(args.out),
@@ -213,8 +209,7 @@ def run(args) -> int:
         if args.final:
             cmd.append("--final")
         if args.isolate:  # (a private copy of the compile cache lies in the run directory)
-            writable = [args.out] + ([shared_cache] if shared_cache is not None and args.compile_cache == shared_cache
-                                     else [])
+            writable = [args.out] if args.compile_cache is None or private else [args.out, args.compile_cache]
             cmd = sandbox.command(cmd, ro=[args.recipe, data], rw=writable, hide=[args.data])
         from eclip.train import READY
 
@@ -225,9 +220,9 @@ def run(args) -> int:
         return _finish(result_path, {"status": "error", "val_mean_rank": None, "reason": str(e)}, 2)
     finally:
         if data != args.data:  # a copy of the training split: the checkpoint is what stays
-            shutil.rmtree(data, ignore_errors=True)
-        if args.compile_cache != shared_cache:  # what this recipe compiled reaches no other run
-            shutil.rmtree(args.compile_cache, ignore_errors=True)
+            remove(data)
+        if private:  # what this recipe compiled reaches no other run
+            remove(args.compile_cache)
     try:  # a regular file only: a FIFO the training process left there would block the read for ever
         result = json.loads(read_regular(result_path).decode("utf-8"))
         if not isinstance(result, dict):
@@ -260,8 +255,8 @@ def run(args) -> int:
                                              "a signal was sent to the training process alone)")
         rc = 1
     result["isolated"] = bool(args.isolate)  # whether the recipe's processes could read the cache
-    if args.isolate and shared_cache is not None:  # whether it could write into the next runs' compile cache
-        result["compile_cache"] = "shared" if args.compile_cache == shared_cache else "private copy"
+    if args.isolate and args.compile_cache is not None:  # whether it could write into the next runs' compile cache
+        result["compile_cache"] = "private copy" if private else "shared"
     result["recipe_wall_s"] = recipe_wall_s  # measured here: from the recipe's import to the process's end
     if result.get("status") == "ok":
         t_eval = time.perf_counter()
@@ -281,7 +276,6 @@ def run(args) -> int:
     return _finish(result_path, result, rc)
 
 
-
 def _finish(result_path: Path, result: dict, rc: int) -> int:
     """Write the run's result (atomically), print its summary block; the exit code for ``rc``."""
     from eclip.train import summary_lines
@@ -290,7 +284,6 @@ def _finish(result_path: Path, result: dict, rc: int) -> int:
     write_json(result_path, result)
     print("\n".join(summary_lines(result)))
     return exit_code(rc)
-
 
 
 PRIVATE_CACHE = "compile_cache"  # in the run directory: an isolated recipe's copy of the compile cache
@@ -343,7 +336,6 @@ def export_training_data(args) -> Path:
     return out
 
 
-
 def wall_limit(budget_s: float, io_bytes: int = 0) -> float:
     """The most a training process may take from the recipe's import to its end: the budget,
     the last step's overrun, the code after it, ``RECIPE_WALL_SLACK_S`` for the device's
@@ -351,7 +343,6 @@ def wall_limit(budget_s: float, io_bytes: int = 0) -> float:
     at ``IO_BYTES_PER_S`` (``io_bytes``: their sizes)."""
     overrun = max(OVERRUN_GRACE_S, OVERRUN_SHARE * budget_s)
     return budget_s + overrun + AFTER_GRACE_S + RECIPE_WALL_SLACK_S + io_bytes / IO_BYTES_PER_S
-
 
 
 def check_wall(recipe_wall_s: float | None, budget_s: float, io_bytes: int = 0) -> None:
@@ -368,7 +359,6 @@ def check_wall(recipe_wall_s: float | None, budget_s: float, io_bytes: int = 0) 
         raise EclipError(f"the training process ran {recipe_wall_s:.0f} s from the recipe's import to its end, on a "
                          f"budget of {budget_s:g} s (at most {limit:.0f} s, timed by the harness); work outside "
                          "train_step is not training time")
-
 
 
 def check_after(result: dict, budget_s: float, threads: int | None = None) -> None:

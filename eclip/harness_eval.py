@@ -56,13 +56,11 @@ def part_dir(out: Path, part: str) -> Path:
     return out / f"eval_{part}"
 
 
-
 def part_files(out: Path, part: str) -> tuple[Path, Path, Path]:
     """(inputs, embeddings, log) of one encoding process in a run directory; the log is
     the harness's, beside the part's folder."""
     folder = part_dir(out, part)
     return folder / "inputs.safetensors", folder / "emb.safetensors", out / f"eval_{part}.log"
-
 
 
 def clear_part(out: Path, part: str) -> None:
@@ -73,12 +71,10 @@ def clear_part(out: Path, part: str) -> None:
     remove(part_files(out, part)[2])
 
 
-
 def hide_gpu(env: dict) -> dict:
     """``env`` for a child of a CPU run: the limits count CPU time there, which a GPU's
     work would not show, so the recipe gets no GPU."""
     return dict(env, CUDA_VISIBLE_DEVICES="")
-
 
 
 def encode_parts(cmds: dict[str, list[str]], logs: dict[str, Path], limit_s: float, preexec,
@@ -150,7 +146,6 @@ def encode_parts(cmds: dict[str, list[str]], logs: dict[str, Path], limit_s: flo
         signal.signal(signal.SIGINT, previous)
 
 
-
 def _overdue(part: str, pid: int, now: float, start: float, ready: tuple | None, limit_s: float,
              threads: int | None) -> str | None:
     """Why an encoding process must stop now, or None. ``ready``: (wall, CPU seconds) when
@@ -171,7 +166,6 @@ def _overdue(part: str, pid: int, now: float, start: float, ready: tuple | None,
     return None
 
 
-
 def encode_error(part: str, rc: int, log: Path) -> str:
     """One line for a failed encoding process: its own error, else the last line of a
     traceback (the recipe's exception), else the exit code."""
@@ -182,7 +176,6 @@ def encode_error(part: str, rc: int, log: Path) -> str:
     said = [line for line in lines if line.startswith("encode: error: ")]
     why = said[-1][len("encode: error: "):] if said else lines[-1] if lines else f"exit code {rc}"
     return f"evaluation (eclip.encode, {part}) failed: {why}"
-
 
 
 def evaluate(result: dict, args, preexec=None, threads: int | None = None) -> dict:

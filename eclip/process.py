@@ -164,7 +164,6 @@ def child_setup(preexec):
     return setup
 
 
-
 def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = None,
           signals: list[int] | None = None):
     """Run one child to its end; its exit code. Ctrl-C reaches it too (same process group):
@@ -219,7 +218,6 @@ def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = 
     return rc, (end - seen[0] if seen else None)
 
 
-
 def relay(stream, ready: str, on_ready) -> threading.Thread:
     """A started thread that copies a child's stdout ``stream`` to this process's, but for
     the first ``ready`` line, for which it calls ``on_ready()`` instead (a child's code may
@@ -237,7 +235,6 @@ def relay(stream, ready: str, on_ready) -> threading.Thread:
     thread = threading.Thread(target=copy, daemon=True)
     thread.start()
     return thread
-
 
 
 def exit_code(rc: int) -> int:
