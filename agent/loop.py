@@ -387,6 +387,8 @@ def session(args, ws: Workspace) -> int:
         print(f"loop: note: --noise-runs {args.noise_runs} not applied: the noise floor was fixed by "
               f"{begun['baselines']} baseline run{'s' * (begun['baselines'] != 1)} when the experiments began",
               file=sys.stderr)
+    if begun["experiments"] or begun["baselines"] >= args.noise_runs:  # a resumed study: restated, and said at
+        warn_contended(exps)  # all when its last baseline was recovered from its result file, unannounced
     if args.noise_runs == 1 and not begun["baselines"] and not begun["experiments"]:  # once, as the study begins
         print("loop: note: --noise-runs 1 measures no noise: the floor is --min-delta alone "
               f"({args.min_delta:g}), so a change is kept on any gain above it", file=sys.stderr)

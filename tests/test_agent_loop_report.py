@@ -153,3 +153,9 @@ def test_the_loop_warns_when_its_baselines_trained_at_different_speeds(small_cac
 
     assert report.main([str(tmp_path / "s")]) == 0
     assert f"baseline_speed: {1.3 if warned else 10.1 / 9.9:.2f}x apart" in capsys.readouterr().out
+    # a resumed study says it again as it starts (its last baseline may have been recovered
+    # from its result file after a kill, with no warning then); the new experiment is not compared
+    runs = iter((11.0,))
+    assert loop.main(["--tag", "s", "--workspace-root", str(tmp_path), "--data", str(small_cache), "--budget-s", "1",
+                      "--max-experiments", "2"]) == 0
+    assert capsys.readouterr().err.count("loop: warning: the baselines trained at speeds 1.30x apart") == warned
