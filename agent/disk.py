@@ -88,23 +88,34 @@ def folder_bytes(folder: Path) -> int:
     return total
 
 
+def clear_leftovers(run: Path) -> tuple[list[Path], int]:
+    """Remove the LEFTOVER_FOLDERS of the run folder ``run``; returns its loose LEFTOVERS
+    (for the caller to delete and count) and the bytes the folders held."""
+    freed = 0
+    for pattern in LEFTOVER_FOLDERS:
+        for folder in run.glob(pattern):
+            if folder.is_dir() and not folder.is_symlink():
+                freed += folder_bytes(folder)
+                shutil.rmtree(folder, ignore_errors=True)
+    return [path for pattern in LEFTOVERS for path in run.glob(pattern)], freed
+
+
 def prune(experiments_dir: Path, exps: list[dict], policy: str) -> tuple[int, int]:
     """Delete the checkpoints of ended experiments outside ``keep_set`` and, whatever the
     policy, the LEFTOVERS of ended runs (their logs stay); returns (checkpoints deleted,
-    bytes freed). A run still in flight (no end journaled) is never touched."""
+    bytes freed). A run still in flight (no end journaled) is never touched. The final
+    runs' folders (``final-<commit>``, written by ``agent.report --final``) lose their
+    leftovers too, never their checkpoint (the study's product): the caller holds the
+    workspace's lock, which a final run holds while it trains, so none is in flight."""
     keep = keep_set(exps, policy)
     count = freed = 0
-    for e in exps:
-        if not e.get("ended"):
-            continue
-        run = experiments_dir / str(e["n"])
-        doomed = [path for pattern in LEFTOVERS for path in run.glob(pattern)]
-        for pattern in LEFTOVER_FOLDERS:
-            for folder in run.glob(pattern):
-                if folder.is_dir() and not folder.is_symlink():
-                    freed += folder_bytes(folder)
-                    shutil.rmtree(folder, ignore_errors=True)
-        if keep is not None and e["n"] not in keep:
+    runs = [(experiments_dir / str(e["n"]), keep is not None and e["n"] not in keep) for e in exps if e.get("ended")]
+    if experiments_dir.is_dir():
+        runs += [(run, False) for run in sorted(experiments_dir.glob("final-*")) if run.is_dir() and not run.is_symlink()]
+    for run, drop_checkpoint in runs:
+        doomed, size = clear_leftovers(run)
+        freed += size
+        if drop_checkpoint:
             doomed += [run / name for name in FILES]
             count += (run / FILES[0]).is_file()
         for path in doomed:

@@ -154,18 +154,25 @@ def test_prune_spares_runs_in_flight_and_clears_what_killed_runs_left(tmp_path):
     names = ("checkpoint.safetensors", "checkpoint.json", "eval_images.safetensors", "emb_texts.safetensors",
              ".checkpoint.safetensors.tmp-4242", "eval_texts.log", "run.log")
     folders = ("eval_images", "train_data", "compile_cache")  # an isolated run's copies, an encoder's folder
-    for n in (1, 2):
-        (tmp_path / str(n)).mkdir()
+    # a final run killed mid-way (agent.report --final): in no experiment's record, and its
+    # folder lives outside the workspace through a link, which is left alone
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    for run in ("1", "2", "final-abc1234", elsewhere):
+        (tmp_path / run).mkdir()
         for name in names:
-            (tmp_path / str(n) / name).write_bytes(b"\0" * 10)
+            (tmp_path / run / name).write_bytes(b"\0" * 10)
         for name in folders:
-            (tmp_path / str(n) / name / "inner").mkdir(parents=True)
-            (tmp_path / str(n) / name / "inner" / "f").write_bytes(b"\0" * 5)
-    assert disk.prune(tmp_path, exps, "all") == (0, 45)  # checkpoints stay; the leftovers go
-    assert sorted(p.name for p in (tmp_path / "1").iterdir()) == ["checkpoint.json", "checkpoint.safetensors",
-                                                                   "eval_texts.log", "run.log"]
-    assert disk.prune(tmp_path, exps, "kept") == (1, 20)
+            (tmp_path / run / name / "inner").mkdir(parents=True)
+            (tmp_path / run / name / "inner" / "f").write_bytes(b"\0" * 5)
+    (tmp_path / "final-def5678").symlink_to(elsewhere)
+    assert disk.prune(tmp_path, exps, "all") == (0, 90)  # checkpoints stay; the leftovers go
+    left = ["checkpoint.json", "checkpoint.safetensors", "eval_texts.log", "run.log"]
+    assert sorted(p.name for p in (tmp_path / "1").iterdir()) == left
+    assert sorted(p.name for p in (tmp_path / "final-abc1234").iterdir()) == left
+    assert disk.prune(tmp_path, exps, "kept") == (1, 20)  # a final run's checkpoint is the study's product
     assert sorted(p.name for p in (tmp_path / "1").iterdir()) == ["eval_texts.log", "run.log"]
-    assert sorted(p.name for p in (tmp_path / "2").iterdir()) == sorted(names + folders)  # untouched
+    assert sorted(p.name for p in (tmp_path / "final-abc1234").iterdir()) == left
+    for run in ("2", elsewhere):  # untouched
+        assert sorted(p.name for p in (tmp_path / run).iterdir()) == sorted(names + folders)
     # a study journaled before sizes were: the checkpoints still on disk size the next run
     assert disk.needed_bytes([{"n": 2}], tmp_path) == int(20 * 1.25) + disk.MIN_FREE
