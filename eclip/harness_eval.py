@@ -178,6 +178,19 @@ def encode_error(part: str, rc: int, log: Path) -> str:
     return f"evaluation (eclip.encode, {part}) failed: {why}"
 
 
+def check_isolated_tower(tower: str) -> None:
+    """Refuse (EclipError) an isolated run's text tower that names a local folder. The
+    sandboxed processes see the hub cache's models and, of local folders, only those they may
+    write (the run directory): there a recipe could plant the tokenizer that this process,
+    outside the sandbox, would load to tokenize the held-out captions."""
+    from eclip.pretrained import parse_spec
+
+    name, _ = parse_spec(tower, "hf")
+    if os.path.exists(name):  # as the tokenizer's loader resolves it: a folder before a hub id
+        raise EclipError(f"text_tower {tower!r}: with --isolate a text tower comes from the Hugging Face hub cache (a "
+                         "model id), not a local folder")
+
+
 def evaluate(result: dict, args, preexec=None, threads: int | None = None) -> dict:
     """``result`` with the metrics of the checkpoint in ``args.out`` on the val split (test
     with ``--final``): the split's images and its captions go to two ``eclip.encode``
@@ -196,6 +209,9 @@ def evaluate(result: dict, args, preexec=None, threads: int | None = None) -> di
     tower = (read_meta(args.out).get("hparams") or {}).get("text_tower") or ""
     if tower:  # the ids the trained text tower reads (its tokenizer, as in training)
         from eclip.pretrained import retokenize
+
+        if getattr(args, "isolate", False):
+            check_isolated_tower(tower)
 
         cache = retokenize(cache, tower)
     spec = {"vocab_size": cache.vocab_size, "context_length": cache.context_length,

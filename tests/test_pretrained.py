@@ -451,3 +451,32 @@ def test_records_without_their_captions_are_one_error_naming_the_file(small_cach
     with pytest.raises(EclipError, match=r"records.jsonl: unreadable \(record 1 has no list of captions and "
                                          r"phrases\); rebuild the cache with python -m eclip.prepare"):
         retokenize(load_cache(copy), f"hf:{hf_dir}")
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+def test_an_isolated_run_may_not_name_a_tokenizer_in_a_folder_it_writes(small_cache, hf_dir, tmp_path, monkeypatch,
+                                                                        isolate):
+    # the harness tokenizes the held-out captions outside the sandbox, with the tokenizer of
+    # the tower the checkpoint names: in an isolated run, never one from a folder a recipe
+    # may have written (its run directory, the only local folder its processes see)
+    from eclip import harness, sandbox
+
+    if isolate and (why := sandbox.probe()):
+        pytest.skip(f"no sandbox on this machine: {why}")
+    out = tmp_path / "run"
+    shutil.copytree(hf_dir, out / "tower")  # as an earlier run in this directory could have left it
+    template = train.TEMPLATE.read_text()
+    assert '"text_tower": "",' in template
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(template.replace('"text_tower": "",', f'"text_tower": "hf:{out / "tower"}",'))
+    monkeypatch.chdir(train.TEMPLATE.parents[1])
+    rc = harness.main(["run", "--recipe", str(recipe), "--data", str(small_cache), "--budget-s", "3", "--out", str(out),
+                       "--device", "cpu", *["--isolate"] * isolate])
+    r = json.loads((out / "result.json").read_text())
+    assert r["hparams"]["text_tower"] == f"hf:{out / 'tower'}" and r["steps"] >= 1  # trained with it either way
+    if isolate:
+        assert rc == 1 and r["status"] == "error" and r["val_mean_rank"] is None
+        assert r["reason"] == (f"text_tower 'hf:{out / 'tower'}': with --isolate a text tower comes from the Hugging "
+                               "Face hub cache (a model id), not a local folder")
+    else:
+        assert rc == 0 and r["status"] == "ok" and r["val_mean_rank"] >= 1
