@@ -8,7 +8,8 @@ The training loop (``eclip.loop``) runs a recipe file (default: the template
 - ``--final``: train on train+val, evaluate on the held-out ``test`` split;
 - ``--folds K``: K-fold cross-validation over train+val (the cache's fold ids; K must be the
   cache's fold count, ``prepare --folds``), reporting mean ± std of the validation mean rank
-  (each fold gets the full budget).
+  (each fold gets the full budget); with ``--resume`` the folds that left a checkpoint
+  continue from it.
 
 Writes to ``--out``: ``result.json``, ``metrics.jsonl`` (a row per log step, and the last
 step), the checkpoint (``checkpoint.safetensors`` + ``checkpoint.json``) and prints a
@@ -78,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--final", action="store_true", help="train on train+val, evaluate on test")
     p.add_argument("--folds", type=int, help="K-fold cross-validation over train+val")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint in --out (with --folds: from each fold's that left one)")
     p.add_argument("--log-every", type=int, default=10,
                    help="steps between metric read-backs (each read arrives one interval later, without a sync; "
                         "default: 10)")
@@ -160,7 +162,8 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
         if meta.get("eval_split") != eval_split or meta.get("train_rows") != int(train_rows.numel()):
             raise EclipError(f"{source}: checkpoint trained on {meta.get('train_rows')} images for "
                              f"{meta.get('eval_split')!r}; this run has {int(train_rows.numel())} for {eval_split!r} "
-                             + ("(a fold of a --folds run is not resumed on its own: run --folds again)"
+                             + ("(a fold of a --folds run is not resumed on its own: resume the whole "
+                                "cross-validation, --folds with --resume)"
                                 if str(meta.get("eval_split", "")).startswith("fold")
                                 else "(resume with the same --final)"))
         for key in MODEL_KEYS:  # the weights and the token ids must match
@@ -261,6 +264,34 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
     }
 
 
+def run_folds(args, overrides: dict, cache) -> dict:
+    """The cross-validation: fold k trains on the other folds' images in ``--out/fold<k>``
+    and is validated on its own. It stops at the first fold that fails. With ``--resume``
+    each fold that left a checkpoint continues from it (one that had trained all it was
+    asked is evaluated again, as a single run's would be) and the others train from the
+    start, so a cross-validation cut short loses the fold it was in, never the folds before."""
+    dirs = [args.out / f"fold{k}" for k in range(args.folds)]
+    saved = [(d / ckpt.TENSORS).is_file() or (d / ckpt.META).is_file() for d in dirs]
+    if args.resume and not any(saved):
+        raise EclipError(f"{args.out}: no fold left a checkpoint to resume (fold0/{ckpt.TENSORS} and the others); "
+                         "run --folds without --resume")
+    folds = []
+    for k, out in enumerate(dirs):
+        tr, ev = fold_split(cache.fold, k)
+        fold_args = argparse.Namespace(**dict(vars(args), resume=args.resume and saved[k]))
+        r = train_once(fold_args, overrides, cache, tr, ev, f"fold{k}", out)
+        write_json(out / "result.json", r)
+        folds.append(r)
+        if r["status"] != "ok":
+            break
+    ranks = [r["val_mean_rank"] for r in folds if r["val_mean_rank"] is not None]
+    return dict(folds[-1], folds=[{k: r[k] for k in ("status", "val_mean_rank", "steps")} for r in folds],
+                status="ok" if all(r["status"] == "ok" for r in folds) else folds[-1]["status"],
+                eval_split="folds", metrics=None, folds_total=args.folds,
+                val_mean_rank=statistics.mean(ranks) if ranks else None,
+                val_mean_rank_std=statistics.pstdev(ranks) if ranks else None)
+
+
 def run(args, overrides: dict) -> dict:
     if (args.budget_s is None) == (args.steps is None):
         raise EclipError("give exactly one of --budget-s or --steps")
@@ -280,9 +311,8 @@ def run(args, overrides: dict) -> dict:
     if args.folds is not None:
         if args.train_only:
             raise EclipError("--folds cannot be combined with --train-only")
-        if args.final or args.resume:
-            raise EclipError("--folds cannot be combined with --final or --resume (a cross-validation "
-                             "cut short is run again from its first fold)")
+        if args.final:
+            raise EclipError("--folds cannot be combined with --final (cross-validation never looks at the test split)")
         # K-fold means each fold is validated once and trained on all the others: only the
         # cache's own fold count does that (K smaller would train on a fold never validated)
         k_cache = int(cache.fold.max()) + 1
@@ -292,20 +322,7 @@ def run(args, overrides: dict) -> dict:
         if args.folds != k_cache:
             hint = f" (prepare --folds {args.folds} makes a cache with {args.folds})" if args.folds >= 2 else ""
             raise EclipError(f"--folds {args.folds}: this cache has {k_cache} folds, so expected --folds {k_cache}{hint}")
-        folds = []
-        for k in range(args.folds):
-            tr, ev = fold_split(cache.fold, k)
-            r = train_once(args, overrides, cache, tr, ev, f"fold{k}", args.out / f"fold{k}")
-            write_json(args.out / f"fold{k}" / "result.json", r)
-            folds.append(r)
-            if r["status"] != "ok":
-                break
-        ranks = [r["val_mean_rank"] for r in folds if r["val_mean_rank"] is not None]
-        result = dict(folds[-1], folds=[{k: r[k] for k in ("status", "val_mean_rank", "steps")} for r in folds],
-                      status="ok" if all(r["status"] == "ok" for r in folds) else folds[-1]["status"],
-                      eval_split="folds", metrics=None, folds_total=args.folds,
-                      val_mean_rank=statistics.mean(ranks) if ranks else None,
-                      val_mean_rank_std=statistics.pstdev(ranks) if ranks else None)
+        result = run_folds(args, overrides, cache)
     else:
         if args.final:
             tr = torch.nonzero(cache.split <= 1).flatten()

@@ -72,7 +72,8 @@ def test_folds_and_final(train_cache, tmp_path, capsys):
     assert "folds_done:     3/3\n" in stdout
     # a fold is not resumed on its own, and the message says what to do instead
     rc, _, err = run(["--data", train_cache, "--out", tmp_path / "cv" / "fold1", "--steps", 4, "--resume", *SMALL], capsys)
-    assert rc == 2 and "(a fold of a --folds run is not resumed on its own: run --folds again)" in err, err
+    assert rc == 2 and ("(a fold of a --folds run is not resumed on its own: resume the whole cross-validation, "
+                        "--folds with --resume)") in err, err
     # each train+val image is validated exactly once over the folds, and never trained on then
     from eclip.data.cache import load_cache
     n_trainval = int((load_cache(train_cache).split <= 1).sum())
@@ -86,6 +87,38 @@ def test_folds_and_final(train_cache, tmp_path, capsys):
     assert "\ntest_mean_rank: " in stdout and "eval_split:     test\n" in stdout  # named for what it is
     r = json.loads((tmp_path / "fin" / "result.json").read_text())
     assert r["eval_split"] == "test" and r["metrics"]["n_images"] == 60 and r["test_mean_rank"] == r["val_mean_rank"]
+
+
+def test_folds_cut_short_resume_in_the_fold_they_were_in(train_cache, tmp_path, capsys):
+    base = ["--data", train_cache, "--steps", 3, "--folds", 3, *SMALL]
+    rc, _, err = run([*base, "--out", tmp_path / "straight"], capsys)
+    assert rc == 0, err
+    # Ctrl-C before the second step of fold 1 (the fifth step in all: a file counts them, as
+    # each fold loads the recipe afresh)
+    count = tmp_path / "steps"
+    stopper = recipe_at_call(tmp_path, before=f"with open({str(count)!r}, 'a') as f:\n    f.write('.')\n"
+                                              f"if len(open({str(count)!r}).read()) == 5:\n    raise KeyboardInterrupt")
+    out = tmp_path / "cv"
+    rc, stdout, _ = run([*base, "--out", out, "--recipe", stopper], capsys)
+    assert rc == 130 and "folds_done:     1/3\n" in stdout
+    assert [f["status"] for f in json.loads((out / "result.json").read_text())["folds"]] == ["ok", "interrupted"]
+    assert json.loads((out / "fold1" / "checkpoint.json").read_text())["step"] == 1 and not (out / "fold2").exists()
+    rc, stdout, err = run([*base, "--out", out, "--resume"], capsys)
+    assert rc == 0, err
+    # fold 0 had trained its 3 steps: evaluated again, not retrained; fold 1 goes on from its
+    # step 1, fold 2 starts; each fold's rank is the uninterrupted run's
+    assert f"train: the checkpoint in {out / 'fold0'} has trained 3 steps" in err
+    a, b = (json.loads((d / "result.json").read_text()) for d in (tmp_path / "straight", out))
+    assert [f["status"] for f in b["folds"]] == ["ok"] * 3 and "folds_done:     3/3\n" in stdout
+    assert [f["val_mean_rank"] for f in b["folds"]] == [f["val_mean_rank"] for f in a["folds"]]
+    assert b["val_mean_rank"] == a["val_mean_rank"]
+    rows = [json.loads(line) for line in (out / "fold1" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]  # one log across the cut
+    # nothing to resume: one line, nothing trained
+    rc, _, err = run([*base, "--out", tmp_path / "none", "--resume"], capsys)
+    assert rc == 2 and err.strip() == (f"train: error: {tmp_path / 'none'}: no fold left a checkpoint to resume "
+                                       "(fold0/checkpoint.safetensors and the others); run --folds without --resume")
+    assert not (tmp_path / "none").exists()
 
 
 def test_folds_whose_first_fold_diverges_end_with_the_summary(train_cache, tmp_path, capsys):
