@@ -8,8 +8,8 @@ The training loop (``eclip.loop``) runs a recipe file (default: the template
 - ``--final``: train on train+val, evaluate on the held-out ``test`` split;
 - ``--folds K``: K-fold cross-validation over train+val (the cache's fold ids; K must be the
   cache's fold count, ``prepare --folds``), reporting mean ± std of the validation mean rank
-  (each fold gets the full budget); with ``--resume`` the folds that left a checkpoint
-  continue from it.
+  (each fold gets the full budget, in ``--out/fold<k>``; ``--out/folds.json`` records the
+  settings); with ``--resume`` the folds that left a checkpoint continue from it.
 
 Writes to ``--out``: ``result.json``, ``metrics.jsonl`` (a row per log step, and the last
 step), the checkpoint (``checkpoint.safetensors`` + ``checkpoint.json``) and prints a
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import inspect
 import json
 import math
@@ -28,6 +29,7 @@ import os
 import statistics
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -36,6 +38,7 @@ from eclip import checkpoint as ckpt
 from eclip.data.cache import load_cache
 from eclip.errors import EclipError, OneLineParser, first_line, seed_value
 from eclip.evaluate import fold_split, format_metrics
+from eclip.fileio import atomic_write
 from eclip.hardware import device_name, peak_bf16_flops
 from eclip.loop import (
     LoopConfig,
@@ -53,6 +56,7 @@ from eclip.process import exit_main, sigterm_as_ctrl_c
 TEMPLATE = Path(__file__).with_name("recipe.py")
 EXIT = {"ok": 0, "diverged": 1, "oom": 1, "interrupted": 130, "aborted": 130}
 MODEL_KEYS = ("preset", "image_tower", "text_tower")  # HPARAMS that are options too, and fix the weights
+CV_RECORD = "folds.json"  # in --out: what a cross-validation began with; its folds' checkpoints carry its id
 
 
 READY = "train: ready"  # the line --signal-ready prints
@@ -80,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--final", action="store_true", help="train on train+val, evaluate on test")
     p.add_argument("--folds", type=int, help="K-fold cross-validation over train+val")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the checkpoint in --out (with --folds: from each fold's that left one)")
+                   help="continue from the checkpoint in --out (with --folds: each fold from the checkpoint it left, "
+                        "under the settings the cross-validation began with)")
     p.add_argument("--log-every", type=int, default=10,
                    help="steps between metric read-backs (each read arrives one interval later, without a sync; "
                         "default: 10)")
@@ -144,6 +149,29 @@ def _flops_at(count, length: int) -> int:
     return count(length)
 
 
+def trim_log(path: Path, step: int) -> None:
+    """Drop the rows past ``step`` from a run's metrics log (and a torn last line), atomically:
+    an attempt that went beyond the checkpoint and failed before it saved again (diverged,
+    killed) logged steps that the resumed run trains again."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    except FileNotFoundError:
+        return
+    except (OSError, UnicodeDecodeError) as e:
+        raise EclipError(f"{path}: unreadable ({getattr(e, 'strerror', None) or e})") from None
+
+    def kept(line: str) -> bool:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            return False
+        return not isinstance(row, dict) or not isinstance(row.get("step"), int) or row["step"] <= step
+
+    keep = [line if line.endswith("\n") else line + "\n" for line in lines if kept(line)]
+    if keep != lines:
+        atomic_write(path, lambda p: p.write_text("".join(keep), encoding="utf-8"))
+
+
 def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: str, out: Path) -> dict:
     if getattr(args, "signal_ready", False):  # before any of the recipe's code: what follows is its time
         print(READY, flush=True)
@@ -181,6 +209,7 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
                   f"({'saved as it is' if args.train_only else 'evaluating it'}); ask for more to train on",
                   file=sys.stderr)
         resume_dir = out
+        trim_log(out / "metrics.jsonl", int(meta.get("step", 0)))
     out.mkdir(parents=True, exist_ok=True)  # after the checks: a refused --resume creates nothing
     cfg = LoopConfig(budget_s=args.budget_s, steps=args.steps, seed=args.seed, device=args.device,
                      log_every=args.log_every, data_placement=placement)
@@ -211,6 +240,8 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
             "hparams": hp, "model_config": model.cfg.to_dict(), "seed": args.seed,
             "cache_fingerprint": cache.manifest.get("fingerprint"), "status": run["status"],
             "eval_split": eval_split, "train_rows": int(train_rows.numel())}
+    if getattr(args, "cv_id", None):  # a fold: which cross-validation it belongs to (run_folds)
+        meta["cv_id"] = args.cv_id
     state = {f"data_{k}": v for k, v in data.items() if isinstance(v, torch.Tensor)}  # generator(s), perm
     if hasattr(recipe, "recipe_state"):
         state |= {f"recipe.{k}": v for k, v in recipe.recipe_state().items()}
@@ -264,21 +295,61 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
     }
 
 
+CV_SETTINGS = {"recipe_sha256": "recipe (its text changed)", "cache_fingerprint": "--data (another cache)",
+               "steps": "--steps", "budget_s": "--budget-s", "seed": "--seed",
+               "overrides": "overrides (--key=value, --preset, --image-tower, --text-tower)"}
+
+
+def cv_settings(args, overrides: dict, cache) -> dict:
+    """What every fold of one cross-validation shares (CV_SETTINGS' keys): folds trained
+    under other settings would make their mean a mixture."""
+    if not Path(args.recipe).is_file():
+        raise EclipError(f"{args.recipe}: recipe file not found")
+    return {"recipe_sha256": hashlib.sha256(Path(args.recipe).read_bytes()).hexdigest(),
+            "cache_fingerprint": cache.manifest.get("fingerprint"), "steps": args.steps, "budget_s": args.budget_s,
+            "seed": args.seed, "overrides": {k: str(v) for k, v in sorted(overrides.items())}}
+
+
+def cv_to_resume(path: Path, settings: dict) -> str:
+    """The id of the cross-validation recorded in ``path`` (CV_RECORD), checked against this
+    run's ``settings``; one-line errors when there is none or it began otherwise."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EclipError(f"{path}: no cross-validation to resume here; run --folds without --resume") from None
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8 text
+        raise EclipError(f"{path}: unreadable ({getattr(e, 'strerror', None) or e})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+        raise EclipError(f"{path}: unreadable (no cross-validation id)")
+    differ = [CV_SETTINGS[k] for k in settings if record.get(k) != settings[k]]
+    if differ:
+        raise EclipError(f"{path}: this cross-validation began with another {', '.join(differ)}; resume with the "
+                         "same, or run --folds without --resume to start it again")
+    return record["id"]
+
+
 def run_folds(args, overrides: dict, cache) -> dict:
     """The cross-validation: fold k trains on the other folds' images in ``--out/fold<k>``
-    and is validated on its own. It stops at the first fold that fails. With ``--resume``
-    each fold that left a checkpoint continues from it (one that had trained all it was
-    asked is evaluated again, as a single run's would be) and the others train from the
-    start, so a cross-validation cut short loses the fold it was in, never the folds before."""
+    and is validated on its own; it stops at the first fold that fails. ``--out/folds.json``
+    records its settings and an id that each fold's checkpoint carries. With ``--resume``
+    (the same settings) each fold whose checkpoint carries the id continues from it (one
+    that trained all it was asked is evaluated again) and the others train from the start
+    (a checkpoint of an earlier cross-validation in the same folder is not taken for one of
+    this), so a cross-validation cut short loses the fold it was in, never the folds before."""
     dirs = [args.out / f"fold{k}" for k in range(args.folds)]
-    saved = [(d / ckpt.TENSORS).is_file() or (d / ckpt.META).is_file() for d in dirs]
-    if args.resume and not any(saved):
-        raise EclipError(f"{args.out}: no fold left a checkpoint to resume (fold0/{ckpt.TENSORS} and the others); "
-                         "run --folds without --resume")
+    settings = cv_settings(args, overrides, cache)
+    if args.resume:
+        cv_id = cv_to_resume(args.out / CV_RECORD, settings)
+        saved = [((d / ckpt.TENSORS).is_file() or (d / ckpt.META).is_file())
+                 and ckpt.read_meta_from(d)[0].get("cv_id") == cv_id for d in dirs]
+    else:
+        cv_id, saved = uuid.uuid4().hex, [False] * len(dirs)
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json(args.out / CV_RECORD, {"id": cv_id, "started": time.time(), **settings})
     folds = []
     for k, out in enumerate(dirs):
         tr, ev = fold_split(cache.fold, k)
-        fold_args = argparse.Namespace(**dict(vars(args), resume=args.resume and saved[k]))
+        fold_args = argparse.Namespace(**dict(vars(args), resume=saved[k], cv_id=cv_id))
         r = train_once(fold_args, overrides, cache, tr, ev, f"fold{k}", out)
         write_json(out / "result.json", r)
         folds.append(r)

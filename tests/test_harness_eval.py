@@ -227,3 +227,18 @@ def test_the_children_of_a_cpu_run_see_no_gpu(tmp_path, capsys):
     assert capsys.readouterr().out == "''\n"  # the encoder's output, passed on
     assert he.encode_parts({"images": probe}, {"images": tmp_path / "b.log"}, 5.0, None) == {"images": 0}
     assert capsys.readouterr().out == repr(os.environ.get("CUDA_VISIBLE_DEVICES")) + "\n"  # a GPU run: as it was
+
+
+def test_an_isolated_text_tower_must_be_a_hub_id_not_a_local_folder(tmp_path, monkeypatch):
+    # resolved as the tokenizer's loader resolves it: a folder (relative to the working one,
+    # or absolute) before a hub id; a hub id the hub cache holds is what the sandbox binds
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "tower").mkdir(parents=True)
+    for spec in ("hf:org/tower", f"hf:{tmp_path / 'org' / 'tower'}"):
+        with pytest.raises(EclipError) as e:
+            he.check_isolated_tower(spec)
+        assert str(e.value) == (f"text_tower {spec!r}: with --isolate a text tower comes from the Hugging Face hub "
+                                "cache (a model id), not a local folder")
+    he.check_isolated_tower("hf:org/another-tower")  # no such folder: a hub id
+    with pytest.raises(EclipError, match="text_tower: expected hf:NAME"):
+        he.check_isolated_tower("org/tower")

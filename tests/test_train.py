@@ -94,30 +94,45 @@ def test_folds_cut_short_resume_in_the_fold_they_were_in(train_cache, tmp_path, 
     rc, _, err = run([*base, "--out", tmp_path / "straight"], capsys)
     assert rc == 0, err
     # Ctrl-C before the second step of fold 1 (the fifth step in all: a file counts them, as
-    # each fold loads the recipe afresh)
+    # each fold loads the recipe afresh; resumed, the count has passed 5)
     count = tmp_path / "steps"
     stopper = recipe_at_call(tmp_path, before=f"with open({str(count)!r}, 'a') as f:\n    f.write('.')\n"
                                               f"if len(open({str(count)!r}).read()) == 5:\n    raise KeyboardInterrupt")
     out = tmp_path / "cv"
-    rc, stdout, _ = run([*base, "--out", out, "--recipe", stopper], capsys)
+    import shutil
+    shutil.copytree(tmp_path / "straight" / "fold2", out / "fold2")  # an earlier cross-validation's, in the way
+    cv = [*base, "--out", out, "--recipe", stopper]
+    rc, stdout, _ = run(cv, capsys)
     assert rc == 130 and "folds_done:     1/3\n" in stdout
     assert [f["status"] for f in json.loads((out / "result.json").read_text())["folds"]] == ["ok", "interrupted"]
-    assert json.loads((out / "fold1" / "checkpoint.json").read_text())["step"] == 1 and not (out / "fold2").exists()
-    rc, stdout, err = run([*base, "--out", out, "--resume"], capsys)
+    assert json.loads((out / "fold1" / "checkpoint.json").read_text())["step"] == 1
+    # an attempt that went on past the checkpoint and died before saving logged a step (and a
+    # torn line) that the resumed run trains again
+    with open(out / "fold1" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 2, "loss": 9.0}) + '\n{"step": 3, "lo')
+    # resumed only under the settings it began with, each named
+    for argv, what in [(["--steps", 4], "--steps"), (["--seed", 7, "--lr=1e-3"], "--seed, overrides")]:
+        rc, _, err = run([*cv, *argv, "--resume"], capsys)
+        assert rc == 2 and err.startswith(f"train: error: {out / 'folds.json'}: this cross-validation began with "
+                                          f"another {what}"), err
+    rc, stdout, err = run([*cv, "--resume"], capsys)
     assert rc == 0, err
     # fold 0 had trained its 3 steps: evaluated again, not retrained; fold 1 goes on from its
-    # step 1, fold 2 starts; each fold's rank is the uninterrupted run's
+    # step 1; fold 2 starts afresh (the checkpoint there is not of this cross-validation);
+    # each fold's rank is the uninterrupted run's
     assert f"train: the checkpoint in {out / 'fold0'} has trained 3 steps" in err
+    assert f"checkpoint in {out / 'fold2'}" not in err
     a, b = (json.loads((d / "result.json").read_text()) for d in (tmp_path / "straight", out))
     assert [f["status"] for f in b["folds"]] == ["ok"] * 3 and "folds_done:     3/3\n" in stdout
     assert [f["val_mean_rank"] for f in b["folds"]] == [f["val_mean_rank"] for f in a["folds"]]
     assert b["val_mean_rank"] == a["val_mean_rank"]
-    rows = [json.loads(line) for line in (out / "fold1" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]  # one log across the cut
+    for k in (1, 2):  # one log across the cut; fold 2's own from its step 1
+        rows = [json.loads(line) for line in (out / f"fold{k}" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3] and all(r.get("loss") != 9.0 for r in rows)
     # nothing to resume: one line, nothing trained
     rc, _, err = run([*base, "--out", tmp_path / "none", "--resume"], capsys)
-    assert rc == 2 and err.strip() == (f"train: error: {tmp_path / 'none'}: no fold left a checkpoint to resume "
-                                       "(fold0/checkpoint.safetensors and the others); run --folds without --resume")
+    assert rc == 2 and err.strip() == (f"train: error: {tmp_path / 'none' / 'folds.json'}: no cross-validation to "
+                                       "resume here; run --folds without --resume")
     assert not (tmp_path / "none").exists()
 
 
