@@ -104,6 +104,9 @@ def experiments(events: list[dict]) -> list[dict]:
             for k, v in (e.get("usage") or {}).items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     total[k] = total.get(k, 0) + v
+    for rec in by_n.values():  # an end line written before end lines said their kind, its start line lost
+        if rec.get("ended") and "kind" not in rec and rec.get("status") in ("baseline", "keep", "discard"):
+            rec["kind"] = "baseline" if rec["status"] == "baseline" else "experiment"
     return [by_n[n] for n in sorted(by_n)]
 
 

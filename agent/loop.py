@@ -41,6 +41,7 @@ from agent.records import (
 )
 from agent.runner import (
     clean_env,
+    data_fingerprint,
     device_error,
     protect_secrets,
     run_experiment,
@@ -67,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "by the key alone)")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="prepared cache (built-in data is prepared if missing)")
     p.add_argument("--budget-s", type=float, default=45.0, help="training budget per experiment")
-    p.add_argument("--max-experiments", type=int, default=5, help="experiments after the baselines")
+    p.add_argument("--max-experiments", type=int, default=5,
+                   help="experiments after the baselines, in the whole study (interrupted ones do not count)")
     p.add_argument("--max-hours", type=float, help="stop starting experiments after this long")
     p.add_argument("--workspace-root", type=Path, default=Path("runs"), help="where workspaces live")
     p.add_argument("--noise-runs", type=int, default=3, help="baseline repeats for the noise floor")
@@ -172,7 +174,7 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
         ws.reset(root_commit)
         r = run_one(ws, args, n, "baseline", root_commit, "baseline", {})
         status = outcome("baseline", r, st)[0]
-        record_end(ws, n, status, r, False, root_commit, "baseline")
+        record_end(ws, n, status, r, False, root_commit, "baseline", "baseline")
         # a line a run, baselines too: their minutes are not silent
         print_run(n, status, r, f"(baseline {st['baselines'] + (status == 'baseline')} of {args.noise_runs}, "
                                 "for the noise floor)")
@@ -180,7 +182,9 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
             warn_contended(journal.experiments(journal.read(ws.journal_path)))
         after_run(ws, args, r)
         return True
-    if st["experiments"] >= args.max_experiments:
+    if st["counted"] >= args.max_experiments:
+        print(f"loop: stopping: --max-experiments {args.max_experiments} reached (interrupted runs do not count)",
+              file=sys.stderr)
         return False
     spent = journal.spent_usd(events)
     if args.proposer == "claude" and spent >= args.max_cost_usd:
@@ -349,13 +353,20 @@ def study_settings(events: list[dict]) -> dict | None:
 
 def settings_error(args, events: list[dict]) -> str | None:
     """Why this session may not go on with the study: a score under another cache, budget or
-    device would be compared with the best and the noise floor measured under the study's."""
+    device would be compared with the best and the noise floor measured under the study's.
+    The cache counts by path and by fingerprint: one rebuilt in place (other options, other
+    images) is other data."""
     study = study_settings(events)
     if study is None:
         return None
     asked = {"data": str(args.data.resolve()), "budget_s": args.budget_s, "device": args.device}
     differ = [k for k in STUDY_SETTINGS if k in study and study[k] != asked[k]]
     if not differ:
+        fp = data_fingerprint(args.data)
+        if study.get("data_fingerprint") and fp and fp != study["data_fingerprint"]:
+            return (f"{args.data}: the cache was rebuilt since this study's scores were measured on it (its "
+                    f"fingerprint is {fp[:12]}, the study's {study['data_fingerprint'][:12]}). Scores on other data "
+                    "do not compare: restore the cache, or start a new --tag")
         return None
     was = " ".join(f"{STUDY_SETTINGS[k]} {study[k]}" for k in differ)  # as given: auto is the word, not a device
     now = " ".join(f"{STUDY_SETTINGS[k]} {asked[k]}" for k in differ)
@@ -368,6 +379,7 @@ def session(args, ws: Workspace) -> int:
     experiments until a limit; returns the exit code."""
     root_commit = ws.root_commit()
     reconcile(ws, root_commit, args.min_delta)
+    state(journal.experiments(journal.read(ws.journal_path)), root_commit, args.min_delta)  # a journal it can read
     if why := settings_error(args, journal.read(ws.journal_path)):
         print(f"loop: error: {why}", file=sys.stderr)
         return 2
@@ -378,7 +390,8 @@ def session(args, ws: Workspace) -> int:
               f"--keep-checkpoints {args.keep_checkpoints} says", file=sys.stderr)
     # what this session runs with: `agent.report --final` retrains the best on the same data
     journal.append(ws.journal_path, {"event": "session", "time": time.time(), "proposer": args.proposer,
-                                     "data": str(args.data.resolve()), "budget_s": args.budget_s,
+                                     "data": str(args.data.resolve()), "data_fingerprint": data_fingerprint(args.data),
+                                     "budget_s": args.budget_s,
                                      "device": args.device, "seed": args.seed, "min_delta": args.min_delta,
                                      "isolate": args.isolate})
     exps = journal.experiments(journal.read(ws.journal_path))

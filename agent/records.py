@@ -12,26 +12,37 @@ from pathlib import Path
 
 from agent import disk, journal
 from agent.runner import finished_result
-from agent.workspace import Workspace
+from agent.workspace import Workspace, WorkspaceError
 
 
 def state(exps: list[dict], root_commit: str, min_delta: float) -> dict:
-    """Best commit and score, noise floor and counts, from the journal alone."""
+    """Best commit and score, noise floor and counts, from the journal alone: ``experiments``
+    counts every experiment, ``counted`` those that count towards ``--max-experiments`` (an
+    interrupted one is run again, in effect: it scored nothing, and not by the recipe's fault).
+    WorkspaceError when a kept experiment's commit is recorded nowhere (a damaged journal)."""
     base = [e for e in exps if e.get("kind") == "baseline" and e.get("status") == "baseline"]
     sigma, threshold = journal.noise_floor(base, min_delta)
-    kept = [e["commit"] for e in exps if e.get("kept")]
+    kept = [e for e in exps if e.get("kept")]
+    if kept and not kept[-1].get("commit"):
+        raise WorkspaceError(f"experiment {kept[-1]['n']} was kept, but no journal line of it records its commit (its "
+                             "start line is missing or damaged): the best recipe is unknown. Restore the line; the "
+                             "workspace's git log names each experiment's commit")
     trail = journal.running_best(exps)
-    best_commit, best = (kept[-1] if kept else root_commit), (trail[-1][1] if trail else None)
-    return {"baselines": len(base),
-            "experiments": sum(e.get("kind") == "experiment" for e in exps), "sigma": sigma,
+    best_commit, best = (kept[-1]["commit"] if kept else root_commit), (trail[-1][1] if trail else None)
+    ran = [e for e in exps if e.get("kind") == "experiment"]
+    return {"baselines": len(base), "experiments": len(ran),
+            "counted": sum(e.get("status") != "interrupted" for e in ran), "sigma": sigma,
             "threshold": threshold, "best_commit": best_commit, "best": best,
             "next_n": max((e["n"] for e in exps), default=0) + 1}
 
 
 def record_end(ws: Workspace, n: int, status: str, result: dict, kept: bool, commit: str | None,
-               description: str) -> None:
+               description: str, kind: str = "experiment") -> None:
+    """The end line (it repeats the start line's kind, commit and description, so that an
+    experiment whose start line was damaged keeps what the keeping rule reads) and the row."""
     journal.append(ws.journal_path, {"event": "end", "n": n, "time": time.time(), "status": status,
                                      "val_mean_rank": result.get("val_mean_rank"), "kept": kept,
+                                     "kind": kind, "commit": commit, "description": description,
                                      "result": {k: v for k, v in result.items() if k != "hparams"}})
     journal.add_result_row(ws.results_path, journal.result_row(
         {"commit": commit, "val_mean_rank": result.get("val_mean_rank"), "result": result,
@@ -86,12 +97,13 @@ def reconcile(ws: Workspace, root_commit: str, min_delta: float) -> None:
         r = recovered_result(ws, e)
         if r is not None:
             status, kept = outcome(e.get("kind", "experiment"), r, state(exps[:i], root_commit, min_delta))
-            record_end(ws, e["n"], status, dict(r, recovered=True), kept, e.get("commit"), e.get("description", ""))
+            record_end(ws, e["n"], status, dict(r, recovered=True), kept, e.get("commit"), e.get("description", ""),
+                       e.get("kind", "experiment"))
             print(f"loop: experiment {e['n']} had finished when the loop stopped: recorded as {status}",
                   file=sys.stderr)
             continue
         record_end(ws, e["n"], "interrupted", {"val_mean_rank": None, "reason": "the loop stopped during the run"},
-                   False, e.get("commit"), e.get("description", ""))
+                   False, e.get("commit"), e.get("description", ""), e.get("kind", "experiment"))
         print(f"loop: experiment {e['n']} was in flight when the loop stopped: recorded as interrupted",
               file=sys.stderr)
     journal.rebuild_results(ws.results_path, journal.read(ws.journal_path))

@@ -151,3 +151,13 @@ def run_experiment(recipe: Path, data: Path, budget_s: float, out: Path, *, comp
         return {"status": "crash", "val_mean_rank": None, "duration_s": duration, "returncode": rc,
                 "log_tail": log_tail(out / "run.log")}
     return dict(result, duration_s=duration)
+
+
+def data_fingerprint(data: Path) -> str | None:
+    """The prepared cache's fingerprint (eclip.prepare's hash of its options and sources), or
+    None when its manifest cannot be read."""
+    try:
+        fp = json.loads((data / "manifest.json").read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return fp if isinstance(fp, str) else None

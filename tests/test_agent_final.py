@@ -166,6 +166,25 @@ def test_final_options_override_the_sessions_settings(workspace, monkeypatch, ca
     assert event["budget_s"] == 2.0
 
 
+def test_final_refuses_a_cache_other_than_the_studys(workspace, small_cache, tmp_path, monkeypatch, capsys):
+    # another path is fine when it holds the same cache (moved, copied); other data is not
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(small_cache, other)
+    monkeypatch.setattr(final, "run_experiment", lambda *a, **kw: pytest.fail("trained on other data"))
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps(dict(manifest, fingerprint="feedfacecafe0000")))
+    capsys.readouterr()
+    assert report.main([str(workspace.root), "--final", "--data", str(other)]) == 2
+    assert capsys.readouterr().err == (f"report: error: {other}: not the cache this study was scored on (its "
+                                       f"fingerprint is feedfacecafe, the study's {manifest['fingerprint'][:12]}); "
+                                       "give the study's --data\n")
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(final, "run_experiment", _fake_final("ok", 42.0))
+    assert report.main([str(workspace.root), "--final", "--data", str(other)]) == 0
+
+
 def test_final_without_a_recorded_budget_asks_for_one(tmp_path, small_cache, monkeypatch):
     # a journal whose session records no budget (written by hand, or cut): a one-line
     # request for --budget-s, not a TypeError from float(None), and nothing journaled

@@ -57,7 +57,7 @@ def test_keep_and_discard_against_the_noise_floor(cache, tmp_path, monkeypatch, 
     assert "loop: #3 baseline  val_mean_rank 98.00 (baseline 3 of 3, for the noise floor)" in out
 
 
-def test_resume_records_the_run_in_flight_and_continues(cache, tmp_path, monkeypatch):
+def test_resume_records_the_run_in_flight_and_continues(cache, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(loop, "run_experiment", scripted([100, 100]))
     assert loop.main(["--tag", "r", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1",
                       "--noise-runs", "2", "--max-experiments", "0"]) == 0
@@ -75,7 +75,8 @@ def test_resume_records_the_run_in_flight_and_continues(cache, tmp_path, monkeyp
     (run3 / "result.json").write_text(json.dumps({"status": "ok", "val_mean_rank": None, "ranked_by": "caller"}))
     monkeypatch.setattr(loop, "run_experiment", scripted([80]))
     assert loop.main(["--tag", "r", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1",
-                      "--noise-runs", "2", "--max-experiments", "2"]) == 0
+                      "--noise-runs", "2", "--max-experiments", "1"]) == 0  # the interrupted one does not count
+    assert "loop: stopping: --max-experiments 1 reached (interrupted runs do not count)" in capsys.readouterr().err
     exps = journal.experiments(journal.read(ws.journal_path))
     assert [(e["n"], e["status"]) for e in exps] == [(1, "baseline"), (2, "baseline"), (3, "interrupted"), (4, "keep")]
     assert ws.head() == exps[3]["commit"] and "lr 1e-3 -> 5e-4" not in ws.git("log", "-1", "--format=%s")
@@ -162,6 +163,31 @@ def test_a_study_resumes_only_under_the_settings_its_scores_were_measured_with(c
     monkeypatch.setattr(loop, "run_experiment", scripted([70]))
     assert loop.main([*base, "--budget-s", "10", "--max-experiments", "2"]) == 0  # the study's own: it goes on
     assert len(journal.experiments(journal.read(Workspace(tmp_path / "s").journal_path))) == 4
+
+
+def test_a_cache_rebuilt_in_place_is_other_data(cache, tmp_path, monkeypatch, capsys):
+    # the same path, prepared again with other options: half the validation images once
+    # halved the mean rank, and the loop kept the next experiment for it
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(cache, data)
+    monkeypatch.setattr(loop, "run_experiment", scripted([100, 100, 70]))
+    base = ["--tag", "s", "--workspace-root", str(tmp_path), "--data", str(data), "--budget-s", "1", "--noise-runs", "2"]
+    assert loop.main([*base, "--max-experiments", "0"]) == 0
+    manifest = json.loads((data / "manifest.json").read_text())
+    study_fp = manifest["fingerprint"]
+    (data / "manifest.json").write_text(json.dumps(dict(manifest, fingerprint="0123456789abcdef0123")))
+    capsys.readouterr()
+    assert loop.main([*base, "--max-experiments", "1"]) == 2
+    assert capsys.readouterr().err == (
+        f"loop: error: {data}: the cache was rebuilt since this study's scores were measured on it (its fingerprint is "
+        f"0123456789ab, the study's {study_fp[:12]}). Scores on other data do not compare: restore the cache, or "
+        "start a new --tag\n")
+    (data / "manifest.json").write_text(json.dumps(manifest))  # restored: the study goes on
+    assert loop.main([*base, "--max-experiments", "1"]) == 0
+    assert [e["status"] for e in journal.experiments(journal.read(Workspace(tmp_path / "s").journal_path))] == [
+        "baseline", "baseline", "keep"]
 
 
 def test_a_brief_edited_by_hand_survives_discards_and_lands_with_the_next_commit(cache, tmp_path, monkeypatch):

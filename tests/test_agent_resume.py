@@ -125,12 +125,13 @@ def test_kill_at_each_phase_then_resume(small_cache, tmp_path, phase, first_run,
     ws = Workspace(tmp_path / "k")
     before = ws.journal_path.read_text()
     assert _lines(ws) == BASE + pre
-    # the restart; an interrupted experiment still counts towards --max-experiments
+    # the restart; an interrupted experiment does not count towards --max-experiments (it
+    # scored nothing, by no fault of the recipe's): after one, 1 more makes the study's 1
     mp = pytest.MonkeyPatch()
     mp.setattr(loop, "run_experiment", _scripted({"during-run": [80], "before-end": [95],
                                                   "during-end": [95]}.get(phase, [80, 95])))
     try:
-        assert loop.main(_args(tmp_path, small_cache, 2)) == 0
+        assert loop.main(_args(tmp_path, small_cache, 1 if phase == "during-run" else 2)) == 0
     finally:
         mp.undo()
     assert ws.journal_path.read_text().startswith(before)  # append-only: no old byte changed
@@ -193,3 +194,50 @@ def test_a_real_run_dies_with_the_loop(small_cache, tmp_path):
         mp.undo()
     exps = journal.experiments(journal.read(ws.journal_path))
     assert [(e["n"], e["status"]) for e in exps] == [(1, "interrupted"), (2, "baseline")]
+
+
+def _without_start_lines(ws, numbers, legacy: bool):
+    """The journal with the start lines of ``numbers`` gone (a hand edit, damage); ``legacy``:
+    its end lines also lose what they repeat of the start (as written before they did)."""
+    lines = []
+    for line in ws.journal_path.read_text().splitlines():
+        e = json.loads(line)
+        if e.get("event") == "start" and e.get("n") in numbers:
+            continue
+        if legacy and e.get("event") == "end":
+            e = {k: v for k, v in e.items() if k not in ("kind", "commit", "description")}
+        lines.append(json.dumps(e))
+    ws.journal_path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_lost_start_lines_neither_crash_the_loop_nor_lose_a_baseline(small_cache, tmp_path, monkeypatch, capsys,
+                                                                      legacy):
+    monkeypatch.setattr(loop, "run_experiment", _scripted([100, 104, 90, 95]))
+    assert loop.main(_args(tmp_path, small_cache, 2)) == 0  # 1, 2 baselines; 3 keep; 4 discard
+    ws = Workspace(tmp_path / "k")
+    kept = next(e for e in journal.experiments(journal.read(ws.journal_path)) if e.get("kept"))["commit"]
+    _without_start_lines(ws, {1, 3}, legacy)
+    capsys.readouterr()
+    if legacy:  # the kept experiment's commit is recorded nowhere: one line, nothing appended
+        before = ws.journal_path.read_text()
+        assert loop.main(_args(tmp_path, small_cache, 2)) == 1
+        assert capsys.readouterr().err.strip() == (
+            "loop: error: experiment 3 was kept, but no journal line of it records its commit (its start line is "
+            "missing or damaged): the best recipe is unknown. Restore the line; the workspace's git log names each "
+            "experiment's commit")
+        assert ws.journal_path.read_text() == before
+        from agent import report
+
+        assert report.main([str(ws.root), "--final"]) == 2
+        assert capsys.readouterr().err.startswith("report: error: experiment 3 was kept, but no journal line")
+        # a scored run's status still tells its kind: baseline 1 still counts for the noise floor
+        exps = journal.experiments(journal.read(ws.journal_path))
+        assert [e.get("kind") for e in exps] == ["baseline", "baseline", "experiment", "experiment"]
+        return
+    # the end lines say it all: both baselines still set the noise floor (σ of 100 and 104),
+    # their checkpoints' rule still applies, and the kept commit is still the best
+    st = records.state(journal.experiments(journal.read(ws.journal_path)), ws.root_commit(), 0.0)
+    assert (st["baselines"], st["best_commit"], st["threshold"]) == (2, kept, pytest.approx(2 * 2 ** 1.5))
+    assert loop.main(_args(tmp_path, small_cache, 2)) == 0
+    assert "noise floor was fixed by" not in capsys.readouterr().err and ws.head() == kept
