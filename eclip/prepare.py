@@ -35,6 +35,7 @@ from eclip.data.sources import (
 )
 from eclip.errors import DataError, DefaultsFormatter, EclipError, OneLineParser
 from eclip.evaluate import kfold_assign
+from eclip.process import exit_main, sigterm_as_ctrl_c
 from eclip.tokenizer import check_vocab_size, encode_batch, load_tokenizer, train_bpe
 
 SPLIT_IDS = {name: i for i, name in enumerate(cache_mod.SPLITS)}
@@ -335,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prepare: error: --seed {args.seed}: must be 0 or more", file=sys.stderr)
         return 2
     try:
-        run(args)
+        with sigterm_as_ctrl_c():  # a scheduler's stop (or timeout's) cleans up as Ctrl-C does
+            run(args)
     except EclipError as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
@@ -350,4 +352,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_main(main())

@@ -3,7 +3,11 @@ permissions, damaged caches rebuilt or refused, and what makes a cache be reused
 
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from prepare_support import manifest_args
@@ -13,6 +17,8 @@ from test_prepare import run
 from eclip import prepare
 from eclip.data.cache import load_cache, read_manifest
 from eclip.errors import EclipError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_out_with_a_manifest_of_another_tool_is_left_alone(images, tmp_path, capsys):
@@ -164,3 +170,31 @@ def test_out_with_an_undecodable_manifest_json_is_refused_in_one_line(images, tm
     (out / "manifest.json").write_bytes(b"\xff\xfe binary, another tool's")
     rc, _, err = run(manifest_args(images, path, out), capsys)
     assert rc == 2 and "exists and is not a cache; refusing to replace it" in err, err
+
+
+# prepare in a process that signals itself as it saves its first file into the temporary folder
+STOPPED_DRIVER = """
+import os, signal, sys
+from eclip.data import cache
+_save = cache.CacheWriter.save_arrays
+def save_arrays(self, name, arrays):
+    os.kill(os.getpid(), int(sys.argv[1]))
+    return _save(self, name, arrays)
+cache.CacheWriter.save_arrays = save_arrays
+from eclip import prepare
+sys.exit(prepare.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_build_stopped_by_a_signal_leaves_nothing(tmp_path, sig):
+    # SIGTERM (a scheduler's stop, timeout's) once ended the build at once, exit 143 and no
+    # word, leaving the hidden half-written cache beside --out for good
+    out = tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "-c", STOPPED_DRIVER, str(int(sig)), "--dataset", "synthetic", "--out",
+                           str(out), "--num-train", "60", "--num-val", "10", "--num-test", "10", "--image-size", "16",
+                           "--workers", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "prepare: interrupted; nothing was written", proc.stderr
+    assert list(tmp_path.iterdir()) == []  # neither the cache nor its temporary folder
