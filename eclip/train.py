@@ -431,6 +431,13 @@ def main(argv: list[str] | None = None) -> int:
             with contextlib.suppress(OSError):
                 args.out.rmdir()
         return 2
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the training loop took them over (its setup)
+        print("train: interrupted while setting up (before its first step): no checkpoint or result of it written",
+              file=sys.stderr)
+        if not existed:
+            with contextlib.suppress(OSError):
+                args.out.rmdir()
+        return 130
     except OSError as e:  # --out a file, a read-only or full disk: the path and the reason
         print(f"train: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 2

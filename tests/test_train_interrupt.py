@@ -144,3 +144,19 @@ def test_a_late_repeat_of_sigterm_does_not_cut_the_save_short(train_cache, tmp_p
     assert rc == 130 and "status:         interrupted" in stdout, err
     assert json.loads((out / "checkpoint.json").read_text())["step"] == 3
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+@pytest.mark.parametrize("where", ["import", "build_model"])
+def test_a_ctrl_c_while_setting_up_is_one_line_and_leaves_no_folder(train_cache, tmp_path, capsys, where):
+    # before the training loop takes Ctrl-C and SIGTERM over (the recipe's import, its model
+    # and optimizer, the data to the device) they once ended in a traceback and an empty --out
+    from train_support import recipe_with
+
+    code = {"import": "raise KeyboardInterrupt\n",
+            "build_model": "def build_model(spec):\n    raise KeyboardInterrupt\n"}[where]
+    out = tmp_path / "run"
+    rc, stdout, err = run(["--data", train_cache, "--out", out, "--steps", 3, *SMALL, "--recipe",
+                           recipe_with(tmp_path, code)], capsys)
+    assert rc == 130 and stdout == ""
+    assert err == "train: interrupted while setting up (before its first step): no checkpoint or result of it written\n"
+    assert not out.exists()
