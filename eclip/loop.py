@@ -16,6 +16,7 @@ but counts against the budget.
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import json
 import secrets
@@ -98,7 +99,10 @@ def load_recipe(path: str | Path):
     if not path.is_file():
         raise EclipError(f"{path}: recipe file not found")
     name = f"eclip_recipe_{abs(hash(str(path.resolve())))}_{time.monotonic_ns()}"
-    spec = importlib.util.spec_from_file_location(name, path)
+    # the loader named: without it a file whose name does not end in .py (recipe_v2, a .bak
+    # copy) gets no spec at all
+    loader = importlib.machinery.SourceFileLoader(name, str(path))
+    spec = importlib.util.spec_from_file_location(name, path, loader=loader)
     module = importlib.util.module_from_spec(spec)
     try:
         # compiled from the text the policy checked (``read_source``), not from the bytes: a

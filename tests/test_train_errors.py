@@ -197,6 +197,18 @@ def test_a_recipe_that_fails_to_import_names_its_line(train_cache, tmp_path, cap
     assert rc == 1 and json.loads((tmp_path / "o" / "result.json").read_text())["status"] == "oom", err
 
 
+@pytest.mark.parametrize("name", ["recipe_v2", "recipe.py.bak"])
+def test_a_recipe_file_not_named_py_is_run(train_cache, tmp_path, capsys, name):
+    # the import machinery finds no loader by itself for such a name: an AttributeError traceback
+    recipe = tmp_path / name
+    recipe.write_text(recipe_with(tmp_path, "").read_text())
+    rc, _, err = run(["--data", train_cache, "--out", tmp_path / "o", "--steps", 1, *SMALL, "--recipe", recipe], capsys)
+    assert rc == 0 and json.loads((tmp_path / "o" / "result.json").read_text())["steps"] == 1, err
+    rc, _, err = run(["--data", train_cache, "--out", tmp_path / "p", "--steps", 1, "--recipe",
+                      recipe_with(tmp_path, "x = undefined_name\n").rename(tmp_path / f"bad-{name}")], capsys)
+    assert rc == 2 and f"bad-{name}:" in err and "recipe failed to import (NameError" in err, err  # names its line
+
+
 def test_a_cuda_index_beyond_the_devices_is_one_line(monkeypatch):
     from eclip.errors import EclipError
     from eclip.loop import pick_device
