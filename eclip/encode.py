@@ -107,6 +107,14 @@ def read_inputs(path: Path) -> tuple[torch.Tensor | None, torch.Tensor | None, d
         raise EclipError(f"{path}: images: expected uint8 [N, 3, {r}, {r}], got {images.dtype} {list(images.shape)}")
     if tokens is not None and (tokens.dim() != 2 or tokens.dtype not in (torch.int32, torch.int64)):
         raise EclipError(f"{path}: tokens: expected int32 or int64 [C, L], got {tokens.dtype} {list(tokens.shape)}")
+    if tokens is not None and tokens.numel():  # what the model would index out of range or refuse, in a traceback
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= spec["vocab_size"]:
+            raise EclipError(f"{path}: tokens: ids must lie in 0..{spec['vocab_size'] - 1} (metadata vocab_size "
+                             f"{spec['vocab_size']}), got {low}..{high}")
+        if (longest := caption_length(tokens)) > spec["context_length"]:
+            raise EclipError(f"{path}: tokens: a caption of {longest} tokens, longer than metadata context_length "
+                             f"{spec['context_length']}")
     return images, tokens, spec
 
 

@@ -135,6 +135,10 @@ def with_hparams(run: Path, out: Path, hparams) -> Path:
     ("no hparams", "checkpoint.safetensors: no hparams recorded"),
     ("hparams not a dict", "checkpoint.safetensors: no hparams recorded"),
     ("hparams the recipe refuses", "recipe: precision: expected one of auto, bf16, fp32, got 'fp16'"),
+    # what the model indexed out of range, or refused, in a traceback and exit 1
+    ("ids past the vocabulary", "in.safetensors: tokens: ids must lie in 0..8 (metadata vocab_size 9), got 0..9"),
+    ("negative ids", "in.safetensors: tokens: ids must lie in 0..8 (metadata vocab_size 9), got -3..1"),
+    ("captions too long", "in.safetensors: tokens: a caption of 10 tokens, longer than metadata context_length 9"),
 ])
 def test_bad_input_is_one_line_and_exit_2(run, small_cache, tmp_path, capsys, case, message):
     from safetensors.torch import save_file
@@ -149,7 +153,10 @@ def test_bad_input_is_one_line_and_exit_2(run, small_cache, tmp_path, capsys, ca
                "metadata not a number": {"tokens": torch.ones(2, 9, dtype=torch.int32)},
                "not square": {"images": torch.zeros(2, 3, 64, 32, dtype=torch.uint8)},
                "int64 images": {"images": torch.zeros(2, 3, 64, 64, dtype=torch.int64)},
-               "flat tokens": {"tokens": torch.ones(18, dtype=torch.int64)}}
+               "flat tokens": {"tokens": torch.ones(18, dtype=torch.int64)},
+               "ids past the vocabulary": {"tokens": torch.tensor([[1, 9, 0], [2, 0, 0]])},
+               "negative ids": {"tokens": torch.tensor([[1, -3, 0], [1, 0, 0]])},
+               "captions too long": {"tokens": torch.tensor([[1] * 10 + [0, 0], [1] * 5 + [0] * 7])}}
     metadata = {"no metadata": None, "metadata not a number": SPEC | {"image_size": "big"}}
     hparams = {"no hparams": None, "hparams not a dict": [], "hparams the recipe refuses": {"precision": "fp16"}}
     if case in tensors:
