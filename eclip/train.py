@@ -9,7 +9,8 @@ The training loop (``eclip.loop``) runs a recipe file (default: the template
 - ``--folds K``: K-fold cross-validation over train+val (the cache's fold ids; K must be the
   cache's fold count, ``prepare --folds``), reporting mean ± std of the validation mean rank
   (each fold gets the full budget, in ``--out/fold<k>``; ``--out/folds.json`` records the
-  settings); with ``--resume`` the folds that left a checkpoint continue from it.
+  settings); with ``--resume`` (the same settings) the folds that left a checkpoint continue
+  from it.
 
 Writes to ``--out``: ``result.json``, ``metrics.jsonl`` (a row per log step, and the last
 step), the checkpoint (``checkpoint.safetensors`` + ``checkpoint.json``) and prints a
@@ -297,17 +298,19 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
 
 CV_SETTINGS = {"recipe_sha256": "recipe (its text changed)", "cache_fingerprint": "--data (another cache)",
                "steps": "--steps", "budget_s": "--budget-s", "seed": "--seed",
-               "overrides": "overrides (--key=value, --preset, --image-tower, --text-tower)"}
+               "hparams": "HPARAMS (the recipe's with the overrides: --key=value, --preset, --image-tower, --text-tower)"}
 
 
 def cv_settings(args, overrides: dict, cache) -> dict:
     """What every fold of one cross-validation shares (CV_SETTINGS' keys): folds trained
-    under other settings would make their mean a mixture."""
-    if not Path(args.recipe).is_file():
-        raise EclipError(f"{args.recipe}: recipe file not found")
+    under other settings would make their mean a mixture. The HPARAMS are the recipe's
+    with the overrides applied (so ``--lr=0.001`` is ``--lr=1e-3``, and ``--preset tiny``
+    the template's own), read by importing the recipe once more, off any clock."""
+    recipe = load_recipe(args.recipe)
+    hparams = json.loads(json.dumps(apply_overrides(recipe.HPARAMS, overrides), sort_keys=True, default=str))
     return {"recipe_sha256": hashlib.sha256(Path(args.recipe).read_bytes()).hexdigest(),
             "cache_fingerprint": cache.manifest.get("fingerprint"), "steps": args.steps, "budget_s": args.budget_s,
-            "seed": args.seed, "overrides": {k: str(v) for k, v in sorted(overrides.items())}}
+            "seed": args.seed, "hparams": hparams}
 
 
 def cv_to_resume(path: Path, settings: dict) -> str:

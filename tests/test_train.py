@@ -111,11 +111,12 @@ def test_folds_cut_short_resume_in_the_fold_they_were_in(train_cache, tmp_path, 
     with open(out / "fold1" / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 2, "loss": 9.0}) + '\n{"step": 3, "lo')
     # resumed only under the settings it began with, each named
-    for argv, what in [(["--steps", 4], "--steps"), (["--seed", 7, "--lr=1e-3"], "--seed, overrides")]:
+    for argv, what in [(["--steps", 4], "--steps"), (["--seed", 7, "--lr=2e-3"], "--seed, HPARAMS")]:
         rc, _, err = run([*cv, *argv, "--resume"], capsys)
         assert rc == 2 and err.startswith(f"train: error: {out / 'folds.json'}: this cross-validation began with "
                                           f"another {what}"), err
-    rc, stdout, err = run([*cv, "--resume"], capsys)
+    # the same values written otherwise: the template's own preset, its lr spelt another way
+    rc, stdout, err = run([*cv, "--resume", "--preset", "tiny", "--lr=0.001"], capsys)
     assert rc == 0, err
     # fold 0 had trained its 3 steps: evaluated again, not retrained; fold 1 goes on from its
     # step 1; fold 2 starts afresh (the checkpoint there is not of this cross-validation);
