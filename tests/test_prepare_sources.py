@@ -152,6 +152,21 @@ def test_one_image_under_two_spellings_is_one_image(images, tmp_path, capsys):
     assert rc == 2 and f"val.jsonl:1: duplicate id 'link.png' (first at {train}:1, the same file as '0.png')" in err
 
 
+@pytest.mark.parametrize("row,problem", [
+    ({"filename": 8, "grounding": {"caption": "a"}}, "field 'filename' must be a non-empty path, got 8"),
+    ({"grounding": {"caption": "a"}}, "missing field 'filename'"),
+    ({"filename": "0.png", "grounding": "a"}, "field 'grounding' must be an object, got str"),
+    ({"filename": "0.png"}, "missing field 'grounding'"),
+], ids=["a number for a file name", "no file name", "a string for grounding", "no grounding"])
+def test_odvg_fields_of_the_wrong_type_are_not_called_missing(images, tmp_path, capsys, row, problem):
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_text(json.dumps({"filename": "1.png", "grounding": {"caption": "b"}}) + "\n" + json.dumps(row) + "\n")
+    val.write_text(json.dumps({"filename": "2.png", "grounding": {"caption": "c"}}) + "\n")
+    rc, _, err = run(["--format", "odvg", "--images", images, "--train", train, "--val", val, "--out", tmp_path / "e",
+                      "--image-size", 8, "--workers", 1, "--vocab-size", 300, "--folds", 1], capsys)
+    assert rc == 2 and f"train.jsonl:2: {problem}" in err, err
+
+
 def test_tsv_quotes_are_text_unless_they_wrap_the_field(images, tmp_path, capsys):
     path = tmp_path / "m.tsv"
     path.write_text('image\tcaption\n'
@@ -195,7 +210,10 @@ def test_an_unusable_image_path_is_a_row_problem(images, tmp_path, capsys):
     ({"bbox": [0, 4, 5, 4], "phrase": "x"}, "region 1: bbox [0, 4, 5, 4] has x2<=x1 or y2<=y1"),  # no height
     ({"bbox": [0, -1, 5, 5], "phrase": "x"}, "region 1: bbox [0, -1, 5, 5] lies outside the image (negative"),
     ({"bbox": [0, 0, 5, 5], "phrase": "   "}, "region 1: empty phrase"),
-], ids=["five numbers", "a bool", "nan", "infinity", "no width", "no height", "negative y", "blank phrase"])
+    ({"bbox": [0, 0, 5, 5], "phrase": 5}, "region 1: phrase must be text, got 5"),  # once "empty phrase"
+    ({"bbox": [0, 0, 5, 5]}, "region 1: missing phrase"),
+], ids=["five numbers", "a bool", "nan", "infinity", "no width", "no height", "negative y", "blank phrase",
+        "a number for a phrase", "no phrase"])
 def test_bad_region_values_are_refused_at_their_row(images, tmp_path, capsys, region, problem):
     path = tmp_path / "m.jsonl"
     good = {"bbox": [1, 1, 4, 4], "phrase": "a dot"}

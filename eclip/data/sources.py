@@ -113,7 +113,10 @@ def parse_regions(where: str, regions) -> list[Region]:
             raise DataError(where, f"region {k}: bbox {box} has x2<=x1 or y2<=y1")
         if x1 < 0 or y1 < 0:
             raise DataError(where, f"region {k}: bbox {box} lies outside the image (negative coordinate)")
-        if not isinstance(phrase, str) or not phrase.strip():
+        if not isinstance(phrase, str):
+            raise DataError(where, f"region {k}: " + ("missing phrase" if phrase is None
+                                                       else f"phrase must be text, got {phrase!r}"))
+        if not phrase.strip():
             raise DataError(where, f"region {k}: empty phrase")
         out.append(Region([x1, y1, x2, y2], phrase.strip(), where, k))
     return out
@@ -164,10 +167,12 @@ def read_odvg(path: Path, split: str, images_dir: Path, problems: Problems,
                     raise DataError(where, "expected a JSON object")
                 name = row.get("filename")
                 if not isinstance(name, str) or not name:
-                    raise DataError(where, "missing field 'filename'")
+                    raise DataError(where, "missing field 'filename'" if name is None else
+                                    f"field 'filename' must be a non-empty path, got {name!r}")
                 grounding = row.get("grounding")
                 if not isinstance(grounding, dict):
-                    raise DataError(where, "missing field 'grounding'")
+                    raise DataError(where, "missing field 'grounding'" if grounding is None else
+                                    f"field 'grounding' must be an object, got {type(grounding).__name__}")
                 caption = _check_caption(where, grounding.get("caption"))
                 regions = parse_regions(where, grounding.get("regions"))
                 check_image_path(where, images_dir, name)
