@@ -373,6 +373,8 @@ def run(args, overrides: dict) -> dict:
         raise EclipError("--budget-s and --steps must be positive (and the budget finite)")
     if args.log_every < 1:
         raise EclipError(f"--log-every {args.log_every}: must be at least 1")
+    if args.out.resolve().is_relative_to(args.data.resolve()):  # checkpoints in the cache: prepare could not rebuild it
+        raise EclipError(f"--out {args.out}: lies inside the cache --data {args.data}; give a run directory outside it")
     for key in MODEL_KEYS:  # options that are HPARAMS entries
         if getattr(args, key):
             overrides = dict(overrides, **{key: getattr(args, key)})

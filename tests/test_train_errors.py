@@ -209,6 +209,22 @@ def test_a_recipe_file_not_named_py_is_run(train_cache, tmp_path, capsys, name):
     assert rc == 2 and f"bad-{name}:" in err and "recipe failed to import (NameError" in err, err  # names its line
 
 
+@pytest.mark.parametrize("inside", ["", "runs/a"])
+def test_a_run_directory_inside_the_cache_is_refused(train_cache, tmp_path, capsys, inside):
+    # the checkpoint and logs landed among the cache's files, which eclip.prepare then
+    # refused to rebuild
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(train_cache, data)
+    before = sorted(p.name for p in data.iterdir())
+    out = data / inside if inside else data
+    rc, _, err = run(["--data", data, "--out", out, "--steps", 1, *SMALL], capsys)
+    assert rc == 2 and err.strip() == (f"train: error: --out {out}: lies inside the cache --data {data}; give a run "
+                                       "directory outside it")
+    assert sorted(p.name for p in data.iterdir()) == before
+
+
 def test_a_cuda_index_beyond_the_devices_is_one_line(monkeypatch):
     from eclip.errors import EclipError
     from eclip.loop import pick_device
