@@ -442,8 +442,8 @@ def session(args, ws: Workspace) -> int:
                 from agent.report import plot_progress
 
                 plot_progress(ws)
-            except Exception as e:  # a plot must never cost the journal
-                print(f"loop: progress plot not drawn ({e})", file=sys.stderr)
+            except (Exception, KeyboardInterrupt) as e:  # a plot must never cost the journal, nor the summary
+                print(f"loop: progress plot not drawn ({str(e) or type(e).__name__})", file=sys.stderr)
     print(f"---\nworkspace:      {ws.root}\nbest_commit:    {st['best_commit'][:7]}\n"
           f"best_mean_rank: {'none' if st['best'] is None else round(st['best'], 2)}\nnoise_floor:    {st['threshold']:.3f}\n"
           f"experiments:    {st['experiments']}\ncheckpoints:    {disk.summary(ws.experiments)}\n"
@@ -452,4 +452,4 @@ def session(args, ws: Workspace) -> int:
 
 
 if __name__ == "__main__":
-    exit_main(main())
+    exit_main(main)

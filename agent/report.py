@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                   ("calls", "input_tokens", "output_tokens", "cache_write_tokens", "cache_read_tokens")}
         print("api_tokens:     " + ", ".join(f"{k} {v}" for k, v in totals.items()))
         print(f"api_cost_usd:   {journal.spent_usd(events):.4f}")
-    print(f"per_hour:       {s['per_hour'] and round(s['per_hour'], 1)}")
+    print(f"per_hour:       {fmt(s['per_hour'] and round(s['per_hour'], 1))}")
     for e in events:
         if e.get("event") == "final":
             print(f"final:          commit {e['commit'][:7]} test_mean_rank {fmt(e.get('test_mean_rank'))} ({e['status']})")
@@ -175,4 +175,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_main(main())
+    exit_main(main)

@@ -34,6 +34,7 @@ import tempfile
 from pathlib import Path
 
 from eclip.fileio import atomic_write
+from eclip.process import exit_main
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = Path(__file__).parent / "baselines"
@@ -221,4 +222,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_main(main)

@@ -387,4 +387,4 @@ def check_after(result: dict, budget_s: float, threads: int | None = None) -> No
 
 
 if __name__ == "__main__":
-    exit_main(main())
+    exit_main(main)

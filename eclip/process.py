@@ -61,11 +61,19 @@ def sigterm_as_ctrl_c():
         signal.signal(signal.SIGTERM, previous)
 
 
-def exit_main(rc: int):
-    """``sys.exit(rc)`` for a command's ``__main__``, with SIGTERM ignored from here on. The
-    command has finished and written its result; a copy of the SIGTERM that stopped it (a
-    process group's, passed on late) landing during the interpreter's shutdown would
-    otherwise end the process with 143 instead of the exit code the result stands for."""
+def exit_main(main) -> None:
+    """``sys.exit(main())`` for a command's ``__main__``, with SIGTERM ignored once ``main``
+    has returned: the command has finished and written its result, and a copy of the SIGTERM
+    that stopped it (a process group's, passed on late) landing during the interpreter's
+    shutdown would otherwise end the process with 143 instead of the exit code the result
+    stands for. A reader that went away (``| head``) ends the command quietly with 141, as
+    SIGPIPE ends other command-line tools, not with a BrokenPipeError traceback."""
+    try:
+        rc = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush would fail again
+        rc = 128 + signal.SIGPIPE
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.exit(rc)
 

@@ -354,3 +354,19 @@ def test_isolate_is_refused_before_anything_runs_where_no_sandbox_can_be_built(c
     assert capsys.readouterr().err.strip() == ("loop: error: --isolate: cannot build the sandbox on this machine: "
                                                "unshare (user namespaces): Operation not permitted")
     assert not (tmp_path / "t").exists()
+
+
+def test_a_second_ctrl_c_while_the_plot_is_drawn_still_gives_the_summary(cache, tmp_path, monkeypatch, capsys):
+    # the plot (matplotlib's import: about a second) comes after the journal is complete; a
+    # second Ctrl-C there once ended the loop in a traceback, without its summary block
+    from agent import report
+
+    def interrupted(ws):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "plot_progress", interrupted)
+    monkeypatch.setattr(loop, "run_experiment", scripted([100]))
+    assert loop.main(["--tag", "p", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1",
+                      "--noise-runs", "1", "--max-experiments", "0"]) == 0
+    out, err = capsys.readouterr()
+    assert "loop: progress plot not drawn (KeyboardInterrupt)" in err and "best_mean_rank: 100" in out

@@ -9,9 +9,8 @@ from agent import journal, records
 from agent.workspace import Workspace
 
 
-def test_report_on_a_journal_fixture(tmp_path, capsys):
-    from agent import report
-    ws = tmp_path / "w"
+def _fixture_journal(ws):
+    """Five ended runs: baselines 100 and 90, a discard, a keep at 70, a crash."""
     ws.mkdir()
     rows = [(1, "baseline", 100.0, False), (2, "baseline", 90.0, False), (3, "discard", 93.0, False),
             (4, "keep", 70.0, True), (5, "crash", None, False)]
@@ -21,6 +20,12 @@ def test_report_on_a_journal_fixture(tmp_path, capsys):
                                               "commit": f"c{n}", "description": f"change {n}"})
         journal.append(ws / "journal.jsonl", {"event": "end", "n": n, "time": 1090.0 + 100 * i,
                                               "status": status, "val_mean_rank": rank, "kept": kept})
+
+
+def test_report_on_a_journal_fixture(tmp_path, capsys):
+    from agent import report
+    ws = tmp_path / "w"
+    _fixture_journal(ws)
     assert report.main([str(ws)]) == 0
     out = capsys.readouterr().out
     assert ["4", "keep", "70.00", "change", "4"] in [line.split() for line in out.splitlines()]
@@ -159,3 +164,17 @@ def test_the_loop_warns_when_its_baselines_trained_at_different_speeds(small_cac
     assert loop.main(["--tag", "s", "--workspace-root", str(tmp_path), "--data", str(small_cache), "--budget-s", "1",
                       "--max-experiments", "2"]) == 0
     assert capsys.readouterr().err.count("loop: warning: the baselines trained at speeds 1.30x apart") == warned
+
+
+def test_a_report_read_by_a_reader_that_leaves_early_ends_quietly(tmp_path):
+    # `agent.report W | head -3`: the rest of the report once ended in a BrokenPipeError traceback
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _fixture_journal(tmp_path / "w")
+    proc = subprocess.Popen([sys.executable, "-m", "agent.report", str(tmp_path / "w")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err, err

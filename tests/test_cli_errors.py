@@ -207,7 +207,9 @@ def test_report_keeps_a_plot_and_refuses_bad_final_options(tmp_path, capsys):
     plot = ws.root / "progress.png"
     plot.write_bytes(b"an earlier plot")
     assert report.main([str(ws.root)]) == 0  # no experiments (yet, or the journal was emptied)
-    assert "plot:           not written (no experiments recorded)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "plot:           not written (no experiments recorded)" in out
+    assert "per_hour:       none\n" in out  # as the other empty figures, not Python's None
     assert plot.read_bytes() == b"an earlier plot"
     for argv, message in ((["--budget-s", "-1"], "--budget-s -1.0: must be a positive number of seconds"),
                           (["--device", "tpu"], "--device tpu: expected cpu, cuda or cuda:N")):
