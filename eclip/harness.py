@@ -40,7 +40,9 @@ grace below and ``RECIPE_WALL_SLACK_S``, plus time to move the data and the chec
 ``OVERRUN_GRACE_S`` after the budget, the recipe's code after it (``after_s``, timed by the
 loop, the checkpoint's file writes aside) gets ``AFTER_GRACE_S``, and each encoding process
 ``harness_eval.EVAL_GRACE_S`` from the end of its start-up plus an allowance for the number of items; a
-run over any limit ends with status ``error``. On the CPU, where other work on the machine
+run over any limit ends with status ``error``. A training process still running
+``DEADLINE_MARGIN_S`` past its wall limit (a step that never returns) is killed: status
+``timeout``. On the CPU, where other work on the machine
 slows a run, the last step's overrun and the encoders' time are measured in compute instead:
 CPU time divided by ``torch_threads`` (torch's default thread count, at most the CPUs the
 harness may use), with wall time still capped at ``WALL_FACTOR`` times the limit; the
@@ -58,6 +60,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -85,6 +88,9 @@ OVERRUN_SHARE = 0.05
 # the device's start-up and the interpreter's exit run in that span off the clock. Their
 # time on a GPU has not been measured (the harness smoke of bench/gpu_check.sh prints it).
 RECIPE_WALL_SLACK_S = 30.0
+# past wall_limit (a run the harness refuses anyway) the training process is killed once this
+# much more has passed: room for a checkpoint of up to 12 GB at IO_BYTES_PER_S
+DEADLINE_MARGIN_S = 120.0
 IO_BYTES_PER_S = 100e6  # placing the training images, writing the checkpoint: slow disks included
 
 
@@ -153,6 +159,11 @@ def run(args) -> int:
     if not args.recipe.is_file():
         print(f"harness: error: {args.recipe}: recipe file not found", file=sys.stderr)
         return 2
+    # its result, logs and checkpoint among a prepared cache's files (which eclip.prepare would then not replace)
+    if (args.data / "manifest.json").is_file() and args.out.resolve().is_relative_to(args.data.resolve()):
+        print(f"harness: error: --out {args.out}: lies inside the cache --data {args.data}; give a run directory "
+              "outside it", file=sys.stderr)
+        return 2
     try:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file in the way, no permission
@@ -215,7 +226,10 @@ def run(args) -> int:
 
         placed = file_bytes(data / "images.safetensors")  # before an isolated run's copy goes
         heard: list[int] = []  # the Ctrl-Cs and SIGTERMs that reached the harness while it trained
-        rc, recipe_wall_s = child(cmd, capped, env=env, ready=READY, signals=heard)
+        deadline = wall_limit(args.budget_s, placed) + DEADLINE_MARGIN_S
+        tail: list[str] = []  # its last stderr lines: the reason of a run that ends without a result
+        rc, recipe_wall_s = child(cmd, capped, env=env, ready=READY, signals=heard, deadline_s=deadline,
+                                  stderr_tail=tail)
     except EclipError as e:  # the training split or the compile cache could not be copied
         return _finish(result_path, {"status": "error", "val_mean_rank": None, "reason": str(e)}, 2)
     finally:
@@ -223,6 +237,10 @@ def run(args) -> int:
             remove(data)
         if private:  # what this recipe compiled reaches no other run
             remove(args.compile_cache)
+    if rc == -signal.SIGKILL and recipe_wall_s is not None and recipe_wall_s > deadline:
+        return _finish(result_path, {"status": "timeout", "val_mean_rank": None, "reason": (
+            f"the training process was still running {deadline:.0f} s after the recipe's import, on a budget of "
+            f"{args.budget_s:g} s, and was killed (a step that never returns?)")}, 1)
     try:  # a regular file only: a FIFO the training process left there would block the read for ever
         result = json.loads(read_regular(result_path).decode("utf-8"))
         if not isinstance(result, dict):
@@ -232,8 +250,10 @@ def run(args) -> int:
         status = "error" if exit_code(rc) == 2 else "crash"  # 2: bad input (data, options), not the recipe
         if heard and exit_code(rc) in (130, 143):  # stopped before it could write one (its start-up)
             status = "interrupted"
-        return _finish(result_path, {"status": status, "val_mean_rank": None,
-                                     "reason": f"the training process exited with code {rc} without a result"}, rc)
+        said = next((line.strip() for line in reversed(tail) if line.strip()), "")  # its error line, a traceback's end
+        return _finish(result_path, {"status": status, "val_mean_rank": None, "reason": (
+            f"the training process exited with code {rc} without a result"
+            + (f" (its last line: {said[:300]})" if said else ""))}, rc)
     # A score comes from the harness's own ranking only: whatever the training process wrote
     # in its place (a recipe's code runs there and may write any result) is dropped.
     for key in SCORED:

@@ -173,7 +173,7 @@ def child_setup(preexec):
 
 
 def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = None,
-          signals: list[int] | None = None):
+          signals: list[int] | None = None, deadline_s: float | None = None, stderr_tail: list[str] | None = None):
     """Run one child to its end; its exit code. Ctrl-C reaches it too (same process group):
     it finishes its step, saves and writes an interrupted result; the harness waits for that
     instead of dying first. A SIGTERM sent to the harness is passed on to the child, which
@@ -182,9 +182,14 @@ def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = 
     the first such line to the child's end)`` instead, None for the seconds when it never
     printed one; its other lines are passed on. ``signals``: a list the SIGINTs and SIGTERMs
     this process received while the child ran are appended to (a child that says it was
-    interrupted when none came was stopped by its own code)."""
+    interrupted when none came was stopped by its own code). ``deadline_s`` (with ``ready``):
+    the child is killed (SIGKILL) once that long has passed since its ready line: a step that
+    never returns would otherwise hold the harness for ever, a SIGTERM included, since the
+    child ends its step before it stops. ``stderr_tail``: a list the child's last stderr
+    lines (at most ``TAIL_LINES``) are put in, its stderr being passed on as it comes."""
     procs: list[subprocess.Popen] = []
     seen: list[float] = []
+    err_reader = None
     pending: list[int] = []  # a SIGTERM that came before the child existed
     heard = signals if signals is not None else []
 
@@ -206,13 +211,24 @@ def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = 
     prctl(PR_SET_CHILD_SUBREAPER, 1)
     reader = None
     try:
-        procs.append(subprocess.Popen(cmd, preexec_fn=child_setup(preexec), env=env, text=True,
-                                      stdout=subprocess.PIPE if ready else None))
+        # errors="replace": bytes that are not UTF-8 must not end a relaying thread (the child
+        # would then block on a full pipe)
+        procs.append(subprocess.Popen(cmd, preexec_fn=child_setup(preexec), env=env, text=True, errors="replace",
+                                      stdout=subprocess.PIPE if ready else None,
+                                      stderr=subprocess.PIPE if stderr_tail is not None else None))
         if pending:
             procs[0].send_signal(signal.SIGTERM)
         if ready:
             reader = relay(procs[0].stdout, ready, lambda: seen.append(time.monotonic()))
-        rc = procs[0].wait()
+        if stderr_tail is not None:
+            err_reader = tee(procs[0].stderr, sys.stderr, stderr_tail)
+        while True:
+            try:
+                rc = procs[0].wait(timeout=None if deadline_s is None or not ready else 0.25)
+                break
+            except subprocess.TimeoutExpired:
+                if seen and time.monotonic() - seen[0] > deadline_s:
+                    procs[0].kill()  # a sandbox's first process: the kernel ends the rest of its namespace
         end = time.monotonic()
     finally:
         if not procs or procs[0].poll() is not None:  # never the child itself, while it runs
@@ -220,9 +236,11 @@ def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = 
         prctl(PR_SET_CHILD_SUBREAPER, 0)
         signal.signal(signal.SIGTERM, term)
         signal.signal(signal.SIGINT, previous)
+    for thread in (reader, err_reader):
+        if thread is not None:
+            thread.join(timeout=5)  # a grandchild still holding the pipe does not hold the harness
     if reader is None:
         return rc
-    reader.join(timeout=5)  # a grandchild still holding the pipe does not hold the harness
     return rc, (end - seen[0] if seen else None)
 
 
@@ -239,6 +257,24 @@ def relay(stream, ready: str, on_ready) -> threading.Thread:
             else:
                 sys.stdout.write(line)
                 sys.stdout.flush()
+
+    thread = threading.Thread(target=copy, daemon=True)
+    thread.start()
+    return thread
+
+
+TAIL_LINES = 20  # the child's last stderr lines ``child`` keeps (its error line, a traceback's end)
+
+
+def tee(stream, out, tail: list[str]) -> threading.Thread:
+    """A started thread that copies ``stream`` to ``out`` line by line, keeping the last
+    ``TAIL_LINES`` lines (without their newlines) in ``tail``."""
+    def copy() -> None:
+        for line in stream:
+            out.write(line)
+            out.flush()
+            tail.append(line.rstrip("\n"))
+            del tail[:-TAIL_LINES]
 
     thread = threading.Thread(target=copy, daemon=True)
     thread.start()

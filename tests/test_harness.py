@@ -207,7 +207,7 @@ def _fake_training(monkeypatch, h, result=None, rc=0, heard=()):
     calls = []
     monkeypatch.setattr(os, "environ", dict(os.environ))  # the harness scrubs a copy, not this process's
 
-    def child(cmd, preexec, env=None, ready=None, signals=None):
+    def child(cmd, preexec, env=None, ready=None, signals=None, **kw):
         calls.append({"cmd": cmd, "preexec": preexec, "env": dict(os.environ if env is None else env)})
         signals.extend(heard)
         if result is not None:
@@ -271,7 +271,7 @@ def test_a_training_child_that_left_no_result_crashed_unless_its_input_was_bad(t
 def test_a_damaged_training_result_is_a_crash_not_a_traceback(tmp_path, monkeypatch, capsys, damage):
     # a result the child could not finish writing reads as none at all: the run is filed
     # with a reason, and the caller's loop goes on
-    def child(cmd, preexec, env=None, ready=None, signals=None):
+    def child(cmd, preexec, env=None, ready=None, signals=None, **kw):
         (Path(cmd[cmd.index("--out") + 1]) / "result.json").write_bytes(damage)
         return (1, 1.0) if ready else 1
 
@@ -464,3 +464,19 @@ def test_a_copy_of_the_training_split_left_by_a_killed_run_is_replaced(small_cac
     from eclip.data.cache import load_cache
 
     assert load_cache(copy).images.shape[0] == 360  # train + val of the 300 / 60 / 20 scenes
+
+
+def test_a_training_child_that_left_no_result_says_why_in_the_result(small_cache, tmp_path, monkeypatch, capfd):
+    # the research loop reads result.json, not the harness's stderr: "exited with code 2" was
+    # all it learned of a refused option or a crash
+    monkeypatch.chdir(ROOT)
+    bad = tmp_path / "recipe.py"
+    bad.write_text(TEMPLATE.read_text().replace('"lr": 1e-3,', '"lr": -1.0,'))
+    out = tmp_path / "run"
+    assert h.main(["run", "--recipe", str(bad), "--data", str(small_cache), "--budget-s", "1", "--out", str(out),
+                   "--device", "cpu"]) == 2
+    r = json.loads((out / "result.json").read_text())
+    assert r["status"] == "error" and r["reason"] == (
+        "the training process exited with code 2 without a result (its last line: train: error: recipe: lr: expected "
+        "a finite number in (0, inf), got -1.0)")
+    assert "train: error: recipe: lr:" in capfd.readouterr().err  # passed on as it came

@@ -93,3 +93,18 @@ def test_the_cap_never_asks_for_more_than_an_inherited_hard_limit():
     huge = "from eclip.harness import limit_address_space\nlimit_address_space(1e12)\n"  # overflowed rlim_t
     p = subprocess.run([sys.executable, "-c", huge], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-1000:]
+
+
+@pytest.mark.parametrize("inside", ["", "runs/a"])
+def test_a_run_directory_inside_the_cache_is_refused_before_anything_is_written(small_cache, tmp_path, capsys, inside):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(small_cache, data)
+    before = sorted(str(p.relative_to(data)) for p in data.rglob("*"))
+    out = data / inside if inside else data
+    rc = harness.main(["run", "--recipe", str(TEMPLATE), "--data", str(data), "--budget-s", "1", "--out", str(out),
+                       "--device", "cpu"])
+    assert rc == 2 and capsys.readouterr().err == (f"harness: error: --out {out}: lies inside the cache --data {data}; "
+                                                   "give a run directory outside it\n")
+    assert sorted(str(p.relative_to(data)) for p in data.rglob("*")) == before  # not even the run directory

@@ -184,3 +184,26 @@ def test_a_recipe_that_slows_the_loops_clock_is_caught_by_the_harnesss_own(small
     assert r["status"] == "error" and r["val_mean_rank"] is None and r["recipe_wall_s"] > 20
     assert r["train_s"] < 1 + 5  # what the process reported: within its budget
     assert r["reason"].startswith("the training process ran ")
+
+
+def test_a_child_past_its_deadline_is_killed():
+    code = "print('train: ready', flush=True); import time; time.sleep(120)"
+    rc, seconds = child([sys.executable, "-c", code], None, ready="train: ready", deadline_s=1.0)
+    assert rc == -9 and 1.0 < seconds < 30
+
+
+def test_a_step_that_never_returns_ends_in_a_timeout(small_cache, tmp_path, monkeypatch):
+    # used directly (no loop's time limit around it), the harness once waited for ever, a
+    # SIGTERM included: the training process ends its step before it stops
+    monkeypatch.setattr(h, "RECIPE_WALL_SLACK_S", 2.0)
+    monkeypatch.setattr(h, "DEADLINE_MARGIN_S", 1.0)  # the budget, 5 s of overrun, 3 after, 2 s, 1 s
+    monkeypatch.chdir(ROOT)
+    hang = recipe(tmp_path, extra="\n\ndef train_step(model, optimizer, batch, progress):\n    while True:\n        pass\n")
+    out = tmp_path / "run"
+    assert h.main(["run", "--recipe", str(hang), "--data", str(small_cache), "--budget-s", "1", "--out", str(out),
+                   "--device", "cpu"]) == 1
+    r = json.loads((out / "result.json").read_text())
+    deadline = h.wall_limit(1.0, (small_cache / "images.safetensors").stat().st_size) + 1.0
+    assert r == {"status": "timeout", "val_mean_rank": None, "reason": (
+        f"the training process was still running {deadline:.0f} s after the recipe's import, on a budget of 1 s, and "
+        "was killed (a step that never returns?)")}

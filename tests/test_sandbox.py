@@ -437,7 +437,7 @@ def test_what_the_training_process_leaves_as_its_result_is_never_a_score_nor_a_h
         from pathlib import Path
         from eclip import harness
 
-        def child(cmd, preexec, env=None, ready=None, signals=None):
+        def child(cmd, preexec, env=None, ready=None, signals=None, **kw):
             path = Path(cmd[cmd.index("--out") + 1]) / "result.json"
             if {left!r} == "a result of its own":
                 path.write_text(json.dumps({{"status": "ok", "val_mean_rank": 1.0, "ranked_by": "harness",
