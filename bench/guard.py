@@ -62,15 +62,20 @@ def run_suites(out: Path, extra: list[str]) -> int:
     return subprocess.call(cmd, cwd=ROOT)
 
 
-def load_run(path: Path) -> dict:
+def load_run(path: Path, prog: str = "guard") -> dict:
+    """A pytest-benchmark JSON; exits 2 with one line (``prog: error: ...``) when it cannot be one."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise SystemExit(_fail(f"{path}: no such benchmark file")) from None
+        raise SystemExit(_fail(f"{path}: no such benchmark file", prog)) from None
     except json.JSONDecodeError as e:
-        raise SystemExit(_fail(f"{path}: not a benchmark JSON ({e.msg} at line {e.lineno})")) from None
+        raise SystemExit(_fail(f"{path}: not a benchmark JSON ({e.msg} at line {e.lineno})", prog)) from None
+    except UnicodeDecodeError:
+        raise SystemExit(_fail(f"{path}: not a benchmark JSON (not UTF-8 text)", prog)) from None
+    except OSError as e:  # a folder, no permission
+        raise SystemExit(_fail(f"{path}: unreadable ({e.strerror or e})", prog)) from None
     if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
-        raise SystemExit(_fail(f"{path}: not a pytest-benchmark JSON (no 'benchmarks' list)"))
+        raise SystemExit(_fail(f"{path}: not a pytest-benchmark JSON (no 'benchmarks' list)", prog))
     return data
 
 
@@ -98,8 +103,8 @@ def _other_device(baseline: Path, data: dict, device: str) -> str | None:
     return f"{baseline}: a baseline of {data['device']}, not of this run's device ({device})"
 
 
-def _fail(msg: str) -> int:
-    print(f"guard: error: {msg}", file=sys.stderr)
+def _fail(msg: str, prog: str = "guard") -> int:
+    print(f"{prog}: error: {msg}", file=sys.stderr)
     return 2
 
 
@@ -166,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                          "save may drop them (implied by pytest arguments that select, e.g. -k)")
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments after --, e.g. -- -k loss")
     args = ap.parse_intermixed_args(argv)  # options after the action too: check --baseline F -- -k loss
+    if args.tolerance is not None and not (math.isfinite(args.tolerance) and args.tolerance >= 0):
+        return _fail(f"--tolerance {args.tolerance}: must be a finite fraction of 0 or more (0.15: 15%)")
     device = None
     if args.run is not None:
         run_path = args.run

@@ -433,15 +433,17 @@ def main(argv=None) -> int:
                 raise ValueError
         except ValueError:
             ap.error(f"--table: expected B:D pairs of positive integers, comma-separated, got {args.table!r}")
+    if args.out is not None and args.out.is_dir():
+        ap.error(f"--out {args.out}: a folder; name the file the table goes to")
     LINES.clear()
-    OUT = args.out
-    if OUT is not None:
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text("")  # this run's lines only
     DEV = "cpu" if args.dry_run else "cuda"
     if not args.dry_run and not torch.cuda.is_available():
         say("no CUDA device: nothing to check")
         return 1
+    OUT = args.out
+    if OUT is not None:  # after every refusal: a refused command leaves an earlier table
+        OUT.parent.mkdir(parents=True, exist_ok=True)
+        OUT.write_text("")  # this run's lines only
     z = SIZES["dry" if args.dry_run else "quick" if args.quick else "full"]
     if sizes:
         z = dict(z, table=sizes)

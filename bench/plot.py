@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suite", default="loss-fwd+bwd", choices=["loss-fwd", "loss-fwd+bwd"],
                     help="which loss benchmarks (default: loss-fwd+bwd)")
     args = ap.parse_args(argv)
-    print(plot(load_run(args.run), args.out, args.suite))
+    if args.out.suffix.lower() not in (".png", ".pdf", ".svg"):
+        ap.error(f"--out {args.out}: expected a .png, .pdf or .svg file")
+    print(plot(load_run(args.run, "plot"), args.out, args.suite))
     return 0
 
 

@@ -28,6 +28,7 @@ from torch.profiler import ProfilerActivity, profile, schedule
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.train_check import random_cache, train  # noqa: E402
+from eclip.errors import EclipError  # noqa: E402
 
 LAUNCH = re.compile(r"^cu(da)?(Graph)?Launch")  # cudaLaunchKernel(ExC), cuLaunchKernel(Ex), cudaGraphLaunch
 
@@ -100,8 +101,16 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     ap.add_argument("--compile-mode", default="auto", help="the recipe's compile_mode (auto: CUDA graphs on CUDA)")
     args = ap.parse_args(argv)
-    profile_step(args.preset, args.batch, args.image_size, args.context, args.skip, args.active, args.device,
-                 {"compile_mode": args.compile_mode})
+    for flag, value, least in (("--batch", args.batch, 1), ("--image-size", args.image_size, 1),
+                               ("--context", args.context, 1), ("--skip", args.skip, 0), ("--active", args.active, 1)):
+        if value < least:
+            ap.error(f"{flag} {value}: must be at least {least}")
+    try:
+        profile_step(args.preset, args.batch, args.image_size, args.context, args.skip, args.active, args.device,
+                     {"compile_mode": args.compile_mode})
+    except EclipError as e:  # a device this machine lacks, a preset or option the recipe refuses
+        print(f"profile_step: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -34,6 +34,18 @@ def test_kernel_table_dry_run(tmp_path, capsys, monkeypatch):
     assert "tuned fast fwd: nothing tuned in this run" in text  # the references tune nothing
 
 
+def test_a_refused_run_leaves_an_earlier_table(tmp_path, capsys, monkeypatch):
+    # no GPU: it once emptied --out before it said so
+    out = tmp_path / "table.md"
+    out.write_text("an earlier table\n")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert kernel_table.main(["--out", str(out)]) == 1
+    assert "no CUDA device: nothing to check" in capsys.readouterr().out and out.read_text() == "an earlier table\n"
+    with pytest.raises(SystemExit) as e:  # a folder: one line of usage error, not a traceback
+        kernel_table.main(["--dry-run", "--out", str(tmp_path)])
+    assert e.value.code == 2 and f"--out {tmp_path}: a folder; name the file the table goes to" in capsys.readouterr().err
+
+
 def test_kernel_table_fails_when_a_check_fails(capsys, monkeypatch):
     # A loss 5% off, a collapsed model that ranks 0 and a non-finite B = 1M loss: each check
     # prints FAIL and the exit code must say so (the sections once returned None, counted ok).

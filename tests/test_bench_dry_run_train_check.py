@@ -74,6 +74,23 @@ def test_profile_step_on_the_cpu(capsys):
     assert rc == 0 and re.search(r"per step: wall [\d.]+ ms", out) and "aten::" in out
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--device", "cpu", "--preset", "nope"], "profile_step: error: recipe: preset: unknown preset 'nope'"),
+    (["--device", "tpu"], "profile_step: error: --device tpu:"),
+    (["--active", "0"], "--active 0: must be at least 1"),
+    (["--batch", "0"], "--batch 0: must be at least 1"),
+])
+def test_profile_step_bad_input_is_one_line(capsys, argv, message):
+    # each was a traceback (the last from the profiler's schedule)
+    small = ["--batch", "2", "--image-size", "32", "--context", "8", "--skip", "0", "--active", "1"]
+    try:
+        rc = profile_step.main([*small, *argv])
+    except SystemExit as e:  # argparse's usage error
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err, err
+
+
 def test_train_check_stops_at_the_first_interrupted_run(monkeypatch, capsys):
     # gpu_check.sh's time limit arrives as a SIGTERM, which the training loop takes as "end
     # after this step" (status interrupted) and then ignores: the script once went on with

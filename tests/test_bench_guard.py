@@ -65,6 +65,26 @@ def test_missing_baseline_and_bad_files(tmp_path, capsys, monkeypatch):
     assert guard.main(["check", "--run", str(run)]) == 0
 
 
+@pytest.mark.parametrize("prog", ["guard", "plot"])
+def test_unreadable_runs_and_bad_options_are_one_line(tmp_path, capsys, prog):
+    # each of these was a traceback; a NaN tolerance failed every figure ("beyond nan%")
+    binary = tmp_path / "some.png"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    for path, why in ((tmp_path, "unreadable (Is a directory)"), (binary, "not a benchmark JSON (not UTF-8 text)")):
+        with pytest.raises(SystemExit) as e:
+            guard.main(["check", "--run", str(path)]) if prog == "guard" else plot.main([str(path)])
+        assert e.value.code == 2 and capsys.readouterr().err == f"{prog}: error: {path}: {why}\n"
+    run = run_file(tmp_path, "run.json", 1.5)
+    if prog == "guard":
+        for value in ("nan", "-1", "inf"):
+            assert guard.main(["check", "--run", str(run), "--baseline", str(run), "--tolerance", value]) == 2
+            assert f"guard: error: --tolerance {float(value)}: must be a finite fraction" in capsys.readouterr().err
+    else:
+        with pytest.raises(SystemExit) as e:
+            plot.main([str(run), "--out", str(tmp_path / "x.txt")])
+        assert e.value.code == 2 and "--out " in capsys.readouterr().err and not (tmp_path / "x.txt").exists()
+
+
 def test_a_run_that_lacks_figures_fails(tmp_path, capsys, monkeypatch):
     # A benchmark skipped or gone once passed the check: its figure was listed, never counted.
     base = run_file(tmp_path, "base.json", 1.5)
