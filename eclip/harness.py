@@ -66,11 +66,12 @@ import time
 from pathlib import Path
 
 from eclip import sandbox
+from eclip.data.cache import inside_cache
 from eclip.errors import EclipError, OneLineParser, first_line, seed_value
 from eclip.fileio import file_bytes, read_regular, remove
 from eclip.hardware import torch_threads
 from eclip.harness_eval import PARTS, TRAIN_DATA, WALL_FACTOR, clear_part, evaluate, hide_gpu
-from eclip.loop import write_json
+from eclip.loop import PROGRESS_ENV, write_json
 from eclip.policy import check_file
 from eclip.process import child, exit_code, exit_main, scrub_environment, sigterm_as_ctrl_c
 
@@ -160,7 +161,7 @@ def run(args) -> int:
         print(f"harness: error: {args.recipe}: recipe file not found", file=sys.stderr)
         return 2
     # its result, logs and checkpoint among a prepared cache's files (which eclip.prepare would then not replace)
-    if (args.data / "manifest.json").is_file() and args.out.resolve().is_relative_to(args.data.resolve()):
+    if inside_cache(args.out, args.data):
         print(f"harness: error: --out {args.out}: lies inside the cache --data {args.data}; give a run directory "
               "outside it", file=sys.stderr)
         return 2
@@ -228,6 +229,8 @@ def run(args) -> int:
         heard: list[int] = []  # the Ctrl-Cs and SIGTERMs that reached the harness while it trained
         deadline = wall_limit(args.budget_s, placed) + DEADLINE_MARGIN_S
         tail: list[str] = []  # its last stderr lines: the reason of a run that ends without a result
+        if sys.stderr.isatty():  # its stderr is a pipe to this process: the bar still reaches the terminal
+            env = dict(env or os.environ, **{PROGRESS_ENV: "1"})
         rc, recipe_wall_s = child(cmd, capped, env=env, ready=READY, signals=heard, deadline_s=deadline,
                                   stderr_tail=tail)
     except EclipError as e:  # the training split or the compile cache could not be copied

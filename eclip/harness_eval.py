@@ -113,7 +113,8 @@ def encode_parts(cmds: dict[str, list[str]], logs: dict[str, Path], limit_s: flo
             fd = os.open(logs[part], os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666)
             files[part] = open(fd, "w+", encoding="utf-8")
             procs[part] = subprocess.Popen(cmd + ["--signal-ready"], preexec_fn=child_setup(preexec),
-                                           stdout=subprocess.PIPE, stderr=files[part], env=env, text=True)
+                                           stdout=subprocess.PIPE, stderr=files[part], env=env, text=True,
+                                           errors="replace")  # bytes that are not UTF-8 must not end the relay
             readers.append(relay(procs[part].stdout, READY, lambda part=part: on_ready(part)))
         rcs = {}
         while len(rcs) < len(procs):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import json
+import os
 import secrets
 import signal
 import sys
@@ -41,6 +42,8 @@ from eclip.policy import read_source
 from eclip.readback import Diverged, Readback
 
 LOOP_KEYS = ("batch_size", "crop_scale", "flip")  # HPARAMS entries the loop itself reads
+# "1": show the progress bar although stderr is a pipe (the harness's, passing it on to a terminal)
+PROGRESS_ENV = "ECLIP_PROGRESS_BAR"
 
 
 @dataclass
@@ -64,7 +67,7 @@ class LoopConfig:
     device: str = "auto"  # "auto" (cuda when available), "cuda", "cpu", "cuda:1", …
     log_every: int = 10  # steps between reading metrics back from the device
     diverge_loss: float = 1e4  # a loss above this counts as divergence
-    progress_bar: bool = True  # tqdm bar on stderr (hidden when stderr is not a terminal)
+    progress_bar: bool = True  # tqdm bar on stderr (hidden when stderr is not a terminal, unless PROGRESS_ENV is 1)
     data_placement: str = "auto"  # training images on the "device", in "host" memory with prefetch, or "auto"
 
 
@@ -387,7 +390,8 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
     total = cfg.steps if cfg.steps is not None else None
     bar = tqdm(total=total if total else round(cfg.budget_s), initial=step if total else 0,
                unit="step" if total else "s", file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
-               disable=None if cfg.progress_bar else True, desc="train")
+               disable=True if not cfg.progress_bar else False if os.environ.get(PROGRESS_ENV) == "1" else None,
+               desc="train")
     status, last, warmup_s, history, last_step_cpu_s = "ok", {}, None, [], None
     stop = _install_sigint()
     t0 = time.perf_counter()

@@ -6,6 +6,7 @@ way of running a child to its end (``child``), timed from a line it prints (``re
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import signal
@@ -186,7 +187,8 @@ def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = 
     the child is killed (SIGKILL) once that long has passed since its ready line: a step that
     never returns would otherwise hold the harness for ever, a SIGTERM included, since the
     child ends its step before it stops. ``stderr_tail``: a list the child's last stderr
-    lines (at most ``TAIL_LINES``) are put in, its stderr being passed on as it comes."""
+    lines (at most ``TAIL_LINES``, from its last ``TAIL_BYTES``) are put in, its stderr being
+    passed on byte for byte (a progress bar's carriage returns included)."""
     procs: list[subprocess.Popen] = []
     seen: list[float] = []
     err_reader = None
@@ -211,15 +213,14 @@ def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = 
     prctl(PR_SET_CHILD_SUBREAPER, 1)
     reader = None
     try:
-        # errors="replace": bytes that are not UTF-8 must not end a relaying thread (the child
-        # would then block on a full pipe)
-        procs.append(subprocess.Popen(cmd, preexec_fn=child_setup(preexec), env=env, text=True, errors="replace",
+        procs.append(subprocess.Popen(cmd, preexec_fn=child_setup(preexec), env=env,
                                       stdout=subprocess.PIPE if ready else None,
                                       stderr=subprocess.PIPE if stderr_tail is not None else None))
         if pending:
             procs[0].send_signal(signal.SIGTERM)
-        if ready:
-            reader = relay(procs[0].stdout, ready, lambda: seen.append(time.monotonic()))
+        if ready:  # errors="replace": bytes that are not UTF-8 must not end the relaying thread
+            lines = io.TextIOWrapper(procs[0].stdout, encoding="utf-8", errors="replace")
+            reader = relay(lines, ready, lambda: seen.append(time.monotonic()))
         if stderr_tail is not None:
             err_reader = tee(procs[0].stderr, sys.stderr, stderr_tail)
         while True:
@@ -228,7 +229,9 @@ def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = 
                 break
             except subprocess.TimeoutExpired:
                 if seen and time.monotonic() - seen[0] > deadline_s:
-                    procs[0].kill()  # a sandbox's first process: the kernel ends the rest of its namespace
+                    # sandboxed, this is the launcher: the namespace's first process dies with it
+                    # (its parent-death signal), and the kernel then ends every process inside
+                    procs[0].kill()
         end = time.monotonic()
     finally:
         if not procs or procs[0].poll() is not None:  # never the child itself, while it runs
@@ -249,14 +252,17 @@ def relay(stream, ready: str, on_ready) -> threading.Thread:
     the first ``ready`` line, for which it calls ``on_ready()`` instead (a child's code may
     print that line again later: it is passed on as output)."""
     def copy() -> None:
-        said = False
+        said, passing = False, True
         for line in stream:
             if not said and line.rstrip("\n") == ready:
                 said = True
                 on_ready()
-            else:
-                sys.stdout.write(line)
-                sys.stdout.flush()
+            elif passing:
+                try:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                except (OSError, ValueError):  # a reader gone (| head): drain on, or the child blocks
+                    passing = False
 
     thread = threading.Thread(target=copy, daemon=True)
     thread.start()
@@ -264,17 +270,32 @@ def relay(stream, ready: str, on_ready) -> threading.Thread:
 
 
 TAIL_LINES = 20  # the child's last stderr lines ``child`` keeps (its error line, a traceback's end)
+TAIL_BYTES = 4096  # ... from at most this many last bytes: a line without end holds no memory
 
 
 def tee(stream, out, tail: list[str]) -> threading.Thread:
-    """A started thread that copies ``stream`` to ``out`` line by line, keeping the last
-    ``TAIL_LINES`` lines (without their newlines) in ``tail``."""
+    """A started thread that copies the binary ``stream`` to the text stream ``out`` as its
+    bytes come (partial lines, carriage returns, any encoding), keeping the last
+    ``TAIL_LINES`` lines of its last ``TAIL_BYTES`` in ``tail``. A failed write (a reader
+    gone) stops the copying, never the draining: the child must not block on a full pipe."""
+    sink = getattr(out, "buffer", None)
+
     def copy() -> None:
-        for line in stream:
-            out.write(line)
-            out.flush()
-            tail.append(line.rstrip("\n"))
-            del tail[:-TAIL_LINES]
+        kept, passing = b"", True
+        while chunk := os.read(stream.fileno(), 65536):
+            if passing:
+                try:
+                    if sink is not None:
+                        out.flush()  # what was written as text goes first
+                        sink.write(chunk)
+                        sink.flush()
+                    else:  # a text-only stream (a test's capture)
+                        out.write(chunk.decode("utf-8", "replace"))
+                        out.flush()
+                except (OSError, ValueError):
+                    passing = False
+            kept = (kept + chunk)[-TAIL_BYTES:]
+            tail[:] = kept.decode("utf-8", "replace").replace("\r", "\n").splitlines()[-TAIL_LINES:]
 
     thread = threading.Thread(target=copy, daemon=True)
     thread.start()

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from eclip import checkpoint as ckpt
-from eclip.data.cache import load_cache
+from eclip.data.cache import inside_cache, load_cache
 from eclip.errors import EclipError, OneLineParser, first_line, seed_value
 from eclip.evaluate import fold_split, format_metrics
 from eclip.fileio import atomic_write
@@ -373,7 +373,7 @@ def run(args, overrides: dict) -> dict:
         raise EclipError("--budget-s and --steps must be positive (and the budget finite)")
     if args.log_every < 1:
         raise EclipError(f"--log-every {args.log_every}: must be at least 1")
-    if args.out.resolve().is_relative_to(args.data.resolve()):  # checkpoints in the cache: prepare could not rebuild it
+    if inside_cache(args.out, args.data):
         raise EclipError(f"--out {args.out}: lies inside the cache --data {args.data}; give a run directory outside it")
     for key in MODEL_KEYS:  # options that are HPARAMS entries
         if getattr(args, key):

@@ -388,10 +388,12 @@ def test_an_interruption_the_harness_never_received_is_the_recipes_crash(tmp_pat
 SELF_INTERRUPT = """
 
 _plain_step = train_step
+_steps = [0]
 
 
 def train_step(model, optimizer, batch, progress):
-    if progress > 0.2:  # as a Ctrl-C would end the step
+    _steps[0] += 1
+    if _steps[0] == 2:  # as a Ctrl-C would end the step (the second: a first step may take a loaded machine's budget)
         raise KeyboardInterrupt
     return _plain_step(model, optimizer, batch, progress)
 """
@@ -400,9 +402,9 @@ def train_step(model, optimizer, batch, progress):
 def test_a_recipe_that_raises_keyboardinterrupt_crashed(small_cache, tmp_path, capsys):
     out = tmp_path / "run"
     rc = h.main(["run", "--recipe", str(recipe(tmp_path, extra=SELF_INTERRUPT)), "--data", str(small_cache),
-                 "--budget-s", "2", "--out", str(out), "--device", "cpu"])
+                 "--budget-s", "20", "--out", str(out), "--device", "cpu"])  # ends at its second step
     r = json.loads((out / "result.json").read_text())
-    assert rc == 1 and r["status"] == "crash" and r["steps"] > 0, r
+    assert rc == 1 and r["status"] == "crash" and r["steps"] == 1, r
     assert r["reason"].startswith("the training process ended interrupted, but no Ctrl-C or SIGTERM")
 
 

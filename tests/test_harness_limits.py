@@ -207,3 +207,32 @@ def test_a_step_that_never_returns_ends_in_a_timeout(small_cache, tmp_path, monk
     assert r == {"status": "timeout", "val_mean_rank": None, "reason": (
         f"the training process was still running {deadline:.0f} s after the recipe's import, on a budget of 1 s, and "
         "was killed (a step that never returns?)")}
+
+
+def test_child_passes_stderr_on_byte_for_byte_and_keeps_its_last_lines(capfd):
+    # a progress bar's carriage returns and bytes that are not UTF-8 reach the terminal as
+    # they were; the tail (the reason of a run without a result) is the last lines
+    code = ("import sys; w = sys.stderr.buffer.write; w(b'bar 1/2\\rbar 2/2\\n'); w(b'\\xff odd\\n'); "
+            "w(b'x' * 10000 + b'\\n'); w(b'train: error: the end\\n')")
+    tail: list[str] = []
+    assert child([sys.executable, "-c", code], None, stderr_tail=tail) == 0
+    err = capfd.readouterr().err
+    assert err.startswith("bar 1/2\rbar 2/2\n") and " odd\n" in err and err.endswith("train: error: the end\n")
+    assert tail[-1] == "train: error: the end" and tail[0] != "bar 1/2"  # the first lines fell out of the last 4 KB
+    assert all(len(line) <= 4096 for line in tail)
+
+
+def test_child_is_never_blocked_by_a_stderr_that_fails(monkeypatch):
+    # a reader gone (| head): the copying stops, the draining goes on, the child ends
+    class Gone:
+        def write(self, text):
+            raise BrokenPipeError
+
+        def flush(self):
+            raise BrokenPipeError
+
+    monkeypatch.setattr(sys, "stderr", Gone())
+    code = "import sys; [sys.stderr.write('y' * 999 + '\\n') for _ in range(500)]; sys.stderr.write('last\\n')"
+    tail: list[str] = []
+    assert child([sys.executable, "-c", code], None, stderr_tail=tail) == 0  # 500 KB: far past a pipe's buffer
+    assert tail[-1] == "last"

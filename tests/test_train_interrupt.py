@@ -160,3 +160,17 @@ def test_a_ctrl_c_while_setting_up_is_one_line_and_leaves_no_folder(train_cache,
     assert rc == 130 and stdout == ""
     assert err == "train: interrupted while setting up (before its first step): no checkpoint or result of it written\n"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("forced", [False, True])
+def test_the_progress_bar_shows_on_a_pipe_only_when_asked(train_cache, tmp_path, capsys, monkeypatch, forced):
+    # the harness reads its training process's stderr through a pipe and passes it on: at a
+    # terminal it asks for the bar, which tqdm hides when its stream is not one
+    from eclip.loop import PROGRESS_ENV
+
+    if forced:
+        monkeypatch.setenv(PROGRESS_ENV, "1")
+    else:
+        monkeypatch.delenv(PROGRESS_ENV, raising=False)
+    rc, _, err = run(["--data", train_cache, "--out", tmp_path / "run", "--steps", 2, *SMALL], capsys)
+    assert rc == 0 and ("train: 100%" in err) is forced, err

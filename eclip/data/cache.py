@@ -115,6 +115,17 @@ def ensure_replaceable(out: Path) -> None:
                          "replace it (move it elsewhere or choose another --out)")
 
 
+def inside_cache(out: Path, data: Path) -> bool:
+    """Whether ``out`` is, or lies inside, the prepared cache ``data`` (a run directory there
+    would put checkpoints and logs among its files, which ``eclip.prepare`` then refuses to
+    replace); False when either path cannot be resolved (a link loop, no permission): the
+    run directory's own errors follow."""
+    try:
+        return (Path(data) / "manifest.json").is_file() and Path(out).resolve().is_relative_to(Path(data).resolve())
+    except (OSError, RuntimeError):  # RuntimeError: a symbolic link loop, before Python 3.13
+        return False
+
+
 class CacheWriter:
     """Builds a cache in a temporary sibling of ``out`` and renames it into place on commit.
 
