@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from agent import journal
-from agent.runner import data_fingerprint, finished_result, run_experiment
+from agent.runner import finished_result, other_fingerprint, run_experiment
 from agent.workspace import Workspace
 
 
@@ -69,10 +69,9 @@ def final_evaluation(ws: Workspace, *, data: Path | None = None, budget_s: float
                              f"{ws.journal_path}: no session records the data; give --data")
         if not budget_s:
             raise ValueError(f"{ws.journal_path}: no session records the budget; give --budget-s")
-        study_fp, fp = session.get("data_fingerprint"), data_fingerprint(data)
-        if study_fp and fp and fp != study_fp:  # another cache, or this one rebuilt with other options
+        if fp := other_fingerprint(data, session.get("data_fingerprint")):
             raise ValueError(f"{data}: not the cache this study was scored on (its fingerprint is {fp[:12]}, the "
-                             f"study's {study_fp[:12]}); give the study's --data")
+                             f"study's {session['data_fingerprint'][:12]}); give the study's --data")
         out.mkdir(parents=True, exist_ok=True)
         recipe = out / "recipe.py"
         recipe.write_text(ws.show(commit), encoding="utf-8")

@@ -43,6 +43,7 @@ from agent.runner import (
     clean_env,
     data_fingerprint,
     device_error,
+    other_fingerprint,
     protect_secrets,
     run_experiment,
     seconds_error,
@@ -362,8 +363,7 @@ def settings_error(args, events: list[dict]) -> str | None:
     asked = {"data": str(args.data.resolve()), "budget_s": args.budget_s, "device": args.device}
     differ = [k for k in STUDY_SETTINGS if k in study and study[k] != asked[k]]
     if not differ:
-        fp = data_fingerprint(args.data)
-        if study.get("data_fingerprint") and fp and fp != study["data_fingerprint"]:
+        if fp := other_fingerprint(args.data, study.get("data_fingerprint")):
             return (f"{args.data}: the cache was rebuilt since this study's scores were measured on it (its "
                     f"fingerprint is {fp[:12]}, the study's {study['data_fingerprint'][:12]}). Scores on other data "
                     "do not compare: restore the cache, or start a new --tag")
@@ -379,12 +379,13 @@ def session(args, ws: Workspace) -> int:
     experiments until a limit; returns the exit code."""
     root_commit = ws.root_commit()
     reconcile(ws, root_commit, args.min_delta)
-    state(journal.experiments(journal.read(ws.journal_path)), root_commit, args.min_delta)  # a journal it can read
-    if why := settings_error(args, journal.read(ws.journal_path)):
+    events = journal.read(ws.journal_path)
+    exps = journal.experiments(events)
+    begun = state(exps, root_commit, args.min_delta)  # before the session line: a journal it can read
+    if why := settings_error(args, events):
         print(f"loop: error: {why}", file=sys.stderr)
         return 2
-    count, freed = disk.prune(ws.experiments, journal.experiments(journal.read(ws.journal_path)),
-                              args.keep_checkpoints)
+    count, freed = disk.prune(ws.experiments, exps, args.keep_checkpoints)
     if count:  # a study begun under another rule (or before there was one)
         print(f"loop: deleted the checkpoints of {count} earlier runs ({freed / disk.GIB:.2f} GiB), as "
               f"--keep-checkpoints {args.keep_checkpoints} says", file=sys.stderr)
@@ -394,8 +395,6 @@ def session(args, ws: Workspace) -> int:
                                      "budget_s": args.budget_s,
                                      "device": args.device, "seed": args.seed, "min_delta": args.min_delta,
                                      "isolate": args.isolate})
-    exps = journal.experiments(journal.read(ws.journal_path))
-    begun = state(exps, root_commit, args.min_delta)
     if begun["experiments"] and begun["baselines"] < args.noise_runs:
         print(f"loop: note: --noise-runs {args.noise_runs} not applied: the noise floor was fixed by "
               f"{begun['baselines']} baseline run{'s' * (begun['baselines'] != 1)} when the experiments began",

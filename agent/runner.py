@@ -161,3 +161,11 @@ def data_fingerprint(data: Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
     return fp if isinstance(fp, str) else None
+
+
+def other_fingerprint(data: Path, recorded: str | None) -> str | None:
+    """The fingerprint of the cache at ``data`` when it differs from the ``recorded`` one
+    (another cache, or this one rebuilt with other options); None when they agree or either
+    is unknown (a study journaled before fingerprints were)."""
+    fp = data_fingerprint(data)
+    return fp if recorded and fp and fp != recorded else None

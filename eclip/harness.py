@@ -66,7 +66,7 @@ import time
 from pathlib import Path
 
 from eclip import sandbox
-from eclip.data.cache import inside_cache
+from eclip.data.cache import out_in_cache_error
 from eclip.errors import EclipError, OneLineParser, first_line, seed_value
 from eclip.fileio import file_bytes, read_regular, remove
 from eclip.hardware import torch_threads
@@ -160,10 +160,8 @@ def run(args) -> int:
     if not args.recipe.is_file():
         print(f"harness: error: {args.recipe}: recipe file not found", file=sys.stderr)
         return 2
-    # its result, logs and checkpoint among a prepared cache's files (which eclip.prepare would then not replace)
-    if inside_cache(args.out, args.data):
-        print(f"harness: error: --out {args.out}: lies inside the cache --data {args.data}; give a run directory "
-              "outside it", file=sys.stderr)
+    if why := out_in_cache_error(args.out, args.data):  # checked before the run directory is made
+        print(f"harness: error: {why}", file=sys.stderr)
         return 2
     try:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -282,19 +282,21 @@ def tee(stream, out, tail: list[str]) -> threading.Thread:
 
     def copy() -> None:
         kept, passing = b"", True
-        while chunk := os.read(stream.fileno(), 65536):
-            if passing:
-                try:
-                    if sink is not None:
-                        out.flush()  # what was written as text goes first
-                        sink.write(chunk)
-                        sink.flush()
-                    else:  # a text-only stream (a test's capture)
-                        out.write(chunk.decode("utf-8", "replace"))
-                        out.flush()
-                except (OSError, ValueError):
-                    passing = False
-            kept = (kept + chunk)[-TAIL_BYTES:]
+        try:
+            while chunk := os.read(stream.fileno(), 65536):
+                if passing:
+                    try:
+                        if sink is not None:
+                            out.flush()  # what was written as text goes first
+                            sink.write(chunk)
+                            sink.flush()
+                        else:  # a text-only stream (a test's capture)
+                            out.write(chunk.decode("utf-8", "replace"))
+                            out.flush()
+                    except (OSError, ValueError):
+                        passing = False
+                kept = (kept + chunk)[-TAIL_BYTES:]
+        finally:  # once, at the end of the stream
             tail[:] = kept.decode("utf-8", "replace").replace("\r", "\n").splitlines()[-TAIL_LINES:]
 
     thread = threading.Thread(target=copy, daemon=True)

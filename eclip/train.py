@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from eclip import checkpoint as ckpt
-from eclip.data.cache import inside_cache, load_cache
+from eclip.data.cache import load_cache, out_in_cache_error
 from eclip.errors import EclipError, OneLineParser, first_line, seed_value
 from eclip.evaluate import fold_split, format_metrics
 from eclip.fileio import atomic_write
@@ -373,8 +373,8 @@ def run(args, overrides: dict) -> dict:
         raise EclipError("--budget-s and --steps must be positive (and the budget finite)")
     if args.log_every < 1:
         raise EclipError(f"--log-every {args.log_every}: must be at least 1")
-    if inside_cache(args.out, args.data):
-        raise EclipError(f"--out {args.out}: lies inside the cache --data {args.data}; give a run directory outside it")
+    if why := out_in_cache_error(args.out, args.data):
+        raise EclipError(why)
     for key in MODEL_KEYS:  # options that are HPARAMS entries
         if getattr(args, key):
             overrides = dict(overrides, **{key: getattr(args, key)})
@@ -427,22 +427,24 @@ def run(args, overrides: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
     existed = args.out.exists()
+
+    def drop_new_out(rc: int) -> int:
+        """``rc``, once a run refused or stopped while it set up has removed the empty --out it made."""
+        if not existed:
+            with contextlib.suppress(OSError):
+                args.out.rmdir()
+        return rc
+
     try:
         with sigterm_as_ctrl_c():  # a scheduler's SIGTERM saves and reports as Ctrl-C does
             result = run(args, parse_overrides(extra))
     except EclipError as e:
         print(f"train: error: {e}", file=sys.stderr)
-        if not existed:  # a run refused while it set up (a bad model field, say) leaves no empty folder
-            with contextlib.suppress(OSError):
-                args.out.rmdir()
-        return 2
+        return drop_new_out(2)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the training loop took them over (its setup)
         print("train: interrupted while setting up (before its first step): no checkpoint or result of it written",
               file=sys.stderr)
-        if not existed:
-            with contextlib.suppress(OSError):
-                args.out.rmdir()
-        return 130
+        return drop_new_out(130)
     except OSError as e:  # --out a file, a read-only or full disk: the path and the reason
         print(f"train: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
         return 2

@@ -115,15 +115,16 @@ def ensure_replaceable(out: Path) -> None:
                          "replace it (move it elsewhere or choose another --out)")
 
 
-def inside_cache(out: Path, data: Path) -> bool:
-    """Whether ``out`` is, or lies inside, the prepared cache ``data`` (a run directory there
-    would put checkpoints and logs among its files, which ``eclip.prepare`` then refuses to
-    replace); False when either path cannot be resolved (a link loop, no permission): the
-    run directory's own errors follow."""
+def out_in_cache_error(out: Path, data: Path) -> str | None:
+    """Why the run directory ``out`` may not be used with the prepared cache ``data``: it is
+    the cache or lies inside it (checkpoints and logs among its files, which ``eclip.prepare``
+    then refuses to replace); None otherwise, and when either path cannot be resolved (a link
+    loop, no permission): the run directory's own errors follow."""
     try:
-        return (Path(data) / "manifest.json").is_file() and Path(out).resolve().is_relative_to(Path(data).resolve())
+        inside = (Path(data) / "manifest.json").is_file() and Path(out).resolve().is_relative_to(Path(data).resolve())
     except (OSError, RuntimeError):  # RuntimeError: a symbolic link loop, before Python 3.13
-        return False
+        return None
+    return f"--out {out}: lies inside the cache --data {data}; give a run directory outside it" if inside else None
 
 
 class CacheWriter:
