@@ -42,7 +42,8 @@ loop, the checkpoint's file writes aside) gets ``AFTER_GRACE_S``, and each encod
 ``harness_eval.EVAL_GRACE_S`` from the end of its start-up plus an allowance for the number of items; a
 run over any limit ends with status ``error``. A training process still running
 ``DEADLINE_MARGIN_S`` past its wall limit (a step that never returns) is killed: status
-``timeout``. On the CPU, where other work on the machine
+``timeout``; one still running ``STOP_GRACE_S`` after a Ctrl-C or SIGTERM, status
+``interrupted``. On the CPU, where other work on the machine
 slows a run, the last step's overrun and the encoders' time are measured in compute instead:
 CPU time divided by ``torch_threads`` (torch's default thread count, at most the CPUs the
 harness may use), with wall time still capped at ``WALL_FACTOR`` times the limit; the
@@ -92,6 +93,9 @@ RECIPE_WALL_SLACK_S = 30.0
 # past wall_limit (a run the harness refuses anyway) the training process is killed once this
 # much more has passed: room for a checkpoint of up to 12 GB at IO_BYTES_PER_S
 DEADLINE_MARGIN_S = 120.0
+# told to stop (Ctrl-C, SIGTERM), it is killed once this much has passed: the same room for its
+# last step's end and the checkpoint, instead of the deadline (hours away on a long budget)
+STOP_GRACE_S = 120.0
 IO_BYTES_PER_S = 100e6  # placing the training images, writing the checkpoint: slow disks included
 
 
@@ -229,8 +233,9 @@ def run(args) -> int:
         tail: list[str] = []  # its last stderr lines: the reason of a run that ends without a result
         if sys.stderr.isatty():  # its stderr is a pipe to this process: the bar still reaches the terminal
             env = dict(env or os.environ, **{PROGRESS_ENV: "1"})
+        killed: list[str] = []  # "deadline" or "grace" when the harness killed it
         rc, recipe_wall_s = child(cmd, capped, env=env, ready=READY, signals=heard, deadline_s=deadline,
-                                  stderr_tail=tail)
+                                  stderr_tail=tail, stop_grace_s=STOP_GRACE_S, killed=killed)
     except EclipError as e:  # the training split or the compile cache could not be copied
         return _finish(result_path, {"status": "error", "val_mean_rank": None, "reason": str(e)}, 2)
     finally:
@@ -238,7 +243,11 @@ def run(args) -> int:
             remove(data)
         if private:  # what this recipe compiled reaches no other run
             remove(args.compile_cache)
-    if rc == -signal.SIGKILL and recipe_wall_s is not None and recipe_wall_s > deadline:
+    if killed == ["grace"]:
+        return _finish(result_path, {"status": "interrupted", "val_mean_rank": None, "reason": (
+            f"the training process was still running {STOP_GRACE_S:.0f} s after it was told to stop, and was "
+            "killed (a step that never returns?)")}, 130)
+    if killed == ["deadline"]:
         return _finish(result_path, {"status": "timeout", "val_mean_rank": None, "reason": (
             f"the training process was still running {deadline:.0f} s after the recipe's import, on a budget of "
             f"{args.budget_s:g} s, and was killed (a step that never returns?)")}, 1)

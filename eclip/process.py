@@ -174,7 +174,8 @@ def child_setup(preexec):
 
 
 def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = None,
-          signals: list[int] | None = None, deadline_s: float | None = None, stderr_tail: list[str] | None = None):
+          signals: list[int] | None = None, deadline_s: float | None = None, stderr_tail: list[str] | None = None,
+          stop_grace_s: float | None = None, killed: list[str] | None = None):
     """Run one child to its end; its exit code. Ctrl-C reaches it too (same process group):
     it finishes its step, saves and writes an interrupted result; the harness waits for that
     instead of dying first. A SIGTERM sent to the harness is passed on to the child, which
@@ -186,24 +187,36 @@ def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = 
     interrupted when none came was stopped by its own code). ``deadline_s`` (with ``ready``):
     the child is killed (SIGKILL) once that long has passed since its ready line: a step that
     never returns would otherwise hold the harness for ever, a SIGTERM included, since the
-    child ends its step before it stops. ``stderr_tail``: a list the child's last stderr
-    lines (at most ``TAIL_LINES``, from its last ``TAIL_BYTES``) are put in, its stderr being
-    passed on byte for byte (a progress bar's carriage returns included)."""
+    child ends its step before it stops. ``stop_grace_s``: the child is killed too once that
+    long has passed since the first Ctrl-C or SIGTERM this process heard (a hung step would
+    otherwise hold a stopped run to its deadline, hours away on a long budget). ``killed``: a
+    list ``"deadline"`` or ``"grace"`` is appended to when the child was killed for either
+    reason (a SIGKILL from elsewhere, the kernel's OOM killer, appends nothing).
+    ``stderr_tail``: a list the child's last stderr lines (at most ``TAIL_LINES``, from its
+    last ``TAIL_BYTES``) are put in, its stderr being passed on byte for byte (a progress
+    bar's carriage returns included)."""
     procs: list[subprocess.Popen] = []
     seen: list[float] = []
     err_reader = None
     pending: list[int] = []  # a SIGTERM that came before the child existed
     heard = signals if signals is not None else []
+    first: list[float] = []  # when the first Ctrl-C or SIGTERM came
+    cause: list[str] = []  # why this process killed the child, if it did
+
+    def note(signum) -> None:
+        heard.append(signum)
+        if not first:
+            first.append(time.monotonic())
 
     def forward(signum, frame) -> None:
-        heard.append(signum)
+        note(signum)
         if procs:
             procs[0].send_signal(signal.SIGTERM)
         else:
             pending.append(signum)
 
     # Ctrl-C is noted, not acted on: it reaches the child too, which ends its step first
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: heard.append(signum))
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: note(signum))
     term = signal.signal(signal.SIGTERM, forward)
     # A process the child leaves behind (forked, in a session of its own) would work on
     # after the harness stopped timing it, and could rewrite the checkpoint before the
@@ -225,14 +238,22 @@ def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = 
             err_reader = tee(procs[0].stderr, sys.stderr, stderr_tail)
         while True:
             try:
-                rc = procs[0].wait(timeout=None if deadline_s is None or not ready else 0.25)
+                polls = (deadline_s is not None and ready) or stop_grace_s is not None
+                rc = procs[0].wait(timeout=0.25 if polls else None)
                 break
             except subprocess.TimeoutExpired:
-                if seen and time.monotonic() - seen[0] > deadline_s:
+                now = time.monotonic()
+                late = ("deadline" if deadline_s is not None and seen and now - seen[0] > deadline_s
+                        else "grace" if stop_grace_s is not None and first and now - first[0] > stop_grace_s
+                        else None)
+                if late:
+                    cause[:] = cause or [late]  # the first reason; the kill repeats until the child has gone
                     # sandboxed, this is the launcher: the namespace's first process dies with it
                     # (its parent-death signal), and the kernel then ends every process inside
                     procs[0].kill()
         end = time.monotonic()
+        if killed is not None:
+            killed.extend(cause)
     finally:
         if not procs or procs[0].poll() is not None:  # never the child itself, while it runs
             kill_strays(others)  # before anything reads what the child wrote

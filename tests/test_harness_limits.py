@@ -3,8 +3,12 @@ training while encoding refused; a slowed machine allowed; the harness's own clo
 process, which a recipe cannot slow."""
 
 import json
+import os
 import re
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -190,6 +194,68 @@ def test_a_child_past_its_deadline_is_killed():
     code = "print('train: ready', flush=True); import time; time.sleep(120)"
     rc, seconds = child([sys.executable, "-c", code], None, ready="train: ready", deadline_s=1.0)
     assert rc == -9 and 1.0 < seconds < 30
+
+
+def test_a_child_still_running_after_a_sigterm_is_killed_after_the_grace():
+    # a child that ignores the SIGTERM passed on (a step that never returns, in effect); the
+    # deadline, hours away on a long budget, is not what ends it
+    code = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('train: ready', flush=True); time.sleep(120)")
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
+    killed: list[str] = []
+    heard: list[int] = []
+    timer.start()
+    try:
+        rc, seconds = child([sys.executable, "-c", code], None, ready="train: ready", deadline_s=3600.0,
+                            signals=heard, stop_grace_s=1.0, killed=killed)
+    finally:
+        timer.cancel()
+    assert rc == -signal.SIGKILL and killed == ["grace"] and heard == [signal.SIGTERM]
+    assert 1.0 < seconds < 60
+
+
+def test_a_child_that_ends_on_its_own_is_not_said_to_be_killed():
+    killed: list[str] = []
+    code = "print('train: ready', flush=True)"
+    assert child([sys.executable, "-c", code], None, ready="train: ready", deadline_s=60.0, stop_grace_s=1.0,
+                 killed=killed)[0] == 0
+    assert killed == []
+
+
+def test_a_harness_told_to_stop_during_a_step_that_never_returns_ends_interrupted(small_cache, tmp_path,
+                                                                                   monkeypatch):
+    # before, the stopped run held the harness until its deadline (the budget and more: here
+    # some 4 minutes, a bound on the test should this regress)
+    monkeypatch.setattr(h, "STOP_GRACE_S", 1.0)
+    monkeypatch.setattr(h, "check_file", lambda path: [])  # the step marks its start in a file
+    monkeypatch.chdir(ROOT)
+    started = tmp_path / "started"  # written by the step, which then never returns
+    hang = recipe(tmp_path, extra=("\n\ndef train_step(model, optimizer, batch, progress):\n"
+                                   f"    open({str(started)!r}, 'w').close()\n    while True:\n        pass\n"))
+    done = threading.Event()
+
+    def stop_once_hung() -> None:  # never once the harness has returned: the signal would end pytest
+        while not started.exists() and not done.wait(0.1):
+            pass
+        if not done.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    out = tmp_path / "run"
+    stopper = threading.Thread(target=stop_once_hung, daemon=True)
+    stopper.start()
+    t0 = time.monotonic()
+    try:
+        rc = h.main(["run", "--recipe", str(hang), "--data", str(small_cache), "--budget-s", "60", "--out",
+                     str(out), "--device", "cpu"])
+    finally:
+        done.set()
+        stopper.join()
+    assert started.exists() and time.monotonic() - t0 < 150
+    assert json.loads((out / "result.json").read_text()) == {"status": "interrupted", "val_mean_rank": None,
+                                                             "reason": (
+        "the training process was still running 1 s after it was told to stop, and was killed "
+        "(a step that never returns?)")}
+    assert rc == 130
 
 
 def test_a_step_that_never_returns_ends_in_a_timeout(small_cache, tmp_path, monkeypatch):
