@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from eclip.fileio import atomic_write
+from eclip.fileio import atomic_write, open_regular, remove, tail_lines
 from eclip.process import SECRET, die_with_parent, prctl, scrub_environment
 
 EVAL_CAP_S = 120.0  # evaluation and start-up allowance on top of the training budget
@@ -67,22 +67,63 @@ def redact(text: str) -> str:
     return text
 
 
+REDACT_CHUNK = 1 << 20  # bytes ``redact_file`` holds at a time
+
+
 def redact_file(path: Path) -> None:
-    """Rewrite ``path`` without secret values, if it holds any (a run printed one)."""
-    try:
-        data = path.read_text(errors="replace")
+    """Rewrite ``path`` without secret values, if it holds any (a run printed one): read in
+    pieces of ``REDACT_CHUNK`` bytes, so a log of gigabytes is never held whole, its other
+    bytes unchanged."""
+    secrets = sorted({v.encode() for v in secret_values()}, key=len, reverse=True)
+    if not secrets:
+        return
+    pattern = re.compile(b"|".join(map(re.escape, secrets)))  # at each place the longest first
+    keep = len(secrets[0]) - 1  # a secret that begins this close to a piece's end may go on in the next
+
+    def scrub(source, sink=None) -> bool:
+        """Copy ``source`` cleaned into ``sink`` (None: only look); whether it held a secret."""
+        found, carry = False, b""
+        while True:
+            chunk = source.read(REDACT_CHUNK)
+            data = carry + chunk
+            limit = len(data) - keep if chunk else len(data)  # a match from here on may be cut
+            parts, pos = [], 0
+            for match in pattern.finditer(data):
+                if match.start() >= limit:
+                    break
+                parts += [data[pos:match.start()], b"[redacted]"]
+                pos, found = match.end(), True
+            cut = max(pos, limit)
+            if sink is not None:
+                sink.write(b"".join(parts) + data[pos:cut])
+            carry = data[cut:]
+            if not chunk:
+                return found
+
+    def rewrite(tmp: Path) -> None:
+        with open_regular(path) as source, open(tmp, "wb") as sink:
+            scrub(source, sink)
+
+    try:  # never through a link, nor from a FIFO: the run could write where its log lies
+        with open_regular(path) as f:
+            if not scrub(f):
+                return
     except FileNotFoundError:
         return
-    clean = redact(data)
-    if clean != data:
-        atomic_write(path, lambda tmp: tmp.write_text(clean))
+    except OSError:  # not a regular file: no log of this harness's to clean (or to show)
+        remove(path)
+        return
+    atomic_write(path, rewrite)
 
 
 def log_tail(path: Path, lines: int = 30) -> str:
+    """A run log's last ``lines`` lines, without secrets (from its last 64 KB)."""
     try:
-        return redact("\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+        return redact("\n".join(tail_lines(path, lines)))
     except FileNotFoundError:
         return ""
+    except OSError:  # a link or a FIFO the run left in its place
+        return f"(no log: {path.name} is not a regular file)"
 
 
 def finished_result(out: Path, since: float = 0.0) -> dict | None:
@@ -128,7 +169,9 @@ def run_experiment(recipe: Path, data: Path, budget_s: float, out: Path, *, comp
     if isolate:
         cmd.append("--isolate")
     t0 = time.perf_counter()
-    with open(out / "run.log", "w") as log:
+    # a new file, never through a link: an earlier run in this folder could have left one
+    remove(out / "run.log")
+    with open(os.open(out / "run.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666), "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=clean_env(),
                                 start_new_session=True, preexec_fn=die_with_parent,
                                 cwd=Path(__file__).resolve().parents[1])

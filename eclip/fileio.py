@@ -77,18 +77,35 @@ def read_tensors(path: Path, hint: str = "", prefix: str | None = None) -> dict:
         raise EclipError(f"{path}: unreadable ({reason}){'; ' + hint if hint else ''}") from None
 
 
-def read_regular(path: Path) -> bytes:
-    """The bytes of ``path`` if it is a regular file, not a link (OSError otherwise): a
-    recipe's process may leave a FIFO (a read that never ends), a device or a link to one
-    where the harness reads."""
+def open_regular(path: Path):
+    """``path`` opened for reading in binary if it is a regular file, not a link (OSError
+    otherwise): a recipe's process may leave a FIFO (a read that never ends), a device or a
+    link to one where the harness or the loop reads."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(f"{path}: not a regular file")
-        with open(fd, "rb", closefd=False) as f:
-            return f.read()
-    finally:
+        return open(fd, "rb")
+    except BaseException:
         os.close(fd)
+        raise
+
+
+def read_regular(path: Path) -> bytes:
+    """The bytes of ``path`` if it is a regular file (``open_regular``)."""
+    with open_regular(path) as f:
+        return f.read()
+
+
+def tail_lines(path: Path, lines: int, max_bytes: int = 65536) -> list[str]:
+    """The last ``lines`` lines of ``path`` (a regular file, ``open_regular``), from at most
+    its last ``max_bytes``: a log a run filled with gigabytes is not read whole to show its
+    end. Bytes that are not UTF-8 are replaced; a line cut by the window's start is dropped."""
+    with open_regular(path) as f:
+        start = max(0, os.fstat(f.fileno()).st_size - max_bytes)
+        f.seek(start)
+        text = f.read(max_bytes).decode("utf-8", "replace").splitlines()
+    return (text[1:] if start else text)[-lines:]
 
 
 def check_regular(path: Path, what: str) -> None:

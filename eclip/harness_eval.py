@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,8 +33,8 @@ from pathlib import Path
 
 from eclip import sandbox
 from eclip.errors import EclipError
-from eclip.fileio import check_regular, remove
-from eclip.process import child_setup, cpu_seconds, relay
+from eclip.fileio import check_regular, remove, tail_lines
+from eclip.process import TAIL_LINES, child_setup, cpu_seconds, relay
 from eclip.scoring import score
 
 # one eclip.encode process each: the scored split's images; its captions (none sees both
@@ -140,9 +141,9 @@ def encode_parts(cmds: dict[str, list[str]], logs: dict[str, Path], limit_s: flo
             proc.wait()
         for t in readers:
             t.join(timeout=5)
-        for f in files.values():
+        for f in files.values():  # in pieces: a recipe may have written gigabytes there
             f.seek(0)
-            sys.stderr.write(f.read())
+            shutil.copyfileobj(f, sys.stderr)
             f.close()
         signal.signal(signal.SIGINT, previous)
 
@@ -171,7 +172,7 @@ def encode_error(part: str, rc: int, log: Path) -> str:
     """One line for a failed encoding process: its own error, else the last line of a
     traceback (the recipe's exception), else the exit code."""
     try:
-        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        lines = [line.strip() for line in tail_lines(log, TAIL_LINES) if line.strip()]
     except OSError:
         lines = []
     said = [line for line in lines if line.startswith("encode: error: ")]

@@ -268,14 +268,19 @@ def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = 
     return rc, (end - seen[0] if seen else None)
 
 
+LINE_CHARS = 65536  # the longest piece of a child's stdout ``relay`` holds at once
+
+
 def relay(stream, ready: str, on_ready) -> threading.Thread:
     """A started thread that copies a child's stdout ``stream`` to this process's, but for
     the first ``ready`` line, for which it calls ``on_ready()`` instead (a child's code may
     print that line again later: it is passed on as output)."""
     def copy() -> None:
-        said, passing = False, True
-        for line in stream:
-            if not said and line.rstrip("\n") == ready:
+        said, passing, whole = False, True, True  # whole: this piece begins a line
+        # in pieces of at most LINE_CHARS: a line without end (a recipe's print) holds no memory
+        while line := stream.readline(LINE_CHARS):
+            begins, whole = whole, line.endswith("\n")
+            if not said and begins and line.rstrip("\n") == ready:
                 said = True
                 on_ready()
             elif passing:

@@ -154,3 +154,78 @@ def test_a_secret_inside_a_longer_one_leaves_no_part_of_either(monkeypatch):
         for name, value in order:  # os.environ lists them in the order they were set
             monkeypatch.setenv(name, value)
         assert runner.redact("key=sk-ant-abcdef-LONGTAIL99 short=sk-ant-abcdef") == "key=[redacted] short=[redacted]"
+
+
+@pytest.mark.parametrize("chunk", [7, 16, 1 << 20])  # a piece shorter than the secret, longer, the default
+def test_redact_file_finds_a_secret_a_pieces_end_cuts(tmp_path, monkeypatch, chunk):
+    # the log is read in pieces (a run may print gigabytes): a secret across two pieces, or
+    # across three, is replaced all the same, and the other bytes stay as they were
+    from agent import runner
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-zzz-123456789")
+    monkeypatch.setenv("OTHER_TOKEN", "sk-ant-zzz")  # begins the longer one: longest first
+    monkeypatch.setattr(runner, "REDACT_CHUNK", chunk)
+    log = tmp_path / "run.log"
+    log.write_bytes(b"\xff x" * 5 + b"sk-ant-zzz-123456789" + b"\r\n" + b"y" * 40 + b"sk-ant-zzz" + b" end")
+    runner.redact_file(log)
+    assert log.read_bytes() == b"\xff x" * 5 + b"[redacted]\r\n" + b"y" * 40 + b"[redacted] end"
+
+
+def test_log_tail_reads_the_end_of_a_large_log_only(tmp_path, monkeypatch):
+    from agent import runner
+
+    log = tmp_path / "run.log"
+    with open(log, "wb") as f:  # 8 MB of one line without end, then the lines that matter
+        f.write(b"x" * (8 << 20) + b"\n" + b"".join(b"line %d\n" % i for i in range(40)))
+    reads: list[int] = []
+    real_open = runner.open_regular
+
+    def counting(path):
+        f = real_open(path)
+        read = f.read
+        f.read = lambda n=-1: reads.append(n) or read(n)
+        return f
+
+    monkeypatch.setattr("eclip.fileio.open_regular", counting)
+    assert runner.log_tail(log) == "\n".join(f"line {i}" for i in range(10, 40))
+    assert reads and all(0 < n <= 65536 for n in reads)  # never the whole file
+
+
+def test_a_run_log_a_run_replaced_with_a_link_or_a_fifo_is_neither_followed_nor_read(tmp_path, monkeypatch):
+    # the run's folder is the training process's --out: a run could leave a link to another
+    # file (its tail would reach the journal and the proposer) or a FIFO (a read for ever)
+    from agent import runner
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-zzz-123456789")
+    other = tmp_path / "private.txt"
+    other.write_text("not the run's: sk-ant-zzz-123456789\n")
+    log = tmp_path / "run.log"
+    log.symlink_to(other)
+    assert runner.log_tail(log) == "(no log: run.log is not a regular file)"
+    runner.redact_file(log)
+    assert not log.exists() and not log.is_symlink()
+    assert other.read_text() == "not the run's: sk-ant-zzz-123456789\n"
+    os.mkfifo(log)
+    assert runner.log_tail(log) == "(no log: run.log is not a regular file)"
+    runner.redact_file(log)
+    assert not log.exists()
+
+
+def test_a_link_left_where_the_next_run_logs_is_replaced_not_written_through(tmp_path, monkeypatch):
+    import shutil
+    import sys
+
+    from agent import runner
+
+    fake = tmp_path / "python"
+    fake.write_text(f"#!{shutil.which('sh')}\necho 'step 1'\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    out = tmp_path / "run"
+    out.mkdir()
+    other = tmp_path / "journal.jsonl"
+    other.write_text("kept\n")
+    (out / "run.log").symlink_to(other)
+    r = runner.run_experiment(tmp_path / "recipe.py", tmp_path / "data", 1.0, out, device="cpu", timeout_s=60)
+    assert r["status"] == "crash" and r["log_tail"] == "step 1"
+    assert other.read_text() == "kept\n" and not (out / "run.log").is_symlink()

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -273,6 +274,55 @@ def test_a_step_that_never_returns_ends_in_a_timeout(small_cache, tmp_path, monk
     assert r == {"status": "timeout", "val_mean_rank": None, "reason": (
         f"the training process was still running {deadline:.0f} s after the recipe's import, on a budget of 1 s, and "
         "was killed (a step that never returns?)")}
+
+
+def test_a_line_without_end_on_stdout_holds_no_memory_in_the_harness():
+    # found by a review: a recipe printing 760 MB without a newline grew the harness to 2.4 GB
+    # (the line held whole, then copied); now it is relayed in pieces. In a fresh process,
+    # whose peak memory is the relay's alone (VmHWM: ru_maxrss would count pytest's, which it
+    # carries through the fork and exec); its stdout goes nowhere.
+    code = ("import sys; from eclip.process import child; "
+            "printer = \"import sys; [sys.stdout.write('x' * (1 << 20)) for _ in range(300)]; print('train: ready')\"; "
+            "rc, _ = child([sys.executable, '-c', printer], None, ready='train: ready'); "
+            "peak = next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM:')); "
+            "print(rc, peak, file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True, check=True)
+    rc, peak_kb = map(int, done.stderr.split())
+    assert rc == 0 and peak_kb < 150_000  # 300 MB went through; the line held whole: 690 MB
+
+
+def test_relay_takes_the_ready_line_only_at_a_lines_start(monkeypatch, capfd):
+    # pieces of at most LINE_CHARS: the ready line at the end of a longer line is output
+    from eclip import process
+
+    monkeypatch.setattr(process, "LINE_CHARS", 16)
+    code = "print('x' * 4 + 'train: ready'); print('y' * 40); print('train: ready'); print('after')"
+    rc, seconds = child([sys.executable, "-c", code], None, ready="train: ready")
+    assert rc == 0 and seconds is not None
+    assert capfd.readouterr().out == "xxxxtrain: ready\n" + "y" * 40 + "\nafter\n"
+
+
+def test_an_encoders_error_is_read_from_the_end_of_its_log(tmp_path, monkeypatch):
+    from eclip import fileio
+
+    log = tmp_path / "images.log"
+    log.write_text("x" * (1 << 20) + "\nencode: error: --batch-size: must be positive\nTraceback\n")
+    reads: list[int] = []
+    real_open = fileio.open_regular
+
+    def counting(path):
+        f = real_open(path)
+        read = f.read
+        f.read = lambda n=-1: reads.append(n) or read(n)
+        return f
+
+    monkeypatch.setattr(fileio, "open_regular", counting)
+    assert he.encode_error("images", 2, log) == "evaluation (eclip.encode, images) failed: --batch-size: must be positive"
+    assert reads and all(0 < n <= 65536 for n in reads)
+    log.unlink()
+    log.symlink_to(tmp_path / "elsewhere")
+    assert he.encode_error("texts", 1, log) == "evaluation (eclip.encode, texts) failed: exit code 1"
 
 
 def test_child_passes_stderr_on_byte_for_byte_and_keeps_its_last_lines(capfd):
