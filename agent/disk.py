@@ -15,15 +15,19 @@ then every run after it. So:
   study resumed with a stricter rule frees the space of its earlier runs.
 - Before each run the loop checks the free space under the workspace against what a run
   writes (``needed_bytes``), and stops cleanly, exit code 1, when it is short.
-- A failed run whose log says a disk was full (``No space left on device``: the workspace's,
-  or a temporary or cache directory's) is recorded ``interrupted``, not ``crash``: the
-  recipe did nothing wrong and a proposer must not try to repair it; the loop stops. So
-  does a full disk under the loop's own writes (journal, diffs).
+- A failed run whose log says a disk was full (``No space left on device``) while the
+  workspace's disk is still short of room for the next run, or the temporary directory of
+  ``MIN_FREE``, is recorded ``interrupted``, not ``crash``: the recipe did nothing wrong and a
+  proposer must not try to repair it; the loop stops. With room on both, the run stays a
+  failure of the recipe: the words alone, which a recipe can print, or a disk its own files
+  filled and freed as they went, must not stop a study. A full disk under the loop's own
+  writes (journal, diffs) stops it too.
 """
 
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 POLICIES = ("kept", "best", "all", "none")
@@ -150,5 +154,21 @@ def space_error(root: Path, exps: list[dict]) -> str | None:
 
 
 def ran_out_of_space(result: dict) -> bool:
-    """Whether a failed run's log tail shows the disk was full."""
+    """Whether a failed run's log tail says a disk was full (a recipe can print that too:
+    ``still_full`` decides)."""
     return result.get("status") != "ok" and ENOSPC_TEXT in str(result.get("log_tail", ""))
+
+
+def still_full(root: Path, exps: list[dict]) -> str | None:
+    """After a run whose log said a disk was full: the reason to stop, the workspace's disk
+    short of room for the next run or the temporary directory's of ``MIN_FREE``; None when
+    both have room, and the run is then the recipe's failure (it filled a disk with files
+    that went with it, or it printed the words)."""
+    why = space_error(root, exps)
+    if why is not None:
+        return why
+    tmp = Path(tempfile.gettempdir())
+    free = shutil.disk_usage(tmp).free
+    if free < MIN_FREE:
+        return f"{tmp}: {free / GIB:.1f} GiB free in the temporary directory; free some space"
+    return None

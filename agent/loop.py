@@ -116,9 +116,13 @@ def run_one(ws: Workspace, args, n: int, kind: str, commit: str, description: st
     (out / "diff.patch").write_text(extra.get("diff", ""))
     r = run_experiment(ws.recipe, args.data, args.budget_s, out, device=args.device,
                        compile_cache=ws.root / ".compile_cache", timeout_s=args.timeout_s, isolate=args.isolate)
-    if disk.ran_out_of_space(r):  # not the recipe's failure: no repair, and no crash counted against it
-        r = dict(r, status="interrupted", reason=f"out of disk space (the run's log: {disk.ENOSPC_TEXT})",
-                 out_of_space=True)
+    if disk.ran_out_of_space(r):
+        exps = journal.experiments(journal.read(ws.journal_path))
+        if why := disk.still_full(ws.root, exps):  # not the recipe's failure: no repair, no crash counted
+            r = dict(r, status="interrupted", out_of_space=why,
+                     reason=f"out of disk space (the run's log: {disk.ENOSPC_TEXT})")
+        else:  # room everywhere now: the recipe's own doing, or only its words
+            r = dict(r, reason=f"its log says {disk.ENOSPC_TEXT!r}, yet the disks have room now")
     return with_checkpoint_size(r, out)
 
 
@@ -126,9 +130,7 @@ def after_run(ws: Workspace, args, r: dict) -> None:
     """Apply the checkpoint rule to every ended run; stop the loop if this run met a full disk."""
     disk.prune(ws.experiments, journal.experiments(journal.read(ws.journal_path)), args.keep_checkpoints)
     if r.get("out_of_space"):
-        raise disk.OutOfSpace(f"a run ran out of disk space (its log: {disk.ENOSPC_TEXT}); free some space (the "
-                              "workspace's disk, the temporary and cache directories), or resume with "
-                              "--keep-checkpoints best or none")
+        raise disk.OutOfSpace(f"a run ran out of disk space (its log: {disk.ENOSPC_TEXT}): {r['out_of_space']}")
 
 
 def print_run(n: int, status: str, r: dict, tail: str) -> None:

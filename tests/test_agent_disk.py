@@ -4,6 +4,7 @@ like the harness; the real harness's checkpoint is checked in test_agent_loop)."
 
 import json
 from collections import namedtuple
+from pathlib import Path
 
 import pytest
 
@@ -118,14 +119,56 @@ def test_a_short_disk_stops_the_loop_before_the_proposal(small_cache, tmp_path, 
 
 def test_a_run_that_met_a_full_disk_is_interrupted_and_stops_the_loop(small_cache, tmp_path, monkeypatch, capsys):
     tail = "  File \"eclip/fileio.py\", line 30\nOSError: [Errno 28] No space left on device"
-    monkeypatch.setattr(loop, "run_experiment", writing_runner([100, 100, tail, 80]))
+    runner = writing_runner([100, 100, tail, 80])
+    full = []  # the disk fills during the third run, and stays full
+
+    def filling(recipe, data, budget_s, out, **kw):
+        r = runner(recipe, data, budget_s, out, **kw)
+        full.append(r.get("log_tail") == tail)
+        return r
+
+    real_usage = disk.shutil.disk_usage
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda p: Usage(1, 1, 0) if any(full) else real_usage(p))
+    monkeypatch.setattr(loop, "run_experiment", filling)
     assert run_loop(tmp_path, small_cache, "--max-experiments", "2") == 1
     ws = Workspace(tmp_path / "d")
     exps = journal.experiments(journal.read(ws.journal_path))
     assert [e["status"] for e in exps] == ["baseline", "baseline", "interrupted"]
     assert exps[2]["result"]["reason"] == "out of disk space (the run's log: No space left on device)"
     assert ws.head() == ws.root_commit() and with_checkpoint(ws) == [1, 2]
-    assert "loop: stopping: a run ran out of disk space (its log: No space left on device)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (f"loop: stopping: a run ran out of disk space (its log: No space left on device): {ws.root}: 0.0 GiB "
+            "free, a run needs about 1.0 GiB") in err and "--keep-checkpoints best or none" in err
+
+
+def test_a_recipe_that_prints_no_space_left_while_the_disks_have_room_is_a_crash(small_cache, tmp_path,
+                                                                                  monkeypatch, capsys):
+    # found by a review: the words alone stopped the study (any proposal could halt it), and a
+    # resumed study tried the same recipe again; with room on the disks the run is the recipe's
+    tail = "ValueError: No space left on device"
+    monkeypatch.setattr(loop, "run_experiment", writing_runner([100, 100, tail, 80]))
+    assert run_loop(tmp_path, small_cache, "--max-experiments", "2") == 0
+    ws = Workspace(tmp_path / "d")
+    exps = journal.experiments(journal.read(ws.journal_path))
+    assert [e["status"] for e in exps] == ["baseline", "baseline", "crash", "keep"]
+    assert exps[2]["result"]["reason"] == "its log says 'No space left on device', yet the disks have room now"
+    assert "out_of_space" not in exps[2]["result"]
+    assert "ran out of disk space" not in capsys.readouterr().err
+
+
+def test_a_full_temporary_directory_counts_as_a_full_disk(tmp_path, monkeypatch):
+    import tempfile
+
+    other = tmp_path / "tmp"
+    other.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(other))
+    room = {tmp_path: 2 * disk.GIB, other: disk.GIB // 2}  # free bytes
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda p: Usage(10 * disk.GIB, 0, room[Path(p)]))
+    assert disk.still_full(tmp_path, []) == f"{other}: 0.5 GiB free in the temporary directory; free some space"
+    room[other] = disk.GIB
+    assert disk.still_full(tmp_path, []) is None
+    room[tmp_path] = disk.GIB - 1  # a run needs MIN_FREE at least
+    assert disk.still_full(tmp_path, []).startswith(f"{tmp_path}: 1.0 GiB free, a run needs about 1.0 GiB")
 
 
 def test_a_full_disk_under_the_loops_own_writes_stops_it_with_its_summary(small_cache, tmp_path, monkeypatch,
