@@ -91,7 +91,7 @@ DENIED_MODULES = ("torch.utils.benchmark", "torch.utils.tensorboard", "torch.uti
                   "torch.autograd.profiler", "torch.library", "torch.overrides", "torch.serialization",
                   "torch.fx", "torch.export", "torch.ao", "torch.quantization", "torch.jit",
                   "torch.backends.xeon", "torch.cuda.gds", "torch.cuda.tunable", "torch.utils.jit",
-                  "torch.autograd.profiler_util", "torch.compiler.config")
+                  "torch.autograd.profiler_util", "torch.autograd.profiler_legacy", "torch.compiler.config")
 # The torch modules a recipe may import or reach at all (with their submodules, less the
 # denied ones): what training code needs. Any other part of torch is refused, so a module
 # nobody has reviewed is closed by default rather than open until someone finds it.
