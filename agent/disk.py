@@ -15,13 +15,15 @@ then every run after it. So:
   study resumed with a stricter rule frees the space of its earlier runs.
 - Before each run the loop checks the free space under the workspace against what a run
   writes (``needed_bytes``), and stops cleanly, exit code 1, when it is short.
-- A failed run whose log says a disk was full (``No space left on device``) while the
-  workspace's disk is still short of room for the next run, or the temporary directory of
-  ``MIN_FREE``, is recorded ``interrupted``, not ``crash``: the recipe did nothing wrong and a
-  proposer must not try to repair it; the loop stops. With room on both, the run stays a
-  failure of the recipe: the words alone, which a recipe can print, or a disk its own files
-  filled and freed as they went, must not stop a study. A full disk under the loop's own
-  writes (journal, diffs) stops it too.
+- A run that met a full disk is recorded ``interrupted``, not ``crash``: the recipe did
+  nothing wrong and a proposer must not try to repair it; the loop stops. The harness says
+  so (``disk_full``) when one of its own writes failed (an isolated run's copy of the
+  training split, the evaluation's inputs); otherwise the run's log says it (``No space
+  left on device``), and then the loop stops only while a disk is still short of room: the
+  workspace's for the next run, the temporary or home directory's of ``MIN_FREE``. With
+  room on all, the run stays the recipe's failure: the words alone, which a recipe can
+  print, or a disk its own files filled and freed as they went, must not stop a study. A
+  full disk under the loop's own writes (journal, diffs) stops it too.
 """
 
 from __future__ import annotations
@@ -161,14 +163,18 @@ def ran_out_of_space(result: dict) -> bool:
 
 def still_full(root: Path, exps: list[dict]) -> str | None:
     """After a run whose log said a disk was full: the reason to stop, the workspace's disk
-    short of room for the next run or the temporary directory's of ``MIN_FREE``; None when
-    both have room, and the run is then the recipe's failure (it filled a disk with files
-    that went with it, or it printed the words)."""
+    short of room for the next run or the temporary or home directory's of ``MIN_FREE``;
+    None when all have room, and the run is then the recipe's failure (it filled a disk with
+    files that went with it, or it printed the words)."""
     why = space_error(root, exps)
     if why is not None:
         return why
-    tmp = Path(tempfile.gettempdir())
-    free = shutil.disk_usage(tmp).free
-    if free < MIN_FREE:
-        return f"{tmp}: {free / GIB:.1f} GiB free in the temporary directory; free some space"
+    for place, what in ((Path(tempfile.gettempdir()), "the temporary directory"),
+                        (Path.home(), "the home directory, whose caches compilers write")):
+        try:
+            free = shutil.disk_usage(place).free
+        except OSError:  # no such folder: nothing written there
+            continue
+        if free < MIN_FREE:
+            return f"{place}: {free / GIB:.2f} GiB free in {what}, a run needs {MIN_FREE / GIB:.0f} GiB; free some space"
     return None

@@ -116,13 +116,17 @@ def run_one(ws: Workspace, args, n: int, kind: str, commit: str, description: st
     (out / "diff.patch").write_text(extra.get("diff", ""))
     r = run_experiment(ws.recipe, args.data, args.budget_s, out, device=args.device,
                        compile_cache=ws.root / ".compile_cache", timeout_s=args.timeout_s, isolate=args.isolate)
-    if disk.ran_out_of_space(r):
+    if r.get("disk_full") is True or disk.ran_out_of_space(r):
         exps = journal.experiments(journal.read(ws.journal_path))
-        if why := disk.still_full(ws.root, exps):  # not the recipe's failure: no repair, no crash counted
-            r = dict(r, status="interrupted", out_of_space=why,
-                     reason=f"out of disk space (the run's log: {disk.ENOSPC_TEXT})")
+        why = disk.still_full(ws.root, exps)
+        if why is None and r.get("disk_full") is True:  # a write of the harness's own: room again since
+            why = f"the harness could not write ({r.get('reason')}); free some space"
+        if why is not None:  # not the recipe's failure: no repair, no crash counted against it
+            said = r.get("reason") or f"the run's log: {disk.ENOSPC_TEXT}"
+            r = dict(r, status="interrupted", out_of_space=why, reason=f"out of disk space ({said})")
         else:  # room everywhere now: the recipe's own doing, or only its words
-            r = dict(r, reason=f"its log says {disk.ENOSPC_TEXT!r}, yet the disks have room now")
+            r = dict(r, reason=(f"{r['reason']}; " if r.get("reason") else "")
+                     + f"its log says {disk.ENOSPC_TEXT!r}, yet the disks have room now")
     return with_checkpoint_size(r, out)
 
 
@@ -130,7 +134,7 @@ def after_run(ws: Workspace, args, r: dict) -> None:
     """Apply the checkpoint rule to every ended run; stop the loop if this run met a full disk."""
     disk.prune(ws.experiments, journal.experiments(journal.read(ws.journal_path)), args.keep_checkpoints)
     if r.get("out_of_space"):
-        raise disk.OutOfSpace(f"a run ran out of disk space (its log: {disk.ENOSPC_TEXT}): {r['out_of_space']}")
+        raise disk.OutOfSpace(f"a run ran out of disk space: {r['out_of_space']}")
 
 
 def print_run(n: int, status: str, r: dict, tail: str) -> None:

@@ -74,7 +74,8 @@ def redact_file(path: Path) -> None:
     """Rewrite ``path`` without secret values, if it holds any (a run printed one): read in
     pieces of ``REDACT_CHUNK`` bytes, so a log of gigabytes is never held whole, its other
     bytes unchanged."""
-    secrets = sorted({v.encode() for v in secret_values()}, key=len, reverse=True)
+    # as the bytes a run would print (an environment value may hold bytes that are not UTF-8)
+    secrets = sorted({os.fsencode(v) for v in secret_values()}, key=len, reverse=True)
     if not secrets:
         return
     pattern = re.compile(b"|".join(map(re.escape, secrets)))  # at each place the longest first

@@ -100,12 +100,15 @@ def read_regular(path: Path) -> bytes:
 def tail_lines(path: Path, lines: int, max_bytes: int = 65536) -> list[str]:
     """The last ``lines`` lines of ``path`` (a regular file, ``open_regular``), from at most
     its last ``max_bytes``: a log a run filled with gigabytes is not read whole to show its
-    end. Bytes that are not UTF-8 are replaced; a line cut by the window's start is dropped."""
+    end. Bytes that are not UTF-8 are replaced; a line the window's start cuts is dropped,
+    unless it is the only one (the end of a line longer than the window)."""
     with open_regular(path) as f:
         start = max(0, os.fstat(f.fileno()).st_size - max_bytes)
-        f.seek(start)
-        text = f.read(max_bytes).decode("utf-8", "replace").splitlines()
-    return (text[1:] if start else text)[-lines:]
+        f.seek(max(0, start - 1))  # the byte before the window: whether its first line is whole
+        data = f.read(max_bytes + (start > 0))
+    cut = start > 0 and data[:1] != b"\n"
+    text = data[start > 0:].decode("utf-8", "replace").splitlines()
+    return (text[1:] if cut and len(text) > 1 else text)[-lines:]
 
 
 def check_regular(path: Path, what: str) -> None:

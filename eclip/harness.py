@@ -42,8 +42,10 @@ loop, the checkpoint's file writes aside) gets ``AFTER_GRACE_S``, and each encod
 ``harness_eval.EVAL_GRACE_S`` from the end of its start-up plus an allowance for the number of items; a
 run over any limit ends with status ``error``. A training process still running
 ``DEADLINE_MARGIN_S`` past its wall limit (a step that never returns) is killed: status
-``timeout``; one still running ``STOP_GRACE_S`` after a Ctrl-C or SIGTERM, status
-``interrupted``. On the CPU, where other work on the machine
+``timeout``; one still running ``stop_grace`` (the last step's grace, the code after it and
+``STOP_GRACE_S``) after a Ctrl-C or SIGTERM, status ``interrupted``. A write of the
+harness's own that meets a full disk ends the run with ``disk_full`` in its result, a field
+the training process's result cannot carry. On the CPU, where other work on the machine
 slows a run, the last step's overrun and the encoders' time are measured in compute instead:
 CPU time divided by ``torch_threads`` (torch's default thread count, at most the CPUs the
 harness may use), with wall time still capped at ``WALL_FACTOR`` times the limit; the
@@ -57,6 +59,7 @@ own input only) are ``eclip.harness_eval``'s.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -93,8 +96,9 @@ RECIPE_WALL_SLACK_S = 30.0
 # past wall_limit (a run the harness refuses anyway) the training process is killed once this
 # much more has passed: room for a checkpoint of up to 12 GB at IO_BYTES_PER_S
 DEADLINE_MARGIN_S = 120.0
-# told to stop (Ctrl-C, SIGTERM), it is killed once this much has passed: the same room for its
-# last step's end and the checkpoint, instead of the deadline (hours away on a long budget)
+# told to stop (Ctrl-C, SIGTERM), it is killed once this much has passed on top of the last
+# step's overrun and the code after it (stop_grace): the same room for the checkpoint as the
+# deadline's, which may be hours away on a long budget
 STOP_GRACE_S = 120.0
 IO_BYTES_PER_S = 100e6  # placing the training images, writing the checkpoint: slow disks included
 
@@ -235,9 +239,13 @@ def run(args) -> int:
             env = dict(env or os.environ, **{PROGRESS_ENV: "1"})
         killed: list[str] = []  # "deadline" or "grace" when the harness killed it
         rc, recipe_wall_s = child(cmd, capped, env=env, ready=READY, signals=heard, deadline_s=deadline,
-                                  stderr_tail=tail, stop_grace_s=STOP_GRACE_S, killed=killed)
+                                  stderr_tail=tail, stop_grace_s=stop_grace(args.budget_s), killed=killed)
     except EclipError as e:  # the training split or the compile cache could not be copied
-        return _finish(result_path, {"status": "error", "val_mean_rank": None, "reason": str(e)}, 2)
+        return _finish(result_path, failure("error", e), 1 if disk_full(e) else 2)
+    except OSError as e:  # a write of the training split's copy, say
+        if not disk_full(e):
+            raise
+        return _finish(result_path, failure("error", e), 1)
     finally:
         if data != args.data:  # a copy of the training split: the checkpoint is what stays
             remove(data)
@@ -245,8 +253,8 @@ def run(args) -> int:
             remove(args.compile_cache)
     if killed == ["grace"]:
         return _finish(result_path, {"status": "interrupted", "val_mean_rank": None, "reason": (
-            f"the training process was still running {STOP_GRACE_S:.0f} s after it was told to stop, and was "
-            "killed (a step that never returns?)")}, 130)
+            f"the training process was still running {stop_grace(args.budget_s):.0f} s after it was told to stop, "
+            "and was killed (a step that never returns?)")}, 130)
     if killed == ["deadline"]:
         return _finish(result_path, {"status": "timeout", "val_mean_rank": None, "reason": (
             f"the training process was still running {deadline:.0f} s after the recipe's import, on a budget of "
@@ -266,7 +274,7 @@ def run(args) -> int:
             + (f" (its last line: {said[:300]})" if said else ""))}, rc)
     # A score comes from the harness's own ranking only: whatever the training process wrote
     # in its place (a recipe's code runs there and may write any result) is dropped.
-    for key in SCORED:
+    for key in (*SCORED, "disk_full"):  # disk_full: the harness's word only
         result.pop(key, None)
     result["val_mean_rank"] = None
     if result.pop("ranked_by", None) != "caller":
@@ -295,9 +303,11 @@ def run(args) -> int:
             check_after(result, args.budget_s, threads)
             # eval_s: the encoding processes and the ranking, start-up included (not in the budget)
             result = dict(evaluate(result, args, capped, threads), eval_s=time.perf_counter() - t_eval)
-        except EclipError as e:
+        except (EclipError, OSError) as e:  # OSError: the harness's own writes (the encoders' inputs)
+            if isinstance(e, OSError) and not disk_full(e):
+                raise
             status = "oom" if "failed: out of memory" in str(e) else "error"
-            result = dict(result, status=status, val_mean_rank=None, metrics=None, reason=str(e))
+            result = dict(result, metrics=None, **failure(status, e))
             rc = 1
         except KeyboardInterrupt:  # trained and checkpointed: the result says what is missing
             result = dict(result, status="interrupted", val_mean_rank=None, metrics=None,
@@ -364,6 +374,29 @@ def export_training_data(args) -> Path:
     remove(out)  # a run killed before it removed its copy, or a recipe that added to it, left one
     write_subset(cache, rows, out)
     return out
+
+
+def stop_grace(budget_s: float) -> float:
+    """How long a training process told to stop may take to end: its last step's overrun,
+    the code after it and ``STOP_GRACE_S`` for the checkpoint."""
+    return max(OVERRUN_GRACE_S, OVERRUN_SHARE * budget_s) + AFTER_GRACE_S + STOP_GRACE_S
+
+
+def disk_full(e: BaseException | None) -> bool:
+    """Whether ``e``, or an exception it was raised from, is a full disk (ENOSPC, EDQUOT)."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def failure(status: str, e: BaseException) -> dict:
+    """The result of a run the harness's own work ended: ``disk_full`` when a write of the
+    harness's met a full disk (the loop then stops, never blaming the recipe; the training
+    process's result cannot carry the field)."""
+    return {"status": status, "val_mean_rank": None, "reason": first_line(e) if isinstance(e, OSError) else str(e),
+            **({"disk_full": True} if disk_full(e) else {})}
 
 
 def wall_limit(budget_s: float, io_bytes: int = 0) -> float:

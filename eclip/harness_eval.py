@@ -34,7 +34,7 @@ from pathlib import Path
 from eclip import sandbox
 from eclip.errors import EclipError
 from eclip.fileio import check_regular, remove, tail_lines
-from eclip.process import TAIL_LINES, child_setup, cpu_seconds, relay
+from eclip.process import child_setup, cpu_seconds, relay
 from eclip.scoring import score
 
 # one eclip.encode process each: the scored split's images; its captions (none sees both
@@ -112,7 +112,7 @@ def encode_parts(cmds: dict[str, list[str]], logs: dict[str, Path], limit_s: flo
         for part, cmd in cmds.items():
             # a new file, never through a link (a recipe's process could have left one)
             fd = os.open(logs[part], os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666)
-            files[part] = open(fd, "w+", encoding="utf-8")
+            files[part] = open(fd, "w+", encoding="utf-8", errors="replace")  # a recipe may write any bytes
             procs[part] = subprocess.Popen(cmd + ["--signal-ready"], preexec_fn=child_setup(preexec),
                                            stdout=subprocess.PIPE, stderr=files[part], env=env, text=True,
                                            errors="replace")  # bytes that are not UTF-8 must not end the relay
@@ -172,7 +172,7 @@ def encode_error(part: str, rc: int, log: Path) -> str:
     """One line for a failed encoding process: its own error, else the last line of a
     traceback (the recipe's exception), else the exit code."""
     try:
-        lines = [line.strip() for line in tail_lines(log, TAIL_LINES) if line.strip()]
+        lines = [line.strip() for line in tail_lines(log, 1000) if line.strip()]  # the last 64 KB
     except OSError:
         lines = []
     said = [line for line in lines if line.startswith("encode: error: ")]

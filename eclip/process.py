@@ -252,7 +252,7 @@ def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = 
                     # (its parent-death signal), and the kernel then ends every process inside
                     procs[0].kill()
         end = time.monotonic()
-        if killed is not None:
+        if killed is not None and rc == -signal.SIGKILL:  # a child that ended just before the kill ended itself
             killed.extend(cause)
     finally:
         if not procs or procs[0].poll() is not None:  # never the child itself, while it runs

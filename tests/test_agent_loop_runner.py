@@ -188,7 +188,7 @@ def test_log_tail_reads_the_end_of_a_large_log_only(tmp_path, monkeypatch):
 
     monkeypatch.setattr("eclip.fileio.open_regular", counting)
     assert runner.log_tail(log) == "\n".join(f"line {i}" for i in range(10, 40))
-    assert reads and all(0 < n <= 65536 for n in reads)  # never the whole file
+    assert reads and all(0 < n <= 65536 + 1 for n in reads)  # the window and the byte before it, never the file
 
 
 def test_a_run_log_a_run_replaced_with_a_link_or_a_fifo_is_neither_followed_nor_read(tmp_path, monkeypatch):
@@ -229,3 +229,25 @@ def test_a_link_left_where_the_next_run_logs_is_replaced_not_written_through(tmp
     r = runner.run_experiment(tmp_path / "recipe.py", tmp_path / "data", 1.0, out, device="cpu", timeout_s=60)
     assert r["status"] == "crash" and r["log_tail"] == "step 1"
     assert other.read_text() == "kept\n" and not (out / "run.log").is_symlink()
+
+
+def test_a_log_tail_keeps_the_end_of_a_line_longer_than_its_window_and_a_whole_first_line(tmp_path):
+    # a review: a last line over 64 KB gave no tail at all (its error hidden from the proposer
+    # and from the out-of-space check), and a window that began at a line's start lost that line
+    from agent import runner
+
+    log = tmp_path / "run.log"
+    log.write_text("RuntimeError: No space left on device " + "y" * 70000 + "\n")
+    assert runner.log_tail(log) == "y" * (65536 - 1)  # the line's end, its newline aside
+    log.write_bytes(b"a" * 10 + b"\n" + b"b" * 65535 + b"\n")  # the window: exactly the last line
+    assert runner.log_tail(log) == "b" * 65535
+
+
+def test_a_secret_that_is_not_utf8_is_redacted_as_its_bytes(tmp_path, monkeypatch):
+    from agent import runner
+
+    monkeypatch.setitem(os.environb, b"MY_API_TOKEN", b"abc\xffdefghij")
+    log = tmp_path / "run.log"
+    log.write_bytes(b"printed abc\xffdefghij here\n")
+    runner.redact_file(log)
+    assert log.read_bytes() == b"printed [redacted] here\n"

@@ -314,6 +314,62 @@ def test_the_evaluation_of_a_cpu_run_gets_its_threads_and_an_out_of_memory_is_oo
     assert "ranked_by" not in r if failure else r["ranked_by"] == "harness"
 
 
+@pytest.mark.parametrize("raised", ["disk full", "other OSError"])
+def test_a_full_disk_under_the_harnesss_own_writes_says_disk_full_which_a_training_result_cannot(
+        tmp_path, monkeypatch, capsys, raised):
+    # the loop stops on the harness's word (a recipe can print "No space left on device" but
+    # cannot set this field: the training process's own disk_full is dropped)
+    import errno
+
+    trained = {"status": "ok", "ranked_by": "caller", "val_mean_rank": None, "train_s": 1.0, "steps": 3,
+               "after_s": 0.0, "last_step_cpu_s": 0.1, "disk_full": True}
+    _fake_training(monkeypatch, h, result=trained)
+
+    def evaluate(result, args, preexec=None, threads=None):
+        if raised == "disk full":
+            raise OSError(errno.ENOSPC, "No space left on device", str(args.out / "eval_images.safetensors"))
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(h, "evaluate", evaluate)
+    out = tmp_path / "run"
+    argv = ["run", "--recipe", str(TEMPLATE), "--data", str(tmp_path), "--budget-s", "1", "--out", str(out),
+            "--device", "cpu"]
+    if raised == "other OSError":  # not the harness's to report in a result: it fails as before
+        with pytest.raises(PermissionError):
+            h.main(argv)
+        return
+    assert h.main(argv) == 1
+    r = json.loads((out / "result.json").read_text())
+    assert r["status"] == "error" and r["disk_full"] is True and r["val_mean_rank"] is None
+    assert r["reason"] == f"[Errno 28] No space left on device: '{out / 'eval_images.safetensors'}'"
+    monkeypatch.setattr(h, "evaluate", lambda result, args, preexec=None, threads=None: dict(
+        result, val_mean_rank=3.0, ranked_by="harness"))
+    assert h.main(argv) == 0
+    r = json.loads((out / "result.json").read_text())
+    assert r["status"] == "ok" and "disk_full" not in r
+
+
+def test_a_full_disk_while_the_harness_copies_the_training_split_says_disk_full(tmp_path, monkeypatch):
+    import errno
+
+    _fake_training(monkeypatch, h)
+    monkeypatch.setattr(h.sandbox, "probe", lambda: None)
+
+    def export(args):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as e:  # as the cache writer words it
+            raise EclipError(f"{args.out / 'train_data'}: cannot write the cache") from e
+
+    monkeypatch.setattr(h, "export_training_data", export)
+    out = tmp_path / "run"
+    assert h.main(["run", "--recipe", str(TEMPLATE), "--data", str(tmp_path), "--budget-s", "1", "--out", str(out),
+                   "--device", "cpu", "--isolate"]) == 1  # not bad input (2)
+    assert json.loads((out / "result.json").read_text()) == {
+        "status": "error", "val_mean_rank": None, "reason": f"{out.resolve() / 'train_data'}: cannot write the cache",
+        "disk_full": True}
+
+
 def test_the_evaluation_runs_capped_in_pairs_within_its_share_of_the_budget(cache, tmp_path, monkeypatch, capsys):
     seen = {}
     real = he.encode_parts

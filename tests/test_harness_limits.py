@@ -254,8 +254,8 @@ def test_a_harness_told_to_stop_during_a_step_that_never_returns_ends_interrupte
     assert started.exists() and time.monotonic() - t0 < 150
     assert json.loads((out / "result.json").read_text()) == {"status": "interrupted", "val_mean_rank": None,
                                                              "reason": (
-        "the training process was still running 1 s after it was told to stop, and was killed "
-        "(a step that never returns?)")}
+        "the training process was still running 9 s after it was told to stop, and was killed "
+        "(a step that never returns?)")}  # 1 s, a last step's 5 s of overrun and 3 s after it
     assert rc == 130
 
 
@@ -297,10 +297,11 @@ def test_relay_takes_the_ready_line_only_at_a_lines_start(monkeypatch, capfd):
     from eclip import process
 
     monkeypatch.setattr(process, "LINE_CHARS", 16)
-    code = "print('x' * 4 + 'train: ready'); print('y' * 40); print('train: ready'); print('after')"
+    # 'x' * 16 fills a piece: the next piece is the ready line's words, at no line's start
+    code = "print('x' * 16 + 'train: ready'); print('y' * 40); print('train: ready'); print('after')"
     rc, seconds = child([sys.executable, "-c", code], None, ready="train: ready")
     assert rc == 0 and seconds is not None
-    assert capfd.readouterr().out == "xxxxtrain: ready\n" + "y" * 40 + "\nafter\n"
+    assert capfd.readouterr().out == "x" * 16 + "train: ready\n" + "y" * 40 + "\nafter\n"
 
 
 def test_an_encoders_error_is_read_from_the_end_of_its_log(tmp_path, monkeypatch):
@@ -319,10 +320,19 @@ def test_an_encoders_error_is_read_from_the_end_of_its_log(tmp_path, monkeypatch
 
     monkeypatch.setattr(fileio, "open_regular", counting)
     assert he.encode_error("images", 2, log) == "evaluation (eclip.encode, images) failed: --batch-size: must be positive"
-    assert reads and all(0 < n <= 65536 for n in reads)
+    assert reads and all(0 < n <= 65536 + 1 for n in reads)  # the window and the byte before it
     log.unlink()
     log.symlink_to(tmp_path / "elsewhere")
     assert he.encode_error("texts", 1, log) == "evaluation (eclip.encode, texts) failed: exit code 1"
+
+
+def test_an_encoders_stderr_that_is_not_utf8_is_passed_on_replaced(tmp_path, capsys):
+    # a review: one byte that is not UTF-8, written by the recipe's code in an encoder, made
+    # the copy of its log raise, hiding the run's outcome
+    code = "import sys; sys.stderr.buffer.write(b'\\xff odd\\n'); sys.stderr.flush()"
+    logs = {"images": tmp_path / "eval_images.log"}
+    assert he.encode_parts({"images": [sys.executable, "-c", code]}, logs, 60.0, None) == {"images": 0}
+    assert capsys.readouterr().err == "\ufffd odd\n"
 
 
 def test_child_passes_stderr_on_byte_for_byte_and_keeps_its_last_lines(capfd):
