@@ -18,12 +18,13 @@ then every run after it. So:
 - A run that met a full disk is recorded ``interrupted``, not ``crash``: the recipe did
   nothing wrong and a proposer must not try to repair it; the loop stops. The harness says
   so (``disk_full``) when one of its own writes failed (an isolated run's copy of the
-  training split, the evaluation's inputs); otherwise the run's log says it (``No space
-  left on device``), and then the loop stops only while a disk is still short of room: the
+  training split, the evaluation's inputs); otherwise a failed run counts as one while a
+  disk is still short of room after it (its log, on the full disk, may say nothing): the
   workspace's for the next run, the temporary or home directory's of ``MIN_FREE``. With
-  room on all, the run stays the recipe's failure: the words alone, which a recipe can
-  print, or a disk its own files filled and freed as they went, must not stop a study. A
-  full disk under the loop's own writes (journal, diffs) stops it too.
+  room on all, the run stays the recipe's failure even if its log says ``No space left on
+  device``: the words alone, which a recipe can print, or a disk its own files filled and
+  freed as they went, must not stop a study. A full disk under the loop's own writes
+  (journal, diffs), the session's start included, stops it too.
 """
 
 from __future__ import annotations

@@ -46,16 +46,43 @@ def append(path: Path, event: dict) -> None:
 _WARNED: set[tuple[str, int]] = set()  # (path, line) already reported: read() runs many times a session
 
 
+NUMBER = "a finite number"
+# The fields the loop and the report read, and what each must be when present and not null
+# (a line edited by hand with another type would otherwise decide wrongly, "kept": "false"
+# being true, or end in a traceback); the result's own numeric fields are checked too.
+FIELDS = {"n": "an experiment number", "time": NUMBER, "val_mean_rank": NUMBER, "test_mean_rank": NUMBER,
+          "cost_usd": NUMBER, "budget_s": NUMBER, "min_delta": NUMBER, "seed": "an integer", "kept": "true or false",
+          "isolate": "true or false", "kind": "a string", "commit": "a string", "description": "a string",
+          "status": "a string", "data": "a string", "out": "a string", "proposer": "a string", "device": "a string",
+          "data_fingerprint": "a string", "result": "an object", "usage": "an object", "hparams": "an object",
+          "unrun": "an object"}
+RESULT_NUMBERS = ("val_mean_rank", "peak_memory_gb", "samples_per_s", "checkpoint_bytes", "duration_s", "train_s")
+REQUIRED = {"end": ("n",), "start": ("n",), "final": ("commit", "status")}  # what an event is nothing without
+
+
+def _fits(value, kind: str) -> bool:
+    if kind == NUMBER:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind in ("an experiment number", "an integer"):
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, {"true or false": bool, "a string": str, "an object": dict}[kind])
+
+
 def _problem(event) -> str | None:
-    """Why a decoded line is not a usable event (None when it is)."""
+    """Why a decoded line is not a usable event (None when it is), naming the field."""
     if not isinstance(event, dict) or not isinstance(event.get("event"), str):
         return "not an event object"
-    n = event.get("n")
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int)):
-        return f"n is {n!r}, not an experiment number"
-    score = event.get("val_mean_rank")
-    if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))):
-        return f"val_mean_rank is {score!r}, not a number"
+    for key in REQUIRED.get(event["event"], ()):
+        if event.get(key) is None:
+            return f"a {event['event']} line without {key}"
+    for key, kind in FIELDS.items():
+        value = event.get(key)
+        if value is not None and not _fits(value, kind):
+            return f"{key} is {value!r}, not {kind}"
+    for key in RESULT_NUMBERS:
+        value = (event.get("result") or {}).get(key)
+        if value is not None and not _fits(value, NUMBER):
+            return f"result.{key} is {value!r}, not {NUMBER}"
     return None
 
 

@@ -116,15 +116,16 @@ def run_one(ws: Workspace, args, n: int, kind: str, commit: str, description: st
     (out / "diff.patch").write_text(extra.get("diff", ""))
     r = run_experiment(ws.recipe, args.data, args.budget_s, out, device=args.device,
                        compile_cache=ws.root / ".compile_cache", timeout_s=args.timeout_s, isolate=args.isolate)
-    if r.get("disk_full") is True or disk.ran_out_of_space(r):
-        exps = journal.experiments(journal.read(ws.journal_path))
-        why = disk.still_full(ws.root, exps)
+    if r.get("status") != "ok":  # a full disk fails a run whatever its log could still say
+        said_full = r.get("disk_full") is True or disk.ran_out_of_space(r)
+        why = disk.still_full(ws.root, journal.experiments(journal.read(ws.journal_path)))
         if why is None and r.get("disk_full") is True:  # a write of the harness's own: room again since
             why = f"the harness could not write ({r.get('reason')}); free some space"
         if why is not None:  # not the recipe's failure: no repair, no crash counted against it
-            said = r.get("reason") or f"the run's log: {disk.ENOSPC_TEXT}"
+            said = r.get("reason") or (f"the run's log: {disk.ENOSPC_TEXT}" if said_full else
+                                       f"status {r.get('status')}, a disk short of room after it")
             r = dict(r, status="interrupted", out_of_space=why, reason=f"out of disk space ({said})")
-        else:  # room everywhere now: the recipe's own doing, or only its words
+        elif said_full:  # room everywhere now: the recipe's own doing, or only its words
             r = dict(r, reason=(f"{r['reason']}; " if r.get("reason") else "")
                      + f"its log says {disk.ENOSPC_TEXT!r}, yet the disks have room now")
     return with_checkpoint_size(r, out)
@@ -158,12 +159,22 @@ def session_runs(events: list[dict]) -> set[int]:
     return {e["n"] for e in events[last + 1:] if e.get("event") == "start" and "n" in e}
 
 
+def next_number(ws: Workspace, st: dict) -> int:
+    """The next experiment's number: past the journal's and past every run folder, so a
+    journal whose last lines were lost or cut by hand never has a run written over another's."""
+    try:
+        folders = [int(d.name) for d in ws.experiments.iterdir() if d.name.isdigit()]
+    except FileNotFoundError:
+        folders = []
+    return max(st["next_n"], max(folders, default=0) + 1)
+
+
 def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> bool:
     """One baseline run or one experiment. Returns False when there is nothing left to do."""
     events = journal.read(ws.journal_path)
     exps = journal.experiments(events)
     st = state(exps, root_commit, args.min_delta)
-    n = st["next_n"]
+    n = next_number(ws, st)
     # the noise floor is fixed once experiments begin: a later baseline would move the best
     # score away from the best commit's
     if st["baselines"] < args.noise_runs and not st["experiments"]:
@@ -339,6 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     except WorkspaceError as e:  # in use by another process, or records that disagree
         print(f"loop: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk as the session begins (the journal's reconciling, its session line)
+        if e.errno != errno.ENOSPC:
+            raise
+        print(f"loop: stopping: {e.filename or root}: {e.strerror}; free some space, then resume", file=sys.stderr)
+        return 1
 
 
 # what a score depends on beyond the recipe: the session line's key, and its option

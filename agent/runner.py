@@ -127,6 +127,18 @@ def log_tail(path: Path, lines: int = 30) -> str:
         return f"(no log: {path.name} is not a regular file)"
 
 
+SIGNALS = {int(s) for s in signal.Signals}
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL the process group ``pid`` leads, if any is left: a Ctrl-C's wait in Popen may
+    have reaped a harness that was ending, and its group with it."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def finished_result(out: Path, since: float = 0.0) -> dict | None:
     """``out/result.json`` if a run wrote it at or after ``since`` (a Unix time), else None
     (run_experiment deletes any older file before it starts a run, so a caller that was gone
@@ -179,20 +191,25 @@ def run_experiment(recipe: Path, data: Path, budget_s: float, out: Path, *, comp
         try:
             rc = proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole group: compile workers included
+            kill_group(proc.pid)  # the whole group: compile workers included
             proc.wait()
             redact_file(out / "run.log")
             return {"status": "timeout", "val_mean_rank": None, "duration_s": time.perf_counter() - t0,
                     "reason": f"killed after {limit:.0f} s", "log_tail": log_tail(out / "run.log")}
         except BaseException:  # Ctrl-C or a kill of the loop: never leave the run behind
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_group(proc.pid)
             proc.wait()
             raise
     duration = time.perf_counter() - t0
     redact_file(out / "run.log")  # a run cannot see the key, but whatever it printed stays clean
     result = finished_result(out)
     if result is None:
-        return {"status": "crash", "val_mean_rank": None, "duration_s": duration, "returncode": rc,
+        said = {}
+        if rc < 0 and -rc in SIGNALS:  # nothing in its log says why: the signal is all there is
+            said["reason"] = (f"the harness was killed by {signal.Signals(-rc).name} before it wrote a result"
+                              + (" (the kernel's out-of-memory killer, or a kill from outside)"
+                                 if rc == -signal.SIGKILL else ""))
+        return {"status": "crash", "val_mean_rank": None, "duration_s": duration, "returncode": rc, **said,
                 "log_tail": log_tail(out / "run.log")}
     return dict(result, duration_s=duration)
 

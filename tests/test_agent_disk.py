@@ -180,6 +180,27 @@ def test_the_harnesss_disk_full_stops_the_loop_even_with_room_again(small_cache,
             "the cache); free some space") in capsys.readouterr().err
 
 
+def test_a_run_that_failed_silently_on_a_disk_left_full_is_interrupted(small_cache, tmp_path, monkeypatch, capsys):
+    # found by a review: the log lies on the full disk and cannot say so (empty, no result):
+    # the run was a crash to repair, counted against the recipe
+    runner = writing_runner([100, 100, "", 80])
+    full = []
+
+    def filling(recipe, data, budget_s, out, **kw):
+        r = runner(recipe, data, budget_s, out, **kw)
+        full.append(r.get("log_tail") == "Traceback: boom")  # the third run: a crash whose log says nothing of disks
+        return r
+
+    real_usage = disk.shutil.disk_usage
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda p: Usage(1, 1, 0) if any(full) else real_usage(p))
+    monkeypatch.setattr(loop, "run_experiment", filling)
+    assert run_loop(tmp_path, small_cache, "--max-experiments", "2") == 1
+    exps = journal.experiments(journal.read(Workspace(tmp_path / "d").journal_path))
+    assert [e["status"] for e in exps] == ["baseline", "baseline", "interrupted"]
+    assert exps[2]["result"]["reason"] == "out of disk space (status crash, a disk short of room after it)"
+    assert "loop: stopping: a run ran out of disk space: " in capsys.readouterr().err
+
+
 def test_a_full_temporary_directory_counts_as_a_full_disk(tmp_path, monkeypatch):
     import tempfile
 
@@ -218,6 +239,25 @@ def test_a_full_disk_under_the_loops_own_writes_stops_it_with_its_summary(small_
     ws = Workspace(tmp_path / "d")
     assert f"loop: stopping: {ws.journal_path}: No space left on device; free some space, then resume" in err
     assert "best_mean_rank: 100" in out and ws.head() == ws.root_commit()
+
+
+def test_a_full_disk_as_a_session_begins_is_one_line_not_a_traceback(small_cache, tmp_path, monkeypatch, capsys):
+    import errno
+
+    monkeypatch.setattr(loop, "run_experiment", writing_runner([100, 100]))
+    assert run_loop(tmp_path, small_cache, "--max-experiments", "0") == 0
+    ws = Workspace(tmp_path / "d")
+    before = ws.journal_path.read_bytes()
+
+    def full(path, event):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(journal, "append", full)  # the session line
+    capsys.readouterr()
+    assert run_loop(tmp_path, small_cache, "--max-experiments", "1") == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (f"loop: stopping: {ws.journal_path}: No space left on device; "
+                                                        "free some space, then resume")
+    assert ws.journal_path.read_bytes() == before
 
 
 def test_prune_spares_runs_in_flight_and_clears_what_killed_runs_left(tmp_path):

@@ -1,6 +1,8 @@
 """The journal's reading of a study: each experiment's spending, the results table rebuilt
 from it, and the settings of the newest session."""
 
+import pytest
+
 from agent import journal
 
 
@@ -67,3 +69,29 @@ def test_result_rows_keep_large_numbers_whole_and_small_ones_to_four_digits(tmp_
     header, first, second = path.read_text().splitlines()
     assert first.split("\t") == ["abc1234", "21.87", "0.5123", "23456", "keep", "wider"]
     assert second.split("\t") == ["def5678", "1234", "1000", "999.4", "discard", "x"]
+
+
+@pytest.mark.parametrize("line,problem", [
+    ('{"event": "end", "n": 7, "status": "discard", "kept": "false"}', "kept is 'false', not true or false"),
+    ('{"event": "end", "n": 7, "status": "keep", "commit": 123}', "commit is 123, not a string"),
+    ('{"event": "end", "n": 7, "status": "crash", "result": "x"}', "result is 'x', not an object"),
+    ('{"event": "end", "n": 7, "status": 5}', "status is 5, not a string"),
+    ('{"event": "start", "n": 7, "time": "x"}', "time is 'x', not a finite number"),
+    ('{"event": "end", "n": 7, "status": "keep", "val_mean_rank": NaN}', "val_mean_rank is nan, not a finite number"),
+    ('{"event": "end", "n": 7, "status": "ok", "result": {"peak_memory_gb": "lots"}}',
+     "result.peak_memory_gb is 'lots', not a finite number"),
+    ('{"event": "usage", "n": 7, "cost_usd": "abc"}', "cost_usd is 'abc', not a finite number"),
+    ('{"event": "session", "min_delta": "0.5"}', "min_delta is '0.5', not a finite number"),
+    ('{"event": "final", "commit": null, "status": "ok"}', "a final line without commit"),
+    ('{"event": "final", "commit": "abc1234"}', "a final line without status"),
+    ('{"event": "start", "kind": "experiment"}', "a start line without n"),
+])
+def test_a_field_of_the_wrong_type_skips_its_line_naming_the_field(tmp_path, capsys, line, problem):
+    # found by a review: "kept": "false" (true to Python) made a discarded experiment the best
+    # commit; other types ended the loop or the report in a traceback
+    path = tmp_path / "journal.jsonl"
+    journal.append(path, {"event": "start", "n": 1})
+    with open(path, "a") as f:
+        f.write(line + "\n")
+    assert journal.read(path) == [{"event": "start", "n": 1}]
+    assert capsys.readouterr().err == f"journal: {path}:2: {problem}; line skipped\n"

@@ -251,3 +251,46 @@ def test_a_secret_that_is_not_utf8_is_redacted_as_its_bytes(tmp_path, monkeypatc
     log.write_bytes(b"printed abc\xffdefghij here\n")
     runner.redact_file(log)
     assert log.read_bytes() == b"printed [redacted] here\n"
+
+
+def test_a_ctrl_c_as_the_harness_ends_is_passed_on_not_a_process_lookup_error(tmp_path, monkeypatch):
+    # found by a review: Popen's wait, interrupted, reaps a harness that was ending; the kill
+    # of its group then found nothing and the loop died of a ProcessLookupError (exit 1, no
+    # summary) instead of stopping as a Ctrl-C does
+    import shutil
+    import subprocess
+    import sys
+
+    from agent import runner
+
+    fake = tmp_path / "python"
+    fake.write_text(f"#!{shutil.which('sh')}\nexit 0\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    real_wait = subprocess.Popen.wait
+
+    def interrupted(self, timeout=None):
+        real_wait(self)  # the harness has ended and is reaped, its group gone
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(subprocess.Popen, "wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_experiment(tmp_path / "recipe.py", tmp_path / "data", 1.0, tmp_path / "run", device="cpu",
+                              timeout_s=60)
+
+
+def test_a_harness_killed_by_a_signal_is_a_crash_that_says_so(tmp_path, monkeypatch):
+    import shutil
+    import sys
+
+    from agent import runner
+
+    fake = tmp_path / "python"
+    fake.write_text(f"#!{shutil.which('sh')}\nkill -9 $$\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    r = runner.run_experiment(tmp_path / "recipe.py", tmp_path / "data", 1.0, tmp_path / "run", device="cpu",
+                              timeout_s=60)
+    assert r["status"] == "crash" and r["returncode"] == -9
+    assert r["reason"] == ("the harness was killed by SIGKILL before it wrote a result (the kernel's out-of-memory "
+                           "killer, or a kill from outside)")

@@ -193,7 +193,7 @@ def test_journal_skips_damaged_lines_once_each(tmp_path, capsys):
     assert err == [
         f"journal: {path}:2: not JSON; line skipped",
         f"journal: {path}:3: n is 'two', not an experiment number; line skipped",
-        f"journal: {path}:4: val_mean_rank is 'abc', not a number; line skipped",
+        f"journal: {path}:4: val_mean_rank is 'abc', not a finite number; line skipped",
         f"journal: {path}:6: torn line (the loop was killed mid-write); line skipped",
     ]
 
