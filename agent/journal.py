@@ -18,6 +18,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from agent.workspace import WorkspaceError
 from eclip.fileio import atomic_write
 
 COLUMNS = ("commit", "val_mean_rank", "memory_gb", "samples_per_s", "status", "description")
@@ -57,6 +58,7 @@ FIELDS = {"n": "an experiment number", "time": NUMBER, "val_mean_rank": NUMBER, 
           "data_fingerprint": "a string", "result": "an object", "usage": "an object", "hparams": "an object",
           "unrun": "an object"}
 RESULT_NUMBERS = ("val_mean_rank", "peak_memory_gb", "samples_per_s", "checkpoint_bytes", "duration_s", "train_s")
+SCORED_STATUSES = ("baseline", "keep", "discard")  # the outcomes of a run that scored
 REQUIRED = {"end": ("n",), "start": ("n",), "final": ("commit", "status")}  # what an event is nothing without
 
 
@@ -83,6 +85,11 @@ def _problem(event) -> str | None:
         value = (event.get("result") or {}).get(key)
         if value is not None and not _fits(value, NUMBER):
             return f"result.{key} is {value!r}, not {NUMBER}"
+    for key, value in (event.get("usage") or {}).items():  # token counts, summed by the report
+        if not _fits(value, NUMBER):
+            return f"usage.{key} is {value!r}, not {NUMBER}"
+    if event["event"] == "end" and event.get("status") in SCORED_STATUSES and event.get("val_mean_rank") is None:
+        return f"a {event['status']} line without val_mean_rank"  # what the best and the noise floor are made of
     return None
 
 
@@ -92,7 +99,10 @@ def read(path: Path) -> list[dict]:
     if not path.exists():
         return []
     events = []
-    lines = path.read_bytes().splitlines()  # decoded line by line: one damaged line is not the journal
+    try:
+        lines = path.read_bytes().splitlines()  # decoded line by line: one damaged line is not the journal
+    except OSError as e:  # a folder in its place, no permission
+        raise WorkspaceError(f"{path}: cannot read the journal ({e.strerror or e})") from None
     last = max((i for i, line in enumerate(lines, 1) if line.strip()), default=0)
     for lineno, line in enumerate(lines, 1):
         if not line.strip():

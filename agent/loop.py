@@ -317,13 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     root = args.workspace_root / args.tag
     try:  # before anything is written, the lock and the built-in dataset included (minutes)
         Workspace.check(root)
+        events = journal.read(Workspace(root).journal_path)
     except WorkspaceError as e:
         print(f"loop: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a folder that cannot be listed
         print(f"loop: error: {e.filename or root}: cannot read the workspace ({e.strerror or e})", file=sys.stderr)
         return 2
-    if why := settings_error(args, journal.read(Workspace(root).journal_path)):
+    if why := settings_error(args, events):
         print(f"loop: error: {why}", file=sys.stderr)  # asked again, locked, once the journal is reconciled
         return 2
     if args.isolate and (why := sandbox.probe()):  # not one run in: every run would fail the same way

@@ -106,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     if not ws.journal_path.exists():
         print(f"report: error: {ws.journal_path}: no journal here", file=sys.stderr)
         return 2
-    events = journal.read(ws.journal_path)
+    try:
+        events = journal.read(ws.journal_path)
+    except WorkspaceError as e:
+        print(f"report: error: {e}", file=sys.stderr)
+        return 2
     exps = journal.experiments(events)
     s = summary(events)
     priced = any(e.get("event") == "usage" for e in events)  # an LLM proposer: tokens and cost per experiment

@@ -85,6 +85,8 @@ def test_result_rows_keep_large_numbers_whole_and_small_ones_to_four_digits(tmp_
     ('{"event": "final", "commit": null, "status": "ok"}', "a final line without commit"),
     ('{"event": "final", "commit": "abc1234"}', "a final line without status"),
     ('{"event": "start", "kind": "experiment"}', "a start line without n"),
+    ('{"event": "end", "n": 7, "status": "baseline", "val_mean_rank": null}', "a baseline line without val_mean_rank"),
+    ('{"event": "usage", "n": 7, "usage": {"input_tokens": "x"}}', "usage.input_tokens is 'x', not a finite number"),
 ])
 def test_a_field_of_the_wrong_type_skips_its_line_naming_the_field(tmp_path, capsys, line, problem):
     # found by a review: "kept": "false" (true to Python) made a discarded experiment the best
@@ -95,3 +97,12 @@ def test_a_field_of_the_wrong_type_skips_its_line_naming_the_field(tmp_path, cap
         f.write(line + "\n")
     assert journal.read(path) == [{"event": "start", "n": 1}]
     assert capsys.readouterr().err == f"journal: {path}:2: {problem}; line skipped\n"
+
+
+def test_a_journal_that_cannot_be_read_is_one_line_for_the_report(tmp_path, capsys):
+    from agent import report
+
+    (tmp_path / "t" / "journal.jsonl").mkdir(parents=True)
+    assert report.main([str(tmp_path / "t")]) == 2
+    path = tmp_path / "t" / "journal.jsonl"
+    assert capsys.readouterr().err == f"report: error: {path}: cannot read the journal (Is a directory)\n"
