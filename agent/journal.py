@@ -35,11 +35,14 @@ def _ends_torn(path: Path) -> bool:
 
 
 def append(path: Path, event: dict) -> None:
+    line = json.dumps(event, default=str)
+    if problem := _problem(json.loads(line)):  # a line read() would skip: the loop's own error, said now
+        raise ValueError(f"{path}: refusing to journal a line that could not be read back ({problem})")
     torn = _ends_torn(path)
     with open(path, "a", encoding="utf-8") as f:
         # A torn last line keeps its own line (and is skipped on reading) instead of
         # swallowing this event.
-        f.write(("\n" if torn else "") + json.dumps(event, default=str) + "\n")
+        f.write(("\n" if torn else "") + line + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -48,6 +51,7 @@ _WARNED: set[tuple[str, int]] = set()  # (path, line) already reported: read() r
 
 
 NUMBER = "a finite number"
+ANY_NUMBER = "a number"  # a run's own figures: formatted, never compared (a NaN loss is a figure too)
 # The fields the loop and the report read, and what each must be when present and not null
 # (a line edited by hand with another type would otherwise decide wrongly, "kept": "false"
 # being true, or end in a traceback); the result's own numeric fields are checked too.
@@ -63,8 +67,9 @@ REQUIRED = {"end": ("n",), "start": ("n",), "final": ("commit", "status")}  # wh
 
 
 def _fits(value, kind: str) -> bool:
-    if kind == NUMBER:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind in (NUMBER, ANY_NUMBER):
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and (kind == ANY_NUMBER or math.isfinite(value)))
     if kind in ("an experiment number", "an integer"):
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, {"true or false": bool, "a string": str, "an object": dict}[kind])
@@ -83,8 +88,8 @@ def _problem(event) -> str | None:
             return f"{key} is {value!r}, not {kind}"
     for key in RESULT_NUMBERS:
         value = (event.get("result") or {}).get(key)
-        if value is not None and not _fits(value, NUMBER):
-            return f"result.{key} is {value!r}, not {NUMBER}"
+        if value is not None and not _fits(value, ANY_NUMBER):
+            return f"result.{key} is {value!r}, not {ANY_NUMBER}"
     for key, value in (event.get("usage") or {}).items():  # token counts, summed by the report
         if not _fits(value, NUMBER):
             return f"usage.{key} is {value!r}, not {NUMBER}"
