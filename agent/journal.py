@@ -66,7 +66,8 @@ SCORED_STATUSES = ("baseline", "keep", "discard")  # the outcomes of a run that 
 REQUIRED = {"end": ("n",), "start": ("n",), "final": ("commit", "status")}  # what an event is nothing without
 
 
-def _fits(value, kind: str) -> bool:
+def fits(value, kind: str) -> bool:
+    """Whether ``value`` is of ``kind`` (a FIELDS description)."""
     if kind in (NUMBER, ANY_NUMBER):
         return (isinstance(value, (int, float)) and not isinstance(value, bool)
                 and (kind == ANY_NUMBER or math.isfinite(value)))
@@ -84,14 +85,14 @@ def _problem(event) -> str | None:
             return f"a {event['event']} line without {key}"
     for key, kind in FIELDS.items():
         value = event.get(key)
-        if value is not None and not _fits(value, kind):
+        if value is not None and not fits(value, kind):
             return f"{key} is {value!r}, not {kind}"
     for key in RESULT_NUMBERS:
         value = (event.get("result") or {}).get(key)
-        if value is not None and not _fits(value, ANY_NUMBER):
+        if value is not None and not fits(value, ANY_NUMBER):
             return f"result.{key} is {value!r}, not {ANY_NUMBER}"
     for key, value in (event.get("usage") or {}).items():  # token counts, summed by the report
-        if not _fits(value, NUMBER):
+        if not fits(value, NUMBER):
             return f"usage.{key} is {value!r}, not {NUMBER}"
     if event["event"] == "end" and event.get("status") in SCORED_STATUSES and event.get("val_mean_rank") is None:
         return f"a {event['status']} line without val_mean_rank"  # what the best and the noise floor are made of

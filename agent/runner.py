@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from eclip.fileio import atomic_write, open_regular, remove, tail_lines
+from agent import journal
+from eclip.fileio import atomic_write, open_regular, read_regular, remove, tail_lines
 from eclip.process import SECRET, die_with_parent, prctl, scrub_environment
 
 EVAL_CAP_S = 120.0  # evaluation and start-up allowance on top of the training budget
@@ -148,14 +149,30 @@ def finished_result(out: Path, since: float = 0.0) -> dict | None:
     try:
         if path.stat().st_mtime < since:
             return None
-        result = json.loads(path.read_text(encoding="utf-8"))
+        # a regular file only: a FIFO a run left there, its harness killed, would block for ever
+        result = json.loads(read_regular(path).decode("utf-8"))
     except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8 text
         return None
     if not isinstance(result, dict) or result.get("ranked_by") == "caller":
         return None  # the training process's result, which the harness had not scored yet
+    result = checked_result(result)
     if result.get("status") != "ok":
         result["log_tail"] = log_tail(out / "run.log")
     return result
+
+
+def checked_result(result: dict) -> dict:
+    """``result`` as the journal can hold it: the training process's fields pass through
+    the harness, and a recipe's code runs in that process, so a field of another type (a
+    status that is no string, a figure that is no number) must fail the run, not the loop
+    (the journal refuses a line it could not read back)."""
+    score = result.get("val_mean_rank")
+    scored = journal.fits(score, journal.NUMBER)
+    if not isinstance(result.get("status"), str) or not (scored or score is None and result["status"] != "ok"):
+        return {"status": "crash", "val_mean_rank": None, "reason": (
+            f"the run's result.json has status {result.get('status')!r} and val_mean_rank {score!r}")}
+    return {k: None if k in journal.RESULT_NUMBERS and v is not None and not journal.fits(v, journal.ANY_NUMBER)
+            else v for k, v in result.items()}
 
 
 def run_experiment(recipe: Path, data: Path, budget_s: float, out: Path, *, compile_cache: Path | None = None,

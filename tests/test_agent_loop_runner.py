@@ -294,3 +294,45 @@ def test_a_harness_killed_by_a_signal_is_a_crash_that_says_so(tmp_path, monkeypa
     assert r["status"] == "crash" and r["returncode"] == -9
     assert r["reason"] == ("the harness was killed by SIGKILL before it wrote a result (the kernel's out-of-memory "
                            "killer, or a kill from outside)")
+
+
+@pytest.mark.parametrize("written,read", [
+    ({"status": 5, "val_mean_rank": None}, {"status": "crash", "val_mean_rank": None,
+                                            "reason": "the run's result.json has status 5 and val_mean_rank None"}),
+    ({"status": "ok", "val_mean_rank": None}, {"status": "crash", "val_mean_rank": None,
+                                               "reason": "the run's result.json has status 'ok' and val_mean_rank None"}),
+    ({"status": "ok", "val_mean_rank": 3.0, "samples_per_s": "fast", "steps": 9},
+     {"status": "ok", "val_mean_rank": 3.0, "samples_per_s": None, "steps": 9}),
+])
+def test_a_result_of_types_the_journal_cannot_hold_fails_the_run_not_the_loop(tmp_path, written, read):
+    # the training process's fields pass through the harness: a wrongly typed one made the
+    # journal refuse the end line, which ended the loop
+    from agent import journal, runner
+
+    (tmp_path / "result.json").write_text(json.dumps(written))
+    r = runner.finished_result(tmp_path)
+    assert {k: v for k, v in r.items() if k != "log_tail"} == read
+    journal.append(tmp_path / "journal.jsonl", {"event": "end", "n": 1, "status": r["status"],
+                                                "val_mean_rank": r["val_mean_rank"], "result": r})
+
+
+def test_a_fifo_in_place_of_the_result_is_no_result_not_a_read_for_ever(tmp_path):
+    from agent import runner
+
+    import threading
+    import time
+
+    fifo = tmp_path / "result.json"
+    os.mkfifo(fifo)
+    # should the read block (the regression), a writer that comes and goes ends it, late
+    unblock = threading.Timer(10.0, lambda: os.close(os.open(fifo, os.O_WRONLY)))
+    unblock.start()
+    t0 = time.monotonic()
+    try:
+        assert runner.finished_result(tmp_path) is None
+        assert time.monotonic() - t0 < 5.0
+    finally:
+        unblock.cancel()
+        if unblock.is_alive():  # it was waiting for a reader: give it one
+            os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+            unblock.join()
