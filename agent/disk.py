@@ -18,13 +18,13 @@ then every run after it. So:
 - A run that met a full disk is recorded ``interrupted``, not ``crash``: the recipe did
   nothing wrong and a proposer must not try to repair it; the loop stops. The harness says
   so (``disk_full``) when one of its own writes failed (an isolated run's copy of the
-  training split, the evaluation's inputs); otherwise a failed run counts as one while a
-  disk is still short of room after it (its log, on the full disk, may say nothing): the
-  workspace's for the next run, the temporary or home directory's of ``MIN_FREE``. With
-  room on all, the run stays the recipe's failure even if its log says ``No space left on
-  device``: the words alone, which a recipe can print, or a disk its own files filled and
-  freed as they went, must not stop a study. A full disk under the loop's own writes
-  (journal, diffs), the session's start included, stops it too.
+  training split, the evaluation's inputs); or the run's log says it (``No space left on
+  device``) and a disk is still short of room: the workspace's for the next run, the
+  temporary or home directory's of ``MIN_FREE``; or the workspace's disk has under
+  ``LOW_FREE`` left, where the log could not even say it. A log that says it with room on
+  all stays the recipe's failure: the words alone, which a recipe can print, or a disk its
+  own files filled and freed as they went, must not stop a study. A full disk under the
+  loop's own writes (journal, diffs), the session's start included, stops it too.
 """
 
 from __future__ import annotations
@@ -160,6 +160,20 @@ def ran_out_of_space(result: dict) -> bool:
     """Whether a failed run's log tail says a disk was full (a recipe can print that too:
     ``still_full`` decides)."""
     return result.get("status") != "ok" and ENOSPC_TEXT in str(result.get("log_tail", ""))
+
+
+LOW_FREE = 64 << 20  # free bytes below which a run's log may have found no room to say why it failed
+
+
+def nearly_full(root: Path) -> str | None:
+    """After a run that failed without a word of a full disk: the reason to stop when the
+    workspace's disk has under ``LOW_FREE`` left (its log, there, could not say), else None.
+    Less room than a run needs is not enough: the failed run's own files, about to be pruned,
+    may hold it, and the check before the next run decides that."""
+    free = shutil.disk_usage(root).free
+    if free >= LOW_FREE:
+        return None
+    return f"{root}: {free / (1 << 20):.0f} MiB free after the run; free some space"
 
 
 def still_full(root: Path, exps: list[dict]) -> str | None:

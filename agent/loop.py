@@ -116,19 +116,32 @@ def run_one(ws: Workspace, args, n: int, kind: str, commit: str, description: st
     (out / "diff.patch").write_text(extra.get("diff", ""))
     r = run_experiment(ws.recipe, args.data, args.budget_s, out, device=args.device,
                        compile_cache=ws.root / ".compile_cache", timeout_s=args.timeout_s, isolate=args.isolate)
-    if r.get("status") != "ok":  # a full disk fails a run whatever its log could still say
-        said_full = r.get("disk_full") is True or disk.ran_out_of_space(r)
+    if r.get("status") != "ok":
+        r = out_of_space(ws, r)
+    return with_checkpoint_size(r, out)
+
+
+def out_of_space(ws: Workspace, r: dict) -> dict:
+    """A failed run's result, ``interrupted`` with ``out_of_space`` (the reason to stop) when
+    it met a full disk: the harness said so (``disk_full``), or the run's log did and a disk
+    is still short of room (``disk.still_full``), or the workspace's disk is so full that the
+    log could say nothing (``disk.nearly_full``). A log that says so with room on the disks
+    stays the recipe's failure, the words noted."""
+    said_full = r.get("disk_full") is True or disk.ran_out_of_space(r)
+    if said_full:
         why = disk.still_full(ws.root, journal.experiments(journal.read(ws.journal_path)))
         if why is None and r.get("disk_full") is True:  # a write of the harness's own: room again since
             why = f"the harness could not write ({r.get('reason')}); free some space"
-        if why is not None:  # not the recipe's failure: no repair, no crash counted against it
-            said = r.get("reason") or (f"the run's log: {disk.ENOSPC_TEXT}" if said_full else
-                                       f"status {r.get('status')}, a disk short of room after it")
-            r = dict(r, status="interrupted", out_of_space=why, reason=f"out of disk space ({said})")
-        elif said_full:  # room everywhere now: the recipe's own doing, or only its words
+    else:
+        why = disk.nearly_full(ws.root)
+    if why is None:
+        if said_full:  # room everywhere now: the recipe's own doing, or only its words
             r = dict(r, reason=(f"{r['reason']}; " if r.get("reason") else "")
                      + f"its log says {disk.ENOSPC_TEXT!r}, yet the disks have room now")
-    return with_checkpoint_size(r, out)
+        return r
+    said = (r.get("reason") or f"the run's log: {disk.ENOSPC_TEXT}") if said_full else \
+        f"{r.get('status')}: {r.get('reason') or 'no reason given'}; {why}"
+    return dict(r, status="interrupted", out_of_space=why, reason=f"out of disk space ({said})")
 
 
 def after_run(ws: Workspace, args, r: dict) -> None:

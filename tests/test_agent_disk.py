@@ -195,10 +195,44 @@ def test_a_run_that_failed_silently_on_a_disk_left_full_is_interrupted(small_cac
     monkeypatch.setattr(disk.shutil, "disk_usage", lambda p: Usage(1, 1, 0) if any(full) else real_usage(p))
     monkeypatch.setattr(loop, "run_experiment", filling)
     assert run_loop(tmp_path, small_cache, "--max-experiments", "2") == 1
-    exps = journal.experiments(journal.read(Workspace(tmp_path / "d").journal_path))
+    ws = Workspace(tmp_path / "d")
+    exps = journal.experiments(journal.read(ws.journal_path))
     assert [e["status"] for e in exps] == ["baseline", "baseline", "interrupted"]
-    assert exps[2]["result"]["reason"] == "out of disk space (status crash, a disk short of room after it)"
-    assert "loop: stopping: a run ran out of disk space: " in capsys.readouterr().err
+    assert exps[2]["result"]["reason"] == (f"out of disk space (crash: no reason given; {ws.root}: 0 MiB free after the "
+                                           "run; free some space)")
+    assert f"loop: stopping: a run ran out of disk space: {ws.root}: 0 MiB free after the run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tight", ["temporary directory", "workspace short of a run's room"])
+def test_a_failed_run_on_a_machine_short_of_room_elsewhere_stays_the_recipes_failure(small_cache, tmp_path,
+                                                                                      monkeypatch, tight):
+    # a review: a small /tmp (a tmpfs, a container's disk) or a workspace between a run's need
+    # and the files the failed run is about to lose to the prune made every failure "out of
+    # space" and stopped the study; only a log that says so, or a disk too full to log, does
+    import tempfile
+
+    runner = writing_runner([100, 100, "Traceback: ValueError boom", 80])
+    small = tmp_path / "tmp"
+    small.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(small))
+    room = {"temporary directory": (50 * disk.GIB, disk.GIB // 2),
+            "workspace short of a run's room": (disk.GIB // 2, 50 * disk.GIB)}[tight]  # (workspace, tmp) free
+    ran = []
+
+    def counting(recipe, data, budget_s, out, **kw):
+        ran.append(out)
+        return runner(recipe, data, budget_s, out, **kw)
+
+    def usage(p):  # the workspace: plenty before the failed run (the pre-run check), then ``room``
+        free = room[1] if Path(p) == small else (room[0] if len(ran) == 3 else 50 * disk.GIB)
+        return Usage(100 * disk.GIB, 0, free)
+
+    monkeypatch.setattr(disk.shutil, "disk_usage", usage)
+    monkeypatch.setattr(loop, "run_experiment", counting)
+    assert run_loop(tmp_path, small_cache, "--max-experiments", "1") == 0
+    exps = journal.experiments(journal.read(Workspace(tmp_path / "d").journal_path))
+    assert [e["status"] for e in exps] == ["baseline", "baseline", "crash"]
+    assert "out_of_space" not in exps[2]["result"]
 
 
 def test_a_full_temporary_directory_counts_as_a_full_disk(tmp_path, monkeypatch):

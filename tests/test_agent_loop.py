@@ -60,26 +60,26 @@ def test_keep_and_discard_against_the_noise_floor(cache, tmp_path, monkeypatch, 
 def test_a_journal_cut_by_hand_never_has_a_run_written_over_an_earlier_ones_folder(cache, tmp_path, monkeypatch):
     # found by a review: the next number came from the journal alone; with its last lines
     # removed, the next run wrote into the folder of the run they had recorded
-    def marking(ranks):
+    def marking(ranks, session):
         fake = scripted(ranks)
 
         def run(recipe, data, budget_s, out, **kw):
-            (out / "mine").write_text(out.name)
+            (out / "mine").write_text(session)  # which session's run wrote the folder
             return fake(recipe, data, budget_s, out, **kw)
         return run
 
     argv = ["--tag", "t", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1",
             "--noise-runs", "2"]
-    monkeypatch.setattr(loop, "run_experiment", marking([100, 100, 90]))
+    monkeypatch.setattr(loop, "run_experiment", marking([100, 100, 90], "first"))
     assert loop.main(argv + ["--max-experiments", "1"]) == 0
     ws = Workspace(tmp_path / "t")
     lines = ws.journal_path.read_text().splitlines(keepends=True)
     ws.journal_path.write_text("".join(line for line in lines if '"n": 3' not in line))  # experiment 3's lines
-    monkeypatch.setattr(loop, "run_experiment", marking([95]))
+    monkeypatch.setattr(loop, "run_experiment", marking([95], "second"))
     assert loop.main(argv + ["--max-experiments", "1"]) == 0
-    assert (ws.experiments / "3" / "mine").read_text() == "3"  # untouched
+    assert (ws.experiments / "3" / "mine").read_text() == "first"  # untouched
     exps = journal.experiments(journal.read(ws.journal_path))
-    assert [e["n"] for e in exps] == [1, 2, 4] and (ws.experiments / "4" / "mine").read_text() == "4"
+    assert [e["n"] for e in exps] == [1, 2, 4] and (ws.experiments / "4" / "mine").read_text() == "second"
 
 
 def test_resume_records_the_run_in_flight_and_continues(cache, tmp_path, monkeypatch, capsys):
