@@ -90,3 +90,22 @@ def ws(small_cache, tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "run_experiment", scripted([100, 100]))
     assert loop.main(_args(tmp_path, small_cache, 0, proposer="search")) == 0
     return Workspace(tmp_path / "c")
+
+
+@pytest.fixture
+def read_sizes(monkeypatch):
+    """The sizes asked of every read through ``eclip.fileio.open_regular`` (a log's tail,
+    a result), recorded in a list: a test that a file is never read whole."""
+    from eclip import fileio
+
+    sizes: list[int] = []
+    real_open = fileio.open_regular
+
+    def counting(path):
+        f = real_open(path)
+        read = f.read
+        f.read = lambda n=-1: sizes.append(n) or read(n)
+        return f
+
+    monkeypatch.setattr(fileio, "open_regular", counting)
+    return sizes

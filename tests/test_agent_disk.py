@@ -34,6 +34,20 @@ def writing_runner(ranks, size=MIB):
     return fake
 
 
+def fill_during_the_third_run(monkeypatch, runner) -> None:
+    """The loop's runs go to ``runner``; the disks are full (0 bytes free) from the end of
+    the third run on, and as they are before."""
+    runs = []
+
+    def filling(recipe, data, budget_s, out, **kw):
+        runs.append(out)
+        return runner(recipe, data, budget_s, out, **kw)
+
+    real_usage = disk.shutil.disk_usage
+    monkeypatch.setattr(disk.shutil, "disk_usage", lambda p: Usage(1, 1, 0) if len(runs) >= 3 else real_usage(p))
+    monkeypatch.setattr(loop, "run_experiment", filling)
+
+
 def run_loop(tmp_path, cache, *extra):
     return loop.main(["--tag", "d", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1",
                       "--noise-runs", "2", *extra])
@@ -119,17 +133,7 @@ def test_a_short_disk_stops_the_loop_before_the_proposal(small_cache, tmp_path, 
 
 def test_a_run_that_met_a_full_disk_is_interrupted_and_stops_the_loop(small_cache, tmp_path, monkeypatch, capsys):
     tail = "  File \"eclip/fileio.py\", line 30\nOSError: [Errno 28] No space left on device"
-    runner = writing_runner([100, 100, tail, 80])
-    full = []  # the disk fills during the third run, and stays full
-
-    def filling(recipe, data, budget_s, out, **kw):
-        r = runner(recipe, data, budget_s, out, **kw)
-        full.append(r.get("log_tail") == tail)
-        return r
-
-    real_usage = disk.shutil.disk_usage
-    monkeypatch.setattr(disk.shutil, "disk_usage", lambda p: Usage(1, 1, 0) if any(full) else real_usage(p))
-    monkeypatch.setattr(loop, "run_experiment", filling)
+    fill_during_the_third_run(monkeypatch, writing_runner([100, 100, tail, 80]))
     assert run_loop(tmp_path, small_cache, "--max-experiments", "2") == 1
     ws = Workspace(tmp_path / "d")
     exps = journal.experiments(journal.read(ws.journal_path))
@@ -183,17 +187,7 @@ def test_the_harnesss_disk_full_stops_the_loop_even_with_room_again(small_cache,
 def test_a_run_that_failed_silently_on_a_disk_left_full_is_interrupted(small_cache, tmp_path, monkeypatch, capsys):
     # found by a review: the log lies on the full disk and cannot say so (empty, no result):
     # the run was a crash to repair, counted against the recipe
-    runner = writing_runner([100, 100, "", 80])
-    full = []
-
-    def filling(recipe, data, budget_s, out, **kw):
-        r = runner(recipe, data, budget_s, out, **kw)
-        full.append(r.get("log_tail") == "Traceback: boom")  # the third run: a crash whose log says nothing of disks
-        return r
-
-    real_usage = disk.shutil.disk_usage
-    monkeypatch.setattr(disk.shutil, "disk_usage", lambda p: Usage(1, 1, 0) if any(full) else real_usage(p))
-    monkeypatch.setattr(loop, "run_experiment", filling)
+    fill_during_the_third_run(monkeypatch, writing_runner([100, 100, "", 80]))  # "": a log that says nothing
     assert run_loop(tmp_path, small_cache, "--max-experiments", "2") == 1
     ws = Workspace(tmp_path / "d")
     exps = journal.experiments(journal.read(ws.journal_path))

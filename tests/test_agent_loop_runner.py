@@ -11,6 +11,18 @@ from agent.runner import run_experiment
 from eclip.train import TEMPLATE
 
 
+def fake_interpreter(tmp_path, monkeypatch, script: str) -> None:
+    """A shell ``script`` in place of the interpreter run_experiment starts the harness with:
+    no training runs."""
+    import shutil
+    import sys
+
+    fake = tmp_path / "python"
+    fake.write_text(f"#!{shutil.which('sh')}\n{script}")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+
+
 def test_relative_paths_are_the_callers_not_the_package_roots(tmp_path, monkeypatch):
     # The harness runs in the package root. Relative paths once reached it as they were: a
     # loop started elsewhere had its runs read another folder's recipe (or none: every run a
@@ -98,16 +110,10 @@ def test_a_run_that_writes_no_result_is_a_crash_with_its_log_redacted(tmp_path, 
     # An interpreter that prints a secret and exits without a result.json: the stale result
     # of an earlier run in the same folder must not be taken for this run's, and the log
     # keeps no secret. A shell script stands in for python, so no training runs.
-    import shutil
-    import sys
-
     from agent import runner
 
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-zzz-123456789")
-    fake = tmp_path / "python"
-    fake.write_text(f"#!{shutil.which('sh')}\necho 'step 1'\necho 'printed sk-ant-zzz-123456789'\nexit 3\n")
-    fake.chmod(0o755)
-    monkeypatch.setattr(sys, "executable", str(fake))
+    fake_interpreter(tmp_path, monkeypatch, "echo 'step 1'\necho 'printed sk-ant-zzz-123456789'\nexit 3\n")
     out = tmp_path / "run"
     out.mkdir()
     (out / "result.json").write_text(json.dumps({"status": "ok", "val_mean_rank": 1.0}))  # an earlier run's
@@ -171,24 +177,14 @@ def test_redact_file_finds_a_secret_a_pieces_end_cuts(tmp_path, monkeypatch, chu
     assert log.read_bytes() == b"\xff x" * 5 + b"[redacted]\r\n" + b"y" * 40 + b"[redacted] end"
 
 
-def test_log_tail_reads_the_end_of_a_large_log_only(tmp_path, monkeypatch):
+def test_log_tail_reads_the_end_of_a_large_log_only(tmp_path, read_sizes):
     from agent import runner
 
     log = tmp_path / "run.log"
     with open(log, "wb") as f:  # 8 MB of one line without end, then the lines that matter
         f.write(b"x" * (8 << 20) + b"\n" + b"".join(b"line %d\n" % i for i in range(40)))
-    reads: list[int] = []
-    real_open = runner.open_regular
-
-    def counting(path):
-        f = real_open(path)
-        read = f.read
-        f.read = lambda n=-1: reads.append(n) or read(n)
-        return f
-
-    monkeypatch.setattr("eclip.fileio.open_regular", counting)
     assert runner.log_tail(log) == "\n".join(f"line {i}" for i in range(10, 40))
-    assert reads and all(0 < n <= 65536 + 1 for n in reads)  # the window and the byte before it, never the file
+    assert read_sizes and all(0 < n <= 65536 + 1 for n in read_sizes)  # the window and the byte before it
 
 
 def test_a_run_log_a_run_replaced_with_a_link_or_a_fifo_is_neither_followed_nor_read(tmp_path, monkeypatch):
@@ -212,15 +208,10 @@ def test_a_run_log_a_run_replaced_with_a_link_or_a_fifo_is_neither_followed_nor_
 
 
 def test_a_link_left_where_the_next_run_logs_is_replaced_not_written_through(tmp_path, monkeypatch):
-    import shutil
-    import sys
 
     from agent import runner
 
-    fake = tmp_path / "python"
-    fake.write_text(f"#!{shutil.which('sh')}\necho 'step 1'\nexit 3\n")
-    fake.chmod(0o755)
-    monkeypatch.setattr(sys, "executable", str(fake))
+    fake_interpreter(tmp_path, monkeypatch, "echo 'step 1'\nexit 3\n")
     out = tmp_path / "run"
     out.mkdir()
     other = tmp_path / "journal.jsonl"
@@ -257,16 +248,11 @@ def test_a_ctrl_c_as_the_harness_ends_is_passed_on_not_a_process_lookup_error(tm
     # found by a review: Popen's wait, interrupted, reaps a harness that was ending; the kill
     # of its group then found nothing and the loop died of a ProcessLookupError (exit 1, no
     # summary) instead of stopping as a Ctrl-C does
-    import shutil
     import subprocess
-    import sys
 
     from agent import runner
 
-    fake = tmp_path / "python"
-    fake.write_text(f"#!{shutil.which('sh')}\nexit 0\n")
-    fake.chmod(0o755)
-    monkeypatch.setattr(sys, "executable", str(fake))
+    fake_interpreter(tmp_path, monkeypatch, "exit 0\n")
     real_wait = subprocess.Popen.wait
 
     def interrupted(self, timeout=None):
@@ -280,15 +266,10 @@ def test_a_ctrl_c_as_the_harness_ends_is_passed_on_not_a_process_lookup_error(tm
 
 
 def test_a_harness_killed_by_a_signal_is_a_crash_that_says_so(tmp_path, monkeypatch):
-    import shutil
-    import sys
 
     from agent import runner
 
-    fake = tmp_path / "python"
-    fake.write_text(f"#!{shutil.which('sh')}\nkill -9 $$\n")
-    fake.chmod(0o755)
-    monkeypatch.setattr(sys, "executable", str(fake))
+    fake_interpreter(tmp_path, monkeypatch, "kill -9 $$\n")
     r = runner.run_experiment(tmp_path / "recipe.py", tmp_path / "data", 1.0, tmp_path / "run", device="cpu",
                               timeout_s=60)
     assert r["status"] == "crash" and r["returncode"] == -9
@@ -317,10 +298,10 @@ def test_a_result_of_types_the_journal_cannot_hold_fails_the_run_not_the_loop(tm
 
 
 def test_a_fifo_in_place_of_the_result_is_no_result_not_a_read_for_ever(tmp_path):
-    from agent import runner
-
     import threading
     import time
+
+    from agent import runner
 
     fifo = tmp_path / "result.json"
     os.mkfifo(fifo)

@@ -304,23 +304,11 @@ def test_relay_takes_the_ready_line_only_at_a_lines_start(monkeypatch, capfd):
     assert capfd.readouterr().out == "x" * 16 + "train: ready\n" + "y" * 40 + "\nafter\n"
 
 
-def test_an_encoders_error_is_read_from_the_end_of_its_log(tmp_path, monkeypatch):
-    from eclip import fileio
-
+def test_an_encoders_error_is_read_from_the_end_of_its_log(tmp_path, read_sizes):
     log = tmp_path / "images.log"
     log.write_text("x" * (1 << 20) + "\nencode: error: --batch-size: must be positive\nTraceback\n")
-    reads: list[int] = []
-    real_open = fileio.open_regular
-
-    def counting(path):
-        f = real_open(path)
-        read = f.read
-        f.read = lambda n=-1: reads.append(n) or read(n)
-        return f
-
-    monkeypatch.setattr(fileio, "open_regular", counting)
     assert he.encode_error("images", 2, log) == "evaluation (eclip.encode, images) failed: --batch-size: must be positive"
-    assert reads and all(0 < n <= 65536 + 1 for n in reads)  # the window and the byte before it
+    assert read_sizes and all(0 < n <= 65536 + 1 for n in read_sizes)  # the window and the byte before it
     log.unlink()
     log.symlink_to(tmp_path / "elsewhere")
     assert he.encode_error("texts", 1, log) == "evaluation (eclip.encode, texts) failed: exit code 1"
