@@ -148,7 +148,7 @@ def experiments(events: list[dict]) -> list[dict]:
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     total[k] = total.get(k, 0) + v
     for rec in by_n.values():  # an end line written before end lines said their kind, its start line lost
-        if rec.get("ended") and "kind" not in rec and rec.get("status") in ("baseline", "keep", "discard"):
+        if rec.get("ended") and "kind" not in rec and rec.get("status") in SCORED_STATUSES:
             rec["kind"] = "baseline" if rec["status"] == "baseline" else "experiment"
     return [by_n[n] for n in sorted(by_n)]
 

@@ -172,6 +172,14 @@ def session_runs(events: list[dict]) -> set[int]:
     return {e["n"] for e in events[last + 1:] if e.get("event") == "start" and "n" in e}
 
 
+def stop_on_full_disk(e: OSError, root: Path) -> None:
+    """Say why the loop stops when ``e`` (raised by one of its own writes) is a full disk;
+    raise it again otherwise, from the ``except`` clause that caught it."""
+    if e.errno != errno.ENOSPC:
+        raise e
+    print(f"loop: stopping: {e.filename or root}: {e.strerror}; free some space, then resume", file=sys.stderr)
+
+
 def next_number(ws: Workspace, st: dict) -> int:
     """The next experiment's number: past the journal's and past every run folder, so a
     journal whose last lines were lost or cut by hand never has a run written over another's."""
@@ -365,9 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loop: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk as the session begins (the journal's reconciling, its session line)
-        if e.errno != errno.ENOSPC:
-            raise
-        print(f"loop: stopping: {e.filename or root}: {e.strerror}; free some space, then resume", file=sys.stderr)
+        stop_on_full_disk(e, root)
         return 1
 
 
@@ -466,9 +472,7 @@ def session(args, ws: Workspace) -> int:
             print(f"loop: stopping: {e}", file=sys.stderr)
             code = 1
         except OSError as e:  # the loop's own writes (journal, diffs) on a full disk
-            if e.errno != errno.ENOSPC:
-                raise
-            print(f"loop: stopping: {e.filename or ws.root}: {e.strerror}; free some space, then resume", file=sys.stderr)
+            stop_on_full_disk(e, ws.root)
             code = 1
         finally:
             st = state(journal.experiments(journal.read(ws.journal_path)), root_commit, args.min_delta)

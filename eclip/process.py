@@ -201,7 +201,8 @@ def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = 
     pending: list[int] = []  # a SIGTERM that came before the child existed
     heard = signals if signals is not None else []
     first: list[float] = []  # when the first Ctrl-C or SIGTERM came
-    cause: list[str] = []  # why this process killed the child, if it did
+    cause = None  # why this process killed the child, if it did: "deadline" or "grace"
+    polls = (deadline_s is not None and ready) or stop_grace_s is not None  # a limit to watch while it runs
 
     def note(signum) -> None:
         heard.append(signum)
@@ -238,7 +239,6 @@ def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = 
             err_reader = tee(procs[0].stderr, sys.stderr, stderr_tail)
         while True:
             try:
-                polls = (deadline_s is not None and ready) or stop_grace_s is not None
                 rc = procs[0].wait(timeout=0.25 if polls else None)
                 break
             except subprocess.TimeoutExpired:
@@ -247,13 +247,13 @@ def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = 
                         else "grace" if stop_grace_s is not None and first and now - first[0] > stop_grace_s
                         else None)
                 if late:
-                    cause[:] = cause or [late]  # the first reason; the kill repeats until the child has gone
+                    cause = cause or late  # the first reason; the kill repeats until the child has gone
                     # sandboxed, this is the launcher: the namespace's first process dies with it
                     # (its parent-death signal), and the kernel then ends every process inside
                     procs[0].kill()
         end = time.monotonic()
-        if killed is not None and rc == -signal.SIGKILL:  # a child that ended just before the kill ended itself
-            killed.extend(cause)
+        if killed is not None and cause and rc == -signal.SIGKILL:  # one that ended just before the kill ended itself
+            killed.append(cause)
     finally:
         if not procs or procs[0].poll() is not None:  # never the child itself, while it runs
             kill_strays(others)  # before anything reads what the child wrote
