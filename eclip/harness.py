@@ -43,7 +43,8 @@ loop, the checkpoint's file writes aside) gets ``AFTER_GRACE_S``, and each encod
 run over any limit ends with status ``error``. A training process still running
 ``DEADLINE_MARGIN_S`` past its wall limit (a step that never returns) is killed: status
 ``timeout``; one still running ``stop_grace`` (the last step's grace, the code after it and
-``STOP_GRACE_S``) after a Ctrl-C or SIGTERM, status ``interrupted``. A write of the
+``STOP_GRACE_S``) after a Ctrl-C or SIGTERM, status ``interrupted``; one that has not
+printed that line ``start_limit`` after its launch (a start-up that hangs), status ``error``. A write of the
 harness's own that meets a full disk ends the run with ``disk_full`` in its result, a field
 the training process's result cannot carry. On the CPU, where other work on the machine
 slows a run, the last step's overrun and the encoders' time are measured in compute instead:
@@ -73,7 +74,15 @@ from eclip.data.cache import out_in_cache_error
 from eclip.errors import EclipError, OneLineParser, first_line, seed_value
 from eclip.fileio import file_bytes, read_regular, remove
 from eclip.hardware import torch_threads
-from eclip.harness_eval import PARTS, TRAIN_DATA, WALL_FACTOR, clear_part, evaluate, hide_gpu
+from eclip.harness_eval import (
+    PARTS,
+    START_LIMIT_S,
+    TRAIN_DATA,
+    WALL_FACTOR,
+    clear_part,
+    evaluate,
+    hide_gpu,
+)
 from eclip.loop import PROGRESS_ENV, write_json
 from eclip.policy import check_file
 from eclip.process import child, exit_code, exit_main, scrub_environment, sigterm_as_ctrl_c
@@ -236,9 +245,10 @@ def run(args) -> int:
         tail: list[str] = []  # its last stderr lines: the reason of a run that ends without a result
         if sys.stderr.isatty():  # its stderr is a pipe to this process: the bar still reaches the terminal
             env = dict(env or os.environ, **{PROGRESS_ENV: "1"})
-        killed: list[str] = []  # "deadline" or "grace" when the harness killed it
+        killed: list[str] = []  # "deadline", "grace" or "start" when the harness killed it
         rc, recipe_wall_s = child(cmd, capped, env=env, ready=READY, signals=heard, deadline_s=deadline,
-                                  stderr_tail=tail, stop_grace_s=stop_grace(args.budget_s), killed=killed)
+                                  stderr_tail=tail, stop_grace_s=stop_grace(args.budget_s), killed=killed,
+                                  start_s=start_limit(placed))
     except EclipError as e:  # the training split or the compile cache could not be copied
         return _finish(result_path, failure("error", e), 1 if disk_full(e) else 2)
     except OSError as e:  # a write of the training split's copy, say
@@ -254,6 +264,10 @@ def run(args) -> int:
         return _finish(result_path, {"status": "interrupted", "val_mean_rank": None, "reason": (
             f"the training process was still running {stop_grace(args.budget_s):.0f} s after it was told to stop, "
             "and was killed (a step that never returns?)")}, 130)
+    if killed == ["start"]:  # before any of the recipe's code: not the recipe's failure
+        return _finish(result_path, {"status": "error", "val_mean_rank": None, "reason": (
+            f"the training process did not start within {start_limit(placed):.0f} s (its imports and the reading "
+            "of the cache, before the recipe's import) and was killed")}, 1)
     if killed == ["deadline"]:
         return _finish(result_path, {"status": "timeout", "val_mean_rank": None, "reason": (
             f"the training process was still running {deadline:.0f} s after the recipe's import, on a budget of "
@@ -373,6 +387,14 @@ def export_training_data(args) -> Path:
     remove(out)  # a run killed before it removed its copy, or a recipe that added to it, left one
     write_subset(cache, rows, out)
     return out
+
+
+def start_limit(io_bytes: int = 0) -> float:
+    """The most a training process may take to start, from its launch to the line it prints
+    before importing the recipe: ``START_LIMIT_S`` (an encoding process's) for the
+    interpreter and torch's import, and the reading of the cache at ``IO_BYTES_PER_S``
+    (``io_bytes``: its images' size)."""
+    return START_LIMIT_S + io_bytes / IO_BYTES_PER_S
 
 
 def stop_grace(budget_s: float) -> float:

@@ -175,7 +175,7 @@ def child_setup(preexec):
 
 def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = None,
           signals: list[int] | None = None, deadline_s: float | None = None, stderr_tail: list[str] | None = None,
-          stop_grace_s: float | None = None, killed: list[str] | None = None):
+          stop_grace_s: float | None = None, killed: list[str] | None = None, start_s: float | None = None):
     """Run one child to its end; its exit code. Ctrl-C reaches it too (same process group):
     it finishes its step, saves and writes an interrupted result; the harness waits for that
     instead of dying first. A SIGTERM sent to the harness is passed on to the child, which
@@ -189,9 +189,12 @@ def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = 
     never returns would otherwise hold the harness for ever, a SIGTERM included, since the
     child ends its step before it stops. ``stop_grace_s``: the child is killed too once that
     long has passed since the first Ctrl-C or SIGTERM this process heard (a hung step would
-    otherwise hold a stopped run to its deadline, hours away on a long budget). ``killed``: a
-    list ``"deadline"`` or ``"grace"`` is appended to when the child was killed for either
-    reason (a SIGKILL from elsewhere, the kernel's OOM killer, appends nothing).
+    otherwise hold a stopped run to its deadline, hours away on a long budget). ``start_s``
+    (with ``ready``): the child is killed once that long has passed since its start without
+    a ready line (a start-up that hangs, on a file system that no longer answers, say, would
+    otherwise hold the harness for ever: the deadline counts from that line). ``killed``: a
+    list ``"deadline"``, ``"grace"`` or ``"start"`` is appended to when the child was killed
+    for that reason (a SIGKILL from elsewhere, the kernel's OOM killer, appends nothing).
     ``stderr_tail``: a list the child's last stderr lines (at most ``TAIL_LINES``, from its
     last ``TAIL_BYTES``) are put in, its stderr being passed on byte for byte (a progress
     bar's carriage returns included)."""
@@ -201,8 +204,9 @@ def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = 
     pending: list[int] = []  # a SIGTERM that came before the child existed
     heard = signals if signals is not None else []
     first: list[float] = []  # when the first Ctrl-C or SIGTERM came
-    cause = None  # why this process killed the child, if it did: "deadline" or "grace"
-    polls = (deadline_s is not None and ready) or stop_grace_s is not None  # a limit to watch while it runs
+    cause = None  # why this process killed the child, if it did: "deadline", "grace" or "start"
+    # a limit to watch while it runs
+    polls = ((deadline_s is not None or start_s is not None) and ready) or stop_grace_s is not None
 
     def note(signum) -> None:
         heard.append(signum)
@@ -230,6 +234,7 @@ def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = 
         procs.append(subprocess.Popen(cmd, preexec_fn=child_setup(preexec), env=env,
                                       stdout=subprocess.PIPE if ready else None,
                                       stderr=subprocess.PIPE if stderr_tail is not None else None))
+        started = time.monotonic()
         if pending:
             procs[0].send_signal(signal.SIGTERM)
         if ready:  # errors="replace": bytes that are not UTF-8 must not end the relaying thread
@@ -245,6 +250,7 @@ def child(cmd: list[str], preexec, env: dict | None = None, ready: str | None = 
                 now = time.monotonic()
                 late = ("deadline" if deadline_s is not None and seen and now - seen[0] > deadline_s
                         else "grace" if stop_grace_s is not None and first and now - first[0] > stop_grace_s
+                        else "start" if start_s is not None and ready and not seen and now - started > start_s
                         else None)
                 if late:
                     cause = cause or late  # the first reason; the kill repeats until the child has gone

@@ -215,6 +215,39 @@ def test_a_child_still_running_after_a_sigterm_is_killed_after_the_grace():
     assert 1.0 < seconds < 60
 
 
+def test_a_child_that_never_says_it_is_ready_is_killed_after_its_start_limit():
+    # a start-up that hangs (before the ready line, from which the deadline counts) once held
+    # the harness for ever
+    killed: list[str] = []
+    rc, seconds = child([sys.executable, "-c", "import time; time.sleep(120)"], None, ready="train: ready",
+                        deadline_s=3600.0, start_s=1.0, killed=killed)
+    assert rc == -signal.SIGKILL and killed == ["start"] and seconds is None
+
+
+def test_the_start_limit_ends_with_the_ready_line():
+    killed: list[str] = []
+    code = "import time; print('train: ready', flush=True); time.sleep(3)"
+    rc, seconds = child([sys.executable, "-c", code], None, ready="train: ready", deadline_s=60.0, start_s=1.0,
+                        killed=killed)
+    assert rc == 0 and killed == [] and seconds > 2
+
+
+def test_a_training_process_that_does_not_start_in_time_ends_in_an_error(small_cache, tmp_path, monkeypatch):
+    # the limit made so short that the interpreter's start-up overruns it: as a hang would
+    monkeypatch.setattr(h, "START_LIMIT_S", 0.01)
+    monkeypatch.setattr(h, "IO_BYTES_PER_S", 1e15)
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    assert h.main(["run", "--recipe", str(recipe(tmp_path)), "--data", str(small_cache), "--budget-s", "60",
+                   "--out", str(out), "--device", "cpu"]) == 1
+    assert time.monotonic() - t0 < 30  # killed, not trained for the 60 s budget
+    assert json.loads((out / "result.json").read_text()) == {"status": "error", "val_mean_rank": None, "reason": (
+        "the training process did not start within 0 s (its imports and the reading of the cache, before the "
+        "recipe's import) and was killed")}
+    assert not (out / "checkpoint.safetensors").exists()
+
+
 def test_a_child_that_ends_on_its_own_is_not_said_to_be_killed():
     killed: list[str] = []
     code = "print('train: ready', flush=True)"
