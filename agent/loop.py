@@ -175,7 +175,7 @@ def session_runs(events: list[dict]) -> set[int]:
 def stop_on_full_disk(e: OSError, root: Path) -> None:
     """Say why the loop stops when ``e`` (raised by one of its own writes) is a full disk;
     raise it again otherwise, from the ``except`` clause that caught it."""
-    if e.errno != errno.ENOSPC:
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):  # a quota's limit is a full disk too, as the harness counts it
         raise e
     print(f"loop: stopping: {e.filename or root}: {e.strerror}; free some space, then resume", file=sys.stderr)
 

@@ -249,23 +249,26 @@ def test_a_full_temporary_directory_counts_as_a_full_disk(tmp_path, monkeypatch)
     assert disk.still_full(tmp_path, []).startswith(f"{tmp_path}: 1.0 GiB free, a run needs about 1.0 GiB")
 
 
+@pytest.mark.parametrize("code", ["ENOSPC", "EDQUOT"])  # a quota's limit, as the harness's disk_full counts it
 def test_a_full_disk_under_the_loops_own_writes_stops_it_with_its_summary(small_cache, tmp_path, monkeypatch,
-                                                                         capsys):
+                                                                         capsys, code):
     import errno
+    import os
 
     monkeypatch.setattr(loop, "run_experiment", writing_runner([100, 100, 90]))
     real = journal.append
+    number = getattr(errno, code)
 
     def append(path, event):
         if event.get("event") == "start" and event.get("kind") == "experiment":
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            raise OSError(number, os.strerror(number), str(path))
         real(path, event)
 
     monkeypatch.setattr(journal, "append", append)
     assert run_loop(tmp_path, small_cache, "--max-experiments", "1") == 1
     out, err = capsys.readouterr()
     ws = Workspace(tmp_path / "d")
-    assert f"loop: stopping: {ws.journal_path}: No space left on device; free some space, then resume" in err
+    assert f"loop: stopping: {ws.journal_path}: {os.strerror(number)}; free some space, then resume" in err
     assert "best_mean_rank: 100" in out and ws.head() == ws.root_commit()
 
 
