@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 from agent import journal
-from eclip.fileio import atomic_write, open_regular, read_regular, remove, tail_lines
-from eclip.process import SECRET, die_with_parent, prctl, scrub_environment
+from agent.runlog import LogCopier, log_tail, redact_file
+from eclip.fileio import read_regular, remove
+from eclip.process import die_with_parent, prctl, scrub_environment
 
 EVAL_CAP_S = 120.0  # evaluation and start-up allowance on top of the training budget
 MARGIN = 0.5  # plus this fraction of the budget before the run is killed as a timeout
@@ -55,77 +56,6 @@ def protect_secrets() -> None:
     run included — can then neither read its /proc/<pid>/environ, which still holds the API
     key, nor attach to it. Root is not stopped by this."""
     prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
-
-
-def secret_values() -> list[str]:
-    """Values of this process's secret-looking environment variables (8 characters or more)."""
-    return [v for k, v in os.environ.items() if SECRET.search(k) and len(v) >= 8]
-
-
-def redact(text: str) -> str:
-    for value in sorted(secret_values(), key=len, reverse=True):  # longest first: one may begin another
-        text = text.replace(value, "[redacted]")
-    return text
-
-
-REDACT_CHUNK = 1 << 20  # bytes ``redact_file`` holds at a time
-
-
-def redact_file(path: Path) -> None:
-    """Rewrite ``path`` without secret values, if it holds any (a run printed one): read in
-    pieces of ``REDACT_CHUNK`` bytes, so a log of gigabytes is never held whole, its other
-    bytes unchanged."""
-    # as the bytes a run would print (an environment value may hold bytes that are not UTF-8)
-    secrets = sorted({os.fsencode(v) for v in secret_values()}, key=len, reverse=True)
-    if not secrets:
-        return
-    pattern = re.compile(b"|".join(map(re.escape, secrets)))  # at each place the longest first
-    keep = len(secrets[0]) - 1  # a secret that begins this close to a piece's end may go on in the next
-
-    def scrub(source, sink=None) -> bool:
-        """Copy ``source`` cleaned into ``sink`` (None: only look); whether it held a secret."""
-        found, carry = False, b""
-        while True:
-            chunk = source.read(REDACT_CHUNK)
-            data = carry + chunk
-            limit = len(data) - keep if chunk else len(data)  # a match from here on may be cut
-            parts, pos = [], 0
-            for match in pattern.finditer(data):
-                if match.start() >= limit:
-                    break
-                parts += [data[pos:match.start()], b"[redacted]"]
-                pos, found = match.end(), True
-            cut = max(pos, limit)
-            if sink is not None:
-                sink.write(b"".join(parts) + data[pos:cut])
-            carry = data[cut:]
-            if not chunk:
-                return found
-
-    def rewrite(tmp: Path) -> None:
-        with open_regular(path) as source, open(tmp, "wb") as sink:
-            scrub(source, sink)
-
-    try:  # never through a link, nor from a FIFO: the run could write where its log lies
-        with open_regular(path) as f:
-            if not scrub(f):
-                return
-    except FileNotFoundError:
-        return
-    except OSError:  # not a regular file: no log of this harness's to clean (or to show)
-        remove(path)
-        return
-    atomic_write(path, rewrite)
-
-
-def log_tail(path: Path, lines: int = 30) -> str:
-    """A run log's last ``lines`` lines, without secrets (from its last 64 KB)."""
-    try:
-        return redact("\n".join(tail_lines(path, lines)))
-    except FileNotFoundError:
-        return ""
-    except OSError:  # a link or a FIFO the run left in its place
-        return f"(no log: {path.name} is not a regular file)"
 
 
 SIGNALS = {int(s) for s in signal.Signals}
@@ -201,23 +131,35 @@ def run_experiment(recipe: Path, data: Path, budget_s: float, out: Path, *, comp
     t0 = time.perf_counter()
     # a new file, never through a link: an earlier run in this folder could have left one
     remove(out / "run.log")
-    with open(os.open(out / "run.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666), "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=clean_env(),
-                                start_new_session=True, preexec_fn=die_with_parent,
-                                cwd=Path(__file__).resolve().parents[1])
+    with open(os.open(out / "run.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666), "wb") as log:
+        # through a pipe, whose reader bounds the log and keeps secrets out (agent.runlog)
+        read_end, write_end = os.pipe()
+        try:
+            proc = subprocess.Popen(cmd, stdout=write_end, stderr=subprocess.STDOUT, env=clean_env(),
+                                    start_new_session=True, preexec_fn=die_with_parent,
+                                    cwd=Path(__file__).resolve().parents[1])
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)  # the harness holds it now: the pipe ends when its processes do
+        copier, rc = LogCopier(read_end, log), None
         try:
             rc = proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
             kill_group(proc.pid)  # the whole group: compile workers included
             proc.wait()
-            redact_file(out / "run.log")
-            return {"status": "timeout", "val_mean_rank": None, "duration_s": time.perf_counter() - t0,
-                    "reason": f"killed after {limit:.0f} s", "log_tail": log_tail(out / "run.log")}
         except BaseException:  # Ctrl-C or a kill of the loop: never leave the run behind
             kill_group(proc.pid)
             proc.wait()
             raise
+        finally:  # before the log is closed, a second Ctrl-C included
+            copier.finish()
     duration = time.perf_counter() - t0
+    if rc is None:
+        redact_file(out / "run.log")
+        return {"status": "timeout", "val_mean_rank": None, "duration_s": duration,
+                "reason": f"killed after {limit:.0f} s", "log_tail": log_tail(out / "run.log")}
     redact_file(out / "run.log")  # a run cannot see the key, but whatever it printed stays clean
     result = finished_result(out)
     if result is None:

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from agent import runlog
 from agent.runner import run_experiment
 from eclip.train import TEMPLATE
 
@@ -43,8 +44,8 @@ def test_secrets_are_redacted_from_run_logs(tmp_path, monkeypatch):
     monkeypatch.setenv("SHORT_TOKEN", "abc")  # too short to redact safely
     log = tmp_path / "run.log"
     log.write_text("step 1\nkey sk-ant-zzz-123456789 printed\nabc\n")
-    assert runner.log_tail(log) == "step 1\nkey [redacted] printed\nabc"
-    runner.redact_file(log)
+    assert runlog.log_tail(log) == "step 1\nkey [redacted] printed\nabc"
+    runlog.redact_file(log)
     assert log.read_text() == "step 1\nkey [redacted] printed\nabc\n"
     env = runner.clean_env()  # and what a run gets: no secrets, no hub downloads
     assert "ANTHROPIC_API_KEY" not in env and env["HF_HUB_OFFLINE"] == "1"
@@ -61,24 +62,22 @@ def test_protect_secrets_makes_the_loop_process_non_dumpable():
 
 
 def test_a_secret_of_eight_characters_is_redacted(monkeypatch):
-    from agent import runner
 
     monkeypatch.setenv("X_TOKEN", "k8-chars")  # the shortest value replaced
     monkeypatch.setenv("Y_TOKEN", "k7chars")  # one shorter: too common a string to replace safely
-    assert runner.redact("a k8-chars b k7chars c") == "a [redacted] b k7chars c"
+    assert runlog.redact("a k8-chars b k7chars c") == "a [redacted] b k7chars c"
 
 
 def test_redact_file_leaves_a_log_without_secrets_byte_for_byte(tmp_path):
     # a log is rewritten only when it held a secret: otherwise its undecodable bytes and
     # line endings would be rewritten too
-    from agent import runner
 
     log = tmp_path / "run.log"
     data = b"step 1 \xff\xfe undecodable\r\nstep 2\r\n"
     log.write_bytes(data)
-    runner.redact_file(log)
+    runlog.redact_file(log)
     assert log.read_bytes() == data
-    runner.redact_file(tmp_path / "missing.log")  # no log: nothing to do, no error
+    runlog.redact_file(tmp_path / "missing.log")  # no log: nothing to do, no error
     assert not (tmp_path / "missing.log").exists()
 
 
@@ -151,7 +150,6 @@ def test_seconds_must_be_positive_and_finite(value, ok):
 def test_a_secret_inside_a_longer_one_leaves_no_part_of_either(monkeypatch):
     # two secrets where one is the start of the other: replacing the shorter first left the
     # longer one's tail in the log
-    from agent import runner
 
     for order in (("A_TOKEN", "sk-ant-abcdef"), ("ANTHROPIC_API_KEY", "sk-ant-abcdef-LONGTAIL99")), \
                  (("ANTHROPIC_API_KEY", "sk-ant-abcdef-LONGTAIL99"), ("A_TOKEN", "sk-ant-abcdef")):
@@ -159,51 +157,48 @@ def test_a_secret_inside_a_longer_one_leaves_no_part_of_either(monkeypatch):
             monkeypatch.delenv(name, raising=False)
         for name, value in order:  # os.environ lists them in the order they were set
             monkeypatch.setenv(name, value)
-        assert runner.redact("key=sk-ant-abcdef-LONGTAIL99 short=sk-ant-abcdef") == "key=[redacted] short=[redacted]"
+        assert runlog.redact("key=sk-ant-abcdef-LONGTAIL99 short=sk-ant-abcdef") == "key=[redacted] short=[redacted]"
 
 
 @pytest.mark.parametrize("chunk", [7, 16, 1 << 20])  # a piece shorter than the secret, longer, the default
 def test_redact_file_finds_a_secret_a_pieces_end_cuts(tmp_path, monkeypatch, chunk):
     # the log is read in pieces (a run may print gigabytes): a secret across two pieces, or
     # across three, is replaced all the same, and the other bytes stay as they were
-    from agent import runner
 
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-zzz-123456789")
     monkeypatch.setenv("OTHER_TOKEN", "sk-ant-zzz")  # begins the longer one: longest first
-    monkeypatch.setattr(runner, "REDACT_CHUNK", chunk)
+    monkeypatch.setattr(runlog, "REDACT_CHUNK", chunk)
     log = tmp_path / "run.log"
     log.write_bytes(b"\xff x" * 5 + b"sk-ant-zzz-123456789" + b"\r\n" + b"y" * 40 + b"sk-ant-zzz" + b" end")
-    runner.redact_file(log)
+    runlog.redact_file(log)
     assert log.read_bytes() == b"\xff x" * 5 + b"[redacted]\r\n" + b"y" * 40 + b"[redacted] end"
 
 
 def test_log_tail_reads_the_end_of_a_large_log_only(tmp_path, read_sizes):
-    from agent import runner
 
     log = tmp_path / "run.log"
     with open(log, "wb") as f:  # 8 MB of one line without end, then the lines that matter
         f.write(b"x" * (8 << 20) + b"\n" + b"".join(b"line %d\n" % i for i in range(40)))
-    assert runner.log_tail(log) == "\n".join(f"line {i}" for i in range(10, 40))
+    assert runlog.log_tail(log) == "\n".join(f"line {i}" for i in range(10, 40))
     assert read_sizes and all(0 < n <= 65536 + 1 for n in read_sizes)  # the window and the byte before it
 
 
 def test_a_run_log_a_run_replaced_with_a_link_or_a_fifo_is_neither_followed_nor_read(tmp_path, monkeypatch):
     # the run's folder is the training process's --out: a run could leave a link to another
     # file (its tail would reach the journal and the proposer) or a FIFO (a read for ever)
-    from agent import runner
 
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-zzz-123456789")
     other = tmp_path / "private.txt"
     other.write_text("not the run's: sk-ant-zzz-123456789\n")
     log = tmp_path / "run.log"
     log.symlink_to(other)
-    assert runner.log_tail(log) == "(no log: run.log is not a regular file)"
-    runner.redact_file(log)
+    assert runlog.log_tail(log) == "(no log: run.log is not a regular file)"
+    runlog.redact_file(log)
     assert not log.exists() and not log.is_symlink()
     assert other.read_text() == "not the run's: sk-ant-zzz-123456789\n"
     os.mkfifo(log)
-    assert runner.log_tail(log) == "(no log: run.log is not a regular file)"
-    runner.redact_file(log)
+    assert runlog.log_tail(log) == "(no log: run.log is not a regular file)"
+    runlog.redact_file(log)
     assert not log.exists()
 
 
@@ -225,22 +220,20 @@ def test_a_link_left_where_the_next_run_logs_is_replaced_not_written_through(tmp
 def test_a_log_tail_keeps_the_end_of_a_line_longer_than_its_window_and_a_whole_first_line(tmp_path):
     # a review: a last line over 64 KB gave no tail at all (its error hidden from the proposer
     # and from the out-of-space check), and a window that began at a line's start lost that line
-    from agent import runner
 
     log = tmp_path / "run.log"
     log.write_text("RuntimeError: No space left on device " + "y" * 70000 + "\n")
-    assert runner.log_tail(log) == "y" * (65536 - 1)  # the line's end, its newline aside
+    assert runlog.log_tail(log) == "y" * (65536 - 1)  # the line's end, its newline aside
     log.write_bytes(b"a" * 10 + b"\n" + b"b" * 65535 + b"\n")  # the window: exactly the last line
-    assert runner.log_tail(log) == "b" * 65535
+    assert runlog.log_tail(log) == "b" * 65535
 
 
 def test_a_secret_that_is_not_utf8_is_redacted_as_its_bytes(tmp_path, monkeypatch):
-    from agent import runner
 
     monkeypatch.setitem(os.environb, b"MY_API_TOKEN", b"abc\xffdefghij")
     log = tmp_path / "run.log"
     log.write_bytes(b"printed abc\xffdefghij here\n")
-    runner.redact_file(log)
+    runlog.redact_file(log)
     assert log.read_bytes() == b"printed [redacted] here\n"
 
 
