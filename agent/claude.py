@@ -14,7 +14,12 @@ Control and failures:
   after a pause (``api_attempts`` × ``api_pause_s``, doubling); still failing, the proposal
   raises ``ProposerUnavailable``; authentication, permission and request errors raise
   ``ProposerStop`` at once: retrying cannot fix them, except a conversation grown past the
-  context window ("prompt is too long"), which ends this proposal without a submission;
+  context window ("prompt is too long"), which ends this proposal without a submission. So
+  do a 429 for a spend limit, an error the server marks ``x-should-retry: false`` and a
+  request that could not be sent (an illegal header: a key with a newline);
+- every string sent is made valid UTF-8 first (``_encodable``): a lone surrogate in a run's
+  reason or in the model's own reply would otherwise fail every later request; an empty
+  reply ends the proposal (the API refuses an empty assistant turn);
 - requests are not streamed, under the SDK's own timeout for that case (10 minutes), which
   also refuses a ``max_tokens`` whose reply could outlast it (``MAX_TOKENS``). A request that
   times out anyway is not tried again after the SDK's retries (``ProposerUnavailable``): a
@@ -116,6 +121,39 @@ def _tool_results(box: ToolBox, uses: list[dict], content: list[dict], stop_reas
     return results
 
 
+def _encodable(value):
+    """``value`` (a request's messages: dicts, lists, strings) with every string made valid
+    UTF-8: a lone surrogate (a JSON escape in a run's reason, in the model's own reply) cannot
+    be sent, and one in the journal's history would fail every later proposal of the study."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_encodable(k): _encodable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encodable(v) for v in value]
+    return value
+
+
+# 429s that no pause fixes: the organisation's spend limit (SDK 2.14 and later)
+NOT_TRANSIENT = ("EnforcedSpendLimitReachedError", "ContractSpendLimitReachedError")
+
+
+def _never_retried(a, e) -> str | None:
+    """Why the transient-looking error ``e`` must stop the loop at once, or None: a spend
+    limit, a server that says not to retry (``x-should-retry: false``), or a request that
+    could not even be sent (an illegal header value: a key with a newline, say)."""
+    if any(isinstance(e, getattr(a, n)) for n in NOT_TRANSIENT if hasattr(a, n)):
+        return f"the API's spend limit is reached ({e.status_code}); raise it, or wait for it to reset"
+    response = getattr(e, "response", None)
+    if response is not None and str(response.headers.get("x-should-retry", "")).lower() == "false":
+        return f"the API refused the request ({e.status_code}) and said not to retry it"
+    cause = e.__cause__ or e.__context__
+    if isinstance(e, a.APIConnectionError) and type(cause).__name__ == "LocalProtocolError":
+        # never the cause's text: an illegal header's value may be the key itself
+        return "the request could not be sent (an illegal header value): check ANTHROPIC_API_KEY for spaces or newlines"
+    return None
+
+
 def _transient(a) -> tuple[type, ...]:
     """The SDK's errors worth a pause and another attempt once its own retries are spent:
     rate limits, server errors (529 overloaded among them), lost connections, and the 408
@@ -150,7 +188,7 @@ class ClaudeProposer:
             try:
                 return self.client.messages.create(
                     model=self.cfg.model, max_tokens=self.cfg.max_tokens, system=self.system,
-                    tools=TOOLS, messages=_with_breakpoint(messages), **self.cfg.extra)
+                    tools=TOOLS, messages=_encodable(_with_breakpoint(messages)), **self.cfg.extra)
             except a.AuthenticationError as e:
                 raise ProposerStop(f"authentication failed ({e.status_code}): check ANTHROPIC_API_KEY") from None
             except a.PermissionDeniedError as e:
@@ -159,6 +197,8 @@ class ClaudeProposer:
                 raise ProposerUnavailable(f"the API did not answer within the request timeout, "
                                           f"{self.cfg.sdk_retries + 1} times") from None
             except _transient(a) as e:
+                if why := _never_retried(a, e):
+                    raise ProposerStop(why) from None
                 if attempt == self.cfg.api_attempts:
                     what = getattr(e, "status_code", None) or type(e).__name__
                     raise ProposerUnavailable(f"the API kept failing ({what}) after "
@@ -207,6 +247,9 @@ class ClaudeProposer:
                 one.add_reply(reply.usage)
                 on_usage(one.to_dict(), one.cost_usd(self.cfg.model))
             content = [_block_dict(b) for b in reply.content]
+            if not content:  # an empty assistant turn is a request the API refuses: nothing to go on with
+                reason = f"the model's reply was empty (stop_reason {reply.stop_reason})"
+                break
             messages.append({"role": "assistant", "content": content})
             uses = [b for b in content if b.get("type") == "tool_use"]
             if not uses and reply.stop_reason == "max_tokens" and not nudged:  # cut off while thinking

@@ -18,6 +18,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from agent.runlog import redact_value
 from agent.workspace import WorkspaceError
 from eclip.fileio import atomic_write
 
@@ -35,7 +36,10 @@ def _ends_torn(path: Path) -> bool:
 
 
 def append(path: Path, event: dict) -> None:
-    line = json.dumps(event, default=str)
+    """Add ``event`` as one line, fsynced; refused (ValueError) when ``read`` could not take
+    it back. The values of secret-looking environment variables are replaced first: a
+    model's reply, a run's reason, may echo a key."""
+    line = json.dumps(redact_value(event), default=str)
     if problem := _problem(json.loads(line)):  # a line read() would skip: the loop's own error, said now
         raise ValueError(f"{path}: refusing to journal a line that could not be read back ({problem})")
     torn = _ends_torn(path)

@@ -17,6 +17,7 @@ best by more than ``max(--min-delta, 2σ)``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import math
@@ -39,6 +40,7 @@ from agent.records import (
     state,
     with_checkpoint_size,
 )
+from agent.runlog import redact, redact_value
 from agent.runner import (
     clean_env,
     data_fingerprint,
@@ -254,10 +256,15 @@ def step(ws: Workspace, args, proposer: SearchProposer, root_commit: str) -> boo
                if isinstance(e, KeyboardInterrupt) else f"the proposer failed: {type(e).__name__}: {str(e)[:200]}")
         if usage is not None and usage.calls:
             extra = {"usage": usage.to_dict(), "cost_usd": usage.cost_usd(args.model), "model": args.model}
-            record_unrun(ws, n, f"no-op: {why}", extra, "no-op", [why])
+            # interrupted, as reconcile records one a kill cut off: nothing was tried, so it
+            # counts as no experiment (--max-experiments) and leaves a pending fix pending
+            record_unrun(ws, n, f"no-op: {why}", extra, "interrupted", [why])
         if isinstance(e, (ProposerStop, KeyboardInterrupt)):
             raise
         raise ProposerStop(why) from e
+    # a model may echo a key it was shown (a pasted program.md): from here on, written nowhere
+    prop = dataclasses.replace(prop, description=redact(prop.description), hypothesis=redact(prop.hypothesis),
+                               extra=redact_value(prop.extra), transcript=redact_value(prop.transcript))
     info = {"hypothesis": prop.hypothesis, "changes": {k: list(v) for k, v in prop.changes.items()},
             "search_step": prop.step, **prop.extra}
     if fix is not None:

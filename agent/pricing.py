@@ -44,13 +44,15 @@ class Usage:
     cache_read_tokens: int = 0  # cache_read_input_tokens
 
     def add_reply(self, usage) -> None:
-        """Add one reply's ``usage`` (the SDK's object or a dict; missing fields count 0)."""
+        """Add one reply's ``usage`` (the SDK's object or a dict; missing fields count 0,
+        and a count that is no number, negative or beyond ``MAX_TOKENS_A_REPLY`` is read as
+        0 or that bound: a negative count would lower the spending the cost cap sees)."""
         get = usage.get if isinstance(usage, dict) else (lambda k, d=None: getattr(usage, k, d))
         self.calls += 1
-        self.input_tokens += int(get("input_tokens", 0) or 0)
-        self.output_tokens += int(get("output_tokens", 0) or 0)
-        self.cache_write_tokens += int(get("cache_creation_input_tokens", 0) or 0)
-        self.cache_read_tokens += int(get("cache_read_input_tokens", 0) or 0)
+        self.input_tokens += _count(get("input_tokens", 0))
+        self.output_tokens += _count(get("output_tokens", 0))
+        self.cache_write_tokens += _count(get("cache_creation_input_tokens", 0))
+        self.cache_read_tokens += _count(get("cache_read_input_tokens", 0))
 
     def cost_usd(self, model: str) -> float:
         (p_in, p_out, p_cw, p_cr), _ = rates(model)
@@ -59,3 +61,13 @@ class Usage:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+MAX_TOKENS_A_REPLY = 10**9  # far beyond any model's context: a count past it is a broken reply
+
+
+def _count(value) -> int:
+    """A token count as ``add_reply`` adds it: an int in 0..MAX_TOKENS_A_REPLY."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:  # value != value: NaN
+        return 0
+    return int(min(max(value, 0), MAX_TOKENS_A_REPLY))

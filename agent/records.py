@@ -124,7 +124,8 @@ FIXABLE = ("crash", "diverged")
 def fix_target(exps: list[dict], attempts: int) -> dict | None:
     """The last experiment, if it failed in a way a code change can repair and the chain of
     fix attempts leading to it is shorter than ``attempts``."""
-    done = [e for e in exps if e.get("kind") == "experiment" and e.get("ended")]
+    # an interrupted one tried nothing (a proposal cut off, a run stopped): the fix it may have been stays due
+    done = [e for e in exps if e.get("kind") == "experiment" and e.get("ended") and e.get("status") != "interrupted"]
     if not done or done[-1].get("status") not in FIXABLE or done[-1].get("commit") is None:
         return None
     chain, by_n = 0, {e["n"]: e for e in exps}

@@ -45,6 +45,20 @@ def redact(text: str) -> str:
     return text
 
 
+def redact_value(value):
+    """``value`` (JSON-like: dicts, lists, strings) with ``redact`` applied to every string in
+    it, keys included: what the loop journals or saves may hold what a model echoed."""
+    if not secret_values():
+        return value
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {redact_value(k): redact_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_value(v) for v in value]
+    return value
+
+
 class Scrubber:
     """Replaces the secrets' bytes in a stream fed in pieces: ``feed`` returns what is clean
     so far, holding back an end that may begin a secret the next piece goes on with;

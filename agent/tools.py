@@ -97,6 +97,17 @@ class ToolError(Exception):
     """A refused or malformed tool call: its message goes back to the model as is_error."""
 
 
+def _unprintable(text: str, allowed: str = "") -> str | None:
+    """The first character of ``text`` a submission may not carry, as Python writes it, or
+    None: a control character (a NUL fails the commit message it goes into) or a lone
+    surrogate (not UTF-8: the journal's history, sent with every later proposal, could
+    not be)."""
+    for ch in text:
+        if ch not in allowed and (ord(ch) < 32 or ord(ch) == 127 or 0xD800 <= ord(ch) <= 0xDFFF):
+            return repr(ch)
+    return None
+
+
 def _numbered(text: str, view_range, name: str) -> str:
     lines = text.splitlines()
     first, last = 1, len(lines)
@@ -223,12 +234,16 @@ class ToolBox:
         desc, hyp = args.get("description"), args.get("hypothesis")
         if not isinstance(desc, str) or not desc.strip() or not isinstance(hyp, str) or not hyp.strip():
             raise ToolError("submit needs a non-empty hypothesis and description")
+        expected = args.get("expected_effect", "")
+        expected = expected if isinstance(expected, str) else ""
+        for name, text in (("description", desc), ("hypothesis", hyp), ("expected_effect", expected)):
+            if bad := _unprintable(text, "\n\r\t"):  # line ends and tabs: the description's are made spaces
+                raise ToolError(f"{name} holds the character {bad}: use printable text")
         if self.source == self.original:
             raise ToolError("recipe.py is unchanged: edit it before submitting")
         problems = self._checks(self.source)
         if problems:
             raise ToolError("recipe.py would be rejected; fix it first:\n" + "\n".join(problems))
-        expected = args.get("expected_effect", "")
         self.submission = {"description": " ".join(desc.split())[:80], "hypothesis": hyp.strip(),
-                           "expected_effect": expected.strip() if isinstance(expected, str) else ""}
+                           "expected_effect": expected.strip()}
         return "submitted; the experiment will run now"

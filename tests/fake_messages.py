@@ -3,8 +3,8 @@
 It serves ``POST /v1/messages`` from a script of replies, in order, and records every
 request (headers and JSON body). A scripted reply is either a list of content blocks (a
 200 message with ``stop_reason`` tool_use or end_turn and the given usage) or an ``Error``
-(a status code with the API's error body and a ``retry-after-ms`` header, so the SDK's
-retries are fast) or a ``Hang`` (no answer: the client's timeout). Past the end of the script it answers 500 and the test fails loudly.
+(a status code with the API's error body, an error code in it if given, and a
+``retry-after-ms`` header, so the SDK's retries are fast, with any other headers) or a ``Hang`` (no answer: the client's timeout). Past the end of the script it answers 500 and the test fails loudly.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 class Error:
     status: int
     message: str = "scripted error"
+    code: str | None = None  # error.details.error_code, which newer SDKs map to a subclass (a spend limit's)
+    headers: dict = field(default_factory=dict)  # sent besides retry-after-ms
 
 
 @dataclass
@@ -69,9 +71,11 @@ class FakeMessagesAPI:
                     self.close_connection = True
                     return
                 if isinstance(item, Error):
-                    payload = {"type": "error", "error": {"type": ERROR_TYPES.get(item.status, "api_error"),
-                                                          "message": item.message}}
-                    self._send(item.status, payload, {"retry-after-ms": "1"})
+                    error = {"type": ERROR_TYPES.get(item.status, "api_error"), "message": item.message}
+                    if item.code:
+                        error["details"] = {"error_code": item.code}
+                    payload = {"type": "error", "error": error}
+                    self._send(item.status, payload, {"retry-after-ms": "1", **item.headers})
                     return
                 stop = item.stop_reason or ("tool_use" if any(b.get("type") == "tool_use" for b in item.content)
                                             else "end_turn")

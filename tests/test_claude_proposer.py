@@ -5,7 +5,7 @@ history it carries, turns, breakpoints, nudges and fix attempts."""
 import json
 
 import pytest
-from claude_support import LR_NEW, LR_OLD, SUBMIT, _args, _edit, _exps, scripted
+from claude_support import KEY, LR_NEW, LR_OLD, SUBMIT, _args, _edit, _exps, scripted
 
 from agent import loop
 from agent.claude import ClaudeConfig, ClaudeProposer
@@ -128,3 +128,18 @@ def test_the_history_summary_shows_the_latest_runs_and_failures():
     assert shown == [7, 11] == sorted(crashes)[-prompt.FAILURES_SHOWN:]
     tail_lines = {line for line in lines if line.startswith("run 11 line")}
     assert tail_lines == {f"run 11 line {i}" for i in range(30 - prompt.TAIL_LINES + 1, 31)}
+
+
+def test_a_key_the_model_echoes_is_written_nowhere(api, ws, small_cache, tmp_path, monkeypatch):
+    # a key the model was shown (pasted into program.md, say) and repeats: the transcript,
+    # the journal, results.tsv and the commit message once kept it
+    monkeypatch.setattr(loop, "run_experiment", scripted([99]))
+    submit = tool("submit", {"hypothesis": f"the key {KEY} says so", "description": f"lr up {KEY}"})
+    api.script = [Reply([text(f"I was shown {KEY}."), _edit(), submit])]
+    assert loop.main(_args(tmp_path, small_cache, 1)) == 0
+    exps = _exps(ws)
+    assert exps[2]["status"] == "keep" and exps[2]["description"] == "lr up [redacted]"
+    assert exps[2]["hypothesis"] == "the key [redacted] says so"
+    for path in (ws.journal_path, ws.results_path, ws.experiments / "3" / "transcript.json"):
+        assert KEY not in path.read_text() and "[redacted]" in path.read_text(), path
+    assert KEY not in ws.git("log", "--format=%B") and "experiment 3: lr up [redacted]" in ws.git("log", "--format=%B")

@@ -3,7 +3,7 @@ stops and kills, the --max-cost-usd cap across and within proposals, and what a 
 reports of its turns, edits and tool calls."""
 
 import pytest
-from claude_support import LR_NEW, SUBMIT, _args, _edit, _exps, scripted
+from claude_support import LR_NEW, LR_OLD, SUBMIT, _args, _edit, _exps, scripted
 
 from agent import journal, loop, report
 from agent.claude import ClaudeConfig, ClaudeProposer
@@ -70,7 +70,8 @@ def test_spending_is_journaled_per_call_and_survives_a_stop_mid_proposal(api, ws
     assert usage[0]["usage"] == {"calls": 1, "input_tokens": 1000, "output_tokens": 200, "cache_write_tokens": 0,
                                  "cache_read_tokens": 5000}
     e = _exps(ws)[2]
-    assert e["status"] == "no-op" and "authentication failed" in e["description"]
+    # interrupted: nothing was tried, so it counts as no experiment (as a kill mid-proposal)
+    assert e["status"] == "interrupted" and "authentication failed" in e["description"]
     assert e["cost_usd"] == pytest.approx(2 * one) and journal.spent_usd(events) == pytest.approx(2 * one)
 
 
@@ -150,3 +151,46 @@ def test_a_proposal_reports_its_turns_edits_and_calls(api, tmp_path):
                                         {"tool": "edit", "ok": True}, {"tool": "submit", "ok": True}]
     assert prop.extra["expected_effect"] == "mean rank -3" and prop.extra["reason"] is None
     assert prop.description == "lr 1e-3 -> 2e-3" and prop.hypothesis.startswith("A higher peak rate")
+
+
+def test_a_ctrl_c_mid_proposal_costs_no_experiment_and_leaves_a_pending_fix_due(api, ws, small_cache, tmp_path,
+                                                                                 monkeypatch):
+    # recorded no-op, it counted against --max-experiments and ended the fix of the crash
+    # before it (a kill at the same point, recorded interrupted by reconcile, did neither)
+    calls = []
+    monkeypatch.setattr(loop, "run_experiment", scripted([None, 97], calls))
+    api.script = [Reply([_edit(LR_OLD, '"lr": lr2,'), SUBMIT])]  # a change that crashes
+    assert loop.main(_args(tmp_path, small_cache, 1)) == 0
+    real = ClaudeProposer._create
+    replies = []
+
+    def cut_after_one(self, messages):  # one reply paid for, then Ctrl-C
+        if replies:
+            raise KeyboardInterrupt
+        replies.append(real(self, messages))
+        return replies[-1]
+
+    monkeypatch.setattr(ClaudeProposer, "_create", cut_after_one)
+    api.script = [Reply([tool("view", {"path": "recipe.py"})])]
+    assert loop.main(_args(tmp_path, small_cache, 2)) == 130
+    assert [(e["n"], e["status"]) for e in _exps(ws)[2:]] == [(3, "crash"), (4, "interrupted")]
+    monkeypatch.setattr(ClaudeProposer, "_create", real)
+    api.script = [Reply([_edit('"lr": lr2,', '"lr": 2e-3,'), SUBMIT])]
+    assert loop.main(_args(tmp_path, small_cache, 2)) == 0  # the second experiment is still to come
+    exps = _exps(ws)
+    assert [(e["n"], e["status"]) for e in exps[2:]] == [(3, "crash"), (4, "interrupted"), (5, "keep")]
+    assert exps[4]["fix_of"] == 3 and "# Fix attempt" in api.requests[-1]["body"]["messages"][0]["content"][0]["text"]
+
+
+@pytest.mark.parametrize("counts,read", [
+    ({"input_tokens": -1_000_000, "output_tokens": 10}, (0, 10, 0, 0)),  # a negative count lowered the cap's sum
+    ({"input_tokens": 10**400, "cache_read_input_tokens": float("inf")}, (10**9, 0, 0, 10**9)),  # OverflowError
+    ({"output_tokens": float("nan"), "cache_creation_input_tokens": "12", "input_tokens": True}, (0, 0, 0, 0)),
+    ({"input_tokens": 7, "output_tokens": 3, "cache_creation_input_tokens": 2, "cache_read_input_tokens": 1},
+     (7, 3, 2, 1)),
+])
+def test_token_counts_a_reply_cannot_mean_are_bounded(counts, read):
+    usage = Usage()
+    usage.add_reply(counts)
+    assert (usage.input_tokens, usage.output_tokens, usage.cache_write_tokens, usage.cache_read_tokens) == read
+    assert usage.cost_usd("claude-sonnet-5-5") >= 0 and usage.cost_usd("claude-sonnet-5-5") < float("inf")

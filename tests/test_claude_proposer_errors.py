@@ -8,7 +8,7 @@ import pytest
 from claude_support import KEY, LR_NEW, LR_OLD, SUBMIT, _args, _edit, _exps, scripted
 
 from agent import loop
-from agent.claude import ClaudeConfig, ClaudeProposer, ProposerUnavailable
+from agent.claude import ClaudeConfig, ClaudeProposer, ProposerStop, ProposerUnavailable
 from tests.fake_messages import Error, Hang, Reply, tool
 
 
@@ -116,3 +116,57 @@ def test_the_loop_level_pause_doubles(api, tmp_path, monkeypatch):
     ClaudeProposer(ClaudeConfig(sdk_retries=0, api_attempts=3, api_pause_s=0.5)).propose(
         'HPARAMS = {"lr": 1e-3,}\n', [], context=ctx)
     assert pauses == [0.5, 1.0, 2.0] and len(api.requests) == 4
+
+
+CTX = {"program": "brief", "experiments": [], "state": {"best": 100.0, "threshold": 0.0, "experiments": 0,
+                                                          "baselines": 2}}
+
+
+@pytest.mark.parametrize("error,message", [
+    # SDK 2.14's class for it is a RateLimitError: it was paused on and tried 4 times
+    (Error(429, "spend limit reached", code="enforced_spend_limit_reached"), "the API's spend limit is reached (429)"),
+    (Error(529, headers={"x-should-retry": "false"}), "the API refused the request (529) and said not to retry it"),
+])
+def test_errors_a_retry_cannot_fix_stop_at_once(api, tmp_path, error, message):
+    cfg = ClaudeConfig(sdk_retries=0, api_attempts=3, api_pause_s=0.01)
+    api.script = [error] * 4
+    with pytest.raises(ProposerStop) as stop:
+        ClaudeProposer(cfg).propose('HPARAMS = {"lr": 1e-3,}\n', [], context=dict(CTX, workspace=tmp_path))
+    assert str(stop.value).startswith(message) and not isinstance(stop.value, ProposerUnavailable)
+    assert len(api.requests) == 1
+
+
+def test_a_key_that_cannot_be_sent_stops_at_once_and_is_not_shown(api, tmp_path, monkeypatch):
+    # a key pasted with its newline: the request fails before it leaves, on every try
+    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY + "\n")
+    cfg = ClaudeConfig(sdk_retries=1, api_attempts=3, api_pause_s=0.01)
+    with pytest.raises(ProposerStop) as stop:
+        ClaudeProposer(cfg).propose('HPARAMS = {"lr": 1e-3,}\n', [], context=dict(CTX, workspace=tmp_path))
+    assert str(stop.value) == ("the request could not be sent (an illegal header value): check ANTHROPIC_API_KEY "
+                               "for spaces or newlines")
+    assert stop.value.__cause__ is None and stop.value.__suppress_context__  # the SDK's error, which shows the key
+    assert api.requests == []
+
+
+def test_an_empty_reply_ends_the_proposal_rather_than_send_an_empty_turn(api, tmp_path):
+    # the API refuses a request with an empty assistant turn (400), which stopped the study
+    api.script = [Reply([], stop_reason="max_tokens")]
+    prop = ClaudeProposer(ClaudeConfig()).propose('HPARAMS = {"lr": 1e-3,}\n', [], context=dict(CTX, workspace=tmp_path))
+    assert prop.extra["reason"] == "the model's reply was empty (stop_reason max_tokens)"
+    assert prop.description.startswith("no-op: ") and len(api.requests) == 1
+
+
+def test_text_that_is_not_utf8_is_sent_made_valid(api, tmp_path):
+    # a lone surrogate (a JSON escape) in a run's reason, quoted in every later proposal's
+    # history, and in the model's own reply, sent back: each once failed every request after
+    exps = [{"n": 3, "kind": "experiment", "ended": True, "status": "crash", "description": "lr up",
+             "hypothesis": "h", "val_mean_rank": None,
+             "result": {"reason": "CUDA error \ud800 here", "log_tail": "RuntimeError: \udcff"}}]
+    api.script = [Reply([tool("view", {"path": "recipe\ud800.py"})]), Reply([_edit(), SUBMIT])]
+    source = 'HPARAMS = {"lr": 1e-3,}\n'
+    prop = ClaudeProposer(ClaudeConfig()).propose(source, [], context=dict(CTX, workspace=tmp_path,
+                                                                           experiments=exps))
+    assert prop.source == source.replace(LR_OLD, LR_NEW) and len(api.requests) == 2
+    first = json.dumps(api.requests[0]["body"]["messages"])
+    assert "RuntimeError: ?" in first and "\\ud" not in first
+    assert api.requests[1]["body"]["messages"][1]["content"][0]["input"] == {"path": "recipe?.py"}

@@ -248,3 +248,19 @@ def test_submit_refuses_a_policy_violation_and_trims_the_description(tmp_path):
     assert box.submission == {"description": ("lr 1e-3 -> 2e-3 " + "x" * 100)[:80], "hypothesis": "faster",
                               "expected_effect": ""}
     assert [c["ok"] for c in box.calls] == [True, False, True, True]
+
+
+@pytest.mark.parametrize("field,value,shown", [
+    ("description", "lr\x00 2e-3", "'\\x00'"),  # a NUL failed the commit message, a traceback
+    ("hypothesis", "faster \ud800", "'\\ud800'"),  # not UTF-8: every later proposal's history failed
+    ("expected_effect", "rank \x1b[31m-3", "'\\x1b'"),
+])
+def test_submit_refuses_control_characters_and_lone_surrogates(tmp_path, field, value, shown):
+    box = ToolBox(tmp_path, "x = 1\n", "brief")
+    box.run("edit", {"command": "str_replace", "path": "recipe.py", "old_str": "x = 1", "new_str": "x = 2"})
+    args = dict({"hypothesis": "h", "description": "d"}, **{field: value})
+    out, is_error = box.run("submit", args)
+    assert is_error and out == f"error: {field} holds the character {shown}: use printable text"
+    assert box.submission is None
+    out, is_error = box.run("submit", {"hypothesis": "two\nlines\twith a tab\r\n", "description": "d\n"})
+    assert not is_error and box.submission["hypothesis"] == "two\nlines\twith a tab"
