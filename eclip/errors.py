@@ -16,16 +16,26 @@ def first_line(e: BaseException, limit: int | None = None) -> str:
     return (lines[0] if lines and lines[0] else type(e).__name__)[:limit]
 
 
+def printable(text: str) -> str:
+    """``text`` with every character that is not printable (a newline, a NUL, a lone
+    surrogate) written as its escape (``\\n``, ``\\x00``, ``\\ud83d``): a file name or a
+    caption quoted in an error must keep the error on one line."""
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for ch in text)
+
+
 class DataError(EclipError):
     """Bad input data, located by file and (when known) line or row.
 
     ``where`` is ``"FILE"`` or ``"FILE:LINE"``; ``problem`` says what is wrong in a few words.
+    The message is one line whatever the two hold (``printable``); ``to_json`` keeps them as
+    they are.
     """
 
     def __init__(self, where: str, problem: str):
         self.where = where
         self.problem = problem
-        super().__init__(f"{where}: {problem}")
+        super().__init__(f"{printable(where)}: {printable(problem)}")
 
     def to_json(self) -> dict:
         return {"where": self.where, "problem": self.problem}

@@ -376,3 +376,87 @@ def test_a_nul_in_an_image_path_is_a_row_problem(images, tmp_path, capsys):
     rc, _, err = run(manifest_args(images, path, tmp_path / "c", "--skip-bad"), capsys)
     assert rc == 0, err
     assert load_cache(tmp_path / "c").images.shape[0] == 1
+
+
+BIG_INT = "1" + "0" * 400  # JSON's numbers have no bound: too large for a float
+LONG_INT = "7" * 5000  # past Python's 4,300-digit limit on parsing an int
+
+
+@pytest.mark.parametrize("line,problem", [
+    ('{"image": "0.png", "caption": "a", "regions": [{"bbox": [1, 1, ' + BIG_INT + ', 5], "phrase": "p"}]}',
+     "region 0: bbox must be four finite numbers"),  # was OverflowError, a traceback
+    ('{"image": "0.png", "caption": "a", "id": ' + LONG_INT + "}",
+     "unreadable JSON (Exceeds the limit (4300 digits) for integer string conversion"),  # was ValueError
+    ('{"image": "0.png", "caption": "a", "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+     "unreadable JSON (nested too deeply)"),  # was RecursionError
+    ('{"image": "0.png", "caption": "half an emoji \\ud83d"}',
+     "caption holds a lone surrogate ('\\ud83d' at character 15), which is no UTF-8 text"),  # tokenizer's error
+    ('{"image": "0.png", "caption": "a", "regions": [{"bbox": [1, 1, 4, 5], "phrase": "x\\udcff"}]}',
+     "region 0: phrase holds a lone surrogate"),
+    ('{"image": "0\\ud800.png", "caption": "a"}', "image path holds a lone surrogate"),
+], ids=["huge int box", "4300 digits", "deep nesting", "surrogate caption", "surrogate phrase", "surrogate path"])
+def test_valid_json_the_reader_cannot_take_is_one_line_at_its_row(images, tmp_path, capsys, line, problem):
+    # each once ended in a traceback (exit 1), --skip-bad or not; now refused at its row, or skipped
+    path = tmp_path / "m.jsonl"
+    path.write_text(line + '\n{"image": "1.png", "caption": "fine"}\n')
+    rc, _, err = run(manifest_args(images, path, tmp_path / "c"), capsys)
+    assert rc == 2 and f"m.jsonl:1: {problem}" in err and "Traceback" not in err, err
+    assert err.strip().count("\n") == 0
+    rc, _, err = run(manifest_args(images, path, tmp_path / "s", "--skip-bad"), capsys)
+    assert rc == 0, err
+    assert [r["image"] for r in records(tmp_path / "s")] == ["1.png"]
+
+
+def test_the_same_rows_of_an_odvg_file_are_refused_too(images, tmp_path, capsys):
+    train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_text('{"filename": "0.png", "grounding": {"caption": "a", "n": ' + LONG_INT + "}}\n")
+    val.write_text('{"filename": "1.png", "grounding": {"caption": "b \\ud83d"}}\n')
+    args = ["--format", "odvg", "--images", images, "--train", train, "--val", val, "--out", tmp_path / "c",
+            "--image-size", 8, "--workers", 1, "--vocab-size", 300, "--folds", 1]
+    rc, _, err = run(args, capsys)
+    assert rc == 2 and "train.jsonl:1: unreadable JSON (Exceeds the limit" in err, err
+    train.write_text('{"filename": "0.png", "grounding": {"caption": "a"}}\n')
+    rc, _, err = run(args, capsys)
+    assert rc == 2 and "val.jsonl:1: caption holds a lone surrogate" in err, err
+
+
+def test_a_file_name_with_a_newline_keeps_the_error_on_one_line(images, tmp_path, capsys):
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"image": "x\nprepare: error: a second line.png", "caption": "a"}) + "\n")
+    rc, _, err = run(manifest_args(images, path, tmp_path / "c"), capsys)
+    assert rc == 2 and err.count("\n") == 1 and "x\\nprepare: error: a second line.png" in err, err
+
+
+def test_a_bad_csv_row_is_never_skipped_since_the_rows_after_it_cannot_be_trusted(images, tmp_path, capsys):
+    # with --skip-bad the reader went on at the next line, inside a quoted caption: "2.png"
+    # and "3.png" rows vanished into a caption, one skip reported, exit 0
+    path = tmp_path / "m.csv"
+    path.write_text('image,caption\n0.png,fine\n1.png,"a "bad" quote\n2.png,two\n3.png,three\n')
+    rc, _, err = run(manifest_args(images, path, tmp_path / "c", "--skip-bad"), capsys)
+    assert rc == 2 and "m.csv:3: malformed CSV row" in err and "cannot be skipped" in err, err
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_caption_longer_than_csvs_default_field_limit_is_read(images, tmp_path, capsys):
+    import csv as csv_module
+
+    before = csv_module.field_size_limit()
+    path = tmp_path / "m.csv"
+    write_csv(path, [["0.png", "word " * 40_000, ""], ["1.png", "short", ""]])  # 200 KB, over 131,072
+    rc, _, err = run(manifest_args(images, path, tmp_path / "c"), capsys)
+    assert rc == 0, err
+    assert [r["image"] for r in records(tmp_path / "c")] == ["0.png", "1.png"]
+    assert csv_module.field_size_limit() == before  # the module's setting is given back
+
+
+@pytest.mark.parametrize("header,problem", [
+    ("image,caption,caption", "m.csv:1: column 'caption' appears more than once in the header"),
+    ("Image,image,caption", "m.csv:2: columns 'Image' and 'image' could both be the image column; "
+                            "name one with --image-column"),
+])
+def test_a_column_the_header_names_twice_is_refused(images, tmp_path, capsys, header, problem):
+    # the row's dict kept the last such column, unsaid
+    path = tmp_path / "m.csv"
+    path.write_text(f"{header}\n0.png,0.png,a\n")
+    rc, _, err = run(manifest_args(images, path, tmp_path / "c"), capsys)
+    assert rc == 2 and problem in err, err

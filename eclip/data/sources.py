@@ -86,12 +86,47 @@ class Problems:
         self.skipped.append(err.to_json())
 
 
+def json_row(where: str, text: str):
+    """``text`` parsed as JSON, any failure a DataError at ``where``: besides malformed JSON,
+    a number of over 4,300 digits (Python's limit on int parsing) and nesting too deep for
+    the parser are valid JSON that ``json.loads`` refuses with other errors."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(where, f"malformed JSON ({e.msg} at column {e.colno})") from None
+    except ValueError as e:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        raise DataError(where, f"unreadable JSON ({str(e).split(';')[0]})") from None
+    except RecursionError:
+        raise DataError(where, "unreadable JSON (nested too deeply)") from None
+
+
+def _check_text(where: str, text: str, what: str) -> str:
+    """``text`` (a caption, a phrase) if UTF-8 can hold it: a lone surrogate (a JSON escape
+    of half an emoji, cut by a scraper) cannot be tokenized or written."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(where, f"{what} holds a lone surrogate ({text[e.start]!r} at character {e.start + 1}), "
+                               "which is no UTF-8 text") from None
+    return text
+
+
 def _check_caption(where: str, caption) -> str:
     if not isinstance(caption, str):
         raise DataError(where, f"caption is {type(caption).__name__} {caption!r}, not text")
     if not caption.strip():
         raise DataError(where, "empty caption")
-    return caption.strip()
+    return _check_text(where, caption.strip(), "caption")
+
+
+def _finite(v) -> bool:
+    """Whether ``v`` is a finite number (not a bool); an int too large for a float is not."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int of 400 digits
+        return False
 
 
 def parse_regions(where: str, regions) -> list[Region]:
@@ -106,8 +141,9 @@ def parse_regions(where: str, regions) -> list[Region]:
             raise DataError(where, f"region {k}: must be an object with bbox and phrase")
         box, phrase = reg.get("bbox"), reg.get("phrase")
         if (not isinstance(box, list) or len(box) != 4
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)):
-            raise DataError(where, f"region {k}: bbox must be four finite numbers [x1, y1, x2, y2], got {box!r}")
+                or not all(_finite(v) for v in box)):
+            raise DataError(where, f"region {k}: bbox must be four finite numbers [x1, y1, x2, y2], got "
+                                   f"{repr(box)[:200]}")
         x1, y1, x2, y2 = (float(v) for v in box)
         if x2 <= x1 or y2 <= y1:
             raise DataError(where, f"region {k}: bbox {box} has x2<=x1 or y2<=y1")
@@ -118,7 +154,7 @@ def parse_regions(where: str, regions) -> list[Region]:
                                                        else f"phrase must be text, got {phrase!r}"))
         if not phrase.strip():
             raise DataError(where, f"region {k}: empty phrase")
-        out.append(Region([x1, y1, x2, y2], phrase.strip(), where, k))
+        out.append(Region([x1, y1, x2, y2], _check_text(where, phrase.strip(), f"region {k}: phrase"), where, k))
     return out
 
 
@@ -136,13 +172,14 @@ def image_key(images_dir: Path, name: str) -> str:
 def check_image_path(where: str, images_dir: Path, name: str) -> Path:
     if "\0" in name:  # is_file() says False, resolve() raises ValueError
         raise DataError(where, f"image path holds a NUL character: {name[:80]!r}")
+    _check_text(where, name, "image path")
     path = resolve_image(images_dir, name)
     try:
         found = path.is_file()
     except OSError as e:  # a name too long for the file system (a caption in the image column, say)
         raise DataError(where, f"image path unusable ({e.strerror or e}): {name[:80]!r}") from None
     if not found:
-        raise DataError(where, f"image not found: {path}")
+        raise DataError(where, f"image not found: {str(path)[-300:]}")
     return path
 
 
@@ -159,10 +196,7 @@ def read_odvg(path: Path, split: str, images_dir: Path, problems: Problems,
                 continue
             where = f"{path}:{lineno}"
             try:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(where, f"malformed JSON ({e.msg} at column {e.colno})") from None
+                row = json_row(where, line)
                 if not isinstance(row, dict):
                     raise DataError(where, "expected a JSON object")
                 name = row.get("filename")
@@ -195,10 +229,13 @@ def _pick(columns: list[str], wanted: str | None, candidates: tuple[str, ...], w
         if wanted not in columns:
             raise DataError(where, f"no {what} column {wanted!r} (columns: {', '.join(columns)})")
         return wanted
-    lowered = {c.lower(): c for c in columns}
     for cand in candidates:
-        if cand in lowered:
-            return lowered[cand]
+        found = [c for c in columns if c.lower() == cand]
+        if len(found) > 1:  # "Image" and "image": which one is meant?
+            raise DataError(where, f"columns {found[0]!r} and {found[1]!r} could both be the {what} column; "
+                                   f"name one with --{what}-column")
+        if found:
+            return found[0]
     if required:
         raise DataError(where, f"no {what} column found among {', '.join(columns)} "
                         f"(looked for {', '.join(candidates)}; name one with --{what}-column)")
@@ -260,9 +297,9 @@ def _manifest_rows(path: Path):
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield lineno, DataError(f"{path}:{lineno}", f"malformed JSON ({e.msg} at column {e.colno})")
+                    row = json_row(f"{path}:{lineno}", line)
+                except DataError as e:
+                    yield lineno, e
                     continue
                 if not isinstance(row, dict):
                     yield lineno, DataError(f"{path}:{lineno}", "expected a JSON object")
@@ -271,31 +308,47 @@ def _manifest_rows(path: Path):
         return
     if suffix not in (".csv", ".tsv", ".txt"):
         raise DataError(str(path), f"unknown manifest format {suffix!r} (use .csv, .tsv or .jsonl)")
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = _TsvReader(f) if suffix == ".tsv" else csv.reader(f, strict=True)
+    limit = csv.field_size_limit(FIELD_CHARS)  # a caption of 200 KB is valid CSV: 128 KB was the limit
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            yield from _csv_rows(path, _TsvReader(f) if suffix == ".tsv" else csv.reader(f, strict=True))
+    finally:
+        csv.field_size_limit(limit)
+
+
+FIELD_CHARS = 1 << 30  # the longest CSV field read (csv's own default: 131,072 characters)
+
+
+def _csv_rows(path: Path, reader):
+    """``_manifest_rows`` of a CSV or TSV file's ``reader``."""
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise DataError(str(path), "empty manifest") from None
+    except csv.Error as e:
+        raise DataError(f"{path}:1", f"malformed header ({e})") from None
+    repeated = sorted({c for c in header if header.count(c) > 1})
+    if repeated:  # a dict of the row would keep the last such column's value, unsaid
+        raise DataError(f"{path}:1", f"column {repeated[0]!r} appears more than once in the header")
+    while True:
+        start = reader.line_num + 1  # a quoted field may span lines: name the row's first
         try:
-            header = next(reader)
+            values = next(reader)
         except StopIteration:
-            raise DataError(str(path), "empty manifest") from None
+            return
         except csv.Error as e:
-            raise DataError(f"{path}:1", f"malformed header ({e})") from None
-        while True:
-            start = reader.line_num + 1  # a quoted field may span lines: name the row's first
-            try:
-                values = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as e:
-                yield start, DataError(f"{path}:{start}", f"malformed CSV row ({e})")
-                continue
-            if not values or values == [""]:
-                continue
-            if len(values) != len(header):
-                yield start, DataError(
-                    f"{path}:{start}",
-                    f"malformed row: expected {len(header)} fields, found {len(values)}")
-                continue
-            yield start, dict(zip(header, values, strict=True))
+            # never skipped (--skip-bad): the reader goes on at the next line, which may lie
+            # inside a quoted field, and would make rows of a caption's text
+            raise DataError(f"{path}:{start}", f"malformed CSV row ({e}); the rows after it cannot be read "
+                                               "reliably, so it cannot be skipped") from None
+        if not values or values == [""]:
+            continue
+        if len(values) != len(header):
+            yield start, DataError(
+                f"{path}:{start}",
+                f"malformed row: expected {len(header)} fields, found {len(values)}")
+            continue
+        yield start, dict(zip(header, values, strict=True))
 
 
 def read_manifest_file(path: Path, images_dir: Path, problems: Problems,
@@ -340,9 +393,9 @@ def read_manifest_file(path: Path, images_dir: Path, problems: Problems,
                 raw = row[cols["regions"]]
                 if isinstance(raw, str):
                     try:
-                        raw = json.loads(raw)
-                    except json.JSONDecodeError as e:
-                        raise DataError(where, f"regions column is not valid JSON ({e.msg})") from None
+                        raw = json_row(where, raw)
+                    except DataError as e:
+                        raise DataError(where, f"regions column: {e.problem}") from None
                 regions = parse_regions(where, raw)
             split = None
             if cols["split"] and row.get(cols["split"]) is not None:  # JSON null: no split, like ""
