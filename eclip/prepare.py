@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import multiprocessing as mp
 import os
 import sys
@@ -41,6 +42,10 @@ from eclip.tokenizer import check_vocab_size, encode_batch, load_tokenizer, trai
 SPLIT_IDS = {name: i for i, name in enumerate(cache_mod.SPLITS)}
 SYNTHETIC_VERSION = 2  # bump when the generator's output changes, so caches rebuild
 MAX_FOLDS = int(np.iinfo(np.int8).max)  # fold ids are stored as int8 (see eclip.data.cache)
+# bounds far beyond use that keep a mistyped option from asking for terabytes (the arrays
+# are allocated before anything is written): the cache's side, its token contexts, decoders
+MAX_SIZES = {"image_size": 4096, "context_length": 8192, "phrase_length": 8192, "workers": 1024,
+             "num_train": 100_000_000}
 DEFAULTS = {  # (real data, synthetic)
     "image_size": (224, 64),
     "vocab_size": (8192, 1024),
@@ -94,6 +99,8 @@ def _resolve_defaults(args) -> None:
                 "num_train", "num_val", "num_test"):
         if getattr(args, key) < (1 if key not in ("image_size", "context_length", "phrase_length") else 3):
             raise EclipError(f"--{key.replace('_', '-')} {getattr(args, key)}: too small")
+        if getattr(args, key) > MAX_SIZES.get(key, math.inf):  # checked before any memory is asked for
+            raise EclipError(f"--{key.replace('_', '-')} {getattr(args, key)}: at most {MAX_SIZES[key]}")
     if not (0 <= args.val_frac < 1 and 0 <= args.test_frac < 1 and args.val_frac + args.test_frac < 1):
         raise EclipError("--val-frac and --test-frac must lie in [0, 1) and sum below 1")
     if args.tokenizer is None:  # here, not after minutes of decoding
@@ -345,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         named = f"{e.filename}: {e.strerror or e}" if e.filename else e.strerror or e
         print(f"prepare: error: {args.out}: cannot write the cache ({named})", file=sys.stderr)
         return 2
+    except MemoryError:  # within the bounds, the images of a large source at a large size
+        print(f"prepare: error: out of memory for {args.out} (--image-size {args.image_size}: a cache holds "
+              "every image uncompressed, 3 × size² bytes each); nothing was written", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("prepare: interrupted; nothing was written", file=sys.stderr)
         return 130

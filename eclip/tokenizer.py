@@ -33,10 +33,13 @@ def _plain(tok: Tokenizer) -> Tokenizer:
     return tok
 
 
+MAX_VOCAB = 1 << 20  # an embedding of a million rows; past it the trainer's memory (and the model's) runs out
+
+
 def check_vocab_size(vocab_size: int) -> None:
-    if vocab_size < MIN_VOCAB:
+    if not MIN_VOCAB <= vocab_size <= MAX_VOCAB:
         raise EclipError(f"--vocab-size {vocab_size}: must be at least {MIN_VOCAB} "
-                         "(256 byte symbols plus the special tokens)")
+                         f"(256 byte symbols plus the special tokens) and at most {MAX_VOCAB}")
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -66,6 +69,13 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise EclipError(f"{path}: not a valid tokenizer.json ({first_line(e)})") from None
     if tok.token_to_id(PAD) != PAD_ID:
         raise EclipError(f"{path}: tokenizer must map {PAD} to id {PAD_ID} (padding is id 0)")
+    # the model's embedding has vocab_size rows: an id past them fails inside the first step
+    top, size = max(tok.get_vocab(with_added_tokens=True).values()), tok.get_vocab_size(with_added_tokens=True)
+    if top >= size:
+        raise EclipError(f"{path}: token ids run to {top} but the vocabulary has {size} entries; "
+                         f"the ids must be 0..{size - 1}, with no gaps")
+    if size > MAX_VOCAB:
+        raise EclipError(f"{path}: a vocabulary of {size} tokens; at most {MAX_VOCAB} are supported")
     return _plain(tok)
 
 

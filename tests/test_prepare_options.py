@@ -85,9 +85,16 @@ def test_synthetic_evaluation_splits_are_the_distinct_scenes_and_train_may_repea
 
 
 @pytest.mark.parametrize("option,problem", [
-    (["--vocab-size", "259"], "--vocab-size 259: must be at least 260 (256 byte symbols plus the special tokens)"),
+    (["--vocab-size", "259"], "--vocab-size 259: must be at least 260 (256 byte symbols plus the special tokens) and at most 1048576"),
     (["--tokenizer", "tok.json"], "tok.json: not a valid tokenizer.json"),
-], ids=["vocab below the byte symbols", "a tokenizer file that is none"])
+    # the trainer's allocator aborted the process (SIGABRT) or the int overflowed, a traceback
+    (["--vocab-size", "100000000000"], "--vocab-size 100000000000: must be at least 260 (256 byte symbols plus the "
+                                       "special tokens) and at most 1048576"),
+    # numpy's MemoryError, a traceback, before anything else was said
+    (["--vocab-size", "300", "--image-size", "100000"], "--image-size 100000: at most 4096"),
+    (["--vocab-size", "300", "--context-length", "1000000000"], "--context-length 1000000000: at most 8192"),
+], ids=["vocab below the byte symbols", "a tokenizer file that is none", "vocab beyond any", "huge images",
+        "huge context"])
 def test_tokenizer_options_are_refused_before_any_image_is_decoded(images, tmp_path, capsys, option, problem):
     # 1.png is no image: had decoding run first, its error (not the option's) would be the one line
     (images / "1.png").write_bytes(b"not a png")
@@ -101,4 +108,17 @@ def test_tokenizer_options_are_refused_before_any_image_is_decoded(images, tmp_p
     rc, _, err = run(args + option, capsys)
     assert rc == 2 and problem in err, err
     assert "1.png" not in err and err.count("error") == 1
+    assert not (tmp_path / "c").exists()
+
+
+def test_running_out_of_memory_within_the_bounds_is_one_line(images, tmp_path, capsys, monkeypatch):
+    def no_room(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(prepare, "decode_all", no_room)
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n1.png,another\n")
+    rc, _, err = run(manifest_args(images, path, tmp_path / "c"), capsys)
+    assert rc == 1 and err.splitlines()[-1] + "\n" == (f"prepare: error: out of memory for {tmp_path / 'c'} (--image-size 8: a cache holds "
+                               "every image uncompressed, 3 × size² bytes each); nothing was written\n")
     assert not (tmp_path / "c").exists()

@@ -153,3 +153,21 @@ def test_a_given_tokenizer_without_bos_and_eos_encodes_the_text_alone(tmp_path):
     assert ids[0, : len(body)].tolist() == body and (ids[0, len(body):] == PAD_ID).all()
     ids, lengths, truncated = encode_batch(tok, [CORPUS[0]], context_length=5)
     assert truncated == 1 and lengths.tolist() == [3] and ids[0, :3].tolist() == body[:3]
+
+
+def test_a_given_tokenizer_whose_ids_leave_gaps_is_refused(tmp_path, tok):
+    # ids up to 5,000 and more in a vocabulary of a few hundred: the cache recorded the size,
+    # and the model's embedding of that many rows failed in the first step (IndexError)
+    import json
+
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))
+    data = json.loads(path.read_text())
+    data["model"]["vocab"] = {t: i if i < 4 else i + 5000 for t, i in data["model"]["vocab"].items()}
+    top = max(data["model"]["vocab"].values())
+    path.write_text(json.dumps(data))
+    size = tok.get_vocab_size()
+    with pytest.raises(EclipError) as e:
+        load_tokenizer(path)
+    assert str(e.value) == (f"{path}: token ids run to {top} but the vocabulary has {size} entries; the ids must be "
+                            f"0..{size - 1}, with no gaps")
