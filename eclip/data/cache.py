@@ -258,12 +258,58 @@ def load_cache(path: str | Path) -> Cache:
     for name in damaged_files(path, m):
         what = "has another size than when it was built" if (path / name).is_file() else "missing from the cache"
         raise EclipError(f"{path}/{name}: {what}; rebuild it ({hint})")
-    images = read_tensors(path / "images.safetensors", f"rebuild the cache ({hint})")["images"]
+    stored = read_tensors(path / "images.safetensors", f"rebuild the cache ({hint})")
+    if "images" not in stored:
+        raise EclipError(f"{path}/images.safetensors: missing tensor images; rebuild it ({hint})")
     ann = read_tensors(path / "annotations.safetensors", f"rebuild the cache ({hint})")
     missing = [k for k in ANNOTATION_KEYS if k not in ann]
     if missing:
         raise EclipError(f"{path}/annotations.safetensors: missing tensors {', '.join(missing)}")
-    return Cache(path=path, manifest=m, images=images, **{k: ann[k] for k in ANNOTATION_KEYS})
+    check_layout(path, m, stored["images"], ann)
+    return Cache(path=path, manifest=m, images=stored["images"], **{k: ann[k] for k in ANNOTATION_KEYS})
+
+
+# the annotations' dtypes and shapes (N images, C captions, G regions; None: any length)
+LAYOUT = {"tokens": (torch.int32, ("C", None)), "lengths": (torch.int32, ("C",)),
+          "caption_image": (torch.int64, ("C",)), "region_boxes": (torch.float32, ("G", 4)),
+          "region_image": (torch.int64, ("G",)), "region_tokens": (torch.int32, ("G", None)),
+          "region_lengths": (torch.int32, ("G",)), "split": (torch.int8, ("N",)), "fold": (torch.int8, ("N",))}
+
+
+def check_layout(path: Path, m: dict, images: torch.Tensor, ann: dict[str, torch.Tensor]) -> None:
+    """One-line errors for a cache whose tensors break the layout above (a cache written by
+    other tools, or edited): a wrong dtype or shape, an image row, a split or a token id out
+    of range, would otherwise fail inside training with a traceback, or silently index
+    another image (a negative row) and train on the wrong pairs."""
+    def bad(name: str, problem: str) -> EclipError:
+        where = "images.safetensors" if name == "images" else "annotations.safetensors"
+        return EclipError(f"{path}/{where}: {name} {problem}; rebuild the cache")
+
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3]:
+        raise bad("images", f"is {images.dtype} {list(images.shape)}, not uint8 [N, 3, R, R]")
+    sizes = {"N": images.shape[0], "C": ann["tokens"].shape[0] if ann["tokens"].dim() else -1,
+             "G": ann["region_boxes"].shape[0] if ann["region_boxes"].dim() else -1}
+    for name, (dtype, dims) in LAYOUT.items():
+        t = ann[name]
+        want = [sizes.get(d, d) for d in dims]
+        if t.dtype != dtype or t.dim() != len(dims) or any(w is not None and w != n for w, n in zip(want, t.shape, strict=True)):
+            shown = ", ".join("?" if d is None else str(d) for d in dims)
+            raise bad(name, f"is {t.dtype} {list(t.shape)}, not {str(dtype).removeprefix('torch.')} [{shown}] "
+                            f"(N={sizes['N']} images, C={sizes['C']} captions, G={sizes['G']} regions)")
+    vocab = (m.get("tokenizer") or {}).get("vocab_size") if isinstance(m.get("tokenizer"), dict) else None
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
+        raise EclipError(f"{path}/manifest.json: tokenizer.vocab_size is {vocab!r}, not a positive integer; "
+                         "rebuild the cache")
+    ranges = {"caption_image": (0, sizes["N"] - 1), "region_image": (0, sizes["N"] - 1),
+              "split": (0, len(SPLITS) - 1), "fold": (-1, int(np.iinfo(np.int8).max)),
+              "tokens": (0, vocab - 1), "region_tokens": (0, vocab - 1),
+              "lengths": (0, ann["tokens"].shape[1]), "region_lengths": (0, ann["region_tokens"].shape[1])}
+    for name, (low, high) in ranges.items():
+        t = ann[name]
+        if t.numel() and (int(t.min()) < low or int(t.max()) > high):
+            raise bad(name, f"holds values in {int(t.min())}..{int(t.max())}, outside {low}..{high}")
+    if ann["region_boxes"].numel() and not bool(torch.isfinite(ann["region_boxes"]).all()):
+        raise bad("region_boxes", "holds values that are not finite")
 
 
 def write_subset(cache: Cache, rows: torch.Tensor, out: str | Path) -> None:
