@@ -333,6 +333,11 @@ def run(args) -> dict:
     if problems.skipped:
         print(f"prepare: skipped {len(problems.skipped)} bad rows/images, listed in {args.out / 'skipped.jsonl'}",
               file=sys.stderr)
+    for split, use in (("val", "eclip.train scores on it (only --folds does without)"),
+                       ("test", "eclip.train --final scores on it")):
+        if counts[split] == 0:  # built all the same: a cache for cross-validation needs no val split
+            print(f"prepare: warning: the {split} split is empty, and {use} (a source with more images, or a "
+                  f"larger --{split}-frac)", file=sys.stderr)
     print("\n".join(summary_lines(manifest, "built", time.perf_counter() - t0)))
     return manifest
 

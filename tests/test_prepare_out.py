@@ -198,3 +198,21 @@ def test_a_build_stopped_by_a_signal_leaves_nothing(tmp_path, sig):
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "prepare: interrupted; nothing was written", proc.stderr
     assert list(tmp_path.iterdir()) == []  # neither the cache nor its temporary folder
+
+
+def test_a_subset_written_for_an_isolated_run_is_rebuilt_not_reused(images, tmp_path, capsys):
+    # it keeps its cache's fingerprint: prepare took it for current, "reused" with the whole
+    # cache's counts, and the cache held the training images only
+    import torch
+
+    from eclip.data.cache import write_subset
+
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n1.png,another\n2.png,a third\n")
+    full = tmp_path / "c"
+    assert run(manifest_args(images, path, full), capsys)[0] == 0
+    sub = tmp_path / "sub"
+    write_subset(load_cache(full), torch.tensor([0, 2]), sub)
+    rc, stdout, err = run(manifest_args(images, path, sub), capsys)
+    assert rc == 0 and "status:             built" in stdout, err
+    assert load_cache(sub).images.shape[0] == 3 and "subset_of" not in read_manifest(sub)

@@ -75,7 +75,8 @@ def is_current(cache_dir: str | Path, fp: str) -> bool:
     m = read_manifest(cache_dir)
     if not m or m.get("format_version") != FORMAT_VERSION or m.get("fingerprint") != fp:
         return False
-    return not damaged_files(cache_dir, m)
+    # a subset (write_subset) keeps its cache's fingerprint but holds the training images only
+    return "subset_of" not in m and not damaged_files(cache_dir, m)
 
 
 def damaged_files(cache_dir: str | Path, manifest: dict) -> list[str]:
