@@ -284,6 +284,7 @@ def run(args) -> dict:
     fp = cache_mod.fingerprint({"options": options, "sources": [dict(s, path=None) for s in sources],
                                 "format_version": cache_mod.FORMAT_VERSION, "decode_version": DECODE_VERSION,
                                 "read_version": READ_VERSION})
+    cache_mod.recover(args.out)  # a killed build's leftovers; its previous cache back in place
     if not args.force and cache_mod.is_current(args.out, fp):
         manifest = cache_mod.read_manifest(args.out)
         print(f"prepare: reusing cache {args.out} (inputs and options unchanged; --force rebuilds)", file=sys.stderr)

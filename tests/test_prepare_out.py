@@ -216,3 +216,30 @@ def test_a_subset_written_for_an_isolated_run_is_rebuilt_not_reused(images, tmp_
     rc, stdout, err = run(manifest_args(images, path, sub), capsys)
     assert rc == 0 and "status:             built" in stdout, err
     assert load_cache(sub).images.shape[0] == 3 and "subset_of" not in read_manifest(sub)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_what_a_killed_build_left_is_cleaned_up_by_the_next(images, tmp_path, capsys):
+    # kill -9 mid-build left .c.tmp-* (a whole cache's size) for ever; one killed between
+    # moving the old cache aside and putting the new one in place left no cache at --out
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n1.png,another\n")
+    out = tmp_path / "c"
+    assert run(manifest_args(images, path, out), capsys)[0] == 0
+    pid = dead_pid()
+    aside = tmp_path / f".c.old-{pid}"
+    os.replace(out, aside)  # where a killed commit left the previous cache
+    (tmp_path / f".c.tmp-{pid}-x1y2").mkdir()
+    (tmp_path / f".c.tmp-{pid}-x1y2" / "images.safetensors").write_bytes(b"\0" * 1000)
+    live = tmp_path / f".c.tmp-{os.getpid()}-busy"  # a build under way: left alone
+    live.mkdir()
+    other = tmp_path / ".cx.tmp-1-abc"  # another cache's name
+    other.mkdir()
+    rc, stdout, err = run(manifest_args(images, path, out), capsys)
+    assert rc == 0 and "status:             reused" in stdout, err  # the old cache back, and current
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".c")) == [live.name, other.name]

@@ -128,11 +128,42 @@ def out_in_cache_error(out: Path, data: Path) -> str | None:
     return f"--out {out}: lies inside the cache --data {data}; give a run directory outside it" if inside else None
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def recover(out: Path) -> None:
+    """Clean up after a build killed before it could (``kill -9``, a power cut): its
+    temporary sibling ``.NAME.tmp-PID-*`` (a whole cache's size) is removed, and a previous
+    cache it had moved aside to ``.NAME.old-PID`` and not yet replaced (no cache at ``out``)
+    is put back. Only a dead writer's (PID) are touched: a build under way keeps its own."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        return
+    for entry in sorted(out.parent.iterdir()):
+        for kind in ("tmp", "old"):
+            rest = entry.name.removeprefix(f".{out.name}.{kind}-")
+            pid = rest.split("-")[0]
+            if rest == entry.name or not pid.isdigit() or _alive(int(pid)):
+                continue
+            if kind == "old" and not out.exists() and not out.is_symlink() and (entry / "manifest.json").is_file():
+                os.replace(entry, out)  # moved aside, and the new one never came
+            elif entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+
+
 class CacheWriter:
     """Builds a cache in a temporary sibling of ``out`` and renames it into place on commit.
 
     Use as a context manager: leaving the block with an exception (or a Ctrl-C) removes the
-    temporary directory and leaves any previous cache at ``out`` untouched.
+    temporary directory and leaves any previous cache at ``out`` untouched; what a killed
+    build left is cleaned up by the next (``recover``).
     """
 
     def __init__(self, out: str | Path):
@@ -141,9 +172,10 @@ class CacheWriter:
         self.tmp: Path | None = None
 
     def __enter__(self) -> CacheWriter:
+        recover(self.out)
         ensure_replaceable(self.out)
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-{os.getpid()}-", dir=self.out.parent))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
