@@ -30,6 +30,7 @@ from eclip.data.sources import (
     Problems,
     Record,
     Region,
+    image_key,
     read_manifest_file,
     read_odvg,
     resolve_image,
@@ -166,15 +167,25 @@ def gather_records(args, problems: Problems) -> tuple[list[Record], list[dict], 
         print(f"manifest: image column {cols['image']!r}, caption column {cols['caption']!r}"
               + (f", regions column {cols['regions']!r}" if cols["regions"] else "")
               + (f", split column {cols['split']!r}" if cols["split"] else ""), file=sys.stderr)
-        if any(r.split is None for r in recs):  # seeded split by image, never by caption
-            rng = np.random.default_rng(args.seed)
-            u = rng.random(len(recs))
-            for r, x in zip(recs, u, strict=True):
-                if r.split is None:
-                    r.split = "test" if x < args.test_frac else "val" if x < args.test_frac + args.val_frac else "train"
+        for r in recs:  # seeded split by image, never by caption
+            if r.split is None:
+                x = split_draw(args.seed, args.images, r.image)
+                r.split = "test" if x < args.test_frac else "val" if x < args.test_frac + args.val_frac else "train"
     paths = [resolve_image(args.images, r.image) for r in recs]
     sources.append({"kind": "images", "path": str(args.images), "count": len(paths), "stat_sha256": _stat_digest(paths)})
     return recs, sources, extra
+
+
+def split_draw(seed: int, images_dir: Path, name: str) -> float:
+    """An image's draw in [0, 1) for the manifest's random split: a hash of the seed and the
+    file's path under ``images_dir``, so that each image keeps its split when rows are added,
+    removed or reordered (draws in row order moved half the images of a manifest rebuilt
+    without one row to another split: a model trained on the first cache had seen test
+    images of the second)."""
+    root = Path(images_dir).resolve()
+    key = os.path.relpath(image_key(images_dir, name), root)
+    digest = hashlib.sha256(f"{seed}\0{key}".encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
 def decode_all(recs: list[Record], args, problems: Problems) -> tuple[np.ndarray, list[list], list[int]]:

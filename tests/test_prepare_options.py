@@ -138,3 +138,29 @@ def test_an_empty_val_or_test_split_is_warned_of(images, tmp_path, capsys):
     path.write_text("image,caption,split\n0.png,a,train\n1.png,b,val\n2.png,c,test\n")
     rc, _, err = run(manifest_args(images, path, tmp_path / "d"), capsys)
     assert rc == 0 and "warning" not in err
+
+
+def test_an_image_keeps_its_split_when_rows_are_removed_or_reordered(tmp_path, capsys):
+    # the draws were made in row order: one row less moved 22 of 39 images to another split,
+    # test images among them into train
+    from test_prepare import write_image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    names = [f"{i}.png" for i in range(40)]
+    for i, name in enumerate(names):
+        write_image(folder / name, 8, 8, i)
+
+    def splits(rows, out):
+        path = tmp_path / f"{out}.csv"
+        path.write_text("image,caption\n" + "".join(f"{n},picture {n}\n" for n in rows))
+        args = manifest_args(folder, path, tmp_path / out)
+        args[args.index("--val-frac") + 1] = "0.2"
+        args[args.index("--test-frac") + 1] = "0.2"
+        assert run(args, capsys)[0] == 0
+        return {r["image"]: r["split"] for r in records(tmp_path / out)}
+
+    whole = splits(names, "a")
+    assert set(whole.values()) == {"train", "val", "test"}  # each image drawn on its own: the counts vary
+    assert splits(names[1:][::-1], "b") == {n: whole[n] for n in names[1:]}
+    assert splits([f"./{n}" for n in names[:20]], "c") == {f"./{n}": whole[n] for n in names[:20]}  # the same files

@@ -25,8 +25,9 @@ REGION_COLUMNS = ("regions",)
 SPLIT_COLUMNS = ("split",)
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 # bump when reading a source changes its records, so caches rebuild (2: images keyed by the
-# file they name, TSV split at tabs, a region kept while a row that gave it stays)
-READ_VERSION = 2
+# file they name, TSV split at tabs, a region kept while a row that gave it stays; 3: a
+# manifest's random split drawn per image from a hash of its path, eclip.prepare.split_draw)
+READ_VERSION = 3
 
 
 class Region(NamedTuple):
