@@ -195,7 +195,7 @@ def decode_all(recs: list[Record], args, problems: Problems) -> tuple[np.ndarray
                 boxes=[g.box for g in r.regions], size=args.image_size, policy=args.resize)
             for r in recs]
     images = np.empty((len(jobs), 3, args.image_size, args.image_size), dtype=np.uint8)
-    boxes, keep = [], []
+    boxes, keep, rotated = [], [], 0
     bar = tqdm(total=len(jobs), desc="decode", unit="img", file=sys.stderr, mininterval=1.0,
                disable=None)  # None: shown on a terminal, silent in logs and pipes
     if args.workers <= 1 or len(jobs) < 64:
@@ -216,10 +216,14 @@ def decode_all(recs: list[Record], args, problems: Problems) -> tuple[np.ndarray
             images[len(keep)] = res.image
             boxes.append(kept_boxes)
             keep.append(i)
+            rotated += res.rotated
     finally:
         bar.close()
         if pool is not None:
             pool.terminate()
+    if rotated:
+        print(f"prepare: note: {rotated} images carry an EXIF orientation (a rotation or flip a viewer applies); "
+              "it is not applied: their pixels and boxes are read in the stored frame", file=sys.stderr)
     return images[: len(keep)], boxes, keep
 
 

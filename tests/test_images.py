@@ -68,7 +68,11 @@ def test_boxes_within_a_pixel_of_the_border_are_clipped(box, want):
     assert normalise_boxes([list(box)], 20, 10, "squash") == ([want], [])
 
 
-@pytest.mark.parametrize("box,shown", [((0, 0, 21.5, 5), "0, 0, 21.5, 5"), ((0, 0, 10, 11.5), "0, 0, 10, 11.5")])
+@pytest.mark.parametrize("box,shown", [
+    ((0, 0, 21.5, 5), "0, 0, 21.5, 5"), ((0, 0, 10, 11.5), "0, 0, 10, 11.5"),
+    # within the tolerance, but wholly past the border: was dropped as if a crop had cut it
+    ((20.5, 1, 21, 5), "20.5, 1, 21, 5"), ((1, 10, 5, 10.8), "1, 10, 5, 10.8"),
+])
 def test_boxes_further_past_the_border_are_bad(box, shown):
     # both axes are checked, each against its own side (the image is 20 wide, 10 high)
     good = [1, 1, 5, 5]

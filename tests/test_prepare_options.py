@@ -1,6 +1,8 @@
 """``python -m eclip.prepare``: option limits refused up front (folds, evaluation scenes, split
 fractions, seeds, tokenizer options) and the built-in dataset's evaluation splits."""
 
+import json
+
 import pytest
 from prepare_support import manifest_args, records
 from test_prepare import run
@@ -164,3 +166,24 @@ def test_an_image_keeps_its_split_when_rows_are_removed_or_reordered(tmp_path, c
     assert set(whole.values()) == {"train", "val", "test"}  # each image drawn on its own: the counts vary
     assert splits(names[1:][::-1], "b") == {n: whole[n] for n in names[1:]}
     assert splits([f"./{n}" for n in names[:20]], "c") == {f"./{n}": whole[n] for n in names[:20]}  # the same files
+
+
+def test_images_with_an_exif_rotation_are_counted_not_turned(images, tmp_path, capsys):
+    # a phone's portrait photo, stored landscape with orientation 6: its pixels and boxes stay
+    # in the stored frame (PIL's and torchvision's default), and prepare says so
+    from PIL import Image
+
+    photo = Image.new("RGB", (40, 20), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo.save(images / "portrait.jpg", exif=exif.tobytes())
+    path = tmp_path / "m.jsonl"
+    rows = [{"image": "portrait.jpg", "caption": "a portrait", "regions": [{"bbox": [30, 2, 40, 20], "phrase": "p"}]},
+            {"image": "0.png", "caption": "upright"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc, _, err = run(manifest_args(images, path, tmp_path / "c"), capsys)
+    assert rc == 0, err
+    assert ("prepare: note: 1 images carry an EXIF orientation (a rotation or flip a viewer applies); it is not "
+            "applied: their pixels and boxes are read in the stored frame") in err
+    cache = load_cache(tmp_path / "c")
+    assert cache.region_boxes.tolist() == [[0.75, 0.10000000149011612, 1.0, 1.0]]  # in the 40x20 frame

@@ -36,6 +36,9 @@ class Decoded:
     boxes: list[list[float] | None]  # normalised (x1, y1, x2, y2) per input box; None = cropped away or bad
     error: str | None = None  # one-line problem when the image could not be decoded
     bad_boxes: list[tuple[int, str]] = field(default_factory=list)  # (input box index, problem)
+    # an EXIF orientation other than upright: not applied (pixels and boxes stay in the stored
+    # frame, as PIL and torchvision read them by default), so prepare says how many there are
+    rotated: bool = False
 
 
 def _crop_box(policy: str, w: int, h: int) -> tuple[float, float, float, float]:
@@ -55,7 +58,9 @@ def normalise_boxes(boxes: list[list[float]], w: int, h: int,
     x0, y0, sx, sy = _crop_box(policy, w, h)
     out, bad = [], []
     for k, (x1, y1, x2, y2) in enumerate(boxes):
-        if x2 > w + BOX_TOLERANCE_PX or y2 > h + BOX_TOLERANCE_PX:
+        # within the tolerance a box may still lie wholly past the border ([48.5, 1, 49, 5] on
+        # a width of 48): nothing of it is in the picture, which is no crop's doing
+        if x2 > w + BOX_TOLERANCE_PX or y2 > h + BOX_TOLERANCE_PX or x1 >= w or y1 >= h:
             shown = ", ".join(f"{v:g}" for v in (x1, y1, x2, y2))
             bad.append((k, f"bbox [{shown}] lies outside the {w}x{h} image"))
             out.append(None)
@@ -89,18 +94,25 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
 
 
-def _load(path: str, size: int, policy: str) -> tuple[np.ndarray, int, int]:
+EXIF_ORIENTATION = 0x0112  # the tag; 1 is upright, 2..8 flips and rotations a viewer applies
+
+
+def _load(path: str, size: int, policy: str) -> tuple[np.ndarray, int, int, bool]:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as im:
             im.load()  # forces a full decode: truncated files fail here, not later
+            try:
+                rotated = im.getexif().get(EXIF_ORIENTATION, 1) not in (0, 1)
+            except Exception:  # a damaged EXIF block: the pixels decoded, which is what counts
+                rotated = False
             w, h = im.size
             im = _to_8bit(im).convert("RGB")
             x0, y0, sx, sy = _crop_box(policy, w, h)
             if policy == "center-crop":
                 im = im.crop((round(x0), round(y0), round(x0 + sx), round(y0 + sy)))
             im = im.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy(), w, h
+    return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy(), w, h, rotated
 
 
 def decode_job(job: Job) -> Decoded:
@@ -109,8 +121,8 @@ def decode_job(job: Job) -> Decoded:
         boxes = [[v / job.size for v in b] for b in px_boxes]
         return Decoded(image=img.transpose(2, 0, 1).copy(), boxes=boxes)
     try:
-        img, w, h = _load(job.path, job.size, job.policy)
+        img, w, h, rotated = _load(job.path, job.size, job.policy)
     except Exception as e:  # PIL raises many types: OSError, SyntaxError, ValueError, …
         return Decoded(image=None, boxes=[], error=f"unreadable or truncated image {job.path} ({first_line(e)})")
     boxes, bad = normalise_boxes(job.boxes, w, h, job.policy)
-    return Decoded(image=img, boxes=boxes, bad_boxes=bad)
+    return Decoded(image=img, boxes=boxes, bad_boxes=bad, rotated=rotated)
