@@ -78,8 +78,11 @@ def split_three(a):
     ("manifest.json", lambda m: m["tokenizer"].update(vocab_size="abc"),
      "manifest.json: tokenizer.vocab_size is 'abc', not a positive integer"),
     ("manifest.json", lambda m: m.pop("tokenizer"), "manifest.json: tokenizer.vocab_size is None"),
+    # a string: its characters were taken for file names ("c/i: missing from the cache")
+    ("manifest.json", lambda m: m.update(files="images.safetensors"),
+     "manifest.json: lists its files and sizes in a form this code cannot read; rebuild it"),
 ], ids=["negative image row", "token past the vocabulary", "split too short", "NaN box", "split id 3",
-        "float images", "one channel", "images renamed", "vocab size no number", "no tokenizer"])
+        "float images", "one channel", "images renamed", "vocab size no number", "no tokenizer", "files a string"])
 def test_a_cache_off_its_layout_is_refused_in_one_line(small_cache, tmp_path, file, change, message):
     out = tampered(small_cache, tmp_path, file, change)
     with pytest.raises(EclipError) as e:

@@ -82,9 +82,11 @@ def is_current(cache_dir: str | Path, fp: str) -> bool:
 def damaged_files(cache_dir: str | Path, manifest: dict) -> list[str]:
     """The manifest's files that are missing, or whose size differs from the one recorded at
     build time (a copy cut short, a file overwritten); sizes are checked where recorded."""
-    sizes = manifest.get("sizes", {})
+    sizes, files = manifest.get("sizes", {}), manifest.get("files", [])
+    if not isinstance(sizes, dict) or not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        return ["manifest.json"]  # its list of files is none: nothing it says can be checked
     bad = []
-    for name in manifest.get("files", []):
+    for name in files:
         f = Path(cache_dir) / name
         if not f.is_file() or (name in sizes and f.stat().st_size != sizes[name]):
             bad.append(name)
@@ -289,7 +291,8 @@ def load_cache(path: str | Path) -> Cache:
         raise EclipError(f"{path}/manifest.json: cache format version {m.get('format_version')}, "
                          f"this code reads version {FORMAT_VERSION}; rebuild it ({hint})")
     for name in damaged_files(path, m):
-        what = "has another size than when it was built" if (path / name).is_file() else "missing from the cache"
+        what = ("lists its files and sizes in a form this code cannot read" if name == "manifest.json" else
+                "has another size than when it was built" if (path / name).is_file() else "missing from the cache")
         raise EclipError(f"{path}/{name}: {what}; rebuild it ({hint})")
     stored = read_tensors(path / "images.safetensors", f"rebuild the cache ({hint})")
     if "images" not in stored:
