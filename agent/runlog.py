@@ -46,17 +46,24 @@ def redact(text: str) -> str:
 
 
 def redact_value(value):
-    """``value`` (JSON-like: dicts, lists, strings) with ``redact`` applied to every string in
-    it, keys included: what the loop journals or saves may hold what a model echoed."""
-    if not secret_values():
+    """``value`` (JSON-like: dicts, lists, strings) with every secret value replaced in each
+    string in it, keys included: what the loop journals or saves may hold what a model echoed."""
+    secrets = sorted(secret_values(), key=len, reverse=True)  # read once, not at every string
+    if not secrets:
         return value
-    if isinstance(value, str):
-        return redact(value)
-    if isinstance(value, dict):
-        return {redact_value(k): redact_value(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [redact_value(v) for v in value]
-    return value
+
+    def clean(v):
+        if isinstance(v, str):
+            for secret in secrets:  # longest first: one may begin another
+                v = v.replace(secret, "[redacted]")
+            return v
+        if isinstance(v, dict):
+            return {clean(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return clean(value)
 
 
 class Scrubber:
@@ -70,6 +77,7 @@ class Scrubber:
                         key=len, reverse=True)
         # at each place the longest first: a secret may begin another
         self.pattern = re.compile(b"|".join(map(re.escape, values))) if values else None
+        self.values = values
         self.keep = len(values[0]) - 1 if values else 0  # a secret this close to a piece's end may go on
         self.carry, self.found = b"", False
 
@@ -79,6 +87,10 @@ class Scrubber:
             self.carry = b""
             return data
         limit = len(data) if final else len(data) - self.keep  # a match from here on may be cut
+        if not any(v in data for v in self.values):  # the common case, at memchr speed (the regex: 10x slower)
+            cut = max(0, limit)
+            self.carry = data[cut:]
+            return data[:cut]
         parts, pos = [], 0
         for match in self.pattern.finditer(data):
             if match.start() >= limit:
@@ -152,6 +164,7 @@ class LogCopier:
         self.past_head = False  # whether the run printed more than the head holds
         self.broken = False  # a write to the log failed (a full disk): the output is read on, and dropped
         self.stop = threading.Event()
+        self.done = threading.Event()  # set by the thread as it ends, its fd closed
         self.thread = threading.Thread(target=self._copy, daemon=True)
         self.thread.start()
 
@@ -160,8 +173,8 @@ class LogCopier:
             try:
                 self.sink.write(data)
                 self.sink.flush()  # as it comes: ``tail -f`` follows the run
-            except (OSError, ValueError):  # never stop reading (the harness would block on a full pipe);
-                self.broken = True  # ValueError: the log closed under a Ctrl-C that cut ``finish`` short
+            except OSError:  # never stop reading: the harness would block on a full pipe
+                self.broken = True
 
     def _write(self, data: bytes) -> None:
         if self.head_left > 0:
@@ -180,19 +193,23 @@ class LogCopier:
                 del self.tail[:-LOG_TAIL_BYTES]
 
     def _copy(self) -> None:
+        try:
+            self._pump()
+        finally:  # the thread alone closes the fd: closed under it, the number could be another file's
+            os.close(self.fd)
+            self.done.set()
+
+    def _pump(self) -> None:
         drain_until = None
         while True:
             if self.stop.is_set() and drain_until is None:
                 drain_until = time.monotonic() + DRAIN_S
             wait = 0.25 if drain_until is None else max(0.0, drain_until - time.monotonic())
-            try:
-                if not select.select([self.fd], [], [], wait)[0]:
-                    if drain_until is not None:
-                        break  # nothing more came in time (or the time is up)
-                    continue
-                chunk = os.read(self.fd, READ_BYTES)
-            except (OSError, ValueError):  # the pipe closed under a Ctrl-C that cut ``finish`` short
-                break
+            if not select.select([self.fd], [], [], wait)[0]:
+                if drain_until is not None:
+                    break  # nothing more came in time (or the time is up)
+                continue
+            chunk = os.read(self.fd, READ_BYTES)
             if not chunk:  # every writer has closed the pipe
                 break
             self._write(self.scrubber.feed(chunk))
@@ -206,8 +223,15 @@ class LogCopier:
                       + bytes(self.tail))
 
     def finish(self) -> None:
+        """Stop reading once the harness has ended (at most ``DRAIN_S`` more), write the
+        tail; the fd is closed then (a process left behind that still writes gets EPIPE).
+        A Ctrl-C meanwhile is raised once the copier is done: the log file must outlive it."""
         self.stop.set()
-        try:
-            self.thread.join()
-        finally:
-            os.close(self.fd)  # a process left behind that still writes gets EPIPE, not a reader
+        interrupted = False
+        while not self.done.is_set():
+            try:
+                self.done.wait(0.1)
+            except KeyboardInterrupt:
+                interrupted = True
+        if interrupted:
+            raise KeyboardInterrupt

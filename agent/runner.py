@@ -143,8 +143,9 @@ def run_experiment(recipe: Path, data: Path, budget_s: float, out: Path, *, comp
             raise
         finally:
             os.close(write_end)  # the harness holds it now: the pipe ends when its processes do
-        copier, rc = LogCopier(read_end, log), None
+        copier, rc = None, None
         try:
+            copier = LogCopier(read_end, log)  # from here on the thread closes read_end
             rc = proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
             kill_group(proc.pid)  # the whole group: compile workers included
@@ -154,7 +155,10 @@ def run_experiment(recipe: Path, data: Path, budget_s: float, out: Path, *, comp
             proc.wait()
             raise
         finally:  # before the log is closed, a second Ctrl-C included
-            copier.finish()
+            if copier is not None:
+                copier.finish()
+            else:  # no copier came to be (no thread could start): the harness was killed above
+                os.close(read_end)
     duration = time.perf_counter() - t0
     if rc is None:
         redact_file(out / "run.log")

@@ -30,7 +30,6 @@ from eclip.data.sources import (
     Problems,
     Record,
     Region,
-    image_key,
     read_manifest_file,
     read_odvg,
     resolve_image,
@@ -167,23 +166,25 @@ def gather_records(args, problems: Problems) -> tuple[list[Record], list[dict], 
         print(f"manifest: image column {cols['image']!r}, caption column {cols['caption']!r}"
               + (f", regions column {cols['regions']!r}" if cols["regions"] else "")
               + (f", split column {cols['split']!r}" if cols["split"] else ""), file=sys.stderr)
+        root = os.path.abspath(args.images)  # once: not a syscall per row
         for r in recs:  # seeded split by image, never by caption
             if r.split is None:
-                x = split_draw(args.seed, args.images, r.image)
+                x = split_draw(args.seed, root, r.image)
                 r.split = "test" if x < args.test_frac else "val" if x < args.test_frac + args.val_frac else "train"
     paths = [resolve_image(args.images, r.image) for r in recs]
     sources.append({"kind": "images", "path": str(args.images), "count": len(paths), "stat_sha256": _stat_digest(paths)})
     return recs, sources, extra
 
 
-def split_draw(seed: int, images_dir: Path, name: str) -> float:
-    """An image's draw in [0, 1) for the manifest's random split: a hash of the seed and the
-    file's path under ``images_dir``, so that each image keeps its split when rows are added,
-    removed or reordered (draws in row order moved half the images of a manifest rebuilt
-    without one row to another split: a model trained on the first cache had seen test
-    images of the second)."""
-    root = Path(images_dir).resolve()
-    key = os.path.relpath(image_key(images_dir, name), root)
+def split_draw(seed: int, root: str, name: str) -> float:
+    """An image's draw in [0, 1) for the manifest's random split: a hash of the seed and its
+    path as the manifest names it, relative to ``root`` (``--images``, absolute) and written
+    plainly (``./0.png`` is ``0.png``), so that each image keeps its split when rows are added,
+    removed or reordered, and wherever the images lie (links not followed: a store of links
+    elsewhere draws the same). Draws in row order moved half the images of a manifest
+    rebuilt without one row to another split: a model trained on the first cache had seen
+    test images of the second."""
+    key = os.path.relpath(os.path.normpath(os.path.join(root, name)), root)
     digest = hashlib.sha256(f"{seed}\0{key}".encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
@@ -299,6 +300,13 @@ def run(args) -> dict:
     fp = cache_mod.fingerprint({"options": options, "sources": [dict(s, path=None) for s in sources],
                                 "format_version": cache_mod.FORMAT_VERSION, "decode_version": DECODE_VERSION,
                                 "read_version": READ_VERSION})
+    with cache_mod.build_lock(args.out):  # one build of a cache at a time, from the check to the commit
+        return _build(args, t0, problems, recs, sources, extra, options, fp)
+
+
+def _build(args, t0: float, problems: Problems, recs: list[Record], sources: list, extra: dict, options: dict,
+           fp: str) -> dict:
+    """``run`` from the check that ``--out`` is current, under the cache's build lock."""
     cache_mod.recover(args.out)  # a killed build's leftovers; its previous cache back in place
     if not args.force and cache_mod.is_current(args.out, fp):
         manifest = cache_mod.read_manifest(args.out)

@@ -150,3 +150,39 @@ def test_a_run_that_prints_without_measure_leaves_a_bounded_log(tmp_path, monkey
     assert r["status"] == "crash" and r["returncode"] == 3
     assert r["log_tail"].splitlines()[-1] == "RuntimeError: the end"
     assert (1 << 20) + 4096 < (out / "run.log").stat().st_size < (1 << 20) + 4096 + 300
+
+
+def test_a_ctrl_c_during_finish_waits_for_the_copier_and_is_raised_after(tmp_path, monkeypatch):
+    # finish once closed the pipe's fd under the thread, which read on from whatever file was
+    # opened next with that number (the journal the loop reads after a Ctrl-C)
+    import _thread
+    import threading
+
+    monkeypatch.setattr(runlog, "DRAIN_S", 1.0)
+    read_end, write_end = os.pipe()
+    stray = subprocess.Popen([sys.executable, "-c", "import sys\nwhile True: sys.stdout.write('on\\n')"],
+                             stdout=write_end)
+    os.close(write_end)
+    timer = threading.Timer(0.2, _thread.interrupt_main)
+    try:
+        with open(tmp_path / "run.log", "wb") as sink:
+            copier = LogCopier(read_end, sink)
+            timer.start()
+            with pytest.raises(KeyboardInterrupt):
+                copier.finish()
+            assert copier.done.is_set() and not copier.thread.is_alive()
+        with pytest.raises(OSError):
+            os.fstat(read_end)  # closed by the thread, once (no other file holds the number yet)
+    finally:
+        timer.cancel()
+        stray.kill()
+        stray.wait()
+
+
+def test_a_secret_free_stream_is_held_back_only_by_the_longest_secret(tmp_path, monkeypatch):
+    # the fast path (no secret in a piece) still keeps back the bytes a secret may begin in
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-zzz-123456789")
+    scrubber = runlog.Scrubber()
+    assert scrubber.feed(b"abcdefghijklmnopqrstuvwxyz") == b"abcdefg"  # 19 bytes held back
+    assert scrubber.feed(b"sk-ant-zzz-123456789 end") == b"hijklmnopqrstuvwxyz[redacted]"
+    assert scrubber.end() == b" end" and scrubber.found

@@ -153,10 +153,10 @@ def test_an_image_keeps_its_split_when_rows_are_removed_or_reordered(tmp_path, c
     for i, name in enumerate(names):
         write_image(folder / name, 8, 8, i)
 
-    def splits(rows, out):
+    def splits(rows, out, where=folder):
         path = tmp_path / f"{out}.csv"
         path.write_text("image,caption\n" + "".join(f"{n},picture {n}\n" for n in rows))
-        args = manifest_args(folder, path, tmp_path / out)
+        args = manifest_args(where, path, tmp_path / out)
         args[args.index("--val-frac") + 1] = "0.2"
         args[args.index("--test-frac") + 1] = "0.2"
         assert run(args, capsys)[0] == 0
@@ -166,6 +166,12 @@ def test_an_image_keeps_its_split_when_rows_are_removed_or_reordered(tmp_path, c
     assert set(whole.values()) == {"train", "val", "test"}  # each image drawn on its own: the counts vary
     assert splits(names[1:][::-1], "b") == {n: whole[n] for n in names[1:]}
     assert splits([f"./{n}" for n in names[:20]], "c") == {f"./{n}": whole[n] for n in names[:20]}  # the same files
+    # a store of links elsewhere, at another depth (a shared or versioned dataset): the same draws
+    links = tmp_path / "deep" / "x" / "y" / "imgs"
+    links.mkdir(parents=True)
+    for n in names:
+        (links / n).symlink_to(folder / n)
+    assert splits(names, "d", links) == whole
 
 
 def test_images_with_an_exif_rotation_are_counted_not_turned(images, tmp_path, capsys):

@@ -236,10 +236,44 @@ def test_what_a_killed_build_left_is_cleaned_up_by_the_next(images, tmp_path, ca
     os.replace(out, aside)  # where a killed commit left the previous cache
     (tmp_path / f".c.tmp-{pid}-x1y2").mkdir()
     (tmp_path / f".c.tmp-{pid}-x1y2" / "images.safetensors").write_bytes(b"\0" * 1000)
-    live = tmp_path / f".c.tmp-{os.getpid()}-busy"  # a build under way: left alone
-    live.mkdir()
-    other = tmp_path / ".cx.tmp-1-abc"  # another cache's name
-    other.mkdir()
+    (tmp_path / ".c.lock").write_text("")  # the killed build's lock file (its flock went with it)
+    others = [tmp_path / ".cx.tmp-1-abc", tmp_path / ".c.tmp-backup", tmp_path / ".c.old-12x"]  # not a build's
+    for other in others:
+        other.mkdir()
     rc, stdout, err = run(manifest_args(images, path, out), capsys)
     assert rc == 0 and "status:             reused" in stdout, err  # the old cache back, and current
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".c")) == [live.name, other.name]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".c")) == sorted(o.name for o in others)
+
+
+def test_a_second_build_of_a_cache_under_way_is_refused_and_leaves_the_first_alone(images, tmp_path, capsys):
+    # leftovers are recognised under the build's lock, not by a pid (another host, another
+    # PID namespace, would see the first build's pid as dead and remove its folder)
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n1.png,another\n")
+    out = tmp_path / "c"
+    code = ("import sys, time; from eclip.data.cache import CacheWriter; w = CacheWriter(sys.argv[1]).__enter__(); "
+            "print(w.tmp, flush=True); time.sleep(120)")
+    first = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        tmp = Path(first.stdout.readline().strip())  # the first build's folder, under way
+        rc, _, err = run(manifest_args(images, path, out), capsys)
+        assert rc == 2 and err.splitlines()[-1] == (
+            f"prepare: error: {out}: another build of this cache is under way (it holds {tmp_path / '.c.lock'}); "
+            "wait for it to end")
+        assert tmp.is_dir() and tmp.name.startswith(f".c.tmp-{first.pid}-")
+    finally:
+        first.kill()
+        first.wait()
+    assert run(manifest_args(images, path, out), capsys)[0] == 0  # killed: its folder and lock cleaned up
+    assert not tmp.exists() and not (tmp_path / ".c.lock").exists()
+
+
+def test_an_out_that_is_a_link_leaves_nothing_aside_when_replaced(images, tmp_path, capsys):
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption\n0.png,a picture\n")
+    real = tmp_path / "real"
+    assert run(manifest_args(images, path, real), capsys)[0] == 0
+    (tmp_path / "c").symlink_to(real)
+    assert run(manifest_args(images, path, tmp_path / "c", "--force"), capsys)[0] == 0
+    assert not (tmp_path / "c").is_symlink() and real.is_dir()  # the link replaced, its target kept
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".c")] == []

@@ -460,3 +460,12 @@ def test_a_column_the_header_names_twice_is_refused(images, tmp_path, capsys, he
     path.write_text(f"{header}\n0.png,0.png,a\n")
     rc, _, err = run(manifest_args(images, path, tmp_path / "c"), capsys)
     assert rc == 2 and problem in err, err
+
+
+def test_a_repeated_column_the_build_never_reads_is_no_matter(images, tmp_path, capsys):
+    # a spreadsheet export's blank columns ("image,caption,,") and notes: not refused
+    path = tmp_path / "m.csv"
+    path.write_text("image,caption,,,notes,notes\n0.png,a picture,,,x,y\n1.png,another,,,,\n")
+    rc, _, err = run(manifest_args(images, path, tmp_path / "c"), capsys)
+    assert rc == 0, err
+    assert [r["captions"] for r in records(tmp_path / "c")] == [["a picture"], ["another"]]

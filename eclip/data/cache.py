@@ -25,9 +25,12 @@ into place, so an interrupted build never leaves one that looks valid.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -130,34 +133,80 @@ def out_in_cache_error(out: Path, data: Path) -> str | None:
     return f"--out {out}: lies inside the cache --data {data}; give a run directory outside it" if inside else None
 
 
-def _alive(pid: int) -> bool:
+_HELD: dict[Path, tuple[int, int]] = {}  # lock file -> (fd, depth): the locks this process holds
+
+
+@contextlib.contextmanager
+def build_lock(out: Path):
+    """Hold ``.NAME.lock`` beside ``out`` (an exclusive ``flock``) for a build: one build of a
+    cache at a time, and ``recover`` only where no build is under way, whatever host or PID
+    namespace runs it. Re-entrant within a process (``eclip.prepare`` holds it around the
+    check that a cache is current and the ``CacheWriter`` that replaces it). EclipError when
+    another process holds it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = (out.parent / f".{out.name}.lock").resolve()
+    if lock in _HELD:
+        fd, depth = _HELD[lock]
+        _HELD[lock] = (fd, depth + 1)
+    else:
+        _HELD[lock] = (_acquire(lock, out), 1)
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+        yield
+    finally:
+        fd, depth = _HELD[lock]
+        if depth > 1:
+            _HELD[lock] = (fd, depth - 1)
+        else:
+            del _HELD[lock]
+            try:
+                lock.unlink()  # while still held: one who opened it meanwhile finds it gone (_acquire)
+            except FileNotFoundError:
+                pass
+            os.close(fd)  # the flock goes with it (and with the process, killed or not)
+
+
+def _acquire(lock: Path, out: Path) -> int:
+    """An fd holding ``lock`` exclusively. The holder removes the file as it lets go, so a
+    lock got on a file no longer at that path is let go and taken again on the new one."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise EclipError(f"{out}: another build of this cache is under way (it holds {lock}); "
+                             "wait for it to end") from None
+        try:
+            if os.stat(lock, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+LEFTOVER = {"tmp": r"\.{name}\.tmp-\d+-.+", "old": r"\.{name}\.old-\d+"}  # what a build writes beside out
 
 
 def recover(out: Path) -> None:
-    """Clean up after a build killed before it could (``kill -9``, a power cut): its
-    temporary sibling ``.NAME.tmp-PID-*`` (a whole cache's size) is removed, and a previous
-    cache it had moved aside to ``.NAME.old-PID`` and not yet replaced (no cache at ``out``)
-    is put back. Only a dead writer's (PID) are touched: a build under way keeps its own."""
+    """Clean up after a build killed before it could (``kill -9``, a power cut), under
+    ``build_lock`` (so no build is under way): its temporary sibling ``.NAME.tmp-PID-*`` (a
+    whole cache's size) is removed, and a previous cache it had moved aside to
+    ``.NAME.old-PID`` is put back when no cache came in its place (a new one complete in
+    its temporary folder is removed all the same: it was never committed), or removed."""
     out = Path(out)
     if not out.parent.is_dir():
         return
+    patterns = {kind: re.compile(rx.format(name=re.escape(out.name))) for kind, rx in LEFTOVER.items()}
     for entry in sorted(out.parent.iterdir()):
-        for kind in ("tmp", "old"):
-            rest = entry.name.removeprefix(f".{out.name}.{kind}-")
-            pid = rest.split("-")[0]
-            if rest == entry.name or not pid.isdigit() or _alive(int(pid)):
-                continue
-            if kind == "old" and not out.exists() and not out.is_symlink() and (entry / "manifest.json").is_file():
-                os.replace(entry, out)  # moved aside, and the new one never came
-            elif entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
+        kind = next((k for k, rx in patterns.items() if rx.fullmatch(entry.name)), None)
+        if kind == "old" and not out.exists() and not out.is_symlink() and (
+                entry.is_symlink() or (entry / "manifest.json").is_file()):
+            os.replace(entry, out)  # moved aside, and the new one never came: back (a link as a link)
+        elif kind is not None and entry.is_symlink():
+            entry.unlink()
+        elif kind is not None and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 class CacheWriter:
@@ -172,17 +221,23 @@ class CacheWriter:
         self.out = Path(out)
         self.files: list[str] = []
         self.tmp: Path | None = None
+        self.lock = contextlib.ExitStack()
 
     def __enter__(self) -> CacheWriter:
-        recover(self.out)
-        ensure_replaceable(self.out)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-{os.getpid()}-", dir=self.out.parent))
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(build_lock(self.out))
+            recover(self.out)
+            ensure_replaceable(self.out)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-{os.getpid()}-", dir=self.out.parent))
+            self.lock = stack.pop_all()  # held until the block ends
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.tmp is not None and self.tmp.exists():
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        try:
+            if self.tmp is not None and self.tmp.exists():
+                shutil.rmtree(self.tmp, ignore_errors=True)
+        finally:
+            self.lock.close()
 
     def path(self, name: str) -> Path:
         assert self.tmp is not None
@@ -216,7 +271,9 @@ class CacheWriter:
             os.replace(self.out, old)
         os.replace(self.tmp, self.out)
         self.tmp = None
-        if old is not None:
+        if old is not None and old.is_symlink():  # --out was a link: rmtree would leave it there
+            old.unlink()
+        elif old is not None:
             shutil.rmtree(old, ignore_errors=True)
 
 

@@ -287,7 +287,7 @@ def _unquote(field: str) -> str:
     return field
 
 
-def _manifest_rows(path: Path):
+def _manifest_rows(path: Path, wanted: frozenset[str] = frozenset()):
     """Yield ``(line, dict)`` for each row of a CSV, TSV or JSONL manifest, or ``(line,
     DataError)`` for a row that cannot be read."""
     _check_utf8(path)
@@ -312,7 +312,7 @@ def _manifest_rows(path: Path):
     limit = csv.field_size_limit(FIELD_CHARS)  # a caption of 200 KB is valid CSV: 128 KB was the limit
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
-            yield from _csv_rows(path, _TsvReader(f) if suffix == ".tsv" else csv.reader(f, strict=True))
+            yield from _csv_rows(path, _TsvReader(f) if suffix == ".tsv" else csv.reader(f, strict=True), wanted)
     finally:
         csv.field_size_limit(limit)
 
@@ -320,16 +320,19 @@ def _manifest_rows(path: Path):
 FIELD_CHARS = 1 << 30  # the longest CSV field read (csv's own default: 131,072 characters)
 
 
-def _csv_rows(path: Path, reader):
-    """``_manifest_rows`` of a CSV or TSV file's ``reader``."""
+def _csv_rows(path: Path, reader, wanted: frozenset[str]):
+    """``_manifest_rows`` of a CSV or TSV file's ``reader``. ``wanted``: the column names
+    (lower case) the build may read, which the header must not repeat."""
     try:
         header = next(reader)
     except StopIteration:
         raise DataError(str(path), "empty manifest") from None
     except csv.Error as e:
         raise DataError(f"{path}:1", f"malformed header ({e})") from None
-    repeated = sorted({c for c in header if header.count(c) > 1})
-    if repeated:  # a dict of the row would keep the last such column's value, unsaid
+    # a dict of the row would keep the last such column's value, unsaid; a repeat of another
+    # name (a spreadsheet's blank columns, "image,caption,,") is no matter
+    repeated = sorted({c for c in header if header.count(c) > 1 and c.lower() in wanted})
+    if repeated:
         raise DataError(f"{path}:1", f"column {repeated[0]!r} appears more than once in the header")
     while True:
         start = reader.line_num + 1  # a quoted field may span lines: name the row's first
@@ -360,7 +363,9 @@ def read_manifest_file(path: Path, images_dir: Path, problems: Problems,
     the columns used."""
     by_image: dict[str, Record] = {}
     cols: dict | None = None
-    rows = _manifest_rows(path)
+    wanted = frozenset(c.lower() for c in (*IMAGE_COLUMNS, *CAPTION_COLUMNS, *REGION_COLUMNS, *SPLIT_COLUMNS,
+                                           image_column or "", caption_column or "", regions_column or "") if c)
+    rows = _manifest_rows(path, wanted)
     names = None  # CSV/TSV: every row has the header's columns, so the first row tells them
     if path.suffix.lower() in JSONL_SUFFIXES:
         # JSON rows need not share keys: a "split" or "regions" that row 1 leaves out may be
