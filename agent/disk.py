@@ -78,10 +78,11 @@ def keep_set(exps: list[dict], policy: str) -> set[int] | None:
 # What a run killed mid-way (a timeout, the loop killed) leaves, whatever the policy: the
 # harness's evaluation inputs and embeddings (in a folder per encoding process; loose files
 # in runs of older versions), an isolated run's copies of the training split and of the
-# compile cache, and the temporary files of an atomic write (eclip.fileio.atomic_write:
-# ".<name>.tmp-<pid>"), up to a whole checkpoint in size.
-LEFTOVERS = ("eval_*.safetensors", "emb_*.safetensors", ".*.tmp-*")
-LEFTOVER_FOLDERS = ("eval_*", "train_data", "compile_cache")
+# compile cache, the temporary files of an atomic write (eclip.fileio.atomic_write:
+# ".<name>.tmp-<pid>"), up to a whole checkpoint in size, and a cache build's temporary
+# folder and lock (eclip.data.cache: ".train_data.tmp-<pid>-*", ".train_data.lock").
+LEFTOVERS = ("eval_*.safetensors", "emb_*.safetensors", ".*.tmp-*", ".*.lock")
+LEFTOVER_FOLDERS = ("eval_*", "train_data", "compile_cache", ".*.tmp-*")
 
 
 def folder_bytes(folder: Path) -> int:
@@ -104,7 +105,8 @@ def clear_leftovers(run: Path) -> tuple[list[Path], int]:
             if folder.is_dir() and not folder.is_symlink():
                 freed += folder_bytes(folder)
                 shutil.rmtree(folder, ignore_errors=True)
-    return [path for pattern in LEFTOVERS for path in run.glob(pattern)], freed
+    # files only: a folder matching a loose pattern went above, or is no leftover (unlink would fail on it)
+    return [path for pattern in LEFTOVERS for path in run.glob(pattern) if path.is_file() or path.is_symlink()], freed
 
 
 def prune(experiments_dir: Path, exps: list[dict], policy: str) -> tuple[int, int]:

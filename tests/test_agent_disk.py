@@ -295,8 +295,10 @@ def test_prune_spares_runs_in_flight_and_clears_what_killed_runs_left(tmp_path):
     exps = [{"n": 1, "kind": "experiment", "status": "timeout", "ended": True},
             {"n": 2, "kind": "experiment", "ended": False}]  # the run under way
     names = ("checkpoint.safetensors", "checkpoint.json", "eval_images.safetensors", "emb_texts.safetensors",
-             ".checkpoint.safetensors.tmp-4242", "eval_texts.log", "run.log")
-    folders = ("eval_images", "train_data", "compile_cache")  # an isolated run's copies, an encoder's folder
+             ".checkpoint.safetensors.tmp-4242", "eval_texts.log", "run.log", ".train_data.lock")
+    # an isolated run's copies, an encoder's folder, the training split's copy a killed harness
+    # was writing (a folder matching a loose file's pattern: its unlink once raised IsADirectoryError)
+    folders = ("eval_images", "train_data", "compile_cache", ".train_data.tmp-4242-x1y2")
     # a final run killed mid-way (agent.report --final): in no experiment's record, and its
     # folder lives outside the workspace through a link, which is left alone
     elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
@@ -308,7 +310,7 @@ def test_prune_spares_runs_in_flight_and_clears_what_killed_runs_left(tmp_path):
             (tmp_path / run / name / "inner").mkdir(parents=True)
             (tmp_path / run / name / "inner" / "f").write_bytes(b"\0" * 5)
     (tmp_path / "final-def5678").symlink_to(elsewhere)
-    assert disk.prune(tmp_path, exps, "all") == (0, 90)  # checkpoints stay; the leftovers go
+    assert disk.prune(tmp_path, exps, "all") == (0, 120)  # checkpoints stay; the leftovers go
     left = ["checkpoint.json", "checkpoint.safetensors", "eval_texts.log", "run.log"]
     assert sorted(p.name for p in (tmp_path / "1").iterdir()) == left
     assert sorted(p.name for p in (tmp_path / "final-abc1234").iterdir()) == left
