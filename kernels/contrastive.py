@@ -25,7 +25,11 @@ Both take bf16 / fp16 / fp32 inputs (fp32 accumulation; fp32 inputs use 3xTF32 f
 scores), any B ≥ 1, D ≤ 1024, non-contiguous inputs, and are deterministic (no atomics):
 bitwise the same outputs for the same inputs within a process, and across processes under
 ``torch.use_deterministic_algorithms(True)``, which pins the fixed launch configs.
-The loss is returned in fp32; gradients come back in the inputs' dtypes.
+The loss is returned in fp32; gradients come back in the inputs' dtypes. The fast mode's
+Ĝ is stored in bf16 whatever the inputs, so its gradients are bf16-accurate (relative
+error up to about 1e-2 against float64, fp32 inputs included); the lean modes' follow the
+inputs' precision. Logits past fp32's reach (unnormalised fp16 inputs near 6e4) make the
+loss meaningless, as for any fp32-accumulated loss.
 
 Contract: ``contrastive_loss(img, txt, scale, *, mode="auto", backend=None)`` → 0-d fp32.
 It is a ``torch.library`` custom op pair (forward, backward) with fake implementations and
@@ -37,7 +41,8 @@ so Inductor keeps the fast mode's B² buffer in place and ``retain_graph=True`` 
 Triton launches follow the inputs' device, not the current one, and the caller's autocast
 does not reach inside (the reference stays fp32). First-order only: the backward op has no
 derivative of its own, so a second derivative (``create_graph=True``, then a backward
-through the gradients) raises.
+through the gradients) raises, and ``torch.func`` transforms (``grad``, ``vmap``) are not
+supported.
 """
 
 from __future__ import annotations

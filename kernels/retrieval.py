@@ -14,7 +14,12 @@ too: a NaN positive gives the worst rank, a NaN competitor counts as beating the
 
 The positive score of a query always comes from the very same arithmetic as the other
 scores of its row (it is read from the score tile in which it is computed), never from a
-separate dot product whose rounding could differ.
+separate dot product whose rounding could differ. The reference accumulates in fp64 and
+rounds each score once to fp32: a CPU fp32 matmul rounds one dot product differently by its
+place in the output, so identical embeddings scored apart (5 copies of one random vector:
+ranks 4, 4, 4, 4, 0). The Triton kernel relies on ``tl.dot`` rounding every element of a
+tile alike, which the GPU's matrix instructions do and the interpreter's numpy matmul does
+not (its tie tests use values whose products and sums are exact).
 
 Contract:
   * every image must have at least one caption: ``ValueError`` otherwise (an image without
@@ -325,10 +330,14 @@ def _rank_rows_ref(
     A key is the query's own when k_group[key] == q_group[query]; the positive is the best
     own score, the rank counts the other keys scoring >= it (ties and NaN against the model).
     """
-    kf = k.float()
+    kd = k.double()
     ranks, tops = [], []
     for start in range(0, q.shape[0], chunk):
-        s = q[start : start + chunk].float() @ kf.T  # [c, Nk] fp32 scores
+        # [c, Nk] fp32 scores, accumulated in fp64 and rounded once: an fp32 matmul rounds a
+        # dot product by its place in the output (a CPU BLAS's edge rows and columns take
+        # another path), so identical embeddings scored one ulp apart and a collapsed model
+        # could rank first; fp64's differences vanish in the rounding to fp32
+        s = (q[start : start + chunk].double() @ kd.T).float()
         own = q_group[start : start + chunk, None] == k_group[None, :]  # [c, Nk]
         # amax propagates NaN, so a NaN own score gives a NaN positive.
         pos = s.masked_fill(~own, float("-inf")).amax(dim=1, keepdim=True)  # [c, 1]
@@ -349,8 +358,8 @@ def _ranks_ref_checked(
 ) -> Ranks:
     n_img, n_txt = img.shape[0], txt.shape[0]
     img_ids = torch.arange(n_img, device=img.device)
-    if chunk is None:  # about 32 MiB of fp32 scores per chunk
-        chunk = max(1, (1 << 23) // max(n_img, n_txt))
+    if chunk is None:  # about 32 MiB of fp64 scores (and 16 of fp32) per chunk
+        chunk = max(1, (1 << 22) // max(n_img, n_txt))
     i2t, i2t_top = _rank_rows_ref(img, txt, img_ids, txt_image, topk, chunk)
     t2i, t2i_top = _rank_rows_ref(txt, img, txt_image, img_ids, topk, chunk)
     return Ranks(i2t, t2i, i2t_top, t2i_top)

@@ -112,6 +112,32 @@ def test_collapsed_model_gets_worst_rank(dtype, device):
     assert (got.i2t == 2 * n - 2).all() and (got.t2i == n - 1).all()
 
 
+@pytest.mark.parametrize("n,d,seed", [(5, 64, 1), (7, 33, 3), (33, 100, 5), (300, 48, 0)])
+def test_copies_of_one_random_vector_all_rank_last_in_the_reference(n, d, seed):
+    # a CPU fp32 matmul rounded the same dot product by its place in the output: 5 copies of
+    # one random vector ranked 4, 4, 4, 4, 0 (a collapsed model could score R@1 > 0); the
+    # constant rows of the test above round alike everywhere, a random direction does not
+    row = torch.randn(d, generator=torch.Generator().manual_seed(seed))
+    emb = row.expand(n, d).contiguous()
+    for chunk in (1, 2, 3, 5, n):  # the ranks once depended on the chunk size too
+        got = retrieval_ranks_ref(emb, emb, chunk=chunk)
+        assert (got.i2t == n - 1).all() and (got.t2i == n - 1).all(), chunk
+
+
+def test_an_image_sharing_its_caption_embedding_with_another_never_ranks_first():
+    # duplicate captions (COCO-style) give two images one text embedding (here image 0's
+    # own direction): for either image the other's copy ties its positive, so neither image
+    # may rank 0
+    gen = torch.Generator().manual_seed(4)
+    for n, d in ((9, 64), (40, 48), (129, 32)):
+        img = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1)
+        txt = img.clone()
+        txt[1] = txt[0]  # images 0 and 1 have the same caption embedding
+        got = retrieval_ranks_ref(img, txt)
+        # each image's two texts score alike, a tie against it; text 1 loses to image 0
+        assert got.i2t[0] >= 1 and got.i2t[1] >= 1 and got.t2i[1] >= 1
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_nan_scores_count_against_the_model(device):
     img = int_embeddings(9, 4, 5, torch.float32, device)
