@@ -17,6 +17,7 @@ second, for people and tools; checkpoints written before the header copy are rea
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -57,9 +58,16 @@ def save_checkpoint(out: str | Path, model: torch.nn.Module, optimizer: torch.op
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": g["params"]} for g in opt["param_groups"]]
     meta = dict(meta, optimizer={"param_groups": groups, "scalars": scalars}, aliases=aliases)
     text = json.dumps(meta, indent=2, default=list) + "\n"
+    from safetensors import SafetensorError
+
     t0 = time.perf_counter()
-    atomic_write(out / TENSORS, lambda p: save_file(tensors, str(p), metadata={HEADER_KEY: text}))
-    atomic_write(out / META, lambda p: p.write_text(text))
+    try:
+        atomic_write(out / TENSORS, lambda p: save_file(tensors, str(p), metadata={HEADER_KEY: text}))
+        atomic_write(out / META, lambda p: p.write_text(text))
+    except (SafetensorError, OSError) as e:  # a full disk: safetensors' I/O errors are no OSError
+        said = (e.strerror or str(e)) if isinstance(e, OSError) else first_line(e, 300)
+        raise EclipError(f"{out / TENSORS}: cannot write the checkpoint ({said}); the previous one, if any, "
+                         "is as it was") from None
     return time.perf_counter() - t0
 
 
@@ -95,7 +103,50 @@ def read_meta_from(ckpt_dir: str | Path) -> tuple[dict, Path]:
         raise EclipError(f"{path}: unreadable checkpoint metadata (not UTF-8 text)") from None
     if not isinstance(meta, dict):
         raise EclipError(f"{path}: unreadable checkpoint metadata (not a JSON object)")
+    check_meta(meta, path)
     return meta, path
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _seconds(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+# a field of the meta, what it must be when present (None allowed where the loop reads it so),
+# and whether a resume needs it: an edited or damaged header once failed with a traceback in
+# the loop, or trained silently wrong (a negative step wiped the metrics log; a NaN clock
+# never reached the budget)
+META_FIELDS = {
+    "step": (_count, "a count (an integer, 0 or more)", False, True),
+    "samples": (_count, "a count (an integer, 0 or more)", False, True),
+    "trained_s": (_seconds, "seconds (a finite number, 0 or more)", False, True),
+    "data_cursor": (_count, "a count (an integer, 0 or more)", False, True),
+    "data_epoch": (_count, "a count (an integer, 0 or more)", False, True),
+    "schedule_origin_s": (_seconds, "seconds (a finite number, 0 or more) or null", True, False),
+    "expert_samples": (_count, "a count (an integer, 0 or more)", False, False),
+    "hparams": (lambda v: isinstance(v, dict), "an object", False, False),
+    "model_config": (lambda v: isinstance(v, dict), "an object", False, False),
+    "aliases": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in (*v, *v.values())),
+                "an object of names", False, False),
+    "data_placement": (lambda v: v in ("auto", "device", "host"), "auto, device or host", False, False),
+}
+
+
+def check_meta(meta: dict, source: Path, resume: bool = False) -> None:
+    """One-line errors for a meta field of the wrong type or range (``META_FIELDS``), and
+    with ``resume`` for a field a resume needs that is missing."""
+    for name, (ok, what, nullable, needed) in META_FIELDS.items():
+        if name not in meta:
+            if resume and needed:
+                raise EclipError(f"{source}: checkpoint metadata lacks {name!r}, which a resume needs")
+            continue
+        v = meta[name]
+        if not (ok(v) or (nullable and v is None)):
+            raise EclipError(f"{source}: checkpoint metadata has {name} = {json.dumps(v, default=str)[:80]}, "
+                             f"expected {what}")
 
 
 # Model config fields that shape no weight and no forward pass: the expert term's schedule
@@ -135,6 +186,33 @@ def check_model_config(source: Path, meta: dict, model: torch.nn.Module) -> None
                          "(resume with the same model settings)")
 
 
+# per-parameter state that has its parameter's shape (Adam's moments, SGD's momentum): one
+# of another shape belongs to another parameter (a recipe that lists its parameters in
+# another order), and the fused update would read past its end
+PARAM_SHAPED = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer"})
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], scalars: dict, optimizer: torch.optim.Optimizer,
+                     source: Path) -> dict:
+    """The optimizer's state dict from the checkpoint's ``optim.<pid>.<key>`` tensors and its
+    ``scalars``, each checked against the parameter it is for (``PARAM_SHAPED``)."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state: dict = {}
+    items = [(k[6:], v) for k, v in tensors.items() if k.startswith("optim.")] + list(scalars.items())
+    for name, v in items:
+        pid, _, key = name.partition(".")
+        if not pid.isdigit() or not key or int(pid) >= len(params):
+            raise EclipError(f"{source}: the checkpoint's optimizer state names {name!r}, no parameter of this "
+                             f"optimizer's {len(params)}")
+        shape = tuple(params[int(pid)].shape)
+        if key in PARAM_SHAPED and isinstance(v, torch.Tensor) and tuple(v.shape) != shape:
+            raise EclipError(f"{source}: the checkpoint's optimizer state {key} of parameter {pid} has shape "
+                             f"{list(v.shape)}, the parameter {list(shape)} (a recipe listing its parameters in "
+                             "another order, or another model)")
+        state.setdefault(int(pid), {})[key] = v  # load_state_dict moves it where it belongs
+    return state
+
+
 def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None) -> tuple[dict, dict[str, torch.Tensor]]:
     """Restore model (and optimizer state; the optimizer keeps its own group settings) in
@@ -161,14 +239,15 @@ def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module,
                 and isinstance(saved.get("scalars"), dict)):
             raise EclipError(f"{source}: checkpoint has no optimizer state (optimizer.param_groups and "
                              "optimizer.scalars): it holds weights only and cannot be resumed")
-        state: dict = {}
-        for k, v in tensors.items():
-            if k.startswith("optim."):
-                _, pid, key = k.split(".", 2)
-                state.setdefault(int(pid), {})[key] = v  # load_state_dict moves it where it belongs
-        for k, v in saved["scalars"].items():
-            pid, key = k.split(".", 1)
-            state.setdefault(int(pid), {})[key] = v
+        sizes = [len(g["params"]) if isinstance(g, dict) and isinstance(g.get("params"), list) else None
+                 for g in saved["param_groups"]]
+        own_sizes = [len(g["params"]) for g in optimizer.param_groups]
+        if sizes != own_sizes:  # before any state is matched to a parameter by its place
+            said = ("a parameter group without its list of parameters" if None in sizes else
+                    f"{len(sizes)} parameter groups of {sizes} parameters, this optimizer's {len(own_sizes)} "
+                    f"of {own_sizes}")
+            raise EclipError(f"{source}: the checkpoint's optimizer state does not fit this optimizer ({said})")
+        state = _optimizer_state(tensors, saved["scalars"], optimizer, source)
         # load_state_dict also puts the saved group settings back (weight decay, betas, ...);
         # the optimizer's own, built for this run, win: a resume takes the state only
         own = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]

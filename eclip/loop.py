@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from eclip.checkpoint import load_checkpoint
+from eclip.checkpoint import TENSORS, check_meta, load_checkpoint
 from eclip.data.cache import Cache
 from eclip.data.device import DeviceData
 from eclip.errors import EclipError, first_line
@@ -94,6 +94,26 @@ def use_device(device: torch.device) -> None:
     (Triton kernels, CUDA events) runs there too. A bare ``cuda`` already is."""
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device.index)
+
+
+def _where(recipe, name: str) -> str:
+    """``FILE:LINE`` of the recipe's function ``name`` (its ``def``), or the recipe's file."""
+    code = getattr(getattr(recipe, name, None), "__code__", None)
+    where = getattr(recipe, "__file__", None) or "recipe"
+    return f"{where}:{code.co_firstlineno}" if code is not None and code.co_filename == where else where
+
+
+def _metrics_problem(metrics) -> str | None:
+    """What is wrong with a train_step's return value, or None (no device sync: shapes only)."""
+    if not isinstance(metrics, dict):
+        return f"it returned {type(metrics).__name__}"
+    if "loss" not in metrics:
+        return f"it returned the keys {sorted(map(str, metrics))[:8]}"
+    for key, v in metrics.items():
+        if isinstance(v, bool) or not (isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)):
+            shown = f"a tensor of shape {list(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+            return f"{key!r} is {shown}"
+    return None
 
 
 def load_recipe(path: str | Path):
@@ -363,6 +383,9 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
         model = recipe.build_model(spec)
     except ValueError as e:  # a bad HPARAMS entry or model field, from an override or the recipe
         raise EclipError(f"recipe: {e}") from None
+    if not isinstance(model, torch.nn.Module):  # else the optimizer's build fails on it, in the recipe's code
+        raise EclipError(f"{_where(recipe, 'build_model')}: build_model must return a torch.nn.Module, "
+                         f"got {type(model).__name__}")
     built = getattr(getattr(getattr(model, "cfg", None), "text", None), "pretrained", "")
     if (built or "") != (hp.get("text_tower") or ""):  # the ids fed must be the tower's own
         raise EclipError(f"recipe: HPARAMS['text_tower'] is {hp.get('text_tower') or ''!r} but the model's text "
@@ -376,12 +399,17 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
         # the optimizer keeps the settings of this run's HPARAMS and overrides (a --weight_decay
         # given with --resume applies); the state (moments, step counts) is the checkpoint's
         meta, tensors = load_checkpoint(resume_dir, model, optimizer)
+        check_meta(meta, Path(resume_dir) / TENSORS, resume=True)  # the fields read below
         step, trained_s, samples = int(meta["step"]), float(meta["trained_s"]), int(meta["samples"])
         origin_s = meta.get("schedule_origin_s", 0.0)  # older checkpoints: the whole clock
         origin_s = None if origin_s is None or step == 0 else float(origin_s)
         expert_samples = int(meta.get("expert_samples", 0))
-        data.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("data_")}
-                             | {"cursor": meta["data_cursor"], "epoch": meta["data_epoch"]})
+        try:
+            data.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("data_")}
+                                 | {"cursor": meta["data_cursor"], "epoch": meta["data_epoch"]})
+        except (KeyError, ValueError) as e:  # KeyError: a state tensor missing
+            what = f"lacks state.data_{e.args[0]}" if isinstance(e, KeyError) else str(e)
+            raise EclipError(f"{Path(resume_dir) / 'checkpoint.safetensors'}: {what}; it cannot be resumed") from None
         if hasattr(recipe, "load_recipe_state"):
             t_state = time.perf_counter()
             recipe.load_recipe_state({k[7:]: v for k, v in tensors.items() if k.startswith("recipe.")})
@@ -449,6 +477,9 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
             except KeyboardInterrupt:
                 data.restore(before)
                 raise
+            if problem := _metrics_problem(metrics):
+                raise EclipError(f"{_where(recipe, 'train_step')}: train_step must return a dict of numbers or "
+                                 f"one-element tensors with a 'loss'; {problem}")
             # CPU time of the step's call (all threads): the harness tells a last step that
             # overran the budget because the machine was busy from one that did more work
             last_step_cpu_s = time.process_time() - cpu0

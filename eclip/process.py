@@ -62,6 +62,39 @@ def sigterm_as_ctrl_c():
         signal.signal(signal.SIGTERM, previous)
 
 
+class HardStop(KeyboardInterrupt):
+    """A second Ctrl-C inside ``stop_deferred``: stop at once, ``what`` cut short."""
+
+
+@contextlib.contextmanager
+def stop_deferred(what: str):
+    """Inside the block a first Ctrl-C or SIGTERM is noted, not raised: ``what`` (a
+    checkpoint, a result being written) finishes first, and the caller reads the list this
+    yields (the signals heard) to stop after it. A second Ctrl-C raises KeyboardInterrupt (a
+    hard stop: an atomic write leaves the previous file in place); a repeated SIGTERM is
+    ignored, as one sent to a process group arrives twice. A no-op outside the main thread.
+    The hard stop is a ``HardStop`` (a KeyboardInterrupt) carrying ``what``."""
+    heard: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield heard
+        return
+
+    def handler(signum, frame):
+        if heard and signum == signal.SIGINT:
+            raise HardStop(what)
+        if not heard:
+            print(f"\n{signal.Signals(signum).name}: stopping once {what} (Ctrl-C again to stop now)",
+                  file=sys.stderr)
+        heard.append(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield heard
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def exit_main(main) -> None:
     """``sys.exit(main())`` for a command's ``__main__``, with SIGTERM ignored once ``main``
     has returned: the command has finished and written its result, and a copy of the SIGTERM

@@ -52,7 +52,7 @@ from eclip.loop import (
     run_loop,
     write_json,
 )
-from eclip.process import exit_main, sigterm_as_ctrl_c
+from eclip.process import HardStop, exit_main, sigterm_as_ctrl_c, stop_deferred
 
 TEMPLATE = Path(__file__).with_name("recipe.py")
 EXIT = {"ok": 0, "diverged": 1, "oom": 1, "interrupted": 130, "aborted": 130}
@@ -219,6 +219,9 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
 
     def on_log(row):
         if not logs:
+            # from here the log is this run's: the last run's result no longer describes the
+            # folder (a run that then fails, a full disk at its save, leaves none, not a stale "ok")
+            (out / "result.json").unlink(missing_ok=True)
             logs.append(open(log_path, "a" if args.resume else "w", encoding="utf-8"))
         logs[0].write(json.dumps(row) + "\n")
         logs[0].flush()
@@ -247,9 +250,17 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
     if hasattr(recipe, "recipe_state"):
         state |= {f"recipe.{k}": v for k, v in recipe.recipe_state().items()}
     write_s = 0.0  # the files' writing: not the recipe's time, whatever the tensors' size
+    heard: list[int] = []
     if run["status"] in ("ok", "interrupted"):
-        write_s = ckpt.save_checkpoint(out, model, run["optimizer"], state, meta)
+        # the loop has let go of the signals: a Ctrl-C or SIGTERM now (a budget's end is when a
+        # scheduler's timeout fires) waits for the checkpoint, then stops the run as interrupted
+        with stop_deferred("the checkpoint is written") as heard:
+            write_s = ckpt.save_checkpoint(out, model, run["optimizer"], state, meta)
     metrics, status = None, run["status"]
+    if heard and status == "ok":
+        status = "interrupted"
+        print("train: interrupted as the checkpoint was written (it is saved; no metrics: --resume with the same "
+              "options evaluates it)", file=sys.stderr)
     eval_s = None
     if status == "ok" and not args.train_only:
         t_eval = time.perf_counter()
@@ -418,7 +429,8 @@ def run(args, overrides: dict) -> dict:
     result["wall_s"] = time.time() - t0
     if args.train_only:
         result["ranked_by"] = "caller"  # the metrics come from whoever evaluates the checkpoint
-    write_json(args.out / "result.json", result)
+    with stop_deferred("the result is written"):  # written whole: the run is over either way
+        write_json(args.out / "result.json", result)
     if not args.train_only:
         print("\n".join(summary_lines(result)))
     return result
@@ -441,6 +453,10 @@ def main(argv: list[str] | None = None) -> int:
     except EclipError as e:
         print(f"train: error: {e}", file=sys.stderr)
         return drop_new_out(2)
+    except HardStop as e:  # a second Ctrl-C while the checkpoint or the result was written
+        print(f"train: stopped at once by a second Ctrl-C, before {e} (an atomic write: the previous file, if "
+              "any, is as it was)", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM before the training loop took them over (its setup)
         print("train: interrupted while setting up (before its first step): no checkpoint or result of it written",
               file=sys.stderr)

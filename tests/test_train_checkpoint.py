@@ -258,5 +258,48 @@ def test_optimizer_groups_without_their_parameters_are_refused(tmp_path):
     save_file(load_file(path), str(path), metadata={ckpt.HEADER_KEY: json.dumps(meta)})
     other = torch.nn.Linear(3, 2)
     with pytest.raises(EclipError, match=rf"^{re.escape(str(path))}: the checkpoint's optimizer state does not "
-                                         r"fit this optimizer \('params'\)$"):
+                                         r"fit this optimizer \(a parameter group without its list of "
+                                         r"parameters\)$"):
         load_checkpoint(tmp_path, other, torch.optim.AdamW(other.parameters()))
+
+
+def edited(out, change) -> None:
+    """Rewrite the checkpoint in ``out`` through ``change(meta, tensors)`` (both in place)."""
+    from safetensors.torch import load_file, save_file
+
+    from eclip.checkpoint import HEADER_KEY, read_meta
+
+    meta = read_meta(out)
+    tensors = load_file(str(out / "checkpoint.safetensors"))
+    change(meta, tensors)
+    save_file(tensors, str(out / "checkpoint.safetensors"), metadata={HEADER_KEY: json.dumps(meta)})
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda m, t: m.update(step=float("nan")), "checkpoint metadata has step = NaN, expected a count"),
+    (lambda m, t: m.update(step=-5), "checkpoint metadata has step = -5, expected a count"),  # wiped the log
+    (lambda m, t: m.pop("trained_s"), "checkpoint metadata lacks 'trained_s', which a resume needs"),
+    (lambda m, t: m.update(trained_s=float("inf")), "checkpoint metadata has trained_s = Infinity, expected seconds"),
+    (lambda m, t: m.update(samples=None), "checkpoint metadata has samples = null, expected a count"),
+    (lambda m, t: m.update(hparams=5), "checkpoint metadata has hparams = 5, expected an object"),
+    (lambda m, t: m.update(data_placement="gpu"), "data_placement = \"gpu\", expected auto, device or host"),
+    (lambda m, t: m["optimizer"]["scalars"].update({"a.b": 1}), "the checkpoint's optimizer state names 'a.b'"),
+    (lambda m, t: t.update({"optim.0.exp_avg": torch.zeros(3)}),  # silently trained on a 3-element buffer
+     "the checkpoint's optimizer state exp_avg of parameter 0 has shape [3], the parameter ["),
+    (lambda m, t: t.update({"state.data_perm": t["state.data_perm"] * 1000}),
+     "the data order (data_perm) is no permutation of this split's"),
+    (lambda m, t: t.pop("state.data_perm"), "checkpoint.safetensors: lacks state.data_perm; it cannot be resumed"),
+    (lambda m, t: t.update({"state.data_generator": t["state.data_generator"][:10]}),
+     "the data generator's state does not fit"),
+], ids=["step NaN", "step negative", "no trained_s", "trained_s inf", "samples null", "hparams 5", "placement gpu",
+        "scalar of no parameter", "moment of another shape", "perm out of range", "no perm", "short generator"])
+def test_a_damaged_checkpoint_is_refused_in_one_line_on_resume(train_cache, tmp_path, capsys, change, message):
+    # each once a traceback in the loop, or a run that trained on silently wrong state
+    from train_support import SMALL, run
+
+    out = tmp_path / "run"
+    assert run(["--data", train_cache, "--out", out, "--steps", 2, *SMALL], capsys)[0] == 0
+    edited(out, change)
+    rc, _, err = run(["--data", train_cache, "--out", out, "--steps", 4, "--resume", *SMALL], capsys)
+    assert rc == 2 and message in err and "Traceback" not in err, err
+    assert err.startswith("train: error: ") and err.count("\n") == 1

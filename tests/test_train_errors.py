@@ -258,3 +258,27 @@ def test_running_out_of_address_space_is_out_of_memory(message, oom):
     from eclip.loop import is_oom
 
     assert is_oom(RuntimeError(message)) is oom
+
+
+@pytest.mark.parametrize("body,problem", [
+    ("    return None", "it returned NoneType"),
+    ("    return {'lr': 1.0}", "it returned the keys ['lr']"),
+    ("    return {'loss': 'hello'}", "'loss' is str"),
+    ("    return {'loss': torch.ones(3)}", "'loss' is a tensor of shape [3]"),
+], ids=["nothing", "no loss", "text loss", "vector loss"])
+def test_a_train_step_breaking_its_contract_names_the_recipe_line(train_cache, tmp_path, capsys, body, problem):
+    # each was a traceback from inside the loop (KeyError, TypeError, ValueError) naming no recipe
+    path = recipe_with(tmp_path, "def train_step(model, optimizer, batch, progress):\n" + body + "\n")
+    line = len(path.read_text().splitlines()) - 1  # the def's line
+    rc, _, err = run(["--data", train_cache, "--out", tmp_path / "run", "--steps", 2, "--recipe", path, *SMALL],
+                     capsys)
+    assert rc == 2 and err == (f"train: error: {path}:{line}: train_step must return a dict of numbers or "
+                               f"one-element tensors with a 'loss'; {problem}\n")
+
+
+def test_a_build_model_that_returns_no_module_names_the_recipe_line(train_cache, tmp_path, capsys):
+    path = recipe_with(tmp_path, "def build_model(spec):\n    return None\n")
+    line = len(path.read_text().splitlines()) - 1
+    rc, _, err = run(["--data", train_cache, "--out", tmp_path / "run", "--steps", 2, "--recipe", path, *SMALL],
+                     capsys)
+    assert rc == 2 and err == f"train: error: {path}:{line}: build_model must return a torch.nn.Module, got NoneType\n"

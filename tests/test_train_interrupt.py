@@ -174,3 +174,64 @@ def test_the_progress_bar_shows_on_a_pipe_only_when_asked(train_cache, tmp_path,
         monkeypatch.delenv(PROGRESS_ENV, raising=False)
     rc, _, err = run(["--data", train_cache, "--out", tmp_path / "run", "--steps", 2, *SMALL], capsys)
     assert rc == 0 and ("train: 100%" in err) is forced, err
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_stop_while_the_checkpoint_is_written_waits_for_it(train_cache, tmp_path, capsys, monkeypatch, sig):
+    # the loop had let go of the signals: a stop then (a scheduler's timeout at the budget's
+    # end) lost the trained steps and left the last run's "ok" result, said "while setting up"
+    real = train.ckpt.save_checkpoint
+
+    def save_with_a_stop(*args, **kwargs):
+        os.kill(os.getpid(), getattr(signal, sig))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train.ckpt, "save_checkpoint", save_with_a_stop)
+    out = tmp_path / "run"
+    rc, stdout, err = run(["--data", train_cache, "--out", out, "--steps", 3, *SMALL], capsys)
+    assert rc == 130 and "status:         interrupted" in stdout, err
+    assert "interrupted as the checkpoint was written (it is saved; no metrics" in err
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 3
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "interrupted" and result["steps"] == 3 and result["metrics"] is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_second_ctrl_c_while_the_checkpoint_is_written_stops_at_once(train_cache, tmp_path, capsys,
+                                                                       monkeypatch):
+    real = train.ckpt.save_checkpoint
+
+    def save_with_two_stops(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the second's handler raises before this ends
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train.ckpt, "save_checkpoint", save_with_two_stops)
+    out = tmp_path / "run"
+    rc, _, err = run(["--data", train_cache, "--out", out, "--steps", 3, *SMALL], capsys)
+    assert rc == 130 and err.splitlines()[-1] == (
+        "train: stopped at once by a second Ctrl-C, before the checkpoint is written (an atomic write: the "
+        "previous file, if any, is as it was)")
+    assert not (out / "checkpoint.safetensors").exists() and not (out / "result.json").exists()
+
+
+def test_a_full_disk_at_the_save_is_one_line_and_leaves_no_stale_result(train_cache, tmp_path, capsys, monkeypatch):
+    # safetensors' I/O error is no OSError: a traceback, and the last run's "ok" result.json
+    # stayed beside a metrics log of this run's steps
+    from safetensors import SafetensorError
+
+    out = tmp_path / "run"
+    assert run(["--data", train_cache, "--out", out, "--steps", 2, *SMALL], capsys)[0] == 0
+    before = (out / "checkpoint.safetensors").read_bytes()
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(train.ckpt, "save_file", full)
+    rc, _, err = run(["--data", train_cache, "--out", out, "--steps", 4, "--resume", *SMALL], capsys)
+    assert rc == 2 and err.splitlines()[-1] == (
+        f"train: error: {out / 'checkpoint.safetensors'}: cannot write the checkpoint (Error while serializing: I/O "
+        "error: No space left on device (os error 28)); the previous one, if any, is as it was")
+    assert (out / "checkpoint.safetensors").read_bytes() == before and not (out / "result.json").exists()
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == 4

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from eclip.batch import Batch
 from eclip.data.cache import Cache
 from eclip.data.prefetch import HostPrefetcher
+from eclip.errors import first_line
 
 MAX_REGIONS = 16  # boxes kept per image for heatmaps (the first ones, in source order)
 
@@ -149,9 +150,22 @@ class DeviceData:
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state_dict()``. A state saved on the other placement resumes
         validly but not bitwise: the host path keeps the image order on its own generator."""
-        self.generator.set_state(state["generator"])
-        gen = None if self.on_device else state.get("index_generator")
-        self._set_position((gen, state["perm"].to(self.perm.device), int(state["cursor"]), int(state["epoch"])))
+        perm, n = state["perm"], self.n
+        # a permutation of this split's rows (or none yet: no epoch drawn), or the batches
+        # would index other rows, or none
+        if (not isinstance(perm, torch.Tensor) or perm.dtype != torch.int64 or perm.shape not in ((n,), (0,))
+                or (perm.numel() and not torch.equal(perm.sort().values.cpu(), torch.arange(n)))):
+            raise ValueError(f"the data order (data_perm) is no permutation of this split's {n} rows")
+        if not 0 <= int(state["cursor"]) <= perm.numel():
+            raise ValueError(f"the data position (data_cursor {state['cursor']}) lies outside 0..{perm.numel()}")
+        try:
+            self.generator.set_state(state["generator"])
+            gen = None if self.on_device else state.get("index_generator")
+            if gen is not None:
+                torch.Generator().set_state(gen)  # checked on a spare one: _set_position sets the real one
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"the data generator's state does not fit ({first_line(e)})") from None
+        self._set_position((gen, perm.to(self.perm.device), int(state["cursor"]), int(state["epoch"])))
 
     def snapshot(self) -> tuple:
         """Cheap copy of the sampling position (no device sync): see ``restore``."""
