@@ -171,10 +171,12 @@ def _first_difference(saved, current, prefix: str = "") -> tuple[str, object, ob
     return None if saved == current else (prefix[:-1], saved, current)
 
 
-def check_model_config(source: Path, meta: dict, model: torch.nn.Module) -> None:
+def check_model_config(source: Path, meta: dict, model: torch.nn.Module,
+                       hint: str = "resume with the same model settings") -> None:
     """Refuse a checkpoint whose model config differs from ``model``'s in a field that
     shapes the model: weights of matching shapes can still belong to another model (heads,
-    norms, pooling, scale bounds). ``source``: the file ``meta`` was read from."""
+    norms, pooling, scale bounds). ``source``: the file ``meta`` was read from; ``hint``
+    what to do, in the caller's terms."""
     saved, cfg = meta.get("model_config"), getattr(model, "cfg", None)
     if saved is None or not hasattr(cfg, "to_dict"):
         return
@@ -182,8 +184,7 @@ def check_model_config(source: Path, meta: dict, model: torch.nn.Module) -> None
     diff = _first_difference(saved, current)
     if diff is not None:
         field, old, new = diff
-        raise EclipError(f"{source}: checkpoint has model {field} = {old!r}, this run {new!r} "
-                         "(resume with the same model settings)")
+        raise EclipError(f"{source}: checkpoint has model {field} = {old!r}, this run {new!r} ({hint})")
 
 
 # per-parameter state that has its parameter's shape (Adam's moments, SGD's momentum): one
@@ -220,7 +221,8 @@ def load_checkpoint(ckpt_dir: str | Path, model: torch.nn.Module,
     refused (``EclipError`` naming the field)."""
     ckpt_dir = Path(ckpt_dir)
     meta, source = read_meta_from(ckpt_dir)
-    check_model_config(source, meta, model)
+    check_model_config(source, meta, model, "resume with the same model settings" if optimizer is not None
+                       else "build the model with the settings it was trained with")
     # the weights alone when there is no optimizer to restore (an evaluation)
     tensors = read_tensors(ckpt_dir / TENSORS, prefix=None if optimizer is not None else "model.")
     weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}

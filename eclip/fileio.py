@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import shutil
 import stat
@@ -140,3 +141,55 @@ def file_bytes(*paths: Path) -> int:
         except OSError:
             pass
     return total
+
+
+_HELD: dict[Path, tuple[int, int]] = {}  # lock file -> (fd, depth): the locks this process holds
+
+
+@contextlib.contextmanager
+def exclusive(out: Path, who: str, lock: Path | None = None):
+    """Hold ``lock`` (default ``.NAME.lock`` beside ``out``; an exclusive, non-blocking
+    ``flock``) within the block: one process at a time writes ``out``, whatever host or PID
+    namespace runs it (the lock goes with its holder, killed or not). Re-entrant within a
+    process. EclipError ``"{out}: {who} is under way"`` when another process holds it. The
+    file is removed as the lock is let go."""
+    out = Path(out)
+    lock = Path(lock) if lock is not None else out.parent / f".{out.name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock = lock.resolve()
+    if lock in _HELD:
+        fd, depth = _HELD[lock]
+        _HELD[lock] = (fd, depth + 1)
+    else:
+        _HELD[lock] = (_acquire(lock, out, who), 1)
+    try:
+        yield
+    finally:
+        fd, depth = _HELD[lock]
+        if depth > 1:
+            _HELD[lock] = (fd, depth - 1)
+        else:
+            del _HELD[lock]
+            try:
+                lock.unlink()  # while still held: one who opened it meanwhile finds it gone (_acquire)
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
+
+def _acquire(lock: Path, out: Path, who: str) -> int:
+    """An fd holding ``lock`` exclusively. The holder removes the file as it lets go, so a
+    lock got on a file no longer at that path is let go and taken again on the new one."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise EclipError(f"{out}: {who} is under way (it holds {lock}); wait for it to end") from None
+        try:
+            if os.stat(lock, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)

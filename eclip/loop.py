@@ -119,6 +119,8 @@ def _metrics_problem(metrics) -> str | None:
 def load_recipe(path: str | Path):
     """Import a recipe file by path as a fresh module (so two recipes never share state)."""
     path = Path(path)
+    if path.is_dir():
+        raise EclipError(f"{path}: a directory, not a recipe file")
     if not path.is_file():
         raise EclipError(f"{path}: recipe file not found")
     name = f"eclip_recipe_{abs(hash(str(path.resolve())))}_{time.monotonic_ns()}"

@@ -39,7 +39,7 @@ from eclip import checkpoint as ckpt
 from eclip.data.cache import load_cache, out_in_cache_error
 from eclip.errors import EclipError, OneLineParser, first_line, seed_value
 from eclip.evaluate import fold_split, format_metrics
-from eclip.fileio import atomic_write
+from eclip.fileio import atomic_write, exclusive
 from eclip.hardware import device_name, peak_bf16_flops
 from eclip.loop import (
     LoopConfig,
@@ -393,6 +393,17 @@ def run(args, overrides: dict) -> dict:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(args.compile_cache.resolve())
     else:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache/eclip/inductor"))
+    # one run a folder: two resuming one --out at once interleaved their logs and checkpoints
+    # (inside --out: a sandboxed run may write there only)
+    with exclusive(args.out, "another training run in this folder", lock=args.out / TRAIN_LOCK):
+        return _train(args, overrides)
+
+
+TRAIN_LOCK = ".train.lock"  # in --out while a run trains in it
+
+
+def _train(args, overrides: dict) -> dict:
+    """``run`` past its checks of the options, holding the folder's lock."""
     cache = load_cache(args.data)
     t0 = time.time()
     if args.folds is not None:

@@ -282,3 +282,60 @@ def test_a_build_model_that_returns_no_module_names_the_recipe_line(train_cache,
     rc, _, err = run(["--data", train_cache, "--out", tmp_path / "run", "--steps", 2, "--recipe", path, *SMALL],
                      capsys)
     assert rc == 2 and err == f"train: error: {path}:{line}: build_model must return a torch.nn.Module, got NoneType\n"
+
+
+def test_a_second_run_in_a_folder_in_use_is_refused(train_cache, tmp_path, capsys):
+    # two runs resuming one --out at once both ran: their metrics rows interleaved, and the
+    # checkpoint and result were whichever wrote last
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    code = ("import sys, time; from pathlib import Path; from eclip.fileio import exclusive; "
+            "out = Path(sys.argv[1]); cm = exclusive(out, 'x', lock=out / '.train.lock'); cm.__enter__(); "
+            "print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        rc, _, err = run(["--data", train_cache, "--out", out, "--steps", 2, *SMALL], capsys)
+        assert rc == 2 and err == (f"train: error: {out}: another training run in this folder is under way (it "
+                                   f"holds {out / '.train.lock'}); wait for it to end\n")
+        assert sorted(p.name for p in out.iterdir()) == [".train.lock"]  # nothing of this run
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run(["--data", train_cache, "--out", out, "--steps", 2, *SMALL], capsys)[0] == 0
+    assert not (out / ".train.lock").exists()
+
+
+def test_a_recipe_that_is_a_directory_is_named_so(train_cache, tmp_path, capsys):
+    (tmp_path / "rec").mkdir()
+    rc, _, err = run(["--data", train_cache, "--out", tmp_path / "run", "--steps", 2, "--recipe", tmp_path / "rec"],
+                     capsys)
+    assert rc == 2 and err == f"train: error: {tmp_path / 'rec'}: a directory, not a recipe file\n"
+
+
+def test_a_checkpoint_of_other_model_settings_says_what_to_do_in_the_callers_terms(train_cache, tmp_path, capsys):
+    # an evaluation (eclip.encode) once read "resume with the same model settings"
+    from eclip.checkpoint import load_checkpoint
+    from eclip.errors import EclipError
+    from eclip.loop import ModelSpec, load_recipe
+    from eclip.train import TEMPLATE
+
+    out = tmp_path / "run"
+    assert run(["--data", train_cache, "--out", out, "--steps", 1, *SMALL], capsys)[0] == 0
+    recipe = load_recipe(TEMPLATE)
+    recipe.HPARAMS["model"] = {"vision.patch_size": 16, "vision.width": 64, "vision.depth": 2, "text.width": 64,
+                               "text.depth": 1, "embed_dim": 64, "expert.width": 32, "vision.pool": "cls",
+                               "text.pool": "mean"}
+    spec = ModelSpec(vocab_size=load_cache_vocab(train_cache), context_length=48, phrase_length=16, image_size=64,
+                     device=torch.device("cpu"))
+    with pytest.raises(EclipError, match=r"checkpoint has model text.pool = 'cls', this run 'mean' \(build the "
+                                         r"model with the settings it was trained with\)$"):
+        load_checkpoint(out, recipe.build_model(spec), None)
+
+
+def load_cache_vocab(cache) -> int:
+    from eclip.data.cache import read_manifest
+
+    return read_manifest(cache)["tokenizer"]["vocab_size"]

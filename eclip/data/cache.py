@@ -26,7 +26,6 @@ into place, so an interrupted build never leaves one that looks valid.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -41,7 +40,7 @@ import torch
 from safetensors.numpy import save_file
 
 from eclip.errors import EclipError
-from eclip.fileio import read_tensors
+from eclip.fileio import exclusive, read_tensors
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -133,56 +132,13 @@ def out_in_cache_error(out: Path, data: Path) -> str | None:
     return f"--out {out}: lies inside the cache --data {data}; give a run directory outside it" if inside else None
 
 
-_HELD: dict[Path, tuple[int, int]] = {}  # lock file -> (fd, depth): the locks this process holds
-
-
-@contextlib.contextmanager
 def build_lock(out: Path):
-    """Hold ``.NAME.lock`` beside ``out`` (an exclusive ``flock``) for a build: one build of a
-    cache at a time, and ``recover`` only where no build is under way, whatever host or PID
-    namespace runs it. Re-entrant within a process (``eclip.prepare`` holds it around the
-    check that a cache is current and the ``CacheWriter`` that replaces it). EclipError when
-    another process holds it."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lock = (out.parent / f".{out.name}.lock").resolve()
-    if lock in _HELD:
-        fd, depth = _HELD[lock]
-        _HELD[lock] = (fd, depth + 1)
-    else:
-        _HELD[lock] = (_acquire(lock, out), 1)
-    try:
-        yield
-    finally:
-        fd, depth = _HELD[lock]
-        if depth > 1:
-            _HELD[lock] = (fd, depth - 1)
-        else:
-            del _HELD[lock]
-            try:
-                lock.unlink()  # while still held: one who opened it meanwhile finds it gone (_acquire)
-            except FileNotFoundError:
-                pass
-            os.close(fd)  # the flock goes with it (and with the process, killed or not)
-
-
-def _acquire(lock: Path, out: Path) -> int:
-    """An fd holding ``lock`` exclusively. The holder removes the file as it lets go, so a
-    lock got on a file no longer at that path is let go and taken again on the new one."""
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise EclipError(f"{out}: another build of this cache is under way (it holds {lock}); "
-                             "wait for it to end") from None
-        try:
-            if os.stat(lock, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)
+    """Hold ``.NAME.lock`` beside ``out`` (``eclip.fileio.exclusive``) for a build: one build
+    of a cache at a time, and ``recover`` only where no build is under way, whatever host or
+    PID namespace runs it. Re-entrant within a process (``eclip.prepare`` holds it around
+    the check that a cache is current and the ``CacheWriter`` that replaces it). EclipError
+    when another process holds it."""
+    return exclusive(out, "another build of this cache")
 
 
 LEFTOVER = {"tmp": r"\.{name}\.tmp-\d+-.+", "old": r"\.{name}\.old-\d+"}  # what a build writes beside out
