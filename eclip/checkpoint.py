@@ -206,7 +206,9 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], scalars: dict, optimizer:
             raise EclipError(f"{source}: the checkpoint's optimizer state names {name!r}, no parameter of this "
                              f"optimizer's {len(params)}")
         shape = tuple(params[int(pid)].shape)
-        if key in PARAM_SHAPED and isinstance(v, torch.Tensor) and tuple(v.shape) != shape:
+        # torch's own optimizers only: another's may keep these names in other shapes (low rank)
+        if (key in PARAM_SHAPED and type(optimizer).__module__.startswith("torch.optim")
+                and isinstance(v, torch.Tensor) and tuple(v.shape) != shape):
             raise EclipError(f"{source}: the checkpoint's optimizer state {key} of parameter {pid} has shape "
                              f"{list(v.shape)}, the parameter {list(shape)} (a recipe listing its parameters in "
                              "another order, or another model)")

@@ -11,6 +11,7 @@ import fcntl
 import os
 import shutil
 import stat
+import sys
 from pathlib import Path
 
 from eclip.errors import EclipError, first_line
@@ -144,6 +145,7 @@ def file_bytes(*paths: Path) -> int:
 
 
 _HELD: dict[Path, tuple[int, int]] = {}  # lock file -> (fd, depth): the locks this process holds
+NO_LOCKS = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL)  # flock's "cannot lock here"
 
 
 @contextlib.contextmanager
@@ -174,7 +176,8 @@ def exclusive(out: Path, who: str, lock: Path | None = None):
                 lock.unlink()  # while still held: one who opened it meanwhile finds it gone (_acquire)
             except FileNotFoundError:
                 pass
-            os.close(fd)
+            if fd >= 0:  # -1: held without a lock (NO_LOCKS)
+                os.close(fd)
 
 
 def _acquire(lock: Path, out: Path, who: str) -> int:
@@ -187,6 +190,14 @@ def _acquire(lock: Path, out: Path, who: str) -> int:
         except BlockingIOError:
             os.close(fd)
             raise EclipError(f"{out}: {who} is under way (it holds {lock}); wait for it to end") from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in NO_LOCKS:
+                raise
+            # a file system without locks (Lustre without -o flock, NFS without lockd): on, unguarded
+            print(f"warning: {lock}: this file system cannot lock files ({e.strerror}); going on without the lock "
+                  f"that keeps out a second process", file=sys.stderr)
+            return -1
         try:
             if os.stat(lock, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
                 return fd

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import json
+import numbers
 import os
 import secrets
 import signal
@@ -26,6 +27,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,12 +107,12 @@ def _where(recipe, name: str) -> str:
 
 def _metrics_problem(metrics) -> str | None:
     """What is wrong with a train_step's return value, or None (no device sync: shapes only)."""
-    if not isinstance(metrics, dict):
+    if not isinstance(metrics, Mapping):
         return f"it returned {type(metrics).__name__}"
     if "loss" not in metrics:
         return f"it returned the keys {sorted(map(str, metrics))[:8]}"
-    for key, v in metrics.items():
-        if isinstance(v, bool) or not (isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)):
+    for key, v in metrics.items():  # what the read-back takes: a real number (NumPy's too), or one element
+        if not (isinstance(v, numbers.Real) or (isinstance(v, torch.Tensor) and v.numel() == 1)):
             shown = f"a tensor of shape {list(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
             return f"{key!r} is {shown}"
     return None
@@ -206,7 +208,8 @@ def _install_sigint() -> dict:
             raise KeyboardInterrupt
         state["requested"], state["term"] = True, signum == signal.SIGTERM
         again = "Ctrl-C again to stop now" if signum == signal.SIGINT else "Ctrl-C or SIGKILL to stop now"
-        print(f"\ntrain: {signal.Signals(signum).name}: stopping after this step ({again})", file=sys.stderr)
+        print(f"\ntrain: {signal.Signals(signum).name}: stopping after {state.get('after', 'this step')} ({again})",
+              file=sys.stderr)
 
     for sig in previous:
         signal.signal(sig, handler)
@@ -353,7 +356,7 @@ def check_loop_hparams(hp: dict) -> None:
 
 
 def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
-             resume_dir: Path | None = None, on_log=None, setup_s: float = 0.0) -> dict:
+             resume_dir: Path | None = None, on_log=None, setup_s: float = 0.0, hold: dict | None = None) -> dict:
     """Train ``recipe`` on ``train_rows`` of ``cache`` until the budget or step count is spent.
     ``setup_s``: seconds the recipe's code already ran before this call (its import); with
     its ``build_model``, ``build_optimizer`` and ``load_recipe_state`` they count against the
@@ -362,7 +365,11 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
     Returns a dict with status (ok, diverged, oom, interrupted, aborted), steps, samples, timing, the
     last logged metrics and the trained ``model`` (plus ``optimizer`` and ``data`` for
     checkpointing, and ``cache`` as trained on: re-tokenized for a pretrained text tower, so
-    evaluate with it). ``resume_dir`` holds a checkpoint to continue from."""
+    evaluate with it). ``resume_dir`` holds a checkpoint to continue from. ``hold``: a dict
+    the loop's signal state is put in (``hold["stop"]``) once its handlers are installed,
+    which then stay when it returns: a stop keeps being deferred while the caller writes
+    the checkpoint, and the caller calls ``hold["stop"]["restore"]()`` (whether or not the
+    loop returned)."""
     if (cfg.budget_s is None) == (cfg.steps is None):
         raise EclipError("give exactly one of a time budget (--budget-s) or a step count (--steps)")
     device = pick_device(cfg.device)
@@ -424,6 +431,8 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
                desc="train")
     status, last, warmup_s, history, last_step_cpu_s = "ok", {}, None, [], None
     stop = _install_sigint()
+    if hold is not None:  # the caller restores the handlers, once its checkpoint is written
+        hold["stop"] = stop
     t0 = time.perf_counter()
     spent = cfg.budget_s is not None and trained_s >= cfg.budget_s  # a checkpoint with nothing left to train
     trained_s += setup_s  # this process's setup of the recipe is on the clock too
@@ -518,8 +527,10 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
             status, last = "diverged", dict(last, reason=str(d))
     finally:
         bar.close()
-        stop["restore"]()
+        if hold is None:
+            stop["restore"]()
         data.close()  # the batches prefetched beyond the last step are not part of the state
+    stop["after"] = "the checkpoint is written"  # what a stop now waits for (hold)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     trained_s = start_trained + (time.perf_counter() - t0)

@@ -91,8 +91,8 @@ def stop_deferred(what: str):
     try:
         yield heard
     finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+        for sig, old in previous.items():  # a SIGTERM's copy (a group's, passed on) may still be on its way
+            signal.signal(sig, signal.SIG_IGN if sig == signal.SIGTERM and sig in heard else old)
 
 
 def exit_main(main) -> None:

@@ -173,6 +173,33 @@ def trim_log(path: Path, step: int) -> None:
         atomic_write(path, lambda p: p.write_text("".join(keep), encoding="utf-8"))
 
 
+def _save_checkpoint(args, run: dict, recipe, cache, train_rows, eval_split: str, out: Path) -> tuple[float, float]:
+    """Write the run's checkpoint (when it trained to a state worth keeping); returns (the
+    time the budget's work ended, the seconds the files took to write)."""
+    # From here the budget is spent: the recipe's code that still runs (its model's
+    # state_dict and FLOP counts, recipe_state) is timed as after_s, the evaluation and the
+    # checkpoint's file writes excluded; the harness refuses a run that trains on there.
+    t_end = time.perf_counter()
+    model, hp = run["model"], recipe.HPARAMS
+    data = run["data"].state_dict()
+    meta = {"step": run["steps"], "samples": run["samples"], "trained_s": run["train_s"],
+            "schedule_origin_s": run["schedule_origin_s"],
+            "expert_samples": run["expert_samples"], "data_placement": run["data"].placement,
+            "data_cursor": data["cursor"], "data_epoch": data["epoch"],
+            "hparams": hp, "model_config": model.cfg.to_dict(), "seed": args.seed,
+            "cache_fingerprint": cache.manifest.get("fingerprint"), "status": run["status"],
+            "eval_split": eval_split, "train_rows": int(train_rows.numel())}
+    if getattr(args, "cv_id", None):  # a fold: which cross-validation it belongs to (run_folds)
+        meta["cv_id"] = args.cv_id
+    state = {f"data_{k}": v for k, v in data.items() if isinstance(v, torch.Tensor)}  # generator(s), perm
+    if hasattr(recipe, "recipe_state"):
+        state |= {f"recipe.{k}": v for k, v in recipe.recipe_state().items()}
+    write_s = 0.0  # the files' writing: not the recipe's time, whatever the tensors' size
+    if run["status"] in ("ok", "interrupted"):
+        write_s = ckpt.save_checkpoint(out, model, run["optimizer"], state, meta)
+    return t_end, write_s
+
+
 def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: str, out: Path) -> dict:
     if getattr(args, "signal_ready", False):  # before any of the recipe's code: what follows is its time
         print(READY, flush=True)
@@ -183,6 +210,7 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
     resume_dir, placement = None, args.data_placement
     if args.resume:
         meta, source = ckpt.read_meta_from(out)  # errors name the file the meta came from
+        ckpt.check_meta(meta, source, resume=True)  # before the log is trimmed to its step
         if placement == "auto":  # the free device memory may have changed: sample as before
             placement = meta.get("data_placement", "auto")
         if meta.get("cache_fingerprint") != cache.manifest.get("fingerprint"):
@@ -226,38 +254,27 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
         logs[0].write(json.dumps(row) + "\n")
         logs[0].flush()
 
+    held: dict = {}  # the loop's signal handlers, kept until the checkpoint is written
     try:
-        run = run_loop(recipe, cache, train_rows, cfg, resume_dir=resume_dir, on_log=on_log, setup_s=import_s)
+        try:
+            run = run_loop(recipe, cache, train_rows, cfg, resume_dir=resume_dir, on_log=on_log, setup_s=import_s,
+                           hold=held)
+        finally:
+            for f in logs:
+                f.close()
+        # a Ctrl-C or SIGTERM from the loop's end to the checkpoint's (the budget's end, when a
+        # scheduler's timeout fires) is still the loop's: it waits, and the run ends interrupted
+        t_end, write_s = _save_checkpoint(args, run, recipe, cache, train_rows, eval_split, out)
+    except KeyboardInterrupt:
+        if held.get("stop", {}).get("hard"):  # a second Ctrl-C: the save cut short (an atomic write)
+            raise HardStop("the checkpoint is written") from None
+        raise
     finally:
-        for f in logs:
-            f.close()
-    # From here the budget is spent: the recipe's code that still runs (its model's
-    # state_dict and FLOP counts, recipe_state) is timed as after_s, the evaluation and the
-    # checkpoint's file writes excluded; the harness refuses a run that trains on there.
-    t_end = time.perf_counter()
+        if "stop" in held:
+            held["stop"]["restore"]()
     model, device, hp = run["model"], run["device"], recipe.HPARAMS
-    data = run["data"].state_dict()
-    meta = {"step": run["steps"], "samples": run["samples"], "trained_s": run["train_s"],
-            "schedule_origin_s": run["schedule_origin_s"],
-            "expert_samples": run["expert_samples"], "data_placement": run["data"].placement,
-            "data_cursor": data["cursor"], "data_epoch": data["epoch"],
-            "hparams": hp, "model_config": model.cfg.to_dict(), "seed": args.seed,
-            "cache_fingerprint": cache.manifest.get("fingerprint"), "status": run["status"],
-            "eval_split": eval_split, "train_rows": int(train_rows.numel())}
-    if getattr(args, "cv_id", None):  # a fold: which cross-validation it belongs to (run_folds)
-        meta["cv_id"] = args.cv_id
-    state = {f"data_{k}": v for k, v in data.items() if isinstance(v, torch.Tensor)}  # generator(s), perm
-    if hasattr(recipe, "recipe_state"):
-        state |= {f"recipe.{k}": v for k, v in recipe.recipe_state().items()}
-    write_s = 0.0  # the files' writing: not the recipe's time, whatever the tensors' size
-    heard: list[int] = []
-    if run["status"] in ("ok", "interrupted"):
-        # the loop has let go of the signals: a Ctrl-C or SIGTERM now (a budget's end is when a
-        # scheduler's timeout fires) waits for the checkpoint, then stops the run as interrupted
-        with stop_deferred("the checkpoint is written") as heard:
-            write_s = ckpt.save_checkpoint(out, model, run["optimizer"], state, meta)
     metrics, status = None, run["status"]
-    if heard and status == "ok":
+    if held["stop"].get("requested") and status == "ok":
         status = "interrupted"
         print("train: interrupted as the checkpoint was written (it is saved; no metrics: --resume with the same "
               "options evaluates it)", file=sys.stderr)
@@ -449,13 +466,14 @@ def _train(args, overrides: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = build_parser().parse_known_args(argv)
-    existed = args.out.exists()
+    made = [p for p in (args.out, *args.out.parents) if not p.exists()]  # what a run here would create
 
     def drop_new_out(rc: int) -> int:
-        """``rc``, once a run refused or stopped while it set up has removed the empty --out it made."""
-        if not existed:
+        """``rc``, once a run refused or stopped while it set up has removed the empty --out it
+        made, and the folders above it it made."""
+        for folder in made:  # the deepest first
             with contextlib.suppress(OSError):
-                args.out.rmdir()
+                folder.rmdir()
         return rc
 
     try:
@@ -474,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         return drop_new_out(130)
     except OSError as e:  # --out a file, a read-only or full disk: the path and the reason
         print(f"train: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)
-        return 2
+        return drop_new_out(2)
     except Exception as e:  # out of memory before the loop (data on the device, the model)
         if not is_oom(e):
             raise

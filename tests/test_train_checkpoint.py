@@ -303,3 +303,36 @@ def test_a_damaged_checkpoint_is_refused_in_one_line_on_resume(train_cache, tmp_
     rc, _, err = run(["--data", train_cache, "--out", out, "--steps", 4, "--resume", *SMALL], capsys)
     assert rc == 2 and message in err and "Traceback" not in err, err
     assert err.startswith("train: error: ") and err.count("\n") == 1
+
+
+def test_a_missing_step_is_refused_before_the_log_is_trimmed(train_cache, tmp_path, capsys):
+    from train_support import SMALL, run
+
+    out = tmp_path / "run"
+    assert run(["--data", train_cache, "--out", out, "--steps", 2, *SMALL], capsys)[0] == 0
+    rows = (out / "metrics.jsonl").read_text()
+    edited(out, lambda m, t: m.pop("step"))
+    rc, _, err = run(["--data", train_cache, "--out", out, "--steps", 4, "--resume", *SMALL], capsys)
+    assert rc == 2 and "checkpoint metadata lacks 'step', which a resume needs" in err
+    assert (out / "metrics.jsonl").read_text() == rows  # was wiped before the refusal
+
+
+def test_another_optimizers_own_state_shapes_are_its_own(tmp_path):
+    # a low-rank optimizer keeps exp_avg projected: the shape check is for torch's optimizers
+    class LowRank(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {"lr": 0.1})
+
+        def step(self, closure=None):
+            for g in self.param_groups:
+                for p in g["params"]:
+                    self.state[p]["exp_avg"] = torch.zeros(p.shape[0], 2)
+
+    model = torch.nn.Linear(4, 3)
+    opt = LowRank(model.parameters())
+    opt.step()
+    save_checkpoint(tmp_path, model, opt, {}, {"step": 1})
+    model2 = torch.nn.Linear(4, 3)
+    opt2 = LowRank(model2.parameters())
+    load_checkpoint(tmp_path, model2, opt2)
+    assert opt2.state[model2.weight]["exp_avg"].shape == (3, 2)

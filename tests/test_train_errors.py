@@ -339,3 +339,39 @@ def load_cache_vocab(cache) -> int:
     from eclip.data.cache import read_manifest
 
     return read_manifest(cache)["tokenizer"]["vocab_size"]
+
+
+def test_metrics_of_any_real_number_type_are_taken(train_cache, tmp_path, capsys):
+    # the read-back takes what float() takes: a bool or a NumPy number was refused once
+    body = ("_base = train_step\n\ndef train_step(model, optimizer, batch, progress):\n"
+            "    import numpy as _np\n    out = dict(_base(model, optimizer, batch, progress))\n"
+            "    out.update(flag=True, np32=_np.float32(0.5), n64=_np.int64(3))\n    return out\n")
+    path = recipe_with(tmp_path, body)
+    rc, _, err = run(["--data", train_cache, "--out", tmp_path / "run", "--steps", 2, "--recipe", path, *SMALL],
+                     capsys)
+    assert rc == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["flag"] == 1.0 and rows[-1]["np32"] == 0.5 and rows[-1]["n64"] == 3.0
+
+
+def test_a_refused_run_leaves_no_folder_it_made(train_cache, tmp_path, capsys):
+    out = tmp_path / "nest" / "a" / "b"
+    rc, _, err = run(["--data", tmp_path / "missing", "--out", out, "--steps", 2], capsys)
+    assert rc == 2 and not (tmp_path / "nest").exists(), err
+
+
+def test_a_file_system_without_locks_warns_and_trains(train_cache, tmp_path, capsys, monkeypatch):
+    # ENOSYS from flock (Lustre without -o flock) refused every run, leaking the lock's fd
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out = tmp_path / "run"
+    rc, _, err = run(["--data", train_cache, "--out", out, "--steps", 2, *SMALL], capsys)
+    assert rc == 0, err
+    assert (f"warning: {out / '.train.lock'}: this file system cannot lock files (Function not implemented); "
+            "going on without the lock that keeps out a second process") in err
+    assert not (out / ".train.lock").exists()

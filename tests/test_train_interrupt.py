@@ -235,3 +235,42 @@ def test_a_full_disk_at_the_save_is_one_line_and_leaves_no_stale_result(train_ca
         "error: No space left on device (os error 28)); the previous one, if any, is as it was")
     assert (out / "checkpoint.safetensors").read_bytes() == before and not (out / "result.json").exists()
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == 4
+
+
+def test_a_stop_between_the_loops_end_and_the_save_still_saves(train_cache, tmp_path, capsys, monkeypatch):
+    # the loop let go of the signals before the prefetcher's join, a device sync and the
+    # state dicts: a stop there lost every step
+    real = train.run_loop
+
+    def loop_then_stop(*args, **kwargs):
+        result = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(train, "run_loop", loop_then_stop)
+    out = tmp_path / "run"
+    rc, stdout, err = run(["--data", train_cache, "--out", out, "--steps", 3, *SMALL], capsys)
+    assert rc == 130 and "status:         interrupted" in stdout, err
+    assert json.loads((out / "checkpoint.json").read_text())["step"] == 3
+    assert json.loads((out / "result.json").read_text())["status"] == "interrupted"
+
+
+def test_a_late_copy_of_a_sigterm_after_the_save_changes_nothing(train_cache, tmp_path, capsys, monkeypatch):
+    # one sent to a process group arrives twice (directly, and passed on by the harness): the
+    # second, after the save, once raised and lost the result ("while setting up")
+    real_save, real_peak = train.ckpt.save_checkpoint, train.peak_bf16_flops
+
+    def save_with_a_stop(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_save(*args, **kwargs)
+
+    def peak_after_a_copy(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_peak(*args, **kwargs)
+
+    monkeypatch.setattr(train.ckpt, "save_checkpoint", save_with_a_stop)
+    monkeypatch.setattr(train, "peak_bf16_flops", peak_after_a_copy)
+    out = tmp_path / "run"
+    rc, stdout, err = run(["--data", train_cache, "--out", out, "--steps", 3, *SMALL], capsys)
+    assert rc == 130 and "status:         interrupted" in stdout and "setting up" not in err, err
+    assert json.loads((out / "result.json").read_text())["status"] == "interrupted"
