@@ -53,7 +53,7 @@ from agent.runner import (
 from agent.search import SearchExhausted, SearchProposer, read_hparams
 from agent.workspace import Workspace, WorkspaceError, locked
 from eclip import sandbox
-from eclip.errors import DefaultsFormatter, OneLineParser
+from eclip.errors import DefaultsFormatter, OneLineParser, first_line
 from eclip.policy import check_source
 from eclip.process import exit_main, sigterm_as_ctrl_c
 
@@ -489,7 +489,7 @@ def session(args, ws: Workspace) -> int:
 
                 plot_progress(ws)
             except (Exception, KeyboardInterrupt) as e:  # a plot must never cost the journal, nor the summary
-                print(f"loop: progress plot not drawn ({str(e) or type(e).__name__})", file=sys.stderr)
+                print(f"loop: progress plot not drawn ({first_line(e, 200)})", file=sys.stderr)
     print(f"---\nworkspace:      {ws.root}\nbest_commit:    {st['best_commit'][:7]}\n"
           f"best_mean_rank: {'none' if st['best'] is None else round(st['best'], 2)}\nnoise_floor:    {st['threshold']:.3f}\n"
           f"experiments:    {st['experiments']}\ncheckpoints:    {disk.summary(ws.experiments)}\n"

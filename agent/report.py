@@ -12,7 +12,7 @@ from pathlib import Path
 from agent import journal
 from agent.runner import device_error, seconds_error
 from agent.workspace import Workspace, WorkspaceError, locked
-from eclip.errors import OneLineParser
+from eclip.errors import OneLineParser, first_line
 from eclip.fileio import atomic_write
 from eclip.process import exit_main, sigterm_as_ctrl_c
 
@@ -56,8 +56,10 @@ def plot_progress(ws: Workspace) -> Path:
         colour, label = labels.get(st, ("lightgrey", "discard"))
         ax.scatter(e["n"], r, color=colour, zorder=3, s=25, label=label)
         if st == "keep":
-            ax.annotate(e.get("description", "")[:40], (e["n"], r), fontsize=7, xytext=(4, 4),
-                        textcoords="offset points")
+            # as written: matplotlib reads "$...$" as math, and a description's "$\\sqrt{2}^{1}^{2}$"
+            # failed the whole report (and --final after it)
+            ax.annotate(" ".join(str(e.get("description", "")).split())[:40], (e["n"], r), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points", parse_math=False)
     trail = journal.running_best(exps)
     if trail:
         ax.step(*zip(*trail, strict=True), where="post", color="tab:green", label="best so far")
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                                                        "cache_read_tokens")) if u else ""
             cost = e.get("api_cost_usd")
             line += f"  {tok:>26}  {'' if cost is None else f'{cost:.4f}':>7}"
-        print(f"{line}  {e.get('description', '')}")
+        print(f"{line}  {' '.join(str(e.get('description', '')).split())}")  # one row a line
     print("---")
     fmt = lambda v: "none" if v is None else round(v, 2)
     print(f"best_mean_rank: {fmt(s['best'])}\nbaseline_mean:  {fmt(s['baseline_mean'])}")
@@ -152,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         try:
             print(f"plot:           {plot_progress(ws)}")
-        except OSError as e:  # a read-only workspace: the table above is still the report
-            print(f"plot:           not written ({e.strerror or e})")
+        except (OSError, ValueError) as e:  # a read-only workspace, text the plot cannot take: the table stays
+            print(f"plot:           not written ({getattr(e, 'strerror', None) or first_line(e, 200)})")
     if args.final:
         from agent.final import final_evaluation, summary_lines
 

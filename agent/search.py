@@ -94,9 +94,36 @@ def _find_hparams(source: str) -> ast.Dict:
         if any(isinstance(t, ast.Name) and t.id == "HPARAMS" for t in targets):
             if isinstance(node.value, ast.Dict) and all(
                     isinstance(k, ast.Constant) and isinstance(k.value, str) for k in node.value.keys):
+                if (line := _later_write(tree, node)) is not None:
+                    raise ValueError(f"recipe line {line}: HPARAMS is written again after its literal, so the "
+                                     "literal's values are not the ones trained with; write them into the literal")
                 return node.value
             break
     raise ValueError("recipe has no literal HPARAMS = {...} dict with string keys at module level")
+
+
+MUTATORS = frozenset({"update", "setdefault", "pop", "popitem", "clear", "__setitem__", "__delitem__", "__ior__"})
+
+
+def _later_write(tree: ast.Module, literal: ast.stmt) -> int | None:
+    """The line of the first statement other than ``literal`` that writes HPARAMS anywhere
+    in the recipe (a second assignment, an item set or deleted, ``update``, ``|=``, ...), or
+    None: edits of the literal would otherwise be overridden and journaled as if trained."""
+    def is_hparams(t) -> bool:
+        return isinstance(t, ast.Name) and t.id == "HPARAMS"
+
+    lines = []
+    for n in ast.walk(tree):
+        if n is literal:
+            continue
+        targets = (n.targets if isinstance(n, (ast.Assign, ast.Delete)) else
+                   [n.target] if isinstance(n, (ast.AugAssign, ast.AnnAssign, ast.NamedExpr)) else [])
+        if any(is_hparams(t) or (isinstance(t, ast.Subscript) and is_hparams(t.value)) for t in targets):
+            lines.append(n.lineno)
+        elif (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and is_hparams(n.func.value)
+              and n.func.attr in MUTATORS):
+            lines.append(n.lineno)
+    return min(lines, default=None)
 
 
 def read_hparams(source: str) -> dict:

@@ -178,3 +178,20 @@ def test_a_report_read_by_a_reader_that_leaves_early_ends_quietly(tmp_path):
     proc.stdout.close()  # the reader is gone before the first line
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and "Traceback" not in err, err
+
+
+def test_a_description_matplotlib_would_read_as_math_is_drawn_as_written(tmp_path, capsys):
+    # "$...$" is math to matplotlib: a kept change described "scale lr by $\sqrt{2}^{1}^{2}$"
+    # failed the report with a 69-line traceback, and --final after it
+    from agent import report
+
+    ws = tmp_path / "w"
+    _fixture_journal(ws)
+    journal.append(ws / "journal.jsonl", {"event": "start", "n": 6, "time": 2000.0, "kind": "experiment",
+                                          "commit": "c6", "description": "scale lr by $\\sqrt{2}^{1}^{2}$\tnow"})
+    journal.append(ws / "journal.jsonl", {"event": "end", "n": 6, "time": 2090.0, "status": "keep",
+                                          "val_mean_rank": 60.0, "kept": True})
+    assert report.main([str(ws)]) == 0
+    out = capsys.readouterr().out
+    assert "scale lr by $\\sqrt{2}^{1}^{2}$ now" in out  # one row, the tab a space
+    assert f"plot:           {ws / 'progress.png'}" in out

@@ -375,3 +375,17 @@ def test_the_hypothesis_names_each_change_in_the_right_direction():
                 verb = f"{'raising' if new > old else 'lowering'} {key} to {format_value(new)}"
             assert verb in p.hypothesis, (p.hypothesis, key, old, new)
             assert f"{key} {format_value(old)} -> {format_value(new)}" in p.description
+
+
+@pytest.mark.parametrize("extra,line", [
+    ('HPARAMS["lr"] = 5e-3', 2), ("HPARAMS.update(lr=5e-3)", 2), ("HPARAMS = {**HPARAMS, 'lr': 5e-3}", 2),
+    ("HPARAMS |= {'lr': 5e-3}", 2), ("def f():\n    global HPARAMS\n    del HPARAMS['lr']", 4),
+])
+def test_a_recipe_that_writes_hparams_again_is_refused_at_that_line(extra, line):
+    # the proposer mutated the literal, the recipe trained on the later value, and the
+    # journal recorded the literal's: "lr 0.001 -> 0.000964" for a run at lr 0.002
+    from agent.search import read_hparams
+
+    with pytest.raises(ValueError, match=rf"^recipe line {line}: HPARAMS is written again after its literal"):
+        read_hparams('HPARAMS = {"lr": 1e-3}\n' + extra + "\n")
+    assert read_hparams('HPARAMS = {"lr": 1e-3}\nrate = HPARAMS.get("lr")\n') == {"lr": 1e-3}  # reads are fine
