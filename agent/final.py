@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 from agent import journal
-from agent.runner import finished_result, other_fingerprint, run_experiment
-from agent.workspace import Workspace
+from agent.runner import data_fingerprint, finished_result, other_fingerprint, run_experiment
+from agent.workspace import Workspace, WorkspaceError
 
 
 def recorded_final(events: list[dict], commit: str | None = None) -> dict | None:
@@ -72,9 +72,18 @@ def final_evaluation(ws: Workspace, *, data: Path | None = None, budget_s: float
         if fp := other_fingerprint(data, session.get("data_fingerprint")):
             raise ValueError(f"{data}: not the cache this study was scored on (its fingerprint is {fp[:12]}, the "
                              f"study's {session['data_fingerprint'][:12]}); give the study's --data")
+        if session.get("data_fingerprint") and data_fingerprint(data) is None:  # unknown is no match: one look only
+            raise ValueError(f"{data}: its manifest records no fingerprint, so it cannot be told to be the cache "
+                             f"this study was scored on ({session['data_fingerprint'][:12]}); give the study's --data")
+        try:  # before the run's folder is made: a commit the history lost names itself
+            ws.git("cat-file", "-e", f"{commit}^{{commit}}")
+        except WorkspaceError:
+            raise ValueError(f"commit {commit[:12]}, the best by the journal, is not in the history of {ws.root} "
+                             "(a workspace whose git history was rewritten?)") from None
+        text = ws.show(commit)
         out.mkdir(parents=True, exist_ok=True)
         recipe = out / "recipe.py"
-        recipe.write_text(ws.show(commit), encoding="utf-8")
+        recipe.write_text(text, encoding="utf-8")
         started = {"event": "final-start", "time": time.time(), "commit": commit, "data": str(data),
                    "budget_s": float(budget_s), "out": str(out)}
         journal.append(ws.journal_path, started)  # a kill from here on is recovered from result.json

@@ -68,6 +68,7 @@ FIELDS = {"n": "an experiment number", "time": NUMBER, "val_mean_rank": NUMBER, 
 RESULT_NUMBERS = ("val_mean_rank", "peak_memory_gb", "samples_per_s", "checkpoint_bytes", "duration_s", "train_s")
 SCORED_STATUSES = ("baseline", "keep", "discard")  # the outcomes of a run that scored
 REQUIRED = {"end": ("n",), "start": ("n",), "final": ("commit", "status")}  # what an event is nothing without
+FINAL_OK = ("test_mean_rank", "description", "budget_s")  # what an ok final's figures are printed from
 
 
 def fits(value, kind: str) -> bool:
@@ -100,6 +101,14 @@ def _problem(event) -> str | None:
             return f"usage.{key} is {value!r}, not {NUMBER}"
     if event["event"] == "end" and event.get("status") in SCORED_STATUSES and event.get("val_mean_rank") is None:
         return f"a {event['status']} line without val_mean_rank"  # what the best and the noise floor are made of
+    if event["event"] == "final" and event.get("status") == "ok":  # a recorded test score is read whole
+        for key in FINAL_OK:
+            if event.get(key) is None:
+                return f"an ok final line without {key}"
+    try:  # a lone surrogate (a "\\ud800" escape) is valid JSON but no text: results.tsv and the report fail on it
+        json.dumps(event, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"text that is not UTF-8 ({e.object[e.start:e.end]!r})"
     return None
 
 

@@ -160,8 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         from agent.final import final_evaluation, summary_lines
 
         try:
-            # not beside a running loop (its runs and this one would share the device); a
-            # SIGTERM ends the run as Ctrl-C does
+            # the loop's own workspace only (git -C would climb to an enclosing repository, and
+            # train another project's commit); not beside a running loop (its runs and this one
+            # would share the device); a SIGTERM ends the run as Ctrl-C does
+            Workspace.check(ws.root)
             with sigterm_as_ctrl_c(), locked(ws.root):
                 event, ran = final_evaluation(ws, data=args.data, budget_s=args.budget_s, device=args.device,
                                               force=args.force)

@@ -211,3 +211,67 @@ def test_summary_lines_show_recall_as_percentages():
         "val_mean_rank:  12.30", "test_mean_rank: 15.00", "trained_on:     train+val", "budget_s:       1.5",
         "evaluated:      now", "test_i2t_R@1:   12.5%", "test_i2t_R@5:   50.0%", "test_t2i_R@1:   25.0%",
         "test_t2i_R@10:  100.0%"]
+
+
+def test_final_refuses_a_cache_without_a_fingerprint(workspace, small_cache, tmp_path, monkeypatch, capsys):
+    # an unknown fingerprint was taken for a match: another test split scored, for good
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(small_cache, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "fingerprint"}))
+    monkeypatch.setattr(final, "run_experiment", lambda *a, **kw: pytest.fail("trained on other data"))
+    capsys.readouterr()
+    assert report.main([str(workspace.root), "--final", "--data", str(other)]) == 2
+    assert capsys.readouterr().err.startswith(f"report: error: {other}: its manifest records no fingerprint")
+
+
+def test_final_refuses_a_folder_that_is_not_the_loops_workspace(workspace, tmp_path, monkeypatch, capsys):
+    # a journal copied into a folder of another repository: git -C climbed to that repository
+    # and its first commit was trained and scored as the study's baseline
+    import subprocess
+
+    other = tmp_path / "otherrepo"
+    other.mkdir()
+    subprocess.run(["git", "init", "-q", str(other)], check=True)
+    (other / "recipe.py").write_text("x = 1\n")
+    subprocess.run(["git", "-C", str(other), "-c", "user.name=a", "-c", "user.email=a@b", "add", "recipe.py"],
+                   check=True)
+    subprocess.run(["git", "-C", str(other), "-c", "user.name=a", "-c", "user.email=a@b", "commit", "-qm", "mine"],
+                   check=True)
+    (other / "sub").mkdir()
+    # its baselines only: the best is then the root commit, which the enclosing repository had
+    lines = [line for line in workspace.journal_path.read_text().splitlines()
+             if json.loads(line).get("n") in (None, 1, 2)]
+    (other / "sub" / "journal.jsonl").write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(final, "run_experiment", lambda *a, **kw: pytest.fail("trained another project's commit"))
+    capsys.readouterr()
+    assert report.main([str(other / "sub"), "--final"]) == 2
+    assert capsys.readouterr().err.startswith(f"report: error: {other / 'sub'}")
+
+
+def test_a_best_commit_missing_from_the_history_is_named_and_leaves_no_folder(workspace, monkeypatch, capsys):
+    events = [json.loads(line) for line in workspace.journal_path.read_text().splitlines()]
+    kept = next(e for e in events if e.get("event") == "end" and e.get("kept"))
+    gone = "1234567" + "0" * 33
+    text = workspace.journal_path.read_text().replace(kept["commit"], gone)
+    workspace.journal_path.write_text(text)
+    monkeypatch.setattr(final, "run_experiment", lambda *a, **kw: pytest.fail("ran"))
+    capsys.readouterr()
+    assert report.main([str(workspace.root), "--final"]) == 2
+    assert capsys.readouterr().err == (f"report: error: commit {gone[:12]}, the best by the journal, is not in the "
+                                       f"history of {workspace.root} (a workspace whose git history was rewritten?)\n")
+    assert not (workspace.experiments / "final-1234567").exists()
+
+
+@pytest.mark.parametrize("line,problem", [
+    ({"event": "final", "commit": "abc", "status": "ok", "test_mean_rank": 5.0}, "an ok final line without description"),
+    ({"event": "end", "n": 9, "status": "crash", "description": "b\ud800"}, "text that is not UTF-8 ('\\ud800')"),
+])
+def test_journal_lines_the_report_could_not_print_are_skipped(tmp_path, capsys, line, problem):
+    # a minimal final line crashed --final (KeyError), a lone surrogate the report and the loop
+    path = tmp_path / "journal.jsonl"
+    path.write_text(json.dumps(line) + "\n" + json.dumps({"event": "session", "time": 1.0}) + "\n")
+    assert [e["event"] for e in journal.read(path)] == ["session"]
+    assert problem in capsys.readouterr().err
