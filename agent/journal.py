@@ -208,7 +208,7 @@ def steady_rate(result: dict) -> float | None:
     try:
         samples, steps = float(result["samples"]), int(result["steps"])
         seconds = float(result["train_s"]) - float(result["warmup_s"]) - float(result.get("setup_s") or 0.0)
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: int(inf) steps
         return None
     if steps < 2 or not (seconds > 0 and math.isfinite(seconds)):
         return None

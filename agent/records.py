@@ -130,7 +130,7 @@ def fix_target(exps: list[dict], attempts: int) -> dict | None:
         return None
     chain, by_n = 0, {e["n"]: e for e in exps}
     e = done[-1]
-    while e is not None and e.get("fix_of") is not None:
-        chain += 1
+    while e is not None and e.get("fix_of") is not None and chain <= attempts:  # bounded: a journal edited
+        chain += 1                                                               # into a cycle ends too
         e = by_n.get(e["fix_of"])
     return done[-1] if chain < attempts else None

@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     if final_only and not args.final:  # else silently ignored: the person would think them in force
         print(f"report: error: {final_only[0]} applies to --final only (add --final, or leave it out)", file=sys.stderr)
         return 2
-    if message := seconds_error("--budget-s", args.budget_s) or (args.device is not None and device_error(args.device)):
+    if message := seconds_error("--budget-s", args.budget_s) or (args.device is not None
+                                                                  and device_error(args.device, auto=True)):
         print(f"report: error: {message}", file=sys.stderr)
         return 2
     ws = Workspace(args.workspace)

@@ -275,3 +275,24 @@ def test_journal_lines_the_report_could_not_print_are_skipped(tmp_path, capsys, 
     path.write_text(json.dumps(line) + "\n" + json.dumps({"event": "session", "time": 1.0}) + "\n")
     assert [e["event"] for e in journal.read(path)] == ["session"]
     assert problem in capsys.readouterr().err
+
+
+def test_final_takes_device_auto_as_the_loop_does(workspace, monkeypatch, capsys):
+    seen = {}
+
+    def fake(recipe, data, budget_s, out, **kw):
+        seen.update(kw)
+        return {"status": "ok", "val_mean_rank": 7.0, "eval_split": "test", "duration_s": 0.01}
+
+    monkeypatch.setattr(final, "run_experiment", fake)
+    assert report.main([str(workspace.root), "--final", "--device", "auto"]) == 0  # was refused: "expected cpu, ..."
+    assert seen["device"] == "auto"
+
+
+def test_an_edited_fix_chain_that_loops_and_an_infinite_step_count_end():
+    from agent.records import fix_target
+
+    exps = [{"n": 3, "kind": "experiment", "ended": True, "status": "crash", "commit": "c3", "fix_of": 4},
+            {"n": 4, "kind": "experiment", "ended": True, "status": "crash", "commit": "c4", "fix_of": 3}]
+    assert fix_target(exps, 2) is None  # a cycle once looped for ever
+    assert journal.steady_rate({"samples": 10, "steps": float("inf"), "train_s": 5.0, "warmup_s": 1.0}) is None
