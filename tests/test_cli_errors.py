@@ -212,7 +212,7 @@ def test_report_keeps_a_plot_and_refuses_bad_final_options(tmp_path, capsys):
     assert "per_hour:       none\n" in out  # as the other empty figures, not Python's None
     assert plot.read_bytes() == b"an earlier plot"
     for argv, message in ((["--budget-s", "-1"], "--budget-s -1.0: must be a positive number of seconds"),
-                          (["--device", "tpu"], "--device tpu: expected cpu, cuda or cuda:N")):
+                          (["--device", "tpu"], "--device tpu: expected auto, cpu, cuda or cuda:N")):
         assert report.main([str(ws.root), "--final", *argv]) == 2
         assert capsys.readouterr().err == f"report: error: {message}\n"
 

@@ -133,7 +133,8 @@ def with_hparams(run: Path, out: Path, hparams) -> Path:
     ("int64 images", "in.safetensors: images: expected uint8 [N, 3, 64, 64], got torch.int64 [2, 3, 64, 64]"),
     ("flat tokens", "in.safetensors: tokens: expected int32 or int64 [C, L], got torch.int64 [18]"),
     ("no hparams", "checkpoint.safetensors: no hparams recorded"),
-    ("hparams not a dict", "checkpoint.safetensors: no hparams recorded"),
+    # caught as the meta is read (eclip.checkpoint.check_meta), before the hparams are used
+    ("hparams not a dict", "checkpoint.safetensors: checkpoint metadata has hparams = [], expected an object"),
     ("hparams the recipe refuses", "recipe: precision: expected one of auto, bf16, fp32, got 'fp16'"),
     # what the model indexed out of range, or refused, in a traceback and exit 1
     ("ids past the vocabulary", "in.safetensors: tokens: ids must lie in 0..8 (metadata vocab_size 9), got 0..9"),
@@ -324,7 +325,9 @@ def test_hparams_of_another_type_than_a_dict_are_one_line(run, small_cache, tmp_
     inputs = inputs_of(small_cache, tmp_path / "in.safetensors", split="test")
     ckpt = with_hparams(run, tmp_path / "damaged", hparams)
     assert cli(ckpt, inputs, tmp_path / "emb.safetensors") == 2
-    assert "checkpoint.safetensors: no hparams recorded" in capsys.readouterr().err
+    shown = '"abc"' if hparams == "abc" else str(hparams)
+    assert (f"checkpoint.safetensors: checkpoint metadata has hparams = {shown}, expected an object"
+            in capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("seed", ["abc", 1.5, None])
