@@ -85,14 +85,21 @@ def test_the_log_is_written_while_the_run_goes_on(tmp_path):
     assert log.read_bytes() == b"step 1\n"
 
 
+def stray_writer(line: str) -> tuple[int, subprocess.Popen]:
+    """(the read end of a pipe, a process that writes ``line`` into it for ever): a process
+    a harness left behind, holding the log's pipe."""
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-c", f"import sys\nwhile True: sys.stdout.write({line + chr(10)!r})"],
+                            stdout=write_end)
+    os.close(write_end)
+    return read_end, proc
+
+
 def test_a_process_left_behind_that_prints_on_does_not_hold_the_loop(tmp_path, monkeypatch):
     # a harness's grandchild that outlived it (another session, say) keeps the pipe open and
     # writes for ever: the copier reads for DRAIN_S once the harness has ended, then lets go
     monkeypatch.setattr(runlog, "DRAIN_S", 0.5)
-    read_end, write_end = os.pipe()
-    stray = subprocess.Popen([sys.executable, "-c", "import sys\nwhile True: sys.stdout.write('on and on\\n')"],
-                             stdout=write_end)
-    os.close(write_end)
+    read_end, stray = stray_writer("on and on")
     try:
         with open(tmp_path / "run.log", "wb") as sink:
             copier = LogCopier(read_end, sink)
@@ -159,10 +166,7 @@ def test_a_ctrl_c_during_finish_waits_for_the_copier_and_is_raised_after(tmp_pat
     import threading
 
     monkeypatch.setattr(runlog, "DRAIN_S", 1.0)
-    read_end, write_end = os.pipe()
-    stray = subprocess.Popen([sys.executable, "-c", "import sys\nwhile True: sys.stdout.write('on\\n')"],
-                             stdout=write_end)
-    os.close(write_end)
+    read_end, stray = stray_writer("on")
     timer = threading.Timer(0.2, _thread.interrupt_main)
     try:
         with open(tmp_path / "run.log", "wb") as sink:
