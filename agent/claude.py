@@ -46,6 +46,7 @@ from pathlib import Path
 
 from agent import prompt
 from agent.pricing import Usage, rates
+from agent.runlog import map_strings
 from agent.search import Proposal
 from agent.tools import TOOLS, ToolBox
 
@@ -122,16 +123,10 @@ def _tool_results(box: ToolBox, uses: list[dict], content: list[dict], stop_reas
 
 
 def _encodable(value):
-    """``value`` (a request's messages: dicts, lists, strings) with every string made valid
-    UTF-8: a lone surrogate (a JSON escape in a run's reason, in the model's own reply) cannot
-    be sent, and one in the journal's history would fail every later proposal of the study."""
-    if isinstance(value, str):
-        return value.encode("utf-8", "replace").decode("utf-8")
-    if isinstance(value, dict):
-        return {_encodable(k): _encodable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_encodable(v) for v in value]
-    return value
+    """``value`` (a request's messages) with every string made valid UTF-8: a lone surrogate
+    (a JSON escape in a run's reason, in the model's own reply) cannot be sent, and one in
+    the journal's history would fail every later proposal of the study."""
+    return map_strings(value, lambda text: text.encode("utf-8", "replace").decode("utf-8"))
 
 
 # 429s that no pause fixes: the organisation's spend limit (SDK 2.14 and later)

@@ -39,31 +39,31 @@ def secret_values() -> list[str]:
     return [v for k, v in os.environ.items() if SECRET.search(k) and len(v) >= 8]
 
 
-def redact(text: str) -> str:
-    for value in sorted(secret_values(), key=len, reverse=True):  # longest first: one may begin another
-        text = text.replace(value, "[redacted]")
+def redact(text: str, secrets: list[str] | None = None) -> str:
+    """``text`` with every secret value replaced by ``[redacted]``; ``secrets``: the values,
+    longest first (default: read from the environment now)."""
+    for value in sorted(secret_values(), key=len, reverse=True) if secrets is None else secrets:
+        text = text.replace(value, "[redacted]")  # longest first: one may begin another
     return text
 
 
+def map_strings(value, fn):
+    """``value`` (JSON-like: dicts, lists, strings) with ``fn`` applied to every string in
+    it, keys included; tuples become lists, other values stay as they are."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {map_strings(k, fn): map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [map_strings(v, fn) for v in value]
+    return value
+
+
 def redact_value(value):
-    """``value`` (JSON-like: dicts, lists, strings) with every secret value replaced in each
-    string in it, keys included: what the loop journals or saves may hold what a model echoed."""
+    """``value`` (JSON-like) with every secret value replaced in each string in it, keys
+    included: what the loop journals or saves may hold what a model echoed."""
     secrets = sorted(secret_values(), key=len, reverse=True)  # read once, not at every string
-    if not secrets:
-        return value
-
-    def clean(v):
-        if isinstance(v, str):
-            for secret in secrets:  # longest first: one may begin another
-                v = v.replace(secret, "[redacted]")
-            return v
-        if isinstance(v, dict):
-            return {clean(k): clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-
-    return clean(value)
+    return map_strings(value, lambda text: redact(text, secrets)) if secrets else value
 
 
 class Scrubber:
@@ -71,10 +71,9 @@ class Scrubber:
     so far, holding back an end that may begin a secret the next piece goes on with;
     ``end`` returns what was held back. ``found``: whether a secret was replaced."""
 
-    def __init__(self, secrets: list[str] | None = None):
+    def __init__(self):
         # as the bytes a run would print (an environment value may hold bytes that are not UTF-8)
-        values = sorted({os.fsencode(v) for v in (secret_values() if secrets is None else secrets)},
-                        key=len, reverse=True)
+        values = sorted({os.fsencode(v) for v in secret_values()}, key=len, reverse=True)
         # at each place the longest first: a secret may begin another
         self.pattern = re.compile(b"|".join(map(re.escape, values))) if values else None
         self.values = values

@@ -160,11 +160,10 @@ def run_experiment(recipe: Path, data: Path, budget_s: float, out: Path, *, comp
             else:  # no copier came to be (no thread could start): the harness was killed above
                 os.close(read_end)
     duration = time.perf_counter() - t0
+    redact_file(out / "run.log")  # what a run wrote to the log's path itself stays clean too
     if rc is None:
-        redact_file(out / "run.log")
         return {"status": "timeout", "val_mean_rank": None, "duration_s": duration,
                 "reason": f"killed after {limit:.0f} s", "log_tail": log_tail(out / "run.log")}
-    redact_file(out / "run.log")  # a run cannot see the key, but whatever it printed stays clean
     result = finished_result(out)
     if result is None:
         said = {}
