@@ -22,9 +22,7 @@ import json
 import numbers
 import os
 import secrets
-import signal
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Mapping
@@ -41,6 +39,7 @@ from eclip.errors import EclipError, first_line
 from eclip.evaluate import retrieval_metrics
 from eclip.fileio import atomic_write
 from eclip.policy import read_source
+from eclip.process import install_stop
 from eclip.readback import Diverged, Readback
 
 LOOP_KEYS = ("batch_size", "crop_scale", "flip")  # HPARAMS entries the loop itself reads
@@ -186,40 +185,6 @@ def apply_overrides(hparams: dict, overrides: dict[str, str]) -> dict:
         else:
             raise EclipError(f"--{key}: unknown training option (known: {', '.join(sorted(hparams))}, model.<field>)")
     return hparams
-
-
-def _install_sigint() -> dict:
-    """First Ctrl-C or SIGTERM (what a scheduler sends before it preempts a job, and what
-    ``timeout`` sends): finish the current step, then stop cleanly (checkpoint, result).
-    A second Ctrl-C stops at once; a repeated SIGTERM is ignored (one sent to a process
-    group reaches a harness's training process twice, directly and passed on by the
-    harness; SIGKILL is the hard stop there), also after the loop, while the checkpoint
-    and the result are written. Returns the flag and a function restoring the old handlers."""
-    state = {"requested": False, "restore": lambda: None}
-    if threading.current_thread() is not threading.main_thread():
-        return state
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-    def handler(signum, frame):
-        if state["requested"]:
-            if signum == signal.SIGTERM:
-                return
-            state["hard"] = True  # mid-step: the state may be half-updated, no checkpoint
-            raise KeyboardInterrupt
-        state["requested"], state["term"] = True, signum == signal.SIGTERM
-        again = "Ctrl-C again to stop now" if signum == signal.SIGINT else "Ctrl-C or SIGKILL to stop now"
-        print(f"\ntrain: {signal.Signals(signum).name}: stopping after {state.get('after', 'this step')} ({again})",
-              file=sys.stderr)
-
-    for sig in previous:
-        signal.signal(sig, handler)
-
-    def restore() -> None:
-        for sig, old in previous.items():  # the repeat of a SIGTERM may still be on its way
-            signal.signal(sig, signal.SIG_IGN if sig == signal.SIGTERM and state.get("term") else old)
-
-    state["restore"] = restore
-    return state
 
 
 def is_oom(e: BaseException) -> bool:
@@ -430,7 +395,7 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
                disable=True if not cfg.progress_bar else False if os.environ.get(PROGRESS_ENV) == "1" else None,
                desc="train")
     status, last, warmup_s, history, last_step_cpu_s = "ok", {}, None, [], None
-    stop = _install_sigint()
+    stop = install_stop()
     if hold is not None:  # the caller restores the handlers, once its checkpoint is written
         hold["stop"] = stop
     t0 = time.perf_counter()

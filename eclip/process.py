@@ -62,37 +62,61 @@ def sigterm_as_ctrl_c():
         signal.signal(signal.SIGTERM, previous)
 
 
+def install_stop(after: str = "this step") -> dict:
+    """First Ctrl-C or SIGTERM (what a scheduler sends before it preempts a job, and what
+    ``timeout`` sends): finish the current step, then stop cleanly (checkpoint, result).
+    A second Ctrl-C stops at once; a repeated SIGTERM is ignored (one sent to a process
+    group reaches a harness's training process twice, directly and passed on by the
+    harness; SIGKILL is the hard stop there), also after the loop, while the checkpoint
+    and the result are written. Returns the state: ``requested`` (a stop came), ``hard``
+    (the second Ctrl-C, raised as KeyboardInterrupt), ``after`` (what a stop waits for, as
+    the message says; the caller may change it) and ``restore()``, the old handlers back."""
+    state = {"requested": False, "after": after, "restore": lambda: None}
+    if threading.current_thread() is not threading.main_thread():
+        return state
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        if state["requested"]:
+            if signum == signal.SIGTERM:
+                return
+            state["hard"] = True  # mid-step: the state may be half-updated, no checkpoint
+            raise KeyboardInterrupt
+        state["requested"], state["term"] = True, signum == signal.SIGTERM
+        again = "Ctrl-C again to stop now" if signum == signal.SIGINT else "Ctrl-C or SIGKILL to stop now"
+        print(f"\ntrain: {signal.Signals(signum).name}: stopping after {state['after']} ({again})",
+              file=sys.stderr)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, old in previous.items():  # the repeat of a SIGTERM may still be on its way
+            signal.signal(sig, signal.SIG_IGN if sig == signal.SIGTERM and state.get("term") else old)
+
+    state["restore"] = restore
+    return state
+
+
 class HardStop(KeyboardInterrupt):
     """A second Ctrl-C inside ``stop_deferred``: stop at once, ``what`` cut short."""
 
 
 @contextlib.contextmanager
 def stop_deferred(what: str):
-    """Inside the block a first Ctrl-C or SIGTERM is noted, not raised: ``what`` (a
-    checkpoint, a result being written) finishes first, and the caller reads the list this
-    yields (the signals heard) to stop after it. A second Ctrl-C raises KeyboardInterrupt (a
-    hard stop: an atomic write leaves the previous file in place); a repeated SIGTERM is
-    ignored, as one sent to a process group arrives twice. A no-op outside the main thread.
-    The hard stop is a ``HardStop`` (a KeyboardInterrupt) carrying ``what``."""
-    heard: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield heard
-        return
-
-    def handler(signum, frame):
-        if heard and signum == signal.SIGINT:
-            raise HardStop(what)
-        if not heard:
-            print(f"\n{signal.Signals(signum).name}: stopping once {what} (Ctrl-C again to stop now)",
-                  file=sys.stderr)
-        heard.append(signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    """``install_stop`` for a block: a first Ctrl-C or SIGTERM is noted, not raised, so that
+    ``what`` (a checkpoint, a result being written) finishes first; the caller reads the
+    state this yields (``requested``) to stop after it. A second Ctrl-C is a ``HardStop``
+    carrying ``what`` (an atomic write leaves the previous file in place)."""
+    state = install_stop(after=what)
     try:
-        yield heard
+        yield state
+    except KeyboardInterrupt:
+        if state.get("hard"):
+            raise HardStop(what) from None
+        raise
     finally:
-        for sig, old in previous.items():  # a SIGTERM's copy (a group's, passed on) may still be on its way
-            signal.signal(sig, signal.SIG_IGN if sig == signal.SIGTERM and sig in heard else old)
+        state["restore"]()
 
 
 def exit_main(main) -> None:
