@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from eclip.checkpoint import TENSORS, check_meta, load_checkpoint
+from eclip.checkpoint import TENSORS, load_checkpoint
 from eclip.data.cache import Cache
 from eclip.data.device import DeviceData
 from eclip.errors import EclipError, first_line
@@ -330,7 +330,8 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
     Returns a dict with status (ok, diverged, oom, interrupted, aborted), steps, samples, timing, the
     last logged metrics and the trained ``model`` (plus ``optimizer`` and ``data`` for
     checkpointing, and ``cache`` as trained on: re-tokenized for a pretrained text tower, so
-    evaluate with it). ``resume_dir`` holds a checkpoint to continue from. ``hold``: a dict
+    evaluate with it). ``resume_dir`` holds a checkpoint to continue from, its meta checked
+    for a resume by the caller (``eclip.checkpoint.check_meta``). ``hold``: a dict
     the loop's signal state is put in (``hold["stop"]``) once its handlers are installed,
     which then stay when it returns: a stop keeps being deferred while the caller writes
     the checkpoint, and the caller calls ``hold["stop"]["restore"]()`` (whether or not the
@@ -372,8 +373,7 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
     if resume_dir is not None:
         # the optimizer keeps the settings of this run's HPARAMS and overrides (a --weight_decay
         # given with --resume applies); the state (moments, step counts) is the checkpoint's
-        meta, tensors = load_checkpoint(resume_dir, model, optimizer)
-        check_meta(meta, Path(resume_dir) / TENSORS, resume=True)  # the fields read below
+        meta, tensors = load_checkpoint(resume_dir, model, optimizer)  # its meta checked by the caller
         step, trained_s, samples = int(meta["step"]), float(meta["trained_s"]), int(meta["samples"])
         origin_s = meta.get("schedule_origin_s", 0.0)  # older checkpoints: the whole clock
         origin_s = None if origin_s is None or step == 0 else float(origin_s)
@@ -383,7 +383,7 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
                                  | {"cursor": meta["data_cursor"], "epoch": meta["data_epoch"]})
         except (KeyError, ValueError) as e:  # KeyError: a state tensor missing
             what = f"lacks state.data_{e.args[0]}" if isinstance(e, KeyError) else str(e)
-            raise EclipError(f"{Path(resume_dir) / 'checkpoint.safetensors'}: {what}; it cannot be resumed") from None
+            raise EclipError(f"{Path(resume_dir) / TENSORS}: {what}; it cannot be resumed") from None
         if hasattr(recipe, "load_recipe_state"):
             t_state = time.perf_counter()
             recipe.load_recipe_state({k[7:]: v for k, v in tensors.items() if k.startswith("recipe.")})
