@@ -301,69 +301,63 @@ def run(args) -> dict:
                                 "format_version": cache_mod.FORMAT_VERSION, "decode_version": DECODE_VERSION,
                                 "read_version": READ_VERSION})
     with cache_mod.build_lock(args.out):  # one build of a cache at a time, from the check to the commit
-        return _build(args, t0, problems, recs, sources, extra, options, fp)
-
-
-def _build(args, t0: float, problems: Problems, recs: list[Record], sources: list, extra: dict, options: dict,
-           fp: str) -> dict:
-    """``run`` from the check that ``--out`` is current, under the cache's build lock."""
-    cache_mod.recover(args.out)  # a killed build's leftovers; its previous cache back in place
-    if not args.force and cache_mod.is_current(args.out, fp):
-        manifest = cache_mod.read_manifest(args.out)
-        print(f"prepare: reusing cache {args.out} (inputs and options unchanged; --force rebuilds)", file=sys.stderr)
-        print("\n".join(summary_lines(dict(manifest, out=str(args.out)), "reused", time.perf_counter() - t0)))
-        return manifest
-    cache_mod.ensure_replaceable(args.out)  # before minutes of decoding, not after
-    tok = load_tokenizer(args.tokenizer) if args.tokenizer is not None else None  # likewise: a bad file fails now
-    if not recs:
-        raise EclipError("no usable images in the source")
-    images, boxes, keep = decode_all(recs, args, problems)
-    recs = [recs[i] for i in keep]
-    counts = {s: sum(r.split == s for r in recs) for s in cache_mod.SPLITS}
-    if counts["train"] == 0:
-        raise EclipError("no training images left (every training row was bad or the split is empty)")
-    if tok is None:
-        tok = train_bpe((c for r in recs if r.split == "train" for c in r.captions), args.vocab_size)
-    folds = np.full(len(recs), -1, dtype=np.int64)
-    trainval = np.array([i for i, r in enumerate(recs) if r.split != "test"], dtype=np.int64)
-    if len(trainval) < args.folds:
-        raise EclipError(f"--folds {args.folds}: only {len(trainval)} train+val images to split")
-    folds[trainval] = kfold_assign(len(trainval), args.folds, args.seed)
-    arrays, tstats = build_annotations(recs, boxes, tok, args, folds)
-    manifest = {
-        "out": str(args.out), "fingerprint": fp, "options": options, "sources": sources,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "counts": {"images": len(recs), **counts, "captions": int(arrays["tokens"].shape[0]),
-                   "regions": int(arrays["region_boxes"].shape[0]), "skipped": len(problems.skipped), **tstats},
-        "tokenizer": {"vocab_size": tok.get_vocab_size(), "context_length": args.context_length,
-                      "phrase_length": args.phrase_length, "trained": args.tokenizer is None},
-        **extra,
-    }
-    with cache_mod.CacheWriter(args.out) as w:
-        w.save_arrays("images.safetensors", {"images": images})
-        w.save_arrays("annotations.safetensors", arrays)
-        tok.save(str(w.path("tokenizer.json")))
-        # "phrases": the regions kept, in the cache's row order (a pretrained text tower
-        # re-tokenizes them from here); "cropped_phrases": those center-crop removed
-        w.write_jsonl("records.jsonl", ({"image": r.image, "split": r.split, "captions": r.captions,
-                                         "phrases": [g.phrase for g, b in zip(r.regions, bx, strict=True)
-                                                     if b is not None],
-                                         "cropped_phrases": [g.phrase for g, b in zip(r.regions, bx, strict=True)
-                                                             if b is None]}
-                                        for r, bx in zip(recs, boxes, strict=True)))
+        cache_mod.recover(args.out)  # a killed build's leftovers; its previous cache back in place
+        if not args.force and cache_mod.is_current(args.out, fp):
+            manifest = cache_mod.read_manifest(args.out)
+            print(f"prepare: reusing cache {args.out} (inputs and options unchanged; --force rebuilds)", file=sys.stderr)
+            print("\n".join(summary_lines(dict(manifest, out=str(args.out)), "reused", time.perf_counter() - t0)))
+            return manifest
+        cache_mod.ensure_replaceable(args.out)  # before minutes of decoding, not after
+        tok = load_tokenizer(args.tokenizer) if args.tokenizer is not None else None  # likewise: a bad file fails now
+        if not recs:
+            raise EclipError("no usable images in the source")
+        images, boxes, keep = decode_all(recs, args, problems)
+        recs = [recs[i] for i in keep]
+        counts = {s: sum(r.split == s for r in recs) for s in cache_mod.SPLITS}
+        if counts["train"] == 0:
+            raise EclipError("no training images left (every training row was bad or the split is empty)")
+        if tok is None:
+            tok = train_bpe((c for r in recs if r.split == "train" for c in r.captions), args.vocab_size)
+        folds = np.full(len(recs), -1, dtype=np.int64)
+        trainval = np.array([i for i, r in enumerate(recs) if r.split != "test"], dtype=np.int64)
+        if len(trainval) < args.folds:
+            raise EclipError(f"--folds {args.folds}: only {len(trainval)} train+val images to split")
+        folds[trainval] = kfold_assign(len(trainval), args.folds, args.seed)
+        arrays, tstats = build_annotations(recs, boxes, tok, args, folds)
+        manifest = {
+            "out": str(args.out), "fingerprint": fp, "options": options, "sources": sources,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "counts": {"images": len(recs), **counts, "captions": int(arrays["tokens"].shape[0]),
+                       "regions": int(arrays["region_boxes"].shape[0]), "skipped": len(problems.skipped), **tstats},
+            "tokenizer": {"vocab_size": tok.get_vocab_size(), "context_length": args.context_length,
+                          "phrase_length": args.phrase_length, "trained": args.tokenizer is None},
+            **extra,
+        }
+        with cache_mod.CacheWriter(args.out) as w:
+            w.save_arrays("images.safetensors", {"images": images})
+            w.save_arrays("annotations.safetensors", arrays)
+            tok.save(str(w.path("tokenizer.json")))
+            # "phrases": the regions kept, in the cache's row order (a pretrained text tower
+            # re-tokenizes them from here); "cropped_phrases": those center-crop removed
+            w.write_jsonl("records.jsonl", ({"image": r.image, "split": r.split, "captions": r.captions,
+                                             "phrases": [g.phrase for g, b in zip(r.regions, bx, strict=True)
+                                                         if b is not None],
+                                             "cropped_phrases": [g.phrase for g, b in zip(r.regions, bx, strict=True)
+                                                                 if b is None]}
+                                            for r, bx in zip(recs, boxes, strict=True)))
+            if problems.skipped:
+                w.write_jsonl("skipped.jsonl", problems.skipped)
+            w.commit(manifest)
         if problems.skipped:
-            w.write_jsonl("skipped.jsonl", problems.skipped)
-        w.commit(manifest)
-    if problems.skipped:
-        print(f"prepare: skipped {len(problems.skipped)} bad rows/images, listed in {args.out / 'skipped.jsonl'}",
-              file=sys.stderr)
-    for split, use in (("val", "eclip.train scores on it (only --folds does without)"),
-                       ("test", "eclip.train --final scores on it")):
-        if counts[split] == 0:  # built all the same: a cache for cross-validation needs no val split
-            print(f"prepare: warning: the {split} split is empty, and {use} (a source with more images, or a "
-                  f"larger --{split}-frac)", file=sys.stderr)
-    print("\n".join(summary_lines(manifest, "built", time.perf_counter() - t0)))
-    return manifest
+            print(f"prepare: skipped {len(problems.skipped)} bad rows/images, listed in {args.out / 'skipped.jsonl'}",
+                  file=sys.stderr)
+        for split, use in (("val", "eclip.train scores on it (only --folds does without)"),
+                           ("test", "eclip.train --final scores on it")):
+            if counts[split] == 0:  # built all the same: a cache for cross-validation needs no val split
+                print(f"prepare: warning: the {split} split is empty, and {use} (a source with more images, or a "
+                      f"larger --{split}-frac)", file=sys.stderr)
+        print("\n".join(summary_lines(manifest, "built", time.perf_counter() - t0)))
+        return manifest
 
 
 def main(argv: list[str] | None = None) -> int:
