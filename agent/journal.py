@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -40,7 +41,8 @@ def append(path: Path, event: dict) -> None:
     it back. The values of secret-looking environment variables are replaced first: a
     model's reply, a run's reason, may echo a key."""
     line = json.dumps(redact_value(event), default=str)
-    if problem := _problem(json.loads(line)):  # a line read() would skip: the loop's own error, said now
+    # a line read() would skip: the loop's own error, said now (the line is ASCII: json's escapes)
+    if problem := _problem(json.loads(line), line.encode()):
         raise ValueError(f"{path}: refusing to journal a line that could not be read back ({problem})")
     torn = _ends_torn(path)
     with open(path, "a", encoding="utf-8") as f:
@@ -81,8 +83,13 @@ def fits(value, kind: str) -> bool:
     return isinstance(value, {"true or false": bool, "a string": str, "an object": dict}[kind])
 
 
-def _problem(event) -> str | None:
-    """Why a decoded line is not a usable event (None when it is), naming the field."""
+# how a lone surrogate is written in a JSON line (an escape: UTF-8 cannot hold one raw)
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _problem(event, line: bytes) -> str | None:
+    """Why a decoded line is not a usable event (None when it is), naming the field. ``line``:
+    the event's JSON text, scanned before a lone surrogate is looked for in the event."""
     if not isinstance(event, dict) or not isinstance(event.get("event"), str):
         return "not an event object"
     for key in REQUIRED.get(event["event"], ()):
@@ -105,10 +112,11 @@ def _problem(event) -> str | None:
         for key in FINAL_OK:
             if event.get(key) is None:
                 return f"an ok final line without {key}"
-    try:  # a lone surrogate (a "\\ud800" escape) is valid JSON but no text: results.tsv and the report fail on it
-        json.dumps(event, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as e:
-        return f"text that is not UTF-8 ({e.object[e.start:e.end]!r})"
+    if SURROGATE_ESCAPE.search(line):  # an emoji's pair, or a lone one: valid JSON but no text, which
+        try:                           # results.tsv and the report fail on (most lines skip this)
+            json.dumps(event, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"text that is not UTF-8 ({e.object[e.start:e.end]!r})"
     return None
 
 
@@ -128,7 +136,7 @@ def read(path: Path) -> list[dict]:
             continue
         try:
             event = json.loads(line.decode("utf-8"))
-            problem = _problem(event)
+            problem = _problem(event, line)
         except UnicodeDecodeError:  # a line edited in another encoding
             event, problem = None, "not UTF-8 text"
         except json.JSONDecodeError:
