@@ -368,6 +368,23 @@ def run_folds(args, overrides: dict, cache) -> dict:
     (a checkpoint of an earlier cross-validation in the same folder is not taken for one of
     this), so a cross-validation cut short loses the fold it was in, never the folds before."""
     dirs = [args.out / f"fold{k}" for k in range(args.folds)]
+    made = [d for d in dirs if not d.exists()]
+    try:
+        with contextlib.ExitStack() as locks:
+            # each fold's folder is a run's --out: a run given one of them on its own (--out
+            # X/fold1) while this trains would interleave its log and checkpoint with the fold's.
+            # All taken now, so such a run refuses this before any fold trains, not hours in
+            for d in dirs:
+                locks.enter_context(exclusive(d, "another training run in this folder", lock=d / TRAIN_LOCK))
+            return _run_folds(args, overrides, cache, dirs)
+    finally:
+        for d in made:  # the folders of folds never reached (one before failed): empty, not kept
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
+def _run_folds(args, overrides: dict, cache, dirs: list[Path]) -> dict:
+    """``run_folds`` holding the folds' folders."""
     settings = cv_settings(args, overrides, cache)
     if args.resume:
         cv_id = cv_to_resume(args.out / CV_RECORD, settings)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from train_support import SMALL, recipe_with, run
+from train_support import SMALL, recipe_at_call, recipe_with, run
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -306,6 +306,48 @@ def test_a_second_run_in_a_folder_in_use_is_refused(train_cache, tmp_path, capsy
         holder.wait()
     assert run(["--data", train_cache, "--out", out, "--steps", 2, *SMALL], capsys)[0] == 0
     assert not (out / ".train.lock").exists()
+
+
+def test_a_cross_validation_refuses_a_fold_folder_another_run_trains_in(train_cache, tmp_path, capsys):
+    # a run given one fold's folder on its own (--out cv/fold1) took only that folder's lock
+    # and the cross-validation only cv's: both wrote cv/fold1's log and checkpoint
+    import subprocess
+    import sys
+
+    out = tmp_path / "cv"
+    code = ("import sys, time; from pathlib import Path; from eclip.fileio import exclusive; "
+            "out = Path(sys.argv[1]); cm = exclusive(out, 'x', lock=out / '.train.lock'); cm.__enter__(); "
+            "print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out / "fold1")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        rc, _, err = run(["--data", train_cache, "--out", out, "--steps", 2, "--folds", 3, *SMALL], capsys)
+        assert rc == 2 and err == (f"train: error: {out / 'fold1'}: another training run in this folder is under "
+                                   f"way (it holds {out / 'fold1' / '.train.lock'}); wait for it to end\n")
+        # refused before any fold trained; the folders it made for the others are gone
+        assert sorted(p.name for p in out.iterdir()) == ["fold1"]
+        assert sorted(p.name for p in (out / "fold1").iterdir()) == [".train.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    # and the other way: as fold 0 trains, fold 2's folder is held (a lock of the file's own
+    # open file description fails while another holds it, in this process too)
+    seen = tmp_path / "seen"
+    probe = recipe_at_call(tmp_path, before=(
+        "if _calls[0] == 1:\n"
+        "    import fcntl, os\n"
+        f"    fd = os.open({str(out / 'fold2' / '.train.lock')!r}, os.O_RDWR)\n"
+        "    try:\n"
+        "        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        f"        open({str(seen)!r}, 'w').write('free')\n"
+        "    except BlockingIOError:\n"
+        f"        open({str(seen)!r}, 'w').write('held')\n"
+        "    os.close(fd)"))
+    rc, _, err = run(["--data", train_cache, "--out", out, "--steps", 2, "--folds", 3, "--recipe", probe, *SMALL],
+                     capsys)
+    assert rc == 0, err
+    assert seen.read_text() == "held"
+    assert not any(p.name == ".train.lock" for p in out.rglob("*"))  # all let go
 
 
 def test_a_recipe_that_is_a_directory_is_named_so(train_cache, tmp_path, capsys):
