@@ -62,6 +62,25 @@ def split_three(a):
     a["split"][0] = 3
 
 
+def uncaptioned(a):
+    # image 0's captions handed to image 1: training drew a neighbour's caption for image 0,
+    # and a scored split with it failed in the evaluation, after the whole budget
+    ci = a["caption_image"]
+    ci[ci == 0] = 1
+
+
+def captions_interleaved(a):
+    # the records list each image's captions together; a cache in another order paired an
+    # HF tower's retokenized captions with the wrong images
+    ci = a["caption_image"]
+    ci[0], ci[-1] = ci[-1], ci[0]
+
+
+def regions_interleaved(a):
+    ri = a["region_image"]
+    ri[0], ri[-1] = ri[-1], ri[0]
+
+
 @pytest.mark.parametrize("file,change,message", [
     ("annotations.safetensors", negative_row, "annotations.safetensors: caption_image holds values in -1..379, "
                                               "outside 0..379; rebuild the cache"),
@@ -71,6 +90,12 @@ def split_three(a):
                                              "(N=380 images"),
     ("annotations.safetensors", nan_box, "annotations.safetensors: region_boxes holds values that are not finite"),
     ("annotations.safetensors", split_three, "annotations.safetensors: split holds values in 0..3, outside 0..2"),
+    ("annotations.safetensors", uncaptioned, "annotations.safetensors: caption_image leaves 1 image(s) without a "
+                                             "caption (first: image 0); rebuild the cache"),
+    ("annotations.safetensors", captions_interleaved, "annotations.safetensors: caption_image is not grouped by "
+                                                      "image (entry 1 names image 1 after image 379)"),
+    ("annotations.safetensors", regions_interleaved, "annotations.safetensors: region_image is not grouped by image "
+                                                     "(entry 1 names image"),
     ("images.safetensors", float_images, "images.safetensors: images is torch.float32 [380, 3, 64, 64], "
                                          "not uint8 [N, 3, R, R]"),
     ("images.safetensors", one_channel, "images.safetensors: images is torch.uint8 [380, 1, 64, 64]"),
@@ -82,6 +107,7 @@ def split_three(a):
     ("manifest.json", lambda m: m.update(files="images.safetensors"),
      "manifest.json: lists its files and sizes in a form this code cannot read; rebuild it"),
 ], ids=["negative image row", "token past the vocabulary", "split too short", "NaN box", "split id 3",
+        "an image without a caption", "captions not grouped", "regions not grouped",
         "float images", "one channel", "images renamed", "vocab size no number", "no tokenizer", "files a string"])
 def test_a_cache_off_its_layout_is_refused_in_one_line(small_cache, tmp_path, file, change, message):
     out = tampered(small_cache, tmp_path, file, change)

@@ -359,6 +359,18 @@ def check_layout(path: Path, m: dict, images: torch.Tensor, ann: dict[str, torch
             raise bad(name, f"holds values in {int(t.min())}..{int(t.max())}, outside {low}..{high}")
     if ann["region_boxes"].numel() and not bool(torch.isfinite(ann["region_boxes"]).all()):
         raise bad("region_boxes", "holds values that are not finite")
+    for name in ("caption_image", "region_image"):  # grouped by image: what the records' order assumes
+        t = ann[name]
+        if t.numel() > 1 and not bool((t[1:] >= t[:-1]).all()):
+            at = int(torch.nonzero(t[1:] < t[:-1])[0, 0]) + 1
+            raise bad(name, f"is not grouped by image (entry {at} names image {int(t[at])} after image {int(t[at - 1])})")
+    # an image without a caption: training drew a neighbour's caption for it (a wrong pair,
+    # silently), and the evaluation failed after the whole budget
+    counts = torch.bincount(ann["caption_image"], minlength=sizes["N"]) if sizes["N"] else torch.zeros(0)
+    if bool((counts == 0).any()):
+        missing = torch.nonzero(counts == 0).flatten()
+        raise bad("caption_image", f"leaves {missing.numel()} image(s) without a caption (first: image "
+                                   f"{int(missing[0])})")
 
 
 def write_subset(cache: Cache, rows: torch.Tensor, out: str | Path) -> None:
