@@ -75,6 +75,18 @@ def retrieval_metrics(img_emb: torch.Tensor, txt_emb: torch.Tensor,
     return metrics_from_ranks(ranks.i2t, ranks.t2i)
 
 
+def scored_split_problem(n: int, split: str) -> str | None:
+    """Why a split of ``n`` images cannot be scored, or None: an empty one, and one of a
+    single image, which has nothing to rank against, so every model ranks it first (R@1 =
+    100%, a collapsed or NaN one too)."""
+    if n == 0:
+        return f"the {split} split is empty"
+    if n == 1:
+        return (f"the {split} split has a single image: a retrieval rank needs two or more (alone, any model "
+                "ranks it first)")
+    return None
+
+
 def format_metrics(m: dict[str, float], prefix: str = "") -> list[str]:
     """``key: value`` lines for a run's summary block (R@k printed as percentages)."""
     lines = [f"{prefix}mean_rank: {m['mean_rank']:.2f}"]

@@ -377,11 +377,12 @@ def export_training_data(args) -> Path:
     import torch
 
     from eclip.data.cache import load_cache, write_subset
+    from eclip.evaluate import scored_split_problem
 
     cache = load_cache(args.data)
     split = "test" if args.final else "val"
-    if cache.split_images(split).numel() == 0:
-        raise EclipError(f"{args.data}: the {split} split is empty")
+    if why := scored_split_problem(cache.split_images(split).numel(), split):
+        raise EclipError(f"{args.data}: {why}")
     rows = torch.nonzero(cache.split <= 1).flatten() if args.final else cache.split_images("train")
     out = args.out / TRAIN_DATA
     remove(out)  # a run killed before it removed its copy, or a recipe that added to it, left one

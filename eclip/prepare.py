@@ -353,8 +353,9 @@ def run(args) -> dict:
                   file=sys.stderr)
         for split, use in (("val", "eclip.train scores on it (only --folds does without)"),
                            ("test", "eclip.train --final scores on it")):
-            if counts[split] == 0:  # built all the same: a cache for cross-validation needs no val split
-                print(f"prepare: warning: the {split} split is empty, and {use} (a source with more images, or a "
+            if counts[split] < 2:  # built all the same: a cache for cross-validation needs no val split
+                what = "is empty" if counts[split] == 0 else "has a single image (too few to rank: any model ranks it first)"
+                print(f"prepare: warning: the {split} split {what}, and {use} (a source with more images, or a "
                       f"larger --{split}-frac)", file=sys.stderr)
         print("\n".join(summary_lines(manifest, "built", time.perf_counter() - t0)))
         return manifest

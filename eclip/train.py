@@ -38,7 +38,7 @@ import torch
 from eclip import checkpoint as ckpt
 from eclip.data.cache import load_cache, out_in_cache_error
 from eclip.errors import EclipError, OneLineParser, first_line, seed_value
-from eclip.evaluate import fold_split, format_metrics
+from eclip.evaluate import fold_split, format_metrics, scored_split_problem
 from eclip.fileio import atomic_write, exclusive
 from eclip.hardware import device_name, peak_bf16_flops
 from eclip.loop import (
@@ -385,6 +385,9 @@ def run_folds(args, overrides: dict, cache) -> dict:
 
 def _run_folds(args, overrides: dict, cache, dirs: list[Path]) -> dict:
     """``run_folds`` holding the folds' folders."""
+    for k in range(len(dirs)):  # before any fold trains, not when the one too small is reached
+        if why := scored_split_problem(fold_split(cache.fold, k)[1].numel(), f"fold{k}"):
+            raise EclipError(f"{args.data}: {why} (prepare it with fewer --folds)")
     settings = cv_settings(args, overrides, cache)
     if args.resume:
         cv_id = cv_to_resume(args.out / CV_RECORD, settings)
@@ -463,8 +466,8 @@ def _train(args, overrides: dict) -> dict:
             tr, ev, split = cache.split_images("train"), cache.split_images("val"), "val"
         # a subset (eclip.data.cache.write_subset) holds the training images only, by design:
         # the harness that wrote it checked the scored split of the whole cache
-        if ev.numel() == 0 and not (args.train_only and "subset_of" in cache.manifest):
-            raise EclipError(f"{args.data}: the {split} split is empty")
+        if (why := scored_split_problem(ev.numel(), split)) and not (args.train_only and "subset_of" in cache.manifest):
+            raise EclipError(f"{args.data}: {why}")
         if args.train_only:  # before the recipe is imported: the other images are gone from this process
             cache, ev = cache.subset(tr), None
             tr = torch.arange(cache.images.shape[0])

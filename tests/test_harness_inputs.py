@@ -108,3 +108,20 @@ def test_a_run_directory_inside_the_cache_is_refused_before_anything_is_written(
     assert rc == 2 and capsys.readouterr().err == (f"harness: error: --out {out}: lies inside the cache --data {data}; "
                                                    "give a run directory outside it\n")
     assert sorted(str(p.relative_to(data)) for p in data.rglob("*")) == before  # not even the run directory
+
+
+def test_a_scored_split_of_one_image_is_refused_before_training(tmp_path, capsys):
+    # alone, any model ranks the image first: a perfect score the research loop would keep
+    # (the training process refuses it, in its words, before the recipe is imported)
+    from eclip import prepare
+
+    data = tmp_path / "c"
+    assert prepare.main(["--dataset", "synthetic", "--num-train", "4", "--num-val", "1", "--num-test", "3",
+                         "--image-size", "16", "--out", str(data), "--workers", "1"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "run"
+    rc = harness.main(["run", "--recipe", str(TEMPLATE), "--data", str(data), "--budget-s", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err == (f"train: error: {data}: the val split has a single image: a retrieval rank needs "
+                               "two or more (alone, any model ranks it first)\n"), err
+    assert json.loads((out / "result.json").read_text())["status"] == "error"

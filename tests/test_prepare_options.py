@@ -126,7 +126,7 @@ def test_running_out_of_memory_within_the_bounds_is_one_line(images, tmp_path, c
     assert not (tmp_path / "c").exists()
 
 
-def test_an_empty_val_or_test_split_is_warned_of(images, tmp_path, capsys):
+def test_an_empty_or_single_image_val_or_test_split_is_warned_of(images, tmp_path, capsys):
     # the cache was built without a word, and eclip.train then refused it ("the val split is empty")
     path = tmp_path / "m.csv"
     path.write_text("image,caption\n0.png,a picture\n1.png,another\n")
@@ -137,8 +137,19 @@ def test_an_empty_val_or_test_split_is_warned_of(images, tmp_path, capsys):
         "(a source with more images, or a larger --val-frac)",
         "prepare: warning: the test split is empty, and eclip.train --final scores on it (a source with more "
         "images, or a larger --test-frac)"]
+    # one image: ranked against none, any model ranks it first (eclip.train refuses it too)
     path.write_text("image,caption,split\n0.png,a,train\n1.png,b,val\n2.png,c,test\n")
     rc, _, err = run(manifest_args(images, path, tmp_path / "d"), capsys)
+    assert rc == 0
+    assert [line for line in err.splitlines() if "warning" in line] == [
+        "prepare: warning: the val split has a single image (too few to rank: any model ranks it first), and "
+        "eclip.train scores on it (only --folds does without) (a source with more images, or a larger --val-frac)",
+        "prepare: warning: the test split has a single image (too few to rank: any model ranks it first), and "
+        "eclip.train --final scores on it (a source with more images, or a larger --test-frac)"]
+    from test_prepare import write_image
+    write_image(images / "4.png", 20, 20, 4)
+    path.write_text("image,caption,split\n0.png,a,train\n1.png,b,val\n2.png,c,test\n3.png,d,val\n4.png,e,test\n")
+    rc, _, err = run(manifest_args(images, path, tmp_path / "e"), capsys)
     assert rc == 0 and "warning" not in err
 
 

@@ -417,3 +417,21 @@ def test_a_file_system_without_locks_warns_and_trains(train_cache, tmp_path, cap
     assert (f"warning: {out / '.train.lock'}: this file system cannot lock files (Function not implemented); "
             "going on without the lock that keeps out a second process") in err
     assert not (out / ".train.lock").exists()
+
+
+def test_a_scored_split_of_one_image_is_refused(tmp_path, capsys):
+    # one image has nothing to rank against: every model, a collapsed or NaN one too, scored
+    # a perfect 0.0 and R@1 100%, and the research loop kept whatever it tried
+    from eclip import prepare
+
+    data = tmp_path / "c"
+    assert prepare.main(["--dataset", "synthetic", "--num-train", "4", "--num-val", "1", "--num-test", "1",
+                         "--image-size", "16", "--folds", "2", "--out", str(data), "--workers", "1"]) == 0
+    capsys.readouterr()
+    for extra, split in (([], "val"), (["--final"], "test")):
+        rc, _, err = run(["--data", data, "--out", tmp_path / "run", "--steps", 1, *extra, *SMALL], capsys)
+        assert rc == 2 and err == (f"train: error: {data}: the {split} split has a single image: a retrieval rank "
+                                   "needs two or more (alone, any model ranks it first)\n")
+        assert not (tmp_path / "run").exists()
+    # five train+val images in two folds: 3 and 2, both scored
+    assert run(["--data", data, "--out", tmp_path / "cv", "--steps", 1, "--folds", 2, *SMALL], capsys)[0] == 0
