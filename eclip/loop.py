@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import json
+import math
 import numbers
 import os
 import secrets
@@ -168,7 +169,9 @@ def _coerce(key: str, default, value):
         if isinstance(default, int):
             return int(value)
         if isinstance(default, float):
-            return float(value)
+            if not math.isfinite(x := float(value)):  # no training setting means "nan" or "inf"
+                raise EclipError(f"--{key}={value}: expected a finite number")
+            return x
     except ValueError:
         raise EclipError(f"--{key}={value}: expected {type(default).__name__}") from None
     return value
@@ -506,6 +509,19 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
             "optimizer": optimizer, "data": data, "device": device, "spec": spec, "cache": cache}
 
 
+def finite(obj):
+    """``obj`` with every float that is NaN or infinite (a diverged loss, a recipe's metric)
+    replaced by None, through dicts, lists and tuples: Python's json writes them as bare
+    ``NaN``/``Infinity``, which is no JSON, and strict readers (jq, JavaScript) refuse the file."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: Path, obj: dict) -> None:
-    """Write JSON atomically (temp file, then rename)."""
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+    """Write JSON atomically (temp file, then rename), a non-finite number as null."""
+    atomic_write(path, lambda p: p.write_text(json.dumps(finite(obj), indent=2, default=str, allow_nan=False) + "\n"))

@@ -46,6 +46,7 @@ from eclip.loop import (
     apply_overrides,
     eval_bf16,
     evaluate_split,
+    finite,
     is_oom,
     load_recipe,
     peak_memory_bytes,
@@ -251,7 +252,7 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
             # folder (a run that then fails, a full disk at its save, leaves none, not a stale "ok")
             (out / "result.json").unlink(missing_ok=True)
             logs.append(open(log_path, "a" if args.resume else "w", encoding="utf-8"))
-        logs[0].write(json.dumps(row) + "\n")
+        logs[0].write(json.dumps(finite(row), allow_nan=False) + "\n")  # a diverged loss as null
         logs[0].flush()
 
     held: dict = {}  # the loop's signal handlers, kept until the checkpoint is written

@@ -43,6 +43,23 @@ def test_nan_loss_is_reported_as_diverged(train_cache, tmp_path, capsys):
     assert f"reason:         {result['reason']}\n" in stdout  # the summary says why, as the JSON does
 
 
+def test_a_metric_that_is_not_finite_is_written_as_null(train_cache, tmp_path, capsys):
+    # Python's json wrote a bare NaN, no JSON: jq and JavaScript refuse the whole file
+    odd = recipe_at_call(tmp_path, after="out['logit_scale'] = float('nan')\nout['odd'] = float('-inf')")
+    out = tmp_path / "run"
+    rc, stdout, err = run(["--data", train_cache, "--out", out, "--steps", 3, "--recipe", odd, *SMALL], capsys)
+    assert rc == 0, err
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    result = strict((out / "result.json").read_text())
+    assert result["status"] == "ok" and result["logit_scale"] is None and result["loss"] > 0
+    rows = [strict(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["logit_scale"], r["odd"]) for r in rows if "loss" in r] == [(1, None, None), (2, None, None),
+                                                                                        (3, None, None)]
+    assert "logit_scale:    nan\n" in stdout  # the summary, from the run's own figures, says what it was
+
+
 @pytest.mark.parametrize("nan_step", [None, 3, 5])
 def test_out_of_memory_mid_run_keeps_the_row_in_flight(train_cache, tmp_path, capsys, nan_step):
     # An OOM at step 6 (--log-every=2: rows pushed at steps 1, 2, 4): the row of step 4, still

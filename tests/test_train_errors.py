@@ -13,6 +13,8 @@ from train_support import SMALL, recipe_at_call, recipe_with, run
 @pytest.mark.parametrize("argv,message", [
     (["--steps", "5", "--bogus=1"], "--bogus: unknown training option"),
     (["--steps", "5", "--lr=fast"], "--lr=fast: expected float"),
+    # no setting means nan or inf: refused as read, whether or not the recipe checks its entry
+    (["--steps", "5", "--weight-decay=-inf"], "--weight_decay=-inf: expected a finite number"),
     (["--steps", "5", "--preset", "huge"], "preset: unknown preset 'huge'"),
     (["--steps", "5", "--model.vision.nope=3"], "vision.nope: unknown model config field"),
     # a misspelt or unqualified field names the one meant
@@ -38,7 +40,7 @@ from train_support import SMALL, recipe_at_call, recipe_with, run
     (["--steps", "5", "--batch_size=0"], "recipe: batch_size: expected an int >= 1, got 0"),
     (["--steps", "5", "--crop_scale=0"], "recipe: crop_scale: expected a number in (0, 1], got 0.0"),
     (["--steps", "5", "--lr=-1"], "recipe: lr: expected a finite number in (0, inf), got -1.0"),
-    (["--steps", "5", "--lr=nan"], "recipe: lr: expected a finite number"),
+    (["--steps", "5", "--lr=nan"], "--lr=nan: expected a finite number"),
     (["--steps", "5", "--beta1=1.5"], "recipe: beta1: expected a finite number in [0, 1), got 1.5"),
     (["--steps", "5", "--eps=0"], "recipe: eps: expected a finite number in (0, inf)"),
     (["--steps", "5", "--warmup=2"], "recipe: warmup: expected a finite number in [0, 1)"),
