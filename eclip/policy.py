@@ -133,6 +133,7 @@ class _Checker(ClassRules, CompileRules):
             n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body and isinstance(
             n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant) and isinstance(n.body[0].value.value, str)}
         self.aliases = self._aliases()
+        self.chains = self._chains()
         self._classes(tree)
 
     def _is(self, node: ast.AST, names: tuple[str, ...]) -> bool:
@@ -216,6 +217,39 @@ class _Checker(ClassRules, CompileRules):
                         roots.add(name)
                         changed = True
         return roots - self.imported
+
+    def _chains(self) -> dict[str, str]:
+        """Names bound once in the whole file, by ``NAME = a.b.c`` on an import (``L =
+        torch.autograd.graph``), mapped to the chain they hold spelt from the import: a read
+        through one (``L.log.manager``) is resolved and judged as the chain it continues
+        (``torch.autograd.graph.log.manager``), not left unresolved for being on a plain name."""
+        bound: dict[str, list[ast.AST]] = {}
+        for node in ast.walk(self.tree):
+            if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+                bound.setdefault(node.id, []).append(node)
+            elif isinstance(node, ast.arg):
+                bound.setdefault(node.arg, []).append(node)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                bound.setdefault(node.name, []).append(node)
+            elif isinstance(node, (ast.Global, ast.Nonlocal)):
+                for name in node.names:
+                    bound.setdefault(name, []).append(node)
+            elif isinstance(node, (ast.MatchAs, ast.MatchStar)) and node.name:
+                bound.setdefault(node.name, []).append(node)
+            elif isinstance(node, ast.MatchMapping) and node.rest:
+                bound.setdefault(node.rest, []).append(node)
+        chains: dict[str, str] = {}
+        for node in ast.walk(self.tree):
+            if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+                continue
+            name, value = node.targets[0].id, node.value
+            if (len(bound.get(name, ())) == 1 and name not in self.imported and isinstance(value, (ast.Name, ast.Attribute))
+                    and "[]" not in (dotted := dotted_name(value)) and not dotted.startswith("?")):
+                chains[name] = dotted
+        for _ in range(len(chains)):  # L = torch.autograd; G = L.graph: spelt from the import
+            chains = {k: (chains[r] + v[len(r):] if (r := v.split(".")[0]) in chains and r != k else v)
+                      for k, v in chains.items()}
+        return {k: v for k, v in chains.items() if v.split(".")[0] in self.imported}
 
     def run(self) -> list[Violation]:
         for name, paths in import_paths(self.tree).items():
@@ -365,10 +399,12 @@ class _Checker(ClassRules, CompileRules):
         elif dotted.startswith(SETTINGS[1:]) and not isinstance(node.ctx, ast.Store) and node is self._whole_chain(node):
             # the compiler configs' functions take strings and pickles: their knobs are assigned, never read
             self.add(node, f"'{dotted}' may only be assigned (a number or a bool), not read or called")
-        elif root in self.imported:
-            obj = resolve(dotted, self.modules)
+        elif root in self.imported or root in self.chains:
+            spelt = dotted if root in self.imported else self.chains[root] + dotted[len(root):]
+            obj = resolve(spelt, self.modules)
             if (where := outside(obj)) is not None:
-                self.add(node, f"'{dotted}' is '{where}', which recipes may not use")
+                held = "" if spelt == dotted else f" ({root} holds '{self.chains[root]}')"
+                self.add(node, f"'{dotted}' is '{where}', which recipes may not use{held}")
             elif makes_classes(obj) and node is self._whole_chain(node):
                 self.add(node, f"'{dotted}' makes classes (a metaclass, or type by another name), which is not allowed "
                                f"({WHY})")

@@ -80,6 +80,10 @@ FORBIDDEN_ATTRIBUTES = frozenset({
     # (self.name = "…") after a dataclass took it as a field's default: a subclass that is a
     # dataclass too writes that name into the code it generates (its __eq__, __init__)
     "Field",
+    # logging's hooks run a recipe's function with whatever torch logs (compiler objects, sympy
+    # expressions), and sympy's string parsing evaluates its input: refused on any object
+    "getLogger", "addFilter", "addHandler", "setLogRecordFactory", "setLoggerClass", "sympify", "parse_expr",
+    "subs", "lambdify",
 })
 # torch modules that run code from strings or pickles, write files, start processes or
 # change what every later torch call computes: refused however they are reached
@@ -429,8 +433,18 @@ def outside(obj) -> str | None:
             return name
     elif isinstance(obj, (type, types.FunctionType)):
         name = getattr(obj, "__module__", None)
-    else:
+    elif isinstance(obj, types.BuiltinFunctionType):  # C functions: where they are defined, else whom they bind
+        name = getattr(obj, "__module__", None)
+        if name is None:
+            owner = getattr(obj, "__self__", None)
+            name = owner.__name__ if isinstance(owner, types.ModuleType) else type(owner).__module__
+    elif obj is None:
         return None
+    else:
+        # any other object is judged by its class: a module's global may be an instance of
+        # another module's class (torch.autograd.graph.log is a logging.Logger, whose manager
+        # hands out every logger, and a filter on one runs with what torch logs)
+        name = type(obj).__module__
     if not isinstance(name, str) or name == "builtins" and not isinstance(obj, types.ModuleType):
         return None
     if denied(name) or closed(name) and not any(is_private(part) for part in name.split(".")):

@@ -240,6 +240,17 @@ def test_the_template_passes():
     # write files)
     ("from torch.autograd import profiler_legacy", "comes from 'torch.autograd.profiler_legacy'"),
     ("p = torch.autograd.profiler_legacy.profile()", "is 'torch.autograd.profiler_legacy'"),
+    # an eleventh review: a module's global that is an instance of another module's class (a
+    # logging.Logger: its manager hands out torch's loggers, and a filter on one ran code with
+    # what torch logs, sympy expressions whose subs() evaluates strings), or a C function
+    # another module defines; and a read through a name that holds a chain
+    ("L = torch.autograd.graph.log", "'torch.autograd.graph.log' is 'logging', which recipes may not use"),
+    ("w = torch.nn.attention.warn", "'torch.nn.attention.warn' is '_warnings'"),
+    ("S = torch.cuda.BFloat16Storage\nc = S.clone", "'S.clone' is 'torch.storage', which recipes may not use (S holds "
+                                                  "'torch.cuda.BFloat16Storage')"),
+    ("S = torch.cuda\nT = S.BFloat16Storage\nc = T.clone", "(T holds 'torch.cuda.BFloat16Storage')"),
+    ("def note(record):\n    return record.args[0].subs('z', 'code as a string')", "attribute '.subs' is not allowed"),
+    ("def hook(log, f):\n    log.addFilter(f)", "attribute '.addFilter' is not allowed"),
 ])
 def test_forbidden_constructs_are_named_with_their_line(line, message):
     source = f"import torch\nimport kernels, functools, dataclasses, typing\nfrom eclip import model as eclip_model\n{line}\n"
@@ -378,6 +389,9 @@ def test_allowed_constructs_pass():
         # torch.backends' own functions, read through the module it wraps; a generic base
         "ok = torch.backends.cudnn.is_available() and torch.backends.mkldnn.is_available()\n"
         "import typing\nclass Pair(typing.Generic[typing.TypeVar('T')]):\n    pass\n"
+        # objects of torch's own classes, reached directly or through a name that holds a chain
+        "Lin = torch.nn.Linear\nlayer = Lin(2, 2)\nbf = torch.bfloat16\nk = torch.nn.attention.SDPBackend\n"
+        "kind = k.MATH\nbig = torch.finfo(bf).max + torch.inf + math.pi\nhook = torch.optim.Optimizer.add_param_group\n"
     )
     assert check_source(source) == []
 
