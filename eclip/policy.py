@@ -341,8 +341,11 @@ class _Checker(ClassRules, CompileRules):
         """``name`` is bound by something other than its import (a parameter, an assignment, a
         loop): chains on it are checked as the import, so it may not name anything else."""
         if name in self.imported:
-            self.add(node, f"'{name}' is imported: binding it otherwise is not allowed (chains on it are "
-                           "checked as the import's)")
+            # the line of the import too: a recipe that adds `from x import field` learns why its
+            # untouched `for field in ...` lines are refused, and which of the two to rename
+            at = min(n.lineno for n in import_paths(self.tree)[name].values())
+            self.add(node, f"'{name}' is imported (line {at}): binding it otherwise is not allowed (chains on it are "
+                           "checked as the import's); rename one of the two")
         elif name in TRUSTED_BUILTINS:  # def property(f): return lambda s, *a: f(torch.Tensor, *a)
             self.add(node, f"binding the builtin '{name}' is not allowed (the check relies on what it is: "
                            "@property keeps self, dict(...) holds compile()'s options)")

@@ -208,7 +208,11 @@ class ClassRules:
     def check_definition(self, node) -> None:
         self.rebinds(node, node.name)
         if is_dunder(node.name) and node.name not in ALLOWED_DUNDER_DEFS:
-            self.add(node, f"defining '{node.name}' is not allowed ({WHY})")
+            # Python calls these itself, on objects the evaluation handles too: only the listed
+            # ones, and the refusal says what to write instead (a proposer spent turns on it)
+            self.add(node, f"defining '{node.name}' is not allowed: a recipe's class may define only "
+                           f"{', '.join(sorted(ALLOWED_DUNDER_DEFS))} (give the method a plain name and call it, "
+                           f"or subclass torch.nn.Module and define forward; {WHY})")
         if isinstance(node, ast.ClassDef):
             for k in node.keywords:
                 self.add(node, f"class keyword '{k.arg or '**'}' is not allowed (a metaclass makes the class from its "

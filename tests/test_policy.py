@@ -47,6 +47,9 @@ def test_the_template_passes():
     ("class M(torch.overrides.TorchFunctionMode): pass", "attribute '.overrides' is not allowed"),
     ("class E(torch.Tensor):\n    def __torch_function__(cls, f, t, a=(), k=None): pass",
      "defining '__torch_function__' is not allowed"),
+    # what to write instead, named (a callable scheduler class was told only what is forbidden)
+    ("class Sched:\n    def __call__(self, step):\n        return 1.0", "defining '__call__' is not allowed: a recipe's "
+     "class may define only __init__, __post_init__, __repr__ (give the method a plain name and call it"),
     ("from torch.utils._python_dispatch import TorchDispatchMode", "'_python_dispatch'"),
     ("x = torch.zeros(2).as_subclass(torch.Tensor)", "attribute '.as_subclass' is not allowed"),
     ("torch.set_default_dtype(torch.float64)", "attribute '.set_default_dtype'"),
@@ -169,7 +172,11 @@ def test_the_template_passes():
     # an import or a builtin the check trusts, bound to something else: a parameter named torch
     # made any object's .backends a settings module; a property that binds torch.Tensor as self;
     # a dict(...) that returns a backend
-    ("def f(torch):\n    torch.backends.sum = None", "'torch' is imported: binding it otherwise is not allowed"),
+    ("def f(torch):\n    torch.backends.sum = None", "'torch' is imported (line 1): binding it otherwise is not allowed"),
+    # the import named with its line: the template's own `for field in ...` was blamed alone
+    ("from dataclasses import field\nfor field in range(2):\n    pass",
+     "'field' is imported (line 4): binding it otherwise is not allowed (chains on it are checked as the "
+     "import's); rename one of the two"),
     ("def property(f):\n    return lambda s, *a: f(torch.Tensor, *a)", "binding the builtin 'property' is not allowed"),
     ("def dict(**k):\n    return {'backend': print}", "binding the builtin 'dict' is not allowed"),
     # a backend by another door (it gets the traced graph, whose code generation can be rewritten)
