@@ -74,9 +74,17 @@ def paired_ratio(benchmark, fn, plain_fn, pairs: int = 21) -> None:
     benchmark.extra_info["ratio_to_plain"] = statistics.median(ratios)
 
 
+# The version of the inputs each suite times, per suite (``loss-fwd`` and ``loss-fwd+bwd`` are
+# ``loss``): bump it when a suite's inputs or work change under the same benchmark names, so
+# the guard says the baseline's figure is stale instead of comparing ratios of two workloads.
+# ranks 2: small-integer embeddings with exact ties, and the reference ranking in float64.
+WORKLOAD = {"loss": 1, "ranks": 2, "step": 1}
+
+
 def describe(benchmark, suite: str, impl: str, plain: bool, **info) -> None:
     benchmark.group = f"{suite} " + " ".join(f"{k}={v}" for k, v in info.items() if k in ("B", "D", "N", "dtype", "preset", "batch"))
-    benchmark.extra_info.update(suite=suite, impl=impl, plain=plain, device=device_name(DEVICE), **info)
+    benchmark.extra_info.update(suite=suite, impl=impl, plain=plain, device=device_name(DEVICE),
+                                workload=WORKLOAD[suite.split("-")[0]], **info)
 
 
 @pytest.fixture

@@ -10,16 +10,19 @@ survives a busy or throttled machine far better than raw times; the counterparts
 are not guarded, nor are references (``extra_info["reference"]``: plain + torch.compile,
 whose ratio measures PyTorch, not this project). A ratio that is not a finite number counts
 as a regression. A figure regresses when it exceeds the baseline's by more than
-``--tolerance``: by default 0.35 on a CPU (paired ratios on the 2-core CI machines moved by
-up to ±26% between identical runs) and 0.15 on a GPU. A figure of the baseline that the run
-lacks (a benchmark skipped, renamed or gone) fails the check too, unless the run is partial
-on purpose (pytest arguments after ``--`` that select benchmarks: ``-k``, ``-m``,
-``--deselect``, ``--ignore`` or a path; or ``--allow-missing``). A baseline measured on
-another device is refused, and ``save`` refuses to replace a baseline with a run that lacks
-some of its figures unless ``--allow-missing`` says so. Exit codes: 0 no regression, 1 a
-regression or a missing figure, 2 no baseline, a baseline of another device, an unreadable
-file, a failed or empty benchmark run, a save that would drop figures, or no figure in
-common.
+``--tolerance`` (a fraction from 0 to 1): by default 0.35 on a CPU (paired ratios on the
+2-core CI machines moved by up to ±26% between identical runs) and 0.15 on a GPU; a ratio of
+0 or less on either side counts as a regression too. A figure of the baseline that the run
+lacks (a benchmark skipped, renamed or gone), or timed on other inputs under the same name
+(``extra_info["workload"]``), fails the check too, unless the run is partial on purpose
+(pytest arguments after ``--`` that select benchmarks: ``-k``, ``-m``, ``--deselect``,
+``--ignore`` or a path; or ``--allow-missing``). A baseline measured on another device is
+refused. ``save`` from a run that selects keeps the baseline's other figures (``save -- -k
+loss`` updates the loss figures only), and refuses to replace a baseline with a run that
+lacks some of its figures unless ``--allow-missing`` says so. Exit codes: 0 no regression, 1
+a regression or a missing figure, 2 no baseline (said before any benchmark runs), a baseline
+of another device, an unreadable file or entry, a failed or empty benchmark run, a save
+that would drop figures, or no figure in common.
 """
 
 from __future__ import annotations
@@ -57,7 +60,10 @@ def current_device() -> str:
 
 
 def run_suites(out: Path, extra: list[str]) -> int:
-    cmd = [sys.executable, "-m", "pytest", "bench", *TIMING, f"--benchmark-json={out}", *extra]
+    # the whole of bench/ unless paths are given: pytest runs the union (bench and
+    # bench/bench_ranks.py is every suite, its time spent and the run still called partial)
+    where = [] if path_args(extra) else ["bench"]
+    cmd = [sys.executable, "-m", "pytest", *where, *TIMING, f"--benchmark-json={out}", *extra]
     print("running:", " ".join(cmd), file=sys.stderr)
     return subprocess.call(cmd, cwd=ROOT)
 
@@ -76,7 +82,26 @@ def load_run(path: Path, prog: str = "guard") -> dict:
         raise SystemExit(_fail(f"{path}: unreadable ({e.strerror or e})", prog)) from None
     if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
         raise SystemExit(_fail(f"{path}: not a pytest-benchmark JSON (no 'benchmarks' list)", prog))
+    for i, b in enumerate(data["benchmarks"]):
+        if why := _entry_problem(b):
+            name = b.get("fullname") if isinstance(b, dict) and isinstance(b.get("fullname"), str) else f"#{i}"
+            raise SystemExit(_fail(f"{path}: benchmark {name}: {why}", prog))
     return data
+
+
+def _entry_problem(b) -> str | None:
+    """What keeps a benchmark entry from being read (a traceback in the guard, once), or None."""
+    if not isinstance(b, dict):
+        return f"a {type(b).__name__}, not an object"
+    if not isinstance(b.get("fullname"), str):
+        return "no 'fullname' string"
+    info = b.get("extra_info", {})
+    if not isinstance(info, dict):
+        return f"'extra_info' is a {type(info).__name__}, not an object"
+    ratio = info.get("ratio_to_plain")
+    if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float))):
+        return f"'ratio_to_plain' is {ratio!r}, not a number"
+    return None
 
 
 def _readable(path: Path) -> dict | None:
@@ -108,19 +133,45 @@ def _fail(msg: str, prog: str = "guard") -> int:
     return 2
 
 
+# pytest options whose value may follow as the next argument: that value is no test path
+# (--basetemp /tmp, -o python_files=x.py, --rootdir .)
+VALUE_OPTIONS = frozenset({
+    "-p", "-o", "-c", "-n", "-W", "--override-ini", "--basetemp", "--rootdir", "--confcutdir", "--tb",
+    "--maxfail", "--durations", "--durations-min", "--timeout", "--junitxml", "--junit-xml", "--log-file",
+    "--log-level", "--log-cli-level", "--import-mode", "--capture", "--dist", "--maxprocesses", "--pyargs",
+    "--benchmark-max-time", "--benchmark-min-time", "--benchmark-min-rounds", "--benchmark-timer",
+    "--benchmark-calibration-precision", "--benchmark-warmup-iterations", "--benchmark-sort",
+    "--benchmark-group-by", "--benchmark-columns", "--benchmark-name", "--benchmark-save",
+    "--benchmark-compare-fail", "--benchmark-storage", "--benchmark-json", "--benchmark-histogram",
+    "--benchmark-time-unit", "--benchmark-cprofile", "--benchmark-cprofile-loops", "--benchmark-cprofile-top",
+    "--benchmark-cprofile-dump", "--benchmark-netrc", "--benchmark-quiet",
+})
+NARROWING = ("-k", "-m", "--deselect", "--ignore", "--ignore-glob")  # options that drop benchmarks
+
+
+def path_args(pytest_args: list[str]) -> list[str]:
+    """The test paths and node ids among pytest arguments: positional ones, not an option's
+    value (``--basetemp /tmp``)."""
+    out, skip = [], False
+    for arg in pytest_args:
+        if skip:
+            skip = False
+        elif arg.startswith("-"):
+            skip = "=" not in arg and (arg in VALUE_OPTIONS or arg in NARROWING)
+        else:
+            out.append(arg)
+    return out
+
+
 def selects(pytest_args: list[str]) -> bool:
     """Whether pytest arguments select a subset of the benchmarks (a partial run on purpose):
-    ``-k``, ``-m``, ``--deselect``, ``--ignore`` or a test path / node id (``…::…``, ``….py``,
-    a folder), as opposed to ones that only change how the run goes or reports (``-v``,
-    ``-x``, ``-p no:…``, ``--benchmark-max-time 2``: a value is no test path)."""
-    narrowing = ("-k", "-m", "--deselect", "--ignore", "--ignore-glob")
+    ``-k``, ``-m``, ``--deselect``, ``--ignore`` or a test path / node id, as opposed to ones
+    that only change how the run goes or reports (``-v``, ``-x``, ``-p no:…``,
+    ``--basetemp /tmp``, ``--benchmark-max-time 2``: an option's value is no test path)."""
     for arg in pytest_args:
-        if arg.split("=", 1)[0] in narrowing or (arg[:2] in ("-k", "-m") and len(arg) > 2):  # -kloss, --ignore=x
+        if arg.split("=", 1)[0] in NARROWING or (arg[:2] in ("-k", "-m") and len(arg) > 2):  # -kloss, --ignore=x
             return True
-        path = arg.split("::", 1)[0]
-        if not arg.startswith("-") and ("::" in arg or path.endswith(".py") or (ROOT / path).is_dir()):
-            return True
-    return False
+    return bool(path_args(pytest_args))
 
 
 def references(run: dict) -> set[str]:
@@ -139,22 +190,40 @@ def guarded(run: dict) -> dict[str, float]:
     return out
 
 
+def workloads(run: dict) -> dict[str, object]:
+    """name → the version of the inputs its suite times (``extra_info["workload"]``, bumped
+    in ``bench/conftest.py`` when a suite's inputs change; 1 for runs from before it)."""
+    return {b["fullname"]: b.get("extra_info", {}).get("workload", 1) for b in run["benchmarks"]}
+
+
 def compare(base: dict, new: dict, tolerance: float) -> tuple[list[str], list[str], list[str], list[str]]:
     """(table lines, regression lines, missing lines, unguarded lines): the figures both runs
-    have, compared; those of the baseline that the new run lacks; those of the run that the
+    have, compared; those of the baseline that the new run lacks, or has measured on other
+    inputs (under the same name: its ratio is no longer comparable); those of the run that the
     baseline lacks (listed, never failing: unguarded until a baseline is saved with them)."""
     # a baseline saved before a benchmark became a reference still lists it: not missing, not compared
     a = {k: v for k, v in guarded(base).items() if k not in references(new)}
     b = guarded(new)
+    wa, wb = workloads(base), workloads(new)
+    changed = sorted(k for k in set(a) & set(b) if wa[k] != wb[k])
+    stale = [f"{'changed':<10} {name}: timed on other inputs than the baseline's (workload {wa[name]} → {wb[name]}); "
+             "save a baseline again" for name in changed]
+    a = {k: v for k, v in a.items() if k not in changed}
+    b = {k: v for k, v in b.items() if k not in changed}
     lines, bad = [], []
     for name in sorted(set(a) & set(b)):
-        change = b[name] / a[name] - 1
-        flag = "ok" if math.isfinite(change) and change <= tolerance else "REGRESSION"  # NaN fails too
-        line = f"{flag:<10} {name}: ratio to plain {a[name]:.3f} → {b[name]:.3f} ({change:+.0%})"
+        if not all(math.isfinite(r) and r > 0 for r in (a[name], b[name])):
+            # a ratio of 0 or less, NaN or infinite: no timing gives one (a baseline edited,
+            # a broken measurement); passed, it switched the figure's guard off for good
+            flag, said = "REGRESSION", "not a positive finite ratio"
+        else:
+            change = b[name] / a[name] - 1
+            flag, said = ("ok" if change <= tolerance else "REGRESSION"), f"{change:+.0%}"
+        line = f"{flag:<10} {name}: ratio to plain {a[name]:.3f} → {b[name]:.3f} ({said})"
         lines.append(line)
         if flag != "ok":
             bad.append(line)
-    missing = [f"{'missing':<10} {name}: in the baseline, not in this run" for name in sorted(set(a) - set(b))]
+    missing = stale + [f"{'missing':<10} {name}: in the baseline, not in this run" for name in sorted(set(a) - set(b))]
     unguarded = [f"{'new':<10} {name}: not in the baseline, so not guarded (save a baseline to guard it)"
                  for name in sorted(set(b) - set(a))]
     return lines, bad, missing, unguarded
@@ -167,13 +236,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", type=Path, help="baseline file (default: bench/baselines/<device>.json)")
     ap.add_argument("--tolerance", type=float, help="allowed relative growth of a ratio (default 0.35 CPU, 0.15 GPU)")
     ap.add_argument("--allow-missing", action="store_true",
-                    help="a partial run: figures of the baseline that it lacks do not fail the check, and "
-                         "save may drop them (implied by pytest arguments that select, e.g. -k)")
+                    help="a partial run: figures of the baseline that it lacks do not fail the check (implied "
+                         "by pytest arguments that select, e.g. -k), and save drops them (a save that selects "
+                         "keeps them)")
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments after --, e.g. -- -k loss")
     args = ap.parse_intermixed_args(argv)  # options after the action too: check --baseline F -- -k loss
-    if args.tolerance is not None and not (math.isfinite(args.tolerance) and args.tolerance >= 0):
-        return _fail(f"--tolerance {args.tolerance}: must be a finite fraction of 0 or more (0.15: 15%)")
+    if args.tolerance is not None and not (math.isfinite(args.tolerance) and 0 <= args.tolerance <= 1):
+        # 15 for 15% would pass a run 16 times slower: the guard switched off without a word
+        return _fail(f"--tolerance {args.tolerance:g}: must be a fraction from 0 to 1 (0.15: 15%)")
     device = None
+    if args.run is None and args.action == "check":  # before minutes of benchmarks, not after
+        baseline = args.baseline or BASELINES / f"{slug(current_device())}.json"
+        if not baseline.exists():
+            return _fail(f"no baseline for {current_device()} at {baseline}; make one with: python -m bench.guard save")
     if args.run is not None:
         run_path = args.run
         device = load_run(run_path).get("device")
@@ -199,18 +274,26 @@ def main(argv: list[str] | None = None) -> int:
         old = _readable(baseline)
         if old is not None and (why := _other_device(baseline, old, device)):
             return _fail(f"{why}; {keep}")
-        if old is not None and not partial:
-            dropped = sorted(set(guarded(old)) - set(guarded(run)) - references(run))
-            if dropped:  # a partial run would silently stop guarding them
-                return _fail(f"{baseline}: this run lacks {len(dropped)} of its figures (first: {dropped[0]}); "
-                             f"{keep}: add --allow-missing to replace it anyway")
+        dropped = sorted(set(guarded(old)) - set(guarded(run)) - references(run)) if old is not None else []
+        kept = []
+        if dropped and selects(args.pytest_args) and not args.allow_missing:
+            # a run narrowed on purpose (-- -k loss) updates its own figures and keeps the others'
+            names = {b["fullname"] for b in run["benchmarks"]}
+            kept = [b for b in old["benchmarks"] if b["fullname"] not in names]
+            run = dict(run, benchmarks=run["benchmarks"] + kept)
+        elif dropped and not args.allow_missing:  # it would silently stop guarding them
+            return _fail(f"{baseline}: this run lacks {len(dropped)} of its figures (first: {dropped[0]}); "
+                         f"{keep}: add --allow-missing to replace it anyway")
         baseline.parent.mkdir(parents=True, exist_ok=True)
-        text = Path(run_path).read_text()
+        text = json.dumps(run, indent=2) + "\n" if kept else Path(run_path).read_text()
         atomic_write(baseline, lambda tmp: tmp.write_text(text))
         print(f"guard: saved {len(guarded(run))} guarded figures as the baseline for {device}: {baseline}")
-        if partial:
-            print(f"guard: warning: a partial run ({' '.join(args.pytest_args) or '--allow-missing'}): the figures it lacks are not "
-                  "guarded until a baseline is saved from a full run", file=sys.stderr)
+        if kept:
+            print(f"guard: {len(kept)} entries of the runs this one left out ({' '.join(args.pytest_args)}) kept "
+                  "from the previous baseline", file=sys.stderr)
+        elif dropped:
+            print(f"guard: warning: --allow-missing: {len(dropped)} figures of the previous baseline dropped; they "
+                  "are not guarded until a baseline is saved from a full run", file=sys.stderr)
         return 0
     if not baseline.exists():
         return _fail(f"no baseline for {device} at {baseline}; make one with: python -m bench.guard save")

@@ -1,6 +1,7 @@
 """The benchmark guard and plot, on benchmark JSON fixtures written by the tests."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -76,9 +77,10 @@ def test_unreadable_runs_and_bad_options_are_one_line(tmp_path, capsys, prog):
         assert e.value.code == 2 and capsys.readouterr().err == f"{prog}: error: {path}: {why}\n"
     run = run_file(tmp_path, "run.json", 1.5)
     if prog == "guard":
-        for value in ("nan", "-1", "inf"):
+        # 15 meant as 15% passed a run 16 times slower
+        for value in ("nan", "-1", "inf", "15"):
             assert guard.main(["check", "--run", str(run), "--baseline", str(run), "--tolerance", value]) == 2
-            assert f"guard: error: --tolerance {float(value)}: must be a finite fraction" in capsys.readouterr().err
+            assert f"guard: error: --tolerance {value}: must be a fraction from 0 to 1" in capsys.readouterr().err
     else:
         with pytest.raises(SystemExit) as e:
             plot.main([str(run), "--out", str(tmp_path / "x.txt")])
@@ -213,7 +215,7 @@ def test_save_refuses_to_drop_figures_of_the_baseline(tmp_path, capsys):
     base.write_text(before)
     assert guard.main(["save", "--run", str(part), "--baseline", str(base), "--allow-missing"]) == 0
     assert json.loads(base.read_text()) == json.loads(part.read_text())
-    assert "a partial run (--allow-missing)" in capsys.readouterr().err
+    assert "--allow-missing: 1 figures of the previous baseline dropped" in capsys.readouterr().err
 
 
 def test_a_ratio_that_is_not_a_number_regresses(tmp_path, capsys):
@@ -335,3 +337,87 @@ def test_plot_command_writes_where_asked(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert plot.main([str(run), "--suite", "loss-fwd"]) == 0
     assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("change,why", [
+    (lambda b: b.update(extra_info={"ratio_to_plain": "abc"}), "'ratio_to_plain' is 'abc', not a number"),
+    (lambda b: b.update(extra_info={"ratio_to_plain": True}), "'ratio_to_plain' is True, not a number"),
+    (lambda b: b.update(extra_info=None), "'extra_info' is a NoneType, not an object"),
+    (lambda b: b.pop("fullname"), "no 'fullname' string"),
+])
+@pytest.mark.parametrize("side", ["run", "baseline"])
+def test_a_malformed_entry_is_one_line(tmp_path, capsys, change, why, side):
+    # each was a traceback with exit 1, the code of a regression
+    good = run_file(tmp_path, "good.json", 1.5)
+    data = json.loads(good.read_text())
+    change(data["benchmarks"][1])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    run, base = (bad, good) if side == "run" else (good, bad)
+    with pytest.raises(SystemExit) as e:
+        guard.main(["check", "--run", str(run), "--baseline", str(base)])
+    name = "loss[fused]" if "fullname" not in why else "#1"
+    assert e.value.code == 2 and capsys.readouterr().err == f"guard: error: {bad}: benchmark {name}: {why}\n"
+
+
+@pytest.mark.parametrize("ratios", [(1.5, 0.0), (1.5, -5.0), (float("inf"), 100.0), (-5.0, 100.0), (0.0, 1.5)])
+def test_a_ratio_of_zero_or_less_or_infinite_on_either_side_regresses(tmp_path, capsys, ratios):
+    # a run's 0 passed as -100%, a baseline's inf or -5 passed anything, a baseline's 0 was a
+    # ZeroDivisionError
+    base, run = (run_file(tmp_path, f"{n}.json", r) for n, r in zip(("base", "run"), ratios))
+    assert guard.main(["check", "--run", str(run), "--baseline", str(base)]) == 1
+    assert "(not a positive finite ratio)" in capsys.readouterr().out
+
+
+def test_a_figure_timed_on_other_inputs_is_stale_not_compared(tmp_path, capsys):
+    # a suite's inputs changed under the same names: the old baseline's ratio measured
+    # another workload, and the check compared the two (a slowdown or a speedup of nothing)
+    base = run_file(tmp_path, "base.json", 1.5)
+    data = json.loads(base.read_text())
+    for b in data["benchmarks"]:
+        b["extra_info"]["workload"] = 2 if b["fullname"].startswith("loss") else 1
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps(data))
+    assert guard.main(["check", "--run", str(run), "--baseline", str(base)]) == 1
+    out = capsys.readouterr().out
+    assert "changed    loss[fused]: timed on other inputs than the baseline's (workload 1 → 2); save a baseline " \
+           "again" in out
+    assert "1 figures compared with base.json, 0 regressed beyond 35%; 1 missing from this run\n" in out
+    assert guard.main(["save", "--run", str(run), "--baseline", str(base)]) == 0
+    assert guard.main(["check", "--run", str(run), "--baseline", str(base)]) == 0
+    capsys.readouterr()
+
+
+def test_a_save_that_selects_keeps_the_baselines_other_figures(tmp_path, capsys, monkeypatch):
+    # save -- -k loss replaced a full baseline with the loss figures alone: the others were
+    # no longer guarded, and a later check listed them as new
+    base = run_file(tmp_path, "base.json", 1.5)
+    faster = without(run_file(tmp_path, "faster.json", 1.2), tmp_path, "part.json", "step[template]")
+    monkeypatch.setattr(guard, "run_suites", lambda out, extra: out.write_text(faster.read_text()) and 0)
+    assert guard.main(["save", "--baseline", str(base), "--", "-k", "loss"]) == 0
+    assert "1 entries of the runs this one left out (-k loss) kept from the previous baseline" in \
+        capsys.readouterr().err
+    saved = {b["fullname"]: b["extra_info"].get("ratio_to_plain") for b in json.loads(base.read_text())["benchmarks"]}
+    assert saved["loss[fused]"] == 1.2 and saved["step[template]"] == 0.9
+
+
+def test_check_without_a_baseline_says_so_before_running_the_suites(tmp_path, capsys, monkeypatch):
+    # it ran every benchmark (minutes on a GPU) and only then found no baseline
+    monkeypatch.setattr(guard, "BASELINES", tmp_path / "none")
+    monkeypatch.setattr(guard, "run_suites", lambda out, extra: pytest.fail("the suites ran"))
+    assert guard.main(["check"]) == 2
+    assert "no baseline for cpu" in capsys.readouterr().err
+
+
+def test_an_options_value_is_no_test_path_and_paths_narrow_the_run(monkeypatch):
+    # --basetemp /tmp (a folder) and -o python_files=x.py counted as test paths: a partial run,
+    # whose missing figures were excused
+    for args in (["--basetemp", "/tmp"], ["--rootdir", "."], ["--confcutdir", "bench"], ["-o", "python_files=b_*.py"]):
+        assert not guard.selects(args), args
+    assert guard.selects(["--basetemp", "/tmp", "bench/bench_ranks.py"])
+    # and a path given runs that path alone (pytest ran bench and the path: every suite)
+    seen = []
+    monkeypatch.setattr(guard.subprocess, "call", lambda cmd, cwd: seen.append(cmd) or 0)
+    guard.run_suites(Path("r.json"), ["bench/bench_ranks.py"])
+    guard.run_suites(Path("r.json"), ["-k", "loss"])
+    assert [c.count("bench") for c in seen] == [0, 1] and "bench/bench_ranks.py" in seen[0]

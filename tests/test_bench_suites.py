@@ -93,7 +93,7 @@ def test_describe_groups_by_shape_and_dtype_only():
     assert fused.group == plain.group == "loss-fwd B=256 D=64 dtype=float32"
     assert fused.extra_info == {"suite": "loss-fwd", "impl": "fused", "plain": False,
                                 "device": fused.extra_info["device"], "B": 256, "D": 64, "dtype": "float32",
-                                "flop": 7, "peak_extra_bytes": None}
+                                "flop": 7, "peak_extra_bytes": None, "workload": suites.WORKLOAD["loss"]}
     other = Benchmark()
     suites.describe(other, "loss-fwd", "fused", False, B=256, D=64, dtype="bfloat16")
     assert other.group != fused.group
