@@ -154,13 +154,17 @@ def encode_checkpoint(recipe_path: Path, run_dir: Path, inputs: Path, device_nam
                 importlib.import_module(library)
             except ImportError:
                 pass  # build_model says what is missing
-    if signal_ready:  # from here on, the time is the recipe's (its import, build, weights, encoding)
-        print(READY, flush=True)
-    recipe = load_recipe(recipe_path)
-    hparams_of(recipe, meta, source)
     seed = meta.get("seed", 42)
     if not isinstance(seed, int) or isinstance(seed, bool):  # a damaged record
         raise EclipError(f"{source}: seed: expected an integer, got {seed!r}")
+    if signal_ready:  # from here on, the time is the recipe's (its import, build, weights, encoding)
+        print(READY, flush=True)
+    # seeded as training seeded it before importing the recipe: what its module code draws
+    # (a fixed random projection) is the same in the training process and in each encoding
+    # one, whose images and texts would otherwise meet different draws
+    torch.manual_seed(seed)
+    recipe = load_recipe(recipe_path)
+    hparams_of(recipe, meta, source)
     torch.manual_seed(seed)  # as training seeded it before build_model
     spec = ModelSpec(vocab_size=numbers["vocab_size"], context_length=numbers["context_length"],
                      phrase_length=numbers["phrase_length"], image_size=numbers["image_size"], device=device)

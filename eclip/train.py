@@ -205,6 +205,7 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
     if getattr(args, "signal_ready", False):  # before any of the recipe's code: what follows is its time
         print(READY, flush=True)
     t_import = time.perf_counter()
+    torch.manual_seed(args.seed)  # what the recipe's module code draws: the same in eclip.encode's processes
     recipe = load_recipe(args.recipe)  # its module code runs here: on the clock (run_loop's setup_s)
     import_s = time.perf_counter() - t_import
     apply_overrides(recipe.HPARAMS, overrides)

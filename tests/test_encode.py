@@ -357,3 +357,56 @@ def test_inputs_with_no_rows_are_bad_input(run, small_cache, tmp_path, capsys, p
                         spec)
     assert cli(run, inputs, tmp_path / "emb.safetensors") == 2
     assert f"in.safetensors: {part}: no rows to encode" in capsys.readouterr().err
+
+
+def test_what_the_recipes_module_code_draws_is_the_same_in_every_process(small_cache, tmp_path):
+    # a fixed random permutation of the embedding, drawn as the recipe is imported: unseeded,
+    # the images' process and the texts' process drew different ones, and a model that
+    # trained well scored at chance
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(train.TEMPLATE.read_text() + '''
+
+_PERM = torch.randperm(32)  # drawn at import: the same in every process only if seeded before it
+_plain_build_model = build_model
+
+
+class _Permuted(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.cfg = inner.cfg
+        self.logit_scale = inner.logit_scale
+
+    def forward(self, images, tokens, mask):
+        return self.inner(images, tokens, mask)
+
+    def clamp_logit_scale_(self):
+        self.inner.clamp_logit_scale_()
+
+    def param_groups(self, wd):
+        return self.inner.param_groups(wd)
+
+    def encode_image(self, images):
+        return self.inner.encode_image(images)[:, _PERM]
+
+    def encode_text(self, tokens, mask):
+        return self.inner.encode_text(tokens, mask)[:, _PERM]
+
+
+def build_model(spec):
+    return _Permuted(_plain_build_model(spec))
+''')
+    out = tmp_path / "run"
+    assert train.main(["--data", str(small_cache), "--out", str(out), "--steps", "1", "--device", "cpu",
+                       "--recipe", str(recipe), *SMALL]) == 0
+    inputs = inputs_of(small_cache, tmp_path / "in.safetensors")
+    first = encode.encode_checkpoint(recipe, out, inputs, "cpu")
+    torch.rand(5)  # the process's generator moved on, as another process's would differ
+    again = encode.encode_checkpoint(recipe, out, inputs, "cpu")
+    for a, b in zip(first, again, strict=True):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)  # (fp32, 0, 0): the same weights, inputs and draw
+    # and the draw is training's: the run's own evaluation and the encoding's rank alike
+    scored = harness_eval.evaluate({"status": "ok"}, SimpleNamespace(out=out, data=small_cache, final=False,
+                                                                     recipe=recipe, device="cpu", budget_s=60.0))
+    by_hand = json.loads((out / "result.json").read_text())
+    assert scored["metrics"]["mean_rank"] == pytest.approx(by_hand["metrics"]["mean_rank"], abs=1e-9)
