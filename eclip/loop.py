@@ -391,6 +391,7 @@ def run_loop(recipe, cache: Cache, train_rows: torch.Tensor, cfg: LoopConfig,
             t_state = time.perf_counter()
             recipe.load_recipe_state({k[7:]: v for k, v in tensors.items() if k.startswith("recipe.")})
             setup_s += time.perf_counter() - t_state
+        _restore_rng(tensors, device, resume_dir)  # last: the build and the recipe's state drew from it
     bs = int(hp["batch_size"])
     total = cfg.steps if cfg.steps is not None else None
     bar = tqdm(total=total if total else round(cfg.budget_s), initial=step if total else 0,
@@ -520,6 +521,20 @@ def finite(obj):
     if isinstance(obj, (list, tuple)):
         return [finite(v) for v in obj]
     return obj
+
+
+def _restore_rng(tensors: dict, device: torch.device, resume_dir: Path) -> None:
+    """Put torch's global generators back as the checkpoint saved them (``torch_rng``, and
+    ``torch_cuda_rng`` from a CUDA run resumed on one); a checkpoint from before they were
+    saved continues from the seed."""
+    try:
+        if "torch_rng" in tensors:
+            torch.set_rng_state(tensors["torch_rng"])
+        if "torch_cuda_rng" in tensors and device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["torch_cuda_rng"], device)
+    except (RuntimeError, TypeError) as e:  # a damaged state: another size or dtype
+        raise EclipError(f"{Path(resume_dir) / TENSORS}: state.torch_rng cannot be restored ({first_line(e, 120)}); "
+                         "it cannot be resumed") from None
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -193,6 +193,11 @@ def _save_checkpoint(args, run: dict, recipe, cache, train_rows, eval_split: str
     if getattr(args, "cv_id", None):  # a fold: which cross-validation it belongs to (run_folds)
         meta["cv_id"] = args.cv_id
     state = {f"data_{k}": v for k, v in data.items() if isinstance(v, torch.Tensor)}  # generator(s), perm
+    # torch's global generators: dropout and the recipe's own draws (torch.rand) continue on
+    # --resume as they would have, not from the seed again
+    state["torch_rng"] = torch.get_rng_state()
+    if run["device"].type == "cuda":
+        state["torch_cuda_rng"] = torch.cuda.get_rng_state(run["device"])
     if hasattr(recipe, "recipe_state"):
         state |= {f"recipe.{k}": v for k, v in recipe.recipe_state().items()}
     write_s = 0.0  # the files' writing: not the recipe's time, whatever the tensors' size

@@ -44,6 +44,29 @@ def test_resume_matches_an_uninterrupted_run(train_cache, tmp_path, capsys, plac
         assert torch.equal(wa[k], wb[k]), k
 
 
+def test_resume_continues_torchs_global_generator(train_cache, tmp_path, capsys):
+    # dropout (a pretrained text tower trains with it) and a recipe's torch.rand draw from
+    # torch's global generator: resumed, it started from the seed again, and the run went
+    # another way than the uninterrupted one
+    noise = "model.logit_scale.data += torch.rand(()) * 1e-2"
+    base = ["--data", train_cache, "--steps", 6, *SMALL]
+    rc, _, err = run([*base, "--out", tmp_path / "straight", "--recipe", recipe_at_call(tmp_path, before=noise)],
+                     capsys)
+    assert rc == 0, err
+    (tmp_path / "s").mkdir()  # the resumed process counts its calls afresh: 2 of them, no stop
+    stopper = recipe_at_call(tmp_path / "s", before=f"if _calls[0] == 4:\n    raise KeyboardInterrupt\n{noise}")
+    out = tmp_path / "resumed"
+    assert run([*base, "--out", out, "--recipe", stopper], capsys)[0] == 130
+    rc, _, err = run([*base, "--out", out, "--resume", "--recipe", stopper], capsys)
+    assert rc == 0, err
+    from safetensors.torch import load_file
+    wa = load_file(str(tmp_path / "straight" / "checkpoint.safetensors"))
+    wb = load_file(str(out / "checkpoint.safetensors"))
+    assert wa.keys() == wb.keys() and "state.torch_rng" in wa
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
 def test_optimizer_settings_given_with_resume_apply(train_cache, tmp_path, capsys):
     # load_state_dict puts the saved groups' weight decay and betas back: --weight_decay and
     # --beta2 given with --resume once changed nothing while the recorded hparams said they had.
