@@ -39,7 +39,9 @@ def save_checkpoint(out: str | Path, model: torch.nn.Module, optimizer: torch.op
     out.mkdir(parents=True, exist_ok=True)
     tensors, aliases, seen = {}, {}, {}
     for k, v in model.state_dict().items():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype) if v.numel() else None
+        # the strides too: a transposed view of a square weight has its storage, offset and shape
+        key = ((v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(), v.dtype)
+               if v.numel() else None)
         if key is not None and key in seen:  # tied weights: stored once, the alias noted
             aliases[k] = seen[key]
             continue

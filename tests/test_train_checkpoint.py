@@ -226,6 +226,24 @@ def test_an_alias_of_no_stored_weight_is_one_error_naming_the_file(tmp_path):
         load_checkpoint(tmp_path, fresh, None)
 
 
+def test_a_transposed_view_of_a_weight_is_no_alias_of_it(tmp_path):
+    # a buffer holding w.t() has w's storage, offset and (square) shape: it was saved as an
+    # alias of w and loaded as w itself, silently
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.arange(16.0).reshape(4, 4))
+            self.register_buffer("wt", self.w.detach().t())
+
+    m = M()
+    save_checkpoint(tmp_path, m, torch.optim.AdamW(m.parameters()), {}, {"step": 0})
+    fresh = M()
+    with torch.no_grad():
+        fresh.w.zero_()
+    load_checkpoint(tmp_path, fresh, None)
+    assert torch.equal(fresh.w, m.w) and torch.equal(fresh.wt, m.w.t())
+
+
 @pytest.mark.parametrize("other,reason", [
     (torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)), r'Missing key\(s\) in state_dict: "1\.weight"'),
     (torch.nn.Sequential(torch.nn.Linear(4, 2)), r"size mismatch for 0\.weight"),
