@@ -230,6 +230,11 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
                                 "cross-validation, --folds with --resume)"
                                 if str(meta.get("eval_split", "")).startswith("fold")
                                 else "(resume with the same --final)"))
+        if meta.get("seed", args.seed) != args.seed:
+            # the data order goes on from the checkpoint's generators whatever the seed, but the
+            # new checkpoint and result.json recorded this one: a run no seed reproduces
+            raise EclipError(f"{source}: checkpoint was trained with --seed {meta['seed']}, this run has --seed "
+                             f"{args.seed}; resume with --seed {meta['seed']}")
         for key in MODEL_KEYS:  # the weights and the token ids must match
             if (meta.get("hparams", {}).get(key) or "") != (recipe.HPARAMS.get(key) or ""):
                 raise EclipError(f"{source}: checkpoint has {key} {meta['hparams'].get(key) or ''!r}, "

@@ -67,6 +67,19 @@ def test_resume_continues_torchs_global_generator(train_cache, tmp_path, capsys)
         assert torch.equal(wa[k], wb[k]), k
 
 
+def test_resume_with_another_seed_is_refused(train_cache, tmp_path, capsys):
+    # it went on from the checkpoint's generators, and recorded the new seed: a run that no
+    # seed reproduces
+    out = tmp_path / "run"
+    assert run(["--data", train_cache, "--out", out, "--steps", 2, "--seed", 3, *SMALL], capsys)[0] == 0
+    before = (out / "checkpoint.safetensors").read_bytes()
+    rc, _, err = run(["--data", train_cache, "--out", out, "--steps", 4, "--resume", *SMALL], capsys)
+    assert rc == 2 and err == (f"train: error: {out / 'checkpoint.safetensors'}: checkpoint was trained with --seed 3, "
+                               "this run has --seed 42; resume with --seed 3\n")
+    assert (out / "checkpoint.safetensors").read_bytes() == before
+    assert run(["--data", train_cache, "--out", out, "--steps", 4, "--resume", "--seed", 3, *SMALL], capsys)[0] == 0
+
+
 def test_optimizer_settings_given_with_resume_apply(train_cache, tmp_path, capsys):
     # load_state_dict puts the saved groups' weight decay and betas back: --weight_decay and
     # --beta2 given with --resume once changed nothing while the recorded hparams said they had.
