@@ -14,7 +14,9 @@ Mutations, by kind of entry:
 - ints (batch_size): doubled or halved, within [8, 4096];
 - bools: flipped;
 - strings, dicts, ``preset``, ``model`` and the seeds are never touched: a string is a
-  mode switch whose choices a search cannot know, and the others change what is compared.
+  mode switch whose choices a search cannot know, and the others change what is compared;
+  nor are the augmentations ``flip`` and ``crop_scale``, which make captions that name sides
+  and positions wrong.
 
 The step σ adapts to success (the one-fifth rule of evolution strategies): it grows after a
 keep and shrinks after a discard or a failed run, so a search that keeps finding gains
@@ -34,7 +36,11 @@ import random
 import re
 from dataclasses import dataclass, field
 
-FROZEN = frozenset({"preset", "model", "seed", "expert_seed", "precision", "compile", "loss_mode"})
+# flip and crop_scale too: a flipped image keeps a caption naming its left and right, and a
+# crop one naming its corners (the built-in dataset's do; the template keeps both off for it):
+# a search over them spends its runs on captions made wrong. A researcher sets them by hand.
+FROZEN = frozenset({"preset", "model", "seed", "expert_seed", "precision", "compile", "loss_mode", "flip",
+                    "crop_scale"})
 
 # (low, high) for log-scale floats; values outside come from the recipe's author and are
 # kept only until the key is next mutated

@@ -73,6 +73,7 @@ def test_changed_keys_are_allowed_and_match_the_source():
         assert isinstance(p, Proposal)
         assert 1 <= len(p.changes) <= 2
         assert not FROZEN & set(p.changes)
+        assert not {"flip", "crop_scale"} & set(p.changes)  # the captions name sides and positions
         new = read_hparams(p.source)
         old = read_hparams(TEMPLATE)
         assert {k for k in old if old[k] != new[k]} == set(p.changes)
@@ -125,18 +126,18 @@ def test_never_repeats_a_config_in_history():
 
 def test_widens_when_the_neighbourhood_is_exhausted():
     # only a bool to mutate: one unseen neighbour, then none
-    src = 'HPARAMS = {"flip": False, "seed": 0}\n'
+    src = 'HPARAMS = {"ema": False, "seed": 0}\n'
     prop = SearchProposer(seed=0)
     p = prop.propose(src, [])
-    assert read_hparams(p.source) == {"flip": True, "seed": 0}
+    assert read_hparams(p.source) == {"ema": True, "seed": 0}
     with pytest.raises(RuntimeError, match="no unseen configuration"):
         prop.propose(src, [_entry(read_hparams(p.source), 1.0, kept=False, status="discard")])
 
 
 def test_an_interrupted_run_is_tried_again():
     # a Ctrl-C or a full disk says nothing of the configuration: it is not "seen"
-    src = 'HPARAMS = {"flip": False, "seed": 0}\n'
-    flipped = {"flip": True, "seed": 0}
+    src = 'HPARAMS = {"ema": False, "seed": 0}\n'
+    flipped = {"ema": True, "seed": 0}
     p = SearchProposer(seed=0).propose(src, [_entry(flipped, None, kept=False, status="interrupted")])
     assert read_hparams(p.source) == flipped
 
