@@ -3,7 +3,6 @@
 1. ``smoke``: the template recipe, preset ``tiny`` (64 px), a few dozen steps, then the
    loop's own evaluation — compile, bf16 autocast, fused AdamW, the fused loss and the
    Triton rank kernel all in one run; fails on a non-ok status or a non-finite loss;
-   then ``sync_check``: the host syncs of the template's steady steps, by call site;
    then ``harness_smoke``: the referee as the research loop runs it (``eclip.harness run``
    on the template and a random cache written to disk: training, then the three encoding
    processes), its status, the time to the score and how the run's time was spent.
@@ -16,8 +15,13 @@
    no graphs). Steady-state samples/s (from the first logged step at or after step
    ``SETTLE_STEPS``: compilation and the CUDA graphs' warm-up and recording behind it) and
    the first step's time (``warmup_s``, compilation included).
+3. ``sync_check``: the host syncs of the template's steady steps, by call site (skipped with
+   the smoke runs). A diagnostic, so last: a time limit that cuts the run falls on it, not on
+   a speed row.
 
 Needs torch, triton, numpy, safetensors and tqdm. Prints one ``key: value`` line per figure.
+A section or speed row that raises prints ``FAILED <section>: <error>`` (the end of its
+traceback on stderr), fails the check and the rest still run.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -66,6 +71,24 @@ DEVICE = "cuda"
 # CUDA graph trees run a compiled step's first call unrecorded and record the next one, a
 # cost the graphed rows alone would pay inside a window that began after step 1
 SETTLE_STEPS = 5
+
+# Lines of a failure's traceback printed: the step's output shares the few KB of a device
+# run's output that come back, and a compile error's traceback runs to hundreds of lines
+TRACEBACK_LINES = 25
+
+
+def attempt(name: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, or False when it raised: one ``FAILED name: error`` line (the
+    end of the traceback on stderr), so that one broken section or row does not cost the
+    ones after it. A KeyboardInterrupt (gpu_check.sh's time limit) still ends the run."""
+    try:
+        return fn(*args, **kwargs)
+    except (Exception, SystemExit) as e:  # a sys.exit deep in one section is that section's failure too
+        lines = "".join(traceback.format_exception(e)).splitlines()
+        print("\n".join(lines[-TRACEBACK_LINES:]), file=sys.stderr, flush=True)
+        first = next((line for line in str(e).splitlines() if line.strip()), "")
+        print(f"FAILED {name}: {type(e).__name__}{': ' + first.strip() if first else ''}", flush=True)
+        return False
 
 
 def train(cache: Cache, steps: int, overrides: dict, log_every: int = 10, placement: str = "auto",
@@ -213,27 +236,30 @@ SPEED_ROWS = {  # name: (what it is, HPARAMS overrides, data placement)
 
 def speed(steps: int, only: list[str], dry: bool = False) -> bool:
     """The speed rows; ``dry``: preset tiny at 64 px on the CPU (checks the rows run). False
-    when a row did not end ``ok`` with a finite loss: its samples/s would measure nothing."""
+    when a row raised or did not end ``ok`` with a finite loss (its samples/s would measure
+    nothing); the rows after it still run."""
     good = True
     cuda = DEVICE == "cuda"
     cache = random_cache(256, 64, 32, 512) if dry else random_cache(4096, 224, 77, 8192)
     model = {"preset": "tiny", "batch_size": "16"} if dry else {"preset": "vit-s16", "batch_size": "64"}
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    for key in only:
-        name, extra, placement = SPEED_ROWS[key]
-        run = None  # the last row's model, optimizer and device images out of this row's peak
-        gc.collect()
+
+    def row(name: str, extra: dict, placement: str) -> bool:
+        gc.collect()  # the last row's model, optimizer and device images out of this row's peak
         if cuda:
             torch.cuda.empty_cache()
         run = train(cache, steps, {**model, "expert": "false", **extra}, placement=placement)
         mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0  # since run_loop reset it
         loss = run["last"].get("loss", math.nan)
         row_ok = trained(run)
-        good &= row_ok
         rate = f"{run['steady_sps']:.0f} samples/s" if row_ok else "FAILED"
         print(f"speed: {name}: {rate}, warmup_s {run.get('warmup_s') or 0.0:.1f}, "
               f"peak {mem:.1f} GiB, status {run['status']}, loss {loss:.3f}", flush=True)
+        return row_ok
+
+    for key in only:
+        good = attempt(f"speed {key}", row, *SPEED_ROWS[key]) and good
     return good
 
 
@@ -266,13 +292,14 @@ def main(argv=None) -> int:
     ok = True
     try:
         if not args.skip_smoke:
-            ok = smoke(6, 32) if args.dry_run else smoke()
-            sync_check()
+            ok = attempt("smoke", smoke, *((6, 32) if args.dry_run else ()))
             if args.harness_budget_s > 0:
-                ok = harness_smoke(2.0 if args.dry_run else args.harness_budget_s, dry=args.dry_run,
-                                   isolate=args.harness_isolate) and ok
+                ok = attempt("harness_smoke", harness_smoke, 2.0 if args.dry_run else args.harness_budget_s,
+                             dry=args.dry_run, isolate=args.harness_isolate) and ok
         if not args.skip_speed:
-            ok = speed(3 if args.dry_run else args.steps, only, dry=args.dry_run) and ok
+            ok = attempt("speed", speed, 3 if args.dry_run else args.steps, only, dry=args.dry_run) and ok
+        if not args.skip_smoke:  # a diagnostic: after the speed rows, so a time limit cuts it first
+            ok = attempt("sync_check", lambda: sync_check() or True) and ok
     except KeyboardInterrupt:  # past gpu_check.sh's limit for this step: the next step's time is not ours
         print("train_check: stopped (SIGTERM or Ctrl-C); the checks after this point did not run", flush=True)
         return 130

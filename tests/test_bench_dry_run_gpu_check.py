@@ -1,9 +1,12 @@
 """``bench/gpu_check.sh``, the script that runs the GPU checks in priority order: its shell
 plumbing on the CPU (DRY=1), its exit status when a step fails or its deadline passes, and
-what it and the scripts it runs say on a machine without a GPU."""
+what it and the scripts it runs say on a machine without a GPU; the settings it refuses
+before any step, its logs from one run only, and step 4 (the benchmark JSON and the guard's
+verdict) with stand-ins for the GPU and the suites."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -20,14 +23,18 @@ def test_without_a_gpu_and_without_dry_run_the_scripts_say_so(script, capsys):
     assert "no CUDA device" in capsys.readouterr().out
 
 
-def gpu_check(timeout: int, **env_vars: str):
-    """``bench/gpu_check.sh`` run with ``env_vars`` over this environment (``DRY`` unset unless
-    given); the finished process."""
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = ("DRY", "STEPS", "ONLY", "HARNESS_S", "HARNESS_ISOLATE", "TABLE_SIZES", "DEADLINE")
+
+
+def gpu_check(timeout: int, *args: str, **env_vars: str):
+    """``bench/gpu_check.sh`` with ``args``, run with ``env_vars`` over this environment (the
+    script's own settings unset unless given); the finished process."""
     import os
     import subprocess
 
-    env = {k: v for k, v in os.environ.items() if k != "DRY"}
-    return subprocess.run(["bash", str(Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh")],
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    return subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), *args],
                           env=dict(env, **env_vars), capture_output=True, text=True, timeout=timeout)
 
 
@@ -106,3 +113,139 @@ def test_gpu_check_script_stops_at_its_deadline(tmp_path):
     assert proc.returncode == 1, out
     assert out.count("skipped: DEADLINE (0 s) reached") == 4  # steps 2, 2b (two modes) and 3
     assert "==== summary" in out and "smoke_status" not in out
+
+
+# Stand-ins for gpu_check.sh's interpreter: the device line, a GPU there or not, and each
+# step's script saying what it was asked (the tests below take a fraction of a second each)
+DEVICE_LINE = '  *"import torch, triton"*) echo "device: fake"; exit 0 ;;\n'
+GPU = '  *"sys.exit(not torch.cuda.is_available())"*) exit 0 ;;\n'
+STEP_SCRIPTS = ''.join(f'  *{script}*) echo "ran {script} $*"; exit 0 ;;\n'
+                       for script in ("train_check.py", "profile_step.py", "kernel_table.py"))
+
+
+@pytest.mark.parametrize("value,on", [("1", True), ("true", True), ("YES", True), ("0", False), ("false", False),
+                                      ("No", False), ("", False)])
+def test_gpu_check_yes_no_settings(tmp_path, value, on):
+    # HARNESS_ISOLATE=0 once ran the harness isolated (any non-empty value did); DRY=true was
+    # a real run
+    fake = fake_python(tmp_path, DEVICE_LINE + GPU + STEP_SCRIPTS)
+    proc = gpu_check(60, OUT=str(tmp_path / "out"), PYTHON=fake, STEPS="2", DRY=value, HARNESS_ISOLATE=value)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    args = next(line for line in proc.stdout.splitlines() if line.startswith("ran train_check.py"))
+    assert ("--harness-isolate" in args.split()) is on and ("--dry-run" in args.split()) is on
+    assert proc.stdout.startswith("dry run: ") is on
+
+
+@pytest.mark.parametrize("name", ["DRY", "HARNESS_ISOLATE"])
+@pytest.mark.parametrize("value", ["2", "maybe", "on"])
+def test_gpu_check_refuses_an_unknown_yes_no_value_before_anything_runs(tmp_path, name, value):
+    fake = fake_python(tmp_path, DEVICE_LINE + GPU + STEP_SCRIPTS)
+    proc = gpu_check(60, OUT=str(tmp_path / "out"), PYTHON=fake, STEPS="2", **{name: value})
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert proc.stderr == f"gpu_check: {name}={value}: not a yes/no value (1, true, yes; 0, false, no)\n"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("steps,ran", [
+    ("2,3", ["2", "3"]), ("2, 2b ,3", ["2", "2b", "3"]), ("3 2", ["2", "3"]), ("2,,2b", ["2", "2b"]),
+    ("2b\n3", ["2b", "3"]),
+])
+def test_gpu_check_steps_take_commas_or_spaces(tmp_path, steps, ran):
+    # STEPS="1,3" (commas, as ONLY and TABLE_SIZES take) once ran no step and exited 0
+    proc = gpu_check(60, OUT=str(tmp_path / "out"), PYTHON=fake_python(tmp_path, DEVICE_LINE + STEP_SCRIPTS),
+                     DRY="1", STEPS=steps)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [line.split(".")[0][3:] for line in proc.stdout.splitlines() if line.startswith("== ")] == ran
+
+
+@pytest.mark.parametrize("args,env,message", [
+    ((), {"STEPS": "1,5"}, "gpu_check: STEPS: unknown step '5' (known: 1 2 2b 3 4)"),
+    ((), {"STEPS": "2;3"}, "gpu_check: STEPS: unknown step '2;3' (known: 1 2 2b 3 4)"),
+    ((), {"STEPS": "*"}, "gpu_check: STEPS: unknown step '*' (known: 1 2 2b 3 4)"),
+    ((), {"STEPS": " , "}, "gpu_check: STEPS: no step named (known: 1 2 2b 3 4)"),
+    (("--quik",), {}, "gpu_check: arguments '--quik': the only one known is --quick"),
+    (("--quick", "2"), {}, "gpu_check: arguments '--quick 2': the only one known is --quick"),
+])
+def test_gpu_check_refuses_unknown_steps_and_arguments_before_anything_runs(tmp_path, args, env, message):
+    fake = fake_python(tmp_path, DEVICE_LINE + STEP_SCRIPTS)
+    proc = gpu_check(60, *args, OUT=str(tmp_path / "out"), PYTHON=fake, DRY="1", **env)
+    assert proc.returncode == 2 and proc.stdout == "" and proc.stderr == message + "\n", proc.stdout + proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_check_script_starts_its_logs_afresh(tmp_path):
+    # the logs were appended to: with $OUT reused, an earlier run's lines showed in this
+    # run's summary as if they were this run's
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, line in [("train.log", "speed: a row of an earlier run"), ("profile.log", "per step: an earlier run"),
+                       ("guard.log", "guard: a verdict of an earlier run"), ("benchmarks.json", "{}")]:
+        (out / name).write_text(line + "\n")
+    fake = fake_python(tmp_path, DEVICE_LINE + '  *train_check.py*) echo "speed: this run"; '
+                                               'echo "FAILED speed blocks: RuntimeError: no"; exit 1 ;;\n')
+    proc = gpu_check(60, OUT=str(out), PYTHON=fake, DRY="1", STEPS="2")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "earlier run" not in proc.stdout
+    # the summary, printed last, repeats a section's failure from train_check.py
+    summary = proc.stdout[proc.stdout.index("==== summary"):].splitlines()[1:]
+    assert summary == ["speed: this run", "FAILED speed blocks: RuntimeError: no"]
+    assert (out / "train.log").read_text() == "speed: this run\nFAILED speed blocks: RuntimeError: no\n"
+    assert sorted(p.name for p in out.iterdir()) == ["train.log"]
+
+
+def _fake_suites(tmp_path, slug: str, made: Path) -> str:
+    """An interpreter for gpu_check.sh on a GPU whose device is ``slug``, whose benchmark
+    suites write ``made`` as their JSON; the arguments pytest got land in ``pytest_args``."""
+    return fake_python(tmp_path, DEVICE_LINE + GPU + f'  *"slug(current_device())"*) echo {slug}; exit 0 ;;\n'
+                       f'  *"-m pytest bench"*) echo "$*" > {tmp_path}/pytest_args\n'
+                       f'    for a; do case "$a" in --benchmark-json=*) cp {made} "${{a#--benchmark-json=}}" ;; esac; done\n'
+                       '    echo "12 passed"; exit 0 ;;\n')
+
+
+def _regressed_run(tmp_path) -> Path:
+    """The committed CPU baseline with one guarded ratio doubled: a run with one regression."""
+    run = json.loads((ROOT / "bench" / "baselines" / "cpu-x86-64-2-threads.json").read_text())
+    ours = next(b for b in run["benchmarks"] if not b["extra_info"].get("plain")
+                and not b["extra_info"].get("reference") and b["extra_info"].get("ratio_to_plain"))
+    ours["extra_info"]["ratio_to_plain"] *= 2
+    made = tmp_path / "made.json"
+    made.write_text(json.dumps(run))
+    return made
+
+
+def test_gpu_check_step_4_brings_back_the_benchmark_json_and_the_verdict(tmp_path):
+    # the guard ran the suites into a temporary folder of the device machine and its output
+    # was cut to 30 lines: the GPU's raw figures never came back, nor, at times, the verdict
+    made, out = _regressed_run(tmp_path), tmp_path / "out"
+    proc = gpu_check(120, OUT=str(out), PYTHON=_fake_suites(tmp_path, "cpu-x86-64-2-threads", made), STEPS="4")
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # the regression
+    assert json.loads((out / "benchmarks.json").read_text()) == json.loads(made.read_text())
+    pytest_args = (tmp_path / "pytest_args").read_text().split()
+    assert "--benchmark-enable" in pytest_args and f"--benchmark-json={out / 'benchmarks.json'}" in pytest_args
+    summary = proc.stdout[proc.stdout.index("==== summary"):].splitlines()[1:]
+    assert summary[0] == "benchmarks: pytest exit 0, the figures in $OUT/benchmarks.json"
+    assert summary[1].startswith("guard: ") and "1 regressed" in summary[1], summary
+    assert summary[2].startswith("REGRESSION ") and len(summary) == 3, summary
+    assert (out / "suites.log").read_text() == "12 passed\n"
+
+
+def test_gpu_check_step_4_saves_a_baseline_from_the_run_in_out(tmp_path):
+    made, out = _regressed_run(tmp_path), tmp_path / "out"
+    out.mkdir()
+    (out / "fake-gpu.json").write_text('{"device": "a device of an earlier run", "benchmarks": []}')
+    proc = gpu_check(120, OUT=str(out), PYTHON=_fake_suites(tmp_path, "fake-gpu", made), STEPS="4")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads((out / "fake-gpu.json").read_text()) == json.loads(made.read_text())
+    summary = proc.stdout[proc.stdout.index("==== summary"):].splitlines()[1:]
+    assert summary[0] == "benchmarks: pytest exit 0, the figures in $OUT/benchmarks.json"
+    assert summary[1].startswith("guard: saved ")
+    assert summary[-1].startswith("NOT CHECKED: step 4, the regression guard: no baseline for this device")
+
+
+def test_gpu_check_step_4_without_time_left_says_nothing_was_compared(tmp_path):
+    proc = gpu_check(60, OUT=str(tmp_path / "out"), DEADLINE="0", STEPS="4",
+                     PYTHON=_fake_suites(tmp_path, "cpu-x86-64-2-threads", tmp_path / "unused.json"))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stdout[proc.stdout.index("==== summary"):].splitlines()[1:] == [
+        "benchmarks: not run: DEADLINE reached, no benchmark JSON written",
+        "NOT CHECKED: step 4, the regression guard: the suites wrote no benchmark JSON (not run: DEADLINE reached)"]

@@ -315,3 +315,53 @@ def test_train_check_refuses_unknown_speed_rows(capsys):
         train_check.main(["--dry-run", "--only", "template,fp16"])
     assert e.value.code == 2
     assert "--only: unknown rows fp16 (known: fp32, template, nographs, host, blocks)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("broken", ["smoke", "harness_smoke", "speed", "sync_check"])
+def test_a_section_that_raises_fails_the_check_and_the_rest_still_run(monkeypatch, capsys, broken):
+    # one exception (the diagnostic sync_check, a row that does not compile) once ended the
+    # script, and every section after it went unchecked on the GPU
+    ran = []
+
+    def section(name, result):
+        def run(*a, **k):
+            ran.append(name)
+            if name == broken:
+                raise RuntimeError(f"{name} broke\nsecond line of the error")
+            return result
+        return run
+
+    for name, result in [("smoke", True), ("harness_smoke", True), ("speed", True), ("sync_check", None)]:
+        monkeypatch.setattr(train_check, name, section(name, result))
+    assert train_check.main(["--dry-run"]) == 1
+    # sync_check, a diagnostic, comes after the speed rows: a time limit cuts it first
+    assert ran == ["smoke", "harness_smoke", "speed", "sync_check"]
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[-1] == f"FAILED {broken}: RuntimeError: {broken} broke"
+    assert "Traceback" in captured.err and "second line of the error" in captured.err
+
+
+def test_a_speed_row_that_raises_fails_and_the_next_rows_still_run(monkeypatch, capsys):
+    calls = []
+
+    def train(cache, steps, overrides, placement):
+        calls.append(overrides.get("compile_scope"))
+        if overrides.get("compile_scope") == "blocks":
+            raise RuntimeError("backend='inductor' raised:\nLoweringException: ...")
+        return {"status": "ok", "last": {"loss": 2.0}, "steady_sps": 100.0, "warmup_s": 1.0}
+
+    monkeypatch.setattr(train_check, "DEVICE", "cpu")
+    monkeypatch.setattr(train_check, "train", train)
+    assert train_check.speed(3, ["blocks", "template", "nographs"], dry=True) is False
+    assert calls == ["blocks", None, None]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "FAILED speed blocks: RuntimeError: backend='inductor' raised:"
+    assert [line.split(":")[0] for line in lines[1:]] == ["speed", "speed"] and ": 100 samples/s," in lines[2]
+
+
+def test_an_error_without_a_message_still_names_its_type(capsys):
+    def broken():
+        raise MemoryError
+
+    assert train_check.attempt("smoke", broken) is False
+    assert capsys.readouterr().out == "FAILED smoke: MemoryError\n"

@@ -364,7 +364,7 @@ def test_a_malformed_entry_is_one_line(tmp_path, capsys, change, why, side):
 def test_a_ratio_of_zero_or_less_or_infinite_on_either_side_regresses(tmp_path, capsys, ratios):
     # a run's 0 passed as -100%, a baseline's inf or -5 passed anything, a baseline's 0 was a
     # ZeroDivisionError
-    base, run = (run_file(tmp_path, f"{n}.json", r) for n, r in zip(("base", "run"), ratios))
+    base, run = (run_file(tmp_path, f"{n}.json", r) for n, r in zip(("base", "run"), ratios, strict=True))
     assert guard.main(["check", "--run", str(run), "--baseline", str(base)]) == 1
     assert "(not a positive finite ratio)" in capsys.readouterr().out
 
