@@ -76,6 +76,15 @@ def captions_interleaved(a):
     ci[0], ci[-1] = ci[-1], ci[0]
 
 
+def lengths_zeroed(a):
+    # training trimmed every caption to its <bos> by lengths; the evaluation read the tokens
+    a["lengths"][:] = 0
+
+
+def phrase_gap(a):
+    a["region_tokens"][0, 1] = 0  # padding inside a phrase
+
+
 def regions_interleaved(a):
     ri = a["region_image"]
     ri[0], ri[-1] = ri[-1], ri[0]
@@ -94,6 +103,10 @@ def regions_interleaved(a):
                                              "caption (first: image 0); rebuild the cache"),
     ("annotations.safetensors", captions_interleaved, "annotations.safetensors: caption_image is not grouped by "
                                                       "image (entry 1 names image 1 after image 379)"),
+    ("annotations.safetensors", lengths_zeroed, "annotations.safetensors: lengths disagrees with tokens at row 0 "
+                                                "(0 where the row holds"),
+    ("annotations.safetensors", phrase_gap, "annotations.safetensors: region_lengths disagrees with region_tokens "
+                                            "at row 0"),
     ("annotations.safetensors", regions_interleaved, "annotations.safetensors: region_image is not grouped by image "
                                                      "(entry 1 names image"),
     ("images.safetensors", float_images, "images.safetensors: images is torch.float32 [380, 3, 64, 64], "
@@ -107,7 +120,7 @@ def regions_interleaved(a):
     ("manifest.json", lambda m: m.update(files="images.safetensors"),
      "manifest.json: lists its files and sizes in a form this code cannot read; rebuild it"),
 ], ids=["negative image row", "token past the vocabulary", "split too short", "NaN box", "split id 3",
-        "an image without a caption", "captions not grouped", "regions not grouped",
+        "an image without a caption", "captions not grouped", "lengths zeroed", "a gap in a phrase", "regions not grouped",
         "float images", "one channel", "images renamed", "vocab size no number", "no tokenizer", "files a string"])
 def test_a_cache_off_its_layout_is_refused_in_one_line(small_cache, tmp_path, file, change, message):
     out = tampered(small_cache, tmp_path, file, change)

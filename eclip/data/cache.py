@@ -359,6 +359,19 @@ def check_layout(path: Path, m: dict, images: torch.Tensor, ann: dict[str, torch
             raise bad(name, f"holds values in {int(t.min())}..{int(t.max())}, outside {low}..{high}")
     if ann["region_boxes"].numel() and not bool(torch.isfinite(ann["region_boxes"]).all()):
         raise bad("region_boxes", "holds values that are not finite")
+    # lengths say how many leading tokens are real, and the rest is padding (id 0): training trims
+    # captions by lengths, the mask and the evaluation by the tokens that are not 0, so a cache
+    # where they disagree trained on other text than it was scored on (lengths of 0: on nothing)
+    for toks, lens in (("tokens", "lengths"), ("region_tokens", "region_lengths")):
+        t, n = ann[toks], ann[lens]
+        for start in range(0, t.shape[0], 1 << 16):  # in chunks: a bool [C, L] of a large cache at once is GBs
+            chunk, want = t[start:start + (1 << 16)], n[start:start + (1 << 16)].to(torch.int64)
+            real = torch.arange(t.shape[1]) < want[:, None]
+            if not bool(((chunk != 0) == real).all()):
+                row = start + int(torch.nonzero(((chunk != 0) != real).any(1))[0, 0])
+                raise bad(lens, f"disagrees with {toks} at row {row} ({int(want[row - start])} where the row "
+                                f"holds {int((chunk[row - start] != 0).sum())} tokens before its padding, or "
+                                "padding between them)")
     for name in ("caption_image", "region_image"):  # grouped by image: what the records' order assumes
         t = ann[name]
         if t.numel() > 1 and not bool((t[1:] >= t[:-1]).all()):
