@@ -95,6 +95,22 @@ def test_a_sample_whose_box_the_crop_removed_has_no_region():
     data.close()
 
 
+@pytest.mark.parametrize("augment", [{}, {"flip": True}])
+def test_a_sliver_of_a_box_is_no_region_whether_or_not_the_run_augments(augment):
+    # a centre crop stored a box 0.003 px wide at the border: trained on as the phrase's place
+    # without augmentation, dropped with flips on (the augmentation's own threshold)
+    cache = _boxes_cache(n=8)
+    cache.region_boxes[0] = torch.tensor([0.0, 0.1, 1e-4, 0.9])  # 0.0064 px of 64
+    cache.region_boxes[1] = torch.tensor([0.5, 0.1, 0.5 + 0.6 / 64, 0.9])  # 0.6 px: a real, thin region
+    data = DeviceData(cache, torch.arange(8), CPU, seed=0, **augment)
+    for _ in range(4):
+        batch = data.sample(8)
+        image = (batch.tokens[:, 0].long() - 1) // 3
+        assert not bool(batch.has_region[image == 0].any())
+        assert bool(batch.has_region[image == 1].all()) and bool(batch.has_region[image >= 2].all())
+    data.close()
+
+
 def _ramp_cache(n=8, res=64):
     """Images whose red channel is the column ramp 4·x + 2 and green the row ramp: a crop's
     extent can be read back from the pixels it kept."""

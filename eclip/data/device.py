@@ -29,6 +29,11 @@ from eclip.data.prefetch import HostPrefetcher
 from eclip.errors import first_line
 
 MAX_REGIONS = 16  # boxes kept per image for heatmaps (the first ones, in source order)
+# A box narrower or shorter than this many output pixels shows nothing of its region: a
+# sliver a centre crop left at the border (stored, since prepare keeps any visible width) or a
+# random crop cut it to. It is no region, whether or not this run augments (the heatmap of a
+# 0.003-pixel box is a blob at the border, trained on as the phrase's place)
+MIN_BOX_PX = 0.5
 
 
 def _csr(owner: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -44,6 +49,13 @@ def _csr(owner: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.T
     counts = torch.bincount(local[keep], minlength=rows.numel())
     starts = torch.cumsum(counts, 0) - counts
     return order, starts, counts
+
+
+def _visible(boxes: torch.Tensor, res: int) -> torch.Tensor:
+    """Which boxes ([..., 4] x1, y1, x2, y2 in [0, 1]) span ``MIN_BOX_PX`` output pixels or more
+    both ways, on an image of ``res`` pixels a side: bool [...]."""
+    least = MIN_BOX_PX / res
+    return (boxes[..., 2] - boxes[..., 0] >= least) & (boxes[..., 3] - boxes[..., 1] >= least)
 
 
 class DeviceData:
@@ -85,7 +97,7 @@ class DeviceData:
         boxes = torch.zeros(self.n, k, 4)
         box_mask = torch.zeros(self.n, k, dtype=torch.bool)
         boxes[owner[keep], slot[keep]] = cache.region_boxes[reg[keep]]
-        box_mask[owner[keep], slot[keep]] = True
+        box_mask[owner[keep], slot[keep]] = _visible(cache.region_boxes[reg[keep]], cache.images.shape[-1])
         self.boxes, self.box_mask = boxes.to(device), box_mask.to(device)
         longest = max(1, int(cache.region_lengths[reg].max())) if reg.numel() else 1
         phrase_tokens = cache.region_tokens[reg, :longest].to(torch.int64)  # [G, Lp']
@@ -280,5 +292,5 @@ class DeviceData:
         fx1 = torch.where(flip[:, None], 1 - x2, x1)
         fx2 = torch.where(flip[:, None], 1 - x1, x2)
         boxes = torch.stack([fx1, y1, fx2, y2], dim=-1) * box_mask[..., None]
-        box_mask = box_mask & (fx2 - fx1 > 1e-3) & (y2 - y1 > 1e-3)  # boxes cropped away vanish
+        box_mask = box_mask & _visible(boxes, out.shape[-1])  # boxes cropped away, or to a sliver, vanish
         return out, boxes, box_mask
