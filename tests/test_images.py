@@ -51,6 +51,20 @@ def test_center_crop_keeps_the_middle_square_of_the_pixels(tmp_path):
     assert d.boxes == [[0.0, 0.0, 1.0, 1.0]]
 
 
+@pytest.mark.parametrize("width", [31, 33])
+def test_center_crop_moves_boxes_by_the_whole_pixels_it_cuts(tmp_path, width):
+    # an odd margin (21 or 23 pixels): the pixels were cut at round(10.5) = 10 or round(11.5) =
+    # 12 (halves to even), the boxes moved by 10.5 or 11.5, half a pixel off either way
+    rng = np.random.default_rng(1)
+    arr = rng.integers(0, 256, size=(10, width, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(tmp_path / "wide.png")
+    left = (width - 10) // 2
+    d = decode(tmp_path / "wide.png", 10, "center-crop", boxes=[(left, 0, left + 10, 10), (left + 2, 1, left + 5, 9)])
+    assert d.error is None, d.error
+    assert np.array_equal(d.image, arr[:, left:left + 10].transpose(2, 0, 1))
+    assert d.boxes == [[0.0, 0.0, 1.0, 1.0], pytest.approx([0.2, 0.1, 0.5, 0.9])]
+
+
 def test_an_image_over_the_pixel_limit_is_refused(tmp_path, monkeypatch):
     # PIL only warns below twice its limit; decoding it anyway could take all memory
     Image.new("RGB", (20, 20)).save(tmp_path / "big.png")

@@ -45,8 +45,10 @@ def _crop_box(policy: str, w: int, h: int) -> tuple[float, float, float, float]:
     """The visible window in source pixels: left, top, width, height."""
     if policy == "squash":
         return 0.0, 0.0, float(w), float(h)
-    m = float(min(w, h))
-    return (w - m) / 2, (h - m) / 2, m, m
+    m = min(w, h)
+    # whole pixels, as the crop cuts them: a half-pixel offset (w - m odd) put every box half a
+    # source pixel off its pixels, one way or the other as round() took the half to even
+    return float((w - m) // 2), float((h - m) // 2), float(m), float(m)
 
 
 def normalise_boxes(boxes: list[list[float]], w: int, h: int,
