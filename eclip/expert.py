@@ -199,7 +199,9 @@ def expert_loss(model: EclipModel, batch: Batch, img_emb: torch.Tensor, txt_emb:
     sampled phrase (``batch.box_mask``), expert
     embeddings ``model.encode_expert``, region phrase embeddings ``model.encode_text``,
     mixed = mixup(img_emb, expert); returns
-    ½·(loss_fn(mixed, phrase, s) + loss_fn(expert, caption, s)) with s = exp(logit_scale).
+    ½·(loss_fn(mixed, phrase, s) + loss_fn(expert, caption, s)) with s = exp(logit_scale),
+    the phrase term over the first sample of each distinct phrase (``first_of_each``: a twin
+    phrase is no negative).
     ``img_emb``/``txt_emb`` [B, E] are the step's CLIP embeddings of the whole batch (their
     graphs are reused). With fewer than two region samples (one pair's loss is 0 whatever
     the embeddings) it returns an exact 0 that is still attached to the graph (a sum over no
@@ -218,7 +220,25 @@ def expert_loss(model: EclipModel, batch: Batch, img_emb: torch.Tensor, txt_emb:
         img_emb, txt_emb = img_emb[idx], txt_emb[idx]
     heat = make_heatmaps(boxes, box_mask, images.shape[-1], cfg.min_sigma, cfg.sigma_scale)
     expert = model.encode_expert(images, heat)
-    phrase = model.encode_text(phrase_tokens, phrase_mask)
-    mixed, _ = mixup(img_emb, expert, cfg.mixup_alpha, generator)
+    # the phrase term over one sample per distinct phrase: two samples of "a small red circle"
+    # (half of a batch of 64 of the built-in data's have a twin) were each other's negatives,
+    # a contradiction whose loss no embedding could bring below its floor
+    keep = first_of_each(phrase_tokens)  # [m] ascending
+    phrase = model.encode_text(phrase_tokens[keep], phrase_mask[keep])
+    mixed, _ = mixup(img_emb, expert, cfg.mixup_alpha, generator)  # all n: the draws do not depend on m
     scale = model.logit_scale.exp()
-    return 0.5 * (loss_fn(mixed, phrase, scale) + loss_fn(expert, txt_emb, scale))
+    if keep.numel() >= 2:
+        phrase_term = loss_fn(mixed[keep], phrase, scale)
+    else:  # one distinct phrase: no negative left, 0 still attached to the graph
+        phrase_term = (mixed[:0].sum() + phrase[:0].sum()).float()
+    return 0.5 * (phrase_term + loss_fn(expert, txt_emb, scale))
+
+
+def first_of_each(rows: torch.Tensor) -> torch.Tensor:
+    """The index of the first occurrence of each distinct row of ``rows`` [n, L], ascending:
+    int64 [m]. One device sync (the count of distinct rows)."""
+    _, inverse = torch.unique(rows, dim=0, return_inverse=True)  # [n] group of each row
+    n = rows.shape[0]
+    first = torch.full((int(inverse.max()) + 1,), n, dtype=torch.int64, device=rows.device)
+    first.scatter_reduce_(0, inverse, torch.arange(n, device=rows.device), reduce="amin")
+    return first.sort().values

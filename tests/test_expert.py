@@ -22,6 +22,7 @@ from eclip.expert import (
     expert_loss,
     expert_schedule,
     expert_weight,
+    first_of_each,
     make_heatmaps,
     mixup,
 )
@@ -270,6 +271,38 @@ def test_expert_loss_value_uses_only_region_samples_and_trains_expert():
     for name, p in model.expert.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert model.logit_scale.grad.abs() > 0
+
+
+def test_a_twin_phrase_is_no_negative_in_the_phrase_term():
+    # samples 1 and 3 share sample 0's phrase ("a small red circle" in three images): in the
+    # phrase term they were each other's negatives. Now the term runs over the first of each
+    # distinct phrase (0, 2, 4); the caption term keeps all five
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg())
+    cfg = model.cfg.expert
+    batch = make_batch([True] * 5)
+    for i in (1, 3):
+        batch.phrase_tokens[i], batch.phrase_mask[i] = batch.phrase_tokens[0], batch.phrase_mask[0]
+    assert first_of_each(batch.phrase_tokens).tolist() == [0, 2, 4]
+    img = model.encode_image(batch.images)
+    txt = model.encode_text(batch.tokens, batch.mask)
+    term = expert_loss(model, batch, img, txt, clip_loss64, cfg, torch.Generator().manual_seed(1))
+    heat = torch.from_numpy(ref_heatmaps(batch.boxes.numpy(), batch.box_mask.numpy(), 24, cfg.min_sigma,
+                                         cfg.sigma_scale)).float()
+    expert = model.encode_expert(batch.images, heat)
+    mixed, _ = mixup(img, expert, cfg.mixup_alpha, torch.Generator().manual_seed(1))
+    keep = torch.tensor([0, 2, 4])
+    phrase = model.encode_text(batch.phrase_tokens[keep], batch.phrase_mask[keep])
+    scale = model.logit_scale.exp()
+    want = 0.5 * (clip_loss64(mixed[keep], phrase, scale) + clip_loss64(expert, txt, scale))
+    # float32 model outputs into a float64 loss; heatmaps differ by ulps: (fp32, atol 1e-5)
+    assert term.item() == pytest.approx(want.item(), abs=1e-5)
+    # one distinct phrase among the region samples: its term is an attached 0, the other stays
+    for i in range(5):
+        batch.phrase_tokens[i], batch.phrase_mask[i] = batch.phrase_tokens[0], batch.phrase_mask[0]
+    alone = expert_loss(model, batch, img, txt, clip_loss64, cfg, torch.Generator().manual_seed(1))
+    assert alone.item() == pytest.approx(0.5 * clip_loss64(expert, txt, scale).item(), abs=1e-5)
+    alone.backward()
 
 
 @pytest.mark.gpu
