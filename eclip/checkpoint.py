@@ -134,6 +134,8 @@ META_FIELDS = {
     "aliases": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in (*v, *v.values())),
                 "an object of names", False, False),
     "data_placement": (lambda v: v in ("auto", "device", "host"), "auto, device or host", False, False),
+    "steps_requested": (_count, "a count (an integer, 0 or more) or null", True, False),
+    "budget_requested_s": (_seconds, "seconds (a finite number, 0 or more) or null", True, False),
 }
 
 

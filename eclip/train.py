@@ -188,6 +188,7 @@ def _save_checkpoint(args, run: dict, recipe, cache, train_rows, eval_split: str
             "expert_samples": run["expert_samples"], "data_placement": run["data"].placement,
             "data_cursor": data["cursor"], "data_epoch": data["epoch"],
             "hparams": hp, "model_config": model.cfg.to_dict(), "seed": args.seed,
+            "steps_requested": args.steps, "budget_requested_s": args.budget_s,  # the schedule's length
             "cache_fingerprint": cache.manifest.get("fingerprint"), "status": run["status"],
             "eval_split": eval_split, "train_rows": int(train_rows.numel())}
     if getattr(args, "cv_id", None):  # a fold: which cross-validation it belongs to (run_folds)
@@ -206,6 +207,21 @@ def _save_checkpoint(args, run: dict, recipe, cache, train_rows, eval_split: str
     return t_end, write_s
 
 
+def _length(steps, budget_s) -> str:
+    return f"--steps {steps}" if steps is not None else f"--budget-s {budget_s:g}"
+
+
+def _schedule_change(meta: dict, args) -> str | None:
+    """The length the checkpoint's run asked for (``--steps 4``) when this run asks for
+    another, else None (a checkpoint from before the length was saved says nothing)."""
+    steps, budget = meta.get("steps_requested"), meta.get("budget_requested_s")
+    if steps is None and budget is None:
+        return None
+    if (steps, budget) == (args.steps, args.budget_s):
+        return None
+    return _length(steps, budget)
+
+
 def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: str, out: Path) -> dict:
     if getattr(args, "signal_ready", False):  # before any of the recipe's code: what follows is its time
         print(READY, flush=True)
@@ -214,7 +230,7 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
     recipe = load_recipe(args.recipe)  # its module code runs here: on the clock (run_loop's setup_s)
     import_s = time.perf_counter() - t_import
     apply_overrides(recipe.HPARAMS, overrides)
-    resume_dir, placement = None, args.data_placement
+    resume_dir, placement, schedule_note = None, args.data_placement, None
     if args.resume:
         meta, source = ckpt.read_meta_from(out)  # errors name the file the meta came from
         ckpt.check_meta(meta, source, resume=True)  # before the log is trimmed to its step
@@ -249,6 +265,14 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
                   f"{float(meta.get('trained_s', 0.0)):.1f} s, all that {asked} asks: no step runs "
                   f"({'saved as it is' if args.train_only else 'evaluating it'}); ask for more to train on",
                   file=sys.stderr)
+        elif (asked := _schedule_change(meta, args)) is not None:
+            # the schedule is laid over the length asked now: where the first run had decayed the
+            # learning rate, it rises again (to about half its peak when the length doubles).
+            # Said at the first step, once the checkpoint has loaded: not before a refusal
+            schedule_note = (f"train: warning: the checkpoint's run asked for {asked}; this one asks for "
+                             f"{_length(args.steps, args.budget_s)}, over which the learning-rate schedule is laid "
+                             f"again: from step {int(meta.get('step', 0)) + 1} the rate follows the longer schedule, "
+                             "not the end of the first")
         resume_dir = out
         trim_log(out / "metrics.jsonl", int(meta.get("step", 0)))
     out.mkdir(parents=True, exist_ok=True)  # after the checks: a refused --resume creates nothing
@@ -258,6 +282,8 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
     logs = []  # opened at the first row: a run that fails while setting up keeps the last run's log
 
     def on_log(row):
+        if not logs and schedule_note:
+            print(schedule_note, file=sys.stderr)
         if not logs:
             # from here the log is this run's: the last run's result no longer describes the
             # folder (a run that then fails, a full disk at its save, leaves none, not a stale "ok")

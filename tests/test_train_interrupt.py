@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from train_support import SMALL, recipe_at_call, run
+from train_support import SMALL, metric_rows, recipe_at_call, run
 
 from eclip import train
 
@@ -78,6 +78,22 @@ def test_resume_with_another_seed_is_refused(train_cache, tmp_path, capsys):
                                "this run has --seed 42; resume with --seed 3\n")
     assert (out / "checkpoint.safetensors").read_bytes() == before
     assert run(["--data", train_cache, "--out", out, "--steps", 4, "--resume", "--seed", 3, *SMALL], capsys)[0] == 0
+
+
+def test_resume_asking_for_another_length_warns_of_the_schedule(train_cache, tmp_path, capsys):
+    # --steps 4, then --resume --steps 8: the learning rate had decayed to its floor by step 4
+    # and rose again to about half its peak at step 5, without a word
+    out = tmp_path / "run"
+    assert run(["--data", train_cache, "--out", out, "--steps", 4, *SMALL], capsys)[0] == 0
+    rc, _, err = run(["--data", train_cache, "--out", out, "--steps", 8, "--resume", *SMALL], capsys)
+    assert rc == 0, err
+    assert ("train: warning: the checkpoint's run asked for --steps 4; this one asks for --steps 8, over which the "
+            "learning-rate schedule is laid again: from step 5 the rate follows the longer schedule") in err
+    lr = {r["step"]: r["lr"] for r in metric_rows(out) if "lr" in r}  # logged at steps 1, 2, 4, 6, 8
+    assert lr[6] > lr[4]  # what it warns of: the rate rises again after step 4
+    # asked the same length again (an interrupted run resumed), no warning
+    rc, _, err = run(["--data", train_cache, "--out", out, "--steps", 8, "--resume", *SMALL], capsys)
+    assert rc == 0 and "warning" not in err, err
 
 
 def test_optimizer_settings_given_with_resume_apply(train_cache, tmp_path, capsys):
