@@ -238,18 +238,23 @@ class _Checker(ClassRules, CompileRules):
                 bound.setdefault(node.name, []).append(node)
             elif isinstance(node, ast.MatchMapping) and node.rest:
                 bound.setdefault(node.rest, []).append(node)
-        chains: dict[str, str] = {}
+        direct: dict[str, str] = {}
         for node in ast.walk(self.tree):
             if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
                 continue
             name, value = node.targets[0].id, node.value
             if (len(bound.get(name, ())) == 1 and name not in self.imported and isinstance(value, (ast.Name, ast.Attribute))
                     and "[]" not in (dotted := dotted_name(value)) and not dotted.startswith("?")):
-                chains[name] = dotted
-        for _ in range(len(chains)):  # L = torch.autograd; G = L.graph: spelt from the import
-            chains = {k: (chains[r] + v[len(r):] if (r := v.split(".")[0]) in chains and r != k else v)
-                      for k, v in chains.items()}
-        return {k: v for k, v in chains.items() if v.split(".")[0] in self.imported}
+                direct[name] = dotted
+        chains: dict[str, str] = {}
+        for name in direct:  # L = torch.autograd; G = L.graph: G spelt from the import
+            seen, spelt = {name}, direct[name]
+            while (root := spelt.split(".")[0]) in direct and root not in seen:  # a cycle (a = b.x, b = a.x) ends
+                seen.add(root)
+                spelt = direct[root] + spelt[len(root):]
+            if root in self.imported:
+                chains[name] = spelt
+        return chains
 
     def run(self) -> list[Violation]:
         for name, paths in import_paths(self.tree).items():

@@ -83,7 +83,7 @@ FORBIDDEN_ATTRIBUTES = frozenset({
     # logging's hooks run a recipe's function with whatever torch logs (compiler objects, sympy
     # expressions), and sympy's string parsing evaluates its input: refused on any object
     "getLogger", "addFilter", "addHandler", "setLogRecordFactory", "setLoggerClass", "sympify", "parse_expr",
-    "subs", "lambdify",
+    "lambdify",
 })
 # torch modules that run code from strings or pickles, write files, start processes or
 # change what every later torch call computes: refused however they are reached
@@ -438,6 +438,8 @@ def outside(obj) -> str | None:
         if name is None:
             owner = getattr(obj, "__self__", None)
             name = owner.__name__ if isinstance(owner, types.ModuleType) else type(owner).__module__
+        if isinstance(name, str) and name.startswith("_") and allowed_module(name[1:]):
+            name = name[1:]  # an allowed module's C half: functools.reduce is _functools'
     elif obj is None:
         return None
     else:

@@ -256,8 +256,12 @@ def test_the_template_passes():
     ("S = torch.cuda.BFloat16Storage\nc = S.clone", "'S.clone' is 'torch.storage', which recipes may not use (S holds "
                                                   "'torch.cuda.BFloat16Storage')"),
     ("S = torch.cuda\nT = S.BFloat16Storage\nc = T.clone", "(T holds 'torch.cuda.BFloat16Storage')"),
-    ("def note(record):\n    return record.args[0].subs('z', 'code as a string')", "attribute '.subs' is not allowed"),
+    ("def note(record):\n    return record.args[0].free_symbols.pop().sympify('code')", "attribute '.sympify' is not allowed"),
     ("def hook(log, f):\n    log.addFilter(f)", "attribute '.addFilter' is not allowed"),
+    # names bound in a cycle (a = b.x, b = c.x, c = a.x) once took time and memory doubling with
+    # each name of the file: the check must end, and fast
+    ("\n".join(f"d{i} = torch.float32" for i in range(40)) + "\ndef f():\n    a = b.x\ndef g():\n    b = c.x\n"
+     "def h():\n    c = a.x\nw = torch.nn.attention.warn", "'torch.nn.attention.warn' is '_warnings'"),
 ])
 def test_forbidden_constructs_are_named_with_their_line(line, message):
     source = f"import torch\nimport kernels, functools, dataclasses, typing\nfrom eclip import model as eclip_model\n{line}\n"
@@ -399,6 +403,10 @@ def test_allowed_constructs_pass():
         # objects of torch's own classes, reached directly or through a name that holds a chain
         "Lin = torch.nn.Linear\nlayer = Lin(2, 2)\nbf = torch.bfloat16\nk = torch.nn.attention.SDPBackend\n"
         "kind = k.MATH\nbig = torch.finfo(bf).max + torch.inf + math.pi\nhook = torch.optim.Optimizer.add_param_group\n"
+        # an allowed module's C functions (functools.reduce is _functools'), an attribute named subs
+        "total = functools.reduce(torch.add, [torch.ones(1)] * 3)\nfrom functools import reduce, cmp_to_key\n"
+        "class Stack(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.subs = torch.nn.ModuleList()\n"
     )
     assert check_source(source) == []
 
