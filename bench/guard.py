@@ -138,27 +138,30 @@ def _fail(msg: str, prog: str = "guard") -> int:
 VALUE_OPTIONS = frozenset({
     "-p", "-o", "-c", "-n", "-W", "--override-ini", "--basetemp", "--rootdir", "--confcutdir", "--tb",
     "--maxfail", "--durations", "--durations-min", "--timeout", "--junitxml", "--junit-xml", "--log-file",
-    "--log-level", "--log-cli-level", "--import-mode", "--capture", "--dist", "--maxprocesses", "--pyargs",
+    "--log-level", "--log-cli-level", "--log-format", "--log-date-format", "--import-mode", "--capture", "--dist",
+    "--maxprocesses", "-r", "--color", "--benchmark-precision", "--benchmark-confidence",
     "--benchmark-max-time", "--benchmark-min-time", "--benchmark-min-rounds", "--benchmark-timer",
     "--benchmark-calibration-precision", "--benchmark-warmup-iterations", "--benchmark-sort",
     "--benchmark-group-by", "--benchmark-columns", "--benchmark-name", "--benchmark-save",
     "--benchmark-compare-fail", "--benchmark-storage", "--benchmark-json", "--benchmark-histogram",
     "--benchmark-time-unit", "--benchmark-cprofile", "--benchmark-cprofile-loops", "--benchmark-cprofile-top",
-    "--benchmark-cprofile-dump", "--benchmark-netrc", "--benchmark-quiet",
+    "--benchmark-cprofile-dump", "--benchmark-netrc",
 })
 NARROWING = ("-k", "-m", "--deselect", "--ignore", "--ignore-glob")  # options that drop benchmarks
 
 
 def path_args(pytest_args: list[str]) -> list[str]:
-    """The test paths and node ids among pytest arguments: positional ones, not an option's
-    value (``--basetemp /tmp``)."""
+    """The test paths and node ids among pytest arguments: positional ones that look like one
+    (``…::…``, ``….py``, an existing folder), not an option's value (``--basetemp /tmp``). An
+    option taking a value that VALUE_OPTIONS lacks leaves its value positional: the look of a
+    path keeps ``--color yes`` from selecting."""
     out, skip = [], False
     for arg in pytest_args:
         if skip:
             skip = False
         elif arg.startswith("-"):
             skip = "=" not in arg and (arg in VALUE_OPTIONS or arg in NARROWING)
-        else:
+        elif "::" in arg or arg.split("::", 1)[0].endswith(".py") or (ROOT / arg).is_dir():
             out.append(arg)
     return out
 

@@ -412,8 +412,11 @@ def test_check_without_a_baseline_says_so_before_running_the_suites(tmp_path, ca
 def test_an_options_value_is_no_test_path_and_paths_narrow_the_run(monkeypatch):
     # --basetemp /tmp (a folder) and -o python_files=x.py counted as test paths: a partial run,
     # whose missing figures were excused
-    for args in (["--basetemp", "/tmp"], ["--rootdir", "."], ["--confcutdir", "bench"], ["-o", "python_files=b_*.py"]):
+    for args in (["--basetemp", "/tmp"], ["--rootdir", "."], ["--confcutdir", "bench"], ["-o", "python_files=b_*.py"],
+                 ["-r", "a"], ["--color", "yes"], ["--benchmark-precision", "0.02"], ["--log-format", "%(message)s"]):
         assert not guard.selects(args), args
+    # flags take no value: the path after them selects
+    assert guard.selects(["--benchmark-quiet", "bench/bench_ranks.py"]) and guard.selects(["--pyargs", "bench"])
     assert guard.selects(["--basetemp", "/tmp", "bench/bench_ranks.py"])
     # and a path given runs that path alone (pytest ran bench and the path: every suite)
     seen = []
