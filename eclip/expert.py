@@ -206,39 +206,56 @@ def expert_loss(model: EclipModel, batch: Batch, img_emb: torch.Tensor, txt_emb:
     graphs are reused). With fewer than two region samples (one pair's loss is 0 whatever
     the embeddings) it returns an exact 0 that is still attached to the graph (a sum over no
     elements), so ``loss + w·term`` always backprops, and encodes nothing.
-    Selecting the subset reads its size on the host (one device sync per call).
+    Selecting the subsets reads their two sizes on the host at once (one device sync per call).
     """
-    idx = torch.nonzero(batch.has_region).squeeze(1)  # [n]
-    n = int(idx.numel())
+    has = batch.has_region
+    # the phrase term over one sample per distinct phrase: two samples of "a small red circle"
+    # (half of a batch of 64 of the built-in data's have a twin) were each other's negatives,
+    # a contradiction whose loss no embedding could bring below its floor
+    first = first_of_each(batch.phrase_tokens, has)  # bool [B]
+    n, m = (int(v) for v in torch.stack([has.sum(), first.sum()]).tolist())  # the one host read
     if n < 2:  # a contrastive loss over one pair is exactly 0, its gradient too: skip the encoders
         return (img_emb[:0].sum() + txt_emb[:0].sum()).float()
     images, boxes, box_mask = batch.images, batch.boxes, batch.box_mask
     phrase_tokens, phrase_mask = batch.phrase_tokens, batch.phrase_mask
-    if n < batch.has_region.shape[0]:  # gather only when some samples lack regions
+    if n < has.shape[0]:  # gather only when some samples lack regions
+        idx = _where_true(has, n)  # [n]
         images, boxes, box_mask = images[idx], boxes[idx], box_mask[idx]
         phrase_tokens, phrase_mask = phrase_tokens[idx], phrase_mask[idx]
         img_emb, txt_emb = img_emb[idx], txt_emb[idx]
+        first = first[idx]
     heat = make_heatmaps(boxes, box_mask, images.shape[-1], cfg.min_sigma, cfg.sigma_scale)
     expert = model.encode_expert(images, heat)
-    # the phrase term over one sample per distinct phrase: two samples of "a small red circle"
-    # (half of a batch of 64 of the built-in data's have a twin) were each other's negatives,
-    # a contradiction whose loss no embedding could bring below its floor
-    keep = first_of_each(phrase_tokens)  # [m] ascending
+    keep = _where_true(first, m)  # [m] ascending, among the n
     phrase = model.encode_text(phrase_tokens[keep], phrase_mask[keep])
     mixed, _ = mixup(img_emb, expert, cfg.mixup_alpha, generator)  # all n: the draws do not depend on m
     scale = model.logit_scale.exp()
-    if keep.numel() >= 2:
+    if m >= 2:
         phrase_term = loss_fn(mixed[keep], phrase, scale)
     else:  # one distinct phrase: no negative left, 0 still attached to the graph
         phrase_term = (mixed[:0].sum() + phrase[:0].sum()).float()
     return 0.5 * (phrase_term + loss_fn(expert, txt_emb, scale))
 
 
-def first_of_each(rows: torch.Tensor) -> torch.Tensor:
-    """The index of the first occurrence of each distinct row of ``rows`` [n, L], ascending:
-    int64 [m]. One device sync (the count of distinct rows)."""
-    _, inverse = torch.unique(rows, dim=0, return_inverse=True)  # [n] group of each row
+def _where_true(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """The indices of ``mask``'s True entries, ascending, given their ``count`` (read on the
+    host already): int64 [count], without the sync of ``torch.nonzero``."""
+    return torch.argsort((~mask).to(torch.int8), stable=True)[:count]
+
+
+def first_of_each(rows: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """bool [n]: ``valid`` rows of ``rows`` [n, L] that no earlier valid row equals (the first
+    of each distinct row). No device sync: the rows are sorted by a stable sort per column,
+    last column first (a radix sort: equal rows end up side by side, in their order), valid
+    rows ahead of the others, and a row is a first when it differs from the one before."""
     n = rows.shape[0]
-    first = torch.full((int(inverse.max()) + 1,), n, dtype=torch.int64, device=rows.device)
-    first.scatter_reduce_(0, inverse, torch.arange(n, device=rows.device), reduce="amin")
-    return first.sort().values
+    order = torch.arange(n, device=rows.device)
+    for c in reversed(range(rows.shape[1])):
+        order = order[torch.argsort(rows[order, c], stable=True)]
+    order = order[torch.argsort((~valid[order]).to(torch.int8), stable=True)]
+    ranked = rows[order]
+    new = torch.ones(n, dtype=torch.bool, device=rows.device)
+    new[1:] = (ranked[1:] != ranked[:-1]).any(dim=1)
+    first = torch.empty_like(new)
+    first[order] = new & valid[order]
+    return first

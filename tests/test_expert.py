@@ -283,7 +283,13 @@ def test_a_twin_phrase_is_no_negative_in_the_phrase_term():
     batch = make_batch([True] * 5)
     for i in (1, 3):
         batch.phrase_tokens[i], batch.phrase_mask[i] = batch.phrase_tokens[0], batch.phrase_mask[0]
-    assert first_of_each(batch.phrase_tokens).tolist() == [0, 2, 4]
+    assert first_of_each(batch.phrase_tokens, batch.has_region).tolist() == [True, False, True, False, True]
+    # against a brute force, with samples that have no region (their twin is no first)
+    g = torch.Generator().manual_seed(3)
+    rows, valid = torch.randint(0, 3, (200, 2), generator=g), torch.rand(200, generator=g) > 0.3
+    want = [bool(valid[i]) and not any(bool(valid[j]) and torch.equal(rows[j], rows[i]) for j in range(i))
+            for i in range(200)]
+    assert first_of_each(rows, valid).tolist() == want
     img = model.encode_image(batch.images)
     txt = model.encode_text(batch.tokens, batch.mask)
     term = expert_loss(model, batch, img, txt, clip_loss64, cfg, torch.Generator().manual_seed(1))
