@@ -526,15 +526,16 @@ def finite(obj):
 def _restore_rng(tensors: dict, device: torch.device, resume_dir: Path) -> None:
     """Put torch's global generators back as the checkpoint saved them (``torch_rng``, and
     ``torch_cuda_rng`` from a CUDA run resumed on one); a checkpoint from before they were
-    saved continues from the seed."""
-    try:
-        if "torch_rng" in tensors:
-            torch.set_rng_state(tensors["torch_rng"])
-        if "torch_cuda_rng" in tensors and device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["torch_cuda_rng"], device)
-    except (RuntimeError, TypeError) as e:  # a damaged state: another size or dtype
-        raise EclipError(f"{Path(resume_dir) / TENSORS}: state.torch_rng cannot be restored ({first_line(e, 120)}); "
-                         "it cannot be resumed") from None
+    saved, and a CPU run's resumed on CUDA for the CUDA generator, continue from the seed."""
+    for key, restore in (("torch_rng", torch.set_rng_state),
+                         ("torch_cuda_rng", lambda t: torch.cuda.set_rng_state(t, device))):
+        if key not in tensors or (key == "torch_cuda_rng" and device.type != "cuda"):
+            continue  # a CUDA run's resumed on a CPU: no CUDA generator to put back
+        try:
+            restore(tensors[key])
+        except (RuntimeError, TypeError) as e:  # a damaged state: another size or dtype
+            raise EclipError(f"{Path(resume_dir) / TENSORS}: state.{key} cannot be restored ({first_line(e, 120)}); "
+                             "it cannot be resumed") from None
 
 
 def write_json(path: Path, obj: dict) -> None:

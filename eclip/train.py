@@ -271,8 +271,8 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
             # Said at the first step, once the checkpoint has loaded: not before a refusal
             schedule_note = (f"train: warning: the checkpoint's run asked for {asked}; this one asks for "
                              f"{_length(args.steps, args.budget_s)}, over which the learning-rate schedule is laid "
-                             f"again: from step {int(meta.get('step', 0)) + 1} the rate follows the longer schedule, "
-                             "not the end of the first")
+                             f"again: from step {int(meta.get('step', 0)) + 1} the rate follows the new length's "
+                             "schedule, not the rest of the first one's")
         resume_dir = out
         trim_log(out / "metrics.jsonl", int(meta.get("step", 0)))
     out.mkdir(parents=True, exist_ok=True)  # after the checks: a refused --resume creates nothing

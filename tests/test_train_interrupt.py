@@ -88,12 +88,19 @@ def test_resume_asking_for_another_length_warns_of_the_schedule(train_cache, tmp
     rc, _, err = run(["--data", train_cache, "--out", out, "--steps", 8, "--resume", *SMALL], capsys)
     assert rc == 0, err
     assert ("train: warning: the checkpoint's run asked for --steps 4; this one asks for --steps 8, over which the "
-            "learning-rate schedule is laid again: from step 5 the rate follows the longer schedule") in err
+            "learning-rate schedule is laid again: from step 5 the rate follows the new length's schedule") in err
     lr = {r["step"]: r["lr"] for r in metric_rows(out) if "lr" in r}  # logged at steps 1, 2, 4, 6, 8
     assert lr[6] > lr[4]  # what it warns of: the rate rises again after step 4
-    # asked the same length again (an interrupted run resumed), no warning
-    rc, _, err = run(["--data", train_cache, "--out", out, "--steps", 8, "--resume", *SMALL], capsys)
+    # an interrupted run resumed with the length it asked for: no warning
+    stopper = recipe_at_call(tmp_path, before="if _calls[0] == 3:\n    raise KeyboardInterrupt")
+    cut = tmp_path / "cut"
+    assert run(["--data", train_cache, "--out", cut, "--steps", 6, "--recipe", stopper, *SMALL], capsys)[0] == 130
+    rc, _, err = run(["--data", train_cache, "--out", cut, "--steps", 6, "--resume", *SMALL], capsys)
     assert rc == 0 and "warning" not in err, err
+    # a budget in place of the steps: another length too (half a second more than it trained)
+    budget = round(json.loads((cut / "checkpoint.json").read_text())["trained_s"] + 0.5, 3)
+    rc, _, err = run(["--data", train_cache, "--out", cut, "--budget-s", budget, "--resume", *SMALL], capsys)
+    assert rc == 0 and f"the checkpoint's run asked for --steps 6; this one asks for --budget-s {budget:g}" in err, err
 
 
 def test_optimizer_settings_given_with_resume_apply(train_cache, tmp_path, capsys):
