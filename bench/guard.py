@@ -117,6 +117,9 @@ def _readable(path: Path) -> dict | None:
     if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
         print(f"guard: warning: {path}: not a pytest-benchmark JSON; replacing it", file=sys.stderr)
         return None
+    if any(why := _entry_problem(b) for b in data["benchmarks"]):  # a save would read its entries
+        print(f"guard: warning: {path}: an entry is unreadable ({why}); replacing it", file=sys.stderr)
+        return None
     return data
 
 

@@ -424,3 +424,16 @@ def test_an_options_value_is_no_test_path_and_paths_narrow_the_run(monkeypatch):
     guard.run_suites(Path("r.json"), ["bench/bench_ranks.py"])
     guard.run_suites(Path("r.json"), ["-k", "loss"])
     assert [c.count("bench") for c in seen] == [0, 1] and "bench/bench_ranks.py" in seen[0]
+
+
+def test_save_replaces_a_baseline_with_an_unreadable_entry(tmp_path, capsys, monkeypatch):
+    # a save that selects merged the old entries by name: one without a name was a KeyError
+    base = run_file(tmp_path, "base.json", 1.5)
+    data = json.loads(base.read_text())
+    del data["benchmarks"][0]["fullname"]
+    base.write_text(json.dumps(data))
+    new = run_file(tmp_path, "new.json", 1.2)
+    monkeypatch.setattr(guard, "run_suites", lambda out, extra: out.write_text(new.read_text()) and 0)
+    assert guard.main(["save", "--baseline", str(base), "--", "-k", "loss"]) == 0
+    assert "base.json: an entry is unreadable (no 'fullname' string); replacing it" in capsys.readouterr().err
+    assert json.loads(base.read_text()) == json.loads(new.read_text())
