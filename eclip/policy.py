@@ -65,6 +65,7 @@ the harness, which never imports it.
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 import types
 from dataclasses import dataclass
@@ -88,6 +89,7 @@ from eclip.policy_reach import (
     TRUSTED_BUILTINS,
     WHY,
     WRITABLE_ATTRIBUTES,
+    Unimported,
     allowed_module,
     arg_nodes,
     bindings,
@@ -106,6 +108,7 @@ from eclip.policy_reach import (
     refused_path,
     resolve,
     root_name,
+    under,
 )
 
 
@@ -393,8 +396,10 @@ class _Checker(ClassRules, CompileRules):
             self.add(node, f"dunder attribute '.{node.attr}' is not allowed ({WHY})")
         elif node.attr in FORBIDDEN_ATTRIBUTES:
             self.add(node, f"attribute '.{node.attr}' is not allowed ({WHY})")
-        elif is_private(node.attr) and root not in ("self", "cls") and not in_settings_module(
-                dotted_name(self._whole_chain(node))):
+        elif is_private(node.attr) and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")) \
+                and not in_settings_module(dotted_name(self._whole_chain(node))):
+            # self._x is the recipe's own; self.ref._y is whatever self.ref holds (a ForwardRef's
+            # _evaluate runs a string as code)
             self.add(node, f"private attribute '.{node.attr}' is not allowed ({WHY})")
         elif isinstance(node.value, ast.Name) and node.attr in self.methods.get(node.value.id, ()):
             # H.f(torch.Tensor) would run f with self = torch.Tensor: its writes would patch torch
@@ -407,6 +412,10 @@ class _Checker(ClassRules, CompileRules):
         elif dotted.startswith(SETTINGS[1:]) and not isinstance(node.ctx, ast.Store) and node is self._whole_chain(node):
             # the compiler configs' functions take strings and pickles: their knobs are assigned, never read
             self.add(node, f"'{dotted}' may only be assigned (a number or a bool), not read or called")
+        elif root in self.imported and root not in self.modules and isinstance(node.value, ast.Name):
+            # an import the check could not resolve (it failed here): nothing on it can be judged
+            self.add(node, f"'{dotted}': the check cannot resolve the import of '{root}', so nothing reached "
+                           "through it is allowed")
         elif root in self.imported or root in self.chains:
             spelt = dotted if root in self.imported else self.chains[root] + dotted[len(root):]
             obj = resolve(spelt, self.modules)
@@ -450,6 +459,27 @@ class _Checker(ClassRules, CompileRules):
         if dotted.startswith(SETTINGS[1:]):  # config.patch(), load_config(): strings, pickles
             self.add(node, f"calling '{dotted}' is not allowed (set a knob to a number or a bool)")
 
+    def _setting_owner(self, target: ast.Attribute) -> str | None:
+        """None when what ``target`` (a knob's chain) writes into is a module of torch.backends,
+        or an object or class of one (``torch.backends.cuda.matmul``), or when it names a knob
+        of a settings module (its ``_config`` lists them: ``trace.enabled``); else what it is.
+        ``torch._inductor.config.torch`` is torch, as ``torch.backends.cuda.torch`` is."""
+        full = self._full_name(target)
+        for module in SETTINGS_MODULES:
+            if full.startswith(module + "."):
+                knobs = getattr(importlib.import_module(module), "_config", None)
+                knob = full[len(module) + 1:]
+                return None if isinstance(knobs, dict) and knob in knobs else f"'{module}', no knob of which is '{knob}'"
+        obj = resolve(dotted_name(target.value), self.modules)
+        if obj is None or isinstance(obj, Unimported):
+            return f"'{dotted_name(target.value)}', which the check cannot resolve"
+        home = ("torch.backends", *SETTINGS_MODULES)
+        if isinstance(obj, types.ModuleType):
+            name = obj.__name__
+        else:
+            name = obj.__module__ if isinstance(obj, type) else type(obj).__module__
+        return None if isinstance(name, str) and under(name, home) else f"'{name}'"
+
     def check_bindings(self, node: ast.AST) -> None:
         targets, value = bindings(node)
         if isinstance(node, ast.AnnAssign):
@@ -468,7 +498,12 @@ class _Checker(ClassRules, CompileRules):
             elif dotted.startswith(SETTINGS):
                 constant = isinstance(value, ast.Constant) and not isinstance(value.value, (str, bytes)) or (
                     isinstance(value, ast.UnaryOp) and isinstance(value.operand, ast.Constant))
-                if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and constant):
+                if (where := self._setting_owner(t)) is not None:
+                    # torch.backends.cuda.torch is torch itself: torch.backends.cuda.torch.nn.Module.eval
+                    # = None patched torch's classes for every later call
+                    self.add(node, f"'{dotted}' is not a setting: it writes into {where}, not into torch.backends "
+                                   "or a compiler config")
+                elif not (isinstance(node, ast.Assign) and len(node.targets) == 1 and constant):
                     self.add(node, f"'{dotted}' may only be set to a number, a bool or None, "
                                    "in a plain assignment")
                 elif dotted.startswith(SETTINGS[1:]) and any(FILE_KNOB.search(part) for part in dotted.split(".")[3:]):

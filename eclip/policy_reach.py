@@ -392,6 +392,15 @@ def import_modules(tree: ast.AST) -> dict:
         if getattr(node, "level", 0):
             continue  # relative: refused anyway
         if isinstance(node, ast.ImportFrom):
+            sub = f"{node.module}.{alias.name}"
+            if node.module and not allowed_module(node.module) and allowed_module(sub) and not refused_path(sub):
+                # from eclip import expert: an allowed module by way of a package that is not
+                # one (left out, every chain on the name went unresolved: expert_mod.torch.export)
+                try:
+                    out[name] = importlib.import_module(sub)
+                except Exception:
+                    pass
+                continue
             if not allowed_module(node.module or "") or refused_path(node.module):
                 continue  # refused anyway: never imported into the referee
             out.update(_imported_name(node.module, alias.name, name))

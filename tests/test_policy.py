@@ -258,6 +258,21 @@ def test_the_template_passes():
     ("S = torch.cuda\nT = S.BFloat16Storage\nc = T.clone", "(T holds 'torch.cuda.BFloat16Storage')"),
     ("def note(record):\n    return record.args[0].free_symbols.pop().sympify('code')", "attribute '.sympify' is not allowed"),
     ("def hook(log, f):\n    log.addFilter(f)", "attribute '.addFilter' is not allowed"),
+    # a twelfth review: `from eclip import model` left the name unresolved, so chains on it
+    # were judged by name only (the template's expert_mod.torch.export.zipfile wrote files, and
+    # dataclasses.types.new_class built a class whose field names ran as code); a private
+    # attribute past self (a ForwardRef's _evaluate runs a string); a knob's chain through
+    # torch (torch.backends.cuda.torch.nn.Module.eval = None patched torch for every caller)
+    ("z = eclip_model.torch.export.zipfile.ZipFile('x.zip', 'w')", "'eclip_model.torch.export' is 'torch.export'"),
+    ("C = eclip_model.dataclasses.types.new_class('C', (), {})", "'eclip_model.dataclasses.types' is 'types'"),
+    ("class R:\n    def __init__(self, ref):\n        self.ref = ref\n    def run(self):\n"
+     "        return self.ref._evaluate({}, {}, frozenset())", "private attribute '._evaluate' is not allowed"),
+    ("torch.backends.cuda.torch.nn.Module.eval = None", "'torch.backends.cuda.torch.nn.Module.eval' is not a setting: "
+                                                        "it writes into 'torch.nn.modules.module'"),
+    ("torch.backends.cudnn.torch.nn.functional.math.pi = 3", "is not a setting: it writes into 'math'"),
+    ("torch._inductor.config.torch.nn.Module.eval = None", "'torch._inductor.config', no knob of which is "
+                                                           "'torch.nn.Module.eval'"),
+    ("import kernels.no_such_part as k\nx = k.anything", "the check cannot resolve the import of 'k'"),
     # names bound in a cycle (a = b.x, b = c.x, c = a.x) once took time and memory doubling with
     # each name of the file: the check must end, and fast
     ("\n".join(f"d{i} = torch.float32" for i in range(40)) + "\ndef f():\n    a = b.x\ndef g():\n    b = c.x\n"
