@@ -434,6 +434,12 @@ def outside(obj) -> str | None:
     """The module a resolved object belongs to when that is not one a recipe may import."""
     if isinstance(obj, Unimported):
         return obj.name
+    # a class's methods and properties as getattr_static finds them: the function inside is
+    # what a call runs (TorchDispatchMode.push is a classmethod of torch.utils._python_dispatch)
+    if isinstance(obj, (classmethod, staticmethod)):
+        obj = obj.__func__
+    elif isinstance(obj, property) and obj.fget is not None:
+        obj = obj.fget
     if is_binding_class(obj):
         return f"{obj.__module__}.{obj.__name__}, a C++ binding"
     if isinstance(obj, types.ModuleType):

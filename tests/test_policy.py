@@ -448,3 +448,17 @@ def test_the_program_checked_is_the_program_run(tmp_path, capsys):
     nul = tmp_path / "nul.py"
     nul.write_bytes(b"x = 1\ny = 2\nz = '\x00'\n")
     assert [v.format(str(nul)) for v in check_file(nul)] == [f"{nul}:3: a NUL character is not allowed"]
+
+
+def test_a_method_wrapper_is_judged_by_the_function_inside():
+    # getattr_static hands back a class's classmethods, staticmethods and properties as the
+    # wrappers, whose own class is builtins': the function inside is what a call runs
+    import os
+
+    import torch
+
+    from eclip.policy_reach import outside
+
+    for wrap in (classmethod, staticmethod, property):
+        assert outside(wrap(os.getcwd)) == os.getcwd.__module__  # posix: refused
+        assert outside(wrap(torch.zeros)) is None
