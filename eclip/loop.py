@@ -149,9 +149,29 @@ def load_recipe(path: str | Path):
     for attr in ("HPARAMS", "build_model", "build_optimizer", "train_step"):
         if not hasattr(module, attr):
             raise EclipError(f"{path}: recipe must define {attr}")
-    if not isinstance(module.HPARAMS, dict) or "batch_size" not in module.HPARAMS:
-        raise EclipError(f"{path}: HPARAMS must be a dict with at least 'batch_size'")
+    if type(module.HPARAMS) is not dict or "batch_size" not in module.HPARAMS:
+        # a dict exactly: a subclass's get() ran the recipe's code in the loop's set-up, before
+        # any of its clocks started (30 s of hidden work stayed within the harness's slack)
+        raise EclipError(f"{path}: HPARAMS must be a dict (a plain one, no subclass) with at least 'batch_size'")
+    if (found := _container_subclass(module.HPARAMS, "HPARAMS")) is not None:
+        raise EclipError(f"{path}: {found[0]} is a {found[1]}, a subclass: HPARAMS holds plain dicts, lists and "
+                         "tuples (the loop calls their methods)")
     return module
+
+
+def _container_subclass(value, where: str) -> tuple[str, str] | None:
+    """(path, type name) of the first dict, list or tuple within ``value`` (``HPARAMS['model']``)
+    whose type is a subclass rather than the builtin itself, or None."""
+    stack, seen = [(value, where)], set()  # a walk, not recursion: any depth, and a dict holding itself
+    while stack:
+        v, at = stack.pop()
+        if isinstance(v, (dict, list, tuple)) and type(v) not in (dict, list, tuple):
+            return at, type(v).__name__
+        if type(v) in (dict, list, tuple) and id(v) not in seen:
+            seen.add(id(v))
+            items = v.items() if type(v) is dict else enumerate(v)
+            stack.extend((x, f"{at}[{k!r}]") for k, x in reversed(list(items)))
+    return None
 
 
 def _coerce(key: str, default, value):

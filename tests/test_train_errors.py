@@ -437,3 +437,21 @@ def test_a_scored_split_of_one_image_is_refused(tmp_path, capsys):
         assert not (tmp_path / "run").exists()
     # five train+val images in two folds: 3 and 2, both scored
     assert run(["--data", data, "--out", tmp_path / "cv", "--steps", 1, "--folds", 2, *SMALL], capsys)[0] == 0
+
+
+@pytest.mark.parametrize("extra,message", [
+    # a dict subclass's get() ran in the loop's set-up, before any of its clocks: 30 s of hidden
+    # work on a 10-s budget stayed within the harness's slack
+    ("class Knobs(dict):\n    def get(self, key, default=None):\n        return dict.get(self, key, default)\n\n"
+     "HPARAMS = Knobs(HPARAMS)\n", "HPARAMS must be a dict (a plain one, no subclass) with at least 'batch_size'"),
+    ("class Group(dict):\n    pass\n\nHPARAMS['model'] = Group(HPARAMS['model'])\n",
+     "HPARAMS['model'] is a Group, a subclass: HPARAMS holds plain dicts, lists and tuples (the loop calls their "
+     "methods)"),
+])
+def test_hparams_of_a_subclass_are_refused(train_cache, tmp_path, capsys, extra, message):
+    from eclip.policy import check_source
+
+    path = recipe_with(tmp_path, extra)
+    assert check_source(path.read_text()) == []  # the policy lets it through: the loader must not
+    rc, _, err = run(["--data", train_cache, "--out", tmp_path / "run", "--steps", 2, "--recipe", path, *SMALL], capsys)
+    assert rc == 2 and err == f"train: error: {path}: {message}\n", err
