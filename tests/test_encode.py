@@ -366,35 +366,25 @@ def test_what_the_recipes_module_code_draws_is_the_same_in_every_process(small_c
     recipe = tmp_path / "recipe.py"
     recipe.write_text(train.TEMPLATE.read_text() + '''
 
+from eclip.model import EclipModel as _EclipModel
+
 _PERM = torch.randperm(32)  # drawn at import: the same in every process only if seeded before it
 _plain_build_model = build_model
 
 
-class _Permuted(torch.nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.cfg = inner.cfg
-        self.logit_scale = inner.logit_scale
-
-    def forward(self, images, tokens, mask):
-        return self.inner(images, tokens, mask)
-
-    def clamp_logit_scale_(self):
-        self.inner.clamp_logit_scale_()
-
-    def param_groups(self, wd):
-        return self.inner.param_groups(wd)
-
+class _Permuted(_EclipModel):
     def encode_image(self, images):
-        return self.inner.encode_image(images)[:, _PERM]
+        return super().encode_image(images)[:, _PERM]
 
     def encode_text(self, tokens, mask):
-        return self.inner.encode_text(tokens, mask)[:, _PERM]
+        return super().encode_text(tokens, mask)[:, _PERM]
 
 
 def build_model(spec):
-    return _Permuted(_plain_build_model(spec))
+    model = _plain_build_model(spec)
+    permuted = _Permuted(model.cfg).to(spec.device)
+    permuted.load_state_dict(model.state_dict())
+    return permuted
 ''')
     out = tmp_path / "run"
     assert train.main(["--data", str(small_cache), "--out", str(out), "--steps", "1", "--device", "cpu",
@@ -405,7 +395,7 @@ def build_model(spec):
     again = encode.encode_checkpoint(recipe, out, inputs, "cpu")
     for a, b in zip(first, again, strict=True):
         torch.testing.assert_close(a, b, atol=0, rtol=0)  # (fp32, 0, 0): the same weights, inputs and draw
-    # and the draw is training's: the run's own evaluation and the encoding's rank alike
+    # and the harness, whose images' and texts' processes each draw it, ranks as the run itself did
     scored = harness_eval.evaluate({"status": "ok"}, SimpleNamespace(out=out, data=small_cache, final=False,
                                                                      recipe=recipe, device="cpu", budget_s=60.0))
     by_hand = json.loads((out / "result.json").read_text())
