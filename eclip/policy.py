@@ -111,6 +111,10 @@ from eclip.policy_reach import (
     under,
 )
 
+# Private names a recipe may read on anything: a compiled module's original (torch.compile
+# returns a wrapper; its _orig_mod is the recipe's own module)
+PRIVATE_ANYWHERE = frozenset({"_orig_mod"})
+
 
 @dataclass
 class Violation:
@@ -268,6 +272,9 @@ class _Checker(ClassRules, CompileRules):
             if name in TRUSTED_BUILTINS:
                 self.add(next(iter(paths.values())), f"binding the builtin '{name}' is not allowed (the check "
                                                      "relies on what it is)")
+            if name in RECEIVERS:  # import typing as cls: cls._eval_type passed as the receiver's own
+                self.add(next(iter(paths.values())), f"an import named '{name}' is not allowed (it names the "
+                                                     "instance of a method)")
         for node in ast.walk(self.tree):
             if isinstance(node, ast.Import):
                 self.check_import(node)
@@ -291,6 +298,8 @@ class _Checker(ClassRules, CompileRules):
                 self.check_match_class(node)
             if isinstance(node, ast.ExceptHandler) and node.name:
                 self.rebinds(node, node.name)
+                if node.name in RECEIVERS:  # except E as self: self._x would be the exception's
+                    self.add(node, f"binding '{node.name}' is not allowed (it names the instance of a method)")
             elif isinstance(node, ast.pattern):  # case torch: binds torch
                 for t in bindings(node)[0]:
                     self.rebinds(node, t.id)
@@ -396,7 +405,9 @@ class _Checker(ClassRules, CompileRules):
             self.add(node, f"dunder attribute '.{node.attr}' is not allowed ({WHY})")
         elif node.attr in FORBIDDEN_ATTRIBUTES:
             self.add(node, f"attribute '.{node.attr}' is not allowed ({WHY})")
-        elif is_private(node.attr) and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")) \
+        elif is_private(node.attr) and node.attr not in PRIVATE_ANYWHERE and not is_super_call(node.value) \
+                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+                         and node.value.id not in self.imported) \
                 and not in_settings_module(dotted_name(self._whole_chain(node))):
             # self._x is the recipe's own; self.ref._y is whatever self.ref holds (a ForwardRef's
             # _evaluate runs a string as code)

@@ -273,6 +273,13 @@ def test_the_template_passes():
     ("torch._inductor.config.torch.nn.Module.eval = None", "'torch._inductor.config', no knob of which is "
                                                            "'torch.nn.Module.eval'"),
     ("import kernels.no_such_part as k\nx = k.anything", "the check cannot resolve the import of 'k'"),
+    # a thirteenth review: an import named like a method's receiver took the receiver's leave to
+    # read private attributes (typing's _eval_type ran a string; torch's config.patch() set
+    # knobs that write files)
+    ("import typing as cls\nR = cls._eval_type(cls.List['x'], {}, {})", "an import named 'cls' is not allowed"),
+    ("import torch as self\nself._dynamo.reset()", "an import named 'self' is not allowed"),
+    ("class C:\n    def f(self):\n        try:\n            pass\n        except Exception as self:\n"
+     "            return self._x", "binding 'self' is not allowed"),
     # names bound in a cycle (a = b.x, b = c.x, c = a.x) once took time and memory doubling with
     # each name of the file: the check must end, and fast
     ("\n".join(f"d{i} = torch.float32" for i in range(40)) + "\ndef f():\n    a = b.x\ndef g():\n    b = c.x\n"
@@ -422,6 +429,10 @@ def test_allowed_constructs_pass():
         "total = functools.reduce(torch.add, [torch.ones(1)] * 3)\nfrom functools import reduce, cmp_to_key\n"
         "class Stack(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
         "        self.subs = torch.nn.ModuleList()\n"
+        # a compiled module's original, and the base class's private helper through super()
+        "class Wrap(torch.nn.Module):\n    def __init__(self, m):\n        super().__init__()\n"
+        "        self.inner = torch.compile(m)\n    def plain(self):\n        return self.inner._orig_mod\n"
+        "    def helper(self):\n        return super()._get_name()\n"
     )
     assert check_source(source) == []
 
