@@ -153,22 +153,29 @@ def load_recipe(path: str | Path):
         # a dict exactly: a subclass's get() ran the recipe's code in the loop's set-up, before
         # any of its clocks started (30 s of hidden work stayed within the harness's slack)
         raise EclipError(f"{path}: HPARAMS must be a dict (a plain one, no subclass) with at least 'batch_size'")
-    if (found := _container_subclass(module.HPARAMS, "HPARAMS")) is not None:
-        raise EclipError(f"{path}: {found[0]} is a {found[1]}, a subclass: HPARAMS holds plain dicts, lists and "
-                         "tuples (the loop calls their methods)")
+    if (found := _not_plain(module.HPARAMS, "HPARAMS")) is not None:
+        raise EclipError(f"{path}: {found[0]} is a {found[1]}: HPARAMS holds plain dicts (string keys), lists, "
+                         "tuples, strings, numbers, bools and None (the loop calls their methods, and the "
+                         "checkpoint saves them as JSON)")
     return module
 
 
-def _container_subclass(value, where: str) -> tuple[str, str] | None:
-    """(path, type name) of the first dict, list or tuple within ``value`` (``HPARAMS['model']``)
-    whose type is a subclass rather than the builtin itself, or None."""
+PLAIN = (dict, list, tuple, str, int, float, bool, type(None))  # HPARAMS' types, exactly
+
+
+def _not_plain(value, where: str) -> tuple[str, str] | None:
+    """(path, type name) of the first value within ``value`` (``HPARAMS['model']``) whose type
+    is not one of PLAIN itself (a subclass: its methods are the recipe's code), or of a dict key
+    that is no str, or None."""
     stack, seen = [(value, where)], set()  # a walk, not recursion: any depth, and a dict holding itself
     while stack:
         v, at = stack.pop()
-        if isinstance(v, (dict, list, tuple)) and type(v) not in (dict, list, tuple):
+        if type(v) not in PLAIN:
             return at, type(v).__name__
         if type(v) in (dict, list, tuple) and id(v) not in seen:
             seen.add(id(v))
+            if type(v) is dict and (bad := next((k for k in v if type(k) is not str), None)) is not None:
+                return f"{at} key {bad!r}", f"{type(bad).__name__}, not a str"
             items = v.items() if type(v) is dict else enumerate(v)
             stack.extend((x, f"{at}[{k!r}]") for k, x in reversed(list(items)))
     return None
