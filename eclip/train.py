@@ -260,9 +260,9 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
         done = (int(meta.get("step", 0)) >= args.steps if args.steps is not None
                 else float(meta.get("trained_s", 0.0)) >= args.budget_s)
         if done:
-            asked = f"--steps {args.steps}" if args.steps is not None else f"--budget-s {args.budget_s:g}"
             print(f"train: the checkpoint in {out} has trained {meta.get('step')} steps in "
-                  f"{float(meta.get('trained_s', 0.0)):.1f} s, all that {asked} asks: no step runs "
+                  f"{float(meta.get('trained_s', 0.0)):.1f} s, all that {_length(args.steps, args.budget_s)} asks: "
+                  "no step runs "
                   f"({'saved as it is' if args.train_only else 'evaluating it'}); ask for more to train on",
                   file=sys.stderr)
         elif (asked := _schedule_change(meta, args)) is not None:
@@ -282,9 +282,9 @@ def train_once(args, overrides: dict, cache, train_rows, eval_rows, eval_split: 
     logs = []  # opened at the first row: a run that fails while setting up keeps the last run's log
 
     def on_log(row):
-        if not logs and schedule_note:
-            print(schedule_note, file=sys.stderr)
         if not logs:
+            if schedule_note:
+                print(schedule_note, file=sys.stderr)
             # from here the log is this run's: the last run's result no longer describes the
             # folder (a run that then fails, a full disk at its save, leaves none, not a stale "ok")
             (out / "result.json").unlink(missing_ok=True)
