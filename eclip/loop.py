@@ -554,10 +554,12 @@ def _restore_rng(tensors: dict, device: torch.device, resume_dir: Path) -> None:
     """Put torch's global generators back as the checkpoint saved them (``torch_rng``, and
     ``torch_cuda_rng`` from a CUDA run resumed on one); a checkpoint from before they were
     saved, and a CPU run's resumed on CUDA for the CUDA generator, continue from the seed."""
-    for key, restore in (("torch_rng", torch.set_rng_state),
-                         ("torch_cuda_rng", lambda t: torch.cuda.set_rng_state(t, device))):
-        if key not in tensors or (key == "torch_cuda_rng" and device.type != "cuda"):
-            continue  # a CUDA run's resumed on a CPU: no CUDA generator to put back
+    restores = {"torch_rng": torch.set_rng_state}
+    if device.type == "cuda":  # a CUDA run's resumed on a CPU: no CUDA generator to put back
+        restores["torch_cuda_rng"] = lambda t: torch.cuda.set_rng_state(t, device)
+    for key, restore in restores.items():
+        if key not in tensors:
+            continue
         try:
             restore(tensors[key])
         except (RuntimeError, TypeError) as e:  # a damaged state: another size or dtype
