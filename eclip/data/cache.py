@@ -366,9 +366,9 @@ def check_layout(path: Path, m: dict, images: torch.Tensor, ann: dict[str, torch
         t, n = ann[toks], ann[lens]
         for start in range(0, t.shape[0], 1 << 16):  # in chunks: a bool [C, L] of a large cache at once is GBs
             chunk, want = t[start:start + (1 << 16)], n[start:start + (1 << 16)].to(torch.int64)
-            real = torch.arange(t.shape[1]) < want[:, None]
-            if not bool(((chunk != 0) == real).all()):
-                row = start + int(torch.nonzero(((chunk != 0) != real).any(1))[0, 0])
+            wrong = ((chunk != 0) != (torch.arange(t.shape[1]) < want[:, None])).any(1)  # [rows]
+            if bool(wrong.any()):
+                row = start + int(torch.nonzero(wrong)[0, 0])
                 raise bad(lens, f"disagrees with {toks} at row {row} ({int(want[row - start])} where the row "
                                 f"holds {int((chunk[row - start] != 0).sum())} tokens before its padding, or "
                                 "padding between them)")
@@ -379,9 +379,8 @@ def check_layout(path: Path, m: dict, images: torch.Tensor, ann: dict[str, torch
             raise bad(name, f"is not grouped by image (entry {at} names image {int(t[at])} after image {int(t[at - 1])})")
     # an image without a caption: training drew a neighbour's caption for it (a wrong pair,
     # silently), and the evaluation failed after the whole budget
-    counts = torch.bincount(ann["caption_image"], minlength=sizes["N"]) if sizes["N"] else torch.zeros(0)
-    if bool((counts == 0).any()):
-        missing = torch.nonzero(counts == 0).flatten()
+    missing = torch.nonzero(torch.bincount(ann["caption_image"], minlength=sizes["N"]) == 0).flatten()
+    if missing.numel():
         raise bad("caption_image", f"leaves {missing.numel()} image(s) without a caption (first: image "
                                    f"{int(missing[0])})")
 
