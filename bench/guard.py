@@ -252,9 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"--tolerance {args.tolerance:g}: must be a fraction from 0 to 1 (0.15: 15%)")
     device = None
     if args.run is None and args.action == "check":  # before minutes of benchmarks, not after
-        baseline = args.baseline or BASELINES / f"{slug(current_device())}.json"
+        here = current_device()
+        baseline = args.baseline or BASELINES / f"{slug(here)}.json"
         if not baseline.exists():
-            return _fail(f"no baseline for {current_device()} at {baseline}; make one with: python -m bench.guard save")
+            return _fail(f"no baseline for {here} at {baseline}; make one with: python -m bench.guard save")
     if args.run is not None:
         run_path = args.run
         device = load_run(run_path).get("device")
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(f"{why}; {keep}")
         dropped = sorted(set(guarded(old)) - set(guarded(run)) - references(run)) if old is not None else []
         kept = []
-        if dropped and selects(args.pytest_args) and not args.allow_missing:
+        if dropped and partial and not args.allow_missing:  # partial by its pytest arguments
             # a run narrowed on purpose (-- -k loss) updates its own figures and keeps the others'
             names = {b["fullname"] for b in run["benchmarks"]}
             kept = [b for b in old["benchmarks"] if b["fullname"] not in names]
