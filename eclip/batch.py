@@ -23,10 +23,13 @@ class Batch:
     phrase_tokens: torch.Tensor  # int64 [B, Lp] tokens of one region phrase per sample
     phrase_mask: torch.Tensor  # bool [B, Lp], True at real tokens (all False without regions)
     has_region: torch.Tensor  # bool [B], True when the sample's phrase has a box (box_mask.any(1))
+    # int64 [B]: the phrase's id among the split's distinct phrases (equal ids, equal tokens),
+    # so telling twin phrases apart is one sort key, not a row of tokens; None when not known
+    phrase_id: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
         return int(self.images.shape[0])
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        return Batch(**{k: v.to(device, non_blocking=non_blocking) for k, v in vars(self).items()})
+        return Batch(**{k: v if v is None else v.to(device, non_blocking=non_blocking) for k, v in vars(self).items()})

@@ -212,7 +212,8 @@ def expert_loss(model: EclipModel, batch: Batch, img_emb: torch.Tensor, txt_emb:
     # the phrase term over one sample per distinct phrase: two samples of "a small red circle"
     # (half of a batch of 64 of the built-in data's have a twin) were each other's negatives,
     # a contradiction whose loss no embedding could bring below its floor
-    first = first_of_each(batch.phrase_tokens, has)  # bool [B]
+    keys = batch.phrase_tokens if batch.phrase_id is None else batch.phrase_id[:, None]  # one column if it can
+    first = first_of_each(keys, has)  # bool [B]
     n, m = (int(v) for v in torch.stack([has.sum(), first.sum()]).tolist())  # the one host read
     if n < 2:  # a contrastive loss over one pair is exactly 0, its gradient too: skip the encoders
         return (img_emb[:0].sum() + txt_emb[:0].sum()).float()

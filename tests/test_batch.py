@@ -12,7 +12,8 @@ def _batch(b: int = 3, length: int = 5, regions: int = 2) -> Batch:
     return Batch(images=torch.randint(0, 256, (b, 3, 8, 8), dtype=torch.uint8, generator=g), tokens=tokens,
                  mask=torch.ones(b, length, dtype=torch.bool), boxes=torch.rand(b, regions, 4, generator=g),
                  box_mask=torch.ones(b, regions, dtype=torch.bool), phrase_tokens=tokens[:, :2].clone(),
-                 phrase_mask=torch.ones(b, 2, dtype=torch.bool), has_region=torch.ones(b, dtype=torch.bool))
+                 phrase_mask=torch.ones(b, 2, dtype=torch.bool), has_region=torch.ones(b, dtype=torch.bool),
+                 phrase_id=torch.arange(b))
 
 
 def test_size_is_the_number_of_samples():

@@ -364,3 +364,23 @@ def test_clearing_a_failed_gather_raises_nothing():
     pre.pending[0].exception(timeout=10)
     pre.close()
     assert pre.images is None
+
+
+def test_a_batchs_phrase_ids_tell_twin_phrases_as_their_tokens_do(cache):
+    # the expert term keeps one sample per distinct phrase by its id (one sort key), where it
+    # once compared the token rows: both must pick the same samples
+    import dataclasses
+
+    from eclip.expert import first_of_each
+
+    g = torch.Generator().manual_seed(1)
+    r = cache.region_tokens.shape[0]
+    twins = dataclasses.replace(cache, region_tokens=torch.randint(1, 3, (r, 2), generator=g, dtype=torch.int32),
+                                region_lengths=torch.full((r,), 2, dtype=torch.int32))
+    data = DeviceData(twins, torch.arange(300), torch.device("cpu"), seed=0)
+    for _ in range(3):
+        batch = data.sample(64)
+        by_id = first_of_each(batch.phrase_id[:, None], batch.has_region)
+        assert torch.equal(by_id, first_of_each(batch.phrase_tokens, batch.has_region))
+        assert 0 < int(by_id.sum()) < int(batch.has_region.sum())  # twins there, and dropped
+    data.close()

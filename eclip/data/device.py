@@ -250,15 +250,18 @@ class DeviceData:
         if self.phrase_tokens.shape[0]:
             phrase_tokens = self.phrase_tokens[phrase]
             phrase_mask = (phrase_tokens != 0) & has_region[:, None]
-            box_mask = box_mask & (self.slot_phrase[idx] == self.phrase_id[phrase][:, None])  # [B, K]
+            phrase_id = self.phrase_id[phrase]  # [B]
+            box_mask = box_mask & (self.slot_phrase[idx] == phrase_id[:, None])  # [B, K]
         else:
             phrase_tokens = torch.zeros(idx.numel(), 1, dtype=torch.int64, device=self.device)
             phrase_mask = torch.zeros_like(phrase_tokens, dtype=torch.bool)
+            phrase_id = torch.zeros(idx.numel(), dtype=torch.int64, device=self.device)
         if self.crop_scale < 1 or self.flip:
             images, boxes, box_mask = self._augment(images, boxes, box_mask)
         has_region = has_region & box_mask.any(dim=1)
         return Batch(images=images, tokens=tokens, mask=tokens != 0, boxes=boxes, box_mask=box_mask,
-                     phrase_tokens=phrase_tokens, phrase_mask=phrase_mask, has_region=has_region)
+                     phrase_tokens=phrase_tokens, phrase_mask=phrase_mask, has_region=has_region,
+                     phrase_id=phrase_id)
 
     def _augment(self, images: torch.Tensor, boxes: torch.Tensor, box_mask: torch.Tensor):
         """Random resized crop (area in [crop_scale, 1], aspect in [3/4, 4/3] narrowed to what
