@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from eclip.fileio import atomic_write, open_regular, remove, tail_lines
+from eclip.fileio import atomic_write, map_json, open_regular, remove, tail_lines
 from eclip.process import SECRET
 
 LOG_HEAD_BYTES = 32 << 20  # a run's log keeps the first 32 MiB it printed ...
@@ -50,13 +50,7 @@ def redact(text: str, secrets: list[str] | None = None) -> str:
 def map_strings(value, fn):
     """``value`` (JSON-like: dicts, lists, strings) with ``fn`` applied to every string in
     it, keys included; tuples become lists, other values stay as they are."""
-    if isinstance(value, str):
-        return fn(value)
-    if isinstance(value, dict):
-        return {map_strings(k, fn): map_strings(v, fn) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [map_strings(v, fn) for v in value]
-    return value
+    return map_json(value, lambda leaf: fn(leaf) if isinstance(leaf, str) else leaf)
 
 
 def redact_value(value):

@@ -17,6 +17,17 @@ from pathlib import Path
 from eclip.errors import EclipError, first_line
 
 
+def map_json(value, fn):
+    """``value`` (JSON-like: dicts, lists, tuples and leaves) with ``fn`` applied to every leaf,
+    dict keys included; tuples become lists. What is written as JSON is cleaned through it
+    (non-finite numbers, secrets, text that is not UTF-8)."""
+    if isinstance(value, dict):
+        return {map_json(k, fn): map_json(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [map_json(v, fn) for v in value]
+    return fn(value)
+
+
 def atomic_write(path: Path, write) -> None:
     """``write(tmp)`` to a temporary sibling, then rename it over ``path``: readers see the
     old file or the new one, never half of one.

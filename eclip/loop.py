@@ -38,7 +38,7 @@ from eclip.data.cache import Cache
 from eclip.data.device import DeviceData
 from eclip.errors import EclipError, first_line
 from eclip.evaluate import retrieval_metrics
-from eclip.fileio import atomic_write
+from eclip.fileio import atomic_write, map_json
 from eclip.policy import read_source
 from eclip.process import install_stop
 from eclip.readback import Diverged, Readback
@@ -541,13 +541,7 @@ def finite(obj):
     """``obj`` with every float that is NaN or infinite (a diverged loss, a recipe's metric)
     replaced by None, through dicts, lists and tuples: Python's json writes them as bare
     ``NaN``/``Infinity``, which is no JSON, and strict readers (jq, JavaScript) refuse the file."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return obj
+    return map_json(obj, lambda v: None if isinstance(v, float) and not math.isfinite(v) else v)
 
 
 def _restore_rng(tensors: dict, device: torch.device, resume_dir: Path) -> None:
