@@ -87,7 +87,8 @@ encoding takes more than a few seconds, is an error.
   grad, data): to change a model's behaviour, subclass it; self is only ever a method's
   first parameter, methods are called on instances, type(x) is only compared; no module
   used as a value (write `import torch.nn.functional as F`, `from eclip import expert`); knobs under
-  torch.backends and the compiler configs may be set to numbers or bools; torch.compile
+  torch.backends and the compiler configs may be set to numbers or bools (string literals under
+  torch.backends only: matmul.fp32_precision = "tf32"); torch.compile
   takes backend only as one of "inductor", "eager", "aot_eager", "cudagraphs", and options
   only as a dict literal of numbers and bools.
 - The metrics are computed by the harness, which never runs your code, from the embeddings

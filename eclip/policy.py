@@ -41,7 +41,8 @@ those on ``torch.compile`` in ``eclip.policy_compile``):
   receiver is never a value, ``cls`` included), ``type(x)`` is only compared. Writes into
   imports are named as such, through any binding and any name that holds one
   (``r = kernels.retrieval``); modules are not values at all. Settings under ``SETTINGS``
-  may be set, to numbers, bools or None only, and no compiler knob that writes files or
+  may be set, to numbers, bools or None only (string literals under torch.backends, whose
+  knobs take names; a compiler knob's string may name an executable), and no compiler knob that writes files or
   reaches a server (``FILE_KNOB``: ``trace.enabled``, ``*_remote_cache``);
 - classes only from ``class`` statements: no metaclass (``FunctionMeta``, ``typing.Type``
   as a base) or class keyword, and bases named, not computed: a class made from a name and a
@@ -133,6 +134,7 @@ class _Checker(ClassRules, CompileRules):
         self.tree = tree
         self.found: list[Violation] = []
         self.imported = imported_names(tree)
+        self.import_paths = import_paths(tree)
         self.modules = import_modules(tree) if self.imported else {}
         self.parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
         self.classes = {n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
@@ -158,6 +160,11 @@ class _Checker(ClassRules, CompileRules):
         module = self.modules.get(root)
         if isinstance(module, types.ModuleType) and module.__name__ != root:
             return f"{module.__name__}.{rest}" if rest else module.__name__
+        paths = self.import_paths.get(root, {})
+        if root in self.modules and not isinstance(module, types.ModuleType) and len(paths) == 1:
+            # from torch.backends.cuda import matmul: an object, spelt by the one path importing it
+            path = next(iter(paths))
+            return f"{path}.{rest}" if rest else path
         return dotted
 
     def _whole_chain(self, node: ast.AST) -> ast.AST:
@@ -507,7 +514,11 @@ class _Checker(ClassRules, CompileRules):
                 self.add(node, f"assigning into an attribute of a computed value ('{dotted}') is not allowed "
                                "(bind it to a name first)")
             elif dotted.startswith(SETTINGS):
-                constant = isinstance(value, ast.Constant) and not isinstance(value.value, (str, bytes)) or (
+                # torch.backends takes strings from a fixed set (matmul.fp32_precision = "tf32"); a
+                # compiler knob's string may name an executable or a folder (cpp.cxx, cutlass_dir)
+                text = (str,) if dotted.startswith(SETTINGS[0]) else ()
+                constant = isinstance(value, ast.Constant) and (
+                    not isinstance(value.value, (str, bytes)) or isinstance(value.value, text)) or (
                     isinstance(value, ast.UnaryOp) and isinstance(value.operand, ast.Constant))
                 if (where := self._setting_owner(t)) is not None:
                     # torch.backends.cuda.torch is torch itself: torch.backends.cuda.torch.nn.Module.eval
@@ -515,8 +526,8 @@ class _Checker(ClassRules, CompileRules):
                     self.add(node, f"'{dotted}' is not a setting: it writes into {where}, not into torch.backends "
                                    "or a compiler config")
                 elif not (isinstance(node, ast.Assign) and len(node.targets) == 1 and constant):
-                    self.add(node, f"'{dotted}' may only be set to a number, a bool or None, "
-                                   "in a plain assignment")
+                    self.add(node, f"'{dotted}' may only be set to a number, a bool or None (a string too "
+                                   "under torch.backends), in a plain assignment")
                 elif dotted.startswith(SETTINGS[1:]) and any(FILE_KNOB.search(part) for part in dotted.split(".")[3:]):
                     self.add(node, f"'{dotted}' is not allowed: a compiler knob that writes files (traces, records, "
                                    "dumps) or reaches a cache server")

@@ -73,6 +73,10 @@ def test_the_template_passes():
     ("def f(x: 'int'): pass", "string annotations are not allowed"),
     ("h = typing.get_type_hints(len)", "attribute '.get_type_hints' is not allowed"),
     ("torch._inductor.config.cpp.cxx = ('/bin/sh',)", "may only be set to a number, a bool or None"),
+    ("torch._inductor.config.cpp.cxx = '/bin/sh'", "may only be set to a number, a bool or None"),
+    ("torch.backends.cuda.matmul.fp32_precision = b'tf32'", "may only be set to a number, a bool or None"),
+    ("torch.backends.cuda.matmul.fp32_precision = f'{torch}'", "may only be set to a number, a bool or None"),
+    ("from torch.backends.cuda import torch as T\nT.nn.Module.eval = None", "assigning into 'T.nn.Module.eval'"),
     ("torch._inductor.config.patch({'x': 1})", "calling 'torch._inductor.config.patch' is not allowed"),
     ("t = eclip_model.Path", "attribute '.Path' is not allowed"),
     # a second review, after the first round of fixes: each passed and scored 0 or ran code
@@ -433,6 +437,9 @@ def test_allowed_constructs_pass():
         "class Wrap(torch.nn.Module):\n    def __init__(self, m):\n        super().__init__()\n"
         "        self.inner = torch.compile(m)\n    def plain(self):\n        return self.inner._orig_mod\n"
         "    def helper(self):\n        return super()._get_name()\n"
+        # torch.backends' string settings, and a knob on an object imported from torch.backends
+        "torch.backends.cuda.matmul.fp32_precision = 'tf32'\ntorch.backends.cudnn.conv.fp32_precision = 'tf32'\n"
+        "from torch.backends.cuda import matmul\nmatmul.allow_tf32 = True\n"
     )
     assert check_source(source) == []
 
