@@ -20,7 +20,8 @@ its LSE is already final (the lean forward's rows): it is read, not written.
     coef = s·g/(2B)                              (the factor of both gradient products)
     ds   = g/(2B) · Σ Ĝ∘x,  Σ Ĝ∘x = Σ Ĝ∘z / (s·log2 e),
 with g the upstream gradient and Σ Ĝ∘z the forward's sum. At s = 0 every z is 0 and carries
-nothing of x; there P = Q = 1/B and Σ Ĝ∘x = (2/B)·<Σ_i I_i, Σ_j T_j> − 2·Σ_i <I_i, T_i>,
+nothing of x (and near it z loses its digits among fp32's subnormals, so |s·log2 e| < 2⁻⁶⁴
+counts as 0, an error of that order); there P = Q = 1/B and Σ Ĝ∘x = (2/B)·<Σ_i I_i, Σ_j T_j> − 2·Σ_i <I_i, T_i>,
 which the same program computes with fp32 sums (O(B·D) reads on one SM: slow, but s =
 exp(logit scale) is never 0 in training; the branch costs nothing otherwise). Divisions are
 correctly rounded (``div_rn``, not the approximate ``div.full`` that ``/`` compiles to);
@@ -37,6 +38,10 @@ from ._common import HAVE_TRITON, INTERPRET, next_pow2
 if HAVE_TRITON:
     import triton
     import triton.language as tl
+
+    # |s·log2 e| below this takes the s = 0 branch of fast_scalars: 2⁻⁶⁴, where c·x is still a
+    # normal fp32 for any |x| ≥ 2⁻⁶² and the s = 0 value is exact to c·|x| relative
+    TINY_C = tl.constexpr(2.0 ** -64)
 
 if HAVE_TRITON:
 
@@ -104,7 +109,10 @@ if HAVE_TRITON:
         two_n = 2.0 * n
         tl.store(coef_ptr, tl.math.div_rn(s * g, two_n))
         c = s * 1.4426950408889634
-        if c == 0:
+        # Below TINY_C, z = c·x has sunk towards fp32's subnormals (all precision gone at
+        # c ≈ 1e-38, and gz / c then grows without bound: the sign flipped at s = 1e-40); the
+        # s = 0 sums below differ from the exact Σ Ĝ∘x by O(c·|x|), nothing at that size
+        if tl.abs(c) < TINY_C:
             cross = tl.zeros([BLOCK_D], tl.float32)  # Σ_d (Σ_i I_id)(Σ_j T_jd), by D-block
             trace = tl.zeros([BLOCK_D], tl.float32)  # Σ_d Σ_i I_id T_id, by D-block
             for d0 in range(0, dim, BLOCK_D):
