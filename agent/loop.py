@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import functools
 import json
 import math
 import os
@@ -54,6 +55,7 @@ from agent.search import SearchExhausted, SearchProposer, read_hparams
 from agent.workspace import Workspace, WorkspaceError, locked
 from eclip import sandbox
 from eclip.errors import DefaultsFormatter, OneLineParser, first_line
+from eclip.hardware import runs_on_cpu
 from eclip.policy import check_source
 from eclip.process import exit_main, sigterm_as_ctrl_c
 
@@ -79,9 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-delta", type=float, default=0.0, help="smallest improvement worth keeping")
     p.add_argument("--device", default="auto", help="device for the runs")
     p.add_argument("--seed", type=int, default=0, help="proposer seed")
-    p.add_argument("--isolate", action="store_true",
+    p.add_argument("--isolate", nargs="?", const="on", default="auto", choices=ISOLATE_MODES,
                    help="run each recipe in a sandbox that cannot read the cache (Linux user namespaces; the "
-                        "harness's --isolate): where a score must be trusted, since the recipe check can be evaded")
+                        "harness's --isolate), since the recipe check can be evaded: on (a bare --isolate) requires "
+                        "it, off runs without, auto uses it for CPU runs where the machine can build one (on a GPU "
+                        "it is not verified yet)")
     p.add_argument("--timeout-s", type=float, help="hard limit per run (default: budget × 1.5 + 120 s)")
     p.add_argument("--keep-checkpoints", choices=disk.POLICIES, default="kept",
                    help="whose checkpoints stay in experiments/<n>/ once a run ends: the baselines' and kept "
@@ -304,6 +308,28 @@ def tag_error(tag: str) -> str | None:
             "'.' or '-'")
 
 
+ISOLATE_MODES = ("auto", "on", "off")
+
+
+@functools.cache
+def _probe_once() -> str | None:
+    """``sandbox.probe()`` once a process: the machine does not change between sessions."""
+    return sandbox.probe()
+
+
+def isolation(mode: str, device: str) -> tuple[bool, str | None]:
+    """Whether the runs go into the sandbox for ``--isolate mode``, and why not (None when
+    they do, or when ``off`` says not to). ``on`` was probed as the loop began (refused
+    there); ``auto`` isolates where the sandbox is verified: CPU runs, on a machine that can
+    build one (a GPU run inside it has not been checked yet)."""
+    if mode != "auto":
+        return mode == "on", None
+    if not runs_on_cpu(device):
+        return False, "the sandbox is not yet verified on a GPU; --isolate on uses it there"
+    why = _probe_once()
+    return why is None, why
+
+
 def check_args(args) -> str | None:
     """The first bad option, as its error message (None when all are usable). Checked before a
     workspace is touched: a bad budget would otherwise fail every baseline and the workspace
@@ -355,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     if why := settings_error(args, events):
         print(f"loop: error: {why}", file=sys.stderr)  # asked again, locked, once the journal is reconciled
         return 2
-    if args.isolate and (why := sandbox.probe()):  # not one run in: every run would fail the same way
+    if args.isolate == "on" and (why := sandbox.probe()):  # not one run in: every run would fail the same way
         print(f"loop: error: --isolate: cannot build the sandbox on this machine: {why}", file=sys.stderr)
         return 2
     if not (args.data / "manifest.json").exists():
@@ -438,6 +464,11 @@ def session(args, ws: Workspace) -> int:
     if count:  # a study begun under another rule (or before there was one)
         print(f"loop: deleted the checkpoints of {count} earlier runs ({freed / disk.GIB:.2f} GiB), as "
               f"--keep-checkpoints {args.keep_checkpoints} says", file=sys.stderr)
+    isolate, why = isolation(args.isolate, args.device)
+    if why:  # said once a session is sure to run, not ahead of an error that ends it
+        print(f"loop: note: the runs are not isolated ({why}): code that evades the recipe check can read the "
+              "cache's held-out pairs", file=sys.stderr)
+    args.isolate = isolate  # what every run and the session line get: a bool
     # what this session runs with: `agent.report --final` retrains the best on the same data
     journal.append(ws.journal_path, {"event": "session", "time": time.time(), "proposer": args.proposer,
                                      "data": str(args.data.resolve()), "data_fingerprint": data_fingerprint(args.data),
@@ -493,7 +524,7 @@ def session(args, ws: Workspace) -> int:
     print(f"---\nworkspace:      {ws.root}\nbest_commit:    {st['best_commit'][:7]}\n"
           f"best_mean_rank: {'none' if st['best'] is None else round(st['best'], 2)}\nnoise_floor:    {st['threshold']:.3f}\n"
           f"experiments:    {st['experiments']}\ncheckpoints:    {disk.summary(ws.experiments)}\n"
-          f"results:        {ws.results_path}")
+          f"isolated:       {'yes' if args.isolate else 'no'}\nresults:        {ws.results_path}")
     return code
 
 

@@ -381,6 +381,52 @@ def test_isolate_is_refused_before_anything_runs_where_no_sandbox_can_be_built(c
     assert not (tmp_path / "t").exists()
 
 
+@pytest.mark.parametrize("argv,on_cpu,why,isolated,note", [
+    ([], True, None, True, None),  # the default: a CPU run on a machine with a sandbox is isolated
+    ([], True, "unshare (user namespaces): Operation not permitted", False,
+     "loop: note: the runs are not isolated (unshare (user namespaces): Operation not permitted): code that "
+     "evades the recipe check can read the cache's held-out pairs"),
+    ([], False, None, False,  # a GPU run: the sandbox is not verified there, so auto does not use it
+     "loop: note: the runs are not isolated (the sandbox is not yet verified on a GPU; --isolate on uses it "
+     "there): code that evades the recipe check can read the cache's held-out pairs"),
+    (["--isolate", "on"], False, None, True, None),
+    (["--isolate=off"], True, None, False, None),  # asked not to: no probe, no note
+])
+def test_isolate_auto_uses_the_sandbox_for_cpu_runs_where_it_can_be_built(cache, tmp_path, monkeypatch, capsys,
+                                                                            argv, on_cpu, why, isolated, note):
+    asked = []
+
+    def fake(recipe, data, budget_s, out, **kw):
+        asked.append(kw.get("isolate"))
+        return {"status": "ok", "val_mean_rank": 100 - len(asked), "duration_s": 0.1}
+
+    def probe():
+        if "--isolate=off" in argv:
+            pytest.fail("probed though told --isolate off")
+        return why
+
+    monkeypatch.setattr(loop.sandbox, "probe", probe)
+    monkeypatch.setattr(loop, "_probe_once", probe)  # its memo would hold the real machine's answer
+    monkeypatch.setattr(loop, "runs_on_cpu", lambda device: on_cpu)
+    monkeypatch.setattr(loop, "run_experiment", fake)
+    assert loop.main(["--tag", "t", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1",
+                      "--noise-runs", "1", "--max-experiments", "1", *argv]) == 0
+    ws = Workspace(tmp_path / "t")
+    assert [e["isolate"] for e in journal.read(ws.journal_path) if e.get("event") == "session"] == [isolated]
+    assert asked == [isolated, isolated]
+    printed = capsys.readouterr()
+    notes = [line for line in printed.err.splitlines() if "isolated" in line]
+    assert notes == ([note] if note else [])
+    assert f"\nisolated:       {'yes' if isolated else 'no'}\n" in printed.out  # in the summary block
+
+
+def test_isolate_takes_only_its_three_modes(capsys):
+    with pytest.raises(SystemExit) as e:
+        loop.main(["--isolate", "maybe"])
+    assert e.value.code == 2
+    assert "argument --isolate: invalid choice: 'maybe'" in capsys.readouterr().err
+
+
 def test_a_second_ctrl_c_while_the_plot_is_drawn_still_gives_the_summary(cache, tmp_path, monkeypatch, capsys):
     # the plot (matplotlib's import: about a second) comes after the journal is complete; a
     # second Ctrl-C there once ended the loop in a traceback, without its summary block

@@ -63,7 +63,8 @@ def test_a_git_failure_is_one_line(small_cache, tmp_path, monkeypatch, capsys):
     lock.write_text("")
     os.utime(lock, (time.time() + 60, time.time() + 60))  # young: perhaps a person's git at work, so it stays
     capsys.readouterr()
-    assert _loop(tmp_path, small_cache, "--max-experiments", "1") == 1
+    # --isolate off: on a machine without a sandbox auto's note would come first
+    assert _loop(tmp_path, small_cache, "--max-experiments", "1", "--isolate", "off") == 1
     err = capsys.readouterr().err
     assert err.startswith(f"loop: error: {tmp_path / 'w'}: git reset failed: fatal: Unable to create ") \
         and "index.lock" in err and err.count("\n") == 1, err
