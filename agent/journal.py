@@ -250,7 +250,7 @@ def rebuild_results(path: Path, events: list[dict]) -> None:
     """Rewrite results.tsv from the journal (the record of truth), atomically: a kill
     between the journal line and the table row can neither lose nor duplicate a row."""
     rows = [result_row(exp) for exp in experiments(events) if exp.get("ended")]
-    if rows:
+    if rows or path.exists():  # no rows: a table left of other runs would take the next row after its own
         table = "\t".join(COLUMNS) + "\n" + "".join(_tsv_line(row) for row in rows)
         atomic_write(path, lambda tmp: tmp.write_text(table, encoding="utf-8"))
 

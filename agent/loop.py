@@ -178,12 +178,15 @@ def session_runs(events: list[dict]) -> set[int]:
     return {e["n"] for e in events[last + 1:] if e.get("event") == "start" and "n" in e}
 
 
-def stop_on_full_disk(e: OSError, root: Path) -> None:
-    """Say why the loop stops when ``e`` (raised by one of its own writes) is a full disk;
-    raise it again otherwise, from the ``except`` clause that caught it."""
-    if e.errno not in (errno.ENOSPC, errno.EDQUOT):  # a quota's limit is a full disk too, as the harness counts it
-        raise e
-    print(f"loop: stopping: {e.filename or root}: {e.strerror}; free some space, then resume", file=sys.stderr)
+def stop_on_os_error(e: OSError, root: Path) -> None:
+    """Say in one line why the loop stops on ``e``, raised by one of its own reads or writes:
+    a full disk, or another error of the file system (a folder where a file belongs, a
+    read-only mount); the journal is left as it was, for a resume."""
+    where = e.filename or root
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a quota's limit is a full disk too, as the harness counts it
+        print(f"loop: stopping: {where}: {e.strerror}; free some space, then resume", file=sys.stderr)
+    else:
+        print(f"loop: error: {where}: {e.strerror or e}; mend it, then resume", file=sys.stderr)
 
 
 def next_number(ws: Workspace, st: dict) -> int:
@@ -405,8 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     except WorkspaceError as e:  # in use by another process, or records that disagree
         print(f"loop: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:  # a full disk as the session begins (the journal's reconciling, its session line)
-        stop_on_full_disk(e, root)
+    except OSError as e:  # as the session begins (the journal's reconciling, its session line): a full disk, say
+        stop_on_os_error(e, root)
         return 1
 
 
@@ -416,15 +419,16 @@ STUDY_SETTINGS = {"data": "--data", "budget_s": "--budget-s", "device": "--devic
 
 def study_settings(events: list[dict]) -> dict | None:
     """The ``session`` line in effect when the study's first baseline was scored (None before
-    one is): the settings every later score is compared under."""
+    one is): the settings every later score is compared under. ``{}`` when a baseline was
+    scored under no session line the journal still holds (one damaged): settings unknown."""
     scored = {e["n"] for e in journal.experiments(events) if e.get("status") == "baseline"}
     current = None
     for e in events:
         if e.get("event") == "session":
             current = e
         elif e.get("event") == "start" and e.get("n") in scored:
-            return current
-    return None
+            return current if current is not None else {}
+    return {} if scored else None
 
 
 def settings_error(args, events: list[dict]) -> str | None:
@@ -435,6 +439,10 @@ def settings_error(args, events: list[dict]) -> str | None:
     study = study_settings(events)
     if study is None:
         return None
+    if not study:  # checking nothing would let this session's scores join the study's unchecked
+        return (f"{args.workspace_root / args.tag}: the journal holds no readable session line from before the "
+                "study's first baseline, so the --data, --budget-s and --device its scores were measured with are "
+                "unknown and this session's cannot be checked against them: restore the line, or start a new --tag")
     asked = {"data": str(args.data.resolve()), "budget_s": args.budget_s, "device": args.device}
     differ = [k for k in STUDY_SETTINGS if k in study and study[k] != asked[k]]
     if not differ:
@@ -509,8 +517,8 @@ def session(args, ws: Workspace) -> int:
         except (ProposerStop, disk.OutOfSpace) as e:
             print(f"loop: stopping: {e}", file=sys.stderr)
             code = 1
-        except OSError as e:  # the loop's own writes (journal, diffs) on a full disk
-            stop_on_full_disk(e, ws.root)
+        except OSError as e:  # the loop's own reads and writes (journal, diffs, results): a full disk, say
+            stop_on_os_error(e, ws.root)
             code = 1
         finally:
             st = state(journal.experiments(journal.read(ws.journal_path)), root_commit, args.min_delta)

@@ -80,10 +80,11 @@ def with_checkpoint_size(result: dict | None, out: Path) -> dict | None:
 def reconcile(ws: Workspace, root_commit: str, min_delta: float) -> None:
     """An experiment that started and never ended: if its run had finished (the loop died
     before journaling it), record its real outcome; otherwise record it ``interrupted``."""
-    exps = journal.experiments(journal.read(ws.journal_path))
-    for i, e in enumerate(exps):
-        if e.get("ended"):
-            continue
+    open_runs = [e["n"] for e in journal.experiments(journal.read(ws.journal_path)) if not e.get("ended")]
+    for n in open_runs:
+        # read again: a run recovered just before (kept, say) is part of what the next is judged by
+        exps = journal.experiments(journal.read(ws.journal_path))
+        i, e = next((i, e) for i, e in enumerate(exps) if e["n"] == n)
         if "kind" not in e:  # API replies journaled, then the loop died before the proposal was recorded
             why = "the loop stopped during the proposal"
             record_unrun(ws, e["n"], f"no-op: {why}", {}, "interrupted", [why])

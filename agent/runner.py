@@ -98,7 +98,10 @@ def checked_result(result: dict) -> dict:
     (the journal refuses a line it could not read back)."""
     score = result.get("val_mean_rank")
     scored = journal.fits(score, journal.NUMBER)
-    if not isinstance(result.get("status"), str) or not (scored or score is None and result["status"] != "ok"):
+    # the loop's own words for a scored run (keep, ...) are no run's status: with no score the
+    # journal refused the line, and every resume recovered the same result again
+    if not isinstance(result.get("status"), str) or result["status"] in journal.SCORED_STATUSES or not (
+            scored or score is None and result["status"] != "ok"):
         return {"status": "crash", "val_mean_rank": None, "reason": (
             f"the run's result.json has status {result.get('status')!r} and val_mean_rank {score!r}")}
     return {k: None if k in journal.RESULT_NUMBERS and v is not None and not journal.fits(v, journal.ANY_NUMBER)

@@ -160,6 +160,14 @@ class Workspace:
             if runs and not journal_size:
                 raise WorkspaceError(f"{ws.journal_path}: missing or empty, but {ws.experiments} holds {runs} runs; "
                                      "restore the journal, or use another --tag")
+            if runs and journal_size:
+                from agent import journal  # (journal imports this module)
+
+                if not journal.experiments(journal.read(ws.journal_path)):
+                    # every line damaged: a new study would reset the branch past the kept commits
+                    # and rewrite results.tsv without their rows
+                    raise WorkspaceError(f"{ws.journal_path}: no readable run in it, but {ws.experiments} holds "
+                                         f"{runs} runs; restore the journal, or use another --tag")
             return False
         if runs or journal_size:
             raise WorkspaceError(f"{dotgit}: missing, but the workspace has a journal or runs whose "

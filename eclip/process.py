@@ -125,13 +125,18 @@ def exit_main(main) -> None:
     that stopped it (a process group's, passed on late) landing during the interpreter's
     shutdown would otherwise end the process with 143 instead of the exit code the result
     stands for. A reader that went away (``| head``) ends the command quietly with 141, as
-    SIGPIPE ends other command-line tools, not with a BrokenPipeError traceback."""
+    SIGPIPE ends other command-line tools, not with a BrokenPipeError traceback. A Ctrl-C
+    that ``main`` does not handle itself (one during a start-up, before its work begins)
+    ends it with one line and 130, not a traceback."""
     try:
         rc = main()
         sys.stdout.flush()
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush would fail again
         rc = 128 + signal.SIGPIPE
+    except KeyboardInterrupt:
+        print(f"{Path(sys.argv[0]).stem}: interrupted", file=sys.stderr)  # python -m agent.loop: "loop"
+        rc = 128 + signal.SIGINT
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.exit(rc)
 

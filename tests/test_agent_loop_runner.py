@@ -275,6 +275,14 @@ def test_a_harness_killed_by_a_signal_is_a_crash_that_says_so(tmp_path, monkeypa
                                             "reason": "the run's result.json has status 5 and val_mean_rank None"}),
     ({"status": "ok", "val_mean_rank": None}, {"status": "crash", "val_mean_rank": None,
                                                "reason": "the run's result.json has status 'ok' and val_mean_rank None"}),
+    # the loop's own word for a scored run, with no score: the journal refused the end line,
+    # and every resume recovered the same result and refused it again
+    ({"status": "keep", "val_mean_rank": None}, {"status": "crash", "val_mean_rank": None,
+                                                 "reason": "the run's result.json has status 'keep' and val_mean_rank "
+                                                           "None"}),
+    ({"status": "baseline", "val_mean_rank": 2.0}, {"status": "crash", "val_mean_rank": None,
+                                                    "reason": "the run's result.json has status 'baseline' and "
+                                                              "val_mean_rank 2.0"}),
     ({"status": "ok", "val_mean_rank": 3.0, "samples_per_s": "fast", "steps": 9},
      {"status": "ok", "val_mean_rank": 3.0, "samples_per_s": None, "steps": 9}),
 ])

@@ -241,3 +241,95 @@ def test_lost_start_lines_neither_crash_the_loop_nor_lose_a_baseline(small_cache
     assert (st["baselines"], st["best_commit"], st["threshold"]) == (2, kept, pytest.approx(2 * 2 ** 1.5))
     assert loop.main(_args(tmp_path, small_cache, 2)) == 0
     assert "noise floor was fixed by" not in capsys.readouterr().err and ws.head() == kept
+
+
+def _drop_lines(ws, keep):
+    """The journal with only the lines ``keep(event)`` accepts (damage, or a hand edit)."""
+    lines = [line for line in ws.journal_path.read_text().splitlines() if keep(json.loads(line))]
+    ws.journal_path.write_text("\n".join(lines) + "\n")
+
+
+def test_two_runs_recovered_at_once_are_judged_one_after_the_other(small_cache, tmp_path, monkeypatch, capsys):
+    # 3 (90) is kept; 4 (92) is a discard against it, though it beats the baselines' 102. Both
+    # end lines lost, both results on disk: recovering 3 as keep must count when 4 is judged
+    monkeypatch.setattr(loop, "run_experiment", _scripted([100, 104, 90, 92]))
+    assert loop.main(_args(tmp_path, small_cache, 2)) == 0
+    ws = Workspace(tmp_path / "k")
+    kept = next(e for e in journal.experiments(journal.read(ws.journal_path)) if e.get("kept"))["commit"]
+    _drop_lines(ws, lambda e: not (e["event"] == "end" and e.get("n") in (3, 4)))
+    assert loop.main(_args(tmp_path, small_cache, 2)) == 0  # nothing left to run: recovery only
+    exps = journal.experiments(journal.read(ws.journal_path))
+    assert [(e["n"], e["status"], e["kept"]) for e in exps] == [
+        (1, "baseline", False), (2, "baseline", False), (3, "keep", True), (4, "discard", False)]
+    assert ws.head() == kept
+    assert [line.split("\t")[4] for line in ws.results_path.read_text().splitlines()[1:]] == [
+        "baseline", "baseline", "keep", "discard"]
+
+
+def test_a_recovered_result_with_the_loops_own_status_is_a_crash_not_a_dead_journal(small_cache, tmp_path,
+                                                                                       monkeypatch):
+    monkeypatch.setattr(loop, "run_experiment", _scripted([100, 104, 90]))
+    assert loop.main(_args(tmp_path, small_cache, 1)) == 0
+    ws = Workspace(tmp_path / "k")
+    _drop_lines(ws, lambda e: not (e["event"] == "end" and e.get("n") == 3))
+    # what a recipe's code can leave in place of the harness's result: a status of the loop's
+    (ws.experiments / "3" / "result.json").write_text(json.dumps({"status": "keep", "val_mean_rank": None}))
+    assert loop.main(_args(tmp_path, small_cache, 1)) == 0
+    e3 = journal.experiments(journal.read(ws.journal_path))[2]
+    assert (e3["status"], e3["kept"], e3["result"]["reason"]) == (
+        "crash", False, "the run's result.json has status 'keep' and val_mean_rank None")
+    assert loop.main(_args(tmp_path, small_cache, 1)) == 0  # and the next session runs as ever
+
+
+@pytest.mark.parametrize("budget", ["1", "30"])
+def test_a_study_whose_first_session_line_is_lost_checks_no_settings_silently(small_cache, tmp_path, monkeypatch,
+                                                                             capsys, budget):
+    monkeypatch.setattr(loop, "run_experiment", _scripted([100, 104]))
+    assert loop.main(_args(tmp_path, small_cache, 0)) == 0
+    ws = Workspace(tmp_path / "k")
+    _drop_lines(ws, lambda e: e["event"] != "session")
+    before = ws.journal_path.read_text()
+    capsys.readouterr()
+    argv = _args(tmp_path, small_cache, 1)
+    argv[argv.index("--budget-s") + 1] = budget  # another budget, or the same: neither can be checked
+    assert loop.main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"loop: error: {tmp_path / 'k'}: the journal holds no readable session line from before the study's first "
+        "baseline, so the --data, --budget-s and --device its scores were measured with are unknown and this "
+        "session's cannot be checked against them: restore the line, or start a new --tag")
+    assert ws.journal_path.read_text() == before
+
+
+def test_a_journal_with_no_readable_run_is_refused_not_begun_again(small_cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(loop, "run_experiment", _scripted([100, 104, 90]))
+    assert loop.main(_args(tmp_path, small_cache, 1)) == 0
+    ws = Workspace(tmp_path / "k")
+    head, table = ws.head(), ws.results_path.read_text()
+    ws.journal_path.write_text("".join("#" + line + "\n" for line in ws.journal_path.read_text().splitlines()))
+    capsys.readouterr()
+    assert loop.main(_args(tmp_path, small_cache, 1)) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == (f"loop: error: {ws.journal_path}: no readable run in it, but {ws.experiments} holds 3 runs; "
+                       "restore the journal, or use another --tag")
+    assert ws.head() == head and ws.results_path.read_text() == table  # the kept commit and the table untouched
+
+
+def test_a_results_table_with_no_rows_left_is_rewritten_not_appended_to(tmp_path):
+    path = tmp_path / "results.tsv"
+    path.write_text("commit\tval_mean_rank\nabc\t1.0\n")  # a table of runs the journal no longer holds
+    journal.rebuild_results(path, [{"event": "start", "n": 1, "time": 0.0, "kind": "baseline", "commit": "x"}])
+    assert path.read_text() == "\t".join(journal.COLUMNS) + "\n"
+    journal.rebuild_results(tmp_path / "none.tsv", [])
+    assert not (tmp_path / "none.tsv").exists()  # no table and nothing to put in it: none made
+
+
+def test_a_folder_in_place_of_the_results_table_is_one_line(small_cache, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(loop, "run_experiment", _scripted([100, 104]))
+    assert loop.main(_args(tmp_path, small_cache, 0)) == 0
+    ws = Workspace(tmp_path / "k")
+    ws.results_path.unlink()
+    ws.results_path.mkdir()
+    capsys.readouterr()
+    assert loop.main(_args(tmp_path, small_cache, 0)) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"loop: error: {ws.results_path}: Is a directory; mend it, then resume"], err

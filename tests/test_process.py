@@ -1,8 +1,12 @@
 """Process hygiene: which variables count as secrets, and SIGTERM taken as Ctrl-C inside a
-block, ignored when repeated, and the previous handler put back after it."""
+block, ignored when repeated, and the previous handler put back after it; a Ctrl-C a
+command leaves unhandled."""
 
 import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +93,12 @@ def test_outside_the_main_thread_the_block_is_a_no_op(previous):
     t.start()
     t.join()
     assert seen == [previous_handler]
+
+
+def test_a_ctrl_c_main_leaves_unhandled_is_one_line_and_130():
+    # a Ctrl-C in a command's start-up (the loop creating its workspace, say) was a traceback
+    code = ("import sys; sys.argv[0] = 'agent/loop.py'\nfrom eclip.process import exit_main\n"
+            "def main():\n    raise KeyboardInterrupt\nexit_main(main)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert (done.returncode, done.stderr) == (130, "loop: interrupted\n")
