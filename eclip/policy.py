@@ -350,6 +350,11 @@ class _Checker(ClassRules, CompileRules):
                     self.add(node, f"import of 'eclip.{alias.name}' is not allowed")
         elif not allowed_module(mod):
             self.add(node, f"import from '{mod}' is not allowed (allowed: {', '.join(ALLOWED_IMPORTS)})")
+        elif under(mod, SETTINGS_MODULES):
+            # its patch() takes any knob as a string (cpp.cxx: an executable the compiler runs),
+            # and a name bound so escapes the rules that judge the knobs' full names
+            names = ", ".join(a.name for a in node.names)
+            self.add(node, f"'from {mod} import {names}': set its knobs by their full name ({mod}.<knob> = …)")
         else:
             self.check_module_path(node, mod)
             for alias in node.names:

@@ -83,6 +83,10 @@ def test_the_template_passes():
     ("f = torch._dynamo.trace_rules.load_object", "private attribute '._dynamo' is not allowed"),
     ("f = torch._dynamo.config.load_config", "attribute '.load_config' is not allowed"),
     ("import torch._dynamo.config as cfg", "set its knobs by their full name"),
+    # patch() as a context manager took cpp.cxx as a string: torch.compile then ran that executable
+    ("from torch._inductor.config import patch\nwith patch({'cpp.cxx': (None, 'x')}):\n    pass",
+     "'from torch._inductor.config import patch': set its knobs by their full name"),
+    ("from torch._dynamo.config import cache_size_limit as c", "set its knobs by their full name"),
     ("s = ('{0.gi' + '_frame}').format(x)", "'.format' on anything but a string literal is not allowed"),
     ("s = str.format('{}', 1)", "'.format' on anything but a string literal is not allowed"),
     ("CODE = 'int'\ndef f(x: CODE): pass", "annotation 'CODE' is not a type the recipe imports or defines"),
