@@ -182,6 +182,8 @@ def stop_on_os_error(e: OSError, root: Path) -> None:
     """Say in one line why the loop stops on ``e``, raised by one of its own reads or writes:
     a full disk, or another error of the file system (a folder where a file belongs, a
     read-only mount); the journal is left as it was, for a resume."""
+    if isinstance(e, BrokenPipeError):  # the reader of the output went away (| head): exit_main's, quietly
+        raise e
     where = e.filename or root
     if e.errno in (errno.ENOSPC, errno.EDQUOT):  # a quota's limit is a full disk too, as the harness counts it
         print(f"loop: stopping: {where}: {e.strerror}; free some space, then resume", file=sys.stderr)
@@ -422,12 +424,16 @@ def study_settings(events: list[dict]) -> dict | None:
     one is): the settings every later score is compared under. ``{}`` when a baseline was
     scored under no session line the journal still holds (one damaged): settings unknown."""
     scored = {e["n"] for e in journal.experiments(events) if e.get("status") == "baseline"}
-    current = None
+    current, first = None, None
     for e in events:
         if e.get("event") == "session":
             current = e
-        elif e.get("event") == "start" and e.get("n") in scored:
-            return current if current is not None else {}
+        # the first scored baseline's start line, or its end line should that one be damaged: a
+        # run's two lines are written in one session (a recovered end comes before the next one's line)
+        elif e.get("event") in ("start", "end") and e.get("n") in scored:
+            first = e["n"] if first is None else first
+            if e["n"] == first and current is not None:
+                return current
     return {} if scored else None
 
 
@@ -441,8 +447,9 @@ def settings_error(args, events: list[dict]) -> str | None:
         return None
     if not study:  # checking nothing would let this session's scores join the study's unchecked
         return (f"{args.workspace_root / args.tag}: the journal holds no readable session line from before the "
-                "study's first baseline, so the --data, --budget-s and --device its scores were measured with are "
-                "unknown and this session's cannot be checked against them: restore the line, or start a new --tag")
+                "study's first baseline (damaged, or a journal older than those lines), so the --data, --budget-s "
+                "and --device its scores were measured with are unknown and this session's cannot be checked "
+                "against them: restore the line, or start a new --tag")
     asked = {"data": str(args.data.resolve()), "budget_s": args.budget_s, "device": args.device}
     differ = [k for k in STUDY_SETTINGS if k in study and study[k] != asked[k]]
     if not differ:

@@ -127,7 +127,7 @@ def exit_main(main) -> None:
     stands for. A reader that went away (``| head``) ends the command quietly with 141, as
     SIGPIPE ends other command-line tools, not with a BrokenPipeError traceback. A Ctrl-C
     that ``main`` does not handle itself (one during a start-up, before its work begins)
-    ends it with one line and 130, not a traceback."""
+    ends it with one line, not a traceback, and by SIGINT, as Python would."""
     try:
         rc = main()
         sys.stdout.flush()
@@ -136,7 +136,12 @@ def exit_main(main) -> None:
         rc = 128 + signal.SIGPIPE
     except KeyboardInterrupt:
         print(f"{Path(sys.argv[0]).stem}: interrupted", file=sys.stderr)  # python -m agent.loop: "loop"
-        rc = 128 + signal.SIGINT
+        sys.stderr.flush()
+        # ended by the signal, as Python ends on an unhandled one: a shell script running the
+        # command then stops too, where an exit code of 130 would let it go on to the next line
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        rc = 128 + signal.SIGINT  # (where the signal could not end the process)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.exit(rc)
 

@@ -29,9 +29,10 @@ The loss is returned in fp32; gradients come back in the inputs' dtypes. The fas
 Ĝ is stored in bf16 whatever the inputs, so its gradients are bf16-accurate (relative
 error up to about 1e-2 against float64, fp32 inputs included), and where a gradient is a
 small difference of large terms (near-duplicate rows at a large scale: at s = 100, B = 8,
-rows equal up to 1e-4, the error is half the gradient) they carry bf16's error relative to
-the terms, about 3e-3·s/(2B) an entry, not to their difference (a plain loss under bf16
-autocast did twice as badly on those rows); the lean modes' follow the inputs' precision. Logits past fp32's reach (unnormalised fp16 inputs near 6e4) make the
+rows equal up to 1e-4, the largest error was half the largest entry of dI and four times
+that of dT) they carry bf16's error relative to the terms, about 3e-3·s/(2B) an entry, not
+to their difference (a plain loss with its logits under bf16 autocast erred as much on
+those rows); the lean modes' follow the inputs' precision. Logits past fp32's reach (unnormalised fp16 inputs near 6e4) make the
 loss meaningless, as for any fp32-accumulated loss.
 
 Contract: ``contrastive_loss(img, txt, scale, *, mode="auto", backend=None)`` → 0-d fp32.

@@ -441,3 +441,21 @@ def test_a_second_ctrl_c_while_the_plot_is_drawn_still_gives_the_summary(cache, 
                       "--noise-runs", "1", "--max-experiments", "0"]) == 0
     out, err = capsys.readouterr()
     assert "loop: progress plot not drawn (KeyboardInterrupt)" in err and "best_mean_rank: 100" in out
+
+
+def test_a_reader_gone_from_the_output_is_left_to_the_commands_quiet_exit(cache, tmp_path, monkeypatch, capsys):
+    # `python -m agent.loop | head`: the loop's handlers of its own file errors took the broken
+    # pipe for one ("Broken pipe; mend it, then resume", twice, exit 1); exit_main makes it 141
+    class Gone:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(loop, "run_experiment", scripted([100, 100, 90]))
+    monkeypatch.setattr(loop.sys, "stdout", Gone())
+    with pytest.raises(BrokenPipeError):
+        loop.main(["--tag", "t", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1",
+                   "--noise-runs", "2", "--max-experiments", "1", "--isolate", "off"])
+    assert "Broken pipe" not in capsys.readouterr().err

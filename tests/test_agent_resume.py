@@ -295,9 +295,24 @@ def test_a_study_whose_first_session_line_is_lost_checks_no_settings_silently(sm
     assert loop.main(argv) == 2
     assert capsys.readouterr().err.strip() == (
         f"loop: error: {tmp_path / 'k'}: the journal holds no readable session line from before the study's first "
-        "baseline, so the --data, --budget-s and --device its scores were measured with are unknown and this "
-        "session's cannot be checked against them: restore the line, or start a new --tag")
+        "baseline (damaged, or a journal older than those lines), so the --data, --budget-s and --device its scores "
+        "were measured with are unknown and this session's cannot be checked against them: restore the line, or "
+        "start a new --tag")
     assert ws.journal_path.read_text() == before
+
+
+def test_the_first_baselines_end_line_dates_it_when_its_start_line_is_lost(small_cache, tmp_path, monkeypatch,
+                                                                           capsys):
+    monkeypatch.setattr(loop, "run_experiment", _scripted([100, 104]))
+    assert loop.main(_args(tmp_path, small_cache, 0)) == 0
+    ws = Workspace(tmp_path / "k")
+    _drop_lines(ws, lambda e: not (e["event"] == "start" and e.get("n") in (1, 2)))  # both baselines'
+    argv = _args(tmp_path, small_cache, 0)
+    assert loop.main(argv) == 0  # the session line before the end line still holds the settings
+    argv[argv.index("--budget-s") + 1] = "30"
+    capsys.readouterr()
+    assert loop.main(argv) == 2
+    assert "this study's scores were measured with --budget-s 1.0" in capsys.readouterr().err
 
 
 def test_a_journal_with_no_readable_run_is_refused_not_begun_again(small_cache, tmp_path, monkeypatch, capsys):
