@@ -322,16 +322,17 @@ def _probe_once() -> str | None:
     return sandbox.probe()
 
 
-def isolation(mode: str, device: str) -> tuple[bool, str | None]:
+def isolation(mode: str, device: str, data: Path) -> tuple[bool, str | None]:
     """Whether the runs go into the sandbox for ``--isolate mode``, and why not (None when
-    they do, or when ``off`` says not to). ``on`` was probed as the loop began (refused
+    they do, or when ``off`` says not to). ``on`` was checked as the loop began (refused
     there); ``auto`` isolates where the sandbox is verified: CPU runs, on a machine that can
-    build one (a GPU run inside it has not been checked yet)."""
+    build one that would not show the cache ``data`` (a GPU run inside it has not been
+    checked yet)."""
     if mode != "auto":
         return mode == "on", None
     if not runs_on_cpu(device):
         return False, "the sandbox is not yet verified on a GPU; --isolate on uses it there"
-    why = _probe_once()
+    why = _probe_once() or sandbox.hidden_problem([str(data.resolve())])
     return why is None, why
 
 
@@ -388,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.isolate == "on" and (why := sandbox.probe()):  # not one run in: every run would fail the same way
         print(f"loop: error: --isolate: cannot build the sandbox on this machine: {why}", file=sys.stderr)
+        return 2
+    if args.isolate == "on" and (why := sandbox.hidden_problem([str(args.data.resolve())])):
+        print(f"loop: error: --isolate: {why}", file=sys.stderr)
         return 2
     if not (args.data / "manifest.json").exists():
         if args.data != DEFAULT_DATA:
@@ -479,7 +483,7 @@ def session(args, ws: Workspace) -> int:
     if count:  # a study begun under another rule (or before there was one)
         print(f"loop: deleted the checkpoints of {count} earlier runs ({freed / disk.GIB:.2f} GiB), as "
               f"--keep-checkpoints {args.keep_checkpoints} says", file=sys.stderr)
-    isolate, why = isolation(args.isolate, args.device)
+    isolate, why = isolation(args.isolate, args.device, args.data)
     if why:  # said once a session is sure to run, not ahead of an error that ends it
         print(f"loop: note: the runs are not isolated ({why}): code that evades the recipe check can read the "
               "cache's held-out pairs", file=sys.stderr)

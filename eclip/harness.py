@@ -201,13 +201,15 @@ def run(args) -> int:
         args.recipe, args.data, args.out = args.recipe.resolve(), args.data.resolve(), args.out.resolve()
         if args.compile_cache is not None:
             args.compile_cache = args.compile_cache.resolve()
-            if args.compile_cache.is_relative_to(args.out) or args.out.is_relative_to(args.compile_cache):
-                # the run directory is the training's to write, and a recipe's private copy goes
-                # there (PRIVATE_CACHE): a cache inside it would be writable by any recipe, be
-                # deleted by the copy's removal, or hold the copy inside itself
-                print(f"harness: error: --isolate: --compile-cache {args.compile_cache} and --out {args.out} must "
-                      "not lie one inside the other", file=sys.stderr)
-                return 2
+            for other, name in ((args.out, "--out"), (args.data, "--data")):
+                if args.compile_cache.is_relative_to(other) or other.is_relative_to(args.compile_cache):
+                    # the run directory is the training's to write, and a recipe's private copy goes
+                    # there (PRIVATE_CACHE): a cache inside it would be writable by any recipe, be
+                    # deleted by the copy's removal, or hold the copy inside itself; and a copy of a
+                    # compile cache that holds the data cache would put its pairs in the run directory
+                    print(f"harness: error: --isolate: --compile-cache {args.compile_cache} and {name} {other} "
+                          "must not lie one inside the other", file=sys.stderr)
+                    return 2
             args.compile_cache.mkdir(parents=True, exist_ok=True)
     if args.compile_cache is not None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(args.compile_cache.resolve())
@@ -384,9 +386,17 @@ def export_training_data(args) -> Path:
     if why := scored_split_problem(cache.split_images(split).numel(), split):
         raise EclipError(f"{args.data}: {why}")
     rows = torch.nonzero(cache.split <= 1).flatten() if args.final else cache.split_images("train")
+    from safetensors import SafetensorError
+
     out = args.out / TRAIN_DATA
     remove(out)  # a run killed before it removed its copy, or a recipe that added to it, left one
-    write_subset(cache, rows, out)
+    try:
+        write_subset(cache, rows, out)  # (a copy cut short is removed by its writer)
+    except SafetensorError as e:  # its I/O errors are no OSError: a full disk must still say so
+        if "No space left" in str(e) or "Disk quota" in str(e):
+            raise OSError(errno.ENOSPC, f"cannot write the training split's copy ({first_line(e, 200)})",
+                          str(out)) from e
+        raise EclipError(f"{out}: cannot write the training split's copy ({first_line(e, 200)})") from e
     return out
 
 

@@ -118,10 +118,17 @@ def default_ro(hide: list[str] = ()) -> list[str]:
     paths += {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
               os.path.dirname(os.path.realpath(sys.executable))}
     cwd = os.getcwd()
+    real_hide = [os.path.realpath(h) for h in hide]
     for entry in sys.path:
         entry = os.path.abspath(entry or cwd)
-        if os.path.isdir(entry) and entry not in ("/", cwd) and not any(_under(h, entry) for h in hide):
+        real = os.path.realpath(entry)
+        # by real paths: a folder reached through a link (PYTHONPATH=$PWD in a linked checkout)
+        # holds what its target holds, the cache included
+        if os.path.isdir(entry) and entry not in ("/", cwd) and real != os.path.realpath(cwd) \
+                and not any(_under(h, real) for h in real_hide):
             paths.append(entry)
+            if real != entry:  # a link (or a path through one) is rebuilt as a link: its target too
+                paths.append(real)
     for name in ("eclip", "kernels"):
         paths += importlib.util.find_spec(name).submodule_search_locations
     return sorted(set(paths + pretrained_weights()))
@@ -376,11 +383,38 @@ def check_sources(paths: list[str], hide: list[str]) -> None:
                 raise SandboxError(f"{path}: leads to {real}, under {h}, which the sandbox must not show")
 
 
+def check_binds(paths: list[str], hide: list[str]) -> None:
+    """Refuse to bind a folder whose real path holds a ``hide`` path's real path: the check
+    inside the sandbox looks for the hidden path where it lies, and a bind reached through a
+    link (a linked ``HF_HOME``, a prefix) shows it under another name."""
+    real_hide = [(h, os.path.realpath(h)) for h in hide]
+    for path in paths:
+        real = os.path.realpath(path)
+        for h, real_h in real_hide:
+            if _under(real_h, real):
+                raise SandboxError(f"{h} is visible inside the sandbox (it lies under {path}, a folder given to "
+                                   "it); move it out of the folders the sandbox binds")
+
+
+def hidden_problem(hide: list[str]) -> str | None:
+    """Why a sandbox of this process's defaults would show one of ``hide`` (None when it
+    would not): asked before many runs, so that a cache under a folder every sandbox binds is
+    one refusal, not one failed run after another."""
+    try:
+        check_binds(default_ro(hide), hide)
+    except SandboxError as e:
+        return str(e)
+    return None
+
+
 def run(cmd: list[str], ro: list[str], rw: list[str], hide: list[str]) -> int:
     """This process enters the namespaces; its child (PID 1 inside) runs ``_init``."""
     cwd = os.getcwd()
+    if any(_under(os.path.realpath(cwd), os.path.realpath(h)) for h in hide):
+        cwd = "/"  # the working folder is made inside: within a hidden one, it would make its path seen
     check_sources([*ro, *rw], hide)
     ro = [*default_ro(hide), *ro]
+    check_binds([*ro, *rw], hide)
     root = tempfile.mkdtemp(prefix="eclip-sandbox-")  # empty here; PID 1 mounts the new root on it
     try:
         return _run(cmd, root, ro, rw, hide, cwd)

@@ -420,6 +420,29 @@ def test_isolate_auto_uses_the_sandbox_for_cpu_runs_where_it_can_be_built(cache,
     assert f"\nisolated:       {'yes' if isolated else 'no'}\n" in printed.out  # in the summary block
 
 
+@pytest.mark.parametrize("mode", ["auto", "on"])
+def test_a_cache_every_sandbox_would_show_is_said_before_any_run(cache, tmp_path, monkeypatch, capsys, mode):
+    # under a folder the sandbox binds, each isolated run was refused in turn: the baselines
+    # failed one after another, "the baseline recipe failed", the reason in each run's log only
+    why = f"{cache.resolve()} is visible inside the sandbox (it lies under /x, a folder given to it); move it out"
+    asked = []
+    monkeypatch.setattr(loop.sandbox, "probe", lambda: None)
+    monkeypatch.setattr(loop, "_probe_once", lambda: None)
+    monkeypatch.setattr(loop, "runs_on_cpu", lambda device: True)
+    monkeypatch.setattr(loop.sandbox, "hidden_problem", lambda hide: asked.append(hide) or why)
+    monkeypatch.setattr(loop, "run_experiment", scripted([100, 90]))
+    argv = ["--tag", "t", "--workspace-root", str(tmp_path), "--data", str(cache), "--budget-s", "1",
+            "--noise-runs", "1", "--max-experiments", "1", "--isolate", mode]
+    if mode == "on":
+        assert loop.main(argv) == 2
+        assert capsys.readouterr().err.strip() == f"loop: error: --isolate: {why}"
+        assert not (tmp_path / "t").exists()
+    else:  # auto: the runs go on, not isolated, and the note says why
+        assert loop.main(argv) == 0
+        assert f"loop: note: the runs are not isolated ({why}): " in capsys.readouterr().err
+    assert asked == [[str(cache.resolve())]]
+
+
 def test_isolate_takes_only_its_three_modes(capsys):
     with pytest.raises(SystemExit) as e:
         loop.main(["--isolate", "maybe"])

@@ -510,6 +510,50 @@ def test_an_isolated_run_refuses_a_compile_cache_that_overlaps_its_run_directory
     assert (cache / "kept.py").read_text() == "# compiled by the template"
 
 
+@pytest.mark.parametrize("inside", ["compile cache in the data", "data in the compile cache"])
+def test_an_isolated_run_refuses_a_compile_cache_that_overlaps_the_data(tmp_path, monkeypatch, capsys, inside):
+    # a recipe's run gets a copy of the compile cache in its run directory: one holding the data
+    # cache put the held-out pairs where training reads and writes
+    monkeypatch.setattr(h.sandbox, "probe", lambda: None)
+    _fake_training(monkeypatch, h)
+    data, cache = (tmp_path / "data", tmp_path / "data" / "cc") if inside.startswith("compile") else (
+        tmp_path / "cc" / "data", tmp_path / "cc")
+    data.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    out = tmp_path / "run"
+    assert h.main(["run", "--recipe", str(TEMPLATE), "--data", str(data), "--budget-s", "1", "--out", str(out),
+                   "--device", "cpu", "--compile-cache", str(cache), "--isolate"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"harness: error: --isolate: --compile-cache {cache} and --data {data} must not lie one inside the other")
+    assert not (out / "compile_cache").exists()
+
+
+@pytest.mark.parametrize("message,full", [("I/O error: No space left on device (os error 28)", True),
+                                          ("invalid metadata", False)])
+def test_a_safetensors_error_while_copying_the_training_split_is_a_result_not_a_traceback(
+        small_cache, tmp_path, monkeypatch, message, full):
+    # safetensors' I/O errors are no OSError: a full disk ended the harness with a traceback
+    # and no result.json
+    from safetensors import SafetensorError
+
+    import eclip.data.cache as cache_mod
+
+    def write_subset(*a, **k):
+        raise SafetensorError(message)
+
+    _fake_training(monkeypatch, h)
+    monkeypatch.setattr(h.sandbox, "probe", lambda: None)
+    monkeypatch.setattr(cache_mod, "write_subset", write_subset)
+    out = tmp_path / "run"
+    assert h.main(["run", "--recipe", str(TEMPLATE), "--data", str(small_cache), "--budget-s", "1", "--out",
+                   str(out), "--device", "cpu", "--isolate"]) == (1 if full else 2)
+    r = json.loads((out / "result.json").read_text())
+    where = out.resolve() / "train_data"
+    assert (r["status"], r.get("disk_full", False)) == ("error", full)
+    assert r["reason"] == (f"{where}: cannot write the training split's copy ({message})" if not full else
+                           f"[Errno 28] cannot write the training split's copy ({message}): '{where}'")
+
+
 def test_a_copy_of_the_training_split_left_by_a_killed_run_is_replaced(small_cache, tmp_path):
     # the run directory of a killed run (a final run's is reused when it runs again) may hold
     # the last copy, with whatever the recipe added to it: a cache writer refuses such a folder

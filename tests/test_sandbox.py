@@ -86,7 +86,64 @@ def test_a_path_left_visible_is_refused_before_the_command_runs(tmp_path):
     p = sandboxed(f"open({str(marker)!r}, 'w')", ro=[tmp_path], hide=[tmp_path / "cache"])
     assert p.returncode == 2 and not marker.exists()
     assert p.stderr.strip() == (f"sandbox: error: {tmp_path / 'cache'} is visible inside the sandbox (it lies under "
-                                "a folder given to it); move it out of the folders the sandbox binds")
+                                f"{tmp_path}, a folder given to it); move it out of the folders the sandbox binds")
+
+
+@needs_sandbox
+def test_a_folder_reached_through_a_link_shows_no_hidden_path_under_its_other_name(tmp_path):
+    # PYTHONPATH=$PWD in a linked checkout: the folder was bound as it was named, the check
+    # inside looked for the cache where it really lies, and a recipe read it at the linked name
+    real = tmp_path / "real"
+    (real / "cache").mkdir(parents=True)
+    (real / "cache" / "records.jsonl").write_text("the pairs")
+    (tmp_path / "link").symlink_to(real)
+    leak = tmp_path / "link" / "cache" / "records.jsonl"
+    code = f"import os; print(os.path.exists({str(leak)!r}))"
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "link"))  # a sys.path folder holding the cache
+    cmd = sandbox.command([sys.executable, "-c", code], hide=[real / "cache"])
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert (p.returncode, p.stdout.strip()) == (0, "False"), p.stderr  # that folder is left out
+    # given outright, through the link: refused, naming it
+    p = sandboxed(code, ro=[tmp_path / "link"], hide=[real / "cache"])
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.strip() == (f"sandbox: error: {real / 'cache'} is visible inside the sandbox (it lies under "
+                                f"{tmp_path / 'link'}, a folder given to it); move it out of the folders the "
+                                "sandbox binds")
+
+
+@needs_sandbox
+def test_a_linked_sys_path_folder_still_imports_inside(tmp_path):
+    # the link was made again inside, its target left out: imports through it failed
+    pkg = tmp_path / "real" / "pkg_inside"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("VALUE = 7\n")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "link"))
+    cmd = sandbox.command([sys.executable, "-c", "import pkg_inside; print(pkg_inside.VALUE)"])
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert (p.returncode, p.stdout.strip()) == (0, "7"), p.stderr
+
+
+@needs_sandbox
+def test_a_working_folder_inside_the_hidden_one_starts_the_command_at_the_root(tmp_path):
+    # the working folder is made inside the new root: within the cache it made the cache's
+    # path appear, and every run was refused as though the cache were bound
+    cache = tmp_path / "cache"
+    (cache / "sub").mkdir(parents=True)
+    cmd = sandbox.command([sys.executable, "-c", f"import os; print(os.getcwd(), os.path.exists({str(cache)!r}))"],
+                          hide=[cache])
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=cache / "sub")
+    assert (p.returncode, p.stdout.split()) == (0, ["/", "False"]), p.stderr
+
+
+def test_hidden_problem_names_a_cache_under_a_folder_every_sandbox_binds(tmp_path, monkeypatch):
+    bound = tmp_path / "bound"
+    (bound / "cache").mkdir(parents=True)
+    monkeypatch.setattr(sandbox, "default_ro", lambda hide=(): [str(bound)])  # as if every sandbox bound it
+    assert sandbox.hidden_problem([str(bound / "cache")]) == (
+        f"{bound / 'cache'} is visible inside the sandbox (it lies under {bound}, a folder given to it); "
+        "move it out of the folders the sandbox binds")
+    assert sandbox.hidden_problem([str(tmp_path / "elsewhere")]) is None
 
 
 @needs_sandbox
