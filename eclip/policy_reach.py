@@ -84,6 +84,15 @@ FORBIDDEN_ATTRIBUTES = frozenset({
     # expressions), and sympy's string parsing evaluates its input: refused on any object
     "getLogger", "addFilter", "addHandler", "setLogRecordFactory", "setLoggerClass", "sympify", "parse_expr",
     "lambdify",
+    # the compiler's own objects: a function it calls while it traces (allow_in_graph) gets fake
+    # tensors whose sizes lead, through .node (or a fake tensor's mode and its shape env), to
+    # sympy expressions, many of whose methods (coeff, diff, match, ...) evaluate a string
+    "allow_in_graph", "substitute_in_graph", "assume_constant_result", "node", "fake_mode", "shape_env",
+    # a storage's type("a.b") imports the module a string names (torch._utils._import_dotted_name)
+    "storage", "untyped_storage", "Storage", "BFloat16Storage", "BoolStorage",  # (torch.storage's: its module)
+    "ByteStorage", "CharStorage", "ComplexDoubleStorage", "ComplexFloatStorage", "DoubleStorage", "FloatStorage",
+    "HalfStorage", "IntStorage", "LongStorage", "QInt32Storage", "QInt8Storage", "QUInt2x4Storage",
+    "QUInt4x2Storage", "QUInt8Storage", "ShortStorage",
 })
 # torch modules that run code from strings or pickles, write files, start processes or
 # change what every later torch call computes: refused however they are reached
@@ -95,7 +104,10 @@ DENIED_MODULES = ("torch.utils.benchmark", "torch.utils.tensorboard", "torch.uti
                   "torch.autograd.profiler", "torch.library", "torch.overrides", "torch.serialization",
                   "torch.fx", "torch.export", "torch.ao", "torch.quantization", "torch.jit",
                   "torch.backends.xeon", "torch.cuda.gds", "torch.cuda.tunable", "torch.utils.jit",
-                  "torch.autograd.profiler_util", "torch.autograd.profiler_legacy", "torch.compiler.config")
+                  "torch.autograd.profiler_util", "torch.autograd.profiler_legacy", "torch.compiler.config",
+                  # with a module that looks parametrized already, a parametrization is set as a
+                  # property of the module's class itself (torch.nn.Module, torch.nn.Linear)
+                  "torch.nn.utils.parametrize", "torch.nn.utils.parametrizations")
 # The torch modules a recipe may import or reach at all (with their submodules, less the
 # denied ones): what training code needs. Any other part of torch is refused, so a module
 # nobody has reviewed is closed by default rather than open until someone finds it.

@@ -87,6 +87,18 @@ def test_the_template_passes():
     ("from torch._inductor.config import patch\nwith patch({'cpp.cxx': (None, 'x')}):\n    pass",
      "'from torch._inductor.config import patch': set its knobs by their full name"),
     ("from torch._dynamo.config import cache_size_limit as c", "set its knobs by their full name"),
+    # a function the compiler calls while it traces got symbolic sizes: s.node.expr is a sympy
+    # expression, whose coeff("…") evaluated a string (a file written, the loop's clock zeroed)
+    ("def probe(x):\n    return x.shape[0].node.expr.coeff('1')\ntorch.compiler.allow_in_graph(probe)",
+     "attribute '.allow_in_graph' is not allowed"),
+    ("def probe(x):\n    return x.shape[0].node", "attribute '.node' is not allowed"),
+    ("def probe(x):\n    return x.fake_mode.shape_env", "attribute '.fake_mode' is not allowed"),
+    # a storage's type("name") imported any module by a string (antigravity ran $BROWSER)
+    ("torch.zeros(1).untyped_storage().type('antigravity')", "attribute '.untyped_storage' is not allowed"),
+    ("s = torch.FloatStorage(1)", "attribute '.FloatStorage' is not allowed"),
+    # a module that looks parametrized has its parametrization set on its class: torch.nn.Module's
+    ("r = torch.nn.utils.parametrize.register_parametrization", "is 'torch.nn.utils.parametrize'"),
+    ("w = torch.nn.utils.parametrizations.weight_norm", "is 'torch.nn.utils.parametrizations'"),
     ("s = ('{0.gi' + '_frame}').format(x)", "'.format' on anything but a string literal is not allowed"),
     ("s = str.format('{}', 1)", "'.format' on anything but a string literal is not allowed"),
     ("CODE = 'int'\ndef f(x: CODE): pass", "annotation 'CODE' is not a type the recipe imports or defines"),
