@@ -18,13 +18,16 @@ from pathlib import Path
 
 # TOKENIZERS_PARALLELISM (the tokenizers library's switch) is a setting, not a token
 SECRET = re.compile(r"(API_KEY|TOKEN(?!IZERS)|SECRET|PASSWORD|CREDENTIAL)", re.IGNORECASE)
+# a URL with a password in it (DATABASE_URL=postgres://user:pw@host/db), whatever its name
+URL_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/@\s:]*:[^/@\s]+@", re.IGNORECASE)
 
 
 def scrub_environment(env: dict | None = None) -> list[str]:
     """Remove variables that look like secrets from ``env`` (default: os.environ), in
-    place; returns their names. A recipe has no reason to see an API key."""
+    place; returns their names. A recipe has no reason to see an API key, and what it
+    prints reaches the run's log, which a proposer reads."""
     env = os.environ if env is None else env
-    gone = [k for k in env if SECRET.search(k)]
+    gone = [k for k in env if SECRET.search(k) or URL_PASSWORD.search(env[k])]
     for k in gone:
         del env[k]
     return gone

@@ -33,6 +33,18 @@ def test_a_setting_that_merely_starts_like_a_token_is_kept(name):
     assert env == {name: "false"}
 
 
+@pytest.mark.parametrize("value,secret", [
+    ("postgres://user:pw@db.example/prod", True),  # a password in a URL, under a name that says nothing
+    ("https://:tok3n@git.example/repo.git", True),
+    ("https://user@git.example/repo.git", False),  # a user name alone is no secret
+    ("http://proxy.example:3128", False),  # a port is no password
+])
+def test_a_url_with_a_password_is_scrubbed_whatever_its_name(value, secret):
+    env = {"DATABASE_URL": value, "PATH": "/bin"}
+    assert scrub_environment(env) == (["DATABASE_URL"] if secret else [])
+    assert ("DATABASE_URL" in env) is not secret
+
+
 class Previous(Exception):
     """Raised by the handler installed before the block: reaching it means SIGTERM went to
     the old handler instead of the block's (and the default one would end pytest)."""
