@@ -87,11 +87,16 @@ def final_evaluation(ws: Workspace, *, data: Path | None = None, budget_s: float
         started = {"event": "final-start", "time": time.time(), "commit": commit, "data": str(data),
                    "budget_s": float(budget_s), "out": str(out)}
         journal.append(ws.journal_path, started)  # a kill from here on is recovered from result.json
+        from agent.loop import isolation  # (the loop imports this module's caller)
+
+        run_device = device or session.get("device", "auto")
+        # the held-out split is scored here once: as isolated as the session's runs were, and
+        # isolated wherever the loop's default would have isolated them
+        isolate = bool(session.get("isolate")) or isolation("auto", run_device, data)[0]
         try:
-            r = run_experiment(recipe, data, float(budget_s), out,
-                               device=device or session.get("device", "auto"),
+            r = run_experiment(recipe, data, float(budget_s), out, device=run_device,
                                compile_cache=ws.root / ".compile_cache", timeout_s=timeout_s, final=True,
-                               isolate=bool(session.get("isolate")))
+                               isolate=isolate)
         except KeyboardInterrupt:  # journaled as such (it scored nothing: --final runs it again), then passed on
             _journal_final(ws, commit, exp, best, started, out, {"status": "interrupted", "val_mean_rank": None})
             raise
@@ -121,7 +126,8 @@ def summary_lines(event: dict, ran: bool) -> list[str]:
              f"status:         {event['status']}", f"val_mean_rank:  {fmt(event['val_mean_rank'])}",
              f"test_mean_rank: {fmt(event['test_mean_rank'])}", "trained_on:     train+val",
              f"budget_s:       {event['budget_s']:g}",
-             f"evaluated:      {'now' if ran else 'earlier (recorded; the test split is scored once)'}"]
+             f"evaluated:      {'now' if ran else 'earlier (recorded; the test split is scored once)'}",
+             f"isolated:       {'yes' if (event.get('result') or {}).get('isolated') else 'no'}"]
     metrics = (event.get("result") or {}).get("metrics") or {}
     for d in ("i2t", "t2i"):  # the harness's metric keys: {d}_mean_rank, {d}_r{k} as fractions
         for k in (1, 5, 10):

@@ -209,7 +209,7 @@ def test_summary_lines_show_recall_as_percentages():
     assert final.summary_lines(event, True) == [
         "---", "final_commit:   0123456", "description:    wider", "status:         ok",
         "val_mean_rank:  12.30", "test_mean_rank: 15.00", "trained_on:     train+val", "budget_s:       1.5",
-        "evaluated:      now", "test_i2t_R@1:   12.5%", "test_i2t_R@5:   50.0%", "test_t2i_R@1:   25.0%",
+        "evaluated:      now", "isolated:       no", "test_i2t_R@1:   12.5%", "test_i2t_R@5:   50.0%", "test_t2i_R@1:   25.0%",
         "test_t2i_R@10:  100.0%"]
 
 
@@ -296,3 +296,30 @@ def test_an_edited_fix_chain_that_loops_and_an_infinite_step_count_end():
             {"n": 4, "kind": "experiment", "ended": True, "status": "crash", "commit": "c4", "fix_of": 3}]
     assert fix_target(exps, 2) is None  # a cycle once looped for ever
     assert journal.steady_rate({"samples": 10, "steps": float("inf"), "train_s": 5.0, "warmup_s": 1.0}) is None
+
+
+@pytest.mark.parametrize("study,auto_isolates,isolated", [
+    ("off", True, True),  # a study run without the sandbox: its test score still gets one where auto would
+    ("off", False, False),
+    ("on", False, True),  # as isolated as the study's runs, whatever auto would say
+])
+def test_the_final_is_isolated_as_the_study_was_or_as_the_default_would(small_cache, tmp_path, monkeypatch, capsys,
+                                                                         study, auto_isolates, isolated):
+    monkeypatch.setattr(loop.sandbox, "probe", lambda: None)
+    monkeypatch.setattr(loop.sandbox, "hidden_problem", lambda hide: None)
+    monkeypatch.setattr(loop, "run_experiment", _scripted([100, 100, 90]))
+    assert loop.main(["--tag", "f", "--workspace-root", str(tmp_path), "--data", str(small_cache), "--budget-s",
+                      "1.5", "--noise-runs", "2", "--max-experiments", "1", "--device", "cpu", "--isolate", study]) == 0
+    monkeypatch.setattr(loop, "_probe_once", lambda: None if auto_isolates else "no user namespaces")
+    seen = {}
+
+    def fake(recipe, data, budget_s, out, **kw):
+        seen.update(kw)
+        return {"status": "ok", "val_mean_rank": 7.0, "eval_split": "test", "isolated": kw["isolate"],
+                "duration_s": 0.01}
+
+    monkeypatch.setattr(final, "run_experiment", fake)
+    capsys.readouterr()
+    assert report.main([str(tmp_path / "f"), "--final"]) == 0
+    assert seen["isolate"] is isolated
+    assert f"isolated:       {'yes' if isolated else 'no'}" in capsys.readouterr().out
