@@ -118,20 +118,34 @@ def default_ro(hide: list[str] = ()) -> list[str]:
     paths += {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
               os.path.dirname(os.path.realpath(sys.executable))}
     cwd = os.getcwd()
-    real_hide = [os.path.realpath(h) for h in hide]
+    hidden = _hidden_forms(hide)
     for entry in sys.path:
         entry = os.path.abspath(entry or cwd)
         real = os.path.realpath(entry)
-        # by real paths: a folder reached through a link (PYTHONPATH=$PWD in a linked checkout)
-        # holds what its target holds, the cache included
-        if os.path.isdir(entry) and entry not in ("/", cwd) and real != os.path.realpath(cwd) \
-                and not any(_under(h, real) for h in real_hide):
+        # by real paths too: a folder reached through a link (PYTHONPATH=$PWD in a linked
+        # checkout) holds what its target holds, the cache included; one inside the cache is
+        # left out as well, and a link to / is no folder to bind
+        if os.path.isdir(entry) and "/" not in (entry, real) and cwd != entry and real != os.path.realpath(cwd) \
+                and not any(_overlap(h, p) for h in hidden for p in (entry, real)):
             paths.append(entry)
             if real != entry:  # a link (or a path through one) is rebuilt as a link: its target too
                 paths.append(real)
     for name in ("eclip", "kernels"):
         paths += importlib.util.find_spec(name).submodule_search_locations
-    return sorted(set(paths + pretrained_weights()))
+    for path in pretrained_weights():  # a linked model folder: its target too
+        real = os.path.realpath(path)
+        paths += [path] + ([real] if real not in (path, "/") else [])
+    return sorted(set(paths))
+
+
+def _hidden_forms(hide) -> list[str]:
+    """Each ``hide`` path as given and as its real path (a link to the cache hides both)."""
+    return sorted({form for h in hide for form in (os.path.abspath(h), os.path.realpath(h))})
+
+
+def _overlap(a: str, b: str) -> bool:
+    """One of the two paths lies within the other (or they are the same)."""
+    return _under(a, b) or _under(b, a)
 
 
 def pretrained_weights() -> list[str]:
@@ -384,16 +398,20 @@ def check_sources(paths: list[str], hide: list[str]) -> None:
 
 
 def check_binds(paths: list[str], hide: list[str]) -> None:
-    """Refuse to bind a folder whose real path holds a ``hide`` path's real path: the check
-    inside the sandbox looks for the hidden path where it lies, and a bind reached through a
-    link (a linked ``HF_HOME``, a prefix) shows it under another name."""
-    real_hide = [(h, os.path.realpath(h)) for h in hide]
+    """Refuse to bind a folder whose real path holds a ``hide`` path (as given or as its real
+    path), or lies inside one: the check inside the sandbox looks for the hidden path where
+    it lies, and a bind reached through a link (a linked ``HF_HOME``, a prefix) shows it
+    under another name."""
+    forms = [(h, form) for h in hide for form in _hidden_forms([h])]
     for path in paths:
         real = os.path.realpath(path)
-        for h, real_h in real_hide:
-            if _under(real_h, real):
+        for h, form in forms:
+            if _under(form, real) or _under(form, os.path.abspath(path)):
                 raise SandboxError(f"{h} is visible inside the sandbox (it lies under {path}, a folder given to "
                                    "it); move it out of the folders the sandbox binds")
+            if _under(real, form):
+                raise SandboxError(f"{path}, a folder given to the sandbox, lies inside {h}, which it must not "
+                                   "show; move it out")
 
 
 def hidden_problem(hide: list[str]) -> str | None:

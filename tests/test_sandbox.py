@@ -112,6 +112,31 @@ def test_a_folder_reached_through_a_link_shows_no_hidden_path_under_its_other_na
 
 
 @needs_sandbox
+@pytest.mark.parametrize("layout", ["link into the cache", "link to the root", "hidden path a link"])
+def test_linked_sys_path_folders_that_would_show_or_break_are_left_out(tmp_path, layout):
+    # a sys.path folder linked to a folder inside the cache was bound, and every run refused; one
+    # linked to / put / among the binds (the probe failed: "read-only /"); a hidden path given as
+    # a link inside a sys.path folder was compared by its target only, and that folder bound
+    cache = tmp_path / "cache"
+    (cache / "sub").mkdir(parents=True)
+    hide = cache
+    if layout == "link into the cache":
+        (tmp_path / "L").symlink_to(cache / "sub")
+        entry = tmp_path / "L"
+    elif layout == "link to the root":
+        (tmp_path / "L").symlink_to("/")
+        entry, hide = tmp_path / "L", None
+    else:
+        (tmp_path / "sp").mkdir()
+        (tmp_path / "sp" / "cachelink").symlink_to(cache)
+        entry, hide = tmp_path / "sp", tmp_path / "sp" / "cachelink"
+    env = dict(os.environ, PYTHONPATH=str(entry))
+    cmd = sandbox.command([sys.executable, "-c", "print('ran')"], hide=[hide] if hide else [])
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert (p.returncode, p.stdout.strip()) == (0, "ran"), p.stderr
+
+
+@needs_sandbox
 def test_a_linked_sys_path_folder_still_imports_inside(tmp_path):
     # the link was made again inside, its target left out: imports through it failed
     pkg = tmp_path / "real" / "pkg_inside"
