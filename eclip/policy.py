@@ -167,6 +167,28 @@ class _Checker(ClassRules, CompileRules):
             return f"{path}.{rest}" if rest else path
         return dotted
 
+    def _inherited_from(self, node: ast.AST, attr: str) -> str | None:
+        """The imported class (its name) that the recipe class enclosing ``node`` derives from,
+        through its own classes too, and that has ``attr``; None when none has it."""
+        cls = self.parents.get(node)
+        while cls is not None and not isinstance(cls, ast.ClassDef):
+            cls = self.parents.get(cls)
+        defs = {n.name: n for n in ast.walk(self.tree) if isinstance(n, ast.ClassDef)}
+        todo, seen = [cls] if cls is not None else [], set()
+        while todo:
+            c = todo.pop()
+            if c.name in seen:
+                continue
+            seen.add(c.name)
+            for b in c.bases:
+                if isinstance(b, ast.Name) and b.id in defs and b.id not in self.imported:
+                    todo.append(defs[b.id])
+                elif root_name(b) in self.imported:
+                    obj = resolve(dotted_name(b), self.modules)
+                    if isinstance(obj, type) and any(attr in vars(k) for k in obj.__mro__):
+                        return dotted_name(b)
+        return None
+
     def _whole_chain(self, node: ast.AST) -> ast.AST:
         """The longest attribute chain ``node`` begins (``torch._dynamo`` in ``torch._dynamo.x.y``)."""
         while isinstance(self.parents.get(node), ast.Attribute):
@@ -424,6 +446,12 @@ class _Checker(ClassRules, CompileRules):
             # self._x is the recipe's own; self.ref._y is whatever self.ref holds (a ForwardRef's
             # _evaluate runs a string as code)
             self.add(node, f"private attribute '.{node.attr}' is not allowed ({WHY})")
+        elif is_private(node.attr) and isinstance(node.value, ast.Name) and node.value.id in ("self", "cls") \
+                and (base := self._inherited_from(node, node.attr)) is not None:
+            # a torch class's own private members are torch's machinery, reached through a subclass:
+            # a Parameter subclass's self._typed_storage().type("name") imported any module
+            self.add(node, f"private attribute '.{node.attr}' of '{base}', a base class from an import, is not "
+                           f"allowed (self._x is the recipe's own only where no such base has it; {WHY})")
         elif isinstance(node.value, ast.Name) and node.attr in self.methods.get(node.value.id, ()):
             # H.f(torch.Tensor) would run f with self = torch.Tensor: its writes would patch torch
             self.add(node, f"'{dotted}': a method may only be used through an instance of its class")
@@ -530,6 +558,9 @@ class _Checker(ClassRules, CompileRules):
                     # = None patched torch's classes for every later call
                     self.add(node, f"'{dotted}' is not a setting: it writes into {where}, not into torch.backends "
                                    "or a compiler config")
+                elif dotted.startswith(SETTINGS[0]) and callable(resolve(self._full_name(t), self.modules)):
+                    # torch.backends.cudnn.is_available = None: a function of torch's, not a knob
+                    self.add(node, f"'{dotted}' is a function or class of torch.backends, not a setting")
                 elif not (isinstance(node, ast.Assign) and len(node.targets) == 1 and constant):
                     self.add(node, f"'{dotted}' may only be set to a number, a bool or None (a string too "
                                    "under torch.backends), in a plain assignment")

@@ -93,6 +93,9 @@ FORBIDDEN_ATTRIBUTES = frozenset({
     "ByteStorage", "CharStorage", "ComplexDoubleStorage", "ComplexFloatStorage", "DoubleStorage", "FloatStorage",
     "HalfStorage", "IntStorage", "LongStorage", "QInt32Storage", "QInt8Storage", "QUInt2x4Storage",
     "QUInt4x2Storage", "QUInt8Storage", "ShortStorage",
+    # the storages' C base, whose private methods write and read file descriptors and start
+    # torch's shared-memory manager; a class's __module__ rewritten, two objects' classes swapped
+    "StorageBase", "set_module", "swap_tensors",
 })
 # torch modules that run code from strings or pickles, write files, start processes or
 # change what every later torch call computes: refused however they are reached

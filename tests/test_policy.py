@@ -99,6 +99,15 @@ def test_the_template_passes():
     # a module that looks parametrized has its parametrization set on its class: torch.nn.Module's
     ("r = torch.nn.utils.parametrize.register_parametrization", "is 'torch.nn.utils.parametrize'"),
     ("w = torch.nn.utils.parametrizations.weight_norm", "is 'torch.nn.utils.parametrizations'"),
+    # self._x of a torch class's own, through a subclass: a storage's type("name") again, and the
+    # storages' C base, whose private methods write to file descriptors
+    ("class P(torch.nn.Parameter):\n    def probe(self, name):\n        return self._typed_storage().type(name)",
+     "private attribute '._typed_storage' of 'torch.nn.Parameter', a base class from an import"),
+    ("class A(torch.nn.Module):\n    pass\nclass B(A):\n    def f(self):\n        return self._apply",
+     "private attribute '._apply' of 'torch.nn.Module'"),
+    ("class S(torch.StorageBase):\n    pass", "attribute '.StorageBase' is not allowed"),
+    ("torch.utils.set_module(torch.nn.Linear, 'os')", "attribute '.set_module' is not allowed"),
+    ("torch.backends.cudnn.is_available = None", "is a function or class of torch.backends, not a setting"),
     ("s = ('{0.gi' + '_frame}').format(x)", "'.format' on anything but a string literal is not allowed"),
     ("s = str.format('{}', 1)", "'.format' on anything but a string literal is not allowed"),
     ("CODE = 'int'\ndef f(x: CODE): pass", "annotation 'CODE' is not a type the recipe imports or defines"),
