@@ -113,8 +113,8 @@ from eclip.policy_reach import (
 )
 
 # Private names a recipe may read on anything: a compiled module's original (torch.compile
-# returns a wrapper; its _orig_mod is the recipe's own module)
-PRIVATE_ANYWHERE = frozenset({"_orig_mod"})
+# returns a wrapper; its _orig_mod is the recipe's own module), and a module's class name
+PRIVATE_ANYWHERE = frozenset({"_orig_mod", "_get_name"})
 
 
 @dataclass
@@ -141,6 +141,7 @@ class _Checker(ClassRules, CompileRules):
         self.docstrings = {id(n.body[0].value) for n in ast.walk(tree) if isinstance(
             n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body and isinstance(
             n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant) and isinstance(n.body[0].value.value, str)}
+        self._private_names: tuple[set[str], set[str]] | None = None  # (_own_private's memo)
         self.aliases = self._aliases()
         self.chains = self._chains()
         self._classes(tree)
@@ -167,27 +168,36 @@ class _Checker(ClassRules, CompileRules):
             return f"{path}.{rest}" if rest else path
         return dotted
 
-    def _inherited_from(self, node: ast.AST, attr: str) -> str | None:
-        """The imported class (its name) that the recipe class enclosing ``node`` derives from,
-        through its own classes too, and that has ``attr``; None when none has it."""
-        cls = self.parents.get(node)
-        while cls is not None and not isinstance(cls, ast.ClassDef):
-            cls = self.parents.get(cls)
-        defs = {n.name: n for n in ast.walk(self.tree) if isinstance(n, ast.ClassDef)}
-        todo, seen = [cls] if cls is not None else [], set()
-        while todo:
-            c = todo.pop()
-            if c.name in seen:
-                continue
-            seen.add(c.name)
-            for b in c.bases:
-                if isinstance(b, ast.Name) and b.id in defs and b.id not in self.imported:
-                    todo.append(defs[b.id])
-                elif root_name(b) in self.imported:
-                    obj = resolve(dotted_name(b), self.modules)
-                    if isinstance(obj, type) and any(attr in vars(k) for k in obj.__mro__):
-                        return dotted_name(b)
-        return None
+    def _own_private(self, node: ast.Attribute) -> bool:
+        """``node`` is ``self._x``, ``cls._x`` or ``super()._x`` with ``_x`` a name the recipe's
+        classes define (a method, a class attribute, an attribute set through ``self``/``cls``)
+        and none of the classes they derive from an import has: on any recipe class, since a
+        mixin's method runs with the self of a class that has other bases."""
+        value = node.value
+        if not (isinstance(value, ast.Name) and value.id in ("self", "cls") and value.id not in self.imported
+                or is_super_call(value)):
+            return False
+        if self._private_names is None:
+            own, inherited = set(), set()
+            for cls in (n for n in ast.walk(self.tree) if isinstance(n, ast.ClassDef)):
+                for stmt in cls.body:
+                    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                        own.add(stmt.name)
+                    for t in bindings(stmt)[0] if isinstance(stmt, (ast.Assign, ast.AnnAssign)) else ():
+                        if isinstance(t, ast.Name):
+                            own.add(t.id)
+                for b in cls.bases:
+                    obj = resolve(dotted_name(b), self.modules) if root_name(b) in self.imported else None
+                    for k in obj.__mro_entries__((obj,)) if hasattr(obj, "__mro_entries__") else (obj,):
+                        if isinstance(k, type):  # typing.List is list to a class statement
+                            inherited.update(a for c in k.__mro__ for a in vars(c))
+            for n in ast.walk(self.tree):  # self._x = … anywhere
+                if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store) and isinstance(n.value, ast.Name) \
+                        and n.value.id in ("self", "cls"):
+                    own.add(n.attr)
+            self._private_names = (own, inherited)
+        own, inherited = self._private_names
+        return node.attr in own and node.attr not in inherited
 
     def _whole_chain(self, node: ast.AST) -> ast.AST:
         """The longest attribute chain ``node`` begins (``torch._dynamo`` in ``torch._dynamo.x.y``)."""
@@ -439,19 +449,16 @@ class _Checker(ClassRules, CompileRules):
             self.add(node, f"dunder attribute '.{node.attr}' is not allowed ({WHY})")
         elif node.attr in FORBIDDEN_ATTRIBUTES:
             self.add(node, f"attribute '.{node.attr}' is not allowed ({WHY})")
-        elif is_private(node.attr) and node.attr not in PRIVATE_ANYWHERE and not is_super_call(node.value) \
-                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
-                         and node.value.id not in self.imported) \
+        elif is_private(node.attr) and node.attr not in PRIVATE_ANYWHERE and not self._own_private(node) \
                 and not in_settings_module(dotted_name(self._whole_chain(node))):
             # self._x is the recipe's own; self.ref._y is whatever self.ref holds (a ForwardRef's
-            # _evaluate runs a string as code)
-            self.add(node, f"private attribute '.{node.attr}' is not allowed ({WHY})")
-        elif is_private(node.attr) and isinstance(node.value, ast.Name) and node.value.id in ("self", "cls") \
-                and (base := self._inherited_from(node, node.attr)) is not None:
-            # a torch class's own private members are torch's machinery, reached through a subclass:
-            # a Parameter subclass's self._typed_storage().type("name") imported any module
-            self.add(node, f"private attribute '.{node.attr}' of '{base}', a base class from an import, is not "
-                           f"allowed (self._x is the recipe's own only where no such base has it; {WHY})")
+            # _evaluate runs a string as code), and a torch class's private members, reached through
+            # a subclass's self or super() (a Parameter subclass's self._typed_storage().type("name")
+            # imported any module), are torch's machinery
+            receiver = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls") or is_super_call(node.value)
+            self.add(node, f"private attribute '.{node.attr}' is not allowed ({WHY})" if not receiver else
+                     f"private attribute '.{node.attr}' is not allowed: through self, cls or super() only names the "
+                     f"recipe's own classes define and no class they derive from an import has ({WHY})")
         elif isinstance(node.value, ast.Name) and node.attr in self.methods.get(node.value.id, ()):
             # H.f(torch.Tensor) would run f with self = torch.Tensor: its writes would patch torch
             self.add(node, f"'{dotted}': a method may only be used through an instance of its class")

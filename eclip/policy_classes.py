@@ -20,6 +20,7 @@ from eclip.policy_reach import (
     dotted_name,
     is_dunder,
     is_private,
+    resolve,
     root_name,
 )
 
@@ -205,6 +206,46 @@ class ClassRules:
                                "classes (no decorator of the recipe's, no staticmethod; with a setup_context, "
                                "forward gets no ctx)")
 
+    def _base_problem(self, base: ast.AST) -> str | None:
+        """Why ``base`` is no statically known class (None when it is): a recipe class's name
+        (bound by class statements only), an import's chain that resolves to a class, or
+        ``typing.Generic[…]`` / ``typing.Protocol[…]``. A base the check cannot see (a name
+        bound to a chain, a default argument, a class attribute, ``typing.Annotated[C, …]``)
+        let a class derive from a torch class that no rule on its methods' receivers knew of."""
+        import typing
+
+        if isinstance(base, ast.Subscript):
+            named = base.value
+            obj = resolve(dotted_name(named), self.modules) if root_name(named) in self.imported else None
+            return None if obj in (typing.Generic, typing.Protocol) else \
+                f"'{dotted_name(named)}[…]' (of subscripted bases, only typing.Generic and typing.Protocol)"
+        if isinstance(base, ast.Name) and base.id in self.classes and base.id not in self._bound_otherwise():
+            return None
+        if isinstance(base, (ast.Name, ast.Attribute)) and root_name(base) in self.imported:
+            obj = resolve(dotted_name(base), self.modules)
+            if isinstance(obj, type) or obj is not None and hasattr(obj, "__mro_entries__"):  # typing.List
+                return None
+        return f"'{dotted_name(base)}' (write the import's chain, or a class of the recipe's)"
+
+    def _bound_otherwise(self) -> set[str]:
+        """Names something other than a class statement binds (an argument, an assignment, a
+        loop, an import): a class name also bound so may hold any class at run time."""
+        if getattr(self, "_other_bindings", None) is None:
+            names = set(self.imported)
+            for n in ast.walk(self.tree):
+                if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load):
+                    names.add(n.id)
+                elif isinstance(n, ast.arg):
+                    names.add(n.arg)
+                elif isinstance(n, ast.ExceptHandler) and n.name:
+                    names.add(n.name)
+                elif isinstance(n, (ast.MatchAs, ast.MatchStar)) and n.name:
+                    names.add(n.name)
+                elif isinstance(n, (ast.Global, ast.Nonlocal)):
+                    names.update(n.names)
+            self._other_bindings = names
+        return self._other_bindings
+
     def check_definition(self, node) -> None:
         self.rebinds(node, node.name)
         if is_dunder(node.name) and node.name not in ALLOWED_DUNDER_DEFS:
@@ -218,10 +259,9 @@ class ClassRules:
                 self.add(node, f"class keyword '{k.arg or '**'}' is not allowed (a metaclass makes the class from its "
                                f"dict, which may hold any names; {WHY})")
             for base in node.bases:
-                named = base.value if isinstance(base, ast.Subscript) else base  # typing.Generic[T]
-                if not (isinstance(named, (ast.Name, ast.Attribute)) and root_name(named) is not None):
-                    self.add(node, "a class's bases must be named classes (an import's or the recipe's), not computed "
-                                   "(one might be a metaclass)")
+                if (why := self._base_problem(base)) is not None:
+                    self.add(node, f"a class's bases must be named classes (an import's or the recipe's), not "
+                                   f"computed: {why}")
             return
         self.check_receivers(node)
         for ann in [a.annotation for a in arg_nodes(node.args)] + [node.returns]:

@@ -102,9 +102,21 @@ def test_the_template_passes():
     # self._x of a torch class's own, through a subclass: a storage's type("name") again, and the
     # storages' C base, whose private methods write to file descriptors
     ("class P(torch.nn.Parameter):\n    def probe(self, name):\n        return self._typed_storage().type(name)",
-     "private attribute '._typed_storage' of 'torch.nn.Parameter', a base class from an import"),
+     "private attribute '._typed_storage' is not allowed: through self, cls or super() only names the recipe's"),
     ("class A(torch.nn.Module):\n    pass\nclass B(A):\n    def f(self):\n        return self._apply",
-     "private attribute '._apply' of 'torch.nn.Module'"),
+     "private attribute '._apply' is not allowed: through self"),
+    # ... and every way round a rule that looked at the method's own class: a mixin (self is
+    # the subclass's), super(), a name the recipe also defines, and bases the check cannot see
+    ("class Mixin:\n    def go(self, n):\n        return self._typed_storage().type(n)\n"
+     "class P(Mixin, torch.nn.Parameter):\n    pass", "private attribute '._typed_storage' is not allowed"),
+    ("class P(torch.nn.Parameter):\n    def go(self, n):\n        return super()._typed_storage().type(n)",
+     "private attribute '._typed_storage' is not allowed"),
+    ("class Q:\n    def _typed_storage(self):\n        return 0\nclass P(torch.nn.Parameter):\n    def go(self, n):\n"
+     "        return self._typed_storage().type(n)", "private attribute '._typed_storage' is not allowed"),
+    ("Base = torch.nn.Parameter\nclass P(Base):\n    pass", "bases must be named classes"),
+    ("class H:\n    B = torch.nn.Parameter\nclass P(H.B):\n    pass", "bases must be named classes"),
+    ("def make(B=torch.nn.Parameter):\n    class P(B):\n        pass\n    return P", "bases must be named classes"),
+    ("class P(typing.Annotated[torch.nn.Parameter, 0]):\n    pass", "only typing.Generic and typing.Protocol"),
     ("class S(torch.StorageBase):\n    pass", "attribute '.StorageBase' is not allowed"),
     ("torch.utils.set_module(torch.nn.Linear, 'os')", "attribute '.set_module' is not allowed"),
     ("torch.backends.cudnn.is_available = None", "is a function or class of torch.backends, not a setting"),
