@@ -78,10 +78,10 @@ encoding takes more than a few seconds, is an error.
   eclip.expert, eclip.towers, eclip.batch.
 - No open, exec, eval, the builtin compile (torch.compile is fine), __import__, getattr,
   setattr, delattr, globals, locals, vars, input, breakpoint; no dunder names, attributes
-  or method definitions (__init__ is fine), no private attributes (self._x where your own
-  classes define _x and torch's base classes do not, and torch._foreach_*, are fine); a
-  class's bases are your classes or an import's chain (torch.nn.Module), not names holding
-  them; no string annotations; no torch.load, torch.save, torch.hub,
+  or method definitions (__init__ is fine), no private attributes (self._x and
+  torch._foreach_* are fine, but not a tensor subclass's inherited torch._C members); a
+  class's bases are your classes, builtin ones or an import's chain (torch.nn.Module), not
+  names holding them; no string annotations; no torch.load, torch.save, torch.hub,
   torch.library, torch.overrides, torch.jit, frames or other file, process or network
   access; of torch only torch.nn, optim, autograd, amp, cuda, backends, compiler, func,
   linalg, fft, special, distributions, utils.checkpoint and a few more; attributes are

@@ -115,6 +115,10 @@ from eclip.policy_reach import (
 # Private names a recipe may read on anything: a compiled module's original (torch.compile
 # returns a wrapper; its _orig_mod is the recipe's own module), and a module's class name
 PRIVATE_ANYWHERE = frozenset({"_orig_mod", "_get_name"})
+# Forbidden names a recipe's own class may still use for its own attributes (self.node of a tree)
+OWN_RESERVED = frozenset({"node", "storage"})
+# Methods that register an attribute by its name (self.register_buffer("_mask", m))
+REGISTERS = ("register_buffer", "register_parameter", "register_module", "add_module")
 
 
 @dataclass
@@ -141,7 +145,7 @@ class _Checker(ClassRules, CompileRules):
         self.docstrings = {id(n.body[0].value) for n in ast.walk(tree) if isinstance(
             n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body and isinstance(
             n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant) and isinstance(n.body[0].value.value, str)}
-        self._private_names: tuple[set[str], set[str]] | None = None  # (_own_private's memo)
+        self._own: set[str] | None = None  # (_own_names' memo)
         self.aliases = self._aliases()
         self.chains = self._chains()
         self._classes(tree)
@@ -169,16 +173,24 @@ class _Checker(ClassRules, CompileRules):
         return dotted
 
     def _own_private(self, node: ast.Attribute) -> bool:
-        """``node`` is ``self._x``, ``cls._x`` or ``super()._x`` with ``_x`` a name the recipe's
-        classes define (a method, a class attribute, an attribute set through ``self``/``cls``)
-        and none of the classes they derive from an import has: on any recipe class, since a
-        mixin's method runs with the self of a class that has other bases."""
+        """``node`` is ``self._x``, ``cls._x`` or ``super()._x`` with ``_x`` a name no tensor
+        class the recipe class's group derives from has (``_tensor_private``): a module's, an
+        optimizer's or the recipe's own. A reserved name (``self.node``) must also be one the
+        recipe's classes define (a method, a class attribute, an attribute set through
+        ``self``/``cls`` or registered by name: ``register_buffer("node", …)``)."""
         value = node.value
         if not (isinstance(value, ast.Name) and value.id in ("self", "cls") and value.id not in self.imported
                 or is_super_call(value)):
             return False
-        if self._private_names is None:
-            own, inherited = set(), set()
+        if node.attr in OWN_RESERVED and node.attr not in self._own_names():
+            return False
+        return self._tensor_private(node) is None
+
+    def _own_names(self) -> set[str]:
+        """Names the recipe's classes define: methods, class attributes, attributes set
+        through ``self``/``cls``, and those registered by name on ``self``."""
+        if self._own is None:
+            own = set()
             for cls in (n for n in ast.walk(self.tree) if isinstance(n, ast.ClassDef)):
                 for stmt in cls.body:
                     if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -186,18 +198,44 @@ class _Checker(ClassRules, CompileRules):
                     for t in bindings(stmt)[0] if isinstance(stmt, (ast.Assign, ast.AnnAssign)) else ():
                         if isinstance(t, ast.Name):
                             own.add(t.id)
-                for b in cls.bases:
-                    obj = resolve(dotted_name(b), self.modules) if root_name(b) in self.imported else None
-                    for k in obj.__mro_entries__((obj,)) if hasattr(obj, "__mro_entries__") else (obj,):
-                        if isinstance(k, type):  # typing.List is list to a class statement
-                            inherited.update(a for c in k.__mro__ for a in vars(c))
-            for n in ast.walk(self.tree):  # self._x = … anywhere
+            for n in ast.walk(self.tree):
                 if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store) and isinstance(n.value, ast.Name) \
                         and n.value.id in ("self", "cls"):
-                    own.add(n.attr)
-            self._private_names = (own, inherited)
-        own, inherited = self._private_names
-        return node.attr in own and node.attr not in inherited
+                    own.add(n.attr)  # self._x = …
+                elif isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in REGISTERS \
+                        and n.args and isinstance(n.args[0], ast.Constant) and isinstance(n.args[0].value, str):
+                    own.add(n.args[0].value)  # self.register_buffer("_mask", …)
+            self._own = own
+        return self._own
+
+    def _tensor_private(self, node: ast.AST) -> str | None:
+        """The tensor class (its chain) that a recipe class enclosing ``node``, or one related
+        to it by inheritance (a mixin's method runs with the subclass's self), derives from
+        and that has ``node``'s attribute; None when none has it. Tensors' and storages' own
+        members are torch's machinery (a Parameter's _typed_storage().type("name") imported any
+        module); a module's or an optimizer's private helpers are no such door."""
+        import torch
+
+        cls = self.parents.get(node)
+        while cls is not None and not isinstance(cls, ast.ClassDef):
+            cls = self.parents.get(cls)
+        if cls is None:
+            return None
+        defs: dict[str, list[ast.ClassDef]] = {}
+        for n in ast.walk(self.tree):
+            if isinstance(n, ast.ClassDef):
+                defs.setdefault(n.name, []).append(n)
+        group = self._related({name: {b.id for c in cs for b in c.bases if isinstance(b, ast.Name) and b.id in defs}
+                               for name, cs in defs.items()}).get(cls.name, {cls.name})
+        for c in (c for name in group for c in defs.get(name, ())):
+            for b in c.bases:
+                obj = resolve(dotted_name(b), self.modules) if root_name(b) in self.imported else None
+                for k in obj.__mro_entries__((obj,)) if hasattr(obj, "__mro_entries__") else (obj,):
+                    if isinstance(k, type) and (issubclass(k, torch._C.TensorBase) or issubclass(k, torch._C.StorageBase)
+                                                or "Storage" in k.__name__) \
+                            and any(node.attr in vars(m) for m in k.__mro__):
+                        return dotted_name(b)
+        return None
 
     def _whole_chain(self, node: ast.AST) -> ast.AST:
         """The longest attribute chain ``node`` begins (``torch._dynamo`` in ``torch._dynamo.x.y``)."""
@@ -447,8 +485,9 @@ class _Checker(ClassRules, CompileRules):
             return  # super().__init__() in a Module subclass
         if is_dunder(node.attr):
             self.add(node, f"dunder attribute '.{node.attr}' is not allowed ({WHY})")
-        elif node.attr in FORBIDDEN_ATTRIBUTES:
-            self.add(node, f"attribute '.{node.attr}' is not allowed ({WHY})")
+        elif node.attr in FORBIDDEN_ATTRIBUTES and not (node.attr in OWN_RESERVED and self._own_private(node)):
+            rename = " (a reserved name: rename the recipe's own)" if node.attr in OWN_RESERVED else ""
+            self.add(node, f"attribute '.{node.attr}' is not allowed{rename} ({WHY})")
         elif is_private(node.attr) and node.attr not in PRIVATE_ANYWHERE and not self._own_private(node) \
                 and not in_settings_module(dotted_name(self._whole_chain(node))):
             # self._x is the recipe's own; self.ref._y is whatever self.ref holds (a ForwardRef's
@@ -456,9 +495,11 @@ class _Checker(ClassRules, CompileRules):
             # a subclass's self or super() (a Parameter subclass's self._typed_storage().type("name")
             # imported any module), are torch's machinery
             receiver = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls") or is_super_call(node.value)
+            owner = self._tensor_private(node) if receiver else None
             self.add(node, f"private attribute '.{node.attr}' is not allowed ({WHY})" if not receiver else
-                     f"private attribute '.{node.attr}' is not allowed: through self, cls or super() only names the "
-                     f"recipe's own classes define and no class they derive from an import has ({WHY})")
+                     f"private attribute '.{node.attr}' is not allowed: it is {owner}'s, a tensor class's machinery "
+                     f"({WHY})" if owner else
+                     f"private attribute '.{node.attr}' is not allowed ({WHY})")
         elif isinstance(node.value, ast.Name) and node.attr in self.methods.get(node.value.id, ()):
             # H.f(torch.Tensor) would run f with self = torch.Tensor: its writes would patch torch
             self.add(node, f"'{dotted}': a method may only be used through an instance of its class")

@@ -6,6 +6,7 @@ class writers (``dataclasses.dataclass``) and class patterns that rest on them."
 from __future__ import annotations
 
 import ast
+import builtins
 
 from eclip.policy_reach import (
     ALLOWED_DUNDER_DEFS,
@@ -23,6 +24,11 @@ from eclip.policy_reach import (
     resolve,
     root_name,
 )
+
+# Builtin classes a recipe's class may derive from by name (class StopTraining(Exception)):
+# plain data and the exceptions; type (a metaclass) and the descriptors are no base
+BUILTIN_BASES = frozenset({"object", "dict", "list", "tuple", "set", "frozenset", "str", "int", "float", "bytes",
+                           *(n for n, v in vars(builtins).items() if isinstance(v, type) and issubclass(v, Exception))})
 
 
 class ClassRules:
@@ -219,13 +225,14 @@ class ClassRules:
             obj = resolve(dotted_name(named), self.modules) if root_name(named) in self.imported else None
             return None if obj in (typing.Generic, typing.Protocol) else \
                 f"'{dotted_name(named)}[…]' (of subscripted bases, only typing.Generic and typing.Protocol)"
-        if isinstance(base, ast.Name) and base.id in self.classes and base.id not in self._bound_otherwise():
+        if isinstance(base, ast.Name) and base.id not in self._bound_otherwise() and (
+                base.id in self.classes or base.id in BUILTIN_BASES):
             return None
         if isinstance(base, (ast.Name, ast.Attribute)) and root_name(base) in self.imported:
             obj = resolve(dotted_name(base), self.modules)
             if isinstance(obj, type) or obj is not None and hasattr(obj, "__mro_entries__"):  # typing.List
                 return None
-        return f"'{dotted_name(base)}' (write the import's chain, or a class of the recipe's)"
+        return f"'{dotted_name(base)}' (write the import's chain, a class of the recipe's or a builtin one)"
 
     def _bound_otherwise(self) -> set[str]:
         """Names something other than a class statement binds (an argument, an assignment, a
