@@ -216,8 +216,14 @@ class _Checker(ClassRules, CompileRules):
         module); a module's or an optimizer's private helpers are no such door."""
         import torch
 
-        cls = self.parents.get(node)
-        while cls is not None and not isinstance(cls, ast.ClassDef):
+        # the class of the method that binds the receiver: a class nested in that method
+        # (class Inner: def f(me): return self._x) sees the outer method's self, not its own
+        receiver = node.value.id if isinstance(node.value, ast.Name) else None  # None: super()
+        cls, bound = self.parents.get(node), receiver is None
+        while cls is not None and not (bound and isinstance(cls, ast.ClassDef)):
+            if not bound and isinstance(cls, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) \
+                    and receiver in (a.arg for a in arg_nodes(cls.args)):
+                bound = True  # the next class up is the receiver's
             cls = self.parents.get(cls)
         if cls is None:
             return None

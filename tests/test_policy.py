@@ -103,6 +103,12 @@ def test_the_template_passes():
     # storages' C base, whose private methods write to file descriptors
     ("class P(torch.nn.Parameter):\n    def probe(self, name):\n        return self._typed_storage().type(name)",
      "private attribute '._typed_storage' is not allowed: it is torch.nn.Parameter's, a tensor class's machinery"),
+    # a class nested in a tensor class's method sees that method's self
+    ("class P(torch.nn.Parameter):\n    def go(self, name):\n        class Inner:\n            def f(me):\n"
+     "                return self._typed_storage()\n        return Inner().f()",
+     "private attribute '._typed_storage' is not allowed: it is torch.nn.Parameter's"),
+    ("class P(torch.nn.Parameter):\n    def go(self):\n        class Inner:\n            x = self._typed_storage()\n"
+     "        return Inner", "private attribute '._typed_storage' is not allowed: it is torch.nn.Parameter's"),
     ("class A(torch.Tensor):\n    pass\nclass B(A):\n    def f(self):\n        return self._make_subclass",
      "private attribute '._make_subclass' is not allowed: it is torch.Tensor's"),
     # ... and every way round a rule that looked at the method's own class: a mixin (self is
