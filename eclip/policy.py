@@ -109,6 +109,7 @@ from eclip.policy_reach import (
     refused_path,
     resolve,
     root_name,
+    unbound_owner,
     under,
 )
 
@@ -241,6 +242,28 @@ class _Checker(ClassRules, CompileRules):
                                                 or "Storage" in k.__name__) \
                             and any(node.attr in vars(m) for m in k.__mro__):
                         return dotted_name(b)
+        return None
+
+    def _inherited_method(self, node: ast.Attribute) -> str | None:
+        """The imported class (its name) from which the recipe class ``node.value`` (or one of
+        the recipe classes it derives from) inherits ``node.attr`` as a plain Python method."""
+        defs: dict[str, list[ast.ClassDef]] = {}
+        for n in ast.walk(self.tree):
+            if isinstance(n, ast.ClassDef):
+                defs.setdefault(n.name, []).append(n)
+        todo, seen = [node.value.id], set()
+        while todo:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            for c in defs.get(name, ()):
+                for b in c.bases:
+                    if isinstance(b, ast.Name) and b.id in defs and b.id not in self.imported:
+                        todo.append(b.id)
+                    elif root_name(b) in self.imported and (owner := unbound_owner(
+                            f"{dotted_name(b)}.{node.attr}", self.modules)) is not None:
+                        return owner
         return None
 
     def _whole_chain(self, node: ast.AST) -> ast.AST:
@@ -509,6 +532,11 @@ class _Checker(ClassRules, CompileRules):
         elif isinstance(node.value, ast.Name) and node.attr in self.methods.get(node.value.id, ()):
             # H.f(torch.Tensor) would run f with self = torch.Tensor: its writes would patch torch
             self.add(node, f"'{dotted}': a method may only be used through an instance of its class")
+        elif isinstance(node.value, ast.Name) and node.value.id in self.classes \
+                and node.value.id not in self.imported and (owner := self._inherited_method(node)) is not None:
+            # class S(LRScheduler): S.state_dict(object) is the base's method with any self
+            self.add(node, f"'{dotted}': a method of {owner} taken from the class runs with any self; call it "
+                           "on an instance")
         elif node.attr == "compile" and not self._called(node):
             self.add(node, f"'{dotted}' may only be called, not used as a value (its arguments are checked)")
         elif node.attr in ("format", "format_map") and not isinstance(node.value, ast.Constant):
@@ -532,6 +560,11 @@ class _Checker(ClassRules, CompileRules):
                                f"({WHY})")
             elif isinstance(obj, types.ModuleType) and self._bare(node, self.imported):
                 self.add(node, f"the module '{dotted}' used as a value is not allowed (call or read its attributes)")
+            elif (owner := unbound_owner(spelt, self.modules)) is not None:
+                # a Python method taken from its class runs with any self: a scheduler's state_dict
+                # is vars(self), and state_dict(object) handed over object.__getattribute__
+                self.add(node, f"'{dotted}': a method of {owner} taken from the class runs with any self; call it "
+                               "on an instance")
 
     def check_annotation(self, ann: ast.AST) -> None:
         """Annotations name types: an import, a builtin type or a class of the recipe. A string,

@@ -369,6 +369,22 @@ def static_attr(obj, part: str):
         return inspect.getattr_static(inner, part)
 
 
+def unbound_owner(dotted: str, modules: dict) -> str | None:
+    """The class (its name) whose plain Python method ``dotted`` takes from the class itself
+    (``torch.optim.lr_scheduler.LRScheduler.state_dict``), else None: such a function runs
+    with whatever it is given as self. Static and class methods, and C methods (which check
+    their self's type), are no such door."""
+    head, _, name = dotted.rpartition(".")
+    owner = resolve(head, modules) if head else None
+    if not isinstance(owner, type):
+        return None
+    try:
+        raw = inspect.getattr_static(owner, name)
+    except AttributeError:
+        return None
+    return owner.__qualname__ if isinstance(raw, types.FunctionType) else None
+
+
 def resolve(dotted: str, modules: dict):
     """The object ``a.b.c`` names when ``a`` is an imported module (``modules`` maps the
     recipe's import names to them), or None where it cannot be told without running code."""

@@ -126,6 +126,14 @@ def test_the_template_passes():
     ("class S(torch.StorageBase):\n    pass", "attribute '.StorageBase' is not allowed"),
     ("torch.utils.set_module(torch.nn.Linear, 'os')", "attribute '.set_module' is not allowed"),
     ("torch.backends.cudnn.is_available = None", "is a function or class of torch.backends, not a setting"),
+    # a Python method taken from its class runs with any self: a scheduler's state_dict is
+    # vars(self), and state_dict(object) handed over object.__getattribute__ (exec ran, and
+    # torch.nn.functional's globals were rewritten)
+    ("d = torch.optim.lr_scheduler.LRScheduler.state_dict(object)",
+     "'torch.optim.lr_scheduler.LRScheduler.state_dict': a method of LRScheduler taken from the class"),
+    ("L = torch.optim.swa_utils.SWALR\nd = L.load_state_dict", "a method of SWALR taken from the class"),
+    ("class S(torch.optim.lr_scheduler.LRScheduler):\n    pass\nd = S.state_dict(object)",
+     "'S.state_dict': a method of LRScheduler taken from the class"),
     ("s = ('{0.gi' + '_frame}').format(x)", "'.format' on anything but a string literal is not allowed"),
     ("s = str.format('{}', 1)", "'.format' on anything but a string literal is not allowed"),
     ("CODE = 'int'\ndef f(x: CODE): pass", "annotation 'CODE' is not a type the recipe imports or defines"),
@@ -471,7 +479,7 @@ def test_allowed_constructs_pass():
         "import typing\nclass Pair(typing.Generic[typing.TypeVar('T')]):\n    pass\n"
         # objects of torch's own classes, reached directly or through a name that holds a chain
         "Lin = torch.nn.Linear\nlayer = Lin(2, 2)\nbf = torch.bfloat16\nk = torch.nn.attention.SDPBackend\n"
-        "kind = k.MATH\nbig = torch.finfo(bf).max + torch.inf + math.pi\nhook = torch.optim.Optimizer.add_param_group\n"
+        "kind = k.MATH\nbig = torch.finfo(bf).max + torch.inf + math.pi\nhook = torch.Tensor.add\n"
         # an allowed module's C functions (functools.reduce is _functools'), an attribute named subs
         "total = functools.reduce(torch.add, [torch.ones(1)] * 3)\nfrom functools import reduce, cmp_to_key\n"
         "class Stack(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
