@@ -192,7 +192,7 @@ class _Checker(ClassRules, CompileRules):
         through ``self``/``cls``, and those registered by name on ``self``."""
         if self._own is None:
             own = set()
-            for cls in (n for n in ast.walk(self.tree) if isinstance(n, ast.ClassDef)):
+            for cls in (c for defs in self.class_defs.values() for c in defs):
                 for stmt in cls.body:
                     if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
                         own.add(stmt.name)
@@ -228,42 +228,21 @@ class _Checker(ClassRules, CompileRules):
             cls = self.parents.get(cls)
         if cls is None:
             return None
-        defs: dict[str, list[ast.ClassDef]] = {}
-        for n in ast.walk(self.tree):
-            if isinstance(n, ast.ClassDef):
-                defs.setdefault(n.name, []).append(n)
-        group = self._related({name: {b.id for c in cs for b in c.bases if isinstance(b, ast.Name) and b.id in defs}
-                               for name, cs in defs.items()}).get(cls.name, {cls.name})
-        for c in (c for name in group for c in defs.get(name, ())):
-            for b in c.bases:
-                obj = resolve(dotted_name(b), self.modules) if root_name(b) in self.imported else None
-                for k in obj.__mro_entries__((obj,)) if hasattr(obj, "__mro_entries__") else (obj,):
-                    if isinstance(k, type) and (issubclass(k, torch._C.TensorBase) or issubclass(k, torch._C.StorageBase)
-                                                or "Storage" in k.__name__) \
-                            and any(node.attr in vars(m) for m in k.__mro__):
-                        return dotted_name(b)
+        for b in self.imported_bases(self.groups.get(cls.name, {cls.name})):
+            obj = resolve(dotted_name(b), self.modules)
+            for k in obj.__mro_entries__((obj,)) if hasattr(obj, "__mro_entries__") else (obj,):
+                if isinstance(k, type) and (issubclass(k, torch._C.TensorBase) or issubclass(k, torch._C.StorageBase)
+                                            or "Storage" in k.__name__) \
+                        and any(node.attr in vars(m) for m in k.__mro__):
+                    return dotted_name(b)
         return None
 
     def _inherited_method(self, node: ast.Attribute) -> str | None:
         """The imported class (its name) from which the recipe class ``node.value`` (or one of
         the recipe classes it derives from) inherits ``node.attr`` as a plain Python method."""
-        defs: dict[str, list[ast.ClassDef]] = {}
-        for n in ast.walk(self.tree):
-            if isinstance(n, ast.ClassDef):
-                defs.setdefault(n.name, []).append(n)
-        todo, seen = [node.value.id], set()
-        while todo:
-            name = todo.pop()
-            if name in seen:
-                continue
-            seen.add(name)
-            for c in defs.get(name, ()):
-                for b in c.bases:
-                    if isinstance(b, ast.Name) and b.id in defs and b.id not in self.imported:
-                        todo.append(b.id)
-                    elif root_name(b) in self.imported and (owner := unbound_owner(
-                            f"{dotted_name(b)}.{node.attr}", self.modules)) is not None:
-                        return owner
+        for b in self.imported_bases(self.lineages.get(node.value.id, ())):
+            if (owner := unbound_owner(f"{dotted_name(b)}.{node.attr}", self.modules)) is not None:
+                return owner
         return None
 
     def _whole_chain(self, node: ast.AST) -> ast.AST:
@@ -525,10 +504,8 @@ class _Checker(ClassRules, CompileRules):
             # imported any module), are torch's machinery
             receiver = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls") or is_super_call(node.value)
             owner = self._tensor_private(node) if receiver else None
-            self.add(node, f"private attribute '.{node.attr}' is not allowed ({WHY})" if not receiver else
-                     f"private attribute '.{node.attr}' is not allowed: it is {owner}'s, a tensor class's machinery "
-                     f"({WHY})" if owner else
-                     f"private attribute '.{node.attr}' is not allowed ({WHY})")
+            whose = f": it is {owner}'s, a tensor class's machinery" if owner else ""
+            self.add(node, f"private attribute '.{node.attr}' is not allowed{whose} ({WHY})")
         elif isinstance(node.value, ast.Name) and node.attr in self.methods.get(node.value.id, ()):
             # H.f(torch.Tensor) would run f with self = torch.Tensor: its writes would patch torch
             self.add(node, f"'{dotted}': a method may only be used through an instance of its class")

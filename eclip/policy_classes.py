@@ -46,8 +46,10 @@ class ClassRules:
         self.receivers: set[int] = set()
         writes: set[str] = set()  # classes with a method that writes through its receiver
         bases: dict[str, set[str]] = {}  # class → its bases among the recipe's classes
+        self.class_defs: dict[str, list[ast.ClassDef]] = {}  # name → its class statements (one may be nested)
         setup: set[str] = set()  # classes whose body binds setup_context
         for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+            self.class_defs.setdefault(cls.name, []).append(cls)
             bases.setdefault(cls.name, set()).update(
                 b.id for b in cls.bases if isinstance(b, ast.Name) and b.id in self.classes)
             if any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "setup_context"
@@ -85,6 +87,7 @@ class ClassRules:
                         writes.add(cls.name)  # (a dunder method is never reached through the class)
         # a subclass has its bases' methods: J.put(torch.Tensor, v) runs H.put with self = torch.Tensor
         lineage = {name: self._lineage(name, bases) for name in self.classes}
+        self.lineages, self.groups = lineage, related  # (the private-name and unbound-method rules')
         self.own_methods = self.methods
         self.methods = {name: set().union(*(self.methods.get(b, set()) for b in lineage[name]))
                         for name in self.classes}
@@ -211,6 +214,11 @@ class ClassRules:
                 self.add(node, f"'{a.arg}' may only be the first parameter of a method of the recipe's own "
                                "classes (no decorator of the recipe's, no staticmethod; with a setup_context, "
                                "forward gets no ctx)")
+
+    def imported_bases(self, names) -> list[ast.AST]:
+        """The bases of the recipe classes ``names`` that name an import's class (their chains)."""
+        return [b for name in names for c in self.class_defs.get(name, ()) for b in c.bases
+                if root_name(b) in self.imported]
 
     def _base_problem(self, base: ast.AST) -> str | None:
         """Why ``base`` is no statically known class (None when it is): a recipe class's name
